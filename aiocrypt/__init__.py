@@ -1,0 +1,76 @@
+"""aiocrypt: field-level encryption and key lifecycle for asyncio web applications.
+
+>>> service = get_encryption_service()          # built from ENCRYPTION_* variables
+>>> token = await service.encrypt_field(75000.0, KeyType.FINANCIAL_DATA, context="users.income")
+>>> await service.decrypt_field(token, KeyType.FINANCIAL_DATA, context="users.income")
+75000.0
+"""
+
+from ._bulk import EncryptedData
+from ._config import (
+    CryptoConfigManager,
+    EncryptionConfig,
+    KeyRotationPolicy,
+    PerformanceMode,
+    PerformanceSettings,
+)
+from ._errors import (
+    AiocryptError,
+    CacheEntryExpiredError,
+    ConcurrentModificationError,
+    ConfigurationError,
+    DecryptionError,
+    KekProviderError,
+    KeyNotFoundError,
+    KeyStateError,
+    KeyStoreError,
+    KeyStoreIntegrityError,
+    LockTimeoutError,
+    UnsupportedTypeError,
+)
+from ._factory import (
+    build_key_manager,
+    get_crypto_config,
+    get_encryption_service,
+    get_key_manager,
+    reset_defaults,
+)
+from ._keyring import Keyring
+from ._keys import EncryptionKey
+from ._manager import KeyManager
+from ._service import EncryptionService
+from ._types import KeyStatus, KeyType
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AiocryptError",
+    "CacheEntryExpiredError",
+    "ConcurrentModificationError",
+    "ConfigurationError",
+    "CryptoConfigManager",
+    "DecryptionError",
+    "EncryptedData",
+    "EncryptionConfig",
+    "EncryptionKey",
+    "EncryptionService",
+    "KekProviderError",
+    "KeyManager",
+    "KeyNotFoundError",
+    "KeyRotationPolicy",
+    "KeyStateError",
+    "KeyStatus",
+    "KeyStoreError",
+    "KeyStoreIntegrityError",
+    "KeyType",
+    "Keyring",
+    "LockTimeoutError",
+    "PerformanceMode",
+    "PerformanceSettings",
+    "UnsupportedTypeError",
+    "build_key_manager",
+    "get_crypto_config",
+    "get_encryption_service",
+    "get_key_manager",
+    "reset_defaults",
+]

@@ -1,0 +1,247 @@
+"""Bulk data: ``EncryptedData`` and the segmented streaming AEAD (pure, sync).
+
+Small payloads are one AES-256-GCM message. Large ones are cut into segments
+(1 MiB by default) under a per-stream key HKDF(DEK, random salt); segment i is
+sealed with nonce = prefix(7) || u32 i || last-flag(1), so truncation, reordering
+and appending are all detected, memory stays O(segment), and no single
+cryptography call holds the GIL for long.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+
+from ._crypto import (
+    NONCE_BYTES,
+    STREAM_PREFIX_BYTES,
+    STREAM_SALT_BYTES,
+    TAG_BYTES,
+    DataKey,
+    stream_nonce,
+)
+from ._errors import DecryptionError
+from ._format import (
+    ALG_AES_256_GCM,
+    ALG_AES_256_GCM_STREAM,
+    ALGORITHM_NAMES,
+    FLAG_ZSTD,
+    FormatError,
+    Header,
+    parse_binary,
+)
+
+__all__ = [
+    "MAX_SEGMENT_SIZE",
+    "MIN_SEGMENT_SIZE",
+    "EncryptedData",
+    "StreamDecryptor",
+    "StreamEncryptor",
+    "decrypt_bulk",
+    "encrypt_bulk",
+]
+
+MIN_SEGMENT_SIZE: Final = 1024
+MAX_SEGMENT_SIZE: Final = 64 * 1024 * 1024
+MAX_SEGMENTS: Final = 2**32 - 1
+_U32 = struct.Struct(">I")
+_ALG_BY_NAME: Final = {name: alg for alg, name in ALGORITHM_NAMES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptedData:
+    """An encrypted blob, as separate fields or as one self-describing blob.
+
+    ``tag`` is always the final 16 bytes of the authenticated ciphertext and
+    ``iv`` the nonce (one-shot) or salt || nonce prefix (streams), so the object
+    can be rebuilt from ``encrypted_data``, ``key_id``, ``algorithm``, ``iv`` and
+    ``tag`` (plus ``segment_size`` and ``compressed`` where they apply), or from
+    :meth:`to_bytes` output with :meth:`from_bytes`.
+    """
+
+    encrypted_data: bytes = field(repr=False)
+    key_id: str
+    algorithm: str
+    iv: bytes = field(repr=False)
+    tag: bytes = field(repr=False)
+    segment_size: int | None = None
+    compressed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in _ALG_BY_NAME:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}")
+        if len(self.tag) != TAG_BYTES:
+            raise ValueError("tag must be 16 bytes")
+        is_stream = self.algorithm == "AES_256_GCM_STREAM"
+        expected_iv = STREAM_SALT_BYTES + STREAM_PREFIX_BYTES if is_stream else NONCE_BYTES
+        if len(self.iv) != expected_iv:
+            raise ValueError(f"iv must be {expected_iv} bytes for {self.algorithm}")
+        if is_stream and not (self.segment_size and
+                              MIN_SEGMENT_SIZE <= self.segment_size <= MAX_SEGMENT_SIZE):
+            raise ValueError("streams need a segment_size between 1 KiB and 64 MiB")
+
+    @property
+    def header(self) -> Header:
+        return Header(_ALG_BY_NAME[self.algorithm], FLAG_ZSTD if self.compressed else 0,
+                      self.key_id)
+
+    def body(self) -> bytes:
+        if self.algorithm == "AES_256_GCM_STREAM":
+            assert self.segment_size is not None
+            return _U32.pack(self.segment_size) + self.iv + self.encrypted_data + self.tag
+        return self.iv + self.encrypted_data + self.tag
+
+    def to_bytes(self) -> bytes:
+        """One self-describing blob (the binary token form)."""
+        return self.header.to_bytes() + self.body()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> EncryptedData:
+        """Parse :meth:`to_bytes` output; malformed input raises ``DecryptionError``."""
+        try:
+            header, _, body = parse_binary(blob)
+            return cls._from_body(header, bytes(body))
+        except (FormatError, ValueError):
+            raise DecryptionError() from None
+
+    @classmethod
+    def _from_body(cls, header: Header, body: bytes) -> EncryptedData:
+        compressed = bool(header.flags & FLAG_ZSTD)
+        name = ALGORITHM_NAMES[header.algorithm]
+        if header.algorithm == ALG_AES_256_GCM:
+            if len(body) < NONCE_BYTES + TAG_BYTES:
+                raise FormatError("blob too short")
+            return cls(body[NONCE_BYTES:-TAG_BYTES], header.key_id, name,
+                       body[:NONCE_BYTES], body[-TAG_BYTES:], None, compressed)
+        if header.algorithm == ALG_AES_256_GCM_STREAM:
+            iv_end = 4 + STREAM_SALT_BYTES + STREAM_PREFIX_BYTES
+            if len(body) < iv_end + TAG_BYTES:
+                raise FormatError("blob too short")
+            (segment_size,) = _U32.unpack_from(body)
+            return cls(body[iv_end:-TAG_BYTES], header.key_id, name, body[4:iv_end],
+                       body[-TAG_BYTES:], segment_size, compressed)
+        raise FormatError("not a bulk algorithm")
+
+
+class StreamEncryptor:
+    """Seals one stream segment by segment; feed ``segment_size`` bytes per call."""
+
+    def __init__(self, dk: DataKey, context: bytes, segment_size: int, *, flags: int = 0,
+                 random: Callable[[int], bytes] = os.urandom) -> None:
+        if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+            raise ValueError("segment_size must be between 1 KiB and 64 MiB")
+        self.segment_size = segment_size
+        self.salt = random(STREAM_SALT_BYTES)
+        self.prefix = random(STREAM_PREFIX_BYTES)
+        self._cipher = dk.stream_cipher(self.salt)
+        self._aad = dk.aad(ALG_AES_256_GCM_STREAM, flags, context)
+        self._index = 0
+        self._finished = False
+        self.header = Header(ALG_AES_256_GCM_STREAM, flags, dk.key_id).to_bytes()
+        self.preamble = self.header + _U32.pack(segment_size) + self.salt + self.prefix
+
+    def seal(self, chunk: bytes | memoryview, last: bool) -> bytes:
+        if self._finished:
+            raise ValueError("stream already finished")
+        if len(chunk) > self.segment_size or (not last and len(chunk) != self.segment_size):
+            raise ValueError("every segment but the last must be exactly segment_size bytes")
+        if self._index >= MAX_SEGMENTS:
+            raise ValueError("stream too long")
+        nonce = stream_nonce(self.prefix, self._index, last)
+        self._index += 1
+        self._finished = last
+        return self._cipher.encrypt(nonce, bytes(chunk), self._aad)
+
+
+class StreamDecryptor:
+    """Opens one stream segment by segment; raises ``DecryptionError`` on any tampering."""
+
+    def __init__(self, dk: DataKey, context: bytes, flags: int, segment_size: int,
+                 iv: bytes) -> None:
+        self.segment_size = segment_size
+        self._cipher = dk.stream_cipher(iv[:STREAM_SALT_BYTES])
+        self._prefix = iv[STREAM_SALT_BYTES:]
+        self._aad = dk.aad(ALG_AES_256_GCM_STREAM, flags, context)
+        self._index = 0
+        self._finished = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def open(self, sealed: bytes | memoryview, last: bool) -> bytes:
+        if self._finished or self._index >= MAX_SEGMENTS:
+            raise DecryptionError()
+        nonce = stream_nonce(self._prefix, self._index, last)
+        self._index += 1
+        try:
+            plaintext = self._cipher.decrypt(nonce, bytes(sealed), self._aad)
+        except InvalidTag:
+            raise DecryptionError() from None
+        self._finished = last
+        return plaintext
+
+
+def split_segments(data: memoryview, segment_size: int) -> Iterator[tuple[memoryview, bool]]:
+    """Plaintext chunks of ``segment_size``; always at least one (possibly empty) last one."""
+    total = len(data)
+    if total == 0:
+        yield data, True
+        return
+    for start in range(0, total, segment_size):
+        end = start + segment_size
+        yield data[start:end], end >= total
+
+
+def split_sealed(data: memoryview, segment_size: int) -> Iterator[tuple[memoryview, bool]]:
+    stride = segment_size + TAG_BYTES
+    total = len(data)
+    if total < TAG_BYTES:
+        raise DecryptionError()
+    start = 0
+    while total - start > stride:
+        yield data[start:start + stride], False
+        start += stride
+    if total - start < TAG_BYTES:
+        raise DecryptionError()
+    yield data[start:], True
+
+
+def encrypt_bulk(dk: DataKey, data: bytes | memoryview, context: bytes, *,
+                 flags: int = 0, segment_size: int | None = None) -> EncryptedData:
+    """One-shot GCM when ``segment_size`` is None, otherwise a segmented stream."""
+    if segment_size is None:
+        nonce, sealed = dk.gcm_parts(bytes(data), context, flags)
+        return EncryptedData(sealed[:-TAG_BYTES], dk.key_id, "AES_256_GCM", nonce,
+                             sealed[-TAG_BYTES:], None, bool(flags & FLAG_ZSTD))
+    enc = StreamEncryptor(dk, context, segment_size, flags=flags)
+    parts = [enc.seal(chunk, last) for chunk, last in split_segments(memoryview(data),
+                                                                     segment_size)]
+    tail = parts[-1]
+    parts[-1] = tail[:-TAG_BYTES]
+    return EncryptedData(b"".join(parts), dk.key_id, "AES_256_GCM_STREAM",
+                         enc.salt + enc.prefix, tail[-TAG_BYTES:], segment_size,
+                         bool(flags & FLAG_ZSTD))
+
+
+def decrypt_bulk(dk: DataKey, encrypted: EncryptedData, context: bytes) -> bytes:
+    """Authenticate and decrypt; the compressed flag is left to the caller."""
+    header = encrypted.header
+    if encrypted.algorithm == "AES_256_GCM":
+        try:
+            return dk.open_gcm(header.flags, encrypted.iv + encrypted.encrypted_data
+                               + encrypted.tag, context)
+        except (InvalidTag, FormatError):
+            raise DecryptionError() from None
+    if encrypted.algorithm != "AES_256_GCM_STREAM" or encrypted.segment_size is None:
+        raise DecryptionError()
+    dec = StreamDecryptor(dk, context, header.flags, encrypted.segment_size, encrypted.iv)
+    sealed = memoryview(encrypted.encrypted_data + encrypted.tag)
+    out = [dec.open(chunk, last) for chunk, last in split_sealed(sealed,
+                                                                 encrypted.segment_size)]
+    return b"".join(out)

@@ -1,0 +1,209 @@
+"""Type-preserving value codec: a Python value <-> bytes, before encryption.
+
+One tag byte names the type, the rest is the value:
+
+====  ==========  ===============================================
+tag   type        body
+====  ==========  ===============================================
+0x00  None        (empty)
+0x01  str         UTF-8
+0x02  bytes       raw (bytearray / memoryview decode as bytes)
+0x03  int         two's complement, big-endian, minimal length
+0x04  float       IEEE 754 binary64, big-endian (NaN, -0.0 kept)
+0x05  Decimal     ``str(value)``, ASCII
+0x06  True        (empty)
+0x07  False       (empty)
+0x08  date        ISO 8601, ASCII
+0x09  datetime    ISO 8601 with UTC offset (tz-aware only)
+0x0A  UUID        16 bytes
+0x0B  list        u32 count, then per item: u32 length, item
+0x0C  dict        u32 count, then per pair: key item, value item
+====  ==========  ===============================================
+
+Dict keys may be any scalar type above. Nesting is bounded (``MAX_DEPTH``) and
+every length is checked against what is left, so a decoder never allocates or
+recurses past the input it was given. A datetime keeps its UTC offset, not its
+zone name; tuples, sets and naive datetimes are refused rather than silently
+changed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import struct
+import uuid
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final
+
+from ._errors import UnsupportedTypeError
+
+__all__ = ["MAX_DEPTH", "decode_value", "encode_value"]
+
+MAX_DEPTH: Final = 32
+
+_NONE, _STR, _BYTES, _INT, _FLOAT, _DECIMAL, _TRUE, _FALSE = (bytes([i]) for i in range(8))
+_DATE, _DATETIME, _UUID, _LIST, _DICT = (bytes([i]) for i in range(8, 13))
+
+_U32 = struct.Struct(">I")
+_F64 = struct.Struct(">d")
+
+
+class _CodecError(ValueError):
+    """Malformed encoded value (only ever seen inside authenticated plaintext)."""
+
+
+def _enc_int(value: int) -> bytes:
+    return _INT + value.to_bytes((value.bit_length() + 8) // 8, "big", signed=True)
+
+
+def _enc_datetime(value: _dt.datetime) -> bytes:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise UnsupportedTypeError(
+            "naive datetime cannot be encrypted: attach a timezone (e.g. datetime.UTC)"
+        )
+    return _DATETIME + value.isoformat().encode("ascii")
+
+
+def _enc_list(value: list[Any], depth: int) -> bytes:
+    parts = [_LIST, _U32.pack(len(value))]
+    for item in value:
+        body = _encode(item, depth + 1)
+        parts.append(_U32.pack(len(body)))
+        parts.append(body)
+    return b"".join(parts)
+
+
+def _enc_dict(value: dict[Any, Any], depth: int) -> bytes:
+    parts = [_DICT, _U32.pack(len(value))]
+    for key, item in value.items():
+        if isinstance(key, (list, dict)):
+            raise UnsupportedTypeError("dict keys must be scalar values (str, int, ...)")
+        for part in (_encode(key, depth + 1), _encode(item, depth + 1)):
+            parts.append(_U32.pack(len(part)))
+            parts.append(part)
+    return b"".join(parts)
+
+
+_SCALAR_ENCODERS: Final[dict[type, Callable[[Any], bytes]]] = {
+    str: lambda v: _STR + v.encode("utf-8"),
+    bytes: lambda v: _BYTES + v,
+    bytearray: lambda v: _BYTES + bytes(v),
+    memoryview: lambda v: _BYTES + v.tobytes(),
+    int: _enc_int,
+    float: lambda v: _FLOAT + _F64.pack(v),
+    Decimal: lambda v: _DECIMAL + str(v).encode("ascii"),
+    bool: lambda v: _TRUE if v else _FALSE,
+    type(None): lambda v: _NONE,
+    _dt.date: lambda v: _DATE + v.isoformat().encode("ascii"),
+    _dt.datetime: _enc_datetime,
+    uuid.UUID: lambda v: _UUID + v.bytes,
+}
+
+# Subclasses (IntEnum, StrEnum, ...) are stored as their base type; order matters
+# because bool is an int and datetime is a date.
+_BASES: Final = (bool, int, float, str, bytes, bytearray, memoryview, Decimal,
+                 _dt.datetime, _dt.date, uuid.UUID)
+
+
+def _encode(value: Any, depth: int) -> bytes:
+    if depth > MAX_DEPTH:
+        raise UnsupportedTypeError(f"value nested deeper than {MAX_DEPTH} levels")
+    encoder = _SCALAR_ENCODERS.get(type(value))
+    if encoder is not None:
+        return encoder(value)
+    if isinstance(value, list):
+        return _enc_list(value, depth)
+    if isinstance(value, dict):
+        return _enc_dict(value, depth)
+    for base in _BASES:
+        if isinstance(value, base):
+            return _SCALAR_ENCODERS[base](value)
+    raise UnsupportedTypeError(
+        f"cannot encrypt a value of type {type(value).__name__}: supported types are "
+        "str, bytes, int, float, Decimal, bool, None, date, tz-aware datetime, UUID, "
+        "and list / dict of those"
+    )
+
+
+def encode_value(value: Any) -> bytes:
+    """Encode ``value`` so that :func:`decode_value` returns an equal value of the same type."""
+    return _encode(value, 0)
+
+
+def _items(data: memoryview, count: int) -> list[memoryview]:
+    # Each item needs at least its 4-byte length prefix and 1 tag byte.
+    if count > len(data) // 5:
+        raise _CodecError("container count exceeds data")
+    items = []
+    pos = 0
+    for _ in range(count):
+        if pos + 4 > len(data):
+            raise _CodecError("truncated container")
+        (length,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if length == 0 or pos + length > len(data):
+            raise _CodecError("bad item length")
+        items.append(data[pos:pos + length])
+        pos += length
+    if pos != len(data):
+        raise _CodecError("trailing bytes in container")
+    return items
+
+
+def _decode(data: memoryview, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise _CodecError("nested too deeply")
+    if not data:
+        raise _CodecError("empty value")
+    tag = data[0]
+    body = data[1:]
+    if tag == 1:
+        return str(body, "utf-8")
+    if tag == 2:
+        return body.tobytes()
+    if tag == 3:
+        if not body:
+            raise _CodecError("empty int")
+        return int.from_bytes(body, "big", signed=True)
+    if tag == 4:
+        if len(body) != 8:
+            raise _CodecError("bad float")
+        return _F64.unpack(body)[0]
+    if tag == 5:
+        return Decimal(str(body, "ascii"))
+    if tag in (0, 6, 7):
+        if body:
+            raise _CodecError("trailing bytes")
+        return None if tag == 0 else tag == 6
+    if tag == 8:
+        return _dt.date.fromisoformat(str(body, "ascii"))
+    if tag == 9:
+        value = _dt.datetime.fromisoformat(str(body, "ascii"))
+        if value.tzinfo is None:
+            raise _CodecError("naive datetime")
+        return value
+    if tag == 10:
+        if len(body) != 16:
+            raise _CodecError("bad uuid")
+        return uuid.UUID(bytes=body.tobytes())
+    if tag in (11, 12):
+        if len(body) < 4:
+            raise _CodecError("truncated container")
+        (count,) = _U32.unpack_from(body)
+        if tag == 11:
+            return [_decode(item, depth + 1) for item in _items(body[4:], count)]
+        flat = _items(body[4:], count * 2)
+        return {
+            _decode(flat[i], depth + 1): _decode(flat[i + 1], depth + 1)
+            for i in range(0, len(flat), 2)
+        }
+    raise _CodecError("unknown type tag")
+
+
+def decode_value(data: bytes | memoryview) -> Any:
+    """Decode bytes produced by :func:`encode_value`; raises ``ValueError`` on malformed input."""
+    try:
+        return _decode(memoryview(data), 0)
+    except (_CodecError, UnicodeDecodeError, InvalidOperation, TypeError) as exc:
+        raise ValueError("malformed encoded value") from exc

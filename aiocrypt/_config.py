@@ -1,0 +1,467 @@
+"""Settings: one typed object built from the environment and the JSON file (DESIGN.md s.6).
+
+``EncryptionConfig.from_env()`` reads every variable once. Parsing is lenient so
+that ``validate()`` can report every problem at once, as readable sentences;
+``require_valid()`` raises ``ConfigurationError`` with all of them. Secret
+fields are left out of the repr and never appear in a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import enum
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from ._errors import ConfigurationError
+from ._types import KeyType, KeyTypeLike
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_ROTATION_POLICIES",
+    "CryptoConfigManager",
+    "EncryptionConfig",
+    "KeyRotationPolicy",
+    "PerformanceMode",
+    "PerformanceSettings",
+    "decode_master_key",
+]
+
+BACKENDS: Final = ("file", "redis", "postgres", "vault", "aws_kms", "azure_kv", "gcp_kms")
+DEFAULT_STORAGE_PATH: Final = "./.aiocrypt/keys.json"
+DEFAULT_CONFIG_FILE: Final = "config/encryption.json"
+DEFAULT_USAGE_LIMIT: Final = 2**31
+
+
+class PerformanceMode(enum.StrEnum):
+    """Operational trade-offs; never changes the strength of the cipher."""
+
+    SECURITY = "security"
+    BALANCED = "balanced"
+    PERFORMANCE = "performance"
+
+
+@dataclass(frozen=True, slots=True)
+class PerformanceSettings:
+    """What a performance mode sets."""
+
+    mode: PerformanceMode
+    inline_threshold: int
+    """Values up to this many bytes are encrypted inline; larger ones in a worker thread."""
+    segment_size: int
+    """Segment size of streams and large bulk data."""
+    dek_cache_seconds: float
+    """How long an unwrapped DEK stays cached before it is reloaded from the store."""
+    compression_level: int
+    """zstd level when compression is enabled."""
+    thread_limit: int
+    """Concurrent worker threads for large payloads."""
+
+
+_PERFORMANCE: Final = {
+    PerformanceMode.SECURITY: PerformanceSettings(
+        PerformanceMode.SECURITY, 16 * 1024, 256 * 1024, 300.0, 3, 2),
+    PerformanceMode.BALANCED: PerformanceSettings(
+        PerformanceMode.BALANCED, 64 * 1024, 1024 * 1024, 3600.0, 3, 4),
+    PerformanceMode.PERFORMANCE: PerformanceSettings(
+        PerformanceMode.PERFORMANCE, 256 * 1024, 4 * 1024 * 1024, 86400.0, 1, 8),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRotationPolicy:
+    """When keys of one type rotate, expire and may be destroyed."""
+
+    key_type: KeyType
+    rotation_interval_days: int = 90
+    max_key_age_days: int = 365
+    grace_period_days: int = 30
+    auto_rotation: bool = True
+    batch_size: int = 1000
+    max_encryptions: int = DEFAULT_USAGE_LIMIT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_type", KeyType(self.key_type))
+        for name in ("rotation_interval_days", "max_key_age_days", "batch_size",
+                     "max_encryptions"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.grace_period_days < 0:
+            raise ValueError("grace_period_days cannot be negative")
+        if self.rotation_interval_days > self.max_key_age_days:
+            raise ValueError("rotation_interval_days cannot exceed max_key_age_days")
+        if self.max_encryptions > 2**32:
+            raise ValueError("max_encryptions cannot exceed 2**32 (random 96-bit GCM nonces)")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KeyRotationPolicy:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown rotation policy fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["key_type"] = self.key_type.value
+        return data
+
+
+DEFAULT_ROTATION_POLICIES: Final = {
+    p.key_type: p
+    for p in (
+        KeyRotationPolicy(KeyType.FINANCIAL_DATA, 90, 365, 30),
+        KeyRotationPolicy(KeyType.PII, 180, 730, 30),
+        KeyRotationPolicy(KeyType.SESSION, 30, 90, 30),
+        KeyRotationPolicy(KeyType.API_KEYS, 90, 365, 30),
+        KeyRotationPolicy(KeyType.AUDIT_LOGS, 365, 1825, 30),
+        KeyRotationPolicy(KeyType.CACHE, 30, 90, 30),
+    )
+}
+
+
+def decode_master_key(text: str) -> bytes:
+    """Decode ENCRYPTION_MASTER_KEY: base64 of 32 bytes, or base64 of a Fernet key.
+
+    A Fernet key is itself URL-safe base64 of 32 bytes and is accepted as is.
+    Raises ``ValueError`` with a message that never repeats the input.
+    """
+    def b64(value: str | bytes) -> bytes:
+        if isinstance(value, str):
+            value = value.strip().encode("ascii", "strict")
+        value = value.replace(b"-", b"+").replace(b"_", b"/")
+        return base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
+
+    try:
+        raw = b64(text)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise ValueError("ENCRYPTION_MASTER_KEY is not valid base64") from None
+    if len(raw) == 32:
+        return raw
+    if len(raw) == 44:  # base64 of a Fernet key: the Fernet key is base64 of 32 bytes
+        try:
+            inner = b64(raw)
+        except (binascii.Error, ValueError):
+            inner = b""
+        if len(inner) == 32:
+            return inner
+    raise ValueError(
+        f"ENCRYPTION_MASTER_KEY must be base64 of 32 bytes (it decodes to {len(raw)} bytes)"
+    )
+
+
+def _secret(default: Any = None) -> Any:
+    return field(default=default, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class EncryptionConfig:
+    """Every aiocrypt setting, from ``ENCRYPTION_*`` variables and the JSON config file."""
+
+    algorithm: str = "AES_256_GCM"
+    key_size_bits: int = 256
+    performance_mode: PerformanceMode = PerformanceMode.BALANCED
+    compression_enabled: bool = False
+    rotation_policies: Mapping[str, KeyRotationPolicy] = field(
+        default_factory=lambda: dict(DEFAULT_ROTATION_POLICIES))
+
+    master_key: str | None = _secret()
+    """ENCRYPTION_MASTER_KEY as given (decoded by ``master_key_bytes()``)."""
+    key_id: str | None = None
+    key_version: str | None = None
+    storage_backend: str = "file"
+    storage_path: str = DEFAULT_STORAGE_PATH
+    redis_url: str | None = _secret()
+    postgres_dsn: str | None = _secret()
+    vault_url: str | None = None
+    vault_token: str | None = _secret()
+    vault_transit_key: str = "aiocrypt"
+    vault_mount_point: str = "transit"
+    aws_region: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = _secret()
+    aws_kms_key_id: str | None = None
+    aws_endpoint_url: str | None = None
+    azure_tenant_id: str | None = None
+    azure_client_id: str | None = None
+    azure_client_secret: str | None = _secret()
+    azure_vault_url: str | None = None
+    azure_key_name: str | None = None
+    gcp_project_id: str | None = None
+    gcp_location: str | None = None
+    gcp_keyring: str | None = None
+    gcp_key_name: str | None = None
+    gcp_endpoint: str | None = None
+    config_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.performance_mode, str):
+            try:
+                object.__setattr__(self, "performance_mode",
+                                   PerformanceMode(self.performance_mode))
+            except ValueError:
+                raise ConfigurationError(
+                    f"unknown performance_mode {self.performance_mode!r}: use "
+                    "security, balanced or performance") from None
+        policies = dict(DEFAULT_ROTATION_POLICIES)
+        for key_type, policy in dict(self.rotation_policies).items():
+            if not isinstance(policy, KeyRotationPolicy):
+                policy = KeyRotationPolicy.from_dict({"key_type": key_type, **policy})
+            policies[KeyType(key_type)] = policy
+        object.__setattr__(self, "rotation_policies", policies)
+
+    # -- constructors -------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None,
+                 config_file: str | os.PathLike[str] | None = None) -> EncryptionConfig:
+        """Build from ``ENCRYPTION_*`` variables, then the JSON file's overrides.
+
+        The file is ``config_file``, else ``ENCRYPTION_CONFIG_FILE``, else
+        ``config/encryption.json`` when it exists.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        path = config_file or env.get("ENCRYPTION_CONFIG_FILE")
+        if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+            path = DEFAULT_CONFIG_FILE
+        if path is not None:
+            values.update(_read_config_file(Path(path)))
+            values["config_file"] = str(path)
+        for name, var in _ENV_VARS.items():
+            raw = env.get(var)
+            if raw is not None and raw.strip() != "":
+                values[name] = raw.strip()
+        if "storage_backend" in values:
+            values["storage_backend"] = values["storage_backend"].lower()
+        if "compression_enabled" in values:
+            values["compression_enabled"] = _parse_bool(values["compression_enabled"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> EncryptionConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- derived values -----------------------------------------------------
+
+    def master_key_bytes(self) -> bytes:
+        if not self.master_key:
+            raise ConfigurationError("ENCRYPTION_MASTER_KEY is not set")
+        try:
+            return decode_master_key(self.master_key)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+
+    @property
+    def performance(self) -> PerformanceSettings:
+        return _PERFORMANCE[self.performance_mode]
+
+    @property
+    def compression_level(self) -> int | None:
+        return self.performance.compression_level if self.compression_enabled else None
+
+    def rotation_policy(self, key_type: KeyTypeLike) -> KeyRotationPolicy:
+        kt = KeyType(key_type)
+        policy = self.rotation_policies.get(kt)
+        return policy if policy is not None else KeyRotationPolicy(kt)
+
+    # -- validation ---------------------------------------------------------
+
+    def validate(self) -> list[str]:
+        """Every problem found, one readable sentence each; empty when all is well."""
+        problems: list[str] = []
+        if self.algorithm != "AES_256_GCM":
+            problems.append(f"algorithm {self.algorithm!r} is not supported (use AES_256_GCM)")
+        if self.key_size_bits != 256:
+            problems.append(f"key_size_bits {self.key_size_bits} is not supported (use 256)")
+        backend = self.storage_backend
+        if backend not in BACKENDS:
+            problems.append(
+                f"ENCRYPTION_KEY_STORAGE_BACKEND={backend!r} is unknown: use one of "
+                + ", ".join(BACKENDS))
+        uses_master_key = backend in ("file", "redis", "postgres")
+        if uses_master_key and not self.master_key:
+            problems.append(
+                "ENCRYPTION_MASTER_KEY is missing: set it to base64 of 32 random bytes "
+                "(aiocrypt keys new-master-key prints one)")
+        elif self.master_key:
+            try:
+                decode_master_key(self.master_key)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if backend in ("file", "vault", "aws_kms", "azure_kv", "gcp_kms") and not (
+                self.redis_url or self.postgres_dsn):
+            problems.extend(_check_storage_path(self.storage_path))
+        required = {
+            "redis": ("redis_url",),
+            "postgres": ("postgres_dsn",),
+            "vault": ("vault_url", "vault_token"),
+            "aws_kms": ("aws_region", "aws_kms_key_id"),
+            "azure_kv": ("azure_vault_url", "azure_key_name", "azure_tenant_id",
+                         "azure_client_id", "azure_client_secret"),
+            "gcp_kms": ("gcp_project_id", "gcp_location", "gcp_keyring", "gcp_key_name"),
+        }.get(backend, ())
+        missing = [_ENV_VARS[name] for name in required if not getattr(self, name)]
+        if missing:
+            problems.append(
+                f"storage backend {backend!r} needs " + ", ".join(missing) + " (not set)")
+        if backend == "aws_kms" and bool(self.aws_access_key_id) != bool(
+                self.aws_secret_access_key):
+            problems.append("ENCRYPTION_AWS_ACCESS_KEY_ID and ENCRYPTION_AWS_SECRET_ACCESS_KEY "
+                            "must be set together (or neither, to use the default chain)")
+        return problems
+
+    def require_valid(self) -> None:
+        problems = self.validate()
+        if problems:
+            raise ConfigurationError("invalid aiocrypt configuration:\n- " + "\n- ".join(problems))
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """Settings with secrets replaced by whether they are set."""
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not f.repr:
+                data[f.name] = "<set>" if value else None
+            elif f.name == "rotation_policies":
+                data[f.name] = [p.to_dict() for p in value.values()]
+            else:
+                data[f.name] = value
+        return data
+
+
+_ENV_VARS: Final = {
+    "master_key": "ENCRYPTION_MASTER_KEY",
+    "key_id": "ENCRYPTION_KEY_ID",
+    "key_version": "ENCRYPTION_KEY_VERSION",
+    "storage_backend": "ENCRYPTION_KEY_STORAGE_BACKEND",
+    "storage_path": "ENCRYPTION_KEY_STORAGE_PATH",
+    "redis_url": "ENCRYPTION_REDIS_URL",
+    "postgres_dsn": "ENCRYPTION_POSTGRES_DSN",
+    "vault_url": "ENCRYPTION_VAULT_URL",
+    "vault_token": "ENCRYPTION_VAULT_TOKEN",
+    "vault_transit_key": "ENCRYPTION_VAULT_TRANSIT_KEY",
+    "vault_mount_point": "ENCRYPTION_VAULT_MOUNT_POINT",
+    "aws_region": "ENCRYPTION_AWS_REGION",
+    "aws_access_key_id": "ENCRYPTION_AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "ENCRYPTION_AWS_SECRET_ACCESS_KEY",
+    "aws_kms_key_id": "ENCRYPTION_AWS_KMS_KEY_ID",
+    "aws_endpoint_url": "ENCRYPTION_AWS_ENDPOINT_URL",
+    "azure_tenant_id": "ENCRYPTION_AZURE_TENANT_ID",
+    "azure_client_id": "ENCRYPTION_AZURE_CLIENT_ID",
+    "azure_client_secret": "ENCRYPTION_AZURE_CLIENT_SECRET",
+    "azure_vault_url": "ENCRYPTION_AZURE_VAULT_URL",
+    "azure_key_name": "ENCRYPTION_AZURE_KEY_NAME",
+    "gcp_project_id": "ENCRYPTION_GCP_PROJECT_ID",
+    "gcp_location": "ENCRYPTION_GCP_LOCATION",
+    "gcp_keyring": "ENCRYPTION_GCP_KEYRING",
+    "gcp_key_name": "ENCRYPTION_GCP_KEY_NAME",
+    "gcp_endpoint": "ENCRYPTION_GCP_ENDPOINT",
+    "performance_mode": "ENCRYPTION_PERFORMANCE_MODE",
+    "compression_enabled": "ENCRYPTION_COMPRESSION_ENABLED",
+}
+
+_FILE_KEYS: Final = {"algorithm", "key_size_bits", "performance_mode", "compression_enabled",
+                     "rotation_policies"}
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"config file {path} is not valid JSON (line {exc.lineno})") \
+            from None
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"config file {path} must hold a JSON object")
+    unknown = set(data) - _FILE_KEYS
+    if unknown:
+        raise ConfigurationError(
+            f"config file {path} has unknown keys: {', '.join(sorted(unknown))}")
+    values = dict(data)
+    if "rotation_policies" in values:
+        try:
+            policies = [KeyRotationPolicy.from_dict(p) for p in values["rotation_policies"]]
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigurationError(f"config file {path}: bad rotation policy: {exc}") from None
+        values["rotation_policies"] = {p.key_type: p for p in policies}
+    return values
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigurationError(f"expected a boolean, got {value!r}")
+
+
+def _check_storage_path(storage_path: str) -> list[str]:
+    path = Path(storage_path)
+    directory = path.parent
+    if not directory.is_dir():
+        return [f"ENCRYPTION_KEY_STORAGE_PATH: directory {directory} does not exist"]
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return [f"ENCRYPTION_KEY_STORAGE_PATH: directory {directory} is not writable"]
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return [f"ENCRYPTION_KEY_STORAGE_PATH: {path} is not readable and writable"]
+    return []
+
+
+class CryptoConfigManager:
+    """Holds the current ``EncryptionConfig``; the API the seed code used."""
+
+    def __init__(self, config: EncryptionConfig | None = None, *,
+                 environ: Mapping[str, str] | None = None,
+                 config_file: str | os.PathLike[str] | None = None) -> None:
+        self._config = config if config is not None else EncryptionConfig.from_env(
+            environ, config_file)
+
+    def __repr__(self) -> str:
+        return f"<CryptoConfigManager backend={self._config.storage_backend!r}>"
+
+    def get_config(self) -> EncryptionConfig:
+        return self._config
+
+    def get_rotation_policy(self, key_type: KeyTypeLike) -> KeyRotationPolicy:
+        return self._config.rotation_policy(key_type)
+
+    def update_config(self, new_config: EncryptionConfig | Mapping[str, Any]) -> EncryptionConfig:
+        """Replace settings (a whole config, or a mapping of fields to change); validated first."""
+        if isinstance(new_config, EncryptionConfig):
+            candidate = new_config
+        else:
+            changes = dict(new_config)
+            if "rotation_policies" in changes:
+                policies = changes["rotation_policies"]
+                if isinstance(policies, list):
+                    policies = {p["key_type"]: p for p in policies}
+                merged = dict(self._config.rotation_policies)
+                merged.update(policies)
+                changes["rotation_policies"] = merged
+            unknown = set(changes) - {f.name for f in dataclasses.fields(EncryptionConfig)}
+            if unknown:
+                raise ConfigurationError(f"unknown settings: {', '.join(sorted(unknown))}")
+            try:
+                candidate = self._config.replace(**changes)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(f"invalid settings: {exc}") from None
+        if candidate.algorithm != "AES_256_GCM" or candidate.key_size_bits != 256:
+            raise ConfigurationError("only algorithm AES_256_GCM with 256-bit keys is supported")
+        self._config = candidate
+        return candidate
+
+    def validate_environment(self) -> list[str]:
+        return self._config.validate()
+
+    def get_performance_settings(self) -> PerformanceSettings:
+        return self._config.performance

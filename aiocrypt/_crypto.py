@@ -1,0 +1,155 @@
+"""AEAD primitives bound to one data-encryption key (pure, sync).
+
+``DataKey`` holds an unwrapped DEK together with the cipher objects built from
+it, so the hot path builds nothing per call. Sub-keys for deterministic
+encryption and streams are derived with HKDF, never the DEK reused raw across
+algorithms. It has a material-free repr and refuses pickling.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+from collections.abc import Callable
+from typing import Any, Final, NoReturn
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ._format import (
+    ALG_AES_256_GCM,
+    ALG_AES_256_GCM_STREAM,
+    ALG_AES_256_SIV,
+    FORMAT_VERSION,
+    TEXT_PREFIX,
+    FormatError,
+)
+from ._keys import EncryptionKey
+
+__all__ = ["DEK_BYTES", "NONCE_BYTES", "TAG_BYTES", "DataKey", "derive_key"]
+
+DEK_BYTES: Final = 32
+NONCE_BYTES: Final = 12
+TAG_BYTES: Final = 16
+STREAM_SALT_BYTES: Final = 16
+STREAM_PREFIX_BYTES: Final = 7
+_STREAM_NONCE: Final = struct.Struct(">7sIB")
+
+RandomSource = Callable[[int], bytes]
+
+
+def derive_key(material: bytes, info: bytes, length: int = 32, salt: bytes | None = None) -> bytes:
+    return HKDF(hashes.SHA256(), length, salt, b"aiocrypt/v1/" + info).derive(material)
+
+
+class DataKey:
+    """An unwrapped DEK ready to encrypt and decrypt. Never logged, never pickled."""
+
+    __slots__ = ("_aad_base", "_gcm", "_material", "_siv", "_text_prefix", "key")
+
+    def __init__(self, key: EncryptionKey, material: bytes) -> None:
+        if len(material) != DEK_BYTES:
+            raise ValueError("data-encryption keys are 32 bytes (AES-256)")
+        self.key = key
+        self._material = bytes(material)
+        self._gcm = AESGCM(self._material)
+        self._siv: AESSIV | None = None
+        kid = key.key_id.encode("ascii")
+        kt = key.key_type.value.encode("ascii")
+        tail = bytes((len(kt),)) + kt
+        # Associated-data prefix per algorithm: header || len(key type) || key type.
+        self._aad_base = {
+            (alg, flags): bytes((FORMAT_VERSION, alg, flags, len(kid))) + kid + tail
+            for alg in (ALG_AES_256_GCM, ALG_AES_256_SIV, ALG_AES_256_GCM_STREAM)
+            for flags in (0, 1)
+        }
+        self._text_prefix = f"{TEXT_PREFIX}{key.key_id}."
+
+    # -- identity & safety --------------------------------------------------
+
+    @property
+    def key_id(self) -> str:
+        return self.key.key_id
+
+    def __repr__(self) -> str:
+        return f"<DataKey {self.key.key_id} {self.key.status.value}>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("DataKey objects cannot be pickled")
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        raise TypeError("DataKey objects cannot be pickled")
+
+    def aad(self, algorithm: int, flags: int, context: bytes) -> bytes:
+        return self._aad_base[(algorithm, flags & 1)] + context
+
+    def derive(self, info: bytes, length: int = 32, salt: bytes | None = None) -> bytes:
+        """A sub-key bound to this DEK and ``info`` (blind indexes, caches, streams)."""
+        return derive_key(self._material, info, length, salt)
+
+    def with_key(self, key: EncryptionKey) -> DataKey:
+        """The same material under updated metadata (status changes)."""
+        return DataKey(key, self._material)
+
+    # -- AES-256-GCM fields -------------------------------------------------
+
+    def seal_text(self, plaintext: bytes, context: bytes, flags: int = 0,
+                  nonce: bytes | None = None) -> str:
+        if nonce is None:
+            nonce = os.urandom(NONCE_BYTES)
+        sealed = self._gcm.encrypt(nonce, plaintext, self._aad_base[(ALG_AES_256_GCM, flags)]
+                                   + context)
+        body = base64.urlsafe_b64encode(bytes((ALG_AES_256_GCM, flags)) + nonce + sealed)
+        return self._text_prefix + body.decode("ascii")
+
+    def seal_binary(self, plaintext: bytes, context: bytes, flags: int = 0,
+                    nonce: bytes | None = None) -> bytes:
+        if nonce is None:
+            nonce = os.urandom(NONCE_BYTES)
+        aad = self._aad_base[(ALG_AES_256_GCM, flags)]
+        header = aad[: 4 + len(self.key.key_id)]
+        return header + nonce + self._gcm.encrypt(nonce, plaintext, aad + context)
+
+    def open_gcm(self, flags: int, body: bytes | memoryview, context: bytes) -> bytes:
+        if len(body) < NONCE_BYTES + TAG_BYTES:
+            raise FormatError("token too short")
+        return self._gcm.decrypt(bytes(body[:NONCE_BYTES]), bytes(body[NONCE_BYTES:]),
+                                 self.aad(ALG_AES_256_GCM, flags, context))
+
+    def gcm_parts(self, plaintext: bytes, context: bytes, flags: int = 0,
+                  nonce: bytes | None = None) -> tuple[bytes, bytes]:
+        """(nonce, ciphertext || tag) for bulk blobs."""
+        if nonce is None:
+            nonce = os.urandom(NONCE_BYTES)
+        return nonce, self._gcm.encrypt(nonce, plaintext,
+                                        self.aad(ALG_AES_256_GCM, flags, context))
+
+    # -- AES-SIV (deterministic) --------------------------------------------
+
+    def _siv_cipher(self) -> AESSIV:
+        if self._siv is None:
+            self._siv = AESSIV(self.derive(b"aes-siv", 64))
+        return self._siv
+
+    def seal_deterministic(self, plaintext: bytes, context: bytes, flags: int = 0) -> str:
+        sealed = self._siv_cipher().encrypt(plaintext, [self.aad(ALG_AES_256_SIV, flags, context)])
+        body = base64.urlsafe_b64encode(bytes((ALG_AES_256_SIV, flags)) + sealed)
+        return self._text_prefix + body.decode("ascii")
+
+    def open_siv(self, flags: int, body: bytes | memoryview, context: bytes) -> bytes:
+        if len(body) < TAG_BYTES:
+            raise FormatError("token too short")
+        return self._siv_cipher().decrypt(bytes(body),
+                                          [self.aad(ALG_AES_256_SIV, flags, context)])
+
+    # -- segmented streams --------------------------------------------------
+
+    def stream_cipher(self, salt: bytes) -> AESGCM:
+        return AESGCM(self.derive(b"stream", 32, salt))
+
+
+def stream_nonce(prefix: bytes, index: int, last: bool) -> bytes:
+    return _STREAM_NONCE.pack(prefix, index, 1 if last else 0)
+

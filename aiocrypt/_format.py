@@ -1,0 +1,190 @@
+"""The versioned ciphertext format (DESIGN.md section 3). Frozen by tests/vectors/.
+
+Binary form (blobs, streams)::
+
+    offset  size  field
+    0       1     format version (0x01)
+    1       1     algorithm (ALG_*)
+    2       1     flags (FLAG_*; unknown bits refused)
+    3       1     key id length n (1..64)
+    4       n     key id, ASCII [A-Za-z0-9_-]
+    4+n     ...   algorithm body
+
+Text form (columns, Redis), same bytes, key id readable at a fixed place::
+
+    "ac1." + key_id + "." + base64url(algorithm || flags || body)   (padded, canonical)
+
+so SQL can select rows by key version with ``left(col, len(text_prefix(kid))) =
+text_prefix(kid)`` without decrypting them.
+
+Algorithm bodies:
+
+* ``ALG_AES_256_GCM``: nonce (12) || ciphertext || tag (16)
+* ``ALG_AES_256_SIV``: SIV (16) || ciphertext (deterministic; key = HKDF(DEK, "aes-siv"))
+* ``ALG_AES_256_GCM_STREAM``: segment size (u32) || salt (16) || nonce prefix (7) ||
+  segments, each ciphertext || tag (16); the last one may be shorter. Segment i uses
+  key HKDF(DEK, salt) and nonce prefix || u32 i || last-segment flag.
+
+Associated data for every algorithm is the binary header (bytes 0..4+n) ||
+u8 len(key type) || key type || caller context, so a token moved to another key
+type, column or row fails to authenticate.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "ALG_AES_256_GCM",
+    "ALG_AES_256_GCM_STREAM",
+    "ALG_AES_256_SIV",
+    "ALGORITHM_NAMES",
+    "FLAG_ZSTD",
+    "FORMAT_VERSION",
+    "MAX_KEY_ID_LEN",
+    "MAX_TOKEN_CHARS",
+    "TEXT_PREFIX",
+    "Header",
+    "associated_data",
+    "context_bytes",
+    "like_pattern",
+    "parse_binary",
+    "parse_text",
+    "text_prefix",
+    "to_text",
+    "validate_key_id",
+]
+
+FORMAT_VERSION: Final = 1
+TEXT_PREFIX: Final = "ac1."
+
+ALG_AES_256_GCM: Final = 1
+ALG_AES_256_SIV: Final = 2
+ALG_AES_256_GCM_STREAM: Final = 3
+ALGORITHM_NAMES: Final = {
+    ALG_AES_256_GCM: "AES_256_GCM",
+    ALG_AES_256_SIV: "AES_256_SIV",
+    ALG_AES_256_GCM_STREAM: "AES_256_GCM_STREAM",
+}
+
+FLAG_ZSTD: Final = 0x01
+_KNOWN_FLAGS: Final = FLAG_ZSTD
+
+MAX_KEY_ID_LEN: Final = 64
+MAX_CONTEXT_LEN: Final = 4096
+# Text tokens are for fields; anything larger belongs in bulk/stream encryption.
+MAX_TOKEN_CHARS: Final = 96 * 1024 * 1024
+
+_KEY_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class FormatError(ValueError):
+    """Malformed token (internal: callers of the service only ever see DecryptionError)."""
+
+
+def validate_key_id(key_id: str) -> str:
+    if not isinstance(key_id, str) or not _KEY_ID_RE.fullmatch(key_id):
+        raise ValueError("key id must be 1-64 characters of [A-Za-z0-9_-]")
+    return key_id
+
+
+def context_bytes(context: str | bytes | None) -> bytes:
+    """Normalise a caller context (``"users.ssn"``, ``b"..."`` or None) to bytes."""
+    if context is None:
+        return b""
+    if isinstance(context, str):
+        data = context.encode("utf-8")
+    elif isinstance(context, (bytes, bytearray, memoryview)):
+        data = bytes(context)
+    else:
+        raise TypeError(f"context must be str, bytes or None, not {type(context).__name__}")
+    if len(data) > MAX_CONTEXT_LEN:
+        raise ValueError(f"context longer than {MAX_CONTEXT_LEN} bytes")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The authenticated header of a token."""
+
+    algorithm: int
+    flags: int
+    key_id: str
+
+    def to_bytes(self) -> bytes:
+        kid = self.key_id.encode("ascii")
+        return bytes((FORMAT_VERSION, self.algorithm, self.flags, len(kid))) + kid
+
+
+def associated_data(header: bytes, key_type: str, context: bytes) -> bytes:
+    kt = key_type.encode("ascii")
+    return header + bytes((len(kt),)) + kt + context
+
+
+def text_prefix(key_id: str) -> str:
+    """The exact text every text-form token made with ``key_id`` starts with."""
+    return f"{TEXT_PREFIX}{validate_key_id(key_id)}."
+
+
+def like_pattern(key_id: str) -> str:
+    """A SQL ``LIKE`` pattern (escape character ``\\``) matching tokens of ``key_id``."""
+    return text_prefix(key_id).replace("_", "\\_") + "%"
+
+
+def _check_header(algorithm: int, flags: int) -> None:
+    if algorithm not in ALGORITHM_NAMES:
+        raise FormatError("unknown algorithm")
+    if flags & ~_KNOWN_FLAGS:
+        raise FormatError("unknown flags")
+
+
+def parse_binary(blob: bytes | memoryview) -> tuple[Header, bytes, memoryview]:
+    """Split a binary token into (header, header bytes, body)."""
+    view = memoryview(blob)
+    if len(view) < 5 or view[0] != FORMAT_VERSION:
+        raise FormatError("not an aiocrypt v1 token")
+    algorithm, flags, kid_len = view[1], view[2], view[3]
+    _check_header(algorithm, flags)
+    if not 1 <= kid_len <= MAX_KEY_ID_LEN or len(view) < 4 + kid_len:
+        raise FormatError("bad key id length")
+    try:
+        key_id = validate_key_id(str(view[4:4 + kid_len], "ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormatError("bad key id") from exc
+    header_bytes = view[:4 + kid_len].tobytes()
+    return Header(algorithm, flags, key_id), header_bytes, view[4 + kid_len:]
+
+
+def parse_text(token: str) -> tuple[str, int, int, bytes]:
+    """Split a text token into (key id, algorithm, flags, body); canonical encoding only."""
+    if not isinstance(token, str):
+        raise FormatError("token must be str")
+    if len(token) > MAX_TOKEN_CHARS or not token.startswith(TEXT_PREFIX):
+        raise FormatError("not an aiocrypt v1 text token")
+    dot = token.find(".", 4, 4 + MAX_KEY_ID_LEN + 1)
+    if dot < 5:
+        raise FormatError("no key id")
+    key_id = token[4:dot]
+    if not _KEY_ID_RE.fullmatch(key_id):
+        raise FormatError("bad key id")
+    encoded = token[dot + 1:]
+    try:
+        raw = base64.urlsafe_b64decode(encoded)
+    except (binascii.Error, ValueError) as exc:
+        raise FormatError("bad base64") from exc
+    # b64decode ignores stray characters and unused low bits; only the canonical
+    # encoding is a valid token, so every bit of the text is authenticated.
+    if len(raw) < 2 or base64.urlsafe_b64encode(raw).decode("ascii") != encoded:
+        raise FormatError("non-canonical base64")
+    algorithm, flags = raw[0], raw[1]
+    _check_header(algorithm, flags)
+    return key_id, algorithm, flags, raw[2:]
+
+
+def to_text(header: Header, body: bytes) -> str:
+    encoded = base64.urlsafe_b64encode(bytes((header.algorithm, header.flags)) + body)
+    return f"{TEXT_PREFIX}{header.key_id}.{encoded.decode('ascii')}"

@@ -1,0 +1,159 @@
+"""A keyring snapshot: every loaded DEK by key id, and the active one per key type.
+
+Pure and sync: the async ``KeyManager`` builds a new snapshot whenever keys
+change and swaps it in whole, so readers never see a half-updated keyring.
+Code that cannot await (SQLAlchemy type decorators, Flask session interfaces)
+encrypts and decrypts through a snapshot directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidTag
+
+from . import _compression
+from ._codec import decode_value, encode_value
+from ._crypto import DataKey
+from ._errors import DecryptionError, KeyNotFoundError, KeyStateError
+from ._format import (
+    ALG_AES_256_GCM,
+    ALG_AES_256_SIV,
+    FLAG_ZSTD,
+    FormatError,
+    context_bytes,
+    parse_text,
+)
+from ._types import KeyStatus, KeyType, KeyTypeLike
+
+__all__ = ["Keyring", "UnknownKeyError"]
+
+# Decrypting for reading refuses withdrawn keys; re-encryption may still read them.
+_READ_REFUSED: Final = frozenset({KeyStatus.REVOKED, KeyStatus.COMPROMISED, KeyStatus.DESTROYED})
+
+
+class UnknownKeyError(DecryptionError):
+    """The token names a key id this snapshot does not hold (the caller may reload once)."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__()
+        self.key_id = key_id
+
+
+class Keyring:
+    """Immutable snapshot of loaded data keys."""
+
+    __slots__ = ("_active", "_by_id", "revision")
+
+    def __init__(self, data_keys: Iterable[DataKey] = (), revision: int = 0) -> None:
+        self._by_id: dict[str, DataKey] = {}
+        self._active: dict[str, DataKey] = {}
+        for dk in data_keys:
+            self._by_id[dk.key_id] = dk
+            if dk.key.status is KeyStatus.ACTIVE:
+                current = self._active.get(dk.key.key_type)
+                if current is None or dk.key.version > current.key.version:
+                    self._active[dk.key.key_type] = dk
+        self.revision = revision
+
+    def __repr__(self) -> str:
+        return f"<Keyring revision={self.revision} keys={len(self._by_id)}>"
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[DataKey]:
+        return iter(self._by_id.values())
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._by_id
+
+    def get(self, key_id: str) -> DataKey | None:
+        return self._by_id.get(key_id)
+
+    def active(self, key_type: KeyTypeLike) -> DataKey:
+        dk = self._active.get(key_type)
+        if dk is None:
+            raise KeyNotFoundError(f"no active key of type {KeyType(key_type).value!r} loaded")
+        return dk
+
+    @property
+    def active_keys(self) -> Mapping[str, DataKey]:
+        return dict(self._active)
+
+    # -- fields -------------------------------------------------------------
+
+    def encrypt(self, value: Any, key_type: KeyTypeLike, context: str | bytes | None = None,
+                *, compression_level: int | None = None) -> str:
+        """Encrypt ``value`` with the active key of ``key_type`` (AES-256-GCM, text form)."""
+        return self.encrypt_bytes(encode_value(value), key_type, context,
+                                  compression_level=compression_level)
+
+    def encrypt_bytes(self, plaintext: bytes, key_type: KeyTypeLike,
+                      context: str | bytes | None = None, *,
+                      compression_level: int | None = None) -> str:
+        dk = self.active(key_type)
+        flags = 0
+        if compression_level is not None:
+            plaintext = _compression.compress(plaintext, compression_level)
+            flags = FLAG_ZSTD
+        return dk.seal_text(plaintext, context_bytes(context), flags)
+
+    def encrypt_deterministic(self, value: Any, key_type: KeyTypeLike,
+                              context: str | bytes | None = None) -> str:
+        """Equal values under the same key and context give equal tokens (AES-SIV)."""
+        return self.active(key_type).seal_deterministic(encode_value(value),
+                                                        context_bytes(context))
+
+    def decrypt(self, token: str, key_type: KeyTypeLike, context: str | bytes | None = None,
+                *, for_reencryption: bool = False) -> Any:
+        plaintext = self.decrypt_bytes(token, key_type, context,
+                                       for_reencryption=for_reencryption)
+        try:
+            return decode_value(plaintext)
+        except ValueError:
+            raise DecryptionError() from None
+
+    def decrypt_bytes(self, token: str, key_type: KeyTypeLike,
+                      context: str | bytes | None = None, *,
+                      for_reencryption: bool = False) -> bytes:
+        """Authenticate and decrypt a text token; every failure is ``DecryptionError``."""
+        try:
+            key_id, algorithm, flags, body = parse_text(token)
+        except FormatError:
+            raise DecryptionError() from None
+        dk = self._by_id.get(key_id)
+        if dk is None:
+            raise UnknownKeyError(key_id)
+        self.check_decryptable(dk, key_type, for_reencryption=for_reencryption)
+        ctx = context_bytes(context)
+        try:
+            if algorithm == ALG_AES_256_GCM:
+                plaintext = dk.open_gcm(flags, body, ctx)
+            elif algorithm == ALG_AES_256_SIV:
+                plaintext = dk.open_siv(flags, body, ctx)
+            else:
+                raise FormatError("algorithm not valid in text form")
+        except (InvalidTag, FormatError):
+            raise DecryptionError() from None
+        if flags & FLAG_ZSTD:
+            try:
+                return _compression.decompress(plaintext)
+            except ValueError:
+                raise DecryptionError() from None
+        return plaintext
+
+    @staticmethod
+    def check_decryptable(dk: DataKey, key_type: KeyTypeLike, *,
+                          for_reencryption: bool = False) -> None:
+        if dk.key.key_type != key_type:
+            raise DecryptionError()
+        if dk.key.status in _READ_REFUSED and not for_reencryption:
+            raise DecryptionError()
+
+    def require_encryptable(self, key_type: KeyTypeLike) -> DataKey:
+        dk = self.active(key_type)
+        if not dk.key.status.can_encrypt:
+            raise KeyStateError(f"key {dk.key_id} is {dk.key.status.value}")
+        return dk

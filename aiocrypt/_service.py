@@ -1,0 +1,418 @@
+"""EncryptionService: the async API applications call (DESIGN.md section 6).
+
+Small values are encrypted inline in the coroutine: the AES work for a field
+takes microseconds, far less than a hop to a thread. Anything above the
+performance mode's ``inline_threshold`` runs in a worker thread (anyio, with
+its own capacity limiter), and bulk data above it is segmented so no single
+cryptography call holds the GIL for long.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from . import _compression
+from ._bulk import EncryptedData, decrypt_bulk, encrypt_bulk
+from ._codec import decode_value, encode_value
+from ._config import EncryptionConfig
+from ._crypto import DataKey
+from ._errors import CacheEntryExpiredError, DecryptionError
+from ._format import FLAG_ZSTD, context_bytes
+from ._keyring import Keyring, UnknownKeyError
+from ._keys import utcnow
+from ._manager import KeyManager
+from ._types import KeyType, KeyTypeLike
+
+__all__ = ["EncryptionService"]
+
+logger = logging.getLogger("aiocrypt.service")
+
+T = TypeVar("T")
+_CACHE_KEY_CONTEXT: Final = b"aiocrypt/cache-key"
+_CACHE_VALUE_CONTEXT: Final = b"aiocrypt/cache-value:"
+_NO_EXPIRY: Final = 0
+
+
+def _aes_ni_available() -> bool | None:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return " aes " in f" {line.split(':', 1)[1]} "
+    except OSError:
+        return None
+    return None
+
+
+class EncryptionService:
+    """Encrypts fields, bulk data, session dicts and cache entries with managed keys.
+
+    Build it from a ``KeyManager`` (explicit) or get the process-wide one with
+    ``get_encryption_service()``. Methods start the service on first use;
+    ``async with service`` or ``await service.start()`` / ``close()`` manage it
+    explicitly. ``service.keyring`` is a snapshot sync code can use once started.
+    """
+
+    def __init__(self, key_manager: KeyManager, config: EncryptionConfig | None = None, *,
+                 clock: Callable[[], _dt.datetime] = utcnow,
+                 preload: Sequence[KeyTypeLike] = ()) -> None:
+        self.key_manager = key_manager
+        self.config = config if config is not None else key_manager.config
+        self._clock = clock
+        self._preload = tuple(KeyType(k) for k in preload)
+        perf = self.config.performance
+        self._threshold = perf.inline_threshold
+        self._segment_size = perf.segment_size
+        self._compression = self.config.compression_level
+        self._limiter = anyio.CapacityLimiter(perf.thread_limit)
+        self._started = False
+        self._closed = False
+        self.counters: Counter[str] = Counter()
+        self.usage: Counter[str] = Counter()
+
+    def __repr__(self) -> str:
+        state = "running" if self._started else "stopped"
+        return f"<EncryptionService {state} mode={self.config.performance_mode.value}>"
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self._started:
+            await self.key_manager.open()
+            if self._preload:
+                await self.key_manager.ensure_active(self._preload)
+            self._started = True
+            self._closed = False
+
+    async def close(self) -> None:
+        if self._started:
+            self._started = False
+            self._closed = True
+            await self.key_manager.close()
+
+    async def __aenter__(self) -> EncryptionService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def keyring(self) -> Keyring:
+        return self.key_manager.keyring
+
+    async def _keyring(self, key_type: str) -> Keyring:
+        if not self._started:
+            await self.start()
+        manager = self.key_manager
+        keyring = manager.keyring
+        if manager.is_stale():
+            keyring = await manager.refresh()
+        if key_type not in keyring.active_keys:
+            keyring = await manager.ensure_active([key_type])
+        return keyring
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        self.counters["threaded_operations"] += 1
+        return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
+    # -- fields -------------------------------------------------------------
+
+    async def encrypt_field(self, value: Any, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
+                            *, context: str | bytes | None = None) -> str:
+        """Encrypt one value (any codec type) to a text token bound to ``context``."""
+        kt = KeyType(key_type)
+        keyring = await self._keyring(kt)
+        plaintext = encode_value(value)
+        if len(plaintext) > self._threshold:
+            token = await self._run(self._encrypt_bytes, keyring, plaintext, kt, context)
+        else:
+            token = keyring.encrypt_bytes(plaintext, kt, context,
+                                          compression_level=self._compression)
+        self.counters["encryptions"] += 1
+        self.usage[token[4:token.index(".", 4)]] += 1
+        return token
+
+    def _encrypt_bytes(self, keyring: Keyring, plaintext: bytes, kt: KeyType,
+                       context: str | bytes | None) -> str:
+        return keyring.encrypt_bytes(plaintext, kt, context, compression_level=self._compression)
+
+    async def decrypt_field(self, token: str, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
+                            *, context: str | bytes | None = None) -> Any:
+        """Decrypt a token from :meth:`encrypt_field`; any failure is ``DecryptionError``."""
+        plaintext = await self._decrypt_bytes(token, KeyType(key_type), context)
+        try:
+            return decode_value(plaintext)
+        except ValueError:
+            self.counters["decrypt_failures"] += 1
+            raise DecryptionError() from None
+
+    async def _decrypt_bytes(self, token: str, kt: KeyType, context: str | bytes | None) \
+            -> bytes:
+        if not isinstance(token, str):
+            raise TypeError(f"token must be str, not {type(token).__name__}")
+        if not self._started:
+            await self.start()
+        manager = self.key_manager
+        keyring = manager.keyring if not manager.is_stale() else await manager.refresh()
+        try:
+            try:
+                if len(token) > self._threshold:
+                    plaintext = await self._run(keyring.decrypt_bytes, token, kt, context)
+                else:
+                    plaintext = keyring.decrypt_bytes(token, kt, context)
+            except UnknownKeyError as exc:
+                if await manager.load_key(exc.key_id) is None:
+                    raise DecryptionError() from None
+                plaintext = manager.keyring.decrypt_bytes(token, kt, context)
+        except DecryptionError:
+            self.counters["decrypt_failures"] += 1
+            self.counters[f"decrypt_failures:{kt.value}"] += 1
+            raise
+        self.counters["decryptions"] += 1
+        return plaintext
+
+    async def encrypt_many(self, values: Sequence[Any],
+                           key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
+                           context: str | bytes | None = None,
+                           contexts: Sequence[str | bytes | None] | None = None) -> list[str]:
+        """Encrypt a batch with one keyring lookup; ``contexts`` gives one context per value."""
+        kt = KeyType(key_type)
+        ctxs = self._contexts(len(values), context, contexts)
+        keyring = await self._keyring(kt)
+        plaintexts = [encode_value(v) for v in values]
+        total = sum(len(p) for p in plaintexts)
+
+        def work() -> list[str]:
+            return [keyring.encrypt_bytes(p, kt, c, compression_level=self._compression)
+                    for p, c in zip(plaintexts, ctxs, strict=True)]
+
+        tokens = await self._run(work) if total > self._threshold else work()
+        self.counters["encryptions"] += len(tokens)
+        if tokens:
+            self.usage[keyring.active(kt).key_id] += len(tokens)
+        return tokens
+
+    async def decrypt_many(self, tokens: Sequence[str],
+                           key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
+                           context: str | bytes | None = None,
+                           contexts: Sequence[str | bytes | None] | None = None) -> list[Any]:
+        """Decrypt a batch; the first failure raises ``DecryptionError``."""
+        kt = KeyType(key_type)
+        ctxs = self._contexts(len(tokens), context, contexts)
+        if len(tokens) and sum(len(t) for t in tokens) > self._threshold:
+            if not self._started:
+                await self.start()
+            try:
+                return await self._run(self._decrypt_many_sync, tokens, kt, ctxs)
+            except UnknownKeyError:
+                pass  # a key rotated elsewhere: the per-token path below loads it
+        return [await self.decrypt_field(t, kt, context=c)
+                for t, c in zip(tokens, ctxs, strict=True)]
+
+    def _decrypt_many_sync(self, tokens: Sequence[str], kt: KeyType,
+                           ctxs: Sequence[str | bytes | None]) -> list[Any]:
+        # Runs in a thread: unknown key ids cannot be loaded here, so load them first.
+        keyring = self.key_manager.keyring
+        out = []
+        for token, ctx in zip(tokens, ctxs, strict=True):
+            try:
+                out.append(keyring.decrypt(token, kt, ctx))
+            except DecryptionError:
+                self.counters["decrypt_failures"] += 1
+                raise
+        self.counters["decryptions"] += len(out)
+        return out
+
+    @staticmethod
+    def _contexts(n: int, context: str | bytes | None,
+                  contexts: Sequence[str | bytes | None] | None) -> Sequence[str | bytes | None]:
+        if contexts is None:
+            return [context] * n
+        if context is not None:
+            raise ValueError("pass context or contexts, not both")
+        if len(contexts) != n:
+            raise ValueError(f"{len(contexts)} contexts for {n} values")
+        return contexts
+
+    # -- bulk data ----------------------------------------------------------
+
+    async def encrypt_bulk_data(self, data: bytes | bytearray | memoryview,
+                                key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
+                                context: str | bytes | None = None) -> EncryptedData:
+        """Encrypt a blob: one GCM message when small, 1 MiB segments in a thread when large."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"bulk data must be bytes-like, not {type(data).__name__}")
+        kt = KeyType(key_type)
+        keyring = await self._keyring(kt)
+        dk = keyring.active(kt)
+        ctx = context_bytes(context)
+        large = len(data) > self._threshold
+
+        def work() -> EncryptedData:
+            payload: bytes | memoryview = memoryview(data)
+            flags = 0
+            if self._compression is not None:
+                payload = _compression.compress(bytes(payload), self._compression)
+                flags = FLAG_ZSTD
+            return encrypt_bulk(dk, payload, ctx, flags=flags,
+                                segment_size=self._segment_size if large else None)
+
+        result = await self._run(work) if large else work()
+        self.counters["bulk_encryptions"] += 1
+        self.usage[dk.key_id] += 1
+        return result
+
+    async def decrypt_bulk_data(self, encrypted: EncryptedData | bytes, *,
+                                context: str | bytes | None = None,
+                                key_type: KeyTypeLike | None = None) -> bytes:
+        """Decrypt :meth:`encrypt_bulk_data` output (the object or its ``to_bytes()`` blob)."""
+        if isinstance(encrypted, (bytes, bytearray, memoryview)):
+            encrypted = EncryptedData.from_bytes(bytes(encrypted))
+        if not isinstance(encrypted, EncryptedData):
+            raise TypeError("expected EncryptedData or its to_bytes() blob")
+        if not self._started:
+            await self.start()
+        dk = await self._data_key(encrypted.key_id)
+        if key_type is not None and dk.key.key_type != KeyType(key_type):
+            self.counters["decrypt_failures"] += 1
+            raise DecryptionError()
+        Keyring.check_decryptable(dk, dk.key.key_type)
+        ctx = context_bytes(context)
+        large = len(encrypted.encrypted_data) > self._threshold
+
+        def work() -> bytes:
+            plaintext = decrypt_bulk(dk, encrypted, ctx)
+            if encrypted.compressed:
+                try:
+                    return _compression.decompress(plaintext)
+                except ValueError:
+                    raise DecryptionError() from None
+            return plaintext
+
+        try:
+            result = await self._run(work) if large else work()
+        except DecryptionError:
+            self.counters["decrypt_failures"] += 1
+            raise
+        self.counters["bulk_decryptions"] += 1
+        return result
+
+    async def _data_key(self, key_id: str) -> DataKey:
+        dk = self.key_manager.keyring.get(key_id) or await self.key_manager.load_key(key_id)
+        if dk is None:
+            self.counters["decrypt_failures"] += 1
+            raise DecryptionError()
+        return dk
+
+    # -- sessions -----------------------------------------------------------
+
+    async def encrypt_session_data(self, data: dict[str, Any], *,
+                                   context: str | bytes | None = None) -> str:
+        """Encrypt a session dict with the session key; bind it to the session id via ``context``."""
+        if not isinstance(data, dict):
+            raise TypeError(f"session data must be a dict, not {type(data).__name__}")
+        return await self.encrypt_field(data, KeyType.SESSION, context=context)
+
+    async def decrypt_session_data(self, token: str, *,
+                                   context: str | bytes | None = None) -> dict[str, Any]:
+        value = await self.decrypt_field(token, KeyType.SESSION, context=context)
+        if not isinstance(value, dict):
+            raise DecryptionError()
+        return value
+
+    # -- cache entries ------------------------------------------------------
+
+    async def encrypt_cache_data(self, cache_key: str, value: Any,
+                                 ttl: float | None = 3600) -> tuple[str, str]:
+        """Encrypt a cache entry: (deterministic encrypted key, encrypted value with expiry).
+
+        Equal ``cache_key`` strings give equal encrypted keys (AES-SIV under the
+        cache key type), so the encrypted key can be used as the Redis key. The
+        value carries its expiry time inside the ciphertext; decrypting after it
+        raises ``CacheEntryExpiredError``. ``ttl=None`` means no expiry.
+        """
+        if not isinstance(cache_key, str):
+            raise TypeError("cache_key must be str")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+                                or ttl <= 0):
+            raise ValueError("ttl must be a positive number of seconds (or None)")
+        keyring = await self._keyring(KeyType.CACHE)
+        expires = _NO_EXPIRY if ttl is None else int(
+            (self._clock().timestamp() + ttl) * 1000)
+        encrypted_key = keyring.encrypt_deterministic(cache_key, KeyType.CACHE,
+                                                      _CACHE_KEY_CONTEXT)
+        plaintext = encode_value([expires, value])
+        context = _cache_value_context(cache_key)
+        if len(plaintext) > self._threshold:
+            encrypted_value = await self._run(self._encrypt_bytes, keyring, plaintext,
+                                              KeyType.CACHE, context)
+        else:
+            encrypted_value = keyring.encrypt_bytes(plaintext, KeyType.CACHE, context,
+                                                    compression_level=self._compression)
+        self.counters["cache_encryptions"] += 1
+        self.usage[keyring.active(KeyType.CACHE).key_id] += 1
+        return encrypted_key, encrypted_value
+
+    async def encrypt_cache_key(self, cache_key: str) -> str:
+        """The encrypted form of ``cache_key`` alone (to look an entry up)."""
+        keyring = await self._keyring(KeyType.CACHE)
+        return keyring.encrypt_deterministic(cache_key, KeyType.CACHE, _CACHE_KEY_CONTEXT)
+
+    async def decrypt_cache_data(self, encrypted_key: str, encrypted_value: str) \
+            -> tuple[str, Any]:
+        """(cache key, value); ``CacheEntryExpiredError`` once the entry's TTL has passed."""
+        cache_key = decode_value(await self._decrypt_bytes(encrypted_key, KeyType.CACHE,
+                                                           _CACHE_KEY_CONTEXT))
+        if not isinstance(cache_key, str):
+            raise DecryptionError()
+        envelope = await self._decrypt_bytes(encrypted_value, KeyType.CACHE,
+                                             _cache_value_context(cache_key))
+        try:
+            expires, value = decode_value(envelope)
+        except (ValueError, TypeError):
+            raise DecryptionError() from None
+        if expires != _NO_EXPIRY and self._clock().timestamp() * 1000 >= expires:
+            self.counters["cache_expired"] += 1
+            raise CacheEntryExpiredError()
+        return cache_key, value
+
+    # -- reporting ----------------------------------------------------------
+
+    async def get_encryption_stats(self) -> dict[str, Any]:
+        """Counters, active keys and health of the service."""
+        status = "running" if self._started else ("closed" if self._closed else "not_started")
+        stats: dict[str, Any] = {
+            "encryption_service": status,
+            "performance_mode": self.config.performance_mode.value,
+            "inline_threshold": self._threshold,
+            "segment_size": self._segment_size,
+            "compression_enabled": self._compression is not None,
+            "counters": dict(self.counters),
+            "usage_by_key": dict(self.usage),
+            "active_keys": {str(kt): dk.key_id for kt, dk in self.keyring.active_keys.items()},
+            "loaded_keys": len(self.keyring),
+            "aes_ni": _aes_ni_available(),
+            "kek_provider": self.key_manager.kek.backend,
+            "key_store": self.key_manager.store.name,
+        }
+        if self._started:
+            try:
+                await self.key_manager.store.revision()
+                stats["key_store_reachable"] = True
+            except Exception:  # report, do not raise: this is a health check
+                stats["key_store_reachable"] = False
+                stats["encryption_service"] = "degraded"
+        return stats
+
+
+def _cache_value_context(cache_key: str) -> bytes:
+    return _CACHE_VALUE_CONTEXT + hashlib.sha256(cache_key.encode("utf-8")).digest()

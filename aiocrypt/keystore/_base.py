@@ -1,0 +1,80 @@
+"""The key-store interface: where wrapped DEKs and their metadata live.
+
+Contract shared by every store (file, memory, Redis, Postgres):
+
+* ``read()`` returns every key record and the store's revision (0 when empty).
+* ``write(keys, expected_revision=r)`` upserts the given records and bumps the
+  revision only if the store is still at ``r``; otherwise it raises
+  ``ConcurrentModificationError`` and changes nothing (optimistic concurrency).
+  Records are never deleted: a destroyed key keeps its metadata, without material.
+* ``lock(name)`` is an async context manager giving one holder at a time across
+  processes (the rotation lock); a holder that dies releases it.
+* ``revision()`` is a cheap way to learn whether anything changed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from .._keys import EncryptionKey
+
+__all__ = ["KeySet", "KeyStore"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """Everything a store holds at one revision."""
+
+    revision: int
+    keys: tuple[EncryptionKey, ...]
+
+    def by_id(self) -> dict[str, EncryptionKey]:
+        return {k.key_id: k for k in self.keys}
+
+
+class KeyStore(ABC):
+    """Persists key records with optimistic concurrency and a cross-process lock."""
+
+    #: Short name used in messages and statistics ("file", "memory", ...).
+    name: str = "unknown"
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect / create what the store needs. Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    @abstractmethod
+    async def read(self) -> KeySet:
+        """Every record and the current revision."""
+
+    @abstractmethod
+    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int) -> int:
+        """Upsert ``keys`` if the store is at ``expected_revision``; return the new revision."""
+
+    @abstractmethod
+    def lock(self, name: str = "rotation", *,
+             timeout: float = 30.0) -> AbstractAsyncContextManager[None]:
+        """Exclusive lock across processes; raises ``LockTimeoutError`` after ``timeout`` s."""
+
+    async def revision(self) -> int:
+        return (await self.read()).revision
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"{type(self).__name__} objects cannot be pickled")
+
+
+def merge(current: Sequence[EncryptionKey], updates: Sequence[EncryptionKey]) \
+        -> list[EncryptionKey]:
+    """Upsert ``updates`` into ``current`` by key id, keeping order of first appearance."""
+    merged = {k.key_id: k for k in current}
+    for key in updates:
+        merged[key.key_id] = key
+    return list(merged.values())

@@ -1,0 +1,231 @@
+"""File key store: one JSON document, authenticated, replaced atomically.
+
+* Writes go to a temporary file (mode 0600) in the same directory, are fsynced,
+  renamed over the store and the directory is fsynced, so a crash leaves the old
+  or the new document, never half of one.
+* The document carries an HMAC-SHA256 over its canonical form. The MAC key is
+  random, stored wrapped by the KEK provider, so the wrong master key or an edit
+  made outside aiocrypt is detected on read, with a message saying which.
+* ``flock`` on side files gives process-safe write serialisation and the
+  rotation lock; the kernel releases a lock when its holder dies.
+
+A failed read never modifies the file. Rolling the whole file back to an older
+authentic version is not detected by the MAC (keep backups access-controlled).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+
+from .._errors import (
+    ConcurrentModificationError,
+    KekProviderError,
+    KeyStoreError,
+    KeyStoreIntegrityError,
+    LockTimeoutError,
+)
+from .._keys import EncryptionKey
+from ..kek._base import KekProvider
+from ._base import KeySet, KeyStore, merge
+
+__all__ = ["FileKeyStore"]
+
+logger = logging.getLogger("aiocrypt.keystore.file")
+
+_FORMAT: Final = "aiocrypt.keystore"
+_MAC_CONTEXT: Final = {"aiocrypt_purpose": "file-keystore-mac"}
+MAX_FILE_BYTES: Final = 64 * 1024 * 1024
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+class FileKeyStore(KeyStore):
+    """Key records in a JSON file (``ENCRYPTION_KEY_STORAGE_PATH``)."""
+
+    name = "file"
+
+    def __init__(self, path: str | os.PathLike[str], kek: KekProvider, *,
+                 lock_poll_interval: float = 0.02) -> None:
+        self.path = Path(path)
+        self._kek = kek
+        self._poll = lock_poll_interval
+        self._mac_key: bytes | None = None
+        self._mac_key_wrapped: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"<FileKeyStore {str(self.path)!r}>"
+
+    # -- reading ------------------------------------------------------------
+
+    def _read_bytes(self) -> bytes | None:
+        directory = self.path.parent
+        if not directory.is_dir():
+            raise KeyStoreError(
+                f"key store directory {directory} does not exist: create it (mode 0700) "
+                "or set ENCRYPTION_KEY_STORAGE_PATH")
+        try:
+            with open(self.path, "rb") as fh:
+                mode = os.fstat(fh.fileno()).st_mode
+                if mode & 0o077:
+                    logger.warning("key store %s is accessible by group/others (mode %o); "
+                                   "it should be 0600", self.path, mode & 0o777)
+                data = fh.read(MAX_FILE_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise KeyStoreError(f"cannot read key store {self.path}: {exc.strerror}") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise KeyStoreIntegrityError(f"key store {self.path} is larger than 64 MiB")
+        return data
+
+    def _parse(self, data: bytes) -> dict[str, Any]:
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise KeyStoreIntegrityError(
+                f"key store {self.path} is corrupt (not valid JSON; truncated?): restore it "
+                "from a backup; it was left untouched") from None
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT or doc.get("version") != 1:
+            raise KeyStoreIntegrityError(f"key store {self.path} is not an aiocrypt v1 key store")
+        for name in ("kek_id", "mac_key", "mac", "revision", "keys"):
+            if name not in doc:
+                raise KeyStoreIntegrityError(f"key store {self.path} is missing {name!r}")
+        return doc
+
+    async def _verify(self, doc: dict[str, Any]) -> None:
+        if doc["kek_id"] != self._kek.kek_id:
+            raise KeyStoreIntegrityError(
+                f"key store {self.path} is sealed under KEK {doc['kek_id']} but the configured "
+                f"KEK is {self._kek.kek_id}: wrong ENCRYPTION_MASTER_KEY (or KMS key)?")
+        try:
+            wrapped = base64.b64decode(doc["mac_key"], validate=True)
+            claimed = bytes.fromhex(doc["mac"])
+        except (binascii.Error, ValueError, TypeError):
+            raise KeyStoreIntegrityError(f"key store {self.path} is corrupt") from None
+        if wrapped != self._mac_key_wrapped:
+            try:
+                mac_key = await self._kek.unwrap(wrapped, _MAC_CONTEXT)
+            except KekProviderError:
+                raise KeyStoreIntegrityError(
+                    f"key store {self.path}: the configured master key cannot open it (wrong "
+                    "ENCRYPTION_MASTER_KEY, or the file was tampered with)") from None
+            self._mac_key, self._mac_key_wrapped = mac_key, wrapped
+        assert self._mac_key is not None
+        body = {k: v for k, v in doc.items() if k != "mac"}
+        expected = hmac.new(self._mac_key, _canonical(body), hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, claimed):
+            raise KeyStoreIntegrityError(
+                f"key store {self.path} failed authentication: it was modified outside "
+                "aiocrypt; restore it from a backup (it was left untouched)")
+
+    async def _load(self) -> tuple[dict[str, Any] | None, KeySet]:
+        data = await anyio.to_thread.run_sync(self._read_bytes)
+        if data is None:
+            return None, KeySet(0, ())
+        doc = self._parse(data)
+        await self._verify(doc)
+        try:
+            keys = tuple(EncryptionKey.from_dict(k) for k in doc["keys"])
+            revision = int(doc["revision"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KeyStoreIntegrityError(
+                f"key store {self.path} holds an invalid key record ({type(exc).__name__})"
+            ) from None
+        return doc, KeySet(revision, keys)
+
+    async def read(self) -> KeySet:
+        return (await self._load())[1]
+
+    # -- writing ------------------------------------------------------------
+
+    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int) -> int:
+        async with self.lock("write", timeout=30.0):
+            doc, current = await self._load()
+            if current.revision != expected_revision:
+                raise ConcurrentModificationError(
+                    f"key store {self.path} is at revision {current.revision}, "
+                    f"not {expected_revision}")
+            if doc is None:
+                mac_key = secrets.token_bytes(32)
+                wrapped = await self._kek.wrap(mac_key, _MAC_CONTEXT)
+                self._mac_key, self._mac_key_wrapped = mac_key, wrapped
+            assert self._mac_key is not None and self._mac_key_wrapped is not None
+            new_doc: dict[str, Any] = {
+                "format": _FORMAT,
+                "version": 1,
+                "kek_id": self._kek.kek_id,
+                "mac_key": base64.b64encode(self._mac_key_wrapped).decode("ascii"),
+                "revision": current.revision + 1,
+                "keys": [k.to_dict() for k in merge(current.keys, keys)],
+            }
+            new_doc["mac"] = hmac.new(self._mac_key, _canonical(new_doc), hashlib.sha256).hexdigest()
+            payload = json.dumps(new_doc, sort_keys=True, indent=1).encode("utf-8")
+            await anyio.to_thread.run_sync(self._replace, payload)
+            return int(new_doc["revision"])
+
+    def _replace(self, payload: bytes) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            with suppress(OSError):
+                tmp.unlink()
+            raise KeyStoreError(f"cannot write key store {self.path}: {exc.strerror}") from None
+
+    # -- locking ------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lock(self, name: str = "rotation", *, timeout: float = 30.0) \
+            -> AsyncIterator[None]:
+        lock_path = self.path.with_name(f".{self.path.name}.{name}.lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise KeyStoreError(f"cannot open lock file {lock_path}: {exc.strerror}") from None
+        try:
+            deadline = anyio.current_time() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if anyio.current_time() >= deadline:
+                        raise LockTimeoutError(
+                            f"key store {self.path}: lock {name!r} held elsewhere for over "
+                            f"{timeout}s") from None
+                    await anyio.sleep(self._poll)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)

@@ -1,0 +1,54 @@
+"""In-memory key store for tests and single-process tools (shared by reference)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+
+from .._errors import ConcurrentModificationError, LockTimeoutError
+from .._keys import EncryptionKey
+from ._base import KeySet, KeyStore, merge
+
+__all__ = ["MemoryKeyStore"]
+
+
+class MemoryKeyStore(KeyStore):
+    """Keeps records in a dict; every ``KeyManager`` given the same instance shares them."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._keys: list[EncryptionKey] = []
+        self._revision = 0
+        self._locks: dict[str, anyio.Lock] = {}
+        self.writes = 0
+
+    async def read(self) -> KeySet:
+        return KeySet(self._revision, tuple(self._keys))
+
+    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int) -> int:
+        if expected_revision != self._revision:
+            raise ConcurrentModificationError(
+                f"memory key store is at revision {self._revision}, not {expected_revision}")
+        self._keys = merge(self._keys, keys)
+        self._revision += 1
+        self.writes += 1
+        return self._revision
+
+    async def revision(self) -> int:
+        return self._revision
+
+    @asynccontextmanager
+    async def lock(self, name: str = "rotation", *, timeout: float = 30.0) \
+            -> AsyncIterator[None]:
+        lock = self._locks.setdefault(name, anyio.Lock())
+        with anyio.move_on_after(timeout) as scope:
+            await lock.acquire()
+        if scope.cancelled_caught:
+            raise LockTimeoutError(f"memory key store: lock {name!r} not acquired in {timeout}s")
+        try:
+            yield
+        finally:
+            lock.release()

@@ -138,7 +138,7 @@ class StreamEncryptor:
         self.segment_size = segment_size
         self.salt = random(STREAM_SALT_BYTES)
         self.prefix = random(STREAM_PREFIX_BYTES)
-        self._cipher = dk.stream_cipher(self.salt)
+        self._cipher = dk.stream_cipher(self.salt, sealing=True)
         self._aad = dk.aad(ALG_AES_256_GCM_STREAM, flags, context)
         self._index = 0
         self._finished = False

@@ -128,6 +128,8 @@ def _encode(value: Any, depth: int) -> bytes:
 
 def encode_value(value: Any) -> bytes:
     """Encode ``value`` so that :func:`decode_value` returns an equal value of the same type."""
+    if type(value) is str:
+        return _STR + value.encode("utf-8")
     return _encode(value, 0)
 
 
@@ -203,6 +205,11 @@ def _decode(data: memoryview, depth: int) -> Any:
 
 def decode_value(data: bytes | memoryview) -> Any:
     """Decode bytes produced by :func:`encode_value`; raises ``ValueError`` on malformed input."""
+    if data[:1] == _STR:  # the common case, without the general machinery
+        try:
+            return str(data[1:], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError("malformed encoded value") from exc
     try:
         return _decode(memoryview(data), 0)
     except (_CodecError, UnicodeDecodeError, InvalidOperation, TypeError) as exc:

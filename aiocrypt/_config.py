@@ -113,7 +113,7 @@ class KeyRotationPolicy:
         return data
 
 
-DEFAULT_ROTATION_POLICIES: Final = {
+DEFAULT_ROTATION_POLICIES: Final[dict[str, KeyRotationPolicy]] = {
     p.key_type: p
     for p in (
         KeyRotationPolicy(KeyType.FINANCIAL_DATA, 90, 365, 30),
@@ -412,6 +412,8 @@ def _check_storage_path(storage_path: str) -> list[str]:
         return [f"ENCRYPTION_KEY_STORAGE_PATH: directory {directory} does not exist"]
     if not os.access(directory, os.W_OK | os.X_OK):
         return [f"ENCRYPTION_KEY_STORAGE_PATH: directory {directory} is not writable"]
+    if path.exists() and not path.is_file():
+        return [f"ENCRYPTION_KEY_STORAGE_PATH: {path} is not a regular file"]
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         return [f"ENCRYPTION_KEY_STORAGE_PATH: {path} is not readable and writable"]
     return []

@@ -8,7 +8,7 @@ algorithms. It has a material-free repr and refuses pickling.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import os
 import struct
 from collections.abc import Callable
@@ -25,10 +25,12 @@ from ._format import (
     FORMAT_VERSION,
     TEXT_PREFIX,
     FormatError,
+    b64encode_urlsafe,
 )
 from ._keys import EncryptionKey
+from ._types import KeyStatus
 
-__all__ = ["DEK_BYTES", "NONCE_BYTES", "TAG_BYTES", "DataKey", "derive_key"]
+__all__ = ["DEK_BYTES", "NONCE_BYTES", "TAG_BYTES", "DataKey", "derive_key", "stream_nonce"]
 
 DEK_BYTES: Final = 32
 NONCE_BYTES: Final = 12
@@ -36,6 +38,8 @@ TAG_BYTES: Final = 16
 STREAM_SALT_BYTES: Final = 16
 STREAM_PREFIX_BYTES: Final = 7
 _STREAM_NONCE: Final = struct.Struct(">7sIB")
+_GCM_LEAD: Final = (bytes((ALG_AES_256_GCM, 0)), bytes((ALG_AES_256_GCM, 1)))
+_STD_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 
 RandomSource = Callable[[int], bytes]
 
@@ -47,7 +51,8 @@ def derive_key(material: bytes, info: bytes, length: int = 32, salt: bytes | Non
 class DataKey:
     """An unwrapped DEK ready to encrypt and decrypt. Never logged, never pickled."""
 
-    __slots__ = ("_aad_base", "_gcm", "_material", "_siv", "_text_prefix", "key")
+    __slots__ = ("_aad_base", "_gcm", "_gcm_aad", "_material", "_siv", "_text_prefix",
+                 "encryptions", "key", "readable")
 
     def __init__(self, key: EncryptionKey, material: bytes) -> None:
         if len(material) != DEK_BYTES:
@@ -65,7 +70,14 @@ class DataKey:
             for alg in (ALG_AES_256_GCM, ALG_AES_256_SIV, ALG_AES_256_GCM_STREAM)
             for flags in (0, 1)
         }
+        self._gcm_aad = (self._aad_base[(ALG_AES_256_GCM, 0)],
+                         self._aad_base[(ALG_AES_256_GCM, 1)])
         self._text_prefix = f"{TEXT_PREFIX}{key.key_id}."
+        #: Messages sealed with this key by this process (usage limits, statistics).
+        self.encryptions = 0
+        #: Whether plain reads may use this key (withdrawn keys serve re-encryption only).
+        self.readable = key.status not in (KeyStatus.REVOKED, KeyStatus.COMPROMISED,
+                                           KeyStatus.DESTROYED)
 
     # -- identity & safety --------------------------------------------------
 
@@ -90,8 +102,10 @@ class DataKey:
         return derive_key(self._material, info, length, salt)
 
     def with_key(self, key: EncryptionKey) -> DataKey:
-        """The same material under updated metadata (status changes)."""
-        return DataKey(key, self._material)
+        """The same material under updated metadata (status changes); usage carries over."""
+        updated = DataKey(key, self._material)
+        updated.encryptions = self.encryptions
+        return updated
 
     # -- AES-256-GCM fields -------------------------------------------------
 
@@ -99,18 +113,25 @@ class DataKey:
                   nonce: bytes | None = None) -> str:
         if nonce is None:
             nonce = os.urandom(NONCE_BYTES)
-        sealed = self._gcm.encrypt(nonce, plaintext, self._aad_base[(ALG_AES_256_GCM, flags)]
-                                   + context)
-        body = base64.urlsafe_b64encode(bytes((ALG_AES_256_GCM, flags)) + nonce + sealed)
-        return self._text_prefix + body.decode("ascii")
+        self.encryptions += 1
+        sealed = self._gcm.encrypt(nonce, plaintext, self._gcm_aad[flags] + context)
+        body = binascii.b2a_base64(_GCM_LEAD[flags] + nonce + sealed, newline=False)
+        return self._text_prefix + body.translate(_STD_TO_URLSAFE).decode("ascii")
 
     def seal_binary(self, plaintext: bytes, context: bytes, flags: int = 0,
                     nonce: bytes | None = None) -> bytes:
         if nonce is None:
             nonce = os.urandom(NONCE_BYTES)
-        aad = self._aad_base[(ALG_AES_256_GCM, flags)]
+        self.encryptions += 1
+        aad = self._gcm_aad[flags]
         header = aad[: 4 + len(self.key.key_id)]
         return header + nonce + self._gcm.encrypt(nonce, plaintext, aad + context)
+
+    def open_gcm_raw(self, flags: int, raw: bytes, context: bytes) -> bytes:
+        """Open algorithm || flags || nonce || ciphertext || tag (the decoded text body)."""
+        if len(raw) < 2 + NONCE_BYTES + TAG_BYTES:
+            raise FormatError("token too short")
+        return self._gcm.decrypt(raw[2:14], raw[14:], self._gcm_aad[flags] + context)
 
     def open_gcm(self, flags: int, body: bytes | memoryview, context: bytes) -> bytes:
         if len(body) < NONCE_BYTES + TAG_BYTES:
@@ -123,6 +144,7 @@ class DataKey:
         """(nonce, ciphertext || tag) for bulk blobs."""
         if nonce is None:
             nonce = os.urandom(NONCE_BYTES)
+        self.encryptions += 1
         return nonce, self._gcm.encrypt(nonce, plaintext,
                                         self.aad(ALG_AES_256_GCM, flags, context))
 
@@ -135,8 +157,7 @@ class DataKey:
 
     def seal_deterministic(self, plaintext: bytes, context: bytes, flags: int = 0) -> str:
         sealed = self._siv_cipher().encrypt(plaintext, [self.aad(ALG_AES_256_SIV, flags, context)])
-        body = base64.urlsafe_b64encode(bytes((ALG_AES_256_SIV, flags)) + sealed)
-        return self._text_prefix + body.decode("ascii")
+        return self._text_prefix + b64encode_urlsafe(bytes((ALG_AES_256_SIV, flags)) + sealed)
 
     def open_siv(self, flags: int, body: bytes | memoryview, context: bytes) -> bytes:
         if len(body) < TAG_BYTES:
@@ -146,7 +167,9 @@ class DataKey:
 
     # -- segmented streams --------------------------------------------------
 
-    def stream_cipher(self, salt: bytes) -> AESGCM:
+    def stream_cipher(self, salt: bytes, *, sealing: bool = False) -> AESGCM:
+        if sealing:
+            self.encryptions += 1
         return AESGCM(self.derive(b"stream", 32, salt))
 
 

@@ -32,7 +32,6 @@ type, column or row fails to authenticate.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 from dataclasses import dataclass
@@ -50,10 +49,13 @@ __all__ = [
     "TEXT_PREFIX",
     "Header",
     "associated_data",
+    "b64decode_canonical",
+    "b64encode_urlsafe",
     "context_bytes",
     "like_pattern",
     "parse_binary",
     "parse_text",
+    "split_text",
     "text_prefix",
     "to_text",
     "validate_key_id",
@@ -94,6 +96,8 @@ def validate_key_id(key_id: str) -> str:
 
 def context_bytes(context: str | bytes | None) -> bytes:
     """Normalise a caller context (``"users.ssn"``, ``b"..."`` or None) to bytes."""
+    if type(context) is str and len(context) <= MAX_CONTEXT_LEN // 4:
+        return context.encode("utf-8")
     if context is None:
         return b""
     if isinstance(context, str):
@@ -159,32 +163,54 @@ def parse_binary(blob: bytes | memoryview) -> tuple[Header, bytes, memoryview]:
     return Header(algorithm, flags, key_id), header_bytes, view[4 + kid_len:]
 
 
+_URLSAFE_TO_STD: Final = bytes.maketrans(b"-_", b"+/")
+_STD_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+# Last significant base64 character when 1 or 2 bytes end the data: its unused
+# low bits must be zero, or two different texts would decode to the same bytes.
+_CANONICAL_LAST: Final = {1: frozenset("AQgw"), 2: frozenset("AEIMQUYcgkosw048")}
+
+
+def b64encode_urlsafe(data: bytes) -> str:
+    """Padded base64url."""
+    return binascii.b2a_base64(data, newline=False).translate(_STD_TO_URLSAFE).decode("ascii")
+
+
+def b64decode_canonical(text: str) -> bytes:
+    """Strict padded base64url: only the canonical encoding of some bytes is accepted."""
+    try:
+        std = text.encode("ascii").translate(_URLSAFE_TO_STD)
+        raw = binascii.a2b_base64(std, strict_mode=True)
+    except ValueError:  # binascii.Error, or non-ASCII text
+        raise FormatError("bad base64") from None
+    tail = len(raw) % 3
+    if tail and text[-4 + tail] not in _CANONICAL_LAST[tail]:
+        raise FormatError("non-canonical base64")
+    return raw
+
+
+def split_text(token: str) -> tuple[str, int]:
+    """(key id, index where the base64 body starts) of a text token."""
+    if type(token) is not str or len(token) > MAX_TOKEN_CHARS or not token.startswith(TEXT_PREFIX):
+        raise FormatError("not an aiocrypt v1 text token")
+    dot = token.find(".", 5, 4 + MAX_KEY_ID_LEN + 1)
+    if dot < 0:
+        raise FormatError("no key id")
+    return token[4:dot], dot + 1
+
+
 def parse_text(token: str) -> tuple[str, int, int, bytes]:
     """Split a text token into (key id, algorithm, flags, body); canonical encoding only."""
-    if not isinstance(token, str):
-        raise FormatError("token must be str")
-    if len(token) > MAX_TOKEN_CHARS or not token.startswith(TEXT_PREFIX):
-        raise FormatError("not an aiocrypt v1 text token")
-    dot = token.find(".", 4, 4 + MAX_KEY_ID_LEN + 1)
-    if dot < 5:
-        raise FormatError("no key id")
-    key_id = token[4:dot]
+    key_id, start = split_text(token)
     if not _KEY_ID_RE.fullmatch(key_id):
         raise FormatError("bad key id")
-    encoded = token[dot + 1:]
-    try:
-        raw = base64.urlsafe_b64decode(encoded)
-    except (binascii.Error, ValueError) as exc:
-        raise FormatError("bad base64") from exc
-    # b64decode ignores stray characters and unused low bits; only the canonical
-    # encoding is a valid token, so every bit of the text is authenticated.
-    if len(raw) < 2 or base64.urlsafe_b64encode(raw).decode("ascii") != encoded:
-        raise FormatError("non-canonical base64")
+    raw = b64decode_canonical(token[start:])
+    if len(raw) < 2:
+        raise FormatError("token too short")
     algorithm, flags = raw[0], raw[1]
     _check_header(algorithm, flags)
     return key_id, algorithm, flags, raw[2:]
 
 
 def to_text(header: Header, body: bytes) -> str:
-    encoded = base64.urlsafe_b64encode(bytes((header.algorithm, header.flags)) + body)
-    return f"{TEXT_PREFIX}{header.key_id}.{encoded.decode('ascii')}"
+    encoded = b64encode_urlsafe(bytes((header.algorithm, header.flags)) + body)
+    return f"{TEXT_PREFIX}{header.key_id}.{encoded}"

@@ -9,7 +9,7 @@ encrypts and decrypts through a snapshot directly.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Final
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
@@ -21,16 +21,18 @@ from ._format import (
     ALG_AES_256_GCM,
     ALG_AES_256_SIV,
     FLAG_ZSTD,
+    MAX_KEY_ID_LEN,
+    MAX_TOKEN_CHARS,
+    TEXT_PREFIX,
     FormatError,
+    b64decode_canonical,
     context_bytes,
-    parse_text,
+    validate_key_id,
 )
 from ._types import KeyStatus, KeyType, KeyTypeLike
 
 __all__ = ["Keyring", "UnknownKeyError"]
 
-# Decrypting for reading refuses withdrawn keys; re-encryption may still read them.
-_READ_REFUSED: Final = frozenset({KeyStatus.REVOKED, KeyStatus.COMPROMISED, KeyStatus.DESTROYED})
 
 
 class UnknownKeyError(DecryptionError):
@@ -78,6 +80,9 @@ class Keyring:
             raise KeyNotFoundError(f"no active key of type {KeyType(key_type).value!r} loaded")
         return dk
 
+    def has_active(self, key_type: str) -> bool:
+        return key_type in self._active
+
     @property
     def active_keys(self) -> Mapping[str, DataKey]:
         return dict(self._active)
@@ -93,12 +98,13 @@ class Keyring:
     def encrypt_bytes(self, plaintext: bytes, key_type: KeyTypeLike,
                       context: str | bytes | None = None, *,
                       compression_level: int | None = None) -> str:
-        dk = self.active(key_type)
-        flags = 0
-        if compression_level is not None:
-            plaintext = _compression.compress(plaintext, compression_level)
-            flags = FLAG_ZSTD
-        return dk.seal_text(plaintext, context_bytes(context), flags)
+        dk = self._active.get(key_type)
+        if dk is None:
+            raise KeyNotFoundError(f"no active key of type {KeyType(key_type).value!r} loaded")
+        if compression_level is None:
+            return dk.seal_text(plaintext, context_bytes(context))
+        return dk.seal_text(_compression.compress(plaintext, compression_level),
+                            context_bytes(context), FLAG_ZSTD)
 
     def encrypt_deterministic(self, value: Any, key_type: KeyTypeLike,
                               context: str | bytes | None = None) -> str:
@@ -119,23 +125,34 @@ class Keyring:
                       context: str | bytes | None = None, *,
                       for_reencryption: bool = False) -> bytes:
         """Authenticate and decrypt a text token; every failure is ``DecryptionError``."""
+        # Hot path: split_text, check_decryptable and context_bytes inlined.
         try:
-            key_id, algorithm, flags, body = parse_text(token)
-        except FormatError:
-            raise DecryptionError() from None
-        dk = self._by_id.get(key_id)
-        if dk is None:
-            raise UnknownKeyError(key_id)
-        self.check_decryptable(dk, key_type, for_reencryption=for_reencryption)
-        ctx = context_bytes(context)
-        try:
+            if type(token) is not str or not token.startswith(TEXT_PREFIX) \
+                    or len(token) > MAX_TOKEN_CHARS:
+                raise FormatError("not an aiocrypt v1 text token")
+            dot = token.find(".", 5, 4 + MAX_KEY_ID_LEN + 1)
+            if dot < 0:
+                raise FormatError("no key id")
+            dk = self._by_id.get(token[4:dot])
+            if dk is None:
+                raise UnknownKeyError(validate_key_id(token[4:dot]))
+            if dk.key.key_type != key_type or not (dk.readable or for_reencryption):
+                raise FormatError("key not usable here")
+            raw = b64decode_canonical(token[dot + 1:])
+            if len(raw) < 2:
+                raise FormatError("token too short")
+            algorithm, flags = raw[0], raw[1]
+            if flags & ~FLAG_ZSTD:
+                raise FormatError("unknown flags")
+            ctx = context.encode("utf-8") if type(context) is str and \
+                len(context) <= 1024 else context_bytes(context)
             if algorithm == ALG_AES_256_GCM:
-                plaintext = dk.open_gcm(flags, body, ctx)
+                plaintext = dk.open_gcm_raw(flags, raw, ctx)
             elif algorithm == ALG_AES_256_SIV:
-                plaintext = dk.open_siv(flags, body, ctx)
+                plaintext = dk.open_siv(flags, raw[2:], ctx)
             else:
                 raise FormatError("algorithm not valid in text form")
-        except (InvalidTag, FormatError):
+        except (InvalidTag, ValueError):  # FormatError and bad key ids are ValueErrors
             raise DecryptionError() from None
         if flags & FLAG_ZSTD:
             try:
@@ -147,9 +164,7 @@ class Keyring:
     @staticmethod
     def check_decryptable(dk: DataKey, key_type: KeyTypeLike, *,
                           for_reencryption: bool = False) -> None:
-        if dk.key.key_type != key_type:
-            raise DecryptionError()
-        if dk.key.status in _READ_REFUSED and not for_reencryption:
+        if dk.key.key_type != key_type or not (dk.readable or for_reencryption):
             raise DecryptionError()
 
     def require_encryptable(self, key_type: KeyTypeLike) -> DataKey:

@@ -67,7 +67,7 @@ class KeyManager:
         self._records: KeySet = KeySet(0, ())
         # key id -> (wrapped bytes, DataKey, monotonic time unwrapped)
         self._dek_cache: dict[str, tuple[bytes, DataKey, float]] = {}
-        self._refreshed_at = float("-inf")
+        self._fresh_until = float("-inf")  # monotonic time the snapshot goes stale
         self._refresh_lock = anyio.Lock()
         self._opened = False
         self._missing: dict[str, float] = {}
@@ -106,8 +106,11 @@ class KeyManager:
         """The current snapshot (sync access; call ``await refresh()`` to update it)."""
         return self._keyring
 
+    def _mark_fresh(self) -> None:
+        self._fresh_until = time.monotonic() + self.refresh_interval
+
     def is_stale(self) -> bool:
-        return time.monotonic() - self._refreshed_at > self.refresh_interval
+        return time.monotonic() > self._fresh_until
 
     async def current_keyring(self) -> Keyring:
         if not self._opened:
@@ -124,7 +127,7 @@ class KeyManager:
             revision = await self.store.revision()
             if force or revision != self._records.revision or self._dek_cache_expired():
                 await self._rebuild(await self.store.read())
-            self._refreshed_at = time.monotonic()
+            self._mark_fresh()
             return self._keyring
 
     def _dek_cache_expired(self) -> bool:
@@ -210,7 +213,7 @@ class KeyManager:
                             self._dek_cache[key_id] = (key.wrapped_key, DataKey(key, material),
                                                        now)
                 await self._rebuild(keyset)
-                self._refreshed_at = time.monotonic()
+                self._mark_fresh()
                 return keyset
             raise ConcurrentModificationError("key store kept changing; gave up after 5 tries")
 

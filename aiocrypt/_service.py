@@ -76,7 +76,9 @@ class EncryptionService:
         self._started = False
         self._closed = False
         self.counters: Counter[str] = Counter()
-        self.usage: Counter[str] = Counter()
+        # the two hottest counters are plain ints (merged into ``counters`` by stats)
+        self._encryptions = 0
+        self._decryptions = 0
 
     def __repr__(self) -> str:
         state = "running" if self._started else "stopped"
@@ -109,14 +111,15 @@ class EncryptionService:
     def keyring(self) -> Keyring:
         return self.key_manager.keyring
 
-    async def _keyring(self, key_type: str) -> Keyring:
+    async def _keyring(self, key_type: str | None) -> Keyring:
+        """The current keyring: started, fresh, and holding an active ``key_type`` key."""
         if not self._started:
             await self.start()
         manager = self.key_manager
         keyring = manager.keyring
         if manager.is_stale():
             keyring = await manager.refresh()
-        if key_type not in keyring.active_keys:
+        if key_type is not None and not keyring.has_active(key_type):
             keyring = await manager.ensure_active([key_type])
         return keyring
 
@@ -129,16 +132,18 @@ class EncryptionService:
     async def encrypt_field(self, value: Any, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
                             *, context: str | bytes | None = None) -> str:
         """Encrypt one value (any codec type) to a text token bound to ``context``."""
-        kt = KeyType(key_type)
-        keyring = await self._keyring(kt)
+        kt = key_type if type(key_type) is KeyType else KeyType(key_type)
+        manager = self.key_manager
+        keyring = manager.keyring
+        if not self._started or manager.is_stale() or not keyring.has_active(kt):
+            keyring = await self._keyring(kt)
         plaintext = encode_value(value)
         if len(plaintext) > self._threshold:
             token = await self._run(self._encrypt_bytes, keyring, plaintext, kt, context)
         else:
             token = keyring.encrypt_bytes(plaintext, kt, context,
                                           compression_level=self._compression)
-        self.counters["encryptions"] += 1
-        self.usage[token[4:token.index(".", 4)]] += 1
+        self._encryptions += 1
         return token
 
     def _encrypt_bytes(self, keyring: Keyring, plaintext: bytes, kt: KeyType,
@@ -148,7 +153,16 @@ class EncryptionService:
     async def decrypt_field(self, token: str, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
                             *, context: str | bytes | None = None) -> Any:
         """Decrypt a token from :meth:`encrypt_field`; any failure is ``DecryptionError``."""
-        plaintext = await self._decrypt_bytes(token, KeyType(key_type), context)
+        kt = key_type if type(key_type) is KeyType else KeyType(key_type)
+        manager = self.key_manager
+        if self._started and not manager.is_stale() and len(token) <= self._threshold:
+            try:  # the common case: started, fresh, small, key loaded
+                plaintext = manager.keyring.decrypt_bytes(token, kt, context)
+                self._decryptions += 1
+            except DecryptionError:
+                plaintext = await self._decrypt_bytes(token, kt, context)
+        else:
+            plaintext = await self._decrypt_bytes(token, kt, context)
         try:
             return decode_value(plaintext)
         except ValueError:
@@ -159,10 +173,10 @@ class EncryptionService:
             -> bytes:
         if not isinstance(token, str):
             raise TypeError(f"token must be str, not {type(token).__name__}")
-        if not self._started:
-            await self.start()
         manager = self.key_manager
-        keyring = manager.keyring if not manager.is_stale() else await manager.refresh()
+        if not self._started or manager.is_stale():
+            await self._keyring(None)
+        keyring = manager.keyring
         try:
             try:
                 if len(token) > self._threshold:
@@ -177,7 +191,7 @@ class EncryptionService:
             self.counters["decrypt_failures"] += 1
             self.counters[f"decrypt_failures:{kt.value}"] += 1
             raise
-        self.counters["decryptions"] += 1
+        self._decryptions += 1
         return plaintext
 
     async def encrypt_many(self, values: Sequence[Any],
@@ -196,9 +210,7 @@ class EncryptionService:
                     for p, c in zip(plaintexts, ctxs, strict=True)]
 
         tokens = await self._run(work) if total > self._threshold else work()
-        self.counters["encryptions"] += len(tokens)
-        if tokens:
-            self.usage[keyring.active(kt).key_id] += len(tokens)
+        self._encryptions += len(tokens)
         return tokens
 
     async def decrypt_many(self, tokens: Sequence[str],
@@ -229,7 +241,7 @@ class EncryptionService:
             except DecryptionError:
                 self.counters["decrypt_failures"] += 1
                 raise
-        self.counters["decryptions"] += len(out)
+        self._decryptions += len(out)
         return out
 
     @staticmethod
@@ -268,7 +280,6 @@ class EncryptionService:
 
         result = await self._run(work) if large else work()
         self.counters["bulk_encryptions"] += 1
-        self.usage[dk.key_id] += 1
         return result
 
     async def decrypt_bulk_data(self, encrypted: EncryptedData | bytes, *,
@@ -317,7 +328,7 @@ class EncryptionService:
 
     async def encrypt_session_data(self, data: dict[str, Any], *,
                                    context: str | bytes | None = None) -> str:
-        """Encrypt a session dict with the session key; bind it to the session id via ``context``."""
+        """Encrypt a session dict with the session key (bind it to the session via ``context``)."""
         if not isinstance(data, dict):
             raise TypeError(f"session data must be a dict, not {type(data).__name__}")
         return await self.encrypt_field(data, KeyType.SESSION, context=context)
@@ -359,7 +370,6 @@ class EncryptionService:
             encrypted_value = keyring.encrypt_bytes(plaintext, KeyType.CACHE, context,
                                                     compression_level=self._compression)
         self.counters["cache_encryptions"] += 1
-        self.usage[keyring.active(KeyType.CACHE).key_id] += 1
         return encrypted_key, encrypted_value
 
     async def encrypt_cache_key(self, cache_key: str) -> str:
@@ -396,8 +406,10 @@ class EncryptionService:
             "inline_threshold": self._threshold,
             "segment_size": self._segment_size,
             "compression_enabled": self._compression is not None,
-            "counters": dict(self.counters),
-            "usage_by_key": dict(self.usage),
+            "counters": {**self.counters, "encryptions": self._encryptions,
+                         "decryptions": self._decryptions},
+            "usage_by_key": {dk.key_id: dk.encryptions for dk in self.keyring
+                             if dk.encryptions},
             "active_keys": {str(kt): dk.key_id for kt, dk in self.keyring.active_keys.items()},
             "loaded_keys": len(self.keyring),
             "aes_ni": _aes_ni_available(),

@@ -50,8 +50,10 @@ class LocalKekProvider(KekProvider):
     async def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
         return self.unwrap_sync(wrapped, context)
 
-    def wrap_sync(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
-        nonce = os.urandom(12)
+    def wrap_sync(self, plaintext: bytes, context: Mapping[str, str], *,
+                  nonce: bytes | None = None) -> bytes:
+        if nonce is None:
+            nonce = os.urandom(12)
         aad = _AAD_LABEL + canonical_context(context)
         return _VERSION + nonce + self._aead.encrypt(nonce, plaintext, aad)
 

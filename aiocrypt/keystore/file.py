@@ -174,7 +174,8 @@ class FileKeyStore(KeyStore):
                 "revision": current.revision + 1,
                 "keys": [k.to_dict() for k in merge(current.keys, keys)],
             }
-            new_doc["mac"] = hmac.new(self._mac_key, _canonical(new_doc), hashlib.sha256).hexdigest()
+            new_doc["mac"] = hmac.new(self._mac_key, _canonical(new_doc),
+                                      hashlib.sha256).hexdigest()
             payload = json.dumps(new_doc, sort_keys=True, indent=1).encode("utf-8")
             await anyio.to_thread.run_sync(self._replace, payload)
             return int(new_doc["revision"])

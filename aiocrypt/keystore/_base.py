@@ -10,12 +10,17 @@ Contract shared by every store (file, memory, Redis, Postgres):
 * ``lock(name)`` is an async context manager giving one holder at a time across
   processes (the rotation lock); a holder that dies releases it.
 * ``revision()`` is a cheap way to learn whether anything changed.
+* ``changes()`` yields the new revision whenever the store changes (pub/sub,
+  LISTEN/NOTIFY; polling ``revision()`` by default), so every process sees a
+  rotation within seconds.
+* ``add_usage({key_id: n})`` adds to shared per-key encryption counters and
+  returns the new totals; processes batch their increments.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +68,26 @@ class KeyStore(ABC):
 
     async def revision(self) -> int:
         return (await self.read()).revision
+
+    async def changes(self, poll_interval: float = 1.0) -> AsyncIterator[int]:
+        """Yield each new revision as it appears (default: poll ``revision()``)."""
+        import anyio
+
+        last = await self.revision()
+        while True:
+            await anyio.sleep(poll_interval)
+            current = await self.revision()
+            if current != last:
+                last = current
+                yield current
+
+    @abstractmethod
+    async def add_usage(self, increments: Mapping[str, int]) -> dict[str, int]:
+        """Add to the shared encryption counters of these key ids; return their new totals."""
+
+    @abstractmethod
+    async def get_usage(self) -> dict[str, int]:
+        """Every key id's shared encryption counter."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"

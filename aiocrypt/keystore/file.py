@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, Final
@@ -180,8 +180,10 @@ class FileKeyStore(KeyStore):
             await anyio.to_thread.run_sync(self._replace, payload)
             return int(new_doc["revision"])
 
-    def _replace(self, payload: bytes) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    def _replace(self, payload: bytes, target: Path | None = None) -> None:
+        """Atomically replace ``target`` (default: the store) with ``payload``, mode 0600."""
+        target = target or self.path
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -191,8 +193,8 @@ class FileKeyStore(KeyStore):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            os.replace(tmp, target)
+            dir_fd = os.open(target.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
@@ -200,7 +202,39 @@ class FileKeyStore(KeyStore):
         except OSError as exc:
             with suppress(OSError):
                 tmp.unlink()
-            raise KeyStoreError(f"cannot write key store {self.path}: {exc.strerror}") from None
+            raise KeyStoreError(f"cannot write {target}: {exc.strerror}") from None
+
+    # -- usage counters -----------------------------------------------------
+
+    @property
+    def _usage_path(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.usage.json")
+
+    def _read_usage(self) -> dict[str, int]:
+        try:
+            data = json.loads(self._usage_path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            raise KeyStoreError(f"usage counters {self._usage_path} are unreadable") from None
+        if not isinstance(data, dict):
+            raise KeyStoreError(f"usage counters {self._usage_path} are malformed")
+        return {str(k): int(v) for k, v in data.items()}
+
+    async def add_usage(self, increments: Mapping[str, int]) -> dict[str, int]:
+        async with self.lock("usage", timeout=30.0):
+            def update() -> dict[str, int]:
+                usage = self._read_usage()
+                for key_id, n in increments.items():
+                    usage[key_id] = usage.get(key_id, 0) + int(n)
+                self._replace(json.dumps(usage, sort_keys=True).encode("utf-8"),
+                              self._usage_path)
+                return {key_id: usage[key_id] for key_id in increments}
+
+            return await anyio.to_thread.run_sync(update)
+
+    async def get_usage(self) -> dict[str, int]:
+        return await anyio.to_thread.run_sync(self._read_usage)
 
     # -- locking ------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
@@ -22,8 +22,9 @@ class MemoryKeyStore(KeyStore):
     def __init__(self) -> None:
         self._keys: list[EncryptionKey] = []
         self._revision = 0
-        self._locks: dict[str, anyio.Lock] = {}
+        self._locks: dict[str, anyio.Semaphore] = {}
         self.writes = 0
+        self._usage: dict[str, int] = {}
 
     async def read(self) -> KeySet:
         return KeySet(self._revision, tuple(self._keys))
@@ -40,10 +41,18 @@ class MemoryKeyStore(KeyStore):
     async def revision(self) -> int:
         return self._revision
 
+    async def add_usage(self, increments: Mapping[str, int]) -> dict[str, int]:
+        for key_id, n in increments.items():
+            self._usage[key_id] = self._usage.get(key_id, 0) + n
+        return {key_id: self._usage[key_id] for key_id in increments}
+
+    async def get_usage(self) -> dict[str, int]:
+        return dict(self._usage)
+
     @asynccontextmanager
     async def lock(self, name: str = "rotation", *, timeout: float = 30.0) \
             -> AsyncIterator[None]:
-        lock = self._locks.setdefault(name, anyio.Lock())
+        lock = self._locks.setdefault(name, anyio.Semaphore(1))
         with anyio.move_on_after(timeout) as scope:
             await lock.acquire()
         if scope.cancelled_caught:

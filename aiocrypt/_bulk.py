@@ -9,6 +9,7 @@ cryptography call holds the GIL for long.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ __all__ = [
     "EncryptedData",
     "StreamDecryptor",
     "StreamEncryptor",
+    "split_segments",
     "decrypt_bulk",
     "encrypt_bulk",
 ]
@@ -64,7 +66,7 @@ class EncryptedData:
     :meth:`to_bytes` output with :meth:`from_bytes`.
     """
 
-    encrypted_data: bytes = field(repr=False)
+    encrypted_data: bytes | memoryview = field(repr=False)
     key_id: str
     algorithm: str
     iv: bytes = field(repr=False)
@@ -91,40 +93,42 @@ class EncryptedData:
                       self.key_id)
 
     def body(self) -> bytes:
+        data = bytes(self.encrypted_data)
         if self.algorithm == "AES_256_GCM_STREAM":
             assert self.segment_size is not None
-            return _U32.pack(self.segment_size) + self.iv + self.encrypted_data + self.tag
-        return self.iv + self.encrypted_data + self.tag
+            return _U32.pack(self.segment_size) + self.iv + data + self.tag
+        return self.iv + data + self.tag
 
     def to_bytes(self) -> bytes:
         """One self-describing blob (the binary token form)."""
         return self.header.to_bytes() + self.body()
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> EncryptedData:
-        """Parse :meth:`to_bytes` output; malformed input raises ``DecryptionError``."""
+    def from_bytes(cls, blob: bytes | memoryview) -> EncryptedData:
+        """Parse :meth:`to_bytes` output (no copy of the ciphertext); bad input: DecryptionError."""
         try:
             header, _, body = parse_binary(blob)
-            return cls._from_body(header, bytes(body))
+            return cls._from_body(header, body)
         except (FormatError, ValueError):
             raise DecryptionError() from None
 
     @classmethod
-    def _from_body(cls, header: Header, body: bytes) -> EncryptedData:
+    def _from_body(cls, header: Header, body: memoryview) -> EncryptedData:
         compressed = bool(header.flags & FLAG_ZSTD)
         name = ALGORITHM_NAMES[header.algorithm]
         if header.algorithm == ALG_AES_256_GCM:
             if len(body) < NONCE_BYTES + TAG_BYTES:
                 raise FormatError("blob too short")
-            return cls(body[NONCE_BYTES:-TAG_BYTES], header.key_id, name,
-                       body[:NONCE_BYTES], body[-TAG_BYTES:], None, compressed)
+            return cls(body[NONCE_BYTES:-TAG_BYTES].tobytes(), header.key_id, name,
+                       body[:NONCE_BYTES].tobytes(), body[-TAG_BYTES:].tobytes(), None,
+                       compressed)
         if header.algorithm == ALG_AES_256_GCM_STREAM:
             iv_end = 4 + STREAM_SALT_BYTES + STREAM_PREFIX_BYTES
             if len(body) < iv_end + TAG_BYTES:
                 raise FormatError("blob too short")
             (segment_size,) = _U32.unpack_from(body)
-            return cls(body[iv_end:-TAG_BYTES], header.key_id, name, body[4:iv_end],
-                       body[-TAG_BYTES:], segment_size, compressed)
+            return cls(body[iv_end:-TAG_BYTES], header.key_id, name, body[4:iv_end].tobytes(),
+                       body[-TAG_BYTES:].tobytes(), segment_size, compressed)
         raise FormatError("not a bulk algorithm")
 
 
@@ -155,7 +159,18 @@ class StreamEncryptor:
         nonce = stream_nonce(self.prefix, self._index, last)
         self._index += 1
         self._finished = last
-        return self._cipher.encrypt(nonce, bytes(chunk), self._aad)
+        return self._cipher.encrypt(nonce, chunk, self._aad)
+
+    def seal_into(self, chunk: bytes | memoryview, last: bool, out: memoryview) -> None:
+        """As :meth:`seal`, writing ciphertext || tag into ``out`` (len(chunk) + 16 bytes)."""
+        if self._finished:
+            raise ValueError("stream already finished")
+        if len(chunk) > self.segment_size or (not last and len(chunk) != self.segment_size):
+            raise ValueError("every segment but the last must be exactly segment_size bytes")
+        nonce = stream_nonce(self.prefix, self._index, last)
+        self._index += 1
+        self._finished = last
+        self._cipher.encrypt_into(nonce, chunk, self._aad, out)
 
 
 class StreamDecryptor:
@@ -180,11 +195,23 @@ class StreamDecryptor:
         nonce = stream_nonce(self._prefix, self._index, last)
         self._index += 1
         try:
-            plaintext = self._cipher.decrypt(nonce, bytes(sealed), self._aad)
+            plaintext = self._cipher.decrypt(nonce, sealed, self._aad)
         except InvalidTag:
             raise DecryptionError() from None
         self._finished = last
         return plaintext
+
+    def open_into(self, sealed: bytes | memoryview, last: bool, out: memoryview) -> None:
+        """As :meth:`open`, writing the plaintext into ``out`` (len(sealed) - 16 bytes)."""
+        if self._finished or self._index >= MAX_SEGMENTS:
+            raise DecryptionError()
+        nonce = stream_nonce(self._prefix, self._index, last)
+        self._index += 1
+        try:
+            self._cipher.decrypt_into(nonce, sealed, self._aad, out)
+        except InvalidTag:
+            raise DecryptionError() from None
+        self._finished = last
 
 
 def split_segments(data: memoryview, segment_size: int) -> Iterator[tuple[memoryview, bool]]:
@@ -198,50 +225,84 @@ def split_segments(data: memoryview, segment_size: int) -> Iterator[tuple[memory
         yield data[start:end], end >= total
 
 
-def split_sealed(data: memoryview, segment_size: int) -> Iterator[tuple[memoryview, bool]]:
+def _segment_bounds(total: int, segment_size: int) -> list[tuple[int, int, bool]]:
+    """(start, end, last) of each sealed segment in ``total`` bytes of ciphertext."""
     stride = segment_size + TAG_BYTES
-    total = len(data)
     if total < TAG_BYTES:
         raise DecryptionError()
+    bounds = []
     start = 0
     while total - start > stride:
-        yield data[start:start + stride], False
+        bounds.append((start, start + stride, False))
         start += stride
     if total - start < TAG_BYTES:
         raise DecryptionError()
-    yield data[start:], True
+    bounds.append((start, total, True))
+    return bounds
+
+
+def _buffer(size: int) -> memoryview:
+    """A writable buffer that is not zeroed under the GIL (anonymous mmap past 1 MiB).
+
+    ``bytearray(n)`` zeroes every byte while holding the GIL; an anonymous map gets
+    its zero pages lazily from the kernel as the cipher writes into it.
+    """
+    if size < 1024 * 1024:
+        return memoryview(bytearray(size))
+    return memoryview(mmap.mmap(-1, size))
 
 
 def encrypt_bulk(dk: DataKey, data: bytes | memoryview, context: bytes, *,
                  flags: int = 0, segment_size: int | None = None) -> EncryptedData:
-    """One-shot GCM when ``segment_size`` is None, otherwise a segmented stream."""
+    """One-shot GCM when ``segment_size`` is None, otherwise a segmented stream.
+
+    A stream is written segment by segment into one unzeroed buffer, so no call
+    holds the GIL for longer than one segment and nothing is copied afterwards;
+    ``encrypted_data`` is then a memoryview over that buffer.
+    """
     if segment_size is None:
         nonce, sealed = dk.gcm_parts(bytes(data), context, flags)
         return EncryptedData(sealed[:-TAG_BYTES], dk.key_id, "AES_256_GCM", nonce,
                              sealed[-TAG_BYTES:], None, bool(flags & FLAG_ZSTD))
     enc = StreamEncryptor(dk, context, segment_size, flags=flags)
-    parts = [enc.seal(chunk, last) for chunk, last in split_segments(memoryview(data),
-                                                                     segment_size)]
-    tail = parts[-1]
-    parts[-1] = tail[:-TAG_BYTES]
-    return EncryptedData(b"".join(parts), dk.key_id, "AES_256_GCM_STREAM",
-                         enc.salt + enc.prefix, tail[-TAG_BYTES:], segment_size,
+    source = memoryview(data)
+    segments = max(1, -(-len(source) // segment_size))
+    out = _buffer(len(source) + TAG_BYTES * segments)
+    pos = 0
+    for chunk, last in split_segments(source, segment_size):
+        end = pos + len(chunk) + TAG_BYTES
+        enc.seal_into(chunk, last, out[pos:end])
+        pos = end
+    return EncryptedData(out[:-TAG_BYTES].toreadonly(), dk.key_id, "AES_256_GCM_STREAM",
+                         enc.salt + enc.prefix, bytes(out[-TAG_BYTES:]), segment_size,
                          bool(flags & FLAG_ZSTD))
 
 
-def decrypt_bulk(dk: DataKey, encrypted: EncryptedData, context: bytes) -> bytes:
-    """Authenticate and decrypt; the compressed flag is left to the caller."""
+def decrypt_bulk(dk: DataKey, encrypted: EncryptedData, context: bytes) -> bytes | memoryview:
+    """Authenticate and decrypt; the compressed flag is left to the caller.
+
+    Streams decrypt into one unzeroed buffer, returned as a read-only memoryview
+    (call ``bytes()`` on it if bytes are needed; the copy holds the GIL).
+    """
     header = encrypted.header
     if encrypted.algorithm == "AES_256_GCM":
         try:
-            return dk.open_gcm(header.flags, encrypted.iv + encrypted.encrypted_data
-                               + encrypted.tag, context)
+            return dk.open_gcm(header.flags, bytes(encrypted.iv) + bytes(encrypted.encrypted_data)
+                               + bytes(encrypted.tag), context)
         except (InvalidTag, FormatError):
             raise DecryptionError() from None
     if encrypted.algorithm != "AES_256_GCM_STREAM" or encrypted.segment_size is None:
         raise DecryptionError()
-    dec = StreamDecryptor(dk, context, header.flags, encrypted.segment_size, encrypted.iv)
-    sealed = memoryview(encrypted.encrypted_data + encrypted.tag)
-    out = [dec.open(chunk, last) for chunk, last in split_sealed(sealed,
-                                                                 encrypted.segment_size)]
-    return b"".join(out)
+    dec = StreamDecryptor(dk, context, header.flags, encrypted.segment_size,
+                          bytes(encrypted.iv))
+    body = memoryview(encrypted.encrypted_data)
+    bounds = _segment_bounds(len(body) + TAG_BYTES, encrypted.segment_size)
+    out = _buffer(len(body) + TAG_BYTES * (1 - len(bounds)))
+    pos = 0
+    for start, end, last in bounds:
+        sealed: bytes | memoryview = body[start:end] if not last else \
+            bytes(body[start:]) + bytes(encrypted.tag)
+        size = end - start - TAG_BYTES
+        dec.open_into(sealed, last, out[pos:pos + size])
+        pos += size
+    return out.toreadonly()

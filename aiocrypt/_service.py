@@ -260,7 +260,11 @@ class EncryptionService:
     async def encrypt_bulk_data(self, data: bytes | bytearray | memoryview,
                                 key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
                                 context: str | bytes | None = None) -> EncryptedData:
-        """Encrypt a blob: one GCM message when small, 1 MiB segments in a thread when large."""
+        """Encrypt a blob: one GCM message when small, 1 MiB segments in a thread when large.
+
+        For a segmented result ``encrypted_data`` is a read-only memoryview over the
+        buffer the segments were written into (no copy); ``to_bytes()`` gives a blob.
+        """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"bulk data must be bytes-like, not {type(data).__name__}")
         kt = KeyType(key_type)
@@ -284,10 +288,16 @@ class EncryptionService:
 
     async def decrypt_bulk_data(self, encrypted: EncryptedData | bytes, *,
                                 context: str | bytes | None = None,
-                                key_type: KeyTypeLike | None = None) -> bytes:
-        """Decrypt :meth:`encrypt_bulk_data` output (the object or its ``to_bytes()`` blob)."""
+                                key_type: KeyTypeLike | None = None) -> bytes | memoryview:
+        """Decrypt :meth:`encrypt_bulk_data` output (the object or its ``to_bytes()`` blob).
+
+        Small payloads come back as ``bytes``. Segmented (large) ones come back as a
+        read-only ``memoryview`` over one buffer the segments were decrypted into,
+        so no GIL-holding copy of the whole payload is ever made; ``bytes(result)``
+        makes one if you need it.
+        """
         if isinstance(encrypted, (bytes, bytearray, memoryview)):
-            encrypted = EncryptedData.from_bytes(bytes(encrypted))
+            encrypted = EncryptedData.from_bytes(encrypted)
         if not isinstance(encrypted, EncryptedData):
             raise TypeError("expected EncryptedData or its to_bytes() blob")
         if not self._started:
@@ -300,11 +310,11 @@ class EncryptionService:
         ctx = context_bytes(context)
         large = len(encrypted.encrypted_data) > self._threshold
 
-        def work() -> bytes:
+        def work() -> bytes | memoryview:
             plaintext = decrypt_bulk(dk, encrypted, ctx)
             if encrypted.compressed:
                 try:
-                    return _compression.decompress(plaintext)
+                    return _compression.decompress(bytes(plaintext))
                 except ValueError:
                     raise DecryptionError() from None
             return plaintext

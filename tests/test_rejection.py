@@ -122,7 +122,7 @@ async def test_stream_segments_cannot_be_dropped_or_reordered(
     seg = service.config.performance.segment_size
     data = bytes(3 * seg + 10)
     encrypted = await service.encrypt_bulk_data(data)
-    sealed = encrypted.encrypted_data + encrypted.tag
+    sealed = bytes(encrypted.encrypted_data) + encrypted.tag
     stride = seg + 16
     segments = [sealed[i:i + stride] for i in range(0, len(sealed), stride)]
     assert len(segments) == 4

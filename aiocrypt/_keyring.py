@@ -102,6 +102,8 @@ class Keyring:
         if dk is None:
             raise KeyNotFoundError(f"no active key of type {KeyType(key_type).value!r} loaded")
         if compression_level is None:
+            if type(context) is str and len(context) <= 1024:
+                return dk.seal_text(plaintext, context.encode("utf-8"))
             return dk.seal_text(plaintext, context_bytes(context))
         return dk.seal_text(_compression.compress(plaintext, compression_level),
                             context_bytes(context), FLAG_ZSTD)

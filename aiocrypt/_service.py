@@ -140,6 +140,8 @@ class EncryptionService:
         plaintext = encode_value(value)
         if len(plaintext) > self._threshold:
             token = await self._run(self._encrypt_bytes, keyring, plaintext, kt, context)
+        elif self._compression is None:
+            token = keyring.encrypt_bytes(plaintext, kt, context)
         else:
             token = keyring.encrypt_bytes(plaintext, kt, context,
                                           compression_level=self._compression)

@@ -52,7 +52,8 @@ class DataKey:
     """An unwrapped DEK ready to encrypt and decrypt. Never logged, never pickled."""
 
     __slots__ = ("_aad_base", "_gcm", "_gcm_aad", "_material", "_siv", "_text_prefix",
-                 "encryptions", "key", "readable")
+                 "allowance", "encryptions", "expired", "key", "past_grace", "readable",
+                 "reencryptable")
 
     def __init__(self, key: EncryptionKey, material: bytes) -> None:
         if len(material) != DEK_BYTES:
@@ -75,9 +76,16 @@ class DataKey:
         self._text_prefix = f"{TEXT_PREFIX}{key.key_id}."
         #: Messages sealed with this key by this process (usage limits, statistics).
         self.encryptions = 0
+        #: Encryptions this process may make before reserving more from the store.
+        self.allowance = 0
         #: Whether plain reads may use this key (withdrawn keys serve re-encryption only).
-        self.readable = key.status not in (KeyStatus.REVOKED, KeyStatus.COMPROMISED,
-                                           KeyStatus.DESTROYED)
+        self.reencryptable = key.status is not KeyStatus.DESTROYED and not key.decrypt_disabled
+        self.readable = self.reencryptable and key.status not in (KeyStatus.REVOKED,
+                                                                  KeyStatus.COMPROMISED)
+        #: Past max age (decrypts loudly) / past the grace period too (refuses reads).
+        #: Set by the KeyManager from its clock whenever it builds a keyring.
+        self.expired = False
+        self.past_grace = False
 
     # -- identity & safety --------------------------------------------------
 
@@ -105,6 +113,7 @@ class DataKey:
         """The same material under updated metadata (status changes); usage carries over."""
         updated = DataKey(key, self._material)
         updated.encryptions = self.encryptions
+        updated.allowance = self.allowance
         return updated
 
     # -- AES-256-GCM fields -------------------------------------------------

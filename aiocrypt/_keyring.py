@@ -8,7 +8,7 @@ encrypts and decrypts through a snapshot directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -46,9 +46,10 @@ class UnknownKeyError(DecryptionError):
 class Keyring:
     """Immutable snapshot of loaded data keys."""
 
-    __slots__ = ("_active", "_by_id", "revision")
+    __slots__ = ("_active", "_by_id", "on_expired_use", "revision")
 
-    def __init__(self, data_keys: Iterable[DataKey] = (), revision: int = 0) -> None:
+    def __init__(self, data_keys: Iterable[DataKey] = (), revision: int = 0, *,
+                 on_expired_use: Callable[[DataKey], None] | None = None) -> None:
         self._by_id: dict[str, DataKey] = {}
         self._active: dict[str, DataKey] = {}
         for dk in data_keys:
@@ -58,6 +59,8 @@ class Keyring:
                 if current is None or dk.key.version > current.key.version:
                     self._active[dk.key.key_type] = dk
         self.revision = revision
+        #: Called (sync) when data is read with an expired key inside its grace period.
+        self.on_expired_use = on_expired_use
 
     def __repr__(self) -> str:
         return f"<Keyring revision={self.revision} keys={len(self._by_id)}>"
@@ -82,6 +85,9 @@ class Keyring:
 
     def has_active(self, key_type: str) -> bool:
         return key_type in self._active
+
+    def get_active(self, key_type: str) -> DataKey | None:
+        return self._active.get(key_type)
 
     @property
     def active_keys(self) -> Mapping[str, DataKey]:
@@ -138,8 +144,11 @@ class Keyring:
             dk = self._by_id.get(token[4:dot])
             if dk is None:
                 raise UnknownKeyError(validate_key_id(token[4:dot]))
-            if dk.key.key_type != key_type or not (dk.readable or for_reencryption):
+            if dk.key.key_type != key_type or not (
+                    dk.readable or (for_reencryption and dk.reencryptable)):
                 raise FormatError("key not usable here")
+            if dk.expired:
+                self._expired_use(dk, for_reencryption)
             raw = b64decode_canonical(token[dot + 1:])
             if len(raw) < 2:
                 raise FormatError("token too short")
@@ -163,11 +172,20 @@ class Keyring:
                 raise DecryptionError() from None
         return plaintext
 
-    @staticmethod
-    def check_decryptable(dk: DataKey, key_type: KeyTypeLike, *,
+    def check_decryptable(self, dk: DataKey, key_type: KeyTypeLike, *,
                           for_reencryption: bool = False) -> None:
-        if dk.key.key_type != key_type or not (dk.readable or for_reencryption):
+        if dk.key.key_type != key_type or not (
+                dk.readable or (for_reencryption and dk.reencryptable)):
             raise DecryptionError()
+        if dk.expired:
+            self._expired_use(dk, for_reencryption)
+
+    def _expired_use(self, dk: DataKey, for_reencryption: bool) -> None:
+        """Past grace: refuse plain reads. Within grace: allow, loudly."""
+        if dk.past_grace and not for_reencryption:
+            raise DecryptionError()
+        if self.on_expired_use is not None:
+            self.on_expired_use(dk)
 
     def require_encryptable(self, key_type: KeyTypeLike) -> DataKey:
         dk = self.active(key_type)

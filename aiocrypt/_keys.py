@@ -50,6 +50,10 @@ class EncryptionKey:
     retired_at: _dt.datetime | None = None
     status_changed_at: _dt.datetime | None = None
     status_reason: str = ""
+    decrypt_disabled: bool = False
+    """Below its type's minimum decryption version: refuses every decryption."""
+    reencrypt_required: bool = False
+    """Its data must be re-encrypted (set when the key is marked compromised)."""
 
     def __post_init__(self) -> None:
         validate_key_id(self.key_id)
@@ -108,6 +112,8 @@ class EncryptionKey:
             "retired_at": _ts(self.retired_at),
             "status_changed_at": _ts(self.status_changed_at),
             "status_reason": self.status_reason,
+            "decrypt_disabled": self.decrypt_disabled,
+            "reencrypt_required": self.reencrypt_required,
         }
 
     @classmethod
@@ -128,4 +134,6 @@ class EncryptionKey:
             retired_at=_parse_ts(data.get("retired_at")),
             status_changed_at=_parse_ts(data.get("status_changed_at")),
             status_reason=data.get("status_reason", ""),
+            decrypt_disabled=bool(data.get("decrypt_disabled", False)),
+            reencrypt_required=bool(data.get("reencrypt_required", False)),
         )

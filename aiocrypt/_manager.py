@@ -1,24 +1,28 @@
-"""KeyManager: generates, rotates, revokes and loads data-encryption keys.
+"""KeyManager: generates, rotates, revokes, expires, destroys and loads DEKs.
 
 It owns no crypto of its own: it reads records from a ``KeyStore``, unwraps
 them with a ``KekProvider`` and publishes an immutable ``Keyring`` snapshot that
 the service (and sync code) encrypts with. Every change is made under the
 store's rotation lock and written with optimistic concurrency, then the
 snapshot is rebuilt, so a failed write leaves the previous keys in force.
+Policy decisions are pure functions in ``_policy``; events go to an ``Auditor``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as _dt
 import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import anyio
 
+from . import _policy
 from ._config import EncryptionConfig
 from ._crypto import DEK_BYTES, DataKey
 from ._errors import (
@@ -30,15 +34,25 @@ from ._errors import (
 from ._keyring import Keyring
 from ._keys import EncryptionKey, utcnow
 from ._types import KeyStatus, KeyType, KeyTypeLike
+from .audit import Auditor
 from .kek._base import KekProvider
 from .keystore._base import KeySet, KeyStore
 
-__all__ = ["KeyManager"]
+__all__ = ["Census", "KeyManager"]
 
 logger = logging.getLogger("aiocrypt.keys")
 
 Clock = Callable[[], _dt.datetime]
+#: Rows per key id over all encrypted data (a key id absent from it has none),
+#: or a coroutine function returning that.
+Census = Mapping[str, int] | Callable[[], Awaitable[Mapping[str, int]]]
 _WRITE_RETRIES: Final = 5
+_FAR_FUTURE: Final = _dt.datetime.max.replace(tzinfo=_dt.UTC)
+
+
+def _still_active(key_id: str) -> Callable[[EncryptionKey | None], bool]:
+    """Rotate only if ``key_id`` is still the active key (single-flight across processes)."""
+    return lambda active: active is not None and active.key_id == key_id
 
 
 def _wrap_context(key: EncryptionKey) -> dict[str, str]:
@@ -48,29 +62,49 @@ def _wrap_context(key: EncryptionKey) -> dict[str, str]:
 class KeyManager:
     """Life cycle of data-encryption keys over one store and one KEK provider.
 
-    ``refresh_interval`` bounds how stale this process's view of the store may
-    get (a rotation made elsewhere is picked up within it); unwrapped DEKs are
-    re-unwrapped after the performance mode's ``dek_cache_seconds``.
+    * ``refresh_interval`` bounds how stale this process's view of the store may
+      get; with ``watch=True`` a background task also follows the store's change
+      notifications, so a rotation made elsewhere arrives sooner.
+    * Unwrapped DEKs are re-unwrapped after ``dek_cache_seconds`` of the
+      performance mode: the KEK provider is never called per field.
+    * ``previous_keks`` open keys still wrapped by an older KEK (during and after
+      an interrupted master-key rotation).
+    * ``usage_block`` is how many encryptions this process reserves at a time from
+      the store's shared counter, which is what keeps the whole fleet under a
+      policy's ``max_encryptions``.
     """
 
     def __init__(self, store: KeyStore, kek: KekProvider,
                  config: EncryptionConfig | None = None, *,
                  clock: Clock = utcnow, refresh_interval: float = 5.0,
-                 lock_timeout: float = 30.0) -> None:
+                 lock_timeout: float = 30.0, auditor: Auditor | None = None,
+                 previous_keks: Sequence[KekProvider] = (), watch: bool = True,
+                 usage_block: int = 65536) -> None:
         self.store = store
         self.kek = kek
         self.config = config if config is not None else EncryptionConfig()
+        self.auditor = auditor if auditor is not None else Auditor()
         self._clock = clock
         self.refresh_interval = refresh_interval
         self.lock_timeout = lock_timeout
+        self.usage_block = usage_block
+        self.watch = watch
+        self._previous_keks = {p.kek_id: p for p in previous_keks}
         self._keyring = Keyring()
         self._records: KeySet = KeySet(0, ())
         # key id -> (wrapped bytes, DataKey, monotonic time unwrapped)
         self._dek_cache: dict[str, tuple[bytes, DataKey, float]] = {}
         self._fresh_until = float("-inf")  # monotonic time the snapshot goes stale
+        self._next_boundary = _FAR_FUTURE  # next expiry / end of grace among keys
         self._refresh_lock = anyio.Lock()
+        self._usage_lock = anyio.Lock()
         self._opened = False
         self._missing: dict[str, float] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+        self._warned_expired: set[str] = set()
+        #: Where ``cleanup_expired_keys`` and ``set_min_decryption_version`` learn
+        #: which keys data still references (the re-encryption census).
+        self.census: Census | None = None
 
     def __repr__(self) -> str:
         return (f"<KeyManager store={self.store.name} kek={self.kek.kek_id} "
@@ -83,10 +117,18 @@ class KeyManager:
             await self.store.open()
             self._opened = True
             await self.refresh(force=True)
+            if self.watch:
+                self._watch_task = asyncio.get_running_loop().create_task(self._follow_changes())
 
     async def close(self) -> None:
         if self._opened:
             self._opened = False
+            if self._watch_task is not None:
+                self._watch_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._watch_task
+                self._watch_task = None
+            await self.auditor.flush()
             self._dek_cache.clear()
             self._keyring = Keyring()
             await self.store.close()
@@ -98,6 +140,19 @@ class KeyManager:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    async def _follow_changes(self) -> None:
+        """Refresh on every change the store announces; back off while it is down."""
+        while self._opened:
+            try:
+                async for _ in self.store.changes(poll_interval=max(0.2, self.refresh_interval)):
+                    await self.refresh(force=True)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is down: the bounded-age refresh remains
+                logger.warning("key store change notifications interrupted (%s); retrying",
+                               type(exc).__name__)
+                await anyio.sleep(min(5.0, max(0.5, self.refresh_interval)))
 
     # -- the keyring --------------------------------------------------------
 
@@ -125,10 +180,13 @@ class KeyManager:
             if not force and not self.is_stale():
                 return self._keyring
             revision = await self.store.revision()
-            if force or revision != self._records.revision or self._dek_cache_expired():
+            if (force or revision != self._records.revision or self._dek_cache_expired()
+                    or self._clock() >= self._next_boundary):
                 await self._rebuild(await self.store.read())
             self._mark_fresh()
-            return self._keyring
+        await self._flush_unreserved_usage()
+        await self.auditor.flush()
+        return self._keyring
 
     def _dek_cache_expired(self) -> bool:
         max_age = self.config.performance.dek_cache_seconds
@@ -137,29 +195,57 @@ class KeyManager:
 
     async def _rebuild(self, keyset: KeySet) -> None:
         max_age = self.config.performance.dek_cache_seconds
-        now = time.monotonic()
+        mono = time.monotonic()
+        now = self._clock()
+        boundary = _FAR_FUTURE
         cache: dict[str, tuple[bytes, DataKey, float]] = {}
         for key in keyset.keys:
             if key.status is KeyStatus.DESTROYED or key.wrapped_key is None:
                 continue
             cached = self._dek_cache.get(key.key_id)
-            if cached is not None and cached[0] == key.wrapped_key and now - cached[2] <= max_age:
-                cache[key.key_id] = (key.wrapped_key, cached[1].with_key(key), cached[2])
-                continue
-            material = await self._unwrap(key)
-            cache[key.key_id] = (key.wrapped_key, DataKey(key, material), now)
+            if cached is not None and cached[0] == key.wrapped_key and mono - cached[2] <= max_age:
+                dk, unwrapped_at = cached[1].with_key(key), cached[2]
+            else:
+                dk, unwrapped_at = DataKey(key, await self._unwrap(key)), mono
+                if cached is not None:
+                    dk.encryptions, dk.allowance = cached[1].encryptions, cached[1].allowance
+            policy = self.config.rotation_policy(key.key_type)
+            dk.expired = _policy.is_expired(key, now)
+            dk.past_grace = _policy.is_past_grace(key, policy, now)
+            if not dk.past_grace:
+                boundary = min(boundary, _policy.grace_end(key, policy) if dk.expired
+                               else key.expires_at)
+            cache[key.key_id] = (key.wrapped_key, dk, unwrapped_at)
         self._dek_cache = cache
         self._records = keyset
-        self._keyring = Keyring((dk for _, dk, _ in cache.values()), keyset.revision)
+        self._next_boundary = boundary
+        self._keyring = Keyring((dk for _, dk, _ in cache.values()), keyset.revision,
+                                on_expired_use=self._expired_key_used)
         logger.debug("keyring rebuilt at store revision %d: %d keys", keyset.revision, len(cache))
 
-    async def _unwrap(self, key: EncryptionKey) -> bytes:
-        if key.kek_id and key.kek_id != self.kek.kek_id:
+    def _expired_key_used(self, dk: DataKey) -> None:
+        if dk.key_id in self._warned_expired:
+            return
+        self._warned_expired.add(dk.key_id)
+        logger.warning("data read with EXPIRED key %s (in its grace period): re-encrypt it",
+                       dk.key_id)
+        self.auditor.emit_nowait("expired_key_used", key_id=dk.key_id,
+                                 key_type=dk.key.key_type.value, past_grace=dk.past_grace)
+
+    def _kek_for(self, key: EncryptionKey) -> KekProvider:
+        if not key.kek_id or key.kek_id == self.kek.kek_id:
+            return self.kek
+        provider = self._previous_keks.get(key.kek_id)
+        if provider is None:
             raise KekProviderError(
                 f"key {key.key_id} is wrapped by KEK {key.kek_id}, but the configured KEK is "
-                f"{self.kek.kek_id}", backend=self.kek.backend)
+                f"{self.kek.kek_id} (pass the old one in previous_keks to finish a master-key "
+                "rotation)", backend=self.kek.backend)
+        return provider
+
+    async def _unwrap(self, key: EncryptionKey) -> bytes:
         assert key.wrapped_key is not None
-        material = await self.kek.unwrap(key.wrapped_key, _wrap_context(key))
+        material = await self._kek_for(key).unwrap(key.wrapped_key, _wrap_context(key))
         if len(material) != DEK_BYTES:
             raise KekProviderError(f"key {key.key_id} unwrapped to a key of the wrong size",
                                    backend=self.kek.backend)
@@ -184,6 +270,44 @@ class KeyManager:
                 self._missing.clear()
             self._missing[key_id] = now
         return dk
+
+    # -- usage limits -------------------------------------------------------
+
+    async def reserve_usage(self, key_type: KeyTypeLike) -> Keyring:
+        """Give the active ``key_type`` key a fresh encryption allowance from the store.
+
+        Processes reserve blocks from the shared counter, so the fleet as a
+        whole never encrypts more than the policy's ``max_encryptions`` under one
+        key. When the key is used up it is rotated (once, whoever gets there
+        first) and the new key gets the allowance.
+        """
+        kt = KeyType(key_type)
+        policy = self.config.rotation_policy(kt)
+        for _ in range(_WRITE_RETRIES):
+            keyring = await self.ensure_active([kt])
+            dk = keyring.active(kt)
+            async with self._usage_lock:
+                if dk.encryptions < dk.allowance:
+                    return keyring
+                overrun = dk.encryptions - dk.allowance  # counted by sync callers
+                request = _policy.usage_block(policy, self.usage_block) + overrun
+                total = (await self.store.add_usage({dk.key_id: request}))[dk.key_id]
+                start = total - request + overrun
+                usable = max(0, min(total, policy.max_encryptions) - start)
+                dk.allowance = dk.encryptions + usable
+                if usable:
+                    return keyring
+            self.auditor.emit_nowait("usage_limit_reached", key_id=dk.key_id, key_type=kt.value,
+                                     limit=policy.max_encryptions)
+            await self._activate_new(kt, reason="usage", only_if=_still_active(dk.key_id))
+        raise KeyStateError(f"could not reserve encryption allowance for {kt.value} keys")
+
+    async def _flush_unreserved_usage(self) -> None:
+        """Record encryptions sync callers made beyond their allowance (batched)."""
+        for dk in list(self._keyring.active_keys.values()):
+            if dk.encryptions > dk.allowance:
+                with contextlib.suppress(Exception):
+                    await self.reserve_usage(dk.key.key_type)
 
     # -- changing keys ------------------------------------------------------
 
@@ -235,13 +359,19 @@ class KeyManager:
         wrapped = await self.kek.wrap(material, _wrap_context(key))
         return key.replace(wrapped_key=wrapped), material
 
-    async def _activate_new(self, key_type: KeyType, *,
-                            only_if: Callable[[EncryptionKey | None], bool]) -> EncryptionKey:
-        """Create a new active version when ``only_if(current active)`` holds."""
+    async def _activate_new(self, key_type: KeyType, *, reason: str,
+                            only_if: Callable[[EncryptionKey | None], bool]) \
+            -> tuple[EncryptionKey, EncryptionKey | None]:
+        """Create a new active version when ``only_if(current active)`` holds.
+
+        Returns (active key afterwards, the key it replaced or None if nothing changed).
+        """
         created: dict[str, bytes] = {}
+        replaced: list[EncryptionKey] = []
 
         async def plan(current: KeySet) -> list[EncryptionKey]:
             created.clear()
+            replaced.clear()
             same_type = [k for k in current.keys if k.key_type == key_type]
             active = [k for k in same_type if k.status is KeyStatus.ACTIVE]
             if not only_if(max(active, key=lambda k: k.version) if active else None):
@@ -251,14 +381,26 @@ class KeyManager:
             created[key.key_id] = material
             now = self._clock()
             retired = [k.replace(status=KeyStatus.DECRYPT_ONLY, retired_at=now,
-                                 status_changed_at=now, status_reason="rotated")
+                                 status_changed_at=now, status_reason=f"rotated ({reason})")
                        for k in active]
+            replaced.extend(active)
             return [*retired, key]
 
         keyset = await self._change(plan, created)
-        for key_id in created:
-            logger.info("key generated: %s (type %s)", key_id, key_type.value)
-        return self._active_record(keyset, key_type)
+        active_key = self._active_record(keyset, key_type)
+        if created:
+            old = replaced[0] if replaced else None
+            logger.info("key generated: %s (type %s, %s)", active_key.key_id, key_type.value,
+                        reason)
+            await self.auditor.emit("key_generated", key_id=active_key.key_id,
+                                    key_type=key_type.value, version=active_key.version,
+                                    reason=reason)
+            if old is not None:
+                await self.auditor.emit("key_rotated", key_id=old.key_id,
+                                        key_type=key_type.value, new_key_id=active_key.key_id,
+                                        reason=reason)
+            return active_key, old
+        return active_key, None
 
     @staticmethod
     def _active_record(keyset: KeySet, key_type: KeyType) -> EncryptionKey:
@@ -276,15 +418,17 @@ class KeyManager:
                            key_size: int | None = None) -> EncryptionKey:
         """Create a new version of ``key_type`` and make it active (the old one decrypts only)."""
         self._check_key_size(key_size)
-        return await self._activate_new(KeyType(key_type), only_if=lambda _: True)
+        return (await self._activate_new(KeyType(key_type), reason="generated",
+                                         only_if=lambda _: True))[0]
 
     async def ensure_active(self, key_types: Iterable[KeyTypeLike]) -> Keyring:
         """Make sure each key type has an active key (creating the first version if needed)."""
         keyring = await self.current_keyring()
         for key_type in key_types:
             kt = KeyType(key_type)
-            if kt not in keyring.active_keys:
-                await self._activate_new(kt, only_if=lambda active: active is None)
+            if not keyring.has_active(kt):
+                await self._activate_new(kt, reason="first use",
+                                         only_if=lambda active: active is None)
                 keyring = self._keyring
         return keyring
 
@@ -304,12 +448,6 @@ class KeyManager:
             raise KeyNotFoundError(f"no key with id {key_id!r}")
         return key
 
-    def _rotation_due(self, key: EncryptionKey | None) -> bool:
-        if key is None:
-            return True
-        policy = self.config.rotation_policy(key.key_type)
-        return key.age(self._clock()) >= _dt.timedelta(days=policy.rotation_interval_days)
-
     async def rotate_key(self, key_type: KeyTypeLike, force: bool = False) -> EncryptionKey:
         """Rotate ``key_type`` if its policy says it is due (or ``force``); return the active key.
 
@@ -318,17 +456,89 @@ class KeyManager:
         """
         kt = KeyType(key_type)
         if force:
-            return await self._activate_new(kt, only_if=lambda _: True)
-        return await self._activate_new(kt, only_if=self._rotation_due)
+            return (await self._activate_new(kt, reason="forced", only_if=lambda _: True))[0]
+        usage = await self.store.get_usage() if self._opened else {}
+        policy = self.config.rotation_policy(kt)
+
+        def due(active: EncryptionKey | None) -> bool:
+            return active is None or _policy.rotation_reason(
+                active, policy, self._clock(), usage.get(active.key_id, 0)) is not None
+
+        return (await self._activate_new(kt, reason="policy", only_if=due))[0]
+
+    async def rotate_keys_due(self) -> dict[str, Any]:
+        """Run the rotation policy over every key type; report what was done.
+
+        Rotates each active key that is past its interval (with ``auto_rotation``),
+        its maximum age, or its usage limit; marks retired keys past their maximum
+        age EXPIRED. Safe to run from several processes at once: each rotation is
+        re-checked under the store lock, so a key is rotated once. The report's
+        ``reencrypt`` lists key ids whose data should be re-encrypted.
+        """
+        if not self._opened:
+            await self.open()
+        await self.refresh(force=True)
+        now = self._clock()
+        usage = await self.store.get_usage()
+        rotated: list[dict[str, Any]] = []
+        for key in [k for k in self._records.keys if k.status is KeyStatus.ACTIVE]:
+            policy = self.config.rotation_policy(key.key_type)
+            reason = _policy.rotation_reason(key, policy, now, usage.get(key.key_id, 0))
+            if reason is None:
+                continue
+            new_key, old = await self._activate_new(key.key_type, reason=reason,
+                                                    only_if=_still_active(key.key_id))
+            if old is not None:
+                rotated.append({"key_type": key.key_type.value, "old_key_id": old.key_id,
+                                "new_key_id": new_key.key_id, "reason": reason})
+        expired = await self._expire_retired()
+        reencrypt = sorted({r["old_key_id"] for r in rotated} | {
+            k.key_id for k in self._records.keys
+            if k.reencrypt_required and k.status is not KeyStatus.DESTROYED})
+        report = {"checked_at": now.isoformat(), "rotated": rotated, "expired": expired,
+                  "reencrypt": reencrypt}
+        await self.auditor.emit("policy_run", rotated=len(rotated), expired=len(expired),
+                                reencrypt=len(reencrypt))
+        return report
+
+    async def _expire_retired(self) -> list[str]:
+        expired: list[str] = []
+
+        async def plan(current: KeySet) -> list[EncryptionKey]:
+            expired.clear()
+            now = self._clock()
+            updates = []
+            for key in current.keys:
+                if key.status is KeyStatus.DECRYPT_ONLY and _policy.is_expired(key, now):
+                    updates.append(key.replace(status=KeyStatus.EXPIRED, status_changed_at=now,
+                                               status_reason="past maximum age"))
+                    expired.append(key.key_id)
+            return updates
+
+        keyset = await self._change(plan)
+        by_id = keyset.by_id()
+        for key_id in expired:
+            await self.auditor.emit("key_expired", key_id=key_id,
+                                    key_type=by_id[key_id].key_type.value)
+        return expired
 
     async def revoke_key(self, key_id: str, reason: str = "Manual revocation") -> EncryptionKey:
         """Withdraw a key: it never encrypts again and plain reads refuse its data.
 
         If it was the active key, a new version is activated at once.
         """
-        return await self._set_status(key_id, KeyStatus.REVOKED, reason)
+        return await self._withdraw(key_id, KeyStatus.REVOKED, reason)
 
-    async def _set_status(self, key_id: str, status: KeyStatus, reason: str) -> EncryptionKey:
+    async def mark_compromised(self, key_id: str, reason: str) -> EncryptionKey:
+        """The key is believed exposed: stop encrypting with it now, rotate, re-encrypt its data.
+
+        Plain reads of its data refuse from now on; re-encryption may still read
+        it (``for_reencryption=True``), and ``rotate_keys_due()`` lists it under
+        ``reencrypt`` until it is destroyed.
+        """
+        return await self._withdraw(key_id, KeyStatus.COMPROMISED, reason)
+
+    async def _withdraw(self, key_id: str, status: KeyStatus, reason: str) -> EncryptionKey:
         was_active = False
 
         async def plan(current: KeySet) -> list[EncryptionKey]:
@@ -341,13 +551,19 @@ class KeyManager:
             was_active = key.status is KeyStatus.ACTIVE
             now = self._clock()
             return [key.replace(status=status, status_reason=reason[:500], status_changed_at=now,
-                                retired_at=key.retired_at or now)]
+                                retired_at=key.retired_at or now,
+                                reencrypt_required=key.reencrypt_required
+                                or status is KeyStatus.COMPROMISED)]
 
         keyset = await self._change(plan)
         key = keyset.by_id()[key_id]
+        event = "key_compromised" if status is KeyStatus.COMPROMISED else "key_revoked"
         logger.warning("key %s: %s (%s)", key_id, status.value, reason[:200])
+        await self.auditor.emit(event, key_id=key_id, key_type=key.key_type.value,
+                                reason=reason[:500], was_active=was_active)
         if was_active:
-            await self._activate_new(key.key_type, only_if=lambda active: active is None)
+            await self._activate_new(key.key_type, reason=status.value,
+                                     only_if=lambda active: active is None)
         return key
 
     async def list_keys(self, key_type: KeyTypeLike | None = None,
@@ -361,19 +577,43 @@ class KeyManager:
                 if (kt is None or k.key_type == kt) and (st is None or k.status is st)]
         return sorted(keys, key=lambda k: (k.key_type.value, k.version))
 
-    async def cleanup_expired_keys(self, *, confirm_unreferenced: Iterable[str] = (),
-                                   force: bool = False) -> int:
-        """Expire keys past their maximum age; destroy those past the grace period too.
+    # -- references, cleanup, minimum versions ------------------------------
 
-        A key is destroyed only if the caller confirms nothing references it
-        (``confirm_unreferenced``: key ids with no data left, from a
-        re-encryption census) or passes ``force=True`` (logged loudly). Active
-        keys are never destroyed here: rotate them first. Returns the number
-        of keys destroyed.
-        """
+    async def _unreferenced(self, confirm_unreferenced: Iterable[str],
+                            census: Census | None) -> tuple[set[str], bool]:
+        """Key ids known to be unreferenced, and whether a census was consulted."""
         confirmed = set(confirm_unreferenced)
-        destroyed: list[str] = []
-        kept: list[str] = []
+        source = census if census is not None else self.census
+        if source is None:
+            return confirmed, False
+        counts = await source() if callable(source) else source
+        known = {k.key_id for k in self._records.keys}
+        return confirmed | {key_id for key_id in known if counts.get(key_id, 0) == 0}, True
+
+    async def cleanup_expired_keys(self, *, confirm_unreferenced: Iterable[str] = (),
+                                   census: Census | None = None, force: bool = False) -> int:
+        """Destroy keys past max age + grace that nothing references; return how many.
+
+        A key is destroyed only when the census says no data is left on it, or
+        the caller lists it in ``confirm_unreferenced``, or ``force=True`` (never
+        the default; audited as forced). Any other key past grace is kept, and the
+        audit log says why. Retired keys past max age are marked EXPIRED on the
+        way. Active keys are never destroyed: rotate them first.
+        """
+        return len((await self.cleanup_report(confirm_unreferenced=confirm_unreferenced,
+                                              census=census, force=force))["destroyed"])
+
+    async def cleanup_report(self, *, confirm_unreferenced: Iterable[str] = (),
+                             census: Census | None = None, force: bool = False) \
+            -> dict[str, list[dict[str, str]]]:
+        """``cleanup_expired_keys`` with the detail: what was destroyed and what kept, and why."""
+        if not self._opened:
+            await self.open()
+        await self.refresh(force=True)
+        await self._expire_retired()
+        unreferenced, census_used = await self._unreferenced(confirm_unreferenced, census)
+        destroyed: list[dict[str, str]] = []
+        kept: list[dict[str, str]] = []
 
         async def plan(current: KeySet) -> list[EncryptionKey]:
             destroyed.clear()
@@ -381,39 +621,141 @@ class KeyManager:
             now = self._clock()
             updates = []
             for key in current.keys:
-                if key.status in (KeyStatus.DESTROYED, KeyStatus.ACTIVE) or now < key.expires_at:
+                if key.status in (KeyStatus.DESTROYED, KeyStatus.ACTIVE):
                     continue
-                grace = _dt.timedelta(days=self.config.rotation_policy(
-                    key.key_type).grace_period_days)
-                if now >= key.expires_at + grace and (force or key.key_id in confirmed):
-                    updates.append(key.replace(
-                        status=KeyStatus.DESTROYED, wrapped_key=None, status_changed_at=now,
-                        status_reason="forced destruction" if force and key.key_id not in
-                        confirmed else "expired and unreferenced"))
-                    destroyed.append(key.key_id)
+                policy = self.config.rotation_policy(key.key_type)
+                if not _policy.is_past_grace(key, policy, now):
                     continue
-                if now >= key.expires_at + grace:
-                    kept.append(key.key_id)
-                if key.status is KeyStatus.DECRYPT_ONLY:
-                    updates.append(key.replace(status=KeyStatus.EXPIRED, status_changed_at=now,
-                                               status_reason="past maximum age"))
+                if key.key_id in unreferenced or force:
+                    how = ("census: no rows left" if census_used and key.key_id in unreferenced
+                           and key.key_id not in set(confirm_unreferenced) else
+                           "confirmed unreferenced by caller" if key.key_id in unreferenced
+                           else "FORCED without a reference check")
+                    updates.append(key.replace(status=KeyStatus.DESTROYED, wrapped_key=None,
+                                               status_changed_at=now, status_reason=how))
+                    destroyed.append({"key_id": key.key_id, "reason": how})
+                else:
+                    kept.append({"key_id": key.key_id, "reason":
+                                 "data may still reference it: the census reports rows"
+                                 if census_used else
+                                 "no census and not confirmed unreferenced"})
             return updates
 
+        keyset = await self._change(plan)
+        by_id = keyset.by_id()
+        for item in destroyed:
+            key_type = by_id[item["key_id"]].key_type.value
+            if "FORCED" in item["reason"]:
+                logger.warning("key %s DESTROYED by force (no reference check)", item["key_id"])
+            await self.auditor.emit("key_destroyed", key_id=item["key_id"], key_type=key_type,
+                                    reason=item["reason"], forced=force)
+        for item in kept:
+            logger.info("key %s kept: %s", item["key_id"], item["reason"])
+            await self.auditor.emit("key_destroy_refused", key_id=item["key_id"],
+                                    key_type=by_id[item["key_id"]].key_type.value,
+                                    reason=item["reason"])
+        return {"destroyed": destroyed, "kept": kept}
+
+    async def get_min_decryption_version(self, key_type: KeyTypeLike) -> int:
+        keys = await self.list_keys(key_type)
+        enabled = [k.version for k in keys if not k.decrypt_disabled]
+        return min(enabled, default=1)
+
+    async def set_min_decryption_version(self, key_type: KeyTypeLike, version: int, *,
+                                         confirm_unreferenced: Iterable[str] = (),
+                                         census: Census | None = None) -> int:
+        """Refuse decryption with versions below ``version`` (Vault's min_decryption_version).
+
+        Raising it is allowed only when no data references an older version
+        (census or ``confirm_unreferenced``); lowering it re-enables them.
+        """
+        kt = KeyType(key_type)
+        keys = await self.list_keys(kt)
+        active = [k for k in keys if k.status is KeyStatus.ACTIVE]
+        if active and version > active[0].version:
+            raise ValueError(f"{kt.value}: minimum version {version} is above the active "
+                             f"version {active[0].version}")
+        unreferenced, _ = await self._unreferenced(confirm_unreferenced, census)
+        older = [k for k in keys if k.version < version and k.status is not KeyStatus.DESTROYED
+                 and not k.decrypt_disabled]
+        referenced = [k.key_id for k in older if k.key_id not in unreferenced]
+        if referenced:
+            raise KeyStateError(
+                f"{kt.value}: cannot raise the minimum decryption version to {version}: data "
+                f"may still reference {', '.join(referenced)} (re-encrypt it first)")
+
+        async def plan(current: KeySet) -> list[EncryptionKey]:
+            return [k.replace(decrypt_disabled=k.version < version) for k in current.keys
+                    if k.key_type == kt and k.decrypt_disabled != (k.version < version)]
+
         await self._change(plan)
-        for key_id in destroyed:
-            if force and key_id not in confirmed:
-                logger.warning("key %s DESTROYED by force (no reference check)", key_id)
-            else:
-                logger.info("key %s destroyed (expired, confirmed unreferenced)", key_id)
-        for key_id in kept:
-            logger.info("key %s kept: past grace but not confirmed unreferenced", key_id)
-        return len(destroyed)
+        await self.auditor.emit("min_decryption_version_raised", key_type=kt.value,
+                                version=version)
+        return version
+
+    # -- master-key rotation ------------------------------------------------
+
+    async def rotate_master_key(self, new_kek: KekProvider, *, batch_size: int = 50) -> int:
+        """Rewrap every DEK under ``new_kek`` without touching any data; return keys rewrapped.
+
+        Works in batches, each written with optimistic concurrency, so an
+        interrupted run resumes where it stopped when called again (records
+        already under ``new_kek`` are skipped). The old KEK keeps working until the
+        end; then the store itself is resealed (the file store's MAC key) and
+        ``self.kek`` becomes ``new_kek``: the old master key no longer opens it.
+        """
+        if not self._opened:
+            await self.open()
+        old_kek = self.kek
+        if new_kek.kek_id == old_kek.kek_id:
+            raise ValueError("the new KEK is the current one")
+        # both stay usable for unwrapping while records are half rewrapped
+        self._previous_keks[old_kek.kek_id] = old_kek
+        self._previous_keks[new_kek.kek_id] = new_kek
+        total = 0
+        batch: list[str] = []
+
+        async def plan(current: KeySet) -> list[EncryptionKey]:
+            batch.clear()
+            updates = []
+            for key in current.keys:
+                if key.wrapped_key is None or key.kek_id == new_kek.kek_id:
+                    continue
+                material = await self._unwrap(key)
+                wrapped = await new_kek.wrap(material, _wrap_context(key))
+                updates.append(key.replace(wrapped_key=wrapped, kek_id=new_kek.kek_id))
+                batch.append(key.key_id)
+                if len(updates) >= batch_size:
+                    break
+            return updates
+
+        while True:
+            await self._change(plan)
+            if not batch:
+                break
+            total += len(batch)
+            for key_id in batch:
+                await self.auditor.emit("key_rewrapped", key_id=key_id, new_kek=new_kek.kek_id)
+        rekey = getattr(self.store, "rekey", None)
+        if rekey is not None:
+            async with self.store.lock("rotation", timeout=self.lock_timeout):
+                await rekey(new_kek)
+        self.kek = new_kek
+        await self.refresh(force=True)
+        await self.auditor.emit("master_key_rotated", old_kek=old_kek.kek_id,
+                                new_kek=new_kek.kek_id, keys=total)
+        return total
 
     # -- reporting ----------------------------------------------------------
 
     async def get_key_statistics(self) -> dict[str, Any]:
+        """Keys by type and status, what needs rotating and why, usage, health."""
         keys = await self.list_keys()
         now = self._clock()
+        try:
+            usage = await self.store.get_usage()
+        except Exception:
+            usage = {}
         by_type: dict[str, dict[str, int]] = {}
         by_status: dict[str, int] = {s.value: 0 for s in KeyStatus}
         active: dict[str, dict[str, Any]] = {}
@@ -422,8 +764,9 @@ class KeyManager:
             by_type.setdefault(key.key_type.value, {}).setdefault(key.status.value, 0)
             by_type[key.key_type.value][key.status.value] += 1
             by_status[key.status.value] += 1
+            policy = self.config.rotation_policy(key.key_type)
+            reason = _policy.rotation_reason(key, policy, now, usage.get(key.key_id, 0))
             if key.status is KeyStatus.ACTIVE:
-                policy = self.config.rotation_policy(key.key_type)
                 rotate_at = key.created_at + _dt.timedelta(days=policy.rotation_interval_days)
                 active[key.key_type.value] = {
                     "key_id": key.key_id,
@@ -431,24 +774,42 @@ class KeyManager:
                     "age_days": round(key.age(now).total_seconds() / 86400, 2),
                     "days_to_rotation": round((rotate_at - now).total_seconds() / 86400, 2),
                     "days_to_expiry": round((key.expires_at - now).total_seconds() / 86400, 2),
+                    "usage": usage.get(key.key_id, 0),
+                    "usage_limit": policy.max_encryptions,
+                    "auto_rotation": policy.auto_rotation,
                 }
-                if now >= key.expires_at:
-                    rotation_needed.append({"key_type": key.key_type.value,
-                                            "key_id": key.key_id, "reason": "expiry"})
-                elif now >= rotate_at:
-                    rotation_needed.append({"key_type": key.key_type.value,
-                                            "key_id": key.key_id, "reason": "age"})
-            elif key.status is KeyStatus.COMPROMISED:
-                rotation_needed.append({"key_type": key.key_type.value,
-                                        "key_id": key.key_id, "reason": "compromise"})
+                if reason is None and not policy.auto_rotation and now >= rotate_at:
+                    reason = "age"
+            if reason is not None and (key.status is KeyStatus.ACTIVE or reason == "compromise"):
+                rotation_needed.append({"key_type": key.key_type.value, "key_id": key.key_id,
+                                        "reason": reason})
         return {
             "total_keys": len(keys),
             "by_type": by_type,
             "by_status": by_status,
             "active_keys": active,
             "rotation_needed": rotation_needed,
+            "reencrypt_required": [k.key_id for k in keys if k.reencrypt_required
+                                   and k.status is not KeyStatus.DESTROYED],
             "store": self.store.name,
             "store_revision": self._records.revision,
             "kek_provider": self.kek.backend,
             "kek_id": self.kek.kek_id,
         }
+
+    async def health(self) -> dict[str, Any]:
+        """Whether the key store and the KEK provider answer (never raises)."""
+        result: dict[str, Any] = {}
+        try:
+            await self.store.revision()
+            result["key_store_reachable"] = True
+        except Exception as exc:
+            result["key_store_reachable"] = False
+            result["key_store_error"] = type(exc).__name__
+        try:
+            await self.kek.check()
+            result["kek_provider_reachable"] = True
+        except Exception as exc:
+            result["kek_provider_reachable"] = False
+            result["kek_provider_error"] = type(exc).__name__
+        return result

@@ -119,8 +119,13 @@ class EncryptionService:
         keyring = manager.keyring
         if manager.is_stale():
             keyring = await manager.refresh()
-        if key_type is not None and not keyring.has_active(key_type):
-            keyring = await manager.ensure_active([key_type])
+        if key_type is not None:
+            dk = keyring.get_active(key_type)
+            if dk is None:
+                keyring = await manager.ensure_active([key_type])
+                dk = keyring.active(key_type)
+            if dk.encryptions >= dk.allowance:
+                keyring = await manager.reserve_usage(key_type)
         return keyring
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
@@ -135,7 +140,9 @@ class EncryptionService:
         kt = key_type if type(key_type) is KeyType else KeyType(key_type)
         manager = self.key_manager
         keyring = manager.keyring
-        if not self._started or manager.is_stale() or not keyring.has_active(kt):
+        dk = keyring.get_active(kt)
+        if dk is None or dk.encryptions >= dk.allowance or not self._started \
+                or manager.is_stale():
             keyring = await self._keyring(kt)
         plaintext = encode_value(value)
         if len(plaintext) > self._threshold:
@@ -165,6 +172,8 @@ class EncryptionService:
                 plaintext = await self._decrypt_bytes(token, kt, context)
         else:
             plaintext = await self._decrypt_bytes(token, kt, context)
+        if manager.auditor.pending:  # e.g. an expired key was used (noted by sync code)
+            await manager.auditor.flush()
         try:
             return decode_value(plaintext)
         except ValueError:
@@ -190,11 +199,16 @@ class EncryptionService:
                     raise DecryptionError() from None
                 plaintext = manager.keyring.decrypt_bytes(token, kt, context)
         except DecryptionError:
-            self.counters["decrypt_failures"] += 1
-            self.counters[f"decrypt_failures:{kt.value}"] += 1
+            await self._record_failures(kt, 1)
             raise
         self._decryptions += 1
         return plaintext
+
+    async def _record_failures(self, kt: KeyType, failures: int, batch_size: int = 1) -> None:
+        self.counters["decrypt_failures"] += failures
+        self.counters[f"decrypt_failures:{kt.value}"] += failures
+        await self.key_manager.auditor.record_failures(
+            kt.value, failures, successes_total=self._decryptions, batch_size=batch_size)
 
     async def encrypt_many(self, values: Sequence[Any],
                            key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
@@ -203,15 +217,24 @@ class EncryptionService:
         """Encrypt a batch with one keyring lookup; ``contexts`` gives one context per value."""
         kt = KeyType(key_type)
         ctxs = self._contexts(len(values), context, contexts)
-        keyring = await self._keyring(kt)
         plaintexts = [encode_value(v) for v in values]
-        total = sum(len(p) for p in plaintexts)
+        tokens: list[str] = []
+        while len(tokens) < len(plaintexts):
+            # each chunk fits the key's reserved allowance (a rotation may come between)
+            keyring = await self._keyring(kt)
+            dk = keyring.active(kt)
+            start = len(tokens)
+            end = min(len(plaintexts), start + dk.allowance - dk.encryptions)
+            chunk = plaintexts[start:end]
 
-        def work() -> list[str]:
-            return [keyring.encrypt_bytes(p, kt, c, compression_level=self._compression)
-                    for p, c in zip(plaintexts, ctxs, strict=True)]
+            def work(keyring: Keyring = keyring, start: int = start,
+                     chunk: list[bytes] = chunk) -> list[str]:
+                return [keyring.encrypt_bytes(p, kt, ctxs[start + i],
+                                              compression_level=self._compression)
+                        for i, p in enumerate(chunk)]
 
-        tokens = await self._run(work) if total > self._threshold else work()
+            large = sum(len(p) for p in chunk) > self._threshold
+            tokens.extend(await self._run(work) if large else work())
         self._encryptions += len(tokens)
         return tokens
 
@@ -219,32 +242,42 @@ class EncryptionService:
                            key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
                            context: str | bytes | None = None,
                            contexts: Sequence[str | bytes | None] | None = None) -> list[Any]:
-        """Decrypt a batch; the first failure raises ``DecryptionError``."""
+        """Decrypt a batch; if any token fails, ``DecryptionError`` (after auditing the batch).
+
+        A batch in which more than half the tokens fail is reported as one
+        ``decrypt_failure_spike`` audit event, not one line per token.
+        """
         kt = KeyType(key_type)
         ctxs = self._contexts(len(tokens), context, contexts)
-        if len(tokens) and sum(len(t) for t in tokens) > self._threshold:
-            if not self._started:
-                await self.start()
-            try:
-                return await self._run(self._decrypt_many_sync, tokens, kt, ctxs)
-            except UnknownKeyError:
-                pass  # a key rotated elsewhere: the per-token path below loads it
-        return [await self.decrypt_field(t, kt, context=c)
-                for t, c in zip(tokens, ctxs, strict=True)]
+        keyring = await self._keyring(None)
 
-    def _decrypt_many_sync(self, tokens: Sequence[str], kt: KeyType,
-                           ctxs: Sequence[str | bytes | None]) -> list[Any]:
-        # Runs in a thread: unknown key ids cannot be loaded here, so load them first.
-        keyring = self.key_manager.keyring
-        out = []
-        for token, ctx in zip(tokens, ctxs, strict=True):
-            try:
-                out.append(keyring.decrypt(token, kt, ctx))
-            except DecryptionError:
-                self.counters["decrypt_failures"] += 1
-                raise
-        self._decryptions += len(out)
-        return out
+        def work(keyring: Keyring, indexes: Sequence[int]) -> tuple[dict[int, Any], set[str]]:
+            done: dict[int, Any] = {}
+            unknown: set[str] = set()
+            for i in indexes:
+                try:
+                    done[i] = keyring.decrypt(tokens[i], kt, ctxs[i])
+                except UnknownKeyError as exc:
+                    unknown.add(exc.key_id)
+                except DecryptionError:
+                    pass
+            return done, unknown
+
+        large = sum(len(t) for t in tokens) > self._threshold
+        everything = range(len(tokens))
+        done, unknown = await self._run(work, keyring, everything) if large else \
+            work(keyring, everything)
+        if unknown:  # keys rotated elsewhere: load each once, retry what is left
+            for key_id in unknown:
+                await self.key_manager.load_key(key_id)
+            more, _ = work(self.key_manager.keyring, [i for i in everything if i not in done])
+            done.update(more)
+        failures = len(tokens) - len(done)
+        if failures:
+            await self._record_failures(kt, failures, batch_size=len(tokens))
+            raise DecryptionError()
+        self._decryptions += len(done)
+        return [done[i] for i in everything]
 
     @staticmethod
     def _contexts(n: int, context: str | bytes | None,
@@ -308,7 +341,7 @@ class EncryptionService:
         if key_type is not None and dk.key.key_type != KeyType(key_type):
             self.counters["decrypt_failures"] += 1
             raise DecryptionError()
-        Keyring.check_decryptable(dk, dk.key.key_type)
+        self.keyring.check_decryptable(dk, dk.key.key_type)
         ctx = context_bytes(context)
         large = len(encrypted.encrypted_data) > self._threshold
 

@@ -61,9 +61,12 @@ class FileKeyStore(KeyStore):
     name = "file"
 
     def __init__(self, path: str | os.PathLike[str], kek: KekProvider, *,
+                 previous_keks: Sequence[KekProvider] = (),
                  lock_poll_interval: float = 0.02) -> None:
         self.path = Path(path)
         self._kek = kek
+        # KEKs the file may still be sealed under (an interrupted master-key rotation)
+        self._previous = {p.kek_id: p for p in previous_keks}
         self._poll = lock_poll_interval
         self._mac_key: bytes | None = None
         self._mac_key_wrapped: bytes | None = None
@@ -109,7 +112,9 @@ class FileKeyStore(KeyStore):
         return doc
 
     async def _verify(self, doc: dict[str, Any]) -> None:
-        if doc["kek_id"] != self._kek.kek_id:
+        sealer = self._kek if doc["kek_id"] == self._kek.kek_id else \
+            self._previous.get(doc["kek_id"])
+        if sealer is None:
             raise KeyStoreIntegrityError(
                 f"key store {self.path} is sealed under KEK {doc['kek_id']} but the configured "
                 f"KEK is {self._kek.kek_id}: wrong ENCRYPTION_MASTER_KEY (or KMS key)?")
@@ -120,7 +125,7 @@ class FileKeyStore(KeyStore):
             raise KeyStoreIntegrityError(f"key store {self.path} is corrupt") from None
         if wrapped != self._mac_key_wrapped:
             try:
-                mac_key = await self._kek.unwrap(wrapped, _MAC_CONTEXT)
+                mac_key = await sealer.unwrap(wrapped, _MAC_CONTEXT)
             except KekProviderError:
                 raise KeyStoreIntegrityError(
                     f"key store {self.path}: the configured master key cannot open it (wrong "
@@ -169,7 +174,7 @@ class FileKeyStore(KeyStore):
             new_doc: dict[str, Any] = {
                 "format": _FORMAT,
                 "version": 1,
-                "kek_id": self._kek.kek_id,
+                "kek_id": doc["kek_id"] if doc is not None else self._kek.kek_id,
                 "mac_key": base64.b64encode(self._mac_key_wrapped).decode("ascii"),
                 "revision": current.revision + 1,
                 "keys": [k.to_dict() for k in merge(current.keys, keys)],
@@ -179,6 +184,33 @@ class FileKeyStore(KeyStore):
             payload = json.dumps(new_doc, sort_keys=True, indent=1).encode("utf-8")
             await anyio.to_thread.run_sync(self._replace, payload)
             return int(new_doc["revision"])
+
+    async def rekey(self, new_kek: KekProvider) -> None:
+        """Reseal the file under ``new_kek`` (the last step of a master-key rotation).
+
+        The MAC key is rewrapped by ``new_kek`` and the document's KEK id changed in
+        one atomic replace; from then on the old KEK cannot open the store.
+        """
+        async with self.lock("write", timeout=30.0):
+            doc, current = await self._load()
+            if doc is None:
+                self._previous[self._kek.kek_id] = self._kek
+                self._kek = new_kek
+                return
+            assert self._mac_key is not None
+            wrapped = await new_kek.wrap(self._mac_key, _MAC_CONTEXT)
+            new_doc = {k: v for k, v in doc.items() if k != "mac"}
+            new_doc["kek_id"] = new_kek.kek_id
+            new_doc["mac_key"] = base64.b64encode(wrapped).decode("ascii")
+            new_doc["revision"] = current.revision + 1
+            new_doc["mac"] = hmac.new(self._mac_key, _canonical(new_doc),
+                                      hashlib.sha256).hexdigest()
+            payload = json.dumps(new_doc, sort_keys=True, indent=1).encode("utf-8")
+            await anyio.to_thread.run_sync(self._replace, payload)
+            self._mac_key_wrapped = wrapped
+            self._previous.pop(new_kek.kek_id, None)
+            self._previous[self._kek.kek_id] = self._kek
+            self._kek = new_kek
 
     def _replace(self, payload: bytes, target: Path | None = None) -> None:
         """Atomically replace ``target`` (default: the store) with ``payload``, mode 0600."""

@@ -112,10 +112,94 @@ def revoke(key_id: str, reason: str) -> None:
     click.echo(f"{key.key_id} is {key.status.value}")
 
 
+@keys.command("compromise")
+@click.argument("key_id")
+@click.option("--reason", required=True, help="what happened (kept in the audit trail)")
+def compromise(key_id: str, reason: str) -> None:
+    """Mark KEY_ID compromised: stop using it, rotate, flag its data for re-encryption."""
+    key = _run(lambda m: m.mark_compromised(key_id, reason))
+    click.echo(f"{key.key_id} is {key.status.value}; its data must be re-encrypted")
+
+
+@keys.command("rotate-due")
+def rotate_due() -> None:
+    """Run the rotation policy now (what the daily job does) and print the report."""
+    click.echo(json.dumps(_run(lambda m: m.rotate_keys_due()), indent=2))
+
+
+@keys.command("cleanup")
+@click.option("--confirm", "confirm", multiple=True, metavar="KEY_ID",
+              help="a key id you have verified no data references (repeatable)")
+@click.option("--force", is_flag=True,
+              help="destroy expired keys WITHOUT a reference check (audited; data may be lost)")
+def cleanup(confirm: tuple[str, ...], force: bool) -> None:
+    """Destroy keys past max age + grace that nothing references; say why others are kept."""
+    if force:
+        click.confirm("Destroy every key past its grace period without checking references?",
+                      abort=True)
+    report = _run(lambda m: m.cleanup_report(confirm_unreferenced=confirm, force=force))
+    for item in report["destroyed"]:
+        click.echo(f"destroyed {item['key_id']}: {item['reason']}")
+    for item in report["kept"]:
+        click.echo(f"kept      {item['key_id']}: {item['reason']}")
+    if not report["destroyed"] and not report["kept"]:
+        click.echo("no key is past its grace period")
+
+
+@keys.command("rotate-master-key")
+@click.option("--new-key-env", default="ENCRYPTION_NEW_MASTER_KEY", show_default=True,
+              help="environment variable holding the new master key (never a CLI argument)")
+def rotate_master_key(new_key_env: str) -> None:
+    """Rewrap every DEK under a new local master key; resumable if interrupted."""
+    from ._config import decode_master_key
+    from .kek.local import LocalKekProvider
+
+    raw = os.environ.get(new_key_env)
+    if not raw:
+        raise click.ClickException(f"{new_key_env} is not set")
+    try:
+        new_kek = LocalKekProvider(decode_master_key(raw))
+    except ValueError as exc:
+        raise click.ClickException(str(exc).replace("ENCRYPTION_MASTER_KEY", new_key_env)) \
+            from None
+    count = _run(lambda m: m.rotate_master_key(new_kek))
+    click.echo(f"rewrapped {count} keys under {new_kek.kek_id}; now set ENCRYPTION_MASTER_KEY "
+               f"to the value of {new_key_env}")
+
+
 @keys.command("stats")
 def stats() -> None:
     """Key statistics as JSON."""
     click.echo(json.dumps(_run(lambda m: m.get_key_statistics()), indent=2, default=str))
+
+
+@main.group()
+def audit() -> None:
+    """The audit trail."""
+
+
+@audit.command("verify")
+@click.option("--dsn", envvar="ENCRYPTION_AUDIT_DSN", required=True,
+              help="PostgreSQL DSN of the audit table (or ENCRYPTION_AUDIT_DSN)")
+@click.option("--table", default="aiocrypt_audit", show_default=True)
+def audit_verify(dsn: str, table: str) -> None:
+    """Recompute the hash chain of the Postgres audit table; exit 1 if it was tampered with."""
+    from .audit.postgres import PostgresAuditSink
+
+    async def main() -> Any:
+        sink = PostgresAuditSink(dsn, table=table)
+        try:
+            return await sink.verify()
+        finally:
+            await sink.close()
+
+    result = asyncio.run(main())
+    if result.ok:
+        click.echo(f"audit chain OK ({result.rows} rows)")
+        return
+    for problem in result.problems:
+        click.echo(f"- {problem}", err=True)
+    sys.exit(1)
 
 
 @main.group()

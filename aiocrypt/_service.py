@@ -13,7 +13,7 @@ import datetime as _dt
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -29,6 +29,7 @@ from ._format import FLAG_ZSTD, context_bytes
 from ._keyring import Keyring, UnknownKeyError
 from ._keys import utcnow
 from ._manager import KeyManager
+from ._streams import open_stream, seal_stream
 from ._types import KeyType, KeyTypeLike
 
 __all__ = ["EncryptionService"]
@@ -361,6 +362,49 @@ class EncryptionService:
             raise
         self.counters["bulk_decryptions"] += 1
         return result
+
+    # -- streams ------------------------------------------------------------
+
+    async def encrypt_stream(self, source: AsyncIterable[bytes] | Iterable[bytes],
+                             key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
+                             context: str | bytes | None = None) -> AsyncIterator[bytes]:
+        """Encrypt chunks of any size as they come; memory stays O(segment).
+
+        The concatenated output is the ``to_bytes()`` blob of a segmented
+        ``EncryptedData``: stream it to a file or object store, and read it back
+        with :meth:`decrypt_stream` (or :meth:`decrypt_bulk_data` when it fits in
+        memory).
+        """
+        kt = KeyType(key_type)
+        keyring = await self._keyring(kt)
+        dk = keyring.active(kt)
+        self.counters["stream_encryptions"] += 1
+        async for part in seal_stream(dk, source, context_bytes(context), self._segment_size,
+                                      self._run, self._threshold):
+            yield part
+
+    async def decrypt_stream(self, source: AsyncIterable[bytes] | Iterable[bytes], *,
+                             context: str | bytes | None = None,
+                             key_type: KeyTypeLike | None = None) -> AsyncIterator[bytes]:
+        """Decrypt what :meth:`encrypt_stream` produced, yielding authenticated plaintext."""
+        if not self._started:
+            await self.start()
+
+        async def find_key(key_id: str) -> DataKey:
+            dk = await self._data_key(key_id)
+            if key_type is not None and dk.key.key_type != KeyType(key_type):
+                raise DecryptionError()
+            self.keyring.check_decryptable(dk, dk.key.key_type)
+            return dk
+
+        try:
+            async for part in open_stream(source, find_key, context_bytes(context), self._run,
+                                          self._threshold):
+                yield part
+        except DecryptionError:
+            self.counters["decrypt_failures"] += 1
+            raise
+        self.counters["stream_decryptions"] += 1
 
     async def _data_key(self, key_id: str) -> DataKey:
         dk = self.key_manager.keyring.get(key_id) or await self.key_manager.load_key(key_id)

@@ -102,6 +102,9 @@ class KeyManager:
         self._missing: dict[str, float] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self._warned_expired: set[str] = set()
+        #: Keyring rebuilds that reused an unwrapped DEK / had to call the KEK provider.
+        self.dek_cache_hits = 0
+        self.dek_cache_misses = 0
         #: Where ``cleanup_expired_keys`` and ``set_min_decryption_version`` learn
         #: which keys data still references (the re-encryption census).
         self.census: Census | None = None
@@ -205,8 +208,10 @@ class KeyManager:
             cached = self._dek_cache.get(key.key_id)
             if cached is not None and cached[0] == key.wrapped_key and mono - cached[2] <= max_age:
                 dk, unwrapped_at = cached[1].with_key(key), cached[2]
+                self.dek_cache_hits += 1
             else:
                 dk, unwrapped_at = DataKey(key, await self._unwrap(key)), mono
+                self.dek_cache_misses += 1
                 if cached is not None:
                     dk.encryptions, dk.allowance = cached[1].encryptions, cached[1].allowance
             policy = self.config.rotation_policy(key.key_type)
@@ -795,6 +800,7 @@ class KeyManager:
             "store_revision": self._records.revision,
             "kek_provider": self.kek.backend,
             "kek_id": self.kek.kek_id,
+            "dek_cache": {"hits": self.dek_cache_hits, "misses": self.dek_cache_misses},
         }
 
     async def health(self) -> dict[str, Any]:

@@ -505,12 +505,12 @@ class EncryptionService:
             "kek_provider": self.key_manager.kek.backend,
             "key_store": self.key_manager.store.name,
         }
+        stats["dek_cache"] = {"hits": self.key_manager.dek_cache_hits,
+                              "misses": self.key_manager.dek_cache_misses}
         if self._started:
-            try:
-                await self.key_manager.store.revision()
-                stats["key_store_reachable"] = True
-            except Exception:  # report, do not raise: this is a health check
-                stats["key_store_reachable"] = False
+            health = await self.key_manager.health()
+            stats.update(health)
+            if not (health["key_store_reachable"] and health["kek_provider_reachable"]):
                 stats["encryption_service"] = "degraded"
         return stats
 

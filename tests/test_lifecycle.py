@@ -332,6 +332,15 @@ async def test_statistics_report_usage_and_health() -> None:
         svc = await service.get_encryption_stats()
         assert svc["aes_ni"] in (True, False, None)
         assert svc["usage_by_key"][pii["key_id"]] == 3
+        assert svc["encryption_service"] == "running" and svc["dek_cache"]["misses"] >= 1
+        kek = service.key_manager.kek
+        assert isinstance(kek, FakeKekProvider)
+        kek.deny()
+        svc = await service.get_encryption_stats()
+        assert svc["encryption_service"] == "degraded"
+        assert svc["kek_provider_reachable"] is False and svc["key_store_reachable"] is True
+        # a KMS outage does not stop fields with loaded keys
+        assert await service.decrypt_field(await service.encrypt_field(5, "pii"), "pii") == 5
 
 
 def test_usage_block_leaves_headroom() -> None:

@@ -332,7 +332,7 @@ async def test_statistics_report_usage_and_health() -> None:
         svc = await service.get_encryption_stats()
         assert svc["aes_ni"] in (True, False, None)
         assert svc["usage_by_key"][pii["key_id"]] == 3
-        assert svc["encryption_service"] == "running" and svc["dek_cache"]["misses"] >= 1
+        assert svc["encryption_service"] == "running" and svc["dek_cache"]["hits"] >= 1
         kek = service.key_manager.kek
         assert isinstance(kek, FakeKekProvider)
         kek.deny()

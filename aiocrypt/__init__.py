@@ -26,6 +26,7 @@ from ._errors import (
     KeyStoreError,
     KeyStoreIntegrityError,
     LockTimeoutError,
+    ReencryptionError,
     UnsupportedTypeError,
 )
 from ._factory import (
@@ -37,7 +38,19 @@ from ._factory import (
 )
 from ._keyring import Keyring
 from ._keys import EncryptionKey
-from ._manager import KeyManager
+from ._manager import Census, KeyManager
+from ._reencrypt import (
+    AsyncpgDatabase,
+    Checkpoint,
+    ColumnSpec,
+    KeyRange,
+    ReencryptionDatabase,
+    ReencryptionEngine,
+    ReencryptionProgress,
+    ReencryptionResult,
+    TableCensus,
+    TableSpec,
+)
 from ._service import EncryptionService
 from ._types import KeyStatus, KeyType
 
@@ -45,6 +58,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AiocryptError",
+    "AsyncpgDatabase",
+    "Census",
+    "Checkpoint",
+    "ColumnSpec",
     "CacheEntryExpiredError",
     "ConcurrentModificationError",
     "ConfigurationError",
@@ -57,6 +74,7 @@ __all__ = [
     "KekProviderError",
     "KeyManager",
     "KeyNotFoundError",
+    "KeyRange",
     "KeyRotationPolicy",
     "KeyStateError",
     "KeyStatus",
@@ -67,6 +85,13 @@ __all__ = [
     "LockTimeoutError",
     "PerformanceMode",
     "PerformanceSettings",
+    "ReencryptionDatabase",
+    "ReencryptionEngine",
+    "ReencryptionError",
+    "ReencryptionProgress",
+    "ReencryptionResult",
+    "TableCensus",
+    "TableSpec",
     "UnsupportedTypeError",
     "build_key_manager",
     "get_crypto_config",

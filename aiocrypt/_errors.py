@@ -13,6 +13,7 @@ Every exception raised on purpose by aiocrypt derives from ``AiocryptError``::
     │   ├── ConcurrentModificationError  a write lost an optimistic-concurrency race
     │   └── LockTimeoutError        the store's rotation lock could not be taken in time
     ├── KekProviderError            the key-encryption-key provider failed (names backend)
+    ├── ReencryptionError           a stored value could not be re-encrypted (names the row)
     └── UnsupportedTypeError        a value the codec cannot encode (also TypeError)
 
 Caller mistakes that are not about keys raise the built-in ``TypeError`` or
@@ -20,6 +21,8 @@ Caller mistakes that are not about keys raise the built-in ``TypeError`` or
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "AiocryptError",
@@ -33,6 +36,7 @@ __all__ = [
     "KeyStoreError",
     "KeyStoreIntegrityError",
     "LockTimeoutError",
+    "ReencryptionError",
     "UnsupportedTypeError",
 ]
 
@@ -95,6 +99,20 @@ class KekProviderError(AiocryptError):
         super().__init__(message)
         self.backend = backend
         self.retryable = retryable
+
+
+class ReencryptionError(AiocryptError):
+    """A stored value could not be re-encrypted (it does not decrypt, or is not a token).
+
+    Names the table, column and primary key of the row; never its contents.
+    """
+
+    def __init__(self, table: str, column: str, primary_key: Any) -> None:
+        super().__init__(f"{table}.{column}: a stored value could not be decrypted for "
+                         "re-encryption (row primary key in .primary_key)")
+        self.table = table
+        self.column = column
+        self.primary_key = primary_key
 
 
 class UnsupportedTypeError(AiocryptError, TypeError):

@@ -109,6 +109,11 @@ class EncryptionService:
         await self.close()
 
     @property
+    def started(self) -> bool:
+        """Whether keys are loaded (sync code may then use :attr:`keyring`)."""
+        return self._started
+
+    @property
     def keyring(self) -> Keyring:
         return self.key_manager.keyring
 

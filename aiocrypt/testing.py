@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._config import EncryptionConfig
@@ -19,6 +19,7 @@ from ._errors import KekProviderError
 from ._keys import utcnow
 from ._manager import KeyManager
 from ._service import EncryptionService
+from ._types import KeyTypeLike
 from .kek._base import KekProvider
 from .kek.local import LocalKekProvider
 from .keystore.memory import MemoryKeyStore
@@ -73,6 +74,12 @@ def make_key_manager(config: EncryptionConfig | None = None, **kwargs: Any) -> K
 
 def make_service(config: EncryptionConfig | None = None, *,
                  clock: Callable[[], datetime.datetime] = utcnow,
+                 preload: Sequence[KeyTypeLike] = (),
                  **kwargs: Any) -> EncryptionService:
-    """An EncryptionService over a fresh memory store and fake KMS (``clock`` for both)."""
-    return EncryptionService(make_key_manager(config, clock=clock, **kwargs), clock=clock)
+    """An EncryptionService over a fresh memory store and fake KMS (``clock`` for both).
+
+    ``preload`` key types get their keys at start; other keyword arguments go to
+    the ``KeyManager``.
+    """
+    return EncryptionService(make_key_manager(config, clock=clock, **kwargs), clock=clock,
+                             preload=preload)

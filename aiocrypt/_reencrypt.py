@@ -1,0 +1,1047 @@
+"""The re-encryption engine (DESIGN.md section 5): move stored tokens onto the active keys.
+
+A run walks one table in primary-key order (keyset pagination, never OFFSET)
+and only ever reads rows that still need work: the key id sits at a fixed
+place in every text token, so ``substr(col, 1, n) <> 'ac1.<target key id>.'``
+selects them in SQL without decrypting anything. Each batch is re-encrypted in
+memory and written back with one statement that changes a column only while
+it still holds the token that was read (compare-and-swap): a value an
+application wrote in the meantime is never overwritten. The batch's
+checkpoint (last primary key, counters) is written in the same transaction,
+so a run killed at any point resumes exactly after the last committed batch.
+
+A pass ends at the end of the table (or shard); the run then starts a new pass
+from the beginning, which finds nothing unless a concurrent writer left a row
+on an old key. Several workers share a table by primary-key range
+(:class:`KeyRange`, :meth:`ReencryptionEngine.plan_shards`), each with its own
+checkpoint.
+
+Everything a job needs to name is an identifier (table, column, key type,
+range), so a queued job (ARQ) carries no plaintext and no key material::
+
+    engine = ReencryptionEngine(key_manager, AsyncpgDatabase(dsn), tables=specs)
+    result = await engine.reencrypt("users", key_type="pii", shard=(0, 500_000))
+
+The database sits behind :class:`ReencryptionDatabase`; :class:`AsyncpgDatabase`
+is the fast Postgres implementation (``UPDATE ... FROM unnest(...)``, reads and
+writes overlapped on two connections). ``aiocrypt.integrations.sqlalchemy``
+adds one for any SQLAlchemy async engine and finds the specs in model metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Final, Literal, Protocol
+
+from . import _compression
+from ._codec import encode_value
+from ._crypto import NONCE_BYTES, DataKey
+from ._errors import DecryptionError, KeyNotFoundError, ReencryptionError
+from ._format import FLAG_ZSTD, TEXT_PREFIX, context_bytes, text_prefix
+from ._keyring import Keyring, UnknownKeyError
+from ._manager import KeyManager
+from ._types import KeyType, KeyTypeLike
+
+__all__ = [
+    "CHECKPOINT_COLUMNS",
+    "DEFAULT_CHECKPOINT_TABLE",
+    "LEGACY_TYPES",
+    "AsyncpgDatabase",
+    "TableCensus",
+    "Checkpoint",
+    "ColumnSpec",
+    "KeyRange",
+    "ReencryptionDatabase",
+    "ReencryptionEngine",
+    "ReencryptionError",
+    "ReencryptionProgress",
+    "ReencryptionResult",
+    "TableSpec",
+    "WriteBatch",
+    "census_from_rows",
+    "census_sql",
+    "checkpoint_ddl",
+    "checkpoint_from_row",
+    "parse_legacy",
+    "pending_condition",
+    "quote_identifier",
+]
+
+logger = logging.getLogger("aiocrypt.reencrypt")
+
+DEFAULT_CHECKPOINT_TABLE: Final = "aiocrypt_reencrypt_checkpoints"
+_IDENT_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+
+
+def quote_identifier(name: str) -> str:
+    """``"schema"."table"`` for a plain (optionally schema-qualified) SQL name; refuses others."""
+    parts = name.split(".")
+    if not 1 <= len(parts) <= 2 or not all(_IDENT_RE.fullmatch(p) for p in parts):
+        raise ValueError(f"not a plain SQL identifier: {name!r}")
+    return ".".join(f'"{p}"' for p in parts)
+
+
+# SQL in this module is built with f-strings from names that passed quote_identifier()
+# (plain identifiers only) and integers; every value travels as a bind parameter.
+
+# -- values stored before encryption was turned on ------------------------------
+
+
+def _parse_bool(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "t", "true", "y", "yes", "on"):
+        return True
+    if low in ("0", "f", "false", "n", "no", "off"):
+        return False
+    raise ValueError("not a boolean")
+
+
+def _parse_bytes(raw: str) -> bytes:
+    # Postgres renders bytea as text in hex form ("\x4869"); anything else is UTF-8.
+    if raw.startswith("\\x"):
+        return bytes.fromhex(raw[2:])
+    return raw.encode("utf-8")
+
+
+def _parse_datetime(raw: str) -> _dt.datetime:
+    value = _dt.datetime.fromisoformat(raw.strip())
+    # Legacy naive timestamps are taken as UTC: the codec only stores aware ones.
+    return value if value.tzinfo is not None else value.replace(tzinfo=_dt.UTC)
+
+
+def _parse_date(raw: str) -> _dt.date:
+    return _dt.date.fromisoformat(raw.strip()[:10])
+
+
+_LEGACY_PARSERS: Final[Mapping[str, Callable[[str], Any]]] = {
+    "str": str,
+    "bytes": _parse_bytes,
+    "int": lambda raw: int(raw.strip()),
+    "float": lambda raw: float(raw.strip()),
+    "decimal": lambda raw: Decimal(raw.strip()),
+    "bool": _parse_bool,
+    "date": _parse_date,
+    "datetime": _parse_datetime,
+    "json": json.loads,
+    "uuid": lambda raw: uuid.UUID(raw.strip()),
+}
+_LEGACY_PYTHON_TYPES: Final[Mapping[str, type | tuple[type, ...]]] = {
+    "str": str, "bytes": bytes, "int": int, "float": float, "decimal": Decimal,
+    "bool": bool, "date": _dt.date, "datetime": _dt.datetime, "json": (dict, list),
+    "uuid": uuid.UUID,
+}
+LEGACY_TYPES: Final = frozenset(_LEGACY_PARSERS)
+"""Value types a column may hold as plaintext from before encryption (``legacy_type``)."""
+
+
+def parse_legacy(value_type: str, raw: Any) -> Any:
+    """A plaintext value stored before encryption, as the Python type the column holds.
+
+    ``raw`` is what the driver returned (usually text: ``"50000.0"``, ``"t"``,
+    ``"2024-01-31"``, JSON). Raises ``ValueError`` when it does not parse.
+    """
+    parser = _LEGACY_PARSERS.get(value_type)
+    if parser is None:
+        raise ValueError(f"unknown legacy value type {value_type!r}; use one of "
+                         f"{sorted(LEGACY_TYPES)}")
+    expected = _LEGACY_PYTHON_TYPES[value_type]
+    if isinstance(raw, expected) and not (value_type == "int" and isinstance(raw, bool)):
+        if isinstance(raw, _dt.datetime) and raw.tzinfo is None:
+            return raw.replace(tzinfo=_dt.UTC)
+        return raw
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = bytes(raw).decode("utf-8")
+    if value_type == "float" and isinstance(raw, (int, Decimal)):
+        return float(raw)
+    if value_type == "decimal" and isinstance(raw, (int, float)):
+        return Decimal(str(raw))
+    if value_type == "bool" and isinstance(raw, int):
+        return bool(raw)
+    if value_type == "date" and isinstance(raw, _dt.datetime):
+        return raw.date()
+    try:
+        return parser(raw if isinstance(raw, str) else str(raw))
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise ValueError(f"stored plaintext is not a valid {value_type}") from exc
+
+
+# -- what to re-encrypt ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnSpec:
+    """One encrypted text column: its key type and the context its tokens are bound to.
+
+    ``context`` defaults to ``"<table>.<column>"`` (what the SQLAlchemy column
+    types use). ``row_bound`` appends ``"#<primary key>"`` to it. ``legacy_type``
+    (one of :data:`LEGACY_TYPES`) lets the column still hold plaintext from
+    before encryption, which a run encrypts (the online migration).
+    """
+
+    name: str
+    key_type: KeyType
+    context: str | None = None
+    deterministic: bool = False
+    row_bound: bool = False
+    legacy_type: str | None = None
+
+    def __post_init__(self) -> None:
+        quote_identifier(self.name)
+        object.__setattr__(self, "key_type", KeyType(self.key_type))
+        if self.legacy_type is not None and self.legacy_type not in LEGACY_TYPES:
+            raise ValueError(f"unknown legacy_type {self.legacy_type!r}; use one of "
+                             f"{sorted(LEGACY_TYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "key_type": self.key_type.value, "context": self.context,
+                "deterministic": self.deterministic, "row_bound": self.row_bound,
+                "legacy_type": self.legacy_type}
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """A table with a single-column primary key (int, text or uuid) and its encrypted columns."""
+
+    name: str
+    primary_key: str
+    columns: tuple[ColumnSpec, ...]
+
+    def __post_init__(self) -> None:
+        quote_identifier(self.name)
+        quote_identifier(self.primary_key)
+        object.__setattr__(self, "columns", tuple(self.columns))
+        if not self.columns:
+            raise ValueError(f"table {self.name}: no encrypted columns")
+        names = [c.name for c in self.columns]
+        if len(set(names)) != len(names) or self.primary_key in names:
+            raise ValueError(f"table {self.name}: duplicate column names")
+
+    def context_for(self, column: ColumnSpec) -> str:
+        return column.context if column.context is not None else f"{self.name}.{column.name}"
+
+    def select(self, columns: Iterable[str] | None = None,
+               key_type: KeyTypeLike | None = None) -> TableSpec:
+        """The same table limited to ``columns`` and / or to columns of ``key_type``."""
+        chosen = list(self.columns)
+        if columns is not None:
+            wanted = list(columns)
+            known = {c.name: c for c in chosen}
+            missing = [n for n in wanted if n not in known]
+            if missing:
+                raise KeyError(f"table {self.name} has no encrypted column {missing[0]!r}")
+            chosen = [known[n] for n in wanted]
+        if key_type is not None:
+            kt = KeyType(key_type)
+            chosen = [c for c in chosen if c.key_type == kt]
+        if not chosen:
+            raise ValueError(f"table {self.name}: no encrypted column matches the selection")
+        return TableSpec(self.name, self.primary_key, tuple(chosen))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (identifiers only: safe as a job argument)."""
+        return {"name": self.name, "primary_key": self.primary_key,
+                "columns": [c.to_dict() for c in self.columns]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TableSpec:
+        return cls(data["name"], data["primary_key"],
+                   tuple(ColumnSpec(**c) for c in data["columns"]))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRange:
+    """Primary keys ``after < pk <= until`` (either side open when None): one shard."""
+
+    after: Any = None
+    until: Any = None
+
+    @classmethod
+    def of(cls, value: KeyRange | tuple[Any, Any] | Sequence[Any] | None) -> KeyRange:
+        if value is None:
+            return cls()
+        if isinstance(value, KeyRange):
+            return value
+        after, until = value
+        return cls(after, until)
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """Progress of one job as stored in the checkpoint table (one row per job id)."""
+
+    job_id: str
+    table: str
+    pass_no: int = 1
+    last_pk: Any = None
+    batches: int = 0
+    rows_read: int = 0
+    rows_updated: int = 0
+    rows_conflicted: int = 0
+    rows_failed: int = 0
+    done: bool = False
+
+    def encoded_pk(self) -> str | None:
+        return None if self.last_pk is None else json.dumps(self.last_pk, default=str)
+
+    @staticmethod
+    def decode_pk(text: str | None) -> Any:
+        return None if text is None else json.loads(text)
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Column-major arrays for one compare-and-swap write.
+
+    For row ``r`` and column ``i``: when ``new[i][r]`` is not None, set the column
+    to it if it still holds ``old[i][r]``; otherwise leave the column alone.
+    """
+
+    pks: list[Any]
+    old: list[list[Any]]
+    new: list[list[str | None]]
+
+    def __len__(self) -> int:
+        return len(self.pks)
+
+
+@dataclass(frozen=True, slots=True)
+class TableCensus:
+    """Rows per key id per column; the key ``None`` counts values that are not tokens.
+
+    NULLs are not counted. A key with ``rows_for(key_id) == 0`` in every table that
+    used it holds no data any more and may be destroyed.
+    """
+
+    table: str
+    counts: Mapping[str, Mapping[str | None, int]]
+
+    def rows_for(self, key_id: str | None) -> int:
+        return sum(by_key.get(key_id, 0) for by_key in self.counts.values())
+
+    def key_ids(self) -> set[str]:
+        return {k for by_key in self.counts.values() for k in by_key if k is not None}
+
+    def off_target(self, targets: Mapping[str, str]) -> int:
+        """Rows (per column) not on ``targets[column]`` (key id)."""
+        return sum(n for col, by_key in self.counts.items()
+                   for kid, n in by_key.items() if kid != targets.get(col))
+
+
+@dataclass(frozen=True, slots=True)
+class ReencryptionProgress:
+    """Reported after every committed batch. Counters are cumulative for the job."""
+
+    job_id: str
+    table: str
+    pass_no: int
+    batches: int
+    rows_read: int
+    rows_updated: int
+    rows_conflicted: int
+    rows_failed: int
+    last_pk: Any
+    run_batches: int
+    run_rows_updated: int
+    elapsed: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.run_rows_updated / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReencryptionResult:
+    """What one run did (``run_*``) and the job's cumulative checkpoint."""
+
+    job_id: str
+    table: str
+    targets: Mapping[str, str]
+    run_batches: int
+    run_rows_read: int
+    run_rows_updated: int
+    run_rows_conflicted: int
+    run_rows_failed: int
+    passes: int
+    resumed_from: Any
+    checkpoint: Checkpoint
+    elapsed: float
+    complete: bool
+    target_changed: bool = False
+    failed_primary_keys: tuple[Any, ...] = field(default=())
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.run_rows_updated / self.elapsed if self.elapsed > 0 else 0.0
+
+
+ProgressCallback = Callable[[ReencryptionProgress], Awaitable[None] | None]
+
+
+# -- the database side ----------------------------------------------------------
+
+
+class ReencryptionDatabase(Protocol):
+    """What the engine needs from a database. Implementations: :class:`AsyncpgDatabase`,
+    ``aiocrypt.integrations.sqlalchemy.SQLAlchemyDatabase``.
+
+    ``fetch_batch`` returns rows ``(pk, col_0, ..., col_n)`` in primary-key order
+    with ``after < pk <= until`` where at least one column is non-NULL and does not
+    start with its prefix. ``write_batch`` applies a :class:`WriteBatch` with
+    compare-and-swap and upserts ``checkpoint`` in the same transaction, adding
+    the rows it updated to ``rows_updated`` and the rows it did not to
+    ``rows_conflicted``; it returns the number of rows updated.
+    """
+
+    supports_pipelining: bool
+
+    async def prepare(self, table: TableSpec) -> None: ...
+
+    async def fetch_batch(self, table: TableSpec, prefixes: Sequence[str], after: Any,
+                          until: Any, limit: int) -> Sequence[Sequence[Any]]: ...
+
+    async def write_batch(self, table: TableSpec, batch: WriteBatch,
+                          checkpoint: Checkpoint) -> int: ...
+
+    async def load_checkpoint(self, job_id: str) -> Checkpoint | None: ...
+
+    async def save_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+
+    async def census(self, table: TableSpec) -> TableCensus: ...
+
+    async def boundaries(self, table: TableSpec, shards: int) -> list[Any]: ...
+
+    async def close(self) -> None: ...
+
+
+def checkpoint_ddl(table: str, *, timestamp_type: str = "TIMESTAMP") -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quote_identifier(table)} ("
+        "job_id VARCHAR(255) PRIMARY KEY, table_name VARCHAR(255) NOT NULL, "
+        "pass_no INTEGER NOT NULL, last_pk TEXT, batches BIGINT NOT NULL, "
+        "rows_read BIGINT NOT NULL, rows_updated BIGINT NOT NULL, "
+        "rows_conflicted BIGINT NOT NULL, rows_failed BIGINT NOT NULL, "
+        f"done BOOLEAN NOT NULL, updated_at {timestamp_type} DEFAULT CURRENT_TIMESTAMP)"
+    )
+
+
+CHECKPOINT_COLUMNS: Final = ("job_id", "table_name", "pass_no", "last_pk", "batches",
+                             "rows_read", "rows_updated", "rows_conflicted", "rows_failed",
+                             "done")
+
+
+def checkpoint_from_row(row: Sequence[Any]) -> Checkpoint:
+    return Checkpoint(job_id=row[0], table=row[1], pass_no=int(row[2]),
+                      last_pk=Checkpoint.decode_pk(row[3]), batches=int(row[4]),
+                      rows_read=int(row[5]), rows_updated=int(row[6]),
+                      rows_conflicted=int(row[7]), rows_failed=int(row[8]), done=bool(row[9]))
+
+
+def pending_condition(table: TableSpec, prefix_params: Sequence[str]) -> str:
+    """SQL true for a row with at least one column not yet on its target key."""
+    parts = []
+    for column, param in zip(table.columns, prefix_params, strict=True):
+        col = quote_identifier(column.name)
+        parts.append(f"({col} IS NOT NULL AND substr({col}, 1, length({param})) <> {param})")
+    return "(" + " OR ".join(parts) + ")"
+
+
+def census_sql(table: TableSpec, key_id_expr: Callable[[str], str]) -> str:
+    """One query: (column index, key id or NULL for non-tokens, rows) for every column."""
+    tbl = quote_identifier(table.name)
+    selects = []
+    for i, column in enumerate(table.columns):
+        col = quote_identifier(column.name)
+        selects.append(
+            f"SELECT {i} AS col, CASE WHEN substr({col}, 1, {len(TEXT_PREFIX)}) = "  # noqa: S608
+            f"'{TEXT_PREFIX}' THEN {key_id_expr(col)} END AS kid, count(*) AS n "
+            f"FROM {tbl} WHERE {col} IS NOT NULL GROUP BY 2")
+    return " UNION ALL ".join(selects)
+
+
+def census_from_rows(table: TableSpec, rows: Iterable[Sequence[Any]]) -> TableCensus:
+    counts: dict[str, dict[str | None, int]] = {c.name: {} for c in table.columns}
+    for col, kid, n in rows:
+        by_key = counts[table.columns[int(col)].name]
+        by_key[kid] = by_key.get(kid, 0) + int(n)
+    return TableCensus(table.name, counts)
+
+
+class AsyncpgDatabase:
+    """Postgres through asyncpg: one ``UPDATE ... FROM unnest(...)`` per batch.
+
+    The compare-and-swap update and the checkpoint upsert are one statement (a
+    data-modifying CTE), so they commit together. Reads and writes run on two
+    connections so the next batch is fetched while this one is re-encrypted and
+    the previous one written. Give it a DSN, or an ``asyncpg`` pool you own.
+    """
+
+    supports_pipelining = True
+
+    def __init__(self, dsn: str | None = None, *, pool: Any = None,
+                 checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE) -> None:
+        if (dsn is None) == (pool is None):
+            raise ValueError("give a DSN or an asyncpg pool")
+        quote_identifier(checkpoint_table)
+        self._dsn = dsn
+        self._pool = pool
+        self.checkpoint_table = checkpoint_table
+        self._reader: Any = None
+        self._writer: Any = None
+        self._pk_types: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<AsyncpgDatabase checkpoint_table={self.checkpoint_table}>"
+
+    async def _connect(self) -> None:
+        if self._reader is not None:
+            return
+        async with self._lock:
+            if self._reader is not None:
+                return
+            if self._pool is not None:
+                reader = await self._pool.acquire()
+                writer = await self._pool.acquire()
+            else:
+                try:
+                    import asyncpg
+                except ImportError as exc:  # pragma: no cover - depends on the environment
+                    raise ImportError("AsyncpgDatabase needs asyncpg: "
+                                      "pip install 'aiocrypt[postgres]'") from exc
+                reader = await asyncpg.connect(self._dsn)
+                try:
+                    writer = await asyncpg.connect(self._dsn)
+                except BaseException:
+                    await reader.close()
+                    raise
+            self._reader, self._writer = reader, writer
+
+    async def close(self) -> None:
+        reader, writer = self._reader, self._writer
+        self._reader = self._writer = None
+        for conn in (reader, writer):
+            if conn is None:
+                continue
+            if self._pool is not None:
+                await self._pool.release(conn)
+            else:
+                await conn.close()
+
+    async def __aenter__(self) -> AsyncpgDatabase:
+        await self._connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def prepare(self, table: TableSpec) -> None:
+        await self._connect()
+        try:
+            await self._writer.execute(checkpoint_ddl(self.checkpoint_table,
+                                                      timestamp_type="TIMESTAMPTZ"))
+        except Exception as exc:
+            # Two workers creating the table at once: the loser sees a duplicate.
+            if type(exc).__name__ not in ("UniqueViolationError", "DuplicateTableError"):
+                raise
+        pk_type = await self._reader.fetchval(
+            "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "WHERE a.attrelid = $1::regclass AND a.attname = $2 AND NOT a.attisdropped",
+            quote_identifier(table.name), table.primary_key)
+        if pk_type is None:
+            raise KeyNotFoundError(f"table {table.name} has no column {table.primary_key!r}")
+        self._pk_types[table.name] = pk_type
+
+    def _fetch_sql(self, table: TableSpec, has_after: bool, has_until: bool) -> str:
+        tbl, pk = quote_identifier(table.name), quote_identifier(table.primary_key)
+        cols = ", ".join(quote_identifier(c.name) for c in table.columns)
+        n = len(table.columns)
+        where = [pending_condition(table, [f"${i + 1}" for i in range(n)])]
+        args = n
+        if has_after:
+            args += 1
+            where.append(f"{pk} > ${args}")
+        if has_until:
+            args += 1
+            where.append(f"{pk} <= ${args}")
+        return (f"SELECT {pk}, {cols} FROM {tbl} WHERE {' AND '.join(where)} "  # noqa: S608
+                f"ORDER BY {pk} LIMIT ${args + 1}")
+
+    async def fetch_batch(self, table: TableSpec, prefixes: Sequence[str], after: Any,
+                          until: Any, limit: int) -> Sequence[Sequence[Any]]:
+        await self._connect()
+        args: list[Any] = list(prefixes)
+        if after is not None:
+            args.append(after)
+        if until is not None:
+            args.append(until)
+        sql = self._fetch_sql(table, after is not None, until is not None)
+        rows: Sequence[Sequence[Any]] = await self._reader.fetch(sql, *args, limit)
+        return rows
+
+    def _write_sql(self, table: TableSpec) -> str:
+        tbl, pk = quote_identifier(table.name), quote_identifier(table.primary_key)
+        pk_type = self._pk_types[table.name]
+        n = len(table.columns)
+        arrays = [f"$1::{pk_type}[]"]
+        aliases = ["pk"]
+        sets, matches = [], []
+        for i, column in enumerate(table.columns):
+            col = quote_identifier(column.name)
+            arrays += [f"${2 + 2 * i}::text[]", f"${3 + 2 * i}::text[]"]
+            aliases += [f"o{i}", f"n{i}"]
+            match = f"(v.n{i} IS NOT NULL AND t.{col} = v.o{i})"
+            matches.append(match)
+            sets.append(f"{col} = CASE WHEN {match} THEN v.n{i} ELSE t.{col} END")
+        base = 2 + 2 * n
+        cp = [f"${base + k}" for k in range(len(CHECKPOINT_COLUMNS) - 1)]
+        ckpt = quote_identifier(self.checkpoint_table)
+        # cp params: job_id, table, pass_no, last_pk, batches, rows_read, rows_updated
+        # (before this batch), rows_conflicted (before), rows_failed, rows sent.
+        sent = f"${base + len(cp)}"
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in CHECKPOINT_COLUMNS[1:])
+        return (
+            f"WITH v AS (SELECT * FROM unnest({', '.join(arrays)}) "  # noqa: S608
+            f"AS v({', '.join(aliases)})), "
+            f"upd AS (UPDATE {tbl} AS t SET {', '.join(sets)} FROM v "
+            f"WHERE t.{pk} = v.pk AND ({' OR '.join(matches)}) RETURNING 1), "
+            "cnt AS (SELECT count(*) AS n FROM upd), "
+            f"cp AS (INSERT INTO {ckpt} ({', '.join(CHECKPOINT_COLUMNS)}, updated_at) "
+            f"SELECT {cp[0]}, {cp[1]}, {cp[2]}, {cp[3]}, {cp[4]}, {cp[5]}, "
+            f"{cp[6]} + cnt.n, {cp[7]} + ({sent} - cnt.n), {cp[8]}, false, now() FROM cnt "
+            f"ON CONFLICT (job_id) DO UPDATE SET {updates}, updated_at = EXCLUDED.updated_at "
+            "RETURNING 1) "
+            "SELECT n FROM cnt"
+        )
+
+    async def write_batch(self, table: TableSpec, batch: WriteBatch,
+                          checkpoint: Checkpoint) -> int:
+        await self._connect()
+        args: list[Any] = [batch.pks]
+        for old, new in zip(batch.old, batch.new, strict=True):
+            args += [old, new]
+        args += [checkpoint.job_id, checkpoint.table, checkpoint.pass_no,
+                 checkpoint.encoded_pk(), checkpoint.batches, checkpoint.rows_read,
+                 checkpoint.rows_updated, checkpoint.rows_conflicted, checkpoint.rows_failed,
+                 len(batch)]
+        updated: int = await self._writer.fetchval(self._write_sql(table), *args)
+        return updated
+
+    async def load_checkpoint(self, job_id: str) -> Checkpoint | None:
+        await self._connect()
+        row = await self._reader.fetchrow(
+            f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM "  # noqa: S608
+            f"{quote_identifier(self.checkpoint_table)} WHERE job_id = $1", job_id)
+        return None if row is None else checkpoint_from_row(row)
+
+    async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        await self._connect()
+        params = ", ".join(f"${i + 1}" for i in range(len(CHECKPOINT_COLUMNS)))
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in CHECKPOINT_COLUMNS[1:])
+        await self._writer.execute(
+            f"INSERT INTO {quote_identifier(self.checkpoint_table)} "  # noqa: S608
+            f"({', '.join(CHECKPOINT_COLUMNS)}, updated_at) VALUES ({params}, now()) "
+            f"ON CONFLICT (job_id) DO UPDATE SET {updates}, updated_at = now()",
+            checkpoint.job_id, checkpoint.table, checkpoint.pass_no, checkpoint.encoded_pk(),
+            checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated,
+            checkpoint.rows_conflicted, checkpoint.rows_failed, checkpoint.done)
+
+    async def census(self, table: TableSpec) -> TableCensus:
+        await self._connect()
+        rows = await self._reader.fetch(census_sql(table, lambda c: f"split_part({c}, '.', 2)"))
+        return census_from_rows(table, rows)
+
+    async def boundaries(self, table: TableSpec, shards: int) -> list[Any]:
+        await self._connect()
+        if shards < 2:
+            return []
+        pk = quote_identifier(table.primary_key)
+        fractions = [i / shards for i in range(1, shards)]
+        values = await self._reader.fetchval(
+            f"SELECT percentile_disc($1::float8[]) WITHIN GROUP (ORDER BY {pk}) "  # noqa: S608
+            f"FROM {quote_identifier(table.name)}", fractions)
+        return [] if values is None else [v for v in values if v is not None]
+
+
+# -- the engine -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Column:
+    spec: ColumnSpec
+    context: str
+    prefix: str
+    target: DataKey
+
+
+@dataclass(slots=True)
+class _RunStats:
+    batches: int = 0
+    rows_read: int = 0
+    rows_updated: int = 0
+    rows_conflicted: int = 0
+    rows_failed: int = 0
+    failed_pks: list[Any] = field(default_factory=list)
+
+
+class ReencryptionEngine:
+    """Re-encrypts stored tokens onto the active key of each column's key type.
+
+    ``tables`` registers :class:`TableSpec` by name so a job can name a table
+    only (``aiocrypt.integrations.sqlalchemy.table_specs(Base.metadata)`` finds
+    them in model metadata). ``rate_limit`` caps rows per second;
+    ``progress`` (sync or async) is called after each committed batch, and an
+    exception it raises stops the run after that batch (resume later).
+    ``on_error="skip"`` leaves a value that does not decrypt in place (counted,
+    its primary key reported) instead of stopping the run.
+    """
+
+    def __init__(self, key_manager: KeyManager, database: ReencryptionDatabase, *,
+                 tables: Iterable[TableSpec] = (), batch_size: int = 2000,
+                 rate_limit: float | None = None, progress: ProgressCallback | None = None,
+                 max_passes: int = 3, on_error: Literal["raise", "skip"] = "raise",
+                 compression_level: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if rate_limit is not None and rate_limit <= 0:
+            raise ValueError("rate_limit must be a positive number of rows per second")
+        if max_passes < 1:
+            raise ValueError("max_passes must be at least 1")
+        if on_error not in ("raise", "skip"):
+            raise ValueError("on_error must be 'raise' or 'skip'")
+        self.key_manager = key_manager
+        self.database = database
+        self.tables: dict[str, TableSpec] = {t.name: t for t in tables}
+        self.batch_size = batch_size
+        self.rate_limit = rate_limit
+        self.progress = progress
+        self.max_passes = max_passes
+        self.on_error = on_error
+        self.compression_level = compression_level
+        self._prepared: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<ReencryptionEngine tables={sorted(self.tables)} batch_size={self.batch_size}>"
+
+    def table(self, table: str | TableSpec) -> TableSpec:
+        if isinstance(table, TableSpec):
+            return table
+        try:
+            return self.tables[table]
+        except KeyError:
+            raise KeyError(f"no table spec registered for {table!r}") from None
+
+    async def _prepare(self, spec: TableSpec) -> None:
+        if spec.name not in self._prepared:
+            await self.database.prepare(spec)
+            self._prepared.add(spec.name)
+
+    # -- reporting ----------------------------------------------------------
+
+    async def census(self, table: str | TableSpec) -> TableCensus:
+        """Rows per key id per column, counted in SQL (nothing is decrypted)."""
+        spec = self.table(table)
+        await self._prepare(spec)
+        return await self.database.census(spec)
+
+    async def key_usage(self, tables: Iterable[str | TableSpec] | None = None) -> dict[str, int]:
+        """Rows per key id over every column of ``tables`` (default: all registered).
+
+        The shape ``KeyManager.census`` takes (``key_manager.census =
+        engine.key_usage``), so cleanup destroys only keys no row uses any more.
+        It covers the tables this engine knows only; blind-index key versions
+        are counted by ``aiocrypt.integrations.sqlalchemy.blind_index_usage``.
+        """
+        usage: dict[str, int] = {}
+        for table in (self.tables.values() if tables is None else tables):
+            census = await self.census(table)
+            for by_key in census.counts.values():
+                for key_id, rows in by_key.items():
+                    if key_id is not None:
+                        usage[key_id] = usage.get(key_id, 0) + rows
+        return usage
+
+    async def plan_shards(self, table: str | TableSpec, count: int) -> list[KeyRange]:
+        """``count`` primary-key ranges of about equal size, for as many workers."""
+        spec = self.table(table)
+        await self._prepare(spec)
+        bounds: list[Any] = []
+        for value in await self.database.boundaries(spec, count):
+            if not bounds or value != bounds[-1]:
+                bounds.append(value)
+        edges = [None, *bounds, None]
+        return [KeyRange(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+
+    async def targets(self, table: str | TableSpec) -> dict[str, str]:
+        """Column -> the key id a run would move it to (the active key of its key type)."""
+        spec = self.table(table)
+        keyring = await self.key_manager.ensure_active({c.key_type for c in spec.columns})
+        return {c.name: keyring.active(c.key_type).key_id for c in spec.columns}
+
+    # -- running ------------------------------------------------------------
+
+    @staticmethod
+    def job_id_for(spec: TableSpec, targets: Mapping[str, str], shard: KeyRange) -> str:
+        """Stable id of (table, columns, target keys, shard): a rerun resumes its checkpoint."""
+        material = json.dumps([spec.to_dict(), sorted(targets.items()), shard.after,
+                               shard.until], default=str, sort_keys=True)
+        digest = hashlib.sha256(material.encode("utf-8")).hexdigest()[:24]
+        return f"{spec.name}:{digest}"
+
+    async def reencrypt(self, table: str | TableSpec, *, columns: Iterable[str] | None = None,
+                        key_type: KeyTypeLike | None = None,
+                        shard: KeyRange | tuple[Any, Any] | None = None,
+                        job_id: str | None = None) -> ReencryptionResult:
+        """Move every value of the table (or shard) onto the active keys; resumable.
+
+        All arguments are identifiers, so a job queue can carry them. Rerunning
+        with the same arguments resumes from the checkpoint; once a job is
+        complete, a rerun is a cheap verification pass.
+        """
+        spec = self.table(table)
+        if columns is not None or key_type is not None:
+            spec = spec.select(columns, key_type)
+        key_range = KeyRange.of(shard)
+        await self._prepare(spec)
+        keyring = await self.key_manager.ensure_active({c.key_type for c in spec.columns})
+        cols = []
+        for c in spec.columns:
+            target = keyring.require_encryptable(c.key_type)
+            context = spec.context_for(c)
+            context_bytes(context)  # validates it once: the hot loop only encodes it
+            cols.append(_Column(c, context, text_prefix(target.key_id), target))
+        targets = {c.spec.name: c.target.key_id for c in cols}
+        job = job_id or self.job_id_for(spec, targets, key_range)
+
+        checkpoint = await self.database.load_checkpoint(job)
+        resumed_from = None
+        if checkpoint is None:
+            checkpoint = Checkpoint(job, spec.name)
+        elif checkpoint.done:
+            checkpoint.pass_no += 1
+            checkpoint.last_pk = None
+            checkpoint.done = False
+        else:
+            resumed_from = checkpoint.last_pk
+            logger.info("re-encryption %s resumes after batch %d", job, checkpoint.batches)
+
+        stats = _RunStats()
+        started = time.monotonic()
+        passes = 0
+        target_changed = False
+        while True:
+            passes += 1
+            read, target_changed = await self._pass(spec, cols, key_range, checkpoint, stats,
+                                                    started)
+            if target_changed or read == 0 or passes >= self.max_passes:
+                break
+            checkpoint.pass_no += 1
+            checkpoint.last_pk = None
+            await self.database.save_checkpoint(checkpoint)
+        complete = not target_changed and read == 0
+        if complete:
+            checkpoint.done = True
+            await self.database.save_checkpoint(checkpoint)
+        elapsed = time.monotonic() - started
+        logger.info("re-encryption %s: %d rows updated in %d batches, %.1f s%s", job,
+                    stats.rows_updated, stats.batches, elapsed,
+                    "" if complete else " (incomplete)")
+        return ReencryptionResult(
+            job_id=job, table=spec.name, targets=targets, run_batches=stats.batches,
+            run_rows_read=stats.rows_read, run_rows_updated=stats.rows_updated,
+            run_rows_conflicted=stats.rows_conflicted, run_rows_failed=stats.rows_failed,
+            passes=passes, resumed_from=resumed_from, checkpoint=checkpoint, elapsed=elapsed,
+            complete=complete, target_changed=target_changed,
+            failed_primary_keys=tuple(stats.failed_pks))
+
+    async def _pass(self, spec: TableSpec, cols: list[_Column], key_range: KeyRange,
+                    checkpoint: Checkpoint, stats: _RunStats,
+                    started: float) -> tuple[int, bool]:
+        """One sweep from the checkpoint to the end of the range: (rows read, target changed)."""
+        db = self.database
+        prefixes = [c.prefix for c in cols]
+        limit = self.batch_size
+        pipelined = db.supports_pipelining
+
+        def fetch(after: Any) -> asyncio.Task[Sequence[Sequence[Any]]]:
+            return asyncio.ensure_future(
+                db.fetch_batch(spec, prefixes, after, key_range.until, limit))
+
+        read = 0
+        target_changed = False
+        next_fetch: asyncio.Task[Sequence[Sequence[Any]]] | None = fetch(
+            checkpoint.last_pk if checkpoint.last_pk is not None else key_range.after)
+        writing: asyncio.Task[None] | None = None
+        try:
+            while next_fetch is not None:
+                rows = await next_fetch
+                next_fetch = None
+                if not rows:
+                    break
+                last_pk = rows[-1][0]
+                if len(rows) == limit and pipelined:
+                    next_fetch = fetch(last_pk)
+                keyring = await self.key_manager.current_keyring()
+                if any(_active_id(keyring, c.spec.key_type) != c.target.key_id for c in cols):
+                    logger.warning("re-encryption %s: a target key rotated during the run; "
+                                   "stopping (run again for the new key)", checkpoint.job_id)
+                    target_changed = True
+                    break
+                read += len(rows)
+                batch, failed = await self._transform(spec, cols, rows)
+                if writing is not None:
+                    await writing
+                    writing = None
+                    await self._after_commit(checkpoint, stats, started)
+                stats.failed_pks.extend(failed[:max(0, 100 - len(stats.failed_pks))])
+                writing = asyncio.ensure_future(
+                    self._commit(spec, batch, checkpoint, stats, last_pk, len(rows),
+                                 len(failed)))
+                if not pipelined:
+                    await writing
+                    writing = None
+                    await self._after_commit(checkpoint, stats, started)
+                if len(rows) == limit and not pipelined:
+                    next_fetch = fetch(last_pk)
+            if writing is not None:
+                await writing
+                writing = None
+                await self._after_commit(checkpoint, stats, started)
+        finally:
+            for task in (next_fetch, writing):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+        return read, target_changed
+
+    async def _commit(self, spec: TableSpec, batch: WriteBatch, checkpoint: Checkpoint,
+                      stats: _RunStats, last_pk: Any, rows_read: int, failed: int) -> None:
+        pending = Checkpoint(
+            checkpoint.job_id, checkpoint.table, checkpoint.pass_no, last_pk,
+            checkpoint.batches + 1, checkpoint.rows_read + rows_read, checkpoint.rows_updated,
+            checkpoint.rows_conflicted, checkpoint.rows_failed + failed)
+        updated = await self.database.write_batch(spec, batch, pending)
+        conflicted = len(batch) - updated
+        pending.rows_updated += updated
+        pending.rows_conflicted += conflicted
+        (checkpoint.last_pk, checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated,
+         checkpoint.rows_conflicted, checkpoint.rows_failed) = (
+            pending.last_pk, pending.batches, pending.rows_read, pending.rows_updated,
+            pending.rows_conflicted, pending.rows_failed)
+        stats.batches += 1
+        stats.rows_read += rows_read
+        stats.rows_updated += updated
+        stats.rows_conflicted += conflicted
+        stats.rows_failed += failed
+
+    async def _after_commit(self, checkpoint: Checkpoint, stats: _RunStats,
+                            started: float) -> None:
+        elapsed = time.monotonic() - started
+        if self.progress is not None:
+            outcome = self.progress(ReencryptionProgress(
+                checkpoint.job_id, checkpoint.table, checkpoint.pass_no, checkpoint.batches,
+                checkpoint.rows_read, checkpoint.rows_updated, checkpoint.rows_conflicted,
+                checkpoint.rows_failed, checkpoint.last_pk, stats.batches, stats.rows_updated,
+                elapsed))
+            if inspect.isawaitable(outcome):
+                await outcome
+        if self.rate_limit is not None:
+            delay = stats.rows_read / self.rate_limit - (time.monotonic() - started)
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def _transform(self, spec: TableSpec, cols: list[_Column],
+                         rows: Sequence[Sequence[Any]]) -> tuple[WriteBatch, list[Any]]:
+        keyring = self.key_manager.keyring
+        try:
+            return self._transform_sync(spec, cols, rows, keyring)
+        except UnknownKeyError as exc:
+            # A token from a key this process has not loaded yet (rotated elsewhere).
+            if await self.key_manager.load_key(exc.key_id) is None:
+                return self._transform_sync(spec, cols, rows, self.key_manager.keyring,
+                                            unknown_fails=True)
+            return await self._transform(spec, cols, rows)
+
+    def _transform_sync(self, spec: TableSpec, cols: list[_Column],
+                        rows: Sequence[Sequence[Any]], keyring: Keyring, *,
+                        unknown_fails: bool = False) -> tuple[WriteBatch, list[Any]]:
+        n = len(cols)
+        pks: list[Any] = []
+        old: list[list[Any]] = [[] for _ in range(n)]
+        new: list[list[str | None]] = [[] for _ in range(n)]
+        failed: list[Any] = []
+        level = self.compression_level
+        flags = FLAG_ZSTD if level is not None else 0
+        # One getrandom call per batch instead of one per token (the hot loop's
+        # largest fixed cost); each nonce is still 96 fresh random bits.
+        randomness = os.urandom(NONCE_BYTES * n * len(rows))
+        offset = 0
+        for row in rows:
+            pk = row[0]
+            out: list[str | None] = [None] * n
+            try:
+                for i, col in enumerate(cols):
+                    value = row[i + 1]
+                    if value is None or (type(value) is str and value.startswith(col.prefix)):
+                        continue
+                    context = col.context if not col.spec.row_bound else f"{col.context}#{pk}"
+                    plaintext = self._plaintext(spec, col, keyring, value, context, pk,
+                                                unknown_fails)
+                    if level is not None:
+                        plaintext = _compression.compress(plaintext, level)
+                    ctx = context.encode("utf-8")
+                    if col.spec.deterministic:
+                        out[i] = col.target.seal_deterministic(plaintext, ctx, flags)
+                    else:
+                        out[i] = col.target.seal_text(plaintext, ctx, flags,
+                                                      randomness[offset:offset + NONCE_BYTES])
+                        offset += NONCE_BYTES
+            except ReencryptionError:
+                if self.on_error == "raise":
+                    raise
+                logger.warning("re-encryption skipped a row of %s that does not decrypt",
+                               spec.name)
+                failed.append(pk)
+                continue
+            pks.append(pk)
+            for i in range(n):
+                old[i].append(row[i + 1])
+                new[i].append(out[i])
+        return WriteBatch(pks, old, new), failed
+
+    @staticmethod
+    def _plaintext(spec: TableSpec, col: _Column, keyring: Keyring, value: Any, context: str,
+                   pk: Any, unknown_fails: bool) -> bytes:
+        if type(value) is str and value.startswith(TEXT_PREFIX):
+            try:
+                return keyring.decrypt_bytes(value, col.spec.key_type, context,
+                                             for_reencryption=True)
+            except UnknownKeyError:
+                if not unknown_fails:
+                    raise
+            except DecryptionError:
+                pass
+        elif col.spec.legacy_type is not None:
+            try:
+                return encode_value(parse_legacy(col.spec.legacy_type, value))
+            except ValueError:
+                pass
+        raise ReencryptionError(spec.name, col.spec.name, pk)
+
+
+def _active_id(keyring: Keyring, key_type: KeyType) -> str | None:
+    dk = keyring.active_keys.get(key_type)
+    return None if dk is None else dk.key_id

@@ -1,0 +1,871 @@
+"""SQLAlchemy integration: encrypted columns, blind indexes and the re-encryption engine.
+
+Declare columns with the encrypted types; values are encrypted when bound and
+decrypted when loaded, bound to ``"<table>.<column>"`` so a token copied to
+another column fails to decrypt::
+
+    from aiocrypt.integrations.sqlalchemy import (
+        BlindIndex, EncryptedFloat, EncryptedString, set_encryption_service)
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        monthly_income_encrypted: Mapped[float | None] = mapped_column(
+            EncryptedFloat(KeyType.FINANCIAL_DATA))
+        ssn_encrypted: Mapped[str | None] = mapped_column(EncryptedString(KeyType.PII))
+        ssn_index: Mapped[str | None] = mapped_column(
+            BlindIndex("ssn_encrypted", normalizer=normalize_digits), index=True)
+
+    set_encryption_service(service)          # or pass service= to each type
+    session.add(User(monthly_income_encrypted=50000.0, ssn_encrypted="123-45-6789"))
+    select(User).where(User.ssn_index.matches("123-45-6789"))
+
+Keys. The type decorators run synchronously inside SQLAlchemy. Under an async
+engine they run in SQLAlchemy's greenlet, where they refresh a stale keyring,
+create a missing active key and load a key id they have not seen (rotated by
+another process) through the service's async ``KeyManager``. Under a sync
+engine nothing can be awaited: start the service (``preload=[...]`` the key
+types you use) before the first query; keys rotated elsewhere are seen after
+``await service.key_manager.refresh()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, ClassVar, Final, cast
+from uuid import UUID
+
+try:
+    import sqlalchemy as sa
+    from sqlalchemy import event
+    from sqlalchemy.engine import Dialect
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.orm import Mapper
+    from sqlalchemy.orm.exc import UnmappedColumnError
+    from sqlalchemy.sql import operators
+    from sqlalchemy.types import TypeDecorator
+    from sqlalchemy.util import concurrency as _concurrency
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("aiocrypt.integrations.sqlalchemy needs SQLAlchemy: "
+                      "pip install 'aiocrypt[sqlalchemy]'") from exc
+
+from aiocrypt import (
+    ConfigurationError,
+    DecryptionError,
+    EncryptionService,
+    Keyring,
+    KeyType,
+    get_encryption_service,
+)
+from aiocrypt._codec import encode_value
+from aiocrypt._crypto import DataKey
+from aiocrypt._format import TEXT_PREFIX, context_bytes
+from aiocrypt._keyring import UnknownKeyError
+from aiocrypt._reencrypt import (
+    CHECKPOINT_COLUMNS,
+    DEFAULT_CHECKPOINT_TABLE,
+    AsyncpgDatabase,
+    Checkpoint,
+    ColumnSpec,
+    ReencryptionDatabase,
+    ReencryptionEngine,
+    TableCensus,
+    TableSpec,
+    WriteBatch,
+    census_from_rows,
+    census_sql,
+    checkpoint_ddl,
+    checkpoint_from_row,
+    parse_legacy,
+    pending_condition,
+    quote_identifier,
+)
+from aiocrypt._types import KeyTypeLike
+
+__all__ = [
+    "BLIND_INDEX_KEY_TYPE",
+    "BlindIndex",
+    "EncryptedBoolean",
+    "EncryptedBytes",
+    "EncryptedDate",
+    "EncryptedDateTime",
+    "EncryptedDecimal",
+    "EncryptedFloat",
+    "EncryptedInteger",
+    "EncryptedJSON",
+    "EncryptedNumeric",
+    "EncryptedString",
+    "EncryptedType",
+    "EncryptedUUID",
+    "IndexDigest",
+    "SQLAlchemyDatabase",
+    "blind_index_matches",
+    "blind_index_usage",
+    "database_for",
+    "normalize_digits",
+    "normalize_email",
+    "normalize_text",
+    "plaintext_reads",
+    "rebuild_blind_indexes",
+    "reencryption_engine",
+    "set_encryption_service",
+    "table_specs",
+]
+
+logger = logging.getLogger("aiocrypt.sqlalchemy")
+
+BLIND_INDEX_KEY_TYPE: Final = KeyType("blind_index")
+"""Default key type of blind indexes: never shared with field encryption."""
+
+plaintext_reads: Counter[str] = Counter()
+"""Plaintext (not yet encrypted) values read per ``table.column`` since start."""
+
+_await: Callable[[Any], Any] = getattr(_concurrency, "await_", None) or _concurrency.await_only
+_in_greenlet: Callable[[], bool] = _concurrency.in_greenlet
+
+_default_service: EncryptionService | None = None
+
+
+def set_encryption_service(service: EncryptionService | None) -> None:
+    """The service used by column types declared without ``service=`` (None: the
+    process-wide ``aiocrypt.get_encryption_service()``)."""
+    global _default_service
+    _default_service = service
+
+
+def _service_for(explicit: EncryptionService | None) -> EncryptionService:
+    if explicit is not None:
+        return explicit
+    if _default_service is not None:
+        return _default_service
+    return get_encryption_service()
+
+
+def _current_keyring(service: EncryptionService, key_type: KeyType | None = None) -> Keyring:
+    """The service's keyring, refreshed (and ``key_type`` made active) where we may await."""
+    manager = service.key_manager
+    keyring = manager.keyring
+    if _in_greenlet():
+        if len(keyring) == 0 or manager.is_stale():
+            keyring = _await(manager.current_keyring())
+        if key_type is not None and key_type not in keyring.active_keys:
+            keyring = _await(manager.ensure_active([key_type]))
+    elif len(keyring) == 0:
+        raise ConfigurationError(
+            "the encryption service has no keys loaded: start it (await service.start()) "
+            "before building queries or using a sync engine")
+    elif key_type is not None and key_type not in keyring.active_keys:
+        raise ConfigurationError(
+            f"no active {key_type.value!r} key is loaded: with a sync engine, start the "
+            f"service first (EncryptionService(..., preload=[{key_type.value!r}]))")
+    return keyring
+
+
+def _decrypt(service: EncryptionService, token: str, key_type: KeyType, context: str) -> Any:
+    keyring = _current_keyring(service)
+    try:
+        return keyring.decrypt(token, key_type, context)
+    except UnknownKeyError as exc:
+        # A key rotated in another process: load it once (only possible in a greenlet).
+        if _in_greenlet() and _await(service.key_manager.load_key(exc.key_id)) is not None:
+            return service.key_manager.keyring.decrypt(token, key_type, context)
+        service.counters["decrypt_failures"] += 1
+        raise DecryptionError() from None
+    except DecryptionError:
+        service.counters["decrypt_failures"] += 1
+        raise
+
+
+def _live_keys(keyring: Keyring, key_type: KeyType) -> list[DataKey]:
+    """Every loaded version of ``key_type`` (destroyed keys are never loaded), newest first."""
+    keys = [dk for dk in keyring if dk.key.key_type == key_type]
+    return sorted(keys, key=lambda dk: dk.key.version, reverse=True)
+
+
+# -- encrypted columns ----------------------------------------------------------
+
+
+class _TableBound(TypeDecorator[Any]):
+    """Learns ``table.column`` when its column is attached to a table (context binding)."""
+
+    impl: Any = sa.Text
+    cache_ok = True
+
+    context: str | None
+    _explicit_context: bool
+
+    def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
+        super()._set_parent(parent, outer=outer, **kw)
+        if isinstance(parent, sa.Column) and not self._explicit_context:
+            parent._on_table_attach(self._attached)
+
+    def _attached(self, column: sa.Column[Any], table: sa.Table) -> None:
+        self.context = f"{table.name}.{column.name}"
+        self.table_name = table.name
+        self.column_name = column.name
+
+    def _context(self) -> str:
+        if self.context is None:
+            raise ConfigurationError(
+                f"{type(self).__name__} is not attached to a table column yet; "
+                "give context= when using it outside a Table")
+        return self.context
+
+
+class _EncryptedComparator(TypeDecorator.Comparator[Any]):
+    """``==`` / ``!=`` / ``in_`` on a deterministic column match every live key version;
+    on a randomized column they can never match, so they raise instead."""
+
+    __slots__ = ()
+
+    def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+        typ = self.expr.type
+        if op in (operators.eq, operators.ne, operators.in_op, operators.not_in_op) \
+                and other and other[0] is not None and isinstance(typ, EncryptedType):
+            if not typ.deterministic:
+                raise TypeError(
+                    f"{typ.context}: randomized encryption cannot be compared in SQL; "
+                    "use deterministic=True or a BlindIndex column")
+            values = other[0] if op in (operators.in_op, operators.not_in_op) else [other[0]]
+            if isinstance(values, sa.sql.ClauseElement):
+                raise TypeError("compare a deterministic encrypted column with Python values")
+            clause = typ.match_clause(self.expr, values)
+            return ~clause if op in (operators.ne, operators.not_in_op) else clause
+        return super().operate(op, *other, **kwargs)
+
+
+class EncryptedType(_TableBound):
+    """Base of the encrypted column types: a text column holding an aiocrypt token.
+
+    ``key_type``: the key purpose (``KeyType.PII``, ``"financial_data"``, ...).
+    ``context``: defaults to ``"<table>.<column>"``, set when the column joins its table.
+    ``deterministic``: AES-SIV, equal values give equal tokens, so ``==`` works (and
+    matches every live key version); leaks equality, use for exact-match columns only.
+    ``allow_plaintext``: the column may still hold plaintext from before encryption
+    (a migration in progress); such values are returned as they are, counted in
+    :data:`plaintext_reads` and logged, until the migration encrypts them.
+    ``service``: defaults to :func:`set_encryption_service` / the process-wide service.
+    """
+
+    python_type_name: ClassVar[str] = "str"
+    comparator_factory = _EncryptedComparator
+
+    def __init__(self, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
+                 context: str | None = None, deterministic: bool = False,
+                 allow_plaintext: bool = False,
+                 service: EncryptionService | None = None) -> None:
+        super().__init__()
+        self.key_type = KeyType(key_type)
+        self.context = context
+        self.deterministic = deterministic
+        self.allow_plaintext = allow_plaintext
+        self.service = service
+        self._explicit_context = context is not None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.key_type.value!r}"
+                f"{', deterministic=True' if self.deterministic else ''})")
+
+    @property
+    def python_type(self) -> type:
+        return cast(type, _PYTHON_TYPES[self.python_type_name])
+
+    def coerce_value(self, value: Any) -> Any:
+        """The value as this column's Python type (``int`` -> ``float`` for a float column)."""
+        expected = _PYTHON_TYPES[self.python_type_name]
+        if isinstance(value, expected) and not (isinstance(value, bool)
+                                                and self.python_type_name != "bool"):
+            return value
+        raise TypeError(f"{self.context}: expected {self.python_type_name}, "
+                        f"got {type(value).__name__}")
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        value = self.coerce_value(value)
+        service = _service_for(self.service)
+        keyring = _current_keyring(service, self.key_type)
+        if self.deterministic:
+            return keyring.encrypt_deterministic(value, self.key_type, self._context())
+        return keyring.encrypt(value, self.key_type, self._context(),
+                               compression_level=service.config.compression_level)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str) and value.startswith(TEXT_PREFIX):
+            return _decrypt(_service_for(self.service), value, self.key_type, self._context())
+        if not self.allow_plaintext:
+            raise DecryptionError()
+        return self._legacy(value)
+
+    def _legacy(self, value: Any) -> Any:
+        context = self._context()
+        try:
+            parsed = parse_legacy(self.python_type_name, value)
+        except ValueError:
+            raise DecryptionError("stored value is neither a token nor valid plaintext") \
+                from None
+        plaintext_reads[context] += 1
+        service = _service_for(self.service)
+        service.counters["plaintext_reads"] += 1
+        service.counters[f"plaintext_reads:{context}"] += 1
+        if plaintext_reads[context] == 1 or plaintext_reads[context] % 1000 == 0:
+            logger.warning("%s: read %d plaintext value(s) not encrypted yet; run the "
+                           "migration (re-encryption engine) to encrypt them", context,
+                           plaintext_reads[context])
+        return parsed
+
+    def tokens_for(self, value: Any, keyring: Keyring | None = None) -> list[str]:
+        """Deterministic tokens of ``value`` under every live key version (newest first)."""
+        if not self.deterministic:
+            raise TypeError(f"{self.context}: only deterministic columns have stable tokens")
+        if keyring is None:
+            keyring = _current_keyring(_service_for(self.service))
+        plaintext = encode_value(self.coerce_value(value))
+        ctx = context_bytes(self._context())
+        return [dk.seal_deterministic(plaintext, ctx) for dk in _live_keys(keyring,
+                                                                             self.key_type)]
+
+    def match_clause(self, column: Any, values: Iterable[Any]) -> Any:
+        tokens = [t for v in values for t in self.tokens_for(v)]
+        return sa.type_coerce(column, sa.Text()).in_(tokens)
+
+
+_PYTHON_TYPES: Final[dict[str, type | tuple[type, ...]]] = {
+    "str": str, "bytes": bytes, "int": int, "float": float, "decimal": Decimal,
+    "bool": bool, "date": date, "datetime": datetime, "json": (dict, list), "uuid": UUID,
+}
+
+
+class EncryptedString(EncryptedType):
+    """``str`` values."""
+
+    cache_ok = True
+    python_type_name = "str"
+
+
+class EncryptedBytes(EncryptedType):
+    """``bytes`` values (stored as a text token like every other type)."""
+
+    cache_ok = True
+    python_type_name = "bytes"
+
+    def coerce_value(self, value: Any) -> Any:
+        if isinstance(value, (bytearray, memoryview)):
+            return bytes(value)
+        return super().coerce_value(value)
+
+
+class EncryptedInteger(EncryptedType):
+    """``int`` values of any size."""
+
+    cache_ok = True
+    python_type_name = "int"
+
+
+class EncryptedFloat(EncryptedType):
+    """``float`` values (ints are stored as floats)."""
+
+    cache_ok = True
+    python_type_name = "float"
+
+    def coerce_value(self, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return super().coerce_value(value)
+
+
+class EncryptedDecimal(EncryptedType):
+    """``Decimal`` values, exactly (ints become Decimals; floats are refused: inexact)."""
+
+    cache_ok = True
+    python_type_name = "decimal"
+
+    def coerce_value(self, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return Decimal(value)
+        return super().coerce_value(value)
+
+
+EncryptedNumeric = EncryptedDecimal
+
+
+class EncryptedBoolean(EncryptedType):
+    """``bool`` values."""
+
+    cache_ok = True
+    python_type_name = "bool"
+
+
+class EncryptedDate(EncryptedType):
+    """``date`` values (a datetime is refused: use EncryptedDateTime)."""
+
+    cache_ok = True
+    python_type_name = "date"
+
+    def coerce_value(self, value: Any) -> Any:
+        if isinstance(value, datetime):
+            raise TypeError(f"{self.context}: expected date, got datetime")
+        return super().coerce_value(value)
+
+
+class EncryptedDateTime(EncryptedType):
+    """Timezone-aware ``datetime`` values (the offset is kept; naive ones are refused)."""
+
+    cache_ok = True
+    python_type_name = "datetime"
+
+
+class EncryptedJSON(EncryptedType):
+    """``dict`` / ``list`` values (JSON-like; reassign to change: no in-place tracking)."""
+
+    cache_ok = True
+    python_type_name = "json"
+
+
+class EncryptedUUID(EncryptedType):
+    """``uuid.UUID`` values."""
+
+    cache_ok = True
+    python_type_name = "uuid"
+
+
+# -- blind indexes --------------------------------------------------------------
+
+
+def normalize_text(value: Any) -> str:
+    """NFKC, trimmed, case-folded, whitespace collapsed: ``" Ann  SMITH "`` -> ``"ann smith"``."""
+    return " ".join(unicodedata.normalize("NFKC", str(value)).casefold().split())
+
+
+def normalize_digits(value: Any) -> str:
+    """Digits only: ``"123-45-6789"`` == ``"123 45 6789"`` (SSNs, phone numbers)."""
+    return "".join(ch for ch in unicodedata.normalize("NFKC", str(value)) if ch.isdigit())
+
+
+def normalize_email(value: Any) -> str:
+    """Trimmed and case-folded e-mail address."""
+    return unicodedata.normalize("NFKC", str(value)).strip().casefold()
+
+
+class IndexDigest(str):
+    """A stored blind-index value (``"<key version>:<base64url HMAC>"``) as loaded."""
+
+    __slots__ = ()
+
+
+class _BlindIndexComparator(TypeDecorator.Comparator[Any]):
+    __slots__ = ()
+
+    def matches(self, value: Any) -> Any:
+        """Rows whose indexed value equals ``value`` under any live index key version."""
+        return blind_index_matches(self.expr, value)
+
+    def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+        if op in (operators.eq, operators.ne) and other and other[0] is not None \
+                and not isinstance(other[0], (IndexDigest, sa.sql.ClauseElement)):
+            clause = blind_index_matches(self.expr, other[0])
+            return ~clause if op is operators.ne else clause
+        return super().operate(op, *other, **kwargs)
+
+
+class BlindIndex(_TableBound):
+    """A searchable HMAC of another (encrypted) column of the same table.
+
+    Stores ``"<index key version>:" + base64url(HMAC-SHA256(k, context || 0 ||
+    normalizer(value))[:length])`` where ``k`` is derived with HKDF from the
+    version of ``key_type`` (a key type of its own, ``"blind_index"`` by default)
+    and ``context`` is ``"<table>.<source>"``. With the ORM, the value is kept in
+    sync with ``source`` on insert and update; with Core, give the plaintext to
+    both columns (the index column hashes what it is given).
+    ``Model.index.matches(value)`` (or ``==``) matches every live key version, so
+    lookups keep working across a rotation of the index key.
+
+    ``length`` (bytes, 8..32) trades storage against collisions: with 16 bytes
+    collisions are negligible; a short length deliberately makes lookups return
+    a few extra rows (filter them after decrypting).
+    """
+
+    impl: Any = sa.String(64)
+    cache_ok = True
+    comparator_factory = _BlindIndexComparator
+
+    def __init__(self, source: str, *, key_type: KeyTypeLike = BLIND_INDEX_KEY_TYPE,
+                 length: int = 16, normalizer: Callable[[Any], str | bytes] | None = None,
+                 context: str | None = None, service: EncryptionService | None = None) -> None:
+        super().__init__()
+        if not 8 <= length <= 32:
+            raise ValueError("blind index length must be 8..32 bytes")
+        self.source = source
+        self.key_type = KeyType(key_type)
+        self.length = length
+        self.normalizer = normalizer
+        self.context = context
+        self.service = service
+        self._explicit_context = context is not None
+
+    def __repr__(self) -> str:
+        return f"BlindIndex({self.source!r}, key_type={self.key_type.value!r})"
+
+    def _attached(self, column: sa.Column[Any], table: sa.Table) -> None:
+        super()._attached(column, table)
+        self.context = f"{table.name}.{self.source}"
+
+    def _message(self, value: Any) -> bytes:
+        normalized = self.normalizer(value) if self.normalizer is not None else value
+        if isinstance(normalized, str):
+            data = normalized.encode("utf-8")
+        elif isinstance(normalized, bytes):
+            data = normalized
+        else:
+            data = encode_value(normalized)
+        return context_bytes(self._context()) + b"\x00" + data
+
+    def digest(self, value: Any, data_key: DataKey) -> IndexDigest:
+        """The index value of ``value`` under one index key version."""
+        mac = hmac.new(data_key.derive(b"blind-index", 32), self._message(value),
+                       hashlib.sha256).digest()[:self.length]
+        encoded = base64.urlsafe_b64encode(mac).decode("ascii").rstrip("=")
+        return IndexDigest(f"{data_key.key.version}:{encoded}")
+
+    def candidates(self, value: Any, keyring: Keyring | None = None) -> list[str]:
+        """The index value of ``value`` under every live version of the index key."""
+        if keyring is None:
+            keyring = _current_keyring(_service_for(self.service))
+        return [self.digest(value, dk) for dk in _live_keys(keyring, self.key_type)]
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, IndexDigest):
+            return str(value)  # loaded from the database, written back unchanged
+        keyring = _current_keyring(_service_for(self.service), self.key_type)
+        return str(self.digest(value, keyring.active(self.key_type)))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> IndexDigest | None:
+        return None if value is None else IndexDigest(value)
+
+
+def blind_index_matches(column: Any, value: Any) -> Any:
+    """``column IN (index of value under each live key version)`` for a BlindIndex column."""
+    typ = column.type
+    if not isinstance(typ, BlindIndex):
+        raise TypeError("blind_index_matches() needs a BlindIndex column")
+    candidates = typ.candidates(value)
+    return sa.type_coerce(column, sa.String()).in_(candidates)
+
+
+async def rebuild_blind_indexes(engine: AsyncEngine, table: sa.Table, *,
+                                batch_size: int = 1000) -> int:
+    """Recompute every blind index of ``table`` not yet under the active index key.
+
+    Needed before an old index key version may be destroyed (lookups match every
+    live version, so nothing is urgent before that). Walks the primary key in
+    batches; each row's index is rewritten only while its source column still
+    holds the token that was read (compare-and-swap), so a concurrent change of
+    the source, which re-indexes itself, is never overwritten. Returns the number
+    of index values rewritten.
+    """
+    pk_columns = list(table.primary_key.columns)
+    if len(pk_columns) != 1:
+        raise ConfigurationError(f"table {table.name}: needs a single-column primary key")
+    pk = pk_columns[0]
+    done = 0
+    for index in [c for c in table.columns if isinstance(c.type, BlindIndex)]:
+        index_type = cast(BlindIndex, index.type)
+        source = table.columns[index_type.source]
+        service = _service_for(index_type.service)
+        keyring = await service.key_manager.ensure_active([index_type.key_type])
+        active = keyring.active(index_type.key_type)
+        tag = f"{active.key.version}:"
+        raw_source = sa.type_coerce(source, sa.Text())
+        raw_index = sa.type_coerce(index, sa.Text())
+        update = (sa.update(table)
+                  .where(pk == sa.bindparam("b_pk"), raw_source == sa.bindparam("b_raw"))
+                  .values({index.name: sa.bindparam("b_new")}))
+        last: Any = None
+        while True:
+            query = (sa.select(pk, raw_source, source)
+                     .where(source.is_not(None),
+                            sa.or_(index.is_(None),
+                                   sa.func.substr(raw_index, 1, len(tag)) != tag))
+                     .order_by(pk).limit(batch_size))
+            if last is not None:
+                query = query.where(pk > last)
+            async with engine.begin() as conn:
+                rows = (await conn.execute(query)).all()
+                if not rows:
+                    break
+                await conn.execute(update, [
+                    {"b_pk": key, "b_raw": raw, "b_new": index_type.digest(value, active)}
+                    for key, raw, value in rows])
+            done += len(rows)
+            last = rows[-1][0]
+    return done
+
+
+async def blind_index_usage(engine: AsyncEngine, metadata: sa.MetaData,
+                            service: EncryptionService | None = None) -> dict[str, int]:
+    """Rows per blind-index key id over every BlindIndex column of ``metadata``, in SQL.
+
+    Merge it with ``ReencryptionEngine.key_usage()`` for ``KeyManager.census``: a
+    blind-index key version still used by an index value must not be destroyed.
+    """
+    usage: dict[str, int] = {}
+    for table in metadata.sorted_tables:
+        for column in table.columns:
+            if not isinstance(column.type, BlindIndex):
+                continue
+            manager = _service_for(service or column.type.service).key_manager
+            versions = {k.version: k.key_id
+                        for k in await manager.list_keys(column.type.key_type)}
+            raw = sa.type_coerce(column, sa.Text())
+            if engine.dialect.name == "postgresql":
+                version = sa.func.split_part(raw, ":", 1)
+            else:
+                version = sa.func.substr(raw, 1, sa.func.instr(raw, ":") - 1)
+            query = (sa.select(version, sa.func.count()).where(column.is_not(None))
+                     .group_by(version))
+            async with engine.connect() as conn:
+                for tag, rows in (await conn.execute(query)).all():
+                    key_id = versions.get(int(tag)) if str(tag).isdigit() else None
+                    if key_id is not None:
+                        usage[key_id] = usage.get(key_id, 0) + int(rows)
+    return usage
+
+
+# Keep blind indexes in sync through the ORM: when the source attribute changes,
+# copy its (plaintext) value into the index attribute; the type hashes it on flush.
+
+
+def _index_pairs(mapper: Mapper[Any]) -> list[tuple[str, str]]:
+    pairs = []
+    for table in mapper.tables:
+        for column in table.columns:
+            if isinstance(column.type, BlindIndex):
+                source = table.columns.get(column.type.source)
+                if source is None:
+                    raise ConfigurationError(f"blind index {table.name}.{column.name}: no "
+                                             f"column {column.type.source!r} in the table")
+                try:
+                    pairs.append((mapper.get_property_by_column(source).key,
+                                  mapper.get_property_by_column(column).key))
+                except UnmappedColumnError:  # not mapped on this mapper (e.g. excluded)
+                    pass
+    return pairs
+
+
+@event.listens_for(Mapper, "mapper_configured")
+def _register_blind_indexes(mapper: Mapper[Any], class_: type) -> None:
+    pairs = _index_pairs(mapper)
+    if not pairs:
+        return
+
+    def before_insert(mapper: Mapper[Any], connection: Any, target: Any) -> None:
+        for source, index in pairs:
+            setattr(target, index, getattr(target, source))
+
+    def before_update(mapper: Mapper[Any], connection: Any, target: Any) -> None:
+        state = sa.inspect(target)
+        for source, index in pairs:
+            if state.attrs[source].history.has_changes():
+                setattr(target, index, getattr(target, source))
+
+    event.listen(mapper, "before_insert", before_insert)
+    event.listen(mapper, "before_update", before_update)
+
+
+# -- the re-encryption engine over SQLAlchemy -----------------------------------
+
+
+def table_specs(metadata: sa.MetaData, tables: Iterable[str] | None = None) -> list[TableSpec]:
+    """A :class:`TableSpec` for every table with encrypted columns (blind indexes are
+    derived values and are not re-encrypted). Tables need a one-column primary key."""
+    wanted = None if tables is None else set(tables)
+    specs = []
+    for table in metadata.sorted_tables:
+        if wanted is not None and table.name not in wanted:
+            continue
+        columns = [(c, c.type) for c in table.columns if isinstance(c.type, EncryptedType)]
+        if not columns:
+            continue
+        pk = list(table.primary_key.columns)
+        if len(pk) != 1:
+            raise ConfigurationError(f"table {table.name}: re-encryption needs a single-column "
+                                     "primary key")
+        name = table.name if table.schema is None else f"{table.schema}.{table.name}"
+        specs.append(TableSpec(name, pk[0].name, tuple(
+            ColumnSpec(c.name, t.key_type, context=t.context, deterministic=t.deterministic,
+                       legacy_type=t.python_type_name if t.allow_plaintext else None)
+            for c, t in columns
+        )))
+    return specs
+
+
+class SQLAlchemyDatabase:
+    """The engine's database side over any SQLAlchemy ``AsyncEngine`` (SQLite, ...).
+
+    One transaction per batch: a compare-and-swap ``UPDATE`` per row (executemany)
+    and the checkpoint upsert. For Postgres on asyncpg, :func:`database_for`
+    returns the faster :class:`~aiocrypt._reencrypt.AsyncpgDatabase` instead.
+    """
+
+    supports_pipelining = False
+
+    def __init__(self, engine: AsyncEngine, *,
+                 checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE) -> None:
+        quote_identifier(checkpoint_table)
+        self.engine = engine
+        self.checkpoint_table = checkpoint_table
+
+    def __repr__(self) -> str:
+        return f"<SQLAlchemyDatabase {self.engine.dialect.name}>"
+
+    async def close(self) -> None:
+        """Nothing to close: the caller owns the engine."""
+
+    async def prepare(self, table: TableSpec) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(sa.text(checkpoint_ddl(self.checkpoint_table)))
+
+    async def fetch_batch(self, table: TableSpec, prefixes: Sequence[str], after: Any,
+                          until: Any, limit: int) -> Sequence[Sequence[Any]]:
+        pk = quote_identifier(table.primary_key)
+        cols = ", ".join(quote_identifier(c.name) for c in table.columns)
+        params: dict[str, Any] = {f"p{i}": p for i, p in enumerate(prefixes)}
+        where = [pending_condition(table, [f":p{i}" for i in range(len(prefixes))])]
+        if after is not None:
+            where.append(f"{pk} > :after")
+            params["after"] = after
+        if until is not None:
+            where.append(f"{pk} <= :until")
+            params["until"] = until
+        params["limit"] = limit
+        sql = (f"SELECT {pk}, {cols} FROM {quote_identifier(table.name)} "  # noqa: S608
+               f"WHERE {' AND '.join(where)} ORDER BY {pk} LIMIT :limit")
+        async with self.engine.connect() as conn:
+            result = await conn.execute(sa.text(sql), params)
+            return [tuple(row) for row in result.all()]
+
+    async def write_batch(self, table: TableSpec, batch: WriteBatch,
+                          checkpoint: Checkpoint) -> int:
+        pk = quote_identifier(table.primary_key)
+        sets, matches = [], []
+        for i, column in enumerate(table.columns):
+            col = quote_identifier(column.name)
+            match = f"(CAST(:n{i} AS TEXT) IS NOT NULL AND {col} = :o{i})"
+            matches.append(match)
+            sets.append(f"{col} = CASE WHEN {match} THEN :n{i} ELSE {col} END")
+        sql = (f"UPDATE {quote_identifier(table.name)} SET {', '.join(sets)} "  # noqa: S608
+               f"WHERE {pk} = :pk AND ({' OR '.join(matches)})")
+        rows = []
+        for r, key in enumerate(batch.pks):
+            row: dict[str, Any] = {"pk": key}
+            for i in range(len(table.columns)):
+                row[f"o{i}"] = batch.old[i][r]
+                row[f"n{i}"] = batch.new[i][r]
+            rows.append(row)
+        async with self.engine.begin() as conn:
+            updated = 0
+            statement = sa.text(sql)
+            if rows and conn.dialect.supports_sane_multi_rowcount:
+                updated = max((await conn.execute(statement, rows)).rowcount, 0)
+            else:  # the driver cannot count an executemany: one statement per row
+                for row in rows:
+                    updated += max((await conn.execute(statement, row)).rowcount, 0)
+            final = Checkpoint(
+                checkpoint.job_id, checkpoint.table, checkpoint.pass_no, checkpoint.last_pk,
+                checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated + updated,
+                checkpoint.rows_conflicted + len(batch) - updated, checkpoint.rows_failed)
+            await self._upsert(conn, final)
+        return updated
+
+    async def _upsert(self, conn: Any, checkpoint: Checkpoint) -> None:
+        names = ", ".join(CHECKPOINT_COLUMNS)
+        params = ", ".join(f":{c}" for c in CHECKPOINT_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in CHECKPOINT_COLUMNS[1:])
+        await conn.execute(sa.text(
+            f"INSERT INTO {quote_identifier(self.checkpoint_table)} ({names}, updated_at) "  # noqa: S608
+            f"VALUES ({params}, CURRENT_TIMESTAMP) ON CONFLICT (job_id) DO UPDATE SET "
+            f"{updates}, updated_at = CURRENT_TIMESTAMP"),
+            {"job_id": checkpoint.job_id, "table_name": checkpoint.table,
+             "pass_no": checkpoint.pass_no, "last_pk": checkpoint.encoded_pk(),
+             "batches": checkpoint.batches, "rows_read": checkpoint.rows_read,
+             "rows_updated": checkpoint.rows_updated,
+             "rows_conflicted": checkpoint.rows_conflicted,
+             "rows_failed": checkpoint.rows_failed, "done": checkpoint.done})
+
+    async def load_checkpoint(self, job_id: str) -> Checkpoint | None:
+        async with self.engine.connect() as conn:
+            result = await conn.execute(sa.text(
+                f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM "  # noqa: S608
+                f"{quote_identifier(self.checkpoint_table)} WHERE job_id = :job_id"),
+                {"job_id": job_id})
+            row = result.first()
+        return None if row is None else checkpoint_from_row(tuple(row))
+
+    async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        async with self.engine.begin() as conn:
+            await self._upsert(conn, checkpoint)
+
+    async def census(self, table: TableSpec) -> TableCensus:
+        if self.engine.dialect.name == "postgresql":
+            def key_id(c: str) -> str:
+                return f"split_part({c}, '.', 2)"
+        else:
+            def key_id(c: str) -> str:
+                return f"substr({c}, 5, instr(substr({c}, 5), '.') - 1)"
+        async with self.engine.connect() as conn:
+            result = await conn.execute(sa.text(census_sql(table, key_id)))
+            return census_from_rows(table, result.all())
+
+    async def boundaries(self, table: TableSpec, shards: int) -> list[Any]:
+        if shards < 2:
+            return []
+        tbl, pk = quote_identifier(table.name), quote_identifier(table.primary_key)
+        async with self.engine.connect() as conn:
+            total = (await conn.execute(sa.text(f"SELECT count(*) FROM {tbl}"))).scalar_one()  # noqa: S608
+            bounds = []
+            for i in range(1, shards):
+                offset = total * i // shards
+                if offset == 0:
+                    continue
+                value = (await conn.execute(sa.text(
+                    f"SELECT {pk} FROM {tbl} ORDER BY {pk} LIMIT 1 OFFSET :o"),  # noqa: S608
+                    {"o": offset - 1})).scalar()
+                if value is not None:
+                    bounds.append(value)
+        return bounds
+
+
+def database_for(engine: AsyncEngine, *,
+                 checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE) -> ReencryptionDatabase:
+    """The fastest engine database for ``engine``: asyncpg directly on Postgres+asyncpg."""
+    if engine.dialect.name == "postgresql" and engine.dialect.driver == "asyncpg":
+        url = engine.url.set(drivername="postgresql")
+        return AsyncpgDatabase(url.render_as_string(hide_password=False),
+                               checkpoint_table=checkpoint_table)
+    return SQLAlchemyDatabase(engine, checkpoint_table=checkpoint_table)
+
+
+def reencryption_engine(service: EncryptionService, engine: AsyncEngine,
+                        metadata: sa.MetaData, **kwargs: Any) -> ReencryptionEngine:
+    """A :class:`ReencryptionEngine` for every encrypted column found in ``metadata``.
+
+    Keyword arguments go to ``ReencryptionEngine`` (``batch_size``, ``rate_limit``,
+    ``progress``, ...). Close ``engine.database`` when done.
+    """
+    checkpoint_table = kwargs.pop("checkpoint_table", DEFAULT_CHECKPOINT_TABLE)
+    return ReencryptionEngine(service.key_manager,
+                              database_for(engine, checkpoint_table=checkpoint_table),
+                              tables=table_specs(metadata), **kwargs)
+

@@ -43,8 +43,9 @@ __all__ = ["Census", "KeyManager"]
 logger = logging.getLogger("aiocrypt.keys")
 
 Clock = Callable[[], _dt.datetime]
-#: Rows per key id over all encrypted data (a key id absent from it has none),
-#: or a coroutine function returning that.
+#: Rows per key id of the data a census covers, or a coroutine function returning
+#: that. Only an explicit 0 marks a key unreferenced: a key id absent from the
+#: census is of data the census does not cover, and is kept.
 Census = Mapping[str, int] | Callable[[], Awaitable[Mapping[str, int]]]
 _WRITE_RETRIES: Final = 5
 _FAR_FUTURE: Final = _dt.datetime.max.replace(tzinfo=_dt.UTC)
@@ -585,15 +586,14 @@ class KeyManager:
     # -- references, cleanup, minimum versions ------------------------------
 
     async def _unreferenced(self, confirm_unreferenced: Iterable[str],
-                            census: Census | None) -> tuple[set[str], bool]:
-        """Key ids known to be unreferenced, and whether a census was consulted."""
+                            census: Census | None) -> tuple[set[str], Mapping[str, int] | None]:
+        """Key ids known to be unreferenced, and the census consulted (if any)."""
         confirmed = set(confirm_unreferenced)
         source = census if census is not None else self.census
         if source is None:
-            return confirmed, False
+            return confirmed, None
         counts = await source() if callable(source) else source
-        known = {k.key_id for k in self._records.keys}
-        return confirmed | {key_id for key_id in known if counts.get(key_id, 0) == 0}, True
+        return confirmed | {key_id for key_id, rows in counts.items() if rows == 0}, counts
 
     async def cleanup_expired_keys(self, *, confirm_unreferenced: Iterable[str] = (),
                                    census: Census | None = None, force: bool = False) -> int:
@@ -616,7 +616,8 @@ class KeyManager:
             await self.open()
         await self.refresh(force=True)
         await self._expire_retired()
-        unreferenced, census_used = await self._unreferenced(confirm_unreferenced, census)
+        unreferenced, counts = await self._unreferenced(confirm_unreferenced, census)
+        confirmed = set(confirm_unreferenced)
         destroyed: list[dict[str, str]] = []
         kept: list[dict[str, str]] = []
 
@@ -632,18 +633,21 @@ class KeyManager:
                 if not _policy.is_past_grace(key, policy, now):
                     continue
                 if key.key_id in unreferenced or force:
-                    how = ("census: no rows left" if census_used and key.key_id in unreferenced
-                           and key.key_id not in set(confirm_unreferenced) else
-                           "confirmed unreferenced by caller" if key.key_id in unreferenced
+                    how = ("confirmed unreferenced by caller" if key.key_id in confirmed else
+                           "census: no rows left" if key.key_id in unreferenced
                            else "FORCED without a reference check")
                     updates.append(key.replace(status=KeyStatus.DESTROYED, wrapped_key=None,
                                                status_changed_at=now, status_reason=how))
                     destroyed.append({"key_id": key.key_id, "reason": how})
+                elif counts is None:
+                    kept.append({"key_id": key.key_id,
+                                 "reason": "no census and not confirmed unreferenced"})
+                elif key.key_id in counts:
+                    kept.append({"key_id": key.key_id, "reason": "data may still reference "
+                                 f"it: the census reports {counts[key.key_id]} rows"})
                 else:
                     kept.append({"key_id": key.key_id, "reason":
-                                 "data may still reference it: the census reports rows"
-                                 if census_used else
-                                 "no census and not confirmed unreferenced"})
+                                 "the census does not cover it (and it is not confirmed)"})
             return updates
 
         keyset = await self._change(plan)

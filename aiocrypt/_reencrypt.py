@@ -761,12 +761,19 @@ class ReencryptionEngine:
 
         The shape ``KeyManager.census`` takes (``key_manager.census =
         engine.key_usage``), so cleanup destroys only keys no row uses any more.
-        It covers the tables this engine knows only; blind-index key versions
+        Every key of a key type these tables use is listed, with 0 when no row
+        uses it: an explicit 0 is what lets cleanup destroy a key, while a key
+        of a type the census does not cover (sessions, caches, blind indexes,
+        tables elsewhere) is absent and therefore kept. Blind-index key versions
         are counted by ``aiocrypt.integrations.sqlalchemy.blind_index_usage``.
         """
-        usage: dict[str, int] = {}
-        for table in (self.tables.values() if tables is None else tables):
-            census = await self.census(table)
+        specs = [self.table(t) if isinstance(t, str) else t
+                 for t in (self.tables.values() if tables is None else tables)]
+        covered = {c.key_type for spec in specs for c in spec.columns}
+        usage: dict[str, int] = {k.key_id: 0 for k in await self.key_manager.list_keys()
+                                 if k.key_type in covered}
+        for spec in specs:
+            census = await self.census(spec)
             for by_key in census.counts.values():
                 for key_id, rows in by_key.items():
                     if key_id is not None:

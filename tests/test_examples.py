@@ -20,13 +20,19 @@ def run(args: list[str], tmp_path: Path) -> str:
 
 def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
     out = run(["-m", "aiocrypt.demo", "--dir", str(tmp_path / "state")], tmp_path)
-    assert "income 75000.0" in out and "income 82000.0" in out
-    assert "'123-45-6789'" in out
-    assert "DecryptionError" in out
+    assert "income 75000.0, savings Decimal('125000.50'), ssn '123-45-6789'" in out
+    assert "finds ['alice']" in out
+    assert "DecryptionError('decryption failed')" in out
     assert "mode 0o600" in out
+    assert "alice's income (written under v1) reads 75000.0" in out
+    assert "2 rows re-encrypted" in out
+    assert out.count("census: no rows left") == 2
+    assert "the census does not cover it" in out
+    assert "alice's data reads as ever: income 75000.0, ssn '123-45-6789'" in out
+    assert "the old master key no longer opens the key store" in out
     assert out.rstrip().endswith("demo finished")
     raw = (tmp_path / "state" / "demo.sqlite3").read_bytes()
-    assert b"123-45-6789" not in raw and b"75000" not in raw
+    assert b"123-45-6789" not in raw and b"75000" not in raw and b"125000.50" not in raw
 
 
 def test_quickstart_example(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from ._factory import (
     get_key_manager,
     reset_defaults,
 )
-from ._keyring import Keyring
+from ._keyring import Keyring, UnknownKeyError
 from ._keys import EncryptionKey
 from ._manager import Census, KeyManager
 from ._reencrypt import (
@@ -92,6 +92,7 @@ __all__ = [
     "ReencryptionResult",
     "TableCensus",
     "TableSpec",
+    "UnknownKeyError",
     "UnsupportedTypeError",
     "build_key_manager",
     "get_crypto_config",

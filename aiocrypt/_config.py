@@ -122,6 +122,9 @@ DEFAULT_ROTATION_POLICIES: Final[dict[str, KeyRotationPolicy]] = {
         KeyRotationPolicy(KeyType.API_KEYS, 90, 365, 30),
         KeyRotationPolicy(KeyType.AUDIT_LOGS, 365, 1825, 30),
         KeyRotationPolicy(KeyType.CACHE, 30, 90, 30),
+        # keys of their own for lookups: session-id HMACs and blind indexes
+        KeyRotationPolicy(KeyType("session_index"), 30, 90, 30),
+        KeyRotationPolicy(KeyType("blind_index"), 365, 1825, 30),
     )
 }
 

@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from aiocrypt import EncryptionConfig, EncryptionService, KeyType, build_key_manager
 from aiocrypt.integrations.sqlalchemy import (
     BLIND_INDEX_KEY_TYPE,
     BlindIndex,
@@ -36,10 +40,6 @@ from aiocrypt.integrations.sqlalchemy import (
     reencryption_engine,
     set_encryption_service,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from aiocrypt import EncryptionConfig, EncryptionService, KeyType, build_key_manager
 
 
 class Base(DeclarativeBase):

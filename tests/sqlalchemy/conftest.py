@@ -11,10 +11,10 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from aiocrypt.integrations.sqlalchemy import set_encryption_service
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aiocrypt import EncryptionService
+from aiocrypt.integrations.sqlalchemy import set_encryption_service
 
 
 @pytest.fixture

@@ -6,6 +6,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from aiocrypt import EncryptionService, KeyType
 from aiocrypt.integrations.sqlalchemy import (
     BLIND_INDEX_KEY_TYPE,
     BlindIndex,
@@ -15,10 +19,6 @@ from aiocrypt.integrations.sqlalchemy import (
     normalize_email,
     rebuild_blind_indexes,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from aiocrypt import EncryptionService, KeyType
 
 SSNS = ["123-45-6789", "987-65-4321", "123-45-6789", "555-12-3456", "123 45 6789"]
 

@@ -10,6 +10,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from aiocrypt import DecryptionError, EncryptionService, KeyManager, KeyType
 from aiocrypt.integrations.sqlalchemy import (
     EncryptedBoolean,
     EncryptedBytes,
@@ -22,10 +26,6 @@ from aiocrypt.integrations.sqlalchemy import (
     EncryptedString,
     EncryptedUUID,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-
-from aiocrypt import DecryptionError, EncryptionService, KeyManager, KeyType
 from aiocrypt.testing import make_key_manager, make_service
 
 

@@ -9,6 +9,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from aiocrypt import DecryptionError, EncryptionService, KeyType
 from aiocrypt.integrations.alembic import add_encrypted_column, alter_to_text, encrypt_column
 from aiocrypt.integrations.sqlalchemy import (
     EncryptedDate,
@@ -19,12 +25,6 @@ from aiocrypt.integrations.sqlalchemy import (
     plaintext_reads,
     reencryption_engine,
 )
-from alembic.migration import MigrationContext
-from alembic.operations import Operations
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from aiocrypt import DecryptionError, EncryptionService, KeyType
 
 
 def legacy_models(suffix: str, allow_plaintext: bool) -> tuple[Any, Any]:

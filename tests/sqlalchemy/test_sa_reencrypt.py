@@ -8,14 +8,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiocrypt.integrations.sqlalchemy import (
-    EncryptedFloat,
-    EncryptedString,
-    SQLAlchemyDatabase,
-    database_for,
-    reencryption_engine,
-    table_specs,
-)
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -27,6 +19,14 @@ from aiocrypt._reencrypt import (
     ReencryptionError,
     ReencryptionProgress,
     TableSpec,
+)
+from aiocrypt.integrations.sqlalchemy import (
+    EncryptedFloat,
+    EncryptedString,
+    SQLAlchemyDatabase,
+    database_for,
+    reencryption_engine,
+    table_specs,
 )
 
 

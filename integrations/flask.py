@@ -1,0 +1,323 @@
+"""Flask extension: encrypted Redis sessions, an encrypted cache, async views on one loop.
+
+>>> crypt = AioCrypt(app, service=service)
+>>> @app.get("/report")
+... async def report():
+...     return await crypt.cache.get_or_set("report", compute_report, ttl=60)
+
+Flask is sync (WSGI), so the extension keeps one asyncio event loop in a
+daemon thread and runs everything async there: the ``EncryptionService`` (started
+on the first request, or by ``crypt.start(app)``), a task that keeps its key
+snapshot fresh, the ``redis.asyncio`` client of the cache, and the app's
+``async def`` views (``app.async_to_sync`` is replaced, so awaited clients
+such as the service, the cache or an async database engine are always used
+on the loop they were created on, and the request context is visible inside
+the view). Sync code reaches it with ``crypt.run(coroutine)``.
+
+Sessions stay sync: ``SyncRedisSessionStore`` over ``redis.Redis`` and the
+service's keyring snapshot, so a request pays no thread hop for its session.
+``crypt.close(app)`` (also run at interpreter exit) stops it all. Configuration
+keys: see ``WebSettings`` and docs/web.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextvars
+import functools
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, TypeVar
+
+try:
+    import redis
+    import redis.asyncio as aioredis
+    from flask import Flask, Request, Response, current_app
+    from flask.sessions import SessionInterface, SessionMixin
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "aiocrypt.integrations.flask needs extra dependencies: pip install 'aiocrypt[flask]'"
+    ) from exc
+
+from aiocrypt import EncryptionService, get_encryption_service
+
+from .cache import EncryptedCache
+from .sessions import EncryptedSession, SyncRedisSessionStore, WebSettings, apply_cookie
+
+__all__ = ["AioCrypt", "AioCryptState", "EncryptedSessionInterface", "FlaskSession"]
+
+_EXTENSION: Final = "aiocrypt"
+_T = TypeVar("_T")
+
+logger = logging.getLogger("aiocrypt.flask")
+
+
+class FlaskSession(EncryptedSession, SessionMixin):
+    """An encrypted server-side session (``flask.session`` inside requests)."""
+
+
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
+        """Run ``coro`` on the loop, in a copy of the caller's context, and wait for it."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("AioCrypt.run() called from the extension's own event loop "
+                               "(await the coroutine instead)")
+        context = contextvars.copy_context()
+        done: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def finish(task: asyncio.Task[_T]) -> None:
+            if task.cancelled():
+                done.cancel()
+            elif (error := task.exception()) is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(task.result())
+
+        def start() -> None:
+            if done.set_running_or_notify_cancel():
+                self.loop.create_task(coro, context=context).add_done_callback(finish)
+            else:
+                coro.close()
+
+        self.loop.call_soon_threadsafe(start)
+        return done.result(timeout)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+
+
+class AioCryptState:
+    """Per-app state, in ``app.extensions["aiocrypt"]``."""
+
+    def __init__(self, settings: WebSettings, service: EncryptionService, *,
+                 redis_client: redis.Redis | None = None,
+                 async_redis_client: aioredis.Redis | None = None) -> None:
+        self.settings = settings
+        self.service = service
+        self._given_redis = redis_client
+        self._given_async_redis = async_redis_client
+        self._lock = threading.Lock()
+        self._loop: _LoopThread | None = None
+        self._redis: redis.Redis | None = None
+        self._async_redis: aioredis.Redis | None = None
+        self._sessions: SyncRedisSessionStore | None = None
+        self._cache: EncryptedCache | None = None
+        self._refresher: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<AioCryptState {'running' if self.started else 'stopped'}>"
+
+    @property
+    def started(self) -> bool:
+        return self._sessions is not None
+
+    @property
+    def sessions(self) -> SyncRedisSessionStore:
+        self.start()
+        assert self._sessions is not None
+        return self._sessions
+
+    @property
+    def cache(self) -> EncryptedCache:
+        """The encrypted cache (its coroutines run on the extension's loop: async views)."""
+        self.start()
+        assert self._cache is not None
+        return self._cache
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loop thread, the service and the Redis clients (idempotent)."""
+        if self._sessions is not None:
+            return
+        with self._lock:
+            if self._sessions is not None:
+                return
+            loop = _LoopThread("aiocrypt-flask")
+            try:
+                loop.run(self._start())
+            except BaseException:
+                loop.stop()
+                raise
+            self._loop = loop
+            self._redis = (self._given_redis if self._given_redis is not None
+                           else redis.Redis.from_url(self.settings.redis_url))
+            self._sessions = SyncRedisSessionStore(
+                lambda: self.service.keyring, self._redis, self.settings.session,
+                load_key=self._load_key)
+            atexit.register(self.close)
+
+    async def _start(self) -> None:
+        await self.service.start()
+        await self.service.key_manager.ensure_active(self.settings.key_types())
+        self._async_redis = (self._given_async_redis if self._given_async_redis is not None
+                             else aioredis.Redis.from_url(self.settings.redis_url))
+        self._cache = EncryptedCache(self.service, self._async_redis,
+                                     prefix=self.settings.cache_prefix,
+                                     default_ttl=self.settings.cache_ttl)
+        self._refresher = asyncio.create_task(self._keep_keys_fresh())
+
+    async def _keep_keys_fresh(self) -> None:
+        # Sync code reads service.keyring directly, so refresh it here, in the background.
+        manager = self.service.key_manager
+        while True:
+            await asyncio.sleep(manager.refresh_interval)
+            try:
+                await manager.refresh()
+            except Exception as exc:  # keep the last good keys; say so, without details
+                logger.warning("refreshing aiocrypt keys failed (%s); will retry",
+                               type(exc).__name__)
+
+    def _load_key(self, key_id: str) -> object:
+        return self.run(self.service.key_manager.load_key(key_id))
+
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
+        """Run a coroutine on the extension's loop from sync code and return its result."""
+        self.start()
+        assert self._loop is not None
+        return self._loop.run(coro, timeout)
+
+    def close(self) -> None:
+        """Stop the refresher, close the clients this extension opened and the service."""
+        with self._lock:
+            loop, self._loop = self._loop, None
+            if loop is None:
+                return
+            atexit.unregister(self.close)
+            self._sessions = None
+            try:
+                loop.run(self._close())
+            finally:
+                loop.stop()
+                if self._redis is not None and self._given_redis is None:
+                    self._redis.close()
+                self._redis = None
+
+    async def _close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+            self._refresher = None
+        self._cache = None
+        try:
+            if self._async_redis is not None and self._given_async_redis is None:
+                await self._async_redis.aclose()
+            self._async_redis = None
+        finally:
+            await self.service.close()
+
+    def async_to_sync(self, func: Callable[..., Coroutine[Any, Any, _T]]) -> Callable[..., _T]:
+        """Flask's hook for async views: run them on the extension's loop."""
+        @functools.wraps(func)
+        def call(*args: Any, **kwargs: Any) -> _T:
+            self.start()
+            return self.run(func(*args, **kwargs))
+        return call
+
+
+class AioCrypt:
+    """The Flask extension (``AioCrypt(app)`` or ``AioCrypt()`` then ``init_app(app)``).
+
+    ``service``: the ``EncryptionService`` to use (default: the process-wide
+    one from the environment); the extension starts and closes it.
+    ``redis`` / ``async_redis``: clients to use instead of connecting to
+    ``AIOCRYPT_REDIS_URL`` (the async one must not have been used on another
+    loop; the caller closes clients it passed).
+    """
+
+    def __init__(self, app: Flask | None = None, *, service: EncryptionService | None = None,
+                 redis: redis.Redis | None = None,
+                 async_redis: aioredis.Redis | None = None) -> None:
+        self._service = service
+        self._redis = redis
+        self._async_redis = async_redis
+        if app is not None:
+            self.init_app(app)
+
+    def __repr__(self) -> str:
+        return "<AioCrypt (Flask)>"
+
+    def init_app(self, app: Flask) -> None:
+        if _EXTENSION in app.extensions:
+            raise RuntimeError("AioCrypt is already set up on this app")
+        state = AioCryptState(
+            WebSettings.from_config(app.config),
+            self._service if self._service is not None else get_encryption_service(),
+            redis_client=self._redis, async_redis_client=self._async_redis)
+        app.extensions[_EXTENSION] = state
+        app.session_interface = EncryptedSessionInterface()
+        app.async_to_sync = state.async_to_sync  # type: ignore[method-assign]
+
+    @staticmethod
+    def state(app: Flask | None = None) -> AioCryptState:
+        """The extension's state for ``app`` (default: the current app)."""
+        target = app if app is not None else current_app
+        try:
+            state: AioCryptState = target.extensions[_EXTENSION]
+        except KeyError:
+            raise RuntimeError("AioCrypt.init_app() was not called for this app") from None
+        return state
+
+    def start(self, app: Flask | None = None) -> None:
+        """Start now rather than on the first request."""
+        self.state(app).start()
+
+    def close(self, app: Flask | None = None) -> None:
+        """Stop the extension's loop and close the service (also run at exit)."""
+        self.state(app).close()
+
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
+        """Run ``coro`` on the extension's loop from sync code (not from an async view)."""
+        return self.state().run(coro, timeout)
+
+    @property
+    def service(self) -> EncryptionService:
+        """The current app's ``EncryptionService`` (await it in async views only)."""
+        return self.state().service
+
+    @property
+    def cache(self) -> EncryptedCache:
+        """The current app's encrypted cache (await it in async views only)."""
+        return self.state().cache
+
+    @property
+    def sessions(self) -> SyncRedisSessionStore:
+        """The current app's session store."""
+        return self.state().sessions
+
+
+class EncryptedSessionInterface(SessionInterface):
+    """Flask session interface over ``SyncRedisSessionStore``."""
+
+    session_class = FlaskSession
+
+    def open_session(self, app: Flask, request: Request) -> FlaskSession:
+        store = AioCrypt.state(app).sessions
+        return store.load(request.cookies.get(self.get_cookie_name(app)), self.session_class)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        if not isinstance(session, EncryptedSession):
+            return
+        state = AioCrypt.state(app)
+        apply_cookie(self, app, state.settings, session, state.sessions.save(session), response)

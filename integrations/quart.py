@@ -1,0 +1,178 @@
+"""Quart extension: encrypted Redis sessions, an encrypted cache, the service's lifecycle.
+
+>>> crypt = AioCrypt(app, service=service)   # or AioCrypt() ... crypt.init_app(app)
+>>> @app.get("/report")
+... async def report():
+...     return await crypt.cache.get_or_set("report", compute_report, ttl=60)
+
+On startup (``before_serving``) the extension starts the ``EncryptionService``
+(the one given, else ``aiocrypt.get_encryption_service()``), makes sure the
+session, session-index and cache keys exist and connects to Redis; on shutdown
+(``after_serving``) it closes what it opened. It replaces ``app.session_interface``
+with encrypted server-side sessions (see ``aiocrypt.integrations.sessions``).
+Configuration keys: see ``WebSettings`` and docs/web.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+try:
+    import redis.asyncio as aioredis
+    from quart import Quart, current_app
+    from quart.sessions import SessionInterface, SessionMixin
+    from quart.wrappers import BaseRequestWebsocket, Response
+    from werkzeug.wrappers import Response as WerkzeugResponse
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "aiocrypt.integrations.quart needs extra dependencies: pip install 'aiocrypt[quart]'"
+    ) from exc
+
+from aiocrypt import EncryptionService, get_encryption_service
+
+from .cache import EncryptedCache
+from .sessions import EncryptedSession, RedisSessionStore, WebSettings, apply_cookie
+
+__all__ = ["AioCrypt", "AioCryptState", "EncryptedSessionInterface", "QuartSession"]
+
+_EXTENSION: Final = "aiocrypt"
+
+
+class QuartSession(EncryptedSession, SessionMixin):
+    """An encrypted server-side session (``quart.session`` inside requests)."""
+
+
+@dataclass(eq=False)
+class AioCryptState:
+    """Per-app state, in ``app.extensions["aiocrypt"]``."""
+
+    settings: WebSettings
+    service: EncryptionService
+    redis_client: aioredis.Redis | None = field(default=None, repr=False)
+    owns_redis: bool = True
+    _sessions: RedisSessionStore | None = field(default=None, repr=False)
+    _cache: EncryptedCache | None = field(default=None, repr=False)
+
+    @property
+    def started(self) -> bool:
+        return self._sessions is not None
+
+    @property
+    def sessions(self) -> RedisSessionStore:
+        if self._sessions is None:
+            raise RuntimeError("AioCrypt is not started: serve the app (before_serving runs "
+                               "it) or use 'async with app.test_app()'")
+        return self._sessions
+
+    @property
+    def cache(self) -> EncryptedCache:
+        if self._cache is None:
+            raise RuntimeError("AioCrypt is not started: serve the app (before_serving runs "
+                               "it) or use 'async with app.test_app()'")
+        return self._cache
+
+    async def start(self) -> None:
+        if self.started:
+            return
+        await self.service.start()
+        await self.service.key_manager.ensure_active(self.settings.key_types())
+        if self.redis_client is None:
+            self.redis_client = aioredis.Redis.from_url(self.settings.redis_url)
+            self.owns_redis = True
+        self._sessions = RedisSessionStore(self.service, self.redis_client,
+                                           self.settings.session)
+        self._cache = EncryptedCache(self.service, self.redis_client,
+                                     prefix=self.settings.cache_prefix,
+                                     default_ttl=self.settings.cache_ttl)
+
+    async def close(self) -> None:
+        self._sessions = self._cache = None
+        try:
+            if self.owns_redis and self.redis_client is not None:
+                client, self.redis_client = self.redis_client, None
+                await client.aclose()
+        finally:
+            await self.service.close()
+
+
+class AioCrypt:
+    """The Quart extension (``AioCrypt(app)`` or ``AioCrypt()`` then ``init_app(app)``).
+
+    ``service``: the ``EncryptionService`` to use (default: the process-wide
+    one from the environment); the extension starts it before serving and
+    closes it after. ``redis``: a ``redis.asyncio.Redis`` client to use instead
+    of connecting to ``AIOCRYPT_REDIS_URL`` (the caller then closes it).
+    """
+
+    def __init__(self, app: Quart | None = None, *, service: EncryptionService | None = None,
+                 redis: aioredis.Redis | None = None) -> None:
+        self._service = service
+        self._redis = redis
+        if app is not None:
+            self.init_app(app)
+
+    def __repr__(self) -> str:
+        return "<AioCrypt (Quart)>"
+
+    def init_app(self, app: Quart) -> None:
+        if _EXTENSION in app.extensions:
+            raise RuntimeError("AioCrypt is already set up on this app")
+        state = AioCryptState(
+            settings=WebSettings.from_config(app.config),
+            service=self._service if self._service is not None else get_encryption_service(),
+            redis_client=self._redis,
+            owns_redis=self._redis is None,
+        )
+        app.extensions[_EXTENSION] = state
+        app.session_interface = EncryptedSessionInterface()  # type: ignore[assignment]
+        app.before_serving(state.start)
+        app.after_serving(state.close)
+
+    @staticmethod
+    def state(app: Quart | None = None) -> AioCryptState:
+        """The extension's state for ``app`` (default: the current app)."""
+        target = app if app is not None else current_app
+        try:
+            state: AioCryptState = target.extensions[_EXTENSION]
+        except KeyError:
+            raise RuntimeError("AioCrypt.init_app() was not called for this app") from None
+        return state
+
+    @property
+    def service(self) -> EncryptionService:
+        """The current app's ``EncryptionService``."""
+        return self.state().service
+
+    @property
+    def cache(self) -> EncryptedCache:
+        """The current app's encrypted cache."""
+        return self.state().cache
+
+    @property
+    def sessions(self) -> RedisSessionStore:
+        """The current app's session store."""
+        return self.state().sessions
+
+
+class EncryptedSessionInterface(SessionInterface):
+    """Quart session interface over ``RedisSessionStore``."""
+
+    session_class = QuartSession
+
+    async def open_session(self, app: Quart, request: BaseRequestWebsocket) -> QuartSession:
+        store = AioCrypt.state(app).sessions
+        return await store.load(request.cookies.get(self.get_cookie_name(app)),
+                                self.session_class)
+
+    async def save_session(self, app: Quart, session: SessionMixin,
+                           response: Response | WerkzeugResponse | None) -> None:
+        if not isinstance(session, EncryptedSession):
+            return
+        state = AioCrypt.state(app)
+        if response is None and not session.can_save_without_cookie():
+            return  # a websocket cannot set a cookie: a new session id would be lost
+        result = await state.sessions.save(session)
+        if response is not None:
+            apply_cookie(self, app, state.settings, session, result, response)
+

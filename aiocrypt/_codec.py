@@ -133,73 +133,68 @@ def encode_value(value: Any) -> bytes:
     return _encode(value, 0)
 
 
-def _items(data: memoryview, count: int) -> list[memoryview]:
-    # Each item needs at least its 4-byte length prefix and 1 tag byte.
-    if count > len(data) // 5:
-        raise _CodecError("container count exceeds data")
-    items = []
-    pos = 0
-    for _ in range(count):
-        if pos + 4 > len(data):
-            raise _CodecError("truncated container")
-        (length,) = _U32.unpack_from(data, pos)
-        pos += 4
-        if length == 0 or pos + length > len(data):
-            raise _CodecError("bad item length")
-        items.append(data[pos:pos + length])
-        pos += length
-    if pos != len(data):
-        raise _CodecError("trailing bytes in container")
-    return items
-
-
-def _decode(data: memoryview, depth: int) -> Any:
-    if depth > MAX_DEPTH:
-        raise _CodecError("nested too deeply")
-    if not data:
+def _decode(data: bytes, pos: int, end: int, depth: int) -> Any:
+    """Decode the value occupying ``data[pos:end]`` (no copies of containers)."""
+    if pos >= end:
         raise _CodecError("empty value")
-    tag = data[0]
-    body = data[1:]
+    tag = data[pos]
     if tag == 1:
-        return str(body, "utf-8")
-    if tag == 2:
-        return body.tobytes()
+        return data[pos + 1:end].decode("utf-8")
     if tag == 3:
-        if not body:
+        if end - pos < 2:
             raise _CodecError("empty int")
-        return int.from_bytes(body, "big", signed=True)
+        return int.from_bytes(data[pos + 1:end], "big", signed=True)
+    if tag in (11, 12):
+        if depth > MAX_DEPTH:
+            raise _CodecError("nested too deeply")
+        if end - pos < 5:
+            raise _CodecError("truncated container")
+        (count,) = _U32.unpack_from(data, pos + 1)
+        if tag == 12:
+            count *= 2
+        p = pos + 5
+        # each item needs at least its 4-byte length and 1 tag byte
+        if count > (end - p) // 5:
+            raise _CodecError("container count exceeds data")
+        items = []
+        for _ in range(count):
+            if p + 4 > end:
+                raise _CodecError("truncated container")
+            (length,) = _U32.unpack_from(data, p)
+            p += 4
+            if length == 0 or p + length > end:
+                raise _CodecError("bad item length")
+            items.append(_decode(data, p, p + length, depth + 1))
+            p += length
+        if p != end:
+            raise _CodecError("trailing bytes in container")
+        if tag == 11:
+            return items
+        return dict(zip(items[::2], items[1::2], strict=True))
+    body = data[pos + 1:end]
+    if tag == 2:
+        return body
     if tag == 4:
         if len(body) != 8:
             raise _CodecError("bad float")
         return _F64.unpack(body)[0]
     if tag == 5:
-        return Decimal(str(body, "ascii"))
+        return Decimal(body.decode("ascii"))
     if tag in (0, 6, 7):
         if body:
             raise _CodecError("trailing bytes")
         return None if tag == 0 else tag == 6
     if tag == 8:
-        return _dt.date.fromisoformat(str(body, "ascii"))
+        return _dt.date.fromisoformat(body.decode("ascii"))
     if tag == 9:
-        value = _dt.datetime.fromisoformat(str(body, "ascii"))
+        value = _dt.datetime.fromisoformat(body.decode("ascii"))
         if value.tzinfo is None:
             raise _CodecError("naive datetime")
         return value
     if tag == 10:
         if len(body) != 16:
             raise _CodecError("bad uuid")
-        return uuid.UUID(bytes=body.tobytes())
-    if tag in (11, 12):
-        if len(body) < 4:
-            raise _CodecError("truncated container")
-        (count,) = _U32.unpack_from(body)
-        if tag == 11:
-            return [_decode(item, depth + 1) for item in _items(body[4:], count)]
-        flat = _items(body[4:], count * 2)
-        return {
-            _decode(flat[i], depth + 1): _decode(flat[i + 1], depth + 1)
-            for i in range(0, len(flat), 2)
-        }
+        return uuid.UUID(bytes=body)
     raise _CodecError("unknown type tag")
 
 
@@ -210,7 +205,9 @@ def decode_value(data: bytes | memoryview) -> Any:
             return str(data[1:], "utf-8")
         except UnicodeDecodeError as exc:
             raise ValueError("malformed encoded value") from exc
+    if not isinstance(data, bytes):
+        data = bytes(data)
     try:
-        return _decode(memoryview(data), 0)
+        return _decode(data, 0, len(data), 0)
     except (_CodecError, UnicodeDecodeError, InvalidOperation, TypeError) as exc:
         raise ValueError("malformed encoded value") from exc

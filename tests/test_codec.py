@@ -110,3 +110,10 @@ def test_subclasses_are_stored_as_their_base_type() -> None:
     assert type(decode_value(encode_value(Color.RED))) is int
     assert decode_value(encode_value(bytearray(b"ab"))) == b"ab"
     assert decode_value(encode_value(uuid.UUID(int=5))) == uuid.UUID(int=5)
+
+
+def test_deepest_allowed_nesting_round_trips() -> None:
+    value: Any = []
+    for _ in range(MAX_DEPTH):
+        value = [value]
+    assert decode_value(encode_value(value)) == value

@@ -181,11 +181,14 @@ class EncryptionConfig:
     storage_backend: str = "file"
     storage_path: str = DEFAULT_STORAGE_PATH
     redis_url: str | None = _secret()
+    redis_key_prefix: str = "aiocrypt:"
     postgres_dsn: str | None = _secret()
+    postgres_schema: str = "aiocrypt"
     vault_url: str | None = None
     vault_token: str | None = _secret()
     vault_transit_key: str = "aiocrypt"
     vault_mount_point: str = "transit"
+    vault_namespace: str | None = None
     aws_region: str | None = None
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = _secret()
@@ -309,6 +312,8 @@ class EncryptionConfig:
                          "azure_client_id", "azure_client_secret"),
             "gcp_kms": ("gcp_project_id", "gcp_location", "gcp_keyring", "gcp_key_name"),
         }.get(backend, ())
+        if backend == "aws_kms" and (self.aws_kms_key_id or "").startswith("arn:"):
+            required = ("aws_kms_key_id",)  # the region is part of the ARN
         missing = [_ENV_VARS[name] for name in required if not getattr(self, name)]
         if missing:
             problems.append(
@@ -345,11 +350,14 @@ _ENV_VARS: Final = {
     "storage_backend": "ENCRYPTION_KEY_STORAGE_BACKEND",
     "storage_path": "ENCRYPTION_KEY_STORAGE_PATH",
     "redis_url": "ENCRYPTION_REDIS_URL",
+    "redis_key_prefix": "ENCRYPTION_REDIS_KEY_PREFIX",
     "postgres_dsn": "ENCRYPTION_POSTGRES_DSN",
+    "postgres_schema": "ENCRYPTION_POSTGRES_SCHEMA",
     "vault_url": "ENCRYPTION_VAULT_URL",
     "vault_token": "ENCRYPTION_VAULT_TOKEN",
     "vault_transit_key": "ENCRYPTION_VAULT_TRANSIT_KEY",
     "vault_mount_point": "ENCRYPTION_VAULT_MOUNT_POINT",
+    "vault_namespace": "ENCRYPTION_VAULT_NAMESPACE",
     "aws_region": "ENCRYPTION_AWS_REGION",
     "aws_access_key_id": "ENCRYPTION_AWS_ACCESS_KEY_ID",
     "aws_secret_access_key": "ENCRYPTION_AWS_SECRET_ACCESS_KEY",

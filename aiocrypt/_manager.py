@@ -129,7 +129,9 @@ class KeyManager:
             self._opened = False
             if self._watch_task is not None:
                 self._watch_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
+                # bounded: a client library that swallows the cancellation must not hang close()
+                with anyio.move_on_after(5), \
+                        contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._watch_task
                 self._watch_task = None
             await self.auditor.flush()

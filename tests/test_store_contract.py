@@ -2,19 +2,29 @@
 
 Add a store by adding a factory to ``STORE_FACTORIES``: it receives the test's
 tmp_path and a KEK provider and returns a fresh, empty store (cleaning up what
-it made through the ``cleanups`` list).
+it made through the ``cleanups`` list). Persistent stores (``PERSISTENT``) also
+say, in ``reopen_expression``, how another process opens the same store (a
+Python expression over ``kek``), for the fresh-process and dead-holder tests.
+
+Redis and PostgreSQL are the real services of conftest.py (skipped locally
+when down, failing under CI=true); each test gets its own random key prefix or
+schema, dropped afterwards.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import os
+import secrets
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from conftest import PG_HOST, PG_PORT, REDIS_HOST, REDIS_PORT, require_service
 
 from aiocrypt import (
     ConcurrentModificationError,
@@ -39,9 +49,71 @@ async def _file(tmp_path: Path, kek: KekProvider, cleanups: list[Any]) -> KeySto
     return FileKeyStore(tmp_path / "keys.json", kek)
 
 
-STORE_FACTORIES: dict[str, StoreFactory] = {"memory": _memory, "file": _file}
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/15"
+POSTGRES_DSN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
+
+
+async def _redis(tmp_path: Path, kek: KekProvider, cleanups: list[Any]) -> KeyStore:
+    require_service("Redis", REDIS_HOST, REDIS_PORT)
+    from aiocrypt.keystore.redis import RedisKeyStore
+
+    prefix = f"aiocrypt-test-{secrets.token_hex(6)}:"
+
+    async def drop() -> None:
+        cleaner = RedisKeyStore(REDIS_URL, prefix=prefix)
+        await cleaner.drop()
+        await cleaner.close()
+
+    cleanups.append(drop)
+    return RedisKeyStore(REDIS_URL, prefix=prefix, lock_lease=1.0)
+
+
+async def _postgres(tmp_path: Path, kek: KekProvider, cleanups: list[Any]) -> KeyStore:
+    require_service("PostgreSQL", PG_HOST, PG_PORT)
+    from aiocrypt.keystore.postgres import PostgresKeyStore
+
+    schema = f"aiocrypt_test_{secrets.token_hex(6)}"
+
+    async def drop() -> None:
+        cleaner = PostgresKeyStore(POSTGRES_DSN, schema=schema)
+        await cleaner.drop()
+        await cleaner.close()
+
+    cleanups.append(drop)
+    return PostgresKeyStore(POSTGRES_DSN, schema=schema)
+
+
+STORE_FACTORIES: dict[str, StoreFactory] = {
+    "memory": _memory, "file": _file, "redis": _redis, "postgres": _postgres}
 # Stores that persist across processes (memory does not).
-PERSISTENT = {"file"}
+PERSISTENT = {"file", "redis", "postgres"}
+
+
+def reopen_expression(store: KeyStore) -> str:
+    """A Python expression (over ``kek``) that opens ``store`` in another process."""
+    if isinstance(store, FileKeyStore):
+        return f"FileKeyStore({str(store.path)!r}, kek)"
+    if store.name == "redis":
+        prefix, lease = getattr(store, "prefix"), getattr(store, "lock_lease")  # noqa: B009
+        return f"RedisKeyStore({REDIS_URL!r}, prefix={prefix!r}, lock_lease={lease!r})"
+    if store.name == "postgres":
+        schema = getattr(store, "schema")  # noqa: B009
+        return f"PostgresKeyStore({POSTGRES_DSN!r}, schema={schema!r})"
+    raise AssertionError(f"no reopen_expression entry for {store!r}")
+
+
+_PRELUDE = """
+import asyncio, base64, sys
+from aiocrypt import EncryptionService, KeyManager, KeyType
+from aiocrypt.kek import LocalKekProvider
+from aiocrypt.keystore import FileKeyStore
+try:
+    from aiocrypt.keystore.redis import RedisKeyStore
+    from aiocrypt.keystore.postgres import PostgresKeyStore
+except ImportError:
+    pass
+kek = LocalKekProvider(base64.b64decode(sys.argv[1]))
+"""
 
 
 def register_store(name: str, factory: StoreFactory, *, persistent: bool = True) -> None:
@@ -53,14 +125,19 @@ def register_store(name: str, factory: StoreFactory, *, persistent: bool = True)
 @pytest.fixture(params=sorted(STORE_FACTORIES))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KeyStore]:
     cleanups: list[Callable[[], Awaitable[None]]] = []
-    kek = LocalKekProvider(os.urandom(32))
+    master_key = os.urandom(32)
+    kek = LocalKekProvider(master_key)
     request.node.kek = kek
-    made = await STORE_FACTORIES[request.param](tmp_path, kek, cleanups)
-    await made.open()
+    request.node.master_key = master_key
+    request.node.store_name = request.param
     try:
-        yield made
+        made = await STORE_FACTORIES[request.param](tmp_path, kek, cleanups)
+        await made.open()
+        try:
+            yield made
+        finally:
+            await made.close()
     finally:
-        await made.close()
         for cleanup in cleanups:
             await cleanup()
 
@@ -161,3 +238,80 @@ async def test_tampered_wrapped_key_is_rejected(store: KeyStore,
     manager = KeyManager(store, kek)
     with pytest.raises(KekProviderError):
         await manager.open()
+
+
+def _persistent(request: pytest.FixtureRequest) -> None:
+    if request.node.store_name not in PERSISTENT:
+        pytest.skip("this store does not persist across processes")
+
+
+async def test_fresh_process_decrypts_after_rotation(store: KeyStore,
+                                                     request: pytest.FixtureRequest) -> None:
+    _persistent(request)
+    kek = request.node.kek
+    manager = KeyManager(store, kek, watch=False)
+    service = EncryptionService(manager)
+    await manager.open()
+    old = await service.encrypt_field("123-45-6789", KeyType.PII, context="users.ssn")
+    await manager.rotate_key(KeyType.PII, force=True)
+    new = await service.encrypt_field("987-65-4321", KeyType.PII, context="users.ssn")
+    code = _PRELUDE + f"""
+async def main():
+    async with EncryptionService(KeyManager({reopen_expression(store)}, kek, watch=False)) as svc:
+        for token in sys.argv[2:]:
+            print(await svc.decrypt_field(token, KeyType.PII, context="users.ssn"))
+asyncio.run(main())
+"""
+    master = base64.b64encode(request.node.master_key).decode()
+    with anyio.fail_after(30):
+        result = await anyio.run_process([sys.executable, "-c", code, master, old, new],
+                                         check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().split() == ["123-45-6789", "987-65-4321"]
+
+
+async def test_lock_of_a_dead_holder_is_released(store: KeyStore,
+                                                 request: pytest.FixtureRequest) -> None:
+    _persistent(request)
+    code = _PRELUDE + f"""
+async def main():
+    store = {reopen_expression(store)}
+    await store.open()
+    async with store.lock("rotation", timeout=10):
+        print("locked", flush=True)
+        await asyncio.sleep(60)
+asyncio.run(main())
+"""
+    master = base64.b64encode(request.node.master_key).decode()
+    async with await anyio.open_process([sys.executable, "-c", code, master]) as holder:
+        assert holder.stdout is not None
+        with anyio.fail_after(30):
+            line = await holder.stdout.receive()
+        assert line.startswith(b"locked"), line
+        with pytest.raises(LockTimeoutError):
+            async with store.lock("rotation", timeout=0.3):
+                pass
+        holder.kill()
+        await holder.wait()
+    with anyio.fail_after(10):
+        async with store.lock("rotation", timeout=8):
+            pass
+
+
+async def test_concurrent_writers_one_wins(store: KeyStore) -> None:
+    """Two writers from the same revision: exactly one succeeds, nothing is half-written."""
+    results: list[object] = []
+
+    async def writer(key_id: str) -> None:
+        try:
+            results.append(await store.write([record(key_id)], expected_revision=0))
+        except ConcurrentModificationError as exc:
+            results.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer, "pii-v1-dddddddd")
+        tg.start_soon(writer, "pii-v1-eeeeeeee")
+    assert sum(isinstance(r, int) for r in results) == 1
+    keyset = await store.read()
+    assert len(keyset.keys) == 1 and keyset.revision == next(
+        r for r in results if isinstance(r, int))

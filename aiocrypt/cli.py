@@ -240,5 +240,37 @@ def demo() -> None:
     demo_main([])
 
 
+class _LazyGroup(click.Group):
+    """A command group defined in an integration, imported only when it is used (the
+    core CLI never imports arq or redis)."""
+
+    def __init__(self, name: str, target: str, extra: str, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self._target, self._extra = target, extra
+
+    def _group(self) -> click.Group:
+        import importlib
+
+        module, _, attr = self._target.partition(":")
+        try:
+            group: click.Group = getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            raise click.ClickException(f"{exc}: pip install 'aiocrypt[{self._extra}]'") \
+                from None
+        return group
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return self._group().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._group().get_command(ctx, cmd_name)
+
+
+main.add_command(_LazyGroup(
+    "jobs", "aiocrypt.integrations._arq_cli:jobs", "arq",
+    help="Background jobs on ARQ workers: status of re-encryption, enqueue rotation, "
+         "re-encryption and cleanup."))
+
+
 if __name__ == "__main__":
     main()

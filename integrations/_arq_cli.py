@@ -1,0 +1,258 @@
+"""``aiocrypt jobs``: the status of re-encryption jobs, and enqueueing aiocrypt's jobs.
+
+Loaded by the core CLI only when ``aiocrypt jobs`` is used (the core never
+imports arq or redis). Settings come from the same ``ENCRYPTION_*`` /
+``ENCRYPTION_ARQ_*`` variables the worker reads; the Redis URL is never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from aiocrypt import AiocryptError, KeyType
+
+from ._arq_config import ArqWorkerConfig
+from ._arq_status import ReencryptionStatus, ShardStatus, StatusStore
+
+__all__ = ["jobs", "render_job", "render_jobs"]
+
+T = TypeVar("T")
+console = Console()
+_STYLES = {"done": "green", "failed": "bold red", "running": "cyan", "retrying": "yellow",
+           "incomplete": "yellow", "queued": "dim"}
+
+
+def _config() -> ArqWorkerConfig:
+    try:
+        cfg = ArqWorkerConfig.from_env()
+    except AiocryptError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not cfg.redis_url:
+        raise click.ClickException("ENCRYPTION_REDIS_URL (or ENCRYPTION_ARQ_REDIS_URL) is not "
+                                   "set: it names the Redis the workers use")
+    return cfg
+
+
+def _with_redis(work: Callable[[Any, ArqWorkerConfig], Awaitable[T]]) -> T:
+    cfg = _config()
+
+    async def main() -> T:
+        try:
+            from redis.asyncio import Redis
+        except ImportError as exc:
+            raise click.ClickException(f"{exc}: pip install 'aiocrypt[arq]'") from None
+        redis = Redis.from_url(cfg.redis_url or "")
+        try:
+            return await work(redis, cfg)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def _with_arq(work: Callable[[Any, ArqWorkerConfig], Awaitable[T]]) -> T:
+    cfg = _config()
+
+    async def main() -> T:
+        from arq import create_pool
+
+        redis = await create_pool(cfg.redis_settings(), default_queue_name=cfg.queue_name)
+        try:
+            return await work(redis, cfg)
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(main())
+    except AiocryptError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# -- rendering ---------------------------------------------------------------------
+
+
+def _state(state: str) -> Text:
+    return Text(state, style=_STYLES.get(state, ""))
+
+
+def _bar(done: int, total: int, width: int = 30) -> ProgressBar:
+    return ProgressBar(total=max(total, 1), completed=min(done, total) if total else 1,
+                       width=width)
+
+
+def _pct(done: int, total: int) -> str:
+    return "100%" if total == 0 else f"{100 * min(done, total) / total:.0f}%"
+
+
+def _range(shard: ShardStatus) -> str:
+    after = "-inf" if shard.after is None else str(shard.after)
+    until = "+inf" if shard.until is None else str(shard.until)
+    return f"({after}, {until}]"
+
+
+def _eta(status: ReencryptionStatus) -> str:
+    rate = status.rate
+    if status.state != "running" or rate <= 0:
+        return "-"
+    seconds = status.rows_left / rate
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+def render_job(status: ReencryptionStatus) -> RenderableType:
+    """One job: a summary, an overall progress bar and one bar per shard."""
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("job", status.job_id)
+    summary.add_row("key type", status.key_type)
+    summary.add_row("keys", f"{status.old_key_id} -> {status.target_key_id or '?'}")
+    summary.add_row("state", _state(status.state))
+    summary.add_row("rows", f"{status.rows_done:,} done, {status.rows_left:,} left of "
+                            f"{status.rows_total:,}")
+    summary.add_row("rate", f"{status.rate:,.0f} rows/s (ETA {_eta(status)})")
+    summary.add_row("workers", ", ".join(status.workers) or "-")
+    summary.add_row("created", status.created_at or "-")
+    if status.started_at:
+        summary.add_row("started", status.started_at)
+    if status.finished_at:
+        summary.add_row("finished", status.finished_at)
+    if status.result is not None:
+        summary.add_row("census", f"{status.result.get('old_key_rows', '?')} row(s) left on "
+                                  f"{status.old_key_id}")
+    if status.error:
+        summary.add_row("error", Text(status.error, style="red"))
+    overall = Table.grid(padding=(0, 1))
+    overall.add_row(_bar(status.rows_done, status.rows_total, 50),
+                    _pct(status.rows_done, status.rows_total))
+    shards = Table("shard", "table", "range", "state", "worker", "tries", "progress", "rows",
+                   "rows/s", title="shards", title_justify="left")
+    for shard in status.shards:
+        done = shard.rows_total if shard.state == "done" else shard.rows_done
+        shards.add_row(str(shard.index), shard.table, _range(shard), _state(shard.state),
+                       shard.worker or "-", str(shard.tries), _bar(done, shard.rows_total, 20),
+                       f"{min(done, shard.rows_total):,}/{shard.rows_total:,}",
+                       f"{shard.rate:,.0f}" if shard.state == "running" else "-")
+        if shard.error:
+            shards.add_row("", "", "", "", Text(shard.error, style="red"), "", "", "", "")
+    return Group(summary, overall, shards)
+
+
+def render_jobs(found: list[ReencryptionStatus]) -> RenderableType:
+    table = Table("job", "key type", "state", "progress", "rows", "rows/s", "shards", "created")
+    for status in found:
+        done = sum(s.state == "done" for s in status.shards)
+        table.add_row(status.job_id, status.key_type, _state(status.state),
+                      _pct(status.rows_done, status.rows_total),
+                      f"{status.rows_done:,}/{status.rows_total:,}", f"{status.rate:,.0f}",
+                      f"{done}/{len(status.shards)}", status.created_at)
+    return table
+
+
+# -- commands ----------------------------------------------------------------------
+
+
+@click.group()
+def jobs() -> None:
+    """aiocrypt's background jobs on ARQ workers: status, rotation, re-encryption, cleanup."""
+
+
+@jobs.command("status")
+@click.argument("job_id", required=False)
+@click.option("--watch", is_flag=True, help="follow the job live until it ends")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--limit", default=20, show_default=True, help="jobs listed without JOB_ID")
+def status(job_id: str | None, watch: bool, as_json: bool, limit: int) -> None:
+    """Progress of re-encryption JOB_ID (or an old key id); recent jobs without it."""
+    async def work(redis: Any, cfg: ArqWorkerConfig) -> None:
+        store = StatusStore(redis, cfg.key_prefix, ttl=cfg.status_ttl)
+        if job_id is None:
+            found = await store.recent(limit)
+            if as_json:
+                click.echo(json.dumps([s.to_dict() for s in found], indent=2, default=str))
+            elif not found:
+                click.echo("no re-encryption jobs recorded")
+            else:
+                console.print(render_jobs(found))
+            return
+        resolved = await store.resolve(job_id)
+        current = None if resolved is None else await store.read(resolved)
+        if resolved is None or current is None:
+            raise click.ClickException(f"no re-encryption job {job_id!r} (status records "
+                                       f"under prefix {cfg.key_prefix!r})")
+        if as_json:
+            click.echo(json.dumps(current.to_dict(), indent=2, default=str))
+            return
+        if not watch:
+            console.print(render_job(current))
+            return
+        with Live(render_job(current), console=console, refresh_per_second=4) as live:
+            while current.state not in ("done", "incomplete", "failed"):
+                await asyncio.sleep(1.0)
+                current = await store.read(resolved) or current
+                live.update(render_job(current))
+
+    _with_redis(work)
+
+
+def _key_type(_: Any, __: Any, value: str) -> KeyType:
+    try:
+        return KeyType(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@jobs.command("rotate")
+@click.argument("key_type", callback=_key_type)
+@click.option("--force", is_flag=True, help="rotate even if the policy says it is not due")
+def rotate(key_type: KeyType, force: bool) -> None:
+    """Enqueue rotate_key_manual(KEY_TYPE): rotate, then re-encrypt the old key's data."""
+    from .arq import enqueue_rotation
+
+    job = _with_arq(lambda redis, cfg: enqueue_rotation(redis, key_type, force=force))
+    click.echo(f"enqueued rotate_key_manual({key_type.value}{', force' if force else ''}) "
+               f"as {job}")
+
+
+@jobs.command("reencrypt")
+@click.argument("key_type", callback=_key_type)
+@click.argument("old_key_id")
+@click.option("--batch-size", type=int, default=None, help="rows per batch")
+@click.option("--shards", type=int, default=None, help="shards per table")
+def reencrypt(key_type: KeyType, old_key_id: str, batch_size: int | None,
+              shards: int | None) -> None:
+    """Enqueue the re-encryption of KEY_TYPE data off OLD_KEY_ID (resumes a failed one)."""
+    from ._arq_jobs import enqueue_reencryption
+
+    job_id = _with_arq(lambda redis, cfg: enqueue_reencryption(
+        redis, key_type, old_key_id, config=cfg, batch_size=batch_size, shards=shards))
+    click.echo(f"enqueued {job_id}; follow it with: aiocrypt jobs status {job_id} --watch")
+
+
+@jobs.command("rotate-due")
+def rotate_due() -> None:
+    """Enqueue the rotation check now (what the daily cron job runs)."""
+    async def work(redis: Any, cfg: ArqWorkerConfig) -> str | None:
+        job = await redis.enqueue_job("rotate_keys_scheduled")
+        return None if job is None else str(job.job_id)
+
+    click.echo(f"enqueued rotate_keys_scheduled as {_with_arq(work)}")
+
+
+@jobs.command("cleanup")
+def cleanup() -> None:
+    """Enqueue cleanup_expired_keys now (what the weekly cron job runs)."""
+    from .arq import enqueue_cleanup
+
+    click.echo(f"enqueued cleanup_expired_keys as "
+               f"{_with_arq(lambda redis, cfg: enqueue_cleanup(redis))}")

@@ -115,10 +115,24 @@ def revoke(key_id: str, reason: str) -> None:
 @keys.command("compromise")
 @click.argument("key_id")
 @click.option("--reason", required=True, help="what happened (kept in the audit trail)")
-def compromise(key_id: str, reason: str) -> None:
+@click.option("--reencrypt", is_flag=True,
+              help="enqueue the re-encryption of its data on the ARQ workers now "
+                   "(aiocrypt[arq]; ENCRYPTION_ARQ_REDIS_URL or ENCRYPTION_REDIS_URL)")
+@click.pass_context
+def compromise(ctx: click.Context, key_id: str, reason: str, reencrypt: bool) -> None:
     """Mark KEY_ID compromised: stop using it, rotate, flag its data for re-encryption."""
     key = _run(lambda m: m.mark_compromised(key_id, reason))
     click.echo(f"{key.key_id} is {key.status.value}; its data must be re-encrypted")
+    if not reencrypt:
+        click.echo(f"next: aiocrypt jobs reencrypt {key.key_type.value} {key.key_id} "
+                   "(or pass --reencrypt)")
+        return
+    try:
+        from .integrations._arq_cli import reencrypt as enqueue_reencryption
+    except ImportError as exc:
+        raise click.ClickException(f"{exc}: pip install 'aiocrypt[arq]'") from None
+    ctx.invoke(enqueue_reencryption, key_type=key.key_type, old_key_id=key.key_id,
+               batch_size=None, shards=None)
 
 
 @keys.command("rotate-due")

@@ -76,3 +76,31 @@ def test_audit_verify_command(postgres_dsn: str, tmp_path: Path) -> None:
         assert bad.returncode == 1 and "row 2 was modified" in bad.stderr
     finally:
         asyncio.run(tamper_and_drop(True))
+
+
+def test_compromise_can_enqueue_reencryption_at_once(tmp_path: Path, redis_url: str) -> None:
+    import secrets
+
+    import redis
+
+    queue = f"aiocrypt-test-cli-{secrets.token_hex(4)}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCRYPTION_")}
+    env.update(ENCRYPTION_MASTER_KEY=base64.b64encode(os.urandom(32)).decode(),
+               ENCRYPTION_KEY_STORAGE_PATH=str(tmp_path / "k.json"),
+               ENCRYPTION_ARQ_REDIS_URL=redis_url, ENCRYPTION_ARQ_QUEUE=queue,
+               ENCRYPTION_ARQ_PREFIX=queue)
+    assert cli(env, "keys", "generate", "pii").returncode == 0
+    key_id = cli(env, "keys", "list", "--json").stdout.split('"key_id": "')[1].split('"')[0]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        out = cli(env, "keys", "compromise", key_id, "--reason", "leak", "--reencrypt")
+        assert out.returncode == 0, out.stderr
+        assert f"enqueued reencrypt-pii-{key_id.split('pii-')[1]}" in out.stdout
+        assert client.zcard(queue) == 1
+    finally:
+        for name in client.scan_iter(f"*{queue}*"):
+            client.delete(name)
+        client.delete(queue)
+        for name in client.scan_iter(f"arq:*{key_id}*"):
+            client.delete(name)
+        client.close()

@@ -9,36 +9,16 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from _services import PG_HOST, PG_PORT, REDIS_HOST, REDIS_PORT, require_service
 
 from aiocrypt import EncryptionConfig, EncryptionService, KeyManager
 from aiocrypt.kek import LocalKekProvider
 from aiocrypt.keystore import FileKeyStore
 from aiocrypt.testing import make_service
-
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-
-
-def _reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
-def require_service(name: str, host: str, port: int) -> None:
-    if _reachable(host, port):
-        return
-    message = f"{name} is not reachable at {host}:{port}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " and CI=true: the test command must start it", pytrace=False)
-    pytest.skip(message)
 
 
 @pytest.fixture

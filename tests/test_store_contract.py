@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import PG_HOST, PG_PORT, REDIS_HOST, REDIS_PORT, require_service
+from _services import PG_HOST, PG_PORT, REDIS_HOST, REDIS_PORT, require_service
 
 from aiocrypt import (
     ConcurrentModificationError,

@@ -24,7 +24,7 @@ from .kek._base import KekProvider
 from .kek.local import LocalKekProvider
 from .keystore.memory import MemoryKeyStore
 
-__all__ = ["FakeKekProvider", "MemoryKeyStore", "make_key_manager", "make_service"]
+__all__ = ["FakeKekProvider", "ManualClock", "MemoryKeyStore", "make_key_manager", "make_service"]
 
 
 class FakeKekProvider(KekProvider):
@@ -65,6 +65,20 @@ class FakeKekProvider(KekProvider):
         except KekProviderError:
             raise KekProviderError(f"fake KMS {self._kek_id}: cannot unwrap",
                                    backend="fake") from None
+
+
+class ManualClock:
+    """A clock that moves only when told: pass it as ``clock=`` to test key expiry."""
+
+    def __init__(self, start: datetime.datetime | None = None) -> None:
+        self.now = start or datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+    def __call__(self) -> datetime.datetime:
+        return self.now
+
+    def advance(self, **kwargs: float) -> None:
+        """Move forward by a ``timedelta(**kwargs)``: ``clock.advance(days=91)``."""
+        self.now += datetime.timedelta(**kwargs)
 
 
 def make_key_manager(config: EncryptionConfig | None = None, **kwargs: Any) -> KeyManager:

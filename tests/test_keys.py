@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import pickle
 
 import pytest
@@ -15,18 +14,9 @@ from aiocrypt import (
     KeyStatus,
     KeyType,
 )
-from aiocrypt.testing import FakeKekProvider, MemoryKeyStore, make_service
+from aiocrypt.testing import FakeKekProvider, ManualClock, MemoryKeyStore, make_service
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-
-    def __call__(self) -> dt.datetime:
-        return self.now
-
-    def advance(self, **kwargs: float) -> None:
-        self.now += dt.timedelta(**kwargs)
+Clock = ManualClock
 
 
 async def test_forced_rotation_changes_active_key_and_old_tokens_decrypt(

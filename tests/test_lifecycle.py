@@ -3,7 +3,6 @@ cleanup against a census, minimum decryption versions, master-key rotation, audi
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import subprocess
@@ -28,18 +27,9 @@ from aiocrypt import (
 from aiocrypt.audit import Auditor, MemoryAuditSink
 from aiocrypt.kek import KekProvider, LocalKekProvider
 from aiocrypt.keystore import FileKeyStore, MemoryKeyStore
-from aiocrypt.testing import FakeKekProvider
+from aiocrypt.testing import FakeKekProvider, ManualClock
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-
-    def __call__(self) -> dt.datetime:
-        return self.now
-
-    def advance(self, **kwargs: float) -> None:
-        self.now += dt.timedelta(**kwargs)
+Clock = ManualClock
 
 
 def build(clock: Clock | None = None, config: EncryptionConfig | None = None,

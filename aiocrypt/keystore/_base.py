@@ -19,15 +19,17 @@ Contract shared by every store (file, memory, Redis, Postgres):
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from .._errors import KeyStoreIntegrityError
 from .._keys import EncryptionKey
 
-__all__ = ["KeySet", "KeyStore"]
+__all__ = ["KeySet", "KeyStore", "decode_records", "encode_record"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +105,25 @@ def merge(current: Sequence[EncryptionKey], updates: Sequence[EncryptionKey]) \
     for key in updates:
         merged[key.key_id] = key
     return list(merged.values())
+
+
+def encode_record(key: EncryptionKey) -> str:
+    """A key record as the JSON text the Redis and Postgres stores keep."""
+    return json.dumps(key.to_dict(), sort_keys=True)
+
+
+def decode_records(records: Iterable[str | bytes | Mapping[str, Any]],
+                   where: str) -> tuple[EncryptionKey, ...]:
+    """Parse stored records (JSON text or dicts), oldest first.
+
+    A malformed record is a ``KeyStoreIntegrityError`` naming the store (``where``),
+    never the record's contents.
+    """
+    try:
+        keys = [EncryptionKey.from_dict(json.loads(r) if isinstance(r, (str, bytes)) else dict(r))
+                for r in records]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KeyStoreIntegrityError(
+            f"{where} holds an invalid key record ({type(exc).__name__})") from None
+    keys.sort(key=lambda k: (k.created_at, k.key_id))
+    return tuple(keys)

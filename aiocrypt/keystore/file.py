@@ -40,7 +40,7 @@ from .._errors import (
 )
 from .._keys import EncryptionKey
 from ..kek._base import KekProvider
-from ._base import KeySet, KeyStore, merge
+from ._base import KeySet, KeyStore, decode_records, merge
 
 __all__ = ["FileKeyStore"]
 
@@ -146,13 +146,13 @@ class FileKeyStore(KeyStore):
         doc = self._parse(data)
         await self._verify(doc)
         try:
-            keys = tuple(EncryptionKey.from_dict(k) for k in doc["keys"])
             revision = int(doc["revision"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise KeyStoreIntegrityError(
-                f"key store {self.path} holds an invalid key record ({type(exc).__name__})"
-            ) from None
-        return doc, KeySet(revision, keys)
+        except (TypeError, ValueError):
+            raise KeyStoreIntegrityError(f"key store {self.path} has an invalid revision") \
+                from None
+        if not isinstance(doc["keys"], list):
+            raise KeyStoreIntegrityError(f"key store {self.path} has no list of keys")
+        return doc, KeySet(revision, decode_records(doc["keys"], f"key store {self.path}"))
 
     async def read(self) -> KeySet:
         return (await self._load())[1]

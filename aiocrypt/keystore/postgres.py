@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -47,7 +46,7 @@ from .._errors import (
 )
 from .._keys import EncryptionKey
 from .._urls import redact_url, scrub
-from ._base import KeySet, KeyStore
+from ._base import KeySet, KeyStore, decode_records, encode_record
 
 __all__ = ["PostgresKeyStore", "from_config"]
 
@@ -225,15 +224,9 @@ class PostgresKeyStore(KeyStore):
             raise KeyStoreIntegrityError(
                 f"PostgreSQL key store {self._where}: table {self.schema}.revision is empty "
                 "(run migrate())")
-        try:
-            keys = [EncryptionKey.from_dict(json.loads(row["record"]))
-                    for row in rows if row["record"] is not None]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise KeyStoreIntegrityError(
-                f"PostgreSQL key store {self._where} (schema {self.schema!r}) holds an invalid "
-                f"key record ({type(exc).__name__})") from None
-        keys.sort(key=lambda k: (k.created_at, k.key_id))
-        return KeySet(int(rows[0]["revision"]), tuple(keys))
+        keys = decode_records((row["record"] for row in rows if row["record"] is not None),
+                              f"PostgreSQL key store {self._where} (schema {self.schema!r})")
+        return KeySet(int(rows[0]["revision"]), keys)
 
     async def revision(self) -> int:
         pool = await self._ready()
@@ -243,7 +236,7 @@ class PostgresKeyStore(KeyStore):
     async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int) -> int:
         pool = await self._ready()
         ids = [k.key_id for k in keys]
-        records = [json.dumps(k.to_dict(), sort_keys=True) for k in keys]
+        records = [encode_record(k) for k in keys]
         with self._translate("write"):
             async with pool.acquire() as conn, conn.transaction():
                 new = await conn.fetchval(self._sql["bump"], expected_revision)

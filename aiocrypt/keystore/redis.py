@@ -24,7 +24,6 @@ and the script land in one slot. Run Redis with persistence (AOF, ideally
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -50,7 +49,7 @@ from .._errors import (
 )
 from .._keys import EncryptionKey
 from .._urls import redact_url, scrub
-from ._base import KeySet, KeyStore
+from ._base import KeySet, KeyStore, decode_records, encode_record
 
 __all__ = ["RedisKeyStore", "from_config"]
 
@@ -181,15 +180,12 @@ class RedisKeyStore(KeyStore):
                 pipe.get(self._k_revision)
                 pipe.hgetall(self._k_keys)
                 raw_revision, raw_keys = await pipe.execute()
+        where = f"Redis key store {self._where} (prefix {self.prefix!r})"
         try:
             revision = int(raw_revision or 0)
-            keys = [EncryptionKey.from_dict(json.loads(v)) for v in raw_keys.values()]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise KeyStoreIntegrityError(
-                f"Redis key store {self._where} (prefix {self.prefix!r}) holds an invalid key "
-                f"record ({type(exc).__name__})") from None
-        keys.sort(key=lambda k: (k.created_at, k.key_id))
-        return KeySet(revision, tuple(keys))
+        except ValueError:
+            raise KeyStoreIntegrityError(f"{where} holds an invalid revision") from None
+        return KeySet(revision, decode_records(raw_keys.values(), where))
 
     async def revision(self) -> int:
         with self._translate("read revision"):
@@ -198,7 +194,7 @@ class RedisKeyStore(KeyStore):
     async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int) -> int:
         args: list[Any] = [expected_revision, self.channel]
         for key in keys:
-            args += [key.key_id, json.dumps(key.to_dict(), sort_keys=True)]
+            args += [key.key_id, encode_record(key)]
         with self._translate("write"):
             ok, revision = await self._write_script(
                 keys=[self._k_revision, self._k_keys], args=args)

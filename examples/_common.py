@@ -1,10 +1,8 @@
 """What both example apps share: the users table, its encrypted columns, demo data.
 
-The sensitive columns hold aiocrypt tokens in plain String columns, encrypted
-and decrypted here with ``service.encrypt_field(..., context="users.<column>")``
-(the context binds each token to its column). When aiocrypt's SQLAlchemy
-column types land, ``USER_FIELDS`` and the two loops over it become column
-types on the table and everything else stays.
+The sensitive columns are aiocrypt's SQLAlchemy column types
+(``EncryptedDecimal``, ``EncryptedString``): the table holds tokens bound to
+``users.<column>``, the application reads and writes plain values.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ from aiocrypt import (
     KeyType,
     build_key_manager,
 )
+from aiocrypt.integrations.sqlalchemy import EncryptedDecimal, EncryptedString
 
 __all__ = [
     "DEMO_PASSWORD",
@@ -57,14 +56,20 @@ DEMO_USERS: Final = (
     ("bob", Decimal("52000.00"), Decimal("3100.00"), "987-65-4321"),
 )
 
-metadata = sa.MetaData()
-users = sa.Table(
-    "users", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("username", sa.String(64), unique=True, nullable=False),
-    sa.Column("password_hash", sa.String(200), nullable=False),
-    *(sa.Column(name, sa.String, nullable=False) for name in USER_FIELDS),  # aiocrypt tokens
-)
+
+
+def users_table(service: EncryptionService) -> sa.Table:
+    """The users table, its sensitive columns encrypted with ``service``'s keys."""
+    encrypted = {"income": EncryptedDecimal, "savings": EncryptedDecimal,
+                 "ssn": EncryptedString}
+    return sa.Table(
+        "users", sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("username", sa.String(64), unique=True, nullable=False),
+        sa.Column("password_hash", sa.String(200), nullable=False),
+        *(sa.Column(name, encrypted[name](key_type, service=service), nullable=False)
+          for name, key_type in USER_FIELDS.items()),
+    )
 
 
 def default_config() -> dict[str, Any]:
@@ -158,49 +163,47 @@ class UserRepository:
     def __init__(self, engine: AsyncEngine, service: EncryptionService) -> None:
         self.engine = engine
         self.service = service
+        self.users = users_table(service)
 
     async def create_schema(self) -> None:
         async with self.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+            await conn.run_sync(self.users.metadata.create_all)
 
     async def add(self, username: str, password: str, *, income: Decimal, savings: Decimal,
                   ssn: str) -> int:
-        values = {"income": income, "savings": savings, "ssn": ssn}
-        row: dict[str, Any] = {
-            column: await self.service.encrypt_field(values[column], key_type,
-                                                     context=f"users.{column}")
-            for column, key_type in USER_FIELDS.items()}
-        row["password_hash"] = await asyncio.to_thread(hash_password, password)
+        password_hash = await asyncio.to_thread(hash_password, password)
         async with self.engine.begin() as conn:
-            result = await conn.execute(users.insert().values(username=username, **row))
+            result = await conn.execute(self.users.insert().values(
+                username=username, password_hash=password_hash, income=income,
+                savings=savings, ssn=ssn))
         primary_key = result.inserted_primary_key
         assert primary_key is not None
         return int(primary_key[0])
 
-    async def _user(self, row: sa.Row[Any]) -> User:
-        plain = {column: await self.service.decrypt_field(getattr(row, column), key_type,
-                                                          context=f"users.{column}")
-                 for column, key_type in USER_FIELDS.items()}
-        return User(id=row.id, username=row.username, **plain)
+    @staticmethod
+    def _user(row: sa.Row[Any]) -> User:
+        return User(id=row.id, username=row.username, income=row.income,
+                    savings=row.savings, ssn=row.ssn)
 
     async def get(self, user_id: int) -> User | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(users.select().where(users.c.id == user_id))).first()
-        return None if row is None else await self._user(row)
+            row = (await conn.execute(
+                self.users.select().where(self.users.c.id == user_id))).first()
+        return None if row is None else self._user(row)
 
     async def authenticate(self, username: str, password: str) -> User | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(
-                users.select().where(users.c.username == username))).first()
+                self.users.select().where(self.users.c.username == username))).first()
         stored = row.password_hash if row is not None else hash_password(password)  # same cost
         if not await asyncio.to_thread(verify_password, password, stored) or row is None:
             return None
-        return await self._user(row)
+        return self._user(row)
 
     async def seed_demo_users(self) -> None:
         await self.create_schema()
         async with self.engine.connect() as conn:
-            existing = set((await conn.execute(sa.select(users.c.username))).scalars())
+            existing = set((await conn.execute(sa.select(self.users.c.username))).scalars())
         for username, income, savings, ssn in DEMO_USERS:
             if username not in existing:
                 await self.add(username, DEMO_PASSWORD, income=income, savings=savings, ssn=ssn)

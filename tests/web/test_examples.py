@@ -183,3 +183,22 @@ async def test_concurrent_clients_keep_their_own_sessions(server: Server) -> Non
 
     alice, bob = await asyncio.gather(user("alice"), user("bob"))
     assert alice == ["alice"] * 5 and bob == ["bob"] * 5
+
+
+async def test_users_table_holds_only_tokens(server: Server, client: httpx.AsyncClient,
+                                             tmp_path: object) -> None:
+    import sqlite3
+    from pathlib import Path
+
+    assert (await login(client)).status_code == 302
+    assert (await client.get("/me")).json()["income"] == "85000.00"
+    db = Path(str(tmp_path)) / "data" / "app.db"
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT income, savings, ssn FROM users").fetchall()
+    assert len(rows) == 2
+    for row in rows:
+        for value in row:
+            assert value.startswith("ac1.")
+    raw = db.read_bytes()
+    for text in ("85000", "12000.50", "123-45-6789", "987-65-4321"):
+        assert text.encode() not in raw

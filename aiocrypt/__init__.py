@@ -40,7 +40,6 @@ from ._keyring import Keyring, UnknownKeyError
 from ._keys import EncryptionKey
 from ._manager import Census, KeyManager
 from ._reencrypt import (
-    AsyncpgDatabase,
     Checkpoint,
     ColumnSpec,
     KeyRange,
@@ -51,6 +50,7 @@ from ._reencrypt import (
     TableCensus,
     TableSpec,
 )
+from ._reencrypt_asyncpg import AsyncpgDatabase
 from ._service import EncryptionService
 from ._types import KeyStatus, KeyType
 

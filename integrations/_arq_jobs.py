@@ -47,7 +47,6 @@ from aiocrypt import (
 )
 from aiocrypt._format import text_prefix
 from aiocrypt._reencrypt import (
-    AsyncpgDatabase,
     KeyRange,
     ReencryptionEngine,
     ReencryptionProgress,
@@ -56,6 +55,7 @@ from aiocrypt._reencrypt import (
     pending_condition,
     quote_identifier,
 )
+from aiocrypt._reencrypt_asyncpg import AsyncpgDatabase
 from aiocrypt._types import KeyTypeLike
 
 from ._arq_config import ArqWorkerConfig

@@ -11,8 +11,7 @@ import base64
 import json
 import os
 
-from aiocrypt import KeyManager
-from aiocrypt._reencrypt import AsyncpgDatabase, ReencryptionEngine, TableSpec
+from aiocrypt import AsyncpgDatabase, KeyManager, ReencryptionEngine, TableSpec
 from aiocrypt.kek import LocalKekProvider
 from aiocrypt.keystore import FileKeyStore
 

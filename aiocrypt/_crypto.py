@@ -127,15 +127,6 @@ class DataKey:
         body = binascii.b2a_base64(_GCM_LEAD[flags] + nonce + sealed, newline=False)
         return self._text_prefix + body.translate(_STD_TO_URLSAFE).decode("ascii")
 
-    def seal_binary(self, plaintext: bytes, context: bytes, flags: int = 0,
-                    nonce: bytes | None = None) -> bytes:
-        if nonce is None:
-            nonce = os.urandom(NONCE_BYTES)
-        self.encryptions += 1
-        aad = self._gcm_aad[flags]
-        header = aad[: 4 + len(self.key.key_id)]
-        return header + nonce + self._gcm.encrypt(nonce, plaintext, aad + context)
-
     def open_gcm_raw(self, flags: int, raw: bytes, context: bytes) -> bytes:
         """Open algorithm || flags || nonce || ciphertext || tag (the decoded text body)."""
         if len(raw) < 2 + NONCE_BYTES + TAG_BYTES:

@@ -48,16 +48,12 @@ __all__ = [
     "MAX_TOKEN_CHARS",
     "TEXT_PREFIX",
     "Header",
-    "associated_data",
     "b64decode_canonical",
     "b64encode_urlsafe",
     "context_bytes",
     "like_pattern",
     "parse_binary",
-    "parse_text",
-    "split_text",
     "text_prefix",
-    "to_text",
     "validate_key_id",
 ]
 
@@ -124,11 +120,6 @@ class Header:
         return bytes((FORMAT_VERSION, self.algorithm, self.flags, len(kid))) + kid
 
 
-def associated_data(header: bytes, key_type: str, context: bytes) -> bytes:
-    kt = key_type.encode("ascii")
-    return header + bytes((len(kt),)) + kt + context
-
-
 def text_prefix(key_id: str) -> str:
     """The exact text every text-form token made with ``key_id`` starts with."""
     return f"{TEXT_PREFIX}{validate_key_id(key_id)}."
@@ -186,31 +177,3 @@ def b64decode_canonical(text: str) -> bytes:
     if tail and text[-4 + tail] not in _CANONICAL_LAST[tail]:
         raise FormatError("non-canonical base64")
     return raw
-
-
-def split_text(token: str) -> tuple[str, int]:
-    """(key id, index where the base64 body starts) of a text token."""
-    if type(token) is not str or len(token) > MAX_TOKEN_CHARS or not token.startswith(TEXT_PREFIX):
-        raise FormatError("not an aiocrypt v1 text token")
-    dot = token.find(".", 5, 4 + MAX_KEY_ID_LEN + 1)
-    if dot < 0:
-        raise FormatError("no key id")
-    return token[4:dot], dot + 1
-
-
-def parse_text(token: str) -> tuple[str, int, int, bytes]:
-    """Split a text token into (key id, algorithm, flags, body); canonical encoding only."""
-    key_id, start = split_text(token)
-    if not _KEY_ID_RE.fullmatch(key_id):
-        raise FormatError("bad key id")
-    raw = b64decode_canonical(token[start:])
-    if len(raw) < 2:
-        raise FormatError("token too short")
-    algorithm, flags = raw[0], raw[1]
-    _check_header(algorithm, flags)
-    return key_id, algorithm, flags, raw[2:]
-
-
-def to_text(header: Header, body: bytes) -> str:
-    encoded = b64encode_urlsafe(bytes((header.algorithm, header.flags)) + body)
-    return f"{TEXT_PREFIX}{header.key_id}.{encoded}"

@@ -133,7 +133,7 @@ class Keyring:
                       context: str | bytes | None = None, *,
                       for_reencryption: bool = False) -> bytes:
         """Authenticate and decrypt a text token; every failure is ``DecryptionError``."""
-        # Hot path: split_text, check_decryptable and context_bytes inlined.
+        # Hot path: token splitting, check_decryptable and context_bytes inlined.
         try:
             if type(token) is not str or not token.startswith(TEXT_PREFIX) \
                     or len(token) > MAX_TOKEN_CHARS:

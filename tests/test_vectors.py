@@ -100,3 +100,21 @@ async def test_local_kek_vectors(vector: dict[str, Any]) -> None:
     assert wrapped.hex() == vector["wrapped"]
     assert await kek.unwrap(bytes.fromhex(vector["wrapped"]), vector["context"]) == \
         bytes.fromhex(vector["plaintext"])
+
+
+def test_sql_helpers_select_tokens_by_key_id() -> None:
+    import sqlite3
+
+    from aiocrypt._format import like_pattern, text_prefix
+
+    vector = load("fields")[0]
+    token, key_id = vector["token"], vector["key_id"]
+    assert token.startswith(text_prefix(key_id))
+    # "_" is a LIKE wildcard: the pattern escapes it, so a look-alike id does not match
+    look_alike = token.replace("financial_data", "financialXdata", 1)
+    with sqlite3.connect(":memory:") as conn:
+        conn.execute("CREATE TABLE t (v TEXT)")
+        conn.executemany("INSERT INTO t VALUES (?)", [(token,), (look_alike,)])
+        rows = conn.execute("SELECT v FROM t WHERE v LIKE ? ESCAPE '\\'",
+                            (like_pattern(key_id),)).fetchall()
+    assert rows == [(token,)]

@@ -38,12 +38,14 @@ from typing import Any, Final
 
 from ._errors import UnsupportedTypeError
 
-__all__ = ["MAX_DEPTH", "decode_value", "encode_value"]
+__all__ = ["MAX_DEPTH", "STR_TAG", "decode_value", "encode_value"]
 
 MAX_DEPTH: Final = 32
 
 _NONE, _STR, _BYTES, _INT, _FLOAT, _DECIMAL, _TRUE, _FALSE = (bytes([i]) for i in range(8))
 _DATE, _DATETIME, _UUID, _LIST, _DICT = (bytes([i]) for i in range(8, 13))
+#: The tag of a str value: ``STR_TAG + value.encode()`` is ``encode_value(value)``.
+STR_TAG: Final = _STR
 
 _U32 = struct.Struct(">I")
 _F64 = struct.Struct(">d")

@@ -42,10 +42,13 @@ __all__ = [
     "ALG_AES_256_GCM_STREAM",
     "ALG_AES_256_SIV",
     "ALGORITHM_NAMES",
+    "B64URL_TO_STD",
+    "B64_CANONICAL_LAST",
     "FLAG_ZSTD",
     "FORMAT_VERSION",
     "MAX_KEY_ID_LEN",
     "MAX_TOKEN_CHARS",
+    "STD_TO_B64URL",
     "TEXT_PREFIX",
     "Header",
     "b64decode_canonical",
@@ -154,26 +157,36 @@ def parse_binary(blob: bytes | memoryview) -> tuple[Header, bytes, memoryview]:
     return Header(algorithm, flags, key_id), header_bytes, view[4 + kid_len:]
 
 
-_URLSAFE_TO_STD: Final = bytes.maketrans(b"-_", b"+/")
-_STD_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
-# Last significant base64 character when 1 or 2 bytes end the data: its unused
-# low bits must be zero, or two different texts would decode to the same bytes.
-_CANONICAL_LAST: Final = {1: frozenset("AQgw"), 2: frozenset("AEIMQUYcgkosw048")}
+#: base64url -> standard alphabet for ``binascii.a2b_base64(..., strict_mode=True)``.
+#: "+" and "/" (standard alphabet, not base64url) become "*", which strict mode
+#: refuses: one translation pass both converts and rejects them.
+B64URL_TO_STD: Final = bytes.maketrans(b"-_+/", b"+/**")
+STD_TO_B64URL: Final = bytes.maketrans(b"+/", b"-_")
+#: Last significant base64 character when 1 or 2 bytes end the data: its unused
+#: low bits must be zero, or two different texts would decode to the same bytes.
+B64_CANONICAL_LAST: Final = {1: frozenset("AQgw"), 2: frozenset("AEIMQUYcgkosw048")}
 
 
 def b64encode_urlsafe(data: bytes) -> str:
     """Padded base64url."""
-    return binascii.b2a_base64(data, newline=False).translate(_STD_TO_URLSAFE).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).translate(STD_TO_B64URL).decode("ascii")
 
 
-def b64decode_canonical(text: str) -> bytes:
-    """Strict padded base64url: only the canonical encoding of some bytes is accepted."""
+def b64decode_canonical(text: str, start: int = 0) -> bytes:
+    """Strict padded base64url: only the canonical encoding of some bytes is accepted.
+
+    Decodes ``text[start:]`` without copying that slice (a token may be many MiB).
+    """
     try:
-        std = text.encode("ascii").translate(_URLSAFE_TO_STD)
-        raw = binascii.a2b_base64(std, strict_mode=True)
+        std = text.encode("ascii")
+        std = std.translate(B64URL_TO_STD)  # one encoded copy alive at a time
+        raw = binascii.a2b_base64(memoryview(std)[start:], strict_mode=True)
     except ValueError:  # binascii.Error, or non-ASCII text
         raise FormatError("bad base64") from None
+    del std
+    if len(text) - start != 4 * -(-len(raw) // 3):  # strict mode allows "=" after a full quad
+        raise FormatError("non-canonical base64")
     tail = len(raw) % 3
-    if tail and text[-4 + tail] not in _CANONICAL_LAST[tail]:
+    if tail and text[-4 + tail] not in B64_CANONICAL_LAST[tail]:
         raise FormatError("non-canonical base64")
     return raw

@@ -8,18 +8,21 @@ encrypts and decrypts through a snapshot directly.
 
 from __future__ import annotations
 
+from binascii import a2b_base64
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
 
 from . import _compression
-from ._codec import decode_value, encode_value
+from ._codec import STR_TAG, decode_value, encode_value
 from ._crypto import DataKey
 from ._errors import DecryptionError, KeyNotFoundError, KeyStateError
 from ._format import (
     ALG_AES_256_GCM,
     ALG_AES_256_SIV,
+    B64_CANONICAL_LAST,
+    B64URL_TO_STD,
     FLAG_ZSTD,
     MAX_KEY_ID_LEN,
     MAX_TOKEN_CHARS,
@@ -33,6 +36,13 @@ from ._types import KeyStatus, KeyType, KeyTypeLike
 
 __all__ = ["Keyring", "UnknownKeyError"]
 
+# Decrypt's fast path takes tokens up to this size (larger ones take the general
+# path, which does not copy them); the key id's closing dot is found before this.
+_FAST_TOKEN_CHARS: Final = 64 * 1024
+_KEY_ID_END: Final = len(TEXT_PREFIX) + MAX_KEY_ID_LEN + 1
+_GCM_FIELD: Final = ALG_AES_256_GCM
+_MIN_GCM_RAW: Final = 2 + 12 + 16  # algorithm, flags, nonce, tag
+_STR_TAG_BYTE: Final = STR_TAG[0]
 
 
 class UnknownKeyError(DecryptionError):
@@ -46,14 +56,16 @@ class UnknownKeyError(DecryptionError):
 class Keyring:
     """Immutable snapshot of loaded data keys."""
 
-    __slots__ = ("_active", "_by_id", "on_expired_use", "revision")
+    __slots__ = ("_active", "_by_id", "_by_prefix", "on_expired_use", "revision")
 
     def __init__(self, data_keys: Iterable[DataKey] = (), revision: int = 0, *,
                  on_expired_use: Callable[[DataKey], None] | None = None) -> None:
         self._by_id: dict[str, DataKey] = {}
         self._active: dict[str, DataKey] = {}
+        self._by_prefix: dict[str, DataKey] = {}  # "ac1.<key id>." -> key
         for dk in data_keys:
             self._by_id[dk.key_id] = dk
+            self._by_prefix[dk.text_prefix] = dk
             if dk.key.status is KeyStatus.ACTIVE:
                 current = self._active.get(dk.key.key_type)
                 if current is None or dk.key.version > current.key.version:
@@ -98,6 +110,10 @@ class Keyring:
     def encrypt(self, value: Any, key_type: KeyTypeLike, context: str | bytes | None = None,
                 *, compression_level: int | None = None) -> str:
         """Encrypt ``value`` with the active key of ``key_type`` (AES-256-GCM, text form)."""
+        if type(value) is str and compression_level is None:  # the common case
+            dk = self._active.get(key_type)
+            if dk is not None:
+                return dk.seal_field(STR_TAG + value.encode(), context)
         return self.encrypt_bytes(encode_value(value), key_type, context,
                                   compression_level=compression_level)
 
@@ -108,9 +124,7 @@ class Keyring:
         if dk is None:
             raise KeyNotFoundError(f"no active key of type {KeyType(key_type).value!r} loaded")
         if compression_level is None:
-            if type(context) is str and len(context) <= 1024:
-                return dk.seal_text(plaintext, context.encode("utf-8"))
-            return dk.seal_text(plaintext, context_bytes(context))
+            return dk.seal_field(plaintext, context)
         return dk.seal_text(_compression.compress(plaintext, compression_level),
                             context_bytes(context), FLAG_ZSTD)
 
@@ -122,6 +136,38 @@ class Keyring:
 
     def decrypt(self, token: str, key_type: KeyTypeLike, context: str | bytes | None = None,
                 *, for_reencryption: bool = False) -> Any:
+        """Authenticate, decrypt and decode a text token; every failure is ``DecryptionError``."""
+        # Fast path, one frame: a small AES-GCM token without flags, of a key that
+        # is readable and not expired. It makes every check decrypt_bytes makes
+        # (tests/test_field_fastpath.py); any other token goes the general way below.
+        if type(token) is str and len(token) <= _FAST_TOKEN_CHARS:
+            dk = self._active.get(key_type)  # most tokens are of the active key
+            if dk is not None and token.startswith(dk.text_prefix):
+                start = len(dk.text_prefix)
+            else:
+                start = token.find(".", 5, _KEY_ID_END) + 1
+                dk = self._by_prefix.get(token[:start])  # "ac1.<key id>.": the prefix too
+                if dk is not None and dk.key_type != key_type:
+                    dk = None
+            if dk is not None and dk.readable and not dk.expired:
+                try:
+                    raw = a2b_base64(token[start:].encode().translate(B64URL_TO_STD),
+                                     strict_mode=True)
+                    size = len(raw)
+                    tail = size % 3
+                    if len(token) - start != (size + 2) // 3 * 4 or (
+                            tail and token[tail - 4] not in B64_CANONICAL_LAST[tail]):
+                        raise DecryptionError()  # non-canonical base64
+                    if size > _MIN_GCM_RAW and raw[0] == _GCM_FIELD and raw[1] == 0:
+                        aad = dk.field_aads.get(context) if type(context) is str else None
+                        if aad is None:
+                            aad = dk.field_aad(context)
+                        plaintext = dk.gcm_decrypt(raw[2:14], raw[14:], aad)
+                        if plaintext[0] == _STR_TAG_BYTE:  # not empty: size > _MIN_GCM_RAW
+                            return plaintext[1:].decode()
+                        return decode_value(plaintext)
+                except (InvalidTag, ValueError):
+                    raise DecryptionError() from None
         plaintext = self.decrypt_bytes(token, key_type, context,
                                        for_reencryption=for_reencryption)
         try:
@@ -149,7 +195,7 @@ class Keyring:
                 raise FormatError("key not usable here")
             if dk.expired:
                 self._expired_use(dk, for_reencryption)
-            raw = b64decode_canonical(token[dot + 1:])
+            raw = b64decode_canonical(token, dot + 1)
             if len(raw) < 2:
                 raise FormatError("token too short")
             algorithm, flags = raw[0], raw[1]

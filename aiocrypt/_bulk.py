@@ -39,6 +39,8 @@ from ._format import (
 
 __all__ = [
     "MAX_SEGMENT_SIZE",
+    "BulkOpener",
+    "BulkSealer",
     "MIN_SEGMENT_SIZE",
     "EncryptedData",
     "StreamDecryptor",
@@ -140,6 +142,7 @@ class StreamEncryptor:
         if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
             raise ValueError("segment_size must be between 1 KiB and 64 MiB")
         self.segment_size = segment_size
+        self.flags = flags
         self.salt = random(STREAM_SALT_BYTES)
         self.prefix = random(STREAM_PREFIX_BYTES)
         self._cipher = dk.stream_cipher(self.salt, sealing=True)
@@ -252,30 +255,110 @@ def _buffer(size: int) -> memoryview:
     return memoryview(mmap.mmap(-1, size))
 
 
+class BulkSealer:
+    """Seals one in-memory payload as a stream into one unzeroed buffer, in steps.
+
+    Each :meth:`step` seals whole segments, about ``max_bytes`` of them, so a
+    caller can run one step per worker-thread hop: no hop holds the GIL for long
+    and concurrent jobs interleave. Nothing is copied afterwards: the result's
+    ``encrypted_data`` is a read-only memoryview over the buffer.
+    """
+
+    def __init__(self, dk: DataKey, data: bytes | memoryview, context: bytes, *,
+                 flags: int = 0, segment_size: int) -> None:
+        self._enc = StreamEncryptor(dk, context, segment_size, flags=flags)
+        self._key_id = dk.key_id
+        source = memoryview(data)
+        self._segments = split_segments(source, segment_size)
+        self._out = _buffer(len(source) + TAG_BYTES * max(1, -(-len(source) // segment_size)))
+        self._pos = 0
+        self.done = False
+
+    def step(self, max_bytes: int) -> bool:
+        """Seal segments until about ``max_bytes`` are done; True once all are."""
+        work = 0
+        out, enc = self._out, self._enc
+        for chunk, last in self._segments:
+            end = self._pos + len(chunk) + TAG_BYTES
+            enc.seal_into(chunk, last, out[self._pos:end])
+            self._pos = end
+            work += len(chunk)
+            if last:
+                self.done = True
+            elif work < max_bytes:
+                continue
+            break
+        return self.done
+
+    def result(self) -> EncryptedData:
+        if not self.done:
+            raise ValueError("not sealed yet")
+        enc, out = self._enc, self._out
+        return EncryptedData(out[:-TAG_BYTES].toreadonly(), self._key_id,
+                             "AES_256_GCM_STREAM", enc.salt + enc.prefix,
+                             bytes(out[-TAG_BYTES:]), enc.segment_size,
+                             bool(enc.flags & FLAG_ZSTD))
+
+
+class BulkOpener:
+    """Opens a segmented ``EncryptedData`` into one unzeroed buffer, in steps.
+
+    Raises ``DecryptionError`` (from the constructor or a step) on any tampering;
+    the plaintext is released by :meth:`result` only once every segment
+    authenticated.
+    """
+
+    def __init__(self, dk: DataKey, encrypted: EncryptedData, context: bytes) -> None:
+        if encrypted.algorithm != "AES_256_GCM_STREAM" or encrypted.segment_size is None:
+            raise DecryptionError()
+        self._dec = StreamDecryptor(dk, context, encrypted.header.flags,
+                                    encrypted.segment_size, bytes(encrypted.iv))
+        self._body = memoryview(encrypted.encrypted_data)
+        self._tag = bytes(encrypted.tag)
+        bounds = _segment_bounds(len(self._body) + TAG_BYTES, encrypted.segment_size)
+        self._bounds = iter(bounds)
+        self._out = _buffer(len(self._body) + TAG_BYTES * (1 - len(bounds)))
+        self._pos = 0
+        self.done = False
+
+    def step(self, max_bytes: int) -> bool:
+        """Open segments until about ``max_bytes`` are done; True once all are."""
+        work = 0
+        body, out, dec = self._body, self._out, self._dec
+        for start, end, last in self._bounds:
+            sealed: bytes | memoryview = body[start:end] if not last else \
+                bytes(body[start:]) + self._tag
+            size = end - start - TAG_BYTES
+            dec.open_into(sealed, last, out[self._pos:self._pos + size])
+            self._pos += size
+            work += size
+            if last:
+                self.done = True
+            elif work < max_bytes:
+                continue
+            break
+        return self.done
+
+    def result(self) -> memoryview:
+        if not self.done:
+            raise ValueError("not opened yet")
+        return self._out.toreadonly()
+
+
 def encrypt_bulk(dk: DataKey, data: bytes | memoryview, context: bytes, *,
                  flags: int = 0, segment_size: int | None = None) -> EncryptedData:
     """One-shot GCM when ``segment_size`` is None, otherwise a segmented stream.
 
-    A stream is written segment by segment into one unzeroed buffer, so no call
-    holds the GIL for longer than one segment and nothing is copied afterwards;
-    ``encrypted_data`` is then a memoryview over that buffer.
+    A stream is written segment by segment into one unzeroed buffer (see
+    :class:`BulkSealer`); ``encrypted_data`` is then a memoryview over it.
     """
     if segment_size is None:
         nonce, sealed = dk.gcm_parts(bytes(data), context, flags)
         return EncryptedData(sealed[:-TAG_BYTES], dk.key_id, "AES_256_GCM", nonce,
                              sealed[-TAG_BYTES:], None, bool(flags & FLAG_ZSTD))
-    enc = StreamEncryptor(dk, context, segment_size, flags=flags)
-    source = memoryview(data)
-    segments = max(1, -(-len(source) // segment_size))
-    out = _buffer(len(source) + TAG_BYTES * segments)
-    pos = 0
-    for chunk, last in split_segments(source, segment_size):
-        end = pos + len(chunk) + TAG_BYTES
-        enc.seal_into(chunk, last, out[pos:end])
-        pos = end
-    return EncryptedData(out[:-TAG_BYTES].toreadonly(), dk.key_id, "AES_256_GCM_STREAM",
-                         enc.salt + enc.prefix, bytes(out[-TAG_BYTES:]), segment_size,
-                         bool(flags & FLAG_ZSTD))
+    job = BulkSealer(dk, data, context, flags=flags, segment_size=segment_size)
+    job.step(len(data) + 1)
+    return job.result()
 
 
 def decrypt_bulk(dk: DataKey, encrypted: EncryptedData, context: bytes) -> bytes | memoryview:
@@ -284,25 +367,13 @@ def decrypt_bulk(dk: DataKey, encrypted: EncryptedData, context: bytes) -> bytes
     Streams decrypt into one unzeroed buffer, returned as a read-only memoryview
     (call ``bytes()`` on it if bytes are needed; the copy holds the GIL).
     """
-    header = encrypted.header
     if encrypted.algorithm == "AES_256_GCM":
         try:
-            return dk.open_gcm(header.flags, bytes(encrypted.iv) + bytes(encrypted.encrypted_data)
-                               + bytes(encrypted.tag), context)
+            return dk.open_gcm(encrypted.header.flags, bytes(encrypted.iv)
+                               + bytes(encrypted.encrypted_data) + bytes(encrypted.tag),
+                               context)
         except (InvalidTag, FormatError):
             raise DecryptionError() from None
-    if encrypted.algorithm != "AES_256_GCM_STREAM" or encrypted.segment_size is None:
-        raise DecryptionError()
-    dec = StreamDecryptor(dk, context, header.flags, encrypted.segment_size,
-                          bytes(encrypted.iv))
-    body = memoryview(encrypted.encrypted_data)
-    bounds = _segment_bounds(len(body) + TAG_BYTES, encrypted.segment_size)
-    out = _buffer(len(body) + TAG_BYTES * (1 - len(bounds)))
-    pos = 0
-    for start, end, last in bounds:
-        sealed: bytes | memoryview = body[start:end] if not last else \
-            bytes(body[start:]) + bytes(encrypted.tag)
-        size = end - start - TAG_BYTES
-        dec.open_into(sealed, last, out[pos:pos + size])
-        pos += size
-    return out.toreadonly()
+    job = BulkOpener(dk, encrypted, context)
+    job.step(len(encrypted.encrypted_data) + 1)
+    return job.result()

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from ._errors import ConfigurationError
 from ._types import KeyType, KeyTypeLike
+from ._urls import redact_url
 
 __all__ = [
     "BACKENDS",
@@ -171,6 +172,9 @@ class EncryptionConfig:
     key_size_bits: int = 256
     performance_mode: PerformanceMode = PerformanceMode.BALANCED
     compression_enabled: bool = False
+    """zstd before encryption for every key type (off: compressed length leaks content)."""
+    compressed_key_types: frozenset[str] = frozenset()
+    """zstd for these key types only (e.g. audit logs, exports), when not enabled for all."""
     rotation_policies: Mapping[str, KeyRotationPolicy] = field(
         default_factory=lambda: dict(DEFAULT_ROTATION_POLICIES))
 
@@ -207,7 +211,7 @@ class EncryptionConfig:
     config_file: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.performance_mode, str):
+        if not isinstance(self.performance_mode, PerformanceMode):  # e.g. a number in the file
             try:
                 object.__setattr__(self, "performance_mode",
                                    PerformanceMode(self.performance_mode))
@@ -215,12 +219,29 @@ class EncryptionConfig:
                 raise ConfigurationError(
                     f"unknown performance_mode {self.performance_mode!r}: use "
                     "security, balanced or performance") from None
+        types = self.compressed_key_types
+        if isinstance(types, str):
+            types = [t for t in (part.strip() for part in types.split(",")) if t]
+        if not isinstance(types, (list, tuple, set, frozenset)) \
+                or not all(isinstance(t, str) for t in types):
+            raise ConfigurationError("compressed_key_types must be a list of key type names")
+        try:
+            object.__setattr__(self, "compressed_key_types",
+                               frozenset(KeyType(t) for t in types))
+        except ValueError as exc:
+            raise ConfigurationError(f"compressed_key_types: {exc}") from None
         policies = dict(DEFAULT_ROTATION_POLICIES)
         for key_type, policy in dict(self.rotation_policies).items():
             if not isinstance(policy, KeyRotationPolicy):
                 policy = KeyRotationPolicy.from_dict({"key_type": key_type, **policy})
             policies[KeyType(key_type)] = policy
         object.__setattr__(self, "rotation_policies", policies)
+
+    def __repr__(self) -> str:
+        # the generated repr, but a password inside a (non-secret) URL field is masked
+        shown = ", ".join(f"{f.name}={_mask_url(getattr(self, f.name))!r}"
+                          for f in dataclasses.fields(self) if f.repr)
+        return f"{type(self).__name__}({shown})"
 
     # -- constructors -------------------------------------------------------
 
@@ -269,7 +290,14 @@ class EncryptionConfig:
 
     @property
     def compression_level(self) -> int | None:
+        """The zstd level when compression is on for every key type, else None."""
         return self.performance.compression_level if self.compression_enabled else None
+
+    def compression_level_for(self, key_type: KeyTypeLike) -> int | None:
+        """The zstd level for ``key_type``'s data, or None when it is not compressed."""
+        if self.compression_enabled or KeyType(key_type) in self.compressed_key_types:
+            return self.performance.compression_level
+        return None
 
     def rotation_policy(self, key_type: KeyTypeLike) -> KeyRotationPolicy:
         kt = KeyType(key_type)
@@ -294,7 +322,7 @@ class EncryptionConfig:
         if uses_master_key and not self.master_key:
             problems.append(
                 "ENCRYPTION_MASTER_KEY is missing: set it to base64 of 32 random bytes "
-                "(aiocrypt keys new-master-key prints one)")
+                "(run 'aiocrypt init', or 'aiocrypt new-master-key' prints one)")
         elif self.master_key:
             try:
                 decode_master_key(self.master_key)
@@ -338,8 +366,10 @@ class EncryptionConfig:
                 data[f.name] = "<set>" if value else None
             elif f.name == "rotation_policies":
                 data[f.name] = [p.to_dict() for p in value.values()]
+            elif f.name == "compressed_key_types":
+                data[f.name] = sorted(value)
             else:
-                data[f.name] = value
+                data[f.name] = _mask_url(value)
         return data
 
 
@@ -375,10 +405,11 @@ _ENV_VARS: Final = {
     "gcp_endpoint": "ENCRYPTION_GCP_ENDPOINT",
     "performance_mode": "ENCRYPTION_PERFORMANCE_MODE",
     "compression_enabled": "ENCRYPTION_COMPRESSION_ENABLED",
+    "compressed_key_types": "ENCRYPTION_COMPRESSED_KEY_TYPES",
 }
 
 _FILE_KEYS: Final = {"algorithm", "key_size_bits", "performance_mode", "compression_enabled",
-                     "rotation_policies"}
+                     "compressed_key_types", "rotation_policies"}
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -388,6 +419,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"config file {path} is not valid JSON (line {exc.lineno})") \
+            from None
+    except (ValueError, RecursionError):  # not UTF-8, NUL in the path, huge ints, deep nesting
+        raise ConfigurationError(f"config file {path!r} is not a readable UTF-8 JSON file") \
             from None
     if not isinstance(data, dict):
         raise ConfigurationError(f"config file {path} must hold a JSON object")
@@ -399,10 +433,17 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if "rotation_policies" in values:
         try:
             policies = [KeyRotationPolicy.from_dict(p) for p in values["rotation_policies"]]
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, ArithmeticError) as exc:
             raise ConfigurationError(f"config file {path}: bad rotation policy: {exc}") from None
         values["rotation_policies"] = {p.key_type: p for p in policies}
     return values
+
+
+def _mask_url(value: Any) -> Any:
+    """A URL with credentials (``http://user:pw@vault``) without its password."""
+    if isinstance(value, str) and "://" in value and "@" in value:
+        return redact_url(value)
+    return value
 
 
 def _parse_bool(value: Any) -> bool:

@@ -9,9 +9,11 @@ cryptography call holds the GIL for long.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import logging
+import os
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
@@ -20,8 +22,15 @@ import anyio
 import anyio.to_thread
 
 from . import _compression
-from ._bulk import EncryptedData, decrypt_bulk, encrypt_bulk
-from ._codec import decode_value, encode_value
+from ._bulk import (
+    BulkOpener,
+    BulkSealer,
+    EncryptedData,
+    StreamEncryptor,
+    decrypt_bulk,
+    encrypt_bulk,
+)
+from ._codec import STR_TAG, decode_value, encode_value
 from ._config import EncryptionConfig
 from ._crypto import DataKey
 from ._errors import CacheEntryExpiredError, DecryptionError
@@ -29,7 +38,13 @@ from ._format import FLAG_ZSTD, context_bytes
 from ._keyring import Keyring, UnknownKeyError
 from ._keys import utcnow
 from ._manager import KeyManager
-from ._streams import open_stream, seal_stream
+from ._streams import (
+    BATCH_BYTES,
+    open_stream,
+    read_file,
+    seal_stream,
+    write_file_atomically,
+)
 from ._types import KeyType, KeyTypeLike
 
 __all__ = ["EncryptionService"]
@@ -72,7 +87,12 @@ class EncryptionService:
         perf = self.config.performance
         self._threshold = perf.inline_threshold
         self._segment_size = perf.segment_size
+        # zstd levels: one for every key type, or some key types only; the field
+        # hot path checks one bool
         self._compression = self.config.compression_level
+        self._compressed_types = {kt: perf.compression_level
+                                  for kt in self.config.compressed_key_types}
+        self._compressing = self._compression is not None or bool(self._compressed_types)
         self._limiter = anyio.CapacityLimiter(perf.thread_limit)
         self._started = False
         self._closed = False
@@ -150,20 +170,32 @@ class EncryptionService:
         if dk is None or dk.encryptions >= dk.allowance or not self._started \
                 or manager.is_stale():
             keyring = await self._keyring(kt)
+            dk = keyring.active(kt)
+        if type(value) is str and not self._compressing \
+                and len(value) <= self._threshold >> 2:  # UTF-8: at most 4 bytes a character
+            token = dk.seal_field(STR_TAG + value.encode(), context)  # the common case
+            self._encryptions += 1
+            return token
         plaintext = encode_value(value)
+        level = self._level(kt)
         if len(plaintext) > self._threshold:
             token = await self._run(self._encrypt_bytes, keyring, plaintext, kt, context)
-        elif self._compression is None:
-            token = keyring.encrypt_bytes(plaintext, kt, context)
+        elif level is None:
+            token = dk.seal_field(plaintext, context)
         else:
-            token = keyring.encrypt_bytes(plaintext, kt, context,
-                                          compression_level=self._compression)
+            token = keyring.encrypt_bytes(plaintext, kt, context, compression_level=level)
         self._encryptions += 1
         return token
 
+    def _level(self, kt: KeyType) -> int | None:
+        """The zstd level for ``kt`` (None: not compressed)."""
+        if self._compression is not None or not self._compressed_types:
+            return self._compression
+        return self._compressed_types.get(kt)
+
     def _encrypt_bytes(self, keyring: Keyring, plaintext: bytes, kt: KeyType,
                        context: str | bytes | None) -> str:
-        return keyring.encrypt_bytes(plaintext, kt, context, compression_level=self._compression)
+        return keyring.encrypt_bytes(plaintext, kt, context, compression_level=self._level(kt))
 
     async def decrypt_field(self, token: str, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
                             *, context: str | bytes | None = None) -> Any:
@@ -172,12 +204,15 @@ class EncryptionService:
         manager = self.key_manager
         if self._started and not manager.is_stale() and len(token) <= self._threshold:
             try:  # the common case: started, fresh, small, key loaded
-                plaintext = manager.keyring.decrypt_bytes(token, kt, context)
-                self._decryptions += 1
+                value = manager.keyring.decrypt(token, kt, context)
             except DecryptionError:
-                plaintext = await self._decrypt_bytes(token, kt, context)
-        else:
-            plaintext = await self._decrypt_bytes(token, kt, context)
+                pass  # unknown key (load it), bad token (audit it): the general path
+            else:
+                self._decryptions += 1
+                if manager.auditor.pending:  # e.g. an expired key was used
+                    await manager.auditor.flush()
+                return value
+        plaintext = await self._decrypt_bytes(token, kt, context)
         if manager.auditor.pending:  # e.g. an expired key was used (noted by sync code)
             await manager.auditor.flush()
         try:
@@ -223,8 +258,10 @@ class EncryptionService:
         """Encrypt a batch with one keyring lookup; ``contexts`` gives one context per value."""
         kt = KeyType(key_type)
         ctxs = self._contexts(len(values), context, contexts)
-        plaintexts = [encode_value(v) for v in values]
+        plaintexts = [STR_TAG + v.encode() if type(v) is str else encode_value(v)
+                      for v in values]
         tokens: list[str] = []
+        level = self._level(kt)
         while len(tokens) < len(plaintexts):
             # each chunk fits the key's reserved allowance (a rotation may come between)
             keyring = await self._keyring(kt)
@@ -233,10 +270,11 @@ class EncryptionService:
             end = min(len(plaintexts), start + dk.allowance - dk.encryptions)
             chunk = plaintexts[start:end]
 
-            def work(keyring: Keyring = keyring, start: int = start,
-                     chunk: list[bytes] = chunk) -> list[str]:
-                return [keyring.encrypt_bytes(p, kt, ctxs[start + i],
-                                              compression_level=self._compression)
+            def work(keyring: Keyring = keyring, start: int = start, end: int = end,
+                     chunk: list[bytes] = chunk, dk: DataKey = dk) -> list[str]:
+                if level is None:
+                    return dk.seal_fields(chunk, ctxs[start:end])
+                return [keyring.encrypt_bytes(p, kt, ctxs[start + i], compression_level=level)
                         for i, p in enumerate(chunk)]
 
             large = sum(len(p) for p in chunk) > self._threshold
@@ -269,7 +307,18 @@ class EncryptionService:
                     pass
             return done, unknown
 
+        def all_or_nothing(keyring: Keyring) -> list[Any] | None:  # the common case
+            decrypt = keyring.decrypt
+            try:
+                return [decrypt(t, kt, c) for t, c in zip(tokens, ctxs, strict=True)]
+            except DecryptionError:
+                return None
+
         large = sum(len(t) for t in tokens) > self._threshold
+        values = await self._run(all_or_nothing, keyring) if large else all_or_nothing(keyring)
+        if values is not None:
+            self._decryptions += len(values)
+            return values
         everything = range(len(tokens))
         done, unknown = await self._run(work, keyring, everything) if large else \
             work(keyring, everything)
@@ -314,16 +363,23 @@ class EncryptionService:
         ctx = context_bytes(context)
         large = len(data) > self._threshold
 
-        def work() -> EncryptedData:
-            payload: bytes | memoryview = memoryview(data)
-            flags = 0
-            if self._compression is not None:
-                payload = _compression.compress(bytes(payload), self._compression)
-                flags = FLAG_ZSTD
-            return encrypt_bulk(dk, payload, ctx, flags=flags,
-                                segment_size=self._segment_size if large else None)
-
-        result = await self._run(work) if large else work()
+        level = self._level(kt)
+        payload: bytes | memoryview = memoryview(data)
+        if not large:
+            if level is not None:
+                payload = _compression.compress(payload, level)
+            result = encrypt_bulk(dk, payload, ctx, flags=0 if level is None else FLAG_ZSTD)
+        else:
+            if level is not None:
+                # one zstd record per segment, as compressed streams hold
+                payload = memoryview(await self._run(_compression.compress_records, payload,
+                                                     level, self._segment_size))
+            job = BulkSealer(dk, payload, ctx, flags=0 if level is None else FLAG_ZSTD,
+                             segment_size=self._segment_size)
+            # a few segments per worker-thread hop: the loop and other jobs get their turn
+            while not await self._run(job.step, BATCH_BYTES):
+                pass
+            result = job.result()
         self.counters["bulk_encryptions"] += 1
         return result
 
@@ -351,42 +407,56 @@ class EncryptionService:
         ctx = context_bytes(context)
         large = len(encrypted.encrypted_data) > self._threshold
 
-        def work() -> bytes | memoryview:
-            plaintext = decrypt_bulk(dk, encrypted, ctx)
-            if encrypted.compressed:
-                try:
-                    return _compression.decompress(bytes(plaintext))
-                except ValueError:
-                    raise DecryptionError() from None
-            return plaintext
-
         try:
-            result = await self._run(work) if large else work()
+            if not large:
+                plaintext = decrypt_bulk(dk, encrypted, ctx)
+            elif encrypted.algorithm == "AES_256_GCM":  # one message: one hop
+                plaintext = await self._run(decrypt_bulk, dk, encrypted, ctx)
+            else:
+                job = BulkOpener(dk, encrypted, ctx)
+                while not await self._run(job.step, BATCH_BYTES):
+                    pass
+                plaintext = job.result()
+            if encrypted.compressed:
+                plaintext = await self._run(_decompress, plaintext) if large \
+                    else _decompress(plaintext)
         except DecryptionError:
             self.counters["decrypt_failures"] += 1
             raise
         self.counters["bulk_decryptions"] += 1
-        return result
+        return plaintext
 
     # -- streams ------------------------------------------------------------
 
     async def encrypt_stream(self, source: AsyncIterable[bytes] | Iterable[bytes],
                              key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
-                             context: str | bytes | None = None) -> AsyncIterator[bytes]:
+                             context: str | bytes | None = None,
+                             compress: bool | None = None,
+                             segment_size: int | None = None) -> AsyncIterator[bytes]:
         """Encrypt chunks of any size as they come; memory stays O(segment).
 
         The concatenated output is the ``to_bytes()`` blob of a segmented
         ``EncryptedData``: stream it to a file or object store, and read it back
         with :meth:`decrypt_stream` (or :meth:`decrypt_bulk_data` when it fits in
-        memory).
+        memory). Each yielded part is an immutable ``bytes``. ``compress`` (default:
+        the config's ``compression_enabled``) zstd-compresses each segment before
+        it is sealed; ``segment_size`` (1 KiB..64 MiB) overrides the performance
+        mode's.
         """
         kt = KeyType(key_type)
+        level = self._stream_compression(compress, kt)
         keyring = await self._keyring(kt)
-        dk = keyring.active(kt)
+        enc = StreamEncryptor(keyring.active(kt), context_bytes(context),
+                              self._segment_size if segment_size is None else segment_size,
+                              flags=FLAG_ZSTD if level is not None else 0)
         self.counters["stream_encryptions"] += 1
-        async for part in seal_stream(dk, source, context_bytes(context), self._segment_size,
-                                      self._run, self._threshold):
+        async for part in seal_stream(enc, source, self._run, self._threshold, level):
             yield part
+
+    def _stream_compression(self, compress: bool | None, kt: KeyType) -> int | None:
+        if compress is None:
+            return self._level(kt)
+        return self.config.performance.compression_level if compress else None
 
     async def decrypt_stream(self, source: AsyncIterable[bytes] | Iterable[bytes], *,
                              context: str | bytes | None = None,
@@ -410,6 +480,38 @@ class EncryptionService:
             self.counters["decrypt_failures"] += 1
             raise
         self.counters["stream_decryptions"] += 1
+
+    # -- files --------------------------------------------------------------
+
+    async def encrypt_file(self, src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                           key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
+                           context: str | bytes | None = None,
+                           compress: bool | None = None,
+                           segment_size: int | None = None) -> int:
+        """Encrypt the file ``src`` into ``dst`` as a stream; returns the bytes written.
+
+        Reads, seals and writes segment by segment in worker threads (memory stays
+        O(segment)). ``dst`` appears, mode 0600, only once it is complete: the
+        output goes to a temporary file beside it that is renamed over it.
+        """
+        size = self._segment_size if segment_size is None else segment_size
+        async with contextlib.aclosing(read_file(src, size, self._run)) as chunks:
+            parts = self.encrypt_stream(chunks, key_type, context=context, compress=compress,
+                                        segment_size=size)
+            return await write_file_atomically(dst, parts, self._run)
+
+    async def decrypt_file(self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                           context: str | bytes | None = None,
+                           key_type: KeyTypeLike | None = None) -> int:
+        """Decrypt :meth:`encrypt_file` output into ``dst`` (mode 0600); returns the bytes written.
+
+        If any segment fails to authenticate, ``DecryptionError`` is raised and
+        ``dst`` is left untouched: no partial plaintext is ever left behind.
+        """
+        chunks = read_file(src, self._segment_size, self._run, stream_aligned=True)
+        async with contextlib.aclosing(chunks):
+            parts = self.decrypt_stream(chunks, context=context, key_type=key_type)
+            return await write_file_atomically(dst, parts, self._run)
 
     async def _data_key(self, key_id: str) -> DataKey:
         dk = self.key_manager.keyring.get(key_id) or await self.key_manager.load_key(key_id)
@@ -462,7 +564,7 @@ class EncryptionService:
                                               KeyType.CACHE, context)
         else:
             encrypted_value = keyring.encrypt_bytes(plaintext, KeyType.CACHE, context,
-                                                    compression_level=self._compression)
+                                                    compression_level=self._level(KeyType.CACHE))
         self.counters["cache_encryptions"] += 1
         return encrypted_key, encrypted_value
 
@@ -500,6 +602,7 @@ class EncryptionService:
             "inline_threshold": self._threshold,
             "segment_size": self._segment_size,
             "compression_enabled": self._compression is not None,
+            "compressed_key_types": sorted(self._compressed_types),
             "counters": {**self.counters, "encryptions": self._encryptions,
                          "decryptions": self._decryptions},
             "usage_by_key": {dk.key_id: dk.encryptions for dk in self.keyring
@@ -518,6 +621,13 @@ class EncryptionService:
             if not (health["key_store_reachable"] and health["kek_provider_reachable"]):
                 stats["encryption_service"] = "degraded"
         return stats
+
+
+def _decompress(plaintext: bytes | memoryview) -> bytes:
+    try:
+        return _compression.decompress_payload(plaintext)
+    except ValueError:
+        raise DecryptionError() from None
 
 
 def _cache_value_context(cache_key: str) -> bytes:

@@ -173,3 +173,25 @@ def test_performance_modes_never_change_the_cipher() -> None:
         config = EncryptionConfig(performance_mode=mode)
         assert config.algorithm == "AES_256_GCM" and config.key_size_bits == 256
         assert config.performance.segment_size >= 256 * 1024
+
+
+def test_compressed_key_types_from_env_and_file(tmp_path: Path, master_key_b64: str) -> None:
+    env = {"ENCRYPTION_MASTER_KEY": master_key_b64,
+           "ENCRYPTION_COMPRESSED_KEY_TYPES": " audit_logs, cache ,"}
+    config = EncryptionConfig.from_env(env)
+    assert config.compressed_key_types == {KeyType.AUDIT_LOGS, KeyType.CACHE}
+    level = config.performance.compression_level
+    assert config.compression_level_for("audit_logs") == level
+    assert config.compression_level_for(KeyType.PII) is None
+    assert config.compression_level is None  # not every key type
+    assert config.to_public_dict()["compressed_key_types"] == ["audit_logs", "cache"]
+    assert EncryptionConfig(compression_enabled=True).compression_level_for("pii") == level
+    path = tmp_path / "encryption.json"
+    path.write_text(json.dumps({"compressed_key_types": ["pii"]}))
+    assert EncryptionConfig.from_env({"ENCRYPTION_CONFIG_FILE": str(path)}) \
+        .compressed_key_types == {KeyType.PII}
+    path.write_text(json.dumps({"compressed_key_types": [1, 2]}))
+    with pytest.raises(ConfigurationError, match="compressed_key_types"):
+        EncryptionConfig.from_env({"ENCRYPTION_CONFIG_FILE": str(path)})
+    with pytest.raises(ConfigurationError, match="compressed_key_types"):
+        EncryptionConfig.from_env({"ENCRYPTION_COMPRESSED_KEY_TYPES": "NOT a key type!"})

@@ -221,22 +221,26 @@ class _TableBound(TypeDecorator[Any]):
 
 
 class _EncryptedComparator(TypeDecorator.Comparator[Any]):
-    """``==`` / ``!=`` / ``in_`` on a deterministic column match every live key version;
-    on a randomized column they can never match, so they raise instead."""
+    """``==`` / ``!=`` / ``in_`` with Python values on a deterministic column match every
+    live key version; on a randomized column they can never match, so they raise.
+
+    A comparison with another SQL expression is left to SQLAlchemy: it compares
+    columns with ``==`` itself (result-map keys of a cached statement), and a
+    column-to-column comparison compares stored tokens, nothing else.
+    """
 
     __slots__ = ()
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
         typ = self.expr.type
         if op in (operators.eq, operators.ne, operators.in_op, operators.not_in_op) \
-                and other and other[0] is not None and isinstance(typ, EncryptedType):
+                and other and other[0] is not None and isinstance(typ, EncryptedType) \
+                and not isinstance(other[0], sa.sql.ClauseElement):
             if not typ.deterministic:
                 raise TypeError(
                     f"{typ.context}: randomized encryption cannot be compared in SQL; "
                     "use deterministic=True or a BlindIndex column")
             values = other[0] if op in (operators.in_op, operators.not_in_op) else [other[0]]
-            if isinstance(values, sa.sql.ClauseElement):
-                raise TypeError("compare a deterministic encrypted column with Python values")
             clause = typ.match_clause(self.expr, values)
             return ~clause if op in (operators.ne, operators.not_in_op) else clause
         return super().operate(op, *other, **kwargs)

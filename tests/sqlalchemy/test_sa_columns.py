@@ -182,6 +182,32 @@ async def test_randomized_columns_refuse_sql_comparison(suffix: str) -> None:
     assert "IS NULL" in str(sa.select(user_cls).where(user_cls.ssn_encrypted.is_(None)))
 
 
+async def test_core_select_of_encrypted_columns_runs_again_from_the_statement_cache(
+        engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    """SQLAlchemy compares result columns with ``==`` when it reuses a cached Core
+    statement; the randomized column's refusal of SQL comparison must not catch that."""
+    base, user_cls = make_models(suffix)
+    await _create(engine, base)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.insert(user_cls).values(
+                id=1, ssn_encrypted="123-45-6789", email="ann@example.org"))
+        async with engine.connect() as conn:
+            for _ in range(3):
+                rows = (await conn.execute(
+                    sa.select(user_cls.ssn_encrypted, user_cls.email))).all()
+                assert rows == [("123-45-6789", "ann@example.org")]
+        # comparing with Python values is still refused / still matches
+        with pytest.raises(TypeError, match="BlindIndex"):
+            sa.select(user_cls).where(user_cls.ssn_encrypted == "123-45-6789")
+        async with engine.connect() as conn:
+            found = (await conn.execute(sa.select(user_cls.id).where(
+                user_cls.email == "ann@example.org"))).scalars().all()
+            assert found == [1]
+    finally:
+        await _drop(engine, base)
+
+
 async def test_deterministic_column_matches_across_rotation(
         engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
     base, user_cls = make_models(suffix)

@@ -173,7 +173,7 @@ def parse_legacy(value_type: str, raw: Any) -> Any:
         return raw.date()
     try:
         return parser(raw if isinstance(raw, str) else str(raw))
-    except (ValueError, TypeError, ArithmeticError) as exc:
+    except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:  # deep JSON
         raise ValueError(f"stored plaintext is not a valid {value_type}") from exc
 
 
@@ -653,14 +653,18 @@ class ReencryptionEngine:
         target_changed = False
         while True:
             passes += 1
+            # A pass resumed mid-table proves nothing about the rows before its start
+            # (a concurrent writer may have left some on an old key): only a sweep from
+            # the start that finds nothing completes the job, and it is always run.
+            full_sweep = checkpoint.last_pk is None
             read, target_changed = await self._pass(spec, cols, key_range, checkpoint, stats,
                                                     started)
-            if target_changed or read == 0 or passes >= self.max_passes:
+            if target_changed or (full_sweep and (read == 0 or passes >= self.max_passes)):
                 break
             checkpoint.pass_no += 1
             checkpoint.last_pk = None
             await self.database.save_checkpoint(checkpoint)
-        complete = not target_changed and read == 0
+        complete = not target_changed and read == 0 and full_sweep
         if complete:
             checkpoint.done = True
             await self.database.save_checkpoint(checkpoint)

@@ -2,12 +2,16 @@
 
 One ``UPDATE ... FROM unnest(...)`` per batch, with the checkpoint upsert in
 the same statement; reads and writes overlapped on two connections.
+A failed call drops both connections (a server restart leaves them closed, a
+cancelled or timed-out query leaves them mid-protocol), so the next call,
+such as a rerun resuming from the checkpoint, starts on fresh ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ._errors import KeyNotFoundError
@@ -35,18 +39,22 @@ class AsyncpgDatabase:
     data-modifying CTE), so they commit together. Reads and writes run on two
     connections so the next batch is fetched while this one is re-encrypted and
     the previous one written. Give it a DSN, or an ``asyncpg`` pool you own.
+    ``command_timeout`` (seconds, DSN only) bounds each statement, so a server
+    that stops answering fails the run instead of hanging it.
     """
 
     supports_pipelining = True
 
     def __init__(self, dsn: str | None = None, *, pool: Any = None,
-                 checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE) -> None:
+                 checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE,
+                 command_timeout: float | None = 300.0) -> None:
         if (dsn is None) == (pool is None):
             raise ValueError("give a DSN or an asyncpg pool")
         quote_identifier(checkpoint_table)
         self._dsn = dsn
         self._pool = pool
         self.checkpoint_table = checkpoint_table
+        self.command_timeout = command_timeout
         self._reader: Any = None
         self._writer: Any = None
         self._pk_types: dict[str, str] = {}
@@ -55,12 +63,17 @@ class AsyncpgDatabase:
     def __repr__(self) -> str:
         return f"<AsyncpgDatabase checkpoint_table={self.checkpoint_table}>"
 
+    def _usable(self) -> bool:
+        return (self._reader is not None and not self._reader.is_closed()
+                and not self._writer.is_closed())
+
     async def _connect(self) -> None:
-        if self._reader is not None:
+        if self._usable():
             return
         async with self._lock:
-            if self._reader is not None:
+            if self._usable():
                 return
+            await self.close()  # closed by the server, or dropped after a failure
             if self._pool is not None:
                 reader = await self._pool.acquire()
                 writer = await self._pool.acquire()
@@ -70,9 +83,12 @@ class AsyncpgDatabase:
                 except ImportError as exc:  # pragma: no cover - depends on the environment
                     raise ImportError("AsyncpgDatabase needs asyncpg: "
                                       "pip install 'aiocrypt[postgres]'") from exc
-                reader = await asyncpg.connect(self._dsn)
+                timeout = min(60.0, self.command_timeout or 60.0)
+                reader = await asyncpg.connect(self._dsn, timeout=timeout,
+                                               command_timeout=self.command_timeout)
                 try:
-                    writer = await asyncpg.connect(self._dsn)
+                    writer = await asyncpg.connect(self._dsn, timeout=timeout,
+                                                   command_timeout=self.command_timeout)
                 except BaseException:
                     await reader.close()
                     raise
@@ -86,8 +102,25 @@ class AsyncpgDatabase:
                 continue
             if self._pool is not None:
                 await self._pool.release(conn)
+            elif conn.is_closed():
+                continue
             else:
-                await conn.close()
+                try:
+                    await asyncio.wait_for(conn.close(), 5)
+                except Exception:
+                    conn.terminate()
+
+    @contextlib.asynccontextmanager
+    async def _connected(self) -> AsyncIterator[None]:
+        """Connect if needed; on any failure, drop both connections for the next call."""
+        await self._connect()
+        try:
+            yield
+        except BaseException:
+            for conn in (self._reader, self._writer):
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()  # the pool (if any) gets it back in close()
+            raise
 
     async def __aenter__(self) -> AsyncpgDatabase:
         await self._connect()
@@ -97,21 +130,21 @@ class AsyncpgDatabase:
         await self.close()
 
     async def prepare(self, table: TableSpec) -> None:
-        await self._connect()
-        try:
-            await self._writer.execute(checkpoint_ddl(self.checkpoint_table,
-                                                      timestamp_type="TIMESTAMPTZ"))
-        except Exception as exc:
-            # Two workers creating the table at once: the loser sees a duplicate.
-            if type(exc).__name__ not in ("UniqueViolationError", "DuplicateTableError"):
-                raise
-        pk_type = await self._reader.fetchval(
-            "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-            "WHERE a.attrelid = $1::regclass AND a.attname = $2 AND NOT a.attisdropped",
-            quote_identifier(table.name), table.primary_key)
-        if pk_type is None:
-            raise KeyNotFoundError(f"table {table.name} has no column {table.primary_key!r}")
-        self._pk_types[table.name] = pk_type
+        async with self._connected():
+            try:
+                await self._writer.execute(checkpoint_ddl(self.checkpoint_table,
+                                                          timestamp_type="TIMESTAMPTZ"))
+            except Exception as exc:
+                # Two workers creating the table at once: the loser sees a duplicate.
+                if type(exc).__name__ not in ("UniqueViolationError", "DuplicateTableError"):
+                    raise
+            pk_type = await self._reader.fetchval(
+                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                "WHERE a.attrelid = $1::regclass AND a.attname = $2 AND NOT a.attisdropped",
+                quote_identifier(table.name), table.primary_key)
+            if pk_type is None:
+                raise KeyNotFoundError(f"table {table.name} has no column {table.primary_key!r}")
+            self._pk_types[table.name] = pk_type
 
     def _fetch_sql(self, table: TableSpec, has_after: bool, has_until: bool) -> str:
         tbl, pk = quote_identifier(table.name), quote_identifier(table.primary_key)
@@ -130,15 +163,15 @@ class AsyncpgDatabase:
 
     async def fetch_batch(self, table: TableSpec, prefixes: Sequence[str], after: Any,
                           until: Any, limit: int) -> Sequence[Sequence[Any]]:
-        await self._connect()
-        args: list[Any] = list(prefixes)
-        if after is not None:
-            args.append(after)
-        if until is not None:
-            args.append(until)
-        sql = self._fetch_sql(table, after is not None, until is not None)
-        rows: Sequence[Sequence[Any]] = await self._reader.fetch(sql, *args, limit)
-        return rows
+        async with self._connected():
+            args: list[Any] = list(prefixes)
+            if after is not None:
+                args.append(after)
+            if until is not None:
+                args.append(until)
+            sql = self._fetch_sql(table, after is not None, until is not None)
+            rows: Sequence[Sequence[Any]] = await self._reader.fetch(sql, *args, limit)
+            return rows
 
     def _write_sql(self, table: TableSpec) -> str:
         tbl, pk = quote_identifier(table.name), quote_identifier(table.primary_key)
@@ -177,48 +210,48 @@ class AsyncpgDatabase:
 
     async def write_batch(self, table: TableSpec, batch: WriteBatch,
                           checkpoint: Checkpoint) -> int:
-        await self._connect()
-        args: list[Any] = [batch.pks]
-        for old, new in zip(batch.old, batch.new, strict=True):
-            args += [old, new]
-        args += [checkpoint.job_id, checkpoint.table, checkpoint.pass_no,
-                 checkpoint.encoded_pk(), checkpoint.batches, checkpoint.rows_read,
-                 checkpoint.rows_updated, checkpoint.rows_conflicted, checkpoint.rows_failed,
-                 len(batch)]
-        updated: int = await self._writer.fetchval(self._write_sql(table), *args)
-        return updated
+        async with self._connected():
+            args: list[Any] = [batch.pks]
+            for old, new in zip(batch.old, batch.new, strict=True):
+                args += [old, new]
+            args += [checkpoint.job_id, checkpoint.table, checkpoint.pass_no,
+                     checkpoint.encoded_pk(), checkpoint.batches, checkpoint.rows_read,
+                     checkpoint.rows_updated, checkpoint.rows_conflicted, checkpoint.rows_failed,
+                     len(batch)]
+            updated: int = await self._writer.fetchval(self._write_sql(table), *args)
+            return updated
 
     async def load_checkpoint(self, job_id: str) -> Checkpoint | None:
-        await self._connect()
-        row = await self._reader.fetchrow(
-            f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM "  # noqa: S608
-            f"{quote_identifier(self.checkpoint_table)} WHERE job_id = $1", job_id)
-        return None if row is None else checkpoint_from_row(row)
+        async with self._connected():
+            row = await self._reader.fetchrow(
+                f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM "  # noqa: S608
+                f"{quote_identifier(self.checkpoint_table)} WHERE job_id = $1", job_id)
+            return None if row is None else checkpoint_from_row(row)
 
     async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
-        await self._connect()
-        params = ", ".join(f"${i + 1}" for i in range(len(CHECKPOINT_COLUMNS)))
-        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in CHECKPOINT_COLUMNS[1:])
-        await self._writer.execute(
-            f"INSERT INTO {quote_identifier(self.checkpoint_table)} "  # noqa: S608
-            f"({', '.join(CHECKPOINT_COLUMNS)}, updated_at) VALUES ({params}, now()) "
-            f"ON CONFLICT (job_id) DO UPDATE SET {updates}, updated_at = now()",
-            checkpoint.job_id, checkpoint.table, checkpoint.pass_no, checkpoint.encoded_pk(),
-            checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated,
-            checkpoint.rows_conflicted, checkpoint.rows_failed, checkpoint.done)
+        async with self._connected():
+            params = ", ".join(f"${i + 1}" for i in range(len(CHECKPOINT_COLUMNS)))
+            updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in CHECKPOINT_COLUMNS[1:])
+            await self._writer.execute(
+                f"INSERT INTO {quote_identifier(self.checkpoint_table)} "  # noqa: S608
+                f"({', '.join(CHECKPOINT_COLUMNS)}, updated_at) VALUES ({params}, now()) "
+                f"ON CONFLICT (job_id) DO UPDATE SET {updates}, updated_at = now()",
+                checkpoint.job_id, checkpoint.table, checkpoint.pass_no, checkpoint.encoded_pk(),
+                checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated,
+                checkpoint.rows_conflicted, checkpoint.rows_failed, checkpoint.done)
 
     async def census(self, table: TableSpec) -> TableCensus:
-        await self._connect()
-        rows = await self._reader.fetch(census_sql(table, lambda c: f"split_part({c}, '.', 2)"))
-        return census_from_rows(table, rows)
+        async with self._connected():
+            rows = await self._reader.fetch(census_sql(table, lambda c: f"split_part({c}, '.', 2)"))
+            return census_from_rows(table, rows)
 
     async def boundaries(self, table: TableSpec, shards: int) -> list[Any]:
-        await self._connect()
-        if shards < 2:
-            return []
-        pk = quote_identifier(table.primary_key)
-        fractions = [i / shards for i in range(1, shards)]
-        values = await self._reader.fetchval(
-            f"SELECT percentile_disc($1::float8[]) WITHIN GROUP (ORDER BY {pk}) "  # noqa: S608
-            f"FROM {quote_identifier(table.name)}", fractions)
-        return [] if values is None else [v for v in values if v is not None]
+        async with self._connected():
+            if shards < 2:
+                return []
+            pk = quote_identifier(table.primary_key)
+            fractions = [i / shards for i in range(1, shards)]
+            values = await self._reader.fetchval(
+                f"SELECT percentile_disc($1::float8[]) WITHIN GROUP (ORDER BY {pk}) "  # noqa: S608
+                f"FROM {quote_identifier(table.name)}", fractions)
+            return [] if values is None else [v for v in values if v is not None]

@@ -8,7 +8,7 @@ tampered wrapped key) fail at once: retrying them only multiplies the load
 on a service that has already said no.
 
 The SDKs' own retry loops are switched off in the clients the providers build
-(botocore ``max_attempts=1``, azure-core ``retry_total=0``, GAPIC ``retry=None``;
+(botocore ``total_max_attempts=1``, azure-core ``retry_total=0``, GAPIC ``retry=None``;
 hvac does not retry), so this is the only loop and a call is never multiplied
 twice. A client the caller passes in keeps the caller's settings.
 

@@ -42,6 +42,7 @@ import anyio
 
 from .._config import EncryptionConfig
 from .._errors import ConfigurationError, KekProviderError
+from .._urls import redact_url
 from ._base import KekProvider
 from ._retry import RetryPolicy, call_with_retry
 
@@ -108,7 +109,7 @@ class AwsKmsKekProvider(KekProvider):
         return f"aws-kms://{self.key_id}"
 
     def __repr__(self) -> str:
-        where = f" endpoint={self.endpoint_url}" if self.endpoint_url else ""
+        where = f" endpoint={redact_url(self.endpoint_url)}" if self.endpoint_url else ""
         return f"<AwsKmsKekProvider {self.kek_id} region={self.region}{where}>"
 
     async def _kms(self) -> Any:
@@ -120,7 +121,9 @@ class AwsKmsKekProvider(KekProvider):
                     raise KekProviderError(
                         f"AWS KMS key {self.kek_id}: no region (set ENCRYPTION_AWS_REGION or "
                         "use a key ARN)", backend=self.backend)
-                config = AioConfig(retries={"max_attempts": 1, "mode": "standard"},
+                # total_max_attempts counts the first call; botocore's max_attempts=1 would
+                # still retry once, doubling every call under our own retry loop
+                config = AioConfig(retries={"total_max_attempts": 1, "mode": "standard"},
                                    connect_timeout=min(5.0, self.retry.call_timeout),
                                    read_timeout=self.retry.call_timeout)
                 stack = AsyncExitStack()

@@ -122,7 +122,8 @@ def decode_records(records: Iterable[str | bytes | Mapping[str, Any]],
     try:
         keys = [EncryptionKey.from_dict(json.loads(r) if isinstance(r, (str, bytes)) else dict(r))
                 for r in records]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError,
+            RecursionError) as exc:  # a record that is not an object, an absurd number...
         raise KeyStoreIntegrityError(
             f"{where} holds an invalid key record ({type(exc).__name__})") from None
     keys.sort(key=lambda k: (k.created_at, k.key_id))

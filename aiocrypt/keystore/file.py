@@ -100,7 +100,7 @@ class FileKeyStore(KeyStore):
     def _parse(self, data: bytes) -> dict[str, Any]:
         try:
             doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, 4300+ digit ints, deep nesting
             raise KeyStoreIntegrityError(
                 f"key store {self.path} is corrupt (not valid JSON; truncated?): restore it "
                 "from a backup; it was left untouched") from None
@@ -109,6 +109,8 @@ class FileKeyStore(KeyStore):
         for name in ("kek_id", "mac_key", "mac", "revision", "keys"):
             if name not in doc:
                 raise KeyStoreIntegrityError(f"key store {self.path} is missing {name!r}")
+        if not isinstance(doc["kek_id"], str):
+            raise KeyStoreIntegrityError(f"key store {self.path} has an invalid kek_id")
         return doc
 
     async def _verify(self, doc: dict[str, Any]) -> None:

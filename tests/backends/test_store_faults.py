@@ -14,17 +14,11 @@ immediate`` (a crash: recovery from WAL on restart).
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from _private_services import PrivatePostgres, PrivateRedis
 
 from aiocrypt import (
     EncryptionService,
@@ -36,102 +30,13 @@ from aiocrypt import (
 from aiocrypt.kek import KekProvider, LocalKekProvider
 from aiocrypt.keystore import KeyStore
 
-from .conftest import free_port
-
 pytest.importorskip("redis.asyncio")
 pytest.importorskip("asyncpg")
 
 
-def _missing(what: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is not installed and CI=true", pytrace=False)
-    pytest.skip(f"{what} is not installed")
-
-
-def _wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-class RedisServer:
-    """redis-server on a free port with AOF in a temporary directory."""
-
-    def __init__(self, directory: Path) -> None:
-        self.binary = shutil.which("redis-server") or _missing("redis-server")
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_port(self.port)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-
-class PostgresCluster:
-    """A throw-away PostgreSQL cluster (initdb, pg_ctl) on a free port."""
-
-    def __init__(self) -> None:
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        initdb = shutil.which("initdb") or (found[-1] if found else None)
-        if initdb is None:
-            _missing("PostgreSQL server binaries (initdb)")
-        self.bin = Path(str(initdb)).parent
-        self.port = free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="aiocrypt-pg-"))
-        self.data = self.root / "data"
-        # initdb refuses to run as root: run the server as the postgres user then
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self.as_user:
-            shutil.chown(self.root, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                  "--no-sync", "-E", "UTF8")
-
-    @property
-    def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, tool: str, *args: str) -> None:
-        subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
-
-    def start(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w",
-                  "-t", "30", "-o",
-                  f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off",
-                  "start")
-
-    def crash(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-
-    def remove(self) -> None:
-        subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m",
-                        "immediate", "-w", "stop"], capture_output=True, timeout=60)
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
+def own_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
     server.start()
     try:
         yield server
@@ -140,8 +45,8 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def own_postgres() -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster()
+def own_postgres() -> Iterator[PrivatePostgres]:
+    cluster = PrivatePostgres()
     try:
         cluster.start()
         yield cluster
@@ -212,7 +117,7 @@ async def _rotation_survives_a_crash(store: KeyStore, crash: Callable[[], None],
         await manager.close()
 
 
-async def test_redis_killed_mid_rotation(own_redis: RedisServer) -> None:
+async def test_redis_killed_mid_rotation(own_redis: PrivateRedis) -> None:
     from aiocrypt.keystore.redis import RedisKeyStore
 
     store = RedisKeyStore(own_redis.url, prefix="faults:", lock_lease=5.0, socket_timeout=5)
@@ -220,10 +125,10 @@ async def test_redis_killed_mid_rotation(own_redis: RedisServer) -> None:
                                      f"Redis key store redis://127.0.0.1:{own_redis.port}/0")
 
 
-async def test_postgres_crashed_mid_rotation(own_postgres: PostgresCluster) -> None:
+async def test_postgres_crashed_mid_rotation(own_postgres: PrivatePostgres) -> None:
     from aiocrypt.keystore.postgres import PostgresKeyStore
 
     store = PostgresKeyStore(own_postgres.dsn, schema="faults", command_timeout=5)
     await _rotation_survives_a_crash(
-        store, own_postgres.crash, own_postgres.start,
+        store, lambda: own_postgres.stop("immediate"), own_postgres.start,
         f"PostgreSQL key store postgresql://postgres@127.0.0.1:{own_postgres.port}/postgres")

@@ -1,0 +1,1 @@
+"""Reliability tests: faults, concurrency and load against real services (issue 9)."""

@@ -36,6 +36,7 @@ from ._factory import (
     get_key_manager,
     reset_defaults,
 )
+from ._health import HealthCheck, HealthReport, health
 from ._keyring import Keyring, UnknownKeyError
 from ._keys import EncryptionKey
 from ._manager import Census, KeyManager
@@ -71,6 +72,8 @@ __all__ = [
     "EncryptionConfig",
     "EncryptionKey",
     "EncryptionService",
+    "HealthCheck",
+    "HealthReport",
     "KekProviderError",
     "KeyManager",
     "KeyNotFoundError",
@@ -98,5 +101,6 @@ __all__ = [
     "get_crypto_config",
     "get_encryption_service",
     "get_key_manager",
+    "health",
     "reset_defaults",
 ]

@@ -26,10 +26,12 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
+import datetime
 import functools
+import json
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Final, TypeVar
 
 try:
@@ -42,7 +44,13 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "aiocrypt.integrations.flask needs extra dependencies: pip install 'aiocrypt[flask]'"
     ) from exc
 
-from aiocrypt import EncryptionService, get_encryption_service
+from aiocrypt import (
+    EncryptionService,
+    HealthCheck,
+    HealthReport,
+    get_encryption_service,
+    health,
+)
 
 from .cache import EncryptedCache
 from .sessions import EncryptedSession, SyncRedisSessionStore, WebSettings, apply_cookie
@@ -50,6 +58,8 @@ from .sessions import EncryptedSession, SyncRedisSessionStore, WebSettings, appl
 __all__ = ["AioCrypt", "AioCryptState", "EncryptedSessionInterface", "FlaskSession"]
 
 _EXTENSION: Final = "aiocrypt"
+#: app.extensions key: paths served without a session (health probes and metrics)
+_SESSIONLESS: Final = "aiocrypt.sessionless"
 _T = TypeVar("_T")
 
 logger = logging.getLogger("aiocrypt.flask")
@@ -306,13 +316,60 @@ class AioCrypt:
         """The current app's session store."""
         return self.state().sessions
 
+    def add_health_routes(self, app: Flask, *, health_path: str = "/healthz",
+                          metrics_path: str | None = "/metrics", registry: Any = None,
+                          key_types: Iterable[str] | None = None,
+                          timeout: float = 10.0) -> None:
+        """Serve ``aiocrypt.health()`` as JSON (200, or 503 when failing) at ``health_path``.
+
+        The check runs on the extension's loop (starting it if needed: a service
+        that cannot start is reported ``failing``), waiting at most ``timeout``.
+        With prometheus-client installed, also serve metrics at ``metrics_path``
+        (``None``: no metrics route): ``registry`` as it is when given (call
+        ``aiocrypt.metrics.instrument`` on it yourself), else a registry of this
+        app's service alone. Call after ``init_app``. See docs/metrics.md.
+        """
+        state = self.state(app)
+        wanted = None if key_types is None else list(key_types)
+
+        def aiocrypt_health() -> Response:
+            try:
+                state.start()  # first: a coroutine made before a failed start never runs
+                report = state.run(health(state.service, key_types=wanted), timeout)
+            except Exception as exc:  # it could not even start (or answer in time)
+                report = HealthReport("failing", {"service": HealthCheck(
+                    "failing", {"state": "stopped", "error": type(exc).__name__})},
+                    datetime.datetime.now(datetime.UTC))
+            return Response(json.dumps(report.to_dict()), status=report.http_status,
+                            mimetype="application/json", headers={"Cache-Control": "no-store"})
+
+        app.add_url_rule(health_path, "aiocrypt_health", aiocrypt_health, methods=["GET"])
+        app.extensions.setdefault(_SESSIONLESS, set()).add(health_path)
+        if metrics_path is None:
+            return
+        from aiocrypt.metrics import render, route_registry
+
+        registry = route_registry(state.service, registry)
+        if registry is None:  # the metrics extra is not installed: health only
+            return
+
+        def aiocrypt_metrics() -> Response:
+            body, content_type = render(registry)
+            return Response(body, content_type=content_type,
+                            headers={"Cache-Control": "no-store"})
+
+        app.add_url_rule(metrics_path, "aiocrypt_metrics", aiocrypt_metrics, methods=["GET"])
+        app.extensions[_SESSIONLESS].add(metrics_path)
+
 
 class EncryptedSessionInterface(SessionInterface):
     """Flask session interface over ``SyncRedisSessionStore``."""
 
     session_class = FlaskSession
 
-    def open_session(self, app: Flask, request: Request) -> FlaskSession:
+    def open_session(self, app: Flask, request: Request) -> FlaskSession | None:
+        if request.path in app.extensions.get(_SESSIONLESS, ()):
+            return None  # a probe gets a null session, and answers even if keys are down
         store = AioCrypt.state(app).sessions
         return store.load(request.cookies.get(self.get_cookie_name(app)), self.session_class)
 

@@ -15,8 +15,10 @@ Configuration keys: see ``WebSettings`` and docs/web.md.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 try:
     import redis.asyncio as aioredis
@@ -29,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "aiocrypt.integrations.quart needs extra dependencies: pip install 'aiocrypt[quart]'"
     ) from exc
 
-from aiocrypt import EncryptionService, get_encryption_service
+from aiocrypt import EncryptionService, get_encryption_service, health
 
 from .cache import EncryptedCache
 from .sessions import EncryptedSession, RedisSessionStore, WebSettings, apply_cookie
@@ -37,6 +39,8 @@ from .sessions import EncryptedSession, RedisSessionStore, WebSettings, apply_co
 __all__ = ["AioCrypt", "AioCryptState", "EncryptedSessionInterface", "QuartSession"]
 
 _EXTENSION: Final = "aiocrypt"
+#: app.extensions key: paths served without a session (health probes and metrics)
+_SESSIONLESS: Final = "aiocrypt.sessionless"
 
 
 class QuartSession(EncryptedSession, SessionMixin):
@@ -154,13 +158,52 @@ class AioCrypt:
         """The current app's session store."""
         return self.state().sessions
 
+    def add_health_routes(self, app: Quart, *, health_path: str = "/healthz",
+                          metrics_path: str | None = "/metrics", registry: Any = None,
+                          key_types: Iterable[str] | None = None) -> None:
+        """Serve ``aiocrypt.health()`` as JSON (200, or 503 when failing) at ``health_path``.
+
+        With prometheus-client installed, also serve metrics at ``metrics_path``
+        (``None``: no metrics route): ``registry`` as it is when given (call
+        ``aiocrypt.metrics.instrument`` on it yourself), else a registry of this
+        app's service alone. Call after ``init_app``. See docs/metrics.md.
+        """
+        state = self.state(app)
+
+        async def aiocrypt_health() -> Response:
+            report = await health(state.service, key_types=key_types)
+            return Response(json.dumps(report.to_dict()), status=report.http_status,
+                            content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
+
+        app.add_url_rule(health_path, "aiocrypt_health", aiocrypt_health, methods=["GET"])
+        app.extensions.setdefault(_SESSIONLESS, set()).add(health_path)
+        if metrics_path is None:
+            return
+        from aiocrypt.metrics import render, route_registry
+
+        registry = route_registry(state.service, registry)
+        if registry is None:  # the metrics extra is not installed: health only
+            return
+
+        async def aiocrypt_metrics() -> Response:
+            body, content_type = render(registry)
+            return Response(body, content_type=content_type,
+                            headers={"Cache-Control": "no-store"})
+
+        app.add_url_rule(metrics_path, "aiocrypt_metrics", aiocrypt_metrics, methods=["GET"])
+        app.extensions[_SESSIONLESS].add(metrics_path)
+
 
 class EncryptedSessionInterface(SessionInterface):
     """Quart session interface over ``RedisSessionStore``."""
 
     session_class = QuartSession
 
-    async def open_session(self, app: Quart, request: BaseRequestWebsocket) -> QuartSession:
+    async def open_session(self, app: Quart,
+                           request: BaseRequestWebsocket) -> QuartSession | None:
+        if request.path in app.extensions.get(_SESSIONLESS, ()):
+            return None  # a probe gets a null session, and answers even if keys are down
         store = AioCrypt.state(app).sessions
         return await store.load(request.cookies.get(self.get_cookie_name(app)),
                                 self.session_class)

@@ -109,6 +109,9 @@ class KeyManager:
         #: Where ``cleanup_expired_keys`` and ``set_min_decryption_version`` learn
         #: which keys data still references (the re-encryption census).
         self.census: Census | None = None
+        #: The rows per key id the census last reported, and when (metrics read it).
+        self.last_census: Mapping[str, int] | None = None
+        self.last_census_at: _dt.datetime | None = None
 
     def __repr__(self) -> str:
         return (f"<KeyManager store={self.store.name} kek={self.kek.kek_id} "
@@ -595,6 +598,7 @@ class KeyManager:
         if source is None:
             return confirmed, None
         counts = await source() if callable(source) else source
+        self.last_census, self.last_census_at = dict(counts), self._clock()
         return confirmed | {key_id for key_id, rows in counts.items() if rows == 0}, counts
 
     async def cleanup_expired_keys(self, *, confirm_unreferenced: Iterable[str] = (),
@@ -723,18 +727,49 @@ class KeyManager:
         # both stay usable for unwrapping while records are half rewrapped
         self._previous_keks[old_kek.kek_id] = old_kek
         self._previous_keks[new_kek.kek_id] = new_kek
-        total = 0
+        total = await self._rewrap(new_kek, lambda key: key.kek_id == new_kek.kek_id,
+                                   batch_size)
+        self.kek = new_kek
+        await self.refresh(force=True)
+        await self.auditor.emit("master_key_rotated", old_kek=old_kek.kek_id,
+                                new_kek=new_kek.kek_id, keys=total)
+        return total
+
+    async def rewrap_keys(self, *, only_foreign: bool = False, batch_size: int = 50) -> int:
+        """Wrap every DEK again under the current KEK (``self.kek``); return keys rewrapped.
+
+        For a KMS that rotated its backing key, or for records still wrapped by an
+        older KEK (given in ``previous_keks``): each DEK is unwrapped by whichever
+        KEK holds it and wrapped afresh by the current one; no data is touched.
+        ``only_foreign`` skips records already under the current KEK id. Batches
+        are written with optimistic concurrency, so an interrupted run can simply
+        be repeated. The store itself is resealed under the current KEK at the end.
+        """
+        if not self._opened:
+            await self.open()
+        kek = self.kek
+        count = await self._rewrap(kek, lambda key: only_foreign and key.kek_id == kek.kek_id,
+                                   batch_size)
+        await self.refresh(force=True)
+        return count
+
+    async def _rewrap(self, kek: KekProvider, skip: Callable[[EncryptionKey], bool],
+                      batch_size: int) -> int:
+        """Wrap every DEK not ``skip``-ped again under ``kek``, in batches written with
+        optimistic concurrency (a rerun after an interruption goes on where it
+        stopped), then reseal the store under ``kek``; return the keys rewrapped."""
+        done: set[str] = set()
         batch: list[str] = []
 
         async def plan(current: KeySet) -> list[EncryptionKey]:
             batch.clear()
             updates = []
             for key in current.keys:
-                if key.wrapped_key is None or key.kek_id == new_kek.kek_id:
+                if key.wrapped_key is None or key.key_id in done or skip(key):
                     continue
                 material = await self._unwrap(key)
-                wrapped = await new_kek.wrap(material, _wrap_context(key))
-                updates.append(key.replace(wrapped_key=wrapped, kek_id=new_kek.kek_id))
+                wrapped = await kek.wrap(material, _wrap_context(key))
+                updates.append(key.replace(wrapped_key=wrapped, kek_id=kek.kek_id))
                 batch.append(key.key_id)
                 if len(updates) >= batch_size:
                     break
@@ -744,18 +779,14 @@ class KeyManager:
             await self._change(plan)
             if not batch:
                 break
-            total += len(batch)
+            done.update(batch)
             for key_id in batch:
-                await self.auditor.emit("key_rewrapped", key_id=key_id, new_kek=new_kek.kek_id)
+                await self.auditor.emit("key_rewrapped", key_id=key_id, new_kek=kek.kek_id)
         rekey = getattr(self.store, "rekey", None)
         if rekey is not None:
             async with self.store.lock("rotation", timeout=self.lock_timeout):
-                await rekey(new_kek)
-        self.kek = new_kek
-        await self.refresh(force=True)
-        await self.auditor.emit("master_key_rotated", old_kek=old_kek.kek_id,
-                                new_kek=new_kek.kek_id, keys=total)
-        return total
+                await rekey(kek)
+        return len(done)
 
     # -- reporting ----------------------------------------------------------
 

@@ -1,114 +1,155 @@
-"""The ``aiocrypt`` command: keys, configuration and health for operators.
+"""The ``aiocrypt`` command: keys, configuration, data and health for operators.
 
 Settings come from the ``ENCRYPTION_*`` environment variables (and the JSON
 config file), exactly as the library reads them. Nothing secret is printed,
-except by ``new-master-key``, whose whole purpose is to print a new key.
+except by ``new-master-key`` and ``init --show-key / --print-export``, which are
+asked to. Every command takes ``--json``; human output is rich text.
+
+Errors are one line on stderr (``error: ...``; ``aiocrypt --debug`` adds the
+traceback) and the exit code says what kind of failure it was, decided in one
+place (:func:`exit_code_for`):
+
+====  =====================================================================
+0     success
+1     the operation failed or found problems (tampered audit chain, a key
+      that does not exist, rows that did not re-encrypt, ...)
+2     usage error: bad option or argument (click's own)
+3     configuration error: a setting is missing or invalid, an extra is not
+      installed
+4     a service is unreachable: key store, KEK provider, Redis, Postgres
+130   interrupted (Ctrl-C); re-encryption resumes from its checkpoint
+====  =====================================================================
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from ._config import CryptoConfigManager
-from ._errors import AiocryptError
-from ._factory import build_key_manager
+from ._cli_base import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    AiocryptGroup,
+    console,
+    echo_json,
+    fail,
+    json_option,
+    key_metadata,
+    key_type_param,
+    load_config,
+    run_with_manager,
+)
+from ._config import CryptoConfigManager, decode_master_key
+from ._factory import build_kek_provider, build_key_store
+from ._keys import EncryptionKey
 from ._manager import KeyManager
 from ._types import KeyStatus, KeyType
 
-T = TypeVar("T")
-console = Console()
 
-
-def _run(work: Callable[[KeyManager], Awaitable[T]]) -> T:
-    async def main() -> T:
-        manager = build_key_manager(CryptoConfigManager().get_config())
-        async with manager:
-            return await work(manager)
-
-    try:
-        return asyncio.run(main())
-    except AiocryptError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _key_type(_: Any, __: Any, value: str) -> KeyType:
-    try:
-        return KeyType(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-@click.group()
+@click.group(cls=AiocryptGroup)
 @click.version_option(package_name="aiocrypt")
-def main() -> None:
+@click.option("--debug", is_flag=True, envvar="AIOCRYPT_DEBUG",
+              help="show the traceback of an error")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """aiocrypt: field encryption keys for asyncio web applications."""
+    ctx.meta["aiocrypt.debug"] = debug
 
 
 @main.group()
 def keys() -> None:
-    """Inspect and change data-encryption keys."""
+    """Inspect and change data-encryption keys (metadata only: material is never shown)."""
 
 
 @keys.command("list")
 @click.option("--type", "key_type", default=None, help="only this key type")
 @click.option("--status", type=click.Choice([s.value for s in KeyStatus]), default=None)
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@json_option
 def list_keys(key_type: str | None, status: str | None, as_json: bool) -> None:
     """List keys (metadata only; no material is ever shown)."""
-    found = _run(lambda m: m.list_keys(key_type, status))
+    found = run_with_manager(lambda m: m.list_keys(key_type, status))
     if as_json:
-        click.echo(json.dumps([{k: v for k, v in key.to_dict().items() if k != "wrapped_key"}
-                               for key in found], indent=2))
+        echo_json([key_metadata(key) for key in found])
         return
-    table = Table("key id", "type", "version", "status", "created", "expires")
+    table = Table()
+    table.add_column("key id", no_wrap=True)
+    for heading in ("type", "version", "status", "created", "expires"):
+        table.add_column(heading)
     for key in found:
         table.add_row(key.key_id, key.key_type.value, str(key.version), key.status.value,
                       f"{key.created_at:%Y-%m-%d %H:%M}", f"{key.expires_at:%Y-%m-%d}")
     console.print(table)
 
 
+@keys.command("show")
+@click.argument("key_id")
+@json_option
+def show_key(key_id: str, as_json: bool) -> None:
+    """Show the metadata of KEY_ID (never its material)."""
+    data = key_metadata(run_with_manager(lambda m: m.get_key(key_id)))
+    if as_json:
+        echo_json(data)
+        return
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in data.items():
+        table.add_row(name.replace("_", " "), "-" if value in (None, "") else str(value))
+    console.print(table)
+
+
 @keys.command("generate")
-@click.argument("key_type", callback=_key_type)
-def generate(key_type: KeyType) -> None:
+@click.argument("key_type", callback=key_type_param)
+@json_option
+def generate(key_type: KeyType, as_json: bool) -> None:
     """Create a new active version of KEY_TYPE."""
-    key = _run(lambda m: m.generate_key(key_type))
+    key = run_with_manager(lambda m: m.generate_key(key_type))
+    if as_json:
+        echo_json(key_metadata(key))
+        return
     click.echo(f"{key.key_id} is now the active {key.key_type.value} key (version {key.version})")
 
 
 @keys.command("rotate")
-@click.argument("key_type", callback=_key_type)
+@click.argument("key_type", callback=key_type_param)
 @click.option("--force", is_flag=True, help="rotate even if the policy says it is not due")
-def rotate(key_type: KeyType, force: bool) -> None:
+@json_option
+def rotate(key_type: KeyType, force: bool, as_json: bool) -> None:
     """Rotate KEY_TYPE if due by policy (or --force)."""
-    async def work(m: KeyManager) -> tuple[str | None, str]:
+    async def work(m: KeyManager) -> tuple[str | None, EncryptionKey]:
+        await m.refresh(force=True)
         before = m.keyring.active_keys.get(key_type)
         after = await m.rotate_key(key_type, force=force)
-        return (before.key_id if before else None), after.key_id
+        return (before.key_id if before else None), after
 
-    before, after = _run(work)
-    if before == after:
-        click.echo(f"{key_type.value}: not due for rotation; {after} stays active "
+    before, after = run_with_manager(work)
+    rotated = before != after.key_id
+    if as_json:
+        echo_json({"key_type": key_type.value, "rotated": rotated, "old_key_id": before,
+                    "active_key": key_metadata(after)})
+    elif not rotated:
+        click.echo(f"{key_type.value}: not due for rotation; {after.key_id} stays active "
                    "(use --force to rotate anyway)")
     else:
-        click.echo(f"{key_type.value}: rotated {before or '(none)'} -> {after}")
+        click.echo(f"{key_type.value}: rotated {before or '(none)'} -> {after.key_id}")
 
 
 @keys.command("revoke")
 @click.argument("key_id")
 @click.option("--reason", default="Manual revocation", show_default=True)
-def revoke(key_id: str, reason: str) -> None:
+@json_option
+def revoke(key_id: str, reason: str, as_json: bool) -> None:
     """Revoke KEY_ID: it never encrypts again."""
-    key = _run(lambda m: m.revoke_key(key_id, reason))
+    key = run_with_manager(lambda m: m.revoke_key(key_id, reason))
+    if as_json:
+        echo_json(key_metadata(key))
+        return
     click.echo(f"{key.key_id} is {key.status.value}")
 
 
@@ -118,27 +159,32 @@ def revoke(key_id: str, reason: str) -> None:
 @click.option("--reencrypt", is_flag=True,
               help="enqueue the re-encryption of its data on the ARQ workers now "
                    "(aiocrypt[arq]; ENCRYPTION_ARQ_REDIS_URL or ENCRYPTION_REDIS_URL)")
+@json_option
 @click.pass_context
-def compromise(ctx: click.Context, key_id: str, reason: str, reencrypt: bool) -> None:
+def compromise(ctx: click.Context, key_id: str, reason: str, reencrypt: bool,
+               as_json: bool) -> None:
     """Mark KEY_ID compromised: stop using it, rotate, flag its data for re-encryption."""
-    key = _run(lambda m: m.mark_compromised(key_id, reason))
-    click.echo(f"{key.key_id} is {key.status.value}; its data must be re-encrypted")
-    if not reencrypt:
-        click.echo(f"next: aiocrypt jobs reencrypt {key.key_type.value} {key.key_id} "
-                   "(or pass --reencrypt)")
+    key = run_with_manager(lambda m: m.mark_compromised(key_id, reason))
+    if as_json and not reencrypt:
+        echo_json(key_metadata(key))
         return
-    try:
-        from .integrations._arq_cli import reencrypt as enqueue_reencryption
-    except ImportError as exc:
-        raise click.ClickException(f"{exc}: pip install 'aiocrypt[arq]'") from None
+    if not as_json:
+        click.echo(f"{key.key_id} is {key.status.value}; its data must be re-encrypted")
+    if not reencrypt:
+        click.echo(f"next: aiocrypt reencrypt ... (or aiocrypt jobs reencrypt "
+                   f"{key.key_type.value} {key.key_id}, or pass --reencrypt)")
+        return
+    from .integrations._arq_cli import reencrypt as enqueue_reencryption
+
     ctx.invoke(enqueue_reencryption, key_type=key.key_type, old_key_id=key.key_id,
-               batch_size=None, shards=None)
+               batch_size=None, shards=None, as_json=as_json)
 
 
 @keys.command("rotate-due")
-def rotate_due() -> None:
-    """Run the rotation policy now (what the daily job does) and print the report."""
-    click.echo(json.dumps(_run(lambda m: m.rotate_keys_due()), indent=2))
+@json_option
+def rotate_due(as_json: bool) -> None:
+    """Run the rotation policy now (what the daily job does) and print the report (JSON)."""
+    echo_json(run_with_manager(lambda m: m.rotate_keys_due()))
 
 
 @keys.command("cleanup")
@@ -146,12 +192,17 @@ def rotate_due() -> None:
               help="a key id you have verified no data references (repeatable)")
 @click.option("--force", is_flag=True,
               help="destroy expired keys WITHOUT a reference check (audited; data may be lost)")
-def cleanup(confirm: tuple[str, ...], force: bool) -> None:
+@click.option("--yes", is_flag=True, help="do not ask before --force")
+@json_option
+def cleanup(confirm: tuple[str, ...], force: bool, yes: bool, as_json: bool) -> None:
     """Destroy keys past max age + grace that nothing references; say why others are kept."""
-    if force:
+    if force and not yes:
         click.confirm("Destroy every key past its grace period without checking references?",
-                      abort=True)
-    report = _run(lambda m: m.cleanup_report(confirm_unreferenced=confirm, force=force))
+                      abort=True, err=True)
+    report = run_with_manager(lambda m: m.cleanup_report(confirm_unreferenced=confirm, force=force))
+    if as_json:
+        echo_json(report)
+        return
     for item in report["destroyed"]:
         click.echo(f"destroyed {item['key_id']}: {item['reason']}")
     for item in report["kept"]:
@@ -160,31 +211,71 @@ def cleanup(confirm: tuple[str, ...], force: bool) -> None:
         click.echo("no key is past its grace period")
 
 
+def _local_kek_from_env(name: str) -> Any:
+    from .kek.local import LocalKekProvider
+
+    raw = os.environ.get(name)
+    if not raw:
+        fail(f"{name} is not set", EXIT_CONFIG)
+    try:
+        return LocalKekProvider(decode_master_key(raw))
+    except ValueError as exc:
+        fail(str(exc).replace("ENCRYPTION_MASTER_KEY", name), EXIT_CONFIG)
+
+
 @keys.command("rotate-master-key")
 @click.option("--new-key-env", default="ENCRYPTION_NEW_MASTER_KEY", show_default=True,
               help="environment variable holding the new master key (never a CLI argument)")
-def rotate_master_key(new_key_env: str) -> None:
+@json_option
+def rotate_master_key(new_key_env: str, as_json: bool) -> None:
     """Rewrap every DEK under a new local master key; resumable if interrupted."""
-    from ._config import decode_master_key
-    from .kek.local import LocalKekProvider
-
-    raw = os.environ.get(new_key_env)
-    if not raw:
-        raise click.ClickException(f"{new_key_env} is not set")
-    try:
-        new_kek = LocalKekProvider(decode_master_key(raw))
-    except ValueError as exc:
-        raise click.ClickException(str(exc).replace("ENCRYPTION_MASTER_KEY", new_key_env)) \
-            from None
-    count = _run(lambda m: m.rotate_master_key(new_kek))
+    new_kek = _local_kek_from_env(new_key_env)
+    count = run_with_manager(lambda m: m.rotate_master_key(new_kek))
+    if as_json:
+        echo_json({"rewrapped": count, "kek_id": new_kek.kek_id})
+        return
     click.echo(f"rewrapped {count} keys under {new_kek.kek_id}; now set ENCRYPTION_MASTER_KEY "
                f"to the value of {new_key_env}")
 
 
+@keys.command("rewrap")
+@click.option("--previous-key-env", "previous", multiple=True, metavar="VAR",
+              help="environment variable holding an older master key some DEKs may still be "
+                   "wrapped by (repeatable)")
+@click.option("--only-foreign", is_flag=True,
+              help="only DEKs not already wrapped by the current KEK")
+@json_option
+def rewrap(previous: tuple[str, ...], only_foreign: bool, as_json: bool) -> None:
+    """Re-wrap every DEK under the current KEK / master key (no data is touched).
+
+    Use it after the KMS key was rotated (fresh wraps use its newest version), or
+    to finish moving DEKs off an older master key (--previous-key-env).
+    """
+    from .keystore.file import FileKeyStore
+
+    config = load_config()
+    older = [_local_kek_from_env(name) for name in previous]
+
+    async def main() -> tuple[int, str]:
+        kek = build_kek_provider(config)
+        store = build_key_store(config, kek)
+        if older and isinstance(store, FileKeyStore):
+            store = FileKeyStore(store.path, kek, previous_keks=older)
+        async with KeyManager(store, kek, config, previous_keks=older, watch=False) as manager:
+            return await manager.rewrap_keys(only_foreign=only_foreign), kek.kek_id
+
+    count, kek_id = asyncio.run(main())
+    if as_json:
+        echo_json({"rewrapped": count, "kek_id": kek_id})
+        return
+    click.echo(f"rewrapped {count} keys under {kek_id}")
+
+
 @keys.command("stats")
-def stats() -> None:
-    """Key statistics as JSON."""
-    click.echo(json.dumps(_run(lambda m: m.get_key_statistics()), indent=2, default=str))
+@json_option
+def stats(as_json: bool) -> None:
+    """Key statistics (JSON)."""
+    echo_json(run_with_manager(lambda m: m.get_key_statistics()))
 
 
 @main.group()
@@ -196,7 +287,8 @@ def audit() -> None:
 @click.option("--dsn", envvar="ENCRYPTION_AUDIT_DSN", required=True,
               help="PostgreSQL DSN of the audit table (or ENCRYPTION_AUDIT_DSN)")
 @click.option("--table", default="aiocrypt_audit", show_default=True)
-def audit_verify(dsn: str, table: str) -> None:
+@json_option
+def audit_verify(dsn: str, table: str, as_json: bool) -> None:
     """Recompute the hash chain of the Postgres audit table; exit 1 if it was tampered with."""
     from .audit.postgres import PostgresAuditSink
 
@@ -208,12 +300,15 @@ def audit_verify(dsn: str, table: str) -> None:
             await sink.close()
 
     result = asyncio.run(main())
-    if result.ok:
+    if as_json:
+        echo_json({"ok": result.ok, "rows": result.rows, "problems": list(result.problems)})
+    elif result.ok:
         click.echo(f"audit chain OK ({result.rows} rows)")
-        return
-    for problem in result.problems:
-        click.echo(f"- {problem}", err=True)
-    sys.exit(1)
+    else:
+        for problem in result.problems:
+            click.echo(f"- {problem}", err=True)
+    if not result.ok:
+        sys.exit(EXIT_FAILED)
 
 
 @main.group()
@@ -222,28 +317,37 @@ def config() -> None:
 
 
 @config.command("validate")
-def validate() -> None:
-    """Report every configuration problem; exit 1 if there is any."""
+@json_option
+def validate(as_json: bool) -> None:
+    """Report every configuration problem; exit 3 if there is any."""
     problems = CryptoConfigManager().validate_environment()
-    if not problems:
+    if as_json:
+        echo_json({"ok": not problems, "problems": problems})
+    elif not problems:
         click.echo("configuration OK")
-        return
-    for problem in problems:
-        click.echo(f"- {problem}", err=True)
-    sys.exit(1)
+    else:
+        for problem in problems:
+            click.echo(f"- {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_CONFIG)
 
 
 @config.command("show")
-def show() -> None:
-    """Show the effective settings (secrets shown only as <set>)."""
-    click.echo(json.dumps(CryptoConfigManager().get_config().to_public_dict(), indent=2,
-                          default=str))
+@json_option
+def show(as_json: bool) -> None:
+    """Show the effective settings as JSON (secrets shown only as <set>)."""
+    echo_json(CryptoConfigManager().get_config().to_public_dict())
 
 
 @main.command("new-master-key")
-def new_master_key() -> None:
+@json_option
+def new_master_key(as_json: bool) -> None:
     """Print a new random master key (base64 of 32 bytes) for ENCRYPTION_MASTER_KEY."""
-    click.echo(base64.b64encode(os.urandom(32)).decode("ascii"))
+    key = base64.b64encode(os.urandom(32)).decode("ascii")
+    if sys.stdout.isatty():
+        click.echo("warning: this prints a secret; prefer 'aiocrypt init' (writes a 0600 file)",
+                   err=True)
+    echo_json({"master_key": key}) if as_json else click.echo(key)
 
 
 @main.command("demo")
@@ -252,6 +356,14 @@ def demo() -> None:
     from .demo import main as demo_main
 
     demo_main([])
+
+
+from ._cli_ops import census, doctor, init, reencrypt  # noqa: E402  (they use the helpers above)
+
+main.add_command(init)
+main.add_command(doctor)
+main.add_command(reencrypt)
+main.add_command(census)
 
 
 class _LazyGroup(click.Group):
@@ -269,8 +381,7 @@ class _LazyGroup(click.Group):
         try:
             group: click.Group = getattr(importlib.import_module(module), attr)
         except ImportError as exc:
-            raise click.ClickException(f"{exc}: pip install 'aiocrypt[{self._extra}]'") \
-                from None
+            fail(f"{exc}: pip install 'aiocrypt[{self._extra}]'", EXIT_CONFIG)
         return group
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -287,4 +398,4 @@ main.add_command(_LazyGroup(
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="aiocrypt")

@@ -20,7 +20,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from aiocrypt import AiocryptError, KeyType
+from aiocrypt import AiocryptError, ConfigurationError, KeyType
 
 from ._arq_config import ArqWorkerConfig
 from ._arq_status import ReencryptionStatus, ShardStatus, StatusStore
@@ -34,13 +34,12 @@ _STYLES = {"done": "green", "failed": "bold red", "running": "cyan", "retrying":
 
 
 def _config() -> ArqWorkerConfig:
-    try:
-        cfg = ArqWorkerConfig.from_env()
-    except AiocryptError as exc:
-        raise click.ClickException(str(exc)) from None
+    # Errors propagate: the root ``aiocrypt`` group turns them into one line and the
+    # documented exit code (3 for configuration, 4 for an unreachable Redis).
+    cfg = ArqWorkerConfig.from_env()
     if not cfg.redis_url:
-        raise click.ClickException("ENCRYPTION_REDIS_URL (or ENCRYPTION_ARQ_REDIS_URL) is not "
-                                   "set: it names the Redis the workers use")
+        raise ConfigurationError("ENCRYPTION_REDIS_URL (or ENCRYPTION_ARQ_REDIS_URL) is not "
+                                 "set: it names the Redis the workers use")
     return cfg
 
 
@@ -51,7 +50,7 @@ def _with_redis(work: Callable[[Any, ArqWorkerConfig], Awaitable[T]]) -> T:
         try:
             from redis.asyncio import Redis
         except ImportError as exc:
-            raise click.ClickException(f"{exc}: pip install 'aiocrypt[arq]'") from None
+            raise ImportError(f"{exc}: pip install 'aiocrypt[arq]'") from None
         redis = Redis.from_url(cfg.redis_url or "")
         try:
             return await work(redis, cfg)
@@ -73,10 +72,7 @@ def _with_arq(work: Callable[[Any, ArqWorkerConfig], Awaitable[T]]) -> T:
         finally:
             await redis.aclose()
 
-    try:
-        return asyncio.run(main())
-    except AiocryptError as exc:
-        raise click.ClickException(str(exc)) from None
+    return asyncio.run(main())
 
 
 # -- rendering ---------------------------------------------------------------------
@@ -188,8 +184,8 @@ def status(job_id: str | None, watch: bool, as_json: bool, limit: int) -> None:
         resolved = await store.resolve(job_id)
         current = None if resolved is None else await store.read(resolved)
         if resolved is None or current is None:
-            raise click.ClickException(f"no re-encryption job {job_id!r} (status records "
-                                       f"under prefix {cfg.key_prefix!r})")
+            raise AiocryptError(f"no re-encryption job {job_id!r} (status records "
+                                f"under prefix {cfg.key_prefix!r})")
         if as_json:
             click.echo(json.dumps(current.to_dict(), indent=2, default=str))
             return
@@ -212,16 +208,30 @@ def _key_type(_: Any, __: Any, value: str) -> KeyType:
         raise click.BadParameter(str(exc)) from None
 
 
+def _json_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="machine-readable output")(function)
+
+
+def _enqueued(function: str, job_id: Any, as_json: bool, human: str) -> None:
+    if as_json:
+        click.echo(json.dumps({"enqueued": function, "job_id": job_id}))
+    else:
+        click.echo(human)
+
+
 @jobs.command("rotate")
 @click.argument("key_type", callback=_key_type)
 @click.option("--force", is_flag=True, help="rotate even if the policy says it is not due")
-def rotate(key_type: KeyType, force: bool) -> None:
+@_json_option
+def rotate(key_type: KeyType, force: bool, as_json: bool) -> None:
     """Enqueue rotate_key_manual(KEY_TYPE): rotate, then re-encrypt the old key's data."""
     from .arq import enqueue_rotation
 
     job = _with_arq(lambda redis, cfg: enqueue_rotation(redis, key_type, force=force))
-    click.echo(f"enqueued rotate_key_manual({key_type.value}{', force' if force else ''}) "
-               f"as {job}")
+    _enqueued("rotate_key_manual", job, as_json,
+              f"enqueued rotate_key_manual({key_type.value}{', force' if force else ''}) "
+              f"as {job}")
 
 
 @jobs.command("reencrypt")
@@ -229,30 +239,37 @@ def rotate(key_type: KeyType, force: bool) -> None:
 @click.argument("old_key_id")
 @click.option("--batch-size", type=int, default=None, help="rows per batch")
 @click.option("--shards", type=int, default=None, help="shards per table")
+@_json_option
 def reencrypt(key_type: KeyType, old_key_id: str, batch_size: int | None,
-              shards: int | None) -> None:
+              shards: int | None, as_json: bool = False) -> None:
     """Enqueue the re-encryption of KEY_TYPE data off OLD_KEY_ID (resumes a failed one)."""
     from ._arq_jobs import enqueue_reencryption
 
     job_id = _with_arq(lambda redis, cfg: enqueue_reencryption(
         redis, key_type, old_key_id, config=cfg, batch_size=batch_size, shards=shards))
-    click.echo(f"enqueued {job_id}; follow it with: aiocrypt jobs status {job_id} --watch")
+    _enqueued("reencrypt_data_with_new_key", job_id, as_json,
+              f"enqueued {job_id}; follow it with: aiocrypt jobs status {job_id} --watch")
 
 
 @jobs.command("rotate-due")
-def rotate_due() -> None:
+@_json_option
+def rotate_due(as_json: bool) -> None:
     """Enqueue the rotation check now (what the daily cron job runs)."""
     async def work(redis: Any, cfg: ArqWorkerConfig) -> str | None:
         job = await redis.enqueue_job("rotate_keys_scheduled")
         return None if job is None else str(job.job_id)
 
-    click.echo(f"enqueued rotate_keys_scheduled as {_with_arq(work)}")
+    job_id = _with_arq(work)
+    _enqueued("rotate_keys_scheduled", job_id, as_json,
+              f"enqueued rotate_keys_scheduled as {job_id}")
 
 
 @jobs.command("cleanup")
-def cleanup() -> None:
+@_json_option
+def cleanup(as_json: bool) -> None:
     """Enqueue cleanup_expired_keys now (what the weekly cron job runs)."""
     from .arq import enqueue_cleanup
 
-    click.echo(f"enqueued cleanup_expired_keys as "
-               f"{_with_arq(lambda redis, cfg: enqueue_cleanup(redis))}")
+    job_id = _with_arq(lambda redis, cfg: enqueue_cleanup(redis))
+    _enqueued("cleanup_expired_keys", job_id, as_json,
+              f"enqueued cleanup_expired_keys as {job_id}")

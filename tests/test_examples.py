@@ -65,4 +65,4 @@ def test_cli_round_trip(tmp_path: Path) -> None:
     assert bad.returncode != 0 and "invalid key type" in bad.stderr
     env["ENCRYPTION_MASTER_KEY"] = "c2hvcnQ="
     invalid = cli("config", "validate")
-    assert invalid.returncode == 1 and "32 bytes" in invalid.stderr
+    assert invalid.returncode == 3 and "32 bytes" in invalid.stderr

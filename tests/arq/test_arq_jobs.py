@@ -332,6 +332,6 @@ def test_jobs_status_cli(redis_url: str, prefix: str, tmp_path: Path,
         missing = runner.invoke(cli_main, ["jobs", "status", "nope"], env=env)
         assert missing.exit_code == 1 and "no re-encryption job 'nope'" in missing.output
         no_redis = runner.invoke(cli_main, ["jobs", "status"], env={"ENCRYPTION_REDIS_URL": ""})
-        assert no_redis.exit_code == 1 and "ENCRYPTION_REDIS_URL" in no_redis.output
+        assert no_redis.exit_code == 3 and "ENCRYPTION_REDIS_URL" in no_redis.output
     finally:
         asyncio.run(cleanup())

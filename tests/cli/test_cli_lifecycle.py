@@ -1,12 +1,16 @@
-"""Operator commands of the key lifecycle, run as an SRE would."""
+"""Operator commands of the key lifecycle, run as an SRE would: compromise, master-key
+rotation, cleanup, the audit chain and the ARQ jobs group."""
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from cli_helpers import closed_port, one_error_line
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -71,9 +75,13 @@ def test_audit_verify_command(postgres_dsn: str, tmp_path: Path) -> None:
     try:
         ok = cli(env, "audit", "verify", "--table", table)
         assert ok.returncode == 0 and "audit chain OK (3 rows)" in ok.stdout
+        as_json = cli(env, "audit", "verify", "--table", table, "--json")
+        assert json.loads(as_json.stdout) == {"ok": True, "rows": 3, "problems": []}
         asyncio.run(tamper_and_drop(False))
         bad = cli(env, "audit", "verify", "--table", table)
         assert bad.returncode == 1 and "row 2 was modified" in bad.stderr
+        bad_json = cli(env, "audit", "verify", "--table", table, "--json")
+        assert bad_json.returncode == 1 and json.loads(bad_json.stdout)["ok"] is False
     finally:
         asyncio.run(tamper_and_drop(True))
 
@@ -103,4 +111,53 @@ def test_compromise_can_enqueue_reencryption_at_once(tmp_path: Path, redis_url: 
         client.delete(queue)
         for name in client.scan_iter(f"arq:*{key_id}*"):
             client.delete(name)
+        client.close()
+
+
+def test_audit_verify_on_an_unreachable_database_exits_4() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCRYPTION_")}
+    env["ENCRYPTION_AUDIT_DSN"] = f"postgresql://postgres@127.0.0.1:{closed_port()}/test"
+    down = cli(env, "audit", "verify")
+    assert down.returncode == 4
+    one_error_line(down)
+    missing = cli({k: v for k, v in env.items() if k != "ENCRYPTION_AUDIT_DSN"},
+                  "audit", "verify")
+    assert missing.returncode == 2 and "--dsn" in missing.stderr
+
+
+def test_jobs_group_json_and_errors(redis_url: str) -> None:
+    import secrets
+
+    import redis
+
+    prefix = f"aiocrypt-test-cli-{secrets.token_hex(4)}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCRYPTION_")}
+    no_redis = cli(env, "jobs", "status", "--json")
+    assert no_redis.returncode == 3 and "ENCRYPTION_REDIS_URL" in one_error_line(no_redis)
+    down = cli({**env, "ENCRYPTION_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"},
+               "jobs", "status")
+    assert down.returncode == 4, down.stderr
+    one_error_line(down)
+
+    env.update(ENCRYPTION_ARQ_REDIS_URL=redis_url, ENCRYPTION_ARQ_QUEUE=prefix,
+               ENCRYPTION_ARQ_PREFIX=prefix)
+    client = redis.Redis.from_url(redis_url)
+    job_id = None
+    try:
+        empty = cli(env, "jobs", "status", "--json")
+        assert empty.returncode == 0 and json.loads(empty.stdout) == []
+        missing = cli(env, "jobs", "status", "nope")
+        assert missing.returncode == 1
+        assert "no re-encryption job 'nope'" in one_error_line(missing)
+        queued = cli(env, "jobs", "cleanup", "--json")
+        assert queued.returncode == 0, queued.stderr
+        out = json.loads(queued.stdout)
+        job_id = out["job_id"]
+        assert out["enqueued"] == "cleanup_expired_keys" and job_id
+        assert client.zcard(prefix) == 1
+    finally:
+        for name in client.scan_iter(f"*{prefix}*"):
+            client.delete(name)
+        if job_id:
+            client.delete(f"arq:job:{job_id}")
         client.close()

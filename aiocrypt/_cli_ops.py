@@ -1,0 +1,691 @@
+"""``aiocrypt init``, ``doctor``, ``reencrypt`` and ``census``: setting up, checking, and the data.
+
+``reencrypt`` and ``census`` drive the core :class:`ReencryptionEngine` over
+:class:`AsyncpgDatabase`; the tables come from ``--table/--pk/--column``
+options or from SQLAlchemy model metadata (``--models package.module``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib
+import json
+import os
+import stat
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ._cli_base import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    console,
+    describe,
+    echo_json,
+    err_console,
+    exit_code_for,
+    fail,
+    json_option,
+    load_config,
+    redact,
+)
+from ._config import DEFAULT_CONFIG_FILE, DEFAULT_ROTATION_POLICIES, EncryptionConfig
+from ._errors import ConfigurationError
+from ._factory import build_kek_provider, build_key_manager, build_key_store
+from ._format import text_prefix
+from ._manager import KeyManager
+from ._reencrypt import (
+    DEFAULT_CHECKPOINT_TABLE,
+    ColumnSpec,
+    KeyRange,
+    ReencryptionEngine,
+    ReencryptionProgress,
+    ReencryptionResult,
+    TableSpec,
+    pending_condition,
+    quote_identifier,
+)
+from ._types import KeyType
+
+# -- init ------------------------------------------------------------------------------
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    """Atomically write ``data`` to ``path`` with ``mode`` (the temp file has it from birth)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+@click.command("init")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path(".aiocrypt/master.key"), show_default=True,
+              help="where to write the new master key (mode 0600)")
+@click.option("--no-key-file", is_flag=True,
+              help="write no key file (then --show-key or --print-export is required)")
+@click.option("--config-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path(DEFAULT_CONFIG_FILE), show_default=True,
+              help="the JSON config file to write (defaults, rotation policies)")
+@click.option("--performance-mode", type=click.Choice(["security", "balanced", "performance"]),
+              default="balanced", show_default=True)
+@click.option("--show-key", is_flag=True, help="also print the key on stdout (warns on stderr)")
+@click.option("--print-export", is_flag=True,
+              help="print an 'export ENCRYPTION_MASTER_KEY=...' line on stdout (warns on stderr)")
+@click.option("--force", is_flag=True, help="overwrite existing files")
+@json_option
+def init(key_file: Path, no_key_file: bool, config_file: Path, performance_mode: str,
+         show_key: bool, print_export: bool, force: bool, as_json: bool) -> None:
+    """Generate a master key and a config file.
+
+    The key goes to a 0600 file and is never printed unless --show-key or
+    --print-export asks for it. Existing files are kept unless --force.
+    """
+    if no_key_file and not (show_key or print_export):
+        raise click.UsageError("--no-key-file needs --show-key or --print-export "
+                               "(the key would be lost)")
+    targets = [config_file] + ([] if no_key_file else [key_file])
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not force:
+        fail(f"{', '.join(existing)} already exist(s); use --force to overwrite")
+    key = base64.b64encode(os.urandom(32)).decode("ascii")
+    settings = {
+        "algorithm": "AES_256_GCM",
+        "key_size_bits": 256,
+        "performance_mode": performance_mode,
+        "compression_enabled": False,
+        "rotation_policies": [p.to_dict() for p in DEFAULT_ROTATION_POLICIES.values()],
+    }
+    if not no_key_file:
+        _write_private(key_file, (key + "\n").encode("ascii"), 0o600)
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(config_file, (json.dumps(settings, indent=2) + "\n").encode("utf-8"), 0o644)
+    if show_key or print_export:
+        click.echo("warning: the master key is printed on stdout; whoever sees it can open "
+                   "every data key: keep it out of logs and shell history", err=True)
+    next_steps = []
+    if not no_key_file:
+        next_steps.append(f'export ENCRYPTION_MASTER_KEY="$(cat {key_file})"')
+    if config_file != Path(DEFAULT_CONFIG_FILE):
+        next_steps.append(f"export ENCRYPTION_CONFIG_FILE={config_file}")
+    next_steps.append("aiocrypt doctor")
+    if as_json:
+        out: dict[str, Any] = {"key_file": None if no_key_file else str(key_file),
+                               "config_file": str(config_file), "next": next_steps}
+        if show_key or print_export:
+            out["master_key"] = key
+        echo_json(out)
+        return
+    if not no_key_file:
+        click.echo(f"created {key_file} (the master key, mode 0600: keep it secret, back it up)")
+    click.echo(f"created {config_file}")
+    if show_key:
+        click.echo(key)
+    if print_export:
+        click.echo(f"export ENCRYPTION_MASTER_KEY={key}")
+    if not (show_key or print_export):
+        click.echo("next:")
+        for step in next_steps:
+            click.echo(f"  {step}")
+
+
+# -- doctor ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Check:
+    name: str
+    ok: bool | None  # None: skipped
+    detail: str = ""
+    exit_code: int = EXIT_OK
+
+
+def _safe_url(url: str) -> str:
+    return redact(url)
+
+
+async def _check(name: str, work: Callable[[], Awaitable[str]], timeout: float) -> Check:
+    try:
+        detail = await asyncio.wait_for(work(), timeout)
+        return Check(name, True, detail)
+    except TimeoutError:
+        return Check(name, False, f"no answer within {timeout:g} s", EXIT_UNREACHABLE)
+    except Exception as exc:
+        return Check(name, False, describe(exc), exit_code_for(exc))
+
+
+async def _check_redis(url: str) -> str:
+    try:
+        from redis.asyncio import Redis
+    except ImportError as exc:
+        raise ImportError(f"{exc}: pip install 'aiocrypt[redis]'") from None
+    client = Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        await client.ping()
+        info = await client.info("server")
+        return f"PING ok (Redis {info.get('redis_version', '?')})"
+    finally:
+        await client.aclose()
+
+
+async def _check_postgres(dsn: str) -> str:
+    try:
+        import asyncpg
+    except ImportError as exc:
+        raise ImportError(f"{exc}: pip install 'aiocrypt[postgres]'") from None
+    conn = await asyncpg.connect(dsn, timeout=3)
+    try:
+        version = await conn.fetchval("SHOW server_version")
+        return f"connected (PostgreSQL {version})"
+    finally:
+        await conn.close()
+
+
+def _check_file_mode(path: str) -> None:
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        raise PermissionError(f"{path} has mode {mode:04o}: run chmod 600 on it")
+
+
+async def _doctor_checks(timeout: float) -> list[Check]:
+    checks: list[Check] = []
+    try:
+        config = EncryptionConfig.from_env()
+    except ConfigurationError as exc:
+        return [Check("configuration", False, describe(exc), EXIT_CONFIG)]
+    problems = config.validate()
+    source = config.config_file or "defaults (no config file)"
+    if problems:
+        checks += [Check("configuration", False, p, EXIT_CONFIG) for p in problems]
+    else:
+        checks.append(Check("configuration", True,
+                            f"backend {config.storage_backend}, settings from {source}"))
+    if problems:
+        checks.append(Check("KEK provider", None, "skipped: the configuration is invalid"))
+        checks.append(Check("key store", None, "skipped: the configuration is invalid"))
+    else:
+        kek = build_kek_provider(config)
+
+        async def check_kek() -> str:
+            await kek.check()
+            return f"{kek.backend} KEK {kek.kek_id} answers"
+
+        checks.append(await _check("KEK provider", check_kek, timeout))
+        if checks[-1].ok:
+            store = build_key_store(config, kek)
+            manager = KeyManager(store, kek, config, watch=False)
+
+            async def check_store() -> str:
+                await manager.open()
+                keys = await manager.list_keys()
+                where = f" {config.storage_path}" if store.name == "file" else ""
+                if store.name == "file":
+                    _check_file_mode(config.storage_path)
+                return (f"{store.name}{where}: {len(keys)} keys readable and authentic "
+                        f"(revision {await store.revision()})")
+
+            try:
+                checks.append(await _check("key store", check_store, timeout))
+            finally:
+                await manager.close()
+        else:
+            checks.append(Check("key store", None, "skipped: the KEK provider failed"))
+            await kek.close()
+    redis_urls = dict.fromkeys(u for u in (config.redis_url,
+                                           os.environ.get("ENCRYPTION_ARQ_REDIS_URL")) if u)
+    for url in redis_urls:
+        checks.append(await _check(f"Redis {_safe_url(url)}",
+                                   lambda url=url: _check_redis(url), timeout))  # type: ignore[misc]
+    dsns = dict.fromkeys(d for d in (config.postgres_dsn, os.environ.get("ENCRYPTION_AUDIT_DSN"))
+                         if d)
+    for dsn in dsns:
+        checks.append(await _check(f"PostgreSQL {_safe_url(dsn)}",
+                                   lambda dsn=dsn: _check_postgres(dsn), timeout))  # type: ignore[misc]
+    for check in checks:
+        if check.ok is False and check.exit_code == EXIT_OK:
+            check.exit_code = EXIT_FAILED
+    return checks
+
+
+def doctor_exit_code(checks: Sequence[Check]) -> int:
+    """3 if the configuration is wrong, else 4 if a service is unreachable, else 1 or 0."""
+    codes = {c.exit_code for c in checks if c.ok is False}
+    for code in (EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_FAILED):
+        if code in codes:
+            return code
+    return EXIT_OK
+
+
+@click.command("doctor")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="seconds each reachability check may take")
+@json_option
+def doctor(timeout: float, as_json: bool) -> None:
+    """Check the configuration and reach the key store, KEK provider, Redis and Postgres.
+
+    One line per check; exit 0 when all pass, 3 on a configuration problem, 4 when a
+    service is unreachable, 1 on any other failure.
+    """
+    checks = asyncio.run(_doctor_checks(timeout))
+    code = doctor_exit_code(checks)
+    if as_json:
+        echo_json({"ok": code == EXIT_OK, "exit_code": code,
+                   "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail}
+                              for c in checks]})
+    else:
+        for c in checks:
+            word = "[green]ok  [/]" if c.ok else ("[red]FAIL[/]" if c.ok is False
+                                                   else "[dim]skip[/]")
+            console.print(f"{word}  {c.name}: {c.detail}", markup=True, highlight=False,
+                          soft_wrap=True)
+    sys.exit(code)
+
+
+# -- which tables ----------------------------------------------------------------------
+
+
+def _parse_column(text: str) -> ColumnSpec:
+    name, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise click.BadParameter(f"{text!r}: use NAME:KEY_TYPE[:CONTEXT]", param_hint="--column")
+    key_type, _, context = rest.partition(":")
+    try:
+        return ColumnSpec(name, KeyType(key_type), context=context or None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--column") from None
+
+
+def _specs_from_models(target: str, only: Sequence[str]) -> list[TableSpec]:
+    try:
+        import sqlalchemy as sa
+
+        from .integrations.sqlalchemy import table_specs
+    except ImportError as exc:
+        raise ImportError(f"{exc}: --models needs pip install 'aiocrypt[sqlalchemy]'") from None
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"--models {target}: cannot import {module_name} ({exc})") \
+            from None
+    candidates = [getattr(module, attr)] if attr else list(vars(module).values())
+    found: dict[int, sa.MetaData] = {}
+    for obj in candidates:
+        metadata = obj if isinstance(obj, sa.MetaData) else (
+            getattr(obj, "metadata", None) if isinstance(obj, type) else None)
+        if isinstance(metadata, sa.MetaData):
+            found[id(metadata)] = metadata
+    specs = [spec for md in found.values()
+             for spec in table_specs(md, list(only) if only else None)]
+    if not specs:
+        raise ConfigurationError(f"--models {target}: no table with encrypted columns found")
+    return specs
+
+
+def table_specs_from_options(tables: Sequence[str], pk: str, columns: Sequence[str],
+                             models: str | None) -> list[TableSpec]:
+    """The tables a ``reencrypt`` / ``census`` run covers, from its options."""
+    if models:
+        if columns:
+            raise click.UsageError("give --models or --column, not both")
+        return _specs_from_models(models, tables)
+    if not columns:
+        if tables:
+            raise click.UsageError("--table needs at least one --column NAME:KEY_TYPE "
+                                   "(or use --models)")
+        return []
+    if len(tables) != 1:
+        raise click.UsageError("--column needs exactly one --table")
+    try:
+        return [TableSpec(tables[0], pk, tuple(_parse_column(c) for c in columns))]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def table_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--dsn", envvar="ENCRYPTION_POSTGRES_DSN", default=None,
+                     help="PostgreSQL DSN of the data (default: ENCRYPTION_POSTGRES_DSN)"),
+        click.option("--table", "tables", multiple=True,
+                     help="table name (schema.table allowed); with --models, a filter"),
+        click.option("--pk", default="id", show_default=True,
+                     help="its single-column primary key"),
+        click.option("--column", "columns", multiple=True, metavar="NAME:KEY_TYPE[:CONTEXT]",
+                     help="an encrypted column, its key type and context (default context "
+                          "TABLE.NAME); repeatable"),
+        click.option("--models", default=None, metavar="MODULE[:OBJECT]",
+                     help="take tables and columns from SQLAlchemy model metadata"),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _require_dsn(dsn: str | None) -> str:
+    if not dsn:
+        fail("no database: pass --dsn or set ENCRYPTION_POSTGRES_DSN", EXIT_CONFIG)
+    return dsn
+
+
+def _asyncpg_database(dsn: str, checkpoint_table: str) -> Any:
+    try:
+        from ._reencrypt_asyncpg import AsyncpgDatabase
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{exc}: pip install 'aiocrypt[postgres]'") from None
+    return AsyncpgDatabase(dsn, checkpoint_table=checkpoint_table)
+
+
+async def _count_pending(dsn: str, spec: TableSpec, prefixes: Sequence[str]) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        where = pending_condition(spec, [f"${i + 1}" for i in range(len(prefixes))])
+        count: int = await conn.fetchval(
+            f"SELECT count(*) FROM {quote_identifier(spec.name)} WHERE {where}",  # noqa: S608
+            *prefixes)
+        return count
+    finally:
+        await conn.close()
+
+
+def _prefixes(manager: KeyManager, spec: TableSpec) -> list[str]:
+    """Each column's target prefix (a never-matching one when its type has no key yet)."""
+    active = manager.keyring.active_keys
+    return [text_prefix(active[c.key_type].key_id) if c.key_type in active else "\x7f"
+            for c in spec.columns]
+
+
+# -- reencrypt -------------------------------------------------------------------------
+
+
+class _StopAfterBatches(Exception):
+    pass
+
+
+class _Reporter:
+    """A rich progress bar on a terminal, plain lines (at most one a second) otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.live = err_console.is_terminal and not quiet
+        self.progress: Progress | None = None
+        self._tasks: dict[str, Any] = {}
+        self._last_line = 0.0
+        self._totals: dict[str, int] = {}
+
+    def __enter__(self) -> _Reporter:
+        if self.live:
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} rows/s"), TimeElapsedColumn(),
+                TimeRemainingColumn(), console=err_console, transient=False)
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def start(self, table: str, total: int) -> None:
+        self._totals[table] = total
+        if self.progress is not None:
+            self._tasks[table] = self.progress.add_task(table, total=max(total, 1),
+                                                        rate="0")
+        else:
+            click.echo(f"{table}: {total:,} rows to re-encrypt", err=True)
+
+    def update(self, event: ReencryptionProgress, base: int) -> None:
+        done = event.rows_read - base
+        if self.progress is not None:
+            self.progress.update(self._tasks[event.table], completed=done,
+                                 rate=f"{event.rows_per_second:,.0f}")
+            return
+        now = time.monotonic()
+        if now - self._last_line >= 1.0 or event.run_batches == 1:
+            self._last_line = now
+            click.echo(f"{event.table}: batch {event.batches}, {done:,}/"
+                       f"{self._totals.get(event.table, 0):,} rows, {event.run_rows_updated:,} "
+                       f"updated ({event.rows_per_second:,.0f} rows/s)", err=True)
+
+
+def _result_dict(result: ReencryptionResult, stopped: str | None) -> dict[str, Any]:
+    cp = result.checkpoint
+    return {
+        "table": result.table, "job_id": result.job_id, "targets": dict(result.targets),
+        "complete": result.complete, "stopped": stopped,
+        "resumed_from": result.resumed_from, "target_changed": result.target_changed,
+        "run": {"batches": result.run_batches, "rows_read": result.run_rows_read,
+                "rows_updated": result.run_rows_updated,
+                "rows_conflicted": result.run_rows_conflicted,
+                "rows_failed": result.run_rows_failed, "seconds": round(result.elapsed, 3)},
+        "checkpoint": {"pass": cp.pass_no, "batches": cp.batches, "rows_read": cp.rows_read,
+                       "rows_updated": cp.rows_updated, "rows_conflicted": cp.rows_conflicted,
+                       "rows_failed": cp.rows_failed, "done": cp.done},
+        "failed_primary_keys": list(result.failed_primary_keys),
+    }
+
+
+async def _reencrypt_table(engine: ReencryptionEngine, spec: TableSpec, dsn: str,
+                           reporter: _Reporter, max_batches: int | None) -> dict[str, Any]:
+    manager = engine.key_manager
+    targets = await engine.targets(spec)
+    job_id = engine.job_id_for(spec, targets, KeyRange())
+    await engine.database.prepare(spec)
+    before = await engine.database.load_checkpoint(job_id)
+    base = before.rows_read if before is not None else 0  # counters are per job, cumulative
+    reporter.start(spec.name, await _count_pending(dsn, spec, _prefixes(manager, spec)))
+    last: list[ReencryptionProgress] = []
+
+    def progress(event: ReencryptionProgress) -> None:
+        last[:] = [event]
+        reporter.update(event, base)
+        if max_batches is not None and event.run_batches >= max_batches:
+            raise _StopAfterBatches
+
+    engine.progress = progress
+    started = time.monotonic()
+    try:
+        result = await engine.reencrypt(spec, job_id=job_id)
+    except _StopAfterBatches:
+        event = last[0]
+        checkpoint = await engine.database.load_checkpoint(job_id)
+        assert checkpoint is not None  # the batch that stopped the run committed it
+        result = ReencryptionResult(
+            job_id=job_id, table=spec.name, targets=targets, run_batches=event.run_batches,
+            run_rows_read=event.rows_read - base, run_rows_updated=event.run_rows_updated,
+            run_rows_conflicted=event.rows_conflicted - (before.rows_conflicted if before else 0),
+            run_rows_failed=event.rows_failed - (before.rows_failed if before else 0),
+            passes=1, resumed_from=None if before is None or before.done else before.last_pk,
+            checkpoint=checkpoint, elapsed=time.monotonic() - started, complete=False)
+        return _result_dict(result, "max-batches")
+    return _result_dict(result, None)
+
+
+@click.command("reencrypt")
+@table_options
+@click.option("--key-type", default=None, help="only columns of this key type")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="at most this many rows per second")
+@click.option("--max-batches", type=click.IntRange(min=1), default=None,
+              help="stop each table after N batches (run again to resume)")
+@click.option("--skip-errors", is_flag=True,
+              help="leave values that do not decrypt in place and list their primary keys "
+                   "(default: stop at the first)")
+@click.option("--checkpoint-table", default=DEFAULT_CHECKPOINT_TABLE, show_default=True)
+@click.option("--dry-run", is_flag=True, help="only count the rows that would be re-encrypted")
+@json_option
+def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[str, ...],
+              models: str | None, key_type: str | None, batch_size: int, rate: float | None,
+              max_batches: int | None, skip_errors: bool, checkpoint_table: str,
+              dry_run: bool, as_json: bool) -> None:
+    """Move every encrypted value of Postgres tables onto the active keys.
+
+    Resumable: each batch commits with its checkpoint, so after Ctrl-C or a crash
+    the same command continues where it stopped. Rows an application changes
+    meanwhile are never overwritten (compare-and-swap).
+    """
+    specs = table_specs_from_options(tables, pk, columns, models)
+    if not specs:
+        raise click.UsageError("name the data: --table T --column NAME:KEY_TYPE, or --models")
+    if key_type is not None:
+        specs = [s.select(key_type=key_type) for s in specs
+                 if any(c.key_type == KeyType(key_type) for c in s.columns)]
+    database_dsn = _require_dsn(dsn)
+    config = load_config()
+
+    async def main() -> list[dict[str, Any]]:
+        manager = build_key_manager(config, watch=False)
+        database = _asyncpg_database(database_dsn, checkpoint_table)
+        engine = ReencryptionEngine(manager, database, tables=specs, batch_size=batch_size,
+                                    rate_limit=rate, on_error="skip" if skip_errors else "raise",
+                                    compression_level=config.compression_level)
+        async with manager:
+            try:
+                if dry_run:
+                    return [await _dry_run(manager, database, spec, database_dsn)
+                            for spec in specs]
+                with _Reporter(quiet=False) as reporter:
+                    return [await _reencrypt_table(engine, spec, database_dsn, reporter,
+                                                   max_batches) for spec in specs]
+            finally:
+                await database.close()
+
+    results = asyncio.run(main())
+    if as_json:
+        echo_json(results)
+    else:
+        for r in results:
+            if dry_run:
+                click.echo(f"{r['table']}: {r['pending_rows']:,} of {r['rows']:,} rows would "
+                           "be re-encrypted (dry run: nothing changed)")
+                continue
+            run = r["run"]
+            state = ("complete" if r["complete"] else
+                     "stopped after --max-batches: run again to resume" if r["stopped"] else
+                     "INCOMPLETE")
+            resumed = "" if r["resumed_from"] is None else \
+                f" (resumed after primary key {r['resumed_from']})"
+            click.echo(f"{r['table']}: {run['rows_updated']:,} rows re-encrypted in "
+                       f"{run['batches']} batches{resumed}; {state}")
+            if run["rows_failed"]:
+                click.echo(f"  {run['rows_failed']} rows did not decrypt and were left: "
+                           f"primary keys {r['failed_primary_keys']}", err=True)
+    if not dry_run and any(not r["complete"] and not r["stopped"] for r in results):
+        sys.exit(EXIT_FAILED)
+
+
+async def _dry_run(manager: KeyManager, database: Any, spec: TableSpec,
+                   dsn: str) -> dict[str, Any]:
+    census = await database.census(spec)
+    active = manager.keyring.active_keys
+    targets = {c.name: active[c.key_type].key_id if c.key_type in active else None
+               for c in spec.columns}
+    pending = await _count_pending(dsn, spec, _prefixes(manager, spec))
+    total = await _count_rows(dsn, spec)
+    return {"table": spec.name, "rows": total, "pending_rows": pending, "targets": targets,
+            "values_off_target": census.off_target({k: v for k, v in targets.items() if v})}
+
+
+async def _count_rows(dsn: str, spec: TableSpec) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        count: int = await conn.fetchval(
+            f"SELECT count(*) FROM {quote_identifier(spec.name)}")  # noqa: S608
+        return count
+    finally:
+        await conn.close()
+
+
+# -- census ----------------------------------------------------------------------------
+
+
+@click.command("census")
+@table_options
+@json_option
+def census(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[str, ...],
+           models: str | None, as_json: bool) -> None:
+    """Rows per key version per table and column (counted in SQL), and keys per status."""
+    specs = table_specs_from_options(tables, pk, columns, models)
+    config = load_config()
+    database_dsn = _require_dsn(dsn) if specs else ""
+
+    async def main() -> dict[str, Any]:
+        async with build_key_manager(config, watch=False) as manager:
+            keys = {k.key_id: k for k in await manager.list_keys()}
+            by_status: dict[str, dict[str, int]] = {}
+            for key in keys.values():
+                per_type = by_status.setdefault(key.key_type.value, {})
+                per_type[key.status.value] = per_type.get(key.status.value, 0) + 1
+            out_tables = []
+            if specs:
+                database = _asyncpg_database(database_dsn, DEFAULT_CHECKPOINT_TABLE)
+                try:
+                    for spec in specs:
+                        counted = await database.census(spec)
+                        cols = {}
+                        for column, by_key in counted.counts.items():
+                            cols[column] = [{
+                                "key_id": kid,
+                                "version": keys[kid].version if kid in keys else None,
+                                "status": keys[kid].status.value if kid in keys
+                                else ("not a token" if kid is None else "unknown key"),
+                                "rows": rows,
+                            } for kid, rows in sorted(by_key.items(),
+                                                      key=lambda kv: (kv[0] is None,
+                                                                      kv[0] or ""))]
+                        out_tables.append({"table": spec.name, "columns": cols})
+                finally:
+                    await database.close()
+            return {"keys": by_status, "tables": out_tables}
+
+    result = asyncio.run(main())
+    if as_json:
+        echo_json(result)
+        return
+    keys_table = Table("key type", "status", "keys", title="keys per status",
+                       title_justify="left")
+    for kt, per_status in sorted(result["keys"].items()):
+        for st, n in sorted(per_status.items()):
+            keys_table.add_row(kt, st, str(n))
+    console.print(keys_table)
+    if result["tables"]:
+        rows_table = Table("table", "column", "version", "status", "rows",
+                           title="rows per key version", title_justify="left")
+        rows_table.add_column("key id", no_wrap=True)
+        for t in result["tables"]:
+            for column, entries in t["columns"].items():
+                for e in entries:
+                    rows_table.add_row(t["table"], column, str(e["version"] or "-"),
+                                       e["status"], f"{e['rows']:,}", e["key_id"] or "-")
+        console.print(rows_table)

@@ -1,0 +1,35 @@
+"""Fixtures of the CLI tests: the real ``aiocrypt`` command, run in a subprocess.
+
+Each test gets a fresh working directory, a fresh master key and a file key
+store in that directory, handed to the command through the ``ENCRYPTION_*``
+environment (nothing from the outer environment leaks in).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+from cli_helpers import Cli, CliResult, clean_environ, run_cli
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """A fresh master key and a file key store under ``tmp_path``."""
+    store = tmp_path / "store"
+    store.mkdir(mode=0o700)
+    env = clean_environ()
+    env.update(ENCRYPTION_MASTER_KEY=base64.b64encode(os.urandom(32)).decode("ascii"),
+               ENCRYPTION_KEY_STORAGE_PATH=str(store / "keys.json"))
+    return env
+
+
+@pytest.fixture
+def cli(cli_env: dict[str, str], tmp_path: Path) -> Cli:
+    """Run ``aiocrypt ARGS...`` in ``tmp_path`` with ``cli_env`` (plus ``env=`` overrides)."""
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
+        return run_cli({**cli_env, **(env or {})}, tmp_path, *args, timeout=timeout)
+
+    return run

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from _private_services import PrivatePostgres, PrivateRedis
 from _services import PG_HOST, PG_PORT, REDIS_HOST, REDIS_PORT, require_service
 
 from aiocrypt import EncryptionConfig, EncryptionService, KeyManager
@@ -84,3 +85,25 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("ENCRYPTION_"):
             monkeypatch.delenv(name)
     yield
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own (AOF on), to kill and restart; see _private_services."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of the session's own, to crash and restart."""
+    cluster = PrivatePostgres()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()

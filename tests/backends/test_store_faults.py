@@ -14,8 +14,7 @@ immediate`` (a crash: recovery from WAL on restart).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping
 
 import pytest
 from _private_services import PrivatePostgres, PrivateRedis
@@ -32,26 +31,6 @@ from aiocrypt.keystore import KeyStore
 
 pytest.importorskip("redis.asyncio")
 pytest.importorskip("asyncpg")
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-@pytest.fixture(scope="module")
-def own_postgres() -> Iterator[PrivatePostgres]:
-    cluster = PrivatePostgres()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 class HookedKek(KekProvider):
@@ -117,18 +96,18 @@ async def _rotation_survives_a_crash(store: KeyStore, crash: Callable[[], None],
         await manager.close()
 
 
-async def test_redis_killed_mid_rotation(own_redis: PrivateRedis) -> None:
+async def test_redis_killed_mid_rotation(private_redis: PrivateRedis) -> None:
     from aiocrypt.keystore.redis import RedisKeyStore
 
-    store = RedisKeyStore(own_redis.url, prefix="faults:", lock_lease=5.0, socket_timeout=5)
-    await _rotation_survives_a_crash(store, own_redis.kill, own_redis.start,
-                                     f"Redis key store redis://127.0.0.1:{own_redis.port}/0")
+    store = RedisKeyStore(private_redis.url, prefix="faults:", lock_lease=5.0, socket_timeout=5)
+    await _rotation_survives_a_crash(store, private_redis.kill, private_redis.start,
+                                     f"Redis key store redis://127.0.0.1:{private_redis.port}/0")
 
 
-async def test_postgres_crashed_mid_rotation(own_postgres: PrivatePostgres) -> None:
+async def test_postgres_crashed_mid_rotation(private_postgres: PrivatePostgres) -> None:
     from aiocrypt.keystore.postgres import PostgresKeyStore
 
-    store = PostgresKeyStore(own_postgres.dsn, schema="faults", command_timeout=5)
+    store = PostgresKeyStore(private_postgres.dsn, schema="faults", command_timeout=5)
     await _rotation_survives_a_crash(
-        store, lambda: own_postgres.stop("immediate"), own_postgres.start,
-        f"PostgreSQL key store postgresql://postgres@127.0.0.1:{own_postgres.port}/postgres")
+        store, lambda: private_postgres.stop("immediate"), private_postgres.start,
+        f"PostgreSQL key store postgresql://postgres@127.0.0.1:{private_postgres.port}/postgres")

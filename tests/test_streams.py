@@ -61,12 +61,20 @@ async def decrypt_until_failure(service: EncryptionService, chunks: Iterable[byt
     return b"".join(yielded), None
 
 
-@pytest.fixture(params=["one-segment-batches", "default-batches"])
+@pytest.fixture(params=["one-segment-batches", "default-batches", "worker-thread"])
 def batching(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with one segment per step (plaintext released segment by segment) and
-    with the default batching (many small segments per step)."""
+    """Run a test with one segment per step (plaintext released segment by segment), with
+    the default batching (many small segments per inline step), and with the AES in
+    worker-thread hops (what segments over INLINE_SEGMENT_LIMIT get)."""
     if request.param == "one-segment-batches":
         monkeypatch.setattr(_streams, "BATCH_BYTES", 1)
+        monkeypatch.setattr(_streams, "INLINE_BYTES", 1)
+    elif request.param == "worker-thread":
+        monkeypatch.setattr(_streams, "INLINE_SEGMENT_LIMIT", 0)
+        monkeypatch.setattr(_streams, "BATCH_BYTES", 16 * SEG)
+        for name in ("service", "zstd_service"):  # every batch above the threshold
+            if name in request.fixturenames:
+                monkeypatch.setattr(request.getfixturevalue(name), "_threshold", 0)
     return str(request.param)
 
 
@@ -148,7 +156,16 @@ async def test_segment_sized_chunks_pass_through_uncopied() -> None:
 async def test_inline_work_yields_to_the_loop(service: EncryptionService,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A source that never suspends (a list) cannot hold the loop for a whole stream."""
-    monkeypatch.setattr(_streams, "BATCH_BYTES", 4 * SEG)  # small inline steps
+    monkeypatch.setattr(_streams, "INLINE_BYTES", 4 * SEG)  # small inline steps
+    hops = 0
+    real_run = service._run
+
+    async def counting_run(func: Any, *args: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await real_run(func, *args)
+
+    monkeypatch.setattr(service, "_run", counting_run)
     ticks = 0
 
     async def ticker() -> None:
@@ -170,6 +187,7 @@ async def test_inline_work_yields_to_the_loop(service: EncryptionService,
     finally:
         task.cancel()
     assert during_encrypt >= 8 and during_decrypt >= 8
+    assert hops == 0  # AES holds the GIL: a worker thread would only add hand-offs
 
 
 async def test_segment_size_follows_the_performance_mode() -> None:

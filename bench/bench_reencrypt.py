@@ -121,35 +121,27 @@ async def engine_run(dsn: str, manager: KeyManager, table: str, rows: int,
     return rows / elapsed
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dsn", default=os.environ.get(
-        "ENCRYPTION_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--naive-rows", type=int, default=10_000)
-    parser.add_argument("--batch-size", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-
+async def run(*, dsn: str, rows: int, naive_rows: int, batch_size: int,
+              rounds: int) -> dict[str, Any]:
+    """Rows per second of every round for the engine and the two naive loops."""
     manager = make_key_manager()
     await manager.open()
-    conn = await asyncpg.connect(args.dsn)
+    conn = await asyncpg.connect(dsn)
     engine_rates: list[float] = []
     naive_rates: list[float] = []
     naive_tx_rates: list[float] = []
     try:
-        for round_no in range(1, args.rounds + 1):
-            await load_table(conn, manager, "bench_reencrypt_naive", args.naive_rows)
-            await load_table(conn, manager, "bench_reencrypt_naive_tx", args.naive_rows)
-            await load_table(conn, manager, "bench_reencrypt_engine", args.rows)
+        for round_no in range(1, rounds + 1):
+            await load_table(conn, manager, "bench_reencrypt_naive", naive_rows)
+            await load_table(conn, manager, "bench_reencrypt_naive_tx", naive_rows)
+            await load_table(conn, manager, "bench_reencrypt_engine", rows)
             await conn.execute("DROP TABLE IF EXISTS bench_reencrypt_checkpoints")
             await manager.rotate_key(FIN, force=True)
             await manager.rotate_key(PII, force=True)
-            naive = await naive_loop(conn, manager, "bench_reencrypt_naive", args.naive_rows)
+            naive = await naive_loop(conn, manager, "bench_reencrypt_naive", naive_rows)
             naive_tx = await naive_transaction_loop(conn, manager, "bench_reencrypt_naive_tx",
-                                                    args.naive_rows)
-            engine = await engine_run(args.dsn, manager, "bench_reencrypt_engine", args.rows,
-                                      args.batch_size)
+                                                    naive_rows)
+            engine = await engine_run(dsn, manager, "bench_reencrypt_engine", rows, batch_size)
             naive_rates.append(naive)
             naive_tx_rates.append(naive_tx)
             engine_rates.append(engine)
@@ -162,12 +154,27 @@ async def main() -> None:
             await conn.execute(f"DROP TABLE IF EXISTS {table}")
         await conn.close()
         await manager.close()
-    engine_median = statistics.median(engine_rates)
-    naive_median = statistics.median(naive_rates)
-    naive_tx_median = statistics.median(naive_tx_rates)
-    server = await _server_version(args.dsn)
+    return {"rows": rows, "naive_rows": naive_rows, "batch_size": batch_size,
+            "engine": engine_rates, "naive": naive_rates, "naive_tx": naive_tx_rates,
+            "server": await _server_version(dsn)}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dsn", default=os.environ.get(
+        "ENCRYPTION_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--naive-rows", type=int, default=10_000)
+    parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    result = await run(dsn=args.dsn, rows=args.rows, naive_rows=args.naive_rows,
+                       batch_size=args.batch_size, rounds=args.rounds)
+    engine_median = statistics.median(result["engine"])
+    naive_median = statistics.median(result["naive"])
+    naive_tx_median = statistics.median(result["naive_tx"])
     print()
-    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {server}")
+    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {result['server']}")
     print(f"rows: engine {args.rows:,} (batch {args.batch_size}), naive {args.naive_rows:,}; "
           "two encrypted columns (two key types)")
     print(f"median engine {engine_median:,.0f} rows/s; naive {naive_median:,.0f} rows/s "

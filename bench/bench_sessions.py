@@ -38,6 +38,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import cpu_model  # noqa: E402
 
 SCENARIOS = {"read": ("GET", "/whoami"), "write": ("POST", "/visits")}
 
@@ -254,18 +257,7 @@ async def cleanup(redis_url: str, prefix: str) -> None:
         await client.aclose()
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-async def bench(args: argparse.Namespace) -> None:
+async def bench(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
     prefix = f"bench:sessions:{secrets.token_hex(4)}:"
     servers = {"encrypted": ServerProcess("encrypted"), "plain": ServerProcess("plain")}
     rps: dict[tuple[str, str], list[float]] = {}
@@ -289,7 +281,10 @@ async def bench(args: argparse.Namespace) -> None:
         for server in servers.values():
             await server.stop()
         await cleanup(args.redis_url, prefix)
+    return rps
 
+
+def report(args: argparse.Namespace, rps: dict[tuple[str, str], list[float]]) -> None:
     print(f"\n{platform.python_implementation()} {platform.python_version()}, "
           f"{os.cpu_count()} CPUs ({cpu_model()}), {args.connections} keep-alive connections, "
           f"{args.bursts} bursts of {args.requests} requests per endpoint and variant")
@@ -306,7 +301,7 @@ async def bench(args: argparse.Namespace) -> None:
               f"| {paired:.2f}x | {max(enc) / max(plain):.2f}x |")
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1600,
                         help="requests per burst (default 1600)")
@@ -319,11 +314,15 @@ def main() -> None:
     parser.add_argument("--serve", choices=("encrypted", "plain"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = arguments()
     if args.serve:
         serve(args.serve, args.port, args.redis_url, args.prefix)
     else:
-        asyncio.run(bench(args))
+        report(args, asyncio.run(bench(args)))
 
 
 if __name__ == "__main__":

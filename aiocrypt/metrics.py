@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
 __all__ = ["CONTENT_TYPE", "KMS_BUCKETS", "ServiceCollector", "generate_latest", "instrument",
-           "metrics_app", "render", "uninstrument"]
+           "metrics_app", "render", "route_registry", "uninstrument"]
 
 #: The Prometheus text exposition format (what ``render`` returns with the body).
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"

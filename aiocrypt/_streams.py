@@ -344,32 +344,50 @@ async def open_stream(source: Source, find_key: Callable[[str], Awaitable[DataKe
 
 # -- files --------------------------------------------------------------------
 
-async def _to_completion(run: Runner, func: Callable[..., T], *args: Any) -> T:
-    """Run a file operation in a worker thread and, if cancelled, let it finish first.
+def _start(run: Runner, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """Start a worker-thread hop now; await it with :func:`_complete`."""
+    return asyncio.ensure_future(run(func, *args))
+
+
+async def _complete(hop: asyncio.Future[T]) -> T:
+    """Await a hop and, if cancelled, let it finish first.
 
     A thread cannot be interrupted: a cancelled hop's file operation goes on
     running. Waiting for it means the cleanup that follows the cancellation
     sees every file it created and never closes a file under it.
     """
-    hop = asyncio.ensure_future(run(func, *args))
     try:
-        result: T = await asyncio.shield(hop)
+        return await asyncio.shield(hop)
     except asyncio.CancelledError:
-        while not hop.done():  # anyio cancel scopes cancel again at every await
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([hop])
+        await _settle(hop)
         raise
-    return result
+
+
+async def _settle(hop: asyncio.Future[Any]) -> None:
+    """Wait until ``hop`` is done, whatever it raised (for cleanup after a failure)."""
+    while not hop.done():  # anyio cancel scopes cancel again at every await
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([hop])
+    if not hop.cancelled():
+        hop.exception()  # retrieved: the failure that matters is already propagating
+
+
+async def _to_completion(run: Runner, func: Callable[..., T], *args: Any) -> T:
+    """Run a file operation in a worker thread (see :func:`_complete`)."""
+    return await _complete(_start(run, func, *args))
 
 
 async def read_file(path: str | os.PathLike[str], chunk_size: int, run: Runner, *,
                     stream_aligned: bool = False) -> AsyncGenerator[bytes, None]:
     """The bytes of a file in ``chunk_size`` reads, each in a worker thread.
 
+    The next read is started before a chunk is handed over, so the disk (or
+    page-cache copy, which releases the GIL) overlaps the consumer's cipher work.
     With ``stream_aligned`` the preamble is read first and then whole sealed
     segments, so every ciphertext segment passes to the cipher uncopied.
     """
     opened: list[io.BufferedReader] = []  # filled even if we are cancelled during the hop
+    ahead: asyncio.Future[bytes] | None = None
     try:
         await _to_completion(run, lambda: opened.append(open(os.fspath(path), "rb")))
         fh = opened[0]
@@ -384,12 +402,17 @@ async def read_file(path: str | os.PathLike[str], chunk_size: int, run: Runner, 
                 chunk_size = stream_key_id(head + rest)[2] + TAG_BYTES
             except DecryptionError:
                 pass  # open_stream will say so; keep reading plain chunks
+        ahead = _start(run, fh.read, chunk_size)
         while True:
-            chunk = await _to_completion(run, fh.read, chunk_size)
+            chunk = await _complete(ahead)
+            ahead = None
             if not chunk:
                 return
+            ahead = _start(run, fh.read, chunk_size)
             yield chunk
     finally:
+        if ahead is not None:  # closed or cancelled with a read in flight
+            await _settle(ahead)
         for fh in opened:
             fh.close()
 
@@ -398,26 +421,39 @@ async def write_file_atomically(path: str | os.PathLike[str], parts: AsyncIterab
                                 run: Runner) -> int:
     """Write ``parts`` to a mode-0600 temporary file beside ``path``, then rename it over.
 
-    If ``parts`` raises (a segment failed to authenticate) or the task is
-    cancelled, the temporary file is removed and ``path`` is left as it was, so a
-    failed decryption never leaves partial plaintext behind (a cancellation that
-    arrives while the finished file is being renamed lets the rename complete:
-    ``path`` is then whole). Returns the bytes written.
+    Parts are written about BATCH_BYTES per worker-thread hop, one hop in flight
+    while the next parts are produced. If ``parts`` raises (a segment failed to
+    authenticate) or the task is cancelled, the temporary file is removed and
+    ``path`` is left as it was, so a failed decryption never leaves partial
+    plaintext behind (a cancellation that arrives while the finished file is
+    being renamed lets the rename complete: ``path`` is then whole). Returns the
+    bytes written.
     """
     created: list[tuple[str, str, io.BufferedWriter, str]] = []  # even if cancelled
     written = 0
     pending: list[bytes] = []  # one write hop per batch of parts, not per part
+    pending_bytes = 0
+    writing: asyncio.Future[int] | None = None
     try:
         await _to_completion(run, lambda: created.append(_create_temporary(os.fspath(path))))
         target, directory, fh, tmp = created[0]
         async for part in parts:
             pending.append(part)
-            if sum(map(len, pending)) >= BATCH_BYTES:
-                written += await _to_completion(run, _write_all, fh, pending)
+            pending_bytes += len(part)
+            if pending_bytes >= BATCH_BYTES:
+                if writing is not None:
+                    written += await _complete(writing)
+                writing = _start(run, _write_all, fh, pending)
+                pending, pending_bytes = [], 0
+        if writing is not None:
+            written += await _complete(writing)
+            writing = None
         if pending:
             written += await _to_completion(run, _write_all, fh, pending)
         await _to_completion(run, _commit, fh, tmp, target, directory)
     except BaseException:
+        if writing is not None:
+            await _settle(writing)
         for _, _, fh, tmp in created:
             fh.close()
             with contextlib.suppress(FileNotFoundError):

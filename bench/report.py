@@ -84,8 +84,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
             f"encrypt_into into a fresh mmap ran at {into['encrypt_gbps']:.2f} GB/s against "
             f"{raw_seg['encrypt_gbps']:.2f} GB/s for raw segments into reused memory, and "
             "the page-fault rate of a fresh mapping varies from run to run on this "
-            "machine; encrypt_bulk_data does the same encrypt_into work in a worker "
-            "thread, plus the hop to it and back")
+            "machine (separate runs of the same 256 MiB decrypt gave 0.48x to 1.39x); "
+            "encrypt_bulk_data does the same encrypt_into work in a worker "
+            "thread, plus the hop to it and back. Pre-faulting the buffer with "
+            "MAP_POPULATE fills it faster, but Python's mmap() call holds the GIL while "
+            "the kernel populates it: 112-130 ms of loop lag for 256 MiB, so it is not "
+            "used")
         idle = _idle_lag(streams)
         lag_why = _GIL_WHY
         if idle is not None and idle["max_ms"] >= 1.0:

@@ -104,13 +104,11 @@ async def _wait_until_up(url: str, timeout: float = 15.0) -> None:
             await asyncio.sleep(0.02)
 
 
-async def _serve_quart(config: dict[str, Any], prefix: str) -> AsyncIterator[Server]:
+async def serve_quart_app(app: Any) -> AsyncIterator[str]:
+    """Serve a Quart app with hypercorn on a free loopback port; yield its URL."""
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from examples.quart_app import create_app
-
-    app = create_app(config)
     port = free_port()
     hyper = Config()
     hyper.bind = [f"127.0.0.1:{port}"]
@@ -120,29 +118,48 @@ async def _serve_quart(config: dict[str, Any], prefix: str) -> AsyncIterator[Ser
     url = f"http://127.0.0.1:{port}"
     try:
         await _wait_until_up(url)
-        yield Server("quart", url, app, prefix)
+        yield url
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
 
 
-async def _serve_flask(config: dict[str, Any], prefix: str) -> AsyncIterator[Server]:
+async def serve_flask_app(app: Any, wait: bool = True) -> AsyncIterator[str]:
+    """Serve a Flask app with werkzeug (threaded) on a free loopback port; yield its URL.
+
+    ``wait=False`` yields at once (for an app whose ``/`` is not 200)."""
     from werkzeug.serving import make_server
 
-    from examples.flask_app import create_app
-
-    app = create_app(config)
     server = make_server("127.0.0.1", free_port(), app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_port}"
     try:
-        await _wait_until_up(url)
-        yield Server("flask", url, app, prefix)
+        if wait:
+            await _wait_until_up(url)
+        yield url
     finally:
         await asyncio.to_thread(server.shutdown)
         thread.join(10)
         server.server_close()
+
+
+async def _serve_quart(config: dict[str, Any], prefix: str) -> AsyncIterator[Server]:
+    from examples.quart_app import create_app
+
+    app = create_app(config)
+    async for url in serve_quart_app(app):
+        yield Server("quart", url, app, prefix)
+
+
+async def _serve_flask(config: dict[str, Any], prefix: str) -> AsyncIterator[Server]:
+    from examples.flask_app import create_app
+
+    app = create_app(config)
+    try:
+        async for url in serve_flask_app(app):
+            yield Server("flask", url, app, prefix)
+    finally:
         await asyncio.to_thread(app.extensions["example"]["close"])
 
 

@@ -13,7 +13,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -33,7 +32,7 @@ from aiocrypt.integrations import quart as quart_ext
 from aiocrypt.keystore.redis import RedisKeyStore
 from aiocrypt.testing import FakeKekProvider, make_service
 
-from .conftest import free_port
+from .conftest import free_port, serve_flask_app, serve_quart_app
 
 
 class PrivateRedis:
@@ -138,36 +137,8 @@ def quart_app(config: dict[str, Any], service: EncryptionService) -> Quart:
 
 
 async def serve_quart(app: Quart) -> AsyncIterator[str]:
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
-
-    port = free_port()
-    hyper = Config()
-    hyper.bind = [f"127.0.0.1:{port}"]
-    hyper.graceful_timeout = 1.0
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(app, hyper, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await wait_until_up(url)
+    async for url in serve_quart_app(app):
         yield url
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-
-async def wait_until_up(url: str) -> None:
-    deadline = time.monotonic() + 15
-    async with httpx.AsyncClient() as client:
-        while True:
-            try:
-                if (await client.get(url + "/")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not come up")
-            await asyncio.sleep(0.02)
 
 
 async def test_quart_health_and_metrics_over_http(private_redis: PrivateRedis,
@@ -249,17 +220,10 @@ def flask_app(config: dict[str, Any], service: EncryptionService) -> Flask:
 
 
 async def serve_flask(app: Flask) -> AsyncIterator[str]:
-    from werkzeug.serving import make_server
-
-    server = make_server("127.0.0.1", free_port(), app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        async for url in serve_flask_app(app, wait=False):
+            yield url
     finally:
-        await asyncio.to_thread(server.shutdown)
-        thread.join(10)
-        server.server_close()
         await asyncio.to_thread(flask_ext.AioCrypt.state(app).close)
 
 

@@ -195,22 +195,10 @@ class DataKey:
 
     def seal_fields(self, plaintexts: Iterable[bytes],
                     contexts: Iterable[str | bytes | None]) -> list[str]:
-        """:meth:`seal_field` for each (plaintext, context) pair, in one frame (batches)."""
-        aads, encrypt, prefix = self.field_aads, self._gcm.encrypt, self.text_prefix
-        tokens = []
-        for plaintext, context in zip(plaintexts, contexts, strict=True):
-            aad = aads.get(context) if type(context) is str else None
-            if aad is None:
-                aad = self.field_aad(context)
-            try:
-                nonce = _take_nonce()
-            except IndexError:
-                nonce = _refill_nonces()
-            self.encryptions += 1
-            body = _b2a_base64(_GCM_LEAD0 + nonce + encrypt(nonce, plaintext, aad),
-                               newline=False)
-            tokens.append(prefix + body.translate(STD_TO_B64URL).decode())
-        return tokens
+        """:meth:`seal_field` for each (plaintext, context) pair (batches)."""
+        seal = self.seal_field
+        return [seal(plaintext, context)
+                for plaintext, context in zip(plaintexts, contexts, strict=True)]
 
     def seal_text(self, plaintext: bytes, context: bytes, flags: int = 0,
                   nonce: bytes | None = None) -> str:

@@ -87,12 +87,9 @@ class EncryptionService:
         perf = self.config.performance
         self._threshold = perf.inline_threshold
         self._segment_size = perf.segment_size
-        # zstd levels: one for every key type, or some key types only; the field
-        # hot path checks one bool
-        self._compression = self.config.compression_level
-        self._compressed_types = {kt: perf.compression_level
-                                  for kt in self.config.compressed_key_types}
-        self._compressing = self._compression is not None or bool(self._compressed_types)
+        # whether any key type is compressed: the field hot path checks this bool only
+        self._compressing = self.config.compression_enabled \
+            or bool(self.config.compressed_key_types)
         self._limiter = anyio.CapacityLimiter(perf.thread_limit)
         self._started = False
         self._closed = False
@@ -189,9 +186,7 @@ class EncryptionService:
 
     def _level(self, kt: KeyType) -> int | None:
         """The zstd level for ``kt`` (None: not compressed)."""
-        if self._compression is not None or not self._compressed_types:
-            return self._compression
-        return self._compressed_types.get(kt)
+        return self.config.compression_level_for(kt) if self._compressing else None
 
     def _encrypt_bytes(self, keyring: Keyring, plaintext: bytes, kt: KeyType,
                        context: str | bytes | None) -> str:
@@ -439,9 +434,9 @@ class EncryptionService:
         ``EncryptedData``: stream it to a file or object store, and read it back
         with :meth:`decrypt_stream` (or :meth:`decrypt_bulk_data` when it fits in
         memory). Each yielded part is an immutable ``bytes``. ``compress`` (default:
-        the config's ``compression_enabled``) zstd-compresses each segment before
-        it is sealed; ``segment_size`` (1 KiB..64 MiB) overrides the performance
-        mode's.
+        whether the config compresses ``key_type``: ``compression_enabled`` or
+        ``compressed_key_types``) zstd-compresses each segment before it is sealed;
+        ``segment_size`` (1 KiB..64 MiB) overrides the performance mode's.
         """
         kt = KeyType(key_type)
         level = self._stream_compression(compress, kt)
@@ -601,8 +596,8 @@ class EncryptionService:
             "performance_mode": self.config.performance_mode.value,
             "inline_threshold": self._threshold,
             "segment_size": self._segment_size,
-            "compression_enabled": self._compression is not None,
-            "compressed_key_types": sorted(self._compressed_types),
+            "compression_enabled": self.config.compression_enabled,
+            "compressed_key_types": sorted(self.config.compressed_key_types),
             "counters": {**self.counters, "encryptions": self._encryptions,
                          "decryptions": self._decryptions},
             "usage_by_key": {dk.key_id: dk.encryptions for dk in self.keyring

@@ -88,20 +88,18 @@ def byte_chunks(source: Source) -> AsyncIterator[bytes]:
 
 
 async def _byte_chunks(source: Source) -> AsyncIterator[bytes]:
-    if hasattr(source, "__aiter__"):
-        async for chunk in source:
-            if type(chunk) is bytes:
-                yield chunk
-            else:
-                for piece in _copies(chunk):
-                    yield piece
-    else:
-        for chunk in source:
-            if type(chunk) is bytes:
-                yield chunk
-            else:
-                for piece in _copies(chunk):
-                    yield piece
+    chunks = source if isinstance(source, AsyncIterable) else _as_async(source)
+    async for chunk in chunks:
+        if type(chunk) is bytes:
+            yield chunk
+        else:
+            for piece in _copies(chunk):
+                yield piece
+
+
+async def _as_async(source: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in source:
+        yield chunk
 
 
 def _copies(chunk: bytes | bytearray | memoryview) -> Iterator[bytes]:
@@ -165,19 +163,14 @@ class Segmenter:
                 need = 0
         return b"".join(parts)
 
-    async def segments(self, size: int) -> AsyncIterator[tuple[bytes | memoryview, bool]]:
-        """Pieces of exactly ``size`` bytes, then a last one of 0..size bytes flagged True.
+    async def batches(self, size: int, count: int) \
+            -> AsyncIterator[list[tuple[bytes | memoryview, bool]]]:
+        """Up to ``count`` (piece, last) pairs at a time: pieces of exactly ``size``
+        bytes, then a last one of 0..size bytes flagged True.
 
         A piece is released only once a byte beyond it arrived (or the input ended),
         so the last flag is always right.
         """
-        while await self.fill(size + 1):
-            yield self.take(size), False
-        yield self.take(self.buffered), True
-
-    async def batches(self, size: int, count: int) \
-            -> AsyncIterator[list[tuple[bytes | memoryview, bool]]]:
-        """As :meth:`segments`, up to ``count`` at a time (one worker-thread hop each)."""
         while await self.fill(size * count + 1):
             yield [(self.take(size), False) for _ in range(count)]
         batch: list[tuple[bytes | memoryview, bool]] = []

@@ -140,16 +140,21 @@ async def test_stream_round_trip_default_segments(service: EncryptionService, si
         assert out == data
 
 
+async def segments(chunks: list[bytes]) -> list[tuple[bytes | memoryview, bool]]:
+    """The (piece, last) pairs the stream pipeline cuts ``chunks`` into."""
+    batches = _streams.Segmenter(_streams.byte_chunks(chunks)).batches(
+        SEG, _streams.batch_count(SEG))
+    return [pair async for batch in batches for pair in batch]
+
+
 async def test_segment_sized_chunks_pass_through_uncopied() -> None:
     chunks = [os.urandom(SEG) for _ in range(3)]
-    pieces = [piece async for piece, _ in
-              _streams.Segmenter(_streams.byte_chunks(chunks)).segments(SEG)]
+    pieces = [piece for piece, _ in await segments(chunks)]
     assert len(pieces) == 3
     assert all(isinstance(p, memoryview) and p.obj is c for p, c in zip(pieces, chunks,
                                                                       strict=True))
     # a piece spanning chunks is joined once; only the final piece is flagged last
-    spanning = [(bytes(p), last) async for p, last in
-                _streams.Segmenter(_streams.byte_chunks([b"a" * 700] * 2)).segments(SEG)]
+    spanning = [(bytes(p), last) for p, last in await segments([b"a" * 700] * 2)]
     assert spanning == [(b"a" * SEG, False), (b"a" * (1400 - SEG), True)]
 
 

@@ -21,6 +21,7 @@ from typing import Any, Final, Literal
 import anyio
 
 from ._manager import KeyManager
+from ._policy import rotation_due
 from ._service import EncryptionService
 from ._types import KeyType, KeyTypeLike
 
@@ -31,11 +32,7 @@ _RANK: Final[dict[str, int]] = {"ok": 0, "degraded": 1, "failing": 2}
 
 
 def _worst(statuses: Iterable[Status]) -> Status:
-    worst: Status = "ok"
-    for status in statuses:
-        if _RANK[status] > _RANK[worst]:
-            worst = status
-    return worst
+    return max(statuses, key=_RANK.__getitem__, default="ok")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +133,7 @@ def _active_keys(manager: KeyManager, now: _dt.datetime, expected: set[KeyType])
             continue
         key = dk.key
         policy = manager.config.rotation_policy(kt)
-        rotate_at = key.created_at + _dt.timedelta(days=policy.rotation_interval_days)
+        rotate_at = rotation_due(key, policy)
         entry: dict[str, Any] = {
             "status": "ok",
             "key_id": key.key_id,

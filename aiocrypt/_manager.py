@@ -809,7 +809,7 @@ class KeyManager:
             policy = self.config.rotation_policy(key.key_type)
             reason = _policy.rotation_reason(key, policy, now, usage.get(key.key_id, 0))
             if key.status is KeyStatus.ACTIVE:
-                rotate_at = key.created_at + _dt.timedelta(days=policy.rotation_interval_days)
+                rotate_at = _policy.rotation_due(key, policy)
                 active[key.key_type.value] = {
                     "key_id": key.key_id,
                     "version": key.version,

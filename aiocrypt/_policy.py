@@ -8,11 +8,17 @@ from ._config import KeyRotationPolicy
 from ._keys import EncryptionKey
 from ._types import KeyStatus
 
-__all__ = ["grace_end", "is_expired", "is_past_grace", "rotation_reason", "usage_block"]
+__all__ = ["grace_end", "is_expired", "is_past_grace", "rotation_due", "rotation_reason",
+           "usage_block"]
 
 
 def grace_end(key: EncryptionKey, policy: KeyRotationPolicy) -> _dt.datetime:
     return key.expires_at + _dt.timedelta(days=policy.grace_period_days)
+
+
+def rotation_due(key: EncryptionKey, policy: KeyRotationPolicy) -> _dt.datetime:
+    """When ``key`` reaches the policy's rotation interval."""
+    return key.created_at + _dt.timedelta(days=policy.rotation_interval_days)
 
 
 def is_expired(key: EncryptionKey, now: _dt.datetime) -> bool:
@@ -38,7 +44,7 @@ def rotation_reason(key: EncryptionKey, policy: KeyRotationPolicy, now: _dt.date
         return "expiry"
     if usage >= policy.max_encryptions:
         return "usage"
-    if policy.auto_rotation and key.age(now) >= _dt.timedelta(days=policy.rotation_interval_days):
+    if policy.auto_rotation and now >= rotation_due(key, policy):
         return "age"
     return None
 

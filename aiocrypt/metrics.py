@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
+from ._policy import rotation_due
 from ._reencrypt import TableCensus
 from ._service import EncryptionService
 from ._types import KeyStatus
@@ -187,8 +188,8 @@ class ServiceCollector:
         for key_type, dk in sorted(manager.keyring.active_keys.items()):
             key = dk.key
             policy = manager.config.rotation_policy(key.key_type)
-            due = policy.rotation_interval_days * 86400.0 - key.age(now).total_seconds()
-            rotation.add_metric([str(key_type), str(key.version)], due)
+            due = rotation_due(key, policy) - now
+            rotation.add_metric([str(key_type), str(key.version)], due.total_seconds())
         census = manager.last_census
         if census is None and isinstance(manager.census, Mapping):
             census = manager.census

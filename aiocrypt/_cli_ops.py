@@ -566,8 +566,7 @@ def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[
         manager = build_key_manager(config, watch=False)
         database = _asyncpg_database(database_dsn, checkpoint_table)
         engine = ReencryptionEngine(manager, database, tables=specs, batch_size=batch_size,
-                                    rate_limit=rate, on_error="skip" if skip_errors else "raise",
-                                    compression_level=config.compression_level)
+                                    rate_limit=rate, on_error="skip" if skip_errors else "raise")
         async with manager:
             try:
                 if dry_run:

@@ -487,6 +487,7 @@ class _Column:
     context: str
     prefix: str
     target: DataKey
+    compression_level: int | None
 
 
 @dataclass(slots=True)
@@ -508,7 +509,10 @@ class ReencryptionEngine:
     ``progress`` (sync or async) is called after each committed batch, and an
     exception it raises stops the run after that batch (resume later).
     ``on_error="skip"`` leaves a value that does not decrypt in place (counted,
-    its primary key reported) instead of stopping the run.
+    its primary key reported) instead of stopping the run. Values are
+    zstd-compressed as the key manager's config says for each column's key type
+    (``compression_enabled`` / ``compressed_key_types``), as the service does;
+    ``compression_level`` compresses every column at that level instead.
     """
 
     def __init__(self, key_manager: KeyManager, database: ReencryptionDatabase, *,
@@ -631,7 +635,9 @@ class ReencryptionEngine:
             target = keyring.require_encryptable(c.key_type)
             context = spec.context_for(c)
             context_bytes(context)  # validates it once: the hot loop only encodes it
-            cols.append(_Column(c, context, text_prefix(target.key_id), target))
+            level = self.compression_level if self.compression_level is not None \
+                else self.key_manager.config.compression_level_for(c.key_type)
+            cols.append(_Column(c, context, text_prefix(target.key_id), target, level))
         targets = {c.spec.name: c.target.key_id for c in cols}
         job = job_id or self.job_id_for(spec, targets, key_range)
 
@@ -797,8 +803,6 @@ class ReencryptionEngine:
         old: list[list[Any]] = [[] for _ in range(n)]
         new: list[list[str | None]] = [[] for _ in range(n)]
         failed: list[Any] = []
-        level = self.compression_level
-        flags = FLAG_ZSTD if level is not None else 0
         # One getrandom call per batch instead of one per token (the hot loop's
         # largest fixed cost); each nonce is still 96 fresh random bits.
         randomness = os.urandom(NONCE_BYTES * n * len(rows))
@@ -814,8 +818,11 @@ class ReencryptionEngine:
                     context = col.context if not col.spec.row_bound else f"{col.context}#{pk}"
                     plaintext = self._plaintext(spec, col, keyring, value, context, pk,
                                                 unknown_fails)
+                    level = col.compression_level
+                    flags = 0
                     if level is not None:
                         plaintext = _compression.compress(plaintext, level)
+                        flags = FLAG_ZSTD
                     ctx = context.encode("utf-8")
                     if col.spec.deterministic:
                         out[i] = col.target.seal_deterministic(plaintext, ctx, flags)

@@ -174,7 +174,7 @@ class EncryptionService:
             self._encryptions += 1
             return token
         plaintext = encode_value(value)
-        level = self._level(kt)
+        level = self.compression_level_for(kt)
         if len(plaintext) > self._threshold:
             token = await self._run(self._encrypt_bytes, keyring, plaintext, kt, context)
         elif level is None:
@@ -184,13 +184,14 @@ class EncryptionService:
         self._encryptions += 1
         return token
 
-    def _level(self, kt: KeyType) -> int | None:
-        """The zstd level for ``kt`` (None: not compressed)."""
-        return self.config.compression_level_for(kt) if self._compressing else None
+    def compression_level_for(self, key_type: KeyTypeLike) -> int | None:
+        """The zstd level for ``key_type``'s data (None: not compressed); see the config's."""
+        return self.config.compression_level_for(key_type) if self._compressing else None
 
     def _encrypt_bytes(self, keyring: Keyring, plaintext: bytes, kt: KeyType,
                        context: str | bytes | None) -> str:
-        return keyring.encrypt_bytes(plaintext, kt, context, compression_level=self._level(kt))
+        return keyring.encrypt_bytes(plaintext, kt, context,
+                                     compression_level=self.compression_level_for(kt))
 
     async def decrypt_field(self, token: str, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
                             *, context: str | bytes | None = None) -> Any:
@@ -256,7 +257,7 @@ class EncryptionService:
         plaintexts = [STR_TAG + v.encode() if type(v) is str else encode_value(v)
                       for v in values]
         tokens: list[str] = []
-        level = self._level(kt)
+        level = self.compression_level_for(kt)
         while len(tokens) < len(plaintexts):
             # each chunk fits the key's reserved allowance (a rotation may come between)
             keyring = await self._keyring(kt)
@@ -358,7 +359,7 @@ class EncryptionService:
         ctx = context_bytes(context)
         large = len(data) > self._threshold
 
-        level = self._level(kt)
+        level = self.compression_level_for(kt)
         payload: bytes | memoryview = memoryview(data)
         if not large:
             if level is not None:
@@ -450,7 +451,7 @@ class EncryptionService:
 
     def _stream_compression(self, compress: bool | None, kt: KeyType) -> int | None:
         if compress is None:
-            return self._level(kt)
+            return self.compression_level_for(kt)
         return self.config.performance.compression_level if compress else None
 
     async def decrypt_stream(self, source: AsyncIterable[bytes] | Iterable[bytes], *,
@@ -559,7 +560,7 @@ class EncryptionService:
                                               KeyType.CACHE, context)
         else:
             encrypted_value = keyring.encrypt_bytes(plaintext, KeyType.CACHE, context,
-                                                    compression_level=self._level(KeyType.CACHE))
+                                                    compression_level=self.compression_level_for(KeyType.CACHE))
         self.counters["cache_encryptions"] += 1
         return encrypted_key, encrypted_value
 

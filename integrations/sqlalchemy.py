@@ -300,7 +300,7 @@ class EncryptedType(_TableBound):
         if self.deterministic:
             return keyring.encrypt_deterministic(value, self.key_type, self._context())
         return keyring.encrypt(value, self.key_type, self._context(),
-                               compression_level=service.config.compression_level)
+                               compression_level=service.compression_level_for(self.key_type))
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         if value is None:

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from aiocrypt import EncryptionService, KeyType
+from aiocrypt import EncryptionConfig, EncryptionService, KeyType
+from aiocrypt._format import FLAG_ZSTD, b64decode_canonical
 from aiocrypt._reencrypt import (
     ColumnSpec,
     KeyRange,
@@ -26,8 +27,10 @@ from aiocrypt.integrations.sqlalchemy import (
     SQLAlchemyDatabase,
     database_for,
     reencryption_engine,
+    set_encryption_service,
     table_specs,
 )
+from aiocrypt.testing import make_service
 
 
 class Stop(Exception):
@@ -377,3 +380,41 @@ async def test_generic_sqlalchemy_adapter(engine: AsyncEngine, bound_service: En
         await _check_all(engine, account, rows)
     finally:
         await _teardown(engine, base, eng, suffix)
+
+
+def _zstd_flags(tokens: list[str]) -> set[bool]:
+    """For each token, whether its header says zstd (flags byte of the decoded body)."""
+    return {bool(b64decode_canonical(t, t.rindex(".") + 1)[1] & FLAG_ZSTD) for t in tokens}
+
+
+async def test_column_types_and_reencryption_compress_by_key_type(engine: AsyncEngine,
+                                                                   suffix: str) -> None:
+    """``compressed_key_types=["pii"]``: PII columns are written compressed, by the column
+    types and again by the engine; financial data is never compressed."""
+    async with make_service(EncryptionConfig(compressed_key_types=["pii"])) as service:
+        set_encryption_service(service)
+        base, account = await _setup(engine, suffix, 30)
+        eng = None
+        try:
+            async def stored() -> tuple[list[str], list[str]]:
+                async with engine.connect() as conn:
+                    rows = (await conn.execute(sa.text(
+                        f"SELECT income, ssn FROM acct_{suffix}"))).all()
+                return [r[0] for r in rows], [r[1] for r in rows]
+
+            income, ssn = await stored()
+            assert _zstd_flags(income) == {False} and _zstd_flags(ssn) == {True}
+            manager = service.key_manager
+            await manager.rotate_key("financial_data", force=True)
+            await manager.rotate_key("pii", force=True)
+            eng = reencryption_engine(service, engine, base.metadata,
+                                      checkpoint_table=f"ckpt_{suffix}")
+            result = await eng.reencrypt(f"acct_{suffix}")
+            assert result.complete and result.run_rows_updated == 30
+            new_income, new_ssn = await stored()
+            assert not set(new_income) & set(income) and not set(new_ssn) & set(ssn)
+            assert _zstd_flags(new_income) == {False} and _zstd_flags(new_ssn) == {True}
+            await _check_all(engine, account, 30)
+        finally:
+            await _teardown(engine, base, eng, suffix)
+            set_encryption_service(None)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.progress import (
@@ -59,10 +59,11 @@ from ._reencrypt import (
     ReencryptionProgress,
     ReencryptionResult,
     TableSpec,
-    pending_condition,
-    quote_identifier,
 )
 from ._types import KeyType
+
+if TYPE_CHECKING:
+    from ._reencrypt_asyncpg import AsyncpgDatabase
 
 # -- init ------------------------------------------------------------------------------
 
@@ -395,26 +396,12 @@ def _require_dsn(dsn: str | None) -> str:
     return dsn
 
 
-def _asyncpg_database(dsn: str, checkpoint_table: str) -> Any:
+def _asyncpg_database(dsn: str, checkpoint_table: str) -> AsyncpgDatabase:
     try:
         from ._reencrypt_asyncpg import AsyncpgDatabase
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(f"{exc}: pip install 'aiocrypt[postgres]'") from None
     return AsyncpgDatabase(dsn, checkpoint_table=checkpoint_table)
-
-
-async def _count_pending(dsn: str, spec: TableSpec, prefixes: Sequence[str]) -> int:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        where = pending_condition(spec, [f"${i + 1}" for i in range(len(prefixes))])
-        count: int = await conn.fetchval(
-            f"SELECT count(*) FROM {quote_identifier(spec.name)} WHERE {where}",  # noqa: S608
-            *prefixes)
-        return count
-    finally:
-        await conn.close()
 
 
 def _prefixes(manager: KeyManager, spec: TableSpec) -> list[str]:
@@ -493,15 +480,16 @@ def _result_dict(result: ReencryptionResult, stopped: str | None) -> dict[str, A
     }
 
 
-async def _reencrypt_table(engine: ReencryptionEngine, spec: TableSpec, dsn: str,
-                           reporter: _Reporter, max_batches: int | None) -> dict[str, Any]:
+async def _reencrypt_table(engine: ReencryptionEngine, database: AsyncpgDatabase,
+                           spec: TableSpec, reporter: _Reporter,
+                           max_batches: int | None) -> dict[str, Any]:
     manager = engine.key_manager
     targets = await engine.targets(spec)
     job_id = engine.job_id_for(spec, targets, KeyRange())
     await engine.database.prepare(spec)
     before = await engine.database.load_checkpoint(job_id)
     base = before.rows_read if before is not None else 0  # counters are per job, cumulative
-    reporter.start(spec.name, await _count_pending(dsn, spec, _prefixes(manager, spec)))
+    reporter.start(spec.name, await database.count_rows(spec, _prefixes(manager, spec)))
     last: list[ReencryptionProgress] = []
 
     def progress(event: ReencryptionProgress) -> None:
@@ -570,10 +558,9 @@ def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[
         async with manager:
             try:
                 if dry_run:
-                    return [await _dry_run(manager, database, spec, database_dsn)
-                            for spec in specs]
+                    return [await _dry_run(manager, database, spec) for spec in specs]
                 with _Reporter(quiet=False) as reporter:
-                    return [await _reencrypt_table(engine, spec, database_dsn, reporter,
+                    return [await _reencrypt_table(engine, database, spec, reporter,
                                                    max_batches) for spec in specs]
             finally:
                 await database.close()
@@ -602,28 +589,16 @@ def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[
         sys.exit(EXIT_FAILED)
 
 
-async def _dry_run(manager: KeyManager, database: Any, spec: TableSpec,
-                   dsn: str) -> dict[str, Any]:
+async def _dry_run(manager: KeyManager, database: AsyncpgDatabase,
+                   spec: TableSpec) -> dict[str, Any]:
     census = await database.census(spec)
     active = manager.keyring.active_keys
     targets = {c.name: active[c.key_type].key_id if c.key_type in active else None
                for c in spec.columns}
-    pending = await _count_pending(dsn, spec, _prefixes(manager, spec))
-    total = await _count_rows(dsn, spec)
+    pending = await database.count_rows(spec, _prefixes(manager, spec))
+    total = await database.count_rows(spec)
     return {"table": spec.name, "rows": total, "pending_rows": pending, "targets": targets,
             "values_off_target": census.off_target({k: v for k, v in targets.items() if v})}
-
-
-async def _count_rows(dsn: str, spec: TableSpec) -> int:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        count: int = await conn.fetchval(
-            f"SELECT count(*) FROM {quote_identifier(spec.name)}")  # noqa: S608
-        return count
-    finally:
-        await conn.close()
 
 
 # -- census ----------------------------------------------------------------------------

@@ -245,6 +245,17 @@ class AsyncpgDatabase:
             rows = await self._reader.fetch(census_sql(table, lambda c: f"split_part({c}, '.', 2)"))
             return census_from_rows(table, rows)
 
+    async def count_rows(self, table: TableSpec, prefixes: Sequence[str] | None = None) -> int:
+        """Rows of ``table``; with ``prefixes`` (each column's target token prefix), only
+        the rows some column of which is not on its target key yet."""
+        where = "" if prefixes is None else \
+            " WHERE " + pending_condition(table, [f"${i + 1}" for i in range(len(prefixes))])
+        async with self._connected():
+            count: int = await self._reader.fetchval(
+                f"SELECT count(*) FROM {quote_identifier(table.name)}{where}",  # noqa: S608
+                *(prefixes or ()))
+            return count
+
     async def boundaries(self, table: TableSpec, shards: int) -> list[Any]:
         async with self._connected():
             if shards < 2:

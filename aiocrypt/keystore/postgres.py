@@ -54,7 +54,10 @@ logger = logging.getLogger("aiocrypt.keystore.postgres")
 
 DEFAULT_SCHEMA: Final = "aiocrypt"
 _SCHEMA_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
-_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# InternalClientError: asyncpg's own state errors on a connection that a timeout or an
+# outage left mid-operation ("cannot switch to state ...; another operation is in progress")
+_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                  OSError, TimeoutError)
 
 
 def _lock_id(*parts: str) -> int:

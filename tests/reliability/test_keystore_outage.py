@@ -200,3 +200,18 @@ async def test_postgres_keystore_restart_and_partition(private_postgres: Any, fa
         with contextlib.suppress(Exception):
             await cleanup.drop()
         await cleanup.close()
+
+
+def test_driver_state_errors_are_key_store_errors() -> None:
+    """asyncpg's InternalClientError (a connection an outage or a timeout left mid-operation;
+    seen once by the restart test above) is reported like every other driver failure."""
+    import asyncpg
+
+    from aiocrypt.keystore.postgres import PostgresKeyStore
+
+    store = PostgresKeyStore("postgresql://app:hunter2-secret@127.0.0.1:1/db")
+    with pytest.raises(KeyStoreError) as info, store._translate("read"):
+        raise asyncpg.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress")
+    assert "InternalClientError" in str(info.value)
+    assert "hunter2-secret" not in str(info.value)

@@ -294,7 +294,13 @@ class KeyManager:
         """
         kt = KeyType(key_type)
         policy = self.config.rotation_policy(kt)
-        for _ in range(_WRITE_RETRIES):
+        # Every round that finds the key used up rotates it (or sees that another
+        # process did), and the first reservation on a new key always gets at least
+        # one encryption: the fleet makes progress each round. Under a small limit
+        # and heavy contention this process can still lose several rounds in a row,
+        # so the bound is time (like the rotation lock's), not a count of rounds.
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
             keyring = await self.ensure_active([kt])
             dk = keyring.active(kt)
             async with self._usage_lock:
@@ -310,8 +316,11 @@ class KeyManager:
                     return keyring
             self.auditor.emit_nowait("usage_limit_reached", key_id=dk.key_id, key_type=kt.value,
                                      limit=policy.max_encryptions)
+            if time.monotonic() > deadline:
+                raise KeyStateError(f"could not reserve encryption allowance for {kt.value} "
+                                    f"keys within {self.lock_timeout:g} s: other processes "
+                                    f"used up every new key first")
             await self._activate_new(kt, reason="usage", only_if=_still_active(dk.key_id))
-        raise KeyStateError(f"could not reserve encryption allowance for {kt.value} keys")
 
     async def _flush_unreserved_usage(self) -> None:
         """Record encryptions sync callers made beyond their allowance (batched)."""

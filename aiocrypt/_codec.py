@@ -22,9 +22,12 @@ tag   type        body
 
 Dict keys may be any scalar type above. Nesting is bounded (``MAX_DEPTH``) and
 every length is checked against what is left, so a decoder never allocates or
-recurses past the input it was given. A datetime keeps its UTC offset, not its
-zone name; tuples, sets and naive datetimes are refused rather than silently
-changed.
+recurses past the input it was given. A datetime keeps its wall time and UTC
+offset, not its zone name: it comes back with a fixed offset, at the same instant.
+A zoned local time in a daylight-saving gap or overlap keeps the offset Python
+gives it for its ``fold`` (by PEP 495 it then compares unequal to the fixed-offset
+value; compare instants). Tuples, sets and naive datetimes are refused rather
+than silently changed.
 """
 
 from __future__ import annotations

@@ -305,6 +305,38 @@ def test_wrong_value_type_is_refused(suffix: str) -> None:
     assert repr(column_type) == "EncryptedDate('pii')"
 
 
+def same_datetime(back: dt.datetime, value: dt.datetime) -> bool:
+    """What the codec promises for an aware datetime: the same wall time, UTC offset and
+    instant (the zone itself is not kept; the value comes back with a fixed offset).
+
+    Plain ``==`` cannot be the property: by PEP 495 a zoned value whose offset depends on
+    ``fold`` (a local time in a daylight-saving gap or overlap) never equals a value of
+    another zone, even at the same instant and offset.
+    """
+    return (back.replace(tzinfo=None) == value.replace(tzinfo=None)
+            and back.utcoffset() == value.utcoffset()
+            and back.timestamp() == value.timestamp())
+
+
+def test_datetime_in_a_daylight_saving_gap_keeps_wall_time_offset_and_instant() -> None:
+    """The CI failure: 2016-03-13 02:00 America/Dawson does not exist (clocks jumped to 03:00);
+    Python still gives it an offset (fold=0: the one before the jump). The codec keeps
+    exactly that wall time, offset and instant, as for any other value."""
+    from zoneinfo import ZoneInfo
+
+    from aiocrypt._codec import decode_value, encode_value
+
+    for fold in (0, 1):
+        gap = dt.datetime(2016, 3, 13, 2, 0, fold=fold, tzinfo=ZoneInfo("America/Dawson"))
+        back = decode_value(encode_value(gap))
+        assert same_datetime(back, gap)
+        assert back.astimezone(dt.UTC) == gap.astimezone(dt.UTC)
+        assert back != gap  # PEP 495: why the round-trip property cannot use ==
+    overlap = dt.datetime(2016, 11, 6, 1, 30, fold=1, tzinfo=ZoneInfo("America/Dawson"))
+    back = decode_value(encode_value(overlap))
+    assert same_datetime(back, overlap) and back.utcoffset() == dt.timedelta(hours=-8)
+
+
 def test_types_round_trip_any_value() -> None:
     """Hypothesis: bind then result processing gives back an equal value of the same type."""
     import asyncio
@@ -339,7 +371,11 @@ def test_types_round_trip_any_value() -> None:
                 token = column_type.process_bind_param(value, None)
                 assert token.startswith("ac1.")
                 back = column_type.process_result_value(token, None)
-                assert back == value and type(back) is type(value)
+                assert type(back) is type(value)
+                if isinstance(value, dt.datetime):
+                    assert same_datetime(back, value)
+                else:
+                    assert back == value
 
         check()
     finally:

@@ -27,7 +27,8 @@ import asyncio
 import base64
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
@@ -50,6 +51,9 @@ from ._factory import build_kek_provider, build_key_store
 from ._keys import EncryptionKey
 from ._manager import KeyManager
 from ._types import KeyStatus, KeyType
+
+if TYPE_CHECKING:
+    from .audit.postgres import AuditVerification
 
 
 @click.group(cls=AiocryptGroup)
@@ -283,32 +287,102 @@ def audit() -> None:
     """The audit trail."""
 
 
-@audit.command("verify")
-@click.option("--dsn", envvar="ENCRYPTION_AUDIT_DSN", required=True,
-              help="PostgreSQL DSN of the audit table (or ENCRYPTION_AUDIT_DSN)")
-@click.option("--table", default="aiocrypt_audit", show_default=True)
-@json_option
-def audit_verify(dsn: str, table: str, as_json: bool) -> None:
-    """Recompute the hash chain of the Postgres audit table; exit 1 if it was tampered with."""
-    from .audit.postgres import PostgresAuditSink
+def _audit_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed((
+            click.option("--dsn", envvar="ENCRYPTION_AUDIT_DSN", required=True,
+                         help="PostgreSQL DSN of the audit table (or ENCRYPTION_AUDIT_DSN)"),
+            click.option("--table", default="aiocrypt_audit", show_default=True),
+            click.option("--hmac-key-env", metavar="NAME",
+                         help="the environment variable holding the chain's HMAC key "
+                              "(base64); the key is never taken from the command line"))):
+        function = option(function)
+    return json_option(function)
 
-    async def main() -> Any:
-        sink = PostgresAuditSink(dsn, table=table)
-        try:
-            return await sink.verify()
-        finally:
-            await sink.close()
 
-    result = asyncio.run(main())
+def _audit_hmac_key(name: str | None) -> bytes | None:
+    """The HMAC key from the variable ``name``: its value never appears in a message."""
+    if name is None:
+        return None
+    value = os.environ.get(name, "")
+    if not value.strip():
+        fail(f"--hmac-key-env: the environment variable {name} is not set", EXIT_CONFIG)
+    try:
+        key = base64.b64decode(value.strip(), validate=True)
+    except ValueError:
+        fail(f"--hmac-key-env: {name} is not valid base64", EXIT_CONFIG)
+    if len(key) < 16:
+        fail(f"--hmac-key-env: {name} holds {len(key)} bytes; an HMAC key has at least 16",
+             EXIT_CONFIG)
+    return key
+
+
+def _report_audit(result: AuditVerification, as_json: bool) -> None:
     if as_json:
-        echo_json({"ok": result.ok, "rows": result.rows, "problems": list(result.problems)})
-    elif result.ok:
-        click.echo(f"audit chain OK ({result.rows} rows)")
+        echo_json({"ok": result.ok, "rows": result.rows, "mode": result.mode,
+                   "head": str(result.head) if result.head else None,
+                   "problems": list(result.problems), "warnings": list(result.warnings)})
     else:
+        if result.ok:
+            click.echo(f"audit chain OK ({result.rows} rows, {result.mode} mode, "
+                       f"head {result.head})")
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
         for problem in result.problems:
             click.echo(f"- {problem}", err=True)
     if not result.ok:
         sys.exit(EXIT_FAILED)
+
+
+@audit.command("verify")
+@_audit_options
+@click.option("--anchor", metavar="SEQ:HEX",
+              help="a head printed by an earlier verify: fail if the table was rolled back "
+                   "past it")
+def audit_verify(dsn: str, table: str, hmac_key_env: str | None, anchor: str | None,
+                 as_json: bool) -> None:
+    """Recompute the hash chain of the Postgres audit table; exit 1 if it was tampered with.
+
+    Give the key of an HMAC chain with --hmac-key-env NAME. Record the printed head
+    somewhere else and pass it as --anchor later to detect a rollback.
+    """
+    from .audit.postgres import AuditAnchor, PostgresAuditSink
+
+    key = _audit_hmac_key(hmac_key_env)
+    try:
+        expected = AuditAnchor.parse(anchor) if anchor is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--anchor") from None
+
+    async def main() -> AuditVerification:
+        sink = PostgresAuditSink(dsn, table=table, hmac_key=key)
+        try:
+            return await sink.verify(anchor=expected)
+        finally:
+            await sink.close()
+
+    _report_audit(asyncio.run(main()), as_json)
+
+
+@audit.command("upgrade")
+@_audit_options
+def audit_upgrade(dsn: str, table: str, hmac_key_env: str | None, as_json: bool) -> None:
+    """Authenticate the head of an audit table written by an older aiocrypt (once).
+
+    Verifies the whole chain first and changes nothing if it fails; the upgrade
+    trusts the table as it is now, and is itself recorded in the chain.
+    """
+    from .audit.postgres import PostgresAuditSink
+
+    key = _audit_hmac_key(hmac_key_env)
+
+    async def main() -> AuditVerification:
+        sink = PostgresAuditSink(dsn, table=table, hmac_key=key)
+        try:
+            return await sink.upgrade()
+        finally:
+            await sink.close()
+
+    _report_audit(asyncio.run(main()), as_json)
 
 
 @main.group()

@@ -21,7 +21,7 @@ EVENTS: Final = frozenset({
     "key_generated", "key_rotated", "key_revoked", "key_compromised", "key_expired",
     "key_destroyed", "key_destroy_refused", "key_rewrapped", "master_key_rotated",
     "min_decryption_version_raised", "expired_key_used", "decrypt_failures",
-    "decrypt_failure_spike", "policy_run", "usage_limit_reached",
+    "decrypt_failure_spike", "policy_run", "usage_limit_reached", "audit_chain_upgraded",
 })
 
 

@@ -64,9 +64,9 @@ def _with_arq(work: Callable[[Any, ArqWorkerConfig], Awaitable[T]]) -> T:
     cfg = _config()
 
     async def main() -> T:
-        from arq import create_pool
+        from .arq import create_job_pool
 
-        redis = await create_pool(cfg.redis_settings(), default_queue_name=cfg.queue_name)
+        redis = await create_job_pool(cfg)  # JSON jobs: the workers refuse pickled ones
         try:
             return await work(redis, cfg)
         finally:

@@ -1,7 +1,9 @@
 """aiocrypt's ARQ jobs: scheduled and manual rotation, sharded re-encryption, cleanup.
 
 Every job argument is an identifier (key type, key id, table name, primary-key
-bounds, counts): never plaintext, never key material. The worker's state
+bounds, counts): never plaintext, never key material. Jobs and results travel
+as JSON (``_arq_codec``): :func:`startup` refuses a worker that would unpickle
+them, and enqueueing refuses a pool that would pickle them. The worker's state
 (key manager, asyncpg pool, table specs, status store) lives in
 ``ctx["aiocrypt"]``, built by :func:`startup` and closed by :func:`shutdown`.
 
@@ -58,6 +60,7 @@ from aiocrypt._reencrypt import (
 from aiocrypt._reencrypt_asyncpg import AsyncpgDatabase
 from aiocrypt._types import KeyTypeLike
 
+from ._arq_codec import check_pool, check_worker
 from ._arq_config import ArqWorkerConfig
 from ._arq_status import ShardStatus, StatusStore, now_iso, redis_lock
 
@@ -232,7 +235,13 @@ def load_table_specs(config: ArqWorkerConfig) -> tuple[list[TableSpec], Any]:
 
 
 async def startup(ctx: dict[str, Any], config: ArqWorkerConfig | None = None) -> None:
-    """Build the key manager, the asyncpg pool and the status store into ``ctx["aiocrypt"]``."""
+    """Build the key manager, the asyncpg pool and the status store into ``ctx["aiocrypt"]``.
+
+    First refuses (``ConfigurationError``) a worker whose jobs are not JSON, before
+    any key is loaded: arq runs ``on_startup`` before it takes a job, so a worker
+    that would unpickle one never starts.
+    """
+    check_worker(ctx)
     cfg = config if config is not None else ArqWorkerConfig.from_env()
     encryption_config = EncryptionConfig.from_env()
     specs, metadata = load_table_specs(cfg)
@@ -398,6 +407,7 @@ async def enqueue_reencryption(redis: Any, key_type: KeyTypeLike, old_key_id: st
     running, enqueueing again joins it. A finished run's stored result is dropped
     first so a new run happens (it reuses the plan and skips shards already done).
     """
+    check_pool(redis)
     cfg = config if config is not None else ArqWorkerConfig.from_env()
     job_id = reencryption_job_id(old_key_id)
     arq_id = cfg.job_id(job_id)

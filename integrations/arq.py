@@ -17,7 +17,7 @@ or add aiocrypt's jobs to your own worker::
 
 and enqueue from the application (identifiers only, never plaintext or keys)::
 
-    redis = await arq.create_pool(config.redis_settings())
+    redis = await create_job_pool(config)
     await enqueue_rotation(redis, "financial_data", force=True)
     status = await reencryption_status(redis, "reencrypt-financial_data-v1-1a2b3c4d")
 
@@ -26,6 +26,10 @@ Jobs: ``rotate_keys_scheduled`` (cron, daily at 02:00), ``cleanup_expired_keys``
 ``reencrypt_data_with_new_key(key_type, old_key_id, batch_size=1000)`` (plans
 primary-key shards and enqueues ``reencrypt_shard`` jobs, one per shard, so every
 worker on the queue takes a share). See docs/arq.md.
+
+Jobs and results travel as JSON, never pickle (``job_serializer`` /
+``job_deserializer``): a worker that would unpickle refuses to start, and the
+enqueue functions refuse a pool that would pickle.
 """
 
 from __future__ import annotations
@@ -34,15 +38,19 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 try:
+    import arq
     from arq import cron, func
+    from arq.connections import ArqRedis
     from arq.cron import CronJob
     from arq.worker import Function
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("aiocrypt.integrations.arq needs arq: pip install 'aiocrypt[arq]'") \
         from exc
 
+from aiocrypt import ConfigurationError
 from aiocrypt._types import KeyType, KeyTypeLike
 
+from ._arq_codec import check_pool, codec_problem, codec_settings, job_deserializer, job_serializer
 from ._arq_config import ArqWorkerConfig, Schedule
 from ._arq_jobs import (
     STATE_KEY,
@@ -73,11 +81,14 @@ __all__ = [
     "WorkerState",
     "aiocrypt_worker_settings",
     "cleanup_expired_keys",
+    "create_job_pool",
     "cron_jobs",
     "enqueue_cleanup",
     "enqueue_reencryption",
     "enqueue_rotation",
     "functions",
+    "job_deserializer",
+    "job_serializer",
     "merge_into",
     "reencrypt_data_with_new_key",
     "reencrypt_shard",
@@ -138,8 +149,17 @@ def aiocrypt_worker_settings(config: ArqWorkerConfig | None = None,
 
         WorkerSettings = aiocrypt_worker_settings(queue_name="crypto")
         arq.run_worker(WorkerSettings)
+
+    Jobs are JSON: overriding ``job_serializer`` / ``job_deserializer`` raises
+    ``ConfigurationError`` (and a worker built without them refuses to start).
     """
     cfg = config if config is not None else ArqWorkerConfig.from_env()
+    codec = {**codec_settings(), **{k: v for k, v in overrides.items()
+                                    if k in ("job_serializer", "job_deserializer")}}
+    problem = codec_problem(codec["job_serializer"], codec["job_deserializer"])
+    if problem is not None:
+        raise ConfigurationError(f"aiocrypt_worker_settings(): job_serializer / "
+                                 f"job_deserializer must be aiocrypt's JSON codec: {problem}")
     settings: dict[str, Any] = {
         "functions": functions(cfg),
         "cron_jobs": cron_jobs(cfg),
@@ -151,6 +171,7 @@ def aiocrypt_worker_settings(config: ArqWorkerConfig | None = None,
         "poll_delay": cfg.poll_delay,
         "job_timeout": cfg.job_timeout,
         "max_tries": cfg.max_tries,
+        **codec_settings(),
     }
     if cfg.timezone is not None:
         settings["timezone"] = cfg.tzinfo()
@@ -178,6 +199,10 @@ def merge_into(settings: S, config: ArqWorkerConfig | None = None) -> S:
     queue, Redis settings and limits: aiocrypt's follow-up jobs go to the queue of
     the worker that runs them. Set ``ENCRYPTION_ARQ_QUEUE`` to that queue so that
     ``aiocrypt jobs`` and :func:`enqueue_rotation` enqueue there too.
+
+    The worker decodes every job as JSON from then on, the application's too
+    (enqueue those through :func:`create_job_pool` as well); settings that name
+    another ``job_serializer`` / ``job_deserializer`` raise ``ConfigurationError``.
     """
     cfg = config if config is not None else ArqWorkerConfig.from_env()
     ours = aiocrypt_worker_settings(cfg)
@@ -192,6 +217,14 @@ def merge_into(settings: S, config: ArqWorkerConfig | None = None) -> S:
         else:
             setattr(settings, name, value)
 
+    for name, value in codec_settings().items():
+        if get(name) not in (None, value):
+            raise ConfigurationError(
+                f"merge_into: the settings name their own {name} ({get(name)!r}); aiocrypt's "
+                "jobs need its JSON codec, and a worker has one codec for all its jobs: "
+                f"drop it (or set it to aiocrypt.integrations.arq.{name})")
+    for name, value in codec_settings().items():
+        put(name, value)
     theirs = list(get("functions") or ())
     taken = {getattr(f, "name", getattr(f, "__qualname__", None)) for f in theirs}
     put("functions", theirs + [f for f in ours["functions"] if f.name not in taken])
@@ -208,9 +241,26 @@ def merge_into(settings: S, config: ArqWorkerConfig | None = None) -> S:
 # -- enqueueing and status, for the application and the CLI ------------------------
 
 
+async def create_job_pool(config: ArqWorkerConfig | None = None, **kwargs: Any) -> ArqRedis:
+    """An arq pool that enqueues (and reads results) as JSON, on ``config``'s Redis and
+    queue: what :func:`enqueue_rotation` and the other enqueue functions need.
+
+    ``kwargs`` go to ``arq.create_pool`` (``retry=``, ``expires_extra_ms=``...).
+    Close it with ``await pool.aclose()``.
+    """
+    cfg = config if config is not None else ArqWorkerConfig.from_env()
+    kwargs.setdefault("default_queue_name", cfg.queue_name)
+    return await arq.create_pool(cfg.redis_settings(), **kwargs, **codec_settings())
+
+
 async def enqueue_rotation(redis: Any, key_type: KeyTypeLike, *, force: bool = False,
                            queue_name: str | None = None) -> str | None:
-    """Enqueue ``rotate_key_manual``; return the arq job id (None if already queued)."""
+    """Enqueue ``rotate_key_manual``; return the arq job id (None if already queued).
+
+    ``redis`` is a pool from :func:`create_job_pool` (or one made with aiocrypt's
+    ``job_serializer``): another pool raises ``ConfigurationError``.
+    """
+    check_pool(redis)
     job = await redis.enqueue_job("rotate_key_manual", KeyType(key_type).value, force,
                                   _queue_name=queue_name)
     return None if job is None else str(job.job_id)
@@ -218,6 +268,7 @@ async def enqueue_rotation(redis: Any, key_type: KeyTypeLike, *, force: bool = F
 
 async def enqueue_cleanup(redis: Any, *, queue_name: str | None = None) -> str | None:
     """Enqueue ``cleanup_expired_keys`` now (besides its weekly cron run)."""
+    check_pool(redis)
     job = await redis.enqueue_job("cleanup_expired_keys", _queue_name=queue_name)
     return None if job is None else str(job.job_id)
 

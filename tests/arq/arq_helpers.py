@@ -12,6 +12,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from arq.connections import ArqRedis
+from arq.jobs import Job
 
 from aiocrypt import ColumnSpec, EncryptionConfig, KeyManager, KeyType, TableSpec
 from aiocrypt._format import text_prefix
@@ -89,6 +91,12 @@ class ArqSetup:
         found = await StatusStore(redis, self.prefix).read(job_id)
         assert found is not None, f"no status record for {job_id}"
         return found
+
+
+def job(pool: ArqRedis, job_id: str) -> Job:
+    """arq's handle on ``job_id``, reading its result with the pool's (JSON) codec:
+    a bare ``Job(job_id, pool)`` would unpickle it."""
+    return Job(job_id, pool, _deserializer=pool.job_deserializer)
 
 
 def users_spec(table: str) -> TableSpec:

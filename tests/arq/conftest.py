@@ -24,6 +24,7 @@ from arq.connections import ArqRedis, RedisSettings
 from arq_helpers import SHORT_POLICY, ArqSetup
 
 from aiocrypt import EncryptionConfig
+from aiocrypt.integrations._arq_codec import codec_settings
 
 
 @pytest.fixture
@@ -88,8 +89,9 @@ async def redis(redis_url: str, prefix: str) -> AsyncIterator[aioredis.Redis]:
 @pytest.fixture
 async def arq_redis(redis_url: str, prefix: str,
                     redis: aioredis.Redis) -> AsyncIterator[ArqRedis]:
+    """A pool that enqueues JSON jobs, as aiocrypt's workers require."""
     pool = await create_pool(RedisSettings.from_dsn(redis_url),
-                             default_queue_name=f"{prefix}:queue")
+                             default_queue_name=f"{prefix}:queue", **codec_settings())
     try:
         yield pool
     finally:

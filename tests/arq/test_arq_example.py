@@ -8,8 +8,7 @@ import sys
 
 import pytest
 from arq.connections import ArqRedis
-from arq.jobs import Job
-from arq_helpers import ROOT, ArqSetup
+from arq_helpers import ROOT, ArqSetup, job
 
 pytestmark = pytest.mark.services
 
@@ -31,9 +30,9 @@ async def test_example_worker_runs_app_and_aiocrypt_jobs(arq_setup: ArqSetup,
     assert "Starting worker for 8 functions: monthly_statement, rotate_keys_scheduled" in log
     assert arq_setup.env["ENCRYPTION_MASTER_KEY"] not in log
 
-    stored = await Job(statement.job_id, arq_redis).result(timeout=5)
+    stored = await job(arq_redis, statement.job_id).result(timeout=5)
     assert stored["user_id"] == 7 and stored["stored"] > 40
-    rotated = await Job(rotation.job_id, arq_redis).result(timeout=5)
+    rotated = await job(arq_redis, rotation.job_id).result(timeout=5)
     assert rotated["rotated"] is True and rotated["old_key_id"] == old
     # the example's models (examples/sqlalchemy_models.py) hold no api_keys column
     assert rotated["reencryption"]["skipped"].startswith(

@@ -18,8 +18,9 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
-from arq.jobs import Job
-from arq_helpers import TWO_DAYS_AGO, ArqSetup, check_users, make_users, users_spec
+from arq.constants import result_key_prefix
+from arq.jobs import deserialize_result
+from arq_helpers import TWO_DAYS_AGO, ArqSetup, check_users, job, make_users, users_spec
 
 from aiocrypt import AsyncpgDatabase, KeyStatus, KeyType, ReencryptionEngine
 from aiocrypt.integrations._arq_status import StatusStore
@@ -30,6 +31,7 @@ from aiocrypt.integrations.arq import (
     enqueue_cleanup,
     enqueue_reencryption,
     enqueue_rotation,
+    job_deserializer,
 )
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -87,7 +89,7 @@ async def test_manual_rotation_100k_rows_cleanup_and_two_workers_sharing(
         # Cleanup: the old key is past max age + grace and the census finds no row on it.
         cleanup = await enqueue_cleanup(arq_redis)
         await setup.run_burst("cleaner")
-        report = await Job(str(cleanup), arq_redis).result(timeout=5)
+        report = await job(arq_redis, str(cleanup)).result(timeout=5)
         assert report["destroyed"] == [{"key_id": v1, "reason": "census: no rows left"}]
         assert report["census"] is True
         keys = {k.key_id: k for k in await manager.list_keys()}
@@ -214,8 +216,10 @@ async def test_two_cron_runs_at_once_rotate_once(
 
     await setup.run_burst("cron1", "cron2")  # each enqueues the rotation check at start
 
-    results = [r for r in await arq_redis.all_job_results()
-               if r.function == f"cron:{setup.prefix}:rotate_keys_scheduled"]
+    # this test's results only (arq's all_job_results reads every result in the db)
+    cron_name = f"cron:{setup.prefix}:rotate_keys_scheduled"
+    results = [deserialize_result(await redis.get(key), deserializer=job_deserializer)
+               async for key in redis.scan_iter(match=f"{result_key_prefix}{cron_name}:*")]
     assert 1 <= len(results) <= 2 and all(r.success for r in results), setup.log_text()
     rotations = [item for r in results for item in r.result.get("rotated", ())]
     assert len(rotations) == 1 and rotations[0]["old_key_id"] == v1
@@ -250,7 +254,7 @@ async def test_missing_table_fails_once_with_a_clear_message(
     assert status.state == "failed" and status.error is not None
     assert "cannot proceed: a table or column is missing" in status.error
     assert f'relation "{table_name}" does not exist' in status.error
-    info = await Job(config.job_id(job_id), arq_redis).result_info()
+    info = await job(arq_redis, config.job_id(job_id)).result_info()
     assert info is not None and not info.success and info.job_try == 1  # not retried
     assert isinstance(info.result, JobFailedError) and "cannot proceed" in str(info.result)
 

@@ -13,6 +13,11 @@ wrapping, with the service's JSON shapes:
 * ``POST /keys/{name}/{version}/wrapkey|unwrapkey|encrypt|decrypt``
   ``{"alg": "RSA-OAEP-256"|"RSA-OAEP"|"RSA1_5", "value": base64url}``
   -> ``{"kid": ..., "value": base64url}``
+* ``POST /keys/{name}/{version}/sign``   ``{"alg": "RS256"|"PS256"|..., "value": base64url
+  digest}`` -> ``{"kid": ..., "value": base64url signature}`` (with the private key; PSS
+  salt as long as the digest, as RFC 7518 and the SDK's local verify have it)
+* ``POST /keys/{name}/{version}/verify`` ``{"alg", "digest", "value": signature}``
+  -> ``{"value": true|false}``
 
 Authentication is Key Vault's bearer *challenge* protocol: a request without
 (or with a wrong) ``Authorization: Bearer`` header gets ``401`` with
@@ -38,16 +43,18 @@ normal path -- that is what a real vault sees too.
 Errors use Key Vault's body ``{"error": {"code": ..., "message": ...}}``:
 401 ``Unauthorized``, 403 ``Forbidden`` (``access_denied`` /
 ``denied_operations``; innererror ``AccessDenied``), 404 ``KeyNotFound``,
-400 ``BadParameter`` (bad alg, undecryptable ciphertext, missing api-version,
-operation not in ``key_ops``).
+400 ``BadParameter`` (bad alg, undecryptable ciphertext, a digest of the wrong
+length, missing api-version, operation not in ``key_ops``).
 
 Differences from the real service: RSA keys only (no EC/oct/Managed HSM), no
-soft-delete/backup/import/release/sign/verify, no key attributes updates, no
-paging, and the 400 message texts are approximations.
+soft-delete/backup/import/release, no key attributes updates, no paging, and
+the 400 message texts are approximations. :meth:`AzureKeyVaultServer.import_rsa_key`
+installs a fixed key (for frozen vectors) without HTTP.
 
 Counters: ``challenge`` (401 answers), ``create_key``, ``rotate_key``,
 ``get_key``, ``list_key_versions``, ``wrap_key``, ``unwrap_key``,
-``encrypt``, ``decrypt`` -- operation counters only count authenticated requests.
+``encrypt``, ``decrypt``, ``sign``, ``verify`` -- operation counters only count
+authenticated requests.
 """
 
 from __future__ import annotations
@@ -72,8 +79,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import BackgroundHTTPServer, ServerBase
@@ -97,12 +106,25 @@ _OPS = {
     "unwrap_key": ("unwrapKey", "unwrapKey"),
     "encrypt": ("encrypt", "encrypt"),
     "decrypt": ("decrypt", "decrypt"),
+    "sign": ("sign", "sign"),
+    "verify": ("verify", "verify"),
 }
 _ACTIONS = {
     "wrapkey": "wrap_key",
     "unwrapkey": "unwrap_key",
     "encrypt": "encrypt",
     "decrypt": "decrypt",
+    "sign": "sign",
+    "verify": "verify",
+}
+# JWA signature algorithm -> (hash, PSS or PKCS#1 v1.5), RSA keys only
+_SIGNATURE_ALGORITHMS: dict[str, tuple[type[hashes.HashAlgorithm], bool]] = {
+    "RS256": (hashes.SHA256, False),
+    "RS384": (hashes.SHA384, False),
+    "RS512": (hashes.SHA512, False),
+    "PS256": (hashes.SHA256, True),
+    "PS384": (hashes.SHA384, True),
+    "PS512": (hashes.SHA512, True),
 }
 
 
@@ -217,6 +239,26 @@ class AzureKeyVaultServer(ServerBase):
         with self._lock:
             version = self._new_version(name, "RSA", size, list(_ALL_KEY_OPS), None)
         return f"{self.url}/keys/{name}/{version.version}"
+
+    def import_rsa_key(
+        self, name: str, private_key: rsa.RSAPrivateKey, version: str | None = None
+    ) -> str:
+        """Add a given RSA key as a new version of ``name`` (no HTTP); returns its kid.
+
+        For frozen test vectors, which need the same private key in every run.
+        """
+        with self._lock:
+            ver = _KeyVersion(
+                version or uuid.uuid4().hex, "RSA", private_key, list(_ALL_KEY_OPS),
+                int(time.time()),
+            )
+            self._keys.setdefault(name, _Key(name)).versions.append(ver)
+        return f"{self.url}/keys/{name}/{ver.version}"
+
+    def public_key(self, name: str, version: str | None = None) -> rsa.RSAPublicKey:
+        """The public half of a key version (what ``get`` hands out to anyone allowed)."""
+        with self._lock:
+            return self._version(name, version or "").private_key.public_key()
 
     def _make_tls_context(self, tmpdir: str) -> ssl.SSLContext:
         now = datetime.datetime.now(datetime.UTC)
@@ -468,15 +510,9 @@ class AzureKeyVaultServer(ServerBase):
                 400, "BadParameter", f"Operation {jwk_op} is not allowed on this key."
             )
         alg = body.get("alg")
-        value = body.get("value")
-        if not isinstance(value, str):
-            raise KeyVaultError(400, "BadParameter", "Property 'value' is required.")
-        try:
-            data = _unb64url(value)
-        except (binascii.Error, ValueError):
-            raise KeyVaultError(
-                400, "BadParameter", "Property 'value' is not valid base64url."
-            ) from None
+        data = self._b64_property(body, "value")
+        if op in ("sign", "verify"):
+            return self._signature(op, name, ver, alg, body, data)
         pad: padding.AsymmetricPadding
         if alg == "RSA-OAEP-256":
             pad = padding.OAEP(
@@ -507,6 +543,50 @@ class AzureKeyVaultServer(ServerBase):
                     "Decryption failed: the ciphertext is not valid for this key and algorithm.",
                 ) from None
         return {"kid": f"{self.url}/keys/{name}/{ver.version}", "value": _b64url(result)}
+
+    @staticmethod
+    def _b64_property(body: dict[str, Any], prop: str) -> bytes:
+        value = body.get(prop)
+        if not isinstance(value, str):
+            raise KeyVaultError(400, "BadParameter", f"Property '{prop}' is required.")
+        try:
+            return _unb64url(value)
+        except (binascii.Error, ValueError):
+            raise KeyVaultError(
+                400, "BadParameter", f"Property '{prop}' is not valid base64url."
+            ) from None
+
+    def _signature(
+        self, op: str, name: str, ver: _KeyVersion, alg: Any, body: dict[str, Any], value: bytes
+    ) -> dict[str, Any]:
+        """``sign`` (value = digest) or ``verify`` (digest, value = signature)."""
+        if alg not in _SIGNATURE_ALGORITHMS:
+            raise KeyVaultError(
+                400, "BadParameter", f"Algorithm {alg!r} is not supported by key type {ver.kty}."
+            )
+        hash_type, pss = _SIGNATURE_ALGORITHMS[alg]
+        digest = value if op == "sign" else self._b64_property(body, "digest")
+        if len(digest) != hash_type.digest_size:
+            raise KeyVaultError(
+                400,
+                "BadParameter",
+                f"Invalid digest length {len(digest)} for algorithm {alg} "
+                f"(expected {hash_type.digest_size}).",
+            )
+        pad: padding.AsymmetricPadding = (
+            padding.PSS(mgf=padding.MGF1(hash_type()), salt_length=hash_type.digest_size)
+            if pss
+            else padding.PKCS1v15()
+        )
+        prehashed = Prehashed(hash_type())
+        if op == "sign":
+            signature = ver.private_key.sign(digest, pad, prehashed)
+            return {"kid": f"{self.url}/keys/{name}/{ver.version}", "value": _b64url(signature)}
+        try:
+            ver.private_key.public_key().verify(value, digest, pad, prehashed)
+        except InvalidSignature:
+            return {"value": False}
+        return {"value": True}
 
 
 class _KeyVaultHandler(BaseHTTPRequestHandler):

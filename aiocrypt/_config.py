@@ -203,6 +203,8 @@ class EncryptionConfig:
     azure_client_secret: str | None = _secret()
     azure_vault_url: str | None = None
     azure_key_name: str | None = None
+    azure_allow_unsigned_legacy: bool = False
+    """Also unwrap Azure's unsigned 0x01 envelopes (forgeable): only for the adopting rewrap."""
     gcp_project_id: str | None = None
     gcp_location: str | None = None
     gcp_keyring: str | None = None
@@ -267,8 +269,9 @@ class EncryptionConfig:
                 values[name] = raw.strip()
         if "storage_backend" in values:
             values["storage_backend"] = values["storage_backend"].lower()
-        if "compression_enabled" in values:
-            values["compression_enabled"] = _parse_bool(values["compression_enabled"])
+        for flag in ("compression_enabled", "azure_allow_unsigned_legacy"):
+            if flag in values:
+                values[flag] = _parse_bool(values[flag])
         return cls(**values)
 
     def replace(self, **changes: Any) -> EncryptionConfig:
@@ -398,6 +401,7 @@ _ENV_VARS: Final = {
     "azure_client_secret": "ENCRYPTION_AZURE_CLIENT_SECRET",
     "azure_vault_url": "ENCRYPTION_AZURE_VAULT_URL",
     "azure_key_name": "ENCRYPTION_AZURE_KEY_NAME",
+    "azure_allow_unsigned_legacy": "ENCRYPTION_AZURE_ALLOW_UNSIGNED_LEGACY",
     "gcp_project_id": "ENCRYPTION_GCP_PROJECT_ID",
     "gcp_location": "ENCRYPTION_GCP_LOCATION",
     "gcp_keyring": "ENCRYPTION_GCP_KEYRING",

@@ -5,26 +5,37 @@ azure-keyvault-keys' async ``CryptographyClient``; credentials come from
 azure-identity's async ``ClientSecretCredential`` (``ENCRYPTION_AZURE_*``) or
 any async credential passed in.
 
-Binding the context. Key Vault's wrap has no associated data, so the context
-is bound here, in an authenticated envelope::
+Why a signature. RSA wrapping needs only the public key, which Key Vault hands
+to anyone allowed ``get`` (and the SDK wraps locally with it). So whoever can
+write the key store and has read the public key can wrap a DEK *of their
+choice*; an integrity check keyed by that DEK (the 0x01 envelope below) proves
+nothing. The envelope is therefore signed by the vault key's private half,
+which never leaves Key Vault::
+
+    0x02 | u8 len | key version | u16 len | RSA-OAEP-256(DEK) | u16 len | signature
+    signature = Key Vault sign(PS256, SHA-256("aiocrypt/azure-kv/envelope/v2" 0x00
+                               || everything before the signature length || canonical context))
+
+Unwrap verifies the signature locally with the public key of the recorded key
+version *before* it asks Key Vault to unwrap, and refuses (``KekProviderError``)
+an envelope that is altered, copied onto another key record (the context is
+signed) or made by anyone without ``sign`` permission on the key. Public keys
+are fetched once per key version (``get``) and kept for the provider's life,
+``close()`` included: they are not secret and a version's key never changes.
+Key Vault permissions: ``get``, ``wrapKey``, ``unwrapKey`` and ``sign`` (role
+"Key Vault Crypto User" grants them all); ``verify`` is not used.
+
+The legacy envelope (written before the signature)::
 
     0x01 | u8 len | key version | u16 len | RSA-OAEP-256(DEK) | HMAC-SHA256 tag (32)
     tag = HMAC(HKDF(DEK, "azure-kv-context"), everything before the tag || canonical context)
 
-Unwrap asks Key Vault to unwrap the RSA part, derives the MAC key from the
-DEK it got back and refuses (``KekProviderError``) unless the tag matches
-the context it was given. Why this design:
-
-* Only a holder of the DEK can compute the tag, and only Key Vault (the
-  private key) can recover the DEK, so a wrapped key copied onto another key
-  record, or an edited envelope, is refused, as AES-GCM associated data
-  would refuse it with the other providers.
-* The RSA payload stays exactly the 32-byte key that ``wrapKey`` is meant
-  for (works unchanged with HSM-backed keys), and one remote call is made per
-  unwrap, as without the binding.
-* An RSA public key lets anyone *wrap*; that is inherent to asymmetric key
-  wrapping and not something a context can fix. Keep the key store
-  write-protected (the file store also MACs its contents).
+binds the context against mistakes but not against a store writer (see above),
+so it is refused unless the provider is built with ``allow_unsigned_legacy=True``
+(``ENCRYPTION_AZURE_ALLOW_UNSIGNED_LEGACY=true``). Adopt a store written with it
+by one ``aiocrypt keys rewrap`` with that setting on, on a store you trust, then
+turn the setting off: every DEK (and the file store's MAC key) is wrapped again
+in the signed envelope.
 
 The envelope records the Key Vault key *version* that wrapped the DEK (not a
 URL: the vault and key name always come from configuration, so an edited
@@ -32,10 +43,11 @@ envelope cannot redirect the credential to another host). After a key
 rotation in Key Vault old DEKs keep unwrapping with their version. The KEK id
 is ``azure-kv://<vault host>/keys/<name>[/<version>]``.
 
-The SDK first GETs the public key and wraps locally (Key Vault then sees one
-``get`` per client and one ``unwrapKey`` per DEK load); with a versionless key
-and no ``keys/get`` permission it wraps remotely but cannot learn the
-version, so grant ``get`` or configure a versioned key id. azure-core's own
+Calls: a wrap is the SDK's ``get`` (first use), a local RSA-OAEP and one
+``sign``; an unwrap is one ``unwrapKey`` (plus one ``get`` per key version the
+process has not seen). With a versionless key id and no ``get`` permission the
+version that wrapped cannot be learned, and wrap fails: grant ``get``, or
+configure a versioned key id (verifying needs ``get`` anyway). azure-core's own
 retries are off in the clients built here; retries are aiocrypt's.
 """
 
@@ -43,10 +55,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 try:
     from azure.core.exceptions import (
@@ -57,7 +75,8 @@ try:
         ServiceRequestError,
         ServiceResponseError,
     )
-    from azure.keyvault.keys.crypto import KeyWrapAlgorithm
+    from azure.keyvault.keys.aio import KeyClient
+    from azure.keyvault.keys.crypto import KeyWrapAlgorithm, SignatureAlgorithm
     from azure.keyvault.keys.crypto.aio import CryptographyClient
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -72,11 +91,19 @@ from ._retry import RetryPolicy, call_with_retry
 
 __all__ = ["AzureKeyVaultKekProvider", "from_config"]
 
-_VERSION: Final = b"\x01"
-_TAG_BYTES: Final = 32
+logger = logging.getLogger("aiocrypt.kek")
+
+_SIGNED: Final = b"\x02"
+_LEGACY: Final = b"\x01"
+_LEGACY_TAG_BYTES: Final = 32
+_SIGNATURE_LABEL: Final = b"aiocrypt/azure-kv/envelope/v2\x00"
 _NAME_RE: Final = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _KEY_VERSION_RE: Final = re.compile(r"^[0-9A-Za-z]{1,64}$")
 _ALGORITHM: Final = KeyWrapAlgorithm.rsa_oaep_256
+# PS256 as RFC 7518 defines it (salt as long as the digest), which Key Vault signs
+# with and the SDK's own local verify checks
+_SIGNATURE: Final = SignatureAlgorithm.ps256
+_PSS: Final = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 _TRANSIENT_STATUS: Final = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -86,13 +113,18 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _tag(dek: bytes, body: bytes, context: Mapping[str, str]) -> bytes:
+def _signed_digest(body: bytes, context: Mapping[str, str]) -> bytes:
+    """What Key Vault signs for an 0x02 envelope: SHA-256 of label, body and context."""
+    return hashlib.sha256(_SIGNATURE_LABEL + body + canonical_context(context)).digest()
+
+
+def _legacy_tag(dek: bytes, body: bytes, context: Mapping[str, str]) -> bytes:
     mac_key = derive_key(dek, b"azure-kv-context")
     return hmac.new(mac_key, body + canonical_context(context), hashlib.sha256).digest()
 
 
 class AzureKeyVaultKekProvider(KekProvider):
-    """Wraps DEKs with an RSA key in Azure Key Vault (RSA-OAEP-256 + context MAC)."""
+    """Wraps DEKs with an RSA key in Azure Key Vault (RSA-OAEP-256, envelope signed by the key)."""
 
     backend = "azure_kv"
 
@@ -100,13 +132,16 @@ class AzureKeyVaultKekProvider(KekProvider):
                  tenant_id: str | None = None, client_id: str | None = None,
                  client_secret: str | None = None,
                  client_kwargs: Mapping[str, Any] | None = None,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None,
+                 allow_unsigned_legacy: bool = False) -> None:
         """``key_id``: ``https://<vault>.vault.azure.net/keys/<name>[/<version>]``.
 
         Give ``credential`` (an async ``TokenCredential``; the caller keeps
         owning it) or ``tenant_id`` / ``client_id`` / ``client_secret``.
-        ``client_kwargs`` go to every ``CryptographyClient`` (e.g.
-        ``connection_verify``).
+        ``client_kwargs`` go to every SDK client (e.g. ``connection_verify``).
+        ``allow_unsigned_legacy`` also unwraps the unsigned 0x01 envelope, which
+        anyone with the public key can forge: for the one rewrap that adopts a
+        store written before the signed envelope (see the module docstring).
         """
         parts = urlsplit(key_id)
         segments = parts.path.strip("/").split("/")
@@ -120,6 +155,7 @@ class AzureKeyVaultKekProvider(KekProvider):
         self.key_name = segments[1]
         self.key_version = segments[2] if len(segments) == 3 else None
         self.retry = retry or RetryPolicy()
+        self.allow_unsigned_legacy = allow_unsigned_legacy
         self._client_kwargs: dict[str, Any] = {"retry_total": 0, **(client_kwargs or {})}
         self._owns_credential = credential is None
         if credential is None and not (tenant_id and client_id and client_secret):
@@ -128,6 +164,10 @@ class AzureKeyVaultKekProvider(KekProvider):
         self._secret_credential_args = (tenant_id or "", client_id or "", client_secret or "")
         self._credential = credential
         self._clients: dict[str, Any] = {}
+        self._key_client: Any = None
+        # key version -> (KeyVaultKey, its RSA public key); kept across close()
+        self._public_keys: dict[str, tuple[Any, rsa.RSAPublicKey]] = {}
+        self._warned_legacy = False
 
     @property
     def kek_id(self) -> str:
@@ -138,19 +178,40 @@ class AzureKeyVaultKekProvider(KekProvider):
         url = f"{self.vault_url}/keys/{self.key_name}"
         return f"{url}/{version}" if version else url
 
+    def _credential_in_use(self) -> Any:
+        if self._credential is None:  # built on first use, again after close()
+            from azure.identity.aio import ClientSecretCredential
+
+            self._credential = ClientSecretCredential(*self._secret_credential_args)
+        return self._credential
+
     def _client(self, version: str | None) -> Any:
         url = self._key_url(version)
         client = self._clients.get(url)
         if client is None:
-            if self._credential is None:  # built on first use, again after close()
-                from azure.identity.aio import ClientSecretCredential
-
-                self._credential = ClientSecretCredential(*self._secret_credential_args)
-            client = CryptographyClient(url, self._credential, **self._client_kwargs)
+            # a key version whose public key is known needs no GET: the SDK wraps with it
+            known = self._public_keys.get(version) if version else None
+            client = CryptographyClient(known[0] if known else url, self._credential_in_use(),
+                                        **self._client_kwargs)
             self._clients[url] = client
         return client
 
+    async def _drop_client(self, version: str | None) -> None:
+        client = self._clients.pop(self._key_url(version), None)
+        if client is not None and all(c is not client for c in self._clients.values()):
+            await client.close()
+
+    def _keys(self) -> Any:
+        if self._key_client is None:
+            self._key_client = KeyClient(self.vault_url, self._credential_in_use(),
+                                         **self._client_kwargs)
+        return self._key_client
+
     # -- plumbing -----------------------------------------------------------
+
+    def _error(self, message: str) -> KekProviderError:
+        return KekProviderError(f"Azure Key Vault key {self.kek_id}: {message}",
+                                backend=self.backend)
 
     def _translate(self, exc: Exception, action: str) -> KekProviderError:
         where = f"Azure Key Vault key {self.kek_id}: {action}"
@@ -173,8 +234,8 @@ class AzureKeyVaultKekProvider(KekProvider):
             if status == 403:
                 return KekProviderError(
                     f"{where}: access denied ({_short(exc)}): check that the vault's access "
-                    "policy or RBAC role (Key Vault Crypto User) grants get, wrapKey and "
-                    "unwrapKey to this identity", backend=self.backend)
+                    "policy or RBAC role (Key Vault Crypto User) grants get, wrapKey, "
+                    "unwrapKey and sign to this identity", backend=self.backend)
             if status == 400:
                 return KekProviderError(
                     f"{where} refused ({_short(exc)}): the wrapped key was altered or was made "
@@ -192,26 +253,67 @@ class AzureKeyVaultKekProvider(KekProvider):
         return KekProviderError(f"{where} failed unexpectedly ({type(exc).__name__})",
                                 backend=self.backend)
 
-    async def _call(self, action: str, version: str | None, method: str, data: bytes) -> Any:
-        async def call() -> Any:
-            return await getattr(self._client(version), method)(_ALGORITHM, data)
-
+    async def _call(self, action: str, call: Callable[[], Awaitable[Any]]) -> Any:
         return await call_with_retry(
             call, lambda exc: self._translate(exc, action), self.retry,
             what=f"Azure Key Vault key {self.kek_id}: {action}", backend=self.backend)
 
+    async def _public_key(self, version: str) -> rsa.RSAPublicKey:
+        """The RSA public key of ``version`` of the configured key (one ``get``, then kept)."""
+        known = self._public_keys.get(version)
+        if known is None:
+            key = await self._call("get", lambda: self._keys().get_key(self.key_name, version))
+            jwk = key.key
+            public: Any = None
+            if jwk.kty in ("RSA", "RSA-HSM") and jwk.n and jwk.e \
+                    and self._version_of(str(key.id or "")) == version:
+                public = rsa.RSAPublicNumbers(int.from_bytes(jwk.e, "big"),
+                                              int.from_bytes(jwk.n, "big")).public_key()
+            if public is None:
+                raise self._error(f"version {version} is not an RSA key of this name")
+            known = self._public_keys.setdefault(version, (key, public))
+        return known[1]
+
+    def _signature_holds(self, public_key: rsa.RSAPublicKey, digest: bytes,
+                         signature: bytes) -> bool:
+        try:
+            public_key.verify(signature, digest, _PSS, Prehashed(hashes.SHA256()))
+        except InvalidSignature:
+            return False
+        return True
+
     # -- KekProvider --------------------------------------------------------
 
     async def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
-        result = await self._call("wrapKey", self.key_version, "wrap_key", bytes(plaintext))
-        version = self._version_of(str(result.key_id or ""))
-        if version and not self.key_version:
-            # the client now knows this version: unwrapping with it needs no second GET
+        dek = bytes(plaintext)
+        for _attempt in range(2):
+            result = await self._call(
+                "wrapKey", lambda: self._client(self.key_version).wrap_key(_ALGORITHM, dek))
+            version = self._version_of(str(result.key_id or ""))
+            if version:
+                break
+            # Only a versionless client whose GET was refused gets here: it wraps remotely
+            # and never learns the version. Drop it (the refusal may have been access still
+            # propagating) and try once more with a fresh one.
+            await self._drop_client(None)
+        else:
+            raise self._error(
+                "cannot tell which key version wrapped the DEK (no get permission?): grant "
+                "get on the key, or configure a versioned key id (name/version)")
+        if not self.key_version:
+            # the client now knows this version: signing and unwrapping with it need no GET
             self._clients.setdefault(self._key_url(version), self._client(None))
         encrypted = bytes(result.encrypted_key)
-        body = (_VERSION + len(version).to_bytes(1, "big") + version.encode("ascii")
+        body = (_SIGNED + len(version).to_bytes(1, "big") + version.encode("ascii")
                 + len(encrypted).to_bytes(2, "big") + encrypted)
-        return body + _tag(bytes(plaintext), body, context)
+        digest = _signed_digest(body, context)
+        signed = await self._call("sign", lambda: self._client(version).sign(_SIGNATURE, digest))
+        signature = bytes(signed.signature)
+        # checked once here, so a vault that signs otherwise fails now, not at the next unwrap
+        if not self._signature_holds(await self._public_key(version), digest, signature):
+            raise self._error(f"Key Vault's {_SIGNATURE.value} signature does not verify with "
+                              f"the public key of version {version}")
+        return body + len(signature).to_bytes(2, "big") + signature
 
     def _version_of(self, kid: str) -> str:
         segments = urlsplit(kid).path.strip("/").split("/")
@@ -220,10 +322,10 @@ class AzureKeyVaultKekProvider(KekProvider):
         return self.key_version or ""
 
     def _parse(self, wrapped: bytes) -> tuple[str, bytes, bytes, bytes]:
-        malformed = KekProviderError(
-            f"Azure Key Vault key {self.kek_id}: the wrapped key is malformed (altered?)",
-            backend=self.backend)
-        if len(wrapped) < 2 + 2 + _TAG_BYTES or wrapped[:1] != _VERSION:
+        """(key version, RSA-OAEP ciphertext, body, signature or legacy tag) of an envelope."""
+        malformed = self._error("the wrapped key is malformed (altered?)")
+        kind = wrapped[:1]
+        if kind not in (_SIGNED, _LEGACY) or len(wrapped) < 4:
             raise malformed
         vlen = wrapped[1]
         start = 2 + vlen
@@ -231,33 +333,65 @@ class AzureKeyVaultKekProvider(KekProvider):
             version = wrapped[2:start].decode("ascii")
         except UnicodeDecodeError:
             raise malformed from None
-        if version and not _KEY_VERSION_RE.match(version):
+        if (version or kind == _SIGNED) and not _KEY_VERSION_RE.match(version):
             raise malformed
         clen = int.from_bytes(wrapped[start:start + 2], "big")
         end = start + 2 + clen
-        if clen == 0 or len(wrapped) != end + _TAG_BYTES:
+        if kind == _LEGACY:
+            trailer_start, trailer_len = end, _LEGACY_TAG_BYTES
+        else:
+            trailer_start, trailer_len = end + 2, int.from_bytes(wrapped[end:end + 2], "big")
+        if clen == 0 or trailer_len == 0 or len(wrapped) != trailer_start + trailer_len:
             raise malformed
-        return version, wrapped[start + 2:end], wrapped[:end], wrapped[end:]
+        return version, wrapped[start + 2:end], wrapped[:end], wrapped[trailer_start:]
 
     async def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
-        version, encrypted, body, tag = self._parse(bytes(wrapped))
+        data = bytes(wrapped)
+        version, encrypted, body, trailer = self._parse(data)
         if self.key_version and version and version != self.key_version:
-            raise KekProviderError(
-                f"Azure Key Vault key {self.kek_id}: the wrapped key was made under key version "
-                f"{version}, not the configured one", backend=self.backend)
-        result = await self._call("unwrapKey", version or self.key_version, "unwrap_key",
-                                  encrypted)
+            raise self._error(f"the wrapped key was made under key version {version}, not the "
+                              "configured one")
+        if data[:1] == _LEGACY:
+            return await self._unwrap_legacy(version, encrypted, body, trailer, context)
+        # the signature first: Key Vault never unwraps what its key did not sign
+        public_key = await self._public_key(version)
+        if not self._signature_holds(public_key, _signed_digest(body, context), trailer):
+            raise self._error("the wrapped key does not belong to this context (moved to another "
+                              "key record, altered, or not signed by this Key Vault key)")
+        result = await self._call(
+            "unwrapKey", lambda: self._client(version).unwrap_key(_ALGORITHM, encrypted))
+        return bytes(result.key)
+
+    async def _unwrap_legacy(self, version: str, encrypted: bytes, body: bytes, tag: bytes,
+                             context: Mapping[str, str]) -> bytes:
+        if not self.allow_unsigned_legacy:
+            raise self._error(
+                "the wrapped key is in the unsigned 0x01 envelope, which anyone holding the "
+                "vault key's public key can forge, so it is refused. To adopt a store written "
+                "before the signed envelope, rewrap it once with the legacy envelope allowed "
+                "(ENCRYPTION_AZURE_ALLOW_UNSIGNED_LEGACY=true aiocrypt keys rewrap, or "
+                "allow_unsigned_legacy=True), then turn that setting off")
+        if not self._warned_legacy:
+            self._warned_legacy = True
+            logger.warning("Azure Key Vault key %s: unwrapping unsigned 0x01 envelopes "
+                           "(allow_unsigned_legacy): run 'aiocrypt keys rewrap' and turn the "
+                           "setting off", self.kek_id)
+        key_version = version or self.key_version
+        result = await self._call(
+            "unwrapKey", lambda: self._client(key_version).unwrap_key(_ALGORITHM, encrypted))
         dek = bytes(result.key)
-        if not hmac.compare_digest(_tag(dek, body, context), tag):
-            raise KekProviderError(
-                f"Azure Key Vault key {self.kek_id}: the wrapped key does not belong to this "
-                "context (moved to another key record, or altered)", backend=self.backend)
+        if not hmac.compare_digest(_legacy_tag(dek, body, context), tag):
+            raise self._error("the wrapped key does not belong to this context (moved to another "
+                              "key record, or altered)")
         return dek
 
     async def close(self) -> None:
         clients, self._clients = {id(c): c for c in self._clients.values()}, {}
+        key_client, self._key_client = self._key_client, None
         for client in clients.values():
             await client.close()
+        if key_client is not None:
+            await key_client.close()
         if self._owns_credential and self._credential is not None:
             credential, self._credential = self._credential, None
             await credential.close()
@@ -265,7 +399,8 @@ class AzureKeyVaultKekProvider(KekProvider):
 
 def from_config(config: EncryptionConfig) -> AzureKeyVaultKekProvider:
     """Build from ``ENCRYPTION_AZURE_VAULT_URL``, ``_KEY_NAME`` (``name`` or
-    ``name/version``), ``_TENANT_ID``, ``_CLIENT_ID`` and ``_CLIENT_SECRET``."""
+    ``name/version``), ``_TENANT_ID``, ``_CLIENT_ID``, ``_CLIENT_SECRET`` and
+    ``_ALLOW_UNSIGNED_LEGACY``."""
     if not config.azure_vault_url or not config.azure_key_name:
         raise ConfigurationError("the azure_kv backend needs ENCRYPTION_AZURE_VAULT_URL and "
                                  "ENCRYPTION_AZURE_KEY_NAME")
@@ -273,6 +408,7 @@ def from_config(config: EncryptionConfig) -> AzureKeyVaultKekProvider:
     try:
         return AzureKeyVaultKekProvider(
             key_id, tenant_id=config.azure_tenant_id, client_id=config.azure_client_id,
-            client_secret=config.azure_client_secret)
+            client_secret=config.azure_client_secret,
+            allow_unsigned_legacy=config.azure_allow_unsigned_legacy)
     except ValueError as exc:
         raise ConfigurationError(f"azure_kv backend: {exc}") from None

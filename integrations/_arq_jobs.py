@@ -439,7 +439,7 @@ async def rotate_keys_scheduled(ctx: dict[str, Any]) -> dict[str, Any]:
     cfg = state.config
 
     async def work() -> dict[str, Any]:
-        async with redis_lock(state.redis, f"{cfg.key_prefix}:lock:rotation",
+        async with redis_lock(state.redis, f"{cfg.key_prefix}:job-lock:rotation",
                               ttl=cfg.job_timeout, owner=state.worker_name) as lock:
             if not lock.acquired:
                 logger.info("rotation check skipped: %s is running it", lock.holder)
@@ -801,7 +801,7 @@ async def cleanup_expired_keys(ctx: dict[str, Any]) -> dict[str, Any]:
     cfg = state.config
 
     async def work() -> dict[str, Any]:
-        async with redis_lock(state.redis, f"{cfg.key_prefix}:lock:cleanup",
+        async with redis_lock(state.redis, f"{cfg.key_prefix}:job-lock:cleanup",
                               ttl=cfg.job_timeout, owner=state.worker_name) as lock:
             if not lock.acquired:
                 return {"skipped": f"another worker ({lock.holder}) is running the cleanup"}

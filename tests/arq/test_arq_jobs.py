@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from aiocrypt import (
     ConfigurationError,
     KekProviderError,
+    KeyManager,
     KeyStoreError,
     KeyStoreIntegrityError,
     KeyType,
@@ -41,6 +42,7 @@ from aiocrypt.integrations.arq import (
     rotate_key_manual,
     rotate_keys_scheduled,
 )
+from aiocrypt.kek import LocalKekProvider
 
 FIN = KeyType.FINANCIAL_DATA
 
@@ -227,7 +229,7 @@ async def test_rotation_check_is_single_flight(
         v1 = (await seeding.get_active_key(FIN)).key_id  # due: made "two days ago"
     first = await _started(arq_setup, monkeypatch, arq_redis)
     second = await _started(arq_setup, monkeypatch, arq_redis)
-    lock_key = f"{arq_setup.prefix}:lock:rotation"
+    lock_key = f"{arq_setup.prefix}:job-lock:rotation"
     try:
         # Another worker holds the check: this one skips, saying who.
         async with redis_lock(arq_redis, lock_key, ttl=30, owner="other-host:123") as held:
@@ -250,6 +252,29 @@ async def test_rotation_check_is_single_flight(
     finally:
         await shutdown(first)
         await shutdown(second)
+
+
+async def test_rotation_check_beside_a_redis_key_store_under_the_same_prefix(
+        arq_setup: ArqSetup, monkeypatch: pytest.MonkeyPatch, arq_redis: ArqRedis) -> None:
+    # The defaults put both in one Redis under one name: key store prefix "aiocrypt:",
+    # job prefix "aiocrypt". The check's own lock must not be the store's rotation lock
+    # (it was: the check then waited for itself until the store's lock timeout).
+    from aiocrypt.keystore.redis import RedisKeyStore
+
+    arq_setup.env.update(ENCRYPTION_KEY_STORAGE_BACKEND="redis",
+                         ENCRYPTION_REDIS_KEY_PREFIX=f"{arq_setup.prefix}:")
+    kek = LocalKekProvider(arq_setup.master_key)
+    store = RedisKeyStore(arq_setup.redis_url, prefix=f"{arq_setup.prefix}:")
+    async with KeyManager(store, kek, arq_setup.config, clock=TWO_DAYS_AGO,
+                          watch=False) as seeding:
+        v1 = (await seeding.get_active_key(FIN)).key_id  # due: made "two days ago"
+    ctx = await _started(arq_setup, monkeypatch, arq_redis, max_tries=1)
+    try:
+        assert ctx[STATE_KEY].key_manager.store.name == "redis"
+        report = await asyncio.wait_for(rotate_keys_scheduled(ctx), 20)
+        assert [r["old_key_id"] for r in report["rotated"]] == [v1]
+    finally:
+        await shutdown(ctx)
 
 
 # -- status and the CLI ---------------------------------------------------------------

@@ -43,12 +43,12 @@ envelope cannot redirect the credential to another host). After a key
 rotation in Key Vault old DEKs keep unwrapping with their version. The KEK id
 is ``azure-kv://<vault host>/keys/<name>[/<version>]``.
 
-Calls: a wrap is the SDK's ``get`` (first use), a local RSA-OAEP and one
-``sign``; an unwrap is one ``unwrapKey`` (plus one ``get`` per key version the
-process has not seen). With a versionless key id and no ``get`` permission the
-version that wrapped cannot be learned, and wrap fails: grant ``get``, or
-configure a versioned key id (verifying needs ``get`` anyway). azure-core's own
-retries are off in the clients built here; retries are aiocrypt's.
+Calls: the provider GETs each key version it meets once (a versionless key id:
+the newest version, on the first wrap after construction or ``close()``) and
+builds the SDK's client from that key, so the SDK wraps locally and never GETs
+on its own. A wrap is then a local RSA-OAEP and one ``sign``; an unwrap is one
+``unwrapKey``. azure-core's own retries are off in the clients built here;
+retries are aiocrypt's.
 """
 
 from __future__ import annotations
@@ -167,6 +167,7 @@ class AzureKeyVaultKekProvider(KekProvider):
         self._key_client: Any = None
         # key version -> (KeyVaultKey, its RSA public key); kept across close()
         self._public_keys: dict[str, tuple[Any, rsa.RSAPublicKey]] = {}
+        self._newest: str | None = None  # a versionless key id's version, until close()
         self._warned_legacy = False
 
     @property
@@ -189,17 +190,13 @@ class AzureKeyVaultKekProvider(KekProvider):
         url = self._key_url(version)
         client = self._clients.get(url)
         if client is None:
-            # a key version whose public key is known needs no GET: the SDK wraps with it
+            # built from the fetched key, the SDK wraps locally and makes no GET of its own;
+            # only a legacy envelope without a version leaves it the URL (and its GET)
             known = self._public_keys.get(version) if version else None
             client = CryptographyClient(known[0] if known else url, self._credential_in_use(),
                                         **self._client_kwargs)
             self._clients[url] = client
         return client
-
-    async def _drop_client(self, version: str | None) -> None:
-        client = self._clients.pop(self._key_url(version), None)
-        if client is not None and all(c is not client for c in self._clients.values()):
-            await client.close()
 
     def _keys(self) -> Any:
         if self._key_client is None:
@@ -258,21 +255,34 @@ class AzureKeyVaultKekProvider(KekProvider):
             call, lambda exc: self._translate(exc, action), self.retry,
             what=f"Azure Key Vault key {self.kek_id}: {action}", backend=self.backend)
 
+    async def _fetch(self, version: str | None) -> str:
+        """GET ``version`` of the key (None: the newest), keep its public key; its version."""
+        key = await self._call("get", lambda: self._keys().get_key(self.key_name, version))
+        segments = urlsplit(str(key.id or "")).path.strip("/").split("/")
+        fetched = segments[2] if len(segments) == 3 else ""
+        jwk = key.key
+        if (not _KEY_VERSION_RE.match(fetched) or fetched != (version or fetched)
+                or jwk.kty not in ("RSA", "RSA-HSM") or not jwk.n or not jwk.e):
+            raise self._error(f"Key Vault returned no RSA key for version {version or 'newest'}")
+        public = rsa.RSAPublicNumbers(int.from_bytes(jwk.e, "big"),
+                                      int.from_bytes(jwk.n, "big")).public_key()
+        self._public_keys.setdefault(fetched, (key, public))
+        return fetched
+
     async def _public_key(self, version: str) -> rsa.RSAPublicKey:
         """The RSA public key of ``version`` of the configured key (one ``get``, then kept)."""
-        known = self._public_keys.get(version)
-        if known is None:
-            key = await self._call("get", lambda: self._keys().get_key(self.key_name, version))
-            jwk = key.key
-            public: Any = None
-            if jwk.kty in ("RSA", "RSA-HSM") and jwk.n and jwk.e \
-                    and self._version_of(str(key.id or "")) == version:
-                public = rsa.RSAPublicNumbers(int.from_bytes(jwk.e, "big"),
-                                              int.from_bytes(jwk.n, "big")).public_key()
-            if public is None:
-                raise self._error(f"version {version} is not an RSA key of this name")
-            known = self._public_keys.setdefault(version, (key, public))
-        return known[1]
+        if version not in self._public_keys:
+            await self._fetch(version)
+        return self._public_keys[version][1]
+
+    async def _wrapping_version(self) -> str:
+        """The configured version, or the newest one, fetched once (again after close())."""
+        if self.key_version:
+            await self._public_key(self.key_version)
+            return self.key_version
+        if self._newest is None:
+            self._newest = await self._fetch(None)
+        return self._newest
 
     def _signature_holds(self, public_key: rsa.RSAPublicKey, digest: bytes,
                          signature: bytes) -> bool:
@@ -286,23 +296,9 @@ class AzureKeyVaultKekProvider(KekProvider):
 
     async def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
         dek = bytes(plaintext)
-        for _attempt in range(2):
-            result = await self._call(
-                "wrapKey", lambda: self._client(self.key_version).wrap_key(_ALGORITHM, dek))
-            version = self._version_of(str(result.key_id or ""))
-            if version:
-                break
-            # Only a versionless client whose GET was refused gets here: it wraps remotely
-            # and never learns the version. Drop it (the refusal may have been access still
-            # propagating) and try once more with a fresh one.
-            await self._drop_client(None)
-        else:
-            raise self._error(
-                "cannot tell which key version wrapped the DEK (no get permission?): grant "
-                "get on the key, or configure a versioned key id (name/version)")
-        if not self.key_version:
-            # the client now knows this version: signing and unwrapping with it need no GET
-            self._clients.setdefault(self._key_url(version), self._client(None))
+        version = await self._wrapping_version()
+        result = await self._call(
+            "wrapKey", lambda: self._client(version).wrap_key(_ALGORITHM, dek))
         encrypted = bytes(result.encrypted_key)
         body = (_SIGNED + len(version).to_bytes(1, "big") + version.encode("ascii")
                 + len(encrypted).to_bytes(2, "big") + encrypted)
@@ -314,12 +310,6 @@ class AzureKeyVaultKekProvider(KekProvider):
             raise self._error(f"Key Vault's {_SIGNATURE.value} signature does not verify with "
                               f"the public key of version {version}")
         return body + len(signature).to_bytes(2, "big") + signature
-
-    def _version_of(self, kid: str) -> str:
-        segments = urlsplit(kid).path.strip("/").split("/")
-        if len(segments) == 3 and _KEY_VERSION_RE.match(segments[2]):
-            return segments[2]
-        return self.key_version or ""
 
     def _parse(self, wrapped: bytes) -> tuple[str, bytes, bytes, bytes]:
         """(key version, RSA-OAEP ciphertext, body, signature or legacy tag) of an envelope."""
@@ -386,9 +376,10 @@ class AzureKeyVaultKekProvider(KekProvider):
         return dek
 
     async def close(self) -> None:
-        clients, self._clients = {id(c): c for c in self._clients.values()}, {}
+        clients, self._clients = list(self._clients.values()), {}
         key_client, self._key_client = self._key_client, None
-        for client in clients.values():
+        self._newest = None
+        for client in clients:
             await client.close()
         if key_client is not None:
             await key_client.close()

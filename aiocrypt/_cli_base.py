@@ -25,6 +25,7 @@ from ._factory import build_key_manager
 from ._keys import EncryptionKey
 from ._manager import KeyManager
 from ._types import KeyType
+from ._urls import scrub
 
 T = TypeVar("T")
 # Piped output is not cut at 80 columns (key ids must stay copyable); COLUMNS still wins.
@@ -99,12 +100,12 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 _SECRET_ENV: Final = re.compile(r"(MASTER_KEY|SECRET|TOKEN|PASSWORD)$")
-_URL_PASSWORD: Final = re.compile(r"(://[^:/@\s]*:)[^@/\s]+@")
 
 
 def redact(text: str) -> str:
-    """``text`` with passwords in URLs and the values of secret variables blanked out."""
-    text = _URL_PASSWORD.sub(r"\1***@", text)
+    """``text`` with the secrets of any URL in it and the values of secret variables
+    blanked out (URLs by the project's one rule, :func:`aiocrypt._urls.scrub`)."""
+    text = scrub(text)
     for name, value in os.environ.items():
         if name.startswith("ENCRYPTION_") and _SECRET_ENV.search(name) and len(value) >= 8:
             text = text.replace(value, "<redacted>")

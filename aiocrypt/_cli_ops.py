@@ -44,7 +44,6 @@ from ._cli_base import (
     fail,
     json_option,
     load_config,
-    redact,
 )
 from ._config import DEFAULT_CONFIG_FILE, DEFAULT_ROTATION_POLICIES, EncryptionConfig
 from ._errors import ConfigurationError
@@ -61,6 +60,7 @@ from ._reencrypt import (
     TableSpec,
 )
 from ._types import KeyType
+from ._urls import redact_url
 
 if TYPE_CHECKING:
     from ._reencrypt_asyncpg import AsyncpgDatabase
@@ -164,10 +164,6 @@ class Check:
     exit_code: int = EXIT_OK
 
 
-def _safe_url(url: str) -> str:
-    return redact(url)
-
-
 async def _check(name: str, work: Callable[[], Awaitable[str]], timeout: float) -> Check:
     try:
         detail = await asyncio.wait_for(work(), timeout)
@@ -261,12 +257,12 @@ async def _doctor_checks(timeout: float) -> list[Check]:
     redis_urls = dict.fromkeys(u for u in (config.redis_url,
                                            os.environ.get("ENCRYPTION_ARQ_REDIS_URL")) if u)
     for url in redis_urls:
-        checks.append(await _check(f"Redis {_safe_url(url)}",
+        checks.append(await _check(f"Redis {redact_url(url)}",
                                    lambda url=url: _check_redis(url), timeout))  # type: ignore[misc]
     dsns = dict.fromkeys(d for d in (config.postgres_dsn, os.environ.get("ENCRYPTION_AUDIT_DSN"))
                          if d)
     for dsn in dsns:
-        checks.append(await _check(f"PostgreSQL {_safe_url(dsn)}",
+        checks.append(await _check(f"PostgreSQL {redact_url(dsn)}",
                                    lambda dsn=dsn: _check_postgres(dsn), timeout))  # type: ignore[misc]
     for check in checks:
         if check.ok is False and check.exit_code == EXIT_OK:

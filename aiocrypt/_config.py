@@ -444,8 +444,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 
 def _mask_url(value: Any) -> Any:
-    """A URL with credentials (``http://user:pw@vault``) without its password."""
-    if isinstance(value, str) and "://" in value and "@" in value:
+    """A URL without its secrets (password, secret query parameters)."""
+    if isinstance(value, str) and "://" in value:
         return redact_url(value)
     return value
 

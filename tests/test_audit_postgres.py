@@ -363,3 +363,14 @@ async def test_an_old_sha256_table_verifies_without_a_key(postgres_dsn: str) -> 
     finally:
         await drop(postgres_dsn, table)
         await sink.close()
+
+
+async def test_an_auditor_logs_why_a_tampered_table_refused_an_event(
+        hmac_sink: PostgresAuditSink, postgres_dsn: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    await events(hmac_sink, 2)
+    await sql(postgres_dsn, f"UPDATE {hmac_sink.table}_head SET mode = 'sha256', mac = NULL")
+    with caplog.at_level("ERROR", logger="aiocrypt"):
+        await Auditor([hmac_sink]).emit("policy_run")  # never raises into the application
+    assert any("audit sink PostgresAuditSink failed" in r.getMessage() and "downgrade"
+               in r.getMessage() for r in caplog.records), caplog.text

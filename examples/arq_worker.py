@@ -22,7 +22,9 @@ shards: start several workers and they share it) and the application's own
 built (``ctx["aiocrypt"].service``). The encrypted tables are those of
 ``examples/sqlalchemy_models.py`` unless ``ENCRYPTION_ARQ_METADATA`` or
 ``ENCRYPTION_ARQ_TABLES`` names others. Queue ``encryption`` by default
-(``ENCRYPTION_ARQ_QUEUE``). See docs/arq.md.
+(``ENCRYPTION_ARQ_QUEUE``). Jobs travel as JSON (``merge_into`` sets aiocrypt's
+codec, and the worker refuses to start with pickle): enqueue ``monthly_statement``
+through ``aiocrypt.integrations.arq.create_job_pool()``. See docs/arq.md.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from ._factory import (
     get_key_manager,
     reset_defaults,
 )
+from ._format import Purpose
 from ._health import HealthCheck, HealthReport, health
 from ._keyring import Keyring, UnknownKeyError
 from ._keys import EncryptionKey
@@ -88,6 +89,7 @@ __all__ = [
     "LockTimeoutError",
     "PerformanceMode",
     "PerformanceSettings",
+    "Purpose",
     "ReencryptionDatabase",
     "ReencryptionEngine",
     "ReencryptionError",

@@ -5,6 +5,12 @@ Small payloads are one AES-256-GCM message. Large ones are cut into segments
 sealed with nonce = prefix(7) || u32 i || last-flag(1), so truncation, reordering
 and appending are all detected, memory stays O(segment), and no single
 cryptography call holds the GIL for long.
+
+Everything is written in format version 2: a one-shot blob is sealed with
+purpose BLOB and a stream with purpose STREAM and its whole preamble (segment
+size, salt, nonce prefix) in the associated data, so a field token cannot be
+opened as a blob (nor a blob as a field), and a rewritten segment size fails at
+the first segment. Version 1 blobs and streams still open (``format_version=1``).
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ from ._format import (
     ALG_AES_256_GCM_STREAM,
     ALGORITHM_NAMES,
     FLAG_ZSTD,
+    FORMAT_VERSION,
+    FORMAT_VERSIONS,
     FormatError,
     Header,
+    Purpose,
     parse_binary,
+    stream_params,
 )
 
 __all__ = [
@@ -64,7 +74,8 @@ class EncryptedData:
     ``tag`` is always the final 16 bytes of the authenticated ciphertext and
     ``iv`` the nonce (one-shot) or salt || nonce prefix (streams), so the object
     can be rebuilt from ``encrypted_data``, ``key_id``, ``algorithm``, ``iv`` and
-    ``tag`` (plus ``segment_size`` and ``compressed`` where they apply), or from
+    ``tag`` (plus ``segment_size`` and ``compressed`` where they apply, and
+    ``format_version=1`` for data encrypted before format version 2), or from
     :meth:`to_bytes` output with :meth:`from_bytes`.
     """
 
@@ -75,10 +86,13 @@ class EncryptedData:
     tag: bytes = field(repr=False)
     segment_size: int | None = None
     compressed: bool = False
+    format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         if self.algorithm not in _ALG_BY_NAME:
             raise ValueError(f"unknown algorithm {self.algorithm!r}")
+        if self.format_version not in FORMAT_VERSIONS:
+            raise ValueError(f"unknown format version {self.format_version!r}")
         if len(self.tag) != TAG_BYTES:
             raise ValueError("tag must be 16 bytes")
         is_stream = self.algorithm == "AES_256_GCM_STREAM"
@@ -92,7 +106,7 @@ class EncryptedData:
     @property
     def header(self) -> Header:
         return Header(_ALG_BY_NAME[self.algorithm], FLAG_ZSTD if self.compressed else 0,
-                      self.key_id)
+                      self.key_id, self.format_version)
 
     def body(self) -> bytes:
         data = bytes(self.encrypted_data)
@@ -123,19 +137,26 @@ class EncryptedData:
                 raise FormatError("blob too short")
             return cls(body[NONCE_BYTES:-TAG_BYTES].tobytes(), header.key_id, name,
                        body[:NONCE_BYTES].tobytes(), body[-TAG_BYTES:].tobytes(), None,
-                       compressed)
+                       compressed, header.version)
         if header.algorithm == ALG_AES_256_GCM_STREAM:
             iv_end = 4 + STREAM_SALT_BYTES + STREAM_PREFIX_BYTES
             if len(body) < iv_end + TAG_BYTES:
                 raise FormatError("blob too short")
             (segment_size,) = _U32.unpack_from(body)
             return cls(body[iv_end:-TAG_BYTES], header.key_id, name, body[4:iv_end].tobytes(),
-                       body[-TAG_BYTES:].tobytes(), segment_size, compressed)
+                       body[-TAG_BYTES:].tobytes(), segment_size, compressed, header.version)
         raise FormatError("not a bulk algorithm")
 
 
+def _stream_aad(dk: DataKey, version: int, flags: int, segment_size: int, salt: bytes,
+                prefix: bytes, context: bytes) -> bytes:
+    return dk.aad(ALG_AES_256_GCM_STREAM, flags, context, purpose=Purpose.STREAM,
+                  version=version, stream_params=stream_params(segment_size, salt, prefix))
+
+
 class StreamEncryptor:
-    """Seals one stream segment by segment; feed ``segment_size`` bytes per call."""
+    """Seals one stream segment by segment (format version 2); feed ``segment_size``
+    bytes per call."""
 
     def __init__(self, dk: DataKey, context: bytes, segment_size: int, *, flags: int = 0,
                  random: Callable[[int], bytes] = os.urandom) -> None:
@@ -146,11 +167,12 @@ class StreamEncryptor:
         self.salt = random(STREAM_SALT_BYTES)
         self.prefix = random(STREAM_PREFIX_BYTES)
         self._cipher = dk.stream_cipher(self.salt, sealing=True)
-        self._aad = dk.aad(ALG_AES_256_GCM_STREAM, flags, context)
+        self._aad = _stream_aad(dk, FORMAT_VERSION, flags, segment_size, self.salt, self.prefix,
+                                context)
         self._index = 0
         self._finished = False
         self.header = Header(ALG_AES_256_GCM_STREAM, flags, dk.key_id).to_bytes()
-        self.preamble = self.header + _U32.pack(segment_size) + self.salt + self.prefix
+        self.preamble = self.header + stream_params(segment_size, self.salt, self.prefix)
 
     def seal(self, chunk: bytes | memoryview, last: bool) -> bytes:
         if self._finished:
@@ -177,14 +199,19 @@ class StreamEncryptor:
 
 
 class StreamDecryptor:
-    """Opens one stream segment by segment; raises ``DecryptionError`` on any tampering."""
+    """Opens one stream segment by segment; raises ``DecryptionError`` on any tampering.
+
+    ``version`` is the format version of the stream's header: version 2 binds the
+    segment size, salt and nonce prefix, so a forged one fails at the first segment.
+    """
 
     def __init__(self, dk: DataKey, context: bytes, flags: int, segment_size: int,
-                 iv: bytes) -> None:
+                 iv: bytes, version: int = FORMAT_VERSION) -> None:
         self.segment_size = segment_size
-        self._cipher = dk.stream_cipher(iv[:STREAM_SALT_BYTES])
-        self._prefix = iv[STREAM_SALT_BYTES:]
-        self._aad = dk.aad(ALG_AES_256_GCM_STREAM, flags, context)
+        salt, prefix = iv[:STREAM_SALT_BYTES], iv[STREAM_SALT_BYTES:]
+        self._cipher = dk.stream_cipher(salt)
+        self._prefix = prefix
+        self._aad = _stream_aad(dk, version, flags, segment_size, salt, prefix, context)
         self._index = 0
         self._finished = False
 
@@ -312,7 +339,8 @@ class BulkOpener:
         if encrypted.algorithm != "AES_256_GCM_STREAM" or encrypted.segment_size is None:
             raise DecryptionError()
         self._dec = StreamDecryptor(dk, context, encrypted.header.flags,
-                                    encrypted.segment_size, bytes(encrypted.iv))
+                                    encrypted.segment_size, bytes(encrypted.iv),
+                                    encrypted.format_version)
         self._body = memoryview(encrypted.encrypted_data)
         self._tag = bytes(encrypted.tag)
         bounds = _segment_bounds(len(self._body) + TAG_BYTES, encrypted.segment_size)
@@ -371,7 +399,8 @@ def decrypt_bulk(dk: DataKey, encrypted: EncryptedData, context: bytes) -> bytes
         try:
             return dk.open_gcm(encrypted.header.flags, bytes(encrypted.iv)
                                + bytes(encrypted.encrypted_data) + bytes(encrypted.tag),
-                               context)
+                               context, version=encrypted.format_version,
+                               purpose=Purpose.BLOB)
         except (InvalidTag, FormatError):
             raise DecryptionError() from None
     job = BulkOpener(dk, encrypted, context)

@@ -1,7 +1,10 @@
 """AEAD primitives bound to one data-encryption key (pure, sync).
 
 ``DataKey`` holds an unwrapped DEK together with the cipher objects built from
-it, so the hot path builds nothing per call. Sub-keys for deterministic
+it and the associated-data prefixes of every (version, algorithm, flags,
+purpose) it may meet, so the hot path builds nothing per call. It writes format
+version 2 only; version 1 is opened, never written (deterministic lookup tokens
+aside: :meth:`DataKey.deterministic_tokens`). Sub-keys for deterministic
 encryption and streams are derived with HKDF, never the DEK reused raw across
 algorithms. It has a material-free repr and refuses pickling.
 """
@@ -23,12 +26,15 @@ from ._format import (
     ALG_AES_256_GCM,
     ALG_AES_256_GCM_STREAM,
     ALG_AES_256_SIV,
-    FORMAT_VERSION,
+    FORMAT_V1,
+    FORMAT_V2,
     STD_TO_B64URL,
-    TEXT_PREFIX,
     FormatError,
+    Purpose,
+    aad_prefix,
     b64encode_urlsafe,
     context_bytes,
+    text_prefix,
 )
 from ._keys import EncryptionKey
 from ._types import KeyStatus
@@ -44,6 +50,7 @@ STREAM_PREFIX_BYTES: Final = 7
 _STREAM_NONCE: Final = struct.Struct(">7sIB")
 _GCM_LEAD: Final = (bytes((ALG_AES_256_GCM, 0)), bytes((ALG_AES_256_GCM, 1)))
 _GCM_LEAD0: Final = _GCM_LEAD[0]
+_FIELD: Final = Purpose.FIELD
 #: Field AADs cached per DataKey (one per distinct str context; cleared when full).
 FIELD_AAD_CACHE_SIZE: Final = 512
 _b2a_base64 = binascii.b2a_base64
@@ -90,7 +97,8 @@ class DataKey:
 
     __slots__ = ("_aad_base", "_gcm", "_gcm_aad", "_material", "_siv",
                  "allowance", "encryptions", "expired", "field_aads", "gcm_decrypt", "key",
-                 "key_type", "past_grace", "readable", "reencryptable", "text_prefix")
+                 "key_type", "past_grace", "readable", "reencryptable", "text_prefix",
+                 "text_prefix_v1")
 
     def __init__(self, key: EncryptionKey, material: bytes) -> None:
         if len(material) != DEK_BYTES:
@@ -99,19 +107,22 @@ class DataKey:
         self._material = bytes(material)
         self._gcm = AESGCM(self._material)
         self._siv: AESSIV | None = None
-        kid = key.key_id.encode("ascii")
-        kt = key.key_type.value.encode("ascii")
-        tail = bytes((len(kt),)) + kt
-        # Associated-data prefix per algorithm: header || len(key type) || key type.
+        # Associated-data prefix per (version, algorithm, flags, purpose); version 1
+        # has no purpose byte, so its entries are the same for every purpose.
         self._aad_base = {
-            (alg, flags): bytes((FORMAT_VERSION, alg, flags, len(kid))) + kid + tail
+            (version, alg, flags, purpose): aad_prefix(version, alg, flags, key.key_id,
+                                                       key.key_type.value, purpose)
+            for version in (FORMAT_V1, FORMAT_V2)
             for alg in (ALG_AES_256_GCM, ALG_AES_256_SIV, ALG_AES_256_GCM_STREAM)
             for flags in (0, 1)
+            for purpose in Purpose
         }
-        self._gcm_aad = (self._aad_base[(ALG_AES_256_GCM, 0)],
-                         self._aad_base[(ALG_AES_256_GCM, 1)])
-        #: What every text token of this key starts with (the keyring's lookup key).
-        self.text_prefix = f"{TEXT_PREFIX}{key.key_id}."
+        self._gcm_aad = (self._aad_base[(FORMAT_V2, ALG_AES_256_GCM, 0, _FIELD)],
+                         self._aad_base[(FORMAT_V2, ALG_AES_256_GCM, 1, _FIELD)])
+        #: What every (version 2) text token of this key starts with (the keyring's
+        #: lookup key), and what its version 1 tokens start with.
+        self.text_prefix = text_prefix(key.key_id)
+        self.text_prefix_v1 = text_prefix(key.key_id, FORMAT_V1)
         self.key_type = key.key_type
         #: Hot-path helpers for the keyring (see ``Keyring.decrypt``): the AES-GCM
         #: decrypt function, and the flag-less GCM field AAD per str context.
@@ -145,8 +156,12 @@ class DataKey:
     def __reduce_ex__(self, protocol: Any) -> NoReturn:
         raise TypeError("DataKey objects cannot be pickled")
 
-    def aad(self, algorithm: int, flags: int, context: bytes) -> bytes:
-        return self._aad_base[(algorithm, flags & 1)] + context
+    def aad(self, algorithm: int, flags: int, context: bytes, *, purpose: Purpose,
+            version: int = FORMAT_V2, stream_params: bytes = b"") -> bytes:
+        """Associated data (see :mod:`aiocrypt._format`); ``stream_params`` only for v2 streams."""
+        if version == FORMAT_V1:
+            return self._aad_base[(version, algorithm, flags & 1, _FIELD)] + context
+        return self._aad_base[(version, algorithm, flags & 1, purpose)] + stream_params + context
 
     def derive(self, info: bytes, length: int = 32, salt: bytes | None = None) -> bytes:
         """A sub-key bound to this DEK and ``info`` (blind indexes, caches, streams)."""
@@ -164,8 +179,8 @@ class DataKey:
     def field_aad(self, context: str | bytes | None) -> bytes:
         """Associated data of a flag-less GCM field token bound to ``context``.
 
-        Equals ``aad(ALG_AES_256_GCM, 0, context_bytes(context))``; str contexts
-        (column names, mostly) are cached in :attr:`field_aads`.
+        Equals ``aad(ALG_AES_256_GCM, 0, context_bytes(context), purpose=Purpose.FIELD)``;
+        str contexts (column names, mostly) are cached in :attr:`field_aads`.
         """
         if type(context) is not str:
             if context is None:
@@ -201,35 +216,43 @@ class DataKey:
                 for plaintext, context in zip(plaintexts, contexts, strict=True)]
 
     def seal_text(self, plaintext: bytes, context: bytes, flags: int = 0,
-                  nonce: bytes | None = None) -> str:
+                  nonce: bytes | None = None, *, purpose: Purpose = _FIELD) -> str:
         if nonce is None:
             nonce = field_nonce()
         self.encryptions += 1
-        sealed = self._gcm.encrypt(nonce, plaintext, self._gcm_aad[flags] + context)
+        aad = self._gcm_aad[flags] if purpose is _FIELD else \
+            self._aad_base[(FORMAT_V2, ALG_AES_256_GCM, flags, purpose)]
+        sealed = self._gcm.encrypt(nonce, plaintext, aad + context)
         body = binascii.b2a_base64(_GCM_LEAD[flags] + nonce + sealed, newline=False)
         return self.text_prefix + body.translate(STD_TO_B64URL).decode("ascii")
 
-    def open_gcm_raw(self, flags: int, raw: bytes, context: bytes) -> bytes:
+    def open_gcm_raw(self, flags: int, raw: bytes, context: bytes, *,
+                     version: int = FORMAT_V2, purpose: Purpose = _FIELD) -> bytes:
         """Open algorithm || flags || nonce || ciphertext || tag (the decoded text body)."""
         if len(raw) < 2 + NONCE_BYTES + TAG_BYTES:
             raise FormatError("token too short")
+        aad = self._gcm_aad[flags] if version == FORMAT_V2 and purpose is _FIELD else \
+            self.aad(ALG_AES_256_GCM, flags, b"", purpose=purpose, version=version)
         # a view, not a copy, of the ciphertext: a hostile token may be many MiB
-        return self._gcm.decrypt(raw[2:14], memoryview(raw)[14:], self._gcm_aad[flags] + context)
+        return self._gcm.decrypt(raw[2:14], memoryview(raw)[14:], aad + context)
 
-    def open_gcm(self, flags: int, body: bytes | memoryview, context: bytes) -> bytes:
+    def open_gcm(self, flags: int, body: bytes | memoryview, context: bytes, *,
+                 version: int = FORMAT_V2, purpose: Purpose = Purpose.BLOB) -> bytes:
         if len(body) < NONCE_BYTES + TAG_BYTES:
             raise FormatError("token too short")
         return self._gcm.decrypt(bytes(body[:NONCE_BYTES]), bytes(body[NONCE_BYTES:]),
-                                 self.aad(ALG_AES_256_GCM, flags, context))
+                                 self.aad(ALG_AES_256_GCM, flags, context, purpose=purpose,
+                                          version=version))
 
     def gcm_parts(self, plaintext: bytes, context: bytes, flags: int = 0,
                   nonce: bytes | None = None) -> tuple[bytes, bytes]:
-        """(nonce, ciphertext || tag) for bulk blobs."""
+        """(nonce, ciphertext || tag) for one-shot bulk blobs (version 2, purpose BLOB)."""
         if nonce is None:
             nonce = os.urandom(NONCE_BYTES)
         self.encryptions += 1
         return nonce, self._gcm.encrypt(nonce, plaintext,
-                                        self.aad(ALG_AES_256_GCM, flags, context))
+                                        self.aad(ALG_AES_256_GCM, flags, context,
+                                                 purpose=Purpose.BLOB))
 
     # -- AES-SIV (deterministic) --------------------------------------------
 
@@ -238,15 +261,35 @@ class DataKey:
             self._siv = AESSIV(self.derive(b"aes-siv", 64))
         return self._siv
 
-    def seal_deterministic(self, plaintext: bytes, context: bytes, flags: int = 0) -> str:
-        sealed = self._siv_cipher().encrypt(plaintext, [self.aad(ALG_AES_256_SIV, flags, context)])
-        return self.text_prefix + b64encode_urlsafe(bytes((ALG_AES_256_SIV, flags)) + sealed)
+    def seal_deterministic(self, plaintext: bytes, context: bytes, flags: int = 0, *,
+                           purpose: Purpose = _FIELD) -> str:
+        return self._seal_siv(plaintext, context, flags, purpose, FORMAT_V2)
 
-    def open_siv(self, flags: int, body: bytes | memoryview, context: bytes) -> bytes:
+    def deterministic_tokens(self, plaintext: bytes, context: bytes, *,
+                             v1: bool = True) -> list[str]:
+        """Every token ``plaintext`` may be stored as in a deterministic field (for ``=`` /
+        ``IN`` lookups): version 2, then version 1 while ``v1`` (rows not yet migrated).
+
+        A version 1 token made here is only ever compared, never stored.
+        """
+        tokens = [self._seal_siv(plaintext, context, 0, _FIELD, FORMAT_V2)]
+        if v1:
+            tokens.append(self._seal_siv(plaintext, context, 0, _FIELD, FORMAT_V1))
+        return tokens
+
+    def _seal_siv(self, plaintext: bytes, context: bytes, flags: int, purpose: Purpose,
+                  version: int) -> str:
+        aad = self.aad(ALG_AES_256_SIV, flags, context, purpose=purpose, version=version)
+        sealed = self._siv_cipher().encrypt(plaintext, [aad])
+        prefix = self.text_prefix if version == FORMAT_V2 else self.text_prefix_v1
+        return prefix + b64encode_urlsafe(bytes((ALG_AES_256_SIV, flags)) + sealed)
+
+    def open_siv(self, flags: int, body: bytes | memoryview, context: bytes, *,
+                 version: int = FORMAT_V2, purpose: Purpose = _FIELD) -> bytes:
         if len(body) < TAG_BYTES:
             raise FormatError("token too short")
-        return self._siv_cipher().decrypt(bytes(body),
-                                          [self.aad(ALG_AES_256_SIV, flags, context)])
+        return self._siv_cipher().decrypt(bytes(body), [self.aad(
+            ALG_AES_256_SIV, flags, context, purpose=purpose, version=version)])
 
     # -- segmented streams --------------------------------------------------
 

@@ -3,7 +3,7 @@
 Binary form (blobs, streams)::
 
     offset  size  field
-    0       1     format version (0x01)
+    0       1     format version (0x02; 0x01 is still read)
     1       1     algorithm (ALG_*)
     2       1     flags (FLAG_*; unknown bits refused)
     3       1     key id length n (1..64)
@@ -12,10 +12,11 @@ Binary form (blobs, streams)::
 
 Text form (columns, Redis), same bytes, key id readable at a fixed place::
 
-    "ac1." + key_id + "." + base64url(algorithm || flags || body)   (padded, canonical)
+    "ac2." + key_id + "." + base64url(algorithm || flags || body)   (padded, canonical)
 
-so SQL can select rows by key version with ``left(col, len(text_prefix(kid))) =
-text_prefix(kid)`` without decrypting them.
+("ac1." for version 1: both prefixes are 4 characters, so the key id always
+starts at character 5 and SQL can select rows by key version with
+``left(col, len(text_prefix(kid))) = text_prefix(kid)`` without decrypting them.)
 
 Algorithm bodies:
 
@@ -25,16 +26,28 @@ Algorithm bodies:
   segments, each ciphertext || tag (16); the last one may be shorter. Segment i uses
   key HKDF(DEK, salt) and nonce prefix || u32 i || last-segment flag.
 
-Associated data for every algorithm is the binary header (bytes 0..4+n) ||
-u8 len(key type) || key type || caller context, so a token moved to another key
-type, column or row fails to authenticate.
+Associated data (:func:`aad_prefix` builds everything before the context):
+
+* version 2: binary header (version 2) || purpose (:class:`Purpose`) || u8 len(key
+  type) || key type || [streams: segment size (u32) || salt || nonce prefix] ||
+  caller context. The purpose says what the ciphertext is (a field, a bulk blob, a
+  stream, a session, a cache entry), so one cannot be passed off as another, and
+  a stream's segment size, salt and prefix cannot be rewritten.
+* version 1 (read only): binary header (version 1) || u8 len(key type) || key type
+  || caller context. A field token and a one-shot blob of version 1 are
+  interchangeable, and a stream's segment size is not authenticated: readers
+  refuse version 1 once ``accept_format_v1`` is off.
+
+A token moved to another key type, column or row fails to authenticate.
 """
 
 from __future__ import annotations
 
 import binascii
 import re
+import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Final
 
 __all__ = [
@@ -45,23 +58,58 @@ __all__ = [
     "B64URL_TO_STD",
     "B64_CANONICAL_LAST",
     "FLAG_ZSTD",
+    "FORMAT_V1",
+    "FORMAT_V2",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
+    "MAX_FIELD_PLAINTEXT",
     "MAX_KEY_ID_LEN",
     "MAX_TOKEN_CHARS",
     "STD_TO_B64URL",
-    "TEXT_PREFIX",
+    "TEXT_PREFIXES",
+    "TEXT_PREFIX_LEN",
+    "TEXT_PREFIX_V1",
+    "TEXT_PREFIX_V2",
     "Header",
+    "Purpose",
+    "aad_prefix",
     "b64decode_canonical",
     "b64encode_urlsafe",
     "context_bytes",
+    "is_token_text",
     "like_pattern",
     "parse_binary",
+    "stream_params",
     "text_prefix",
+    "text_version",
+    "token_sql",
     "validate_key_id",
 ]
 
-FORMAT_VERSION: Final = 1
-TEXT_PREFIX: Final = "ac1."
+FORMAT_V1: Final = 1
+FORMAT_V2: Final = 2
+#: The version every new token, blob and stream is written in.
+FORMAT_VERSION: Final = FORMAT_V2
+FORMAT_VERSIONS: Final = frozenset((FORMAT_V1, FORMAT_V2))
+TEXT_PREFIX_V1: Final = "ac1."
+TEXT_PREFIX_V2: Final = "ac2."
+#: Every prefix a text token may start with (``str.startswith`` takes the tuple).
+TEXT_PREFIXES: Final = (TEXT_PREFIX_V1, TEXT_PREFIX_V2)
+#: Both prefixes are this long: the key id starts at character TEXT_PREFIX_LEN + 1.
+TEXT_PREFIX_LEN: Final = 4
+_TEXT_PREFIX_OF: Final = {FORMAT_V1: TEXT_PREFIX_V1, FORMAT_V2: TEXT_PREFIX_V2}
+_VERSION_OF_TEXT: Final = {TEXT_PREFIX_V1: FORMAT_V1, TEXT_PREFIX_V2: FORMAT_V2}
+
+
+class Purpose(IntEnum):
+    """What a version-2 ciphertext is for: one byte of its associated data."""
+
+    FIELD = 1
+    BLOB = 2
+    STREAM = 3
+    SESSION = 4
+    CACHE = 5
+
 
 ALG_AES_256_GCM: Final = 1
 ALG_AES_256_SIV: Final = 2
@@ -79,6 +127,11 @@ MAX_KEY_ID_LEN: Final = 64
 MAX_CONTEXT_LEN: Final = 4096
 # Text tokens are for fields; anything larger belongs in bulk/stream encryption.
 MAX_TOKEN_CHARS: Final = 96 * 1024 * 1024
+#: The largest plaintext a text token can carry (the base64 body of MAX_TOKEN_CHARS
+#: less algorithm, flags, nonce and tag): also the bound of a compressed field's
+#: decompressed size, so a small token cannot inflate past what a field can be.
+MAX_FIELD_PLAINTEXT: Final = MAX_TOKEN_CHARS // 4 * 3 - 2 - 12 - 16
+_U32: Final = struct.Struct(">I")
 
 _KEY_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -117,20 +170,60 @@ class Header:
     algorithm: int
     flags: int
     key_id: str
+    version: int = FORMAT_VERSION
 
     def to_bytes(self) -> bytes:
         kid = self.key_id.encode("ascii")
-        return bytes((FORMAT_VERSION, self.algorithm, self.flags, len(kid))) + kid
+        return bytes((self.version, self.algorithm, self.flags, len(kid))) + kid
 
 
-def text_prefix(key_id: str) -> str:
-    """The exact text every text-form token made with ``key_id`` starts with."""
-    return f"{TEXT_PREFIX}{validate_key_id(key_id)}."
+def aad_prefix(version: int, algorithm: int, flags: int, key_id: str, key_type: str,
+               purpose: Purpose) -> bytes:
+    """The associated data of a ciphertext up to (not including) stream parameters and context.
+
+    Version 1 has no purpose byte (``purpose`` is then ignored).
+    """
+    header = Header(algorithm, flags, key_id, version).to_bytes()
+    kt = key_type.encode("ascii")
+    tail = bytes((len(kt),)) + kt
+    if version == FORMAT_V1:
+        return header + tail
+    if version != FORMAT_V2:
+        raise ValueError(f"unknown format version {version}")
+    return header + bytes((Purpose(purpose),)) + tail
 
 
-def like_pattern(key_id: str) -> str:
+def stream_params(segment_size: int, salt: bytes, nonce_prefix: bytes) -> bytes:
+    """A stream's parameters as its preamble holds them (and version-2 AAD binds them)."""
+    return _U32.pack(segment_size) + salt + nonce_prefix
+
+
+def text_prefix(key_id: str, version: int = FORMAT_VERSION) -> str:
+    """The exact text every text-form token of ``version`` made with ``key_id`` starts with."""
+    return f"{_TEXT_PREFIX_OF[version]}{validate_key_id(key_id)}."
+
+
+def like_pattern(key_id: str, version: int = FORMAT_VERSION) -> str:
     """A SQL ``LIKE`` pattern (escape character ``\\``) matching tokens of ``key_id``."""
-    return text_prefix(key_id).replace("_", "\\_") + "%"
+    return text_prefix(key_id, version).replace("_", "\\_") + "%"
+
+
+def text_version(value: object) -> int | None:
+    """The format version of a text token (by its prefix), None for anything else."""
+    if type(value) is not str:
+        return None
+    return _VERSION_OF_TEXT.get(value[:TEXT_PREFIX_LEN])
+
+
+def is_token_text(value: object) -> bool:
+    """Whether ``value`` looks like a text token of any version (not whether it is valid)."""
+    return type(value) is str and value.startswith(TEXT_PREFIXES)
+
+
+def token_sql(column: str, versions: tuple[int, ...] = (FORMAT_V1, FORMAT_V2)) -> str:
+    """SQL true when ``column`` (a quoted identifier) holds a token of one of ``versions``."""
+    quoted = ", ".join(f"'{_TEXT_PREFIX_OF[v]}'" for v in versions)
+    return f"substr({column}, 1, {TEXT_PREFIX_LEN}) IN ({quoted})"
 
 
 def _check_header(algorithm: int, flags: int) -> None:
@@ -143,9 +236,9 @@ def _check_header(algorithm: int, flags: int) -> None:
 def parse_binary(blob: bytes | memoryview) -> tuple[Header, bytes, memoryview]:
     """Split a binary token into (header, header bytes, body)."""
     view = memoryview(blob)
-    if len(view) < 5 or view[0] != FORMAT_VERSION:
-        raise FormatError("not an aiocrypt v1 token")
-    algorithm, flags, kid_len = view[1], view[2], view[3]
+    if len(view) < 5 or view[0] not in FORMAT_VERSIONS:
+        raise FormatError("not an aiocrypt token")
+    version, algorithm, flags, kid_len = view[0], view[1], view[2], view[3]
     _check_header(algorithm, flags)
     if not 1 <= kid_len <= MAX_KEY_ID_LEN or len(view) < 4 + kid_len:
         raise FormatError("bad key id length")
@@ -154,7 +247,7 @@ def parse_binary(blob: bytes | memoryview) -> tuple[Header, bytes, memoryview]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise FormatError("bad key id") from exc
     header_bytes = view[:4 + kid_len].tobytes()
-    return Header(algorithm, flags, key_id), header_bytes, view[4 + kid_len:]
+    return Header(algorithm, flags, key_id, version), header_bytes, view[4 + kid_len:]
 
 
 #: base64url -> standard alphabet for ``binascii.a2b_base64(..., strict_mode=True)``.

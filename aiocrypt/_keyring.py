@@ -4,6 +4,12 @@ Pure and sync: the async ``KeyManager`` builds a new snapshot whenever keys
 change and swaps it in whole, so readers never see a half-updated keyring.
 Code that cannot await (SQLAlchemy type decorators, Flask session interfaces)
 encrypts and decrypts through a snapshot directly.
+
+Text tokens carry a purpose in their associated data (format version 2): a
+field by default, ``purpose=Purpose.SESSION`` / ``Purpose.CACHE`` for session
+and cache payloads, so a token of one kind never opens as another. Version 1
+tokens (no purpose) still open unless the keyring was built with
+``accept_format_v1=False``.
 """
 
 from __future__ import annotations
@@ -24,10 +30,16 @@ from ._format import (
     B64_CANONICAL_LAST,
     B64URL_TO_STD,
     FLAG_ZSTD,
+    FORMAT_V1,
+    FORMAT_V2,
+    MAX_FIELD_PLAINTEXT,
     MAX_KEY_ID_LEN,
     MAX_TOKEN_CHARS,
-    TEXT_PREFIX,
+    TEXT_PREFIX_LEN,
+    TEXT_PREFIX_V1,
+    TEXT_PREFIX_V2,
     FormatError,
+    Purpose,
     b64decode_canonical,
     context_bytes,
     validate_key_id,
@@ -39,10 +51,11 @@ __all__ = ["Keyring", "UnknownKeyError"]
 # Decrypt's fast path takes tokens up to this size (larger ones take the general
 # path, which does not copy them); the key id's closing dot is found before this.
 _FAST_TOKEN_CHARS: Final = 64 * 1024
-_KEY_ID_END: Final = len(TEXT_PREFIX) + MAX_KEY_ID_LEN + 1
+_KEY_ID_END: Final = TEXT_PREFIX_LEN + MAX_KEY_ID_LEN + 1
 _GCM_FIELD: Final = ALG_AES_256_GCM
 _MIN_GCM_RAW: Final = 2 + 12 + 16  # algorithm, flags, nonce, tag
 _STR_TAG_BYTE: Final = STR_TAG[0]
+_FIELD: Final = Purpose.FIELD
 
 
 class UnknownKeyError(DecryptionError):
@@ -56,13 +69,15 @@ class UnknownKeyError(DecryptionError):
 class Keyring:
     """Immutable snapshot of loaded data keys."""
 
-    __slots__ = ("_active", "_by_id", "_by_prefix", "on_expired_use", "revision")
+    __slots__ = ("_active", "_by_id", "_by_prefix", "accept_format_v1", "on_expired_use",
+                 "revision")
 
     def __init__(self, data_keys: Iterable[DataKey] = (), revision: int = 0, *,
-                 on_expired_use: Callable[[DataKey], None] | None = None) -> None:
+                 on_expired_use: Callable[[DataKey], None] | None = None,
+                 accept_format_v1: bool = True) -> None:
         self._by_id: dict[str, DataKey] = {}
         self._active: dict[str, DataKey] = {}
-        self._by_prefix: dict[str, DataKey] = {}  # "ac1.<key id>." -> key
+        self._by_prefix: dict[str, DataKey] = {}  # "ac2.<key id>." -> key (version 2 only)
         for dk in data_keys:
             self._by_id[dk.key_id] = dk
             self._by_prefix[dk.text_prefix] = dk
@@ -73,6 +88,9 @@ class Keyring:
         self.revision = revision
         #: Called (sync) when data is read with an expired key inside its grace period.
         self.on_expired_use = on_expired_use
+        #: Whether format version 1 (no purpose binding) is still read; turn it off
+        #: once the re-encryption engine moved every row to version 2.
+        self.accept_format_v1 = accept_format_v1
 
     def __repr__(self) -> str:
         return f"<Keyring revision={self.revision} keys={len(self._by_id)}>"
@@ -108,45 +126,51 @@ class Keyring:
     # -- fields -------------------------------------------------------------
 
     def encrypt(self, value: Any, key_type: KeyTypeLike, context: str | bytes | None = None,
-                *, compression_level: int | None = None) -> str:
+                *, compression_level: int | None = None, purpose: Purpose = _FIELD) -> str:
         """Encrypt ``value`` with the active key of ``key_type`` (AES-256-GCM, text form)."""
-        if type(value) is str and compression_level is None:  # the common case
-            dk = self._active.get(key_type)
+        if type(value) is str and compression_level is None and purpose is _FIELD:
+            dk = self._active.get(key_type)  # the common case
             if dk is not None:
                 return dk.seal_field(STR_TAG + value.encode(), context)
         return self.encrypt_bytes(encode_value(value), key_type, context,
-                                  compression_level=compression_level)
+                                  compression_level=compression_level, purpose=purpose)
 
     def encrypt_bytes(self, plaintext: bytes, key_type: KeyTypeLike,
                       context: str | bytes | None = None, *,
-                      compression_level: int | None = None) -> str:
+                      compression_level: int | None = None, purpose: Purpose = _FIELD) -> str:
+        if len(plaintext) > MAX_FIELD_PLAINTEXT:  # its token would be refused as too long
+            raise ValueError(f"a field holds at most {MAX_FIELD_PLAINTEXT} bytes; "
+                             "use encrypt_bulk_data or encrypt_stream")
         dk = self._active.get(key_type)
         if dk is None:
             raise KeyNotFoundError(f"no active key of type {KeyType(key_type).value!r} loaded")
         if compression_level is None:
-            return dk.seal_field(plaintext, context)
+            if purpose is _FIELD:
+                return dk.seal_field(plaintext, context)
+            return dk.seal_text(plaintext, context_bytes(context), purpose=purpose)
         return dk.seal_text(_compression.compress(plaintext, compression_level),
-                            context_bytes(context), FLAG_ZSTD)
+                            context_bytes(context), FLAG_ZSTD, purpose=purpose)
 
     def encrypt_deterministic(self, value: Any, key_type: KeyTypeLike,
-                              context: str | bytes | None = None) -> str:
+                              context: str | bytes | None = None, *,
+                              purpose: Purpose = _FIELD) -> str:
         """Equal values under the same key and context give equal tokens (AES-SIV)."""
-        return self.active(key_type).seal_deterministic(encode_value(value),
-                                                        context_bytes(context))
+        return self.active(key_type).seal_deterministic(
+            encode_value(value), context_bytes(context), purpose=purpose)
 
     def decrypt(self, token: str, key_type: KeyTypeLike, context: str | bytes | None = None,
-                *, for_reencryption: bool = False) -> Any:
+                *, for_reencryption: bool = False, purpose: Purpose = _FIELD) -> Any:
         """Authenticate, decrypt and decode a text token; every failure is ``DecryptionError``."""
-        # Fast path, one frame: a small AES-GCM token without flags, of a key that
-        # is readable and not expired. It makes every check decrypt_bytes makes
-        # (tests/test_field_fastpath.py); any other token goes the general way below.
-        if type(token) is str and len(token) <= _FAST_TOKEN_CHARS:
+        # Fast path, one frame: a small version 2 AES-GCM field token without flags, of
+        # a key that is readable and not expired. It makes every check decrypt_bytes
+        # makes (tests/test_field_fastpath.py); any other token goes the general way below.
+        if type(token) is str and len(token) <= _FAST_TOKEN_CHARS and purpose is _FIELD:
             dk = self._active.get(key_type)  # most tokens are of the active key
             if dk is not None and token.startswith(dk.text_prefix):
                 start = len(dk.text_prefix)
             else:
                 start = token.find(".", 5, _KEY_ID_END) + 1
-                dk = self._by_prefix.get(token[:start])  # "ac1.<key id>.": the prefix too
+                dk = self._by_prefix.get(token[:start])  # "ac2.<key id>.": the version too
                 if dk is not None and dk.key_type != key_type:
                     dk = None
             if dk is not None and dk.readable and not dk.expired:
@@ -169,7 +193,7 @@ class Keyring:
                 except (InvalidTag, ValueError):
                     raise DecryptionError() from None
         plaintext = self.decrypt_bytes(token, key_type, context,
-                                       for_reencryption=for_reencryption)
+                                       for_reencryption=for_reencryption, purpose=purpose)
         try:
             return decode_value(plaintext)
         except ValueError:
@@ -177,19 +201,24 @@ class Keyring:
 
     def decrypt_bytes(self, token: str, key_type: KeyTypeLike,
                       context: str | bytes | None = None, *,
-                      for_reencryption: bool = False) -> bytes:
+                      for_reencryption: bool = False, purpose: Purpose = _FIELD) -> bytes:
         """Authenticate and decrypt a text token; every failure is ``DecryptionError``."""
         # Hot path: token splitting, check_decryptable and context_bytes inlined.
         try:
-            if type(token) is not str or not token.startswith(TEXT_PREFIX) \
-                    or len(token) > MAX_TOKEN_CHARS:
-                raise FormatError("not an aiocrypt v1 text token")
-            dot = token.find(".", 5, 4 + MAX_KEY_ID_LEN + 1)
+            if type(token) is not str or len(token) > MAX_TOKEN_CHARS:
+                raise FormatError("not a text token")
+            if token.startswith(TEXT_PREFIX_V2):
+                version = FORMAT_V2
+            elif token.startswith(TEXT_PREFIX_V1) and self.accept_format_v1:
+                version = FORMAT_V1
+            else:
+                raise FormatError("not an aiocrypt text token (or version 1, refused)")
+            dot = token.find(".", TEXT_PREFIX_LEN + 1, _KEY_ID_END)
             if dot < 0:
                 raise FormatError("no key id")
-            dk = self._by_id.get(token[4:dot])
+            dk = self._by_id.get(token[TEXT_PREFIX_LEN:dot])
             if dk is None:
-                raise UnknownKeyError(validate_key_id(token[4:dot]))
+                raise UnknownKeyError(validate_key_id(token[TEXT_PREFIX_LEN:dot]))
             if dk.key.key_type != key_type or not (
                     dk.readable or (for_reencryption and dk.reencryptable)):
                 raise FormatError("key not usable here")
@@ -204,16 +233,16 @@ class Keyring:
             ctx = context.encode("utf-8") if type(context) is str and \
                 len(context) <= 1024 else context_bytes(context)
             if algorithm == ALG_AES_256_GCM:
-                plaintext = dk.open_gcm_raw(flags, raw, ctx)
+                plaintext = dk.open_gcm_raw(flags, raw, ctx, version=version, purpose=purpose)
             elif algorithm == ALG_AES_256_SIV:
-                plaintext = dk.open_siv(flags, raw[2:], ctx)
+                plaintext = dk.open_siv(flags, raw[2:], ctx, version=version, purpose=purpose)
             else:
                 raise FormatError("algorithm not valid in text form")
         except (InvalidTag, ValueError):  # FormatError and bad key ids are ValueErrors
             raise DecryptionError() from None
         if flags & FLAG_ZSTD:
-            try:
-                return _compression.decompress(plaintext)
+            try:  # no bigger than an uncompressed field could be: no decompression bombs
+                return _compression.decompress(plaintext, MAX_FIELD_PLAINTEXT)
             except ValueError:
                 raise DecryptionError() from None
         return plaintext

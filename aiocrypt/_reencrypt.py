@@ -1,9 +1,11 @@
 """The re-encryption engine (DESIGN.md section 5): move stored tokens onto the active keys.
 
 A run walks one table in primary-key order (keyset pagination, never OFFSET)
-and only ever reads rows that still need work: the key id sits at a fixed
-place in every text token, so ``substr(col, 1, n) <> 'ac1.<target key id>.'``
-selects them in SQL without decrypting anything. Each batch is re-encrypted in
+and only ever reads rows that still need work: the format version and key id
+sit at a fixed place in every text token, so ``substr(col, 1, n) <> 'ac2.<target
+key id>.'`` selects them in SQL without decrypting anything: rows on an old key,
+and rows on the target key still in format version 1 (``ac1.``), which a run
+moves to version 2. Each batch is re-encrypted in
 memory and written back with one statement that changes a column only while
 it still holds the token that was read (compare-and-swap): a value an
 application wrote in the meantime is never overwritten. The batch's
@@ -50,7 +52,7 @@ from . import _compression
 from ._codec import encode_value
 from ._crypto import NONCE_BYTES, DataKey
 from ._errors import DecryptionError, ReencryptionError
-from ._format import FLAG_ZSTD, TEXT_PREFIX, context_bytes, text_prefix
+from ._format import FLAG_ZSTD, TEXT_PREFIXES, context_bytes, text_prefix, token_sql
 from ._keyring import Keyring, UnknownKeyError
 from ._manager import KeyManager
 from ._types import KeyType, KeyTypeLike
@@ -320,12 +322,20 @@ class WriteBatch:
 class TableCensus:
     """Rows per key id per column; the key ``None`` counts values that are not tokens.
 
-    NULLs are not counted. A key with ``rows_for(key_id) == 0`` in every table that
-    used it holds no data any more and may be destroyed.
+    Tokens of both format versions count for their key id; ``v1_counts`` says how
+    many of a column's tokens are still format version 1 (0 everywhere: readers
+    may set ``accept_format_v1=False``). NULLs are not counted. A key with
+    ``rows_for(key_id) == 0`` in every table that used it holds no data any more
+    and may be destroyed.
     """
 
     table: str
     counts: Mapping[str, Mapping[str | None, int]]
+    v1_counts: Mapping[str, int] = field(default_factory=dict)
+
+    def v1_rows(self) -> int:
+        """Values (over all columns) still in format version 1."""
+        return sum(self.v1_counts.values())
 
     def rows_for(self, key_id: str | None) -> int:
         return sum(by_key.get(key_id, 0) for by_key in self.counts.values())
@@ -458,24 +468,29 @@ def pending_condition(table: TableSpec, prefix_params: Sequence[str]) -> str:
 
 
 def census_sql(table: TableSpec, key_id_expr: Callable[[str], str]) -> str:
-    """One query: (column index, key id or NULL for non-tokens, rows) for every column."""
+    """One query: (column index, key id or NULL for non-tokens, 1 for a format
+    version 1 token else 0, rows) for every column."""
     tbl = quote_identifier(table.name)
     selects = []
     for i, column in enumerate(table.columns):
         col = quote_identifier(column.name)
         selects.append(
-            f"SELECT {i} AS col, CASE WHEN substr({col}, 1, {len(TEXT_PREFIX)}) = "  # noqa: S608
-            f"'{TEXT_PREFIX}' THEN {key_id_expr(col)} END AS kid, count(*) AS n "
-            f"FROM {tbl} WHERE {col} IS NOT NULL GROUP BY 2")
+            f"SELECT {i} AS col, CASE WHEN {token_sql(col)} "  # noqa: S608
+            f"THEN {key_id_expr(col)} END AS kid, "
+            f"CASE WHEN {token_sql(col, (1,))} THEN 1 ELSE 0 END AS v1, count(*) AS n "
+            f"FROM {tbl} WHERE {col} IS NOT NULL GROUP BY 2, 3")
     return " UNION ALL ".join(selects)
 
 
 def census_from_rows(table: TableSpec, rows: Iterable[Sequence[Any]]) -> TableCensus:
     counts: dict[str, dict[str | None, int]] = {c.name: {} for c in table.columns}
-    for col, kid, n in rows:
-        by_key = counts[table.columns[int(col)].name]
-        by_key[kid] = by_key.get(kid, 0) + int(n)
-    return TableCensus(table.name, counts)
+    v1_counts: dict[str, int] = {c.name: 0 for c in table.columns}
+    for col, kid, v1, n in rows:
+        name = table.columns[int(col)].name
+        counts[name][kid] = counts[name].get(kid, 0) + int(n)
+        if int(v1):
+            v1_counts[name] += int(n)
+    return TableCensus(table.name, counts, v1_counts)
 
 
 # -- the engine -----------------------------------------------------------------
@@ -637,6 +652,7 @@ class ReencryptionEngine:
             context_bytes(context)  # validates it once: the hot loop only encodes it
             level = self.compression_level if self.compression_level is not None \
                 else self.key_manager.config.compression_level_for(c.key_type)
+            # the target's version 2 prefix: its version 1 tokens are re-encrypted too
             cols.append(_Column(c, context, text_prefix(target.key_id), target, level))
         targets = {c.spec.name: c.target.key_id for c in cols}
         job = job_id or self.job_id_for(spec, targets, key_range)
@@ -846,7 +862,7 @@ class ReencryptionEngine:
     @staticmethod
     def _plaintext(spec: TableSpec, col: _Column, keyring: Keyring, value: Any, context: str,
                    pk: Any, unknown_fails: bool) -> bytes:
-        if type(value) is str and value.startswith(TEXT_PREFIX):
+        if type(value) is str and value.startswith(TEXT_PREFIXES):
             try:
                 return keyring.decrypt_bytes(value, col.spec.key_type, context,
                                              for_reencryption=True)

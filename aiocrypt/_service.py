@@ -5,12 +5,19 @@ takes microseconds, far less than a hop to a thread. Anything above the
 performance mode's ``inline_threshold`` runs in a worker thread (anyio, with
 its own capacity limiter), and bulk data above it is segmented so no single
 cryptography call holds the GIL for long.
+
+Every ciphertext is bound to its purpose (format version 2): fields, bulk
+blobs, streams, session payloads and cache entries each open only as what they
+were written as. Bulk data and streams open only under the key type the caller
+names (``key_type=`` is required). Format version 1 (no purpose binding) is read
+until ``accept_format_v1=False`` closes the migration window.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import logging
 import os
@@ -34,12 +41,13 @@ from ._codec import STR_TAG, decode_value, encode_value
 from ._config import EncryptionConfig
 from ._crypto import DataKey
 from ._errors import CacheEntryExpiredError, DecryptionError
-from ._format import FLAG_ZSTD, context_bytes
+from ._format import FLAG_ZSTD, FORMAT_V1, TEXT_PREFIX_V1, Purpose, context_bytes
 from ._keyring import Keyring, UnknownKeyError
 from ._keys import utcnow
 from ._manager import KeyManager
 from ._streams import (
     BATCH_BYTES,
+    DEFAULT_MAX_SEGMENT,
     open_stream,
     read_file,
     seal_stream,
@@ -79,7 +87,8 @@ class EncryptionService:
 
     def __init__(self, key_manager: KeyManager, config: EncryptionConfig | None = None, *,
                  clock: Callable[[], _dt.datetime] = utcnow,
-                 preload: Sequence[KeyTypeLike] = ()) -> None:
+                 preload: Sequence[KeyTypeLike] = (),
+                 accept_format_v1: bool = True) -> None:
         self.key_manager = key_manager
         self.config = config if config is not None else key_manager.config
         self._clock = clock
@@ -91,6 +100,9 @@ class EncryptionService:
         self._compressing = self.config.compression_enabled \
             or bool(self.config.compressed_key_types)
         self._limiter = anyio.CapacityLimiter(perf.thread_limit)
+        # False once every stored token was moved to format version 2 (the keyring's
+        # own flag, from the config, says the same for sync readers)
+        self._refuse_v1 = not accept_format_v1
         self._started = False
         self._closed = False
         self.counters: Counter[str] = Counter()
@@ -189,15 +201,32 @@ class EncryptionService:
         return self.config.compression_level_for(key_type) if self._compressing else None
 
     def _encrypt_bytes(self, keyring: Keyring, plaintext: bytes, kt: KeyType,
-                       context: str | bytes | None) -> str:
+                       context: str | bytes | None, purpose: Purpose = Purpose.FIELD) -> str:
         return keyring.encrypt_bytes(plaintext, kt, context,
-                                     compression_level=self.compression_level_for(kt))
+                                     compression_level=self.compression_level_for(kt),
+                                     purpose=purpose)
+
+    async def _encrypt_value(self, value: Any, kt: KeyType, context: str | bytes | None,
+                             purpose: Purpose) -> str:
+        """:meth:`encrypt_field` for another purpose (sessions): the general path only."""
+        keyring = await self._keyring(kt)
+        plaintext = encode_value(value)
+        if len(plaintext) > self._threshold:
+            token = await self._run(self._encrypt_bytes, keyring, plaintext, kt, context,
+                                    purpose)
+        else:
+            token = self._encrypt_bytes(keyring, plaintext, kt, context, purpose)
+        self._encryptions += 1
+        return token
 
     async def decrypt_field(self, token: str, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
                             *, context: str | bytes | None = None) -> Any:
         """Decrypt a token from :meth:`encrypt_field`; any failure is ``DecryptionError``."""
         kt = key_type if type(key_type) is KeyType else KeyType(key_type)
         manager = self.key_manager
+        if self._refuse_v1 and type(token) is str and token.startswith(TEXT_PREFIX_V1):
+            await self._record_failures(kt, 1)
+            raise DecryptionError()
         if self._started and not manager.is_stale() and len(token) <= self._threshold:
             try:  # the common case: started, fresh, small, key loaded
                 value = manager.keyring.decrypt(token, kt, context)
@@ -217,8 +246,20 @@ class EncryptionService:
             self.counters["decrypt_failures"] += 1
             raise DecryptionError() from None
 
-    async def _decrypt_bytes(self, token: str, kt: KeyType, context: str | bytes | None) \
-            -> bytes:
+    async def _decrypt_value(self, token: str, kt: KeyType, context: str | bytes | None,
+                             purpose: Purpose) -> Any:
+        """:meth:`decrypt_field` for another purpose (sessions): the general path only."""
+        plaintext = await self._decrypt_bytes(token, kt, context, purpose)
+        if self.key_manager.auditor.pending:
+            await self.key_manager.auditor.flush()
+        try:
+            return decode_value(plaintext)
+        except ValueError:
+            self.counters["decrypt_failures"] += 1
+            raise DecryptionError() from None
+
+    async def _decrypt_bytes(self, token: str, kt: KeyType, context: str | bytes | None,
+                             purpose: Purpose = Purpose.FIELD) -> bytes:
         if not isinstance(token, str):
             raise TypeError(f"token must be str, not {type(token).__name__}")
         manager = self.key_manager
@@ -226,15 +267,18 @@ class EncryptionService:
             await self._keyring(None)
         keyring = manager.keyring
         try:
+            if self._refuse_v1 and token.startswith(TEXT_PREFIX_V1):
+                raise DecryptionError()
             try:
                 if len(token) > self._threshold:
-                    plaintext = await self._run(keyring.decrypt_bytes, token, kt, context)
+                    plaintext = await self._run(functools.partial(
+                        keyring.decrypt_bytes, token, kt, context, purpose=purpose))
                 else:
-                    plaintext = keyring.decrypt_bytes(token, kt, context)
+                    plaintext = keyring.decrypt_bytes(token, kt, context, purpose=purpose)
             except UnknownKeyError as exc:
                 if await manager.load_key(exc.key_id) is None:
                     raise DecryptionError() from None
-                plaintext = manager.keyring.decrypt_bytes(token, kt, context)
+                plaintext = manager.keyring.decrypt_bytes(token, kt, context, purpose=purpose)
         except DecryptionError:
             await self._record_failures(kt, 1)
             raise
@@ -290,6 +334,11 @@ class EncryptionService:
         kt = KeyType(key_type)
         ctxs = self._contexts(len(tokens), context, contexts)
         keyring = await self._keyring(None)
+        if self._refuse_v1:
+            refused = sum(1 for t in tokens if type(t) is str and t.startswith(TEXT_PREFIX_V1))
+            if refused:
+                await self._record_failures(kt, refused, batch_size=len(tokens))
+                raise DecryptionError()
 
         def work(keyring: Keyring, indexes: Sequence[int]) -> tuple[dict[int, Any], set[str]]:
             done: dict[int, Any] = {}
@@ -380,15 +429,18 @@ class EncryptionService:
         return result
 
     async def decrypt_bulk_data(self, encrypted: EncryptedData | bytes, *,
-                                context: str | bytes | None = None,
-                                key_type: KeyTypeLike | None = None) -> bytes | memoryview:
+                                key_type: KeyTypeLike,
+                                context: str | bytes | None = None) -> bytes | memoryview:
         """Decrypt :meth:`encrypt_bulk_data` output (the object or its ``to_bytes()`` blob).
 
+        ``key_type`` is required: data of any other key type is refused, as is
+        anything that is not a bulk blob or stream (a field token turned into bytes).
         Small payloads come back as ``bytes``. Segmented (large) ones come back as a
         read-only ``memoryview`` over one buffer the segments were decrypted into,
         so no GIL-holding copy of the whole payload is ever made; ``bytes(result)``
         makes one if you need it.
         """
+        kt = _required_key_type(key_type)
         if isinstance(encrypted, (bytes, bytearray, memoryview)):
             encrypted = EncryptedData.from_bytes(encrypted)
         if not isinstance(encrypted, EncryptedData):
@@ -396,10 +448,11 @@ class EncryptionService:
         if not self._started:
             await self.start()
         dk = await self._data_key(encrypted.key_id)
-        if key_type is not None and dk.key.key_type != KeyType(key_type):
+        if dk.key.key_type != kt or (encrypted.format_version == FORMAT_V1
+                                     and not self._accepts_v1()):
             self.counters["decrypt_failures"] += 1
             raise DecryptionError()
-        self.keyring.check_decryptable(dk, dk.key.key_type)
+        self.keyring.check_decryptable(dk, kt)
         ctx = context_bytes(context)
         large = len(encrypted.encrypted_data) > self._threshold
 
@@ -455,22 +508,32 @@ class EncryptionService:
         return self.config.performance.compression_level if compress else None
 
     async def decrypt_stream(self, source: AsyncIterable[bytes] | Iterable[bytes], *,
+                             key_type: KeyTypeLike,
                              context: str | bytes | None = None,
-                             key_type: KeyTypeLike | None = None) -> AsyncIterator[bytes]:
-        """Decrypt what :meth:`encrypt_stream` produced, yielding authenticated plaintext."""
+                             max_segment_size: int = DEFAULT_MAX_SEGMENT,
+                             ) -> AsyncIterator[bytes]:
+        """Decrypt what :meth:`encrypt_stream` produced, yielding authenticated plaintext.
+
+        ``key_type`` is required (a stream of another key type is refused). A stream
+        whose header declares segments larger than ``max_segment_size`` (default 4
+        MiB, the largest any performance mode writes; raise it for streams written
+        with a larger ``segment_size=``) is refused before anything is buffered.
+        """
+        kt = _required_key_type(key_type)
         if not self._started:
             await self.start()
 
         async def find_key(key_id: str) -> DataKey:
             dk = await self._data_key(key_id)
-            if key_type is not None and dk.key.key_type != KeyType(key_type):
+            if dk.key.key_type != kt:
                 raise DecryptionError()
-            self.keyring.check_decryptable(dk, dk.key.key_type)
+            self.keyring.check_decryptable(dk, kt)
             return dk
 
         try:
             async for part in open_stream(source, find_key, context_bytes(context), self._run,
-                                          self._threshold):
+                                          self._threshold, max_segment_size=max_segment_size,
+                                          accept_v1=self._accepts_v1()):
                 yield part
         except DecryptionError:
             self.counters["decrypt_failures"] += 1
@@ -497,17 +560,25 @@ class EncryptionService:
             return await write_file_atomically(dst, parts, self._run)
 
     async def decrypt_file(self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                           key_type: KeyTypeLike,
                            context: str | bytes | None = None,
-                           key_type: KeyTypeLike | None = None) -> int:
+                           max_segment_size: int = DEFAULT_MAX_SEGMENT) -> int:
         """Decrypt :meth:`encrypt_file` output into ``dst`` (mode 0600); returns the bytes written.
 
         If any segment fails to authenticate, ``DecryptionError`` is raised and
         ``dst`` is left untouched: no partial plaintext is ever left behind.
+        ``key_type`` and ``max_segment_size`` are as for :meth:`decrypt_stream`.
         """
-        chunks = read_file(src, self._segment_size, self._run, stream_aligned=True)
+        kt = _required_key_type(key_type)
+        chunks = read_file(src, self._segment_size, self._run, stream_aligned=True,
+                           max_segment_size=max_segment_size)
         async with contextlib.aclosing(chunks):
-            parts = self.decrypt_stream(chunks, context=context, key_type=key_type)
+            parts = self.decrypt_stream(chunks, context=context, key_type=kt,
+                                        max_segment_size=max_segment_size)
             return await write_file_atomically(dst, parts, self._run)
+
+    def _accepts_v1(self) -> bool:
+        return not self._refuse_v1 and self.keyring.accept_format_v1
 
     async def _data_key(self, key_id: str) -> DataKey:
         dk = self.key_manager.keyring.get(key_id) or await self.key_manager.load_key(key_id)
@@ -523,11 +594,12 @@ class EncryptionService:
         """Encrypt a session dict with the session key (bind it to the session via ``context``)."""
         if not isinstance(data, dict):
             raise TypeError(f"session data must be a dict, not {type(data).__name__}")
-        return await self.encrypt_field(data, KeyType.SESSION, context=context)
+        return await self._encrypt_value(data, KeyType.SESSION, context, Purpose.SESSION)
 
     async def decrypt_session_data(self, token: str, *,
                                    context: str | bytes | None = None) -> dict[str, Any]:
-        value = await self.decrypt_field(token, KeyType.SESSION, context=context)
+        """Decrypt :meth:`encrypt_session_data` output (never a field token)."""
+        value = await self._decrypt_value(token, KeyType.SESSION, context, Purpose.SESSION)
         if not isinstance(value, dict):
             raise DecryptionError()
         return value
@@ -552,32 +624,33 @@ class EncryptionService:
         expires = _NO_EXPIRY if ttl is None else int(
             (self._clock().timestamp() + ttl) * 1000)
         encrypted_key = keyring.encrypt_deterministic(cache_key, KeyType.CACHE,
-                                                      _CACHE_KEY_CONTEXT)
+                                                      _CACHE_KEY_CONTEXT, purpose=Purpose.CACHE)
         plaintext = encode_value([expires, value])
         context = _cache_value_context(cache_key)
         if len(plaintext) > self._threshold:
             encrypted_value = await self._run(self._encrypt_bytes, keyring, plaintext,
-                                              KeyType.CACHE, context)
+                                              KeyType.CACHE, context, Purpose.CACHE)
         else:
-            encrypted_value = keyring.encrypt_bytes(plaintext, KeyType.CACHE, context,
-                                                    compression_level=self.compression_level_for(KeyType.CACHE))
+            encrypted_value = self._encrypt_bytes(keyring, plaintext, KeyType.CACHE, context,
+                                                  Purpose.CACHE)
         self.counters["cache_encryptions"] += 1
         return encrypted_key, encrypted_value
 
     async def encrypt_cache_key(self, cache_key: str) -> str:
         """The encrypted form of ``cache_key`` alone (to look an entry up)."""
         keyring = await self._keyring(KeyType.CACHE)
-        return keyring.encrypt_deterministic(cache_key, KeyType.CACHE, _CACHE_KEY_CONTEXT)
+        return keyring.encrypt_deterministic(cache_key, KeyType.CACHE, _CACHE_KEY_CONTEXT,
+                                             purpose=Purpose.CACHE)
 
     async def decrypt_cache_data(self, encrypted_key: str, encrypted_value: str) \
             -> tuple[str, Any]:
         """(cache key, value); ``CacheEntryExpiredError`` once the entry's TTL has passed."""
         cache_key = decode_value(await self._decrypt_bytes(encrypted_key, KeyType.CACHE,
-                                                           _CACHE_KEY_CONTEXT))
+                                                           _CACHE_KEY_CONTEXT, Purpose.CACHE))
         if not isinstance(cache_key, str):
             raise DecryptionError()
         envelope = await self._decrypt_bytes(encrypted_value, KeyType.CACHE,
-                                             _cache_value_context(cache_key))
+                                             _cache_value_context(cache_key), Purpose.CACHE)
         try:
             expires, value = decode_value(envelope)
         except (ValueError, TypeError):
@@ -617,6 +690,13 @@ class EncryptionService:
             if not (health["key_store_reachable"] and health["kek_provider_reachable"]):
                 stats["encryption_service"] = "degraded"
         return stats
+
+
+def _required_key_type(key_type: KeyTypeLike | None) -> KeyType:
+    if key_type is None:
+        raise TypeError("key_type is required: bulk data and streams open only under the key "
+                        "type they were encrypted with")
+    return KeyType(key_type)
 
 
 def _decompress(plaintext: bytes | memoryview) -> bytes:

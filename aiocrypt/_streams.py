@@ -24,6 +24,13 @@ batches of about BATCH_BYTES), and so does zstd, which releases the GIL.
 With ``FLAG_ZSTD`` in the header, the authenticated plaintext is a sequence of
 zstd records, one per input segment (see :mod:`aiocrypt._compression`); each
 decompresses with a hard bound of one segment.
+
+What a reader buffers before its first authentication is bounded: the header's
+segment size must not exceed the reader's ``max_segment_size`` (DEFAULT_MAX_SEGMENT
+unless the caller raises it), and the first segment is opened on its own, before
+a batch of them is read. Format version 2 binds the segment size, salt and
+nonce prefix into every segment's associated data, so a rewritten preamble
+fails at that first segment.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from collections.abc import (
     Iterable,
     Iterator,
 )
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import anyio.lowlevel
 
@@ -52,10 +59,12 @@ from . import _compression
 from ._bulk import MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, StreamDecryptor, StreamEncryptor
 from ._crypto import STREAM_PREFIX_BYTES, STREAM_SALT_BYTES, TAG_BYTES, DataKey
 from ._errors import DecryptionError
-from ._format import ALG_AES_256_GCM_STREAM, FLAG_ZSTD, FormatError, parse_binary
+from ._format import ALG_AES_256_GCM_STREAM, FLAG_ZSTD, FORMAT_V1, FormatError, parse_binary
 
 __all__ = [
+    "DEFAULT_MAX_SEGMENT",
     "Segmenter",
+    "StreamPreamble",
     "byte_chunks",
     "open_stream",
     "read_file",
@@ -72,6 +81,10 @@ BATCH_BYTES: Final = 4 * 1024 * 1024
 INLINE_BYTES: Final = 1024 * 1024
 #: Segments up to this size are sealed and opened inline.
 INLINE_SEGMENT_LIMIT: Final = 4 * 1024 * 1024
+#: Largest segment size a reader accepts unless told otherwise: the largest any
+#: performance mode writes. What a hostile header can make a reader buffer before
+#: its first authentication is one segment of at most this size.
+DEFAULT_MAX_SEGMENT: Final = 4 * 1024 * 1024
 Source = AsyncIterable[bytes] | Iterable[bytes]
 _U32: Final = struct.Struct(">I")
 _COPY_PIECE: Final = 1024 * 1024
@@ -163,16 +176,18 @@ class Segmenter:
                 need = 0
         return b"".join(parts)
 
-    async def batches(self, size: int, count: int) \
+    async def batches(self, size: int, count: int, first: int | None = None) \
             -> AsyncIterator[list[tuple[bytes | memoryview, bool]]]:
-        """Up to ``count`` (piece, last) pairs at a time: pieces of exactly ``size``
-        bytes, then a last one of 0..size bytes flagged True.
+        """Up to ``count`` (piece, last) pairs at a time (``first`` in the first batch):
+        pieces of exactly ``size`` bytes, then a last one of 0..size bytes flagged True.
 
         A piece is released only once a byte beyond it arrived (or the input ended),
         so the last flag is always right.
         """
-        while await self.fill(size * count + 1):
-            yield [(self.take(size), False) for _ in range(count)]
+        n = count if first is None else first
+        while await self.fill(size * n + 1):
+            yield [(self.take(size), False) for _ in range(n)]
+            n = count
         batch: list[tuple[bytes | memoryview, bool]] = []
         while self.buffered > size:
             batch.append((self.take(size), False))
@@ -267,19 +282,34 @@ async def seal_stream(enc: StreamEncryptor, source: Source, run: Runner, thresho
         yield sealed
 
 
-def stream_key_id(preamble: bytes | memoryview) -> tuple[str, int, int, bytes, int]:
-    """(key id, flags, segment size, iv, preamble length) of a stream's first bytes."""
+class StreamPreamble(NamedTuple):
+    """What a stream's first bytes say (nothing of it is authenticated yet)."""
+
+    key_id: str
+    flags: int
+    segment_size: int
+    iv: bytes  # salt || nonce prefix
+    length: int  # of the preamble, in bytes
+    version: int
+
+
+def stream_key_id(preamble: bytes | memoryview, *,
+                  max_segment_size: int = MAX_SEGMENT_SIZE,
+                  accept_v1: bool = True) -> StreamPreamble:
+    """Parse a stream's preamble; ``DecryptionError`` for anything a reader must refuse
+    (a segment size above ``max_segment_size``, version 1 unless ``accept_v1``)."""
     try:
         header, header_bytes, rest = parse_binary(preamble)
     except FormatError:
         raise DecryptionError() from None
-    if header.algorithm != ALG_AES_256_GCM_STREAM or len(rest) < _IV_BYTES:
+    if header.algorithm != ALG_AES_256_GCM_STREAM or len(rest) < _IV_BYTES \
+            or (header.version == FORMAT_V1 and not accept_v1):
         raise DecryptionError()
     (segment_size,) = _U32.unpack_from(rest)
-    if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+    if not MIN_SEGMENT_SIZE <= segment_size <= min(max_segment_size, MAX_SEGMENT_SIZE):
         raise DecryptionError()
-    return header.key_id, header.flags, segment_size, bytes(rest[4:_IV_BYTES]), \
-        len(header_bytes) + _IV_BYTES
+    return StreamPreamble(header.key_id, header.flags, segment_size, bytes(rest[4:_IV_BYTES]),
+                          len(header_bytes) + _IV_BYTES, header.version)
 
 
 class _Opener:
@@ -305,11 +335,15 @@ class _Opener:
 
 
 async def open_stream(source: Source, find_key: Callable[[str], Awaitable[DataKey]],
-                      context: bytes, run: Runner, threshold: int) -> AsyncIterator[bytes]:
+                      context: bytes, run: Runner, threshold: int, *,
+                      max_segment_size: int = DEFAULT_MAX_SEGMENT,
+                      accept_v1: bool = True) -> AsyncIterator[bytes]:
     """Yield plaintext segment by segment; any tampering raises ``DecryptionError``.
 
     Plaintext of a segment is released only after that segment authenticated;
     a stream cut short fails at its end (its last segment lacks the final flag).
+    Before the first segment authenticated, at most the preamble and one segment
+    of at most ``max_segment_size`` bytes (plus one source chunk) are buffered.
     """
     reader = Segmenter(byte_chunks(source))
     # the preamble: 4 header bytes, the key id, segment size, salt and prefix
@@ -318,11 +352,12 @@ async def open_stream(source: Source, find_key: Callable[[str], Awaitable[DataKe
     head = bytes(reader.take(4))
     if not await reader.fill(head[3] + _IV_BYTES):
         raise DecryptionError()
-    preamble = head + bytes(reader.take(head[3] + _IV_BYTES))
-    key_id, flags, segment_size, iv, _ = stream_key_id(preamble)
-    dk = await find_key(key_id)
-    opener = _Opener(StreamDecryptor(dk, context, flags, segment_size, iv),
-                     bool(flags & FLAG_ZSTD))
+    preamble = stream_key_id(head + bytes(reader.take(head[3] + _IV_BYTES)),
+                             max_segment_size=max_segment_size, accept_v1=accept_v1)
+    flags, segment_size = preamble.flags, preamble.segment_size
+    dk = await find_key(preamble.key_id)
+    opener = _Opener(StreamDecryptor(dk, context, flags, segment_size, preamble.iv,
+                                     preamble.version), bool(flags & FLAG_ZSTD))
     open_ = opener.open
 
     def step(batch: list[tuple[bytes | memoryview, bool]]) -> list[bytes]:
@@ -330,8 +365,9 @@ async def open_stream(source: Source, find_key: Callable[[str], Awaitable[DataKe
         return [part for sealed, last in batch for part in open_(sealed, last) if part]
 
     stride = segment_size + TAG_BYTES
-    async for part in _steps(reader.batches(stride, batch_count(stride)), step, run,
-                             threshold):
+    # the first segment alone: a forged preamble fails before a batch is read ahead
+    batches = reader.batches(stride, batch_count(stride), first=1)
+    async for part in _steps(batches, step, run, threshold):
         yield part
 
 
@@ -371,13 +407,15 @@ async def _to_completion(run: Runner, func: Callable[..., T], *args: Any) -> T:
 
 
 async def read_file(path: str | os.PathLike[str], chunk_size: int, run: Runner, *,
-                    stream_aligned: bool = False) -> AsyncGenerator[bytes, None]:
+                    stream_aligned: bool = False,
+                    max_segment_size: int = DEFAULT_MAX_SEGMENT) -> AsyncGenerator[bytes, None]:
     """The bytes of a file in ``chunk_size`` reads, each in a worker thread.
 
     The next read is started before a chunk is handed over, so the disk (or
     page-cache copy, which releases the GIL) overlaps the consumer's cipher work.
     With ``stream_aligned`` the preamble is read first and then whole sealed
-    segments, so every ciphertext segment passes to the cipher uncopied.
+    segments (of a segment size up to ``max_segment_size``), so every ciphertext
+    segment passes to the cipher uncopied.
     """
     opened: list[io.BufferedReader] = []  # filled even if we are cancelled during the hop
     ahead: asyncio.Future[bytes] | None = None
@@ -392,7 +430,8 @@ async def read_file(path: str | os.PathLike[str], chunk_size: int, run: Runner, 
             rest = await _to_completion(run, fh.read, head[3] + _IV_BYTES)
             yield rest
             try:
-                chunk_size = stream_key_id(head + rest)[2] + TAG_BYTES
+                chunk_size = stream_key_id(head + rest, max_segment_size=max_segment_size
+                                           ).segment_size + TAG_BYTES
             except DecryptionError:
                 pass  # open_stream will say so; keep reading plain chunks
         ahead = _start(run, fh.read, chunk_size)

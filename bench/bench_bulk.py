@@ -131,7 +131,7 @@ async def _memory_case(name: str, size: int,
         def decrypt(_: Any) -> Op:
             async def run() -> Any:
                 total = 0
-                async for part in service.decrypt_stream(sealed_parts):
+                async for part in service.decrypt_stream(sealed_parts, key_type=KeyType.PII):
                     total += len(part)
                 assert total == size
             return run
@@ -143,7 +143,7 @@ async def _memory_case(name: str, size: int,
 
         def decrypt(sealed: Any) -> Op:
             async def run() -> Any:
-                plaintext = await service.decrypt_bulk_data(sealed)
+                plaintext = await service.decrypt_bulk_data(sealed, key_type=KeyType.PII)
                 assert len(plaintext) == size
                 return plaintext
             return run
@@ -228,7 +228,7 @@ async def _file_case(name: str, src: Path, service: Any) -> tuple[str, Op, Op]:
                 await service.encrypt_file(src, sealed_path, KeyType.PII)
 
             async def decrypt() -> Any:
-                await service.decrypt_file(sealed_path, opened_path)
+                await service.decrypt_file(sealed_path, opened_path, key_type=KeyType.PII)
                 assert _size(opened_path) == size
             return name, encrypt, decrypt
 
@@ -239,7 +239,8 @@ async def _file_case(name: str, src: Path, service: Any) -> tuple[str, Op, Op]:
 
         async def decrypt_s() -> Any:
             with opened_path.open("wb") as out:
-                async for part in service.decrypt_stream(_read_chunks(sealed_path)):
+                async for part in service.decrypt_stream(_read_chunks(sealed_path),
+                                                       key_type=KeyType.PII):
                     out.write(part)
             assert _size(opened_path) == size
         return "aiocrypt-file-stream", encrypt_s, decrypt_s

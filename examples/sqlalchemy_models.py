@@ -116,8 +116,8 @@ async def run(engine: AsyncEngine, service: EncryptionService) -> None:
     for name, value in zip(("monthly_income_encrypted", "ssn_encrypted", "ssn_index"), row,
                            strict=True):
         print(f"{name:26} {value[:60]}...")
-    assert row[0].startswith("ac1.") and "50000" not in row[0]
-    assert row[1].startswith("ac1.") and "6789" not in row[1]
+    assert row[0].startswith("ac2.") and "50000" not in row[0]
+    assert row[1].startswith("ac2.") and "6789" not in row[1]
 
     async def find(ssn: str) -> list[str]:
         async with sessions() as session:

@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
                       "pip install 'aiocrypt[sqlalchemy]'") from exc
 
 from aiocrypt import EncryptionService, Keyring, KeyType
-from aiocrypt._format import TEXT_PREFIX
+from aiocrypt._format import token_sql
 from aiocrypt._reencrypt import LEGACY_TYPES, parse_legacy, quote_identifier
 from aiocrypt._types import KeyTypeLike
 
@@ -104,7 +104,7 @@ def encrypt_column(table_name: str, source_column: str, target_column: str | Non
     ctx = context if context is not None else \
         f"{table_name}.{target_column if target_column is not None else source_column}"
     if target_column is None:
-        pending = f"{src} IS NOT NULL AND substr({src}, 1, {len(TEXT_PREFIX)}) <> :prefix"
+        pending = f"{src} IS NOT NULL AND NOT {token_sql(src)}"
         update = (f"UPDATE {tbl} SET {src} = :new "  # noqa: S608
                   f"WHERE {pk} = :pk AND {src} = :old")
     else:
@@ -117,7 +117,7 @@ def encrypt_column(table_name: str, source_column: str, target_column: str | Non
         rows = conn.execute(sa.text(
             f"SELECT {pk}, {src} FROM {tbl} WHERE {where} "  # noqa: S608
             f"ORDER BY {pk} LIMIT :limit"),
-            {"prefix": TEXT_PREFIX, "after": after, "limit": batch_size}).all()
+            {"after": after, "limit": batch_size}).all()
         if not rows:
             return done
         params = []

@@ -49,6 +49,7 @@ from aiocrypt import (
     Keyring,
     KeyStatus,
     KeyType,
+    Purpose,
     UnknownKeyError,
 )
 
@@ -488,12 +489,14 @@ class SyncRedisSessionStore:
     def _decrypt(self, token: str, sid: str) -> Any:
         try:
             try:
-                return self._get_keyring().decrypt(token, KeyType.SESSION, _context(sid))
+                return self._get_keyring().decrypt(token, KeyType.SESSION, _context(sid),
+                                                   purpose=Purpose.SESSION)
             except UnknownKeyError as exc:
                 if self._load_key is None:
                     return None
                 self._load_key(exc.key_id)
-                return self._get_keyring().decrypt(token, KeyType.SESSION, _context(sid))
+                return self._get_keyring().decrypt(token, KeyType.SESSION, _context(sid),
+                                                   purpose=Purpose.SESSION)
         except DecryptionError:
             return None
 
@@ -509,7 +512,8 @@ class SyncRedisSessionStore:
                 self.redis.delete(*delete)
             return result
         redis_key, sid = write
-        token = keyring.encrypt(self._codec.envelope(session), KeyType.SESSION, _context(sid))
+        token = keyring.encrypt(self._codec.envelope(session), KeyType.SESSION, _context(sid),
+                                purpose=Purpose.SESSION)
         with self.redis.pipeline(transaction=False) as pipe:
             if delete:
                 pipe.delete(*delete)

@@ -67,7 +67,7 @@ from aiocrypt import (
 )
 from aiocrypt._codec import encode_value
 from aiocrypt._crypto import DataKey
-from aiocrypt._format import TEXT_PREFIX, context_bytes
+from aiocrypt._format import TEXT_PREFIXES, context_bytes
 from aiocrypt._keyring import UnknownKeyError
 from aiocrypt._reencrypt import (
     CHECKPOINT_COLUMNS,
@@ -305,7 +305,7 @@ class EncryptedType(_TableBound):
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
             return None
-        if isinstance(value, str) and value.startswith(TEXT_PREFIX):
+        if isinstance(value, str) and value.startswith(TEXT_PREFIXES):
             return _decrypt(_service_for(self.service), value, self.key_type, self._context())
         if not self.allow_plaintext:
             raise DecryptionError()
@@ -329,15 +329,16 @@ class EncryptedType(_TableBound):
         return parsed
 
     def tokens_for(self, value: Any, keyring: Keyring | None = None) -> list[str]:
-        """Deterministic tokens of ``value`` under every live key version (newest first)."""
+        """Deterministic tokens of ``value`` under every live key version (newest first),
+        in format version 2 and, while the keyring reads it, version 1 (rows not migrated)."""
         if not self.deterministic:
             raise TypeError(f"{self.context}: only deterministic columns have stable tokens")
         if keyring is None:
             keyring = _current_keyring(_service_for(self.service))
         plaintext = encode_value(self.coerce_value(value))
         ctx = context_bytes(self._context())
-        return [dk.seal_deterministic(plaintext, ctx) for dk in _live_keys(keyring,
-                                                                             self.key_type)]
+        return [token for dk in _live_keys(keyring, self.key_type)
+                for token in dk.deterministic_tokens(plaintext, ctx, v1=keyring.accept_format_v1)]
 
     def match_clause(self, column: Any, values: Iterable[Any]) -> Any:
         tokens = [t for v in values for t in self.tokens_for(v)]

@@ -59,8 +59,9 @@ async def test_file_round_trip_default_segments(service: EncryptionService,
     await service.encrypt_file(src, enc, context="x")
     assert EncryptedData.from_bytes(enc.read_bytes()).segment_size == MIB
     # an encrypted file is a stream, is a blob
-    assert await service.decrypt_bulk_data(enc.read_bytes(), context="x") == data
-    assert await service.decrypt_file(enc, out, context="x") == len(data)
+    assert await service.decrypt_bulk_data(enc.read_bytes(), context="x",
+                                           key_type="financial_data") == data
+    assert await service.decrypt_file(enc, out, context="x", key_type="financial_data") == len(data)
     assert out.read_bytes() == data
 
 
@@ -70,7 +71,7 @@ async def test_encrypting_a_file_in_place_and_overwriting(service: EncryptionSer
     data = write_random(path, 5 * SEG)
     await service.encrypt_file(path, path, context="p", segment_size=SEG)
     assert path.read_bytes() != data
-    await service.decrypt_file(path, path, context="p")
+    await service.decrypt_file(path, path, context="p", key_type="financial_data")
     assert path.read_bytes() == data
     assert leftovers(tmp_path, path) == []
 
@@ -83,7 +84,7 @@ async def test_compressed_file_round_trip(tmp_path: Path) -> None:
         await service.encrypt_file(src, enc, context="logs")
         assert EncryptedData.from_bytes(enc.read_bytes()).compressed
         assert enc.stat().st_size < len(data) // 4
-        await service.decrypt_file(enc, out, context="logs")
+        await service.decrypt_file(enc, out, context="logs", key_type="financial_data")
     assert out.read_bytes() == data
 
 
@@ -95,7 +96,7 @@ async def test_failed_decrypt_leaves_no_plaintext(service: EncryptionService, tm
     write_random(src, 20 * SEG + 100)
     await service.encrypt_file(src, enc, "financial_data", context="f", segment_size=SEG)
     sealed = bytearray(enc.read_bytes())
-    kwargs: dict[str, str] = {"context": "f"}
+    kwargs: dict[str, str] = {"context": "f", "key_type": "financial_data"}
     if damage == "flip-middle":
         sealed[len(sealed) // 2] ^= 1
     elif damage == "flip-last":
@@ -126,7 +127,8 @@ async def test_missing_source_is_an_os_error(service: EncryptionService,
     with pytest.raises(FileNotFoundError):
         await service.encrypt_file(tmp_path / "nope", tmp_path / "out")
     with pytest.raises(FileNotFoundError):
-        await service.decrypt_file(tmp_path / "nope", tmp_path / "out")
+        await service.decrypt_file(tmp_path / "nope", tmp_path / "out",
+                                   key_type="financial_data")
     with pytest.raises(FileNotFoundError):  # the destination's directory must exist
         src = tmp_path / "src"
         src.write_bytes(b"x")
@@ -146,7 +148,7 @@ async def test_file_memory_stays_constant(service: EncryptionService, tmp_path: 
         await service.encrypt_file(src, enc, context="m")
         _, encrypt_peak = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
-        await service.decrypt_file(enc, out, context="m")
+        await service.decrypt_file(enc, out, context="m", key_type="financial_data")
         _, decrypt_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -169,7 +171,8 @@ async def test_cancelled_file_jobs_leave_nothing_behind(service: EncryptionServi
     await service.encrypt_file(src, enc, context="k")
     for job, dst in ((service.encrypt_file(src, tmp_path / "out.enc", context="k"),
                       tmp_path / "out.enc"),
-                     (service.decrypt_file(enc, tmp_path / "out", context="k"),
+                     (service.decrypt_file(enc, tmp_path / "out", context="k",
+                                           key_type="financial_data"),
                       tmp_path / "out")):
         task = asyncio.ensure_future(job)
         for _ in range(steps):
@@ -180,5 +183,6 @@ async def test_cancelled_file_jobs_leave_nothing_behind(service: EncryptionServi
         # no temporary file left, and no partial output: none at all, or a whole one
         assert leftovers(tmp_path, src, enc, dst) == []
         if dst.exists():
-            assert await service.decrypt_bulk_data(dst.read_bytes(), context="k") == data \
+            assert await service.decrypt_bulk_data(dst.read_bytes(), context="k",
+                                                   key_type="financial_data") == data \
                 if dst.suffix == ".enc" else dst.read_bytes() == data

@@ -24,7 +24,7 @@ async def test_forced_rotation_changes_active_key_and_old_tokens_decrypt(
     manager = service.key_manager
     before = await manager.get_active_key(KeyType.FINANCIAL_DATA)
     old_token = await service.encrypt_field(75000.0, context="users.income")
-    assert old_token.startswith(f"ac1.{before.key_id}.")
+    assert old_token.startswith(f"ac2.{before.key_id}.")
 
     after = await manager.rotate_key(KeyType.FINANCIAL_DATA, force=True)
     assert after.key_id != before.key_id
@@ -32,7 +32,7 @@ async def test_forced_rotation_changes_active_key_and_old_tokens_decrypt(
     assert (await manager.get_key(before.key_id)).status is KeyStatus.DECRYPT_ONLY
 
     new_token = await service.encrypt_field(75000.0, context="users.income")
-    assert new_token.startswith(f"ac1.{after.key_id}.")
+    assert new_token.startswith(f"ac2.{after.key_id}.")
     assert await service.decrypt_field(old_token, context="users.income") == 75000.0
     assert await service.decrypt_field(new_token, context="users.income") == 75000.0
 
@@ -84,7 +84,7 @@ async def test_revoked_key_refuses_reads_and_is_replaced(service: EncryptionServ
     # re-encryption may still read it
     assert service.keyring.decrypt(token, KeyType.API_KEYS, for_reencryption=True) == "k-123"
     new_token = await service.encrypt_field("k-123", KeyType.API_KEYS)
-    assert new_token.startswith(f"ac1.{replacement.key_id}.")
+    assert new_token.startswith(f"ac2.{replacement.key_id}.")
 
 
 async def test_unknown_key_operations_raise_key_not_found(service: EncryptionService) -> None:
@@ -136,7 +136,7 @@ async def test_two_managers_on_one_store_see_each_others_rotation() -> None:
         token_b = await b.encrypt_field(1, KeyType.PII)
         rotated = await a.key_manager.rotate_key(KeyType.PII, force=True)
         token_a = await a.encrypt_field(2, KeyType.PII)
-        assert token_a.startswith(f"ac1.{rotated.key_id}.")
+        assert token_a.startswith(f"ac2.{rotated.key_id}.")
         # b has not refreshed (long interval) yet meets the new key id: it loads it once
         assert await b.decrypt_field(token_a, KeyType.PII) == 2
         assert await a.decrypt_field(token_b, KeyType.PII) == 1

@@ -141,7 +141,7 @@ async def test_mark_compromised_stops_encryption_and_asks_for_reencryption() -> 
         marked = await manager.mark_compromised(old.key_id, "found in a public repo")
         assert marked.status is KeyStatus.COMPROMISED and marked.reencrypt_required
         new_token = await service.encrypt_field("sk_live_y", KeyType.API_KEYS)
-        assert not new_token.startswith(f"ac1.{old.key_id}.")
+        assert not new_token.startswith(f"ac2.{old.key_id}.")
         with pytest.raises(DecryptionError):
             await service.decrypt_field(token, KeyType.API_KEYS)
         assert service.keyring.decrypt(token, KeyType.API_KEYS,

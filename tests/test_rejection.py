@@ -108,13 +108,16 @@ async def test_bulk_blob_tampering_is_rejected(service: EncryptionService, size:
         bad = bytearray(blob)
         bad[pos] ^= 0x01
         with pytest.raises(DecryptionError):
-            await service.decrypt_bulk_data(bytes(bad), context="exports")
+            await service.decrypt_bulk_data(bytes(bad), context="exports",
+                                            key_type="financial_data")
     for cut in (1, 16, 17, len(blob) // 2, len(blob) - 1):
         with pytest.raises(DecryptionError):
-            await service.decrypt_bulk_data(blob[:cut], context="exports")
+            await service.decrypt_bulk_data(blob[:cut], context="exports",
+                                            key_type="financial_data")
     with pytest.raises(DecryptionError):
-        await service.decrypt_bulk_data(blob, context="other")
-    assert await service.decrypt_bulk_data(blob, context="exports") == data[:size]
+        await service.decrypt_bulk_data(blob, context="other", key_type="financial_data")
+    assert await service.decrypt_bulk_data(blob, context="exports",
+                                           key_type="financial_data") == data[:size]
 
 
 async def test_stream_segments_cannot_be_dropped_or_reordered(
@@ -137,5 +140,5 @@ async def test_stream_segments_cannot_be_dropped_or_reordered(
                     [segments[0], segments[1], segments[3]],                # middle dropped
                     [*segments, segments[3]]):                              # appended
         with pytest.raises(DecryptionError):
-            await service.decrypt_bulk_data(rebuilt(variant))
-    assert await service.decrypt_bulk_data(rebuilt(segments)) == data
+            await service.decrypt_bulk_data(rebuilt(variant), key_type="financial_data")
+    assert await service.decrypt_bulk_data(rebuilt(segments), key_type="financial_data") == data

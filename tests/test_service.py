@@ -16,6 +16,7 @@ from aiocrypt import (
     EncryptionConfig,
     EncryptionService,
     KeyType,
+    Purpose,
     get_crypto_config,
     get_encryption_service,
     get_key_manager,
@@ -51,7 +52,8 @@ async def test_bulk_round_trip_object_and_blob(service: EncryptionService, size:
     rebuilt = EncryptedData(encrypted_data=encrypted.encrypted_data, key_id=encrypted.key_id,
                             algorithm=encrypted.algorithm, iv=encrypted.iv, tag=encrypted.tag,
                             segment_size=encrypted.segment_size)
-    assert await service.decrypt_bulk_data(rebuilt, context="exports/1") == data
+    assert await service.decrypt_bulk_data(rebuilt, context="exports/1",
+                                           key_type=KeyType.AUDIT_LOGS) == data
     blob = encrypted.to_bytes()
     assert EncryptedData.from_bytes(blob) == encrypted
     assert await service.decrypt_bulk_data(blob, context="exports/1",
@@ -66,7 +68,8 @@ async def test_bulk_with_compression() -> None:
         data = b"highly repetitive audit line\n" * 10_000
         encrypted = await service.encrypt_bulk_data(data)
         assert encrypted.compressed and len(encrypted.encrypted_data) < len(data) // 10
-        assert await service.decrypt_bulk_data(encrypted.to_bytes()) == data
+        assert await service.decrypt_bulk_data(encrypted.to_bytes(),
+                                               key_type=KeyType.FINANCIAL_DATA) == data
         token = await service.encrypt_field("note " * 50)
         assert await service.decrypt_field(token) == "note " * 50
 
@@ -84,7 +87,8 @@ async def test_large_bulk_work_does_not_block_the_loop(service: EncryptionServic
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
         encrypted = await service.encrypt_bulk_data(data)
-        assert await service.decrypt_bulk_data(encrypted) == data
+        assert await service.decrypt_bulk_data(encrypted, key_type=KeyType.FINANCIAL_DATA) \
+            == data
         tg.cancel_scope.cancel()
     assert ticks > 0  # the loop kept running while the threads worked
 
@@ -92,13 +96,13 @@ async def test_large_bulk_work_does_not_block_the_loop(service: EncryptionServic
 async def test_session_data(service: EncryptionService) -> None:
     session = {"user_id": 7, "roles": ["admin"], "login": dt.datetime.now(dt.UTC)}
     token = await service.encrypt_session_data(session, context="sid-hash")
-    assert token.startswith("ac1.session-v1-")
+    assert token.startswith("ac2.session-v1-")
     assert await service.decrypt_session_data(token, context="sid-hash") == session
     with pytest.raises(DecryptionError):
         await service.decrypt_session_data(token, context="other-sid")
     with pytest.raises(TypeError, match="dict"):
         await service.encrypt_session_data(["not", "a", "dict"])  # type: ignore[arg-type]
-    not_a_dict = await service.encrypt_field([1], KeyType.SESSION)
+    not_a_dict = service.keyring.encrypt([1], KeyType.SESSION, purpose=Purpose.SESSION)
     with pytest.raises(DecryptionError):
         await service.decrypt_session_data(not_a_dict)
 
@@ -129,7 +133,7 @@ async def test_cache_entries_are_deterministic_bound_and_expire() -> None:
             with pytest.raises(ValueError):
                 await service.encrypt_cache_data("k", 1, ttl=bad_ttl)  # type: ignore[arg-type]
         # the cache has its own key, never a field key
-        assert key1.startswith("ac1.cache-v1-")
+        assert key1.startswith("ac2.cache-v1-")
 
 
 async def test_stats_report_status_and_counters(service: EncryptionService) -> None:

@@ -54,7 +54,7 @@ async def decrypt_until_failure(service: EncryptionService, chunks: Iterable[byt
     """What ``decrypt_stream`` yielded before it raised, and what it raised."""
     yielded: list[bytes] = []
     try:
-        async for part in service.decrypt_stream(chunks, **kwargs):
+        async for part in service.decrypt_stream(chunks, **{"key_type": "pii", **kwargs}):
             yielded.append(part)
     except Exception as exc:
         return b"".join(yielded), exc
@@ -94,7 +94,7 @@ async def test_round_trip_small_segments(service: EncryptionService, batching: s
     blob = EncryptedData.from_bytes(sealed)
     assert (blob.algorithm, blob.segment_size, blob.compressed) == \
         ("AES_256_GCM_STREAM", SEG, False)
-    assert bytes(await service.decrypt_bulk_data(sealed, context="t.c")) == data
+    assert bytes(await service.decrypt_bulk_data(sealed, context="t.c", key_type="pii")) == data
     for piece in (1, STRIDE, STRIDE + 1, len(sealed) or 1):
         out = [p async for p in service.decrypt_stream(agen(sealed, piece), context="t.c",
                                                        key_type="pii")]
@@ -117,7 +117,8 @@ async def test_any_chunking_round_trips(data: bytes, cuts: list[int], compress: 
     async with make_service() as service:
         sealed = await collect(service.encrypt_stream(chunked(data), "pii", context="h",
                                                       compress=compress, segment_size=SEG))
-        assert await collect(service.decrypt_stream(chunked(sealed), context="h")) == data
+        assert await collect(service.decrypt_stream(chunked(sealed), context="h",
+                                                    key_type="pii")) == data
 
 
 @pytest.mark.parametrize("size, step", [(0, 1), (10, 3), (1024 * 1024, 4096),
@@ -132,7 +133,8 @@ async def test_stream_round_trip_default_segments(service: EncryptionService, si
     blob = EncryptedData.from_bytes(sealed)
     assert blob.algorithm == "AES_256_GCM_STREAM"
     assert blob.segment_size == service.config.performance.segment_size
-    assert await service.decrypt_bulk_data(sealed, context="exports/q3") == data
+    assert await service.decrypt_bulk_data(sealed, context="exports/q3",
+                                           key_type="audit_logs") == data
     # and decrypts as a stream, fed in odd-sized pieces
     for piece in (1000, 1024 * 1024 + 5, 1024 * 1024 + 16):
         out = await collect(service.decrypt_stream(agen(sealed, piece), context="exports/q3",
@@ -187,7 +189,8 @@ async def test_inline_work_yields_to_the_loop(service: EncryptionService,
         sealed = await collect(service.encrypt_stream([data], context="y", segment_size=SEG))
         during_encrypt = ticks - before
         before = ticks
-        assert await collect(service.decrypt_stream([sealed], context="y")) == data
+        assert await collect(service.decrypt_stream([sealed], context="y",
+                                                    key_type="financial_data")) == data
         during_decrypt = ticks - before
     finally:
         task.cancel()
@@ -201,7 +204,8 @@ async def test_segment_size_follows_the_performance_mode() -> None:
         data = os.urandom(3 * config.performance.segment_size + 1)
         sealed = await collect(service.encrypt_stream([data], context="m"))
         assert EncryptedData.from_bytes(sealed).segment_size == 256 * 1024
-        assert await collect(service.decrypt_stream([sealed], context="m")) == data
+        assert await collect(service.decrypt_stream([sealed], context="m",
+                                                    key_type="financial_data")) == data
 
 
 async def test_bulk_data_above_the_threshold_is_the_same_segmented_stream(
@@ -210,7 +214,8 @@ async def test_bulk_data_above_the_threshold_is_the_same_segmented_stream(
     encrypted = await service.encrypt_bulk_data(data, KeyType.PII, context="b")
     assert encrypted.algorithm == "AES_256_GCM_STREAM"
     assert encrypted.segment_size == service.config.performance.segment_size
-    assert await collect(service.decrypt_stream([encrypted.to_bytes()], context="b")) == data
+    assert await collect(service.decrypt_stream([encrypted.to_bytes()], context="b",
+                                                key_type="pii")) == data
     small = await service.encrypt_bulk_data(b"small", KeyType.PII, context="b")
     assert small.algorithm == "AES_256_GCM"
 
@@ -221,15 +226,16 @@ async def test_large_bulk_data_is_sealed_and_opened_in_steps(service: Encryption
     encrypted = await service.encrypt_bulk_data(data, KeyType.PII, context="s")
     blob = encrypted.to_bytes()
     assert len(blob) == preamble_length(blob) + len(data) + 16 * 10
-    assert await service.decrypt_bulk_data(encrypted, context="s") == data
-    assert await collect(service.decrypt_stream(agen(blob, 3 * segment), context="s")) == data
+    assert await service.decrypt_bulk_data(encrypted, context="s", key_type="pii") == data
+    assert await collect(service.decrypt_stream(agen(blob, 3 * segment), context="s",
+                                                key_type="pii")) == data
     for index in (0, 4, 9):  # a segment of the first, a middle and the last step
         flipped = bytearray(blob)
         flipped[preamble_length(blob) + index * (segment + 16) + 7] ^= 4
         with pytest.raises(DecryptionError):
-            await service.decrypt_bulk_data(bytes(flipped), context="s")
+            await service.decrypt_bulk_data(bytes(flipped), context="s", key_type="pii")
     with pytest.raises(DecryptionError):
-        await service.decrypt_bulk_data(blob[:-(segment + 16)], context="s")
+        await service.decrypt_bulk_data(blob[:-(segment + 16)], context="s", key_type="pii")
 
 
 # -- tampering ----------------------------------------------------------------
@@ -298,7 +304,7 @@ async def test_tampered_segments_are_rejected_without_releasing_later_plaintext(
     assert isinstance(error, DecryptionError)
     assert_released_prefix(yielded, data, bad, batching)
     with pytest.raises(DecryptionError):
-        await service.decrypt_bulk_data(joined, context="c")
+        await service.decrypt_bulk_data(joined, context="c", key_type="pii")
 
 
 async def test_every_flipped_preamble_bit_is_rejected(service: EncryptionService,
@@ -324,13 +330,14 @@ async def test_streams_cut_before_the_first_tag_are_rejected(
     _, sealed = stream
     end = preamble_length(sealed) - 1 + cut if relative_to_preamble else cut
     with pytest.raises(DecryptionError):
-        await collect(service.decrypt_stream([sealed[:end]], context="c"))
+        await collect(service.decrypt_stream([sealed[:end]], context="c", key_type="pii"))
 
 
 async def test_wrong_context_or_key_type_is_rejected(service: EncryptionService,
                                                     stream: tuple[bytes, bytes]) -> None:
     _, sealed = stream
-    for kwargs in ({"context": "other"}, {}, {"context": "c", "key_type": KeyType.SESSION}):
+    for kwargs in ({"context": "other"}, {"context": ""},
+                   {"context": "c", "key_type": KeyType.SESSION}):
         yielded, error = await decrypt_until_failure(service, [sealed], **kwargs)
         assert isinstance(error, DecryptionError) and yielded == b""
     # a key of the right type, another service's: the key is unknown here
@@ -363,7 +370,8 @@ async def test_mutable_chunks_are_copied_before_the_producer_reuses_them(
             yield buffer if len(piece) == 700 else bytearray(piece)
 
     sealed = await collect(service.encrypt_stream(reusing(), context="m", segment_size=SEG))
-    assert await collect(service.decrypt_stream([sealed], context="m")) == data
+    assert await collect(service.decrypt_stream([sealed], context="m",
+                                                key_type="financial_data")) == data
 
 
 # -- compression ----------------------------------------------------------------
@@ -390,8 +398,10 @@ async def test_compressed_stream_round_trip(zstd_service: EncryptionService, bat
         assert len(sealed) < size // 4
     for piece in (7, STRIDE, len(sealed)):
         assert await collect(zstd_service.decrypt_stream(agen(sealed, piece),
-                                                         context="z")) == data
-    assert bytes(await zstd_service.decrypt_bulk_data(sealed, context="z")) == data
+                                                         context="z",
+                                                         key_type="audit_logs")) == data
+    assert bytes(await zstd_service.decrypt_bulk_data(sealed, context="z",
+                                                       key_type="audit_logs")) == data
 
 
 async def test_compression_per_call(service: EncryptionService,
@@ -401,8 +411,10 @@ async def test_compression_per_call(service: EncryptionService,
                                                     compress=False))
     assert on[2] == FLAG_ZSTD and off[2] == 0
     assert len(on) < len(COMPRESSIBLE) // 4 < len(off)
-    assert await collect(service.decrypt_stream([on], context="z")) == COMPRESSIBLE
-    assert await collect(zstd_service.decrypt_stream([off], context="z")) == COMPRESSIBLE
+    assert await collect(service.decrypt_stream([on], context="z",
+                                                key_type="financial_data")) == COMPRESSIBLE
+    assert await collect(zstd_service.decrypt_stream([off], context="z",
+                                                 key_type="financial_data")) == COMPRESSIBLE
 
 
 async def test_compression_per_key_type() -> None:
@@ -414,10 +426,12 @@ async def test_compression_per_key_type() -> None:
             sealed = await collect(service.encrypt_stream([COMPRESSIBLE], key_type,
                                                           context="k"))
             assert (sealed[2] == FLAG_ZSTD) is compressed
-            assert await collect(service.decrypt_stream([sealed], context="k")) == COMPRESSIBLE
+            assert await collect(service.decrypt_stream([sealed], context="k",
+                                                        key_type=key_type)) == COMPRESSIBLE
             bulk = await service.encrypt_bulk_data(COMPRESSIBLE, key_type, context="k")
             assert bulk.compressed is compressed
-            assert bytes(await service.decrypt_bulk_data(bulk, context="k")) == COMPRESSIBLE
+            assert bytes(await service.decrypt_bulk_data(bulk, context="k",
+                                                           key_type=key_type)) == COMPRESSIBLE
             text = COMPRESSIBLE[:20_000].decode()
             token = await service.encrypt_field(text, key_type, context="k")
             assert (len(token) < len(text) // 4) is compressed
@@ -439,13 +453,15 @@ async def test_compressed_stream_tampering_is_rejected(zstd_service: EncryptionS
     for chunks in ([preamble, *segments[:-1]], [preamble, segments[1], segments[0],
                                                 *segments[2:]],
                    [preamble, *segments[:2], segments[1], *segments[2:]]):
-        yielded, error = await decrypt_until_failure(zstd_service, chunks, context="z")
+        yielded, error = await decrypt_until_failure(zstd_service, chunks, context="z",
+                                                     key_type="financial_data")
         assert isinstance(error, DecryptionError)
         assert yielded == data[:len(yielded)] and len(yielded) % SEG == 0
     cleared = bytearray(sealed)
     cleared[2] = 0  # claim the stream is not compressed: the flags are authenticated
     with pytest.raises(DecryptionError):
-        await collect(zstd_service.decrypt_stream([bytes(cleared)], context="z"))
+        await collect(zstd_service.decrypt_stream([bytes(cleared)], context="z",
+                                                  key_type="financial_data"))
 
 
 async def test_decompression_is_bounded_by_the_segment_size(
@@ -458,11 +474,12 @@ async def test_decompression_is_bounded_by_the_segment_size(
     assert len(records) < SEG
     sealed = enc.preamble + enc.seal(records, True)
     with pytest.raises(DecryptionError):
-        await collect(zstd_service.decrypt_stream([sealed], context="z"))
+        await collect(zstd_service.decrypt_stream([sealed], context="z", key_type="pii"))
     # while a record of exactly one segment is fine
     enc = StreamEncryptor(dk, context_bytes("z"), SEG, flags=FLAG_ZSTD)
     sealed = enc.preamble + enc.seal(compress_record(b"\x00" * SEG, 3), True)
-    assert await collect(zstd_service.decrypt_stream([sealed], context="z")) == b"\x00" * SEG
+    assert await collect(zstd_service.decrypt_stream([sealed], context="z",
+                                                     key_type="pii")) == b"\x00" * SEG
 
 
 async def test_compressed_bulk_blobs_old_and_new(zstd_service: EncryptionService) -> None:
@@ -473,10 +490,13 @@ async def test_compressed_bulk_blobs_old_and_new(zstd_service: EncryptionService
     data = COMPRESSIBLE * 3
     encrypted = await zstd_service.encrypt_bulk_data(data, KeyType.PII, context="b")
     assert encrypted.compressed and encrypted.algorithm == "AES_256_GCM_STREAM"
-    assert bytes(await zstd_service.decrypt_bulk_data(encrypted, context="b")) == data
+    assert bytes(await zstd_service.decrypt_bulk_data(encrypted, context="b",
+                                                       key_type="pii")) == data
     assert await collect(zstd_service.decrypt_stream([encrypted.to_bytes()],
-                                                     context="b")) == data
+                                                     context="b",
+                                                     key_type="pii")) == data
     # blobs written before (one zstd frame, then segmented) still decrypt
     dk = (await zstd_service._keyring(KeyType.PII)).active(KeyType.PII)
     legacy = encrypt_bulk(dk, compress(data, 3), b"b", flags=FLAG_ZSTD, segment_size=SEG)
-    assert bytes(await zstd_service.decrypt_bulk_data(legacy.to_bytes(), context="b")) == data
+    assert bytes(await zstd_service.decrypt_bulk_data(legacy.to_bytes(), context="b",
+                                                       key_type="pii")) == data

@@ -113,7 +113,7 @@ def test_reencrypt_stops_resumes_and_every_row_moves_and_still_decrypts(
     dry = json_out(cli("reencrypt", *spec, *ckpt, "--dry-run", "--json", env=env))
     assert dry[0]["pending_rows"] == ROWS and dry[0]["rows"] == ROWS
     assert dry[0]["targets"] == {"ssn": new_pii, "amount": fin["key_id"]}
-    assert _rows(postgres_dsn, table)[0]["ssn"].startswith(f"ac1.{old_pii}.")
+    assert _rows(postgres_dsn, table)[0]["ssn"].startswith(f"ac2.{old_pii}.")
 
     first = cli("reencrypt", *spec, *ckpt, "--batch-size", "100", "--max-batches", "3", "--json",
                 env=env)
@@ -125,7 +125,7 @@ def test_reencrypt_stops_resumes_and_every_row_moves_and_still_decrypts(
     # progress, as plain lines on stderr when it is not a terminal
     assert f"{table}: {ROWS:,} rows to re-encrypt" in first.stderr
     assert f"{table}: batch 1, 100/{ROWS:,} rows" in first.stderr
-    moved = [r["id"] for r in _rows(postgres_dsn, table) if r["ssn"].startswith(f"ac1.{new_pii}.")]
+    moved = [r["id"] for r in _rows(postgres_dsn, table) if r["ssn"].startswith(f"ac2.{new_pii}.")]
     assert moved == list(range(1, 301))
 
     second = cli("reencrypt", *spec, *ckpt, "--batch-size", "100", "--json", env=env)
@@ -136,7 +136,7 @@ def test_reencrypt_stops_resumes_and_every_row_moves_and_still_decrypts(
     assert r2["job_id"] == r1["job_id"]
 
     rows = _rows(postgres_dsn, table)
-    assert all(r["ssn"].startswith(f"ac1.{new_pii}.") for r in rows)
+    assert all(r["ssn"].startswith(f"ac2.{new_pii}.") for r in rows)
     assert _decrypt_all(cli_env, table, rows) == plain
     after = json_out(cli("census", *spec, "--json", env=env))
     assert _census(after, "ssn") == {new_pii: ROWS}

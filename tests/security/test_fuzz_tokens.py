@@ -139,13 +139,13 @@ def mutate_text(data: st.DataObject, token: str, key_ids: list[str]) -> str:
         body = token.rstrip("=")
         return body + data.draw(st.sampled_from(["", "=", "==", "===", "===="]))
     if kind == "prefix_case":
-        return data.draw(st.sampled_from(["AC1.", "Ac1.", "aC1.", "ac1:", "AC1:"])) + token[4:]
+        return data.draw(st.sampled_from(["AC2.", "Ac2.", "aC2.", "ac2:", "AC1."])) + token[4:]
     if kind == "key_id":
         kid = data.draw(st.sampled_from([*key_ids, OTHER_KID, "x" * 64, "x" * 65, "",
                                          "pii-v1-zz..", "../../etc", "pii_v1"]))
         return token[:4] + kid + token[kid_end:]
     if kind == "wrong_prefix":
-        return data.draw(st.sampled_from(["ac2.", "ac0.", "", "ac1", "ac1..", "AC2."])) \
+        return data.draw(st.sampled_from(["ac1.", "ac3.", "ac0.", "", "ac2", "ac2..", "AC2."])) \
             + token[4:]
     if kind == "replace_char":
         i = data.draw(st.integers(0, n - 1))
@@ -168,8 +168,8 @@ def mutate_text(data: st.DataObject, token: str, key_ids: list[str]) -> str:
 random_tokens = st.one_of(
     st.text(max_size=200),
     st.binary(max_size=200).map(lambda b: b.decode("utf-8", "surrogateescape")),
-    st.binary(max_size=200).map(lambda b: "ac1." + base64.urlsafe_b64encode(b).decode()),
-    st.builds(lambda kid, b: f"ac1.{kid}.{base64.urlsafe_b64encode(b).decode()}",
+    st.binary(max_size=200).map(lambda b: "ac2." + base64.urlsafe_b64encode(b).decode()),
+    st.builds(lambda kid, b: f"ac2.{kid}.{base64.urlsafe_b64encode(b).decode()}",
               st.sampled_from([OTHER_KID, "session-v1-00000000"]), st.binary(max_size=120)),
 )
 
@@ -328,7 +328,8 @@ async def _chunks(blob: bytes, sizes: list[int]) -> AsyncIterator[bytes]:
 async def _drain(service: EncryptionService, blob: bytes, sizes: list[int],
                  ctx: str = BLOB_CTX) -> bytes:
     out = bytearray()
-    async for part in service.decrypt_stream(_chunks(blob, sizes), context=ctx):
+    async for part in service.decrypt_stream(_chunks(blob, sizes), context=ctx,
+                                           key_type=KeyType.PII):
         out += part
     return bytes(out)
 
@@ -341,8 +342,8 @@ def assert_blob_refused(target: Target, blob: bytes, sizes: list[int]) -> None:
         COUNTS["from_bytes_refused"] += 1
     COUNTS["blobs"] += 1
     for name, call in {
-        "decrypt_bulk_data": lambda: target.run(service.decrypt_bulk_data(blob,
-                                                                          context=BLOB_CTX)),
+        "decrypt_bulk_data": lambda: target.run(service.decrypt_bulk_data(
+            blob, context=BLOB_CTX, key_type=KeyType.PII)),
         "decrypt_stream": lambda: target.run(_drain(service, blob, sizes)),
     }.items():
         try:
@@ -358,9 +359,11 @@ def assert_blob_refused(target: Target, blob: bytes, sizes: list[int]) -> None:
 def test_stream_fixture_is_valid(target: Target) -> None:
     """The unmutated blobs decrypt through both paths (so refusals below mean something)."""
     service = target.service
-    assert target.run(service.decrypt_bulk_data(target.blob, context=BLOB_CTX)) \
+    assert target.run(service.decrypt_bulk_data(target.blob, context=BLOB_CTX,
+                                                key_type=KeyType.PII)) \
         == b"bulk payload " * 40
-    whole = bytes(target.run(service.decrypt_bulk_data(target.stream_blob, context=BLOB_CTX)))
+    whole = bytes(target.run(service.decrypt_bulk_data(target.stream_blob, context=BLOB_CTX,
+                                                        key_type=KeyType.PII)))
     assert len(whole) == 4 * 1024 + 100
     assert target.run(_drain(service, target.stream_blob, [7, 300, 1, 5000])) == whole
 
@@ -419,7 +422,7 @@ def test_huge_token_fails_without_memory_blowup(target: Target, kind: str) -> No
     size = 64 * 2**20
     kid = target.tokens[0][0].split(".")[1] if kind != "random_key_id" else OTHER_KID
     body_len = (MAX_TOKEN_CHARS + 8 if kind == "over_limit" else size) // 4 * 4
-    token = f"ac1.{kid}." + "A" * body_len
+    token = f"ac2.{kid}." + "A" * body_len
     if kind == "non_ascii_tail":
         token = token[:-1] + "\u00e9"
     gc.collect()

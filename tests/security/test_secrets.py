@@ -152,9 +152,11 @@ async def test_file_store_life_cycle_leaks_nothing(tmp_path: Path,
         many = await service.encrypt_many([m, {"m": m}], KeyType.PII)
         assert await service.decrypt_many(many, KeyType.PII) == [m, {"m": m}]
         blob = await service.encrypt_bulk_data(m.encode() * 50, KeyType.PII)
-        assert bytes(await service.decrypt_bulk_data(blob)) == m.encode() * 50
+        assert bytes(await service.decrypt_bulk_data(blob, key_type=KeyType.PII)) \
+            == m.encode() * 50
         streamed = await _collect(service.encrypt_stream(_chunks(m.encode() * 3000)))
-        assert await _collect(service.decrypt_stream(_chunks(streamed))) == m.encode() * 3000
+        assert await _collect(service.decrypt_stream(
+            _chunks(streamed), key_type=KeyType.FINANCIAL_DATA)) == m.encode() * 3000
         cache = await service.encrypt_cache_data("user:" + m, {"m": m})
         assert await service.decrypt_cache_data(*cache) == ("user:" + m, {"m": m})
         session = await service.encrypt_session_data({"m": m}, context="sid")
@@ -179,7 +181,7 @@ async def test_file_store_life_cycle_leaks_nothing(tmp_path: Path,
         s.add_deks(service)
 
         # failures
-        for bad in (tokens[KeyType.PII][:-3], tokens[KeyType.PII].replace("ac1.", "ac2."),
+        for bad in (tokens[KeyType.PII][:-3], tokens[KeyType.PII].replace("ac2.", "ac1."),
                     tokens[KeyType.SESSION][:30] + "A" + tokens[KeyType.SESSION][31:],
                     tokens[KeyType.PII] + "x"):
             texts += await _error_texts(service.decrypt_field(bad, KeyType.PII, context="t.c"))
@@ -187,8 +189,10 @@ async def test_file_store_life_cycle_leaks_nothing(tmp_path: Path,
                                                           KeyType.SESSION, context="other"))
         texts += await _error_texts(service.decrypt_many([many[0], many[1][:-2]], KeyType.PII))
         texts += await _error_texts(service.decrypt_cache_data(cache[0], cache[1][:-4]))
-        texts += await _error_texts(service.decrypt_bulk_data(blob.to_bytes()[:-1]))
-        texts += await _error_texts(_collect(service.decrypt_stream(_chunks(streamed[:-5]))))
+        texts += await _error_texts(service.decrypt_bulk_data(blob.to_bytes()[:-1],
+                                                              key_type=KeyType.PII))
+        texts += await _error_texts(_collect(service.decrypt_stream(
+            _chunks(streamed[:-5]), key_type=KeyType.FINANCIAL_DATA)))
         texts += await _error_texts(service.encrypt_field(object()))
         texts += await _error_texts(manager.rotate_master_key(LocalKekProvider(new_master)))
         texts += _texts_of_error(lambda: config.replace(master_key="bad").require_valid())
@@ -374,7 +378,7 @@ async def test_redis_key_store_and_sessions_hold_no_secrets(
         texts = [repr(sessions), repr(session), repr(manager.store)]
     count, dump = await _redis_dump(redis_client, prefix + "*")
     assert count >= 7, f"only {count} Redis keys under the test prefix"
-    assert dump.count(b"ac1.") >= 6  # the sessions are there, encrypted
+    assert dump.count(b"ac2.") >= 6  # the sessions are there, encrypted
     COUNTS["redis_keys_scanned"] += count
     COUNTS["deks_tracked"] += s.dek_count
     s.check("Redis keys and values", dump)

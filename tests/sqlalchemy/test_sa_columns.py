@@ -108,9 +108,9 @@ async def test_every_type_round_trips_and_is_ciphertext_at_rest(
             raw = (await conn.execute(sa.select(table).where(table.c.id == 1).with_only_columns(
                 *[sa.type_coerce(table.c[c], sa.Text()) for c in VALUES]))).one()
         for column, stored in zip(VALUES, raw, strict=True):
-            assert isinstance(stored, str) and stored.startswith("ac1."), column
+            assert isinstance(stored, str) and stored.startswith("ac2."), column
             assert str(VALUES[column]) not in stored
-        assert raw[0].startswith(f"ac1.{bound_service.keyring.active('financial_data').key_id}.")
+        assert raw[0].startswith(f"ac2.{bound_service.keyring.active('financial_data').key_id}.")
     finally:
         await _drop(engine, base)
 
@@ -140,8 +140,8 @@ async def test_seed_style_model(engine: AsyncEngine, bound_service: EncryptionSe
         async with engine.connect() as conn:
             income, ssn = (await conn.execute(sa.text(
                 f"SELECT monthly_income_encrypted, ssn_encrypted FROM users_{suffix}"))).one()
-        assert income.startswith("ac1.financial_data-") and "61000" not in income
-        assert ssn.startswith("ac1.pii-") and "123-45" not in ssn
+        assert income.startswith("ac2.financial_data-") and "61000" not in income
+        assert ssn.startswith("ac2.pii-") and "123-45" not in ssn
     finally:
         await _drop(engine, base)
 
@@ -289,7 +289,7 @@ async def test_sync_engine(tmp_path: Any, suffix: str) -> None:
                 user_cls.email == "ann@example.org")).all() == [1]
         with engine.connect() as conn:
             assert conn.execute(sa.text(f"SELECT ssn_encrypted FROM users_{suffix}")) \
-                .scalar_one().startswith("ac1.pii-")
+                .scalar_one().startswith("ac2.pii-")
         engine.dispose()
     finally:
         await service.close()
@@ -369,7 +369,7 @@ def test_types_round_trip_any_value() -> None:
             for column_type, strategy in cases:
                 value = data.draw(strategy)
                 token = column_type.process_bind_param(value, None)
-                assert token.startswith("ac1.")
+                assert token.startswith("ac2.")
                 back = column_type.process_result_value(token, None)
                 assert type(back) is type(value)
                 if isinstance(value, dt.datetime):

@@ -163,7 +163,7 @@ async def test_alembic_helpers_beside_and_in_place(
                 (i * 1000.5 if i % 5 else None, f"{i:03d}-00-0000") for i in range(1, 26)]
         async with engine.connect() as conn:
             raw = (await conn.execute(sa.text(f"SELECT ssn FROM {table}"))).scalars().all()
-        assert all(v.startswith("ac1.pii-") for v in raw)
+        assert all(v.startswith("ac2.pii-") for v in raw)
     finally:
         async with engine.begin() as conn:
             await conn.execute(sa.text(f"DROP TABLE {table}"))

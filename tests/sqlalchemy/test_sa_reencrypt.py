@@ -277,7 +277,7 @@ async def test_undecryptable_value_raises_or_is_skipped(
         with pytest.raises(ReencryptionError) as info:
             await eng.reencrypt(f"acct_{suffix}", columns=["ssn"])
         assert info.value.primary_key == 20 and info.value.column == "ssn"
-        assert "ac1." not in str(info.value)
+        assert "ac2." not in str(info.value)
 
         eng.on_error = "skip"
         result = await eng.reencrypt(f"acct_{suffix}", columns=["ssn"])

@@ -195,7 +195,7 @@ async def test_worker_killed_with_sigkill_resumes_from_checkpoint(
         # exactly the rows already moved.
         moved = await conn.fetchval(
             f"SELECT count(*) FROM {table} WHERE left(ssn, $1) = $2",
-            len(f"ac1.{targets['ssn']}."), f"ac1.{targets['ssn']}.")
+            len(f"ac2.{targets['ssn']}."), f"ac2.{targets['ssn']}.")
         assert moved == killed.rows_updated == killed.last_pk == killed.batches * batch
 
         result = await engine.reencrypt(table)

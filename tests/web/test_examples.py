@@ -198,7 +198,7 @@ async def test_users_table_holds_only_tokens(server: Server, client: httpx.Async
     assert len(rows) == 2
     for row in rows:
         for value in row:
-            assert value.startswith("ac1.")
+            assert value.startswith("ac2.")
     raw = db.read_bytes()
     for text in ("85000", "12000.50", "123-45-6789", "987-65-4321"):
         assert text.encode() not in raw

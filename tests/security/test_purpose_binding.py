@@ -31,8 +31,13 @@ from aiocrypt import (
     ReencryptionEngine,
 )
 from aiocrypt._compression import compress
-from aiocrypt._crypto import DataKey
-from aiocrypt._format import ALG_AES_256_GCM, FLAG_ZSTD, MAX_FIELD_PLAINTEXT
+from aiocrypt._crypto import DataKey, stream_nonce
+from aiocrypt._format import (
+    ALG_AES_256_GCM,
+    ALG_AES_256_GCM_STREAM,
+    FLAG_ZSTD,
+    MAX_FIELD_PLAINTEXT,
+)
 from aiocrypt._reencrypt import AsyncpgDatabase, ColumnSpec, TableSpec
 from aiocrypt.testing import make_key_manager, make_service
 
@@ -250,6 +255,60 @@ async def test_v1_field_tokens_open_until_format_v1_is_refused() -> None:
         new = await refusing.encrypt_field("new value", KeyType.PII, context="users.note")
         assert await refusing.decrypt_field(new, KeyType.PII, context="users.note") == \
             "new value"
+
+
+def seal_v1_blob(dk: DataKey, plaintext: bytes, context: str) -> bytes:
+    """A format version 1 one-shot blob, as written before version 2 (tests only)."""
+    nonce = os.urandom(12)
+    aad = dk.aad(ALG_AES_256_GCM, 0, context.encode(), purpose=Purpose.BLOB, version=1)
+    kid = dk.key_id.encode()
+    return bytes((1, ALG_AES_256_GCM, 0, len(kid))) + kid + nonce + \
+        dk._gcm.encrypt(nonce, plaintext, aad)
+
+
+def seal_v1_stream(dk: DataKey, plaintext: bytes, context: str, segment_size: int) -> bytes:
+    """A format version 1 stream (segment size not authenticated), tests only."""
+    salt, prefix = os.urandom(16), os.urandom(7)
+    cipher = dk.stream_cipher(salt)
+    aad = dk.aad(ALG_AES_256_GCM_STREAM, 0, context.encode(), purpose=Purpose.STREAM,
+                 version=1)
+    kid = dk.key_id.encode()
+    out = [bytes((1, ALG_AES_256_GCM_STREAM, 0, len(kid))) + kid
+           + struct.pack(">I", segment_size) + salt + prefix]
+    pieces = [plaintext[i:i + segment_size]
+              for i in range(0, len(plaintext), segment_size)] or [b""]
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        out.append(cipher.encrypt(stream_nonce(prefix, i, last), piece, aad))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("accept", [True, False])
+async def test_v1_blobs_and_streams_open_until_format_v1_is_refused(accept: bool) -> None:
+    async with EncryptionService(make_key_manager(), accept_format_v1=accept) as service:
+        dk = (await service._keyring(KeyType.PII)).active(KeyType.PII)
+        blob = seal_v1_blob(dk, b"old export", "exports/1")
+        stream = seal_v1_stream(dk, b"old stream" * 50, "exports/2", 1024)
+        assert EncryptedData.from_bytes(blob).format_version == 1
+        if accept:
+            assert await service.decrypt_bulk_data(blob, key_type="pii",
+                                                   context="exports/1") == b"old export"
+            assert await collect(service.decrypt_stream([stream], key_type="pii",
+                                                        context="exports/2")) \
+                == b"old stream" * 50
+            # the window this leaves open: version 1 authenticates no segment size
+            forged = _with_segment_size(stream, 4096)
+            assert await collect(service.decrypt_stream([forged], key_type="pii",
+                                                        context="exports/2")) \
+                == b"old stream" * 50
+            return
+        with pytest.raises(DecryptionError):
+            await service.decrypt_bulk_data(blob, key_type="pii", context="exports/1")
+        with pytest.raises(DecryptionError):
+            await collect(service.decrypt_stream([stream], key_type="pii",
+                                                 context="exports/2"))
+        with pytest.raises(DecryptionError):
+            await service.decrypt_bulk_data(stream, key_type="pii", context="exports/2")
 
 
 # -- the re-encryption engine moves version 1 rows to version 2 (real Postgres) -----

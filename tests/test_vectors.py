@@ -265,3 +265,18 @@ def test_sql_helpers_select_tokens_by_key_id() -> None:
             assert rows == [(token,)]
             assert conn.execute(f"SELECT count(*) FROM t WHERE {token_sql('v')}").fetchone() \
                 == (2,)
+
+
+def test_deterministic_lookups_match_v1_rows_while_v1_is_read() -> None:
+    """A deterministic column's ``==`` matches the frozen v1 token of a value (rows not yet
+    migrated) as well as its v2 token, and only the v2 one once v1 is refused."""
+    from aiocrypt.integrations.sqlalchemy import EncryptedString
+
+    vector = next(v for v in load("fields") if v["algorithm"] == "AES_256_SIV")
+    column = EncryptedString(vector["key_type"], deterministic=True, context=vector["context"])
+    value = decode_value(bytes.fromhex(vector["plaintext"]))
+    reading_v1 = column.tokens_for(value, Keyring([data_key(vector)]))
+    assert len(reading_v1) == 2 and reading_v1[1] == vector["token"]
+    assert reading_v1[0].startswith("ac2.")
+    refusing = column.tokens_for(value, Keyring([data_key(vector)], accept_format_v1=False))
+    assert refusing == reading_v1[:1]

@@ -172,6 +172,9 @@ class EncryptionConfig:
     key_size_bits: int = 256
     performance_mode: PerformanceMode = PerformanceMode.BALANCED
     compression_enabled: bool = False
+    accept_format_v1: bool = True
+    """Whether tokens, blobs and streams of format version 1 still open (the migration
+    window to version 2; close it once the re-encryption census counts no v1 rows)."""
     """zstd before encryption for every key type (off: compressed length leaks content)."""
     compressed_key_types: frozenset[str] = frozenset()
     """zstd for these key types only (e.g. audit logs, exports), when not enabled for all."""
@@ -184,6 +187,9 @@ class EncryptionConfig:
     key_version: str | None = None
     storage_backend: str = "file"
     storage_path: str = DEFAULT_STORAGE_PATH
+    keyset_state_path: str | None = None
+    """Where the key store's high-water marks persist on this host (refuses a rolled-back
+    store after a restart); None keeps them in memory only."""
     redis_url: str | None = _secret()
     redis_key_prefix: str = "aiocrypt:"
     postgres_dsn: str | None = _secret()
@@ -269,7 +275,7 @@ class EncryptionConfig:
                 values[name] = raw.strip()
         if "storage_backend" in values:
             values["storage_backend"] = values["storage_backend"].lower()
-        for flag in ("compression_enabled", "azure_allow_unsigned_legacy"):
+        for flag in ("compression_enabled", "azure_allow_unsigned_legacy", "accept_format_v1"):
             if flag in values:
                 values[flag] = _parse_bool(values[flag])
         return cls(**values)
@@ -382,6 +388,7 @@ _ENV_VARS: Final = {
     "key_version": "ENCRYPTION_KEY_VERSION",
     "storage_backend": "ENCRYPTION_KEY_STORAGE_BACKEND",
     "storage_path": "ENCRYPTION_KEY_STORAGE_PATH",
+    "keyset_state_path": "ENCRYPTION_KEYSET_STATE_PATH",
     "redis_url": "ENCRYPTION_REDIS_URL",
     "redis_key_prefix": "ENCRYPTION_REDIS_KEY_PREFIX",
     "postgres_dsn": "ENCRYPTION_POSTGRES_DSN",
@@ -409,6 +416,7 @@ _ENV_VARS: Final = {
     "gcp_endpoint": "ENCRYPTION_GCP_ENDPOINT",
     "performance_mode": "ENCRYPTION_PERFORMANCE_MODE",
     "compression_enabled": "ENCRYPTION_COMPRESSION_ENABLED",
+    "accept_format_v1": "ENCRYPTION_ACCEPT_FORMAT_V1",
     "compressed_key_types": "ENCRYPTION_COMPRESSED_KEY_TYPES",
 }
 

@@ -12,6 +12,7 @@ algorithms. It has a material-free repr and refuses pickling.
 from __future__ import annotations
 
 import binascii
+import hmac
 import os
 import struct
 from collections import deque
@@ -97,8 +98,8 @@ class DataKey:
 
     __slots__ = ("_aad_base", "_gcm", "_gcm_aad", "_material", "_siv",
                  "allowance", "encryptions", "expired", "field_aads", "gcm_decrypt", "key",
-                 "key_type", "past_grace", "readable", "reencryptable", "text_prefix",
-                 "text_prefix_v1")
+                 "key_type", "past_grace", "readable", "reencryptable", "refill_at",
+                 "text_prefix", "text_prefix_v1")
 
     def __init__(self, key: EncryptionKey, material: bytes) -> None:
         if len(material) != DEK_BYTES:
@@ -132,6 +133,9 @@ class DataKey:
         self.encryptions = 0
         #: Encryptions this process may make before reserving more from the store.
         self.allowance = 0
+        #: Below this count sync paths seal without asking; at it they ask the keyring's
+        #: ``on_allowance`` (which reserves the next block ahead, or waits at ``allowance``).
+        self.refill_at = 0
         #: Whether plain reads may use this key (withdrawn keys serve re-encryption only).
         self.reencryptable = key.status is not KeyStatus.DESTROYED and not key.decrypt_disabled
         self.readable = self.reencryptable and key.status not in (KeyStatus.REVOKED,
@@ -170,9 +174,30 @@ class DataKey:
     def with_key(self, key: EncryptionKey) -> DataKey:
         """The same material under updated metadata (status changes); usage carries over."""
         updated = DataKey(key, self._material)
-        updated.encryptions = self.encryptions
-        updated.allowance = self.allowance
+        self.hand_usage_to(updated)
         return updated
+
+    def hand_usage_to(self, other: DataKey) -> None:
+        """Move this key's usage and remaining allowance to ``other`` (the same key,
+        loaded again): an old snapshot still holding this object must not spend the
+        allowance a second time, so this one keeps none."""
+        other.encryptions = self.encryptions
+        other.allowance = self.allowance
+        other.refill_at = self.refill_at
+        self.allowance = self.refill_at = 0
+
+    def holds(self, material: bytes) -> bool:
+        """Whether this is the DEK ``material`` (constant time)."""
+        return hmac.compare_digest(self._material, material)
+
+    def rebind(self, key: EncryptionKey) -> None:
+        """Take ``key``'s record (the same key id and DEK, a new status or wrapping)."""
+        if key.key_id != self.key.key_id or key.key_type != self.key_type:
+            raise ValueError("rebind takes a record of the same key")
+        self.key = key
+        self.reencryptable = key.status is not KeyStatus.DESTROYED and not key.decrypt_disabled
+        self.readable = self.reencryptable and key.status not in (KeyStatus.REVOKED,
+                                                                  KeyStatus.COMPROMISED)
 
     # -- AES-256-GCM fields -------------------------------------------------
 
@@ -194,8 +219,11 @@ class DataKey:
             self.field_aads[context] = aad
         return aad
 
-    def seal_field(self, plaintext: bytes, context: str | bytes | None) -> str:
-        """``seal_text(plaintext, context_bytes(context))``: the field hot path."""
+    def seal_field(self, plaintext: bytes, context: str | bytes | None, count: int = 1) -> str:
+        """``seal_text(plaintext, context_bytes(context))``: the field hot path.
+
+        ``count=0``: the caller already counted this encryption (see
+        ``Keyring.encrypt``, which claims it before the call, atomically)."""
         aad = self.field_aads.get(context) if type(context) is str else None
         if aad is None:
             aad = self.field_aad(context)
@@ -203,7 +231,7 @@ class DataKey:
             nonce = _take_nonce()  # field_nonce(), inlined
         except IndexError:
             nonce = _refill_nonces()
-        self.encryptions += 1
+        self.encryptions += count
         body = _b2a_base64(_GCM_LEAD0 + nonce + self._gcm.encrypt(nonce, plaintext, aad),
                            newline=False)
         return self.text_prefix + body.translate(STD_TO_B64URL).decode()

@@ -81,7 +81,14 @@ class KeyStoreError(AiocryptError):
 
 
 class KeyStoreIntegrityError(KeyStoreError):
-    """The key store's contents failed authentication or could not be parsed."""
+    """The key store's contents failed authentication or could not be parsed.
+
+    ``key_id`` names the record to blame when there is one (never any material).
+    """
+
+    def __init__(self, message: str, *, key_id: str | None = None) -> None:
+        super().__init__(message)
+        self.key_id = key_id
 
 
 class ConcurrentModificationError(KeyStoreError):

@@ -48,6 +48,8 @@ from ._types import KeyStatus, KeyType, KeyTypeLike
 
 __all__ = ["Keyring", "UnknownKeyError"]
 
+#: NIST SP 800-38D's limit of messages under one key with random 96-bit nonces.
+GCM_MESSAGE_LIMIT: Final = 2**32
 # Decrypt's fast path takes tokens up to this size (larger ones take the general
 # path, which does not copy them); the key id's closing dot is found before this.
 _FAST_TOKEN_CHARS: Final = 64 * 1024
@@ -69,11 +71,12 @@ class UnknownKeyError(DecryptionError):
 class Keyring:
     """Immutable snapshot of loaded data keys."""
 
-    __slots__ = ("_active", "_by_id", "_by_prefix", "accept_format_v1", "on_expired_use",
-                 "revision")
+    __slots__ = ("_active", "_by_id", "_by_prefix", "accept_format_v1", "on_allowance",
+                 "on_expired_use", "revision")
 
     def __init__(self, data_keys: Iterable[DataKey] = (), revision: int = 0, *,
                  on_expired_use: Callable[[DataKey], None] | None = None,
+                 on_allowance: Callable[[DataKey, Callable[[DataKey], str]], str] | None = None,
                  accept_format_v1: bool = True) -> None:
         self._by_id: dict[str, DataKey] = {}
         self._active: dict[str, DataKey] = {}
@@ -91,6 +94,12 @@ class Keyring:
         #: Whether format version 1 (no purpose binding) is still read; turn it off
         #: once the re-encryption engine moved every row to version 2.
         self.accept_format_v1 = accept_format_v1
+        #: Called (sync) by the encrypt paths as ``on_allowance(dk, seal)`` when the
+        #: active key's reserved allowance runs low or out: returns ``seal(key)`` for a
+        #: key that may encrypt now, or raises ``KeyStateError``. The ``KeyManager``
+        #: sets it; a keyring built by hand (no store, no fleet) is held only to the
+        #: 2**32 limit per key.
+        self.on_allowance = on_allowance
 
     def __repr__(self) -> str:
         return f"<Keyring revision={self.revision} keys={len(self._by_id)}>"
@@ -129,11 +138,35 @@ class Keyring:
                 *, compression_level: int | None = None, purpose: Purpose = _FIELD) -> str:
         """Encrypt ``value`` with the active key of ``key_type`` (AES-256-GCM, text form)."""
         if type(value) is str and compression_level is None and purpose is _FIELD:
+            plaintext = STR_TAG + value.encode()
             dk = self._active.get(key_type)  # the common case
             if dk is not None:
-                return dk.seal_field(STR_TAG + value.encode(), context)
+                # The usage limit: claim one encryption with no call between the check
+                # and the count, so threads cannot pass refill_at together (under the
+                # GIL no other thread runs between these bytecodes; see test_hard_limits).
+                claimed = dk.encryptions + 1
+                if claimed <= dk.refill_at:
+                    dk.encryptions = claimed
+                    return dk.seal_field(plaintext, context, 0)
+            return self.encrypt_bytes(plaintext, key_type, context, purpose=purpose)
         return self.encrypt_bytes(encode_value(value), key_type, context,
                                   compression_level=compression_level, purpose=purpose)
+
+    def _sealed(self, key_type: KeyTypeLike, seal: Callable[[DataKey], str]) -> str:
+        """``seal(active key)``, held to the key's usage allowance.
+
+        Below ``refill_at`` (the common case) it seals at once; from there on the
+        keyring's ``on_allowance`` decides, and seals under its lock so concurrent
+        threads cannot pass the allowance together.
+        """
+        dk = self._active.get(key_type)
+        if dk is None:
+            raise KeyNotFoundError(f"no active key of type {KeyType(key_type).value!r} loaded")
+        if self.on_allowance is not None:
+            return self.on_allowance(dk, seal)
+        if dk.encryptions >= GCM_MESSAGE_LIMIT:
+            raise KeyStateError(f"key {dk.key_id} reached 2**32 encryptions")
+        return seal(dk)
 
     def encrypt_bytes(self, plaintext: bytes, key_type: KeyTypeLike,
                       context: str | bytes | None = None, *,
@@ -141,22 +174,28 @@ class Keyring:
         if len(plaintext) > MAX_FIELD_PLAINTEXT:  # its token would be refused as too long
             raise ValueError(f"a field holds at most {MAX_FIELD_PLAINTEXT} bytes; "
                              "use encrypt_bulk_data or encrypt_stream")
-        dk = self._active.get(key_type)
-        if dk is None:
-            raise KeyNotFoundError(f"no active key of type {KeyType(key_type).value!r} loaded")
+        if compression_level is None and purpose is _FIELD:
+            dk = self._active.get(key_type)
+            if dk is not None:
+                claimed = dk.encryptions + 1  # as in encrypt(): check and count, no call
+                if claimed <= dk.refill_at:
+                    dk.encryptions = claimed
+                    return dk.seal_field(plaintext, context, 0)
+            return self._sealed(key_type, lambda dk: dk.seal_field(plaintext, context))
         if compression_level is None:
-            if purpose is _FIELD:
-                return dk.seal_field(plaintext, context)
-            return dk.seal_text(plaintext, context_bytes(context), purpose=purpose)
-        return dk.seal_text(_compression.compress(plaintext, compression_level),
-                            context_bytes(context), FLAG_ZSTD, purpose=purpose)
+            return self._sealed(key_type, lambda dk: dk.seal_text(
+                plaintext, context_bytes(context), purpose=purpose))
+        compressed = _compression.compress(plaintext, compression_level)
+        return self._sealed(key_type, lambda dk: dk.seal_text(
+            compressed, context_bytes(context), FLAG_ZSTD, purpose=purpose))
 
     def encrypt_deterministic(self, value: Any, key_type: KeyTypeLike,
                               context: str | bytes | None = None, *,
                               purpose: Purpose = _FIELD) -> str:
         """Equal values under the same key and context give equal tokens (AES-SIV)."""
-        return self.active(key_type).seal_deterministic(
-            encode_value(value), context_bytes(context), purpose=purpose)
+        plaintext = encode_value(value)
+        return self._sealed(key_type, lambda dk: dk.seal_deterministic(
+            plaintext, context_bytes(context), purpose=purpose))
 
     def decrypt(self, token: str, key_type: KeyTypeLike, context: str | bytes | None = None,
                 *, for_reencryption: bool = False, purpose: Purpose = _FIELD) -> Any:

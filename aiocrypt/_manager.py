@@ -6,6 +6,14 @@ the service (and sync code) encrypts with. Every change is made under the
 store's rotation lock and written with optimistic concurrency, then the
 snapshot is rebuilt, so a failed write leaves the previous keys in force.
 Policy decisions are pure functions in ``_policy``; events go to an ``Auditor``.
+
+Nothing read from the store is trusted until it is authenticated
+(``_keyset_guard``): every write carries a keyset seal (``_keyset_seal``) that
+only the KEK can make, every read is checked against it, and the manager never
+moves to a lower store revision than it has seen, nor lets a key leave a
+terminal state (compromised, revoked, destroyed) or a usage counter go down.
+A store that fails those checks is refused with ``KeyStoreIntegrityError``,
+audited, and the last verified keys keep serving. See docs/threat-model.md.
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ import datetime as _dt
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
@@ -30,15 +40,18 @@ from ._errors import (
     KekProviderError,
     KeyNotFoundError,
     KeyStateError,
+    KeyStoreIntegrityError,
 )
 from ._keyring import Keyring
 from ._keys import EncryptionKey, utcnow
+from ._keyset_guard import KeysetGuard
+from ._keyset_seal import record_digest
 from ._types import KeyStatus, KeyType, KeyTypeLike
 from .audit import Auditor
 from .kek._base import KekProvider
 from .keystore._base import KeySet, KeyStore
 
-__all__ = ["Census", "KeyManager"]
+__all__ = ["AdoptionReport", "Census", "KeyManager"]
 
 logger = logging.getLogger("aiocrypt.keys")
 
@@ -49,6 +62,29 @@ Clock = Callable[[], _dt.datetime]
 Census = Mapping[str, int] | Callable[[], Awaitable[Mapping[str, int]]]
 _WRITE_RETRIES: Final = 5
 _FAR_FUTURE: Final = _dt.datetime.max.replace(tzinfo=_dt.UTC)
+#: NIST SP 800-38D: at most 2**32 messages under one key with random 96-bit nonces,
+#: whatever a policy or the store's counter says.
+GCM_MESSAGE_LIMIT: Final = 2**32
+#: Encryptions before the end of a reserved allowance that sync callers make under a lock.
+_SYNC_MARGIN: Final = 64
+@dataclass(frozen=True, slots=True)
+class AdoptionReport:
+    """What :meth:`KeyManager.adopt_store` found and sealed."""
+
+    already_sealed: bool
+    revision: int
+    key_ids: tuple[str, ...]
+
+
+def _scrubbed(error: BaseException) -> BaseException:
+    """``error`` without tracebacks on it or its causes: their frames held a DEK."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+    return error
 
 
 def _still_active(key_id: str) -> Callable[[EncryptionKey | None], bool]:
@@ -93,8 +129,8 @@ class KeyManager:
         self._previous_keks = {p.kek_id: p for p in previous_keks}
         self._keyring = Keyring()
         self._records: KeySet = KeySet(0, ())
-        # key id -> (wrapped bytes, DataKey, monotonic time unwrapped)
-        self._dek_cache: dict[str, tuple[bytes, DataKey, float]] = {}
+        # key id -> (digest of its record, DataKey, monotonic time unwrapped)
+        self._dek_cache: dict[str, tuple[str, DataKey, float]] = {}
         self._fresh_until = float("-inf")  # monotonic time the snapshot goes stale
         self._next_boundary = _FAR_FUTURE  # next expiry / end of grace among keys
         self._refresh_lock = anyio.Lock()
@@ -103,6 +139,19 @@ class KeyManager:
         self._missing: dict[str, float] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self._warned_expired: set[str] = set()
+        # what is trusted of the store, and why (see the module docstring)
+        self._guard = KeysetGuard(self._kek_by_id, where=f"{store.name} key store",
+                                  store_identity=repr(store),
+                                  state_path=self.config.keyset_state_path)
+        #: Keysets refused because they failed authentication, rolled back or revived a key.
+        self.integrity_failures = 0
+        #: Why the last refresh refused the store (None when it verified).
+        self.integrity_error: KeyStoreIntegrityError | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._reserving: set[KeyType] = set()  # key types with a background reservation
+        self._background: set[asyncio.Future[None]] = set()
+        self._sync_lock = threading.Lock()  # sync seals between refill_at and the allowance
         #: Keyring rebuilds that reused an unwrapped DEK / had to call the KEK provider.
         self.dek_cache_hits = 0
         self.dek_cache_misses = 0
@@ -123,6 +172,9 @@ class KeyManager:
         if not self._opened:
             await self.store.open()
             self._opened = True
+            self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+            await self._guard.load_state()
             await self.refresh(force=True)
             if self.watch:
                 self._watch_task = asyncio.get_running_loop().create_task(self._follow_changes())
@@ -137,8 +189,11 @@ class KeyManager:
                         contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._watch_task
                 self._watch_task = None
+            for task in list(self._background):
+                task.cancel()
             await self.auditor.flush()
             self._dek_cache.clear()
+            self._guard.forget()
             self._keyring = Keyring()
             await self.store.close()
             await self.kek.close()
@@ -191,11 +246,106 @@ class KeyManager:
             revision = await self.store.revision()
             if (force or revision != self._records.revision or self._dek_cache_expired()
                     or self._clock() >= self._next_boundary):
-                await self._rebuild(await self.store.read())
+                try:
+                    await self._rebuild(await self._read_verified())
+                    self.integrity_error = None
+                except KeyStoreIntegrityError as exc:
+                    # Refused and audited in _read_verified. Keep serving the keys last
+                    # verified; with none yet there is nothing safe to serve.
+                    self.integrity_error = exc
+                    if not self._guard.verified_once:
+                        raise
             self._mark_fresh()
         await self._flush_unreserved_usage()
         await self.auditor.flush()
         return self._keyring
+
+    # -- authenticating what the store returns --------------------------------
+
+    def _kek_by_id(self, kek_id: str, what: str = "the keyset seal") -> KekProvider:
+        if kek_id == self.kek.kek_id:
+            return self.kek
+        provider = self._previous_keks.get(kek_id)
+        if provider is None:
+            raise KekProviderError(
+                f"{what} is wrapped by KEK {kek_id}, but the configured KEK is "
+                f"{self.kek.kek_id} (pass the old one in previous_keks to finish a master-key "
+                "rotation)", backend=self.kek.backend)
+        return provider
+
+    @property
+    def _where(self) -> str:
+        return f"{self.store.name} key store"
+
+    async def _refuse(self, exc: KeyStoreIntegrityError) -> None:
+        self.integrity_failures += 1
+        logger.error("key store refused: %s", exc)
+        await self.auditor.emit("keystore_integrity_failure", key_id=exc.key_id,
+                                store=self.store.name, reason=str(exc)[:500])
+
+    async def _read_verified(self) -> KeySet:
+        """Read the store and authenticate it (``KeysetGuard``); refusals are audited."""
+        keyset = await self.store.read()
+        try:
+            await self._guard.verify(keyset)
+        except KeyStoreIntegrityError as exc:
+            await self._refuse(exc)
+            raise
+        return keyset
+
+    async def _seal_for(self, current: KeySet, updates: Sequence[EncryptionKey],
+                        kek: KekProvider | None = None) -> str:
+        return await self._guard.seal_for(current, updates, kek or self.kek)
+
+    async def adopt_store(self) -> AdoptionReport:
+        """Check and seal a store written before aiocrypt sealed keysets (once, with the KEK).
+
+        Every record must unwrap under the configured KEK (or ``previous_keks``)
+        with its own key id and type bound, carry an id that matches its type and
+        version, and each key type may have at most one active key; then the keyset
+        is sealed as it is, in one write, and audited with every key id. What it
+        cannot know is whether a status was edited before the upgrade: compare the
+        audited list with your audit trail (docs/runbook.md). A store that is
+        already sealed is only verified.
+        """
+        await self.store.open()
+        async with self.store.lock("rotation", timeout=self.lock_timeout):
+            keyset = await self.store.read()
+            if keyset.seal is not None or (keyset.revision == 0 and not keyset.keys):
+                await self._read_verified()
+                return AdoptionReport(True, keyset.revision, tuple(k.key_id for k in keyset.keys))
+            active: dict[KeyType, str] = {}
+            for key in keyset.keys:
+                if not key.key_id.startswith(f"{key.key_type.value}-v{key.version}-"):
+                    raise KeyStoreIntegrityError(
+                        f"{self._where}: key record {key.key_id} does not match its type and "
+                        "version: not adopted", key_id=key.key_id)
+                if key.status is KeyStatus.ACTIVE:
+                    if key.key_type in active:
+                        raise KeyStoreIntegrityError(
+                            f"{self._where}: two active {key.key_type.value} keys "
+                            f"({active[key.key_type]}, {key.key_id}): not adopted",
+                            key_id=key.key_id)
+                    active[key.key_type] = key.key_id
+                if key.wrapped_key is not None:
+                    try:
+                        await self._check_unwraps(key)
+                    except KekProviderError as exc:
+                        raise KeyStoreIntegrityError(
+                            f"{self._where}: key record {key.key_id} does not unwrap under the "
+                            f"configured KEK ({exc}): not adopted", key_id=key.key_id) from None
+            seal = await self._guard.seal_unverified(keyset, self.kek)
+            revision = await self.store.write([], expected_revision=keyset.revision, seal=seal)
+            await self.auditor.emit(
+                "keystore_adopted", store=self.store.name, revision=revision,
+                keys=[f"{k.key_id}:{k.status.value}" for k in keyset.keys])
+        logger.warning("key store adopted and sealed at revision %d (%d keys)", revision,
+                       len(keyset.keys))
+        return AdoptionReport(False, revision, tuple(k.key_id for k in keyset.keys))
+
+    async def _check_unwraps(self, key: EncryptionKey) -> None:
+        """Unwrap ``key`` and throw the material away (adoption's proof of origin)."""
+        await self._unwrap(key)
 
     def _dek_cache_expired(self) -> bool:
         max_age = self.config.performance.dek_cache_seconds
@@ -207,32 +357,51 @@ class KeyManager:
         mono = time.monotonic()
         now = self._clock()
         boundary = _FAR_FUTURE
-        cache: dict[str, tuple[bytes, DataKey, float]] = {}
+        cache: dict[str, tuple[str, DataKey, float]] = {}
         for key in keyset.keys:
             if key.status is KeyStatus.DESTROYED or key.wrapped_key is None:
                 continue
+            # Keyed by the whole authenticated record: any change to it unwraps afresh.
+            digest = record_digest(key)
             cached = self._dek_cache.get(key.key_id)
-            if cached is not None and cached[0] == key.wrapped_key and mono - cached[2] <= max_age:
-                dk, unwrapped_at = cached[1].with_key(key), cached[2]
+            if cached is not None and cached[0] == digest and mono - cached[2] <= max_age:
+                # The same object: snapshots that still hold it share its usage count.
+                dk, unwrapped_at = cached[1], cached[2]
                 self.dek_cache_hits += 1
             else:
-                dk, unwrapped_at = DataKey(key, await self._unwrap(key)), mono
+                dk, unwrapped_at = self._bind(cached, key, await self._unwrap(key)), mono
                 self.dek_cache_misses += 1
-                if cached is not None:
-                    dk.encryptions, dk.allowance = cached[1].encryptions, cached[1].allowance
+            if key.status is not KeyStatus.ACTIVE:  # old snapshots may hold it as active
+                dk.allowance = dk.refill_at = 0
             policy = self.config.rotation_policy(key.key_type)
             dk.expired = _policy.is_expired(key, now)
             dk.past_grace = _policy.is_past_grace(key, policy, now)
             if not dk.past_grace:
                 boundary = min(boundary, _policy.grace_end(key, policy) if dk.expired
                                else key.expires_at)
-            cache[key.key_id] = (key.wrapped_key, dk, unwrapped_at)
+            cache[key.key_id] = (digest, dk, unwrapped_at)
         self._dek_cache = cache
         self._records = keyset
         self._next_boundary = boundary
         self._keyring = Keyring((dk for _, dk, _ in cache.values()), keyset.revision,
-                                on_expired_use=self._expired_key_used)
+                                accept_format_v1=self.config.accept_format_v1,
+                                on_expired_use=self._expired_key_used,
+                                on_allowance=self._sync_allowance)
         logger.debug("keyring rebuilt at store revision %d: %d keys", keyset.revision, len(cache))
+
+    @staticmethod
+    def _bind(cached: tuple[str, DataKey, float] | None, key: EncryptionKey,
+              material: bytes) -> DataKey:
+        """The DataKey for a record just unwrapped: the cached object updated in place when
+        it holds the same DEK, so that there is one object (one usage count) per key id
+        however many snapshots hold it; a new one otherwise."""
+        if cached is not None and cached[1].holds(material):
+            cached[1].rebind(key)
+            return cached[1]
+        dk = DataKey(key, material)
+        if cached is not None:
+            cached[1].hand_usage_to(dk)
+        return dk
 
     def _expired_key_used(self, dk: DataKey) -> None:
         if dk.key_id in self._warned_expired:
@@ -244,23 +413,43 @@ class KeyManager:
                                  key_type=dk.key.key_type.value, past_grace=dk.past_grace)
 
     def _kek_for(self, key: EncryptionKey) -> KekProvider:
-        if not key.kek_id or key.kek_id == self.kek.kek_id:
-            return self.kek
-        provider = self._previous_keks.get(key.kek_id)
-        if provider is None:
-            raise KekProviderError(
-                f"key {key.key_id} is wrapped by KEK {key.kek_id}, but the configured KEK is "
-                f"{self.kek.kek_id} (pass the old one in previous_keks to finish a master-key "
-                "rotation)", backend=self.kek.backend)
-        return provider
+        return self._kek_by_id(key.kek_id or self.kek.kek_id, f"key {key.key_id}")
 
     async def _unwrap(self, key: EncryptionKey) -> bytes:
         assert key.wrapped_key is not None
         material = await self._kek_for(key).unwrap(key.wrapped_key, _wrap_context(key))
-        if len(material) != DEK_BYTES:
-            raise KekProviderError(f"key {key.key_id} unwrapped to a key of the wrong size",
-                                   backend=self.kek.backend)
-        return material
+        if len(material) == DEK_BYTES:
+            return material
+        del material  # never in a traceback's locals
+        raise KekProviderError(f"key {key.key_id} unwrapped to a key of the wrong size",
+                               backend=self.kek.backend)
+
+    async def _wrap_material(self, kek: KekProvider, material: bytes,
+                             key: EncryptionKey) -> bytes:
+        """``kek.wrap`` of a DEK; on failure the error leaves with no frame that held it.
+
+        Error reporters that capture locals (Sentry and the like) would otherwise
+        ship the DEK off the host from the provider's frames or this one.
+        """
+        try:
+            return await kek.wrap(material, _wrap_context(key))
+        except BaseException as exc:  # re-raised, scrubbed
+            failure = exc
+        del material
+        raise _scrubbed(failure)
+
+    async def _rewrapped(self, key: EncryptionKey, kek: KekProvider) -> bytes:
+        """``key``'s DEK unwrapped and wrapped again by ``kek``, the DEK kept off every
+        frame an error could carry away."""
+        try:
+            material = await self._unwrap(key)
+            try:
+                return await kek.wrap(material, _wrap_context(key))
+            finally:
+                del material  # gone from this frame before any error leaves it
+        except BaseException as exc:  # re-raised, scrubbed
+            failure = exc
+        raise _scrubbed(failure)
 
     async def load_key(self, key_id: str) -> DataKey | None:
         """Reload once for a key id this process has not seen (e.g. rotated elsewhere).
@@ -284,16 +473,19 @@ class KeyManager:
 
     # -- usage limits -------------------------------------------------------
 
-    async def reserve_usage(self, key_type: KeyTypeLike) -> Keyring:
+    async def reserve_usage(self, key_type: KeyTypeLike, *, ahead: bool = False) -> Keyring:
         """Give the active ``key_type`` key a fresh encryption allowance from the store.
 
         Processes reserve blocks from the shared counter, so the fleet as a
-        whole never encrypts more than the policy's ``max_encryptions`` under one
-        key. When the key is used up it is rotated (once, whoever gets there
-        first) and the new key gets the allowance.
+        whole never encrypts more than the policy's ``max_encryptions`` (and never
+        more than 2**32, whatever the policy or the store says) under one key.
+        When the key is used up it is rotated (once, whoever gets there first) and
+        the new key gets the allowance. ``ahead``: reserve the next block before
+        this one runs out (sync callers cannot wait for it).
         """
         kt = KeyType(key_type)
         policy = self.config.rotation_policy(kt)
+        limit = min(policy.max_encryptions, GCM_MESSAGE_LIMIT)
         # Every round that finds the key used up rotates it (or sees that another
         # process did), and the first reservation on a new key always gets at least
         # one encryption: the fleet makes progress each round. Under a small limit
@@ -301,26 +493,112 @@ class KeyManager:
         # so the bound is time (like the rotation lock's), not a count of rounds.
         deadline = time.monotonic() + self.lock_timeout
         while True:
-            keyring = await self.ensure_active([kt])
+            keyring = await self._ensure_active([kt])
             dk = keyring.active(kt)
             async with self._usage_lock:
-                if dk.encryptions < dk.allowance:
+                if dk.encryptions < (dk.refill_at if ahead else dk.allowance):
                     return keyring
-                overrun = dk.encryptions - dk.allowance  # counted by sync callers
+                overrun = max(0, dk.encryptions - dk.allowance)  # counted by sync callers
                 request = _policy.usage_block(policy, self.usage_block) + overrun
                 total = (await self.store.add_usage({dk.key_id: request}))[dk.key_id]
-                start = total - request + overrun
-                usable = max(0, min(total, policy.max_encryptions) - start)
-                dk.allowance = dk.encryptions + usable
-                if usable:
+                start = await self._usage_start(dk, total, request) + overrun
+                usable = max(0, min(start - overrun + request, limit) - start)
+                dk.allowance = max(dk.allowance, dk.encryptions) + usable
+                # Sync callers seal without a lock below refill_at: keep a margin for
+                # threads that passed that check together (the last ones go under a lock).
+                dk.refill_at = max(0, dk.allowance - max(usable // 2, _SYNC_MARGIN))
+                await self._guard.persist()
+                if usable or dk.encryptions < dk.allowance:
                     return keyring
             self.auditor.emit_nowait("usage_limit_reached", key_id=dk.key_id, key_type=kt.value,
-                                     limit=policy.max_encryptions)
+                                     limit=limit)
             if time.monotonic() > deadline:
                 raise KeyStateError(f"could not reserve encryption allowance for {kt.value} "
                                     f"keys within {self.lock_timeout:g} s: other processes "
                                     f"used up every new key first")
             await self._activate_new(kt, reason="usage", only_if=_still_active(dk.key_id))
+
+    async def _usage_start(self, dk: DataKey, total: int, request: int) -> int:
+        """Where this reservation starts in the key's shared counter.
+
+        Counters only go up: a total below what this process (or this host, with a
+        state file) has seen, or below zero, was written by someone else. It is
+        audited and the highest total seen is used instead, so nobody can reset a
+        key's usage by editing the store.
+        """
+        start, floor = self._guard.usage_start(dk.key_id, total, request)
+        if floor is not None:
+            self.integrity_failures += 1
+            logger.error("usage counter of key %s went backwards in the %s (to %d, %d seen): "
+                         "counting from the highest seen", dk.key_id, self._where,
+                         total - request, floor)
+            await self.auditor.emit("usage_counter_rolled_back", key_id=dk.key_id,
+                                    key_type=dk.key.key_type.value, seen=floor,
+                                    found=total - request)
+        return start
+
+    def _sync_allowance(self, dk: DataKey, seal: Callable[[DataKey], str]) -> str:
+        """For the keyring's sync encrypt paths: ``seal`` with an active key that may
+        encrypt now.
+
+        Below the hard allowance a reservation of the next block is started in the
+        background and ``dk`` seals, under a lock so that threads racing at the
+        allowance cannot pass it together. At the allowance, a thread other than the
+        event loop's waits for a reservation (the Flask extension's request
+        threads); code on the loop's own thread cannot wait, so it gets
+        ``KeyStateError`` (a reservation is started for the next call).
+        """
+        kt = dk.key.key_type
+        loop = self._loop
+        usable_loop = loop is not None and not loop.is_closed() and loop.is_running()
+        for _ in range(1000):  # each round waits for a reservation: bounded, not endless
+            with self._sync_lock:
+                if dk.encryptions >= GCM_MESSAGE_LIMIT:
+                    raise KeyStateError(f"key {dk.key_id} reached 2**32 encryptions")
+                if dk.encryptions < dk.allowance:
+                    if dk.encryptions >= dk.refill_at and usable_loop:
+                        self._reserve_in_background(kt)
+                    return seal(dk)
+            if not usable_loop or threading.get_ident() == self._loop_thread:
+                break
+            assert loop is not None
+            future = asyncio.run_coroutine_threadsafe(self.reserve_usage(kt), loop)
+            dk = future.result(timeout=self.lock_timeout + 10).active(kt)
+        if usable_loop:
+            self._reserve_in_background(kt)
+        raise KeyStateError(
+            f"the encryption allowance of key {dk.key_id} is used up, and synchronous code on "
+            "the event loop's thread cannot wait for more: encrypt through the async API "
+            "(await service.encrypt_field(...)), or retry once the reservation started now "
+            "completes")
+
+    def _reserve_in_background(self, key_type: KeyType) -> None:
+        """Start ``reserve_usage(ahead=True)`` on the manager's loop (once at a time)."""
+        if key_type in self._reserving or self._loop is None:
+            return
+        self._reserving.add(key_type)
+
+        async def reserve() -> None:
+            try:
+                await self.reserve_usage(key_type, ahead=True)
+            except Exception as exc:  # the next sync call tries again
+                logger.warning("background usage reservation for %s keys failed (%s)",
+                               key_type.value, type(exc).__name__)
+            finally:
+                self._reserving.discard(key_type)
+
+        def start() -> None:
+            task = asyncio.ensure_future(reserve())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        try:
+            if threading.get_ident() == self._loop_thread:
+                start()
+            else:
+                self._loop.call_soon_threadsafe(start)
+        except RuntimeError:  # the loop closed meanwhile
+            self._reserving.discard(key_type)
 
     async def _flush_unreserved_usage(self) -> None:
         """Record encryptions sync callers made beyond their allowance (batched)."""
@@ -338,24 +616,26 @@ class KeyManager:
             await self.open()
         async with self.store.lock("rotation", timeout=self.lock_timeout):
             for _ in range(_WRITE_RETRIES):
-                current = await self.store.read()
+                current = await self._read_verified()
                 updates = await plan(current)
                 if not updates:
                     await self._rebuild(current)
                     return current
+                seal = await self._seal_for(current, updates)
                 try:
-                    await self.store.write(updates, expected_revision=current.revision)
+                    await self.store.write(updates, expected_revision=current.revision,
+                                           seal=seal)
                 except ConcurrentModificationError:
                     continue
-                keyset = await self.store.read()
+                keyset = await self._read_verified()
                 if new_material:
                     now = time.monotonic()
                     by_id = keyset.by_id()
                     for key_id, material in new_material.items():
                         key = by_id.get(key_id)
                         if key is not None and key.wrapped_key is not None:
-                            self._dek_cache[key_id] = (key.wrapped_key, DataKey(key, material),
-                                                       now)
+                            dk = self._bind(self._dek_cache.get(key_id), key, material)
+                            self._dek_cache[key_id] = (record_digest(key), dk, now)
                 await self._rebuild(keyset)
                 self._mark_fresh()
                 return keyset
@@ -376,8 +656,14 @@ class KeyManager:
             status_changed_at=now,
         )
         material = os.urandom(DEK_BYTES)
-        wrapped = await self.kek.wrap(material, _wrap_context(key))
-        return key.replace(wrapped_key=wrapped), material
+        try:
+            wrapped = await self._wrap_material(self.kek, material, key)
+        except BaseException as exc:  # re-raised, scrubbed
+            failure = exc
+        else:
+            return key.replace(wrapped_key=wrapped), material
+        del material
+        raise _scrubbed(failure)
 
     async def _activate_new(self, key_type: KeyType, *, reason: str,
                             only_if: Callable[[EncryptionKey | None], bool]) \
@@ -406,9 +692,15 @@ class KeyManager:
             replaced.extend(active)
             return [*retired, key]
 
-        keyset = await self._change(plan, created)
+        try:
+            keyset = await self._change(plan, created)
+        except BaseException:
+            created.clear()  # the frames of this error hold the dict: empty it of DEKs
+            raise
+        made = bool(created)
+        created.clear()
         active_key = self._active_record(keyset, key_type)
-        if created:
+        if made:
             old = replaced[0] if replaced else None
             logger.info("key generated: %s (type %s, %s)", active_key.key_id, key_type.value,
                         reason)
@@ -442,7 +734,17 @@ class KeyManager:
                                          only_if=lambda _: True))[0]
 
     async def ensure_active(self, key_types: Iterable[KeyTypeLike]) -> Keyring:
-        """Make sure each key type has an active key (creating the first version if needed)."""
+        """Make sure each key type has an active key (creating the first version if needed)
+        with an encryption allowance reserved, so sync code may seal with it at once."""
+        kts = [KeyType(kt) for kt in key_types]
+        keyring = await self._ensure_active(kts)
+        for kt in kts:
+            dk = keyring.active(kt)
+            if dk.encryptions >= dk.refill_at:
+                keyring = await self.reserve_usage(kt, ahead=True)
+        return keyring
+
+    async def _ensure_active(self, key_types: Iterable[KeyTypeLike]) -> Keyring:
         keyring = await self.current_keyring()
         for key_type in key_types:
             kt = KeyType(key_type)
@@ -454,7 +756,7 @@ class KeyManager:
 
     async def get_active_key(self, key_type: KeyTypeLike) -> EncryptionKey:
         """The active key of ``key_type``, created on first use."""
-        keyring = await self.ensure_active([key_type])
+        keyring = await self._ensure_active([key_type])  # no allowance: it only looks
         return keyring.active(key_type).key
 
     async def get_key(self, key_id: str) -> EncryptionKey:
@@ -591,6 +893,8 @@ class KeyManager:
         if not self._opened:
             await self.open()
         await self.refresh(force=True)
+        if self.integrity_error is not None:  # operators see the refusal, not stale keys
+            raise self.integrity_error
         kt = None if key_type is None else KeyType(key_type)
         st = None if status is None else KeyStatus(status)
         keys = [k for k in self._records.keys
@@ -776,8 +1080,7 @@ class KeyManager:
             for key in current.keys:
                 if key.wrapped_key is None or key.key_id in done or skip(key):
                     continue
-                material = await self._unwrap(key)
-                wrapped = await kek.wrap(material, _wrap_context(key))
+                wrapped = await self._rewrapped(key, kek)
                 updates.append(key.replace(wrapped_key=wrapped, kek_id=kek.kek_id))
                 batch.append(key.key_id)
                 if len(updates) >= batch_size:
@@ -791,10 +1094,15 @@ class KeyManager:
             done.update(batch)
             for key_id in batch:
                 await self.auditor.emit("key_rewrapped", key_id=key_id, new_kek=kek.kek_id)
-        rekey = getattr(self.store, "rekey", None)
-        if rekey is not None:
-            async with self.store.lock("rotation", timeout=self.lock_timeout):
-                await rekey(kek)
+        # Reseal under ``kek``: the keyset seal (every store) and the file's own MAC key.
+        async with self.store.lock("rotation", timeout=self.lock_timeout):
+            current = await self._read_verified()
+            seal = await self._seal_for(current, (), kek)
+            rekey = getattr(self.store, "rekey", None)
+            if rekey is not None:
+                await rekey(kek, seal=seal)
+            else:
+                await self.store.write((), expected_revision=current.revision, seal=seal)
         return len(done)
 
     # -- reporting ----------------------------------------------------------

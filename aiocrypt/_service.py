@@ -182,7 +182,12 @@ class EncryptionService:
             dk = keyring.active(kt)
         if type(value) is str and not self._compressing \
                 and len(value) <= self._threshold >> 2:  # UTF-8: at most 4 bytes a character
-            token = dk.seal_field(STR_TAG + value.encode(), context)  # the common case
+            plaintext = STR_TAG + value.encode()  # the common case
+            claimed = dk.encryptions + 1  # check and count with no call between (threads
+            if claimed > dk.allowance:    # sealing with this key too cannot pass the limit)
+                return await self.encrypt_field(value, kt, context=context)
+            dk.encryptions = claimed
+            token = dk.seal_field(plaintext, context, 0)
             self._encryptions += 1
             return token
         plaintext = encode_value(value)
@@ -190,7 +195,11 @@ class EncryptionService:
         if len(plaintext) > self._threshold:
             token = await self._run(self._encrypt_bytes, keyring, plaintext, kt, context)
         elif level is None:
-            token = dk.seal_field(plaintext, context)
+            claimed = dk.encryptions + 1
+            if claimed > dk.allowance:
+                return await self.encrypt_field(value, kt, context=context)
+            dk.encryptions = claimed
+            token = dk.seal_field(plaintext, context, 0)
         else:
             token = keyring.encrypt_bytes(plaintext, kt, context, compression_level=level)
         self._encryptions += 1

@@ -275,6 +275,43 @@ def rewrap(previous: tuple[str, ...], only_foreign: bool, as_json: bool) -> None
     click.echo(f"rewrapped {count} keys under {kek_id}")
 
 
+@keys.command("adopt")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@json_option
+def adopt(yes: bool, as_json: bool) -> None:
+    """Check and seal a key store written before keysets were sealed (once, with the KEK).
+
+    Every record must unwrap under the configured KEK; the keyset is then sealed
+    as it stands and the list of keys and statuses is audited: compare it with
+    your audit trail (docs/runbook.md, "Upgrading to sealed keysets").
+    """
+    config = load_config()
+    if not yes and not as_json:
+        click.confirm("Seal the key store as it is now (statuses are trusted as found)?",
+                      abort=True)
+
+    async def run() -> tuple[Any, list[EncryptionKey]]:
+        kek = build_kek_provider(config)
+        manager = KeyManager(build_key_store(config, kek), kek, config, watch=False)
+        try:
+            report = await manager.adopt_store()
+            return report, await manager.list_keys()
+        finally:
+            await manager.close()
+
+    report, keys_now = asyncio.run(run())
+    if as_json:
+        echo_json({"already_sealed": report.already_sealed, "revision": report.revision,
+                   "keys": [key_metadata(k) for k in keys_now]})
+        return
+    if report.already_sealed:
+        click.echo(f"the key store is already sealed (revision {report.revision}); verified")
+        return
+    click.echo(f"sealed the key store at revision {report.revision}; keys as adopted:")
+    for key in keys_now:
+        click.echo(f"  {key.key_id}  {key.status.value}")
+
+
 @keys.command("stats")
 @json_option
 def stats(as_json: bool) -> None:

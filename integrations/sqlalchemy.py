@@ -156,8 +156,10 @@ def _current_keyring(service: EncryptionService, key_type: KeyType | None = None
     if _in_greenlet():
         if len(keyring) == 0 or manager.is_stale():
             keyring = _await(manager.current_keyring())
-        if key_type is not None and key_type not in keyring.active_keys:
-            keyring = _await(manager.ensure_active([key_type]))
+        if key_type is not None:
+            dk = keyring.get_active(key_type)
+            if dk is None or dk.encryptions >= dk.refill_at:  # the usage limit: reserve here
+                keyring = _await(manager.reserve_usage(key_type, ahead=dk is not None))
     elif len(keyring) == 0:
         raise ConfigurationError(
             "the encryption service has no keys loaded: start it (await service.start()) "

@@ -60,7 +60,9 @@ class LoggingAuditSink:
     """JSON lines on the ``aiocrypt.audit`` logger (WARNING for security events)."""
 
     _LOUD: Final = frozenset({"key_compromised", "decrypt_failure_spike", "expired_key_used",
-                              "key_destroyed", "key_revoked", "usage_limit_reached"})
+                              "key_destroyed", "key_revoked", "usage_limit_reached",
+                              "keystore_integrity_failure", "usage_counter_rolled_back",
+                              "keystore_adopted"})
 
     async def emit(self, event: AuditEvent) -> None:
         self.emit_sync(event)

@@ -3,10 +3,13 @@
 Contract shared by every store (file, memory, Redis, Postgres):
 
 * ``read()`` returns every key record and the store's revision (0 when empty).
-* ``write(keys, expected_revision=r)`` upserts the given records and bumps the
-  revision only if the store is still at ``r``; otherwise it raises
-  ``ConcurrentModificationError`` and changes nothing (optimistic concurrency).
-  Records are never deleted: a destroyed key keeps its metadata, without material.
+* ``write(keys, expected_revision=r, seal=s)`` upserts the given records, bumps
+  the revision to ``r + 1`` and stores ``s`` (the keyset seal, an opaque text the
+  ``KeyManager`` makes, see ``aiocrypt._keyset_seal``) in one atomic step, only if
+  the store is still at ``r``; otherwise it raises ``ConcurrentModificationError``
+  and changes nothing (optimistic concurrency). ``read()`` returns the seal with
+  the records of the same snapshot. Records are never deleted: a destroyed key
+  keeps its metadata, without material.
 * ``lock(name)`` is an async context manager giving one holder at a time across
   processes (the rotation lock); a holder that dies releases it.
 * ``revision()`` is a cheap way to learn whether anything changed.
@@ -38,6 +41,8 @@ class KeySet:
 
     revision: int
     keys: tuple[EncryptionKey, ...]
+    seal: str | None = None
+    """The keyset seal stored with this revision (None: an empty or unsealed store)."""
 
     def by_id(self) -> dict[str, EncryptionKey]:
         return {k.key_id: k for k in self.keys}
@@ -60,8 +65,10 @@ class KeyStore(ABC):
         """Every record and the current revision."""
 
     @abstractmethod
-    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int) -> int:
-        """Upsert ``keys`` if the store is at ``expected_revision``; return the new revision."""
+    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int,
+                    seal: str | None = None) -> int:
+        """Upsert ``keys`` and store ``seal`` if the store is at ``expected_revision``;
+        return the new revision (always ``expected_revision + 1``)."""
 
     @abstractmethod
     def lock(self, name: str = "rotation", *,

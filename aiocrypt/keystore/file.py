@@ -10,7 +10,10 @@
   rotation lock; the kernel releases a lock when its holder dies.
 
 A failed read never modifies the file. Rolling the whole file back to an older
-authentic version is not detected by the MAC (keep backups access-controlled).
+authentic version is not detected by the MAC: the ``KeyManager`` refuses a
+revision lower than the highest it has seen (and persists that high-water mark
+when given a state file), and seals the records themselves (``_keyset_seal``),
+as for every store.
 """
 
 from __future__ import annotations
@@ -49,6 +52,31 @@ logger = logging.getLogger("aiocrypt.keystore.file")
 _FORMAT: Final = "aiocrypt.keystore"
 _MAC_CONTEXT: Final = {"aiocrypt_purpose": "file-keystore-mac"}
 MAX_FILE_BYTES: Final = 64 * 1024 * 1024
+
+
+def replace_file(target: Path, payload: bytes) -> None:
+    """Replace ``target`` with ``payload`` (mode 0600) so a crash leaves the old or the new
+    file: a temporary file beside it, fsynced, renamed over it, the directory fsynced."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _canonical(doc: dict[str, Any]) -> bytes:
@@ -154,14 +182,19 @@ class FileKeyStore(KeyStore):
                 from None
         if not isinstance(doc["keys"], list):
             raise KeyStoreIntegrityError(f"key store {self.path} has no list of keys")
-        return doc, KeySet(revision, decode_records(doc["keys"], f"key store {self.path}"))
+        seal = doc.get("seal")
+        if seal is not None and not isinstance(seal, str):
+            raise KeyStoreIntegrityError(f"key store {self.path} has an invalid seal")
+        return doc, KeySet(revision, decode_records(doc["keys"], f"key store {self.path}"),
+                           seal)
 
     async def read(self) -> KeySet:
         return (await self._load())[1]
 
     # -- writing ------------------------------------------------------------
 
-    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int) -> int:
+    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int,
+                    seal: str | None = None) -> int:
         async with self.lock("write", timeout=30.0):
             doc, current = await self._load()
             if current.revision != expected_revision:
@@ -181,17 +214,20 @@ class FileKeyStore(KeyStore):
                 "revision": current.revision + 1,
                 "keys": [k.to_dict() for k in merge(current.keys, keys)],
             }
+            if seal is not None:
+                new_doc["seal"] = seal
             new_doc["mac"] = hmac.new(self._mac_key, _canonical(new_doc),
                                       hashlib.sha256).hexdigest()
             payload = json.dumps(new_doc, sort_keys=True, indent=1).encode("utf-8")
             await anyio.to_thread.run_sync(self._replace, payload)
             return int(new_doc["revision"])
 
-    async def rekey(self, new_kek: KekProvider) -> None:
+    async def rekey(self, new_kek: KekProvider, *, seal: str | None = None) -> None:
         """Reseal the file under ``new_kek`` (the last step of a master-key rotation).
 
         The MAC key is rewrapped by ``new_kek`` and the document's KEK id changed in
-        one atomic replace; from then on the old KEK cannot open the store.
+        one atomic replace; from then on the old KEK cannot open the store. The
+        revision goes up by one, and ``seal`` (the keyset seal for it) is stored.
         """
         async with self.lock("write", timeout=30.0):
             doc, current = await self._load()
@@ -205,6 +241,8 @@ class FileKeyStore(KeyStore):
             new_doc["kek_id"] = new_kek.kek_id
             new_doc["mac_key"] = base64.b64encode(wrapped).decode("ascii")
             new_doc["revision"] = current.revision + 1
+            if seal is not None:
+                new_doc["seal"] = seal
             new_doc["mac"] = hmac.new(self._mac_key, _canonical(new_doc),
                                       hashlib.sha256).hexdigest()
             payload = json.dumps(new_doc, sort_keys=True, indent=1).encode("utf-8")
@@ -217,25 +255,9 @@ class FileKeyStore(KeyStore):
     def _replace(self, payload: bytes, target: Path | None = None) -> None:
         """Atomically replace ``target`` (default: the store) with ``payload``, mode 0600."""
         target = target or self.path
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            replace_file(target, payload)
         except OSError as exc:
-            with suppress(OSError):
-                tmp.unlink()
             raise KeyStoreError(f"cannot write {target}: {exc.strerror}") from None
 
     # -- usage counters -----------------------------------------------------

@@ -22,19 +22,22 @@ class MemoryKeyStore(KeyStore):
     def __init__(self) -> None:
         self._keys: list[EncryptionKey] = []
         self._revision = 0
+        self._seal: str | None = None
         self._locks: dict[str, anyio.Semaphore] = {}
         self.writes = 0
         self._usage: dict[str, int] = {}
 
     async def read(self) -> KeySet:
-        return KeySet(self._revision, tuple(self._keys))
+        return KeySet(self._revision, tuple(self._keys), self._seal)
 
-    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int) -> int:
+    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int,
+                    seal: str | None = None) -> int:
         if expected_revision != self._revision:
             raise ConcurrentModificationError(
                 f"memory key store is at revision {self._revision}, not {expected_revision}")
         self._keys = merge(self._keys, keys)
         self._revision += 1
+        self._seal = seal
         self.writes += 1
         return self._revision
 

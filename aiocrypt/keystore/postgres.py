@@ -3,7 +3,8 @@
 Its own schema (default ``aiocrypt``; configurable so applications and tests
 can keep apart), created on first use or by :meth:`PostgresKeyStore.migrate`:
 
-* ``revision``  one row, bumped by every write
+* ``revision``  one row, bumped by every write, with the keyset seal of that
+  revision (``aiocrypt._keyset_seal``)
 * ``keys``      key id -> JSON record (``EncryptionKey.to_dict``)
 * ``usage``     key id -> shared encryption counter
 
@@ -74,7 +75,8 @@ def _statements(schema: str) -> dict[str, str]:
             CREATE TABLE IF NOT EXISTS {s}.revision (
                 id smallint PRIMARY KEY CHECK (id = 1),
                 revision bigint NOT NULL);
-            INSERT INTO {s}.revision VALUES (1, 0) ON CONFLICT DO NOTHING;
+            ALTER TABLE {s}.revision ADD COLUMN IF NOT EXISTS seal text;
+            INSERT INTO {s}.revision (id, revision) VALUES (1, 0) ON CONFLICT DO NOTHING;
             CREATE TABLE IF NOT EXISTS {s}.keys (
                 key_id text PRIMARY KEY,
                 record jsonb NOT NULL,
@@ -85,10 +87,10 @@ def _statements(schema: str) -> dict[str, str]:
         """,  # noqa: S608
         "drop": f"DROP SCHEMA IF EXISTS {s} CASCADE",
         # one statement: one snapshot of the revision and the records
-        "read": f"SELECT r.revision, k.record FROM {s}.revision r "  # noqa: S608
+        "read": f"SELECT r.revision, r.seal, k.record FROM {s}.revision r "  # noqa: S608
                 f"LEFT JOIN {s}.keys k ON true",
         "revision": f"SELECT revision FROM {s}.revision WHERE id = 1",  # noqa: S608
-        "bump": f"UPDATE {s}.revision SET revision = revision + 1 "  # noqa: S608
+        "bump": f"UPDATE {s}.revision SET revision = revision + 1, seal = $2 "  # noqa: S608
                 "WHERE id = 1 AND revision = $1 RETURNING revision",
         "upsert": f"INSERT INTO {s}.keys (key_id, record, revision) "  # noqa: S608
                   "SELECT i, r::jsonb, $3 FROM unnest($1::text[], $2::text[]) AS t(i, r) "
@@ -229,20 +231,21 @@ class PostgresKeyStore(KeyStore):
                 "(run migrate())")
         keys = decode_records((row["record"] for row in rows if row["record"] is not None),
                               f"PostgreSQL key store {self._where} (schema {self.schema!r})")
-        return KeySet(int(rows[0]["revision"]), keys)
+        return KeySet(int(rows[0]["revision"]), keys, rows[0]["seal"])
 
     async def revision(self) -> int:
         pool = await self._ready()
         with self._translate("read revision"):
             return int(await pool.fetchval(self._sql["revision"]) or 0)
 
-    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int) -> int:
+    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int,
+                    seal: str | None = None) -> int:
         pool = await self._ready()
         ids = [k.key_id for k in keys]
         records = [encode_record(k) for k in keys]
         with self._translate("write"):
             async with pool.acquire() as conn, conn.transaction():
-                new = await conn.fetchval(self._sql["bump"], expected_revision)
+                new = await conn.fetchval(self._sql["bump"], expected_revision, seal)
                 if new is None:
                     current = await conn.fetchval(self._sql["revision"])
                     raise ConcurrentModificationError(

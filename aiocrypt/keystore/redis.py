@@ -5,6 +5,7 @@ application or test its own):
 
 * ``<prefix>keys``      hash: key id -> JSON record (``EncryptionKey.to_dict``)
 * ``<prefix>revision``  integer, bumped by every write
+* ``<prefix>seal``      the keyset seal of that revision (``aiocrypt._keyset_seal``)
 * ``<prefix>usage``     hash: key id -> shared encryption counter (``HINCRBY``)
 * ``<prefix>lock:<n>``  lock token with a lease (``SET NX PX``)
 * ``<prefix>changes``   pub/sub channel carrying each new revision
@@ -57,14 +58,20 @@ logger = logging.getLogger("aiocrypt.keystore.redis")
 
 DEFAULT_PREFIX: Final = "aiocrypt:"
 
-# KEYS: revision, keys hash. ARGV: expected revision, channel, id1, record1, id2, ...
+# KEYS: revision, keys hash, seal. ARGV: expected revision, channel, seal ('' for none),
+# id1, record1, id2, ...
 _WRITE: Final = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current ~= tonumber(ARGV[1]) then
   return {0, current}
 end
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[3])
+else
+  redis.call('DEL', KEYS[3])
 end
 local new = redis.call('INCR', KEYS[1])
 redis.call('PUBLISH', ARGV[2], new)
@@ -130,6 +137,7 @@ class RedisKeyStore(KeyStore):
         self._k_keys = f"{prefix}keys"
         self._k_revision = f"{prefix}revision"
         self._k_usage = f"{prefix}usage"
+        self._k_seal = f"{prefix}seal"
         self.channel = f"{prefix}changes"
         self._write_script = self._redis.register_script(_WRITE)
         self._renew_script = self._redis.register_script(_RENEW)
@@ -164,7 +172,7 @@ class RedisKeyStore(KeyStore):
     async def drop(self) -> None:
         """Delete everything stored under this prefix (tests, decommissioning)."""
         with self._translate("drop"):
-            names = [self._k_keys, self._k_revision, self._k_usage]
+            names = [self._k_keys, self._k_revision, self._k_usage, self._k_seal]
             async for name in self._redis.scan_iter(match=f"{self._glob_prefix()}lock:*"):
                 names.append(name)
             await self._redis.delete(*names)
@@ -179,25 +187,33 @@ class RedisKeyStore(KeyStore):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.get(self._k_revision)
                 pipe.hgetall(self._k_keys)
-                raw_revision, raw_keys = await pipe.execute()
+                pipe.get(self._k_seal)
+                raw_revision, raw_keys, raw_seal = await pipe.execute()
         where = f"Redis key store {self._where} (prefix {self.prefix!r})"
         try:
             revision = int(raw_revision or 0)
         except ValueError:
             raise KeyStoreIntegrityError(f"{where} holds an invalid revision") from None
-        return KeySet(revision, decode_records(raw_keys.values(), where))
+        seal = None
+        if raw_seal is not None:
+            try:
+                seal = raw_seal.decode("utf-8") if isinstance(raw_seal, bytes) else str(raw_seal)
+            except UnicodeDecodeError:
+                raise KeyStoreIntegrityError(f"{where} holds an invalid seal") from None
+        return KeySet(revision, decode_records(raw_keys.values(), where), seal)
 
     async def revision(self) -> int:
         with self._translate("read revision"):
             return int(await self._redis.get(self._k_revision) or 0)
 
-    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int) -> int:
-        args: list[Any] = [expected_revision, self.channel]
+    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int,
+                    seal: str | None = None) -> int:
+        args: list[Any] = [expected_revision, self.channel, seal or ""]
         for key in keys:
             args += [key.key_id, encode_record(key)]
         with self._translate("write"):
             ok, revision = await self._write_script(
-                keys=[self._k_revision, self._k_keys], args=args)
+                keys=[self._k_revision, self._k_keys, self._k_seal], args=args)
         if not ok:
             raise ConcurrentModificationError(
                 f"Redis key store {self._where} is at revision {revision}, "

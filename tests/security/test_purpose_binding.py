@@ -364,3 +364,22 @@ async def test_reencryption_moves_v1_rows_to_v2(service: EncryptionService,
         await conn.execute(f"DROP TABLE IF EXISTS {checkpoints}")
         await conn.close()
         await database.close()
+
+
+async def test_the_config_closes_the_v1_window_for_sync_readers_too() -> None:
+    """``ENCRYPTION_ACCEPT_FORMAT_V1=false`` reaches the keyring every sync reader uses."""
+    from aiocrypt import EncryptionConfig
+
+    config = EncryptionConfig.from_env({"ENCRYPTION_ACCEPT_FORMAT_V1": "false"})
+    assert config.accept_format_v1 is False
+    async with make_service(config) as service:
+        dk = (await service._keyring(KeyType.PII)).active(KeyType.PII)
+        old = seal_v1_field(dk, b"\x01old value", "users.note")
+        with pytest.raises(DecryptionError):
+            service.keyring.decrypt(old, KeyType.PII, "users.note")
+        with pytest.raises(DecryptionError):
+            await service.decrypt_field(old, KeyType.PII, context="users.note")
+    async with make_service() as service:  # the default keeps the window open
+        dk = (await service._keyring(KeyType.PII)).active(KeyType.PII)
+        old = seal_v1_field(dk, b"\x01old value", "users.note")
+        assert service.keyring.decrypt(old, KeyType.PII, "users.note") == "old value"

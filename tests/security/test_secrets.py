@@ -407,7 +407,10 @@ async def test_arq_job_payloads_hold_identifiers_only(redis_client: aioredis.Red
     service = EncryptionService(manager)
     cfg = ArqWorkerConfig.from_env({"ENCRYPTION_ARQ_PREFIX": job_prefix,
                                     "ENCRYPTION_REDIS_URL": redis_url})
-    pool = await create_pool(RedisSettings(host="127.0.0.1", port=6379, database=15))
+    from aiocrypt.integrations.arq import job_deserializer, job_serializer
+
+    pool = await create_pool(RedisSettings(host="127.0.0.1", port=6379, database=15),
+                             job_serializer=job_serializer, job_deserializer=job_deserializer)
     try:
         async with service:
             await service.encrypt_field(s.marker, KeyType.PII)
@@ -424,7 +427,7 @@ async def test_arq_job_payloads_hold_identifiers_only(redis_client: aioredis.Red
             raw = await redis_client.get(f"arq:job:{job_id}")
             assert raw is not None, f"job {job_id} not found in Redis"
             payloads.append(raw)
-            job = deserialize_job(raw)
+            job = deserialize_job(raw, deserializer=job_deserializer)
             for arg in [*job.args, *job.kwargs.values()]:
                 assert arg is None or isinstance(arg, (str, int, bool)), \
                     f"{job.function} carries a {type(arg).__name__}"

@@ -205,10 +205,11 @@ async def test_kms_histogram_through_vault_transit(vault_server: object,
         await service.encrypt_field("a", KeyType.PII)
         await service.encrypt_field("b", KeyType.FINANCIAL_DATA)
         calls = server.calls  # type: ignore[attr-defined]
-        assert calls["encrypt"] == 2  # one wrap per new DEK, none per field
-        assert value(registry, count, provider="vault", operation="wrap", outcome="ok") == 2
-        await service.key_manager.health()  # the probe wraps and unwraps once
+        # one wrap per new DEK and one for the store's keyset seal key, none per field
+        assert calls["encrypt"] == 3
         assert value(registry, count, provider="vault", operation="wrap", outcome="ok") == 3
+        await service.key_manager.health()  # the probe wraps and unwraps once
+        assert value(registry, count, provider="vault", operation="wrap", outcome="ok") == 4
         assert value(registry, count, provider="vault", operation="unwrap", outcome="ok") \
             == calls["decrypt"] == 1
         seconds = value(registry, "aiocrypt_kms_call_duration_seconds_sum", provider="vault",
@@ -236,8 +237,9 @@ async def test_kms_histogram_local_provider_counts_each_call_once(
     async with service:
         for key_type in (KeyType.PII, KeyType.SESSION, KeyType.API_KEYS):
             await service.encrypt_field("v", key_type)
+    # three DEKs and the keyset seal key
     assert value(registry, "aiocrypt_kms_call_duration_seconds_count", provider="local",
-                 operation="wrap", outcome="ok") == 3
+                 operation="wrap", outcome="ok") == 4
 
 
 async def test_a_second_service_on_one_registry_is_refused(

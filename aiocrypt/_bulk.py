@@ -11,6 +11,12 @@ purpose BLOB and a stream with purpose STREAM and its whole preamble (segment
 size, salt, nonce prefix) in the associated data, so a field token cannot be
 opened as a blob (nor a blob as a field), and a rewritten segment size fails at
 the first segment. Version 1 blobs and streams still open (``format_version=1``).
+
+``EncryptedData`` rebuilt from the five fields the seed code keeps
+(``encrypted_data``, ``key_id``, ``algorithm``, ``iv``, ``tag``) decrypts for every
+size and setting: what a stream, a compressed blob or a version 1 blob needs
+beyond a nonce (version, flags, segment size, salt, nonce prefix) travels in a
+packed ``iv`` (see :class:`EncryptedData` and docs/format.md).
 """
 
 from __future__ import annotations
@@ -65,18 +71,32 @@ MAX_SEGMENT_SIZE: Final = 64 * 1024 * 1024
 MAX_SEGMENTS: Final = 2**32 - 1
 _U32 = struct.Struct(">I")
 _ALG_BY_NAME: Final = {name: alg for alg, name in ALGORITHM_NAMES.items()}
+_IV_HEAD: Final = 2
+"""A packed ``iv`` starts with the header's format version and flags bytes."""
+_STREAM_PARAMS_BYTES: Final = 4 + STREAM_SALT_BYTES + STREAM_PREFIX_BYTES
 
 
 @dataclass(frozen=True, slots=True)
 class EncryptedData:
     """An encrypted blob, as separate fields or as one self-describing blob.
 
-    ``tag`` is always the final 16 bytes of the authenticated ciphertext and
-    ``iv`` the nonce (one-shot) or salt || nonce prefix (streams), so the object
-    can be rebuilt from ``encrypted_data``, ``key_id``, ``algorithm``, ``iv`` and
-    ``tag`` (plus ``segment_size`` and ``compressed`` where they apply, and
-    ``format_version=1`` for data encrypted before format version 2), or from
-    :meth:`to_bytes` output with :meth:`from_bytes`.
+    ``tag`` is the final 16 bytes of the authenticated ciphertext, and ``iv``
+    carries everything else a reader needs, so the five fields
+    ``encrypted_data``, ``key_id``, ``algorithm``, ``iv`` and ``tag`` rebuild the
+    object whatever its size, compression or format version:
+
+    * a one-shot blob of the current format, uncompressed: ``iv`` is the 12-byte
+      nonce;
+    * anything else (a stream, a compressed blob, a version 1 blob): ``iv`` is
+      packed, format version (1) || flags (1) || the algorithm's parameters as the
+      binary body holds them: the nonce (14 bytes in all), or segment size (u32)
+      || salt || nonce prefix (29 bytes in all).
+
+    ``segment_size``, ``compressed`` and ``format_version`` are read from a packed
+    ``iv`` (values given beside it must agree). A bare ``iv`` (the nonce, or a
+    stream's salt || nonce prefix) still works with them given explicitly, as
+    before; the object then holds the packed form. The whole is also one blob:
+    :meth:`to_bytes` and :meth:`from_bytes`.
     """
 
     encrypted_data: bytes | memoryview = field(repr=False)
@@ -91,17 +111,48 @@ class EncryptedData:
     def __post_init__(self) -> None:
         if self.algorithm not in _ALG_BY_NAME:
             raise ValueError(f"unknown algorithm {self.algorithm!r}")
-        if self.format_version not in FORMAT_VERSIONS:
-            raise ValueError(f"unknown format version {self.format_version!r}")
         if len(self.tag) != TAG_BYTES:
             raise ValueError("tag must be 16 bytes")
         is_stream = self.algorithm == "AES_256_GCM_STREAM"
-        expected_iv = STREAM_SALT_BYTES + STREAM_PREFIX_BYTES if is_stream else NONCE_BYTES
-        if len(self.iv) != expected_iv:
-            raise ValueError(f"iv must be {expected_iv} bytes for {self.algorithm}")
-        if is_stream and not (self.segment_size and
-                              MIN_SEGMENT_SIZE <= self.segment_size <= MAX_SEGMENT_SIZE):
+        iv = bytes(self.iv)
+        bare = STREAM_SALT_BYTES + STREAM_PREFIX_BYTES if is_stream else NONCE_BYTES
+        packed = _IV_HEAD + (_STREAM_PARAMS_BYTES if is_stream else NONCE_BYTES)
+        if len(iv) == packed:
+            version, flags = iv[0], iv[1]
+            segment_size = _U32.unpack_from(iv, _IV_HEAD)[0] if is_stream else None
+            if (self.segment_size not in (None, segment_size)
+                    or (self.compressed and not flags & FLAG_ZSTD)
+                    or self.format_version not in (FORMAT_VERSION, version)):
+                raise ValueError("segment_size, compressed or format_version contradicts the iv")
+        elif len(iv) == bare:
+            version, flags = self.format_version, FLAG_ZSTD if self.compressed else 0
+            segment_size = self.segment_size
+        else:
+            raise ValueError(f"iv must be {bare} or {packed} bytes for {self.algorithm}")
+        if version not in FORMAT_VERSIONS:
+            raise ValueError(f"unknown format version {version!r}")
+        if flags & ~FLAG_ZSTD:
+            raise ValueError("unknown flags in iv")
+        if not is_stream and segment_size is not None:
+            raise ValueError("segment_size is for streams only")
+        if is_stream and not (segment_size and
+                              MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE):
             raise ValueError("streams need a segment_size between 1 KiB and 64 MiB")
+        if len(iv) == bare:  # pack it: the five fields alone must rebuild the object
+            if is_stream:
+                assert segment_size is not None
+                iv = stream_params(segment_size, iv[:STREAM_SALT_BYTES], iv[STREAM_SALT_BYTES:])
+            if is_stream or flags or version != FORMAT_VERSION:
+                iv = bytes((version, flags)) + iv
+        object.__setattr__(self, "iv", iv)
+        object.__setattr__(self, "segment_size", segment_size)
+        object.__setattr__(self, "compressed", bool(flags & FLAG_ZSTD))
+        object.__setattr__(self, "format_version", version)
+
+    @property
+    def _parameters(self) -> bytes:
+        """The algorithm's parameters as the binary body starts with them (``iv`` unpacked)."""
+        return self.iv if len(self.iv) == NONCE_BYTES else self.iv[_IV_HEAD:]
 
     @property
     def header(self) -> Header:
@@ -109,11 +160,7 @@ class EncryptedData:
                       self.key_id, self.format_version)
 
     def body(self) -> bytes:
-        data = bytes(self.encrypted_data)
-        if self.algorithm == "AES_256_GCM_STREAM":
-            assert self.segment_size is not None
-            return _U32.pack(self.segment_size) + self.iv + data + self.tag
-        return self.iv + data + self.tag
+        return self._parameters + bytes(self.encrypted_data) + self.tag
 
     def to_bytes(self) -> bytes:
         """One self-describing blob (the binary token form)."""
@@ -139,7 +186,7 @@ class EncryptedData:
                        body[:NONCE_BYTES].tobytes(), body[-TAG_BYTES:].tobytes(), None,
                        compressed, header.version)
         if header.algorithm == ALG_AES_256_GCM_STREAM:
-            iv_end = 4 + STREAM_SALT_BYTES + STREAM_PREFIX_BYTES
+            iv_end = _STREAM_PARAMS_BYTES
             if len(body) < iv_end + TAG_BYTES:
                 raise FormatError("blob too short")
             (segment_size,) = _U32.unpack_from(body)
@@ -339,7 +386,7 @@ class BulkOpener:
         if encrypted.algorithm != "AES_256_GCM_STREAM" or encrypted.segment_size is None:
             raise DecryptionError()
         self._dec = StreamDecryptor(dk, context, encrypted.header.flags,
-                                    encrypted.segment_size, bytes(encrypted.iv),
+                                    encrypted.segment_size, encrypted._parameters[4:],
                                     encrypted.format_version)
         self._body = memoryview(encrypted.encrypted_data)
         self._tag = bytes(encrypted.tag)
@@ -397,7 +444,7 @@ def decrypt_bulk(dk: DataKey, encrypted: EncryptedData, context: bytes) -> bytes
     """
     if encrypted.algorithm == "AES_256_GCM":
         try:
-            return dk.open_gcm(encrypted.header.flags, bytes(encrypted.iv)
+            return dk.open_gcm(encrypted.header.flags, encrypted._parameters
                                + bytes(encrypted.encrypted_data) + bytes(encrypted.tag),
                                context, version=encrypted.format_version,
                                purpose=Purpose.BLOB)

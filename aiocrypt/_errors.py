@@ -4,7 +4,7 @@ Every exception raised on purpose by aiocrypt derives from ``AiocryptError``::
 
     AiocryptError
     ├── ConfigurationError          settings missing, malformed or inconsistent
-    ├── DecryptionError             any failure to decrypt; deliberately opaque
+    ├── DecryptionError             any failure to decrypt; .reason says which kind
     │   └── CacheEntryExpiredError  a cache entry past its TTL
     ├── KeyNotFoundError            no key with that id or key type (also LookupError)
     ├── KeyStateError               the key exists but its state forbids the operation
@@ -22,6 +22,9 @@ Caller mistakes that are not about keys raise the built-in ``TypeError`` or
 
 from __future__ import annotations
 
+import enum
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -30,6 +33,9 @@ __all__ = [
     "ConcurrentModificationError",
     "ConfigurationError",
     "DecryptionError",
+    "DecryptionFailure",
+    "DecryptionLocation",
+    "decryption_failed",
     "KekProviderError",
     "KeyNotFoundError",
     "KeyStateError",
@@ -41,6 +47,9 @@ __all__ = [
 ]
 
 
+_logger = logging.getLogger("aiocrypt")
+
+
 class AiocryptError(Exception):
     """Base class of every error aiocrypt raises on purpose."""
 
@@ -49,16 +58,109 @@ class ConfigurationError(AiocryptError):
     """Settings are missing, malformed or inconsistent."""
 
 
+class DecryptionFailure(enum.StrEnum):
+    """Why a decryption failed: what the token's public parts and the keyring tell.
+
+    Authentication failures (a wrong context, a tampered or truncated body,
+    another row's or another purpose's token) are one reason on purpose: AES-GCM
+    and AES-SIV cannot tell them apart, and an error that guessed would hand an
+    attacker an oracle. The other reasons come from what every token shows in
+    clear (its format, key id and key type) and from the keyring's records.
+    """
+
+    #: Not a token of any known form: plaintext where a token was expected, bad
+    #: base64, a body too short to hold a nonce and a tag, an unknown algorithm or
+    #: flag, a refused format version (``accept_format_v1=False``), or a plaintext
+    #: that authenticated but does not decode (or decompress within the limits).
+    MALFORMED = "malformed"
+    #: The token's key is of another key type than the one asked for.
+    WRONG_KEY_TYPE = "wrong_key_type"
+    #: The token names a key id this key store does not hold.
+    UNKNOWN_KEY = "unknown_key"
+    #: The key exists but may not be read: revoked, compromised, destroyed, below
+    #: the minimum decryption version, or expired past its grace period.
+    KEY_NOT_READABLE = "key_not_readable"
+    #: Structurally a token of another purpose (a one-shot bulk blob given to a
+    #: stream reader). Text tokens bind their purpose in the associated data only,
+    #: so a session token read as a field fails as ``AUTHENTICATION_FAILED``.
+    WRONG_PURPOSE = "wrong_purpose"
+    #: The AEAD tag did not verify (see the class docstring).
+    AUTHENTICATION_FAILED = "authentication_failed"
+
+
+_REASON_TEXT: dict[DecryptionFailure | None, str] = {
+    None: "",
+    DecryptionFailure.MALFORMED: "not a valid token",
+    DecryptionFailure.WRONG_KEY_TYPE: "token is for another key type",
+    DecryptionFailure.UNKNOWN_KEY: "token names a key this store does not hold",
+    DecryptionFailure.KEY_NOT_READABLE: "the token's key may not be read",
+    DecryptionFailure.WRONG_PURPOSE: "token is of another purpose",
+    DecryptionFailure.AUTHENTICATION_FAILED:
+        "token did not authenticate (tampered, truncated, or another context or row)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptionLocation:
+    """Where a value that failed to decrypt is stored (the column types and the
+    re-encryption engine fill it in). Identifiers only: never the value."""
+
+    table: str
+    column: str
+    primary_key: Any = None
+
+    def __str__(self) -> str:
+        where = f"{self.table}.{self.column}"
+        if self.primary_key is None:
+            return where
+        return f"{where}, primary key {self.primary_key!r}"
+
+
 class DecryptionError(AiocryptError):
     """A token or blob could not be decrypted.
 
-    Opaque on purpose (as Fernet's ``InvalidToken``): a tampered token, a wrong
-    key type or context, an unknown or destroyed key all look the same to the
-    caller, so the error gives an attacker nothing to probe.
+    ``reason`` (a :class:`DecryptionFailure`, None when not known) says which kind
+    of failure; ``key_id`` is the key id the token names when it names one (public
+    in every token); ``location`` is where the value is stored, when the caller
+    knows. The message is safe to log: it never holds the token, the value or
+    key material. Authentication failures stay one reason among themselves (see
+    :class:`DecryptionFailure`).
     """
 
-    def __init__(self, message: str = "decryption failed") -> None:
-        super().__init__(message)
+    def __init__(self, message: str | None = None, *,
+                 reason: DecryptionFailure | None = None, key_id: str | None = None,
+                 location: DecryptionLocation | None = None, detail: str | None = None) -> None:
+        self.reason = reason
+        self.key_id = key_id
+        self.location = location
+        self.detail = detail
+        super().__init__(message if message is not None else self._message())
+
+    def _message(self) -> str:
+        text = self.detail or _REASON_TEXT[self.reason]
+        if self.key_id is not None and self.detail is None:
+            text += f" (key {self.key_id})"
+        message = f"decryption failed: {text}" if text else "decryption failed"
+        if self.location is not None:
+            message += f" ({self.location})"
+        return message
+
+    def located(self, location: DecryptionLocation) -> DecryptionError:
+        """The same failure at ``location`` (a new error of the same reason and key id)."""
+        return DecryptionError(reason=self.reason, key_id=self.key_id, location=location,
+                               detail=self.detail)
+
+
+def decryption_failed(reason: DecryptionFailure, key_id: str | None = None,
+                      detail: str | None = None) -> DecryptionError:
+    """A ``DecryptionError`` for ``reason``, logged at DEBUG on the ``aiocrypt`` logger.
+
+    ``detail`` replaces the generic text; it must name identifiers only (key ids,
+    key types, statuses), never a token, a value or key material.
+    """
+    error = DecryptionError(reason=reason, key_id=key_id, detail=detail)
+    _logger.debug("decryption failed: reason=%s key_id=%s: %s", reason.value, key_id, error)
+    return error
 
 
 class CacheEntryExpiredError(DecryptionError):
@@ -111,15 +213,25 @@ class KekProviderError(AiocryptError):
 class ReencryptionError(AiocryptError):
     """A stored value could not be re-encrypted (it does not decrypt, or is not a token).
 
-    Names the table, column and primary key of the row; never its contents.
+    Names the table, column and primary key of the row (``location``) and, when
+    the value is a token, why it did not decrypt (``reason``, ``key_id``); never
+    its contents.
     """
 
-    def __init__(self, table: str, column: str, primary_key: Any) -> None:
+    def __init__(self, table: str, column: str, primary_key: Any, *,
+                 reason: DecryptionFailure | None = None, key_id: str | None = None) -> None:
+        why = f" ({_REASON_TEXT[reason]})" if reason is not None else ""
         super().__init__(f"{table}.{column}: a stored value could not be decrypted for "
-                         "re-encryption (row primary key in .primary_key)")
+                         f"re-encryption{why} (row primary key in .primary_key)")
         self.table = table
         self.column = column
         self.primary_key = primary_key
+        self.reason = reason
+        self.key_id = key_id
+
+    @property
+    def location(self) -> DecryptionLocation:
+        return DecryptionLocation(self.table, self.column, self.primary_key)
 
 
 class UnsupportedTypeError(AiocryptError, TypeError):

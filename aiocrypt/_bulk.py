@@ -38,7 +38,7 @@ from ._crypto import (
     DataKey,
     stream_nonce,
 )
-from ._errors import DecryptionError
+from ._errors import DecryptionFailure, decryption_failed
 from ._format import (
     ALG_AES_256_GCM,
     ALG_AES_256_GCM_STREAM,
@@ -70,6 +70,8 @@ MIN_SEGMENT_SIZE: Final = 1024
 MAX_SEGMENT_SIZE: Final = 64 * 1024 * 1024
 MAX_SEGMENTS: Final = 2**32 - 1
 _U32 = struct.Struct(">I")
+_MALFORMED: Final = DecryptionFailure.MALFORMED
+_AUTHENTICATION: Final = DecryptionFailure.AUTHENTICATION_FAILED
 _ALG_BY_NAME: Final = {name: alg for alg, name in ALGORITHM_NAMES.items()}
 _IV_HEAD: Final = 2
 """A packed ``iv`` starts with the header's format version and flags bytes."""
@@ -173,7 +175,7 @@ class EncryptedData:
             header, _, body = parse_binary(blob)
             return cls._from_body(header, body)
         except (FormatError, ValueError):
-            raise DecryptionError() from None
+            raise decryption_failed(_MALFORMED) from None
 
     @classmethod
     def _from_body(cls, header: Header, body: memoryview) -> EncryptedData:
@@ -257,6 +259,7 @@ class StreamDecryptor:
         self.segment_size = segment_size
         salt, prefix = iv[:STREAM_SALT_BYTES], iv[STREAM_SALT_BYTES:]
         self._cipher = dk.stream_cipher(salt)
+        self._key_id = dk.key_id
         self._prefix = prefix
         self._aad = _stream_aad(dk, version, flags, segment_size, salt, prefix, context)
         self._index = 0
@@ -268,26 +271,28 @@ class StreamDecryptor:
 
     def open(self, sealed: bytes | memoryview, last: bool) -> bytes:
         if self._finished or self._index >= MAX_SEGMENTS:
-            raise DecryptionError()
+            raise decryption_failed(_MALFORMED, self._key_id, "data after the stream's last "
+                                    f"segment (key {self._key_id})")
         nonce = stream_nonce(self._prefix, self._index, last)
         self._index += 1
         try:
             plaintext = self._cipher.decrypt(nonce, sealed, self._aad)
         except InvalidTag:
-            raise DecryptionError() from None
+            raise decryption_failed(_AUTHENTICATION, self._key_id) from None
         self._finished = last
         return plaintext
 
     def open_into(self, sealed: bytes | memoryview, last: bool, out: memoryview) -> None:
         """As :meth:`open`, writing the plaintext into ``out`` (len(sealed) - 16 bytes)."""
         if self._finished or self._index >= MAX_SEGMENTS:
-            raise DecryptionError()
+            raise decryption_failed(_MALFORMED, self._key_id, "data after the stream's last "
+                                    f"segment (key {self._key_id})")
         nonce = stream_nonce(self._prefix, self._index, last)
         self._index += 1
         try:
             self._cipher.decrypt_into(nonce, sealed, self._aad, out)
         except InvalidTag:
-            raise DecryptionError() from None
+            raise decryption_failed(_AUTHENTICATION, self._key_id) from None
         self._finished = last
 
 
@@ -306,14 +311,14 @@ def _segment_bounds(total: int, segment_size: int) -> list[tuple[int, int, bool]
     """(start, end, last) of each sealed segment in ``total`` bytes of ciphertext."""
     stride = segment_size + TAG_BYTES
     if total < TAG_BYTES:
-        raise DecryptionError()
+        raise decryption_failed(_MALFORMED)
     bounds = []
     start = 0
     while total - start > stride:
         bounds.append((start, start + stride, False))
         start += stride
     if total - start < TAG_BYTES:
-        raise DecryptionError()
+        raise decryption_failed(_MALFORMED)
     bounds.append((start, total, True))
     return bounds
 
@@ -384,7 +389,7 @@ class BulkOpener:
 
     def __init__(self, dk: DataKey, encrypted: EncryptedData, context: bytes) -> None:
         if encrypted.algorithm != "AES_256_GCM_STREAM" or encrypted.segment_size is None:
-            raise DecryptionError()
+            raise decryption_failed(_MALFORMED, encrypted.key_id)
         self._dec = StreamDecryptor(dk, context, encrypted.header.flags,
                                     encrypted.segment_size, encrypted._parameters[4:],
                                     encrypted.format_version)
@@ -448,8 +453,10 @@ def decrypt_bulk(dk: DataKey, encrypted: EncryptedData, context: bytes) -> bytes
                                + bytes(encrypted.encrypted_data) + bytes(encrypted.tag),
                                context, version=encrypted.format_version,
                                purpose=Purpose.BLOB)
-        except (InvalidTag, FormatError):
-            raise DecryptionError() from None
+        except InvalidTag:
+            raise decryption_failed(_AUTHENTICATION, dk.key_id) from None
+        except FormatError:
+            raise decryption_failed(_MALFORMED, dk.key_id) from None
     job = BulkOpener(dk, encrypted, context)
     job.step(len(encrypted.encrypted_data) + 1)
     return job.result()

@@ -23,7 +23,13 @@ from cryptography.exceptions import InvalidTag
 from . import _compression
 from ._codec import STR_TAG, decode_value, encode_value
 from ._crypto import DataKey
-from ._errors import DecryptionError, KeyNotFoundError, KeyStateError
+from ._errors import (
+    DecryptionError,
+    DecryptionFailure,
+    KeyNotFoundError,
+    KeyStateError,
+    decryption_failed,
+)
 from ._format import (
     ALG_AES_256_GCM,
     ALG_AES_256_SIV,
@@ -46,7 +52,7 @@ from ._format import (
 )
 from ._types import KeyStatus, KeyType, KeyTypeLike
 
-__all__ = ["Keyring", "UnknownKeyError"]
+__all__ = ["Keyring", "UnknownKeyError", "undecodable", "unreadable", "wrong_key_type"]
 
 #: NIST SP 800-38D's limit of messages under one key with random 96-bit nonces.
 GCM_MESSAGE_LIMIT: Final = 2**32
@@ -60,12 +66,38 @@ _STR_TAG_BYTE: Final = STR_TAG[0]
 _FIELD: Final = Purpose.FIELD
 
 
+_MALFORMED: Final = DecryptionFailure.MALFORMED
+_NOT_READABLE: Final = DecryptionFailure.KEY_NOT_READABLE
+
+
 class UnknownKeyError(DecryptionError):
     """The token names a key id this snapshot does not hold (the caller may reload once)."""
 
+    key_id: str
+
     def __init__(self, key_id: str) -> None:
-        super().__init__()
-        self.key_id = key_id
+        super().__init__(reason=DecryptionFailure.UNKNOWN_KEY, key_id=key_id)
+
+
+def unreadable(dk: DataKey, *, for_reencryption: bool = False) -> DecryptionError:
+    """Why ``dk`` may not be read (its status, minimum version or age): identifiers only."""
+    status = dk.key.status
+    if dk.key.decrypt_disabled:
+        why = "is below its key type's minimum decryption version"
+    elif status is KeyStatus.DESTROYED:
+        why = "was destroyed"
+    elif status in (KeyStatus.REVOKED, KeyStatus.COMPROMISED) and not for_reencryption:
+        why = f"is {status.value} (only re-encryption reads it)"
+    else:
+        why = "expired past its grace period (only re-encryption reads it)"
+    return decryption_failed(_NOT_READABLE, dk.key_id, f"key {dk.key_id} {why}")
+
+
+def wrong_key_type(dk: DataKey, key_type: KeyTypeLike) -> DecryptionError:
+    return decryption_failed(
+        DecryptionFailure.WRONG_KEY_TYPE, dk.key_id,
+        f"token is for key type {dk.key_type.value}, not {KeyType(key_type).value} "
+        f"(key {dk.key_id})")
 
 
 class Keyring:
@@ -218,10 +250,10 @@ class Keyring:
                                      strict_mode=True)
                     size = len(raw)
                     tail = size % 3
-                    if len(token) - start != (size + 2) // 3 * 4 or (
+                    # non-canonical base64 goes the general way (which says so)
+                    if size > _MIN_GCM_RAW and raw[0] == _GCM_FIELD and raw[1] == 0 and \
+                            len(token) - start == (size + 2) // 3 * 4 and not (
                             tail and token[tail - 4] not in B64_CANONICAL_LAST[tail]):
-                        raise DecryptionError()  # non-canonical base64
-                    if size > _MIN_GCM_RAW and raw[0] == _GCM_FIELD and raw[1] == 0:
                         aad = dk.field_aads.get(context) if type(context) is str else None
                         if aad is None:
                             aad = dk.field_aad(context)
@@ -230,19 +262,22 @@ class Keyring:
                             return plaintext[1:].decode()
                         return decode_value(plaintext)
                 except (InvalidTag, ValueError):
-                    raise DecryptionError() from None
+                    pass  # the general path fails too, and says why (only failures pay)
         plaintext = self.decrypt_bytes(token, key_type, context,
                                        for_reencryption=for_reencryption, purpose=purpose)
         try:
             return decode_value(plaintext)
         except ValueError:
-            raise DecryptionError() from None
+            raise undecodable(token) from None
 
     def decrypt_bytes(self, token: str, key_type: KeyTypeLike,
                       context: str | bytes | None = None, *,
                       for_reencryption: bool = False, purpose: Purpose = _FIELD) -> bytes:
         """Authenticate and decrypt a text token; every failure is ``DecryptionError``."""
         # Hot path: token splitting, check_decryptable and context_bytes inlined.
+        # A failure raises a DecryptionError that names its reason; computing it
+        # costs nothing on success.
+        dk: DataKey | None = None
         try:
             if type(token) is not str or len(token) > MAX_TOKEN_CHARS:
                 raise FormatError("not a text token")
@@ -250,17 +285,21 @@ class Keyring:
                 version = FORMAT_V2
             elif token.startswith(TEXT_PREFIX_V1) and self.accept_format_v1:
                 version = FORMAT_V1
+            elif token.startswith(TEXT_PREFIX_V1):
+                raise decryption_failed(_MALFORMED, None, "format version 1 tokens are no "
+                                        "longer read (accept_format_v1=False)")
             else:
-                raise FormatError("not an aiocrypt text token (or version 1, refused)")
+                raise FormatError("not an aiocrypt text token")
             dot = token.find(".", TEXT_PREFIX_LEN + 1, _KEY_ID_END)
             if dot < 0:
                 raise FormatError("no key id")
             dk = self._by_id.get(token[TEXT_PREFIX_LEN:dot])
             if dk is None:
                 raise UnknownKeyError(validate_key_id(token[TEXT_PREFIX_LEN:dot]))
-            if dk.key.key_type != key_type or not (
-                    dk.readable or (for_reencryption and dk.reencryptable)):
-                raise FormatError("key not usable here")
+            if dk.key.key_type != key_type:
+                raise wrong_key_type(dk, key_type)
+            if not (dk.readable or (for_reencryption and dk.reencryptable)):
+                raise unreadable(dk, for_reencryption=for_reencryption)
             if dk.expired:
                 self._expired_use(dk, for_reencryption)
             raw = b64decode_canonical(token, dot + 1)
@@ -277,27 +316,34 @@ class Keyring:
                 plaintext = dk.open_siv(flags, raw[2:], ctx, version=version, purpose=purpose)
             else:
                 raise FormatError("algorithm not valid in text form")
-        except (InvalidTag, ValueError):  # FormatError and bad key ids are ValueErrors
-            raise DecryptionError() from None
+        except InvalidTag:
+            raise decryption_failed(DecryptionFailure.AUTHENTICATION_FAILED,
+                                    dk.key_id if dk is not None else None) from None
+        except ValueError:  # FormatError and bad key ids are ValueErrors
+            raise decryption_failed(_MALFORMED, dk.key_id if dk is not None else None) \
+                from None
         if flags & FLAG_ZSTD:
             try:  # no bigger than an uncompressed field could be: no decompression bombs
                 return _compression.decompress(plaintext, MAX_FIELD_PLAINTEXT)
             except ValueError:
-                raise DecryptionError() from None
+                raise decryption_failed(_MALFORMED, dk.key_id, "the decrypted value does not "
+                                        f"decompress within the limits (key {dk.key_id})") \
+                    from None
         return plaintext
 
     def check_decryptable(self, dk: DataKey, key_type: KeyTypeLike, *,
                           for_reencryption: bool = False) -> None:
-        if dk.key.key_type != key_type or not (
-                dk.readable or (for_reencryption and dk.reencryptable)):
-            raise DecryptionError()
+        if dk.key.key_type != key_type:
+            raise wrong_key_type(dk, key_type)
+        if not (dk.readable or (for_reencryption and dk.reencryptable)):
+            raise unreadable(dk, for_reencryption=for_reencryption)
         if dk.expired:
             self._expired_use(dk, for_reencryption)
 
     def _expired_use(self, dk: DataKey, for_reencryption: bool) -> None:
         """Past grace: refuse plain reads. Within grace: allow, loudly."""
         if dk.past_grace and not for_reencryption:
-            raise DecryptionError()
+            raise unreadable(dk)
         if self.on_expired_use is not None:
             self.on_expired_use(dk)
 
@@ -306,3 +352,11 @@ class Keyring:
         if not dk.key.status.can_encrypt:
             raise KeyStateError(f"key {dk.key_id} is {dk.key.status.value}")
         return dk
+
+
+def undecodable(token: str) -> DecryptionError:
+    """An authentic plaintext that the value codec refuses (named by the token's key id)."""
+    dot = token.find(".", TEXT_PREFIX_LEN + 1, _KEY_ID_END)
+    key_id = token[TEXT_PREFIX_LEN:dot] if dot > 0 else None
+    return decryption_failed(_MALFORMED, key_id, "the decrypted value does not decode"
+                             + (f" (key {key_id})" if key_id else ""))

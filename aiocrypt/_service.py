@@ -40,9 +40,9 @@ from ._bulk import (
 from ._codec import STR_TAG, decode_value, encode_value
 from ._config import EncryptionConfig
 from ._crypto import DataKey
-from ._errors import CacheEntryExpiredError, DecryptionError
+from ._errors import CacheEntryExpiredError, DecryptionError, DecryptionFailure, decryption_failed
 from ._format import FLAG_ZSTD, FORMAT_V1, TEXT_PREFIX_V1, Purpose, context_bytes
-from ._keyring import Keyring, UnknownKeyError
+from ._keyring import Keyring, UnknownKeyError, undecodable
 from ._keys import utcnow
 from ._manager import KeyManager
 from ._streams import (
@@ -53,7 +53,7 @@ from ._streams import (
     seal_stream,
     write_file_atomically,
 )
-from ._types import KeyType, KeyTypeLike
+from ._types import KeyStatus, KeyType, KeyTypeLike
 
 __all__ = ["EncryptionService"]
 
@@ -235,12 +235,15 @@ class EncryptionService:
         manager = self.key_manager
         if self._refuse_v1 and type(token) is str and token.startswith(TEXT_PREFIX_V1):
             await self._record_failures(kt, 1)
-            raise DecryptionError()
+            raise _v1_refused()
         if self._started and not manager.is_stale() and len(token) <= self._threshold:
             try:  # the common case: started, fresh, small, key loaded
                 value = manager.keyring.decrypt(token, kt, context)
+            except UnknownKeyError:
+                pass  # rotated elsewhere (load it) or not in the store: the general path
             except DecryptionError:
-                pass  # unknown key (load it), bad token (audit it): the general path
+                await self._record_failures(kt, 1)  # the keyring is fresh: it stays bad
+                raise
             else:
                 self._decryptions += 1
                 if manager.auditor.pending:  # e.g. an expired key was used
@@ -253,7 +256,7 @@ class EncryptionService:
             return decode_value(plaintext)
         except ValueError:
             self.counters["decrypt_failures"] += 1
-            raise DecryptionError() from None
+            raise undecodable(token) from None
 
     async def _decrypt_value(self, token: str, kt: KeyType, context: str | bytes | None,
                              purpose: Purpose) -> Any:
@@ -265,7 +268,7 @@ class EncryptionService:
             return decode_value(plaintext)
         except ValueError:
             self.counters["decrypt_failures"] += 1
-            raise DecryptionError() from None
+            raise undecodable(token) from None
 
     async def _decrypt_bytes(self, token: str, kt: KeyType, context: str | bytes | None,
                              purpose: Purpose = Purpose.FIELD) -> bytes:
@@ -277,7 +280,7 @@ class EncryptionService:
         keyring = manager.keyring
         try:
             if self._refuse_v1 and token.startswith(TEXT_PREFIX_V1):
-                raise DecryptionError()
+                raise _v1_refused()
             try:
                 if len(token) > self._threshold:
                     plaintext = await self._run(functools.partial(
@@ -286,13 +289,26 @@ class EncryptionService:
                     plaintext = keyring.decrypt_bytes(token, kt, context, purpose=purpose)
             except UnknownKeyError as exc:
                 if await manager.load_key(exc.key_id) is None:
-                    raise DecryptionError() from None
+                    raise self._missing_key(exc.key_id) from None
                 plaintext = manager.keyring.decrypt_bytes(token, kt, context, purpose=purpose)
         except DecryptionError:
             await self._record_failures(kt, 1)
             raise
         self._decryptions += 1
         return plaintext
+
+    def _missing_key(self, key_id: str) -> DecryptionError:
+        """Why ``key_id`` is not in the keyring after a reload: destroyed, or never here.
+
+        Reads the records the reload just authenticated (no further store read, so
+        a flood of unknown ids costs what ``load_key`` lets it cost).
+        """
+        record = self.key_manager._records.by_id().get(key_id)
+        if record is not None and record.status is KeyStatus.DESTROYED:
+            return decryption_failed(DecryptionFailure.KEY_NOT_READABLE, key_id,
+                                     f"key {key_id} was destroyed")
+        return decryption_failed(DecryptionFailure.UNKNOWN_KEY, key_id,
+                                 f"key {key_id} is not in this key store")
 
     async def _record_failures(self, kt: KeyType, failures: int, batch_size: int = 1) -> None:
         self.counters["decrypt_failures"] += failures
@@ -347,7 +363,8 @@ class EncryptionService:
             refused = sum(1 for t in tokens if type(t) is str and t.startswith(TEXT_PREFIX_V1))
             if refused:
                 await self._record_failures(kt, refused, batch_size=len(tokens))
-                raise DecryptionError()
+                raise _v1_refused()
+        errors: dict[int, DecryptionError] = {}
 
         def work(keyring: Keyring, indexes: Sequence[int]) -> tuple[dict[int, Any], set[str]]:
             done: dict[int, Any] = {}
@@ -357,8 +374,9 @@ class EncryptionService:
                     done[i] = keyring.decrypt(tokens[i], kt, ctxs[i])
                 except UnknownKeyError as exc:
                     unknown.add(exc.key_id)
-                except DecryptionError:
-                    pass
+                    errors[i] = exc
+                except DecryptionError as exc:
+                    errors[i] = exc
             return done, unknown
 
         def all_or_nothing(keyring: Keyring) -> list[Any] | None:  # the common case
@@ -384,7 +402,11 @@ class EncryptionService:
         failures = len(tokens) - len(done)
         if failures:
             await self._record_failures(kt, failures, batch_size=len(tokens))
-            raise DecryptionError()
+            # the first failing token's reason (a batch fails as a whole)
+            first = errors[min(i for i in everything if i not in done)]
+            if isinstance(first, UnknownKeyError):
+                raise self._missing_key(first.key_id)
+            raise first.with_traceback(None)
         self._decryptions += len(done)
         return [done[i] for i in everything]
 
@@ -457,11 +479,14 @@ class EncryptionService:
         if not self._started:
             await self.start()
         dk = await self._data_key(encrypted.key_id)
-        if dk.key.key_type != kt or (encrypted.format_version == FORMAT_V1
-                                     and not self._accepts_v1()):
+        if encrypted.format_version == FORMAT_V1 and not self._accepts_v1():
             self.counters["decrypt_failures"] += 1
-            raise DecryptionError()
-        self.keyring.check_decryptable(dk, kt)
+            raise _v1_refused()
+        try:
+            self.keyring.check_decryptable(dk, kt)
+        except DecryptionError:
+            self.counters["decrypt_failures"] += 1
+            raise
         ctx = context_bytes(context)
         large = len(encrypted.encrypted_data) > self._threshold
 
@@ -534,8 +559,6 @@ class EncryptionService:
 
         async def find_key(key_id: str) -> DataKey:
             dk = await self._data_key(key_id)
-            if dk.key.key_type != kt:
-                raise DecryptionError()
             self.keyring.check_decryptable(dk, kt)
             return dk
 
@@ -593,7 +616,7 @@ class EncryptionService:
         dk = self.key_manager.keyring.get(key_id) or await self.key_manager.load_key(key_id)
         if dk is None:
             self.counters["decrypt_failures"] += 1
-            raise DecryptionError()
+            raise self._missing_key(key_id)
         return dk
 
     # -- sessions -----------------------------------------------------------
@@ -610,7 +633,8 @@ class EncryptionService:
         """Decrypt :meth:`encrypt_session_data` output (never a field token)."""
         value = await self._decrypt_value(token, KeyType.SESSION, context, Purpose.SESSION)
         if not isinstance(value, dict):
-            raise DecryptionError()
+            raise decryption_failed(DecryptionFailure.MALFORMED, None,
+                                    "the decrypted session is not a dict")
         return value
 
     # -- cache entries ------------------------------------------------------
@@ -657,13 +681,13 @@ class EncryptionService:
         cache_key = decode_value(await self._decrypt_bytes(encrypted_key, KeyType.CACHE,
                                                            _CACHE_KEY_CONTEXT, Purpose.CACHE))
         if not isinstance(cache_key, str):
-            raise DecryptionError()
+            raise undecodable(encrypted_key)
         envelope = await self._decrypt_bytes(encrypted_value, KeyType.CACHE,
                                              _cache_value_context(cache_key), Purpose.CACHE)
         try:
             expires, value = decode_value(envelope)
         except (ValueError, TypeError):
-            raise DecryptionError() from None
+            raise undecodable(encrypted_value) from None
         if expires != _NO_EXPIRY and self._clock().timestamp() * 1000 >= expires:
             self.counters["cache_expired"] += 1
             raise CacheEntryExpiredError()
@@ -712,7 +736,13 @@ def _decompress(plaintext: bytes | memoryview) -> bytes:
     try:
         return _compression.decompress_payload(plaintext)
     except ValueError:
-        raise DecryptionError() from None
+        raise decryption_failed(DecryptionFailure.MALFORMED, None, "the decrypted data does "
+                                "not decompress within the limits") from None
+
+
+def _v1_refused() -> DecryptionError:
+    return decryption_failed(DecryptionFailure.MALFORMED, None, "format version 1 tokens are "
+                             "no longer read (accept_format_v1=False)")
 
 
 def _cache_value_context(cache_key: str) -> bytes:

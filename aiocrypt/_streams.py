@@ -58,8 +58,15 @@ import anyio.lowlevel
 from . import _compression
 from ._bulk import MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, StreamDecryptor, StreamEncryptor
 from ._crypto import STREAM_PREFIX_BYTES, STREAM_SALT_BYTES, TAG_BYTES, DataKey
-from ._errors import DecryptionError
-from ._format import ALG_AES_256_GCM_STREAM, FLAG_ZSTD, FORMAT_V1, FormatError, parse_binary
+from ._errors import DecryptionError, DecryptionFailure, decryption_failed
+from ._format import (
+    ALG_AES_256_GCM,
+    ALG_AES_256_GCM_STREAM,
+    FLAG_ZSTD,
+    FORMAT_V1,
+    FormatError,
+    parse_binary,
+)
 
 __all__ = [
     "DEFAULT_MAX_SEGMENT",
@@ -89,6 +96,7 @@ Source = AsyncIterable[bytes] | Iterable[bytes]
 _U32: Final = struct.Struct(">I")
 _COPY_PIECE: Final = 1024 * 1024
 _IV_BYTES: Final = 4 + STREAM_SALT_BYTES + STREAM_PREFIX_BYTES
+_MALFORMED: Final = DecryptionFailure.MALFORMED
 
 
 def byte_chunks(source: Source) -> AsyncIterator[bytes]:
@@ -301,13 +309,20 @@ def stream_key_id(preamble: bytes | memoryview, *,
     try:
         header, header_bytes, rest = parse_binary(preamble)
     except FormatError:
-        raise DecryptionError() from None
-    if header.algorithm != ALG_AES_256_GCM_STREAM or len(rest) < _IV_BYTES \
-            or (header.version == FORMAT_V1 and not accept_v1):
-        raise DecryptionError()
+        raise decryption_failed(_MALFORMED, None, "not a stream") from None
+    if header.algorithm == ALG_AES_256_GCM:
+        raise decryption_failed(DecryptionFailure.WRONG_PURPOSE, header.key_id,
+                                "a one-shot bulk blob, not a stream (decrypt_bulk_data reads "
+                                f"it; key {header.key_id})")
+    if header.algorithm != ALG_AES_256_GCM_STREAM or len(rest) < _IV_BYTES:
+        raise decryption_failed(_MALFORMED, header.key_id)
+    if header.version == FORMAT_V1 and not accept_v1:
+        raise decryption_failed(_MALFORMED, header.key_id, "format version 1 streams are no "
+                                "longer read (accept_format_v1=False)")
     (segment_size,) = _U32.unpack_from(rest)
     if not MIN_SEGMENT_SIZE <= segment_size <= min(max_segment_size, MAX_SEGMENT_SIZE):
-        raise DecryptionError()
+        raise decryption_failed(_MALFORMED, header.key_id, "the stream's segment size is "
+                                "outside the limits (see max_segment_size)")
     return StreamPreamble(header.key_id, header.flags, segment_size, bytes(rest[4:_IV_BYTES]),
                           len(header_bytes) + _IV_BYTES, header.version)
 
@@ -321,7 +336,7 @@ class _Opener:
 
     def open(self, sealed: bytes | memoryview, last: bool) -> list[bytes]:
         if len(sealed) < TAG_BYTES:  # cut inside a tag, or nothing after a full segment
-            raise DecryptionError()
+            raise decryption_failed(_MALFORMED, None, "the stream is cut short")
         plaintext = self._dec.open(sealed, last)
         if self._records is None:
             return [plaintext]
@@ -330,7 +345,8 @@ class _Opener:
             if last:
                 self._records.finish()
         except ValueError:
-            raise DecryptionError() from None
+            raise decryption_failed(_MALFORMED, None, "a decrypted segment does not "
+                                    "decompress within the limits") from None
         return parts
 
 
@@ -348,10 +364,10 @@ async def open_stream(source: Source, find_key: Callable[[str], Awaitable[DataKe
     reader = Segmenter(byte_chunks(source))
     # the preamble: 4 header bytes, the key id, segment size, salt and prefix
     if not await reader.fill(4):
-        raise DecryptionError()
+        raise decryption_failed(_MALFORMED, None, "not a stream (no preamble)")
     head = bytes(reader.take(4))
     if not await reader.fill(head[3] + _IV_BYTES):
-        raise DecryptionError()
+        raise decryption_failed(_MALFORMED, None, "not a stream (preamble cut short)")
     preamble = stream_key_id(head + bytes(reader.take(head[3] + _IV_BYTES)),
                              max_segment_size=max_segment_size, accept_v1=accept_v1)
     flags, segment_size = preamble.flags, preamble.segment_size

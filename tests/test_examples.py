@@ -22,7 +22,7 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
     out = run(["-m", "aiocrypt.demo", "--dir", str(tmp_path / "state")], tmp_path)
     assert "income 75000.0, savings Decimal('125000.50'), ssn '123-45-6789'" in out
     assert "finds ['alice']" in out
-    assert "DecryptionError('decryption failed')" in out
+    assert "DecryptionError('decryption failed: token did not authenticate" in out
     assert "mode 0o600" in out
     assert "alice's income (written under v1) reads 75000.0" in out
     assert "2 rows re-encrypted" in out

@@ -170,7 +170,7 @@ async def test_cleanup_consults_the_census() -> None:
         assert (await manager.get_key(b.key_id)).status is KeyStatus.EXPIRED
         with pytest.raises(DecryptionError) as info:
             await service.decrypt_field(token_a, KeyType.SESSION)
-        assert str(info.value) == "decryption failed"
+        assert str(info.value) == f"decryption failed: key {a.key_id} was destroyed"
         # no census at all: nothing is destroyed
         assert await manager.cleanup_expired_keys() == 0
         assert "key_destroy_refused" in sink.names() and "key_destroyed" in sink.names()

@@ -529,5 +529,17 @@ class CryptoConfigManager:
     def validate_environment(self) -> list[str]:
         return self._config.validate()
 
-    def get_performance_settings(self) -> PerformanceSettings:
+    @property
+    def performance(self) -> PerformanceSettings:
+        """The performance mode's settings, typed (``EncryptionConfig.performance``)."""
         return self._config.performance
+
+    def get_performance_settings(self) -> dict[str, Any]:
+        """The performance mode's settings as a plain dict, as the seed's signature has it.
+
+        Built from :attr:`performance` (the typed form, which the library reads):
+        ``mode`` is the mode's name, the other keys are ``PerformanceSettings``' fields.
+        """
+        settings = dataclasses.asdict(self._config.performance)
+        settings["mode"] = self._config.performance.mode.value
+        return settings

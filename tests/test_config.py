@@ -122,7 +122,7 @@ def test_json_file_overrides_defaults(tmp_path: Path, master_key_b64: str) -> No
     assert (pii.rotation_interval_days, pii.max_key_age_days, pii.grace_period_days,
             pii.auto_rotation, pii.batch_size) == (60, 120, 10, False, 500)
     assert manager.get_rotation_policy("financial_data").rotation_interval_days == 90
-    assert manager.get_performance_settings().inline_threshold == 16 * 1024
+    assert manager.get_performance_settings()["inline_threshold"] == 16 * 1024
 
 
 @pytest.mark.parametrize("content, message", [

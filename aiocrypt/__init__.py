@@ -29,6 +29,7 @@ from ._errors import (
     KeyStoreIntegrityError,
     LockTimeoutError,
     ReencryptionError,
+    UnknownKeyTypeError,
     UnsupportedTypeError,
 )
 from ._factory import (
@@ -102,6 +103,7 @@ __all__ = [
     "TableCensus",
     "TableSpec",
     "UnknownKeyError",
+    "UnknownKeyTypeError",
     "UnsupportedTypeError",
     "build_key_manager",
     "get_crypto_config",

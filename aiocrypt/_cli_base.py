@@ -20,7 +20,7 @@ import click
 from rich.console import Console
 
 from ._config import CryptoConfigManager, EncryptionConfig
-from ._errors import AiocryptError, ConfigurationError, ReencryptionError
+from ._errors import AiocryptError, ConfigurationError, ReencryptionError, UnknownKeyTypeError
 from ._factory import build_key_manager
 from ._keys import EncryptionKey
 from ._manager import KeyManager
@@ -94,6 +94,8 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_INTERRUPTED
     if isinstance(exc, (ConfigurationError, ImportError)):
         return EXIT_CONFIG
+    if isinstance(exc, UnknownKeyTypeError):  # a key type given where no parameter checked it
+        return EXIT_USAGE
     if _unreachable(exc):
         return EXIT_UNREACHABLE
     return EXIT_FAILED
@@ -182,8 +184,14 @@ def run_with_manager(work: Callable[[KeyManager], Awaitable[T]], **manager_optio
 
 
 def key_type_param(_: Any, __: Any, value: str) -> KeyType:
+    """A declared key type (exit 2 with the nearest names for any other): checked before
+    anything opens the store, so a typo creates nothing."""
     try:
-        return KeyType(value)
+        config: EncryptionConfig | None = CryptoConfigManager().get_config()
+    except ConfigurationError:
+        config = None  # the command reports the settings' problem (exit 3) itself
+    try:
+        return KeyType(value) if config is None else config.declared_key_type(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 

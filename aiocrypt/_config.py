@@ -12,6 +12,7 @@ import base64
 import binascii
 import dataclasses
 import enum
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._errors import ConfigurationError
-from ._types import KeyType, KeyTypeLike
+from ._types import KeyType, KeyTypeLike, unknown_key_type
 from ._urls import redact_url
 
 __all__ = [
@@ -178,6 +179,9 @@ class EncryptionConfig:
     """zstd before encryption for every key type (off: compressed length leaks content)."""
     compressed_key_types: frozenset[str] = frozenset()
     """zstd for these key types only (e.g. audit logs, exports), when not enabled for all."""
+    key_types: frozenset[str] = frozenset()
+    """Key types of the application's own beyond the predefined ones (``tax_ids``): only
+    declared key types get keys (see :attr:`known_key_types`)."""
     rotation_policies: Mapping[str, KeyRotationPolicy] = field(
         default_factory=lambda: dict(DEFAULT_ROTATION_POLICIES))
 
@@ -227,17 +231,8 @@ class EncryptionConfig:
                 raise ConfigurationError(
                     f"unknown performance_mode {self.performance_mode!r}: use "
                     "security, balanced or performance") from None
-        types = self.compressed_key_types
-        if isinstance(types, str):
-            types = [t for t in (part.strip() for part in types.split(",")) if t]
-        if not isinstance(types, (list, tuple, set, frozenset)) \
-                or not all(isinstance(t, str) for t in types):
-            raise ConfigurationError("compressed_key_types must be a list of key type names")
-        try:
-            object.__setattr__(self, "compressed_key_types",
-                               frozenset(KeyType(t) for t in types))
-        except ValueError as exc:
-            raise ConfigurationError(f"compressed_key_types: {exc}") from None
+        for name in ("key_types", "compressed_key_types"):
+            object.__setattr__(self, name, _key_type_set(name, getattr(self, name)))
         policies = dict(DEFAULT_ROTATION_POLICIES)
         for key_type, policy in dict(self.rotation_policies).items():
             if not isinstance(policy, KeyRotationPolicy):
@@ -308,6 +303,28 @@ class EncryptionConfig:
             return self.performance.compression_level
         return None
 
+    @functools.cached_property
+    def known_key_types(self) -> frozenset[KeyType]:
+        """Every key type that may get keys: the predefined ones (``KeyType.predefined()``)
+        and those this configuration declares in ``key_types``, ``rotation_policies`` or
+        ``compressed_key_types``."""
+        declared = (*self.key_types, *self.rotation_policies, *self.compressed_key_types)
+        return frozenset((*KeyType.predefined(), *map(KeyType, declared)))
+
+    def declared_key_type(self, key_type: KeyTypeLike) -> KeyType:
+        """``key_type`` as a ``KeyType`` when it is one of :attr:`known_key_types`; else
+        ``UnknownKeyTypeError`` naming the nearest (``FINANCIAL_DATA``: ``financial_data``).
+
+        Checked where a key type is first turned into a key, never per encryption.
+        """
+        if key_type in self.known_key_types:
+            return KeyType(key_type)
+        if not isinstance(key_type, str):
+            raise TypeError(f"key type must be a KeyType or str, not {type(key_type).__name__}")
+        raise unknown_key_type(key_type, self.known_key_types,
+                               declared_in=f"{_ENV_VARS['key_types']} or \"key_types\" in "
+                                           f"{self.config_file or DEFAULT_CONFIG_FILE}")
+
     def rotation_policy(self, key_type: KeyTypeLike) -> KeyRotationPolicy:
         kt = KeyType(key_type)
         policy = self.rotation_policies.get(kt)
@@ -375,7 +392,7 @@ class EncryptionConfig:
                 data[f.name] = "<set>" if value else None
             elif f.name == "rotation_policies":
                 data[f.name] = [p.to_dict() for p in value.values()]
-            elif f.name == "compressed_key_types":
+            elif f.name in ("key_types", "compressed_key_types"):
                 data[f.name] = sorted(value)
             else:
                 data[f.name] = _mask_url(value)
@@ -418,10 +435,24 @@ _ENV_VARS: Final = {
     "compression_enabled": "ENCRYPTION_COMPRESSION_ENABLED",
     "accept_format_v1": "ENCRYPTION_ACCEPT_FORMAT_V1",
     "compressed_key_types": "ENCRYPTION_COMPRESSED_KEY_TYPES",
+    "key_types": "ENCRYPTION_KEY_TYPES",
 }
 
 _FILE_KEYS: Final = {"algorithm", "key_size_bits", "performance_mode", "compression_enabled",
-                     "compressed_key_types", "rotation_policies"}
+                     "compressed_key_types", "rotation_policies", "key_types"}
+
+
+def _key_type_set(name: str, value: Any) -> frozenset[KeyType]:
+    """A set of key types from a list or a comma-separated string (the variable's form)."""
+    if isinstance(value, str):
+        value = [t for t in (part.strip() for part in value.split(",")) if t]
+    if not isinstance(value, (list, tuple, set, frozenset)) \
+            or not all(isinstance(t, str) for t in value):
+        raise ConfigurationError(f"{name} must be a list of key type names")
+    try:
+        return frozenset(KeyType(t) for t in value)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}: {exc}") from None
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

@@ -13,6 +13,8 @@ Every exception raised on purpose by aiocrypt derives from ``AiocryptError``::
     │   ├── ConcurrentModificationError  a write lost an optimistic-concurrency race
     │   └── LockTimeoutError        the store's rotation lock could not be taken in time
     ├── KekProviderError            the key-encryption-key provider failed (names backend)
+    ├── UnknownKeyTypeError         a key type not declared, or not a valid name (also
+    │                               ValueError); names the nearest declared key types
     ├── ReencryptionError           a stored value could not be re-encrypted (names the row)
     └── UnsupportedTypeError        a value the codec cannot encode (also TypeError)
 
@@ -43,6 +45,7 @@ __all__ = [
     "KeyStoreIntegrityError",
     "LockTimeoutError",
     "ReencryptionError",
+    "UnknownKeyTypeError",
     "UnsupportedTypeError",
 ]
 
@@ -232,6 +235,19 @@ class ReencryptionError(AiocryptError):
     @property
     def location(self) -> DecryptionLocation:
         return DecryptionLocation(self.table, self.column, self.primary_key)
+
+
+class UnknownKeyTypeError(AiocryptError, ValueError):
+    """A key type that is not a valid name, or that the configuration does not declare.
+
+    ``suggestions`` are the nearest declared names (case-insensitive, nearest first);
+    the message names them and says how to declare a new key type. A name that does
+    not look like one (it could be a value passed in the wrong argument) is not repeated.
+    """
+
+    def __init__(self, message: str, *, suggestions: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.suggestions = suggestions
 
 
 class UnsupportedTypeError(AiocryptError, TypeError):

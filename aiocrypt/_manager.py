@@ -728,10 +728,14 @@ class KeyManager:
 
     async def generate_key(self, key_type: KeyTypeLike,
                            key_size: int | None = None) -> EncryptionKey:
-        """Create a new version of ``key_type`` and make it active (the old one decrypts only)."""
+        """Create a new version of ``key_type`` and make it active (the old one decrypts only).
+
+        ``key_type`` must be declared (``config.known_key_types``): else
+        ``UnknownKeyTypeError`` naming the nearest, and nothing is created.
+        """
         self._check_key_size(key_size)
-        return (await self._activate_new(KeyType(key_type), reason="generated",
-                                         only_if=lambda _: True))[0]
+        return (await self._activate_new(self.config.declared_key_type(key_type),
+                                         reason="generated", only_if=lambda _: True))[0]
 
     async def ensure_active(self, key_types: Iterable[KeyTypeLike]) -> Keyring:
         """Make sure each key type has an active key (creating the first version if needed)
@@ -749,6 +753,8 @@ class KeyManager:
         for key_type in key_types:
             kt = KeyType(key_type)
             if not keyring.has_active(kt):
+                # the first key of a key type: only a declared one (a typo gets none)
+                self.config.declared_key_type(kt)
                 await self._activate_new(kt, reason="first use",
                                          only_if=lambda active: active is None)
                 keyring = self._keyring
@@ -774,9 +780,10 @@ class KeyManager:
         """Rotate ``key_type`` if its policy says it is due (or ``force``); return the active key.
 
         The previous version becomes DECRYPT_ONLY: everything encrypted with it
-        still decrypts, new data uses the new version.
+        still decrypts, new data uses the new version. ``key_type`` must be declared,
+        as for :meth:`generate_key`.
         """
-        kt = KeyType(key_type)
+        kt = self.config.declared_key_type(key_type)
         if force:
             return (await self._activate_new(kt, reason="forced", only_if=lambda _: True))[0]
         usage = await self.store.get_usage() if self._opened else {}

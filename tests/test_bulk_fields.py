@@ -19,22 +19,23 @@ from typing import Any
 
 import pytest
 
-from aiocrypt import DecryptionError, EncryptedData
+from aiocrypt import DecryptionError, EncryptedData, KeyStatus
 from aiocrypt._bulk import decrypt_bulk
 from aiocrypt._crypto import DataKey
 from aiocrypt._keys import EncryptionKey
 
 VECTORS = Path(__file__).parent / "vectors"
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-CASES = [(name, vector) for name in ("blobs", "blobs_v2", "streams_v2")
-         for vector in json.loads((VECTORS / f"{name}.json").read_text())]
-IDS = [f"{name}-{i}-{v['algorithm']}-flags{v.get('flags') or 0}" for i, (name, v) in
-       enumerate(CASES)]
+VECTOR_FILES = {name: json.loads((VECTORS / f"{name}.json").read_text())
+                for name in ("blobs", "blobs_v2", "streams_v2")}
+CASES = [(name, vector) for name, cases in VECTOR_FILES.items() for vector in cases]
+IDS = [f"{name}-{i}" for name, cases in VECTOR_FILES.items() for i in range(len(cases))]
 
 
 def data_key(vector: dict[str, Any]) -> DataKey:
     key = EncryptionKey(key_id=vector["key_id"], key_type=vector["key_type"], version=1,
-                        status="active", created_at=T0, expires_at=T0 + dt.timedelta(days=1))
+                        status=KeyStatus.ACTIVE, created_at=T0,
+                        expires_at=T0 + dt.timedelta(days=1))
     return DataKey(key, bytes.fromhex(vector["dek"]))
 
 

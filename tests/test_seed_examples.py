@@ -137,7 +137,7 @@ def test_seed_bulk_example_round_trips(tmp_path: Path, mode: str, compression: s
 
 def test_get_performance_settings_is_a_plain_dict() -> None:
     """The seed's signature: ``Dict[str, Any]``; the typed form stays ``performance``."""
-    manager = CryptoConfigManager(EncryptionConfig(performance_mode="security"))
+    manager = CryptoConfigManager(EncryptionConfig(performance_mode=PerformanceMode.SECURITY))
     settings = manager.get_performance_settings()
     assert type(settings) is dict and type(settings["mode"]) is str
     assert json.loads(json.dumps(settings)) == settings

@@ -659,3 +659,25 @@ def census(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[str
                     rows_table.add_row(t["table"], column, str(e["version"] or "-"),
                                        e["status"], f"{e['rows']:,}", e["key_id"] or "-")
         console.print(rows_table)
+
+
+def census_from_options(dsn: str | None, tables: Sequence[str], pk: str,
+                        columns: Sequence[str], models: str | None) \
+        -> Callable[[KeyManager], Awaitable[dict[str, int]]] | None:
+    """The census a key command (``keys retire``, ``min-version``) consults: rows per key
+    id over the tables named as for ``census`` and ``reencrypt``, in the shape
+    ``KeyManager`` takes (``ReencryptionEngine.key_usage``: every key of a key type these
+    columns use is listed, 0 when no row holds it). None when no table is named."""
+    specs = table_specs_from_options(tables, pk, columns, models)
+    if not specs:
+        return None
+    database_dsn = _require_dsn(dsn)
+
+    async def count(manager: KeyManager) -> dict[str, int]:
+        database = _asyncpg_database(database_dsn, DEFAULT_CHECKPOINT_TABLE)
+        try:
+            return await ReencryptionEngine(manager, database, tables=specs).key_usage()
+        finally:
+            await database.close()
+
+    return count

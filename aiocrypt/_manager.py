@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as _dt
+import enum
 import logging
 import os
 import secrets
@@ -51,7 +52,8 @@ from .audit import Auditor
 from .kek._base import KekProvider
 from .keystore._base import KeySet, KeyStore
 
-__all__ = ["AdoptionReport", "Census", "KeyManager"]
+__all__ = ["AdoptionReport", "Census", "KeyManager", "KeyRetirement", "RetiredKey",
+           "RetirementReason"]
 
 logger = logging.getLogger("aiocrypt.keys")
 
@@ -74,6 +76,48 @@ class AdoptionReport:
     already_sealed: bool
     revision: int
     key_ids: tuple[str, ...]
+
+
+class RetirementReason(enum.Enum):
+    """Why a key could be retired (the ``key_destroyed`` audit event's reason)."""
+
+    CENSUS_NO_ROWS = "retired: census shows no rows"
+    CONFIRMED_UNREFERENCED = "confirmed unreferenced"
+
+
+@dataclass(frozen=True, slots=True)
+class RetiredKey:
+    """One key :meth:`KeyManager.retire_key` destroyed (or, in a dry run, would destroy)."""
+
+    key_id: str
+    version: int
+    status_before: KeyStatus
+    reason: RetirementReason
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRetirement:
+    """What :meth:`KeyManager.retire_key` / :meth:`~KeyManager.retire_key_type` did.
+
+    ``min_decryption_version`` is the key type's minimum decryption version
+    afterwards (raised past the retired keys when they were its oldest enabled
+    versions); with ``dry_run`` nothing changed and everything is what would be.
+    """
+
+    key_type: KeyType
+    keys: tuple[RetiredKey, ...]
+    min_decryption_version_before: int
+    min_decryption_version: int
+    type_retired: bool
+    dry_run: bool
+
+
+def _min_decryption_version(keys: Iterable[EncryptionKey]) -> int:
+    """The lowest version of a key type's ``keys`` that may decrypt (every version
+    below it is ``decrypt_disabled``); one past the newest when none may."""
+    versions = [(k.version, k.decrypt_disabled) for k in keys]
+    enabled = [v for v, disabled in versions if not disabled]
+    return min(enabled, default=max((v for v, _ in versions), default=0) + 1)
 
 
 def _scrubbed(error: BaseException) -> BaseException:
@@ -914,12 +958,19 @@ class KeyManager:
                             census: Census | None) -> tuple[set[str], Mapping[str, int] | None]:
         """Key ids known to be unreferenced, and the census consulted (if any)."""
         confirmed = set(confirm_unreferenced)
+        counts = await self._run_census(census)
+        if counts is None:
+            return confirmed, None
+        return confirmed | {key_id for key_id, rows in counts.items() if rows == 0}, counts
+
+    async def _run_census(self, census: Census | None) -> Mapping[str, int] | None:
+        """Rows per key id from ``census`` (else ``self.census``); None without either."""
         source = census if census is not None else self.census
         if source is None:
-            return confirmed, None
+            return None
         counts = await source() if callable(source) else source
         self.last_census, self.last_census_at = dict(counts), self._clock()
-        return confirmed | {key_id for key_id, rows in counts.items() if rows == 0}, counts
+        return counts
 
     async def cleanup_expired_keys(self, *, confirm_unreferenced: Iterable[str] = (),
                                    census: Census | None = None, force: bool = False) -> int:
@@ -974,6 +1025,11 @@ class KeyManager:
                 else:
                     kept.append({"key_id": key.key_id, "reason":
                                  "the census does not cover it (and it is not confirmed)"})
+            by_id = current.by_id()
+            done = {item["key_id"] for item in destroyed}
+            for key_id in sorted(confirmed - done):  # say why a confirmation did nothing
+                kept.append({"key_id": key_id,
+                             "reason": self._not_cleaned_up(by_id.get(key_id), key_id, now)})
             return updates
 
         keyset = await self._change(plan)
@@ -986,15 +1042,27 @@ class KeyManager:
                                     reason=item["reason"], forced=force)
         for item in kept:
             logger.info("key %s kept: %s", item["key_id"], item["reason"])
-            await self.auditor.emit("key_destroy_refused", key_id=item["key_id"],
-                                    key_type=by_id[item["key_id"]].key_type.value,
-                                    reason=item["reason"])
+            if item["key_id"] in by_id:  # not a key id the caller mistyped
+                await self.auditor.emit("key_destroy_refused", key_id=item["key_id"],
+                                        key_type=by_id[item["key_id"]].key_type.value,
+                                        reason=item["reason"])
         return {"destroyed": destroyed, "kept": kept}
 
+    def _not_cleaned_up(self, key: EncryptionKey | None, key_id: str, now: _dt.datetime) -> str:
+        """Why cleanup left a key the caller confirmed unreferenced."""
+        if key is None:
+            return "no such key in this store"
+        if key.status is KeyStatus.DESTROYED:
+            return "already destroyed"
+        if key.status is KeyStatus.ACTIVE:
+            return (f"the active {key.key_type.value} key is never destroyed: rotate first, "
+                    f"re-encrypt, then 'aiocrypt keys retire {key_id}'")
+        end = _policy.grace_end(key, self.config.rotation_policy(key.key_type))
+        return (f"not past max age + grace (until {end:%Y-%m-%d}); cleanup destroys only those: "
+                f"to retire it now, 'aiocrypt keys retire {key_id}'")
+
     async def get_min_decryption_version(self, key_type: KeyTypeLike) -> int:
-        keys = await self.list_keys(key_type)
-        enabled = [k.version for k in keys if not k.decrypt_disabled]
-        return min(enabled, default=1)
+        return _min_decryption_version(await self.list_keys(key_type))
 
     async def set_min_decryption_version(self, key_type: KeyTypeLike, version: int, *,
                                          confirm_unreferenced: Iterable[str] = (),
@@ -1027,6 +1095,137 @@ class KeyManager:
         await self.auditor.emit("min_decryption_version_raised", key_type=kt.value,
                                 version=version)
         return version
+
+    # -- retiring keys --------------------------------------------------------
+
+    async def retire_key(self, key_id: str, *, census: Census | None = None,
+                         confirm_unreferenced: Iterable[str] = (),
+                         dry_run: bool = False) -> KeyRetirement:
+        """Destroy ``key_id`` now, whatever its age, once no data references it.
+
+        For a key that is no longer active (after a rotation and a full
+        re-encryption): the census (``census=`` or ``self.census``) must count 0
+        rows on it, or the caller lists it in ``confirm_unreferenced`` (a key the
+        census does not cover). While the census counts rows on it the key is
+        refused with ``KeyStateError``, confirmed or not: the census is evidence.
+        The active key is refused (rotate first). When it was the oldest version
+        that still decrypts, the type's minimum decryption version is raised past
+        it. Audited as ``key_destroyed``; ``dry_run`` checks everything and
+        changes nothing.
+        """
+        def select(current: KeySet) -> tuple[KeyType, list[EncryptionKey]]:
+            key = current.by_id().get(key_id)
+            if key is None:
+                raise KeyNotFoundError(f"no key with id {key_id!r}")
+            if key.status is KeyStatus.DESTROYED:
+                raise KeyStateError(f"key {key_id} is already destroyed")
+            if key.status is KeyStatus.ACTIVE:
+                raise KeyStateError(
+                    f"key {key_id} is the active {key.key_type.value} key: rotate first "
+                    f"(aiocrypt keys rotate {key.key_type.value} --force), re-encrypt its data, "
+                    "then retire it")
+            return key.key_type, [key]
+
+        return await self._retire(select, census=census, confirmed=set(confirm_unreferenced),
+                                  dry_run=dry_run, whole_type=False)
+
+    async def retire_key_type(self, key_type: KeyTypeLike, *, census: Census | None = None,
+                              confirm_unreferenced: Iterable[str] = (),
+                              dry_run: bool = False) -> KeyRetirement:
+        """Retire a key type created by mistake: destroy every key of it, the active one too.
+
+        Each key must be unreferenced as for :meth:`retire_key` (census 0 rows or
+        listed in ``confirm_unreferenced``), or nothing changes at all. No new
+        version is made active: the type has no active key afterwards, and
+        ``ensure_active`` (the first encryption with it) would create one again
+        only if asked. All in one sealed write; audited as ``key_type_retired``
+        and one ``key_destroyed`` per key. Stop whatever encrypts with the type
+        first: a process that encrypts with it before it sees the change (within
+        its ``refresh_interval``) writes data no key opens.
+        """
+        kt = KeyType(key_type)  # not checked against the declared types: it may be a typo
+
+        def select(current: KeySet) -> tuple[KeyType, list[EncryptionKey]]:
+            same_type = [k for k in current.keys if k.key_type == kt]
+            if not same_type:
+                raise KeyNotFoundError(f"no key of type {kt.value!r}")
+            live = [k for k in same_type if k.status is not KeyStatus.DESTROYED]
+            if not live:
+                raise KeyStateError(f"every {kt.value} key is already destroyed")
+            return kt, live
+
+        return await self._retire(select, census=census, confirmed=set(confirm_unreferenced),
+                                  dry_run=dry_run, whole_type=True)
+
+    async def _retire(self, select: Callable[[KeySet], tuple[KeyType, list[EncryptionKey]]], *,
+                      census: Census | None, confirmed: set[str], dry_run: bool,
+                      whole_type: bool) -> KeyRetirement:
+        """Destroy the keys ``select`` picks from the verified keyset, each only if the
+        census shows no rows on it or the caller confirmed it (all or none), and raise
+        the type's minimum decryption version past them where they were the oldest."""
+        counts = await self._run_census(census)
+        outcome: list[KeyRetirement] = []
+
+        async def plan(current: KeySet) -> list[EncryptionKey]:
+            outcome.clear()
+            kt, targets = select(current)
+            retired = [RetiredKey(k.key_id, k.version, k.status,
+                                  self._retirement_reason(k, counts, confirmed))
+                       for k in targets]
+            now = self._clock()
+            reasons = {r.key_id: r.reason for r in retired}
+            after = [k.replace(status=KeyStatus.DESTROYED, wrapped_key=None,
+                               status_changed_at=now, retired_at=k.retired_at or now,
+                               status_reason=reasons[k.key_id].value)
+                     if k.key_id in reasons else k
+                     for k in current.keys if k.key_type == kt]
+            # The new floor: the oldest version still able to decrypt. Every version below
+            # it is destroyed or already disabled, so disabling them takes nothing away.
+            floor = min((k.version for k in after if k.status is not KeyStatus.DESTROYED
+                         and not k.decrypt_disabled),
+                        default=max(k.version for k in after) + 1)
+            after = [k.replace(decrypt_disabled=True) if k.version < floor else k for k in after]
+            before_by_id = current.by_id()
+            outcome.append(KeyRetirement(
+                kt, tuple(retired), _min_decryption_version(before_by_id[k.key_id] for k in after),
+                _min_decryption_version(after), whole_type, dry_run))
+            if dry_run:
+                return []
+            return [k for k in after if k != before_by_id[k.key_id]]
+
+        await self._change(plan)
+        result = outcome[0]
+        if dry_run:
+            return result
+        for key in result.keys:
+            logger.warning("key %s DESTROYED: %s", key.key_id, key.reason.value)
+            await self.auditor.emit("key_destroyed", key_id=key.key_id,
+                                    key_type=result.key_type.value, reason=key.reason.value,
+                                    forced=False, retired=True)
+        if result.min_decryption_version != result.min_decryption_version_before:
+            await self.auditor.emit("min_decryption_version_raised",
+                                    key_type=result.key_type.value,
+                                    version=result.min_decryption_version)
+        if whole_type:
+            await self.auditor.emit("key_type_retired", key_type=result.key_type.value,
+                                    keys=[k.key_id for k in result.keys])
+        return result
+
+    @staticmethod
+    def _retirement_reason(key: EncryptionKey, counts: Mapping[str, int] | None,
+                           confirmed: set[str]) -> RetirementReason:
+        """Why ``key`` may be destroyed now; ``KeyStateError`` saying why not otherwise."""
+        rows = None if counts is None else counts.get(key.key_id)
+        if rows:
+            raise KeyStateError(f"key {key.key_id}: the census counts {rows} rows on it: "
+                                "re-encrypt them first")
+        if rows == 0:
+            return RetirementReason.CENSUS_NO_ROWS
+        if key.key_id in confirmed:
+            return RetirementReason.CONFIRMED_UNREFERENCED
+        why = "no census was given" if counts is None else "the census does not cover it"
+        raise KeyStateError(f"key {key.key_id}: {why}; confirm that no data references it "
+                            "(confirm_unreferenced, or --confirm-unreferenced)")
 
     # -- master-key rotation ------------------------------------------------
 

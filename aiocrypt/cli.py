@@ -27,7 +27,7 @@ import asyncio
 import base64
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -46,10 +46,11 @@ from ._cli_base import (
     load_config,
     run_with_manager,
 )
+from ._cli_ops import census_from_options, table_options
 from ._config import CryptoConfigManager, decode_master_key
 from ._factory import build_kek_provider, build_key_store
 from ._keys import EncryptionKey
-from ._manager import KeyManager
+from ._manager import KeyManager, KeyRetirement
 from ._types import KeyStatus, KeyType
 
 if TYPE_CHECKING:
@@ -213,6 +214,189 @@ def cleanup(confirm: tuple[str, ...], force: bool, yes: bool, as_json: bool) -> 
         click.echo(f"kept      {item['key_id']}: {item['reason']}")
     if not report["destroyed"] and not report["kept"]:
         click.echo("no key is past its grace period")
+
+
+_CensusSource = Callable[[KeyManager], Awaitable[dict[str, int]]] | None
+
+
+def _retirement_dict(result: KeyRetirement) -> dict[str, Any]:
+    return {"key_type": result.key_type.value, "dry_run": result.dry_run,
+            "type_retired": result.type_retired,
+            "keys": [{"key_id": k.key_id, "version": k.version,
+                      "status_before": k.status_before.value, "reason": k.reason.value}
+                     for k in result.keys],
+            "min_decryption_version_before": result.min_decryption_version_before,
+            "min_decryption_version": result.min_decryption_version}
+
+
+def _echo_retirement(result: KeyRetirement) -> None:
+    verb = "would destroy" if result.dry_run else "destroyed"
+    for key in result.keys:
+        click.echo(f"{verb} {key.key_id} (version {key.version}, {key.status_before.value}): "
+                   f"{key.reason.value}")
+    kt = result.key_type.value
+    before, after = result.min_decryption_version_before, result.min_decryption_version
+    if after != before:
+        click.echo(f"{kt}: minimum decryption version {before} -> {after}"
+                   + (" (dry run: nothing changed)" if result.dry_run else ""))
+    elif result.dry_run:
+        click.echo(f"{kt}: minimum decryption version stays {after} (dry run: nothing changed)")
+    if result.type_retired and not result.dry_run:
+        click.echo(f"{kt} has no key left and none active; it is created again only if "
+                   "something encrypts with it")
+
+
+def _run_retirement(retire: Callable[[KeyManager, Mapping[str, int] | None, list[str], bool],
+                                     Awaitable[KeyRetirement]],
+                    rows_census: _CensusSource,
+                    confirm_ids: Callable[[KeyManager], Awaitable[list[str]]],
+                    question: str, dry_run: bool, yes: bool, as_json: bool) -> None:
+    """Check (a dry run), show it, ask, then retire: the census runs again for the real
+    run, and only the key ids shown are confirmed (a key made meanwhile is refused)."""
+    async def work(m: KeyManager, dry: bool, confirmed: list[str] | None) \
+            -> tuple[KeyRetirement, list[str]]:
+        ids = await confirm_ids(m) if confirmed is None else confirmed
+        counts = await rows_census(m) if rows_census is not None else None
+        return await retire(m, counts, ids, dry), ids
+
+    plan, ids = run_with_manager(lambda m: work(m, True, None))
+    if dry_run:
+        echo_json(_retirement_dict(plan)) if as_json else _echo_retirement(plan)
+        return
+    if not yes:
+        if not as_json:
+            _echo_retirement(plan)
+        click.confirm(question, abort=True, err=True)
+    done, _ = run_with_manager(lambda m: work(m, False, ids))
+    echo_json(_retirement_dict(done)) if as_json else _echo_retirement(done)
+
+
+def _census_or_confirmation(rows_census: _CensusSource, confirm_unreferenced: bool) -> None:
+    if rows_census is None and not confirm_unreferenced:
+        raise click.UsageError(
+            "no census: name the data (--table T --column NAME:KEY_TYPE, or --models) so the "
+            "census can show that no row uses it, or pass --confirm-unreferenced once you have "
+            "checked that nothing references it")
+
+
+def _retire_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed((
+            click.option("--confirm-unreferenced", is_flag=True,
+                         help="you have checked that no data references the key(s) the census "
+                              "does not cover (needed without a census)"),
+            click.option("--dry-run", is_flag=True, help="only say what would be done"),
+            click.option("--yes", is_flag=True, help="do not ask for confirmation"))):
+        function = option(function)
+    return table_options(json_option(function))
+
+
+@keys.command("retire")
+@click.argument("key_id")
+@_retire_options
+def retire(key_id: str, dsn: str | None, tables: tuple[str, ...], pk: str,
+           columns: tuple[str, ...], models: str | None, confirm_unreferenced: bool,
+           dry_run: bool, yes: bool, as_json: bool) -> None:
+    """Destroy KEY_ID now, whatever its age, once the census shows no row on it.
+
+    For a key no longer active, after its data was re-encrypted: the census of
+    the tables named (as for 'aiocrypt census') must count 0 rows on it, or
+    --confirm-unreferenced says you checked. Refused while rows use it. Raises the
+    type's minimum decryption version past it when it was the oldest.
+    """
+    rows_census = census_from_options(dsn, tables, pk, columns, models)
+    _census_or_confirmation(rows_census, confirm_unreferenced)
+
+    async def confirm_ids(_: KeyManager) -> list[str]:
+        return [key_id] if confirm_unreferenced else []
+
+    _run_retirement(
+        lambda m, counts, ids, dry: m.retire_key(key_id, census=counts,
+                                                 confirm_unreferenced=ids, dry_run=dry),
+        rows_census, confirm_ids, f"Destroy {key_id} now? Data under it can never be read again.",
+        dry_run, yes, as_json)
+
+
+@keys.command("retire-type")
+@click.argument("key_type")
+@_retire_options
+def retire_type(key_type: str, dsn: str | None, tables: tuple[str, ...], pk: str,
+                columns: tuple[str, ...], models: str | None, confirm_unreferenced: bool,
+                dry_run: bool, yes: bool, as_json: bool) -> None:
+    """Retire KEY_TYPE, created by mistake: destroy every key of it, the active one too.
+
+    No new version is made active. Each key must be unreferenced as for 'keys
+    retire' (census, or --confirm-unreferenced), or nothing changes.
+    """
+    try:  # any well-formed name: a mistaken type is, by definition, not a declared one
+        kt = KeyType(key_type)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="KEY_TYPE") from None
+    rows_census = census_from_options(dsn, tables, pk, columns, models)
+    _census_or_confirmation(rows_census, confirm_unreferenced)
+
+    async def confirm_ids(m: KeyManager) -> list[str]:
+        if not confirm_unreferenced:
+            return []
+        return [k.key_id for k in await m.list_keys() if k.key_type == kt]
+
+    _run_retirement(
+        lambda m, counts, ids, dry: m.retire_key_type(kt, census=counts,
+                                                      confirm_unreferenced=ids, dry_run=dry),
+        rows_census, confirm_ids,
+        f"Destroy every {kt.value} key now, the active one too? Data under them can never be "
+        "read again.", dry_run, yes, as_json)
+
+
+@keys.command("min-version")
+@click.argument("key_type", callback=key_type_param)
+@click.argument("version", type=click.IntRange(min=1), required=False)
+@table_options
+@click.option("--confirm-unreferenced", is_flag=True,
+              help="you have checked that no data references the older versions the census "
+                   "does not cover (needed without a census)")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@json_option
+def min_version(key_type: KeyType, version: int | None, dsn: str | None,
+                tables: tuple[str, ...], pk: str, columns: tuple[str, ...], models: str | None,
+                confirm_unreferenced: bool, yes: bool, as_json: bool) -> None:
+    """Show KEY_TYPE's minimum decryption version, or set it to VERSION.
+
+    Versions below it refuse every decryption, re-encryption included. Raising it
+    is refused while the census counts rows on an older version (or, without a
+    census, unless --confirm-unreferenced); lowering it re-enables them.
+    """
+    current = run_with_manager(lambda m: m.get_min_decryption_version(key_type))
+    if version is None or version == current:
+        if as_json:
+            echo_json({"key_type": key_type.value, "min_decryption_version": current,
+                       "changed": False})
+        else:
+            click.echo(f"{key_type.value}: minimum decryption version {current}")
+        return
+    rows_census = census_from_options(dsn, tables, pk, columns, models)
+    if version > current:
+        _census_or_confirmation(rows_census, confirm_unreferenced)
+    if not yes:
+        what = ("every version below it will refuse to decrypt" if version > current
+                else "versions from it up decrypt again")
+        click.confirm(f"Set the minimum decryption version of {key_type.value} from {current} "
+                      f"to {version} ({what})?", abort=True, err=True)
+
+    async def work(m: KeyManager) -> int:
+        counts = await rows_census(m) if rows_census is not None else None
+        older = [k.key_id for k in await m.list_keys(key_type) if k.version < version]
+        # confirmation covers what the census does not count; rows it counts still refuse
+        confirmed = [i for i in older if counts is None or i not in counts] \
+            if confirm_unreferenced else []
+        return await m.set_min_decryption_version(key_type, version, census=counts,
+                                                  confirm_unreferenced=confirmed)
+
+    now = run_with_manager(work)
+    if as_json:
+        echo_json({"key_type": key_type.value, "min_decryption_version": now,
+                   "previous": current, "changed": True})
+    else:
+        click.echo(f"{key_type.value}: minimum decryption version {current} -> {now}")
 
 
 def _local_kek_from_env(name: str) -> Any:

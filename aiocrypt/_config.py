@@ -37,6 +37,8 @@ __all__ = [
 
 BACKENDS: Final = ("file", "redis", "postgres", "vault", "aws_kms", "azure_kv", "gcp_kms")
 DEFAULT_STORAGE_PATH: Final = "./.aiocrypt/keys.json"
+KEY_STORE_FILE_NAME: Final = "keys.json"
+"""The file a directory given as ENCRYPTION_KEY_STORAGE_PATH holds (the seed's form)."""
 DEFAULT_CONFIG_FILE: Final = "config/encryption.json"
 DEFAULT_USAGE_LIMIT: Final = 2**31
 
@@ -280,6 +282,17 @@ class EncryptionConfig:
 
     # -- derived values -----------------------------------------------------
 
+    def key_store_file(self) -> Path:
+        """The file key store's file: ``storage_path`` itself, or ``keys.json`` inside it
+        when it names a directory (an existing one, or a value ending in ``/``).
+
+        The one place the path is resolved: the store, ``validate()`` and the CLI use it.
+        """
+        path = Path(self.storage_path).expanduser()
+        if self.storage_path.endswith(("/", os.sep)) or path.is_dir():
+            return path / KEY_STORE_FILE_NAME
+        return path
+
     def master_key_bytes(self) -> bytes:
         if not self.master_key:
             raise ConfigurationError("ENCRYPTION_MASTER_KEY is not set")
@@ -354,9 +367,8 @@ class EncryptionConfig:
                 decode_master_key(self.master_key)
             except ValueError as exc:
                 problems.append(str(exc))
-        if backend in ("file", "vault", "aws_kms", "azure_kv", "gcp_kms") and not (
-                self.redis_url or self.postgres_dsn):
-            problems.extend(_check_storage_path(self.storage_path))
+        if self._uses_file_store():
+            problems.extend(_check_storage_path(self.key_store_file()))
         required = {
             "redis": ("redis_url",),
             "postgres": ("postgres_dsn",),
@@ -377,6 +389,29 @@ class EncryptionConfig:
             problems.append("ENCRYPTION_AWS_ACCESS_KEY_ID and ENCRYPTION_AWS_SECRET_ACCESS_KEY "
                             "must be set together (or neither, to use the default chain)")
         return problems
+
+    def _uses_file_store(self) -> bool:
+        """Whether the key store is the file (as ``build_key_store`` decides): always for
+        ``file`` (a Redis URL then serves the job queue), for a KMS backend when neither
+        Redis nor Postgres holds the records."""
+        if self.storage_backend == "file":
+            return True
+        return self.storage_backend in ("vault", "aws_kms", "azure_kv", "gcp_kms") and not (
+            self.redis_url or self.postgres_dsn)
+
+    def storage_warnings(self) -> list[str]:
+        """What works but should be fixed: a key store file group/others can read."""
+        if not self._uses_file_store():
+            return []
+        path = self.key_store_file()
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            return []
+        if mode & 0o077:
+            return [f"ENCRYPTION_KEY_STORAGE_PATH: {path} has mode {mode:04o}: "
+                    f"run chmod 600 on it"]
+        return []
 
     def require_valid(self) -> None:
         problems = self.validate()
@@ -500,17 +535,25 @@ def _parse_bool(value: Any) -> bool:
     raise ConfigurationError(f"expected a boolean, got {value!r}")
 
 
-def _check_storage_path(storage_path: str) -> list[str]:
-    path = Path(storage_path)
+def _check_storage_path(path: Path) -> list[str]:
+    """What the file store will need at ``path``, checked without opening or creating
+    anything: its directory exists and the process may create files in it (the store
+    writes a temporary file, lock files and usage counters beside it), and the file,
+    if there, is a regular file the process can read and replace."""
+    var = "ENCRYPTION_KEY_STORAGE_PATH"
     directory = path.parent
+    if not directory.exists():
+        return [f"{var}: directory {directory} does not exist: create it (mode 0700), or "
+                f"point {var} at an existing directory (keys.json is created inside it)"]
     if not directory.is_dir():
-        return [f"ENCRYPTION_KEY_STORAGE_PATH: directory {directory} does not exist"]
+        return [f"{var}: {directory} is not a directory"]
     if not os.access(directory, os.W_OK | os.X_OK):
-        return [f"ENCRYPTION_KEY_STORAGE_PATH: directory {directory} is not writable"]
+        return [f"{var}: directory {directory} is not writable by this process "
+                f"(the key store writes {path.name} and its lock files there)"]
     if path.exists() and not path.is_file():
-        return [f"ENCRYPTION_KEY_STORAGE_PATH: {path} is not a regular file"]
+        return [f"{var}: {path} is not a regular file"]
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-        return [f"ENCRYPTION_KEY_STORAGE_PATH: {path} is not readable and writable"]
+        return [f"{var}: {path} is not readable and writable by this process"]
     return []
 
 

@@ -73,7 +73,7 @@ def build_key_store(config: EncryptionConfig, kek: KekProvider) -> KeyStore:
     if config.storage_backend in _STORE_BACKENDS:
         store = _load(*_STORE_BACKENDS[config.storage_backend], config.storage_backend)(config)
         return store
-    return FileKeyStore(config.storage_path, kek)
+    return FileKeyStore(config.key_store_file(), kek)
 
 
 def build_key_manager(config: EncryptionConfig, **kwargs: Any) -> KeyManager:

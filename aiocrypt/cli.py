@@ -47,7 +47,7 @@ from ._cli_base import (
     run_with_manager,
 )
 from ._cli_ops import census_from_options, table_options
-from ._config import CryptoConfigManager, decode_master_key
+from ._config import CryptoConfigManager, EncryptionConfig, decode_master_key
 from ._factory import build_kek_provider, build_key_store
 from ._keys import EncryptionKey
 from ._manager import KeyManager, KeyRetirement
@@ -614,17 +614,46 @@ def config() -> None:
 @config.command("validate")
 @json_option
 def validate(as_json: bool) -> None:
-    """Report every configuration problem; exit 3 if there is any."""
-    problems = CryptoConfigManager().validate_environment()
+    """Report every configuration problem; exit 3 if there is any.
+
+    Nothing is created or changed. The file key store's directory and file are
+    checked as the store will use them; with the local master key an existing key
+    store is also opened read-only to check that the master key opens it. A KMS or
+    a networked store is not contacted: 'aiocrypt doctor' reaches those.
+    """
+    config = CryptoConfigManager().get_config()
+    problems = config.validate()
+    if not problems:
+        problems = asyncio.run(_open_local_file_store(config))
+    warnings = config.storage_warnings()
     if as_json:
-        echo_json({"ok": not problems, "problems": problems})
-    elif not problems:
-        click.echo("configuration OK")
+        echo_json({"ok": not problems, "problems": problems, "warnings": warnings})
     else:
+        for warning in warnings:
+            click.echo(f"warning: {warning}", err=True)
         for problem in problems:
             click.echo(f"- {problem}", err=True)
+        if not problems:
+            click.echo("configuration OK")
     if problems:
         sys.exit(EXIT_CONFIG)
+
+
+async def _open_local_file_store(config: EncryptionConfig) -> list[str]:
+    """A read-only open of an existing file store under the local master key (pure
+    computation: no KMS call, nothing written); a problem if it does not open."""
+    from ._errors import KeyStoreError
+    from .kek.local import LocalKekProvider
+    from .keystore.file import FileKeyStore
+
+    path = config.key_store_file()
+    if config.storage_backend != "file" or not path.is_file():
+        return []
+    try:
+        await FileKeyStore(path, LocalKekProvider(config.master_key_bytes())).read()
+    except KeyStoreError as exc:
+        return [f"ENCRYPTION_KEY_STORAGE_PATH: {exc}"]
+    return []
 
 
 @config.command("show")

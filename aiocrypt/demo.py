@@ -86,7 +86,7 @@ async def run(workdir: Path) -> None:
     clock = DemoClock()
     events = MemoryAuditSink()
     kek = LocalKekProvider(config.master_key_bytes())
-    manager = KeyManager(FileKeyStore(config.storage_path, kek), kek, config, clock=clock,
+    manager = KeyManager(FileKeyStore(config.key_store_file(), kek), kek, config, clock=clock,
                          auditor=Auditor([events]))
     service = EncryptionService(manager, clock=clock)
     engine = create_async_engine(f"sqlite+aiosqlite:///{workdir / 'demo.sqlite3'}")

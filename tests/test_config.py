@@ -78,7 +78,8 @@ def test_validate_environment_reports_each_problem(tmp_path: Path, master_key_b6
     assert any("'floppy' is unknown" in p for p in unknown)
     nodir = problems({"ENCRYPTION_MASTER_KEY": master_key_b64,
                       "ENCRYPTION_KEY_STORAGE_PATH": str(tmp_path / "no" / "k.json")}, tmp_path)
-    assert nodir == [f"ENCRYPTION_KEY_STORAGE_PATH: directory {tmp_path / 'no'} does not exist"]
+    assert nodir[0].startswith(
+        f"ENCRYPTION_KEY_STORAGE_PATH: directory {tmp_path / 'no'} does not exist: create it")
     vault = problems({"ENCRYPTION_KEY_STORAGE_BACKEND": "vault",
                       "ENCRYPTION_VAULT_URL": "http://127.0.0.1:8200"}, tmp_path)
     assert vault == ["storage backend 'vault' needs ENCRYPTION_VAULT_TOKEN (not set)"]
@@ -91,17 +92,19 @@ def test_validate_environment_reports_each_problem(tmp_path: Path, master_key_b6
 
 
 def test_unusable_storage_path(tmp_path: Path, master_key_b64: str) -> None:
-    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir" / "keys.json").mkdir(parents=True)  # a directory holds keys.json ...
     found = problems({"ENCRYPTION_MASTER_KEY": master_key_b64,
                       "ENCRYPTION_KEY_STORAGE_PATH": str(tmp_path / "adir")}, tmp_path)
-    assert found == [f"ENCRYPTION_KEY_STORAGE_PATH: {tmp_path / 'adir'} is not a regular file"]
+    assert found == [  # ... which must then be a file
+        f"ENCRYPTION_KEY_STORAGE_PATH: {tmp_path / 'adir' / 'keys.json'} is not a regular file"]
     if os.geteuid() == 0:
         pytest.skip("root can write anywhere")
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     found = problems({"ENCRYPTION_MASTER_KEY": master_key_b64,
                       "ENCRYPTION_KEY_STORAGE_PATH": str(locked / "k.json")}, tmp_path)
-    assert found == [f"ENCRYPTION_KEY_STORAGE_PATH: directory {locked} is not writable"]
+    assert found == [f"ENCRYPTION_KEY_STORAGE_PATH: directory {locked} is not writable by "
+                     "this process (the key store writes k.json and its lock files there)"]
 
 
 def test_json_file_overrides_defaults(tmp_path: Path, master_key_b64: str) -> None:

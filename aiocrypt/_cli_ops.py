@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import importlib
 import json
 import os
+import shlex
 import stat
 import sys
 import time
@@ -45,8 +47,13 @@ from ._cli_base import (
     json_option,
     load_config,
 )
-from ._config import DEFAULT_CONFIG_FILE, DEFAULT_ROTATION_POLICIES, EncryptionConfig
-from ._errors import ConfigurationError
+from ._config import (
+    DEFAULT_CONFIG_FILE,
+    DEFAULT_ROTATION_POLICIES,
+    DEFAULT_STORAGE_PATH,
+    EncryptionConfig,
+)
+from ._errors import AiocryptError, ConfigurationError
 from ._factory import build_kek_provider, build_key_manager, build_key_store
 from ._format import text_prefix
 from ._manager import KeyManager
@@ -82,10 +89,54 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
+def default_key_file(project: Path | None = None) -> Path:
+    """Where ``init`` puts the master key by default: outside the project tree, in the
+    user's configuration directory, ``$XDG_CONFIG_HOME/aiocrypt/<project>-<hash>/master.key``
+    (``~/.config`` when XDG_CONFIG_HOME is unset). The hash of the project's absolute
+    path keeps two projects of the same name apart."""
+    project = (project or Path.cwd()).resolve()
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".config"
+    digest = hashlib.sha256(os.fsencode(project)).hexdigest()[:8]
+    return base / "aiocrypt" / f"{project.name or 'root'}-{digest}" / "master.key"
+
+
+IN_PROJECT_KEY_FILE = Path(".aiocrypt/master.key")
+
+
+def git_work_tree(path: Path) -> Path | None:
+    """The git work tree ``path`` lies in (a parent holding ``.git``), or None."""
+    for parent in path.resolve().parents:
+        if (parent / ".git").exists():
+            return parent
+    return None
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
+
+
+def _ignore_in_git(key_file: Path) -> Path:
+    """A ``.gitignore`` beside ``key_file`` that covers it (added to one already there)."""
+    gitignore = key_file.parent / ".gitignore"
+    entry = f"/{key_file.name}"
+    lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.exists() else []
+    if entry not in lines and key_file.name not in lines:
+        prefix = "" if not lines or gitignore.read_text(encoding="utf-8").endswith("\n") \
+            else "\n"
+        with open(gitignore, "a", encoding="utf-8") as fh:
+            fh.write(f"{prefix}# the aiocrypt master key: never commit it\n{entry}\n")
+    return gitignore
+
+
 @click.command("init")
-@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path(".aiocrypt/master.key"), show_default=True,
-              help="where to write the new master key (mode 0600)")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="where to write the new master key (mode 0600); default: outside the "
+                   "project, $XDG_CONFIG_HOME/aiocrypt/<project>-<hash>/master.key "
+                   "(~/.config when unset)")
+@click.option("--key-in-project", is_flag=True,
+              help=f"write the key to {IN_PROJECT_KEY_FILE} in the project instead, with a "
+                   ".gitignore that covers it")
 @click.option("--no-key-file", is_flag=True,
               help="write no key file (then --show-key or --print-export is required)")
 @click.option("--config-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -98,16 +149,24 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
               help="print an 'export ENCRYPTION_MASTER_KEY=...' line on stdout (warns on stderr)")
 @click.option("--force", is_flag=True, help="overwrite existing files")
 @json_option
-def init(key_file: Path, no_key_file: bool, config_file: Path, performance_mode: str,
-         show_key: bool, print_export: bool, force: bool, as_json: bool) -> None:
+def init(key_file: Path | None, key_in_project: bool, no_key_file: bool, config_file: Path,
+         performance_mode: str, show_key: bool, print_export: bool, force: bool,
+         as_json: bool) -> None:
     """Generate a master key and a config file.
 
-    The key goes to a 0600 file and is never printed unless --show-key or
-    --print-export asks for it. Existing files are kept unless --force.
+    The key goes to a 0600 file outside the project tree (see --key-file) and is
+    never printed unless --show-key or --print-export asks for it. A key file
+    inside the project or a git work tree gets a .gitignore beside it. Existing
+    files are kept unless --force.
     """
     if no_key_file and not (show_key or print_export):
         raise click.UsageError("--no-key-file needs --show-key or --print-export "
                                "(the key would be lost)")
+    if key_in_project and key_file is not None:
+        raise click.UsageError("--key-in-project and --key-file are exclusive")
+    outside = key_file is None and not key_in_project
+    if key_file is None:
+        key_file = IN_PROJECT_KEY_FILE if key_in_project else default_key_file()
     targets = [config_file] + ([] if no_key_file else [key_file])
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
@@ -120,8 +179,18 @@ def init(key_file: Path, no_key_file: bool, config_file: Path, performance_mode:
         "compression_enabled": False,
         "rotation_policies": [p.to_dict() for p in DEFAULT_ROTATION_POLICIES.values()],
     }
+    gitignore: Path | None = None
     if not no_key_file:
         _write_private(key_file, (key + "\n").encode("ascii"), 0o600)
+        if outside:
+            os.chmod(key_file.parent, 0o700)  # our own directory, even if it existed
+        elif _inside(key_file, Path.cwd()) or git_work_tree(key_file) is not None:
+            gitignore = _ignore_in_git(key_file)
+    store_dir = None
+    if not os.environ.get("ENCRYPTION_KEY_STORAGE_PATH", "").strip():
+        # the default file store's directory: the store creates keys.json, not the folder
+        store_dir = Path(DEFAULT_STORAGE_PATH).parent
+        store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config_file.parent.mkdir(parents=True, exist_ok=True)
     _write_private(config_file, (json.dumps(settings, indent=2) + "\n").encode("utf-8"), 0o644)
     if show_key or print_export:
@@ -129,12 +198,13 @@ def init(key_file: Path, no_key_file: bool, config_file: Path, performance_mode:
                    "every data key: keep it out of logs and shell history", err=True)
     next_steps = []
     if not no_key_file:
-        next_steps.append(f'export ENCRYPTION_MASTER_KEY="$(cat {key_file})"')
+        next_steps.append(f'export ENCRYPTION_MASTER_KEY="$(cat {shlex.quote(str(key_file))})"')
     if config_file != Path(DEFAULT_CONFIG_FILE):
-        next_steps.append(f"export ENCRYPTION_CONFIG_FILE={config_file}")
+        next_steps.append(f"export ENCRYPTION_CONFIG_FILE={shlex.quote(str(config_file))}")
     next_steps.append("aiocrypt doctor")
     if as_json:
         out: dict[str, Any] = {"key_file": None if no_key_file else str(key_file),
+                               "gitignore": None if gitignore is None else str(gitignore),
                                "config_file": str(config_file), "next": next_steps}
         if show_key or print_export:
             out["master_key"] = key
@@ -142,7 +212,12 @@ def init(key_file: Path, no_key_file: bool, config_file: Path, performance_mode:
         return
     if not no_key_file:
         click.echo(f"created {key_file} (the master key, mode 0600: keep it secret, back it up)")
+    if gitignore is not None:
+        click.echo(f"wrote {gitignore}: git ignores {key_file.name} (the key is inside the "
+                   "project: keep it out of images and backups of the project too)")
     click.echo(f"created {config_file}")
+    if store_dir is not None:
+        click.echo(f"the key store will be {DEFAULT_STORAGE_PATH} (ENCRYPTION_KEY_STORAGE_PATH)")
     if show_key:
         click.echo(key)
     if print_export:
@@ -162,6 +237,7 @@ class Check:
     ok: bool | None  # None: skipped
     detail: str = ""
     exit_code: int = EXIT_OK
+    warning: bool = False  # passed, but something should be fixed
 
 
 async def _check(name: str, work: Callable[[], Awaitable[str]], timeout: float) -> Check:
@@ -210,19 +286,45 @@ def _check_file_mode(path: str) -> None:
         raise PermissionError(f"{path} has mode {mode:04o}: run chmod 600 on it")
 
 
-async def _doctor_checks(timeout: float) -> list[Check]:
+def master_key_file_checks(extra: Sequence[Path] = ()) -> list[Check]:
+    """The master key files ``init`` writes (and ``extra``) that exist: a warning for one
+    group or others can read, or one inside a git work tree (one commit publishes it;
+    a .gitignore does not keep it out of images and backups of the project)."""
     checks: list[Check] = []
+    candidates = dict.fromkeys(p.resolve() for p in (default_key_file(), IN_PROJECT_KEY_FILE,
+                                                      *extra))
+    for path in candidates:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            continue
+        problems = []
+        if mode & 0o077:
+            problems.append(f"readable by group/others (mode {mode:04o}): run chmod 600 on it")
+        tree = git_work_tree(path)
+        if tree is not None:
+            problems.append(f"inside the git work tree {tree}: move it out of the project "
+                            f"(aiocrypt init puts it in {default_key_file().parent})")
+        detail = "; ".join(problems) or f"mode {mode:04o}, outside any git work tree"
+        checks.append(Check(f"master key file {path}", True, detail, warning=bool(problems)))
+    return checks
+
+
+async def _doctor_checks(timeout: float, key_files: Sequence[Path] = ()) -> list[Check]:
+    checks: list[Check] = master_key_file_checks(key_files)
     try:
         config = EncryptionConfig.from_env()
     except ConfigurationError as exc:
-        return [Check("configuration", False, describe(exc), EXIT_CONFIG)]
+        return [Check("configuration", False, describe(exc), EXIT_CONFIG), *checks]
     problems = config.validate()
     source = config.config_file or "defaults (no config file)"
+    key_file_checks, checks = checks, []
     if problems:
         checks += [Check("configuration", False, p, EXIT_CONFIG) for p in problems]
     else:
         checks.append(Check("configuration", True,
                             f"backend {config.storage_backend}, settings from {source}"))
+    checks += key_file_checks
     if problems:
         checks.append(Check("KEK provider", None, "skipped: the configuration is invalid"))
         checks.append(Check("key store", None, "skipped: the configuration is invalid"))
@@ -241,9 +343,9 @@ async def _doctor_checks(timeout: float) -> list[Check]:
             async def check_store() -> str:
                 await manager.open()
                 keys = await manager.list_keys()
-                where = f" {config.storage_path}" if store.name == "file" else ""
+                where = f" {config.key_store_file()}" if store.name == "file" else ""
                 if store.name == "file":
-                    _check_file_mode(config.storage_path)
+                    _check_file_mode(str(config.key_store_file()))
                 return (f"{store.name}{where}: {len(keys)} keys readable and authentic "
                         f"(revision {await store.revision()})")
 
@@ -282,23 +384,29 @@ def doctor_exit_code(checks: Sequence[Check]) -> int:
 @click.command("doctor")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               help="seconds each reachability check may take")
+@click.option("--key-file", "key_files", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="a master key file to check too (init's default places are always "
+                   "checked); repeatable")
 @json_option
-def doctor(timeout: float, as_json: bool) -> None:
+def doctor(timeout: float, key_files: tuple[Path, ...], as_json: bool) -> None:
     """Check the configuration and reach the key store, KEK provider, Redis and Postgres.
 
     One line per check; exit 0 when all pass, 3 on a configuration problem, 4 when a
-    service is unreachable, 1 on any other failure.
+    service is unreachable, 1 on any other failure. A master key file that group or
+    others can read, or that sits inside a git work tree, is a warning (WARN).
     """
-    checks = asyncio.run(_doctor_checks(timeout))
+    checks = asyncio.run(_doctor_checks(timeout, key_files))
     code = doctor_exit_code(checks)
     if as_json:
         echo_json({"ok": code == EXIT_OK, "exit_code": code,
-                   "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail}
-                              for c in checks]})
+                   "checks": [{"name": c.name, "ok": c.ok, "warning": c.warning,
+                               "detail": c.detail} for c in checks]})
     else:
         for c in checks:
-            word = "[green]ok  [/]" if c.ok else ("[red]FAIL[/]" if c.ok is False
-                                                   else "[dim]skip[/]")
+            word = "[yellow]WARN[/]" if c.ok and c.warning else \
+                "[green]ok  [/]" if c.ok else ("[red]FAIL[/]" if c.ok is False
+                                                else "[dim]skip[/]")
             console.print(f"{word}  {c.name}: {c.detail}", markup=True, highlight=False,
                           soft_wrap=True)
     sys.exit(code)
@@ -400,6 +508,36 @@ def _asyncpg_database(dsn: str, checkpoint_table: str) -> AsyncpgDatabase:
     return AsyncpgDatabase(dsn, checkpoint_table=checkpoint_table)
 
 
+def _dsn_origin() -> str:
+    """Where the running command's --dsn came from: the option or the variable."""
+    ctx = click.get_current_context(silent=True)
+    source = None if ctx is None else ctx.get_parameter_source("dsn")
+    if source is click.core.ParameterSource.COMMANDLINE:
+        return "check the --dsn option"
+    return "check ENCRYPTION_POSTGRES_DSN, or pass --dsn"
+
+
+async def _open_database(dsn: str, checkpoint_table: str) -> AsyncpgDatabase:
+    """The data's database, connected now: one that cannot be reached is one error naming
+    the DSN (redacted) and the setting to check (exit 4, or 3 for a refused login)."""
+    database = _asyncpg_database(dsn, checkpoint_table)  # says which extra if asyncpg is missing
+    import asyncpg
+
+    try:
+        await database.__aenter__()
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as exc:
+        await database.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise AiocryptError(f"cannot reach the PostgreSQL database at {redact_url(dsn)} "
+                            f"({_dsn_origin()}): {reason or type(exc).__name__}") from exc
+    except (asyncpg.InvalidAuthorizationSpecificationError,
+            asyncpg.InvalidCatalogNameError) as exc:
+        await database.close()
+        raise ConfigurationError(f"the PostgreSQL database at {redact_url(dsn)} refused the "
+                                 f"connection ({_dsn_origin()}): {exc}") from None
+    return database
+
+
 def _prefixes(manager: KeyManager, spec: TableSpec) -> list[str]:
     """Each column's target prefix (a never-matching one when its type has no key yet)."""
     active = manager.keyring.active_keys
@@ -473,6 +611,9 @@ def _result_dict(result: ReencryptionResult, stopped: str | None) -> dict[str, A
                        "rows_updated": cp.rows_updated, "rows_conflicted": cp.rows_conflicted,
                        "rows_failed": cp.rows_failed, "done": cp.done},
         "failed_primary_keys": list(result.failed_primary_keys),
+        "failures": [{"column": f.column, "primary_key": f.primary_key,
+                      "reason": None if f.reason is None else f.reason.value,
+                      "key_id": f.key_id} for f in result.failures],
     }
 
 
@@ -548,7 +689,7 @@ def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[
 
     async def main() -> list[dict[str, Any]]:
         manager = build_key_manager(config, watch=False)
-        database = _asyncpg_database(database_dsn, checkpoint_table)
+        database = await _open_database(database_dsn, checkpoint_table)
         engine = ReencryptionEngine(manager, database, tables=specs, batch_size=batch_size,
                                     rate_limit=rate, on_error="skip" if skip_errors else "raise")
         async with manager:
@@ -581,6 +722,10 @@ def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[
             if run["rows_failed"]:
                 click.echo(f"  {run['rows_failed']} rows did not decrypt and were left: "
                            f"primary keys {r['failed_primary_keys']}", err=True)
+                for f in r["failures"]:
+                    click.echo(f"    {r['table']}.{f['column']} primary key {f['primary_key']}: "
+                               f"{f['reason'] or 'not a token'}"
+                               + (f" (key {f['key_id']})" if f["key_id"] else ""), err=True)
     if not dry_run and any(not r["complete"] and not r["stopped"] for r in results):
         sys.exit(EXIT_FAILED)
 
@@ -619,7 +764,7 @@ def census(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[str
                 per_type[key.status.value] = per_type.get(key.status.value, 0) + 1
             out_tables = []
             if specs:
-                database = _asyncpg_database(database_dsn, DEFAULT_CHECKPOINT_TABLE)
+                database = await _open_database(database_dsn, DEFAULT_CHECKPOINT_TABLE)
                 try:
                     for spec in specs:
                         counted = await database.census(spec)

@@ -1339,7 +1339,11 @@ class KeyManager:
                     "age_days": round(key.age(now).total_seconds() / 86400, 2),
                     "days_to_rotation": round((rotate_at - now).total_seconds() / 86400, 2),
                     "days_to_expiry": round((key.expires_at - now).total_seconds() / 86400, 2),
-                    "usage": usage.get(key.key_id, 0),
+                    # encryptions reserved in blocks by every process (what the limit
+                    # counts), ahead of those made by up to one block per process
+                    "usage_reserved": usage.get(key.key_id, 0),
+                    "usage_block": _policy.usage_block(policy, self.usage_block),
+                    "usage": usage.get(key.key_id, 0),  # = usage_reserved (older name)
                     "usage_limit": policy.max_encryptions,
                     "auto_rotation": policy.auto_rotation,
                 }

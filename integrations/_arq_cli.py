@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import click
@@ -21,14 +24,16 @@ from rich.table import Table
 from rich.text import Text
 
 from aiocrypt import AiocryptError, ConfigurationError, KeyType
+from aiocrypt._urls import redact_url
 
 from ._arq_config import ArqWorkerConfig
 from ._arq_status import ReencryptionStatus, ShardStatus, StatusStore
 
-__all__ = ["jobs", "render_job", "render_jobs"]
+__all__ = ["jobs", "plain_jobs", "render_job", "render_jobs"]
 
 T = TypeVar("T")
-console = Console()
+# Piped output is not cut at 80 columns (ids must stay copyable); COLUMNS still wins.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 _STYLES = {"done": "green", "failed": "bold red", "running": "cyan", "retrying": "yellow",
            "incomplete": "yellow", "queued": "dim"}
 
@@ -43,6 +48,43 @@ def _config() -> ArqWorkerConfig:
     return cfg
 
 
+def _url_variable() -> str:
+    """The variable the queue's Redis URL came from (as ``ArqWorkerConfig.from_env`` reads)."""
+    if os.environ.get("ENCRYPTION_ARQ_REDIS_URL", "").strip():
+        return "ENCRYPTION_ARQ_REDIS_URL"
+    return "ENCRYPTION_REDIS_URL"
+
+
+@asynccontextmanager
+async def _queue_redis(cfg: ArqWorkerConfig) -> AsyncIterator[None]:
+    """Connection failures of the queue's Redis as one error naming the variable and the
+    (redacted) URL; the cause is kept, so the CLI exits 4 (unreachable)."""
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError as exc:
+        raise ImportError(f"{exc}: pip install 'aiocrypt[arq]'") from None
+    try:
+        yield
+    except (OSError, RedisConnectionError, RedisTimeoutError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise AiocryptError(
+            f"cannot reach the job queue's Redis at {redact_url(cfg.redis_url or '')} "
+            f"(check {_url_variable()}): {reason or type(exc).__name__}") from exc
+
+
+async def _ping(cfg: ArqWorkerConfig) -> None:
+    """One quick PING first, so that a Redis that is down is one line, not arq's five
+    retries of a second each."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(cfg.redis_url or "", socket_connect_timeout=3)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
 def _with_redis(work: Callable[[Any, ArqWorkerConfig], Awaitable[T]]) -> T:
     cfg = _config()
 
@@ -51,11 +93,12 @@ def _with_redis(work: Callable[[Any, ArqWorkerConfig], Awaitable[T]]) -> T:
             from redis.asyncio import Redis
         except ImportError as exc:
             raise ImportError(f"{exc}: pip install 'aiocrypt[arq]'") from None
-        redis = Redis.from_url(cfg.redis_url or "")
-        try:
-            return await work(redis, cfg)
-        finally:
-            await redis.aclose()
+        async with _queue_redis(cfg):
+            redis = Redis.from_url(cfg.redis_url or "", socket_connect_timeout=3)
+            try:
+                return await work(redis, cfg)
+            finally:
+                await redis.aclose()
 
     return asyncio.run(main())
 
@@ -66,11 +109,13 @@ def _with_arq(work: Callable[[Any, ArqWorkerConfig], Awaitable[T]]) -> T:
     async def main() -> T:
         from .arq import create_job_pool
 
-        redis = await create_job_pool(cfg)  # JSON jobs: the workers refuse pickled ones
-        try:
-            return await work(redis, cfg)
-        finally:
-            await redis.aclose()
+        async with _queue_redis(cfg):
+            await _ping(cfg)
+            redis = await create_job_pool(cfg)  # JSON jobs: the workers refuse pickled ones
+            try:
+                return await work(redis, cfg)
+            finally:
+                await redis.aclose()
 
     return asyncio.run(main())
 
@@ -144,15 +189,34 @@ def render_job(status: ReencryptionStatus) -> RenderableType:
     return Group(summary, overall, shards)
 
 
+_JOB_COLUMNS = ("job", "key type", "state", "progress", "rows", "rows/s", "shards", "created")
+
+
+def _job_row(status: ReencryptionStatus) -> list[str]:
+    done = sum(s.state == "done" for s in status.shards)
+    return [status.job_id, status.key_type, status.state,
+            _pct(status.rows_done, status.rows_total),
+            f"{status.rows_done:,}/{status.rows_total:,}", f"{status.rate:,.0f}",
+            f"{done}/{len(status.shards)}", status.created_at]
+
+
 def render_jobs(found: list[ReencryptionStatus]) -> RenderableType:
-    table = Table("job", "key type", "state", "progress", "rows", "rows/s", "shards", "created")
+    table = Table(*_JOB_COLUMNS)
+    table.columns[0].no_wrap = True  # a job id is copied, never cut
     for status in found:
-        done = sum(s.state == "done" for s in status.shards)
-        table.add_row(status.job_id, status.key_type, _state(status.state),
-                      _pct(status.rows_done, status.rows_total),
-                      f"{status.rows_done:,}/{status.rows_total:,}", f"{status.rate:,.0f}",
-                      f"{done}/{len(status.shards)}", status.created_at)
+        row: list[RenderableType] = list(_job_row(status))
+        row[2] = _state(status.state)
+        table.add_row(*row)
     return table
+
+
+def plain_jobs(found: list[ReencryptionStatus]) -> str:
+    """The job list as plain aligned columns, every value whole (output that is not a
+    terminal: scripts and ``grep`` read the full job ids)."""
+    rows = [list(_JOB_COLUMNS), *(_job_row(s) for s in found)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_JOB_COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                     .rstrip() for row in rows)
 
 
 # -- commands ----------------------------------------------------------------------
@@ -178,8 +242,10 @@ def status(job_id: str | None, watch: bool, as_json: bool, limit: int) -> None:
                 click.echo(json.dumps([s.to_dict() for s in found], indent=2, default=str))
             elif not found:
                 click.echo("no re-encryption jobs recorded")
-            else:
+            elif console.is_terminal:
                 console.print(render_jobs(found))
+            else:
+                click.echo(plain_jobs(found))
             return
         resolved = await store.resolve(job_id)
         current = None if resolved is None else await store.read(resolved)

@@ -1,9 +1,13 @@
-"""``aiocrypt doctor``: one line per check, and the documented exit code."""
+"""``aiocrypt doctor``: one line per check, and the documented exit code; a master key file
+inside a git work tree or readable by others is a warning."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
+import pytest
 from cli_helpers import Cli, closed_port, json_out
 
 
@@ -65,3 +69,39 @@ def test_doctor_reports_an_unreadable_key_store(cli: Cli) -> None:
     failed = [line for line in _lines(result.stdout) if line.startswith("FAIL")]
     assert len(failed) == 1 and failed[0].startswith("FAIL  key store:")
     assert other not in result.stdout + result.stderr
+
+
+def test_doctor_warns_for_a_master_key_file_in_a_git_work_tree_or_readable_by_others(
+        cli: Cli, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = {"HOME": str(tmp_path / "home")}
+    (tmp_path / ".git").mkdir()  # the command's cwd is now a git work tree
+    assert cli("init", "--key-in-project", env=home).returncode == 0
+    in_tree = tmp_path / ".aiocrypt" / "master.key"
+    outside = tmp_path_factory.mktemp("elsewhere") / "master.key"  # not in the work tree
+    outside.write_text("not read by doctor\n")
+    outside.chmod(0o644)
+
+    result = cli("doctor", "--key-file", str(outside), env=home)
+    assert result.returncode == 0, result.stdout + result.stderr  # warnings, not failures
+    warned = [line for line in _lines(result.stdout) if line.startswith("WARN")]
+    assert warned == [
+        f"WARN  master key file {in_tree}: inside the git work tree {tmp_path}: move it out "
+        f"of the project (aiocrypt init puts it in {_default_dir(tmp_path)})",
+        f"WARN  master key file {outside}: readable by group/others (mode 0644): run chmod "
+        "600 on it"]
+    assert "not read by doctor" not in result.stdout + result.stderr
+    checks = json_out(cli("doctor", "--json", "--key-file", str(outside), env=home))["checks"]
+    assert sum(c["warning"] for c in checks) == 2 and all(c["ok"] for c in checks)
+
+    outside.chmod(0o600)
+    (tmp_path / ".git").rmdir()
+    quiet = cli("doctor", "--key-file", str(outside), env=home)
+    assert "WARN" not in quiet.stdout and quiet.returncode == 0
+
+
+def _default_dir(project: Path) -> Path:
+    """init's default key directory for ``project`` with HOME at ``project/home``."""
+    import hashlib
+
+    digest = hashlib.sha256(os.fsencode(project.resolve())).hexdigest()[:8]
+    return project / "home" / ".config" / "aiocrypt" / f"{project.name}-{digest}"

@@ -51,7 +51,7 @@ from typing import Any, Final, Literal, Protocol
 from . import _compression
 from ._codec import encode_value
 from ._crypto import NONCE_BYTES, DataKey
-from ._errors import DecryptionError, ReencryptionError
+from ._errors import DecryptionError, DecryptionFailure, ReencryptionError
 from ._format import FLAG_ZSTD, TEXT_PREFIXES, context_bytes, text_prefix, token_sql
 from ._keyring import Keyring, UnknownKeyError
 from ._manager import KeyManager
@@ -389,7 +389,9 @@ class ReencryptionResult:
     elapsed: float
     complete: bool
     target_changed: bool = False
+    #: Each row that did not decrypt, once (the first 100), and why, per column.
     failed_primary_keys: tuple[Any, ...] = field(default=())
+    failures: tuple[ReencryptionError, ...] = field(default=())
 
     @property
     def rows_per_second(self) -> float:
@@ -513,6 +515,10 @@ class _RunStats:
     rows_conflicted: int = 0
     rows_failed: int = 0
     failed_pks: list[Any] = field(default_factory=list)
+    failures: list[ReencryptionError] = field(default_factory=list)
+    #: (primary key, column) of every value that failed in this run: a row whose
+    #: only pending values failed before is neither counted nor reported again.
+    failed_seen: set[tuple[str, str]] = field(default_factory=set)
 
 
 class ReencryptionEngine:
@@ -686,7 +692,7 @@ class ReencryptionEngine:
             checkpoint.pass_no += 1
             checkpoint.last_pk = None
             await self.database.save_checkpoint(checkpoint)
-        complete = not target_changed and read == 0 and full_sweep
+        complete = not target_changed and read == 0 and full_sweep and not stats.rows_failed
         if complete:
             checkpoint.done = True
             await self.database.save_checkpoint(checkpoint)
@@ -700,7 +706,7 @@ class ReencryptionEngine:
             run_rows_conflicted=stats.rows_conflicted, run_rows_failed=stats.rows_failed,
             passes=passes, resumed_from=resumed_from, checkpoint=checkpoint, elapsed=elapsed,
             complete=complete, target_changed=target_changed,
-            failed_primary_keys=tuple(stats.failed_pks))
+            failed_primary_keys=tuple(stats.failed_pks), failures=tuple(stats.failures))
 
     async def _pass(self, spec: TableSpec, cols: list[_Column], key_range: KeyRange,
                     checkpoint: Checkpoint, stats: _RunStats,
@@ -735,13 +741,17 @@ class ReencryptionEngine:
                                    "stopping (run again for the new key)", checkpoint.job_id)
                     target_changed = True
                     break
-                read += len(rows)
-                batch, failed = await self._transform(spec, cols, rows)
+                batch, failures = await self._transform(spec, cols, rows)
+                failed, stale = _first_failures(failures, stats)
+                read += len(rows) - stale
                 if writing is not None:
                     await writing
                     writing = None
                     await self._after_commit(checkpoint, stats, started)
                 stats.failed_pks.extend(failed[:max(0, 100 - len(stats.failed_pks))])
+                stats.failures.extend(
+                    [f for f in failures if f.primary_key in failed][:max(
+                        0, 100 - len(stats.failures))])
                 writing = asyncio.ensure_future(
                     self._commit(spec, batch, checkpoint, stats, last_pk, len(rows),
                                  len(failed)))
@@ -799,8 +809,8 @@ class ReencryptionEngine:
             if delay > 0:
                 await asyncio.sleep(delay)
 
-    async def _transform(self, spec: TableSpec, cols: list[_Column],
-                         rows: Sequence[Sequence[Any]]) -> tuple[WriteBatch, list[Any]]:
+    async def _transform(self, spec: TableSpec, cols: list[_Column], rows: Sequence[Sequence[Any]]
+                         ) -> tuple[WriteBatch, list[ReencryptionError]]:
         keyring = self.key_manager.keyring
         try:
             return self._transform_sync(spec, cols, rows, keyring)
@@ -813,12 +823,13 @@ class ReencryptionEngine:
 
     def _transform_sync(self, spec: TableSpec, cols: list[_Column],
                         rows: Sequence[Sequence[Any]], keyring: Keyring, *,
-                        unknown_fails: bool = False) -> tuple[WriteBatch, list[Any]]:
+                        unknown_fails: bool = False
+                        ) -> tuple[WriteBatch, list[ReencryptionError]]:
         n = len(cols)
         pks: list[Any] = []
         old: list[list[Any]] = [[] for _ in range(n)]
         new: list[list[str | None]] = [[] for _ in range(n)]
-        failed: list[Any] = []
+        failed: list[ReencryptionError] = []
         # One getrandom call per batch instead of one per token (the hot loop's
         # largest fixed cost); each nonce is still 96 fresh random bits.
         randomness = os.urandom(NONCE_BYTES * n * len(rows))
@@ -826,33 +837,36 @@ class ReencryptionEngine:
         for row in rows:
             pk = row[0]
             out: list[str | None] = [None] * n
-            try:
-                for i, col in enumerate(cols):
-                    value = row[i + 1]
-                    if value is None or (type(value) is str and value.startswith(col.prefix)):
-                        continue
-                    context = col.context if not col.spec.row_bound else f"{col.context}#{pk}"
+            row_failed = False
+            for i, col in enumerate(cols):
+                value = row[i + 1]
+                if value is None or (type(value) is str and value.startswith(col.prefix)):
+                    continue
+                context = col.context if not col.spec.row_bound else f"{col.context}#{pk}"
+                try:
                     plaintext = self._plaintext(spec, col, keyring, value, context, pk,
                                                 unknown_fails)
-                    level = col.compression_level
-                    flags = 0
-                    if level is not None:
-                        plaintext = _compression.compress(plaintext, level)
-                        flags = FLAG_ZSTD
-                    ctx = context.encode("utf-8")
-                    if col.spec.deterministic:
-                        out[i] = col.target.seal_deterministic(plaintext, ctx, flags)
-                    else:
-                        out[i] = col.target.seal_text(plaintext, ctx, flags,
-                                                      randomness[offset:offset + NONCE_BYTES])
-                        offset += NONCE_BYTES
-            except ReencryptionError:
-                if self.on_error == "raise":
-                    raise
-                logger.warning("re-encryption skipped a row of %s that does not decrypt",
-                               spec.name)
-                failed.append(pk)
-                continue
+                except ReencryptionError as exc:
+                    if self.on_error == "raise":
+                        raise
+                    # this value stays; the row's other columns still move
+                    failed.append(exc)
+                    row_failed = True
+                    continue
+                level = col.compression_level
+                flags = 0
+                if level is not None:
+                    plaintext = _compression.compress(plaintext, level)
+                    flags = FLAG_ZSTD
+                ctx = context.encode("utf-8")
+                if col.spec.deterministic:
+                    out[i] = col.target.seal_deterministic(plaintext, ctx, flags)
+                else:
+                    out[i] = col.target.seal_text(plaintext, ctx, flags,
+                                                  randomness[offset:offset + NONCE_BYTES])
+                    offset += NONCE_BYTES
+            if row_failed and all(o is None for o in out):
+                continue  # nothing of it to write
             pks.append(pk)
             for i in range(n):
                 old[i].append(row[i + 1])
@@ -862,21 +876,48 @@ class ReencryptionEngine:
     @staticmethod
     def _plaintext(spec: TableSpec, col: _Column, keyring: Keyring, value: Any, context: str,
                    pk: Any, unknown_fails: bool) -> bytes:
+        reason: DecryptionFailure | None = None
+        key_id: str | None = None
         if type(value) is str and value.startswith(TEXT_PREFIXES):
             try:
                 return keyring.decrypt_bytes(value, col.spec.key_type, context,
                                              for_reencryption=True)
-            except UnknownKeyError:
+            except UnknownKeyError as exc:
                 if not unknown_fails:
                     raise
-            except DecryptionError:
-                pass
+                reason, key_id = exc.reason, exc.key_id
+            except DecryptionError as exc:
+                reason, key_id = exc.reason, exc.key_id
         elif col.spec.legacy_type is not None:
             try:
                 return encode_value(parse_legacy(col.spec.legacy_type, value))
             except ValueError:
                 pass
-        raise ReencryptionError(spec.name, col.spec.name, pk)
+        raise ReencryptionError(spec.name, col.spec.name, pk, reason=reason, key_id=key_id)
+
+
+def _first_failures(failures: Sequence[ReencryptionError],
+                    stats: _RunStats) -> tuple[list[Any], int]:
+    """(primary keys failing for the first time in this run, rows of known failures only).
+
+    A value that does not decrypt stays where it is, so every later pass reads
+    its row again: it is reported (and logged) once, and a pass that reads only
+    such rows does not call for another pass.
+    """
+    new: list[Any] = []
+    rows: dict[str, bool] = {}  # row -> whether any of its failures is new
+    for exc in failures:
+        row = json.dumps(exc.primary_key, default=str)
+        seen = (row, exc.column) in stats.failed_seen
+        if not seen:
+            stats.failed_seen.add((row, exc.column))
+            logger.warning("re-encryption left a value that does not decrypt: %s (primary key "
+                           "%r)", exc, exc.primary_key)
+            if row not in rows or not rows[row]:
+                if exc.primary_key not in new:
+                    new.append(exc.primary_key)
+        rows[row] = rows.get(row, False) or not seen
+    return new, sum(1 for fresh in rows.values() if not fresh)
 
 
 def _active_id(keyring: Keyring, key_type: KeyType) -> str | None:

@@ -32,10 +32,12 @@ types you use) before the first query; keys rotated elsewhere are seen after
 from __future__ import annotations
 
 import base64
+import contextvars
 import hashlib
 import hmac
 import logging
 import unicodedata
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime
@@ -48,7 +50,7 @@ try:
     from sqlalchemy import event
     from sqlalchemy.engine import Dialect
     from sqlalchemy.ext.asyncio import AsyncEngine
-    from sqlalchemy.orm import Mapper
+    from sqlalchemy.orm import Mapper, ORMExecuteState, Session
     from sqlalchemy.orm.exc import UnmappedColumnError
     from sqlalchemy.sql import operators
     from sqlalchemy.types import TypeDecorator
@@ -60,6 +62,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from aiocrypt import (
     ConfigurationError,
     DecryptionError,
+    DecryptionLocation,
     EncryptionService,
     Keyring,
     KeyType,
@@ -67,6 +70,7 @@ from aiocrypt import (
 )
 from aiocrypt._codec import encode_value
 from aiocrypt._crypto import DataKey
+from aiocrypt._errors import DecryptionFailure, decryption_failed
 from aiocrypt._format import TEXT_PREFIXES, context_bytes
 from aiocrypt._keyring import UnknownKeyError
 from aiocrypt._reencrypt import (
@@ -180,10 +184,101 @@ def _decrypt(service: EncryptionService, token: str, key_type: KeyType, context:
         if _in_greenlet() and _await(service.key_manager.load_key(exc.key_id)) is not None:
             return service.key_manager.keyring.decrypt(token, key_type, context)
         service.counters["decrypt_failures"] += 1
-        raise DecryptionError() from None
+        raise service._missing_key(exc.key_id) if _in_greenlet() else exc from None
     except DecryptionError:
         service.counters["decrypt_failures"] += 1
         raise
+
+
+# -- naming the row of a value that does not decrypt --------------------------
+
+#: Set while an undecryptable ORM read is read again to find its row: the column
+#: types then return an ``_Undecryptable`` marker instead of raising. It is never
+#: set outside :func:`_locate_undecryptable_row`, so no marker reaches a caller.
+_locating: contextvars.ContextVar[bool] = contextvars.ContextVar("aiocrypt_locating",
+                                                                  default=False)
+
+
+class _Undecryptable:
+    __slots__ = ("error", "table")
+
+    def __init__(self, error: DecryptionError, table: sa.Table | None) -> None:
+        self.error = error
+        self.table = table
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _locate_undecryptable_row(state: ORMExecuteState) -> Any:
+    """Add the primary key to a ``DecryptionError`` raised by an ORM read.
+
+    A type decorator sees a value, never its row. When a query run by an ORM
+    session fails to decrypt, the same statement is run again on the session's
+    connection as plain rows, with the column types returning a marker instead
+    of raising; the row holding the marker gives the primary key. Only failures
+    pay for the second read. For it, the rows of a query over a mapper with
+    encrypted columns are processed inside ``execute`` (``prebuffer_rows``, which
+    ``AsyncSession.execute`` always asks for); with ``yield_per`` or
+    ``stream_results`` they are not, and the error names table and column only.
+    """
+    if not state.is_select or _locating.get():
+        return None
+    options = state.execution_options
+    try:
+        if options.get("prebuffer_rows") or options.get("yield_per") \
+                or options.get("stream_results") \
+                or not any(_has_encrypted_columns(m) for m in state.all_mappers):
+            return state.invoke_statement()
+        return state.invoke_statement(execution_options={"prebuffer_rows": True})
+    except DecryptionError as exc:
+        location = exc.location
+        if location is None or location.primary_key is not None:
+            raise
+        try:
+            found = _reread(state, location)
+        except Exception:  # the diagnosis must never hide the failure it explains
+            logger.debug("could not find the row of an undecryptable value", exc_info=True)
+            found = None
+        if found is None:
+            raise
+        raise found from None
+
+
+_ENCRYPTED_MAPPERS: weakref.WeakKeyDictionary[Mapper[Any], bool] = weakref.WeakKeyDictionary()
+
+
+def _has_encrypted_columns(mapper: Mapper[Any]) -> bool:
+    found = _ENCRYPTED_MAPPERS.get(mapper)
+    if found is None:
+        found = any(isinstance(c.type, EncryptedType) for c in mapper.columns)
+        _ENCRYPTED_MAPPERS[mapper] = found
+    return found
+
+
+def _reread(state: ORMExecuteState, location: DecryptionLocation) -> DecryptionError | None:
+    connection = state.session.connection(bind_arguments=state.bind_arguments)
+    reset = _locating.set(True)
+    try:
+        rows = connection.execute(state.statement, state.parameters or {}).all()
+    finally:
+        _locating.reset(reset)
+    for row in rows:
+        for value in row:
+            if not isinstance(value, _Undecryptable) or value.table is None:
+                continue
+            error = value.error
+            if error.location is None or (error.location.table, error.location.column) != (
+                    location.table, location.column):
+                continue
+            mapping = row._mapping
+            try:
+                keys = [mapping[c] for c in value.table.primary_key.columns]
+            except KeyError:
+                return None  # the query did not select the primary key
+            if not keys:
+                return None
+            return error.located(DecryptionLocation(
+                location.table, location.column, keys[0] if len(keys) == 1 else tuple(keys)))
+    return None
 
 
 def _live_keys(keyring: Keyring, key_type: KeyType) -> list[DataKey]:
@@ -213,6 +308,7 @@ class _TableBound(TypeDecorator[Any]):
         self.context = f"{table.name}.{column.name}"
         self.table_name = table.name
         self.column_name = column.name
+        self.table = table
 
     def _context(self) -> str:
         if self.context is None:
@@ -307,19 +403,31 @@ class EncryptedType(_TableBound):
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
             return None
-        if isinstance(value, str) and value.startswith(TEXT_PREFIXES):
-            return _decrypt(_service_for(self.service), value, self.key_type, self._context())
-        if not self.allow_plaintext:
-            raise DecryptionError()
-        return self._legacy(value)
+        try:
+            if isinstance(value, str) and value.startswith(TEXT_PREFIXES):
+                return _decrypt(_service_for(self.service), value, self.key_type,
+                                self._context())
+            if not self.allow_plaintext:
+                raise decryption_failed(DecryptionFailure.MALFORMED, None,
+                                        "the stored value is not a token")
+            return self._legacy(value)
+        except DecryptionError as exc:
+            # Name the column (never the value); the row's primary key is added by
+            # _locate_undecryptable_row when an ORM session ran the query.
+            located = exc.located(DecryptionLocation(
+                getattr(self, "table_name", "?"), getattr(self, "column_name", self.context
+                                                          or "?")))
+            if _locating.get():
+                return _Undecryptable(located, getattr(self, "table", None))
+            raise located from None
 
     def _legacy(self, value: Any) -> Any:
         context = self._context()
         try:
             parsed = parse_legacy(self.python_type_name, value)
         except ValueError:
-            raise DecryptionError("stored value is neither a token nor valid plaintext") \
-                from None
+            raise decryption_failed(DecryptionFailure.MALFORMED, None, "the stored value is "
+                                    "neither a token nor valid plaintext") from None
         plaintext_reads[context] += 1
         service = _service_for(self.service)
         service.counters["plaintext_reads"] += 1

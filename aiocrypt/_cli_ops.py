@@ -819,7 +819,7 @@ def census_from_options(dsn: str | None, tables: Sequence[str], pk: str,
     database_dsn = _require_dsn(dsn)
 
     async def count(manager: KeyManager) -> dict[str, int]:
-        database = _asyncpg_database(database_dsn, DEFAULT_CHECKPOINT_TABLE)
+        database = await _open_database(database_dsn, DEFAULT_CHECKPOINT_TABLE)
         try:
             return await ReencryptionEngine(manager, database, tables=specs).key_usage()
         finally:

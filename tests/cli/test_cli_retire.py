@@ -12,7 +12,15 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from cli_helpers import COMMAND, Cli, CliResult, json_out, one_error_line, service_for
+from cli_helpers import (
+    COMMAND,
+    Cli,
+    CliResult,
+    closed_port,
+    json_out,
+    one_error_line,
+    service_for,
+)
 
 from aiocrypt import DecryptionError
 
@@ -208,4 +216,18 @@ def test_cleanup_confirm_of_an_unexpired_key_says_why_it_stays(cli: Cli) -> None
     assert any(line.startswith(f"kept      {v2}: the active financial_data key is never "
                                "destroyed") for line in lines)
     assert "no key is past its grace period" not in out.stdout
+    assert _status(cli, v1) == "decrypt_only"
+
+
+def test_retire_with_the_census_database_down_is_one_line_and_changes_nothing(cli: Cli) -> None:
+    assert cli("keys", "generate", "pii").returncode == 0
+    [v1] = _key_ids(cli, "--type", "pii")
+    assert cli("keys", "rotate", "pii", "--force").returncode == 0
+    dsn = f"postgresql://root:sekrit@127.0.0.1:{closed_port()}/test"
+    down = cli("keys", "retire", v1, "--table", "t", "--column", "ssn:pii", "--yes",
+               env={"ENCRYPTION_POSTGRES_DSN": dsn})
+    assert down.returncode == 4
+    line = one_error_line(down)
+    assert "cannot reach the PostgreSQL database" in line and "ENCRYPTION_POSTGRES_DSN" in line
+    assert "sekrit" not in down.stderr + down.stdout
     assert _status(cli, v1) == "decrypt_only"

@@ -1134,6 +1134,8 @@ class KeyManager:
                               dry_run: bool = False) -> KeyRetirement:
         """Retire a key type created by mistake: destroy every key of it, the active one too.
 
+        Only for a type the configuration does not declare (``config.known_key_types``):
+        a declared one is refused, so a slip of the operator cannot shred a type in use.
         Each key must be unreferenced as for :meth:`retire_key` (census 0 rows or
         listed in ``confirm_unreferenced``), or nothing changes at all. No new
         version is made active: the type has no active key afterwards, and
@@ -1143,7 +1145,12 @@ class KeyManager:
         first: a process that encrypts with it before it sees the change (within
         its ``refresh_interval``) writes data no key opens.
         """
-        kt = KeyType(key_type)  # not checked against the declared types: it may be a typo
+        kt = KeyType(key_type)  # not declared_key_type(): a mistaken type is undeclared
+        if kt in self.config.known_key_types:
+            raise KeyStateError(
+                f"{kt.value} is a declared key type, not one created by mistake: retire its "
+                "old keys one by one (retire_key); to retire the type itself, remove it from "
+                "the configuration's key types first (the predefined ones cannot be)")
 
         def select(current: KeySet) -> tuple[KeyType, list[EncryptionKey]]:
             same_type = [k for k in current.keys if k.key_type == kt]

@@ -209,6 +209,11 @@ async def test_a_mistaken_key_type_is_retired_without_a_new_version(
     async with open_service(store, master_key, sink) as service:
         manager = service.key_manager
         typo = KeyType("financal_data")
+        with pytest.raises(KeyStateError, match="pii is a declared key type"):
+            await manager.retire_key_type(KeyType.PII, census={})
+        with pytest.raises(KeyStateError, match="financal_data is a declared key type"):
+            await KeyManager(manager.store, manager.kek, typo_config).retire_key_type(
+                typo, confirm_unreferenced=[first.key_id, second.key_id])
         with pytest.raises(KeyStateError, match=f"key {second.key_id}: the census counts 3"):
             await manager.retire_key_type(typo, census={first.key_id: 0, second.key_id: 3})
         with pytest.raises(KeyStateError, match="no census was given"):

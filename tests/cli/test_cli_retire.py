@@ -164,6 +164,12 @@ def test_a_typo_key_type_is_retired_with_no_new_version(cli: Cli) -> None:
     before = _key_ids(cli)
     assert len(typo_keys) == 2
 
+    declared = cli("keys", "retire-type", "pii", "--confirm-unreferenced", "--yes")
+    assert "pii is a declared key type" in one_error_line(declared)
+    still_declared = cli("keys", "retire-type", "financal_data", "--confirm-unreferenced",
+                         "--yes", env=typo_declared)
+    assert "financal_data is a declared key type" in one_error_line(still_declared)
+    assert _key_ids(cli) == before
     refused = cli("keys", "retire-type", "financal_data", "--yes")
     assert refused.returncode == 2 and "--confirm-unreferenced" in refused.stderr
     dry = json_out(cli("keys", "retire-type", "financal_data", "--confirm-unreferenced",

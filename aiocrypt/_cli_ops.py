@@ -356,16 +356,27 @@ async def _doctor_checks(timeout: float, key_files: Sequence[Path] = ()) -> list
         else:
             checks.append(Check("key store", None, "skipped: the KEK provider failed"))
             await kek.close()
-    redis_urls = dict.fromkeys(u for u in (config.redis_url,
-                                           os.environ.get("ENCRYPTION_ARQ_REDIS_URL")) if u)
-    for url in redis_urls:
+    # each URL with the variable it came from, named when the service does not answer
+    redis_urls: dict[str, str] = {}
+    for var, url in (("ENCRYPTION_REDIS_URL", config.redis_url),
+                     ("ENCRYPTION_ARQ_REDIS_URL", os.environ.get("ENCRYPTION_ARQ_REDIS_URL"))):
+        if url:
+            redis_urls.setdefault(url, var)
+    for url, var in redis_urls.items():
         checks.append(await _check(f"Redis {redact_url(url)}",
                                    lambda url=url: _check_redis(url), timeout))  # type: ignore[misc]
-    dsns = dict.fromkeys(d for d in (config.postgres_dsn, os.environ.get("ENCRYPTION_AUDIT_DSN"))
-                         if d)
-    for dsn in dsns:
+        if checks[-1].ok is False:
+            checks[-1].detail += f" (check {var})"
+    dsns: dict[str, str] = {}
+    for var, dsn in (("ENCRYPTION_POSTGRES_DSN", config.postgres_dsn),
+                     ("ENCRYPTION_AUDIT_DSN", os.environ.get("ENCRYPTION_AUDIT_DSN"))):
+        if dsn:
+            dsns.setdefault(dsn, var)
+    for dsn, var in dsns.items():
         checks.append(await _check(f"PostgreSQL {redact_url(dsn)}",
                                    lambda dsn=dsn: _check_postgres(dsn), timeout))  # type: ignore[misc]
+        if checks[-1].ok is False:
+            checks[-1].detail += f" (check {var})"
     for check in checks:
         if check.ok is False and check.exit_code == EXIT_OK:
             check.exit_code = EXIT_FAILED

@@ -49,12 +49,14 @@ def test_doctor_fails_with_exit_4_when_redis_or_postgres_is_unreachable(cli: Cli
     failed = [line for line in _lines(redis.stdout) if line.startswith("FAIL")]
     assert len(failed) == 1 and f"Redis redis://127.0.0.1:{port}/0" in failed[0]
     assert "onnect" in failed[0]  # the reason, in one line
+    assert failed[0].endswith("(check ENCRYPTION_REDIS_URL)")
 
     dsn = f"postgresql://app:s3cret-pw@127.0.0.1:{port}/test"
     pg = cli("doctor", "--timeout", "3", env={"ENCRYPTION_POSTGRES_DSN": dsn})
     assert pg.returncode == 4, pg.stdout
     failed = [line for line in _lines(pg.stdout) if line.startswith("FAIL")]
     assert len(failed) == 1 and "PostgreSQL postgresql://app:***@127.0.0.1" in failed[0]
+    assert failed[0].endswith("(check ENCRYPTION_POSTGRES_DSN)")
     assert "s3cret-pw" not in pg.stdout + pg.stderr
 
 

@@ -171,12 +171,6 @@ class DataKey:
         """A sub-key bound to this DEK and ``info`` (blind indexes, caches, streams)."""
         return derive_key(self._material, info, length, salt)
 
-    def with_key(self, key: EncryptionKey) -> DataKey:
-        """The same material under updated metadata (status changes); usage carries over."""
-        updated = DataKey(key, self._material)
-        self.hand_usage_to(updated)
-        return updated
-
     def hand_usage_to(self, other: DataKey) -> None:
         """Move this key's usage and remaining allowance to ``other`` (the same key,
         loaded again): an old snapshot still holding this object must not spend the

@@ -138,8 +138,5 @@ class KeysetGuard:
         self._usage_floor[key_id] = start + request
         return start, rolled_back
 
-    def usage_floor(self, key_id: str) -> int:
-        return self._usage_floor.get(key_id, 0)
-
     def forget(self) -> None:
         self._sealer.forget()

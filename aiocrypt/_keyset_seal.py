@@ -42,7 +42,7 @@ from ._errors import KekProviderError, KeyStoreIntegrityError
 from ._keys import EncryptionKey
 from .kek._base import KekProvider
 
-__all__ = ["SEAL_CONTEXT", "KeysetSealer", "Seal", "record_digest"]
+__all__ = ["SEAL_CONTEXT", "KeysetSealer", "Seal", "check_identity", "record_digest"]
 
 SEAL_FORMAT: Final = "aiocrypt.keyset-seal"
 SEAL_VERSION: Final = 1
@@ -120,19 +120,14 @@ class KeysetSealer:
 
     def __init__(self, kek_for: Callable[[str], KekProvider]) -> None:
         self._kek_for = kek_for
-        # (KEK id, wrapped bytes) -> the seal key they unwrap to; the current wrapping
+        # (KEK id, wrapped bytes) -> the seal key they unwrap to
         self._keys: dict[tuple[str, bytes], bytes] = {}
-        self._current: tuple[str, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"<KeysetSealer pinned={len(self._keys)}>"
 
     def __reduce__(self) -> Any:
         raise TypeError("KeysetSealer objects cannot be pickled")
-
-    @property
-    def has_key(self) -> bool:
-        return self._current is not None
 
     async def _unwrap(self, kek_id: str, wrapped: bytes, where: str) -> bytes:
         pinned = self._keys.get((kek_id, wrapped))
@@ -190,13 +185,12 @@ class KeysetSealer:
                 raise KeyStoreIntegrityError(
                     f"{where}: key record {key.key_id} does not match the keyset seal (modified "
                     "outside aiocrypt)", key_id=key.key_id)
-            _check_identity(key, where)
+            check_identity(key, where)
         missing = sorted(set(seal.records) - seen)
         if missing:
             raise KeyStoreIntegrityError(
                 f"{where}: key record {missing[0]} is sealed but missing from the store "
                 "(deleted outside aiocrypt)", key_id=missing[0])
-        self._current = self._current or (seal.kek_id, seal.wrapped_key)
         return seal
 
     async def seal(self, revision: int, keys: Iterable[EncryptionKey], kek: KekProvider,
@@ -218,7 +212,6 @@ class KeysetSealer:
         if wrapped is None:
             wrapped = await kek.wrap(material, SEAL_CONTEXT)
             self._keys[(kek.kek_id, wrapped)] = material
-        self._current = (kek.kek_id, wrapped)
         unsigned = Seal(kek_id=kek.kek_id, wrapped_key=wrapped, revision=revision,
                         records={k.key_id: record_digest(k) for k in keys}, mac=b"")
         mac = hmac.new(material, unsigned.body(), hashlib.sha256).digest()
@@ -227,10 +220,9 @@ class KeysetSealer:
 
     def forget(self) -> None:
         self._keys.clear()
-        self._current = None
 
 
-def _check_identity(key: EncryptionKey, where: str) -> None:
+def check_identity(key: EncryptionKey, where: str) -> None:
     """A record's id, type and version agree (``<type>-v<version>-<random>``), as aiocrypt
     writes them; anything else was not made by a ``KeyManager``."""
     prefix = f"{key.key_type.value}-v{key.version}-"

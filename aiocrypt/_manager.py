@@ -46,7 +46,7 @@ from ._errors import (
 from ._keyring import Keyring
 from ._keys import EncryptionKey, utcnow
 from ._keyset_guard import KeysetGuard
-from ._keyset_seal import record_digest
+from ._keyset_seal import check_identity, record_digest
 from ._types import KeyStatus, KeyType, KeyTypeLike
 from .audit import Auditor
 from .kek._base import KekProvider
@@ -360,10 +360,7 @@ class KeyManager:
                 return AdoptionReport(True, keyset.revision, tuple(k.key_id for k in keyset.keys))
             active: dict[KeyType, str] = {}
             for key in keyset.keys:
-                if not key.key_id.startswith(f"{key.key_type.value}-v{key.version}-"):
-                    raise KeyStoreIntegrityError(
-                        f"{self._where}: key record {key.key_id} does not match its type and "
-                        "version: not adopted", key_id=key.key_id)
+                check_identity(key, self._where)
                 if key.status is KeyStatus.ACTIVE:
                     if key.key_type in active:
                         raise KeyStoreIntegrityError(

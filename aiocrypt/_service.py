@@ -249,20 +249,13 @@ class EncryptionService:
                 if manager.auditor.pending:  # e.g. an expired key was used
                     await manager.auditor.flush()
                 return value
-        plaintext = await self._decrypt_bytes(token, kt, context)
-        if manager.auditor.pending:  # e.g. an expired key was used (noted by sync code)
-            await manager.auditor.flush()
-        try:
-            return decode_value(plaintext)
-        except ValueError:
-            self.counters["decrypt_failures"] += 1
-            raise undecodable(token) from None
+        return await self._decrypt_value(token, kt, context, Purpose.FIELD)
 
     async def _decrypt_value(self, token: str, kt: KeyType, context: str | bytes | None,
                              purpose: Purpose) -> Any:
-        """:meth:`decrypt_field` for another purpose (sessions): the general path only."""
+        """:meth:`decrypt_field`'s general path, for any purpose (sessions use it too)."""
         plaintext = await self._decrypt_bytes(token, kt, context, purpose)
-        if self.key_manager.auditor.pending:
+        if self.key_manager.auditor.pending:  # e.g. an expired key was used (sync code)
             await self.key_manager.auditor.flush()
         try:
             return decode_value(plaintext)

@@ -255,8 +255,6 @@ class EncryptionService:
                              purpose: Purpose) -> Any:
         """:meth:`decrypt_field`'s general path, for any purpose (sessions use it too)."""
         plaintext = await self._decrypt_bytes(token, kt, context, purpose)
-        if self.key_manager.auditor.pending:  # e.g. an expired key was used (sync code)
-            await self.key_manager.auditor.flush()
         try:
             return decode_value(plaintext)
         except ValueError:
@@ -285,10 +283,19 @@ class EncryptionService:
                     raise self._missing_key(exc.key_id) from None
                 plaintext = manager.keyring.decrypt_bytes(token, kt, context, purpose=purpose)
         except DecryptionError:
+            await self._flush_audit()
             await self._record_failures(kt, 1)
             raise
         self._decryptions += 1
+        await self._flush_audit()
         return plaintext
+
+    async def _flush_audit(self) -> None:
+        """Deliver the audit events sync code queued during a decrypt (an expired key
+        was read in its grace period): every decrypt path calls it before returning."""
+        auditor = self.key_manager.auditor
+        if auditor.pending:
+            await auditor.flush()
 
     def _missing_key(self, key_id: str) -> DecryptionError:
         """Why ``key_id`` is not in the keyring after a reload: destroyed, or never here.
@@ -383,6 +390,7 @@ class EncryptionService:
         values = await self._run(all_or_nothing, keyring) if large else all_or_nothing(keyring)
         if values is not None:
             self._decryptions += len(values)
+            await self._flush_audit()
             return values
         everything = range(len(tokens))
         done, unknown = await self._run(work, keyring, everything) if large else \
@@ -392,6 +400,7 @@ class EncryptionService:
                 await self.key_manager.load_key(key_id)
             more, _ = work(self.key_manager.keyring, [i for i in everything if i not in done])
             done.update(more)
+        await self._flush_audit()
         failures = len(tokens) - len(done)
         if failures:
             await self._record_failures(kt, failures, batch_size=len(tokens))
@@ -480,6 +489,7 @@ class EncryptionService:
         except DecryptionError:
             self.counters["decrypt_failures"] += 1
             raise
+        await self._flush_audit()
         ctx = context_bytes(context)
         large = len(encrypted.encrypted_data) > self._threshold
 
@@ -553,6 +563,7 @@ class EncryptionService:
         async def find_key(key_id: str) -> DataKey:
             dk = await self._data_key(key_id)
             self.keyring.check_decryptable(dk, kt)
+            await self._flush_audit()
             return dk
 
         try:

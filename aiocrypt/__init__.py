@@ -43,7 +43,14 @@ from ._format import Purpose
 from ._health import HealthCheck, HealthReport, health
 from ._keyring import Keyring, UnknownKeyError
 from ._keys import EncryptionKey
-from ._manager import Census, KeyManager
+from ._manager import (
+    AdoptionReport,
+    Census,
+    KeyManager,
+    KeyRetirement,
+    RetiredKey,
+    RetirementReason,
+)
 from ._reencrypt import (
     Checkpoint,
     ColumnSpec,
@@ -62,6 +69,7 @@ from ._types import KeyStatus, KeyType
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdoptionReport",
     "AiocryptError",
     "AsyncpgDatabase",
     "Census",
@@ -84,6 +92,7 @@ __all__ = [
     "KeyManager",
     "KeyNotFoundError",
     "KeyRange",
+    "KeyRetirement",
     "KeyRotationPolicy",
     "KeyStateError",
     "KeyStatus",
@@ -100,6 +109,8 @@ __all__ = [
     "ReencryptionError",
     "ReencryptionProgress",
     "ReencryptionResult",
+    "RetiredKey",
+    "RetirementReason",
     "TableCensus",
     "TableSpec",
     "UnknownKeyError",

@@ -953,12 +953,18 @@ class KeyManager:
 
     async def _unreferenced(self, confirm_unreferenced: Iterable[str],
                             census: Census | None) -> tuple[set[str], Mapping[str, int] | None]:
-        """Key ids known to be unreferenced, and the census consulted (if any)."""
+        """Key ids known to be unreferenced, and the census consulted (if any).
+
+        A confirmation never outweighs the census: a key it counts rows on is not
+        unreferenced, whoever says so (the census is evidence, a confirmation a belief).
+        """
         confirmed = set(confirm_unreferenced)
         counts = await self._run_census(census)
         if counts is None:
             return confirmed, None
-        return confirmed | {key_id for key_id, rows in counts.items() if rows == 0}, counts
+        counted = {key_id for key_id, rows in counts.items() if rows}
+        return (confirmed - counted) | {key_id for key_id, rows in counts.items() if not rows}, \
+            counts
 
     async def _run_census(self, census: Census | None) -> Mapping[str, int] | None:
         """Rows per key id from ``census`` (else ``self.census``); None without either."""
@@ -1024,9 +1030,12 @@ class KeyManager:
                                  "the census does not cover it (and it is not confirmed)"})
             by_id = current.by_id()
             done = {item["key_id"] for item in destroyed}
-            for key_id in sorted(confirmed - done):  # say why a confirmation did nothing
-                kept.append({"key_id": key_id,
-                             "reason": self._not_cleaned_up(by_id.get(key_id), key_id, now)})
+            told = {item["key_id"] for item in kept}
+            for key_id in sorted(confirmed - done - told):  # why a confirmation did nothing
+                rows = (counts or {}).get(key_id)
+                kept.append({"key_id": key_id, "reason": (
+                    f"data may still reference it: the census reports {rows} rows" if rows
+                    else self._not_cleaned_up(by_id.get(key_id), key_id, now))})
             return updates
 
         keyset = await self._change(plan)
@@ -1067,7 +1076,8 @@ class KeyManager:
         """Refuse decryption with versions below ``version`` (Vault's min_decryption_version).
 
         Raising it is allowed only when no data references an older version
-        (census or ``confirm_unreferenced``); lowering it re-enables them.
+        (census or ``confirm_unreferenced``; a version the census counts rows on is
+        refused, confirmed or not); lowering it re-enables them.
         """
         kt = KeyType(key_type)
         keys = await self.list_keys(kt)

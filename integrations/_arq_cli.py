@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aiocrypt import AiocryptError, ConfigurationError, KeyType
+from aiocrypt._cli_base import key_type_param
 from aiocrypt._urls import redact_url
 
 from ._arq_config import ArqWorkerConfig
@@ -267,13 +268,6 @@ def status(job_id: str | None, watch: bool, as_json: bool, limit: int) -> None:
     _with_redis(work)
 
 
-def _key_type(_: Any, __: Any, value: str) -> KeyType:
-    try:
-        return KeyType(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 def _json_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True,
                         help="machine-readable output")(function)
@@ -287,7 +281,7 @@ def _enqueued(function: str, job_id: Any, as_json: bool, human: str) -> None:
 
 
 @jobs.command("rotate")
-@click.argument("key_type", callback=_key_type)
+@click.argument("key_type", callback=key_type_param)
 @click.option("--force", is_flag=True, help="rotate even if the policy says it is not due")
 @_json_option
 def rotate(key_type: KeyType, force: bool, as_json: bool) -> None:
@@ -301,7 +295,7 @@ def rotate(key_type: KeyType, force: bool, as_json: bool) -> None:
 
 
 @jobs.command("reencrypt")
-@click.argument("key_type", callback=_key_type)
+@click.argument("key_type", callback=key_type_param)
 @click.argument("old_key_id")
 @click.option("--batch-size", type=int, default=None, help="rows per batch")
 @click.option("--shards", type=int, default=None, help="shards per table")

@@ -268,3 +268,31 @@ async def test_cleanup_says_why_a_confirmed_key_was_not_destroyed(
         clock.advance(days=365 + 30)
         report = await manager.cleanup_report(confirm_unreferenced=[v1.key_id])
         assert [d["key_id"] for d in report["destroyed"]] == [v1.key_id]
+
+
+async def test_a_confirmation_never_outweighs_the_census(tmp_path: Path,
+                                                         master_key: bytes) -> None:
+    """The census counts a row on v1: neither raising the minimum decryption version
+    nor cleanup past grace destroys or disables v1, whatever the caller confirms."""
+    clock = ManualClock()
+    async with open_service(tmp_path / "keys.json", master_key, clock=clock) as service:
+        manager = service.key_manager
+        v1 = await manager.get_active_key(KeyType.PII)
+        token = await service.encrypt_field("123-45-6789", KeyType.PII, context="p.ssn")
+        await manager.rotate_key(KeyType.PII, force=True)
+        census = {v1.key_id: 1}
+        with pytest.raises(KeyStateError, match=f"may still reference {v1.key_id}"):
+            await manager.set_min_decryption_version(
+                KeyType.PII, 2, census=census, confirm_unreferenced=[v1.key_id])
+        clock.advance(days=5 * 365)
+        report = await manager.cleanup_report(census=census, confirm_unreferenced=[v1.key_id])
+        assert report["destroyed"] == []
+        assert [item["reason"] for item in report["kept"]] == [
+            "data may still reference it: the census reports 1 rows"]
+        assert await manager.get_min_decryption_version(KeyType.PII) == 1
+        # past grace, v1 still opens for the re-encryption that will move the row
+        assert service.keyring.decrypt(token, KeyType.PII, context="p.ssn",
+                                       for_reencryption=True) == "123-45-6789"
+        # the census at 0 is evidence enough, with or without a confirmation
+        assert await manager.set_min_decryption_version(KeyType.PII, 2,
+                                                        census={v1.key_id: 0}) == 2

@@ -26,7 +26,9 @@ def test_a_misspelt_key_type_exits_2_with_a_suggestion_and_creates_nothing(
         cli: Cli, cli_env: dict[str, str]) -> None:
     for args in (("keys", "generate", "financal_data"),
                  ("keys", "rotate", "financal_data", "--force"),
-                 ("keys", "generate", "financal_data", "--json")):
+                 ("keys", "generate", "financal_data", "--json"),
+                 ("jobs", "rotate", "financal_data"),
+                 ("jobs", "reencrypt", "financal_data", "financial_data-v1-0")):
         result = cli(*args)
         assert result.returncode == 2, result.stderr
         assert "did you mean financial_data?" in result.stderr

@@ -51,6 +51,7 @@ from ._config import (
     DEFAULT_CONFIG_FILE,
     DEFAULT_ROTATION_POLICIES,
     DEFAULT_STORAGE_PATH,
+    MASTER_KEY_FILE_VAR,
     EncryptionConfig,
 )
 from ._errors import AiocryptError, ConfigurationError
@@ -198,7 +199,7 @@ def init(key_file: Path | None, key_in_project: bool, no_key_file: bool, config_
                    "every data key: keep it out of logs and shell history", err=True)
     next_steps = []
     if not no_key_file:
-        next_steps.append(f'export ENCRYPTION_MASTER_KEY="$(cat {shlex.quote(str(key_file))})"')
+        next_steps.append(f"export {MASTER_KEY_FILE_VAR}={shlex.quote(str(key_file))}")
     if config_file != Path(DEFAULT_CONFIG_FILE):
         next_steps.append(f"export ENCRYPTION_CONFIG_FILE={shlex.quote(str(config_file))}")
     next_steps.append("aiocrypt doctor")
@@ -277,22 +278,15 @@ async def _check_postgres(dsn: str) -> str:
         await conn.close()
 
 
-def _check_file_mode(path: str) -> None:
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return
-    if mode & 0o077:
-        raise PermissionError(f"{path} has mode {mode:04o}: run chmod 600 on it")
-
-
 def master_key_file_checks(extra: Sequence[Path] = ()) -> list[Check]:
     """The master key files ``init`` writes (and ``extra``) that exist: a warning for one
     group or others can read, or one inside a git work tree (one commit publishes it;
     a .gitignore does not keep it out of images and backups of the project)."""
     checks: list[Check] = []
-    candidates = dict.fromkeys(p.resolve() for p in (default_key_file(), IN_PROJECT_KEY_FILE,
-                                                      *extra))
+    named = os.environ.get(MASTER_KEY_FILE_VAR, "").strip()  # the file the process reads
+    candidates = dict.fromkeys(p.resolve() for p in (
+        default_key_file(), IN_PROJECT_KEY_FILE, *extra,
+        *([Path(named).expanduser()] if named else [])))
     for path in candidates:
         try:
             mode = stat.S_IMODE(path.stat().st_mode)
@@ -344,13 +338,15 @@ async def _doctor_checks(timeout: float, key_files: Sequence[Path] = ()) -> list
                 await manager.open()
                 keys = await manager.list_keys()
                 where = f" {config.key_store_file()}" if store.name == "file" else ""
-                if store.name == "file":
-                    _check_file_mode(str(config.key_store_file()))
                 return (f"{store.name}{where}: {len(keys)} keys readable and authentic "
                         f"(revision {await store.revision()})")
 
             try:
                 checks.append(await _check("key store", check_store, timeout))
+                loose = config.storage_warnings()  # opens, as validate says, but fix it
+                if checks[-1].ok and loose:
+                    checks[-1] = Check("key store", True, "; ".join([checks[-1].detail, *loose]),
+                                       warning=True)
             finally:
                 await manager.close()
         else:

@@ -27,6 +27,7 @@ from ._urls import redact_url
 __all__ = [
     "BACKENDS",
     "DEFAULT_ROTATION_POLICIES",
+    "MASTER_KEY_FILE_VAR",
     "CryptoConfigManager",
     "EncryptionConfig",
     "KeyRotationPolicy",
@@ -270,6 +271,12 @@ class EncryptionConfig:
             raw = env.get(var)
             if raw is not None and raw.strip() != "":
                 values[name] = raw.strip()
+        key_file = env.get(MASTER_KEY_FILE_VAR, "").strip()
+        if key_file:
+            if "master_key" in values:
+                raise ConfigurationError(
+                    f"both ENCRYPTION_MASTER_KEY and {MASTER_KEY_FILE_VAR} are set: keep one")
+            values["master_key"] = _read_master_key_file(Path(key_file).expanduser())
         if "storage_backend" in values:
             values["storage_backend"] = values["storage_backend"].lower()
         for flag in ("compression_enabled", "azure_allow_unsigned_legacy", "accept_format_v1"):
@@ -472,6 +479,31 @@ _ENV_VARS: Final = {
     "compressed_key_types": "ENCRYPTION_COMPRESSED_KEY_TYPES",
     "key_types": "ENCRYPTION_KEY_TYPES",
 }
+
+#: A file holding the master key (``aiocrypt init`` writes one; a Docker or Kubernetes
+#: secret mounts one): read instead of ENCRYPTION_MASTER_KEY, so the key is not in the
+#: environment of every child process.
+MASTER_KEY_FILE_VAR: Final = "ENCRYPTION_MASTER_KEY_FILE"
+
+
+def _read_master_key_file(path: Path) -> str:
+    """The master key in ``path`` (its text, stripped); never echoed in an error."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(4097)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{MASTER_KEY_FILE_VAR}: cannot read {path}: {exc.strerror}") from None
+    try:
+        text = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        text = ""
+    if not text or len(data) > 4096:
+        raise ConfigurationError(
+            f"{MASTER_KEY_FILE_VAR}: {path} does not hold a master key (base64 of 32 bytes "
+            "on one line, as 'aiocrypt init' writes)")
+    return text
+
 
 _FILE_KEYS: Final = {"algorithm", "key_size_bits", "performance_mode", "compression_enabled",
                      "compressed_key_types", "rotation_policies", "key_types"}

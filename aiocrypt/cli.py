@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -649,10 +650,15 @@ async def _open_local_file_store(config: EncryptionConfig) -> list[str]:
     path = config.key_store_file()
     if config.storage_backend != "file" or not path.is_file():
         return []
+    store_log = logging.getLogger("aiocrypt.keystore.file")
+    level = store_log.level
+    store_log.setLevel(logging.ERROR)  # its mode warning is validate's own warning
     try:
         await FileKeyStore(path, LocalKekProvider(config.master_key_bytes())).read()
     except KeyStoreError as exc:
         return [f"ENCRYPTION_KEY_STORAGE_PATH: {exc}"]
+    finally:
+        store_log.setLevel(level)
     return []
 
 

@@ -198,3 +198,26 @@ def test_compressed_key_types_from_env_and_file(tmp_path: Path, master_key_b64: 
         EncryptionConfig.from_env({"ENCRYPTION_CONFIG_FILE": str(path)})
     with pytest.raises(ConfigurationError, match="compressed_key_types"):
         EncryptionConfig.from_env({"ENCRYPTION_COMPRESSED_KEY_TYPES": "NOT a key type!"})
+
+
+def test_master_key_file_is_read_instead_of_the_variable(tmp_path: Path) -> None:
+    key = base64.b64encode(os.urandom(32)).decode()
+    key_file = tmp_path / "master.key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    config = EncryptionConfig.from_env({"ENCRYPTION_MASTER_KEY_FILE": str(key_file)})
+    assert config.master_key_bytes() == base64.b64decode(key)
+    assert key not in repr(config)
+    with pytest.raises(ConfigurationError, match="both ENCRYPTION_MASTER_KEY and "):
+        EncryptionConfig.from_env({"ENCRYPTION_MASTER_KEY_FILE": str(key_file),
+                                   "ENCRYPTION_MASTER_KEY": key})
+    with pytest.raises(ConfigurationError, match=r"cannot read .*No such file") as missing:
+        EncryptionConfig.from_env({"ENCRYPTION_MASTER_KEY_FILE": str(tmp_path / "nope")})
+    assert "ENCRYPTION_MASTER_KEY_FILE" in str(missing.value)
+    (tmp_path / "empty.key").write_text("\n")
+    with pytest.raises(ConfigurationError, match="does not hold a master key"):
+        EncryptionConfig.from_env({"ENCRYPTION_MASTER_KEY_FILE": str(tmp_path / "empty.key")})
+    (tmp_path / "bin.key").write_bytes(b"\xff" * 40)
+    with pytest.raises(ConfigurationError, match="does not hold a master key") as binary:
+        EncryptionConfig.from_env({"ENCRYPTION_MASTER_KEY_FILE": str(tmp_path / "bin.key")})
+    assert "\\xff" not in str(binary.value)

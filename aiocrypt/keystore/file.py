@@ -52,6 +52,9 @@ logger = logging.getLogger("aiocrypt.keystore.file")
 _FORMAT: Final = "aiocrypt.keystore"
 _MAC_CONTEXT: Final = {"aiocrypt_purpose": "file-keystore-mac"}
 MAX_FILE_BYTES: Final = 64 * 1024 * 1024
+#: (path, mode) pairs already warned about: a loose mode is said once per process, not
+#: at every read (a long-lived service reads the file at every refresh).
+_warned_modes: set[tuple[Path, int]] = set()
 
 
 def replace_file(target: Path, payload: bytes) -> None:
@@ -113,7 +116,8 @@ class FileKeyStore(KeyStore):
         try:
             with open(self.path, "rb") as fh:
                 mode = os.fstat(fh.fileno()).st_mode
-                if mode & 0o077:
+                if mode & 0o077 and (self.path, mode) not in _warned_modes:
+                    _warned_modes.add((self.path, mode))
                     logger.warning("key store %s is accessible by group/others (mode %o); "
                                    "it should be 0600", self.path, mode & 0o777)
                 data = fh.read(MAX_FILE_BYTES + 1)

@@ -44,7 +44,7 @@ def test_init_writes_the_key_outside_the_project_and_prints_no_key(tmp_path: Pat
     key = key_file.read_text().strip()
     assert len(decode_master_key(key)) == 32
     assert key not in result.stdout + result.stderr
-    assert f'export ENCRYPTION_MASTER_KEY="$(cat {key_file})"' in result.stdout
+    assert f"export ENCRYPTION_MASTER_KEY_FILE={key_file}" in result.stdout
     settings = json.loads(config_file.read_text())
     assert settings["algorithm"] == "AES_256_GCM"
     loaded = EncryptionConfig.from_env(
@@ -54,8 +54,9 @@ def test_init_writes_the_key_outside_the_project_and_prints_no_key(tmp_path: Pat
     assert loaded.validate() == []
     assert loaded.rotation_policies == EncryptionConfig().rotation_policies
 
-    # what it wrote is a working setup: the default key store's directory is there
-    ready = {**env, "ENCRYPTION_MASTER_KEY": key}
+    # what it wrote is a working setup, with the next step it printed: the default key
+    # store's directory is there and the key file is read where it lies
+    ready = {**env, "ENCRYPTION_MASTER_KEY_FILE": str(key_file)}
     doctor = run_cli(ready, project, "doctor")
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert f"ok    master key file {key_file}: mode 0600, outside any git work tree" \
@@ -81,7 +82,7 @@ def test_init_key_in_project_writes_a_gitignore_and_says_so(tmp_path: Path) -> N
     assert _mode(key_file) == 0o600 and _mode(key_file.parent) == 0o700
     assert "/master.key" in (tmp_path / ".aiocrypt" / ".gitignore").read_text().splitlines()
     assert "wrote .aiocrypt/.gitignore: git ignores master.key" in result.stdout
-    assert 'export ENCRYPTION_MASTER_KEY="$(cat .aiocrypt/master.key)"' in result.stdout
+    assert "export ENCRYPTION_MASTER_KEY_FILE=.aiocrypt/master.key" in result.stdout
     assert not (tmp_path / "home").exists()
     both = run_cli(env, tmp_path, "init", "--key-in-project", "--key-file", "k", "--force")
     assert both.returncode == 2 and "exclusive" in both.stderr

@@ -125,3 +125,10 @@ def test_validate_opens_the_store_with_the_master_key_and_warns_on_its_mode(
     assert loose.returncode == 0, loose.stderr
     assert f"warning: {VAR}: {keys_dir / 'keys.json'} has mode 0644: run chmod 600" \
         in loose.stderr
+    assert loose.stderr.count("0644") == 1, loose.stderr  # said once, not once per reader
+    doctor = run_cli(env, tmp_path, "doctor")  # the store opens: a warning, as validate says
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert f"WARN  key store: file {keys_dir / 'keys.json'}: 1 keys readable and authentic" \
+        in doctor.stdout
+    assert "has mode 0644: run chmod 600 on it" in doctor.stdout
+    assert doctor.stderr.count("0644") <= 1, doctor.stderr

@@ -103,8 +103,8 @@ def wrong_key_type(dk: DataKey, key_type: KeyTypeLike) -> DecryptionError:
 class Keyring:
     """Immutable snapshot of loaded data keys."""
 
-    __slots__ = ("_active", "_by_id", "_by_prefix", "accept_format_v1", "on_allowance",
-                 "on_expired_use", "revision")
+    __slots__ = ("_active", "_by_id", "_by_prefix", "accept_format_v1", "general_decrypts",
+                 "on_allowance", "on_expired_use", "revision")
 
     def __init__(self, data_keys: Iterable[DataKey] = (), revision: int = 0, *,
                  on_expired_use: Callable[[DataKey], None] | None = None,
@@ -132,6 +132,10 @@ class Keyring:
         #: sets it; a keyring built by hand (no store, no fleet) is held only to the
         #: 2**32 limit per key.
         self.on_allowance = on_allowance
+        #: How many ``decrypt`` calls took the general path. Counted there only, so the
+        #: fast path pays nothing; tests hold well-formed field tokens at zero, so a
+        #: broken fast path cannot hide behind the general one (tests/core).
+        self.general_decrypts = 0
 
     def __repr__(self) -> str:
         return f"<Keyring revision={self.revision} keys={len(self._by_id)}>"
@@ -263,6 +267,7 @@ class Keyring:
                         return decode_value(plaintext)
                 except (InvalidTag, ValueError):
                     pass  # the general path fails too, and says why (only failures pay)
+        self.general_decrypts += 1
         plaintext = self.decrypt_bytes(token, key_type, context,
                                        for_reencryption=for_reencryption, purpose=purpose)
         try:

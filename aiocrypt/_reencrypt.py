@@ -79,6 +79,7 @@ __all__ = [
     "parse_legacy",
     "pending_condition",
     "quote_identifier",
+    "row_context",
 ]
 
 logger = logging.getLogger("aiocrypt.reencrypt")
@@ -180,6 +181,16 @@ def parse_legacy(value_type: str, raw: Any) -> Any:
 
 
 # -- what to re-encrypt ---------------------------------------------------------
+
+
+def row_context(context: str, primary_key: Any) -> str:
+    """The context a row-bound value is sealed under: ``"<context>#<primary key>"``.
+
+    The primary key is rendered with ``str()`` (``8`` -> ``"8"``, a UUID in its
+    dashed form), as ``CAST(pk AS TEXT)`` renders integer, text and (Postgres)
+    uuid keys: the column types read it that way and the engine writes it so.
+    """
+    return f"{context}#{primary_key}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -842,7 +853,7 @@ class ReencryptionEngine:
                 value = row[i + 1]
                 if value is None or (type(value) is str and value.startswith(col.prefix)):
                     continue
-                context = col.context if not col.spec.row_bound else f"{col.context}#{pk}"
+                context = col.context if not col.spec.row_bound else row_context(col.context, pk)
                 try:
                     plaintext = self._plaintext(spec, col, keyring, value, context, pk,
                                                 unknown_fails)

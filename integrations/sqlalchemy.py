@@ -36,6 +36,7 @@ import contextvars
 import hashlib
 import hmac
 import logging
+import secrets
 import unicodedata
 import weakref
 from collections import Counter
@@ -51,6 +52,7 @@ try:
     from sqlalchemy.engine import Dialect
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+    from sqlalchemy.orm.attributes import set_committed_value
     from sqlalchemy.orm.exc import UnmappedColumnError
     from sqlalchemy.sql import operators
     from sqlalchemy.types import TypeDecorator
@@ -91,6 +93,7 @@ from aiocrypt._reencrypt import (
     parse_legacy,
     pending_condition,
     quote_identifier,
+    row_context,
 )
 from aiocrypt._types import KeyTypeLike
 
@@ -118,6 +121,7 @@ __all__ = [
     "normalize_email",
     "normalize_text",
     "plaintext_reads",
+    "RowValue",
     "rebuild_blind_indexes",
     "reencryption_engine",
     "set_encryption_service",
@@ -354,6 +358,11 @@ class EncryptedType(_TableBound):
     ``allow_plaintext``: the column may still hold plaintext from before encryption
     (a migration in progress); such values are returned as they are, counted in
     :data:`plaintext_reads` and logged, until the migration encrypts them.
+    ``row_bound``: bind the row's primary key into the context too
+    (``"<table>.<column>#<pk>"``), so a token copied to another row of the same
+    column fails to decrypt. ``None`` (the default) takes the model's
+    ``__aiocrypt_row_bound__`` (False when absent). The ORM fills the key in on
+    flush and load; see docs/sqlalchemy.md, "Row-bound columns".
     ``service``: defaults to :func:`set_encryption_service` / the process-wide service.
     """
 
@@ -362,13 +371,17 @@ class EncryptedType(_TableBound):
 
     def __init__(self, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
                  context: str | None = None, deterministic: bool = False,
-                 allow_plaintext: bool = False,
+                 allow_plaintext: bool = False, row_bound: bool | None = None,
                  service: EncryptionService | None = None) -> None:
         super().__init__()
+        if deterministic and row_bound:
+            raise ValueError("a row-bound column cannot be deterministic: its tokens differ "
+                             "per row, so no equality lookup could match; use a BlindIndex")
         self.key_type = KeyType(key_type)
         self.context = context
         self.deterministic = deterministic
         self.allow_plaintext = allow_plaintext
+        self.row_bound = row_bound
         self.service = service
         self._explicit_context = context is not None
 
@@ -390,33 +403,86 @@ class EncryptedType(_TableBound):
                         f"got {type(value).__name__}")
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        primary_key = None
+        if isinstance(value, RowValue):
+            value, primary_key = value.value, value.primary_key
         if value is None:
             return None
+        context = self._bind_context(primary_key)
         value = self.coerce_value(value)
         service = _service_for(self.service)
         keyring = _current_keyring(service, self.key_type)
         if self.deterministic:
-            return keyring.encrypt_deterministic(value, self.key_type, self._context())
-        return keyring.encrypt(value, self.key_type, self._context(),
+            return keyring.encrypt_deterministic(value, self.key_type, context)
+        return keyring.encrypt(value, self.key_type, context,
                                compression_level=service.compression_level_for(self.key_type))
+
+    def _bind_context(self, primary_key: Any) -> str:
+        if not self.row_bound:
+            if primary_key is not None:
+                raise TypeError(f"{self.context}: RowValue given to a column that is not "
+                                "row-bound")
+            return self._context()
+        if primary_key is None:
+            raise ConfigurationError(
+                f"{self.context}: a row-bound column is sealed with its row's primary key, "
+                "which this write does not give: write through the ORM (a unit of work "
+                "fills it in) or bind RowValue(value, primary_key)")
+        return row_context(self._context(), primary_key)
+
+    def column_expression(self, colexpr: Any) -> Any:
+        """A row-bound column is selected as ``col || '#' || CAST(pk AS TEXT) || '#' ||
+        <marker>``, so the value arrives with the primary key of the row it was read
+        from (SQL says which row, not the stored text)."""
+        if not self.row_bound:
+            return colexpr
+        key = self._row_key_column(colexpr)
+        text = sa.Text()
+        suffix = sa.cast(key, text) if key is not None else sa.literal("", text)
+        return sa.type_coerce(
+            sa.type_coerce(colexpr, text) + sa.literal("#", text) + suffix
+            + sa.literal(_ROW_MARKER, text), self)
+
+    def _row_key_column(self, colexpr: Any) -> Any:
+        table = getattr(self, "table", None)
+        source = getattr(colexpr, "table", None)
+        if table is None or source is None or len(table.primary_key.columns) != 1:
+            return None
+        return source.c.get(next(iter(table.primary_key.columns)).key)
+
+    def _split_row(self, value: str) -> tuple[str, str]:
+        """(stored value, primary key text) of a value selected by column_expression."""
+        stored, marked, key = value.partition("#")
+        if not marked or not key.endswith(_ROW_MARKER) or len(key) == len(_ROW_MARKER):
+            # textual SQL (no column_expression) or a query that lost the primary key:
+            # whatever follows a "#" here was stored, not selected, so it is not trusted
+            raise decryption_failed(DecryptionFailure.MALFORMED, None,
+                                    "a row-bound column was read without its primary key")
+        return stored, key[:-len(_ROW_MARKER)]
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
             return None
+        primary_key: Any = None
         try:
+            context = self._context()
+            if self.row_bound and isinstance(value, str):
+                value, primary_key = self._split_row(value)
+                context = row_context(context, primary_key)
+                primary_key = _typed_key(getattr(self, "table", None), primary_key)
             if isinstance(value, str) and value.startswith(TEXT_PREFIXES):
-                return _decrypt(_service_for(self.service), value, self.key_type,
-                                self._context())
+                return _decrypt(_service_for(self.service), value, self.key_type, context)
             if not self.allow_plaintext:
                 raise decryption_failed(DecryptionFailure.MALFORMED, None,
                                         "the stored value is not a token")
             return self._legacy(value)
         except DecryptionError as exc:
-            # Name the column (never the value); the row's primary key is added by
-            # _locate_undecryptable_row when an ORM session ran the query.
+            # Name the column (never the value); a row-bound column knows its row,
+            # otherwise the primary key is added by _locate_undecryptable_row when an
+            # ORM session ran the query.
             located = exc.located(DecryptionLocation(
                 getattr(self, "table_name", "?"), getattr(self, "column_name", self.context
-                                                          or "?")))
+                                                          or "?"), primary_key))
             if _locating.get():
                 return _Undecryptable(located, getattr(self, "table", None))
             raise located from None
@@ -453,6 +519,42 @@ class EncryptedType(_TableBound):
     def match_clause(self, column: Any, values: Iterable[Any]) -> Any:
         tokens = [t for v in values for t in self.tokens_for(v)]
         return sa.type_coerce(column, sa.Text()).in_(tokens)
+
+
+#: Ends the primary key a row-bound column is selected with. It is random per process
+#: and travels as a bind parameter, so text an attacker stores after a "#" in the
+#: column can never pass for the primary key SQL appended.
+_ROW_MARKER: Final = "#" + secrets.token_hex(16)
+
+
+class RowValue:
+    """A value for a row-bound column with the primary key of its row, for writes the
+    ORM's unit of work does not make (Core ``insert`` / ``update``)::
+
+        conn.execute(users.insert().values(id=8, ssn=RowValue("123-45-6789", 8)))
+    """
+
+    __slots__ = ("primary_key", "value")
+
+    def __init__(self, value: Any, primary_key: Any) -> None:
+        if primary_key is None:
+            raise ValueError("RowValue needs the row's primary key")
+        self.value = value
+        self.primary_key = primary_key
+
+    def __repr__(self) -> str:
+        return f"RowValue(<value>, {self.primary_key!r})"
+
+
+def _typed_key(table: sa.Table | None, text: str) -> Any:
+    """The primary key text of a row-bound read as the key's Python type (for errors)."""
+    if table is None:
+        return text
+    try:
+        python_type = next(iter(table.primary_key.columns)).type.python_type
+        return python_type(text) if python_type in (int, UUID) else text
+    except (NotImplementedError, StopIteration, ValueError):
+        return text
 
 
 _PYTHON_TYPES: Final[dict[str, type | tuple[type, ...]]] = {
@@ -779,24 +881,113 @@ def _index_pairs(mapper: Mapper[Any]) -> list[tuple[str, str]]:
     return pairs
 
 
-@event.listens_for(Mapper, "mapper_configured")
-def _register_blind_indexes(mapper: Mapper[Any], class_: type) -> None:
-    pairs = _index_pairs(mapper)
-    if not pairs:
+def _row_bound_columns(mapper: Mapper[Any]) -> list[tuple[str, sa.Column[Any]]]:
+    found = []
+    for column in mapper.local_table.columns:
+        if isinstance(column.type, EncryptedType) and column.type.row_bound:
+            try:
+                found.append((mapper.get_property_by_column(column).key, column))
+            except UnmappedColumnError:
+                pass
+    return found
+
+
+@event.listens_for(Mapper, "after_mapper_constructed")
+def _model_row_binding(mapper: Mapper[Any], class_: type) -> None:
+    """``__aiocrypt_row_bound__ = True`` on a model makes its encrypted columns declared
+    without ``row_bound=`` row-bound (set when the class is mapped, before any query)."""
+    default = getattr(class_, "__aiocrypt_row_bound__", None)
+    if default is None:
         return
+    for column in mapper.local_table.columns:
+        typ = column.type
+        if isinstance(typ, EncryptedType) and typ.row_bound is None:
+            if default and typ.deterministic:
+                raise ConfigurationError(
+                    f"{typ.context}: deterministic, so it cannot be row-bound; declare it "
+                    "with row_bound=False (or use a BlindIndex for lookups)")
+            typ.row_bound = bool(default)
+
+
+@event.listens_for(Mapper, "mapper_configured")
+def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
+    """Blind indexes follow their source; row-bound values are sealed with the row's key.
+
+    A row-bound attribute is handed to the type as ``RowValue(value, pk)`` for the
+    flush and set back to the plain value after it. A row whose primary key the
+    database generates has no key before its INSERT: the value is inserted as NULL
+    and written by a second UPDATE in the same transaction, once the key is known.
+    """
+    pairs = _index_pairs(mapper)
+    bound = _row_bound_columns(mapper)
+    if not pairs and not bound:
+        return
+    pk_columns = list(mapper.local_table.primary_key.columns)
+    if bound and len(pk_columns) != 1:
+        raise ConfigurationError(f"table {mapper.local_table.name}: row-bound columns "
+                                 "need a single-column primary key")
+    pk_key = mapper.get_property_by_column(pk_columns[0]).key if bound else ""
 
     def before_insert(mapper: Mapper[Any], connection: Any, target: Any) -> None:
         for source, index in pairs:
             setattr(target, index, getattr(target, source))
+        if not bound:
+            return
+        key = getattr(target, pk_key)
+        pending = {}
+        for attr, _ in bound:
+            value = getattr(target, attr)
+            if value is None:
+                continue
+            if key is None:
+                pending[attr] = value
+                setattr(target, attr, None)
+            else:
+                setattr(target, attr, RowValue(value, key))
+        if pending:
+            sa.inspect(target).info["aiocrypt_row_bound_pending"] = pending
 
     def before_update(mapper: Mapper[Any], connection: Any, target: Any) -> None:
         state = sa.inspect(target)
         for source, index in pairs:
             if state.attrs[source].history.has_changes():
                 setattr(target, index, getattr(target, source))
+        if not bound:
+            return
+        if state.attrs[pk_key].history.has_changes():
+            raise ConfigurationError(
+                f"{mapper.local_table.name}: the primary key of a row with row-bound "
+                "columns cannot change (its tokens are sealed with it); insert a new row")
+        key = state.identity[0] if state.identity else getattr(target, pk_key)
+        for attr, _ in bound:
+            if state.attrs[attr].history.has_changes():
+                value = getattr(target, attr)
+                if value is not None and not isinstance(value, RowValue):
+                    setattr(target, attr, RowValue(value, key))
+
+    def after_write(mapper: Mapper[Any], connection: Any, target: Any) -> None:
+        state = sa.inspect(target)
+        for attr, _ in bound:
+            value = state.dict.get(attr)
+            if isinstance(value, RowValue):
+                set_committed_value(target, attr, value.value)
+        pending = state.info.pop("aiocrypt_row_bound_pending", None)
+        if pending:
+            key = getattr(target, pk_key)
+            table = mapper.local_table
+            columns = dict(bound)
+            connection.execute(
+                table.update().where(pk_columns[0] == key)
+                .values({columns[attr]: RowValue(value, key)
+                         for attr, value in pending.items()}))
+            for attr, value in pending.items():
+                set_committed_value(target, attr, value)
 
     event.listen(mapper, "before_insert", before_insert)
     event.listen(mapper, "before_update", before_update)
+    if bound:
+        event.listen(mapper, "after_insert", after_write)
+        event.listen(mapper, "after_update", after_write)
 
 
 # -- the re-encryption engine over SQLAlchemy -----------------------------------
@@ -820,6 +1011,7 @@ def table_specs(metadata: sa.MetaData, tables: Iterable[str] | None = None) -> l
         name = table.name if table.schema is None else f"{table.schema}.{table.name}"
         specs.append(TableSpec(name, pk[0].name, tuple(
             ColumnSpec(c.name, t.key_type, context=t.context, deterministic=t.deterministic,
+                       row_bound=bool(t.row_bound),
                        legacy_type=t.python_type_name if t.allow_plaintext else None)
             for c, t in columns
         )))

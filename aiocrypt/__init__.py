@@ -29,6 +29,7 @@ from ._errors import (
     KeyStoreIntegrityError,
     LockTimeoutError,
     ReencryptionError,
+    StoreUnavailableError,
     UnknownKeyTypeError,
     UnsupportedTypeError,
 )
@@ -111,6 +112,7 @@ __all__ = [
     "ReencryptionResult",
     "RetiredKey",
     "RetirementReason",
+    "StoreUnavailableError",
     "TableCensus",
     "TableSpec",
     "UnknownKeyError",

@@ -16,6 +16,7 @@ Every exception raised on purpose by aiocrypt derives from ``AiocryptError``::
     ├── UnknownKeyTypeError         a key type not declared, or not a valid name (also
     │                               ValueError); names the nearest declared key types
     ├── ReencryptionError           a stored value could not be re-encrypted (names the row)
+    ├── StoreUnavailableError       the Redis behind web sessions or the cache did not answer
     └── UnsupportedTypeError        a value the codec cannot encode (also TypeError)
 
 Caller mistakes that are not about keys raise the built-in ``TypeError`` or
@@ -45,6 +46,7 @@ __all__ = [
     "KeyStoreIntegrityError",
     "LockTimeoutError",
     "ReencryptionError",
+    "StoreUnavailableError",
     "UnknownKeyTypeError",
     "UnsupportedTypeError",
 ]
@@ -235,6 +237,19 @@ class ReencryptionError(AiocryptError):
     @property
     def location(self) -> DecryptionLocation:
         return DecryptionLocation(self.table, self.column, self.primary_key)
+
+
+class StoreUnavailableError(AiocryptError):
+    """The Redis behind encrypted sessions or the encrypted cache did not answer.
+
+    ``store`` is ``"session"`` or ``"cache"``. The web extensions answer it with
+    503 and ``Retry-After`` unless the app registers its own error handler for
+    it; the Redis client's exception is the ``__cause__``.
+    """
+
+    def __init__(self, store: str) -> None:
+        super().__init__(f"the {store} store (Redis) is unavailable")
+        self.store = store
 
 
 class UnknownKeyTypeError(AiocryptError, ValueError):

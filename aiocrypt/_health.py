@@ -56,6 +56,11 @@ class HealthReport:
         """503 when failing, else 200 (a degraded service still serves)."""
         return 503 if self.status == "failing" else 200
 
+    def with_check(self, name: str, check: HealthCheck) -> HealthReport:
+        """This report plus one check (a web extension's Redis), the status recomputed."""
+        checks = {**self.checks, name: check}
+        return HealthReport(_worst(c.status for c in checks.values()), checks, self.checked_at)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "status": self.status,

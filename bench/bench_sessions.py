@@ -51,6 +51,7 @@ def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
     from quart import Quart
+    from quart.json.tag import TaggedJSONSerializer
     from quart.sessions import SessionMixin
     from quart.wrappers import BaseRequestWebsocket, Response
 
@@ -79,14 +80,17 @@ def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
         store: PlainJSONSessionStore
 
         async def open_session(self, app: Quart, request: BaseRequestWebsocket) -> QuartSession:
-            return await self.store.load(request.cookies.get(self.get_cookie_name(app)),
+            settings = AioCrypt.state(app).settings
+            return await self.store.load(request.cookies.get(settings.cookie_name),
                                          self.session_class)
 
         async def save_session(self, app: Quart, session: SessionMixin,
                                response: Response | Any) -> None:
             assert isinstance(session, EncryptedSession)
+            if not session.accessed:
+                return
             result = await self.store.save(session)
-            apply_cookie(self, app, AioCrypt.state(app).settings, session, result, response)
+            apply_cookie(AioCrypt.state(app).settings, session, result, response)
 
     app = create_app({
         "AIOCRYPT_REDIS_URL": redis_url,
@@ -103,8 +107,9 @@ def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
         async def plain_store() -> None:
             state = AioCrypt.state(app)
             assert state.redis_client is not None
-            interface.store = PlainJSONSessionStore(state.service, state.redis_client,
-                                                    state.settings.session)
+            interface.store = PlainJSONSessionStore(  # the same tagged JSON as the extension
+                state.service, state.redis_client, state.settings.session,
+                serializer=TaggedJSONSerializer())
 
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]

@@ -80,8 +80,15 @@ def default_config() -> dict[str, Any]:
         "AIOCRYPT_REDIS_URL": os.environ.get("AIOCRYPT_REDIS_URL", "redis://127.0.0.1:6379/0"),
         "AIOCRYPT_SESSION_PREFIX": "example:session:",
         "AIOCRYPT_CACHE_PREFIX": "example:cache:",
-        # Served over plain HTTP on localhost here; keep the default (True) behind HTTPS.
-        "AIOCRYPT_COOKIE_SECURE": os.environ.get("AIOCRYPT_COOKIE_SECURE", "false"),
+        # The frameworks' own cookie keys, read by the extensions. Served over plain
+        # HTTP on localhost here: set SESSION_COOKIE_SECURE=true behind HTTPS.
+        "SESSION_COOKIE_SECURE": os.environ.get("SESSION_COOKIE_SECURE", "false"),
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "SESSION_COOKIE_HTTPONLY": True,
+        "PERMANENT_SESSION_LIFETIME": 3600,  # idle timeout of sessions (Redis TTL)
+        # The default, spelled out: pages that read a logged-in session are never
+        # stored by the browser, so the back button after logout shows nothing.
+        "AIOCRYPT_SESSION_CACHE_CONTROL": "private, no-store",
     }
 
 

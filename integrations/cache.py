@@ -11,6 +11,9 @@ foreign entry, which is deleted.
 
 Rotating the cache key changes every encrypted key, so a rotation starts from
 a cold cache; old entries simply expire.
+
+A Redis that does not answer raises ``StoreUnavailableError`` (store
+``"cache"``), which the web extensions answer with 503.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from aiocrypt import DecryptionError
+
+from ._outage import translate_outage
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -54,7 +59,8 @@ class EncryptedCache:
     async def get(self, key: str, default: Any = None) -> Any:
         """The cached value, or ``default`` when absent, expired or unreadable."""
         encrypted_key = await self.service.encrypt_cache_key(key)
-        raw = await self.redis.get(self.prefix + encrypted_key)
+        with translate_outage("cache"):
+            raw = await self.redis.get(self.prefix + encrypted_key)
         if raw is None:
             return default
         try:
@@ -63,7 +69,8 @@ class EncryptedCache:
         except (DecryptionError, UnicodeDecodeError):
             cache_key, value = None, _MISSING
         if cache_key != key:
-            await self.redis.delete(self.prefix + encrypted_key)
+            with translate_outage("cache"):
+                await self.redis.delete(self.prefix + encrypted_key)
             return default
         return value
 
@@ -72,13 +79,15 @@ class EncryptedCache:
         ttl = self.default_ttl if ttl is None else ttl
         _check_ttl(ttl)
         encrypted_key, encrypted_value = await self.service.encrypt_cache_data(key, value, ttl)
-        await self.redis.set(self.prefix + encrypted_key, encrypted_value,
-                             px=max(1, math.ceil(ttl * 1000)))
+        with translate_outage("cache"):
+            await self.redis.set(self.prefix + encrypted_key, encrypted_value,
+                                 px=max(1, math.ceil(ttl * 1000)))
 
     async def delete(self, key: str) -> bool:
         """Remove ``key``; True if it was cached."""
         encrypted_key = await self.service.encrypt_cache_key(key)
-        return bool(await self.redis.delete(self.prefix + encrypted_key))
+        with translate_outage("cache"):
+            return bool(await self.redis.delete(self.prefix + encrypted_key))
 
     async def get_or_set(self, key: str, compute: Callable[[], Awaitable[_T]],
                          ttl: float | None = None) -> _T:

@@ -15,7 +15,11 @@ on the loop they were created on, and the request context is visible inside
 the view). Sync code reaches it with ``crypt.run(coroutine)``.
 
 Sessions stay sync: ``SyncRedisSessionStore`` over ``redis.Redis`` and the
-service's keyring snapshot, so a request pays no thread hop for its session.
+service's keyring snapshot, so a request pays no thread hop for its session,
+and they are read lazily: a request that never touches ``flask.session``
+makes no Redis call. A Redis outage raises ``StoreUnavailableError``, which
+the extension answers with 503 and ``Retry-After`` unless the app registers
+its own handler for it.
 ``crypt.close(app)`` (also run at interpreter exit) stops it all. Configuration
 keys: see ``WebSettings`` and docs/web.md.
 """
@@ -38,6 +42,7 @@ try:
     import redis
     import redis.asyncio as aioredis
     from flask import Flask, Request, Response, current_app
+    from flask.json.tag import TaggedJSONSerializer
     from flask.sessions import SessionInterface, SessionMixin
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
@@ -45,13 +50,16 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from aiocrypt import (
+    ConfigurationError,
     EncryptionService,
     HealthCheck,
     HealthReport,
+    StoreUnavailableError,
     get_encryption_service,
     health,
 )
 
+from ._outage import OUTAGE_ERRORS
 from .cache import EncryptedCache
 from .sessions import EncryptedSession, SyncRedisSessionStore, WebSettings, apply_cookie
 
@@ -61,6 +69,9 @@ _EXTENSION: Final = "aiocrypt"
 #: app.extensions key: paths served without a session (health probes and metrics)
 _SESSIONLESS: Final = "aiocrypt.sessionless"
 _T = TypeVar("_T")
+#: connection settings a sync client given for sessions lends the cache's asyncio client
+_TWIN_KWARGS: Final = ("host", "port", "db", "username", "password", "path",
+                       "socket_timeout", "socket_connect_timeout")
 
 logger = logging.getLogger("aiocrypt.flask")
 
@@ -171,18 +182,45 @@ class AioCryptState:
                 loop.stop()
                 raise
             self._loop = loop
-            self._redis = (self._given_redis if self._given_redis is not None
-                           else redis.Redis.from_url(self.settings.redis_url))
+            self._redis = self._sync_client()
             self._sessions = SyncRedisSessionStore(
                 lambda: self.service.keyring, self._redis, self.settings.session,
-                load_key=self._load_key)
+                load_key=self._load_key, serializer=TaggedJSONSerializer())
             atexit.register(self.close)
+
+    def _sync_client(self) -> redis.Redis:
+        if self._given_redis is not None:
+            return self._given_redis
+        if self.settings.redis_client is not None:
+            client: redis.Redis = self.settings.redis_client
+            return client
+        return redis.Redis.from_url(self._url())
+
+    def _url(self) -> str:
+        assert self.settings.redis_url is not None  # from_config made sure of one
+        return self.settings.redis_url
+
+    def _owns_sync_client(self) -> bool:
+        return self._given_redis is None and self.settings.redis_client is None
+
+    def _async_client(self) -> aioredis.Redis:
+        if self._given_async_redis is not None:
+            return self._given_async_redis
+        if self.settings.redis_url is not None:
+            client: aioredis.Redis = aioredis.Redis.from_url(self.settings.redis_url)
+            return client
+        # A sync client was given (redis= or SESSION_REDIS): the same server for the cache.
+        given = self._given_redis if self._given_redis is not None \
+            else self.settings.redis_client
+        kwargs = given.connection_pool.connection_kwargs
+        twin: aioredis.Redis = aioredis.Redis(
+            **{name: kwargs[name] for name in _TWIN_KWARGS if name in kwargs})
+        return twin
 
     async def _start(self) -> None:
         await self.service.start()
         await self.service.key_manager.ensure_active(self.settings.key_types())
-        self._async_redis = (self._given_async_redis if self._given_async_redis is not None
-                             else aioredis.Redis.from_url(self.settings.redis_url))
+        self._async_redis = self._async_client()
         self._cache = EncryptedCache(self.service, self._async_redis,
                                      prefix=self.settings.cache_prefix,
                                      default_ttl=self.settings.cache_ttl)
@@ -202,6 +240,15 @@ class AioCryptState:
     def _load_key(self, key_id: str) -> object:
         return self.run(self.service.key_manager.load_key(key_id))
 
+    def redis_check(self) -> HealthCheck:
+        """PING the sessions' Redis: ``failing`` with the error class when it does not answer."""
+        assert self._redis is not None
+        try:
+            self._redis.ping()
+        except OUTAGE_ERRORS as exc:
+            return HealthCheck("failing", {"error": type(exc).__name__})
+        return HealthCheck("ok")
+
     def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
         """Run a coroutine on the extension's loop from sync code and return its result."""
         self.start()
@@ -220,7 +267,7 @@ class AioCryptState:
                 loop.run(self._close())
             finally:
                 loop.stop()
-                if self._redis is not None and self._given_redis is None:
+                if self._redis is not None and self._owns_sync_client():
                     self._redis.close()
                 self._redis = None
 
@@ -253,7 +300,8 @@ class AioCrypt:
     one from the environment); the extension starts and closes it.
     ``redis`` / ``async_redis``: clients to use instead of connecting to
     ``AIOCRYPT_REDIS_URL`` (the async one must not have been used on another
-    loop; the caller closes clients it passed).
+    loop; the caller closes clients it passed). ``SESSION_REDIS`` in the
+    config is the Flask-Session way to pass the sync one.
     """
 
     def __init__(self, app: Flask | None = None, *, service: EncryptionService | None = None,
@@ -271,13 +319,19 @@ class AioCrypt:
     def init_app(self, app: Flask) -> None:
         if _EXTENSION in app.extensions:
             raise RuntimeError("AioCrypt is already set up on this app")
+        settings = WebSettings.from_config(app.config, client_given=self._redis is not None)
+        if settings.redis_client is not None and (
+                not isinstance(settings.redis_client, redis.Redis)):
+            raise ConfigurationError("SESSION_REDIS must be a redis.Redis client (sync, as "
+                                     "Flask-Session's; pass async_redis= for the cache)")
         state = AioCryptState(
-            WebSettings.from_config(app.config),
+            settings,
             self._service if self._service is not None else get_encryption_service(),
             redis_client=self._redis, async_redis_client=self._async_redis)
         app.extensions[_EXTENSION] = state
         app.session_interface = EncryptedSessionInterface()
         app.async_to_sync = state.async_to_sync  # type: ignore[method-assign]
+        app.register_error_handler(StoreUnavailableError, _answer_outage)
 
     @staticmethod
     def state(app: Flask | None = None) -> AioCryptState:
@@ -340,6 +394,8 @@ class AioCrypt:
                 report = HealthReport("failing", {"service": HealthCheck(
                     "failing", {"state": "stopped", "error": type(exc).__name__})},
                     datetime.datetime.now(datetime.UTC))
+            else:
+                report = report.with_check("redis", state.redis_check())
             return Response(json.dumps(report.to_dict()), status=report.http_status,
                             mimetype="application/json", headers={"Cache-Control": "no-store"})
 
@@ -362,19 +418,49 @@ class AioCrypt:
         app.extensions[_SESSIONLESS].add(metrics_path)
 
 
+def _answer_outage(exc: StoreUnavailableError) -> Response:
+    """The default answer to a Redis outage: 503, ``Retry-After``, no details."""
+    logger.warning("the %s Redis is unavailable (%s): answering 503", exc.store,
+                   type(exc.__cause__).__name__)
+    body, headers = AioCrypt.state().settings.outage_body()
+    return Response(body, status=503, mimetype="application/json", headers=headers)
+
+
 class EncryptedSessionInterface(SessionInterface):
-    """Flask session interface over ``SyncRedisSessionStore``."""
+    """Flask session interface over ``SyncRedisSessionStore``.
+
+    The session is read from Redis on first access; ``regenerate(session)``
+    (Flask-Session 0.7's name) is ``session.regenerate()``.
+    """
 
     session_class = FlaskSession
 
     def open_session(self, app: Flask, request: Request) -> FlaskSession | None:
         if request.path in app.extensions.get(_SESSIONLESS, ()):
             return None  # a probe gets a null session, and answers even if keys are down
-        store = AioCrypt.state(app).sessions
-        return store.load(request.cookies.get(self.get_cookie_name(app)), self.session_class)
+        state = AioCrypt.state(app)
+        return state.sessions.open(request.cookies.get(state.settings.cookie_name),
+                                   self.session_class)
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
-        if not isinstance(session, EncryptedSession):
+        if not isinstance(session, EncryptedSession) or not session.accessed:
             return
         state = AioCrypt.state(app)
-        apply_cookie(self, app, state.settings, session, state.sessions.save(session), response)
+        try:
+            result = state.sessions.save(session)
+        except StoreUnavailableError as exc:  # the view ran, its session cannot be kept
+            _replace(response, app.make_response(app.handle_user_exception(exc)))
+            return
+        apply_cookie(state.settings, session, result, response)
+
+    def regenerate(self, session: SessionMixin) -> None:
+        """Give ``session`` a new id when saved; the old one stops working (login)."""
+        if isinstance(session, EncryptedSession):
+            session.regenerate()
+
+
+def _replace(response: Response, answer: Response) -> None:
+    """Turn ``response`` into ``answer`` (save_session can only change it in place)."""
+    response.status = answer.status
+    response.headers = answer.headers.copy()
+    response.set_data(answer.get_data())

@@ -11,11 +11,19 @@ session, session-index and cache keys exist and connects to Redis; on shutdown
 (``after_serving``) it closes what it opened. It replaces ``app.session_interface``
 with encrypted server-side sessions (see ``aiocrypt.integrations.sessions``).
 Configuration keys: see ``WebSettings`` and docs/web.md.
+
+Quart hands views its session synchronously, so a request that carries the
+session cookie reads the session from Redis before the view runs (one
+``GETEX``); a request without the cookie makes no Redis call. A Redis outage
+raises ``StoreUnavailableError`` when the view first touches the session
+(a view that does not still answers), and the extension answers it with 503
+and ``Retry-After`` unless the app registers its own handler for it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -23,6 +31,7 @@ from typing import Any, Final
 try:
     import redis.asyncio as aioredis
     from quart import Quart, current_app
+    from quart.json.tag import TaggedJSONSerializer
     from quart.sessions import SessionInterface, SessionMixin
     from quart.wrappers import BaseRequestWebsocket, Response
     from werkzeug.wrappers import Response as WerkzeugResponse
@@ -31,8 +40,16 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "aiocrypt.integrations.quart needs extra dependencies: pip install 'aiocrypt[quart]'"
     ) from exc
 
-from aiocrypt import EncryptionService, get_encryption_service, health
+from aiocrypt import (
+    ConfigurationError,
+    EncryptionService,
+    HealthCheck,
+    StoreUnavailableError,
+    get_encryption_service,
+    health,
+)
 
+from ._outage import OUTAGE_ERRORS
 from .cache import EncryptedCache
 from .sessions import EncryptedSession, RedisSessionStore, WebSettings, apply_cookie
 
@@ -41,6 +58,8 @@ __all__ = ["AioCrypt", "AioCryptState", "EncryptedSessionInterface", "QuartSessi
 _EXTENSION: Final = "aiocrypt"
 #: app.extensions key: paths served without a session (health probes and metrics)
 _SESSIONLESS: Final = "aiocrypt.sessionless"
+
+logger = logging.getLogger("aiocrypt.quart")
 
 
 class QuartSession(EncryptedSession, SessionMixin):
@@ -82,13 +101,25 @@ class AioCryptState:
         await self.service.start()
         await self.service.key_manager.ensure_active(self.settings.key_types())
         if self.redis_client is None:
+            assert self.settings.redis_url is not None  # from_config made sure of one
             self.redis_client = aioredis.Redis.from_url(self.settings.redis_url)
             self.owns_redis = True
         self._sessions = RedisSessionStore(self.service, self.redis_client,
-                                           self.settings.session)
+                                           self.settings.session,
+                                           serializer=TaggedJSONSerializer())
         self._cache = EncryptedCache(self.service, self.redis_client,
                                      prefix=self.settings.cache_prefix,
                                      default_ttl=self.settings.cache_ttl)
+
+    async def redis_check(self) -> HealthCheck:
+        """PING Redis: ``failing`` with the error class when it does not answer."""
+        if self.redis_client is None:
+            return HealthCheck("failing", {"state": "stopped"})
+        try:
+            await self.redis_client.ping()
+        except OUTAGE_ERRORS as exc:
+            return HealthCheck("failing", {"error": type(exc).__name__})
+        return HealthCheck("ok")
 
     async def close(self) -> None:
         self._sessions = self._cache = None
@@ -106,7 +137,8 @@ class AioCrypt:
     ``service``: the ``EncryptionService`` to use (default: the process-wide
     one from the environment); the extension starts it before serving and
     closes it after. ``redis``: a ``redis.asyncio.Redis`` client to use instead
-    of connecting to ``AIOCRYPT_REDIS_URL`` (the caller then closes it).
+    of connecting to ``AIOCRYPT_REDIS_URL`` (the caller then closes it);
+    ``SESSION_REDIS`` in the config is the Quart-Session way to pass one.
     """
 
     def __init__(self, app: Quart | None = None, *, service: EncryptionService | None = None,
@@ -122,14 +154,19 @@ class AioCrypt:
     def init_app(self, app: Quart) -> None:
         if _EXTENSION in app.extensions:
             raise RuntimeError("AioCrypt is already set up on this app")
+        settings = WebSettings.from_config(app.config, client_given=self._redis is not None)
+        client = self._redis if self._redis is not None else settings.redis_client
+        if client is not None and not isinstance(client, aioredis.Redis):
+            raise ConfigurationError("SESSION_REDIS must be a redis.asyncio.Redis client")
         state = AioCryptState(
-            settings=WebSettings.from_config(app.config),
+            settings=settings,
             service=self._service if self._service is not None else get_encryption_service(),
-            redis_client=self._redis,
-            owns_redis=self._redis is None,
+            redis_client=client,
+            owns_redis=client is None,
         )
         app.extensions[_EXTENSION] = state
         app.session_interface = EncryptedSessionInterface()  # type: ignore[assignment]
+        app.register_error_handler(StoreUnavailableError, _answer_outage)
         app.before_serving(state.start)
         app.after_serving(state.close)
 
@@ -172,6 +209,7 @@ class AioCrypt:
 
         async def aiocrypt_health() -> Response:
             report = await health(state.service, key_types=key_types)
+            report = report.with_check("redis", await state.redis_check())
             return Response(json.dumps(report.to_dict()), status=report.http_status,
                             content_type="application/json",
                             headers={"Cache-Control": "no-store"})
@@ -195,8 +233,26 @@ class AioCrypt:
         app.extensions[_SESSIONLESS].add(metrics_path)
 
 
+async def _answer_outage(exc: StoreUnavailableError) -> Response:
+    """The default answer to a Redis outage: 503, ``Retry-After``, no details."""
+    logger.warning("the %s Redis is unavailable (%s): answering 503", exc.store,
+                   type(exc.__cause__).__name__)
+    body, headers = AioCrypt.state().settings.outage_body()
+    return Response(body, status=503, content_type="application/json", headers=headers)
+
+
+def _unavailable(session: EncryptedSession, exc: StoreUnavailableError) -> None:
+    """Make the first access to ``session`` raise ``exc`` (the view may never touch it)."""
+    def fail() -> None:
+        raise StoreUnavailableError(exc.store) from exc.__cause__
+    session._pending = fail
+
+
 class EncryptedSessionInterface(SessionInterface):
-    """Quart session interface over ``RedisSessionStore``."""
+    """Quart session interface over ``RedisSessionStore``.
+
+    ``regenerate(session)`` (Flask-Session 0.7's name) is ``session.regenerate()``.
+    """
 
     session_class = QuartSession
 
@@ -204,18 +260,36 @@ class EncryptedSessionInterface(SessionInterface):
                            request: BaseRequestWebsocket) -> QuartSession | None:
         if request.path in app.extensions.get(_SESSIONLESS, ()):
             return None  # a probe gets a null session, and answers even if keys are down
-        store = AioCrypt.state(app).sessions
-        return await store.load(request.cookies.get(self.get_cookie_name(app)),
-                                self.session_class)
+        state = AioCrypt.state(app)
+        cookie = request.cookies.get(state.settings.cookie_name)
+        try:
+            return await state.sessions.load(cookie, self.session_class)
+        except StoreUnavailableError as exc:
+            session = self.session_class()
+            _unavailable(session, exc)
+            return session
 
     async def save_session(self, app: Quart, session: SessionMixin,
                            response: Response | WerkzeugResponse | None) -> None:
-        if not isinstance(session, EncryptedSession):
+        if not isinstance(session, EncryptedSession) or not session.accessed:
             return
         state = AioCrypt.state(app)
         if response is None and not session.can_save_without_cookie():
             return  # a websocket cannot set a cookie: a new session id would be lost
-        result = await state.sessions.save(session)
+        try:
+            result = await state.sessions.save(session)
+        except StoreUnavailableError as exc:  # the view ran, its session cannot be kept
+            if response is None:
+                raise
+            answer = await app.make_response(await app.handle_user_exception(exc))
+            response.status_code = answer.status_code
+            response.headers = answer.headers.copy()
+            response.set_data(await answer.get_data())  # type: ignore[misc]
+            return
         if response is not None:
-            apply_cookie(self, app, state.settings, session, result, response)
+            apply_cookie(state.settings, session, result, response)
 
+    def regenerate(self, session: SessionMixin) -> None:
+        """Give ``session`` a new id when saved; the old one stops working (login)."""
+        if isinstance(session, EncryptedSession):
+            session.regenerate()

@@ -27,8 +27,18 @@ write.
 ``RedisSessionStore`` is the asyncio store (``redis.asyncio`` and the
 ``EncryptionService``); ``SyncRedisSessionStore`` is its twin for sync code
 (Flask's session interface) over ``redis.Redis`` and a ``Keyring`` snapshot.
-Both read and write the same format. ``WebSettings`` reads the documented
-``AIOCRYPT_*`` configuration keys of the Quart and Flask extensions.
+Both read and write the same format. ``WebSettings`` reads the configuration
+keys of the Quart and Flask extensions (the frameworks' own, Flask-Session's
+and Quart-Session's where they map, and ``AIOCRYPT_*`` overrides).
+
+Given a ``serializer`` (the extensions pass the frameworks' tagged JSON), the
+session dict is serialised by it and the resulting text is what gets
+encrypted (envelope version 2), so tuples, bytes, ``Markup``, UUIDs and
+datetimes keep their type. Without one, the values go through aiocrypt's
+value codec (version 1, the original envelope); both versions stay readable.
+
+A Redis that does not answer (connection refused or reset, timeout) raises
+``StoreUnavailableError``, never a fresh session handed out as if valid.
 """
 
 from __future__ import annotations
@@ -39,9 +49,10 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from aiocrypt import (
     ConfigurationError,
@@ -52,6 +63,8 @@ from aiocrypt import (
     Purpose,
     UnknownKeyError,
 )
+
+from ._outage import translate_outage
 
 if TYPE_CHECKING:
     import redis
@@ -65,6 +78,7 @@ __all__ = [
     "EncryptedSession",
     "RedisSessionStore",
     "SaveResult",
+    "SessionSerializer",
     "SessionSettings",
     "SyncRedisSessionStore",
     "WebSettings",
@@ -76,7 +90,9 @@ SESSION_INDEX_KEY_TYPE: Final = KeyType("session_index")
 """Key type of the HMAC keys that turn session ids into Redis keys."""
 
 _SID_BYTES: Final = 32
-_SID_RE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
+_MAX_SID_BYTES: Final = 128
+_SID_RE: Final = re.compile(r"[A-Za-z0-9_-]{43,171}")  # token_urlsafe of 32 to 128 bytes
+_ENVELOPE_V2: Final = 2
 _CONTEXT_PREFIX: Final = b"aiocrypt/session:"
 _HMAC_INFO: Final = b"session-id-hmac"
 _UNUSABLE: Final = frozenset({KeyStatus.REVOKED, KeyStatus.COMPROMISED, KeyStatus.DESTROYED})
@@ -95,6 +111,12 @@ class SessionSettings:
     """Absolute lifetime in seconds since creation or the last ``regenerate()``."""
     prefix: str = "aiocrypt:session:"
     """Prefix of every Redis key the store writes."""
+    sid_bytes: int = _SID_BYTES
+    """Random bytes in a new session id (at least 32)."""
+    refresh_each_request: bool = True
+    """Every load of a session resets its Redis TTL (False: only writes do)."""
+    permanent: bool = False
+    """``session.permanent`` of a session that never set it."""
 
     def __post_init__(self) -> None:
         for name in ("ttl", "lifetime"):
@@ -103,6 +125,18 @@ class SessionSettings:
                 raise ConfigurationError(f"session {name} must be a positive number of seconds")
         if not isinstance(self.prefix, str) or not self.prefix:
             raise ConfigurationError("session key prefix must be a non-empty string")
+        if isinstance(self.sid_bytes, bool) or not isinstance(self.sid_bytes, int) \
+                or not _SID_BYTES <= self.sid_bytes <= _MAX_SID_BYTES:
+            raise ConfigurationError(
+                f"session id length must be {_SID_BYTES} to {_MAX_SID_BYTES} random bytes")
+
+
+class SessionSerializer(Protocol):
+    """Turns a session dict into text and back (Flask's ``TaggedJSONSerializer`` is one)."""
+
+    def dumps(self, value: Any) -> str: ...
+
+    def loads(self, value: str) -> Any: ...
 
 
 class EncryptedSession(dict[str, Any]):
@@ -110,22 +144,28 @@ class EncryptedSession(dict[str, Any]):
 
     Assignments, deletions and ``update()`` mark it ``modified``; changes made
     inside a nested value (``session["cart"].append(x)``) do not, so set
-    ``session.modified = True`` after them. ``regenerate()`` gives the session
-    a new id on save (call it at login, against session fixation); ``clear()``
-    empties it and also drops its id (logout). Tuples are stored as lists.
-    The session id is never exposed here, nor in the repr.
+    ``session.modified = True`` after them. Reading it (``[]``, ``get``,
+    ``in``, iterating) marks it ``accessed``. ``regenerate()`` gives the
+    session a new id on save (call it at login, against session fixation);
+    ``clear()`` empties it and also drops its id (logout). The session id is
+    never exposed here, nor in the repr.
+
+    A session opened lazily (``SyncRedisSessionStore.open``) is read from
+    Redis the first time it is accessed, so a request that never touches it
+    costs no Redis call.
     """
 
     new: bool
     """No stored session was found for the request (there was no cookie, or it was unusable)."""
     modified: bool
-    accessed: bool
 
     def __init__(self, data: Mapping[str, Any] | None = None) -> None:
         super().__init__(data or {})
+        self._pending: Callable[[], None] | None = None
+        self._accessed = False
         self.new = True
         self.modified = False
-        self.accessed = False
+        self._default_permanent = False
         self._sid: str | None = None
         self._redis_key: str | None = None
         self._created_ms = 0
@@ -143,6 +183,28 @@ class EncryptedSession(dict[str, Any]):
         self._redis_key = redis_key
         self._created_ms = created_ms
 
+    @property
+    def accessed(self) -> bool:
+        """The session was read or written during this request."""
+        return self._accessed
+
+    @accessed.setter
+    def accessed(self, value: bool) -> None:
+        pending = self._pending
+        if value and pending is not None:
+            pending()  # the lazy load (or the outage it met): raises before marking anything
+            self._pending = None
+        self._accessed = value
+
+    @property
+    def permanent(self) -> bool:
+        """A persistent cookie (``Max-Age``) rather than one that ends with the browser."""
+        return bool(dict.get(self, "_permanent", self._default_permanent))
+
+    @permanent.setter
+    def permanent(self, value: bool) -> None:
+        self["_permanent"] = bool(value)
+
     def can_save_without_cookie(self) -> bool:
         """True if saving keeps the current id (nothing to tell the client)."""
         return self._redis_key is not None and not self._regenerate and bool(self)
@@ -157,6 +219,30 @@ class EncryptedSession(dict[str, Any]):
     def __getitem__(self, key: str) -> Any:
         self.accessed = True
         return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.accessed = True
+        return super().__contains__(key)
+
+    def __iter__(self) -> Iterator[str]:
+        self.accessed = True
+        return super().__iter__()
+
+    def keys(self) -> Any:
+        self.accessed = True
+        return super().keys()
+
+    def values(self) -> Any:
+        self.accessed = True
+        return super().values()
+
+    def items(self) -> Any:
+        self.accessed = True
+        return super().items()
+
+    def copy(self) -> dict[str, Any]:
+        self.accessed = True
+        return dict(super().items())
 
     def get(self, key: str, default: Any = None) -> Any:
         self.accessed = True
@@ -220,9 +306,9 @@ class SaveResult:
     session_id: str | None = field(default=None, repr=False)
 
 
-def new_session_id() -> str:
-    """256 random bits, URL-safe base64 without padding (43 characters)."""
-    return secrets.token_urlsafe(_SID_BYTES)
+def new_session_id(nbytes: int = _SID_BYTES) -> str:
+    """``nbytes`` (default 32: 256 bits) random bytes, URL-safe base64 without padding."""
+    return secrets.token_urlsafe(max(nbytes, _SID_BYTES))
 
 
 def _context(sid: str) -> bytes:
@@ -254,9 +340,11 @@ def _text(raw: bytes | str) -> str | None:
 class _SessionCodec:
     """The pure part shared by both stores: Redis keys, envelopes and save plans."""
 
-    def __init__(self, settings: SessionSettings, clock: Callable[[], float]) -> None:
+    def __init__(self, settings: SessionSettings, clock: Callable[[], float],
+                 serializer: SessionSerializer | None = None) -> None:
         self.settings = settings
         self.clock = clock
+        self.serializer = serializer
         self._index: tuple[Keyring, tuple[bytes, ...]] | None = None
 
     def _hmac_keys(self, keyring: Keyring) -> tuple[bytes, ...]:
@@ -283,14 +371,29 @@ class _SessionCodec:
     def usable_cookie(value: str | None) -> str | None:
         return value if value is not None and _SID_RE.fullmatch(value) else None
 
+    def new_session(self, session_class: type[_S], cookie_value: str | None) -> _S:
+        session = session_class()
+        session._had_cookie = cookie_value is not None
+        session._default_permanent = self.settings.permanent
+        return session
+
     def envelope(self, session: EncryptedSession) -> dict[str, Any]:
-        return {"d": _plain(dict(session)), "c": session._created_ms}
+        data = dict(dict.items(session))  # not session.items(): saving is no access
+        if self.serializer is None:  # version 1: the value codec, tuples as lists
+            return {"d": _plain(data), "c": session._created_ms}
+        return {"v": _ENVELOPE_V2, "s": self.serializer.dumps(data), "c": session._created_ms}
 
     def unpack(self, envelope: Any) -> tuple[dict[str, Any], int] | None:
         """(data, created ms), or None when the payload is malformed or past its lifetime."""
         if not isinstance(envelope, dict):
             return None
         data, created = envelope.get("d"), envelope.get("c")
+        if envelope.get("v") == _ENVELOPE_V2 and self.serializer is not None \
+                and isinstance(envelope.get("s"), str):
+            try:
+                data = self.serializer.loads(envelope["s"])
+            except (ValueError, TypeError, KeyError):
+                return None
         if not isinstance(data, dict) or not isinstance(created, int):
             return None
         if self.now_ms() - created >= self.settings.lifetime * 1000:
@@ -299,6 +402,10 @@ class _SessionCodec:
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    def fetch_ttl(self) -> int | None:
+        """The TTL a load resets (GETEX), or None: a plain GET."""
+        return self.settings.ttl if self.settings.refresh_each_request else None
 
     @staticmethod
     def unchanged(session: EncryptedSession) -> bool:
@@ -326,7 +433,7 @@ class _SessionCodec:
         if redis_key is not None and not session.modified:
             return delete, None, SaveResult(CookieAction.KEEP, sid)
         if sid is None or redis_key is None:
-            sid = new_session_id()
+            sid = new_session_id(self.settings.sid_bytes)
             redis_key = redis_key_for(sid)
             session._created_ms = self.now_ms()
             session._regenerate = False
@@ -339,16 +446,18 @@ class RedisSessionStore:
 
     ``await store.load(cookie_value)`` gives a session (a fresh one when the
     cookie is missing or unusable); ``await store.save(session)`` writes it
-    and says what to do with the cookie.
+    and says what to do with the cookie. Redis not answering raises
+    ``StoreUnavailableError``.
     """
 
     def __init__(self, service: EncryptionService, redis: redis.asyncio.Redis,
                  settings: SessionSettings | None = None, *,
+                 serializer: SessionSerializer | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.service = service
         self.redis = redis
         self.settings = settings if settings is not None else SessionSettings()
-        self._codec = _SessionCodec(self.settings, clock)
+        self._codec = _SessionCodec(self.settings, clock, serializer)
 
     def __repr__(self) -> str:
         return f"<RedisSessionStore prefix={self.settings.prefix!r} ttl={self.settings.ttl}>"
@@ -369,13 +478,18 @@ class RedisSessionStore:
 
     async def load(self, cookie_value: str | None,
                    session_class: type[_S] = EncryptedSession) -> _S:  # type: ignore[assignment]
-        session = session_class()
-        session._had_cookie = cookie_value is not None
+        session = self._codec.new_session(session_class, cookie_value)
         sid = self._codec.usable_cookie(cookie_value)
         if sid is None:
             return session
+        with translate_outage("session"):
+            await self._load_into(session, sid)
+        return session
+
+    async def _load_into(self, session: EncryptedSession, sid: str) -> None:
         keys = (await self._redis_keys())(sid)
-        raw = await self.redis.getex(keys[0], ex=self.settings.ttl)
+        ttl = self._codec.fetch_ttl()
+        raw = await (self.redis.getex(keys[0], ex=ttl) if ttl else self.redis.get(keys[0]))
         if raw is None and len(keys) > 1:
             for old_key, value in zip(keys[1:], await self.redis.mget(keys[1:]), strict=True):
                 if value is not None:
@@ -383,7 +497,7 @@ class RedisSessionStore:
                     await self._move(old_key, keys[0])
                     break
         if raw is None:
-            return session
+            return
         token = _text(raw)
         unpacked = None
         if token is not None:
@@ -395,9 +509,8 @@ class RedisSessionStore:
                 unpacked = self._codec.unpack(envelope)
         if unpacked is None:
             await self.redis.delete(keys[0])
-            return session
+            return
         session._bind(unpacked[0], sid, keys[0], unpacked[1])
-        return session
 
     async def _move(self, old_key: str, new_key: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -407,8 +520,14 @@ class RedisSessionStore:
             await pipe.execute(raise_on_error=False)
 
     async def save(self, session: EncryptedSession) -> SaveResult:
+        if session._pending is not None:  # never read: nothing to write, nothing to tell
+            return SaveResult(CookieAction.NONE)
         if self._codec.unchanged(session):
             return SaveResult(CookieAction.KEEP, session._sid)
+        with translate_outage("session"):
+            return await self._write(session)
+
+    async def _write(self, session: EncryptedSession) -> SaveResult:
         redis_keys = await self._redis_keys() if self._codec.needs_new_id(session) else _no_keys
         existed = session._redis_key is not None and not session._regenerate
         delete, write, result = self._codec.plan(session, lambda sid: redis_keys(sid)[0])
@@ -430,7 +549,8 @@ class RedisSessionStore:
     async def delete(self, session: EncryptedSession) -> None:
         """Remove the stored session now (the cookie is deleted when the session is saved)."""
         if session._redis_key is not None:
-            await self.redis.delete(session._redis_key)
+            with translate_outage("session"):
+                await self.redis.delete(session._redis_key)
         dict.clear(session)
         session.regenerate()
 
@@ -442,49 +562,63 @@ class SyncRedisSessionStore:
     ``lambda: service.keyring`` while something keeps the service refreshed);
     ``load_key(key_id)`` is called once when a payload names a key the snapshot
     does not hold (rotated by another process) and should load it.
+    ``open(cookie_value)`` is ``load`` deferred to the session's first access.
     """
 
     def __init__(self, keyring: Callable[[], Keyring], redis: redis.Redis,
                  settings: SessionSettings | None = None, *,
                  load_key: Callable[[str], object] | None = None,
+                 serializer: SessionSerializer | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._get_keyring = keyring
         self.redis = redis
         self.settings = settings if settings is not None else SessionSettings()
         self._load_key = load_key
-        self._codec = _SessionCodec(self.settings, clock)
+        self._codec = _SessionCodec(self.settings, clock, serializer)
 
     def __repr__(self) -> str:
         return f"<SyncRedisSessionStore prefix={self.settings.prefix!r} ttl={self.settings.ttl}>"
 
     def load(self, cookie_value: str | None,
              session_class: type[_S] = EncryptedSession) -> _S:  # type: ignore[assignment]
-        session = session_class()
-        session._had_cookie = cookie_value is not None
-        sid = self._codec.usable_cookie(cookie_value)
-        if sid is None:
-            return session
-        keys = self._codec.redis_keys(self._get_keyring(), sid)
-        raw: Any = self.redis.getex(keys[0], ex=self.settings.ttl)
-        if raw is None and len(keys) > 1:
-            older: list[Any] = self.redis.mget(keys[1:])  # type: ignore[assignment]
-            for old_key, value in zip(keys[1:], older, strict=True):
-                if value is not None:
-                    raw = value
-                    with self.redis.pipeline(transaction=True) as pipe:
-                        pipe.rename(old_key, keys[0])
-                        pipe.expire(keys[0], self.settings.ttl)
-                        pipe.execute(raise_on_error=False)
-                    break
-        if raw is None:
-            return session
-        token = _text(raw)
-        unpacked = None if token is None else self._codec.unpack(self._decrypt(token, sid))
-        if unpacked is None:
-            self.redis.delete(keys[0])
-            return session
-        session._bind(unpacked[0], sid, keys[0], unpacked[1])
+        session = self.open(cookie_value, session_class)
+        pending, session._pending = session._pending, None
+        if pending is not None:
+            pending()
         return session
+
+    def open(self, cookie_value: str | None,
+             session_class: type[_S] = EncryptedSession) -> _S:  # type: ignore[assignment]
+        """A session that reads Redis only when first accessed (``StoreUnavailableError`` then)."""
+        session = self._codec.new_session(session_class, cookie_value)
+        sid = self._codec.usable_cookie(cookie_value)
+        if sid is not None:
+            session._pending = functools.partial(self._load_into, session, sid)
+        return session
+
+    def _load_into(self, session: EncryptedSession, sid: str) -> None:
+        with translate_outage("session"):
+            keys = self._codec.redis_keys(self._get_keyring(), sid)
+            ttl = self._codec.fetch_ttl()
+            raw: Any = self.redis.getex(keys[0], ex=ttl) if ttl else self.redis.get(keys[0])
+            if raw is None and len(keys) > 1:
+                older: list[Any] = self.redis.mget(keys[1:])  # type: ignore[assignment]
+                for old_key, value in zip(keys[1:], older, strict=True):
+                    if value is not None:
+                        raw = value
+                        with self.redis.pipeline(transaction=True) as pipe:
+                            pipe.rename(old_key, keys[0])
+                            pipe.expire(keys[0], self.settings.ttl)
+                            pipe.execute(raise_on_error=False)
+                        break
+            if raw is None:
+                return
+            token = _text(raw)
+            unpacked = None if token is None else self._codec.unpack(self._decrypt(token, sid))
+            if unpacked is None:
+                self.redis.delete(keys[0])
+                return
+        session._bind(unpacked[0], sid, keys[0], unpacked[1])
 
     def _decrypt(self, token: str, sid: str) -> Any:
         try:
@@ -501,8 +635,14 @@ class SyncRedisSessionStore:
             return None
 
     def save(self, session: EncryptedSession) -> SaveResult:
+        if session._pending is not None:  # never read: nothing to write, nothing to tell
+            return SaveResult(CookieAction.NONE)
         if self._codec.unchanged(session):
             return SaveResult(CookieAction.KEEP, session._sid)
+        with translate_outage("session"):
+            return self._write(session)
+
+    def _write(self, session: EncryptedSession) -> SaveResult:
         keyring = self._get_keyring()
         existed = session._redis_key is not None and not session._regenerate
         delete, write, result = self._codec.plan(
@@ -526,7 +666,8 @@ class SyncRedisSessionStore:
     def delete(self, session: EncryptedSession) -> None:
         """Remove the stored session now (the cookie is deleted when the session is saved)."""
         if session._redis_key is not None:
-            self.redis.delete(session._redis_key)
+            with translate_outage("session"):
+                self.redis.delete(session._redis_key)
         dict.clear(session)
         session.regenerate()
 
@@ -534,6 +675,7 @@ class SyncRedisSessionStore:
 # -- configuration of the web extensions --------------------------------------
 
 _SAMESITE: Final = {"strict": "Strict", "lax": "Lax", "none": "None"}
+_UNSET: Final[Any] = object()
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -547,75 +689,166 @@ def _bool(name: str, value: Any) -> bool:
 
 
 def _seconds(name: str, value: Any) -> int:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
     try:
         seconds = int(value)
     except (TypeError, ValueError):
         raise ConfigurationError(f"{name} must be a whole number of seconds") from None
-    if seconds < 1:
+    if isinstance(value, bool) or seconds < 1:
         raise ConfigurationError(f"{name} must be at least 1 second")
     return seconds
 
 
+def _text_value(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{name} must be a non-empty string")
+    return value
+
+
+class _Config:
+    """Looks keys up in order: the first one set (not None) wins; errors name that key."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self._config = config
+
+    def first(self, *names: str, default: Any = _UNSET) -> tuple[str, Any]:
+        for name in names:
+            value = self._config.get(name)
+            if value is not None:
+                return name, value
+        return names[0], default
+
+
 @dataclass(frozen=True)
 class WebSettings:
-    """The ``AIOCRYPT_*`` configuration keys of the Quart and Flask extensions.
+    """The configuration of the Quart and Flask extensions, read once by ``init_app``.
 
-    ========================  ==========================  ==========================================
-    key                       default                     meaning
-    ========================  ==========================  ==========================================
-    AIOCRYPT_REDIS_URL        redis://127.0.0.1:6379/0    Redis for sessions and the cache
-    AIOCRYPT_SESSION_TTL      3600                        idle timeout (s), sliding
-    AIOCRYPT_SESSION_LIFETIME 86400                       absolute lifetime (s)
-    AIOCRYPT_SESSION_PREFIX   aiocrypt:session:           Redis key prefix of sessions
-    AIOCRYPT_CACHE_PREFIX     aiocrypt:cache:             Redis key prefix of the cache
-    AIOCRYPT_CACHE_TTL        300                         default cache TTL (s)
-    AIOCRYPT_COOKIE_SECURE    True                        Secure flag of the session cookie
-    AIOCRYPT_COOKIE_SAMESITE  Lax                         SameSite: Strict, Lax or None
-    ========================  ==========================  ==========================================
-
-    The cookie's name, domain and path are the framework's own
-    ``SESSION_COOKIE_NAME`` / ``_DOMAIN`` / ``_PATH``; it is always HttpOnly.
+    Each setting comes from the first key that is set (not ``None``) among an
+    ``AIOCRYPT_*`` override, the framework's own key and Flask-Session's /
+    Quart-Session's name; docs/web.md has the table. A Flask or Quart app's
+    config always holds the framework keys, so their defaults are the
+    framework's (``SESSION_COOKIE_SECURE`` False, ``SESSION_COOKIE_SAMESITE``
+    None, ``PERMANENT_SESSION_LIFETIME`` 31 days); the defaults below apply
+    to a bare mapping.
     """
 
-    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    redis_url: str | None = field(default=None, repr=False)
+    """``AIOCRYPT_REDIS_URL``, else ``SESSION_URI`` (when no ``SESSION_REDIS`` client)."""
+    redis_client: Any = field(default=None, repr=False, compare=False)
+    """``SESSION_REDIS``: a client the app built (the app closes it)."""
     session: SessionSettings = field(default_factory=SessionSettings)
     cache_prefix: str = "aiocrypt:cache:"
     cache_ttl: int = 300
+    cookie_name: str = "session"
+    cookie_domain: str | None = None
+    cookie_path: str = "/"
+    cookie_httponly: bool = True
     cookie_secure: bool = True
-    cookie_samesite: str = "Lax"
+    cookie_samesite: str | None = "Lax"
+    cookie_partitioned: bool = False
+    cache_control: str | None = "private, no-store"
+    """Set on responses that read a non-empty session (unless the view set its own)."""
+    retry_after: int = 5
+    """``Retry-After`` (seconds) of the 503 answered when Redis is unavailable."""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> WebSettings:
-        """Read the keys above from an app's config (missing keys take the defaults)."""
-        default = cls()
+    def from_config(cls, config: Mapping[str, Any], *, client_given: bool = False) \
+            -> WebSettings:
+        """Read the keys from an app's config; ``ConfigurationError`` names a bad key.
 
-        def get(name: str, fallback: Any) -> Any:
-            value = config.get(name)
-            return fallback if value is None else value
+        ``client_given``: the extension was handed a Redis client, so no
+        Redis needs to be configured; otherwise one must be.
+        """
+        default, session_default = cls(), SessionSettings()
+        keys = _Config(config)
 
-        samesite = str(get("AIOCRYPT_COOKIE_SAMESITE", default.cookie_samesite))
-        if samesite.lower() not in _SAMESITE:
-            raise ConfigurationError("AIOCRYPT_COOKIE_SAMESITE must be Strict, Lax or None")
+        name, session_type = keys.first("SESSION_TYPE", default="redis")
+        if str(session_type).lower() != "redis":
+            raise ConfigurationError(f"{name} must be 'redis' (aiocrypt stores sessions "
+                                     "in Redis), or unset")
+        name, url = keys.first("AIOCRYPT_REDIS_URL", default=None)
+        client = None
+        if url is None:
+            client = config.get("SESSION_REDIS")
+            if client is None:
+                name, url = keys.first("SESSION_URI", default=None)
+        if url is not None:
+            url = _text_value(name, url)
+        if url is None and client is None and not client_given:
+            raise ConfigurationError(
+                "no Redis for sessions and the cache: set AIOCRYPT_REDIS_URL (or "
+                "SESSION_REDIS / SESSION_URI), or pass redis= to AioCrypt")
+
+        def seconds(*names: str, default: int) -> int:
+            name, value = keys.first(*names, default=default)
+            return _seconds(name, value)
+
+        def flag(*names: str, default: bool) -> bool:
+            name, value = keys.first(*names, default=default)
+            return _bool(name, value)
+
+        def text(*names: str, default: str) -> str:
+            name, value = keys.first(*names, default=default)
+            return _text_value(name, value)
+
+        name, samesite = keys.first("AIOCRYPT_COOKIE_SAMESITE", "SESSION_COOKIE_SAMESITE",
+                                    default=None if "SESSION_COOKIE_SAMESITE" in config
+                                    else default.cookie_samesite)
+        if samesite is not None:
+            if not isinstance(samesite, str) or samesite.lower() not in _SAMESITE:
+                raise ConfigurationError(f"{name} must be Strict, Lax, None (the string) "
+                                         "or unset")
+            samesite = _SAMESITE[samesite.lower()]
+        name_id, sid_bytes = keys.first("SESSION_ID_LENGTH", default=session_default.sid_bytes)
+        if isinstance(sid_bytes, bool) or not isinstance(sid_bytes, int) \
+                or not _SID_BYTES <= sid_bytes <= _MAX_SID_BYTES:
+            raise ConfigurationError(f"{name_id} must be a number of random bytes from "
+                                     f"{_SID_BYTES} to {_MAX_SID_BYTES}")
+        name_cc, cache_control = keys.first("AIOCRYPT_SESSION_CACHE_CONTROL",
+                                            default=default.cache_control)
+        if cache_control is False or cache_control == "":
+            cache_control = None
+        elif cache_control is not None:
+            cache_control = _text_value(name_cc, cache_control)
+        domain = config.get("SESSION_COOKIE_DOMAIN") or None  # Flask: False / None: no domain
+        if domain is not None:
+            domain = _text_value("SESSION_COOKIE_DOMAIN", domain)
         settings = cls(
-            redis_url=str(get("AIOCRYPT_REDIS_URL", default.redis_url)),
+            redis_url=url,
+            redis_client=client,
             session=SessionSettings(
-                ttl=_seconds("AIOCRYPT_SESSION_TTL",
-                             get("AIOCRYPT_SESSION_TTL", default.session.ttl)),
-                lifetime=_seconds("AIOCRYPT_SESSION_LIFETIME",
-                                  get("AIOCRYPT_SESSION_LIFETIME", default.session.lifetime)),
-                prefix=str(get("AIOCRYPT_SESSION_PREFIX", default.session.prefix)),
+                ttl=seconds("AIOCRYPT_SESSION_TTL", "PERMANENT_SESSION_LIFETIME",
+                            default=session_default.ttl),
+                lifetime=seconds("AIOCRYPT_SESSION_LIFETIME", default=session_default.lifetime),
+                prefix=text("AIOCRYPT_SESSION_PREFIX", "SESSION_KEY_PREFIX",
+                            default=session_default.prefix),
+                sid_bytes=sid_bytes,
+                refresh_each_request=flag("SESSION_REFRESH_EACH_REQUEST", default=True),
+                permanent=flag("SESSION_PERMANENT", default=False),
             ),
-            cache_prefix=str(get("AIOCRYPT_CACHE_PREFIX", default.cache_prefix)),
-            cache_ttl=_seconds("AIOCRYPT_CACHE_TTL", get("AIOCRYPT_CACHE_TTL",
-                                                         default.cache_ttl)),
-            cookie_secure=_bool("AIOCRYPT_COOKIE_SECURE",
-                                get("AIOCRYPT_COOKIE_SECURE", default.cookie_secure)),
-            cookie_samesite=_SAMESITE[samesite.lower()],
+            cache_prefix=text("AIOCRYPT_CACHE_PREFIX", default=default.cache_prefix),
+            cache_ttl=seconds("AIOCRYPT_CACHE_TTL", default=default.cache_ttl),
+            cookie_name=text("SESSION_COOKIE_NAME", default=default.cookie_name),
+            cookie_domain=domain,
+            cookie_path=text("SESSION_COOKIE_PATH", "APPLICATION_ROOT",
+                             default=default.cookie_path),
+            cookie_httponly=flag("SESSION_COOKIE_HTTPONLY", default=default.cookie_httponly),
+            cookie_secure=flag("AIOCRYPT_COOKIE_SECURE", "SESSION_COOKIE_SECURE",
+                               default=default.cookie_secure),
+            cookie_samesite=samesite,
+            cookie_partitioned=flag("SESSION_COOKIE_PARTITIONED",
+                                    default=default.cookie_partitioned),
+            cache_control=cache_control,
+            retry_after=seconds("AIOCRYPT_RETRY_AFTER", default=default.retry_after),
         )
         if settings.cookie_samesite == "None" and not settings.cookie_secure:
-            raise ConfigurationError("AIOCRYPT_COOKIE_SAMESITE=None needs AIOCRYPT_COOKIE_SECURE")
+            raise ConfigurationError("SESSION_COOKIE_SAMESITE=None needs SESSION_COOKIE_SECURE "
+                                     "(browsers drop such a cookie)")
         if settings.cache_prefix == settings.session.prefix:
-            raise ConfigurationError("the session and cache Redis prefixes must differ")
+            raise ConfigurationError("the session and cache Redis prefixes must differ "
+                                     "(AIOCRYPT_SESSION_PREFIX / SESSION_KEY_PREFIX and "
+                                     "AIOCRYPT_CACHE_PREFIX)")
         return settings
 
     @staticmethod
@@ -623,30 +856,41 @@ class WebSettings:
         """Key types the extensions make sure exist at startup."""
         return (KeyType.SESSION, SESSION_INDEX_KEY_TYPE, KeyType.CACHE)
 
+    def outage_body(self) -> tuple[str, dict[str, str]]:
+        """The JSON body and headers of the default 503 for ``StoreUnavailableError``."""
+        return ('{"error": "temporarily unavailable"}',
+                {"Retry-After": str(self.retry_after), "Cache-Control": "no-store"})
 
-def apply_cookie(interface: Any, app: Any, settings: WebSettings, session: EncryptedSession,
-                 result: SaveResult, response: Any) -> None:
+
+def apply_cookie(settings: WebSettings, session: EncryptedSession, result: SaveResult,
+                 response: Any) -> None:
     """Set, refresh or delete the session cookie on a werkzeug-style response.
 
-    ``interface`` is the framework's session interface (Flask and Quart share
-    its ``get_cookie_*`` helpers). The cookie is always HttpOnly; it is
-    persistent (``Max-Age`` = the idle TTL, refreshed on each response) only
-    when ``session.permanent`` is set, else it ends with the browser session.
+    Nothing happens for a session the request never accessed (no cookie, no
+    ``Vary``). Otherwise: ``Vary: Cookie``; ``Cache-Control`` (``settings.cache_control``)
+    when the session holds or held data and the view set none; the cookie is
+    persistent (``Max-Age`` = the idle TTL) when ``session.permanent``,
+    refreshed on each such response if ``refresh_each_request``, else only
+    when the session was written.
     """
-    name = interface.get_cookie_name(app)
+    if not session.accessed:
+        return
+    response.vary.add("Cookie")
+    if settings.cache_control is not None and "Cache-Control" not in response.headers \
+            and (not session.new or dict.__len__(session)):
+        response.headers["Cache-Control"] = settings.cache_control
     options: dict[str, Any] = {
-        "domain": interface.get_cookie_domain(app),
-        "path": interface.get_cookie_path(app),
+        "domain": settings.cookie_domain,
+        "path": settings.cookie_path,
         "secure": settings.cookie_secure,
         "samesite": settings.cookie_samesite,
-        "httponly": True,
-        "partitioned": interface.get_cookie_partitioned(app),
+        "httponly": settings.cookie_httponly,
+        "partitioned": settings.cookie_partitioned,
     }
-    permanent = bool(dict.get(session, "_permanent", False))  # without marking it accessed
-    if session.accessed or result.action is not CookieAction.NONE:
-        response.vary.add("Cookie")
+    permanent = session.permanent
+    refresh = permanent and settings.session.refresh_each_request
     if result.action is CookieAction.DELETE:
-        response.delete_cookie(name, **options)
-    elif result.action is CookieAction.SET or (result.action is CookieAction.KEEP and permanent):
-        response.set_cookie(name, result.session_id or "",
+        response.delete_cookie(settings.cookie_name, **options)
+    elif result.action is CookieAction.SET or (result.action is CookieAction.KEEP and refresh):
+        response.set_cookie(settings.cookie_name, result.session_id or "",
                             max_age=settings.session.ttl if permanent else None, **options)

@@ -70,6 +70,7 @@ async def test_quart_starts_and_closes_the_service(config: dict[str, Any],
 async def test_quart_permanent_session_cookie(config: dict[str, Any],
                                               aredis: aioredis.Redis) -> None:
     config["AIOCRYPT_COOKIE_SAMESITE"] = "Strict"
+    config["SESSION_COOKIE_SECURE"] = True
     app = quart_app(config, make_service())
     async with app.test_app() as test_app:
         client = test_app.test_client()
@@ -88,6 +89,7 @@ async def test_quart_permanent_session_cookie(config: dict[str, Any],
 def test_init_twice_and_missing_init() -> None:
     service = make_service()
     app = Quart(__name__)
+    app.config["AIOCRYPT_REDIS_URL"] = "redis://127.0.0.1:6379/15"
     ext = quart_ext.AioCrypt(service=service)
     ext.init_app(app)
     with pytest.raises(RuntimeError, match="already"):
@@ -95,6 +97,7 @@ def test_init_twice_and_missing_init() -> None:
     with pytest.raises(RuntimeError, match="init_app"):
         quart_ext.AioCrypt.state(Quart("other"))
     flask_app = Flask(__name__)
+    flask_app.config["SESSION_URI"] = "redis://127.0.0.1:6379/15"
     flask_ext.AioCrypt(flask_app, service=service)
     with pytest.raises(RuntimeError, match="already"):
         flask_ext.AioCrypt(flask_app, service=service)

@@ -66,10 +66,9 @@ async def test_round_trip_keeps_types_and_tracks_changes(store: RedisSessionStor
 
     loaded = await store.load(sid)
     assert not loaded.new and not loaded.modified
+    assert loaded.accessed is False  # loading is not reading
     assert dict(loaded) == {"user_id": 7, "name": "Zoë", "balance": 12.5, "tags": ["a", "b"],
                             "nested": {"k": None}}
-    assert loaded.accessed is False
-    loaded.get("user_id")
     assert loaded.accessed and not loaded.modified
     assert (await store.save(loaded)).action is CookieAction.KEEP
 
@@ -379,13 +378,18 @@ def test_settings_from_config() -> None:
     assert settings.session.ttl == 120 and settings.session.lifetime == 86400
     assert settings.cookie_secure is False and settings.cookie_samesite == "Strict"
     assert "pw" not in repr(settings)
-    assert WebSettings.from_config({}) == WebSettings()
-    for bad in ({"AIOCRYPT_SESSION_TTL": 0}, {"AIOCRYPT_SESSION_TTL": "soon"},
-                {"AIOCRYPT_COOKIE_SAMESITE": "sometimes"}, {"AIOCRYPT_COOKIE_SECURE": "maybe"},
-                {"AIOCRYPT_COOKIE_SAMESITE": "None", "AIOCRYPT_COOKIE_SECURE": False},
-                {"AIOCRYPT_CACHE_PREFIX": "p:", "AIOCRYPT_SESSION_PREFIX": "p:"}):
-        with pytest.raises(ConfigurationError):
-            WebSettings.from_config(bad)
+    assert WebSettings.from_config({}, client_given=True) == WebSettings()
+    url = {"AIOCRYPT_REDIS_URL": "redis://host/1"}
+    for bad, key in (({"AIOCRYPT_SESSION_TTL": 0}, "AIOCRYPT_SESSION_TTL"),
+                     ({"AIOCRYPT_SESSION_TTL": "soon"}, "AIOCRYPT_SESSION_TTL"),
+                     ({"AIOCRYPT_COOKIE_SAMESITE": "sometimes"}, "AIOCRYPT_COOKIE_SAMESITE"),
+                     ({"AIOCRYPT_COOKIE_SECURE": "maybe"}, "AIOCRYPT_COOKIE_SECURE"),
+                     ({"AIOCRYPT_COOKIE_SAMESITE": "None", "AIOCRYPT_COOKIE_SECURE": False},
+                      "SESSION_COOKIE_SAMESITE"),
+                     ({"AIOCRYPT_CACHE_PREFIX": "p:", "AIOCRYPT_SESSION_PREFIX": "p:"},
+                      "AIOCRYPT_CACHE_PREFIX")):
+        with pytest.raises(ConfigurationError, match=key):
+            WebSettings.from_config({**url, **bad})
 
 
 def test_session_class_is_a_plain_dict_to_callers() -> None:

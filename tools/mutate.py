@@ -277,6 +277,11 @@ def make_workspace(base: Path, index: int) -> Path:
     link = target / "aiocrypt" / "integrations"
     if not link.exists():
         link.symlink_to(target / "integrations", target_is_directory=True)
+    probe = "import aiocrypt, aiocrypt.integrations as i; print(aiocrypt.__file__, i.__file__)"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=target, env=_env(target),  # noqa: S603
+                           capture_output=True, text=True, check=True).stdout.split()
+    if not all(Path(f).resolve().is_relative_to(target.resolve()) for f in found):
+        raise SystemExit(f"the copy in {target} imports aiocrypt from elsewhere: {found}")
     return target
 
 
@@ -294,8 +299,10 @@ def run_tests(workspace: Path, tests: list[str], timeout: float | None) -> tuple
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "--no-header", "-p", "no:cacheprovider",
            "-o", "addopts=--strict-markers", "--tb=no", *tests]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd,  # noqa: S603 (our own interpreter, our own arguments) cwd=workspace, env=_env(workspace), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    # our own interpreter and arguments, in our own copy of the tree
+    proc = subprocess.Popen(cmd, cwd=workspace, env=_env(workspace),  # noqa: S603
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -437,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     equivalents = load_equivalents()
     deadline = time.monotonic() + 60 * args.max_minutes
     base = Path(tempfile.mkdtemp(prefix="mutate-"))
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # so the copies are removed
     try:
         workspaces: queue.Queue[Path] = queue.Queue()
         for i in range(max(1, args.jobs)):
@@ -451,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     if time.monotonic() > deadline:
         print(f"\nStopped at --max-minutes {args.max_minutes:g}: some mutants were not run.")
     return 1 if any(r.error for r in results) else 0
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _module_path(name: str) -> str:

@@ -161,6 +161,16 @@ class EncryptedData:
         return Header(_ALG_BY_NAME[self.algorithm], FLAG_ZSTD if self.compressed else 0,
                       self.key_id, self.format_version)
 
+    @property
+    def plaintext_size(self) -> int:
+        """Bytes ``decrypt_bulk_data`` writes (before decompression, when compressed):
+        the size an ``out=`` buffer needs."""
+        size = len(self.encrypted_data)
+        if self.segment_size is None:
+            return size
+        stride = self.segment_size + TAG_BYTES
+        return size - TAG_BYTES * ((size + TAG_BYTES - 1) // stride)
+
     def body(self) -> bytes:
         return self._parameters + bytes(self.encrypted_data) + self.tag
 
@@ -246,6 +256,13 @@ class StreamEncryptor:
         self._finished = last
         self._cipher.encrypt_into(nonce, chunk, self._aad, out)
 
+    def seal_segment_into(self, index: int, chunk: bytes | memoryview, last: bool,
+                          out: memoryview) -> None:
+        """Seal segment ``index`` of a payload whose segments the caller lays out, so
+        several threads can seal one payload. The caller seals each index exactly once
+        (:class:`BulkSealer` does); the nonce is the index, as :meth:`seal_into` uses."""
+        self._cipher.encrypt_into(stream_nonce(self.prefix, index, last), chunk, self._aad, out)
+
 
 class StreamDecryptor:
     """Opens one stream segment by segment; raises ``DecryptionError`` on any tampering.
@@ -281,6 +298,17 @@ class StreamDecryptor:
             raise decryption_failed(_AUTHENTICATION, self._key_id) from None
         self._finished = last
         return plaintext
+
+    def open_segment_into(self, index: int, sealed: bytes | memoryview, last: bool,
+                          out: memoryview) -> None:
+        """Open segment ``index`` of a payload whose segment bounds the caller knows
+        (:class:`BulkOpener`: the last one is the last by position, so truncation and
+        reordering still fail to authenticate)."""
+        try:
+            self._cipher.decrypt_into(stream_nonce(self._prefix, index, last), sealed,
+                                      self._aad, out)
+        except InvalidTag:
+            raise decryption_failed(_AUTHENTICATION, self._key_id) from None
 
     def open_into(self, sealed: bytes | memoryview, last: bool, out: memoryview) -> None:
         """As :meth:`open`, writing the plaintext into ``out`` (len(sealed) - 16 bytes)."""
@@ -334,40 +362,106 @@ def _buffer(size: int) -> memoryview:
     return memoryview(mmap.mmap(-1, size))
 
 
-class BulkSealer:
-    """Seals one in-memory payload as a stream into one unzeroed buffer, in steps.
+def output_buffer(out: object, size: int, what: str) -> memoryview:
+    """``out`` as a writable byte view of at least ``size`` bytes (its first ``size``)."""
+    try:
+        view = memoryview(out)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"out= must be a writable buffer (bytearray, mmap, numpy array), "
+                        f"not {type(out).__name__}") from None
+    if view.readonly:
+        raise TypeError("out= must be writable (bytes is read-only: use a bytearray)")
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    if len(view) < size:
+        raise ValueError(f"out= holds {len(view)} bytes; {what} needs {size}")
+    return view[:size]
 
-    Each :meth:`step` seals whole segments, about ``max_bytes`` of them, so a
-    caller can run one step per worker-thread hop: no hop holds the GIL for long
-    and concurrent jobs interleave. Nothing is copied afterwards: the result's
-    ``encrypted_data`` is a read-only memoryview over the buffer.
+
+def sealed_size(plaintext_size: int, segment_size: int) -> int:
+    """Bytes of a segmented payload's ciphertext and tags (``encrypted_data`` + ``tag``)."""
+    return plaintext_size + TAG_BYTES * max(1, -(-plaintext_size // segment_size))
+
+
+def split_ranges(count: int, parts: int) -> list[tuple[int, int]]:
+    """``count`` segment indexes in at most ``parts`` contiguous ``(first, stop)`` ranges."""
+    parts = max(1, min(parts, count))
+    size, extra = divmod(count, parts)
+    ranges, first = [], 0
+    for part in range(parts):
+        stop = first + size + (1 if part < extra else 0)
+        ranges.append((first, stop))
+        first = stop
+    return ranges
+
+
+class _BulkJob:
+    """The segments of one in-memory payload, worked in order or in ranges."""
+
+    segments: int
+    segment_size: int
+    done: bool
+    _next: int
+
+    def run_range(self, first: int, stop: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step(self, max_bytes: int) -> bool:
+        """Work the next segments in order until about ``max_bytes`` are done; True once
+        all are."""
+        count = max(1, -(-max_bytes // self.segment_size))
+        stop = min(self.segments, self._next + count)
+        self.run_range(self._next, stop)
+        self._next = stop
+        self.done = stop == self.segments
+        return self.done
+
+    def ranges(self, parts: int) -> list[tuple[int, int]]:
+        """The segments in at most ``parts`` ranges for :meth:`run_range`; call
+        :meth:`ranges_done` once every range is done."""
+        return split_ranges(self.segments, parts)
+
+    def ranges_done(self) -> None:
+        self._next = self.segments
+        self.done = True
+
+
+class BulkSealer(_BulkJob):
+    """Seals one in-memory payload as a stream into one unzeroed buffer, in parts.
+
+    Segment ``i`` of the plaintext goes to a fixed place of the output, sealed with
+    nonce ``i``, so the work splits two ways: :meth:`step` seals the next segments
+    in order, about ``max_bytes`` of them (a caller yields to its event loop between
+    steps), and :meth:`run_range` seals any range of them (worker threads sealing
+    one payload in parallel, where the cipher releases the GIL). Either way every
+    segment is sealed exactly once before :meth:`result`. Nothing is copied: the
+    result's ``encrypted_data`` is a read-only view over the buffer (``out=`` when
+    the caller gives one).
     """
 
     def __init__(self, dk: DataKey, data: bytes | memoryview, context: bytes, *,
-                 flags: int = 0, segment_size: int) -> None:
+                 flags: int = 0, segment_size: int,
+                 out: memoryview | None = None) -> None:
         self._enc = StreamEncryptor(dk, context, segment_size, flags=flags)
         self._key_id = dk.key_id
-        source = memoryview(data)
-        self._segments = split_segments(source, segment_size)
-        self._out = _buffer(len(source) + TAG_BYTES * max(1, -(-len(source) // segment_size)))
-        self._pos = 0
+        self._source = memoryview(data)
+        total = len(self._source)
+        self.segments = max(1, -(-total // segment_size))
+        size = sealed_size(total, segment_size)
+        self._out = _buffer(size) if out is None else output_buffer(out, size, "the result")
+        self.segment_size = segment_size
+        self._next = 0
         self.done = False
 
-    def step(self, max_bytes: int) -> bool:
-        """Seal segments until about ``max_bytes`` are done; True once all are."""
-        work = 0
-        out, enc = self._out, self._enc
-        for chunk, last in self._segments:
-            end = self._pos + len(chunk) + TAG_BYTES
-            enc.seal_into(chunk, last, out[self._pos:end])
-            self._pos = end
-            work += len(chunk)
-            if last:
-                self.done = True
-            elif work < max_bytes:
-                continue
-            break
-        return self.done
+    def run_range(self, first: int, stop: int) -> None:
+        """Seal segments ``first`` to ``stop - 1`` (each range once; any order, any thread)."""
+        seg, source, out, enc = self._enc.segment_size, self._source, self._out, self._enc
+        total, last_index = len(source), self.segments - 1
+        for index in range(first, stop):
+            start = index * seg
+            end = min(start + seg, total)
+            at = start + index * TAG_BYTES
+            enc.seal_segment_into(index, source[start:end], index == last_index,
+                                  out[at:at + end - start + TAG_BYTES])
 
     def result(self) -> EncryptedData:
         if not self.done:
@@ -379,15 +473,18 @@ class BulkSealer:
                              bool(enc.flags & FLAG_ZSTD))
 
 
-class BulkOpener:
-    """Opens a segmented ``EncryptedData`` into one unzeroed buffer, in steps.
+class BulkOpener(_BulkJob):
+    """Opens a segmented ``EncryptedData`` into one unzeroed buffer, in parts.
 
-    Raises ``DecryptionError`` (from the constructor or a step) on any tampering;
-    the plaintext is released by :meth:`result` only once every segment
-    authenticated.
+    As :class:`BulkSealer`: :meth:`step` in order, :meth:`run_range` for worker
+    threads. Raises ``DecryptionError`` (from the constructor or a part) on any
+    tampering; the plaintext is released by :meth:`result` only once every segment
+    authenticated. When a part fails, :meth:`scrub` zeroes what was written (the
+    caller's ``out=`` must not keep the plaintext of the segments that did open).
     """
 
-    def __init__(self, dk: DataKey, encrypted: EncryptedData, context: bytes) -> None:
+    def __init__(self, dk: DataKey, encrypted: EncryptedData, context: bytes, *,
+                 out: memoryview | None = None) -> None:
         if encrypted.algorithm != "AES_256_GCM_STREAM" or encrypted.segment_size is None:
             raise decryption_failed(_MALFORMED, encrypted.key_id)
         self._dec = StreamDecryptor(dk, context, encrypted.header.flags,
@@ -395,29 +492,33 @@ class BulkOpener:
                                     encrypted.format_version)
         self._body = memoryview(encrypted.encrypted_data)
         self._tag = bytes(encrypted.tag)
-        bounds = _segment_bounds(len(self._body) + TAG_BYTES, encrypted.segment_size)
-        self._bounds = iter(bounds)
-        self._out = _buffer(len(self._body) + TAG_BYTES * (1 - len(bounds)))
-        self._pos = 0
+        self._bounds = _segment_bounds(len(self._body) + TAG_BYTES, encrypted.segment_size)
+        if len(self._bounds) > MAX_SEGMENTS:
+            raise decryption_failed(_MALFORMED, encrypted.key_id)
+        self.segments = len(self._bounds)
+        size = len(self._body) + TAG_BYTES * (1 - self.segments)
+        self._out = _buffer(size) if out is None else output_buffer(out, size, "the plaintext")
+        self.segment_size = encrypted.segment_size
+        self._next = 0
         self.done = False
 
-    def step(self, max_bytes: int) -> bool:
-        """Open segments until about ``max_bytes`` are done; True once all are."""
-        work = 0
-        body, out, dec = self._body, self._out, self._dec
-        for start, end, last in self._bounds:
+    def run_range(self, first: int, stop: int) -> None:
+        """Open segments ``first`` to ``stop - 1`` (each range once; any order, any thread)."""
+        body, out, dec, bounds = self._body, self._out, self._dec, self._bounds
+        for index in range(first, stop):
+            start, end, last = bounds[index]
             sealed: bytes | memoryview = body[start:end] if not last else \
                 bytes(body[start:]) + self._tag
-            size = end - start - TAG_BYTES
-            dec.open_into(sealed, last, out[self._pos:self._pos + size])
-            self._pos += size
-            work += size
-            if last:
-                self.done = True
-            elif work < max_bytes:
-                continue
-            break
-        return self.done
+            at = start - index * TAG_BYTES
+            dec.open_segment_into(index, sealed, last, out[at:at + end - start - TAG_BYTES])
+
+    def scrub(self) -> None:
+        """Zero the output (after a failed part), a MiB at a time."""
+        out, chunk = self._out, 1024 * 1024
+        zeros = bytes(min(chunk, len(out)))
+        for at in range(0, len(out), chunk):
+            part = out[at:at + chunk]
+            part[:] = zeros[:len(part)]
 
     def result(self) -> memoryview:
         if not self.done:

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Se
 from typing import Any, Final, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from . import _compression
@@ -36,18 +37,23 @@ from ._bulk import (
     StreamEncryptor,
     decrypt_bulk,
     encrypt_bulk,
+    output_buffer,
+    sealed_size,
 )
 from ._codec import STR_TAG, decode_value, encode_value
 from ._config import EncryptionConfig
 from ._crypto import DataKey
 from ._errors import CacheEntryExpiredError, DecryptionError, DecryptionFailure, decryption_failed
 from ._format import FLAG_ZSTD, FORMAT_V1, TEXT_PREFIX_V1, Purpose, context_bytes
+from ._gil import aead_releases_gil, usable_cores
 from ._keyring import Keyring, UnknownKeyError, undecodable
 from ._keys import utcnow
 from ._manager import KeyManager
 from ._streams import (
     BATCH_BYTES,
     DEFAULT_MAX_SEGMENT,
+    INLINE_BYTES,
+    INLINE_SEGMENT_LIMIT,
     open_stream,
     read_file,
     seal_stream,
@@ -88,7 +94,8 @@ class EncryptionService:
     def __init__(self, key_manager: KeyManager, config: EncryptionConfig | None = None, *,
                  clock: Callable[[], _dt.datetime] = utcnow,
                  preload: Sequence[KeyTypeLike] = (),
-                 accept_format_v1: bool = True) -> None:
+                 accept_format_v1: bool = True,
+                 parallel_bulk: bool | None = None) -> None:
         self.key_manager = key_manager
         self.config = config if config is not None else key_manager.config
         self._clock = clock
@@ -100,6 +107,9 @@ class EncryptionService:
         self._compressing = self.config.compression_enabled \
             or bool(self.config.compressed_key_types)
         self._limiter = anyio.CapacityLimiter(perf.thread_limit)
+        #: Whether bulk data is sealed and opened by several worker threads at once
+        #: (None: probe whether the installed cryptography releases the GIL, once).
+        self._parallel_bulk = parallel_bulk
         # False once every stored token was moved to format version 2 (the keyring's
         # own flag, from the config, says the same for sync readers)
         self._refuse_v1 = not accept_format_v1
@@ -166,6 +176,47 @@ class EncryptionService:
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         self.counters["threaded_operations"] += 1
         return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
+    async def parallel_bulk(self) -> bool:
+        """Whether large bulk data is spread over worker threads (see :mod:`aiocrypt._gil`):
+        True only where the cipher releases the GIL, more than one core is usable and
+        the service may run more than one thread; else it is sealed inline."""
+        if self._parallel_bulk is None:
+            releases = await anyio.to_thread.run_sync(aead_releases_gil)
+            self._parallel_bulk = releases and usable_cores() > 1 \
+                and self._limiter.total_tokens > 1
+        return self._parallel_bulk
+
+    def bulk_output_size(self, size: int) -> int:
+        """Bytes an ``out=`` buffer needs for :meth:`encrypt_bulk_data` of ``size`` bytes
+        (uncompressed): the ciphertext and its tags, whatever the size."""
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        return size + 16 if size <= self._threshold else sealed_size(size, self._segment_size)
+
+    async def _bulk_parts(self, job: BulkSealer | BulkOpener) -> None:
+        """Run every segment of ``job``: inline, a MiB at a time with a yield to the loop
+        after each (cryptography holds the GIL, so a thread would add a hand-off and no
+        parallelism); or spread over worker threads when the cipher releases the GIL;
+        or in worker-thread hops when segments are too large to run inline."""
+        if job.segments > 1 and await self.parallel_bulk():
+            try:
+                async with anyio.create_task_group() as group:
+                    for first, stop in job.ranges(min(int(self._limiter.total_tokens),
+                                                      usable_cores())):
+                        group.start_soon(self._run, job.run_range, first, stop)
+            except BaseExceptionGroup as failed:  # a part failed: the others were cancelled
+                first_error = failed.exceptions[0]
+                while isinstance(first_error, BaseExceptionGroup):
+                    first_error = first_error.exceptions[0]
+                raise first_error.with_traceback(None) from None
+            job.ranges_done()
+        elif job.segment_size > INLINE_SEGMENT_LIMIT:
+            while not await self._run(job.step, BATCH_BYTES):
+                pass
+        else:
+            while not job.step(INLINE_BYTES):
+                await anyio.lowlevel.checkpoint()
 
     # -- fields -------------------------------------------------------------
 
@@ -427,43 +478,64 @@ class EncryptionService:
 
     async def encrypt_bulk_data(self, data: bytes | bytearray | memoryview,
                                 key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
-                                context: str | bytes | None = None) -> EncryptedData:
-        """Encrypt a blob: one GCM message when small, 1 MiB segments in a thread when large.
+                                context: str | bytes | None = None,
+                                out: Any = None) -> EncryptedData:
+        """Encrypt a blob: one GCM message when small, 1 MiB segments when large.
 
-        For a segmented result ``encrypted_data`` is a read-only memoryview over the
-        buffer the segments were written into (no copy); ``to_bytes()`` gives a blob.
+        Large payloads are sealed inline with a yield to the event loop every MiB
+        (or by several worker threads where the cipher releases the GIL: see
+        :meth:`parallel_bulk`). For a segmented result ``encrypted_data`` is a
+        read-only memoryview over the buffer the segments were written into (no
+        copy); ``to_bytes()`` gives a blob.
+
+        ``out=``: a writable buffer of at least :meth:`bulk_output_size` bytes to
+        write the ciphertext into instead of fresh memory (a fresh mapping costs a
+        page fault per 4 KiB on first touch: reusing one is several times faster
+        for large payloads, see docs/performance.md). ``encrypted_data`` is then a
+        view over ``out``: keep ``out`` unchanged while the result is in use. Not
+        with compression (the size is not known in advance): ``ValueError``.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"bulk data must be bytes-like, not {type(data).__name__}")
         kt = KeyType(key_type)
+        level = self.compression_level_for(kt)
+        if out is not None and level is not None:
+            raise ValueError(f"out= cannot take compressed bulk data: {kt.value} is "
+                             "compressed, so its size is not known in advance")
         keyring = await self._keyring(kt)
         dk = keyring.active(kt)
         ctx = context_bytes(context)
         large = len(data) > self._threshold
 
-        level = self.compression_level_for(kt)
         payload: bytes | memoryview = memoryview(data)
         if not large:
             if level is not None:
                 payload = _compression.compress(payload, level)
+            target = None if out is None else \
+                output_buffer(out, len(payload) + 16, "the result")
             result = encrypt_bulk(dk, payload, ctx, flags=0 if level is None else FLAG_ZSTD)
+            if target is not None:
+                size = len(result.encrypted_data)
+                target[:size] = result.encrypted_data
+                target[size:] = result.tag
+                result = EncryptedData(target[:size].toreadonly(), result.key_id,
+                                       result.algorithm, result.iv, result.tag)
         else:
             if level is not None:
                 # one zstd record per segment, as compressed streams hold
                 payload = memoryview(await self._run(_compression.compress_records, payload,
                                                      level, self._segment_size))
             job = BulkSealer(dk, payload, ctx, flags=0 if level is None else FLAG_ZSTD,
-                             segment_size=self._segment_size)
-            # a few segments per worker-thread hop: the loop and other jobs get their turn
-            while not await self._run(job.step, BATCH_BYTES):
-                pass
+                             segment_size=self._segment_size, out=out)
+            await self._bulk_parts(job)
             result = job.result()
         self.counters["bulk_encryptions"] += 1
         return result
 
     async def decrypt_bulk_data(self, encrypted: EncryptedData | bytes, *,
                                 key_type: KeyTypeLike,
-                                context: str | bytes | None = None) -> bytes | memoryview:
+                                context: str | bytes | None = None,
+                                out: Any = None) -> bytes | memoryview:
         """Decrypt :meth:`encrypt_bulk_data` output (the object or its ``to_bytes()`` blob).
 
         ``key_type`` is required: data of any other key type is refused, as is
@@ -472,12 +544,20 @@ class EncryptionService:
         read-only ``memoryview`` over one buffer the segments were decrypted into,
         so no GIL-holding copy of the whole payload is ever made; ``bytes(result)``
         makes one if you need it.
+
+        ``out=``: a writable buffer of at least ``encrypted.plaintext_size`` bytes to
+        decrypt into; the result is then a read-only view over its first bytes. If
+        any part fails to authenticate, what was written to ``out`` is zeroed before
+        ``DecryptionError`` is raised. Not for compressed data (``ValueError``).
         """
         kt = _required_key_type(key_type)
         if isinstance(encrypted, (bytes, bytearray, memoryview)):
             encrypted = EncryptedData.from_bytes(encrypted)
         if not isinstance(encrypted, EncryptedData):
             raise TypeError("expected EncryptedData or its to_bytes() blob")
+        if out is not None and encrypted.compressed:
+            raise ValueError("out= cannot take compressed bulk data: its size is known only "
+                             "once decompressed")
         if not self._started:
             await self.start()
         dk = await self._data_key(encrypted.key_id)
@@ -494,14 +574,22 @@ class EncryptionService:
         large = len(encrypted.encrypted_data) > self._threshold
 
         try:
-            if not large:
-                plaintext = decrypt_bulk(dk, encrypted, ctx)
-            elif encrypted.algorithm == "AES_256_GCM":  # one message: one hop
-                plaintext = await self._run(decrypt_bulk, dk, encrypted, ctx)
+            if encrypted.algorithm == "AES_256_GCM":  # one message
+                target = None if out is None else output_buffer(
+                    out, len(encrypted.encrypted_data), "the plaintext")
+                plaintext = await self._run(decrypt_bulk, dk, encrypted, ctx) if large \
+                    else decrypt_bulk(dk, encrypted, ctx)
+                if target is not None:
+                    target[:] = plaintext
+                    plaintext = target.toreadonly()
             else:
-                job = BulkOpener(dk, encrypted, ctx)
-                while not await self._run(job.step, BATCH_BYTES):
-                    pass
+                job = BulkOpener(dk, encrypted, ctx, out=out)
+                try:
+                    await self._bulk_parts(job)
+                except DecryptionError:
+                    if out is not None:
+                        job.scrub()
+                    raise
                 plaintext = job.result()
             if encrypted.compressed:
                 plaintext = await self._run(_decompress, plaintext) if large \

@@ -22,7 +22,14 @@ decrypt a ciphertext kept from an untimed run, dropping the plaintext parts:
 * ``aesgcm-encrypt-into``: raw ``AESGCM.encrypt_into`` / ``decrypt_into`` per
   1 MiB segment into one fresh anonymous mmap (what ``encrypt_bulk_data`` does,
   minus the service, the format and the worker thread);
-* ``aesgcm-oneshot``: one ``AESGCM.encrypt`` / ``decrypt`` call over everything.
+* ``aesgcm-oneshot``: one ``AESGCM.encrypt`` / ``decrypt`` call over everything;
+* ``aiocrypt-bulk-out``: ``encrypt_bulk_data`` / ``decrypt_bulk_data`` with ``out=``
+  buffers made (and touched) once before the clock starts and reused every repeat;
+* ``aesgcm-into-reused``: raw ``encrypt_into`` / ``decrypt_into`` per 1 MiB segment
+  into buffers made and touched once and reused (the baseline for ``out=``).
+
+The parent also records whether the installed cryptography releases the GIL
+during AES-GCM (``aiocrypt._gil.aead_releases_gil``: the answer the service acts on).
 
 File cases (``--file``: an existing plaintext file; outputs go beside it and
 are deleted): ``aiocrypt-file`` (``encrypt_file`` / ``decrypt_file``, or
@@ -62,15 +69,18 @@ HERE = Path(__file__).resolve().parent
 SEGMENT = MiB
 TAG = 16
 MEMORY_CASES = ("aiocrypt-stream", "aiocrypt-bulk", "aesgcm-segmented", "aesgcm-encrypt-into",
-                "aesgcm-oneshot")
+                "aesgcm-oneshot", "aiocrypt-bulk-out", "aesgcm-into-reused")
 FILE_CASES = ("aiocrypt-file", "aesgcm-file")
-LAG_CASES = ("aiocrypt-stream", "aiocrypt-bulk", "aesgcm-oneshot", "aiocrypt-file")
+LAG_CASES = ("aiocrypt-stream", "aiocrypt-bulk", "aesgcm-oneshot", "aiocrypt-file",
+             "aiocrypt-bulk-out")
 LABELS = {
     "aiocrypt-stream": "aiocrypt encrypt_stream / decrypt_stream",
     "aiocrypt-bulk": "aiocrypt encrypt_bulk_data / decrypt_bulk_data",
     "aesgcm-segmented": "raw AESGCM, 1 MiB segments",
     "aesgcm-encrypt-into": "raw AESGCM encrypt_into, 1 MiB segments, one fresh buffer",
     "aesgcm-oneshot": "raw AESGCM, one-shot",
+    "aiocrypt-bulk-out": "aiocrypt encrypt_bulk_data / decrypt_bulk_data, reused out= buffers",
+    "aesgcm-into-reused": "raw AESGCM encrypt_into, 1 MiB segments, one reused buffer",
     "aiocrypt-file": "aiocrypt encrypt_file / decrypt_file",
     "aiocrypt-file-stream": "aiocrypt encrypt_stream / decrypt_stream over file reads",
     "aesgcm-file": "raw AESGCM, 1 MiB segments, file to file",
@@ -149,6 +159,22 @@ async def _memory_case(name: str, size: int,
             return run
         return encrypt, decrypt
 
+    if name == "aiocrypt-bulk-out":
+        cipher_out = bytearray(service.bulk_output_size(size))
+        plain_out = bytearray(size)
+
+        async def encrypt() -> Any:
+            return await service.encrypt_bulk_data(view, KeyType.PII, out=cipher_out)
+
+        def decrypt(sealed: Any) -> Op:  # a view over cipher_out, read before the next encrypt
+            async def run() -> Any:
+                plaintext = await service.decrypt_bulk_data(sealed, key_type=KeyType.PII,
+                                                            out=plain_out)
+                assert len(plaintext) == size
+                return plaintext
+            return run
+        return encrypt, decrypt
+
     if name == "aesgcm-segmented":
         kept = [aead.encrypt(_nonce(prefix, i), chunk, None) for i, chunk in enumerate(chunks)]
 
@@ -165,11 +191,26 @@ async def _memory_case(name: str, size: int,
             return run
         return encrypt, decrypt
 
-    if name == "aesgcm-encrypt-into":
+    if name in ("aesgcm-encrypt-into", "aesgcm-into-reused"):
         count = max(1, -(-len(data) // SEGMENT))
+        if name == "aesgcm-encrypt-into":  # a fresh mapping per call, as the service makes
+            def cipher_buffer() -> memoryview:
+                return _fresh(len(data) + TAG * count)
+
+            def plain_buffer() -> memoryview:
+                return _fresh(len(data))
+        else:  # made and touched once, reused every call (out= buffers)
+            reused_cipher = memoryview(bytearray(len(data) + TAG * count))
+            reused_plain = memoryview(bytearray(len(data)))
+
+            def cipher_buffer() -> memoryview:
+                return reused_cipher
+
+            def plain_buffer() -> memoryview:
+                return reused_plain
 
         async def encrypt() -> Any:
-            out = _fresh(len(data) + TAG * count)
+            out = cipher_buffer()
             pos = 0
             for i, chunk in enumerate(_segments(view)):
                 end = pos + len(chunk) + TAG
@@ -177,9 +218,9 @@ async def _memory_case(name: str, size: int,
                 pos = end
             return out
 
-        def decrypt(sealed: Any) -> Op:
+        def decrypt(sealed: Any) -> Op:  # read before the next encrypt reuses a buffer
             async def run() -> Any:
-                out = _fresh(len(data))
+                out = plain_buffer()
                 pos = 0
                 for i, start in enumerate(range(0, len(sealed), SEGMENT + TAG)):
                     part = sealed[start:start + SEGMENT + TAG]
@@ -428,6 +469,11 @@ def run(*, quick: bool = False, only: set[str] | None = None) -> dict[str, Any]:
     results["file"] = _summarise(files, "aesgcm-file")
     print("streams: file done", flush=True)
     results["openssl"] = openssl_speed()
+    import cryptography
+
+    from aiocrypt._gil import aead_releases_gil
+    results["aead_releases_gil"] = aead_releases_gil()
+    results["cryptography"] = cryptography.__version__
     return results
 
 

@@ -90,6 +90,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
             "MAP_POPULATE fills it faster, but Python's mmap() call holds the GIL while "
             "the kernel populates it: 112-130 ms of loop lag for 256 MiB, so it is not "
             "used")
+        reused = mem.get("aiocrypt-bulk-out")
+        if reused is not None and "aesgcm-into-reused" in reused["ratio_to"]:
+            ratios = reused["ratio_to"]["aesgcm-into-reused"]
+            add(f"bulk {big} MiB with reused out= buffers >= 0.8x raw encrypt_into into "
+                "reused memory",
+                f"{_x(ratios['encrypt'])} / {_x(ratios['decrypt'])} (encrypt / decrypt)",
+                min(ratios.values()) >= 0.8,
+                "the service's own work per segment (format, yields to the loop) "
+                "weighs more once the page faults of fresh memory are gone")
         idle = _idle_lag(streams)
         lag_why = _GIL_WHY
         if idle is not None and idle["max_ms"] >= 1.0:
@@ -418,8 +427,13 @@ def _streams_md(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
              "the loop and only add a hand-off per hop (with four segments per thread hop "
              "the stream measured 0.5-0.86x of raw; inline, 0.86-0.99x).",
              "- **aiocrypt encrypt_bulk_data / decrypt_bulk_data**: 1 MiB segments sealed "
-             "in a worker thread straight into one fresh buffer (an anonymous mmap, not "
-             "zeroed under the GIL), returned as a read-only memoryview.",
+             "inline, a MiB per step with a yield to the loop after each (as streams; "
+             "spread over worker threads instead where the installed cryptography "
+             "releases the GIL), straight into one fresh buffer (an anonymous mmap, not "
+             "zeroed under the GIL), returned as a read-only memoryview; **with reused "
+             "out= buffers**: the same into buffers the caller made once and passes as "
+             "`out=` every time (compare with **raw AESGCM encrypt_into, one reused "
+             "buffer**).",
              "- **raw AESGCM, 1 MiB segments**: `AESGCM.encrypt` / `decrypt` per segment "
              "with counter nonces, inline, output dropped like the stream's; **raw AESGCM "
              "encrypt_into**: the same with "
@@ -442,6 +456,31 @@ def _streams_md(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
     lines += [f"encrypt_bulk_data / decrypt_bulk_data at {_size(big)} against raw "
               f"`encrypt_into` / `decrypt_into` into one fresh buffer, same run: "
               f"{_x(bulk['encrypt'])} / {_x(bulk['decrypt'])}."]
+    reused = streams["memory"][str(big)].get("aiocrypt-bulk-out")
+    fresh = streams["memory"][str(big)]["aiocrypt-bulk"]
+    if reused is not None:
+        lines += ["", f"Fresh memory against memory touched before, same run, {_size(big)}: "
+                  f"encrypt_bulk_data into fresh memory {fresh['encrypt_gbps']:.2f} GB/s, "
+                  f"into a reused `out=` buffer {reused['encrypt_gbps']:.2f} GB/s "
+                  f"({reused['encrypt_gbps'] / fresh['encrypt_gbps']:.1f}x); decrypt "
+                  f"{fresh['decrypt_gbps']:.2f} against {reused['decrypt_gbps']:.2f} GB/s. "
+                  "The first write to each 4 KiB page of a fresh mapping is a page fault "
+                  "the kernel serves: callers that encrypt or decrypt large payloads "
+                  "repeatedly should keep a buffer and pass it as `out=` "
+                  "(`service.bulk_output_size(n)` and `encrypted.plaintext_size` say how "
+                  "large)."]
+    if "aead_releases_gil" in streams:
+        releases = streams["aead_releases_gil"]
+        lines += ["", "GIL-release probe (two threads sealing AES-GCM at once against one "
+                  "after the other, `aiocrypt._gil.aead_releases_gil`): "
+                  + ("**releases the GIL**: bulk data is spread over the service's worker "
+                     "threads." if releases else
+                     "**holds the GIL** (cryptography "
+                     f"{streams.get('cryptography', 'as installed')}): bulk data and streams "
+                     "are sealed inline with a yield to the loop every MiB; a release "
+                     "carrying pyca/cryptography's GIL release for AEAD (pull requests "
+                     "15359 and 15361) turns the worker-thread path on with no change "
+                     "here.")]
     openssl = streams.get("openssl")
     if openssl:
         lines += ["", f"For scale, `openssl speed -evp aes-256-gcm -seconds 1` at 16 KiB "

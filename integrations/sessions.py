@@ -211,6 +211,7 @@ class EncryptedSession(dict[str, Any]):
 
     def regenerate(self) -> None:
         """Move the data to a new session id when saved; the old id stops working."""
+        self.accessed = True  # loads a lazy session first: its data moves
         self._regenerate = True
         self.modified = True
 

@@ -175,9 +175,10 @@ _STREAM_WHY = (
     "inline like the baseline, but per segment it also runs the async generators "
     "(source, segmenter, stream), slices the input and yields to the loop every MiB, "
     "and that share grows when other processes take the cores between two yields")
-_GIL_WHY = ("the benchmark does not separate the cause further; candidates are the "
-            "hand-overs of the GIL between the loop's thread and the worker thread (which "
-            "also page-faults the fresh output buffer) and each hop back to the loop")
+_GIL_WHY = ("the benchmark does not separate the cause further; bulk data and streams "
+            "run inline a MiB per step, so one step holds the loop for one MiB of AES-GCM "
+            "plus the page faults of the fresh output it writes (the reused out= case "
+            "shows the step without them)")
 
 
 def _rounds(n: int) -> str:

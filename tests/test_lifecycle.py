@@ -9,8 +9,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +29,7 @@ from aiocrypt import (
 )
 from aiocrypt.audit import Auditor, MemoryAuditSink
 from aiocrypt.kek import KekProvider, LocalKekProvider
-from aiocrypt.keystore import FileKeyStore, MemoryKeyStore
+from aiocrypt.keystore import FileKeyStore, KeyStore, MemoryKeyStore
 from aiocrypt.testing import FakeKekProvider, ManualClock
 
 Clock = ManualClock
@@ -342,42 +344,80 @@ def test_usage_block_leaves_headroom() -> None:
     assert usage_block(KeyRotationPolicy("pii"), 65536) == 65536
 
 
-class _RivalFleetStore(MemoryKeyStore):
-    """Another process that uses up each new key between our rotation and our reservation."""
+class _Rival:
+    """Another process that uses up each new key between our rotation and our reservation
+    (mixed into a real store class: the rival's usage goes where the fleet's goes)."""
 
-    def __init__(self, limit: int, rounds: int) -> None:
-        super().__init__()
-        self.limit, self.rounds_left = limit, rounds
+    limit = 0
+    rounds_left = 0
 
     async def add_usage(self, increments: Mapping[str, int]) -> dict[str, int]:
+        store = super()
         if self.rounds_left:
             self.rounds_left -= 1
-            await super().add_usage(dict.fromkeys(increments, self.limit))
-        return await super().add_usage(increments)
+            await store.add_usage(dict.fromkeys(increments, self.limit))  # type: ignore[misc]
+        return await store.add_usage(increments)  # type: ignore[misc,no-any-return]
+
+
+class _RivalMemoryStore(_Rival, MemoryKeyStore):
+    pass
+
+
+RivalStore = Callable[[int, int], KeyStore]
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def rival_store(request: pytest.FixtureRequest) -> AsyncIterator[RivalStore]:
+    """Builds a rival-fleet store on the memory store, and on the real PostgreSQL (a
+    schema of its own, dropped afterwards): the reservation must hold on both."""
+    made: list[Any] = []
+
+    def make(limit: int, rounds: int) -> KeyStore:
+        store: Any
+        if request.param == "memory":
+            store = _RivalMemoryStore()
+        else:
+            from aiocrypt.keystore.postgres import PostgresKeyStore
+
+            rival = type("_RivalPostgresStore", (_Rival, PostgresKeyStore), {})
+            store = rival(request.getfixturevalue("postgres_dsn"),
+                          schema=f"test_rival_{uuid.uuid4().hex[:12]}")
+            made.append(store)
+        store.limit, store.rounds_left = limit, rounds
+        return store  # type: ignore[no-any-return]
+
+    yield make
+    for store in made:
+        store.rounds_left = 0
+        await store.drop()
+        await store.close()
 
 
 @pytest.mark.parametrize("lost_rounds", [8, 40])
-async def test_usage_reservation_outlasts_a_rival_that_wins_many_rounds(lost_rounds: int) -> None:
+async def test_usage_reservation_outlasts_a_rival_that_wins_many_rounds(
+        lost_rounds: int, rival_store: RivalStore) -> None:
     # CI once saw a worker lose six rounds in a row under a tiny limit (three processes,
     # limit 40) and give up with KeyStateError; losing rounds is fleet progress, not failure.
     sink = MemoryAuditSink()
     config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": 40}})
-    store = _RivalFleetStore(limit=40, rounds=lost_rounds)
+    store = rival_store(40, lost_rounds)
     manager = KeyManager(store, FakeKekProvider(), config, refresh_interval=0.0, watch=False,
                          auditor=Auditor([sink]))
     async with EncryptionService(manager) as service:
         token = await service.encrypt_field("x", KeyType.PII)
         assert await service.decrypt_field(token, KeyType.PII) == "x"
+        usage = await store.get_usage()
     assert sink.names().count("usage_limit_reached") == lost_rounds
     key_id = token.split(".")[1]
     assert key_id.startswith(f"pii-v{lost_rounds + 1}-")
-    usage = await store.get_usage()
     assert all(n >= 40 for kid, n in usage.items() if kid != key_id)
+    assert len(usage) == lost_rounds + 1
 
 
-async def test_usage_reservation_gives_up_after_the_lock_timeout() -> None:
+async def test_usage_reservation_gives_up_after_the_lock_timeout(
+        rival_store: RivalStore) -> None:
     config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": 40}})
-    store = _RivalFleetStore(limit=40, rounds=10**6)
+    store = rival_store(40, 10**6)
     manager = KeyManager(store, FakeKekProvider(), config, refresh_interval=0.0, watch=False,
                          lock_timeout=0.2)
     async with EncryptionService(manager) as service:

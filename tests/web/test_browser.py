@@ -1,4 +1,4 @@
-"""A real headless browser (Debian's chromium + chromium-driver, via selenium) against both examples.
+"""A real headless browser (Debian's chromium + chromium-driver, selenium) against both examples.
 
 Each example app runs in a subprocess on loopback (``python -m examples.flask_app`` under
 werkzeug, ``python -m examples.quart_app`` under hypercorn), started and stopped here. The
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from _private_services import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -54,6 +54,7 @@ from ._crypto import NONCE_BYTES, DataKey
 from ._errors import DecryptionError, DecryptionFailure, ReencryptionError
 from ._format import FLAG_ZSTD, TEXT_PREFIXES, context_bytes, text_prefix, token_sql
 from ._keyring import Keyring, UnknownKeyError
+from ._legacy import LegacyReader
 from ._manager import KeyManager
 from ._types import KeyType, KeyTypeLike
 
@@ -201,6 +202,10 @@ class ColumnSpec:
     types use). ``row_bound`` appends ``"#<primary key>"`` to it. ``legacy_type``
     (one of :data:`LEGACY_TYPES`) lets the column still hold plaintext from
     before encryption, which a run encrypts (the online migration).
+    ``legacy_reader`` names a :class:`~aiocrypt._legacy.LegacyReader` given to the
+    engine (``legacy_readers=``): the column then holds another tool's ciphertext
+    (sqlalchemy-utils, Fernet) instead of plaintext, opened by that reader and
+    parsed as ``legacy_type``. A job carries the name only, never the reader's key.
     """
 
     name: str
@@ -209,6 +214,7 @@ class ColumnSpec:
     deterministic: bool = False
     row_bound: bool = False
     legacy_type: str | None = None
+    legacy_reader: str | None = None
 
     def __post_init__(self) -> None:
         quote_identifier(self.name)
@@ -216,11 +222,17 @@ class ColumnSpec:
         if self.legacy_type is not None and self.legacy_type not in LEGACY_TYPES:
             raise ValueError(f"unknown legacy_type {self.legacy_type!r}; use one of "
                              f"{sorted(LEGACY_TYPES)}")
+        if self.legacy_reader is not None and self.legacy_type is None:
+            raise ValueError(f"column {self.name}: legacy_reader needs the legacy_type its "
+                             "plaintext parses as")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "key_type": self.key_type.value, "context": self.context,
+        data = {"name": self.name, "key_type": self.key_type.value, "context": self.context,
                 "deterministic": self.deterministic, "row_bound": self.row_bound,
                 "legacy_type": self.legacy_type}
+        if self.legacy_reader is not None:  # absent otherwise: job ids stay as they were
+            data["legacy_reader"] = self.legacy_reader
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,6 +528,7 @@ class _Column:
     prefix: str
     target: DataKey
     compression_level: int | None
+    reader: LegacyReader | None = None
 
 
 @dataclass(slots=True)
@@ -545,13 +558,17 @@ class ReencryptionEngine:
     zstd-compressed as the key manager's config says for each column's key type
     (``compression_enabled`` / ``compressed_key_types``), as the service does;
     ``compression_level`` compresses every column at that level instead.
+    ``legacy_readers`` open the other tools' ciphertext of columns whose spec
+    names one (``ColumnSpec.legacy_reader``), the migration off sqlalchemy-utils
+    or Fernet; a spec naming a reader the engine was not given is refused.
     """
 
     def __init__(self, key_manager: KeyManager, database: ReencryptionDatabase, *,
                  tables: Iterable[TableSpec] = (), batch_size: int = 2000,
                  rate_limit: float | None = None, progress: ProgressCallback | None = None,
                  max_passes: int = 3, on_error: Literal["raise", "skip"] = "raise",
-                 compression_level: int | None = None) -> None:
+                 compression_level: int | None = None,
+                 legacy_readers: Iterable[LegacyReader] = ()) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if rate_limit is not None and rate_limit <= 0:
@@ -569,6 +586,7 @@ class ReencryptionEngine:
         self.max_passes = max_passes
         self.on_error = on_error
         self.compression_level = compression_level
+        self.legacy_readers: dict[str, LegacyReader] = {r.name: r for r in legacy_readers}
         self._prepared: set[str] = set()
 
     def __repr__(self) -> str:
@@ -669,8 +687,15 @@ class ReencryptionEngine:
             context_bytes(context)  # validates it once: the hot loop only encodes it
             level = self.compression_level if self.compression_level is not None \
                 else self.key_manager.config.compression_level_for(c.key_type)
+            reader = None
+            if c.legacy_reader is not None:
+                reader = self.legacy_readers.get(c.legacy_reader)
+                if reader is None:
+                    raise ValueError(f"{spec.name}.{c.name}: no legacy reader named "
+                                     f"{c.legacy_reader!r} was given (legacy_readers=)")
             # the target's version 2 prefix: its version 1 tokens are re-encrypted too
-            cols.append(_Column(c, context, text_prefix(target.key_id), target, level))
+            cols.append(_Column(c, context, text_prefix(target.key_id), target, level,
+                                reader))
         targets = {c.spec.name: c.target.key_id for c in cols}
         job = job_id or self.job_id_for(spec, targets, key_range)
 
@@ -901,9 +926,11 @@ class ReencryptionEngine:
                 reason, key_id = exc.reason, exc.key_id
         elif col.spec.legacy_type is not None:
             try:
-                return encode_value(parse_legacy(col.spec.legacy_type, value))
-            except ValueError:
-                pass
+                raw = value if col.reader is None else col.reader.open(value)
+                return encode_value(parse_legacy(col.spec.legacy_type, raw))
+            except ValueError:  # LegacyTokenError too: it does not say why
+                reason = DecryptionFailure.AUTHENTICATION_FAILED \
+                    if col.reader is not None else None
         raise ReencryptionError(spec.name, col.spec.name, pk, reason=reason, key_id=key_id)
 
 

@@ -1,4 +1,4 @@
-"""Alembic helpers: turn a plaintext column into an encrypted one, online.
+"""Alembic helpers: turn a plaintext (or legacy-encrypted) column into an encrypted one, online.
 
 Two routes, both safe to run while the application serves traffic:
 
@@ -38,7 +38,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from aiocrypt import EncryptionService, Keyring, KeyType
 from aiocrypt._format import token_sql
-from aiocrypt._reencrypt import LEGACY_TYPES, parse_legacy, quote_identifier
+from aiocrypt._legacy import LegacyReader
+from aiocrypt._reencrypt import LEGACY_TYPES, parse_legacy, quote_identifier, row_context
 from aiocrypt._types import KeyTypeLike
 
 __all__ = ["add_encrypted_column", "alter_to_text", "encrypt_column"]
@@ -76,7 +77,8 @@ def encrypt_column(table_name: str, source_column: str, target_column: str | Non
                    primary_key: str = "id", context: str | None = None,
                    deterministic: bool = False, batch_size: int = 1000,
                    schema: str | None = None, op: Operations | None = None,
-                   connection: sa.Connection | None = None) -> int:
+                   connection: sa.Connection | None = None,
+                   legacy: LegacyReader | None = None, row_bound: bool = False) -> int:
     """Encrypt existing plaintext in batches; returns the number of values encrypted.
 
     ``target_column=None`` encrypts ``source_column`` in place (rows whose value is
@@ -84,8 +86,15 @@ def encrypt_column(table_name: str, source_column: str, target_column: str | Non
     ``source_column``. ``value_type`` (``"str"``, ``"float"``, ``"decimal"``,
     ``"date"``, ``"json"``, ...) is the Python type the encrypted column type reads
     back, so it must match the model's column type. ``context`` defaults to
-    ``"<table>.<encrypted column>"``, as the column types use.
+    ``"<table>.<encrypted column>"``, as the column types use. ``legacy``: the
+    source holds another tool's ciphertext (``SqlalchemyUtilsReader``,
+    ``FernetReader``) rather than plaintext; a value it cannot open stops the run
+    with ``LegacyTokenError`` (a ``ValueError`` that never says why).
+    ``row_bound``: seal each value with its row's primary key, for a column
+    declared ``row_bound=True`` (not with ``deterministic``).
     """
+    if row_bound and deterministic:
+        raise ValueError("a row-bound column cannot be deterministic")
     if value_type not in LEGACY_TYPES:
         raise ValueError(f"value_type must be one of {sorted(LEGACY_TYPES)}")
     if batch_size < 1:
@@ -122,9 +131,10 @@ def encrypt_column(table_name: str, source_column: str, target_column: str | Non
             return done
         params = []
         for key, raw in rows:
-            value = parse_legacy(value_type, raw)
-            token = (keyring.encrypt_deterministic(value, kt, ctx) if deterministic
-                     else keyring.encrypt(value, kt, ctx))
+            value = parse_legacy(value_type, raw if legacy is None else legacy.open(raw))
+            context = row_context(ctx, key) if row_bound else ctx
+            token = (keyring.encrypt_deterministic(value, kt, context) if deterministic
+                     else keyring.encrypt(value, kt, context))
             params.append({"pk": key, "new": token, "old": raw})
         statement = sa.text(update)
         if conn.dialect.supports_sane_multi_rowcount:

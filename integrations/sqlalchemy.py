@@ -75,6 +75,7 @@ from aiocrypt._crypto import DataKey
 from aiocrypt._errors import DecryptionFailure, decryption_failed
 from aiocrypt._format import TEXT_PREFIXES, context_bytes
 from aiocrypt._keyring import UnknownKeyError
+from aiocrypt._legacy import FernetReader, LegacyReader, LegacyTokenError, SqlalchemyUtilsReader
 from aiocrypt._reencrypt import (
     CHECKPOINT_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
@@ -112,14 +113,19 @@ __all__ = [
     "EncryptedString",
     "EncryptedType",
     "EncryptedUUID",
+    "FernetReader",
     "IndexDigest",
+    "LegacyReader",
     "SQLAlchemyDatabase",
+    "SqlalchemyUtilsReader",
     "blind_index_matches",
     "blind_index_usage",
+    "legacy_readers",
     "database_for",
     "normalize_digits",
     "normalize_email",
     "normalize_text",
+    "legacy_reads",
     "plaintext_reads",
     "RowValue",
     "rebuild_blind_indexes",
@@ -135,6 +141,9 @@ BLIND_INDEX_KEY_TYPE: Final = KeyType("blind_index")
 
 plaintext_reads: Counter[str] = Counter()
 """Plaintext (not yet encrypted) values read per ``table.column`` since start."""
+
+legacy_reads: Counter[str] = Counter()
+"""Values in a legacy reader's form (sqlalchemy-utils, Fernet) read per ``table.column``."""
 
 _await: Callable[[Any], Any] = getattr(_concurrency, "await_", None) or _concurrency.await_only
 _in_greenlet: Callable[[], bool] = _concurrency.in_greenlet
@@ -363,6 +372,10 @@ class EncryptedType(_TableBound):
     column fails to decrypt. ``None`` (the default) takes the model's
     ``__aiocrypt_row_bound__`` (False when absent). The ORM fills the key in on
     flush and load; see docs/sqlalchemy.md, "Row-bound columns".
+    ``legacy``: a :class:`LegacyReader` (:class:`SqlalchemyUtilsReader`,
+    :class:`FernetReader`): the column may still hold that tool's ciphertext, read
+    like plaintext above (counted in :data:`legacy_reads`) until the re-encryption
+    engine rewrites it; remove it when the migration is done (docs/sqlalchemy.md).
     ``service``: defaults to :func:`set_encryption_service` / the process-wide service.
     """
 
@@ -372,6 +385,7 @@ class EncryptedType(_TableBound):
     def __init__(self, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
                  context: str | None = None, deterministic: bool = False,
                  allow_plaintext: bool = False, row_bound: bool | None = None,
+                 legacy: LegacyReader | None = None,
                  service: EncryptionService | None = None) -> None:
         super().__init__()
         if deterministic and row_bound:
@@ -382,6 +396,7 @@ class EncryptedType(_TableBound):
         self.deterministic = deterministic
         self.allow_plaintext = allow_plaintext
         self.row_bound = row_bound
+        self.legacy = legacy
         self.service = service
         self._explicit_context = context is not None
 
@@ -472,10 +487,17 @@ class EncryptedType(_TableBound):
                 primary_key = _typed_key(getattr(self, "table", None), primary_key)
             if isinstance(value, str) and value.startswith(TEXT_PREFIXES):
                 return _decrypt(_service_for(self.service), value, self.key_type, context)
+            if self.legacy is not None:
+                try:
+                    text = self.legacy.open(value)
+                except LegacyTokenError:
+                    raise decryption_failed(DecryptionFailure.AUTHENTICATION_FAILED, None,
+                                            f"not a valid {self.legacy.name} token") from None
+                return self._legacy(text, legacy_reads, "legacy_reads")
             if not self.allow_plaintext:
                 raise decryption_failed(DecryptionFailure.MALFORMED, None,
                                         "the stored value is not a token")
-            return self._legacy(value)
+            return self._legacy(value, plaintext_reads, "plaintext_reads")
         except DecryptionError as exc:
             # Name the column (never the value); a row-bound column knows its row,
             # otherwise the primary key is added by _locate_undecryptable_row when an
@@ -487,21 +509,22 @@ class EncryptedType(_TableBound):
                 return _Undecryptable(located, getattr(self, "table", None))
             raise located from None
 
-    def _legacy(self, value: Any) -> Any:
+    def _legacy(self, value: Any, reads: Counter[str], counter: str) -> Any:
+        """A value from before the migration (plaintext, or a legacy reader's text)."""
         context = self._context()
         try:
             parsed = parse_legacy(self.python_type_name, value)
         except ValueError:
             raise decryption_failed(DecryptionFailure.MALFORMED, None, "the stored value is "
                                     "neither a token nor valid plaintext") from None
-        plaintext_reads[context] += 1
+        reads[context] += 1
         service = _service_for(self.service)
-        service.counters["plaintext_reads"] += 1
-        service.counters[f"plaintext_reads:{context}"] += 1
-        if plaintext_reads[context] == 1 or plaintext_reads[context] % 1000 == 0:
-            logger.warning("%s: read %d plaintext value(s) not encrypted yet; run the "
+        service.counters[counter] += 1
+        service.counters[f"{counter}:{context}"] += 1
+        if reads[context] == 1 or reads[context] % 1000 == 0:
+            logger.warning("%s: read %d value(s) not in aiocrypt form yet (%s); run the "
                            "migration (re-encryption engine) to encrypt them", context,
-                           plaintext_reads[context])
+                           reads[context], counter)
         return parsed
 
     def tokens_for(self, value: Any, keyring: Keyring | None = None) -> list[str]:
@@ -1012,7 +1035,9 @@ def table_specs(metadata: sa.MetaData, tables: Iterable[str] | None = None) -> l
         specs.append(TableSpec(name, pk[0].name, tuple(
             ColumnSpec(c.name, t.key_type, context=t.context, deterministic=t.deterministic,
                        row_bound=bool(t.row_bound),
-                       legacy_type=t.python_type_name if t.allow_plaintext else None)
+                       legacy_type=t.python_type_name if t.allow_plaintext or t.legacy
+                       else None,
+                       legacy_reader=t.legacy.name if t.legacy is not None else None)
             for c, t in columns
         )))
     return specs
@@ -1164,6 +1189,20 @@ def database_for(engine: AsyncEngine, *,
     return SQLAlchemyDatabase(engine, checkpoint_table=checkpoint_table)
 
 
+def legacy_readers(metadata: sa.MetaData) -> list[LegacyReader]:
+    """The legacy readers of every encrypted column in ``metadata`` (one per name)."""
+    readers: dict[str, LegacyReader] = {}
+    for table in metadata.sorted_tables:
+        for column in table.columns:
+            reader = getattr(column.type, "legacy", None)
+            if isinstance(column.type, EncryptedType) and reader is not None:
+                if readers.setdefault(reader.name, reader) is not reader:
+                    raise ConfigurationError(
+                        f"two legacy readers are named {reader.name!r}: give each "
+                        "configuration its own name=")
+    return list(readers.values())
+
+
 def reencryption_engine(service: EncryptionService, engine: AsyncEngine,
                         metadata: sa.MetaData, **kwargs: Any) -> ReencryptionEngine:
     """A :class:`ReencryptionEngine` for every encrypted column found in ``metadata``.
@@ -1172,6 +1211,7 @@ def reencryption_engine(service: EncryptionService, engine: AsyncEngine,
     ``progress``, ...). Close ``engine.database`` when done.
     """
     checkpoint_table = kwargs.pop("checkpoint_table", DEFAULT_CHECKPOINT_TABLE)
+    kwargs.setdefault("legacy_readers", legacy_readers(metadata))
     return ReencryptionEngine(service.key_manager,
                               database_for(engine, checkpoint_table=checkpoint_table),
                               tables=table_specs(metadata), **kwargs)

@@ -208,11 +208,13 @@ def decode_value(data: bytes | memoryview) -> Any:
     if data[:1] == _STR:  # the common case, without the general machinery
         try:
             return str(data[1:], "utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError("malformed encoded value") from exc
+        except UnicodeDecodeError:  # its .object is the plaintext: not chained
+            raise ValueError("malformed encoded value") from None
     if not isinstance(data, bytes):
         data = bytes(data)
     try:
         return _decode(data, 0, len(data), 0)
-    except (_CodecError, UnicodeDecodeError, InvalidOperation, TypeError) as exc:
-        raise ValueError("malformed encoded value") from exc
+    except (ValueError, InvalidOperation, TypeError):
+        # ValueError: ours, and those of fromisoformat / UUID, whose messages quote
+        # the plaintext (so none is chained)
+        raise ValueError("malformed encoded value") from None

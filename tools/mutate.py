@@ -46,27 +46,33 @@ NO_MUTATE = "pragma: no mutate"
 #: slow). A module's mutants are judged by these tests only.
 TESTS: dict[str, list[str]] = {
     "aiocrypt/_format.py": [
-        "tests/core/test_mutants_format.py", "tests/test_vectors.py",
-        "tests/test_decryption_errors.py", "tests/test_rejection.py",
+        "tests/core/test_mutants_format.py", "tests/core/test_coverage_format.py",
+        "tests/test_vectors.py", "tests/test_decryption_errors.py", "tests/test_rejection.py",
         "tests/security/test_fuzz_tokens.py",
     ],
     "aiocrypt/_codec.py": [
-        "tests/core/test_mutants_codec.py", "tests/test_codec.py", "tests/test_vectors.py",
+        "tests/core/test_mutants_codec.py", "tests/core/test_coverage_codec.py",
+        "tests/test_codec.py", "tests/test_vectors.py",
     ],
     "aiocrypt/_crypto.py": [
-        "tests/core/test_mutants_crypto.py", "tests/test_vectors.py",
-        "tests/test_decryption_errors.py", "tests/test_field_fastpath.py",
-        "tests/security/test_nonce_usage.py", "tests/security/test_purpose_binding.py",
+        "tests/core/test_mutants_crypto.py", "tests/core/test_coverage_crypto.py",
+        "tests/test_vectors.py", "tests/test_decryption_errors.py",
+        "tests/test_field_fastpath.py", "tests/security/test_nonce_usage.py",
+        "tests/security/test_purpose_binding.py",
     ],
     "aiocrypt/_policy.py": [
-        "tests/core/test_mutants_policy.py", "tests/test_lifecycle.py",
+        "tests/core/test_mutants_policy.py", "tests/core/test_coverage_policy.py",
+        "tests/test_lifecycle.py",
     ],
     "aiocrypt/_keyring.py": [
-        "tests/test_field_fastpath.py", "tests/test_service.py", "tests/test_lifecycle.py",
-        "tests/test_decryption_errors.py", "tests/test_rejection.py",
+        "tests/core/test_coverage_keyring.py", "tests/test_field_fastpath.py",
+        "tests/test_service.py", "tests/test_lifecycle.py", "tests/test_decryption_errors.py",
+        "tests/test_rejection.py",
     ],
-    "aiocrypt/_bulk.py": ["tests/test_files.py", "tests/test_vectors.py"],
-    "aiocrypt/_streams.py": ["tests/test_streams.py", "tests/test_vectors.py"],
+    "aiocrypt/_bulk.py": ["tests/core/test_coverage_bulk.py", "tests/test_files.py",
+                          "tests/test_vectors.py"],
+    "aiocrypt/_streams.py": ["tests/core/test_coverage_streams.py", "tests/test_streams.py",
+                             "tests/test_vectors.py"],
     "aiocrypt/_keyset_seal.py": ["tests/security/test_storage_attacker.py"],
     "aiocrypt/_keyset_guard.py": ["tests/security/test_storage_attacker.py"],
     "aiocrypt/_keyset_state.py": ["tests/security/test_storage_attacker.py"],
@@ -221,6 +227,7 @@ def mutants_of(module: str, source: str | None = None) -> list[Mutant]:
     starts = _offsets(source)
     result: list[Mutant] = []
     seen: set[str] = set()
+    occurrences: dict[tuple[str, str], int] = {}
     for node, text, change in _Collector(tree).collect():
         line = lines[node.lineno - 1]  # type: ignore[attr-defined]
         if NO_MUTATE in line:
@@ -235,6 +242,10 @@ def mutants_of(module: str, source: str | None = None) -> list[Mutant]:
         except SyntaxError:
             continue
         seen.add(mutated)
+        # the same change twice on the same text (two `+ 1` on a line): number the later ones
+        nth = occurrences[line.strip(), change] = occurrences.get((line.strip(), change), 0) + 1
+        if nth > 1:
+            change = f"{change} #{nth}"
         result.append(Mutant(module, node.lineno, line.strip(), change, mutated))  # type: ignore[attr-defined]
     return result
 

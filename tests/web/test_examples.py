@@ -76,6 +76,8 @@ async def test_login_session_logout(server: Server, client: httpx.AsyncClient,
     assert me.status_code == 200
     assert me.json() == {"id": 1, "username": "alice", "income": "85000.00",
                          "savings": "12000.50", "ssn": "***-**-6789"}
+    assert me.headers["cache-control"] == "private, no-store"  # Back after logout shows nothing
+    assert me.headers["vary"] == "Cookie"
     assert (await client.get("/whoami")).json() == {"username": "alice"}
     assert (await client.post("/visits")).json() == {"visits": 1}
     assert (await client.post("/visits")).json() == {"visits": 2}

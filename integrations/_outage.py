@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Final
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aiocrypt import StoreUnavailableError
 
-__all__ = ["OUTAGE_ERRORS", "translate_outage"]
+__all__ = ["CLIENT_TIMEOUTS", "OUTAGE_ERRORS", "translate_outage"]
 
 OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError)
+#: Socket timeouts (seconds) of the Redis clients the web extensions create from a URL, so a
+#: Redis that stops answering is an outage (503) rather than requests that hang; a
+#: ``?socket_timeout=`` / ``?socket_connect_timeout=`` in the URL takes precedence.
+CLIENT_TIMEOUTS: Final = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ and ``Retry-After`` unless the app registers its own handler for it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterable
@@ -49,7 +50,7 @@ from aiocrypt import (
     health,
 )
 
-from ._outage import OUTAGE_ERRORS
+from ._outage import CLIENT_TIMEOUTS, OUTAGE_ERRORS
 from .cache import EncryptedCache
 from .sessions import EncryptedSession, RedisSessionStore, WebSettings, apply_cookie
 
@@ -102,7 +103,8 @@ class AioCryptState:
         await self.service.key_manager.ensure_active(self.settings.key_types())
         if self.redis_client is None:
             assert self.settings.redis_url is not None  # from_config made sure of one
-            self.redis_client = aioredis.Redis.from_url(self.settings.redis_url)
+            self.redis_client = aioredis.Redis.from_url(self.settings.redis_url,
+                                                        **CLIENT_TIMEOUTS)
             self.owns_redis = True
         self._sessions = RedisSessionStore(self.service, self.redis_client,
                                            self.settings.session,
@@ -116,8 +118,9 @@ class AioCryptState:
         if self.redis_client is None:
             return HealthCheck("failing", {"state": "stopped"})
         try:
-            await self.redis_client.ping()
-        except OUTAGE_ERRORS as exc:
+            async with asyncio.timeout(CLIENT_TIMEOUTS["socket_timeout"]):  # a given client too
+                await self.redis_client.ping()
+        except (*OUTAGE_ERRORS, TimeoutError) as exc:
             return HealthCheck("failing", {"error": type(exc).__name__})
         return HealthCheck("ok")
 

@@ -128,9 +128,11 @@ MAX_CONTEXT_LEN: Final = 4096
 # Text tokens are for fields; anything larger belongs in bulk/stream encryption.
 MAX_TOKEN_CHARS: Final = 96 * 1024 * 1024
 #: The largest plaintext a text token can carry (the base64 body of MAX_TOKEN_CHARS
-#: less algorithm, flags, nonce and tag): also the bound of a compressed field's
-#: decompressed size, so a small token cannot inflate past what a field can be.
-MAX_FIELD_PLAINTEXT: Final = MAX_TOKEN_CHARS // 4 * 3 - 2 - 12 - 16
+#: less the longest "ac2.<key id>." prefix, less algorithm, flags, nonce and tag):
+#: also the bound of a compressed field's decompressed size, so a small token
+#: cannot inflate past what a field can be.
+MAX_FIELD_PLAINTEXT: Final = (MAX_TOKEN_CHARS - (TEXT_PREFIX_LEN + MAX_KEY_ID_LEN + 1)) // 4 * 3 \
+    - 2 - 12 - 16
 _U32: Final = struct.Struct(">I")
 
 _KEY_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -56,7 +56,7 @@ def test_every_key_id_character_is_accepted_alone_and_at_64() -> None:
 
 @pytest.mark.parametrize("key_id", [
     "", "k" * (MAX_KEY_ID + 1), "a.b", "a b", "a/b", "a+b", "a=b", "é", "k\n", "\u0661",
-    "ｋ", "a:b", "a%b",
+    "\uff4b", "a:b", "a%b",
 ])
 def test_anything_else_is_not_a_key_id(key_id: str) -> None:
     with pytest.raises(ValueError, match="key id must be"):
@@ -83,7 +83,7 @@ def test_every_other_ascii_character_is_refused_inside_a_key_id() -> None:
 
 def test_a_binary_header_with_a_bad_key_id_is_malformed() -> None:
     for kid in (b"a.b", b"a b", b"a/b", b"\xc3\xa9"):
-        with pytest.raises(FormatError, match="bad key id$"):
+        with pytest.raises(FormatError, match=r"bad key id$"):
             parse_binary(bytes((2, 1, 0, len(kid))) + kid + b"body")
 
 

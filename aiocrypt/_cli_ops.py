@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import importlib
 import json
@@ -47,6 +48,7 @@ from ._cli_base import (
     json_option,
     load_config,
 )
+from ._cli_reencrypt import ShardTask, reencrypt_sharded, reencrypt_table
 from ._config import (
     DEFAULT_CONFIG_FILE,
     DEFAULT_ROTATION_POLICIES,
@@ -64,7 +66,6 @@ from ._reencrypt import (
     KeyRange,
     ReencryptionEngine,
     ReencryptionProgress,
-    ReencryptionResult,
     TableSpec,
 )
 from ._types import KeyType
@@ -555,10 +556,6 @@ def _prefixes(manager: KeyManager, spec: TableSpec) -> list[str]:
 # -- reencrypt -------------------------------------------------------------------------
 
 
-class _StopAfterBatches(Exception):
-    pass
-
-
 class _Reporter:
     """A rich progress bar on a terminal, plain lines (at most one a second) otherwise."""
 
@@ -591,74 +588,22 @@ class _Reporter:
             click.echo(f"{table}: {total:,} rows to re-encrypt", err=True)
 
     def update(self, event: ReencryptionProgress, base: int) -> None:
-        done = event.rows_read - base
+        """After a batch of a run in this process."""
+        self.advance(event.table, event.rows_read - base, event.rows_per_second,
+                     f"batch {event.batches}, ", f", {event.run_rows_updated:,} updated",
+                     first=event.run_batches == 1)
+
+    def advance(self, table: str, done: int, rate: float, before: str = "", after: str = "",
+                *, first: bool = False) -> None:
+        """``done`` rows of ``table`` read by this run so far (``--jobs``: all shards')."""
         if self.progress is not None:
-            self.progress.update(self._tasks[event.table], completed=done,
-                                 rate=f"{event.rows_per_second:,.0f}")
+            self.progress.update(self._tasks[table], completed=done, rate=f"{rate:,.0f}")
             return
         now = time.monotonic()
-        if now - self._last_line >= 1.0 or event.run_batches == 1:
+        if now - self._last_line >= 1.0 or first:
             self._last_line = now
-            click.echo(f"{event.table}: batch {event.batches}, {done:,}/"
-                       f"{self._totals.get(event.table, 0):,} rows, {event.run_rows_updated:,} "
-                       f"updated ({event.rows_per_second:,.0f} rows/s)", err=True)
-
-
-def _result_dict(result: ReencryptionResult, stopped: str | None) -> dict[str, Any]:
-    cp = result.checkpoint
-    return {
-        "table": result.table, "job_id": result.job_id, "targets": dict(result.targets),
-        "complete": result.complete, "stopped": stopped,
-        "resumed_from": result.resumed_from, "target_changed": result.target_changed,
-        "run": {"batches": result.run_batches, "rows_read": result.run_rows_read,
-                "rows_updated": result.run_rows_updated,
-                "rows_conflicted": result.run_rows_conflicted,
-                "rows_failed": result.run_rows_failed, "seconds": round(result.elapsed, 3)},
-        "checkpoint": {"pass": cp.pass_no, "batches": cp.batches, "rows_read": cp.rows_read,
-                       "rows_updated": cp.rows_updated, "rows_conflicted": cp.rows_conflicted,
-                       "rows_failed": cp.rows_failed, "done": cp.done},
-        "failed_primary_keys": list(result.failed_primary_keys),
-        "failures": [{"column": f.column, "primary_key": f.primary_key,
-                      "reason": None if f.reason is None else f.reason.value,
-                      "key_id": f.key_id} for f in result.failures],
-    }
-
-
-async def _reencrypt_table(engine: ReencryptionEngine, database: AsyncpgDatabase,
-                           spec: TableSpec, reporter: _Reporter,
-                           max_batches: int | None) -> dict[str, Any]:
-    manager = engine.key_manager
-    targets = await engine.targets(spec)
-    job_id = engine.job_id_for(spec, targets, KeyRange())
-    await engine.database.prepare(spec)
-    before = await engine.database.load_checkpoint(job_id)
-    base = before.rows_read if before is not None else 0  # counters are per job, cumulative
-    reporter.start(spec.name, await database.count_rows(spec, _prefixes(manager, spec)))
-    last: list[ReencryptionProgress] = []
-
-    def progress(event: ReencryptionProgress) -> None:
-        last[:] = [event]
-        reporter.update(event, base)
-        if max_batches is not None and event.run_batches >= max_batches:
-            raise _StopAfterBatches
-
-    engine.progress = progress
-    started = time.monotonic()
-    try:
-        result = await engine.reencrypt(spec, job_id=job_id)
-    except _StopAfterBatches:
-        event = last[0]
-        checkpoint = await engine.database.load_checkpoint(job_id)
-        assert checkpoint is not None  # the batch that stopped the run committed it
-        result = ReencryptionResult(
-            job_id=job_id, table=spec.name, targets=targets, run_batches=event.run_batches,
-            run_rows_read=event.rows_read - base, run_rows_updated=event.run_rows_updated,
-            run_rows_conflicted=event.rows_conflicted - (before.rows_conflicted if before else 0),
-            run_rows_failed=event.rows_failed - (before.rows_failed if before else 0),
-            passes=1, resumed_from=None if before is None or before.done else before.last_pk,
-            checkpoint=checkpoint, elapsed=time.monotonic() - started, complete=False)
-        return _result_dict(result, "max-batches")
-    return _result_dict(result, None)
+            click.echo(f"{table}: {before}{done:,}/{self._totals.get(table, 0):,} rows"
+                       f"{after} ({rate:,.0f} rows/s)", err=True)
 
 
 @click.command("reencrypt")
@@ -673,17 +618,22 @@ async def _reencrypt_table(engine: ReencryptionEngine, database: AsyncpgDatabase
               help="leave values that do not decrypt in place and list their primary keys "
                    "(default: stop at the first)")
 @click.option("--checkpoint-table", default=DEFAULT_CHECKPOINT_TABLE, show_default=True)
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="processes: each table is cut into this many primary-key ranges, each "
+                   "re-encrypted by a process of its own (one per core)")
 @click.option("--dry-run", is_flag=True, help="only count the rows that would be re-encrypted")
 @json_option
 def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[str, ...],
               models: str | None, key_type: str | None, batch_size: int, rate: float | None,
               max_batches: int | None, skip_errors: bool, checkpoint_table: str,
-              dry_run: bool, as_json: bool) -> None:
+              jobs: int, dry_run: bool, as_json: bool) -> None:
     """Move every encrypted value of Postgres tables onto the active keys.
 
     Resumable: each batch commits with its checkpoint, so after Ctrl-C or a crash
     the same command continues where it stopped. Rows an application changes
-    meanwhile are never overwritten (compare-and-swap).
+    meanwhile are never overwritten (compare-and-swap). With --jobs N, N processes
+    share each table (--rate and --max-batches then apply to each process); a
+    rerun with any --jobs skips the rows already moved.
     """
     specs = table_specs_from_options(tables, pk, columns, models)
     if not specs:
@@ -704,8 +654,21 @@ def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[
                 if dry_run:
                     return [await _dry_run(manager, database, spec) for spec in specs]
                 with _Reporter(quiet=False) as reporter:
-                    return [await _reencrypt_table(engine, database, spec, reporter,
-                                                   max_batches) for spec in specs]
+                    results = []
+                    for spec in specs:
+                        reporter.start(spec.name, await database.count_rows(
+                            spec, _prefixes(manager, spec)))
+                        if jobs == 1:
+                            results.append(await reencrypt_table(
+                                engine, spec, on_progress=reporter.update,
+                                max_batches=max_batches))
+                            continue
+                        task = ShardTask(spec, KeyRange(), database_dsn, checkpoint_table,
+                                         batch_size, None if rate is None else rate / jobs,
+                                         skip_errors, max_batches)
+                        results.append(await reencrypt_sharded(
+                            engine, task, jobs, functools.partial(reporter.advance, spec.name)))
+                    return results
             finally:
                 await database.close()
 

@@ -14,7 +14,12 @@ were read (compare-and-swap), everything committed as it goes.
 * ``naive``: for each row one ``SELECT`` and one compare-and-swap ``UPDATE`` in
   autocommit (two round trips, one commit per row);
 * ``naive, transaction per row``: ``BEGIN``, ``SELECT ... FOR UPDATE``, ``UPDATE``,
-  ``COMMIT`` (the textbook read-modify-write, four round trips).
+  ``COMMIT`` (the textbook read-modify-write, four round trips);
+* ``engine, --jobs N``: what ``aiocrypt reencrypt --jobs N`` does: the table cut
+  into N primary-key ranges, each re-encrypted by a process of its own (started
+  with ``spawn``; the time includes starting them). The processes share a file
+  key store, so the whole bench runs on one (the keys are cached in memory either
+  way).
 
 The naive loops run on ``--naive-rows`` rows of tables of their own (a full
 table would take minutes).
@@ -28,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,14 +48,15 @@ sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
 
-from aiocrypt import KeyManager, KeyType  # noqa: E402
+from aiocrypt import EncryptionConfig, KeyManager, KeyType, build_key_manager  # noqa: E402
+from aiocrypt._cli_reencrypt import ShardTask, reencrypt_sharded  # noqa: E402
 from aiocrypt._reencrypt import (  # noqa: E402
     AsyncpgDatabase,
     ColumnSpec,
+    KeyRange,
     ReencryptionEngine,
     TableSpec,
 )
-from aiocrypt.testing import make_key_manager  # noqa: E402
 
 FIN, PII = KeyType.FINANCIAL_DATA, KeyType.PII
 
@@ -67,7 +75,7 @@ async def load_table(conn: Any, manager: KeyManager, table: str, rows: int) -> N
 
 
 async def naive_loop(conn: Any, manager: KeyManager, table: str, rows: int) -> float:
-    keyring = manager.keyring
+    keyring = await manager.ensure_active([FIN, PII])  # with a usage block reserved
     started = time.perf_counter()
     for i in range(1, rows + 1):
         income, ssn = await conn.fetchrow(f"SELECT income, ssn FROM {table} WHERE id = $1", i)
@@ -86,7 +94,7 @@ async def naive_loop(conn: Any, manager: KeyManager, table: str, rows: int) -> f
 async def naive_transaction_loop(conn: Any, manager: KeyManager, table: str,
                                  rows: int) -> float:
     """The textbook read-modify-write: a transaction per row, the row locked while it runs."""
-    keyring = manager.keyring
+    keyring = await manager.ensure_active([FIN, PII])  # with a usage block reserved
     started = time.perf_counter()
     for i in range(1, rows + 1):
         async with conn.transaction():
@@ -121,13 +129,48 @@ async def engine_run(dsn: str, manager: KeyManager, table: str, rows: int,
     return rows / elapsed
 
 
+async def engine_jobs_run(dsn: str, manager: KeyManager, table: str, rows: int,
+                          batch_size: int, jobs: int) -> float:
+    spec = TableSpec(table, "id", (ColumnSpec("income", FIN), ColumnSpec("ssn", PII)))
+    database = AsyncpgDatabase(dsn, checkpoint_table="bench_reencrypt_checkpoints")
+    engine = ReencryptionEngine(manager, database, tables=[spec], batch_size=batch_size)
+    task = ShardTask(spec, KeyRange(), dsn, "bench_reencrypt_checkpoints", batch_size, None,
+                     False, None)
+    try:
+        await engine.census(table)
+        started = time.perf_counter()
+        result = await reencrypt_sharded(engine, task, jobs, lambda done, rate: None)
+        elapsed = time.perf_counter() - started
+        census = await engine.census(table)
+    finally:
+        await database.close()
+    if result["run"]["rows_updated"] != rows or census.off_target(result["targets"]) != 0:
+        raise SystemExit(f"engine --jobs {jobs} left work undone: {result['run']}")
+    return rows / elapsed
+
+
+def _shared_key_store() -> tempfile.TemporaryDirectory[str]:
+    """A file key store and master key in the environment, for the --jobs processes."""
+    directory = tempfile.TemporaryDirectory(prefix="aiocrypt-bench-keys-")
+    os.environ["ENCRYPTION_MASTER_KEY"] = base64.b64encode(os.urandom(32)).decode()
+    os.environ["ENCRYPTION_KEY_STORAGE_PATH"] = os.path.join(directory.name, "keys.json")
+    os.environ["ENCRYPTION_KEY_STORAGE_BACKEND"] = "file"
+    os.environ.pop("ENCRYPTION_MASTER_KEY_FILE", None)
+    return directory
+
+
 async def run(*, dsn: str, rows: int, naive_rows: int, batch_size: int,
-              rounds: int) -> dict[str, Any]:
-    """Rows per second of every round for the engine and the two naive loops."""
-    manager = make_key_manager()
+              rounds: int, jobs: int = 2) -> dict[str, Any]:
+    """Rows per second of every round for the engine (in this process and over ``jobs``
+    processes) and the two naive loops."""
+    keys = _shared_key_store()
+    # sync encryption (loading tables, the naive loops) takes one usage block per key:
+    # one large enough for a whole round
+    manager = build_key_manager(EncryptionConfig.from_env(), watch=False, usage_block=1 << 21)
     await manager.open()
     conn = await asyncpg.connect(dsn)
     engine_rates: list[float] = []
+    jobs_rates: list[float] = []
     naive_rates: list[float] = []
     naive_tx_rates: list[float] = []
     try:
@@ -142,21 +185,31 @@ async def run(*, dsn: str, rows: int, naive_rows: int, batch_size: int,
             naive_tx = await naive_transaction_loop(conn, manager, "bench_reencrypt_naive_tx",
                                                     naive_rows)
             engine = await engine_run(dsn, manager, "bench_reencrypt_engine", rows, batch_size)
+            await load_table(conn, manager, "bench_reencrypt_jobs", rows)
+            await manager.rotate_key(FIN, force=True)
+            await manager.rotate_key(PII, force=True)
+            sharded = await engine_jobs_run(dsn, manager, "bench_reencrypt_jobs", rows,
+                                            batch_size, jobs)
             naive_rates.append(naive)
             naive_tx_rates.append(naive_tx)
             engine_rates.append(engine)
-            print(f"round {round_no}: engine {engine:8,.0f} rows/s | naive {naive:6,.0f} rows/s"
-                  f" ({engine / naive:4.1f}x) | naive, transaction per row {naive_tx:6,.0f} "
-                  f"rows/s ({engine / naive_tx:4.1f}x)", flush=True)
+            jobs_rates.append(sharded)
+            print(f"round {round_no}: engine {engine:8,.0f} rows/s | --jobs {jobs} "
+                  f"{sharded:8,.0f} rows/s | naive {naive:6,.0f} rows/s"
+                  f" ({engine / naive:4.1f}x, --jobs {sharded / naive:4.1f}x) | naive, "
+                  f"transaction per row {naive_tx:6,.0f} rows/s ({engine / naive_tx:4.1f}x)",
+                  flush=True)
     finally:
         for table in ("bench_reencrypt_naive", "bench_reencrypt_naive_tx",
-                      "bench_reencrypt_engine", "bench_reencrypt_checkpoints"):
+                      "bench_reencrypt_engine", "bench_reencrypt_jobs",
+                      "bench_reencrypt_checkpoints"):
             await conn.execute(f"DROP TABLE IF EXISTS {table}")
         await conn.close()
         await manager.close()
+        keys.cleanup()
     return {"rows": rows, "naive_rows": naive_rows, "batch_size": batch_size,
             "engine": engine_rates, "naive": naive_rates, "naive_tx": naive_tx_rates,
-            "server": await _server_version(dsn)}
+            "jobs": jobs, "engine_jobs": jobs_rates, "server": await _server_version(dsn)}
 
 
 async def main() -> None:
@@ -167,9 +220,10 @@ async def main() -> None:
     parser.add_argument("--naive-rows", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     result = await run(dsn=args.dsn, rows=args.rows, naive_rows=args.naive_rows,
-                       batch_size=args.batch_size, rounds=args.rounds)
+                       batch_size=args.batch_size, rounds=args.rounds, jobs=args.jobs)
     engine_median = statistics.median(result["engine"])
     naive_median = statistics.median(result["naive"])
     naive_tx_median = statistics.median(result["naive_tx"])

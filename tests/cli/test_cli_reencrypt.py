@@ -261,3 +261,43 @@ def test_reencrypt_draws_a_progress_bar_on_a_terminal(cli: Cli, cli_env: dict[st
     assert table in screen and "━" in screen and "300/300" in screen and "rows/s" in screen
     assert "batch 1," not in screen  # the bar, not the plain lines
     assert "300 rows re-encrypted" in out
+
+
+def test_reencrypt_with_jobs_shares_a_table_between_processes(
+        cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str) -> None:
+    """--jobs 2: two processes, a shard each; --max-batches stops each; a rerun with
+    another count finishes the rest, and then finds nothing left to move."""
+    plain = _fill(cli_env, postgres_dsn, table, ROWS)
+    env = {"ENCRYPTION_POSTGRES_DSN": postgres_dsn}
+    spec = ["--table", table, "--column", "ssn:pii", "--column", "amount:financial_data"]
+    ckpt = ["--checkpoint-table", f"{table}_ckpt"]
+    new_pii = json_out(cli("keys", "rotate", "pii", "--force", "--json"))["active_key"]["key_id"]
+
+    first = cli("reencrypt", *spec, *ckpt, "--jobs", "2", "--batch-size", "100",
+                "--max-batches", "2", "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    [r1] = json.loads(first.stdout)
+    assert r1["complete"] is False and r1["stopped"] == "max-batches"
+    assert len(r1["shards"]) == 2 and len(set(r1["job_id"])) == 2
+    assert [s["run"]["rows_updated"] for s in r1["shards"]] == [200, 200]
+    assert r1["run"]["rows_updated"] == 400 and r1["run"]["batches"] == 4
+    moved = [r["id"] for r in _rows(postgres_dsn, table)
+             if r["ssn"].startswith(f"ac2.{new_pii}.")]
+    assert len(moved) == 400
+    assert moved[:200] == list(range(1, 201))  # the first shard starts at the table's start
+    assert max(moved) > ROWS // 2               # the second one in the middle, at once
+
+    second = cli("reencrypt", *spec, *ckpt, "--jobs", "2", "--batch-size", "100", "--json",
+                 env=env)
+    assert second.returncode == 0, second.stderr
+    [r2] = json.loads(second.stdout)
+    assert r2["complete"] is True and r2["run"]["rows_updated"] == ROWS - 400
+    assert r2["job_id"] == r1["job_id"]  # the same shards: each resumed its checkpoint
+    assert r2["run"]["rows_failed"] == 0 and r2["failures"] == []
+    rows = _rows(postgres_dsn, table)
+    assert all(r["ssn"].startswith(f"ac2.{new_pii}.") for r in rows)
+    assert _decrypt_all(cli_env, table, rows) == plain
+
+    third = cli("reencrypt", *spec, *ckpt, "--jobs", "3", env=env)
+    assert third.returncode == 0, third.stderr
+    assert f"{table}: 0 rows re-encrypted" in third.stdout

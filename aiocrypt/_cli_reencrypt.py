@@ -1,0 +1,215 @@
+"""The ``aiocrypt reencrypt`` runs: a table in this process, or its shards over processes.
+
+With ``--jobs N`` each table is cut into N primary-key ranges
+(:meth:`ReencryptionEngine.plan_shards`) and each range is re-encrypted by a
+process of its own, started with ``spawn`` (a fresh interpreter: no state of this
+one, no forked event loop or threads), so the crypto of each shard runs on its own
+core; Postgres applies the writes on whatever cores are left. Each shard has its
+own checkpoint; this process follows their progress by reading them. A shard
+process reads the same settings as this one (the environment and the config
+file); what the command line chose travels in a :class:`ShardTask`, which holds
+identifiers only, never key material.
+
+A rerun with another ``--jobs`` plans other ranges, so their checkpoints are new,
+but nothing is redone: every batch selects only rows that are not yet on the
+target keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ._cli_base import describe, exit_code_for
+from ._errors import AiocryptError
+from ._reencrypt import (
+    KeyRange,
+    ReencryptionEngine,
+    ReencryptionProgress,
+    ReencryptionResult,
+    TableSpec,
+)
+
+__all__ = ["ShardTask", "StopAfterBatches", "reencrypt_sharded", "reencrypt_table",
+           "result_dict", "run_shard"]
+
+#: How often the parent reads the shards' checkpoints for its progress line.
+_POLL_SECONDS = 0.5
+
+
+class StopAfterBatches(Exception):
+    """Raised from the progress callback once ``--max-batches`` batches committed."""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard process's work: what the command line chose, for one range of one table."""
+
+    spec: TableSpec
+    shard: KeyRange
+    dsn: str
+    checkpoint_table: str
+    batch_size: int
+    rate: float | None
+    skip_errors: bool
+    max_batches: int | None
+
+
+def result_dict(result: ReencryptionResult, stopped: str | None) -> dict[str, Any]:
+    cp = result.checkpoint
+    return {
+        "table": result.table, "job_id": result.job_id, "targets": dict(result.targets),
+        "complete": result.complete, "stopped": stopped,
+        "resumed_from": result.resumed_from, "target_changed": result.target_changed,
+        "run": {"batches": result.run_batches, "rows_read": result.run_rows_read,
+                "rows_updated": result.run_rows_updated,
+                "rows_conflicted": result.run_rows_conflicted,
+                "rows_failed": result.run_rows_failed, "seconds": round(result.elapsed, 3)},
+        "checkpoint": {"pass": cp.pass_no, "batches": cp.batches, "rows_read": cp.rows_read,
+                       "rows_updated": cp.rows_updated, "rows_conflicted": cp.rows_conflicted,
+                       "rows_failed": cp.rows_failed, "done": cp.done},
+        "failed_primary_keys": list(result.failed_primary_keys),
+        "failures": [{"column": f.column, "primary_key": f.primary_key,
+                      "reason": None if f.reason is None else f.reason.value,
+                      "key_id": f.key_id} for f in result.failures],
+    }
+
+
+async def reencrypt_table(engine: ReencryptionEngine, spec: TableSpec, *,
+                          shard: KeyRange | None = None,
+                          on_progress: Callable[[ReencryptionProgress, int], None] | None = None,
+                          max_batches: int | None = None) -> dict[str, Any]:
+    """Re-encrypt ``spec`` (or one ``shard`` of it) in this process; the result as a dict.
+
+    ``on_progress(event, base)``: after each batch, with the rows the job had read
+    before this run (counters are per job and cumulative).
+    """
+    key_range = shard if shard is not None else KeyRange()
+    targets = await engine.targets(spec)
+    job_id = engine.job_id_for(spec, targets, key_range)
+    await engine.database.prepare(spec)
+    before = await engine.database.load_checkpoint(job_id)
+    base = before.rows_read if before is not None else 0
+    last: list[ReencryptionProgress] = []
+
+    def progress(event: ReencryptionProgress) -> None:
+        last[:] = [event]
+        if on_progress is not None:
+            on_progress(event, base)
+        if max_batches is not None and event.run_batches >= max_batches:
+            raise StopAfterBatches
+
+    engine.progress = progress
+    started = time.monotonic()
+    try:
+        result = await engine.reencrypt(spec, job_id=job_id, shard=key_range)
+    except StopAfterBatches:
+        event = last[0]
+        checkpoint = await engine.database.load_checkpoint(job_id)
+        assert checkpoint is not None  # the batch that stopped the run committed it
+        result = ReencryptionResult(
+            job_id=job_id, table=spec.name, targets=targets, run_batches=event.run_batches,
+            run_rows_read=event.rows_read - base, run_rows_updated=event.run_rows_updated,
+            run_rows_conflicted=event.rows_conflicted - (before.rows_conflicted if before else 0),
+            run_rows_failed=event.rows_failed - (before.rows_failed if before else 0),
+            passes=1, resumed_from=None if before is None or before.done else before.last_pk,
+            checkpoint=checkpoint, elapsed=time.monotonic() - started, complete=False)
+        return result_dict(result, "max-batches")
+    return result_dict(result, None)
+
+
+def run_shard(task: ShardTask) -> dict[str, Any]:
+    """A shard process's entry point (picklable): the shard's result dict, or
+    ``{"error": ..., "exit": ...}`` for an aiocrypt error (one line, no traceback)."""
+    try:
+        return asyncio.run(_run_shard(task))
+    except AiocryptError as exc:
+        return {"error": describe(exc), "exit": exit_code_for(exc)}
+
+
+async def _run_shard(task: ShardTask) -> dict[str, Any]:
+    from ._cli_base import load_config
+    from ._cli_ops import _open_database  # the command's module imports this one
+    from ._factory import build_key_manager
+
+    manager = build_key_manager(load_config(), watch=False)
+    database = await _open_database(task.dsn, task.checkpoint_table)
+    engine = ReencryptionEngine(manager, database, tables=[task.spec],
+                                batch_size=task.batch_size, rate_limit=task.rate,
+                                on_error="skip" if task.skip_errors else "raise")
+    async with manager:
+        try:
+            return await reencrypt_table(engine, task.spec, shard=task.shard,
+                                         max_batches=task.max_batches)
+        finally:
+            await database.close()
+
+
+async def reencrypt_sharded(engine: ReencryptionEngine, task: ShardTask, jobs: int,
+                            on_progress: Callable[[int, float], None]) -> dict[str, Any]:
+    """Re-encrypt ``task.spec`` in ``jobs`` processes, one shard each; one merged result.
+
+    ``on_progress(rows_done, rows_per_second)`` about twice a second, from the shards'
+    checkpoints. A shard that fails makes the whole an ``AiocryptError`` naming it,
+    once every shard stopped (each committed what it finished).
+    """
+    spec = task.spec
+    targets = await engine.targets(spec)
+    shards = await engine.plan_shards(spec, jobs)
+    job_ids = [engine.job_id_for(spec, targets, shard) for shard in shards]
+
+    async def rows_read() -> int:
+        checkpoints = [await engine.database.load_checkpoint(j) for j in job_ids]
+        return sum(c.rows_read for c in checkpoints if c is not None)
+
+    base = await rows_read()
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(max_workers=len(shards),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [loop.run_in_executor(pool, run_shard, dataclasses.replace(task, shard=s))
+                   for s in shards]
+        pending: set[asyncio.Future[dict[str, Any]]] = set(futures)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=_POLL_SECONDS)
+            done = await rows_read() - base
+            on_progress(done, done / max(time.monotonic() - started, 1e-9))
+    outcomes = [f.result() for f in futures]
+    failed = [(shard, o) for shard, o in zip(shards, outcomes, strict=True) if "error" in o]
+    if failed:
+        shard, outcome = failed[0]
+        raise AiocryptError(f"{spec.name}: the shard after primary key {shard.after!r} "
+                            f"stopped: {outcome['error']}")
+    return _merged(spec, targets, outcomes, time.monotonic() - started)
+
+
+def _merged(spec: TableSpec, targets: dict[str, str], outcomes: list[dict[str, Any]],
+            elapsed: float) -> dict[str, Any]:
+    """One table's result from its shards' (the shape of :func:`result_dict`, plus them)."""
+    run = {name: sum(o["run"][name] for o in outcomes)
+           for name in ("batches", "rows_read", "rows_updated", "rows_conflicted",
+                        "rows_failed")}
+    run["seconds"] = round(elapsed, 3)
+    checkpoint = {name: sum(o["checkpoint"][name] for o in outcomes)
+                  for name in ("batches", "rows_read", "rows_updated", "rows_conflicted",
+                               "rows_failed")}
+    checkpoint["pass"] = max(o["checkpoint"]["pass"] for o in outcomes)
+    checkpoint["done"] = all(o["checkpoint"]["done"] for o in outcomes)
+    stopped = next((o["stopped"] for o in outcomes if o["stopped"]), None)
+    resumed = [o["resumed_from"] for o in outcomes if o["resumed_from"] is not None]
+    return {
+        "table": spec.name, "job_id": [o["job_id"] for o in outcomes], "targets": targets,
+        "complete": all(o["complete"] for o in outcomes), "stopped": stopped,
+        "resumed_from": resumed[0] if resumed else None,
+        "target_changed": any(o["target_changed"] for o in outcomes),
+        "run": run, "checkpoint": checkpoint,
+        "failed_primary_keys": [pk for o in outcomes for pk in o["failed_primary_keys"]],
+        "failures": [f for o in outcomes for f in o["failures"]],
+        "shards": outcomes,
+    }

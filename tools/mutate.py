@@ -258,7 +258,6 @@ class Equivalent:
     line: str
     change: str
     why: str
-    matched: int = 0
 
 
 def load_equivalents(path: Path = EQUIVALENT_FILE) -> dict[tuple[str, str, str], Equivalent]:
@@ -424,6 +423,14 @@ def report(results: list[ModuleResult],
     yield f"Surviving mutants (not listed as equivalent): {len(survivors)}"
     for o in survivors:
         yield f"  {o.mutant.module}:{o.mutant.lineno}: {o.mutant.change}    {o.mutant.line}"
+    stale = [eq for r in results if not r.error
+             for eq in equivalents.values() if eq.module == r.module
+             and (eq.module, eq.line, eq.change) not in {m.key for m in mutants_of(r.module)}]
+    if stale:
+        yield ""
+        yield "Listed as equivalent but no such mutant (the line changed?):"
+        for eq in stale:
+            yield f"  {eq.module}: {eq.change}    {eq.line}"
     wrongly = [o for r in results for o in r.outcomes
                if o.status != "survived" and o.mutant.key in equivalents]
     if wrongly:

@@ -67,7 +67,7 @@ from ._reencrypt_asyncpg import AsyncpgDatabase
 from ._service import EncryptionService
 from ._types import KeyStatus, KeyType
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one place; pyproject.toml reads it (CHANGELOG.md)
 
 __all__ = [
     "AdoptionReport",

@@ -1,4 +1,4 @@
-"""Settings: one typed object built from the environment and the JSON file (DESIGN.md s.6).
+"""Settings: one typed object built from the environment and the JSON file (docs/configuration.md).
 
 ``EncryptionConfig.from_env()`` reads every variable once. Parsing is lenient so
 that ``validate()`` can report every problem at once, as readable sentences;

@@ -1,4 +1,4 @@
-"""The versioned ciphertext format (DESIGN.md section 3). Frozen by tests/vectors/.
+"""The versioned ciphertext format (docs/format.md). Frozen by tests/vectors/.
 
 Binary form (blobs, streams)::
 

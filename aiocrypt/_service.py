@@ -1,4 +1,4 @@
-"""EncryptionService: the async API applications call (DESIGN.md section 6).
+"""EncryptionService: the async API applications call (docs/architecture.md).
 
 Small values are encrypted inline in the coroutine: the AES work for a field
 takes microseconds, far less than a hop to a thread. Anything above the

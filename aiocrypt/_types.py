@@ -139,7 +139,7 @@ def unknown_key_type(name: str, known: Iterable[str], *,
 
 
 class KeyStatus(enum.StrEnum):
-    """Life-cycle state of a data-encryption key (DESIGN.md section 2)."""
+    """Life-cycle state of a data-encryption key (docs/keys.md)."""
 
     ACTIVE = "active"
     """Encrypts and decrypts; one per key type."""

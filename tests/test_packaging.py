@@ -18,6 +18,11 @@ def test_wheel_installs_and_imports_every_integration(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(ROOT)],
                    check=True, capture_output=True, timeout=600)
     (wheel,) = dist.glob("aiocrypt-*.whl")
+    # the version is written once, in aiocrypt/__init__.py; the wheel takes it from there
+    import aiocrypt
+    assert wheel.name.startswith(f"aiocrypt-{aiocrypt.__version__}-"), wheel.name
+    assert f"## {aiocrypt.__version__.removesuffix('.dev0')} " in \
+        (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     names = zipfile.ZipFile(wheel).namelist()
     assert "aiocrypt/integrations/__init__.py" in names
     assert not any(name.startswith(("integrations/", "tests/")) for name in names)

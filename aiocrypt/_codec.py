@@ -18,7 +18,15 @@ tag   type        body
 0x0A  UUID        16 bytes
 0x0B  list        u32 count, then per item: u32 length, item
 0x0C  dict        u32 count, then per pair: key item, value item
+0x0D  time        ISO 8601, ASCII (a UTC offset if it has one)
+0x0E  timedelta   days (i32), seconds (u32), microseconds (u32), big-endian
+0x0F  naive       ISO 8601 without offset, ASCII: a :class:`NaiveDateTime`
+      datetime    (decodes to a plain naive datetime)
 ====  ==========  ===============================================
+
+Tags 0x0D-0x0F were added after the format was frozen (tests/vectors): values of
+the earlier tags encode exactly as before, and readers older than these tags
+refuse the new ones as malformed rather than misread them.
 
 Dict keys may be any scalar type above. Nesting is bounded (``MAX_DEPTH``) and
 every length is checked against what is left, so a decoder never allocates or
@@ -27,7 +35,8 @@ offset, not its zone name: it comes back with a fixed offset, at the same instan
 A zoned local time in a daylight-saving gap or overlap keeps the offset Python
 gives it for its ``fold`` (by PEP 495 it then compares unequal to the fixed-offset
 value; compare instants). Tuples, sets and naive datetimes are refused rather
-than silently changed.
+than silently changed; a naive datetime the caller means as its own clock is
+stored when wrapped in :class:`NaiveDateTime`, explicitly.
 """
 
 from __future__ import annotations
@@ -41,16 +50,35 @@ from typing import Any, Final
 
 from ._errors import UnsupportedTypeError
 
-__all__ = ["MAX_DEPTH", "STR_TAG", "decode_value", "encode_value"]
+__all__ = ["MAX_DEPTH", "STR_TAG", "NaiveDateTime", "decode_value", "encode_value"]
 
 MAX_DEPTH: Final = 32
 
 _NONE, _STR, _BYTES, _INT, _FLOAT, _DECIMAL, _TRUE, _FALSE = (bytes([i]) for i in range(8))
 _DATE, _DATETIME, _UUID, _LIST, _DICT = (bytes([i]) for i in range(8, 13))
+_TIME, _TIMEDELTA, _NAIVE_DATETIME = (bytes([i]) for i in range(13, 16))
 #: The tag of a str value: ``STR_TAG + value.encode()`` is ``encode_value(value)``.
 STR_TAG: Final = _STR
 
 _U32 = struct.Struct(">I")
+_DELTA = struct.Struct(">iII")
+
+
+class NaiveDateTime(_dt.datetime):
+    """A naive datetime meant as the application's own clock (no zone, no offset).
+
+    Plain naive datetimes stay refused (their instant is ambiguous); wrapping one
+    says the caller knows: ``NaiveDateTime.combine(value.date(), value.time())``.
+    It decodes to a plain naive ``datetime``.
+    """
+
+    __slots__ = ()
+
+
+def _enc_naive(value: _dt.datetime) -> bytes:
+    if value.tzinfo is not None:
+        raise UnsupportedTypeError("NaiveDateTime must not carry a timezone")
+    return _NAIVE_DATETIME + value.isoformat().encode("ascii")
 _F64 = struct.Struct(">d")
 
 
@@ -103,12 +131,15 @@ _SCALAR_ENCODERS: Final[dict[type, Callable[[Any], bytes]]] = {
     _dt.date: lambda v: _DATE + v.isoformat().encode("ascii"),
     _dt.datetime: _enc_datetime,
     uuid.UUID: lambda v: _UUID + v.bytes,
+    _dt.time: lambda v: _TIME + v.isoformat().encode("ascii"),
+    _dt.timedelta: lambda v: _TIMEDELTA + _DELTA.pack(v.days, v.seconds, v.microseconds),
+    NaiveDateTime: _enc_naive,
 }
 
 # Subclasses (IntEnum, StrEnum, ...) are stored as their base type; order matters
 # because bool is an int and datetime is a date.
 _BASES: Final = (bool, int, float, str, bytes, bytearray, memoryview, Decimal,
-                 _dt.datetime, _dt.date, uuid.UUID)
+                 _dt.datetime, _dt.date, uuid.UUID, _dt.time, _dt.timedelta)
 
 
 def _encode(value: Any, depth: int) -> bytes:
@@ -126,8 +157,8 @@ def _encode(value: Any, depth: int) -> bytes:
             return _SCALAR_ENCODERS[base](value)
     raise UnsupportedTypeError(
         f"cannot encrypt a value of type {type(value).__name__}: supported types are "
-        "str, bytes, int, float, Decimal, bool, None, date, tz-aware datetime, UUID, "
-        "and list / dict of those"
+        "str, bytes, int, float, Decimal, bool, None, date, tz-aware datetime, time, "
+        "timedelta, UUID, and list / dict of those"
     )
 
 
@@ -200,6 +231,28 @@ def _decode(data: bytes, pos: int, end: int, depth: int) -> Any:
         if len(body) != 16:
             raise _CodecError("bad uuid")
         return uuid.UUID(bytes=body)
+    return _decode_added(tag, body)
+
+
+def _decode_added(tag: int, body: bytes) -> Any:
+    """Tags added after the format was frozen (0x0D-0x0F)."""
+    if tag == 13:
+        return _dt.time.fromisoformat(body.decode("ascii"))
+    if tag == 14:
+        if len(body) != _DELTA.size:
+            raise _CodecError("bad timedelta")
+        days, seconds, micros = _DELTA.unpack(body)
+        if seconds >= 86400 or micros >= 1_000_000:
+            raise _CodecError("bad timedelta")
+        try:
+            return _dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+        except OverflowError:
+            raise _CodecError("bad timedelta") from None
+    if tag == 15:
+        value = _dt.datetime.fromisoformat(body.decode("ascii"))
+        if value.tzinfo is not None:
+            raise _CodecError("naive datetime with an offset")
+        return value
     raise _CodecError("unknown type tag")
 
 

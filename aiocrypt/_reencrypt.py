@@ -49,7 +49,7 @@ from decimal import Decimal
 from typing import Any, Final, Literal, Protocol
 
 from . import _compression
-from ._codec import encode_value
+from ._codec import NaiveDateTime, encode_value
 from ._crypto import NONCE_BYTES, DataKey
 from ._errors import DecryptionError, DecryptionFailure, ReencryptionError
 from ._format import FLAG_ZSTD, TEXT_PREFIXES, context_bytes, text_prefix, token_sql
@@ -129,6 +129,30 @@ def _parse_date(raw: str) -> _dt.date:
     return _dt.date.fromisoformat(raw.strip()[:10])
 
 
+def _parse_naive_datetime(raw: str) -> _dt.datetime:
+    # a naive column keeps the application's clock: an offset would be dropped, so no
+    value = _dt.datetime.fromisoformat(raw.strip())
+    if value.tzinfo is not None:
+        raise ValueError("an aware timestamp in a naive column")
+    return NaiveDateTime.combine(value.date(), value.time())
+
+
+_INTERVAL_RE: Final = re.compile(
+    r"(?:(?P<days>-?\d+) days?,? ?)?(?P<sign>-)?(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d(?:\.\d{1,6})?)")
+
+
+def _parse_timedelta(raw: str) -> _dt.timedelta:
+    # str(timedelta) ("1 day, 2:03:04.5"), Postgres interval text ("1 day 02:03:04"),
+    # or a number of seconds
+    text = raw.strip()
+    match = _INTERVAL_RE.fullmatch(text)
+    if match is None:
+        return _dt.timedelta(seconds=float(text))
+    clock = _dt.timedelta(hours=int(match["h"]), minutes=int(match["m"]),
+                          seconds=float(match["s"]))
+    return _dt.timedelta(days=int(match["days"] or 0)) + (-clock if match["sign"] else clock)
+
+
 _LEGACY_PARSERS: Final[Mapping[str, Callable[[str], Any]]] = {
     "str": str,
     "bytes": _parse_bytes,
@@ -140,11 +164,15 @@ _LEGACY_PARSERS: Final[Mapping[str, Callable[[str], Any]]] = {
     "datetime": _parse_datetime,
     "json": json.loads,
     "uuid": lambda raw: uuid.UUID(raw.strip()),
+    "time": lambda raw: _dt.time.fromisoformat(raw.strip()),
+    "timedelta": _parse_timedelta,
+    "naive_datetime": _parse_naive_datetime,
 }
 _LEGACY_PYTHON_TYPES: Final[Mapping[str, type | tuple[type, ...]]] = {
     "str": str, "bytes": bytes, "int": int, "float": float, "decimal": Decimal,
     "bool": bool, "date": _dt.date, "datetime": _dt.datetime, "json": (dict, list),
-    "uuid": uuid.UUID,
+    "uuid": uuid.UUID, "time": _dt.time, "timedelta": _dt.timedelta,
+    "naive_datetime": _dt.datetime,
 }
 LEGACY_TYPES: Final = frozenset(_LEGACY_PARSERS)
 """Value types a column may hold as plaintext from before encryption (``legacy_type``)."""
@@ -162,6 +190,8 @@ def parse_legacy(value_type: str, raw: Any) -> Any:
                          f"{sorted(LEGACY_TYPES)}")
     expected = _LEGACY_PYTHON_TYPES[value_type]
     if isinstance(raw, expected) and not (value_type == "int" and isinstance(raw, bool)):
+        if value_type == "naive_datetime" and isinstance(raw, _dt.datetime):
+            return _parse_naive_datetime(raw.isoformat())
         if isinstance(raw, _dt.datetime) and raw.tzinfo is None:
             return raw.replace(tzinfo=_dt.UTC)
         return raw

@@ -40,17 +40,20 @@ import secrets
 import unicodedata
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from datetime import date, datetime
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any, ClassVar, Final, cast
+from enum import Enum as _Enum
+from typing import Any, Final, cast
 from uuid import UUID
 
 try:
     import sqlalchemy as sa
     from sqlalchemy import event
     from sqlalchemy.engine import Dialect
+    from sqlalchemy.engine.default import DefaultDialect
     from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.mutable import Mutable, MutableDict, MutableList
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
     from sqlalchemy.orm.attributes import set_committed_value
     from sqlalchemy.orm.exc import UnmappedColumnError
@@ -70,7 +73,7 @@ from aiocrypt import (
     KeyType,
     get_encryption_service,
 )
-from aiocrypt._codec import encode_value
+from aiocrypt._codec import NaiveDateTime, encode_value
 from aiocrypt._crypto import DataKey
 from aiocrypt._errors import DecryptionFailure, decryption_failed
 from aiocrypt._format import TEXT_PREFIXES, context_bytes
@@ -100,17 +103,22 @@ from aiocrypt._types import KeyTypeLike
 
 __all__ = [
     "BLIND_INDEX_KEY_TYPE",
+    "COLUMN_KEY_TYPES",
     "BlindIndex",
+    "Encrypted",
     "EncryptedBoolean",
     "EncryptedBytes",
     "EncryptedDate",
     "EncryptedDateTime",
     "EncryptedDecimal",
+    "EncryptedEnum",
     "EncryptedFloat",
     "EncryptedInteger",
+    "EncryptedInterval",
     "EncryptedJSON",
     "EncryptedNumeric",
     "EncryptedString",
+    "EncryptedTime",
     "EncryptedType",
     "EncryptedUUID",
     "FernetReader",
@@ -122,6 +130,7 @@ __all__ = [
     "blind_index_usage",
     "legacy_readers",
     "database_for",
+    "key_type_for_column",
     "normalize_digits",
     "normalize_email",
     "normalize_text",
@@ -314,11 +323,12 @@ class _TableBound(TypeDecorator[Any]):
 
     def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
         super()._set_parent(parent, outer=outer, **kw)
-        if isinstance(parent, sa.Column) and not self._explicit_context:
+        if isinstance(parent, sa.Column):
             parent._on_table_attach(self._attached)
 
     def _attached(self, column: sa.Column[Any], table: sa.Table) -> None:
-        self.context = f"{table.name}.{column.name}"
+        if not self._explicit_context:
+            self.context = f"{table.name}.{column.name}"
         self.table_name = table.name
         self.column_name = column.name
         self.table = table
@@ -357,10 +367,51 @@ class _EncryptedComparator(TypeDecorator.Comparator[Any]):
         return super().operate(op, *other, **kwargs)
 
 
+COLUMN_KEY_TYPES: dict[str, KeyTypeLike] = {
+    "income": KeyType.FINANCIAL_DATA, "salary": KeyType.FINANCIAL_DATA,
+    "savings": KeyType.FINANCIAL_DATA, "balance": KeyType.FINANCIAL_DATA,
+    "ssn": KeyType.PII, "email": KeyType.PII, "phone": KeyType.PII,
+    "address": KeyType.PII, "dob": KeyType.PII,
+    "api_key": KeyType.API_KEYS, "token": KeyType.API_KEYS, "secret": KeyType.API_KEYS,
+}
+"""Words of a column name -> the key type of an encrypted column declared without one.
+
+A word matches between underscores (``monthly_income_encrypted`` -> ``income``).
+Change it before the models are declared (``COLUMN_KEY_TYPES["iban"] =
+KeyType.FINANCIAL_DATA``, or ``del COLUMN_KEY_TYPES["token"]``)."""
+
+
+def key_type_for_column(column: str, table: str | None = None,
+                        mapping: Mapping[str, KeyTypeLike] | None = None) -> KeyType:
+    """The key type :data:`COLUMN_KEY_TYPES` (or ``mapping``) gives ``column``'s name.
+
+    A name matching no word, or words of two key types, is refused with
+    ``ConfigurationError``: a column never gets a key type by default.
+    """
+    words = f"_{column.lower()}_"
+    matched = {word: KeyType(kt) for word, kt in (mapping or COLUMN_KEY_TYPES).items()
+               if f"_{word.lower()}_" in words}
+    found = set(matched.values())
+    where = f"{table}.{column}" if table else column
+    if len(found) == 1:
+        return found.pop()
+    if found:
+        named = ", ".join(f"{kt.value} ({w})" for w, kt in sorted(matched.items()))
+        raise ConfigurationError(f"{where}: the column name matches several key types "
+                                 f"({named}); pass the one it holds, e.g. "
+                                 f"EncryptedString(KeyType.{sorted(found)[0].name})")
+    raise ConfigurationError(
+        f"{where}: no key type given and the column name says none (words known: "
+        f"{', '.join(sorted(mapping or COLUMN_KEY_TYPES))}); pass the key type of what it "
+        "holds, e.g. EncryptedString(KeyType.PII) for personal data, "
+        "KeyType.FINANCIAL_DATA for amounts, KeyType.API_KEYS for credentials")
+
+
 class EncryptedType(_TableBound):
     """Base of the encrypted column types: a text column holding an aiocrypt token.
 
-    ``key_type``: the key purpose (``KeyType.PII``, ``"financial_data"``, ...).
+    ``key_type``: the key purpose (``KeyType.PII``, ``"financial_data"``, ...); when
+    omitted, taken from the column's name (:data:`COLUMN_KEY_TYPES`), or refused.
     ``context``: defaults to ``"<table>.<column>"``, set when the column joins its table.
     ``deterministic``: AES-SIV, equal values give equal tokens, so ``==`` works (and
     matches every live key version); leaks equality, use for exact-match columns only.
@@ -379,10 +430,10 @@ class EncryptedType(_TableBound):
     ``service``: defaults to :func:`set_encryption_service` / the process-wide service.
     """
 
-    python_type_name: ClassVar[str] = "str"
+    python_type_name: str = "str"
     comparator_factory = _EncryptedComparator
 
-    def __init__(self, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
+    def __init__(self, key_type: KeyTypeLike | None = None, *,
                  context: str | None = None, deterministic: bool = False,
                  allow_plaintext: bool = False, row_bound: bool | None = None,
                  legacy: LegacyReader | None = None,
@@ -391,7 +442,11 @@ class EncryptedType(_TableBound):
         if deterministic and row_bound:
             raise ValueError("a row-bound column cannot be deterministic: its tokens differ "
                              "per row, so no equality lookup could match; use a BlindIndex")
-        self.key_type = KeyType(key_type)
+        if key_type is None and context is not None:
+            raise ConfigurationError(f"{context}: give key_type (with an explicit context "
+                                     "there is no column name to take it from)")
+        self.key_type: KeyType = KeyType(key_type) if key_type is not None \
+            else cast(KeyType, None)  # set from the column name when attached
         self.context = context
         self.deterministic = deterministic
         self.allow_plaintext = allow_plaintext
@@ -401,8 +456,21 @@ class EncryptedType(_TableBound):
         self._explicit_context = context is not None
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.key_type.value!r}"
-                f"{', deterministic=True' if self.deterministic else ''})")
+        kt = "None" if self.key_type is None else repr(self.key_type.value)
+        return f"{type(self).__name__}({kt}{', deterministic=True' if self.deterministic else ''})"
+
+    def _attached(self, column: sa.Column[Any], table: sa.Table) -> None:
+        super()._attached(column, table)
+        if self.key_type is None:
+            self.key_type = key_type_for_column(column.name, table.name)
+
+    def bind_value(self, value: Any, dialect: Dialect | None = None) -> Any:
+        """What is encrypted for ``value`` (checked and coerced to the column's type)."""
+        return self.coerce_value(value)
+
+    def result_value(self, value: Any, dialect: Dialect | None = None) -> Any:
+        """The Python value for a decrypted one (the identity but for wrapping types)."""
+        return value
 
     @property
     def python_type(self) -> type:
@@ -424,7 +492,9 @@ class EncryptedType(_TableBound):
         if value is None:
             return None
         context = self._bind_context(primary_key)
-        value = self.coerce_value(value)
+        value = self.bind_value(value, dialect)
+        if value is None:
+            return None
         service = _service_for(self.service)
         keyring = _current_keyring(service, self.key_type)
         if self.deterministic:
@@ -486,18 +556,19 @@ class EncryptedType(_TableBound):
                 context = row_context(context, primary_key)
                 primary_key = _typed_key(getattr(self, "table", None), primary_key)
             if isinstance(value, str) and value.startswith(TEXT_PREFIXES):
-                return _decrypt(_service_for(self.service), value, self.key_type, context)
-            if self.legacy is not None:
+                decrypted = _decrypt(_service_for(self.service), value, self.key_type, context)
+            elif self.legacy is not None:
                 try:
                     text = self.legacy.open(value)
                 except LegacyTokenError:
                     raise decryption_failed(DecryptionFailure.AUTHENTICATION_FAILED, None,
                                             f"not a valid {self.legacy.name} token") from None
-                return self._legacy(text, legacy_reads, "legacy_reads")
-            if not self.allow_plaintext:
+                decrypted = self._legacy(text, legacy_reads, "legacy_reads")
+            elif not self.allow_plaintext:
                 raise decryption_failed(DecryptionFailure.MALFORMED, None,
                                         "the stored value is not a token")
-            return self._legacy(value, plaintext_reads, "plaintext_reads")
+            else:
+                decrypted = self._legacy(value, plaintext_reads, "plaintext_reads")
         except DecryptionError as exc:
             # Name the column (never the value); a row-bound column knows its row,
             # otherwise the primary key is added by _locate_undecryptable_row when an
@@ -508,6 +579,7 @@ class EncryptedType(_TableBound):
             if _locating.get():
                 return _Undecryptable(located, getattr(self, "table", None))
             raise located from None
+        return self.result_value(decrypted, dialect)
 
     def _legacy(self, value: Any, reads: Counter[str], counter: str) -> Any:
         """A value from before the migration (plaintext, or a legacy reader's text)."""
@@ -534,7 +606,7 @@ class EncryptedType(_TableBound):
             raise TypeError(f"{self.context}: only deterministic columns have stable tokens")
         if keyring is None:
             keyring = _current_keyring(_service_for(self.service))
-        plaintext = encode_value(self.coerce_value(value))
+        plaintext = encode_value(self.bind_value(value))
         ctx = context_bytes(self._context())
         return [token for dk in _live_keys(keyring, self.key_type)
                 for token in dk.deterministic_tokens(plaintext, ctx, v1=keyring.accept_format_v1)]
@@ -583,6 +655,7 @@ def _typed_key(table: sa.Table | None, text: str) -> Any:
 _PYTHON_TYPES: Final[dict[str, type | tuple[type, ...]]] = {
     "str": str, "bytes": bytes, "int": int, "float": float, "decimal": Decimal,
     "bool": bool, "date": date, "datetime": datetime, "json": (dict, list), "uuid": UUID,
+    "time": time, "timedelta": timedelta, "naive_datetime": datetime,
 }
 
 
@@ -659,17 +732,126 @@ class EncryptedDate(EncryptedType):
 
 
 class EncryptedDateTime(EncryptedType):
-    """Timezone-aware ``datetime`` values (the offset is kept; naive ones are refused)."""
+    """``datetime`` values. ``timezone=True`` (the default): aware ones only, the
+    offset kept. ``timezone=False``: naive ones only, stored and returned as they
+    are: the application's own clock (naive UTC, say), which aiocrypt cannot check;
+    an aware value is refused rather than have its zone dropped."""
 
     cache_ok = True
     python_type_name = "datetime"
 
+    def __init__(self, key_type: KeyTypeLike | None = None, *, timezone: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(key_type, **kwargs)
+        self.timezone = timezone
+        if not timezone:
+            self.python_type_name = "naive_datetime"
+
+    def coerce_value(self, value: Any) -> Any:
+        value = super().coerce_value(value)
+        if self.timezone:
+            if value.tzinfo is None or value.utcoffset() is None:
+                raise TypeError(f"{self.context}: a naive datetime in a timezone=True column; "
+                                "attach a timezone, or declare EncryptedDateTime(timezone=False)")
+            return value
+        if value.tzinfo is not None:
+            raise TypeError(f"{self.context}: an aware datetime in a timezone=False column "
+                            "(its zone would be lost); convert it to the application's clock")
+        return NaiveDateTime.combine(value.date(), value.time())
+
+
+class EncryptedTime(EncryptedType):
+    """``time`` values (with or without an offset, kept as given)."""
+
+    cache_ok = True
+    python_type_name = "time"
+
+
+class EncryptedInterval(EncryptedType):
+    """``timedelta`` values, exactly (days, seconds, microseconds)."""
+
+    cache_ok = True
+    python_type_name = "timedelta"
+
+
+_JSON_TYPES: Final = (dict, list, str, int, float, bool)
+
 
 class EncryptedJSON(EncryptedType):
-    """``dict`` / ``list`` values (JSON-like; reassign to change: no in-place tracking)."""
+    """JSON-like values: a ``dict`` or ``list`` (items keep their types: Decimal, date,
+    ...), or a top-level ``str`` / ``int`` / ``float`` / ``bool``. ``None`` is SQL NULL.
+
+    ``mutable=True`` (the default): with the ORM, in-place changes to the top-level
+    dict or list (``obj.prefs["lang"] = "fr"``, ``obj.tags.append(x)``) mark the
+    attribute changed, as ``MutableDict`` / ``MutableList`` do; changes nested
+    deeper need a reassignment or ``flag_modified``. ``mutable=False``: reassign.
+    """
 
     cache_ok = True
     python_type_name = "json"
+
+    def __init__(self, key_type: KeyTypeLike | None = None, *, mutable: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(key_type, **kwargs)
+        self.mutable = mutable
+
+    def coerce_value(self, value: Any) -> Any:
+        if isinstance(value, _JSON_TYPES):
+            return value
+        raise TypeError(f"{self.context}: expected a dict, list, str, int, float or bool, "
+                        f"got {type(value).__name__}")
+
+    def result_value(self, value: Any, dialect: Dialect | None = None) -> Any:
+        return _tracked_json(value) if self.mutable else value
+
+
+def _tracked_json(value: Any) -> Any:
+    if type(value) is dict:
+        return MutableDict(value)
+    if type(value) is list:
+        return MutableList(value)
+    return value
+
+
+class EncryptedEnum(EncryptedType):
+    """One of a Python ``enum.Enum``'s members (stored by name, as ``sa.Enum`` does) or
+    of a sequence of strings; anything else is refused on write, and on read (a
+    stored name the enum no longer has raises ``LookupError``)::
+
+        status: Mapped[Status] = mapped_column(EncryptedEnum(Status, KeyType.PII))
+        tier: Mapped[str] = mapped_column(EncryptedEnum(["gold", "silver"], KeyType.PII))
+    """
+
+    cache_ok = True
+    python_type_name = "str"
+
+    def __init__(self, enum: type[_Enum] | Sequence[str],
+                 key_type: KeyTypeLike | None = None, **kwargs: Any) -> None:
+        super().__init__(key_type, **kwargs)
+        if isinstance(enum, type) and issubclass(enum, _Enum):
+            self.enum: type[_Enum] | tuple[str, ...] = enum
+            self.choices: tuple[str, ...] = tuple(enum.__members__)
+        else:
+            choices = tuple(enum)
+            if not choices or not all(isinstance(c, str) for c in choices):
+                raise TypeError("EncryptedEnum takes an enum.Enum class or strings")
+            self.enum = self.choices = choices
+
+    def coerce_value(self, value: Any) -> Any:
+        if isinstance(self.enum, type) and isinstance(value, self.enum):
+            return value.name
+        if isinstance(value, str) and value in self.choices:
+            return str(value)
+        raise ValueError(f"{self.context}: not one of the column's values "
+                         f"({', '.join(self.choices)})")
+
+    def result_value(self, value: Any, dialect: Dialect | None = None) -> Any:
+        if value not in self.choices:
+            raise LookupError(f"{self.context}: a stored value is not one of the column's "
+                              f"values ({', '.join(self.choices)})")
+        return self.enum[value] if isinstance(self.enum, type) else value
+
+    index_value = coerce_value
 
 
 class EncryptedUUID(EncryptedType):
@@ -677,6 +859,84 @@ class EncryptedUUID(EncryptedType):
 
     cache_ok = True
     python_type_name = "uuid"
+
+
+_NEUTRAL_DIALECT: Final = DefaultDialect()
+
+
+class Encrypted(EncryptedType):
+    """Encrypts whatever another column type binds: ``Encrypted(PhoneNumberType(),
+    KeyType.PII)``, ``Encrypted(sa.Enum(Status))``, ``Encrypted(MyDecorator())``.
+
+    On write the underlying type's ``process_bind_param`` (a ``TypeDecorator``) or
+    its enum check (``sa.Enum``) runs first and the value it binds is encrypted
+    (its Python type kept: a date stays a date); on read the decrypted value goes
+    through the underlying ``process_result_value``. A naive datetime bound by the
+    underlying type (``sa.DateTime()``) is stored as the application's clock.
+    Deterministic mode and blind indexes hash the bound value, computed without a
+    dialect: they need an underlying type whose binding does not depend on the
+    database (most do; sqlalchemy-utils' ``JSONType`` does not).
+    """
+
+    cache_ok = True
+
+    def __init__(self, underlying: Any, key_type: KeyTypeLike | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(key_type, **kwargs)
+        self.underlying = sa.types.to_instance(underlying)
+        self.python_type_name = _bound_type_name(self.underlying)
+
+    def __repr__(self) -> str:
+        return f"Encrypted({self.underlying!r}, {super().__repr__()})"
+
+    def coerce_value(self, value: Any) -> Any:
+        return self.bind_value(value)
+
+    def bind_value(self, value: Any, dialect: Dialect | None = None) -> Any:
+        typ = self.underlying
+        if isinstance(typ, TypeDecorator):
+            value = typ.process_bind_param(value, dialect or _NEUTRAL_DIALECT)
+        elif isinstance(typ, sa.Enum):
+            value = _enum_bind(typ, value, self.context)
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return NaiveDateTime.combine(value.date(), value.time())
+        return value
+
+    def result_value(self, value: Any, dialect: Dialect | None = None) -> Any:
+        typ = self.underlying
+        if isinstance(typ, TypeDecorator):
+            return typ.process_result_value(value, dialect or _NEUTRAL_DIALECT)
+        if isinstance(typ, sa.Enum) and typ.enum_class is not None and value is not None:
+            return typ.enum_class[value]
+        return value
+
+    index_value = bind_value
+
+
+def _enum_bind(typ: sa.Enum, value: Any, context: str | None) -> Any:
+    if value is None:
+        return None
+    if typ.enum_class is not None and isinstance(value, typ.enum_class):
+        return value.name
+    if isinstance(value, str) and value in typ.enums:
+        return value
+    raise ValueError(f"{context}: not one of the column's values ({', '.join(typ.enums)})")
+
+
+def _bound_type_name(typ: Any) -> str:
+    """The value type name (LEGACY_TYPES) an underlying column type binds, for the
+    plaintext and legacy readers; "str" where it cannot be told."""
+    if isinstance(typ, TypeDecorator):
+        return _bound_type_name(typ.impl_instance)
+    if isinstance(typ, sa.DateTime):
+        return "datetime" if typ.timezone else "naive_datetime"
+    for sa_type, name in ((sa.Boolean, "bool"), (sa.Interval, "timedelta"),
+                          (sa.Date, "date"), (sa.Time, "time"), (sa.Integer, "int"),
+                          (sa.Float, "float"), (sa.Numeric, "decimal"), (sa.Uuid, "uuid"),
+                          (sa.JSON, "json"), (sa.LargeBinary, "bytes")):
+        if isinstance(typ, sa_type):
+            return name
+    return "str"
 
 
 # -- blind indexes --------------------------------------------------------------
@@ -758,9 +1018,17 @@ class BlindIndex(_TableBound):
 
     def _attached(self, column: sa.Column[Any], table: sa.Table) -> None:
         super()._attached(column, table)
-        self.context = f"{table.name}.{self.source}"
+        if not self._explicit_context:
+            self.context = f"{table.name}.{self.source}"
 
     def _message(self, value: Any) -> bytes:
+        # a source that wraps another type (Encrypted, EncryptedEnum) is indexed by
+        # the value it binds: an enum member by its name, a phone number by its text
+        table = getattr(self, "table", None)
+        source = table.columns.get(self.source) if table is not None else None
+        index_value = getattr(getattr(source, "type", None), "index_value", None)
+        if index_value is not None:
+            value = index_value(value)
         normalized = self.normalizer(value) if self.normalizer is not None else value
         if isinstance(normalized, str):
             data = normalized.encode("utf-8")
@@ -915,6 +1183,45 @@ def _row_bound_columns(mapper: Mapper[Any]) -> list[tuple[str, sa.Column[Any]]]:
     return found
 
 
+def _track_json_mutations(mapper: Mapper[Any]) -> None:
+    """In-place changes of a mutable EncryptedJSON's top-level dict / list flag the
+    attribute (``MutableDict`` / ``MutableList``); top-level scalars need no tracking."""
+    for prop in mapper.column_attrs:
+        typ = prop.columns[0].type
+        if not (isinstance(typ, EncryptedJSON) and typ.mutable) \
+                or prop.parent is not mapper or len(prop.columns) != 1:
+            continue
+        key = prop.key
+
+        def load(state: Any, *args: Any, key: str = key) -> None:
+            value = state.dict.get(key)
+            tracked = _tracked_json(value)
+            if tracked is not value:
+                state.dict[key] = tracked
+            if isinstance(tracked, Mutable):
+                tracked._parents[state] = key
+
+        def refresh(state: Any, context: Any, attrs: Any, key: str = key) -> None:
+            if not attrs or key in attrs:
+                load(state)
+
+        def set_(state: Any, value: Any, old: Any, initiator: Any, key: str = key) -> Any:
+            if value is old:
+                return value
+            value = _tracked_json(value)
+            if isinstance(value, Mutable):
+                value._parents[state] = key
+            if isinstance(old, Mutable):
+                old._parents.pop(state, None)
+            return value
+
+        event.listen(mapper.class_, "load", load, raw=True, propagate=True)
+        event.listen(mapper.class_, "refresh", refresh, raw=True, propagate=True)
+        event.listen(mapper.class_, "refresh_flush", refresh, raw=True, propagate=True)
+        event.listen(getattr(mapper.class_, key), "set", set_, raw=True, retval=True,
+                     propagate=True)
+
+
 @event.listens_for(Mapper, "after_mapper_constructed")
 def _model_row_binding(mapper: Mapper[Any], class_: type) -> None:
     """``__aiocrypt_row_bound__ = True`` on a model makes its encrypted columns declared
@@ -941,6 +1248,7 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
     database generates has no key before its INSERT: the value is inserted as NULL
     and written by a second UPDATE in the same transaction, once the key is known.
     """
+    _track_json_mutations(mapper)
     pairs = _index_pairs(mapper)
     bound = _row_bound_columns(mapper)
     if not pairs and not bound:

@@ -57,8 +57,8 @@ TESTS: dict[str, list[str]] = {
     "aiocrypt/_crypto.py": [
         "tests/core/test_mutants_crypto.py", "tests/core/test_coverage_crypto.py",
         "tests/test_vectors.py", "tests/test_decryption_errors.py",
-        "tests/test_field_fastpath.py", "tests/security/test_nonce_usage.py",
-        "tests/security/test_purpose_binding.py",
+        "tests/test_field_fastpath.py", "tests/security/test_purpose_binding.py",
+        "tests/test_streams.py",
     ],
     "aiocrypt/_policy.py": [
         "tests/core/test_mutants_policy.py", "tests/core/test_coverage_policy.py",

@@ -47,6 +47,8 @@ from ._keys import EncryptionKey
 from ._manager import (
     AdoptionReport,
     Census,
+    CleanupEntry,
+    CleanupReport,
     KeyManager,
     KeyRetirement,
     RetiredKey,
@@ -75,6 +77,8 @@ __all__ = [
     "AsyncpgDatabase",
     "Census",
     "Checkpoint",
+    "CleanupEntry",
+    "CleanupReport",
     "ColumnSpec",
     "CacheEntryExpiredError",
     "ConcurrentModificationError",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as _dt
-import enum
 import logging
 import os
 import secrets
@@ -43,6 +42,15 @@ from ._errors import (
     KeyStateError,
     KeyStoreIntegrityError,
 )
+from ._key_retirement import (
+    Census,
+    CleanupEntry,
+    CleanupReport,
+    KeyReferences,
+    KeyRetirement,
+    RetiredKey,
+    RetirementReason,
+)
 from ._keyring import Keyring
 from ._keys import EncryptionKey, utcnow
 from ._keyset_guard import KeysetGuard
@@ -52,16 +60,12 @@ from .audit import Auditor
 from .kek._base import KekProvider
 from .keystore._base import KeySet, KeyStore
 
-__all__ = ["AdoptionReport", "Census", "KeyManager", "KeyRetirement", "RetiredKey",
-           "RetirementReason"]
+__all__ = ["AdoptionReport", "Census", "CleanupEntry", "CleanupReport", "KeyManager",
+           "KeyRetirement", "RetiredKey", "RetirementReason"]
 
 logger = logging.getLogger("aiocrypt.keys")
 
 Clock = Callable[[], _dt.datetime]
-#: Rows per key id of the data a census covers, or a coroutine function returning
-#: that. Only an explicit 0 marks a key unreferenced: a key id absent from the
-#: census is of data the census does not cover, and is kept.
-Census = Mapping[str, int] | Callable[[], Awaitable[Mapping[str, int]]]
 _WRITE_RETRIES: Final = 5
 _FAR_FUTURE: Final = _dt.datetime.max.replace(tzinfo=_dt.UTC)
 #: NIST SP 800-38D: at most 2**32 messages under one key with random 96-bit nonces,
@@ -76,48 +80,6 @@ class AdoptionReport:
     already_sealed: bool
     revision: int
     key_ids: tuple[str, ...]
-
-
-class RetirementReason(enum.Enum):
-    """Why a key could be retired (the ``key_destroyed`` audit event's reason)."""
-
-    CENSUS_NO_ROWS = "retired: census shows no rows"
-    CONFIRMED_UNREFERENCED = "confirmed unreferenced"
-
-
-@dataclass(frozen=True, slots=True)
-class RetiredKey:
-    """One key :meth:`KeyManager.retire_key` destroyed (or, in a dry run, would destroy)."""
-
-    key_id: str
-    version: int
-    status_before: KeyStatus
-    reason: RetirementReason
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRetirement:
-    """What :meth:`KeyManager.retire_key` / :meth:`~KeyManager.retire_key_type` did.
-
-    ``min_decryption_version`` is the key type's minimum decryption version
-    afterwards (raised past the retired keys when they were its oldest enabled
-    versions); with ``dry_run`` nothing changed and everything is what would be.
-    """
-
-    key_type: KeyType
-    keys: tuple[RetiredKey, ...]
-    min_decryption_version_before: int
-    min_decryption_version: int
-    type_retired: bool
-    dry_run: bool
-
-
-def _min_decryption_version(keys: Iterable[EncryptionKey]) -> int:
-    """The lowest version of a key type's ``keys`` that may decrypt (every version
-    below it is ``decrypt_disabled``); one past the newest when none may."""
-    versions = [(k.version, k.decrypt_disabled) for k in keys]
-    enabled = [v for v, disabled in versions if not disabled]
-    return min(enabled, default=max((v for v, _ in versions), default=0) + 1)
 
 
 def _scrubbed(error: BaseException) -> BaseException:
@@ -205,6 +167,7 @@ class KeyManager:
         #: The rows per key id the census last reported, and when (metrics read it).
         self.last_census: Mapping[str, int] | None = None
         self.last_census_at: _dt.datetime | None = None
+        self._references = KeyReferences(self)
 
     def __repr__(self) -> str:
         return (f"<KeyManager store={self.store.name} kek={self.kek.kek_id} "
@@ -949,126 +912,37 @@ class KeyManager:
                 if (kt is None or k.key_type == kt) and (st is None or k.status is st)]
         return sorted(keys, key=lambda k: (k.key_type.value, k.version))
 
-    # -- references, cleanup, minimum versions ------------------------------
-
-    async def _unreferenced(self, confirm_unreferenced: Iterable[str],
-                            census: Census | None) -> tuple[set[str], Mapping[str, int] | None]:
-        """Key ids known to be unreferenced, and the census consulted (if any).
-
-        A confirmation never outweighs the census: a key it counts rows on is not
-        unreferenced, whoever says so (the census is evidence, a confirmation a belief).
-        """
-        confirmed = set(confirm_unreferenced)
-        counts = await self._run_census(census)
-        if counts is None:
-            return confirmed, None
-        counted = {key_id for key_id, rows in counts.items() if rows}
-        return (confirmed - counted) | {key_id for key_id, rows in counts.items() if not rows}, \
-            counts
-
-    async def _run_census(self, census: Census | None) -> Mapping[str, int] | None:
-        """Rows per key id from ``census`` (else ``self.census``); None without either."""
-        source = census if census is not None else self.census
-        if source is None:
-            return None
-        counts = await source() if callable(source) else source
-        self.last_census, self.last_census_at = dict(counts), self._clock()
-        return counts
+    # -- references, cleanup, minimum versions (_key_retirement) --------------
 
     async def cleanup_expired_keys(self, *, confirm_unreferenced: Iterable[str] = (),
                                    census: Census | None = None, force: bool = False) -> int:
         """Destroy keys past max age + grace that nothing references; return how many.
 
         A key is destroyed only when the census says no data is left on it, or
-        the caller lists it in ``confirm_unreferenced``, or ``force=True`` (never
-        the default; audited as forced). Any other key past grace is kept, and the
-        audit log says why. Retired keys past max age are marked EXPIRED on the
-        way. Active keys are never destroyed: rotate them first.
+        the caller lists it in ``confirm_unreferenced`` (a key the census counts
+        rows on is kept, confirmed or not), or ``force=True`` (never the default;
+        audited as forced). Any other key past grace is kept, and the audit log
+        says why. Retired keys past max age are marked EXPIRED on the way. Active
+        keys are never destroyed: rotate them first.
         """
-        return len((await self.cleanup_report(confirm_unreferenced=confirm_unreferenced,
-                                              census=census, force=force))["destroyed"])
+        return len((await self.cleanup(confirm_unreferenced=confirm_unreferenced,
+                                       census=census, force=force)).destroyed)
+
+    async def cleanup(self, *, confirm_unreferenced: Iterable[str] = (),
+                      census: Census | None = None, force: bool = False) -> CleanupReport:
+        """:meth:`cleanup_expired_keys` with the detail: each key destroyed and kept, why."""
+        return await self._references.cleanup(confirm_unreferenced=confirm_unreferenced,
+                                              census=census, force=force)
 
     async def cleanup_report(self, *, confirm_unreferenced: Iterable[str] = (),
                              census: Census | None = None, force: bool = False) \
             -> dict[str, list[dict[str, str]]]:
-        """``cleanup_expired_keys`` with the detail: what was destroyed and what kept, and why."""
-        if not self._opened:
-            await self.open()
-        await self.refresh(force=True)
-        await self._expire_retired()
-        unreferenced, counts = await self._unreferenced(confirm_unreferenced, census)
-        confirmed = set(confirm_unreferenced)
-        destroyed: list[dict[str, str]] = []
-        kept: list[dict[str, str]] = []
-
-        async def plan(current: KeySet) -> list[EncryptionKey]:
-            destroyed.clear()
-            kept.clear()
-            now = self._clock()
-            updates = []
-            for key in current.keys:
-                if key.status in (KeyStatus.DESTROYED, KeyStatus.ACTIVE):
-                    continue
-                policy = self.config.rotation_policy(key.key_type)
-                if not _policy.is_past_grace(key, policy, now):
-                    continue
-                if key.key_id in unreferenced or force:
-                    how = ("confirmed unreferenced by caller" if key.key_id in confirmed else
-                           "census: no rows left" if key.key_id in unreferenced
-                           else "FORCED without a reference check")
-                    updates.append(key.replace(status=KeyStatus.DESTROYED, wrapped_key=None,
-                                               status_changed_at=now, status_reason=how))
-                    destroyed.append({"key_id": key.key_id, "reason": how})
-                elif counts is None:
-                    kept.append({"key_id": key.key_id,
-                                 "reason": "no census and not confirmed unreferenced"})
-                elif key.key_id in counts:
-                    kept.append({"key_id": key.key_id, "reason": "data may still reference "
-                                 f"it: the census reports {counts[key.key_id]} rows"})
-                else:
-                    kept.append({"key_id": key.key_id, "reason":
-                                 "the census does not cover it (and it is not confirmed)"})
-            by_id = current.by_id()
-            done = {item["key_id"] for item in destroyed}
-            told = {item["key_id"] for item in kept}
-            for key_id in sorted(confirmed - done - told):  # why a confirmation did nothing
-                rows = (counts or {}).get(key_id)
-                kept.append({"key_id": key_id, "reason": (
-                    f"data may still reference it: the census reports {rows} rows" if rows
-                    else self._not_cleaned_up(by_id.get(key_id), key_id, now))})
-            return updates
-
-        keyset = await self._change(plan)
-        by_id = keyset.by_id()
-        for item in destroyed:
-            key_type = by_id[item["key_id"]].key_type.value
-            if "FORCED" in item["reason"]:
-                logger.warning("key %s DESTROYED by force (no reference check)", item["key_id"])
-            await self.auditor.emit("key_destroyed", key_id=item["key_id"], key_type=key_type,
-                                    reason=item["reason"], forced=force)
-        for item in kept:
-            logger.info("key %s kept: %s", item["key_id"], item["reason"])
-            if item["key_id"] in by_id:  # not a key id the caller mistyped
-                await self.auditor.emit("key_destroy_refused", key_id=item["key_id"],
-                                        key_type=by_id[item["key_id"]].key_type.value,
-                                        reason=item["reason"])
-        return {"destroyed": destroyed, "kept": kept}
-
-    def _not_cleaned_up(self, key: EncryptionKey | None, key_id: str, now: _dt.datetime) -> str:
-        """Why cleanup left a key the caller confirmed unreferenced."""
-        if key is None:
-            return "no such key in this store"
-        if key.status is KeyStatus.DESTROYED:
-            return "already destroyed"
-        if key.status is KeyStatus.ACTIVE:
-            return (f"the active {key.key_type.value} key is never destroyed: rotate first, "
-                    f"re-encrypt, then 'aiocrypt keys retire {key_id}'")
-        end = _policy.grace_end(key, self.config.rotation_policy(key.key_type))
-        return (f"not past max age + grace (until {end:%Y-%m-%d}); cleanup destroys only those: "
-                f"to retire it now, 'aiocrypt keys retire {key_id}'")
+        """:meth:`cleanup` as a dict: ``{"destroyed": [...], "kept": [...]}``."""
+        return (await self.cleanup(confirm_unreferenced=confirm_unreferenced, census=census,
+                                   force=force)).to_dict()
 
     async def get_min_decryption_version(self, key_type: KeyTypeLike) -> int:
-        return _min_decryption_version(await self.list_keys(key_type))
+        return await self._references.get_min_decryption_version(key_type)
 
     async def set_min_decryption_version(self, key_type: KeyTypeLike, version: int, *,
                                          confirm_unreferenced: Iterable[str] = (),
@@ -1079,31 +953,8 @@ class KeyManager:
         (census or ``confirm_unreferenced``; a version the census counts rows on is
         refused, confirmed or not); lowering it re-enables them.
         """
-        kt = KeyType(key_type)
-        keys = await self.list_keys(kt)
-        active = [k for k in keys if k.status is KeyStatus.ACTIVE]
-        if active and version > active[0].version:
-            raise ValueError(f"{kt.value}: minimum version {version} is above the active "
-                             f"version {active[0].version}")
-        unreferenced, _ = await self._unreferenced(confirm_unreferenced, census)
-        older = [k for k in keys if k.version < version and k.status is not KeyStatus.DESTROYED
-                 and not k.decrypt_disabled]
-        referenced = [k.key_id for k in older if k.key_id not in unreferenced]
-        if referenced:
-            raise KeyStateError(
-                f"{kt.value}: cannot raise the minimum decryption version to {version}: data "
-                f"may still reference {', '.join(referenced)} (re-encrypt it first)")
-
-        async def plan(current: KeySet) -> list[EncryptionKey]:
-            return [k.replace(decrypt_disabled=k.version < version) for k in current.keys
-                    if k.key_type == kt and k.decrypt_disabled != (k.version < version)]
-
-        await self._change(plan)
-        await self.auditor.emit("min_decryption_version_raised", key_type=kt.value,
-                                version=version)
-        return version
-
-    # -- retiring keys --------------------------------------------------------
+        return await self._references.set_min_decryption_version(
+            key_type, version, confirm_unreferenced=confirm_unreferenced, census=census)
 
     async def retire_key(self, key_id: str, *, census: Census | None = None,
                          confirm_unreferenced: Iterable[str] = (),
@@ -1120,21 +971,8 @@ class KeyManager:
         it. Audited as ``key_destroyed``; ``dry_run`` checks everything and
         changes nothing.
         """
-        def select(current: KeySet) -> tuple[KeyType, list[EncryptionKey]]:
-            key = current.by_id().get(key_id)
-            if key is None:
-                raise KeyNotFoundError(f"no key with id {key_id!r}")
-            if key.status is KeyStatus.DESTROYED:
-                raise KeyStateError(f"key {key_id} is already destroyed")
-            if key.status is KeyStatus.ACTIVE:
-                raise KeyStateError(
-                    f"key {key_id} is the active {key.key_type.value} key: rotate first "
-                    f"(aiocrypt keys rotate {key.key_type.value} --force), re-encrypt its data, "
-                    "then retire it")
-            return key.key_type, [key]
-
-        return await self._retire(select, census=census, confirmed=set(confirm_unreferenced),
-                                  dry_run=dry_run, whole_type=False)
+        return await self._references.retire_key(
+            key_id, census=census, confirm_unreferenced=confirm_unreferenced, dry_run=dry_run)
 
     async def retire_key_type(self, key_type: KeyTypeLike, *, census: Census | None = None,
                               confirm_unreferenced: Iterable[str] = (),
@@ -1152,94 +990,9 @@ class KeyManager:
         first: a process that encrypts with it before it sees the change (within
         its ``refresh_interval``) writes data no key opens.
         """
-        kt = KeyType(key_type)  # not declared_key_type(): a mistaken type is undeclared
-        if kt in self.config.known_key_types:
-            raise KeyStateError(
-                f"{kt.value} is a declared key type, not one created by mistake: retire its "
-                "old keys one by one (retire_key); to retire the type itself, remove it from "
-                "the configuration's key types first (the predefined ones cannot be)")
-
-        def select(current: KeySet) -> tuple[KeyType, list[EncryptionKey]]:
-            same_type = [k for k in current.keys if k.key_type == kt]
-            if not same_type:
-                raise KeyNotFoundError(f"no key of type {kt.value!r}")
-            live = [k for k in same_type if k.status is not KeyStatus.DESTROYED]
-            if not live:
-                raise KeyStateError(f"every {kt.value} key is already destroyed")
-            return kt, live
-
-        return await self._retire(select, census=census, confirmed=set(confirm_unreferenced),
-                                  dry_run=dry_run, whole_type=True)
-
-    async def _retire(self, select: Callable[[KeySet], tuple[KeyType, list[EncryptionKey]]], *,
-                      census: Census | None, confirmed: set[str], dry_run: bool,
-                      whole_type: bool) -> KeyRetirement:
-        """Destroy the keys ``select`` picks from the verified keyset, each only if the
-        census shows no rows on it or the caller confirmed it (all or none), and raise
-        the type's minimum decryption version past them where they were the oldest."""
-        counts = await self._run_census(census)
-        outcome: list[KeyRetirement] = []
-
-        async def plan(current: KeySet) -> list[EncryptionKey]:
-            outcome.clear()
-            kt, targets = select(current)
-            retired = [RetiredKey(k.key_id, k.version, k.status,
-                                  self._retirement_reason(k, counts, confirmed))
-                       for k in targets]
-            now = self._clock()
-            reasons = {r.key_id: r.reason for r in retired}
-            after = [k.replace(status=KeyStatus.DESTROYED, wrapped_key=None,
-                               status_changed_at=now, retired_at=k.retired_at or now,
-                               status_reason=reasons[k.key_id].value)
-                     if k.key_id in reasons else k
-                     for k in current.keys if k.key_type == kt]
-            # The new floor: the oldest version still able to decrypt. Every version below
-            # it is destroyed or already disabled, so disabling them takes nothing away.
-            floor = min((k.version for k in after if k.status is not KeyStatus.DESTROYED
-                         and not k.decrypt_disabled),
-                        default=max(k.version for k in after) + 1)
-            after = [k.replace(decrypt_disabled=True) if k.version < floor else k for k in after]
-            before_by_id = current.by_id()
-            outcome.append(KeyRetirement(
-                kt, tuple(retired), _min_decryption_version(before_by_id[k.key_id] for k in after),
-                _min_decryption_version(after), whole_type, dry_run))
-            if dry_run:
-                return []
-            return [k for k in after if k != before_by_id[k.key_id]]
-
-        await self._change(plan)
-        result = outcome[0]
-        if dry_run:
-            return result
-        for key in result.keys:
-            logger.warning("key %s DESTROYED: %s", key.key_id, key.reason.value)
-            await self.auditor.emit("key_destroyed", key_id=key.key_id,
-                                    key_type=result.key_type.value, reason=key.reason.value,
-                                    forced=False, retired=True)
-        if result.min_decryption_version != result.min_decryption_version_before:
-            await self.auditor.emit("min_decryption_version_raised",
-                                    key_type=result.key_type.value,
-                                    version=result.min_decryption_version)
-        if whole_type:
-            await self.auditor.emit("key_type_retired", key_type=result.key_type.value,
-                                    keys=[k.key_id for k in result.keys])
-        return result
-
-    @staticmethod
-    def _retirement_reason(key: EncryptionKey, counts: Mapping[str, int] | None,
-                           confirmed: set[str]) -> RetirementReason:
-        """Why ``key`` may be destroyed now; ``KeyStateError`` saying why not otherwise."""
-        rows = None if counts is None else counts.get(key.key_id)
-        if rows:
-            raise KeyStateError(f"key {key.key_id}: the census counts {rows} rows on it: "
-                                "re-encrypt them first")
-        if rows == 0:
-            return RetirementReason.CENSUS_NO_ROWS
-        if key.key_id in confirmed:
-            return RetirementReason.CONFIRMED_UNREFERENCED
-        why = "no census was given" if counts is None else "the census does not cover it"
-        raise KeyStateError(f"key {key.key_id}: {why}; confirm that no data references it "
-                            "(confirm_unreferenced, or --confirm-unreferenced)")
+        return await self._references.retire_key_type(
+            key_type, census=census, confirm_unreferenced=confirm_unreferenced,
+            dry_run=dry_run)
 
     # -- master-key rotation ------------------------------------------------
 
@@ -1318,11 +1071,7 @@ class KeyManager:
         async with self.store.lock("rotation", timeout=self.lock_timeout):
             current = await self._read_verified()
             seal = await self._seal_for(current, (), kek)
-            rekey = getattr(self.store, "rekey", None)
-            if rekey is not None:
-                await rekey(kek, seal=seal)
-            else:
-                await self.store.write((), expected_revision=current.revision, seal=seal)
+            await self.store.rekey(kek, seal=seal, expected_revision=current.revision)
         return len(done)
 
     # -- reporting ----------------------------------------------------------

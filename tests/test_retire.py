@@ -296,3 +296,26 @@ async def test_a_confirmation_never_outweighs_the_census(tmp_path: Path,
         # the census at 0 is evidence enough, with or without a confirmation
         assert await manager.set_min_decryption_version(KeyType.PII, 2,
                                                         census={v1.key_id: 0}) == 2
+
+
+async def test_cleanup_reports_forced_destruction_as_a_flag(tmp_path: Path,
+                                                            master_key: bytes) -> None:
+    """The typed report says which keys went without a reference check (not a word
+    hidden in a reason string)."""
+    clock = ManualClock()
+    async with open_service(tmp_path / "keys.json", master_key, clock=clock) as service:
+        manager = service.key_manager
+        v1 = await manager.get_active_key(KeyType.PII)
+        await manager.rotate_key(KeyType.PII, force=True)
+        w1 = await manager.get_active_key(KeyType.FINANCIAL_DATA)
+        await manager.rotate_key(KeyType.FINANCIAL_DATA, force=True)
+        clock.advance(days=5 * 365)
+        report = await manager.cleanup(census={v1.key_id: 0}, force=True)
+        by_id = {entry.key_id: entry for entry in report.destroyed}
+        assert set(by_id) == {v1.key_id, w1.key_id}
+        assert by_id[v1.key_id].forced is False
+        assert by_id[v1.key_id].reason == "census: no rows left"
+        assert by_id[w1.key_id].forced is True
+        assert report.kept == ()
+        assert report.to_dict()["destroyed"] == [
+            {"key_id": e.key_id, "reason": e.reason} for e in report.destroyed]

@@ -27,10 +27,13 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import KeyStoreIntegrityError
 from .._keys import EncryptionKey
+
+if TYPE_CHECKING:
+    from ..kek._base import KekProvider
 
 __all__ = ["KeySet", "KeyStore", "decode_records", "encode_record"]
 
@@ -74,6 +77,14 @@ class KeyStore(ABC):
     def lock(self, name: str = "rotation", *,
              timeout: float = 30.0) -> AbstractAsyncContextManager[None]:
         """Exclusive lock across processes; raises ``LockTimeoutError`` after ``timeout`` s."""
+
+    async def rekey(self, kek: KekProvider, *, seal: str, expected_revision: int) -> int:
+        """Reseal the store under ``kek``, the last step of a master-key rotation or a
+        rewrap: store ``seal`` (the keyset seal the manager made under ``kek``) as
+        :meth:`write` with no records does, and return the new revision. A store
+        whose own integrity key is wrapped by the KEK (the file store) rewraps that
+        key too, so the old KEK no longer opens it."""
+        return await self.write((), expected_revision=expected_revision, seal=seal)
 
     async def revision(self) -> int:
         return (await self.read()).revision

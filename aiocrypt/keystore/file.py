@@ -226,19 +226,24 @@ class FileKeyStore(KeyStore):
             await anyio.to_thread.run_sync(self._replace, payload)
             return int(new_doc["revision"])
 
-    async def rekey(self, new_kek: KekProvider, *, seal: str | None = None) -> None:
-        """Reseal the file under ``new_kek`` (the last step of a master-key rotation).
+    async def rekey(self, kek: KekProvider, *, seal: str, expected_revision: int) -> int:
+        """Reseal the file under ``kek`` (the last step of a master-key rotation).
 
-        The MAC key is rewrapped by ``new_kek`` and the document's KEK id changed in
+        The MAC key is rewrapped by ``kek`` and the document's KEK id changed in
         one atomic replace; from then on the old KEK cannot open the store. The
         revision goes up by one, and ``seal`` (the keyset seal for it) is stored.
         """
+        new_kek = kek
         async with self.lock("write", timeout=30.0):
             doc, current = await self._load()
             if doc is None:
                 self._previous[self._kek.kek_id] = self._kek
                 self._kek = new_kek
-                return
+                return current.revision
+            if current.revision != expected_revision:
+                raise ConcurrentModificationError(
+                    f"key store {self.path} changed (revision {current.revision}, "
+                    f"expected {expected_revision})")
             assert self._mac_key is not None
             wrapped = await new_kek.wrap(self._mac_key, _MAC_CONTEXT)
             new_doc = {k: v for k, v in doc.items() if k != "mac"}
@@ -255,6 +260,7 @@ class FileKeyStore(KeyStore):
             self._previous.pop(new_kek.kek_id, None)
             self._previous[self._kek.kek_id] = self._kek
             self._kek = new_kek
+            return int(new_doc["revision"])
 
     def _replace(self, payload: bytes, target: Path | None = None) -> None:
         """Atomically replace ``target`` (default: the store) with ``payload``, mode 0600."""

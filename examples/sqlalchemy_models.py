@@ -3,11 +3,13 @@
     python examples/sqlalchemy_models.py                                  # SQLite (temp dir)
     python examples/sqlalchemy_models.py postgresql://postgres@127.0.0.1:5432/test
 
-Declares a ``User`` model with encrypted columns, stores a user, reads it back,
-shows what the table really holds (tokens, via plain SQL), finds the user by a
-blind index before and after rotating the keys, then re-encrypts every row onto
-the new keys with the re-encryption engine and prints the census of rows per
-key. Keys live in a file key store under a temporary directory, wrapped by a
+Declares a ``User`` model with encrypted, row-bound columns (key types taken
+from the column names where none is given), stores a user, reads it back,
+shows what the table really holds (tokens, via plain SQL), shows that a token
+copied into another row with plain SQL does not decrypt there, finds the user
+by a blind index before and after rotating the keys, then re-encrypts every
+row onto the new keys with the re-encryption engine and prints the census of
+rows per key. Keys live in a file key store under a temporary directory, wrapped by a
 master key from ENCRYPTION_MASTER_KEY (or a random one for this run, never
 printed). On Postgres the example's table is dropped at the end.
 """
@@ -28,7 +30,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from aiocrypt import EncryptionConfig, EncryptionService, KeyType, build_key_manager
+from aiocrypt import (
+    DecryptionError,
+    EncryptionConfig,
+    EncryptionService,
+    KeyType,
+    build_key_manager,
+)
 from aiocrypt.integrations.sqlalchemy import (
     BLIND_INDEX_KEY_TYPE,
     BlindIndex,
@@ -48,15 +56,20 @@ class Base(DeclarativeBase):
 
 class User(Base):
     __tablename__ = "example_users"
+    # Every encrypted column is sealed with the row's primary key as well: a token
+    # copied into another row does not decrypt there (docs/sqlalchemy.md).
+    __aiocrypt_row_bound__ = True
 
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(sa.String(50), unique=True)
-    monthly_income_encrypted: Mapped[float | None] = mapped_column(
-        EncryptedFloat(KeyType.FINANCIAL_DATA))
-    ssn_encrypted: Mapped[str | None] = mapped_column(EncryptedString(KeyType.PII))
+    # no key type given: "income" -> financial_data, "ssn" -> pii (COLUMN_KEY_TYPES)
+    monthly_income_encrypted: Mapped[float | None] = mapped_column(EncryptedFloat())
+    ssn_encrypted: Mapped[str | None] = mapped_column(EncryptedString())
     ssn_index: Mapped[str | None] = mapped_column(
         BlindIndex("ssn_encrypted", normalizer=normalize_digits), index=True)
-    email: Mapped[str | None] = mapped_column(EncryptedString(KeyType.PII, deterministic=True))
+    # deterministic (for ==): equal values must give equal tokens in every row
+    email: Mapped[str | None] = mapped_column(
+        EncryptedString(KeyType.PII, deterministic=True, row_bound=False))
     date_of_birth: Mapped[dt.date | None] = mapped_column(EncryptedDate(KeyType.PII))
     preferences: Mapped[dict[str, Any] | None] = mapped_column(EncryptedJSON(KeyType.PII))
 
@@ -124,6 +137,21 @@ async def run(engine: AsyncEngine, service: EncryptionService) -> None:
             result = await session.execute(
                 sa.select(User.username).where(User.ssn_index.matches(ssn)))
             return list(result.scalars())
+
+    _say("copy bob's ssn token into alice's row (plain SQL, as an attacker could)")
+    async with engine.begin() as conn:
+        await conn.execute(sa.text(
+            "UPDATE example_users SET ssn_encrypted = (SELECT ssn_encrypted FROM "
+            "example_users WHERE username = 'bob') WHERE id = :id"), {"id": user_id})
+    async with sessions() as session:
+        try:
+            await session.get(User, user_id)
+        except DecryptionError as exc:
+            print("reading alice:", exc)
+    async with sessions() as session:   # put alice's own token back (it decrypts in her row)
+        await session.execute(sa.update(User.__table__).where(User.id == user_id).values(
+            ssn_encrypted=sa.type_coerce(row[1], sa.Text())))
+        await session.commit()
 
     _say("search by blind index and by deterministic encryption")
     print("ssn 123 45 6789 ->", await find("123 45 6789"))

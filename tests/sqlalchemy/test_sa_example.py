@@ -25,6 +25,8 @@ def test_example_runs(database: str, request: pytest.FixtureRequest) -> None:
     args = [] if database == "sqlite" else [str(request.getfixturevalue("postgres_dsn"))]
     out = _run(*args)
     assert "income=50000.0 ssn='123-45-6789'" in out
+    assert "reading alice: decryption failed" in out and "primary key 1" in out
+    assert "987-65-4321" not in out
     assert "ssn 123 45 6789 -> ['alice']" in out
     assert "(old index version still matches)" in out
     assert "2 rows re-encrypted" in out

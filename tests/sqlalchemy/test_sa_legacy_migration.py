@@ -215,3 +215,52 @@ async def test_alembic_encrypt_column_reads_aes_engine_tokens(
         i % 2 == 0 for i in range(1, 6)]
     with pytest.raises(LegacyTokenError):
         SqlalchemyUtilsReader(SU_KEY, "aes", padding="pkcs5").open("not base64!")
+
+
+async def test_alembic_encrypt_column_seals_row_bound_values(
+        service: EncryptionService, tmp_path: Any) -> None:
+    await service.key_manager.ensure_active(["pii"])
+    sync_engine = sa.create_engine(f"sqlite:///{tmp_path}/bound.db")
+    with sync_engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE people (id INTEGER PRIMARY KEY, ssn TEXT)"))
+        conn.execute(sa.text("INSERT INTO people VALUES (7, '111'), (8, '222')"))
+        encrypt_column("people", "ssn", key_type="pii", value_type="str",
+                       keyring=service.keyring, row_bound=True, connection=conn)
+        rows = conn.execute(sa.text("SELECT id, ssn FROM people ORDER BY id")).all()
+    sync_engine.dispose()
+    assert [service.keyring.decrypt(t, "pii", f"people.ssn#{i}") for i, t in rows] == [
+        "111", "222"]
+    with pytest.raises(ValueError, match="deterministic"):
+        encrypt_column("people", "ssn", key_type="pii", value_type="str",
+                       keyring=service.keyring, row_bound=True, deterministic=True)
+
+
+def test_readers_take_binary_columns_and_refuse_what_they_cannot_open() -> None:
+    engine = AesGcmEngine()
+    engine._update_key(SU_KEY)
+    token = engine.encrypt("42")
+    reader = SqlalchemyUtilsReader(SU_KEY, "aes_gcm")
+    assert reader.open(token.encode()) == "42"                      # EncryptedType (bytes)
+    assert reader.open("\\x" + token.encode().hex()) == "42"        # bytea cast to text
+    for bad in ("\\xzz", "AAAA", token[:-4] + "AAAA", 42, "é" * 8):
+        with pytest.raises(LegacyTokenError):
+            reader.open(bad)
+    fernet_key = Fernet.generate_key()
+    su_fernet = SqlalchemyUtilsReader(SU_KEY.encode(), "fernet")
+    with pytest.raises(LegacyTokenError):
+        su_fernet.open(Fernet(fernet_key).encrypt(b"x").decode())
+    assert FernetReader([fernet_key]).open(Fernet(fernet_key).encrypt(b"x").decode()) == "x"
+    with pytest.raises(LegacyTokenError):   # older than ttl
+        FernetReader([fernet_key], ttl=10).open(
+            Fernet(fernet_key).encrypt_at_time(b"x", 1_000_000).decode())
+    for bad_args in ((lambda: SU_KEY, "aes_gcm"), (SU_KEY, "rot13")):
+        with pytest.raises((TypeError, ValueError)):
+            SqlalchemyUtilsReader(*bad_args)   # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="padding"):
+        SqlalchemyUtilsReader(SU_KEY, "aes", padding="spaces")
+    with pytest.raises(TypeError):
+        FernetReader(fernet_key)   # type: ignore[arg-type]
+    assert SU_KEY not in repr(reader) and "sqlalchemy_utils_aes_gcm" in repr(reader)
+    with pytest.raises(TypeError, match="pickled"):
+        import pickle
+        pickle.dumps(reader)

@@ -264,3 +264,23 @@ def test_readers_take_binary_columns_and_refuse_what_they_cannot_open() -> None:
     with pytest.raises(TypeError, match="pickled"):
         import pickle
         pickle.dumps(reader)
+
+
+async def test_an_engine_without_the_named_reader_refuses_the_column(
+        engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    base, customer, _ = aiocrypt_models(suffix, SqlalchemyUtilsReader(SU_KEY, "aes_gcm"),
+                                        FernetReader([Fernet.generate_key()]))
+    async with engine.begin() as conn:
+        await conn.run_sync(base.metadata.create_all)
+    reenc = reencryption_engine(bound_service, engine, base.metadata, legacy_readers=[],
+                                checkpoint_table=f"ckpt_{suffix}")
+    spec = reenc.table(customer.__tablename__)
+    assert spec.columns[0].to_dict()["legacy_reader"] == "sqlalchemy_utils_aes_gcm"
+    try:
+        with pytest.raises(ValueError, match="no legacy reader named 'sqlalchemy_utils_aes_gcm'"):
+            await reenc.reencrypt(spec.name)
+    finally:
+        await reenc.database.close()
+        async with engine.begin() as conn:
+            await conn.run_sync(base.metadata.drop_all)
+            await conn.execute(sa.text(f"DROP TABLE IF EXISTS ckpt_{suffix}"))

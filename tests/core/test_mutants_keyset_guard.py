@@ -1,0 +1,265 @@
+"""``aiocrypt._keyset_guard`` and ``aiocrypt._keyset_seal``: what a KeyManager trusts of
+its store, checked directly (mutation survivors, issue 21).
+
+A keyset that verifies must come with a seal over exactly its records and
+revision; a verified keyset may not go back in revision, revive a withdrawn key,
+re-activate a key or lose a record; usage totals never go below the highest seen.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+from pathlib import Path
+
+import pytest
+
+from aiocrypt import EncryptionKey, KekProviderError, KeyStatus, KeyStoreIntegrityError, KeyType
+from aiocrypt._keyset_guard import KeysetGuard
+from aiocrypt._keyset_seal import MAX_SEAL_CHARS, SEAL_CONTEXT, KeysetSealer, Seal, record_digest
+from aiocrypt._keyset_state import KeysetStateFile
+from aiocrypt.keystore import KeySet
+from aiocrypt.testing import FakeKekProvider
+
+NOW = _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)
+WHERE = "test store"
+
+
+def key(version: int = 1, status: KeyStatus = KeyStatus.ACTIVE, kt: str = "pii",
+        key_id: str | None = None) -> EncryptionKey:
+    return EncryptionKey(key_id or f"{kt}-v{version}-abcd", KeyType(kt), version, status, NOW,
+                         NOW + _dt.timedelta(days=365), wrapped_key=b"w" * 8)
+
+
+class Fixture:
+    def __init__(self, state_path: str | None = None) -> None:
+        self.kek = FakeKekProvider()
+        self.guard = KeysetGuard(self.kek_for, where=WHERE, store_identity="store-a",
+                                 state_path=state_path)
+        self.keys: list[EncryptionKey] = []
+        self.revision = 0
+
+    def kek_for(self, kek_id: str) -> FakeKekProvider:
+        if kek_id != self.kek.kek_id:
+            raise KekProviderError(f"no KEK {kek_id}")
+        return self.kek
+
+    async def write(self, *updates: EncryptionKey) -> KeySet:
+        """Write ``updates`` as a KeyManager does (sealed over the verified keyset), verify."""
+        current = KeySet(self.revision, tuple(self.keys))
+        seal = await self.guard.seal_for(current, updates, self.kek)
+        merged = {k.key_id: k for k in self.keys}
+        merged.update({k.key_id: k for k in updates})
+        self.keys, self.revision = list(merged.values()), self.revision + 1
+        keyset = KeySet(self.revision, tuple(self.keys), seal)
+        await self.guard.verify(keyset)
+        return keyset
+
+
+async def test_an_empty_unsealed_store_verifies_and_a_non_empty_one_does_not() -> None:
+    f = Fixture()
+    assert not f.guard.verified_once
+    await f.guard.verify(KeySet(0, ()))
+    assert f.guard.verified_once and f.guard.high_water == 0
+    with pytest.raises(KeyStoreIntegrityError, match="not sealed"):
+        await Fixture().guard.verify(KeySet(0, (key(),)))
+    with pytest.raises(KeyStoreIntegrityError, match="not sealed"):
+        await Fixture().guard.verify(KeySet(1, ()))
+
+
+async def test_the_revision_never_goes_back() -> None:
+    f = Fixture()
+    first = await f.write(key())
+    second = await f.write(key(2))
+    assert f.guard.high_water == 2
+    assert repr(f.guard) == f"<KeysetGuard {WHERE} revision>=2>"
+    await f.guard.verify(second)  # the same revision again: fine
+    with pytest.raises(KeyStoreIntegrityError, match="went back from revision 2 to 1"):
+        await f.guard.verify(first)  # authentic, older: a restored backup
+    assert f.guard.high_water == 2
+
+
+@pytest.mark.parametrize(("before", "after", "ok"), [
+    (KeyStatus.ACTIVE, KeyStatus.DECRYPT_ONLY, True),
+    (KeyStatus.ACTIVE, KeyStatus.REVOKED, True),
+    (KeyStatus.DECRYPT_ONLY, KeyStatus.EXPIRED, True),
+    (KeyStatus.DECRYPT_ONLY, KeyStatus.ACTIVE, False),
+    (KeyStatus.EXPIRED, KeyStatus.ACTIVE, False),
+    (KeyStatus.REVOKED, KeyStatus.COMPROMISED, True),
+    (KeyStatus.REVOKED, KeyStatus.DESTROYED, True),
+    (KeyStatus.REVOKED, KeyStatus.DECRYPT_ONLY, False),
+    (KeyStatus.REVOKED, KeyStatus.ACTIVE, False),
+    (KeyStatus.COMPROMISED, KeyStatus.DESTROYED, True),
+    (KeyStatus.COMPROMISED, KeyStatus.REVOKED, False),
+    (KeyStatus.COMPROMISED, KeyStatus.EXPIRED, False),
+    (KeyStatus.COMPROMISED, KeyStatus.ACTIVE, False),
+    (KeyStatus.DESTROYED, KeyStatus.REVOKED, False),
+    (KeyStatus.DESTROYED, KeyStatus.DECRYPT_ONLY, False),
+])
+async def test_status_transitions(before: KeyStatus, after: KeyStatus, ok: bool) -> None:
+    f = Fixture()
+    await f.write(key(status=before))
+    if ok:
+        await f.write(key(status=after))
+        return
+    with pytest.raises(KeyStoreIntegrityError, match=f"went from {before.value} back to") as exc:
+        await f.write(key(status=after))
+    assert exc.value.key_id == "pii-v1-abcd"
+
+
+async def test_a_record_never_disappears() -> None:
+    f = Fixture()
+    await f.write(key(1), key(2))
+    f.keys = [key(2)]
+    seal = await KeysetGuard(f.kek_for, where=WHERE, store_identity="x").seal_unverified(
+        KeySet(f.revision, tuple(f.keys)), f.kek)
+    with pytest.raises(KeyStoreIntegrityError, match="pii-v1-abcd disappeared") as exc:
+        await f.guard.verify(KeySet(f.revision + 1, tuple(f.keys), seal))
+    assert exc.value.key_id == "pii-v1-abcd"
+
+
+async def test_usage_start_never_goes_below_the_floor() -> None:
+    guard = Fixture().guard
+    assert guard.usage_start("k", 100, 10) == (90, None)
+    assert guard.usage_start("k", 150, 10) == (140, None)
+    # the shared counter went backwards (a restored store): start at the floor, say so
+    assert guard.usage_start("k", 60, 10) == (150, 150)
+    assert guard.usage_start("k", 170, 10) == (160, None)  # exactly at the floor: fine
+    assert guard.usage_start("other", 5, 5) == (0, None)
+    assert guard.usage_start("neg", -3, 1) == (0, 0)
+
+
+async def test_the_high_water_mark_survives_a_restart_through_the_state_file(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "keyset.json")
+    f = Fixture(path)
+    await f.guard.load_state()
+    await f.write(key())
+    old = await f.write(key(2))
+    f.guard.usage_start("pii-v2-abcd", 70, 10)
+    await f.guard.persist()
+    state = KeysetStateFile(path).read()
+    assert state.revisions == {"store-a": 2} and state.usage == {"pii-v2-abcd": 70}
+    # a new process of the host, with a store restored to revision 1
+    restarted = KeysetGuard(f.kek_for, where=WHERE, store_identity="store-a", state_path=path)
+    await restarted.load_state()
+    await restarted.load_state()  # once only
+    assert restarted.high_water == 2
+    assert restarted.usage_start("pii-v2-abcd", 30, 10) == (70, 70)
+    with pytest.raises(KeyStoreIntegrityError, match="went back"):
+        await restarted.verify(KeySet(1, old.keys[:1], None))
+    other = KeysetGuard(f.kek_for, where=WHERE, store_identity="store-b", state_path=path)
+    await other.load_state()
+    assert other.high_water == 0  # marks are per store
+    nothing = KeysetGuard(f.kek_for, where=WHERE, store_identity="store-a")
+    await nothing.load_state()
+    await nothing.persist()
+    assert nothing.high_water == 0
+
+
+# -- the seal ---------------------------------------------------------------------
+
+async def _sealed(*keys: EncryptionKey, revision: int = 1) -> tuple[KeysetSealer, str, Fixture]:
+    f = Fixture()
+    sealer = KeysetSealer(f.kek_for)
+    return sealer, await sealer.seal(revision, keys, f.kek, None), f
+
+
+async def test_a_seal_verifies_exactly_its_records_and_revision() -> None:
+    sealer, text, _ = await _sealed(key(1), key(2))
+    seal = await sealer.verify(text, 1, [key(2), key(1)], WHERE)
+    assert seal is not None and seal.revision == 1
+    assert dict(seal.records) == {"pii-v1-abcd": record_digest(key(1)),
+                                  "pii-v2-abcd": record_digest(key(2))}
+    for keys, revision, why in (
+            ([key(1), key(2)], 2, "says revision 2 but its seal is for revision 1"),
+            ([key(1)], 1, "pii-v2-abcd is sealed but missing"),
+            ([key(1), key(2), key(3)], 1, "pii-v3-abcd is not covered"),
+            ([key(1), key(2, KeyStatus.REVOKED)], 1, "pii-v2-abcd does not match")):
+        with pytest.raises(KeyStoreIntegrityError, match=why):
+            await sealer.verify(text, revision, keys, WHERE)
+    assert await sealer.verify(None, 0, [], WHERE) is None
+
+
+async def test_a_record_whose_id_does_not_name_its_type_and_version_is_refused() -> None:
+    for odd in (key(1, key_id="pii-v2-abcd"), key(1, key_id="api_keys-v1-abcd"),
+                key(1, key_id="pii-v1abcd")):
+        sealer, text, _ = await _sealed(odd)
+        with pytest.raises(KeyStoreIntegrityError, match="which its id does not") as exc:
+            await sealer.verify(text, 1, [odd], WHERE)
+        assert exc.value.key_id == odd.key_id
+
+
+async def test_a_modified_seal_fails_authentication() -> None:
+    sealer, text, _ = await _sealed(key(1))
+    doc = json.loads(text)
+    doc["mac"] = ("0" if doc["mac"][0] != "0" else "1") + doc["mac"][1:]
+    with pytest.raises(KeyStoreIntegrityError, match="failed authentication"):
+        await sealer.verify(json.dumps(doc), 1, [key(1)], WHERE)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d.update(format="x"), lambda d: d.update(version=2), lambda d: d.pop("mac"),
+    lambda d: d.update(kek_id=5), lambda d: d.update(revision="1"),
+    lambda d: d.update(revision=0), lambda d: d.update(revision=True),
+    lambda d: d.update(records=[]), lambda d: d.update(records={"k": "ab"}),
+    lambda d: d.update(records={"k": 5}), lambda d: d.update(seal_key="!!"),
+    lambda d: d.update(mac="zz"), lambda d: d.pop("kek_id"),
+])
+async def test_malformed_seals_are_integrity_errors(edit: object) -> None:
+    sealer, text, _ = await _sealed(key(1))
+    doc = json.loads(text)
+    edit(doc)  # type: ignore[operator]
+    with pytest.raises(KeyStoreIntegrityError):
+        await sealer.verify(json.dumps(doc), 1, [key(1)], WHERE)
+    for bad in ("[]", "nope", "[" * 10000, " " * (MAX_SEAL_CHARS + 1)):
+        with pytest.raises(KeyStoreIntegrityError, match="malformed"):
+            Seal.from_text(bad, WHERE)
+
+
+async def test_the_seal_key_is_pinned_and_refused_under_another_kek() -> None:
+    sealer, text, f = await _sealed(key(1))
+    calls = f.kek.calls["unwrap"]
+    fresh = KeysetSealer(f.kek_for)
+    await fresh.verify(text, 1, [key(1)], WHERE)
+    await fresh.verify(text, 1, [key(1)], WHERE)
+    assert f.kek.calls["unwrap"] == calls + 1  # unwrapped once, then pinned
+    assert repr(fresh) == "<KeysetSealer pinned=1>"
+    fresh.forget()
+    assert repr(fresh) == "<KeysetSealer pinned=0>"
+    with pytest.raises(TypeError):
+        fresh.__reduce__()
+    other = Fixture()
+    with pytest.raises(KeyStoreIntegrityError, match="does not open under KEK"):
+        await KeysetSealer(lambda _: other.kek).verify(text, 1, [key(1)], WHERE)
+    f.kek.fail_with = KekProviderError("down", retryable=True)
+    with pytest.raises(KekProviderError, match="down"):  # an outage is not tampering
+        await KeysetSealer(f.kek_for).verify(text, 1, [key(1)], WHERE)
+
+
+async def test_a_seal_key_of_the_wrong_size_is_refused() -> None:
+    f = Fixture()
+    wrapped = await f.kek.wrap(b"k" * 31, SEAL_CONTEXT)
+    sealer, text, _ = await _sealed(key(1))
+    doc = json.loads(text)
+    doc["kek_id"] = f.kek.kek_id
+    doc["seal_key"] = base64.b64encode(wrapped).decode()
+    with pytest.raises(KeyStoreIntegrityError, match="wrong size"):
+        await KeysetSealer(f.kek_for).verify(json.dumps(doc), 1, [key(1)], WHERE)
+
+
+async def test_sealing_reuses_the_seal_key_and_rewraps_it_for_a_new_kek() -> None:
+    sealer, first, f = await _sealed(key(1))
+    previous = await sealer.verify(first, 1, [key(1)], WHERE)
+    wraps = f.kek.calls["wrap"]
+    second = await sealer.seal(2, [key(1), key(2)], f.kek, previous)
+    assert f.kek.calls["wrap"] == wraps  # same KEK: the same wrapped key
+    assert json.loads(second)["seal_key"] == json.loads(first)["seal_key"]
+    new_kek = FakeKekProvider("new")
+    third = await sealer.seal(3, [key(1)], new_kek, previous)
+    assert json.loads(third)["kek_id"] == new_kek.kek_id
+    assert json.loads(third)["seal_key"] != json.loads(first)["seal_key"]
+    reader = KeysetSealer(lambda kek_id: new_kek if kek_id == new_kek.kek_id else f.kek)
+    await reader.verify(third, 3, [key(1)], WHERE)
+    assert repr(reader) == "<KeysetSealer pinned=1>"

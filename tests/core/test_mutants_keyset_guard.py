@@ -219,7 +219,7 @@ async def test_malformed_seals_are_integrity_errors(edit: object) -> None:
 
 
 async def test_the_seal_key_is_pinned_and_refused_under_another_kek() -> None:
-    sealer, text, f = await _sealed(key(1))
+    _, text, f = await _sealed(key(1))
     calls = f.kek.calls["unwrap"]
     fresh = KeysetSealer(f.kek_for)
     await fresh.verify(text, 1, [key(1)], WHERE)
@@ -241,7 +241,7 @@ async def test_the_seal_key_is_pinned_and_refused_under_another_kek() -> None:
 async def test_a_seal_key_of_the_wrong_size_is_refused() -> None:
     f = Fixture()
     wrapped = await f.kek.wrap(b"k" * 31, SEAL_CONTEXT)
-    sealer, text, _ = await _sealed(key(1))
+    _, text, _ = await _sealed(key(1))
     doc = json.loads(text)
     doc["kek_id"] = f.kek.kek_id
     doc["seal_key"] = base64.b64encode(wrapped).decode()

@@ -89,6 +89,6 @@ def test_a_file_over_16_mib_is_refused(tmp_path: Path) -> None:
 
 def test_the_directory_must_exist(tmp_path: Path) -> None:
     f = KeysetStateFile(tmp_path / "missing" / "keyset.json")
-    with pytest.raises(ConfigurationError, match="keyset state directory .* does not exist"):
+    with pytest.raises(ConfigurationError, match=r"keyset state directory .* does not exist"):
         f.read()
     assert not os.path.exists(tmp_path / "missing")

@@ -1268,7 +1268,7 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
         pending = {}
         for attr, _ in bound:
             value = getattr(target, attr)
-            if value is None:
+            if value is None or isinstance(value, RowValue):
                 continue
             if key is None:
                 pending[attr] = value

@@ -5,12 +5,13 @@ second write."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from aiocrypt import ConfigurationError, DecryptionError, EncryptionService, KeyType
@@ -242,3 +243,45 @@ async def test_engine_moves_row_bound_columns(
 def test_deterministic_columns_cannot_be_row_bound() -> None:
     with pytest.raises(ValueError, match="BlindIndex"):
         EncryptedString(KeyType.PII, deterministic=True, row_bound=True)
+
+
+async def test_uuid_keys_on_postgres(pg_async_url: str, bound_service: EncryptionService,
+                                     suffix: str) -> None:
+    class Base(DeclarativeBase):
+        pass
+
+    class Doc(Base):
+        __tablename__ = f"rb_docs_{suffix}"
+        __aiocrypt_row_bound__ = True
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        body: Mapped[str | None] = mapped_column(EncryptedString(KeyType.PII))
+
+    engine = create_async_engine(pg_async_url)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    reenc = reencryption_engine(bound_service, engine, Base.metadata,
+                                checkpoint_table=f"ckpt_{suffix}")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        async with sessions() as session:
+            docs = [Doc(body=f"d{i}") for i in range(3)]   # keys from a Python default
+            session.add_all(docs)
+            await session.commit()
+        await bound_service.key_manager.rotate_key("pii", force=True)
+        assert (await reenc.reencrypt(Doc.__tablename__)).run_rows_updated == 3
+        async with sessions() as session:
+            assert [(await session.get(Doc, d.id)).body for d in docs] == ["d0", "d1", "d2"]
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(f"UPDATE {Doc.__tablename__} SET body = (SELECT body "
+                                       f"FROM {Doc.__tablename__} WHERE id = :a) WHERE id = :b"),
+                               {"a": docs[0].id, "b": docs[1].id})
+        async with sessions() as session:
+            with pytest.raises(DecryptionError) as info:
+                await session.get(Doc, docs[1].id)
+            assert info.value.location.primary_key == docs[1].id
+    finally:
+        await reenc.database.close()
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.drop_all)
+            await conn.execute(sa.text(f"DROP TABLE IF EXISTS ckpt_{suffix}"))
+        await engine.dispose()

@@ -2,7 +2,8 @@
 
 Declare columns with the encrypted types; values are encrypted when bound and
 decrypted when loaded, bound to ``"<table>.<column>"`` so a token copied to
-another column fails to decrypt::
+another column fails to decrypt (and, for ``row_bound=True`` columns, to
+``"<table>.<column>#<primary key>"``, so one copied to another row fails too)::
 
     from aiocrypt.integrations.sqlalchemy import (
         BlindIndex, EncryptedFloat, EncryptedString, set_encryption_service)

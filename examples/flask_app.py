@@ -8,6 +8,11 @@ Run (Redis on 127.0.0.1:6379)::
 Views that touch the database or the cache are ``async def``: the extension
 runs them on its own event loop, where the service, the cache's Redis client
 and the async SQLAlchemy engine live. Sessions are handled synchronously.
+
+Session cookie flags come from the framework's own keys (``SESSION_COOKIE_*`` in
+``_common.default_config``). Responses that read a logged-in session carry
+``Cache-Control: private, no-store`` (``AIOCRYPT_SESSION_CACHE_CONTROL``), so the
+Back button after logout shows nothing; with Redis down they answer 503.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     data_dir, temporary = prepare_data_dir(app.config["EXAMPLE_DATA_DIR"])
     service = build_service(data_dir)
     crypt = AioCrypt(app, service=service)
+    crypt.add_health_routes(app, metrics_path=None)  # /healthz: keys, KEK and Redis
     engine = database_engine(data_dir)
     repo = UserRepository(engine, service)
     reports = ReportMaker()

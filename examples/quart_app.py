@@ -9,6 +9,11 @@ Endpoints (JSON): ``GET /``, ``GET /login`` (gives a CSRF token, opens a
 session), ``POST /login`` (username, password, csrf_token; rotates the
 session id), ``GET /me``, ``GET /report`` (cached encrypted in Redis),
 ``GET /whoami`` and ``POST /visits`` (session only), ``POST /logout``.
+
+Session cookie flags come from the framework's own keys (``SESSION_COOKIE_*`` in
+``_common.default_config``). Responses that read a logged-in session carry
+``Cache-Control: private, no-store`` (``AIOCRYPT_SESSION_CACHE_CONTROL``), so the
+Back button after logout shows nothing; with Redis down they answer 503.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Quart:
     data_dir, temporary = prepare_data_dir(app.config["EXAMPLE_DATA_DIR"])
     service = build_service(data_dir)
     crypt = AioCrypt(app, service=service)  # starts/closes the service with the app
+    crypt.add_health_routes(app, metrics_path=None)  # /healthz: keys, KEK and Redis
     engine = database_engine(data_dir)
     repo = UserRepository(engine, service)
     reports = ReportMaker()

@@ -78,6 +78,8 @@ async def test_login_session_logout(server: Server, client: httpx.AsyncClient,
                          "savings": "12000.50", "ssn": "***-**-6789"}
     assert me.headers["cache-control"] == "private, no-store"  # Back after logout shows nothing
     assert me.headers["vary"] == "Cookie"
+    health = await client.get("/healthz")
+    assert health.status_code == 200 and health.json()["checks"]["redis"] == {"status": "ok"}
     assert (await client.get("/whoami")).json() == {"username": "alice"}
     assert (await client.post("/visits")).json() == {"visits": 1}
     assert (await client.post("/visits")).json() == {"visits": 2}

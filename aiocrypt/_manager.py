@@ -32,7 +32,7 @@ from typing import Any, Final
 
 import anyio
 
-from . import _policy
+from . import _key_reports, _key_rewrap, _policy
 from ._config import EncryptionConfig
 from ._crypto import DEK_BYTES, DataKey
 from ._errors import (
@@ -42,6 +42,7 @@ from ._errors import (
     KeyStateError,
     KeyStoreIntegrityError,
 )
+from ._key_reports import KeyStatistics
 from ._key_retirement import (
     Census,
     CleanupEntry,
@@ -994,7 +995,7 @@ class KeyManager:
             key_type, census=census, confirm_unreferenced=confirm_unreferenced,
             dry_run=dry_run)
 
-    # -- master-key rotation ------------------------------------------------
+    # -- master-key rotation (_key_rewrap) --------------------------------------
 
     async def rotate_master_key(self, new_kek: KekProvider, *, batch_size: int = 50) -> int:
         """Rewrap every DEK under ``new_kek`` without touching any data; return keys rewrapped.
@@ -1005,21 +1006,7 @@ class KeyManager:
         end; then the store itself is resealed (the file store's MAC key) and
         ``self.kek`` becomes ``new_kek``: the old master key no longer opens it.
         """
-        if not self._opened:
-            await self.open()
-        old_kek = self.kek
-        if new_kek.kek_id == old_kek.kek_id:
-            raise ValueError("the new KEK is the current one")
-        # both stay usable for unwrapping while records are half rewrapped
-        self._previous_keks[old_kek.kek_id] = old_kek
-        self._previous_keks[new_kek.kek_id] = new_kek
-        total = await self._rewrap(new_kek, lambda key: key.kek_id == new_kek.kek_id,
-                                   batch_size)
-        self.kek = new_kek
-        await self.refresh(force=True)
-        await self.auditor.emit("master_key_rotated", old_kek=old_kek.kek_id,
-                                new_kek=new_kek.kek_id, keys=total)
-        return total
+        return await _key_rewrap.rotate_master_key(self, new_kek, batch_size=batch_size)
 
     async def rewrap_keys(self, *, only_foreign: bool = False, batch_size: int = 50) -> int:
         """Wrap every DEK again under the current KEK (``self.kek``); return keys rewrapped.
@@ -1031,118 +1018,19 @@ class KeyManager:
         are written with optimistic concurrency, so an interrupted run can simply
         be repeated. The store itself is resealed under the current KEK at the end.
         """
-        if not self._opened:
-            await self.open()
-        kek = self.kek
-        count = await self._rewrap(kek, lambda key: only_foreign and key.kek_id == kek.kek_id,
-                                   batch_size)
-        await self.refresh(force=True)
-        return count
+        return await _key_rewrap.rewrap_keys(self, only_foreign=only_foreign,
+                                             batch_size=batch_size)
 
-    async def _rewrap(self, kek: KekProvider, skip: Callable[[EncryptionKey], bool],
-                      batch_size: int) -> int:
-        """Wrap every DEK not ``skip``-ped again under ``kek``, in batches written with
-        optimistic concurrency (a rerun after an interruption goes on where it
-        stopped), then reseal the store under ``kek``; return the keys rewrapped."""
-        done: set[str] = set()
-        batch: list[str] = []
+    # -- reporting (_key_reports) ---------------------------------------------
 
-        async def plan(current: KeySet) -> list[EncryptionKey]:
-            batch.clear()
-            updates = []
-            for key in current.keys:
-                if key.wrapped_key is None or key.key_id in done or skip(key):
-                    continue
-                wrapped = await self._rewrapped(key, kek)
-                updates.append(key.replace(wrapped_key=wrapped, kek_id=kek.kek_id))
-                batch.append(key.key_id)
-                if len(updates) >= batch_size:
-                    break
-            return updates
-
-        while True:
-            await self._change(plan)
-            if not batch:
-                break
-            done.update(batch)
-            for key_id in batch:
-                await self.auditor.emit("key_rewrapped", key_id=key_id, new_kek=kek.kek_id)
-        # Reseal under ``kek``: the keyset seal (every store) and the file's own MAC key.
-        async with self.store.lock("rotation", timeout=self.lock_timeout):
-            current = await self._read_verified()
-            seal = await self._seal_for(current, (), kek)
-            await self.store.rekey(kek, seal=seal, expected_revision=current.revision)
-        return len(done)
-
-    # -- reporting ----------------------------------------------------------
+    async def key_statistics(self) -> KeyStatistics:
+        """Keys by type and status, what needs rotating and why, usage, the DEK cache."""
+        return await _key_reports.key_statistics(self)
 
     async def get_key_statistics(self) -> dict[str, Any]:
-        """Keys by type and status, what needs rotating and why, usage, health."""
-        keys = await self.list_keys()
-        now = self._clock()
-        try:
-            usage = await self.store.get_usage()
-        except Exception:
-            usage = {}
-        by_type: dict[str, dict[str, int]] = {}
-        by_status: dict[str, int] = {s.value: 0 for s in KeyStatus}
-        active: dict[str, dict[str, Any]] = {}
-        rotation_needed: list[dict[str, Any]] = []
-        for key in keys:
-            by_type.setdefault(key.key_type.value, {}).setdefault(key.status.value, 0)
-            by_type[key.key_type.value][key.status.value] += 1
-            by_status[key.status.value] += 1
-            policy = self.config.rotation_policy(key.key_type)
-            reason = _policy.rotation_reason(key, policy, now, usage.get(key.key_id, 0))
-            if key.status is KeyStatus.ACTIVE:
-                rotate_at = _policy.rotation_due(key, policy)
-                active[key.key_type.value] = {
-                    "key_id": key.key_id,
-                    "version": key.version,
-                    "age_days": round(key.age(now).total_seconds() / 86400, 2),
-                    "days_to_rotation": round((rotate_at - now).total_seconds() / 86400, 2),
-                    "days_to_expiry": round((key.expires_at - now).total_seconds() / 86400, 2),
-                    # encryptions reserved in blocks by every process (what the limit
-                    # counts), ahead of those made by up to one block per process
-                    "usage_reserved": usage.get(key.key_id, 0),
-                    "usage_block": _policy.usage_block(policy, self.usage_block),
-                    "usage": usage.get(key.key_id, 0),  # = usage_reserved (older name)
-                    "usage_limit": policy.max_encryptions,
-                    "auto_rotation": policy.auto_rotation,
-                }
-                if reason is None and not policy.auto_rotation and now >= rotate_at:
-                    reason = "age"
-            if reason is not None and (key.status is KeyStatus.ACTIVE or reason == "compromise"):
-                rotation_needed.append({"key_type": key.key_type.value, "key_id": key.key_id,
-                                        "reason": reason})
-        return {
-            "total_keys": len(keys),
-            "by_type": by_type,
-            "by_status": by_status,
-            "active_keys": active,
-            "rotation_needed": rotation_needed,
-            "reencrypt_required": [k.key_id for k in keys if k.reencrypt_required
-                                   and k.status is not KeyStatus.DESTROYED],
-            "store": self.store.name,
-            "store_revision": self._records.revision,
-            "kek_provider": self.kek.backend,
-            "kek_id": self.kek.kek_id,
-            "dek_cache": {"hits": self.dek_cache_hits, "misses": self.dek_cache_misses},
-        }
+        """:meth:`key_statistics` as the seed's dict."""
+        return (await self.key_statistics()).to_dict()
 
     async def health(self) -> dict[str, Any]:
         """Whether the key store and the KEK provider answer (never raises)."""
-        result: dict[str, Any] = {}
-        try:
-            await self.store.revision()
-            result["key_store_reachable"] = True
-        except Exception as exc:
-            result["key_store_reachable"] = False
-            result["key_store_error"] = type(exc).__name__
-        try:
-            await self.kek.check()
-            result["kek_provider_reachable"] = True
-        except Exception as exc:
-            result["kek_provider_reachable"] = False
-            result["kek_provider_error"] = type(exc).__name__
-        return result
+        return await _key_reports.probe(self)

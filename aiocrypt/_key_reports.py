@@ -9,7 +9,7 @@ key ids, types, versions, ages, counts.
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -137,16 +137,13 @@ async def key_statistics(manager: KeyManager) -> KeyStatistics:
 async def probe(manager: KeyManager) -> dict[str, Any]:
     """See :meth:`KeyManager.health`: whether the store and the KEK provider answer."""
     result: dict[str, Any] = {}
-    try:
-        await manager.store.revision()
-        result["key_store_reachable"] = True
-    except Exception as exc:  # a probe reports, never raises
-        result["key_store_reachable"] = False
-        result["key_store_error"] = type(exc).__name__
-    try:
-        await manager.kek.check()
-        result["kek_provider_reachable"] = True
-    except Exception as exc:  # a probe reports, never raises
-        result["kek_provider_reachable"] = False
-        result["kek_provider_error"] = type(exc).__name__
+    checks: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
+        ("key_store", manager.store.revision), ("kek_provider", manager.kek.check))
+    for name, check in checks:
+        try:
+            await check()
+            result[f"{name}_reachable"] = True
+        except Exception as exc:  # a probe reports, never raises
+            result[f"{name}_reachable"] = False
+            result[f"{name}_error"] = type(exc).__name__
     return result

@@ -165,6 +165,31 @@ def test_session_path(make_app: MakeApp) -> None:
     assert "path=/foo" in rv.headers["set-cookie"].lower()
 
 
+def test_session_using_application_root(make_app: MakeApp) -> None:
+    """Flask tests/test_basic.py::test_session_using_application_root."""
+
+    class PrefixPathMiddleware:
+        def __init__(self, app: Any, prefix: str) -> None:
+            self.app = app
+            self.prefix = prefix
+
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            environ["SCRIPT_NAME"] = self.prefix
+            return self.app(environ, start_response)
+
+    app = make_app(APPLICATION_ROOT="/bar")
+    app.wsgi_app = PrefixPathMiddleware(app.wsgi_app, "/bar")  # type: ignore[method-assign]
+    client = app.test_client()
+
+    @app.route("/")
+    def index() -> str:
+        flask.session["testing"] = 42
+        return "Hello World"
+
+    rv = client.get("/", "http://example.com:8080/")
+    assert "path=/bar" in rv.headers["set-cookie"].lower()
+
+
 def test_session_using_session_settings(make_app: MakeApp) -> None:
     """Flask tests/test_basic.py::test_session_using_session_settings."""
     app = make_app(

@@ -168,3 +168,22 @@ def test_lazy_session_is_a_plain_dict_once_read() -> None:
     assert "x" not in session and loads == ["load"]
     session["x"] = 1
     assert loads == ["load"] and session.accessed and session.modified
+
+
+def test_envelope_layouts_are_pinned() -> None:
+    """The plaintext inside the session ciphertext, both versions (a change is a new version)."""
+    from aiocrypt.integrations.sessions import _SessionCodec
+
+    codec = _SessionCodec(SessionSettings(), lambda: 1_700_000_000.0, TaggedJSONSerializer())
+    session = EncryptedSession({"t": (1, 2), "b": b"\xff"})
+    session._created_ms = 1_699_999_999_000
+    assert codec.envelope(session) == {
+        "v": 2, "s": '{"t":{" t":[1,2]},"b":{" b":"/w=="}}', "c": 1_699_999_999_000}
+    assert codec.unpack({"v": 2, "s": '{"t":{" t":[1,2]}}', "c": 1_699_999_999_000}) == \
+        ({"t": (1, 2)}, 1_699_999_999_000)
+    assert codec.unpack({"d": {"t": [1, 2]}, "c": 1_699_999_999_000}) == \
+        ({"t": [1, 2]}, 1_699_999_999_000)  # version 1
+    v1 = _SessionCodec(SessionSettings(), lambda: 1_700_000_000.0)
+    assert v1.envelope(session) == {"d": {"t": [1, 2], "b": b"\xff"}, "c": 1_699_999_999_000}
+    assert not session.accessed  # saving is no access
+    assert codec.unpack({"v": 2, "s": "not json", "c": 1}) is None

@@ -59,6 +59,7 @@ from ._config import (
 from ._errors import AiocryptError, ConfigurationError
 from ._factory import build_kek_provider, build_key_manager, build_key_store
 from ._format import text_prefix
+from ._legacy import LegacyReader
 from ._manager import KeyManager
 from ._reencrypt import (
     DEFAULT_CHECKPOINT_TABLE,
@@ -434,11 +435,10 @@ def _parse_column(text: str) -> ColumnSpec:
         raise click.BadParameter(str(exc), param_hint="--column") from None
 
 
-def _specs_from_models(target: str, only: Sequence[str]) -> list[TableSpec]:
+def _models_metadata(target: str) -> list[Any]:
+    """The SQLAlchemy ``MetaData`` objects ``--models MODULE[:OBJECT]`` names."""
     try:
         import sqlalchemy as sa
-
-        from .integrations.sqlalchemy import table_specs
     except ImportError as exc:
         raise ImportError(f"{exc}: --models needs pip install 'aiocrypt[sqlalchemy]'") from None
     if os.getcwd() not in sys.path:
@@ -456,11 +456,31 @@ def _specs_from_models(target: str, only: Sequence[str]) -> list[TableSpec]:
             getattr(obj, "metadata", None) if isinstance(obj, type) else None)
         if isinstance(metadata, sa.MetaData):
             found[id(metadata)] = metadata
-    specs = [spec for md in found.values()
+    return list(found.values())
+
+
+def _specs_from_models(target: str, only: Sequence[str]) -> list[TableSpec]:
+    from .integrations.sqlalchemy import table_specs
+
+    specs = [spec for md in _models_metadata(target)
              for spec in table_specs(md, list(only) if only else None)]
     if not specs:
         raise ConfigurationError(f"--models {target}: no table with encrypted columns found")
     return specs
+
+
+def legacy_readers_from_models(target: str | None) -> list[LegacyReader]:
+    """The legacy readers the models' columns declare (``legacy=``): their keys come from
+    the application's own module, never from the command line or a job argument."""
+    if target is None:
+        return []
+    from .integrations.sqlalchemy import legacy_readers
+
+    readers: dict[str, LegacyReader] = {}
+    for metadata in _models_metadata(target):
+        for reader in legacy_readers(metadata):
+            readers.setdefault(reader.name, reader)
+    return list(readers.values())
 
 
 def table_specs_from_options(tables: Sequence[str], pk: str, columns: Sequence[str],
@@ -648,7 +668,8 @@ def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[
         manager = build_key_manager(config, watch=False)
         database = await _open_database(database_dsn, checkpoint_table)
         engine = ReencryptionEngine(manager, database, tables=specs, batch_size=batch_size,
-                                    rate_limit=rate, on_error="skip" if skip_errors else "raise")
+                                    rate_limit=rate, on_error="skip" if skip_errors else "raise",
+                                    legacy_readers=legacy_readers_from_models(models))
         async with manager:
             try:
                 if dry_run:
@@ -665,7 +686,7 @@ def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[
                             continue
                         task = ShardTask(spec, KeyRange(), database_dsn, checkpoint_table,
                                          batch_size, None if rate is None else rate / jobs,
-                                         skip_errors, max_batches)
+                                         skip_errors, max_batches, models)
                         results.append(await reencrypt_sharded(
                             engine, task, jobs, functools.partial(reporter.advance, spec.name)))
                     return results

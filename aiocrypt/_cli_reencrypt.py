@@ -59,6 +59,9 @@ class ShardTask:
     rate: float | None
     skip_errors: bool
     max_batches: int | None
+    #: ``--models``: the shard process imports it again for the columns' legacy readers
+    #: (their keys stay in the application's module, out of the task)
+    models: str | None = None
 
 
 def result_dict(result: ReencryptionResult, stopped: str | None) -> dict[str, Any]:
@@ -135,14 +138,16 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
 
 async def _run_shard(task: ShardTask) -> dict[str, Any]:
     from ._cli_base import load_config
-    from ._cli_ops import _open_database  # the command's module imports this one
+    from ._cli_ops import _open_database, legacy_readers_from_models  # it imports this module
     from ._factory import build_key_manager
 
+    readers = legacy_readers_from_models(task.models)
     manager = build_key_manager(load_config(), watch=False)
     database = await _open_database(task.dsn, task.checkpoint_table)
     engine = ReencryptionEngine(manager, database, tables=[task.spec],
                                 batch_size=task.batch_size, rate_limit=task.rate,
-                                on_error="skip" if task.skip_errors else "raise")
+                                on_error="skip" if task.skip_errors else "raise",
+                                legacy_readers=readers)
     async with manager:
         try:
             return await reencrypt_table(engine, task.spec, shard=task.shard,

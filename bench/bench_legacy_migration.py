@@ -129,32 +129,28 @@ async def writer(sessions: Any, customer: Any, note: Any, rows: int,
     return writes
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--batch-size", type=int, default=2000)
-    parser.add_argument("--no-writer", action="store_true",
-                        help="migrate without the concurrent writer (for comparison)")
-    parser.add_argument("--dsn", default=os.environ.get(
-        "ENCRYPTION_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
-    args = parser.parse_args()
+async def run(*, dsn: str, rows: int, batch_size: int = 2000,
+              with_writer: bool = True) -> dict[str, Any]:
+    """Migrate both legacy tables online; rows/s per table, writer updates, the checks.
 
+    Raises ``SystemExit`` when a row is not at its latest value or a value is left in
+    legacy form (a benchmark of a migration that loses data measures nothing)."""
     fernet_key = Fernet.generate_key()
-    load_seconds = await asyncio.to_thread(load, args.dsn, args.rows, fernet_key)
+    load_seconds = await asyncio.to_thread(load, dsn, rows, fernet_key)
     service = make_service()
     await service.start()
     set_encryption_service(service)
-    engine = create_async_engine(args.dsn.replace("postgresql://", "postgresql+asyncpg://", 1))
+    engine = create_async_engine(dsn.replace("postgresql://", "postgresql+asyncpg://", 1))
     base, customer, note = models(SqlalchemyUtilsReader(SU_KEY, "aes_gcm"),
                                   FernetReader([fernet_key]))
     sessions = async_sessionmaker(engine, expire_on_commit=False)
-    reenc = reencryption_engine(service, engine, base.metadata, batch_size=args.batch_size,
+    reenc = reencryption_engine(service, engine, base.metadata, batch_size=batch_size,
                                 checkpoint_table="bench_legacy_checkpoints")
     latest: dict[tuple[str, int], Any] = {}
     stop = asyncio.Event()
     try:
         task = asyncio.ensure_future(writer(sessions, customer, note,
-                                            0 if args.no_writer else args.rows, latest, stop))
+                                            rows if with_writer else 0, latest, stop))
         results = [await reenc.reencrypt(SU_TABLE), await reenc.reencrypt(FERNET_TABLE)]
         stop.set()
         writes = await task
@@ -174,19 +170,20 @@ async def main() -> None:
                         or row.balance != latest.get(("balance", row.id), row.id * 10)
                         or notes[row.id] != latest.get(("body", row.id), f"note {row.id}")):
                     mismatched += 1
-
-        print(f"python {platform.python_version()}, {args.rows:,} rows per table, "
-              f"batch {args.batch_size}, legacy tables written in {load_seconds:.1f} s")
-        for result in results:
-            print(f"{result.table:22s} {result.run_rows_updated:>8,} rows rewritten "
-                  f"({result.run_rows_conflicted:,} conflicts, {result.passes} passes) in "
-                  f"{result.elapsed:6.2f} s = {result.rows_per_second:>8,.0f} rows/s, "
-                  f"complete={result.complete}")
-        print(f"writer: {writes:,} updates of both tables during the runs")
-        print(f"left in legacy form: {leftover}; rows checked: {checked:,}, "
-              f"not at their latest value: {mismatched}")
         if mismatched or any(leftover.values()) or not all(r.complete for r in results):
-            raise SystemExit("migration incomplete")
+            raise SystemExit(f"migration incomplete: {mismatched} rows not at their latest "
+                             f"value, left in legacy form: {leftover}")
+        return {
+            "rows": rows, "batch_size": batch_size, "load_seconds": load_seconds,
+            "writer": with_writer, "writer_updates": writes, "rows_checked": checked,
+            "tables": {r.table: {"rows_updated": r.run_rows_updated,
+                                 "conflicts": r.run_rows_conflicted, "passes": r.passes,
+                                 "seconds": r.elapsed, "rows_per_second": r.rows_per_second}
+                       for r in results},
+            "labels": {SU_TABLE: "sqlalchemy-utils StringEncryptedType, AesGcmEngine "
+                                 "(two columns)",
+                       FERNET_TABLE: "Fernet tokens (one column)"},
+        }
     finally:
         await reenc.database.close()
         async with engine.begin() as conn:
@@ -194,6 +191,28 @@ async def main() -> None:
             await conn.execute(sa.text("DROP TABLE IF EXISTS bench_legacy_checkpoints"))
         await engine.dispose()
         await service.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument("--no-writer", action="store_true",
+                        help="migrate without the concurrent writer (for comparison)")
+    parser.add_argument("--dsn", default=os.environ.get(
+        "ENCRYPTION_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
+    args = parser.parse_args()
+    result = await run(dsn=args.dsn, rows=args.rows, batch_size=args.batch_size,
+                       with_writer=not args.no_writer)
+    print(f"python {platform.python_version()}, {args.rows:,} rows per table, "
+          f"batch {args.batch_size}, legacy tables written in {result['load_seconds']:.1f} s")
+    for table, figures in result["tables"].items():
+        print(f"{table:22s} {figures['rows_updated']:>8,} rows rewritten "
+              f"({figures['conflicts']:,} conflicts, {figures['passes']} passes) in "
+              f"{figures['seconds']:6.2f} s = {figures['rows_per_second']:>8,.0f} rows/s")
+    print(f"writer: {result['writer_updates']:,} updates of both tables during the runs")
+    print(f"rows checked: {result['rows_checked']:,}, all at their latest value, none left "
+          "in legacy form")
 
 
 if __name__ == "__main__":

@@ -333,6 +333,7 @@ def render(results: dict[str, Any], charts: dict[str, str]) -> str:
     lines += _batch_md(results)
     lines += _streams_md(results, charts)
     lines += _reencrypt_md(results)
+    lines += _legacy_md(results)
     lines += _sessions_md(results)
     return "\n".join(lines) + "\n"
 
@@ -582,6 +583,31 @@ def _reencrypt_md(results: dict[str, Any]) -> list[str]:
               "most hurt by other load on the machine; `--jobs` gives each shard a core "
               "of its own, and shares the two cores here with Postgres. Sharding the work "
               "across ARQ workers: [arq.md](arq.md)."]
+    return lines
+
+
+def _legacy_md(results: dict[str, Any]) -> list[str]:
+    figures = _figures(results, "legacy")
+    if figures is None:
+        return []
+    lines = ["", "## Migrating off sqlalchemy-utils and Fernet", "",
+             f"{figures['rows']:,} rows per table written by the old tools, then rewritten "
+             "as aiocrypt tokens online by the re-encryption engine with the columns' "
+             f"legacy readers (batches of {figures['batch_size']:,}), "
+             + ("while a writer updated random rows of both tables through the aiocrypt "
+                f"columns ({figures['writer_updates']:,} updates)" if figures["writer"]
+                else "with no concurrent writer")
+             + f". Afterwards all {figures['rows_checked']:,} rows read back at their latest "
+             "value without any legacy reader, and the census counted no value left in "
+             "the old form. Method: `bench/bench_legacy_migration.py`; "
+             "[sqlalchemy.md](sqlalchemy.md) describes the migration.", "",
+             "| table | rows rewritten | conflicts | rows/s |", "|---|---:|---:|---:|"]
+    for table, row in figures["tables"].items():
+        lines.append(f"| {figures['labels'].get(table, table)} | {row['rows_updated']:,} | "
+                     f"{row['conflicts']:,} | {row['rows_per_second']:,.0f} |")
+    lines += ["", "Opening a legacy value costs more than an aiocrypt token (a SHA-256 key, "
+              "another token layout, and for sqlalchemy-utils a type conversion), so these "
+              "runs are slower than the re-encryption above."]
     return lines
 
 

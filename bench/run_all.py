@@ -5,7 +5,7 @@
     ./dev bench --only fields,batch   # some sections; the others keep their last figures
 
 Sections: fields, batch, streams (bulk, streams, files, loop lag, openssl speed;
-``bulk`` is an alias), reencrypt (needs PostgreSQL), sessions (needs Redis).
+``bulk`` is an alias), reencrypt and legacy (need PostgreSQL), sessions (needs Redis).
 The raw figures go to bench/results.json (for the docs run; to
 ``<out-dir>/results.json`` otherwise), so that ``--only`` can re-render the
 sections it did not run with their last figures and dates. Every verdict in
@@ -32,9 +32,10 @@ sys.path.insert(0, str(HERE))
 import _common  # noqa: E402
 import report  # noqa: E402
 
-SECTIONS = ("fields", "batch", "streams", "reencrypt", "sessions")
+SECTIONS = ("fields", "batch", "streams", "reencrypt", "legacy", "sessions")
 ALIASES = {"bulk": "streams", "stream": "streams", "file": "streams", "lag": "streams",
-           "field": "fields", "session": "sessions", "reencryption": "reencrypt"}
+           "field": "fields", "session": "sessions", "reencryption": "reencrypt",
+           "migration": "legacy"}
 
 
 def parse_only(value: str | None) -> set[str]:
@@ -81,6 +82,13 @@ def run_section(name: str, quick: bool) -> dict[str, Any]:
         return bench_bulk.run(quick=quick)
     if name == "reencrypt":
         return run_reencrypt(quick)
+    if name == "legacy":
+        import bench_legacy_migration
+
+        dsn = os.environ.get("ENCRYPTION_POSTGRES_DSN",
+                             "postgresql://postgres@127.0.0.1:5432/test")
+        return asyncio.run(bench_legacy_migration.run(
+            dsn=dsn, rows=5_000 if quick else 100_000))
     if name == "sessions":
         return run_sessions(quick)
     raise AssertionError(name)

@@ -52,6 +52,7 @@ from ._key_retirement import (
     RetiredKey,
     RetirementReason,
 )
+from ._key_usage import UsageReservations, still_active
 from ._keyring import Keyring
 from ._keys import EncryptionKey, utcnow
 from ._keyset_guard import KeysetGuard
@@ -69,11 +70,6 @@ logger = logging.getLogger("aiocrypt.keys")
 Clock = Callable[[], _dt.datetime]
 _WRITE_RETRIES: Final = 5
 _FAR_FUTURE: Final = _dt.datetime.max.replace(tzinfo=_dt.UTC)
-#: NIST SP 800-38D: at most 2**32 messages under one key with random 96-bit nonces,
-#: whatever a policy or the store's counter says.
-GCM_MESSAGE_LIMIT: Final = 2**32
-#: Encryptions before the end of a reserved allowance that sync callers make under a lock.
-_SYNC_MARGIN: Final = 64
 @dataclass(frozen=True, slots=True)
 class AdoptionReport:
     """What :meth:`KeyManager.adopt_store` found and sealed."""
@@ -92,11 +88,6 @@ def _scrubbed(error: BaseException) -> BaseException:
         current.__traceback__ = None
         current = current.__cause__ or current.__context__
     return error
-
-
-def _still_active(key_id: str) -> Callable[[EncryptionKey | None], bool]:
-    """Rotate only if ``key_id`` is still the active key (single-flight across processes)."""
-    return lambda active: active is not None and active.key_id == key_id
 
 
 def _wrap_context(key: EncryptionKey) -> dict[str, str]:
@@ -141,7 +132,6 @@ class KeyManager:
         self._fresh_until = float("-inf")  # monotonic time the snapshot goes stale
         self._next_boundary = _FAR_FUTURE  # next expiry / end of grace among keys
         self._refresh_lock = anyio.Lock()
-        self._usage_lock = anyio.Lock()
         self._opened = False
         self._missing: dict[str, float] = {}
         self._watch_task: asyncio.Task[None] | None = None
@@ -156,9 +146,7 @@ class KeyManager:
         self.integrity_error: KeyStoreIntegrityError | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
-        self._reserving: set[KeyType] = set()  # key types with a background reservation
-        self._background: set[asyncio.Future[None]] = set()
-        self._sync_lock = threading.Lock()  # sync seals between refill_at and the allowance
+        self._usage = UsageReservations(self)
         #: Keyring rebuilds that reused an unwrapped DEK / had to call the KEK provider.
         self.dek_cache_hits = 0
         self.dek_cache_misses = 0
@@ -197,8 +185,7 @@ class KeyManager:
                         contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._watch_task
                 self._watch_task = None
-            for task in list(self._background):
-                task.cancel()
+            self._usage.cancel_background()
             await self.auditor.flush()
             self._dek_cache.clear()
             self._guard.forget()
@@ -264,7 +251,7 @@ class KeyManager:
                     if not self._guard.verified_once:
                         raise
             self._mark_fresh()
-        await self._flush_unreserved_usage()
+        await self._usage.flush_unreserved()
         await self.auditor.flush()
         return self._keyring
 
@@ -391,7 +378,7 @@ class KeyManager:
         self._keyring = Keyring((dk for _, dk, _ in cache.values()), keyset.revision,
                                 accept_format_v1=self.config.accept_format_v1,
                                 on_expired_use=self._expired_key_used,
-                                on_allowance=self._sync_allowance)
+                                on_allowance=self._usage.sync_allowance)
         logger.debug("keyring rebuilt at store revision %d: %d keys", keyset.revision, len(cache))
 
     @staticmethod
@@ -476,7 +463,7 @@ class KeyManager:
             self._missing[key_id] = now
         return dk
 
-    # -- usage limits -------------------------------------------------------
+    # -- usage limits (_key_usage) ---------------------------------------------
 
     async def reserve_usage(self, key_type: KeyTypeLike, *, ahead: bool = False) -> Keyring:
         """Give the active ``key_type`` key a fresh encryption allowance from the store.
@@ -488,129 +475,7 @@ class KeyManager:
         the new key gets the allowance. ``ahead``: reserve the next block before
         this one runs out (sync callers cannot wait for it).
         """
-        kt = KeyType(key_type)
-        policy = self.config.rotation_policy(kt)
-        limit = min(policy.max_encryptions, GCM_MESSAGE_LIMIT)
-        # Every round that finds the key used up rotates it (or sees that another
-        # process did), and the first reservation on a new key always gets at least
-        # one encryption: the fleet makes progress each round. Under a small limit
-        # and heavy contention this process can still lose several rounds in a row,
-        # so the bound is time (like the rotation lock's), not a count of rounds.
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            keyring = await self._ensure_active([kt])
-            dk = keyring.active(kt)
-            async with self._usage_lock:
-                if dk.encryptions < (dk.refill_at if ahead else dk.allowance):
-                    return keyring
-                overrun = max(0, dk.encryptions - dk.allowance)  # counted by sync callers
-                request = _policy.usage_block(policy, self.usage_block) + overrun
-                total = (await self.store.add_usage({dk.key_id: request}))[dk.key_id]
-                start = await self._usage_start(dk, total, request) + overrun
-                usable = max(0, min(start - overrun + request, limit) - start)
-                dk.allowance = max(dk.allowance, dk.encryptions) + usable
-                # Sync callers seal without a lock below refill_at: keep a margin for
-                # threads that passed that check together (the last ones go under a lock).
-                dk.refill_at = max(0, dk.allowance - max(usable // 2, _SYNC_MARGIN))
-                await self._guard.persist()
-                if usable or dk.encryptions < dk.allowance:
-                    return keyring
-            self.auditor.emit_nowait("usage_limit_reached", key_id=dk.key_id, key_type=kt.value,
-                                     limit=limit)
-            if time.monotonic() > deadline:
-                raise KeyStateError(f"could not reserve encryption allowance for {kt.value} "
-                                    f"keys within {self.lock_timeout:g} s: other processes "
-                                    f"used up every new key first")
-            await self._activate_new(kt, reason="usage", only_if=_still_active(dk.key_id))
-
-    async def _usage_start(self, dk: DataKey, total: int, request: int) -> int:
-        """Where this reservation starts in the key's shared counter.
-
-        Counters only go up: a total below what this process (or this host, with a
-        state file) has seen, or below zero, was written by someone else. It is
-        audited and the highest total seen is used instead, so nobody can reset a
-        key's usage by editing the store.
-        """
-        start, floor = self._guard.usage_start(dk.key_id, total, request)
-        if floor is not None:
-            self.integrity_failures += 1
-            logger.error("usage counter of key %s went backwards in the %s (to %d, %d seen): "
-                         "counting from the highest seen", dk.key_id, self._where,
-                         total - request, floor)
-            await self.auditor.emit("usage_counter_rolled_back", key_id=dk.key_id,
-                                    key_type=dk.key.key_type.value, seen=floor,
-                                    found=total - request)
-        return start
-
-    def _sync_allowance(self, dk: DataKey, seal: Callable[[DataKey], str]) -> str:
-        """For the keyring's sync encrypt paths: ``seal`` with an active key that may
-        encrypt now.
-
-        Below the hard allowance a reservation of the next block is started in the
-        background and ``dk`` seals, under a lock so that threads racing at the
-        allowance cannot pass it together. At the allowance, a thread other than the
-        event loop's waits for a reservation (the Flask extension's request
-        threads); code on the loop's own thread cannot wait, so it gets
-        ``KeyStateError`` (a reservation is started for the next call).
-        """
-        kt = dk.key.key_type
-        loop = self._loop
-        usable_loop = loop is not None and not loop.is_closed() and loop.is_running()
-        for _ in range(1000):  # each round waits for a reservation: bounded, not endless
-            with self._sync_lock:
-                if dk.encryptions >= GCM_MESSAGE_LIMIT:
-                    raise KeyStateError(f"key {dk.key_id} reached 2**32 encryptions")
-                if dk.encryptions < dk.allowance:
-                    if dk.encryptions >= dk.refill_at and usable_loop:
-                        self._reserve_in_background(kt)
-                    return seal(dk)
-            if not usable_loop or threading.get_ident() == self._loop_thread:
-                break
-            assert loop is not None
-            future = asyncio.run_coroutine_threadsafe(self.reserve_usage(kt), loop)
-            dk = future.result(timeout=self.lock_timeout + 10).active(kt)
-        if usable_loop:
-            self._reserve_in_background(kt)
-        raise KeyStateError(
-            f"the encryption allowance of key {dk.key_id} is used up, and synchronous code on "
-            "the event loop's thread cannot wait for more: encrypt through the async API "
-            "(await service.encrypt_field(...)), or retry once the reservation started now "
-            "completes")
-
-    def _reserve_in_background(self, key_type: KeyType) -> None:
-        """Start ``reserve_usage(ahead=True)`` on the manager's loop (once at a time)."""
-        if key_type in self._reserving or self._loop is None:
-            return
-        self._reserving.add(key_type)
-
-        async def reserve() -> None:
-            try:
-                await self.reserve_usage(key_type, ahead=True)
-            except Exception as exc:  # the next sync call tries again
-                logger.warning("background usage reservation for %s keys failed (%s)",
-                               key_type.value, type(exc).__name__)
-            finally:
-                self._reserving.discard(key_type)
-
-        def start() -> None:
-            task = asyncio.ensure_future(reserve())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-        try:
-            if threading.get_ident() == self._loop_thread:
-                start()
-            else:
-                self._loop.call_soon_threadsafe(start)
-        except RuntimeError:  # the loop closed meanwhile
-            self._reserving.discard(key_type)
-
-    async def _flush_unreserved_usage(self) -> None:
-        """Record encryptions sync callers made beyond their allowance (batched)."""
-        for dk in list(self._keyring.active_keys.values()):
-            if dk.encryptions > dk.allowance:
-                with contextlib.suppress(Exception):
-                    await self.reserve_usage(dk.key.key_type)
+        return await self._usage.reserve(key_type, ahead=ahead)
 
     # -- changing keys ------------------------------------------------------
 
@@ -821,7 +686,7 @@ class KeyManager:
             if reason is None:
                 continue
             new_key, old = await self._activate_new(key.key_type, reason=reason,
-                                                    only_if=_still_active(key.key_id))
+                                                    only_if=still_active(key.key_id))
             if old is not None:
                 rotated.append({"key_type": key.key_type.value, "old_key_id": old.key_id,
                                 "new_key_id": new_key.key_id, "reason": reason})

@@ -4,7 +4,7 @@ One part of :class:`~aiocrypt._manager.KeyManager` (docs/architecture.md). Recor
 are rewrapped in batches, each a sealed compare-and-swap write of the manager, so
 an interrupted run resumes where it stopped; the store itself is resealed under
 the new KEK at the end (``KeyStore.rekey``). DEKs never stay in a frame an error
-could carry away (``KeyManager._rewrapped``).
+could carry away (``DekCache.rewrapped``).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ async def rewrap(manager: KeyManager, kek: KekProvider,
         for key in current.keys:
             if key.wrapped_key is None or key.key_id in done or skip(key):
                 continue
-            wrapped = await manager._rewrapped(key, kek)
+            wrapped = await manager._deks.rewrapped(key, kek)
             updates.append(key.replace(wrapped_key=wrapped, kek_id=kek.kek_id))
             batch.append(key.key_id)
             if len(updates) >= batch_size:

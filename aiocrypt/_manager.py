@@ -35,6 +35,7 @@ import anyio
 from . import _key_reports, _key_rewrap, _policy
 from ._config import EncryptionConfig
 from ._crypto import DEK_BYTES, DataKey
+from ._dek_cache import DekCache, scrubbed
 from ._errors import (
     ConcurrentModificationError,
     KekProviderError,
@@ -56,7 +57,7 @@ from ._key_usage import UsageReservations, still_active
 from ._keyring import Keyring
 from ._keys import EncryptionKey, utcnow
 from ._keyset_guard import KeysetGuard
-from ._keyset_seal import check_identity, record_digest
+from ._keyset_seal import check_identity
 from ._types import KeyStatus, KeyType, KeyTypeLike
 from .audit import Auditor
 from .kek._base import KekProvider
@@ -77,21 +78,6 @@ class AdoptionReport:
     already_sealed: bool
     revision: int
     key_ids: tuple[str, ...]
-
-
-def _scrubbed(error: BaseException) -> BaseException:
-    """``error`` without tracebacks on it or its causes: their frames held a DEK."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        current.__traceback__ = None
-        current = current.__cause__ or current.__context__
-    return error
-
-
-def _wrap_context(key: EncryptionKey) -> dict[str, str]:
-    return {"aiocrypt_key_id": key.key_id, "aiocrypt_key_type": key.key_type.value}
 
 
 class KeyManager:
@@ -127,8 +113,7 @@ class KeyManager:
         self._previous_keks = {p.kek_id: p for p in previous_keks}
         self._keyring = Keyring()
         self._records: KeySet = KeySet(0, ())
-        # key id -> (digest of its record, DataKey, monotonic time unwrapped)
-        self._dek_cache: dict[str, tuple[str, DataKey, float]] = {}
+        self._deks = DekCache(self)
         self._fresh_until = float("-inf")  # monotonic time the snapshot goes stale
         self._next_boundary = _FAR_FUTURE  # next expiry / end of grace among keys
         self._refresh_lock = anyio.Lock()
@@ -147,9 +132,6 @@ class KeyManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._usage = UsageReservations(self)
-        #: Keyring rebuilds that reused an unwrapped DEK / had to call the KEK provider.
-        self.dek_cache_hits = 0
-        self.dek_cache_misses = 0
         #: Where ``cleanup_expired_keys`` and ``set_min_decryption_version`` learn
         #: which keys data still references (the re-encryption census).
         self.census: Census | None = None
@@ -187,7 +169,7 @@ class KeyManager:
                 self._watch_task = None
             self._usage.cancel_background()
             await self.auditor.flush()
-            self._dek_cache.clear()
+            self._deks.clear()
             self._guard.forget()
             self._keyring = Keyring()
             await self.store.close()
@@ -239,7 +221,7 @@ class KeyManager:
             if not force and not self.is_stale():
                 return self._keyring
             revision = await self.store.revision()
-            if (force or revision != self._records.revision or self._dek_cache_expired()
+            if (force or revision != self._records.revision or self._deks.expired()
                     or self._clock() >= self._next_boundary):
                 try:
                     await self._rebuild(await self._read_verified())
@@ -321,7 +303,7 @@ class KeyManager:
                     active[key.key_type] = key.key_id
                 if key.wrapped_key is not None:
                     try:
-                        await self._check_unwraps(key)
+                        await self._deks.check_unwraps(key)
                     except KekProviderError as exc:
                         raise KeyStoreIntegrityError(
                             f"{self._where}: key record {key.key_id} does not unwrap under the "
@@ -335,65 +317,25 @@ class KeyManager:
                        len(keyset.keys))
         return AdoptionReport(False, revision, tuple(k.key_id for k in keyset.keys))
 
-    async def _check_unwraps(self, key: EncryptionKey) -> None:
-        """Unwrap ``key`` and throw the material away (adoption's proof of origin)."""
-        await self._unwrap(key)
+    @property
+    def dek_cache_hits(self) -> int:
+        """Keyring rebuilds that reused an unwrapped DEK."""
+        return self._deks.hits
 
-    def _dek_cache_expired(self) -> bool:
-        max_age = self.config.performance.dek_cache_seconds
-        now = time.monotonic()
-        return any(now - at > max_age for _, _, at in self._dek_cache.values())
+    @property
+    def dek_cache_misses(self) -> int:
+        """Keyring rebuilds that had to call the KEK provider to unwrap a DEK."""
+        return self._deks.misses
 
     async def _rebuild(self, keyset: KeySet) -> None:
-        max_age = self.config.performance.dek_cache_seconds
-        mono = time.monotonic()
-        now = self._clock()
-        boundary = _FAR_FUTURE
-        cache: dict[str, tuple[str, DataKey, float]] = {}
-        for key in keyset.keys:
-            if key.status is KeyStatus.DESTROYED or key.wrapped_key is None:
-                continue
-            # Keyed by the whole authenticated record: any change to it unwraps afresh.
-            digest = record_digest(key)
-            cached = self._dek_cache.get(key.key_id)
-            if cached is not None and cached[0] == digest and mono - cached[2] <= max_age:
-                # The same object: snapshots that still hold it share its usage count.
-                dk, unwrapped_at = cached[1], cached[2]
-                self.dek_cache_hits += 1
-            else:
-                dk, unwrapped_at = self._bind(cached, key, await self._unwrap(key)), mono
-                self.dek_cache_misses += 1
-            if key.status is not KeyStatus.ACTIVE:  # old snapshots may hold it as active
-                dk.allowance = dk.refill_at = 0
-            policy = self.config.rotation_policy(key.key_type)
-            dk.expired = _policy.is_expired(key, now)
-            dk.past_grace = _policy.is_past_grace(key, policy, now)
-            if not dk.past_grace:
-                boundary = min(boundary, _policy.grace_end(key, policy) if dk.expired
-                               else key.expires_at)
-            cache[key.key_id] = (digest, dk, unwrapped_at)
-        self._dek_cache = cache
+        keys, boundary = await self._deks.build(keyset)
         self._records = keyset
         self._next_boundary = boundary
-        self._keyring = Keyring((dk for _, dk, _ in cache.values()), keyset.revision,
+        self._keyring = Keyring(keys, keyset.revision,
                                 accept_format_v1=self.config.accept_format_v1,
                                 on_expired_use=self._expired_key_used,
                                 on_allowance=self._usage.sync_allowance)
-        logger.debug("keyring rebuilt at store revision %d: %d keys", keyset.revision, len(cache))
-
-    @staticmethod
-    def _bind(cached: tuple[str, DataKey, float] | None, key: EncryptionKey,
-              material: bytes) -> DataKey:
-        """The DataKey for a record just unwrapped: the cached object updated in place when
-        it holds the same DEK, so that there is one object (one usage count) per key id
-        however many snapshots hold it; a new one otherwise."""
-        if cached is not None and cached[1].holds(material):
-            cached[1].rebind(key)
-            return cached[1]
-        dk = DataKey(key, material)
-        if cached is not None:
-            cached[1].hand_usage_to(dk)
-        return dk
+        logger.debug("keyring rebuilt at store revision %d: %d keys", keyset.revision, len(keys))
 
     def _expired_key_used(self, dk: DataKey) -> None:
         if dk.key_id in self._warned_expired:
@@ -403,45 +345,6 @@ class KeyManager:
                        dk.key_id)
         self.auditor.emit_nowait("expired_key_used", key_id=dk.key_id,
                                  key_type=dk.key.key_type.value, past_grace=dk.past_grace)
-
-    def _kek_for(self, key: EncryptionKey) -> KekProvider:
-        return self._kek_by_id(key.kek_id or self.kek.kek_id, f"key {key.key_id}")
-
-    async def _unwrap(self, key: EncryptionKey) -> bytes:
-        assert key.wrapped_key is not None
-        material = await self._kek_for(key).unwrap(key.wrapped_key, _wrap_context(key))
-        if len(material) == DEK_BYTES:
-            return material
-        del material  # never in a traceback's locals
-        raise KekProviderError(f"key {key.key_id} unwrapped to a key of the wrong size",
-                               backend=self.kek.backend)
-
-    async def _wrap_material(self, kek: KekProvider, material: bytes,
-                             key: EncryptionKey) -> bytes:
-        """``kek.wrap`` of a DEK; on failure the error leaves with no frame that held it.
-
-        Error reporters that capture locals (Sentry and the like) would otherwise
-        ship the DEK off the host from the provider's frames or this one.
-        """
-        try:
-            return await kek.wrap(material, _wrap_context(key))
-        except BaseException as exc:  # re-raised, scrubbed
-            failure = exc
-        del material
-        raise _scrubbed(failure)
-
-    async def _rewrapped(self, key: EncryptionKey, kek: KekProvider) -> bytes:
-        """``key``'s DEK unwrapped and wrapped again by ``kek``, the DEK kept off every
-        frame an error could carry away."""
-        try:
-            material = await self._unwrap(key)
-            try:
-                return await kek.wrap(material, _wrap_context(key))
-            finally:
-                del material  # gone from this frame before any error leaves it
-        except BaseException as exc:  # re-raised, scrubbed
-            failure = exc
-        raise _scrubbed(failure)
 
     async def load_key(self, key_id: str) -> DataKey | None:
         """Reload once for a key id this process has not seen (e.g. rotated elsewhere).
@@ -499,13 +402,7 @@ class KeyManager:
                     continue
                 keyset = await self._read_verified()
                 if new_material:
-                    now = time.monotonic()
-                    by_id = keyset.by_id()
-                    for key_id, material in new_material.items():
-                        key = by_id.get(key_id)
-                        if key is not None and key.wrapped_key is not None:
-                            dk = self._bind(self._dek_cache.get(key_id), key, material)
-                            self._dek_cache[key_id] = (record_digest(key), dk, now)
+                    self._deks.adopt(keyset, new_material)
                 await self._rebuild(keyset)
                 self._mark_fresh()
                 return keyset
@@ -527,13 +424,13 @@ class KeyManager:
         )
         material = os.urandom(DEK_BYTES)
         try:
-            wrapped = await self._wrap_material(self.kek, material, key)
+            wrapped = await self._deks.wrap(self.kek, material, key)
         except BaseException as exc:  # re-raised, scrubbed
             failure = exc
         else:
             return key.replace(wrapped_key=wrapped), material
         del material
-        raise _scrubbed(failure)
+        raise scrubbed(failure)
 
     async def _activate_new(self, key_type: KeyType, *, reason: str,
                             only_if: Callable[[EncryptionKey | None], bool]) \

@@ -137,6 +137,7 @@ async def test_the_high_water_mark_survives_a_restart_through_the_state_file(
     await f.guard.load_state()
     await f.write(key())
     old = await f.write(key(2))
+    assert KeysetStateFile(path).read().revisions == {"store-a": 2}  # verify persisted it
     f.guard.usage_start("pii-v2-abcd", 70, 10)
     await f.guard.persist()
     state = KeysetStateFile(path).read()
@@ -263,3 +264,38 @@ async def test_sealing_reuses_the_seal_key_and_rewraps_it_for_a_new_kek() -> Non
     reader = KeysetSealer(lambda kek_id: new_kek if kek_id == new_kek.kek_id else f.kek)
     await reader.verify(third, 3, [key(1)], WHERE)
     assert repr(reader) == "<KeysetSealer pinned=1>"
+
+
+async def test_state_is_loaded_once_and_low_usage_marks_floor_at_zero(tmp_path: Path) -> None:
+    path = tmp_path / "keyset.json"
+    KeysetStateFile(path).raise_to({"store-a": 1}, {"neg": -5, "zero": 0})
+    f = Fixture(str(path))
+    await f.guard.load_state()
+    path.write_text("damaged after loading")
+    await f.guard.load_state()  # not read again
+    assert f.guard.usage_start("neg", -3, 1) == (0, 0)
+    assert f.guard.usage_start("zero", 1, 1) == (0, None)
+
+
+async def test_the_seal_key_is_reused_across_writes_until_forgotten() -> None:
+    f = Fixture()
+    for version in (1, 2, 3):
+        keyset = await f.write(key(version))
+    assert f.kek.calls["wrap"] == 1  # one seal key for the store, wrapped once
+    unwraps = f.kek.calls["unwrap"]
+    await f.guard.verify(keyset)
+    assert f.kek.calls["unwrap"] == unwraps  # pinned
+    f.guard.forget()
+    await f.guard.verify(keyset)
+    assert f.kek.calls["unwrap"] == unwraps + 1
+
+
+async def test_the_first_missing_record_is_named() -> None:
+    f = Fixture()
+    await f.write(key(1), key(2), key(3))
+    f.keys = [key(2)]
+    seal = await KeysetGuard(f.kek_for, where=WHERE, store_identity="x").seal_unverified(
+        KeySet(f.revision, tuple(f.keys)), f.kek)
+    with pytest.raises(KeyStoreIntegrityError, match="pii-v1-abcd disappeared") as exc:
+        await f.guard.verify(KeySet(f.revision + 1, tuple(f.keys), seal))
+    assert exc.value.key_id == "pii-v1-abcd"

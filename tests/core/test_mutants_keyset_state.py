@@ -92,3 +92,52 @@ def test_the_directory_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"keyset state directory .* does not exist"):
         f.read()
     assert not os.path.exists(tmp_path / "missing")
+
+
+def test_negative_marks_merge_as_zero_into_an_empty_state() -> None:
+    state = KeysetState()
+    state.merge(KeysetState({"a": -5}, {"k": -3}))
+    assert (state.revisions, state.usage) == ({"a": 0}, {"k": 0})
+
+
+def test_the_state_has_no_instance_dict() -> None:
+    assert not hasattr(KeysetState(), "__dict__")
+
+
+def test_the_file_is_written_with_sorted_keys(tmp_path: Path) -> None:
+    path = tmp_path / "keyset.json"
+    KeysetStateFile(path).raise_to({"b": 1, "a": 2}, {"z": 1, "y": 2})
+    assert path.read_text() == json.dumps({"format": FORMAT, "revisions": {"a": 2, "b": 1},
+                                           "usage": {"y": 2, "z": 1}}, sort_keys=True)
+
+
+def test_reads_and_raises_hold_the_lock(tmp_path: Path) -> None:
+    import fcntl
+
+    path = tmp_path / "keyset.json"
+    f = KeysetStateFile(path)
+    held: list[bool] = []
+
+    def probe() -> None:  # a second open file description of the lock file
+        fd = os.open(tmp_path / ".keyset.json.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.append(True)
+        else:
+            held.append(False)
+        finally:
+            os.close(fd)
+
+    inner = f._read_unlocked
+
+    def read_and_probe() -> KeysetState:
+        probe()
+        return inner()
+
+    f._read_unlocked = read_and_probe  # type: ignore[method-assign]
+    f.read()
+    f.raise_to({"s": 1}, {})
+    assert held == [True, True]
+    probe()
+    assert held[-1] is False  # released afterwards

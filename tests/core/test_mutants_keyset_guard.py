@@ -268,7 +268,8 @@ async def test_sealing_reuses_the_seal_key_and_rewraps_it_for_a_new_kek() -> Non
 
 async def test_state_is_loaded_once_and_low_usage_marks_floor_at_zero(tmp_path: Path) -> None:
     path = tmp_path / "keyset.json"
-    KeysetStateFile(path).raise_to({"store-a": 1}, {"neg": -5, "zero": 0})
+    path.write_text(json.dumps({"format": "aiocrypt.keyset-state", "revisions": {"store-a": 1},
+                                "usage": {"neg": -5, "zero": 0}}))
     f = Fixture(str(path))
     await f.guard.load_state()
     path.write_text("damaged after loading")

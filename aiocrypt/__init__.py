@@ -42,6 +42,8 @@ from ._factory import (
 )
 from ._format import Purpose
 from ._health import HealthCheck, HealthReport, health
+from ._key_lifecycle import Rotation, RotationRun
+from ._key_reports import ActiveKeyInfo, KeyStatistics, RotationNeed
 from ._keyring import Keyring, UnknownKeyError
 from ._keys import EncryptionKey
 from ._manager import (
@@ -72,6 +74,7 @@ from ._types import KeyStatus, KeyType
 __version__ = "0.2.0.dev0"  # the one place; pyproject.toml reads it (CHANGELOG.md)
 
 __all__ = [
+    "ActiveKeyInfo",
     "AdoptionReport",
     "AiocryptError",
     "AsyncpgDatabase",
@@ -100,6 +103,7 @@ __all__ = [
     "KeyRetirement",
     "KeyRotationPolicy",
     "KeyStateError",
+    "KeyStatistics",
     "KeyStatus",
     "KeyStoreError",
     "KeyStoreIntegrityError",
@@ -116,6 +120,9 @@ __all__ = [
     "ReencryptionResult",
     "RetiredKey",
     "RetirementReason",
+    "Rotation",
+    "RotationNeed",
+    "RotationRun",
     "StoreUnavailableError",
     "TableCensus",
     "TableSpec",

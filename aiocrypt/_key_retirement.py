@@ -142,7 +142,7 @@ class KeyReferences:
         if not manager._opened:
             await manager.open()
         await manager.refresh(force=True)
-        await manager._expire_retired()
+        await manager._lifecycle.expire_retired()
         unreferenced, counts = await self._unreferenced(confirm_unreferenced, census)
         confirmed = set(confirm_unreferenced)
         destroyed: list[CleanupEntry] = []

@@ -78,7 +78,7 @@ class UsageReservations:
         # so the bound is time (like the rotation lock's), not a count of rounds.
         deadline = time.monotonic() + manager.lock_timeout
         while True:
-            keyring = await manager._ensure_active([kt])
+            keyring = await manager._lifecycle.ensure_active_unreserved([kt])
             dk = keyring.active(kt)
             async with self._lock:
                 if dk.encryptions < (dk.refill_at if ahead else dk.allowance):
@@ -101,7 +101,8 @@ class UsageReservations:
                 raise KeyStateError(f"could not reserve encryption allowance for {kt.value} "
                                     f"keys within {manager.lock_timeout:g} s: other processes "
                                     f"used up every new key first")
-            await manager._activate_new(kt, reason="usage", only_if=still_active(dk.key_id))
+            await manager._lifecycle.activate_new(kt, reason="usage",
+                                                  only_if=still_active(dk.key_id))
 
     async def _usage_start(self, dk: DataKey, total: int, request: int) -> int:
         """Where this reservation starts in the key's shared counter.

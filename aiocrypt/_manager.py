@@ -14,6 +14,15 @@ moves to a lower store revision than it has seen, nor lets a key leave a
 terminal state (compromised, revoked, destroyed) or a usage counter go down.
 A store that fails those checks is refused with ``KeyStoreIntegrityError``,
 audited, and the last verified keys keep serving. See docs/threat-model.md.
+
+This module is the facade and what every part shares: opening, the change feed,
+refresh and the keyring, authenticating reads, and the one write path
+(``_change``). The parts each have a module (docs/architecture.md):
+``_dek_cache`` (unwrapped DEKs), ``_key_usage`` (fleet-wide usage reservations),
+``_key_lifecycle`` (new versions, rotation, expiry, withdrawal),
+``_key_retirement`` (census-gated cleanup and retirement), ``_key_rewrap``
+(master-key rotation) and ``_key_reports``. It is over 500 lines because the
+public methods keep their full documentation here, where users read it.
 """
 
 from __future__ import annotations
@@ -22,8 +31,6 @@ import asyncio
 import contextlib
 import datetime as _dt
 import logging
-import os
-import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -32,17 +39,17 @@ from typing import Any, Final
 
 import anyio
 
-from . import _key_reports, _key_rewrap, _policy
+from . import _key_reports, _key_rewrap
 from ._config import EncryptionConfig
-from ._crypto import DEK_BYTES, DataKey
-from ._dek_cache import DekCache, scrubbed
+from ._crypto import DataKey
+from ._dek_cache import DekCache
 from ._errors import (
     ConcurrentModificationError,
     KekProviderError,
     KeyNotFoundError,
-    KeyStateError,
     KeyStoreIntegrityError,
 )
+from ._key_lifecycle import Lifecycle, RotationRun
 from ._key_reports import KeyStatistics
 from ._key_retirement import (
     Census,
@@ -53,7 +60,7 @@ from ._key_retirement import (
     RetiredKey,
     RetirementReason,
 )
-from ._key_usage import UsageReservations, still_active
+from ._key_usage import UsageReservations
 from ._keyring import Keyring
 from ._keys import EncryptionKey, utcnow
 from ._keyset_guard import KeysetGuard
@@ -132,6 +139,7 @@ class KeyManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._usage = UsageReservations(self)
+        self._lifecycle = Lifecycle(self)
         #: Where ``cleanup_expired_keys`` and ``set_min_decryption_version`` learn
         #: which keys data still references (the re-encryption census).
         self.census: Census | None = None
@@ -408,90 +416,7 @@ class KeyManager:
                 return keyset
             raise ConcurrentModificationError("key store kept changing; gave up after 5 tries")
 
-    async def _new_key(self, key_type: KeyType, version: int) -> tuple[EncryptionKey, bytes]:
-        now = self._clock()
-        policy = self.config.rotation_policy(key_type)
-        key = EncryptionKey(
-            key_id=f"{key_type.value}-v{version}-{secrets.token_hex(4)}",
-            key_type=key_type,
-            version=version,
-            status=KeyStatus.ACTIVE,
-            created_at=now,
-            expires_at=now + _dt.timedelta(days=policy.max_key_age_days),
-            kek_id=self.kek.kek_id,
-            activated_at=now,
-            status_changed_at=now,
-        )
-        material = os.urandom(DEK_BYTES)
-        try:
-            wrapped = await self._deks.wrap(self.kek, material, key)
-        except BaseException as exc:  # re-raised, scrubbed
-            failure = exc
-        else:
-            return key.replace(wrapped_key=wrapped), material
-        del material
-        raise scrubbed(failure)
-
-    async def _activate_new(self, key_type: KeyType, *, reason: str,
-                            only_if: Callable[[EncryptionKey | None], bool]) \
-            -> tuple[EncryptionKey, EncryptionKey | None]:
-        """Create a new active version when ``only_if(current active)`` holds.
-
-        Returns (active key afterwards, the key it replaced or None if nothing changed).
-        """
-        created: dict[str, bytes] = {}
-        replaced: list[EncryptionKey] = []
-
-        async def plan(current: KeySet) -> list[EncryptionKey]:
-            created.clear()
-            replaced.clear()
-            same_type = [k for k in current.keys if k.key_type == key_type]
-            active = [k for k in same_type if k.status is KeyStatus.ACTIVE]
-            if not only_if(max(active, key=lambda k: k.version) if active else None):
-                return []
-            version = max((k.version for k in same_type), default=0) + 1
-            key, material = await self._new_key(key_type, version)
-            created[key.key_id] = material
-            now = self._clock()
-            retired = [k.replace(status=KeyStatus.DECRYPT_ONLY, retired_at=now,
-                                 status_changed_at=now, status_reason=f"rotated ({reason})")
-                       for k in active]
-            replaced.extend(active)
-            return [*retired, key]
-
-        try:
-            keyset = await self._change(plan, created)
-        except BaseException:
-            created.clear()  # the frames of this error hold the dict: empty it of DEKs
-            raise
-        made = bool(created)
-        created.clear()
-        active_key = self._active_record(keyset, key_type)
-        if made:
-            old = replaced[0] if replaced else None
-            logger.info("key generated: %s (type %s, %s)", active_key.key_id, key_type.value,
-                        reason)
-            await self.auditor.emit("key_generated", key_id=active_key.key_id,
-                                    key_type=key_type.value, version=active_key.version,
-                                    reason=reason)
-            if old is not None:
-                await self.auditor.emit("key_rotated", key_id=old.key_id,
-                                        key_type=key_type.value, new_key_id=active_key.key_id,
-                                        reason=reason)
-            return active_key, old
-        return active_key, None
-
-    @staticmethod
-    def _active_record(keyset: KeySet, key_type: KeyType) -> EncryptionKey:
-        active = [k for k in keyset.keys if k.key_type == key_type
-                  and k.status is KeyStatus.ACTIVE]
-        if not active:
-            raise KeyNotFoundError(f"no active key of type {key_type.value!r}")
-        return max(active, key=lambda k: k.version)
-
-    def _check_key_size(self, key_size: int | None) -> None:
-        if key_size not in (None, 256):
-            raise ValueError(f"key_size {key_size} is not supported: aiocrypt uses 256-bit keys")
+    # -- key transitions (_key_lifecycle) --------------------------------------
 
     async def generate_key(self, key_type: KeyTypeLike,
                            key_size: int | None = None) -> EncryptionKey:
@@ -500,37 +425,16 @@ class KeyManager:
         ``key_type`` must be declared (``config.known_key_types``): else
         ``UnknownKeyTypeError`` naming the nearest, and nothing is created.
         """
-        self._check_key_size(key_size)
-        return (await self._activate_new(self.config.declared_key_type(key_type),
-                                         reason="generated", only_if=lambda _: True))[0]
+        return await self._lifecycle.generate_key(key_type, key_size)
 
     async def ensure_active(self, key_types: Iterable[KeyTypeLike]) -> Keyring:
         """Make sure each key type has an active key (creating the first version if needed)
         with an encryption allowance reserved, so sync code may seal with it at once."""
-        kts = [KeyType(kt) for kt in key_types]
-        keyring = await self._ensure_active(kts)
-        for kt in kts:
-            dk = keyring.active(kt)
-            if dk.encryptions >= dk.refill_at:
-                keyring = await self.reserve_usage(kt, ahead=True)
-        return keyring
-
-    async def _ensure_active(self, key_types: Iterable[KeyTypeLike]) -> Keyring:
-        keyring = await self.current_keyring()
-        for key_type in key_types:
-            kt = KeyType(key_type)
-            if not keyring.has_active(kt):
-                # the first key of a key type: only a declared one (a typo gets none)
-                self.config.declared_key_type(kt)
-                await self._activate_new(kt, reason="first use",
-                                         only_if=lambda active: active is None)
-                keyring = self._keyring
-        return keyring
+        return await self._lifecycle.ensure_active(key_types)
 
     async def get_active_key(self, key_type: KeyTypeLike) -> EncryptionKey:
         """The active key of ``key_type``, created on first use."""
-        keyring = await self._ensure_active([key_type])  # no allowance: it only looks
-        return keyring.active(key_type).key
+        return await self._lifecycle.get_active_key(key_type)
 
     async def get_key(self, key_id: str) -> EncryptionKey:
         if not self._opened:
@@ -550,19 +454,9 @@ class KeyManager:
         still decrypts, new data uses the new version. ``key_type`` must be declared,
         as for :meth:`generate_key`.
         """
-        kt = self.config.declared_key_type(key_type)
-        if force:
-            return (await self._activate_new(kt, reason="forced", only_if=lambda _: True))[0]
-        usage = await self.store.get_usage() if self._opened else {}
-        policy = self.config.rotation_policy(kt)
+        return await self._lifecycle.rotate_key(key_type, force)
 
-        def due(active: EncryptionKey | None) -> bool:
-            return active is None or _policy.rotation_reason(
-                active, policy, self._clock(), usage.get(active.key_id, 0)) is not None
-
-        return (await self._activate_new(kt, reason="policy", only_if=due))[0]
-
-    async def rotate_keys_due(self) -> dict[str, Any]:
+    async def run_rotation_policy(self) -> RotationRun:
         """Run the rotation policy over every key type; report what was done.
 
         Rotates each active key that is past its interval (with ``auto_rotation``),
@@ -571,59 +465,19 @@ class KeyManager:
         re-checked under the store lock, so a key is rotated once. The report's
         ``reencrypt`` lists key ids whose data should be re-encrypted.
         """
-        if not self._opened:
-            await self.open()
-        await self.refresh(force=True)
-        now = self._clock()
-        usage = await self.store.get_usage()
-        rotated: list[dict[str, Any]] = []
-        for key in [k for k in self._records.keys if k.status is KeyStatus.ACTIVE]:
-            policy = self.config.rotation_policy(key.key_type)
-            reason = _policy.rotation_reason(key, policy, now, usage.get(key.key_id, 0))
-            if reason is None:
-                continue
-            new_key, old = await self._activate_new(key.key_type, reason=reason,
-                                                    only_if=still_active(key.key_id))
-            if old is not None:
-                rotated.append({"key_type": key.key_type.value, "old_key_id": old.key_id,
-                                "new_key_id": new_key.key_id, "reason": reason})
-        expired = await self._expire_retired()
-        reencrypt = sorted({r["old_key_id"] for r in rotated} | {
-            k.key_id for k in self._records.keys
-            if k.reencrypt_required and k.status is not KeyStatus.DESTROYED})
-        report = {"checked_at": now.isoformat(), "rotated": rotated, "expired": expired,
-                  "reencrypt": reencrypt}
-        await self.auditor.emit("policy_run", rotated=len(rotated), expired=len(expired),
-                                reencrypt=len(reencrypt))
-        return report
+        return await self._lifecycle.run_rotation_policy()
 
-    async def _expire_retired(self) -> list[str]:
-        expired: list[str] = []
-
-        async def plan(current: KeySet) -> list[EncryptionKey]:
-            expired.clear()
-            now = self._clock()
-            updates = []
-            for key in current.keys:
-                if key.status is KeyStatus.DECRYPT_ONLY and _policy.is_expired(key, now):
-                    updates.append(key.replace(status=KeyStatus.EXPIRED, status_changed_at=now,
-                                               status_reason="past maximum age"))
-                    expired.append(key.key_id)
-            return updates
-
-        keyset = await self._change(plan)
-        by_id = keyset.by_id()
-        for key_id in expired:
-            await self.auditor.emit("key_expired", key_id=key_id,
-                                    key_type=by_id[key_id].key_type.value)
-        return expired
+    async def rotate_keys_due(self) -> dict[str, Any]:
+        """:meth:`run_rotation_policy` as a dict (``checked_at``, ``rotated``, ``expired``,
+        ``reencrypt``)."""
+        return (await self.run_rotation_policy()).to_dict()
 
     async def revoke_key(self, key_id: str, reason: str = "Manual revocation") -> EncryptionKey:
         """Withdraw a key: it never encrypts again and plain reads refuse its data.
 
         If it was the active key, a new version is activated at once.
         """
-        return await self._withdraw(key_id, KeyStatus.REVOKED, reason)
+        return await self._lifecycle.revoke_key(key_id, reason)
 
     async def mark_compromised(self, key_id: str, reason: str) -> EncryptionKey:
         """The key is believed exposed: stop encrypting with it now, rotate, re-encrypt its data.
@@ -632,35 +486,7 @@ class KeyManager:
         it (``for_reencryption=True``), and ``rotate_keys_due()`` lists it under
         ``reencrypt`` until it is destroyed.
         """
-        return await self._withdraw(key_id, KeyStatus.COMPROMISED, reason)
-
-    async def _withdraw(self, key_id: str, status: KeyStatus, reason: str) -> EncryptionKey:
-        was_active = False
-
-        async def plan(current: KeySet) -> list[EncryptionKey]:
-            nonlocal was_active
-            key = current.by_id().get(key_id)
-            if key is None:
-                raise KeyNotFoundError(f"no key with id {key_id!r}")
-            if key.status is KeyStatus.DESTROYED:
-                raise KeyStateError(f"key {key_id} is destroyed")
-            was_active = key.status is KeyStatus.ACTIVE
-            now = self._clock()
-            return [key.replace(status=status, status_reason=reason[:500], status_changed_at=now,
-                                retired_at=key.retired_at or now,
-                                reencrypt_required=key.reencrypt_required
-                                or status is KeyStatus.COMPROMISED)]
-
-        keyset = await self._change(plan)
-        key = keyset.by_id()[key_id]
-        event = "key_compromised" if status is KeyStatus.COMPROMISED else "key_revoked"
-        logger.warning("key %s: %s (%s)", key_id, status.value, reason[:200])
-        await self.auditor.emit(event, key_id=key_id, key_type=key.key_type.value,
-                                reason=reason[:500], was_active=was_active)
-        if was_active:
-            await self._activate_new(key.key_type, reason=status.value,
-                                     only_if=lambda active: active is None)
-        return key
+        return await self._lifecycle.mark_compromised(key_id, reason)
 
     async def list_keys(self, key_type: KeyTypeLike | None = None,
                         status: KeyStatus | str | None = None) -> list[EncryptionKey]:

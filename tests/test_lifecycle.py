@@ -423,3 +423,20 @@ async def test_usage_reservation_gives_up_after_the_lock_timeout(
     async with EncryptionService(manager) as service:
         with pytest.raises(KeyStateError, match=r"within 0\.2 s"):
             await service.encrypt_field("x", KeyType.PII)
+
+
+async def test_a_policy_run_is_typed_and_its_dict_the_same() -> None:
+    clock = ManualClock()
+    async with build(clock=clock) as service:
+        manager = service.key_manager
+        old = await manager.get_active_key(KeyType.PII)
+        clock.advance(days=400)
+        run = await manager.run_rotation_policy()
+        [rotation] = [r for r in run.rotated if r.key_type == "pii"]
+        assert rotation.old_key_id == old.key_id and rotation.reason
+        assert rotation.new_key_id == (await manager.get_active_key(KeyType.PII)).key_id
+        assert old.key_id in run.reencrypt
+        assert run.to_dict()["rotated"][0]["old_key_id"] == run.rotated[0].old_key_id
+        again = await manager.rotate_keys_due()
+        assert again["rotated"] == [] and set(again) == {"checked_at", "rotated", "expired",
+                                                         "reencrypt"}

@@ -148,7 +148,7 @@ def test_untouched_session_costs_no_redis_call(make_app: MakeApp, redis_url: str
         client_redis.delete(*client_redis.keys("test:web:count:*"))
     finally:
         crypt.close(app)
-        client_redis.close()
+        client_redis.connection_pool.disconnect()
 
 
 def test_session_path(make_app: MakeApp) -> None:

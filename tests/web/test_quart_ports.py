@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from markupsafe import Markup
 from quart import Quart, Response, flash, get_flashed_messages, request, session
 
@@ -226,8 +227,6 @@ async def test_redis_default_prefix_and_regenerate(make_app: MakeApp, sync_redis
                                                    redis_prefix: str, redis_url: str) -> None:
     """Flask-Session 0.8 tests/test_redis.py::test_redis_default (SESSION_REDIS client; keys
     are HMACs, values ciphertext), SESSION_KEY_PREFIX, SESSION_ID_LENGTH and regenerate()."""
-    import redis.asyncio as aioredis
-
     client_redis = aioredis.Redis.from_url(redis_url)
     with pytest.raises(ConfigurationError, match="SESSION_ID_LENGTH"):
         make_app(SESSION_ID_LENGTH=31)
@@ -273,3 +272,46 @@ async def test_config_errors_name_the_key(make_app: MakeApp) -> None:
                         ({"SESSION_URI": None}, "AIOCRYPT_REDIS_URL")):
         with pytest.raises(ConfigurationError, match=key):
             make_app(**config)
+
+
+class CountingPool(aioredis.ConnectionPool):
+    """A real asyncio connection pool that counts commands (and pipelines) sent."""
+
+    commands = 0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        type(self).commands += 1
+        return await super().get_connection(*args, **kwargs)
+
+
+async def test_redis_calls_only_where_the_session_is_needed(
+        redis_url: str, redis_prefix: str, sync_redis: redis.Redis) -> None:
+    """Flask test_session_accessed's point, as Quart allows it: no cookie, no Redis call;
+    with the cookie, Quart's synchronous session needs the one load before the view
+    (the deliberate difference above), and still no write, cookie or Vary."""
+    client_redis = aioredis.Redis(connection_pool=CountingPool.from_url(redis_url))
+    app = Quart("quart_test")
+    app.config.update(AIOCRYPT_SESSION_PREFIX=redis_prefix + "s:",
+                      AIOCRYPT_CACHE_PREFIX=redis_prefix + "c:")
+    AioCrypt(app, service=make_service(), redis=client_redis)
+
+    @app.get("/set")
+    async def set_() -> str:
+        session["v"] = 1
+        return ""
+
+    @app.get("/nothing")
+    async def nothing() -> str:
+        return ""
+
+    async with app.test_app() as test_app:
+        CountingPool.commands = 0
+        assert (await test_app.test_client().get("/nothing")).status_code == 200
+        assert CountingPool.commands == 0
+        client = test_app.test_client()
+        await client.get("/set")
+        CountingPool.commands = 0
+        rv = await client.get("/nothing")
+        assert CountingPool.commands == 1  # the GETEX, nothing else
+        assert "Vary" not in rv.headers and "Set-Cookie" not in rv.headers
+    await client_redis.aclose(close_connection_pool=True)

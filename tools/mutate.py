@@ -474,8 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         workspaces: queue.Queue[Path] = queue.Queue()
         for i in range(max(1, args.jobs)):
             workspaces.put(make_workspace(base, i))
-        results = [run_module(m, args.tests or TESTS.get(m, []), workspaces, deadline, lines,
-                              progress=True) for m in modules]
+        results = []
+        for module in modules:
+            results.append(run_module(module, args.tests or TESTS.get(module, []), workspaces,
+                                      deadline, lines, progress=True))
+            if len(modules) > 1:  # each module's survivors as soon as it is done
+                for text in report(results[-1:], equivalents):
+                    print(text, file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"$ ./dev mutate {' '.join(args.modules)}".rstrip())

@@ -56,7 +56,10 @@ from ._manager import (
     RetiredKey,
     RetirementReason,
 )
-from ._reencrypt import (
+from ._service import EncryptionService
+from ._types import KeyStatus, KeyType
+from .reencrypt import (
+    AsyncpgDatabase,
     Checkpoint,
     ColumnSpec,
     KeyRange,
@@ -67,9 +70,6 @@ from ._reencrypt import (
     TableCensus,
     TableSpec,
 )
-from ._reencrypt_asyncpg import AsyncpgDatabase
-from ._service import EncryptionService
-from ._types import KeyStatus, KeyType
 
 __version__ = "0.2.0.dev0"  # the one place; pyproject.toml reads it (CHANGELOG.md)
 

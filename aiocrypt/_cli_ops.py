@@ -61,7 +61,9 @@ from ._factory import build_kek_provider, build_key_manager, build_key_store
 from ._format import text_prefix
 from ._legacy import LegacyReader
 from ._manager import KeyManager
-from ._reencrypt import (
+from ._types import KeyType
+from ._urls import redact_url
+from .reencrypt import (
     DEFAULT_CHECKPOINT_TABLE,
     ColumnSpec,
     KeyRange,
@@ -69,11 +71,9 @@ from ._reencrypt import (
     ReencryptionProgress,
     TableSpec,
 )
-from ._types import KeyType
-from ._urls import redact_url
 
 if TYPE_CHECKING:
-    from ._reencrypt_asyncpg import AsyncpgDatabase
+    from .reencrypt import AsyncpgDatabase
 
 # -- init ------------------------------------------------------------------------------
 
@@ -530,7 +530,7 @@ def _require_dsn(dsn: str | None) -> str:
 
 def _asyncpg_database(dsn: str, checkpoint_table: str) -> AsyncpgDatabase:
     try:
-        from ._reencrypt_asyncpg import AsyncpgDatabase
+        from .reencrypt import AsyncpgDatabase
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(f"{exc}: pip install 'aiocrypt[postgres]'") from None
     return AsyncpgDatabase(dsn, checkpoint_table=checkpoint_table)

@@ -28,7 +28,7 @@ from typing import Any
 
 from ._cli_base import describe, exit_code_for
 from ._errors import AiocryptError
-from ._reencrypt import (
+from .reencrypt import (
     KeyRange,
     ReencryptionEngine,
     ReencryptionProgress,

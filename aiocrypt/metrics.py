@@ -25,10 +25,10 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
 from ._policy import rotation_due
-from ._reencrypt import TableCensus
 from ._service import EncryptionService
 from ._types import KeyStatus
 from .kek._base import observe_kek_calls, unobserve_kek_calls
+from .reencrypt import TableCensus
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

@@ -50,7 +50,7 @@ import asyncpg  # noqa: E402
 
 from aiocrypt import EncryptionConfig, KeyManager, KeyType, build_key_manager  # noqa: E402
 from aiocrypt._cli_reencrypt import ShardTask, reencrypt_sharded  # noqa: E402
-from aiocrypt._reencrypt import (  # noqa: E402
+from aiocrypt.reencrypt import (  # noqa: E402
     AsyncpgDatabase,
     ColumnSpec,
     KeyRange,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiocrypt import ConfigurationError
-from aiocrypt._reencrypt import DEFAULT_CHECKPOINT_TABLE, quote_identifier
+from aiocrypt.reencrypt import DEFAULT_CHECKPOINT_TABLE, quote_identifier
 
 __all__ = ["ArqWorkerConfig", "Schedule"]
 

@@ -48,7 +48,9 @@ from aiocrypt import (
     build_key_manager,
 )
 from aiocrypt._format import text_prefix
-from aiocrypt._reencrypt import (
+from aiocrypt._types import KeyTypeLike
+from aiocrypt.reencrypt import (
+    AsyncpgDatabase,
     KeyRange,
     ReencryptionEngine,
     ReencryptionProgress,
@@ -57,8 +59,6 @@ from aiocrypt._reencrypt import (
     pending_condition,
     quote_identifier,
 )
-from aiocrypt._reencrypt_asyncpg import AsyncpgDatabase
-from aiocrypt._types import KeyTypeLike
 
 from ._arq_codec import check_pool, check_worker
 from ._arq_config import ArqWorkerConfig

@@ -39,8 +39,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from aiocrypt import EncryptionService, Keyring, KeyType
 from aiocrypt._format import token_sql
 from aiocrypt._legacy import LegacyReader
-from aiocrypt._reencrypt import LEGACY_TYPES, parse_legacy, quote_identifier, row_context
 from aiocrypt._types import KeyTypeLike
+from aiocrypt.reencrypt import LEGACY_TYPES, parse_legacy, quote_identifier, row_context
 
 __all__ = ["add_encrypted_column", "alter_to_text", "encrypt_column"]
 

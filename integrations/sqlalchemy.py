@@ -80,7 +80,8 @@ from aiocrypt._errors import DecryptionFailure, decryption_failed
 from aiocrypt._format import TEXT_PREFIXES, context_bytes
 from aiocrypt._keyring import UnknownKeyError
 from aiocrypt._legacy import FernetReader, LegacyReader, LegacyTokenError, SqlalchemyUtilsReader
-from aiocrypt._reencrypt import (
+from aiocrypt._types import KeyTypeLike
+from aiocrypt.reencrypt import (
     CHECKPOINT_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
     AsyncpgDatabase,
@@ -100,7 +101,6 @@ from aiocrypt._reencrypt import (
     quote_identifier,
     row_context,
 )
-from aiocrypt._types import KeyTypeLike
 
 __all__ = [
     "BLIND_INDEX_KEY_TYPE",
@@ -1357,7 +1357,7 @@ class SQLAlchemyDatabase:
 
     One transaction per batch: a compare-and-swap ``UPDATE`` per row (executemany)
     and the checkpoint upsert. For Postgres on asyncpg, :func:`database_for`
-    returns the faster :class:`~aiocrypt._reencrypt.AsyncpgDatabase` instead.
+    returns the faster :class:`~aiocrypt.reencrypt.AsyncpgDatabase` instead.
     """
 
     supports_pipelining = False

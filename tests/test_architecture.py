@@ -22,17 +22,13 @@ INTEGRATIONS = ROOT / "integrations"
 #: Private core modules each integration imports today (may only shrink).
 PRIVATE_IMPORTS = {
     "_arq_cli.py": {"aiocrypt._cli_base", "aiocrypt._urls"},
-    "_arq_config.py": {"aiocrypt._reencrypt"},
-    "_arq_jobs.py": {"aiocrypt._format", "aiocrypt._reencrypt", "aiocrypt._reencrypt_asyncpg",
-                     "aiocrypt._types"},
-    "alembic.py": {"aiocrypt._format", "aiocrypt._legacy", "aiocrypt._reencrypt",
-                   "aiocrypt._types"},
+    "_arq_jobs.py": {"aiocrypt._format", "aiocrypt._types"},
+    "alembic.py": {"aiocrypt._format", "aiocrypt._legacy", "aiocrypt._types"},
     "arq.py": {"aiocrypt._types"},
     "sqlalchemy.py": {"aiocrypt._codec", "aiocrypt._crypto", "aiocrypt._errors",
                       "aiocrypt._format", "aiocrypt._keyring", "aiocrypt._legacy",
-                      "aiocrypt._reencrypt", "aiocrypt._types"},
+                      "aiocrypt._types"},
 }
-
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)

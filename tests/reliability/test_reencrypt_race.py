@@ -34,7 +34,7 @@ from aiocrypt import (
     ReencryptionEngine,
     TableSpec,
 )
-from aiocrypt._reencrypt import WriteBatch
+from aiocrypt.reencrypt import WriteBatch
 from aiocrypt.testing import FakeKekProvider, MemoryKeyStore
 
 asyncpg = pytest.importorskip("asyncpg")

@@ -38,7 +38,7 @@ from aiocrypt._format import (
     FLAG_ZSTD,
     MAX_FIELD_PLAINTEXT,
 )
-from aiocrypt._reencrypt import AsyncpgDatabase, ColumnSpec, TableSpec
+from aiocrypt.reencrypt import AsyncpgDatabase, ColumnSpec, TableSpec
 from aiocrypt.testing import make_key_manager, make_service
 
 

@@ -13,14 +13,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from aiocrypt import EncryptionConfig, EncryptionService, KeyType
 from aiocrypt._format import FLAG_ZSTD, b64decode_canonical
-from aiocrypt._reencrypt import (
-    ColumnSpec,
-    KeyRange,
-    ReencryptionEngine,
-    ReencryptionError,
-    ReencryptionProgress,
-    TableSpec,
-)
 from aiocrypt.integrations.sqlalchemy import (
     EncryptedFloat,
     EncryptedString,
@@ -29,6 +21,14 @@ from aiocrypt.integrations.sqlalchemy import (
     reencryption_engine,
     set_encryption_service,
     table_specs,
+)
+from aiocrypt.reencrypt import (
+    ColumnSpec,
+    KeyRange,
+    ReencryptionEngine,
+    ReencryptionError,
+    ReencryptionProgress,
+    TableSpec,
 )
 from aiocrypt.testing import make_service
 

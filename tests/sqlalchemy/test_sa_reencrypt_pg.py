@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from aiocrypt import EncryptionService, KeyType
-from aiocrypt._reencrypt import (
+from aiocrypt.reencrypt import (
     AsyncpgDatabase,
     ColumnSpec,
     KeyRange,

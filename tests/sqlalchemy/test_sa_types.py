@@ -18,7 +18,6 @@ from sqlalchemy.types import TypeDecorator
 from aiocrypt import ConfigurationError, EncryptionService, KeyType
 from aiocrypt._codec import NaiveDateTime, decode_value, encode_value
 from aiocrypt._errors import UnsupportedTypeError
-from aiocrypt._reencrypt import parse_legacy
 from aiocrypt.integrations.sqlalchemy import (
     COLUMN_KEY_TYPES,
     BlindIndex,
@@ -31,6 +30,7 @@ from aiocrypt.integrations.sqlalchemy import (
     EncryptedTime,
     key_type_for_column,
 )
+from aiocrypt.reencrypt import parse_legacy
 
 
 class Status(enum.Enum):

@@ -14,21 +14,17 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from ._errors import KeyNotFoundError
-from ._reencrypt import (
+from .._errors import KeyNotFoundError
+from ._database import (
     CHECKPOINT_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
-    Checkpoint,
-    TableCensus,
-    TableSpec,
-    WriteBatch,
     census_from_rows,
     census_sql,
     checkpoint_ddl,
     checkpoint_from_row,
     pending_condition,
-    quote_identifier,
 )
+from ._specs import Checkpoint, TableCensus, TableSpec, WriteBatch, quote_identifier
 
 __all__ = ["AsyncpgDatabase"]
 

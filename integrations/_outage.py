@@ -16,13 +16,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aiocrypt import StoreUnavailableError
 
-__all__ = ["CLIENT_TIMEOUTS", "OUTAGE_ERRORS", "translate_outage"]
+__all__ = ["OUTAGE_ERRORS", "SOCKET_TIMEOUT", "translate_outage"]
 
 OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError)
 #: Socket timeouts (seconds) of the Redis clients the web extensions create from a URL, so a
 #: Redis that stops answering is an outage (503) rather than requests that hang; a
 #: ``?socket_timeout=`` / ``?socket_connect_timeout=`` in the URL takes precedence.
-CLIENT_TIMEOUTS: Final = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+SOCKET_TIMEOUT: Final = 5.0
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ from aiocrypt import (
     health,
 )
 
-from ._outage import CLIENT_TIMEOUTS, OUTAGE_ERRORS
+from ._outage import OUTAGE_ERRORS, SOCKET_TIMEOUT
 from .cache import EncryptedCache
 from .sessions import EncryptedSession, SyncRedisSessionStore, WebSettings, apply_cookie
 
@@ -194,7 +194,8 @@ class AioCryptState:
         if self.settings.redis_client is not None:
             client: redis.Redis = self.settings.redis_client
             return client
-        return redis.Redis.from_url(self._url(), **CLIENT_TIMEOUTS)
+        return redis.Redis.from_url(self._url(), socket_timeout=SOCKET_TIMEOUT,
+                                    socket_connect_timeout=SOCKET_TIMEOUT)
 
     def _url(self) -> str:
         assert self.settings.redis_url is not None  # from_config made sure of one
@@ -207,8 +208,9 @@ class AioCryptState:
         if self._given_async_redis is not None:
             return self._given_async_redis
         if self.settings.redis_url is not None:
-            client: aioredis.Redis = aioredis.Redis.from_url(self.settings.redis_url,
-                                                             **CLIENT_TIMEOUTS)
+            client: aioredis.Redis = aioredis.Redis.from_url(
+                self.settings.redis_url, socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=SOCKET_TIMEOUT)
             return client
         # A sync client was given (redis= or SESSION_REDIS): the same server for the cache.
         given = self._given_redis if self._given_redis is not None \

@@ -50,7 +50,7 @@ from aiocrypt import (
     health,
 )
 
-from ._outage import CLIENT_TIMEOUTS, OUTAGE_ERRORS
+from ._outage import OUTAGE_ERRORS, SOCKET_TIMEOUT
 from .cache import EncryptedCache
 from .sessions import EncryptedSession, RedisSessionStore, WebSettings, apply_cookie
 
@@ -103,8 +103,9 @@ class AioCryptState:
         await self.service.key_manager.ensure_active(self.settings.key_types())
         if self.redis_client is None:
             assert self.settings.redis_url is not None  # from_config made sure of one
-            self.redis_client = aioredis.Redis.from_url(self.settings.redis_url,
-                                                        **CLIENT_TIMEOUTS)
+            self.redis_client = aioredis.Redis.from_url(
+                self.settings.redis_url, socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=SOCKET_TIMEOUT)
             self.owns_redis = True
         self._sessions = RedisSessionStore(self.service, self.redis_client,
                                            self.settings.session,
@@ -118,7 +119,7 @@ class AioCryptState:
         if self.redis_client is None:
             return HealthCheck("failing", {"state": "stopped"})
         try:
-            async with asyncio.timeout(CLIENT_TIMEOUTS["socket_timeout"]):  # a given client too
+            async with asyncio.timeout(SOCKET_TIMEOUT):  # a given client too
                 await self.redis_client.ping()
         except (*OUTAGE_ERRORS, TimeoutError) as exc:
             return HealthCheck("failing", {"error": type(exc).__name__})

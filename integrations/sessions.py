@@ -27,9 +27,10 @@ write.
 ``RedisSessionStore`` is the asyncio store (``redis.asyncio`` and the
 ``EncryptionService``); ``SyncRedisSessionStore`` is its twin for sync code
 (Flask's session interface) over ``redis.Redis`` and a ``Keyring`` snapshot.
-Both read and write the same format. ``WebSettings`` reads the configuration
-keys of the Quart and Flask extensions (the frameworks' own, Flask-Session's
-and Quart-Session's where they map, and ``AIOCRYPT_*`` overrides).
+Both read and write the same format. ``WebSettings`` (from ``_web_settings``,
+re-exported here) reads the configuration keys of the Quart and Flask
+extensions; ``apply_cookie`` turns a save's result into the response's cookie
+and headers.
 
 Given a ``serializer`` (the extensions pass the frameworks' tagged JSON), the
 session dict is serialised by it and the resulting text is what gets
@@ -49,13 +50,11 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from aiocrypt import (
-    ConfigurationError,
     DecryptionError,
     Keyring,
     KeyStatus,
@@ -65,6 +64,8 @@ from aiocrypt import (
 )
 
 from ._outage import translate_outage
+from ._session_settings import SESSION_INDEX_KEY_TYPE, SID_BYTES, SessionSettings
+from ._web_settings import WebSettings
 
 if TYPE_CHECKING:
     import redis
@@ -86,11 +87,6 @@ __all__ = [
     "new_session_id",
 ]
 
-SESSION_INDEX_KEY_TYPE: Final = KeyType("session_index")
-"""Key type of the HMAC keys that turn session ids into Redis keys."""
-
-_SID_BYTES: Final = 32
-_MAX_SID_BYTES: Final = 128
 _SID_RE: Final = re.compile(r"[A-Za-z0-9_-]{43,171}")  # token_urlsafe of 32 to 128 bytes
 _ENVELOPE_V2: Final = 2
 _CONTEXT_PREFIX: Final = b"aiocrypt/session:"
@@ -99,36 +95,6 @@ _UNUSABLE: Final = frozenset({KeyStatus.REVOKED, KeyStatus.COMPROMISED, KeyStatu
 _KEY_TYPES: Final = (KeyType.SESSION, SESSION_INDEX_KEY_TYPE)
 
 _S = TypeVar("_S", bound="EncryptedSession")
-
-
-@dataclass(frozen=True)
-class SessionSettings:
-    """How long sessions live and where they go in Redis."""
-
-    ttl: int = 3600
-    """Idle timeout in seconds: the Redis TTL, refreshed by every request (sliding)."""
-    lifetime: int = 86400
-    """Absolute lifetime in seconds since creation or the last ``regenerate()``."""
-    prefix: str = "aiocrypt:session:"
-    """Prefix of every Redis key the store writes."""
-    sid_bytes: int = _SID_BYTES
-    """Random bytes in a new session id (at least 32)."""
-    refresh_each_request: bool = True
-    """Every load of a session resets its Redis TTL (False: only writes do)."""
-    permanent: bool = False
-    """``session.permanent`` of a session that never set it."""
-
-    def __post_init__(self) -> None:
-        for name in ("ttl", "lifetime"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"session {name} must be a positive number of seconds")
-        if not isinstance(self.prefix, str) or not self.prefix:
-            raise ConfigurationError("session key prefix must be a non-empty string")
-        if isinstance(self.sid_bytes, bool) or not isinstance(self.sid_bytes, int) \
-                or not _SID_BYTES <= self.sid_bytes <= _MAX_SID_BYTES:
-            raise ConfigurationError(
-                f"session id length must be {_SID_BYTES} to {_MAX_SID_BYTES} random bytes")
 
 
 class SessionSerializer(Protocol):
@@ -307,9 +273,9 @@ class SaveResult:
     session_id: str | None = field(default=None, repr=False)
 
 
-def new_session_id(nbytes: int = _SID_BYTES) -> str:
+def new_session_id(nbytes: int = SID_BYTES) -> str:
     """``nbytes`` (default 32: 256 bits) random bytes, URL-safe base64 without padding."""
-    return secrets.token_urlsafe(max(nbytes, _SID_BYTES))
+    return secrets.token_urlsafe(max(nbytes, SID_BYTES))
 
 
 def _context(sid: str) -> bytes:
@@ -671,196 +637,6 @@ class SyncRedisSessionStore:
                 self.redis.delete(session._redis_key)
         dict.clear(session)
         session.regenerate()
-
-
-# -- configuration of the web extensions --------------------------------------
-
-_SAMESITE: Final = {"strict": "Strict", "lax": "Lax", "none": "None"}
-_UNSET: Final[Any] = object()
-
-
-def _bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError(f"{name} must be true or false")
-
-
-def _seconds(name: str, value: Any) -> int:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    try:
-        seconds = int(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"{name} must be a whole number of seconds") from None
-    if isinstance(value, bool) or seconds < 1:
-        raise ConfigurationError(f"{name} must be at least 1 second")
-    return seconds
-
-
-def _text_value(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigurationError(f"{name} must be a non-empty string")
-    return value
-
-
-class _Config:
-    """Looks keys up in order: the first one set (not None) wins; errors name that key."""
-
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self._config = config
-
-    def first(self, *names: str, default: Any = _UNSET) -> tuple[str, Any]:
-        for name in names:
-            value = self._config.get(name)
-            if value is not None:
-                return name, value
-        return names[0], default
-
-
-@dataclass(frozen=True)
-class WebSettings:
-    """The configuration of the Quart and Flask extensions, read once by ``init_app``.
-
-    Each setting comes from the first key that is set (not ``None``) among an
-    ``AIOCRYPT_*`` override, the framework's own key and Flask-Session's /
-    Quart-Session's name; docs/web.md has the table. A Flask or Quart app's
-    config always holds the framework keys, so their defaults are the
-    framework's (``SESSION_COOKIE_SECURE`` False, ``SESSION_COOKIE_SAMESITE``
-    None, ``PERMANENT_SESSION_LIFETIME`` 31 days); the defaults below apply
-    to a bare mapping.
-    """
-
-    redis_url: str | None = field(default=None, repr=False)
-    """``AIOCRYPT_REDIS_URL``, else ``SESSION_URI`` (when no ``SESSION_REDIS`` client)."""
-    redis_client: Any = field(default=None, repr=False, compare=False)
-    """``SESSION_REDIS``: a client the app built (the app closes it)."""
-    session: SessionSettings = field(default_factory=SessionSettings)
-    cache_prefix: str = "aiocrypt:cache:"
-    cache_ttl: int = 300
-    cookie_name: str = "session"
-    cookie_domain: str | None = None
-    cookie_path: str = "/"
-    cookie_httponly: bool = True
-    cookie_secure: bool = True
-    cookie_samesite: str | None = "Lax"
-    cookie_partitioned: bool = False
-    cache_control: str | None = "private, no-store"
-    """Set on responses that read a non-empty session (unless the view set its own)."""
-    retry_after: int = 5
-    """``Retry-After`` (seconds) of the 503 answered when Redis is unavailable."""
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, client_given: bool = False) \
-            -> WebSettings:
-        """Read the keys from an app's config; ``ConfigurationError`` names a bad key.
-
-        ``client_given``: the extension was handed a Redis client, so no
-        Redis needs to be configured; otherwise one must be.
-        """
-        default, session_default = cls(), SessionSettings()
-        keys = _Config(config)
-
-        name, session_type = keys.first("SESSION_TYPE", default="redis")
-        if str(session_type).lower() != "redis":
-            raise ConfigurationError(f"{name} must be 'redis' (aiocrypt stores sessions "
-                                     "in Redis), or unset")
-        name, url = keys.first("AIOCRYPT_REDIS_URL", default=None)
-        client = None
-        if url is None:
-            client = config.get("SESSION_REDIS")
-            if client is None:
-                name, url = keys.first("SESSION_URI", default=None)
-        if url is not None:
-            url = _text_value(name, url)
-        if url is None and client is None and not client_given:
-            raise ConfigurationError(
-                "no Redis for sessions and the cache: set AIOCRYPT_REDIS_URL (or "
-                "SESSION_REDIS / SESSION_URI), or pass redis= to AioCrypt")
-
-        def seconds(*names: str, default: int) -> int:
-            name, value = keys.first(*names, default=default)
-            return _seconds(name, value)
-
-        def flag(*names: str, default: bool) -> bool:
-            name, value = keys.first(*names, default=default)
-            return _bool(name, value)
-
-        def text(*names: str, default: str) -> str:
-            name, value = keys.first(*names, default=default)
-            return _text_value(name, value)
-
-        name, samesite = keys.first("AIOCRYPT_COOKIE_SAMESITE", "SESSION_COOKIE_SAMESITE",
-                                    default=None if "SESSION_COOKIE_SAMESITE" in config
-                                    else default.cookie_samesite)
-        if samesite is not None:
-            if not isinstance(samesite, str) or samesite.lower() not in _SAMESITE:
-                raise ConfigurationError(f"{name} must be Strict, Lax, None (the string) "
-                                         "or unset")
-            samesite = _SAMESITE[samesite.lower()]
-        name_id, sid_bytes = keys.first("SESSION_ID_LENGTH", default=session_default.sid_bytes)
-        if isinstance(sid_bytes, bool) or not isinstance(sid_bytes, int) \
-                or not _SID_BYTES <= sid_bytes <= _MAX_SID_BYTES:
-            raise ConfigurationError(f"{name_id} must be a number of random bytes from "
-                                     f"{_SID_BYTES} to {_MAX_SID_BYTES}")
-        name_cc, cache_control = keys.first("AIOCRYPT_SESSION_CACHE_CONTROL",
-                                            default=default.cache_control)
-        if cache_control is False or cache_control == "":
-            cache_control = None
-        elif cache_control is not None:
-            cache_control = _text_value(name_cc, cache_control)
-        domain = config.get("SESSION_COOKIE_DOMAIN") or None  # Flask: False / None: no domain
-        if domain is not None:
-            domain = _text_value("SESSION_COOKIE_DOMAIN", domain)
-        settings = cls(
-            redis_url=url,
-            redis_client=client,
-            session=SessionSettings(
-                ttl=seconds("AIOCRYPT_SESSION_TTL", "PERMANENT_SESSION_LIFETIME",
-                            default=session_default.ttl),
-                lifetime=seconds("AIOCRYPT_SESSION_LIFETIME", default=session_default.lifetime),
-                prefix=text("AIOCRYPT_SESSION_PREFIX", "SESSION_KEY_PREFIX",
-                            default=session_default.prefix),
-                sid_bytes=sid_bytes,
-                refresh_each_request=flag("SESSION_REFRESH_EACH_REQUEST", default=True),
-                permanent=flag("SESSION_PERMANENT", default=False),
-            ),
-            cache_prefix=text("AIOCRYPT_CACHE_PREFIX", default=default.cache_prefix),
-            cache_ttl=seconds("AIOCRYPT_CACHE_TTL", default=default.cache_ttl),
-            cookie_name=text("SESSION_COOKIE_NAME", default=default.cookie_name),
-            cookie_domain=domain,
-            cookie_path=text("SESSION_COOKIE_PATH", "APPLICATION_ROOT",
-                             default=default.cookie_path),
-            cookie_httponly=flag("SESSION_COOKIE_HTTPONLY", default=default.cookie_httponly),
-            cookie_secure=flag("AIOCRYPT_COOKIE_SECURE", "SESSION_COOKIE_SECURE",
-                               default=default.cookie_secure),
-            cookie_samesite=samesite,
-            cookie_partitioned=flag("SESSION_COOKIE_PARTITIONED",
-                                    default=default.cookie_partitioned),
-            cache_control=cache_control,
-            retry_after=seconds("AIOCRYPT_RETRY_AFTER", default=default.retry_after),
-        )
-        if settings.cookie_samesite == "None" and not settings.cookie_secure:
-            raise ConfigurationError("SESSION_COOKIE_SAMESITE=None needs SESSION_COOKIE_SECURE "
-                                     "(browsers drop such a cookie)")
-        if settings.cache_prefix == settings.session.prefix:
-            raise ConfigurationError("the session and cache Redis prefixes must differ "
-                                     "(AIOCRYPT_SESSION_PREFIX / SESSION_KEY_PREFIX and "
-                                     "AIOCRYPT_CACHE_PREFIX)")
-        return settings
-
-    @staticmethod
-    def key_types() -> Iterable[KeyType]:
-        """Key types the extensions make sure exist at startup."""
-        return (KeyType.SESSION, SESSION_INDEX_KEY_TYPE, KeyType.CACHE)
-
-    def outage_body(self) -> tuple[str, dict[str, str]]:
-        """The JSON body and headers of the default 503 for ``StoreUnavailableError``."""
-        return ('{"error": "temporarily unavailable"}',
-                {"Retry-After": str(self.retry_after), "Cache-Control": "no-store"})
 
 
 def apply_cookie(settings: WebSettings, session: EncryptedSession, result: SaveResult,

@@ -36,15 +36,11 @@ from .reencrypt import (
     TableSpec,
 )
 
-__all__ = ["ShardTask", "StopAfterBatches", "reencrypt_sharded", "reencrypt_table",
+__all__ = ["ShardTask", "reencrypt_sharded", "reencrypt_table",
            "result_dict", "run_shard"]
 
 #: How often the parent reads the shards' checkpoints for its progress line.
 _POLL_SECONDS = 0.5
-
-
-class StopAfterBatches(Exception):
-    """Raised from the progress callback once ``--max-batches`` batches committed."""
 
 
 @dataclass(frozen=True)
@@ -99,32 +95,11 @@ async def reencrypt_table(engine: ReencryptionEngine, spec: TableSpec, *,
     await engine.database.prepare(spec)
     before = await engine.database.load_checkpoint(job_id)
     base = before.rows_read if before is not None else 0
-    last: list[ReencryptionProgress] = []
-
-    def progress(event: ReencryptionProgress) -> None:
-        last[:] = [event]
-        if on_progress is not None:
-            on_progress(event, base)
-        if max_batches is not None and event.run_batches >= max_batches:
-            raise StopAfterBatches
-
-    engine.progress = progress
-    started = time.monotonic()
-    try:
-        result = await engine.reencrypt(spec, job_id=job_id, shard=key_range)
-    except StopAfterBatches:
-        event = last[0]
-        checkpoint = await engine.database.load_checkpoint(job_id)
-        assert checkpoint is not None  # the batch that stopped the run committed it
-        result = ReencryptionResult(
-            job_id=job_id, table=spec.name, targets=targets, run_batches=event.run_batches,
-            run_rows_read=event.rows_read - base, run_rows_updated=event.run_rows_updated,
-            run_rows_conflicted=event.rows_conflicted - (before.rows_conflicted if before else 0),
-            run_rows_failed=event.rows_failed - (before.rows_failed if before else 0),
-            passes=1, resumed_from=None if before is None or before.done else before.last_pk,
-            checkpoint=checkpoint, elapsed=time.monotonic() - started, complete=False)
-        return result_dict(result, "max-batches")
-    return result_dict(result, None)
+    if on_progress is not None:
+        engine.progress = lambda event: on_progress(event, base)
+    result = await engine.reencrypt(spec, job_id=job_id, shard=key_range,
+                                    max_batches=max_batches)
+    return result_dict(result, "max-batches" if result.stopped else None)
 
 
 def run_shard(task: ShardTask) -> dict[str, Any]:

@@ -193,13 +193,17 @@ class ReencryptionEngine:
     async def reencrypt(self, table: str | TableSpec, *, columns: Iterable[str] | None = None,
                         key_type: KeyTypeLike | None = None,
                         shard: KeyRange | tuple[Any, Any] | None = None,
-                        job_id: str | None = None) -> ReencryptionResult:
+                        job_id: str | None = None,
+                        max_batches: int | None = None) -> ReencryptionResult:
         """Move every value of the table (or shard) onto the active keys; resumable.
 
         All arguments are identifiers, so a job queue can carry them. Rerunning
         with the same arguments resumes from the checkpoint; once a job is
-        complete, a rerun is a cheap verification pass.
+        complete, a rerun is a cheap verification pass. ``max_batches``: stop after
+        that many batches committed (``result.stopped``; run again to resume).
         """
+        if max_batches is not None and max_batches < 1:
+            raise ValueError("max_batches must be at least 1")
         spec = self.table(table)
         if columns is not None or key_type is not None:
             spec = spec.select(columns, key_type)
@@ -247,33 +251,38 @@ class ReencryptionEngine:
             # (a concurrent writer may have left some on an old key): only a sweep from
             # the start that finds nothing completes the job, and it is always run.
             full_sweep = checkpoint.last_pk is None
-            read, target_changed = await self._pass(spec, cols, key_range, checkpoint, stats,
-                                                    started)
-            if target_changed or (full_sweep and (read == 0 or passes >= self.max_passes)):
+            read, target_changed, stopped = await self._pass(
+                spec, cols, key_range, checkpoint, stats, started, max_batches)
+            if stopped or target_changed \
+                    or (full_sweep and (read == 0 or passes >= self.max_passes)):
                 break
             checkpoint.pass_no += 1
             checkpoint.last_pk = None
             await self.database.save_checkpoint(checkpoint)
-        complete = not target_changed and read == 0 and full_sweep and not stats.rows_failed
+        complete = not stopped and not target_changed and read == 0 and full_sweep \
+            and not stats.rows_failed
         if complete:
             checkpoint.done = True
             await self.database.save_checkpoint(checkpoint)
         elapsed = time.monotonic() - started
         logger.info("re-encryption %s: %d rows updated in %d batches, %.1f s%s", job,
                     stats.rows_updated, stats.batches, elapsed,
-                    "" if complete else " (incomplete)")
+                    "" if complete else " (stopped after max_batches)" if stopped
+                    else " (incomplete)")
         return ReencryptionResult(
             job_id=job, table=spec.name, targets=targets, run_batches=stats.batches,
             run_rows_read=stats.rows_read, run_rows_updated=stats.rows_updated,
             run_rows_conflicted=stats.rows_conflicted, run_rows_failed=stats.rows_failed,
             passes=passes, resumed_from=resumed_from, checkpoint=checkpoint, elapsed=elapsed,
             complete=complete, target_changed=target_changed,
-            failed_primary_keys=tuple(stats.failed_pks), failures=tuple(stats.failures))
+            failed_primary_keys=tuple(stats.failed_pks), failures=tuple(stats.failures),
+            stopped=stopped)
 
     async def _pass(self, spec: TableSpec, cols: list[_Column], key_range: KeyRange,
-                    checkpoint: Checkpoint, stats: _RunStats,
-                    started: float) -> tuple[int, bool]:
-        """One sweep from the checkpoint to the end of the range: (rows read, target changed)."""
+                    checkpoint: Checkpoint, stats: _RunStats, started: float,
+                    max_batches: int | None = None) -> tuple[int, bool, bool]:
+        """One sweep from the checkpoint to the end of the range: (rows read, target
+        changed, stopped after ``max_batches`` batches of the run)."""
         db = self.database
         prefixes = [c.prefix for c in cols]
         limit = self.batch_size
@@ -284,7 +293,7 @@ class ReencryptionEngine:
                 db.fetch_batch(spec, prefixes, after, key_range.until, limit))
 
         read = 0
-        target_changed = False
+        target_changed = stopped = False
         next_fetch: asyncio.Task[Sequence[Sequence[Any]]] | None = fetch(
             checkpoint.last_pk if checkpoint.last_pk is not None else key_range.after)
         writing: asyncio.Task[None] | None = None
@@ -321,6 +330,10 @@ class ReencryptionEngine:
                     await writing
                     writing = None
                     await self._after_commit(checkpoint, stats, started)
+                if max_batches is not None \
+                        and stats.batches + (writing is not None) >= max_batches:
+                    stopped = True
+                    break
                 if len(rows) == limit and not pipelined:
                     next_fetch = fetch(last_pk)
             if writing is not None:
@@ -333,7 +346,7 @@ class ReencryptionEngine:
                     task.cancel()
                     with contextlib.suppress(BaseException):
                         await task
-        return read, target_changed
+        return read, target_changed, stopped
 
     async def _commit(self, spec: TableSpec, batch: WriteBatch, checkpoint: Checkpoint,
                       stats: _RunStats, last_pk: Any, rows_read: int, failed: int) -> None:

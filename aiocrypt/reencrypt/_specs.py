@@ -263,6 +263,8 @@ class ReencryptionResult:
     #: Each row that did not decrypt, once (the first 100), and why, per column.
     failed_primary_keys: tuple[Any, ...] = field(default=())
     failures: tuple[ReencryptionError, ...] = field(default=())
+    #: The run stopped after ``max_batches`` batches (run again to resume).
+    stopped: bool = False
 
     @property
     def rows_per_second(self) -> float:

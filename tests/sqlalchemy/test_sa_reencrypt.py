@@ -192,6 +192,31 @@ async def test_stop_after_n_batches_then_resume(engine: AsyncEngine,
         await _teardown(engine, base, eng, suffix)
 
 
+async def test_max_batches_stops_a_run_which_the_next_resumes(
+        engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    """max_batches= stops after exactly that many committed batches (pipelined or not),
+    says so in the result, and leaves the checkpoint the next run resumes from."""
+    rows, batch = 1000, 120
+    base, account = await _setup(engine, suffix, rows)
+    eng = None
+    try:
+        await bound_service.key_manager.rotate_key("pii", force=True)
+        eng = reencryption_engine(bound_service, engine, base.metadata, batch_size=batch,
+                                  checkpoint_table=f"ckpt_{suffix}")
+        with pytest.raises(ValueError, match="at least 1"):
+            await eng.reencrypt(f"acct_{suffix}", key_type="pii", max_batches=0)
+        first = await eng.reencrypt(f"acct_{suffix}", key_type="pii", max_batches=3)
+        assert first.stopped and not first.complete
+        assert (first.run_batches, first.run_rows_updated) == (3, 3 * batch)
+        assert first.checkpoint.last_pk == 3 * batch and not first.checkpoint.done
+        rest = await eng.reencrypt(f"acct_{suffix}", key_type="pii")
+        assert not rest.stopped and rest.complete and rest.resumed_from == 3 * batch
+        assert rest.run_rows_updated == rows - 3 * batch
+        await _check_all(engine, account, rows)
+    finally:
+        await _teardown(engine, base, eng, suffix)
+
+
 async def test_cancelled_task_resumes(engine: AsyncEngine, bound_service: EncryptionService,
                                       suffix: str) -> None:
     rows, batch = 1500, 100

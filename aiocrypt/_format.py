@@ -68,6 +68,7 @@ __all__ = [
     "STD_TO_B64URL",
     "TEXT_PREFIXES",
     "TEXT_PREFIX_LEN",
+    "key_id_sql",
     "TEXT_PREFIX_V1",
     "TEXT_PREFIX_V2",
     "Header",
@@ -226,6 +227,15 @@ def token_sql(column: str, versions: tuple[int, ...] = (FORMAT_V1, FORMAT_V2)) -
     """SQL true when ``column`` (a quoted identifier) holds a token of one of ``versions``."""
     quoted = ", ".join(f"'{_TEXT_PREFIX_OF[v]}'" for v in versions)
     return f"substr({column}, 1, {TEXT_PREFIX_LEN}) IN ({quoted})"
+
+
+def key_id_sql(column: str, dialect: str = "postgresql") -> str:
+    """SQL for the key id of a text token in ``column`` (a quoted identifier): the text
+    between the prefix and the next ``.``. ``dialect``: ``"postgresql"`` or ``"sqlite"``."""
+    if dialect == "postgresql":
+        return f"split_part({column}, '.', 2)"
+    start = TEXT_PREFIX_LEN + 1
+    return f"substr({column}, {start}, instr(substr({column}, {start}), '.') - 1)"
 
 
 def _check_header(algorithm: int, flags: int) -> None:

@@ -77,7 +77,7 @@ from aiocrypt import (
 from aiocrypt._codec import NaiveDateTime, encode_value
 from aiocrypt._crypto import DataKey
 from aiocrypt._errors import DecryptionFailure, decryption_failed
-from aiocrypt._format import TEXT_PREFIXES, context_bytes
+from aiocrypt._format import TEXT_PREFIXES, context_bytes, key_id_sql
 from aiocrypt._keyring import UnknownKeyError
 from aiocrypt._legacy import FernetReader, LegacyReader, LegacyTokenError, SqlalchemyUtilsReader
 from aiocrypt._types import KeyTypeLike
@@ -96,6 +96,8 @@ from aiocrypt.reencrypt import (
     census_sql,
     checkpoint_ddl,
     checkpoint_from_row,
+    checkpoint_upsert_sql,
+    checkpoint_values,
     parse_legacy,
     pending_condition,
     quote_identifier,
@@ -1431,19 +1433,10 @@ class SQLAlchemyDatabase:
         return updated
 
     async def _upsert(self, conn: Any, checkpoint: Checkpoint) -> None:
-        names = ", ".join(CHECKPOINT_COLUMNS)
-        params = ", ".join(f":{c}" for c in CHECKPOINT_COLUMNS)
-        updates = ", ".join(f"{c} = excluded.{c}" for c in CHECKPOINT_COLUMNS[1:])
-        await conn.execute(sa.text(
-            f"INSERT INTO {quote_identifier(self.checkpoint_table)} ({names}, updated_at) "  # noqa: S608
-            f"VALUES ({params}, CURRENT_TIMESTAMP) ON CONFLICT (job_id) DO UPDATE SET "
-            f"{updates}, updated_at = CURRENT_TIMESTAMP"),
-            {"job_id": checkpoint.job_id, "table_name": checkpoint.table,
-             "pass_no": checkpoint.pass_no, "last_pk": checkpoint.encoded_pk(),
-             "batches": checkpoint.batches, "rows_read": checkpoint.rows_read,
-             "rows_updated": checkpoint.rows_updated,
-             "rows_conflicted": checkpoint.rows_conflicted,
-             "rows_failed": checkpoint.rows_failed, "done": checkpoint.done})
+        await conn.execute(
+            sa.text(checkpoint_upsert_sql(self.checkpoint_table, lambda _, c: f":{c}",
+                                          "CURRENT_TIMESTAMP")),
+            dict(zip(CHECKPOINT_COLUMNS, checkpoint_values(checkpoint), strict=True)))
 
     async def load_checkpoint(self, job_id: str) -> Checkpoint | None:
         async with self.engine.connect() as conn:
@@ -1459,12 +1452,11 @@ class SQLAlchemyDatabase:
             await self._upsert(conn, checkpoint)
 
     async def census(self, table: TableSpec) -> TableCensus:
-        if self.engine.dialect.name == "postgresql":
-            def key_id(c: str) -> str:
-                return f"split_part({c}, '.', 2)"
-        else:
-            def key_id(c: str) -> str:
-                return f"substr({c}, 5, instr(substr({c}, 5), '.') - 1)"
+        dialect = self.engine.dialect.name
+
+        def key_id(column: str) -> str:
+            return key_id_sql(column, dialect)
+
         async with self.engine.connect() as conn:
             result = await conn.execute(sa.text(census_sql(table, key_id)))
             return census_from_rows(table, result.all())

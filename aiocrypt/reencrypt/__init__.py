@@ -40,6 +40,8 @@ from ._database import (
     census_sql,
     checkpoint_ddl,
     checkpoint_from_row,
+    checkpoint_upsert_sql,
+    checkpoint_values,
     pending_condition,
 )
 from ._engine import ReencryptionEngine
@@ -77,6 +79,8 @@ __all__ = [
     "census_sql",
     "checkpoint_ddl",
     "checkpoint_from_row",
+    "checkpoint_upsert_sql",
+    "checkpoint_values",
     "parse_legacy",
     "pending_condition",
     "quote_identifier",

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from .._errors import KeyNotFoundError
+from .._format import key_id_sql
 from ._database import (
     CHECKPOINT_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
@@ -22,6 +23,8 @@ from ._database import (
     census_sql,
     checkpoint_ddl,
     checkpoint_from_row,
+    checkpoint_upsert_sql,
+    checkpoint_values,
     pending_condition,
 )
 from ._specs import Checkpoint, TableCensus, TableSpec, WriteBatch, quote_identifier
@@ -226,19 +229,13 @@ class AsyncpgDatabase:
 
     async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         async with self._connected():
-            params = ", ".join(f"${i + 1}" for i in range(len(CHECKPOINT_COLUMNS)))
-            updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in CHECKPOINT_COLUMNS[1:])
             await self._writer.execute(
-                f"INSERT INTO {quote_identifier(self.checkpoint_table)} "  # noqa: S608
-                f"({', '.join(CHECKPOINT_COLUMNS)}, updated_at) VALUES ({params}, now()) "
-                f"ON CONFLICT (job_id) DO UPDATE SET {updates}, updated_at = now()",
-                checkpoint.job_id, checkpoint.table, checkpoint.pass_no, checkpoint.encoded_pk(),
-                checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated,
-                checkpoint.rows_conflicted, checkpoint.rows_failed, checkpoint.done)
+                checkpoint_upsert_sql(self.checkpoint_table, lambda i, _: f"${i}", "now()"),
+                *checkpoint_values(checkpoint))
 
     async def census(self, table: TableSpec) -> TableCensus:
         async with self._connected():
-            rows = await self._reader.fetch(census_sql(table, lambda c: f"split_part({c}, '.', 2)"))
+            rows = await self._reader.fetch(census_sql(table, key_id_sql))
             return census_from_rows(table, rows)
 
     async def count_rows(self, table: TableSpec, prefixes: Sequence[str] | None = None) -> int:

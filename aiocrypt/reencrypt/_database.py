@@ -71,6 +71,24 @@ def checkpoint_from_row(row: Sequence[Any]) -> Checkpoint:
                       rows_conflicted=int(row[7]), rows_failed=int(row[8]), done=bool(row[9]))
 
 
+def checkpoint_upsert_sql(table: str, placeholder: Callable[[int, str], str],
+                          now: str) -> str:
+    """The checkpoint upsert every adapter runs: ``placeholder(i, column)`` writes the
+    driver's parameter for a column (``$1`` or ``:job_id``), ``now`` the SQL clock."""
+    params = ", ".join(placeholder(i + 1, c) for i, c in enumerate(CHECKPOINT_COLUMNS))
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in CHECKPOINT_COLUMNS[1:])
+    return (f"INSERT INTO {quote_identifier(table)} ({', '.join(CHECKPOINT_COLUMNS)}, "  # noqa: S608
+            f"updated_at) VALUES ({params}, {now}) "
+            f"ON CONFLICT (job_id) DO UPDATE SET {updates}, updated_at = {now}")
+
+
+def checkpoint_values(checkpoint: Checkpoint) -> tuple[Any, ...]:
+    """The checkpoint's values in :data:`CHECKPOINT_COLUMNS` order."""
+    return (checkpoint.job_id, checkpoint.table, checkpoint.pass_no, checkpoint.encoded_pk(),
+            checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated,
+            checkpoint.rows_conflicted, checkpoint.rows_failed, checkpoint.done)
+
+
 def pending_condition(table: TableSpec, prefix_params: Sequence[str]) -> str:
     """SQL true for a row with at least one column not yet on its target key."""
     parts = []

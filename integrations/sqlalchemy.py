@@ -42,7 +42,7 @@ import unicodedata
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import date, datetime, time, timedelta
+from datetime import datetime
 from decimal import Decimal
 from enum import Enum as _Enum
 from typing import Any, Final, cast
@@ -84,6 +84,7 @@ from aiocrypt._types import KeyTypeLike
 from aiocrypt.reencrypt import (
     CHECKPOINT_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
+    PYTHON_TYPES,
     AsyncpgDatabase,
     Checkpoint,
     ColumnSpec,
@@ -477,11 +478,11 @@ class EncryptedType(_TableBound):
 
     @property
     def python_type(self) -> type:
-        return cast(type, _PYTHON_TYPES[self.python_type_name])
+        return cast(type, PYTHON_TYPES[self.python_type_name])
 
     def coerce_value(self, value: Any) -> Any:
         """The value as this column's Python type (``int`` -> ``float`` for a float column)."""
-        expected = _PYTHON_TYPES[self.python_type_name]
+        expected = PYTHON_TYPES[self.python_type_name]
         if isinstance(value, expected) and not (isinstance(value, bool)
                                                 and self.python_type_name != "bool"):
             return value
@@ -655,11 +656,6 @@ def _typed_key(table: sa.Table | None, text: str) -> Any:
         return text
 
 
-_PYTHON_TYPES: Final[dict[str, type | tuple[type, ...]]] = {
-    "str": str, "bytes": bytes, "int": int, "float": float, "decimal": Decimal,
-    "bool": bool, "date": date, "datetime": datetime, "json": (dict, list), "uuid": UUID,
-    "time": time, "timedelta": timedelta, "naive_datetime": datetime,
-}
 
 
 class EncryptedString(EncryptedType):

@@ -57,12 +57,13 @@ from ._specs import (
     quote_identifier,
     row_context,
 )
-from ._values import LEGACY_TYPES, parse_legacy
+from ._values import LEGACY_TYPES, PYTHON_TYPES, parse_legacy
 
 __all__ = [
     "CHECKPOINT_COLUMNS",
     "DEFAULT_CHECKPOINT_TABLE",
     "LEGACY_TYPES",
+    "PYTHON_TYPES",
     "AsyncpgDatabase",
     "Checkpoint",
     "ColumnSpec",

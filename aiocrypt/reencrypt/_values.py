@@ -81,7 +81,9 @@ _LEGACY_PARSERS: Final[Mapping[str, Callable[[str], Any]]] = {
     "timedelta": _parse_timedelta,
     "naive_datetime": _parse_naive_datetime,
 }
-_LEGACY_PYTHON_TYPES: Final[Mapping[str, type | tuple[type, ...]]] = {
+#: The Python type of each value type name: the one map the column types and the
+#: re-encryption of plaintext share.
+PYTHON_TYPES: Final[Mapping[str, type | tuple[type, ...]]] = {
     "str": str, "bytes": bytes, "int": int, "float": float, "decimal": Decimal,
     "bool": bool, "date": _dt.date, "datetime": _dt.datetime, "json": (dict, list),
     "uuid": uuid.UUID, "time": _dt.time, "timedelta": _dt.timedelta,
@@ -101,7 +103,7 @@ def parse_legacy(value_type: str, raw: Any) -> Any:
     if parser is None:
         raise ValueError(f"unknown legacy value type {value_type!r}; use one of "
                          f"{sorted(LEGACY_TYPES)}")
-    expected = _LEGACY_PYTHON_TYPES[value_type]
+    expected = PYTHON_TYPES[value_type]
     if isinstance(raw, expected) and not (value_type == "int" and isinstance(raw, bool)):
         if value_type == "naive_datetime" and isinstance(raw, _dt.datetime):
             return _parse_naive_datetime(raw.isoformat())

@@ -1172,14 +1172,23 @@ def _index_pairs(mapper: Mapper[Any]) -> list[tuple[str, str]]:
 
 
 def _row_bound_columns(mapper: Mapper[Any]) -> list[tuple[str, sa.Column[Any]]]:
-    found = []
-    for column in mapper.local_table.columns:
+    found: list[tuple[str, sa.Column[Any]]] = []
+    for column in _table(mapper).columns:
         if isinstance(column.type, EncryptedType) and column.type.row_bound:
             try:
                 found.append((mapper.get_property_by_column(column).key, column))
             except UnmappedColumnError:
                 pass
     return found
+
+
+def _table(mapper: Mapper[Any]) -> sa.Table:
+    """The mapped table (row-bound columns and blind indexes live on a plain Table)."""
+    table = mapper.local_table
+    if not isinstance(table, sa.Table):
+        raise ConfigurationError(f"{mapper.class_.__name__}: encrypted columns need a model "
+                                 "mapped to a table (not a join or a select)")
+    return table
 
 
 def _track_json_mutations(mapper: Mapper[Any]) -> None:
@@ -1252,9 +1261,10 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
     bound = _row_bound_columns(mapper)
     if not pairs and not bound:
         return
-    pk_columns = list(mapper.local_table.primary_key.columns)
+    table = _table(mapper)
+    pk_columns = list(table.primary_key.columns)
     if bound and len(pk_columns) != 1:
-        raise ConfigurationError(f"table {mapper.local_table.name}: row-bound columns "
+        raise ConfigurationError(f"table {table.name}: row-bound columns "
                                  "need a single-column primary key")
     pk_key = mapper.get_property_by_column(pk_columns[0]).key if bound else ""
 
@@ -1286,7 +1296,7 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
             return
         if state.attrs[pk_key].history.has_changes():
             raise ConfigurationError(
-                f"{mapper.local_table.name}: the primary key of a row with row-bound "
+                f"{table.name}: the primary key of a row with row-bound "
                 "columns cannot change (its tokens are sealed with it); insert a new row")
         key = state.identity[0] if state.identity else getattr(target, pk_key)
         for attr, _ in bound:
@@ -1304,7 +1314,6 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
         pending = state.info.pop("aiocrypt_row_bound_pending", None)
         if pending:
             key = getattr(target, pk_key)
-            table = mapper.local_table
             columns = dict(bound)
             connection.execute(
                 table.update().where(pk_columns[0] == key)

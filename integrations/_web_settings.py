@@ -8,6 +8,7 @@ fit raises ``ConfigurationError`` naming its key.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,6 +22,8 @@ from ._session_settings import (
     SID_BYTES,
     SessionSettings,
 )
+
+logger = logging.getLogger("aiocrypt.web")
 
 __all__ = ["WebSettings"]
 
@@ -192,6 +195,11 @@ class WebSettings:
             cache_control=cache_control,
             retry_after=seconds("AIOCRYPT_RETRY_AFTER", default=default.retry_after),
         )
+        if not settings.cookie_secure:
+            # the frameworks' default: fine on http://localhost, not in production
+            logger.warning("the session cookie is sent without Secure (SESSION_COOKIE_SECURE "
+                           "is off): set it on behind HTTPS, or the cookie travels in clear "
+                           "text over any plain-HTTP request")
         if settings.cookie_samesite == "None" and not settings.cookie_secure:
             raise ConfigurationError("SESSION_COOKIE_SAMESITE=None needs SESSION_COOKIE_SECURE "
                                      "(browsers drop such a cookie)")

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from aiocrypt import DecryptionError, UnsupportedTypeError
-from aiocrypt._codec import decode_value, encode_value
+from aiocrypt._codec import NaiveDateTime, decode_value, encode_value
 from aiocrypt.testing import make_service
 
 from .test_coverage_codec import MALFORMED as COVERED
@@ -230,3 +230,67 @@ def test_a_decode_failure_does_not_carry_the_plaintext(data: bytes) -> None:
         decode_value(data)
     assert "secret" not in "".join(traceback.format_exception(info.value))
     assert info.value.__cause__ is None
+
+
+# -- the tags added after the format was frozen (0x0D time, 0x0E timedelta, 0x0F naive) --
+
+DELTA = struct.Struct(">iII").pack
+ADDED: list[tuple[Any, bytes]] = [
+    (dt.time(1, 2, 3, 4), b"\x0d01:02:03.000004"),
+    (dt.time(23, 59, tzinfo=dt.timezone(dt.timedelta(hours=-3))), b"\x0d23:59:00-03:00"),
+    (dt.timedelta(days=-1, seconds=86399, microseconds=999999), b"\x0e" + DELTA(-1, 86399, 999999)),
+    (dt.timedelta(0), b"\x0e" + DELTA(0, 0, 0)),
+    (dt.timedelta(days=999999999), b"\x0e" + DELTA(999999999, 0, 0)),
+]
+
+
+@pytest.mark.parametrize(("value", "encoded"), ADDED)
+def test_time_and_timedelta_encode_to_their_documented_bytes(value: Any, encoded: bytes) -> None:
+    assert encode_value(value) == encoded
+    decoded = decode_value(encoded)
+    assert type(decoded) is type(value) and decoded == value
+    if isinstance(value, dt.time):
+        assert decoded.utcoffset() == value.utcoffset()
+    assert decode_value(encode_value([value])) == [value]
+
+
+def test_time_and_timedelta_subclasses_encode_as_their_base() -> None:
+    class Clock(dt.time):
+        pass
+
+    class Span(dt.timedelta):
+        pass
+
+    assert encode_value(Clock(1, 2)) == b"\x0d01:02:00"
+    assert encode_value(Span(seconds=5)) == b"\x0e" + DELTA(0, 5, 0)
+
+
+def test_a_naive_datetime_is_stored_only_when_wrapped() -> None:
+    wrapped = NaiveDateTime(2026, 3, 4, 5, 6, 7, 8)
+    assert encode_value(wrapped) == b"\x0f2026-03-04T05:06:07.000008"
+    decoded = decode_value(encode_value(wrapped))
+    assert type(decoded) is dt.datetime and decoded.tzinfo is None
+    assert decoded == dt.datetime(2026, 3, 4, 5, 6, 7, 8)
+    with pytest.raises(UnsupportedTypeError):
+        encode_value(NaiveDateTime(2026, 3, 4, tzinfo=UTC))
+    with pytest.raises(UnsupportedTypeError):
+        encode_value(dt.datetime(2026, 3, 4))
+
+
+ADDED_MALFORMED: dict[str, bytes] = {
+    "bad time": b"\x0d25:00",
+    "short timedelta": b"\x0e" + bytes(11),
+    "long timedelta": b"\x0e" + bytes(13),
+    "timedelta seconds of a whole day": b"\x0e" + DELTA(0, 86400, 0),
+    "timedelta microseconds of a whole second": b"\x0e" + DELTA(0, 0, 1_000_000),
+    "timedelta days out of range": b"\x0e" + DELTA(2**31 - 1, 0, 0),
+    "timedelta days out of range below": b"\x0e" + DELTA(-(2**31), 0, 0),
+    "naive datetime with an offset": b"\x0f2026-01-01T00:00:00+00:00",
+    "bad naive datetime": b"\x0f2026-13-01T00:00:00",
+    "unknown tag after the added ones": b"\x10",
+}
+
+
+@pytest.mark.parametrize("data", ADDED_MALFORMED.values(), ids=ADDED_MALFORMED.keys())
+def test_malformed_added_tags_raise_the_one_value_error(data: bytes) -> None:
+    test_malformed_input_raises_the_one_value_error(data)

@@ -111,3 +111,43 @@ def test_a_token_of_exactly_max_token_chars_is_read_past_the_length_check() -> N
     with pytest.raises(DecryptionError) as exc:
         kr.decrypt_bytes(at_limit + "AAAA", PII)
     assert exc.value.reason is DecryptionFailure.MALFORMED and exc.value.key_id is None
+
+
+@pytest.mark.parametrize("seal", [lambda kr: kr.encrypt("v", PII, "c"),
+                                  lambda kr: kr.encrypt_bytes(b"\x01v", PII, "c")],
+                         ids=["encrypt", "encrypt_bytes"])
+def test_tokens_sealed_within_the_allowance_are_tokens(seal: object) -> None:
+    dk = data_key()
+    dk.refill_at = 10
+    kr = Keyring([dk])
+    token = seal(kr)  # type: ignore[operator]
+    assert kr.decrypt(token, PII, "c") == "v" and dk.encryptions == 1
+
+
+def test_a_str_session_value_within_the_allowance_is_sealed_as_a_session() -> None:
+    from aiocrypt._format import Purpose
+
+    dk = data_key()
+    dk.refill_at = 10
+    kr = Keyring([dk])
+    token = kr.encrypt("v", PII, "sid", purpose=Purpose.SESSION)
+    assert kr.decrypt(token, PII, "sid", purpose=Purpose.SESSION) == "v"
+    with pytest.raises(DecryptionError):
+        kr.decrypt(token, PII, "sid")
+
+
+def test_the_largest_field_is_sealed_and_one_byte_more_is_refused() -> None:
+    from aiocrypt._format import MAX_FIELD_PLAINTEXT
+
+    kr = Keyring([data_key(key_id="k" * 64)])
+    token = kr.encrypt_bytes(bytes(MAX_FIELD_PLAINTEXT), PII)
+    assert len(token) <= MAX_TOKEN_CHARS
+    del token
+    with pytest.raises(ValueError, match="a field holds at most"):
+        kr.encrypt_bytes(bytes(MAX_FIELD_PLAINTEXT + 1), PII)
+
+
+def test_undecodable_names_a_one_character_key_id() -> None:
+    from aiocrypt._keyring import undecodable
+
+    assert undecodable("ac2.k.AAAA").key_id == "k"

@@ -300,3 +300,26 @@ async def test_the_first_missing_record_is_named() -> None:
     with pytest.raises(KeyStoreIntegrityError, match="pii-v1-abcd disappeared") as exc:
         await f.guard.verify(KeySet(f.revision + 1, tuple(f.keys), seal))
     assert exc.value.key_id == "pii-v1-abcd"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d.update(revision=0), lambda d: d.update(revision=-1),
+    lambda d: d.update(records={"k": "ab"}), lambda d: d.update(records={"k": "G" * 64}),
+    lambda d: d.update(records={"k": 5}), lambda d: d.update(seal_key="QQ=A"),
+    lambda d: d.update(seal_key="Q Q=="),
+])
+async def test_seal_from_text_refuses_malformed_fields_itself(edit: object) -> None:
+    _, text, _ = await _sealed(key(1))
+    doc = json.loads(text)
+    Seal.from_text(json.dumps(doc), WHERE)  # unedited: parses
+    edit(doc)  # type: ignore[operator]
+    with pytest.raises(KeyStoreIntegrityError, match="malformed"):
+        Seal.from_text(json.dumps(doc), WHERE)
+
+
+async def test_a_seal_of_exactly_max_seal_chars_parses() -> None:
+    _, text, _ = await _sealed(key(1))
+    padded = text + " " * (MAX_SEAL_CHARS - len(text))
+    assert Seal.from_text(padded, WHERE).revision == 1
+    with pytest.raises(KeyStoreIntegrityError, match="malformed"):
+        Seal.from_text(padded + " ", WHERE)

@@ -323,3 +323,29 @@ async def test_a_seal_of_exactly_max_seal_chars_parses() -> None:
     assert Seal.from_text(padded, WHERE).revision == 1
     with pytest.raises(KeyStoreIntegrityError, match="malformed"):
         Seal.from_text(padded + " ", WHERE)
+
+
+# A seal frozen when it was written (generated with the fixed master key below): the seal
+# format, its canonical JSON, MAC domain and record digests may not change, or every store
+# sealed so far would be refused. A fixed key, as in every known-answer vector.
+FROZEN_SEAL = (
+    '{"format":"aiocrypt.keyset-seal","kek_id":"local:1b1e2b0f4b188ff8","mac":"181a77b00f853bf5'
+    'c38f8b7a44d89ee10dec9288ed92f793b6937f47f3e7da6a","records":{"pii-v1-abcd":"2749ab1ac5a5e'
+    '0f2e5836c55c825262e0710dcf3489bc8f267b926bebe89908a"},"revision":1,"seal_key":"AW4Huhq8ca'
+    'mZ1pUXwb2HLMK4gsloCVcKavFiKNinm/1pNkYhKNT60Gjt9fSWfhO1SsFe3RldXJ+tcsBQsw==","version":1}')
+
+
+async def test_a_frozen_seal_still_verifies_and_is_made_again_byte_for_byte() -> None:
+    from aiocrypt.kek import LocalKekProvider
+
+    kek = LocalKekProvider(bytes(range(32)))
+    record = EncryptionKey("pii-v1-abcd", KeyType.PII, 1, KeyStatus.ACTIVE, NOW,
+                           NOW + _dt.timedelta(days=365), wrapped_key=b"w" * 8,
+                           status_reason="é")
+    sealer = KeysetSealer(lambda _: kek)
+    previous = await sealer.verify(FROZEN_SEAL, 1, [record], WHERE)
+    assert await sealer.seal(1, [record], kek, previous) == FROZEN_SEAL
+    # a fresh sealer, given the verified seal, re-uses its key without wrapping anew
+    again = KeysetSealer(lambda _: kek)
+    await again.verify(FROZEN_SEAL, 1, [record], WHERE)
+    assert await again.seal(1, [record], kek, previous) == FROZEN_SEAL

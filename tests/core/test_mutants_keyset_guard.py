@@ -319,7 +319,7 @@ async def test_seal_from_text_refuses_malformed_fields_itself(edit: object) -> N
 
 async def test_a_seal_of_exactly_max_seal_chars_parses() -> None:
     _, text, _ = await _sealed(key(1))
-    padded = text + " " * (MAX_SEAL_CHARS - len(text))
+    padded = text + " " * (4 * 1024 * 1024 - len(text))  # the bound, pinned as a number
     assert Seal.from_text(padded, WHERE).revision == 1
     with pytest.raises(KeyStoreIntegrityError, match="malformed"):
         Seal.from_text(padded + " ", WHERE)
@@ -349,3 +349,24 @@ async def test_a_frozen_seal_still_verifies_and_is_made_again_byte_for_byte() ->
     again = KeysetSealer(lambda _: kek)
     await again.verify(FROZEN_SEAL, 1, [record], WHERE)
     assert await again.seal(1, [record], kek, previous) == FROZEN_SEAL
+
+
+async def test_seal_odds_and_ends() -> None:
+    import dataclasses
+
+    sealer, text, f = await _sealed(key(1), key(2), key(3))
+    seal = Seal.from_text(text, WHERE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        seal.revision = 2  # type: ignore[misc]
+    assert not hasattr(seal, "__dict__")
+    # the sealer pinned the key it made: verifying its own seal unwraps nothing
+    unwraps = f.kek.calls["unwrap"]
+    await sealer.verify(text, 1, [key(1), key(2), key(3)], WHERE)
+    assert f.kek.calls["unwrap"] == unwraps
+    # keys may come as any iterable, an empty one included
+    assert await sealer.verify(None, 0, iter([]), WHERE) is None
+    await sealer.verify(text, 1, iter([key(1), key(2), key(3)]), WHERE)
+    # the first of several missing records is named
+    with pytest.raises(KeyStoreIntegrityError, match="pii-v1-abcd is sealed but missing") as exc:
+        await sealer.verify(text, 1, [key(3)], WHERE)
+    assert exc.value.key_id == "pii-v1-abcd"

@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(text, file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print(f"$ ./dev mutate {' '.join(args.modules)}".rstrip())
+    print(f"$ ./dev mutate {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     for text in report(results, equivalents):
         print(text)
     if time.monotonic() > deadline:

@@ -218,3 +218,11 @@ def test_the_field_aad_cache_holds_512_contexts() -> None:
     assert len(dk.field_aads) == 512
     dk.field_aad("c512")
     assert list(dk.field_aads) == ["c512"]
+
+
+def test_seal_field_takes_a_bytearray_context() -> None:
+    # unhashable: it must not reach the str-keyed AAD cache
+    dk = fresh()
+    raw = raw_of(dk.seal_field(b"\x01v", bytearray(b"ctx")), dk.text_prefix)
+    assert dk.open_gcm_raw(0, raw, b"ctx") == b"\x01v"
+    assert dk.field_aads == {}

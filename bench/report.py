@@ -532,10 +532,13 @@ def _streams_md(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
         lines += ["", f"![event-loop lag]({charts['lag']})"]
     lines += ["", "The one-shot call, made inline in a coroutine, blocks the loop for the "
               "whole call, freezing every other coroutine; aiocrypt segments anything above "
-              "the inline threshold and yields to the loop between segments (streams seal "
-              "inline, bulk data a few segments per worker-thread hop). Freeing a "
-              "buffer of hundreds of MiB (munmap) can also hold the loop for milliseconds; "
-              "the benchmark keeps it off the clock, an application should keep it in mind."]
+              "the inline threshold and yields to the loop after each MiB (streams and "
+              "bulk data alike, while cryptography holds the GIL). Bulk data into fresh "
+              "memory also takes the page faults of its output on the loop's thread, a MiB "
+              "per step; with a reused `out=` buffer there are none (compare the two bulk "
+              "rows). Freeing a buffer of hundreds of MiB (munmap) can also hold the loop "
+              "for milliseconds; the benchmark keeps it off the clock, an application "
+              "should keep it in mind."]
     return lines
 
 

@@ -245,22 +245,12 @@ class StreamEncryptor:
         self._finished = last
         return self._cipher.encrypt(nonce, chunk, self._aad)
 
-    def seal_into(self, chunk: bytes | memoryview, last: bool, out: memoryview) -> None:
-        """As :meth:`seal`, writing ciphertext || tag into ``out`` (len(chunk) + 16 bytes)."""
-        if self._finished:
-            raise ValueError("stream already finished")
-        if len(chunk) > self.segment_size or (not last and len(chunk) != self.segment_size):
-            raise ValueError("every segment but the last must be exactly segment_size bytes")
-        nonce = stream_nonce(self.prefix, self._index, last)
-        self._index += 1
-        self._finished = last
-        self._cipher.encrypt_into(nonce, chunk, self._aad, out)
-
     def seal_segment_into(self, index: int, chunk: bytes | memoryview, last: bool,
                           out: memoryview) -> None:
-        """Seal segment ``index`` of a payload whose segments the caller lays out, so
-        several threads can seal one payload. The caller seals each index exactly once
-        (:class:`BulkSealer` does); the nonce is the index, as :meth:`seal_into` uses."""
+        """Seal segment ``index`` of a payload whose segments the caller lays out, writing
+        ciphertext || tag into ``out`` (len(chunk) + 16 bytes), so several threads can seal
+        one payload. The caller seals each index exactly once (:class:`BulkSealer` does);
+        the nonce is the index, as :meth:`seal` uses."""
         self._cipher.encrypt_into(stream_nonce(self.prefix, index, last), chunk, self._aad, out)
 
 
@@ -309,19 +299,6 @@ class StreamDecryptor:
                                       self._aad, out)
         except InvalidTag:
             raise decryption_failed(_AUTHENTICATION, self._key_id) from None
-
-    def open_into(self, sealed: bytes | memoryview, last: bool, out: memoryview) -> None:
-        """As :meth:`open`, writing the plaintext into ``out`` (len(sealed) - 16 bytes)."""
-        if self._finished or self._index >= MAX_SEGMENTS:
-            raise decryption_failed(_MALFORMED, self._key_id, "data after the stream's last "
-                                    f"segment (key {self._key_id})")
-        nonce = stream_nonce(self._prefix, self._index, last)
-        self._index += 1
-        try:
-            self._cipher.decrypt_into(nonce, sealed, self._aad, out)
-        except InvalidTag:
-            raise decryption_failed(_AUTHENTICATION, self._key_id) from None
-        self._finished = last
 
 
 def split_segments(data: memoryview, segment_size: int) -> Iterator[tuple[memoryview, bool]]:

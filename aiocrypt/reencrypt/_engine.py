@@ -22,6 +22,7 @@ from .._errors import DecryptionError, DecryptionFailure, ReencryptionError
 from .._format import FLAG_ZSTD, TEXT_PREFIXES, context_bytes, text_prefix
 from .._keyring import Keyring, UnknownKeyError
 from .._legacy import LegacyReader
+from .._telemetry import annotate, count, traced
 from .._types import KeyType, KeyTypeLike
 from ._database import ReencryptionDatabase
 from ._specs import (
@@ -190,6 +191,7 @@ class ReencryptionEngine:
         digest = hashlib.sha256(material.encode("utf-8")).hexdigest()[:24]
         return f"{spec.name}:{digest}"
 
+    @traced("aiocrypt.reencrypt.run")
     async def reencrypt(self, table: str | TableSpec, *, columns: Iterable[str] | None = None,
                         key_type: KeyTypeLike | None = None,
                         shard: KeyRange | tuple[Any, Any] | None = None,
@@ -228,6 +230,8 @@ class ReencryptionEngine:
                                 reader))
         targets = {c.spec.name: c.target.key_id for c in cols}
         job = job_id or self.job_id_for(spec, targets, key_range)
+        annotate(table=spec.name, columns=len(cols),
+                 target_key_ids=tuple(sorted(set(targets.values()))))
 
         checkpoint = await self.database.load_checkpoint(job)
         resumed_from = None
@@ -269,6 +273,9 @@ class ReencryptionEngine:
                     stats.rows_updated, stats.batches, elapsed,
                     "" if complete else " (stopped after max_batches)" if stopped
                     else " (incomplete)")
+        annotate(outcome="complete" if complete else "stopped" if stopped else
+                 "target_changed" if target_changed else "incomplete",
+                 rows=stats.rows_updated, batches=stats.batches, passes=passes)
         return ReencryptionResult(
             job_id=job, table=spec.name, targets=targets, run_batches=stats.batches,
             run_rows_read=stats.rows_read, run_rows_updated=stats.rows_updated,
@@ -348,14 +355,18 @@ class ReencryptionEngine:
                         await task
         return read, target_changed, stopped
 
+    @traced("aiocrypt.reencrypt.batch")
     async def _commit(self, spec: TableSpec, batch: WriteBatch, checkpoint: Checkpoint,
                       stats: _RunStats, last_pk: Any, rows_read: int, failed: int) -> None:
+        annotate(table=spec.name, columns=len(batch.new), rows=rows_read, rows_failed=failed)
         pending = Checkpoint(
             checkpoint.job_id, checkpoint.table, checkpoint.pass_no, last_pk,
             checkpoint.batches + 1, checkpoint.rows_read + rows_read, checkpoint.rows_updated,
             checkpoint.rows_conflicted, checkpoint.rows_failed + failed)
         updated = await self.database.write_batch(spec, batch, pending)
         conflicted = len(batch) - updated
+        annotate(rows_updated=updated, rows_conflicted=conflicted, batch=pending.batches)
+        count("aiocrypt.reencrypt.rows", updated, table=spec.name)
         pending.rows_updated += updated
         pending.rows_conflicted += conflicted
         (checkpoint.last_pk, checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated,

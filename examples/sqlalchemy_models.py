@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -149,7 +149,8 @@ async def run(engine: AsyncEngine, service: EncryptionService) -> None:
         except DecryptionError as exc:
             print("reading alice:", exc)
     async with sessions() as session:   # put alice's own token back (it decrypts in her row)
-        await session.execute(sa.update(User.__table__).where(User.id == user_id).values(
+        users = cast(sa.Table, User.__table__)  # declared as a FromClause
+        await session.execute(sa.update(users).where(User.id == user_id).values(
             ssn_encrypted=sa.type_coerce(row[1], sa.Text())))
         await session.commit()
 

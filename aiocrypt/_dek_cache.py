@@ -23,6 +23,7 @@ from ._crypto import DEK_BYTES, DataKey
 from ._errors import KekProviderError
 from ._keys import EncryptionKey
 from ._keyset_seal import record_digest
+from ._telemetry import annotate, count, traced
 from ._types import KeyStatus
 from .kek._base import KekProvider
 from .keystore._base import KeySet
@@ -85,6 +86,7 @@ class DekCache:
         now = time.monotonic()
         return any(now - at > max_age for _, _, at in self._entries.values())
 
+    @traced("aiocrypt.keys.load")
     async def build(self, keyset: KeySet) -> tuple[list[DataKey], _dt.datetime]:
         """The DataKeys of every live record of ``keyset`` (unwrapping what the cache does
         not hold), their expiry flags set; and the next moment a flag changes."""
@@ -94,6 +96,7 @@ class DekCache:
         now = manager._clock()
         boundary = _FAR_FUTURE
         entries: dict[str, tuple[str, DataKey, float]] = {}
+        unwrapped: list[EncryptionKey] = []
         for key in keyset.keys:
             if key.status is KeyStatus.DESTROYED or key.wrapped_key is None:
                 continue
@@ -107,6 +110,7 @@ class DekCache:
             else:
                 dk, unwrapped_at = _bind(cached, key, await self.unwrap(key)), mono
                 self.misses += 1
+                unwrapped.append(key)
             if key.status is not KeyStatus.ACTIVE:  # old snapshots may hold it as active
                 dk.allowance = dk.refill_at = 0
             policy = manager.config.rotation_policy(key.key_type)
@@ -117,6 +121,12 @@ class DekCache:
                                else key.expires_at)
             entries[key.key_id] = (digest, dk, unwrapped_at)
         self._entries = entries
+        annotate(revision=keyset.revision, keys=len(entries), unwrapped=len(unwrapped),
+                 cache_hits=len(entries) - len(unwrapped),
+                 key_ids=tuple(k.key_id for k in unwrapped),
+                 key_types=tuple(sorted({k.key_type.value for k in unwrapped})))
+        count("aiocrypt.keys.unwrapped", len(unwrapped))
+        count("aiocrypt.dek_cache.hits", len(entries) - len(unwrapped))
         return [dk for _, dk, _ in entries.values()], boundary
 
     def adopt(self, keyset: KeySet, new_material: dict[str, bytes]) -> None:

@@ -25,6 +25,7 @@ from ._errors import KeyNotFoundError, KeyStateError
 from ._key_usage import still_active
 from ._keyring import Keyring
 from ._keys import EncryptionKey
+from ._telemetry import annotate, count, traced
 from ._types import KeyStatus, KeyType, KeyTypeLike
 from .keystore._base import KeySet
 
@@ -96,6 +97,7 @@ class Lifecycle:
         del material
         raise scrubbed(failure)
 
+    @traced("aiocrypt.key.rotate")
     async def activate_new(self, key_type: KeyType, *, reason: str,
                            only_if: Callable[[EncryptionKey | None], bool]) \
             -> tuple[EncryptionKey, EncryptionKey | None]:
@@ -104,6 +106,7 @@ class Lifecycle:
         Returns (active key afterwards, the key it replaced or None if nothing changed).
         """
         manager = self._manager
+        annotate(key_type=key_type.value, reason=reason)
         created: dict[str, bytes] = {}
         replaced: list[EncryptionKey] = []
 
@@ -134,6 +137,10 @@ class Lifecycle:
         active_key = self._active_record(keyset, key_type)
         if made:
             old = replaced[0] if replaced else None
+            annotate(outcome="created" if old is None else "rotated",
+                     new_key_id=active_key.key_id, version=active_key.version,
+                     **({} if old is None else {"old_key_id": old.key_id}))
+            count("aiocrypt.keys.created", key_type=key_type.value, reason=reason)
             logger.info("key generated: %s (type %s, %s)", active_key.key_id, key_type.value,
                         reason)
             await manager.auditor.emit("key_generated", key_id=active_key.key_id,
@@ -144,6 +151,7 @@ class Lifecycle:
                                            key_type=key_type.value,
                                            new_key_id=active_key.key_id, reason=reason)
             return active_key, old
+        annotate(outcome="unchanged", key_id=active_key.key_id)
         return active_key, None
 
     @staticmethod
@@ -212,6 +220,7 @@ class Lifecycle:
 
         return (await self.activate_new(kt, reason="policy", only_if=due))[0]
 
+    @traced("aiocrypt.key.rotation_policy")
     async def run_rotation_policy(self) -> RotationRun:
         """See :meth:`KeyManager.run_rotation_policy`."""
         manager = self._manager
@@ -236,6 +245,7 @@ class Lifecycle:
             if k.reencrypt_required and k.status is not KeyStatus.DESTROYED})
         await manager.auditor.emit("policy_run", rotated=len(rotated), expired=len(expired),
                                    reencrypt=len(reencrypt))
+        annotate(rotated=len(rotated), expired=len(expired), reencrypt=len(reencrypt))
         return RotationRun(now, tuple(rotated), tuple(expired), tuple(reencrypt))
 
     async def expire_retired(self) -> list[str]:

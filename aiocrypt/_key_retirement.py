@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from . import _policy
 from ._errors import KeyNotFoundError, KeyStateError
 from ._keys import EncryptionKey
+from ._telemetry import annotate, count, traced
 from ._types import KeyStatus, KeyType, KeyTypeLike
 from .keystore._base import KeySet
 
@@ -134,6 +135,7 @@ class KeyReferences:
         manager.last_census, manager.last_census_at = dict(counts), manager._clock()
         return counts
 
+    @traced("aiocrypt.key.cleanup")
     async def cleanup(self, *, confirm_unreferenced: Iterable[str] = (),
                       census: Census | None = None, force: bool = False) -> CleanupReport:
         """Destroy keys past max age + grace that nothing references: what was destroyed
@@ -194,6 +196,9 @@ class KeyReferences:
                 logger.warning("key %s DESTROYED by force (no reference check)", item.key_id)
             await manager.auditor.emit("key_destroyed", key_id=item.key_id, key_type=key_type,
                                        reason=item.reason, forced=force)
+            count("aiocrypt.keys.destroyed", key_type=key_type)
+        annotate(destroyed=len(destroyed), kept=len(kept), forced=force, census=counts is not None,
+                 destroyed_key_ids=tuple(item.key_id for item in destroyed))
         for item in kept:
             logger.info("key %s kept: %s", item.key_id, item.reason)
             if item.key_id in by_id:  # not a key id the caller mistyped
@@ -291,6 +296,7 @@ class KeyReferences:
         return await self._retire(select, census=census, confirmed=set(confirm_unreferenced),
                                   dry_run=dry_run, whole_type=True)
 
+    @traced("aiocrypt.key.retire")
     async def _retire(self, select: Callable[[KeySet], tuple[KeyType, list[EncryptionKey]]], *,
                       census: Census | None, confirmed: set[str], dry_run: bool,
                       whole_type: bool) -> KeyRetirement:
@@ -329,10 +335,14 @@ class KeyReferences:
 
         await self._manager._change(plan)
         result = outcome[0]
+        annotate(key_type=result.key_type.value, dry_run=dry_run, whole_type=whole_type,
+                 census=counts is not None, key_ids=tuple(k.key_id for k in result.keys),
+                 min_decryption_version=result.min_decryption_version)
         if dry_run:
             return result
         for key in result.keys:
             logger.warning("key %s DESTROYED: %s", key.key_id, key.reason.value)
+            count("aiocrypt.keys.destroyed", key_type=result.key_type.value)
             await self._manager.auditor.emit("key_destroyed", key_id=key.key_id,
                                     key_type=result.key_type.value, reason=key.reason.value,
                                     forced=False, retired=True)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._keys import EncryptionKey
+from ._telemetry import annotate, count, traced
+from ._urls import redact_url
 from .kek._base import KekProvider
 from .keystore._base import KeySet
 
@@ -22,12 +24,15 @@ if TYPE_CHECKING:
 __all__ = ["rewrap", "rewrap_keys", "rotate_master_key"]
 
 
+@traced("aiocrypt.kek.rotate")
 async def rotate_master_key(manager: KeyManager, new_kek: KekProvider, *,
                             batch_size: int = 50) -> int:
     """See :meth:`KeyManager.rotate_master_key`."""
     if not manager._opened:
         await manager.open()
     old_kek = manager.kek
+    annotate(provider=new_kek.backend, old_kek_id=redact_url(old_kek.kek_id),
+             new_kek_id=redact_url(new_kek.kek_id))
     if new_kek.kek_id == old_kek.kek_id:
         raise ValueError("the new KEK is the current one")
     # both stay usable for unwrapping while records are half rewrapped
@@ -54,11 +59,13 @@ async def rewrap_keys(manager: KeyManager, *, only_foreign: bool = False,
     return count
 
 
+@traced("aiocrypt.kek.rewrap")
 async def rewrap(manager: KeyManager, kek: KekProvider,
                  skip: Callable[[EncryptionKey], bool], batch_size: int) -> int:
     """Wrap every DEK not ``skip``-ped again under ``kek``, in batches written with
     optimistic concurrency (a rerun after an interruption goes on where it
     stopped), then reseal the store under ``kek``; return the keys rewrapped."""
+    annotate(provider=kek.backend, kek_id=redact_url(kek.kek_id), batch_size=batch_size)
     done: set[str] = set()
     batch: list[str] = []
 
@@ -80,6 +87,7 @@ async def rewrap(manager: KeyManager, kek: KekProvider,
         if not batch:
             break
         done.update(batch)
+        count("aiocrypt.keys.rewrapped", len(batch), provider=kek.backend)
         for key_id in batch:
             await manager.auditor.emit("key_rewrapped", key_id=key_id, new_kek=kek.kek_id)
     # Reseal under ``kek``: the keyset seal (every store) and the file's own MAC key.
@@ -87,4 +95,5 @@ async def rewrap(manager: KeyManager, kek: KekProvider,
         current = await manager._read_verified()
         seal = await manager._seal_for(current, (), kek)
         await manager.store.rekey(kek, seal=seal, expected_revision=current.revision)
+    annotate(keys=len(done))
     return len(done)

@@ -65,6 +65,7 @@ from ._keyring import Keyring
 from ._keys import EncryptionKey, utcnow
 from ._keyset_guard import KeysetGuard
 from ._keyset_seal import check_identity
+from ._telemetry import span
 from ._types import KeyStatus, KeyType, KeyTypeLike
 from .audit import Auditor
 from .kek._base import KekProvider
@@ -366,8 +367,14 @@ class KeyManager:
         now = time.monotonic()
         if now - self._missing.get(key_id, float("-inf")) < 1.0:
             return None
-        await self.refresh(force=True)
-        dk = self._keyring.get(key_id)
+        with span("aiocrypt.keys.load_key") as op:
+            await self.refresh(force=True)
+            dk = self._keyring.get(key_id)
+            # an id no key has came from a token, anyone's text: it is not recorded
+            if dk is None:
+                op.set(outcome="unknown")
+            else:
+                op.set(outcome="loaded", key_id=key_id, key_type=dk.key.key_type.value)
         if dk is None:
             if len(self._missing) > 1024:
                 self._missing.clear()

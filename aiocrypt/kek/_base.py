@@ -8,8 +8,9 @@ record fails to unwrap.
 
 Every ``wrap`` / ``unwrap`` of every provider (subclasses included) is timed for
 the observers registered with ``observe_kek_calls`` (``aiocrypt.metrics`` puts a
-histogram there). KEK calls are rare (a DEK created or loaded), so this costs
-nothing on the field path; with no observer registered it is one extra frame.
+histogram there) and traced as the span ``aiocrypt.kms.wrap`` / ``unwrap``
+(``aiocrypt._telemetry``). KEK calls are rare (a DEK created or loaded), so this
+costs nothing on the field path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
+
+from .._telemetry import span
+from .._urls import redact_url
 
 __all__ = ["KekCallObserver", "KekProvider", "canonical_context", "observe_kek_calls",
            "unobserve_kek_calls"]
@@ -56,15 +60,19 @@ _Method = Callable[[Any, bytes, Mapping[str, str]], Awaitable[bytes]]
 
 
 def _observed(operation: str, method: _Method) -> _Method:
+    name = f"aiocrypt.kms.{operation}"
+
     @functools.wraps(method)
     async def call(self: KekProvider, data: bytes, context: Mapping[str, str]) -> bytes:
-        if not _observers or _observing.get():  # a subclass calling super() is one call
+        if _observing.get():  # a subclass calling super() is one call
             return await method(self, data, context)
         token = _observing.set(True)
         outcome = "error"
         start = time.perf_counter()
         try:
-            result = await method(self, data, context)
+            with span(name, provider=self.backend, operation=operation,
+                      kek_id=redact_url(self.kek_id)):
+                result = await method(self, data, context)
             outcome = "ok"
             return result
         finally:

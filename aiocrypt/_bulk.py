@@ -533,7 +533,9 @@ def decrypt_bulk(dk: DataKey, encrypted: EncryptedData, context: bytes) -> bytes
                                purpose=Purpose.BLOB)
         except InvalidTag:
             raise decryption_failed(_AUTHENTICATION, dk.key_id) from None
-        except FormatError:
+        # open_gcm's only FormatError is a body under nonce + tag, and EncryptedData
+        # always holds a 12-byte nonce and a 16-byte tag.
+        except FormatError:  # pragma: no cover - EncryptedData cannot hold a short body
             raise decryption_failed(_MALFORMED, dk.key_id) from None
     job = BulkOpener(dk, encrypted, context)
     job.step(len(encrypted.encrypted_data) + 1)

@@ -60,10 +60,13 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from _common import MiB, Ticker, current_rss, peak_rss, reset_peak_rss
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+if TYPE_CHECKING:
+    from aiocrypt import EncryptionService
 
 HERE = Path(__file__).resolve().parent
 SEGMENT = MiB
@@ -113,7 +116,7 @@ def _random_chunks(size: int) -> list[bytes]:
 
 
 async def _memory_case(name: str, size: int,
-                       service: Any) -> tuple[Op, Callable[[Any], Op]]:
+                       service: EncryptionService) -> tuple[Op, Callable[[Any], Op]]:
     """(encrypt, decrypt-of-what-encrypt-returned) coroutine factories for one case.
 
     Stream and segmented cases get the plaintext as a list of 1 MiB ``bytes``
@@ -138,7 +141,7 @@ async def _memory_case(name: str, size: int,
             async for _part in service.encrypt_stream(chunks, KeyType.PII):
                 pass  # a sink: the part is dropped, as a socket or file write would
 
-        def decrypt(_: Any) -> Op:
+        def decrypt(sealed: Any) -> Op:
             async def run() -> Any:
                 total = 0
                 async for part in service.decrypt_stream(sealed_parts, key_type=KeyType.PII):
@@ -182,7 +185,7 @@ async def _memory_case(name: str, size: int,
             for i, chunk in enumerate(chunks):
                 aead.encrypt(_nonce(prefix, i), chunk, None)  # dropped, as by a sink
 
-        def decrypt(_: Any) -> Op:
+        def decrypt(sealed: Any) -> Op:
             async def run() -> Any:
                 total = 0
                 for i, part in enumerate(kept):
@@ -256,7 +259,7 @@ async def _read_chunks(path: Path) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _file_case(name: str, src: Path, service: Any) -> tuple[str, Op, Op]:
+async def _file_case(name: str, src: Path, service: EncryptionService) -> tuple[str, Op, Op]:
     from aiocrypt import KeyType
 
     sealed_path = src.with_name(f"{src.name}.{name}.sealed")
@@ -325,7 +328,7 @@ async def run_case(name: str, mib: int, file: Path | None, repeats: int, lag: bo
             label, encrypt, decrypt_file = await _file_case(name, file, service)
             size = _size(file)
 
-            def decrypt_op(_: Any) -> Op:
+            def decrypt_op(_: Any, /) -> Op:
                 return decrypt_file
         else:
             size = mib * MiB

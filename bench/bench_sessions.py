@@ -60,7 +60,7 @@ def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
     from aiocrypt.integrations.sessions import EncryptedSession, RedisSessionStore, apply_cookie
     from examples.quart_app import create_app
 
-    class PlainJSONSessionStore(RedisSessionStore):
+    class PlainJSONSessionStore(RedisSessionStore):  # type: ignore[misc]  # aiocrypt.integrations.* is Any to mypy
         """Baseline: the session id itself is the Redis key and the envelope is plain JSON."""
 
         async def _redis_keys(self) -> Callable[[str], list[str]]:
@@ -76,7 +76,7 @@ def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
             except ValueError:
                 raise DecryptionError() from None
 
-    class PlainSessionInterface(EncryptedSessionInterface):
+    class PlainSessionInterface(EncryptedSessionInterface):  # type: ignore[misc]  # aiocrypt.integrations.* is Any to mypy
         store: PlainJSONSessionStore
 
         async def open_session(self, app: Quart, request: BaseRequestWebsocket) -> QuartSession:
@@ -101,7 +101,7 @@ def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
     })
     if variant == "plain":
         interface = PlainSessionInterface()
-        app.session_interface = interface  # type: ignore[assignment]
+        app.session_interface = interface
 
         @app.before_serving
         async def plain_store() -> None:

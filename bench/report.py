@@ -37,7 +37,8 @@ def _verdict(ok: bool) -> str:
 
 
 def _worst_lag(row: dict[str, Any]) -> float:
-    return max(row["lag"][op]["max_ms"] for op in ("encrypt", "decrypt"))
+    worst: float = max(row["lag"][op]["max_ms"] for op in ("encrypt", "decrypt"))
+    return worst
 
 
 # -- targets ---------------------------------------------------------------------------
@@ -131,7 +132,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
                 "the per-call work aiocrypt adds (value codec, key lookup, header, counters"
                 + (", the coroutine" if name == ASYNC else "")
                 + ") is a larger share of a round trip at 64 bytes; see the field notes")
-        beaten, behind = [], []
+        beaten: list[tuple[float, str, str]] = []  # (margin, peer, size)
+        behind: list[tuple[float, str, str]] = []
         for size, cases in fields.items():
             ours = max(cases[ASYNC]["ratio"], cases[SYNC]["ratio"])
             for peer in PEERS_TO_BEAT:

@@ -57,6 +57,7 @@ from ._manager import (
     RetirementReason,
 )
 from ._service import EncryptionService
+from ._subjects_keys import ForgetReport, SubjectRewrapReport
 from ._types import KeyStatus, KeyType
 from .reencrypt import (
     AsyncpgDatabase,
@@ -94,6 +95,7 @@ __all__ = [
     "EncryptionConfig",
     "EncryptionKey",
     "EncryptionService",
+    "ForgetReport",
     "HealthCheck",
     "HealthReport",
     "KekProviderError",
@@ -124,6 +126,7 @@ __all__ = [
     "RotationNeed",
     "RotationRun",
     "StoreUnavailableError",
+    "SubjectRewrapReport",
     "TableCensus",
     "TableSpec",
     "UnknownKeyError",

@@ -91,6 +91,8 @@ class DecryptionFailure(enum.StrEnum):
     WRONG_PURPOSE = "wrong_purpose"
     #: The AEAD tag did not verify (see the class docstring).
     AUTHENTICATION_FAILED = "authentication_failed"
+    #: The token's subject key was forgotten (``forget_subject``): erased on purpose.
+    SUBJECT_FORGOTTEN = "subject_forgotten"
 
 
 _REASON_TEXT: dict[DecryptionFailure | None, str] = {
@@ -102,6 +104,7 @@ _REASON_TEXT: dict[DecryptionFailure | None, str] = {
     DecryptionFailure.WRONG_PURPOSE: "token is of another purpose",
     DecryptionFailure.AUTHENTICATION_FAILED:
         "token did not authenticate (tampered, truncated, or another context or row)",
+    DecryptionFailure.SUBJECT_FORGOTTEN: "subject forgotten",
 }
 
 

@@ -17,7 +17,8 @@ The guard only decides; the manager audits and logs what it refuses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Final
 
 import anyio
@@ -26,6 +27,7 @@ from ._errors import KeyStoreIntegrityError
 from ._keys import EncryptionKey
 from ._keyset_seal import KeysetSealer, Seal
 from ._keyset_state import KeysetStateFile
+from ._subjects import prunable
 from ._types import KeyStatus
 from .kek._base import KekProvider
 from .keystore._base import KeySet, merge
@@ -38,6 +40,7 @@ _TERMINAL: Final = {
     KeyStatus.REVOKED: {KeyStatus.REVOKED, KeyStatus.COMPROMISED, KeyStatus.DESTROYED},
     KeyStatus.DESTROYED: {KeyStatus.DESTROYED},
 }
+_NONE: Final[Mapping[str, str]] = MappingProxyType({})
 
 
 class KeysetGuard:
@@ -117,10 +120,28 @@ class KeysetGuard:
     # -- writing --------------------------------------------------------------
 
     async def seal_for(self, current: KeySet, updates: Sequence[EncryptionKey],
-                       kek: KekProvider) -> str:
-        """The seal of the keyset that writing ``updates`` over (verified) ``current`` makes."""
-        return await self._sealer.seal(current.revision + 1, merge(current.keys, updates), kek,
-                                       self._seal)
+                       kek: KekProvider, forget: Mapping[str, str] | None = None) -> str:
+        """The seal of the keyset that writing ``updates`` over (verified) ``current`` makes.
+
+        The forgotten subject keys carry over, with ``forget`` (subject key id ->
+        wrapping key id) added, less those no backup could unwrap any more
+        (``_subjects.prunable``: every version that could have wrapped them destroyed).
+        """
+        keys = merge(current.keys, updates)
+        forgotten = dict(self._seal.forgotten) if self._seal is not None else {}
+        forgotten.update(forget or {})
+        for key_id in prunable(forgotten, keys):
+            del forgotten[key_id]
+        return await self._sealer.seal(current.revision + 1, keys, kek, self._seal, forgotten)
+
+    @property
+    def forgotten(self) -> Mapping[str, str]:
+        """Forgotten subject key ids (-> wrapping key id) of the last verified keyset."""
+        return self._seal.forgotten if self._seal is not None else _NONE
+
+    def derive(self, info: bytes) -> bytes | None:
+        """A key derived from the verified seal key (None while the store has no seal)."""
+        return None if self._seal is None else self._sealer.derive(self._seal, info)
 
     async def seal_unverified(self, keyset: KeySet, kek: KekProvider) -> str:
         """A first seal, with a fresh seal key, for ``keyset`` as it is (adoption only)."""

@@ -11,6 +11,9 @@ and written in the same atomic step, that holds
   ``{"aiocrypt_purpose": "keyset-seal"}``, and the KEK id that wrapped it;
 * the store revision the write produces;
 * a SHA-256 digest of every record (its canonical JSON), by key id;
+* the forgotten subject keys (``_subjects``): subject key id -> the version key
+  that wrapped it when it was forgotten, so a deleted subject key whose row comes
+  back from a backup is still refused (absent when empty: older seals unchanged);
 * an HMAC-SHA256 under the seal key over all of the above.
 
 A reader unwraps the seal key (once per process: it is pinned by its wrapped
@@ -35,8 +38,11 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._errors import KekProviderError, KeyStoreIntegrityError
 from ._keys import EncryptionKey
@@ -72,19 +78,23 @@ class Seal:
     revision: int
     records: Mapping[str, str]
     mac: bytes
+    forgotten: Mapping[str, str] = field(default_factory=dict)
+    """Forgotten subject key id -> the version key id that wrapped it (see ``_subjects``)."""
+
+    def _doc(self) -> dict[str, Any]:
+        doc = {"format": SEAL_FORMAT, "version": SEAL_VERSION, "kek_id": self.kek_id,
+               "seal_key": base64.b64encode(self.wrapped_key).decode("ascii"),
+               "revision": self.revision, "records": dict(self.records)}
+        if self.forgotten:  # only then: seals without it keep their bytes and MACs
+            doc["forgotten"] = dict(self.forgotten)
+        return doc
 
     def body(self) -> bytes:
-        return _MAC_DOMAIN + _canonical({
-            "format": SEAL_FORMAT, "version": SEAL_VERSION, "kek_id": self.kek_id,
-            "seal_key": base64.b64encode(self.wrapped_key).decode("ascii"),
-            "revision": self.revision, "records": dict(self.records)})
+        return _MAC_DOMAIN + _canonical(self._doc())
 
     def to_text(self) -> str:
-        return json.dumps({
-            "format": SEAL_FORMAT, "version": SEAL_VERSION, "kek_id": self.kek_id,
-            "seal_key": base64.b64encode(self.wrapped_key).decode("ascii"),
-            "revision": self.revision, "records": dict(self.records),
-            "mac": self.mac.hex()}, sort_keys=True, separators=(",", ":"))
+        return json.dumps({**self._doc(), "mac": self.mac.hex()}, sort_keys=True,
+                          separators=(",", ":"))
 
     @classmethod
     def from_text(cls, text: str | bytes, where: str) -> Seal:
@@ -103,9 +113,14 @@ class Seal:
             if not all(isinstance(k, str) and isinstance(v, str) and _DIGEST_RE.fullmatch(v)
                        for k, v in records.items()):
                 raise bad
+            forgotten = doc.get("forgotten", {})
+            if not isinstance(forgotten, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in forgotten.items()):
+                raise bad
             return cls(kek_id=kek_id,
                        wrapped_key=base64.b64decode(doc["seal_key"], validate=True),
-                       revision=revision, records=records, mac=bytes.fromhex(doc["mac"]))
+                       revision=revision, records=records, mac=bytes.fromhex(doc["mac"]),
+                       forgotten=forgotten)
         except (KeyError, TypeError, ValueError, binascii.Error, RecursionError):
             raise bad from None
 
@@ -194,12 +209,13 @@ class KeysetSealer:
         return seal
 
     async def seal(self, revision: int, keys: Iterable[EncryptionKey], kek: KekProvider,
-                   previous: Seal | None) -> str:
+                   previous: Seal | None, forgotten: Mapping[str, str] | None = None) -> str:
         """A seal for ``keys`` at ``revision``, its key wrapped by ``kek``.
 
         The seal key of ``previous`` (already verified) is reused, wrapped again only
         when ``kek`` is a different KEK (master-key rotation); an empty store gets a
-        fresh one.
+        fresh one. ``forgotten`` replaces the forgotten subject keys (default: those
+        of ``previous``, carried over).
         """
         material: bytes | None = None
         wrapped: bytes | None = None
@@ -212,11 +228,22 @@ class KeysetSealer:
         if wrapped is None:
             wrapped = await kek.wrap(material, SEAL_CONTEXT)
             self._keys[(kek.kek_id, wrapped)] = material
+        if forgotten is None:
+            forgotten = previous.forgotten if previous is not None else {}
         unsigned = Seal(kek_id=kek.kek_id, wrapped_key=wrapped, revision=revision,
-                        records={k.key_id: record_digest(k) for k in keys}, mac=b"")
+                        records={k.key_id: record_digest(k) for k in keys}, mac=b"",
+                        forgotten=dict(forgotten))
         mac = hmac.new(material, unsigned.body(), hashlib.sha256).digest()
         return Seal(unsigned.kek_id, unsigned.wrapped_key, revision, unsigned.records,
-                    mac).to_text()
+                    mac, unsigned.forgotten).to_text()
+
+    def derive(self, seal: Seal, info: bytes) -> bytes:
+        """A key derived from ``seal``'s (verified, pinned) seal key for ``info``: stable for
+        the life of the store (master-key rotations rewrap the seal key, never replace it)."""
+        material = self._keys.get((seal.kek_id, seal.wrapped_key))
+        if material is None:
+            raise KeyStoreIntegrityError("the keyset seal key is not unwrapped yet")
+        return HKDF(hashes.SHA256(), 32, None, info).derive(material)
 
     def forget(self) -> None:
         self._keys.clear()

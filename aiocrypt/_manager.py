@@ -65,11 +65,13 @@ from ._keyring import Keyring
 from ._keys import EncryptionKey, utcnow
 from ._keyset_guard import KeysetGuard
 from ._keyset_seal import check_identity
+from ._subjects_keys import SubjectKeys, SubjectRewrapReport
 from ._telemetry import span
 from ._types import KeyStatus, KeyType, KeyTypeLike
 from .audit import Auditor
 from .kek._base import KekProvider
 from .keystore._base import KeySet, KeyStore
+from .keystore._subjects_base import SubjectKeyStore
 
 __all__ = ["AdoptionReport", "Census", "CleanupEntry", "CleanupReport", "KeyManager",
            "KeyRetirement", "RetiredKey", "RetirementReason"]
@@ -108,7 +110,8 @@ class KeyManager:
                  clock: Clock = utcnow, refresh_interval: float = 5.0,
                  lock_timeout: float = 30.0, auditor: Auditor | None = None,
                  previous_keks: Sequence[KekProvider] = (), watch: bool = True,
-                 usage_block: int = 65536) -> None:
+                 usage_block: int = 65536,
+                 subject_store: SubjectKeyStore | None = None) -> None:
         self.store = store
         self.kek = kek
         self.config = config if config is not None else EncryptionConfig()
@@ -148,6 +151,9 @@ class KeyManager:
         self.last_census: Mapping[str, int] | None = None
         self.last_census_at: _dt.datetime | None = None
         self._references = KeyReferences(self)
+        #: Per-subject keys (docs/subjects.md), kept in ``subject_store`` or, by
+        #: default, in the key store's own (``store.subject_store()``).
+        self.subjects = SubjectKeys(self, subject_store)
 
     def __repr__(self) -> str:
         return (f"<KeyManager store={self.store.name} kek={self.kek.kek_id} "
@@ -179,6 +185,7 @@ class KeyManager:
             self._usage.cancel_background()
             await self.auditor.flush()
             self._deks.clear()
+            self.subjects.clear()
             self._guard.forget()
             self._keyring = Keyring()
             await self.store.close()
@@ -398,18 +405,21 @@ class KeyManager:
     # -- changing keys ------------------------------------------------------
 
     async def _change(self, plan: Callable[[KeySet], Awaitable[Sequence[EncryptionKey]]],
-                      new_material: dict[str, bytes] | None = None) -> KeySet:
-        """Apply ``plan`` (records to upsert) under the rotation lock, retrying CAS races."""
+                      new_material: dict[str, bytes] | None = None, *,
+                      forget: Mapping[str, str] | None = None) -> KeySet:
+        """Apply ``plan`` (records to upsert) under the rotation lock, retrying CAS races;
+        ``forget`` adds subject keys to the sealed forgotten-set (a write even without
+        records)."""
         if not self._opened:
             await self.open()
         async with self.store.lock("rotation", timeout=self.lock_timeout):
             for _ in range(_WRITE_RETRIES):
                 current = await self._read_verified()
                 updates = await plan(current)
-                if not updates:
+                if not updates and not forget:
                     await self._rebuild(current)
                     return current
-                seal = await self._seal_for(current, updates)
+                seal = await self._guard.seal_for(current, updates, self.kek, forget)
                 try:
                     await self.store.write(updates, expected_revision=current.revision,
                                            seal=seal)
@@ -615,6 +625,27 @@ class KeyManager:
         """
         return await _key_rewrap.rewrap_keys(self, only_foreign=only_foreign,
                                              batch_size=batch_size)
+
+    # -- subject keys (_subjects_keys) -------------------------------------------
+
+    async def rewrap_subjects(self, key_type: KeyTypeLike, *,
+                              batch_size: int = 1000) -> SubjectRewrapReport:
+        """Wrap every subject key of ``key_type`` still under an older version again under
+        the active one, in batches (after a rotation; no data is touched).
+
+        Each batch is a compare-and-set per record, so an interrupted run is simply
+        repeated; until it is done the census (:meth:`subject_census`) keeps the
+        older versions from being destroyed.
+        """
+        if not self._opened:
+            await self.open()
+        return await self.subjects.rewrap(key_type, batch_size=batch_size)
+
+    async def subject_census(self, key_type: KeyTypeLike | None = None) -> dict[str, int]:
+        """Live subject keys per wrapping key id (each version key not destroyed)."""
+        if not self._opened:
+            await self.open()
+        return await self.subjects.census(key_type)
 
     # -- reporting (_key_reports) ---------------------------------------------
 

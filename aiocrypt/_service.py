@@ -43,10 +43,23 @@ from ._bulk import (
 from ._codec import STR_TAG, decode_value, encode_value
 from ._config import EncryptionConfig
 from ._crypto import DataKey
-from ._errors import CacheEntryExpiredError, DecryptionError, DecryptionFailure, decryption_failed
-from ._format import FLAG_ZSTD, FORMAT_V1, TEXT_PREFIX_V1, Purpose, context_bytes
+from ._errors import (
+    CacheEntryExpiredError,
+    DecryptionError,
+    DecryptionFailure,
+    KeyStateError,
+    decryption_failed,
+)
+from ._format import (
+    FLAG_ZSTD,
+    FORMAT_V1,
+    MAX_FIELD_PLAINTEXT,
+    TEXT_PREFIX_V1,
+    Purpose,
+    context_bytes,
+)
 from ._gil import aead_releases_gil, usable_cores
-from ._keyring import Keyring, UnknownKeyError, undecodable
+from ._keyring import GCM_MESSAGE_LIMIT, Keyring, UnknownKeyError, undecodable
 from ._keys import utcnow
 from ._manager import KeyManager
 from ._streams import (
@@ -59,6 +72,8 @@ from ._streams import (
     seal_stream,
     write_file_atomically,
 )
+from ._subjects import SUBJECT_TOKEN_PREFIX, is_subject_key_id, token_key_id
+from ._subjects_keys import ForgetReport, SubjectRewrapReport
 from ._types import KeyStatus, KeyType, KeyTypeLike
 
 __all__ = ["EncryptionService"]
@@ -221,9 +236,23 @@ class EncryptionService:
     # -- fields -------------------------------------------------------------
 
     async def encrypt_field(self, value: Any, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
-                            *, context: str | bytes | None = None) -> str:
-        """Encrypt one value (any codec type) to a text token bound to ``context``."""
+                            *, context: str | bytes | None = None,
+                            subject: str | None = None) -> str:
+        """Encrypt one value (any codec type) to a text token bound to ``context``.
+
+        ``subject``: seal it under that data subject's own key of ``key_type``
+        (created on first use), so :meth:`forget_subject` erases it (docs/subjects.md).
+        """
         kt = key_type if type(key_type) is KeyType else KeyType(key_type)
+        if subject is not None:
+            key = await self._subject_key(kt, subject)
+            plaintext = STR_TAG + value.encode() if type(value) is str else encode_value(value)
+            if len(plaintext) > self._threshold:
+                token = await self._run(self._seal_subject, key, plaintext, kt, context)
+            else:
+                token = self._seal_subject(key, plaintext, kt, context)
+            self._encryptions += 1
+            return token
         manager = self.key_manager
         keyring = manager.keyring
         dk = keyring.get_active(kt)
@@ -256,6 +285,42 @@ class EncryptionService:
         self._encryptions += 1
         return token
 
+    async def _subject_key(self, kt: KeyType, subject: str) -> DataKey:
+        """``subject``'s DEK of key type ``kt`` (cached; else read or made, see _subjects_keys)."""
+        manager = self.key_manager
+        dk = manager.subjects.cached(kt, subject)
+        if dk is None or not self._started or manager.is_stale():
+            await self._keyring(kt)
+            dk = await manager.subjects.key_for(kt, subject)
+        return dk
+
+    def _seal_subject(self, dk: DataKey, plaintext: bytes, kt: KeyType,
+                      context: str | bytes | None, purpose: Purpose = Purpose.FIELD) -> str:
+        """A text token of ``plaintext`` under the subject key ``dk`` (as the keyring seals)."""
+        if len(plaintext) > MAX_FIELD_PLAINTEXT:
+            raise ValueError(f"a field holds at most {MAX_FIELD_PLAINTEXT} bytes; "
+                             "use encrypt_bulk_data or encrypt_stream")
+        if dk.encryptions >= GCM_MESSAGE_LIMIT:
+            raise KeyStateError(f"subject key {dk.key_id} reached 2**32 encryptions")
+        level = self.compression_level_for(kt)
+        if level is None and purpose is Purpose.FIELD:
+            return dk.seal_field(plaintext, context)
+        if level is None:
+            return dk.seal_text(plaintext, context_bytes(context), purpose=purpose)
+        return dk.seal_text(_compression.compress(plaintext, level), context_bytes(context),
+                            FLAG_ZSTD, purpose=purpose)
+
+    async def _subject_ring(self, token: str) -> Keyring:
+        """The one-key keyring of the subject key ``token`` names (``DecryptionError`` if
+        it was forgotten or cannot be read)."""
+        manager = self.key_manager
+        ring = manager.subjects.ring_of(token)
+        if ring is None:
+            if not self._started or manager.is_stale():
+                await self._keyring(None)
+            ring = await manager.subjects.ring(token_key_id(token))
+        return ring
+
     def compression_level_for(self, key_type: KeyTypeLike) -> int | None:
         """The zstd level for ``key_type``'s data (None: not compressed); see the config's."""
         return self.config.compression_level_for(key_type) if self._compressing else None
@@ -279,6 +344,18 @@ class EncryptionService:
         self._encryptions += 1
         return token
 
+    async def _encrypt_subject_value(self, value: Any, kt: KeyType, context: str | bytes | None,
+                                     purpose: Purpose, subject: str) -> str:
+        """:meth:`_encrypt_value` under ``subject``'s key of ``kt``."""
+        dk = await self._subject_key(kt, subject)
+        plaintext = encode_value(value)
+        if len(plaintext) > self._threshold:
+            token = await self._run(self._seal_subject, dk, plaintext, kt, context, purpose)
+        else:
+            token = self._seal_subject(dk, plaintext, kt, context, purpose)
+        self._encryptions += 1
+        return token
+
     async def decrypt_field(self, token: str, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
                             *, context: str | bytes | None = None) -> Any:
         """Decrypt a token from :meth:`encrypt_field`; any failure is ``DecryptionError``."""
@@ -288,8 +365,14 @@ class EncryptionService:
             await self._record_failures(kt, 1)
             raise _v1_refused()
         if self._started and not manager.is_stale() and len(token) <= self._threshold:
+            keyring: Keyring | None = manager.keyring
+            if type(token) is str and token.startswith(SUBJECT_TOKEN_PREFIX):
+                keyring = manager.subjects.ring_of(token)  # cached, or the general path
+        else:
+            keyring = None
+        if keyring is not None:
             try:  # the common case: started, fresh, small, key loaded
-                value = manager.keyring.decrypt(token, kt, context)
+                value = keyring.decrypt(token, kt, context)
             except UnknownKeyError:
                 pass  # rotated elsewhere (load it) or not in the store: the general path
             except DecryptionError:
@@ -321,6 +404,8 @@ class EncryptionService:
             await self._keyring(None)
         keyring = manager.keyring
         try:
+            if token.startswith(SUBJECT_TOKEN_PREFIX):
+                keyring = await self._subject_ring(token)
             if self._refuse_v1 and token.startswith(TEXT_PREFIX_V1):
                 raise _v1_refused()
             try:
@@ -370,10 +455,18 @@ class EncryptionService:
     async def encrypt_many(self, values: Sequence[Any],
                            key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
                            context: str | bytes | None = None,
-                           contexts: Sequence[str | bytes | None] | None = None) -> list[str]:
-        """Encrypt a batch with one keyring lookup; ``contexts`` gives one context per value."""
+                           contexts: Sequence[str | bytes | None] | None = None,
+                           subject: str | None = None,
+                           subjects: Sequence[str | None] | None = None) -> list[str]:
+        """Encrypt a batch with one keyring lookup; ``contexts`` gives one context per value.
+
+        ``subject`` seals the whole batch under one data subject's key, ``subjects``
+        gives one subject (or None: the key type's key) per value.
+        """
         kt = KeyType(key_type)
         ctxs = self._contexts(len(values), context, contexts)
+        if subject is not None or subjects is not None:
+            return await self._encrypt_many_subjects(values, kt, ctxs, subject, subjects)
         plaintexts = [STR_TAG + v.encode() if type(v) is str else encode_value(v)
                       for v in values]
         tokens: list[str] = []
@@ -398,6 +491,39 @@ class EncryptionService:
         self._encryptions += len(tokens)
         return tokens
 
+    async def _encrypt_many_subjects(self, values: Sequence[Any], kt: KeyType,
+                                     ctxs: Sequence[str | bytes | None], subject: str | None,
+                                     subjects: Sequence[str | None] | None) -> list[str]:
+        if subjects is None:
+            subjects = [subject] * len(values)
+        elif subject is not None:
+            raise ValueError("pass subject or subjects, not both")
+        elif len(subjects) != len(values):
+            raise ValueError(f"{len(subjects)} subjects for {len(values)} values")
+        keys = {s: await self._subject_key(kt, s) for s in dict.fromkeys(subjects)
+                if s is not None}
+        tokens: list[str | None] = [None] * len(values)
+        plain = [i for i, s in enumerate(subjects) if s is None]
+        if plain:
+            for i, token in zip(plain, await self.encrypt_many(
+                    [values[i] for i in plain], kt, contexts=[ctxs[i] for i in plain]),
+                    strict=True):
+                tokens[i] = token
+        plaintexts = {i: (keys[s], STR_TAG + v.encode() if type(v) is str else encode_value(v))
+                      for i, (v, s) in enumerate(zip(values, subjects, strict=True))
+                      if s is not None}
+
+        def work() -> None:
+            for i, (dk, plaintext) in plaintexts.items():
+                tokens[i] = self._seal_subject(dk, plaintext, kt, ctxs[i])
+
+        if sum(len(p) for _, p in plaintexts.values()) > self._threshold:
+            await self._run(work)
+        else:
+            work()
+        self._encryptions += len(plaintexts)
+        return [t for t in tokens if t is not None]
+
     async def decrypt_many(self, tokens: Sequence[str],
                            key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
                            context: str | bytes | None = None,
@@ -416,13 +542,25 @@ class EncryptionService:
                 await self._record_failures(kt, refused, batch_size=len(tokens))
                 raise _v1_refused()
         errors: dict[int, DecryptionError] = {}
+        # subject keys: one keyring (or the reason it cannot be read) per key id named
+        rings = await self.key_manager.subjects.rings(
+            {token_key_id(t) for t in tokens
+             if type(t) is str and t.startswith(SUBJECT_TOKEN_PREFIX)})
+
+        def ring_for(keyring: Keyring, token: str) -> Keyring:
+            if not rings or not token.startswith(SUBJECT_TOKEN_PREFIX):
+                return keyring
+            ring = rings[token_key_id(token)]
+            if isinstance(ring, DecryptionError):
+                raise ring.with_traceback(None)
+            return ring
 
         def work(keyring: Keyring, indexes: Sequence[int]) -> tuple[dict[int, Any], set[str]]:
             done: dict[int, Any] = {}
             unknown: set[str] = set()
             for i in indexes:
                 try:
-                    done[i] = keyring.decrypt(tokens[i], kt, ctxs[i])
+                    done[i] = ring_for(keyring, tokens[i]).decrypt(tokens[i], kt, ctxs[i])
                 except UnknownKeyError as exc:
                     unknown.add(exc.key_id)
                     errors[i] = exc
@@ -438,7 +576,8 @@ class EncryptionService:
                 return None
 
         large = sum(len(t) for t in tokens) > self._threshold
-        values = await self._run(all_or_nothing, keyring) if large else all_or_nothing(keyring)
+        values = None if rings else \
+            await self._run(all_or_nothing, keyring) if large else all_or_nothing(keyring)
         if values is not None:
             self._decryptions += len(values)
             await self._flush_audit()
@@ -479,7 +618,7 @@ class EncryptionService:
     async def encrypt_bulk_data(self, data: bytes | bytearray | memoryview,
                                 key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
                                 context: str | bytes | None = None,
-                                out: Any = None) -> EncryptedData:
+                                out: Any = None, subject: str | None = None) -> EncryptedData:
         """Encrypt a blob: one GCM message when small, 1 MiB segments when large.
 
         Large payloads are sealed inline with a yield to the event loop every MiB
@@ -494,6 +633,7 @@ class EncryptionService:
         for large payloads, see docs/performance.md). ``encrypted_data`` is then a
         view over ``out``: keep ``out`` unchanged while the result is in use. Not
         with compression (the size is not known in advance): ``ValueError``.
+        ``subject``: seal it under that data subject's key (docs/subjects.md).
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"bulk data must be bytes-like, not {type(data).__name__}")
@@ -503,7 +643,7 @@ class EncryptionService:
             raise ValueError(f"out= cannot take compressed bulk data: {kt.value} is "
                              "compressed, so its size is not known in advance")
         keyring = await self._keyring(kt)
-        dk = keyring.active(kt)
+        dk = keyring.active(kt) if subject is None else await self._subject_key(kt, subject)
         ctx = context_bytes(context)
         large = len(data) > self._threshold
 
@@ -606,7 +746,8 @@ class EncryptionService:
                              key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
                              context: str | bytes | None = None,
                              compress: bool | None = None,
-                             segment_size: int | None = None) -> AsyncIterator[bytes]:
+                             segment_size: int | None = None,
+                             subject: str | None = None) -> AsyncIterator[bytes]:
         """Encrypt chunks of any size as they come; memory stays O(segment).
 
         The concatenated output is the ``to_bytes()`` blob of a segmented
@@ -615,12 +756,14 @@ class EncryptionService:
         memory). Each yielded part is an immutable ``bytes``. ``compress`` (default:
         whether the config compresses ``key_type``: ``compression_enabled`` or
         ``compressed_key_types``) zstd-compresses each segment before it is sealed;
-        ``segment_size`` (1 KiB..64 MiB) overrides the performance mode's.
+        ``segment_size`` (1 KiB..64 MiB) overrides the performance mode's. ``subject``:
+        seal it under that data subject's key (docs/subjects.md).
         """
         kt = KeyType(key_type)
         level = self._stream_compression(compress, kt)
         keyring = await self._keyring(kt)
-        enc = StreamEncryptor(keyring.active(kt), context_bytes(context),
+        dk = keyring.active(kt) if subject is None else await self._subject_key(kt, subject)
+        enc = StreamEncryptor(dk, context_bytes(context),
                               self._segment_size if segment_size is None else segment_size,
                               flags=FLAG_ZSTD if level is not None else 0)
         self.counters["stream_encryptions"] += 1
@@ -670,7 +813,8 @@ class EncryptionService:
                            key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
                            context: str | bytes | None = None,
                            compress: bool | None = None,
-                           segment_size: int | None = None) -> int:
+                           segment_size: int | None = None,
+                           subject: str | None = None) -> int:
         """Encrypt the file ``src`` into ``dst`` as a stream; returns the bytes written.
 
         Reads, seals and writes segment by segment in worker threads (memory stays
@@ -680,7 +824,7 @@ class EncryptionService:
         size = self._segment_size if segment_size is None else segment_size
         async with contextlib.aclosing(read_file(src, size, self._run)) as chunks:
             parts = self.encrypt_stream(chunks, key_type, context=context, compress=compress,
-                                        segment_size=size)
+                                        segment_size=size, subject=subject)
             return await write_file_atomically(dst, parts, self._run)
 
     async def decrypt_file(self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
@@ -705,6 +849,14 @@ class EncryptionService:
         return not self._refuse_v1 and self.keyring.accept_format_v1
 
     async def _data_key(self, key_id: str) -> DataKey:
+        if is_subject_key_id(key_id):
+            try:
+                dk = (await self.key_manager.subjects.ring(key_id)).get(key_id)
+            except DecryptionError:
+                self.counters["decrypt_failures"] += 1
+                raise
+            assert dk is not None
+            return dk
         dk = self.key_manager.keyring.get(key_id) or await self.key_manager.load_key(key_id)
         if dk is None:
             self.counters["decrypt_failures"] += 1
@@ -714,10 +866,18 @@ class EncryptionService:
     # -- sessions -----------------------------------------------------------
 
     async def encrypt_session_data(self, data: dict[str, Any], *,
-                                   context: str | bytes | None = None) -> str:
-        """Encrypt a session dict with the session key (bind it to the session via ``context``)."""
+                                   context: str | bytes | None = None,
+                                   subject: str | None = None) -> str:
+        """Encrypt a session dict with the session key (bind it to the session via ``context``).
+
+        ``subject``: under that data subject's session key instead, so that
+        :meth:`forget_subject` also ends every session of theirs.
+        """
         if not isinstance(data, dict):
             raise TypeError(f"session data must be a dict, not {type(data).__name__}")
+        if subject is not None:
+            return await self._encrypt_subject_value(data, KeyType.SESSION, context,
+                                                     Purpose.SESSION, subject)
         return await self._encrypt_value(data, KeyType.SESSION, context, Purpose.SESSION)
 
     async def decrypt_session_data(self, token: str, *,
@@ -732,13 +892,18 @@ class EncryptionService:
     # -- cache entries ------------------------------------------------------
 
     async def encrypt_cache_data(self, cache_key: str, value: Any,
-                                 ttl: float | None = 3600) -> tuple[str, str]:
+                                 ttl: float | None = 3600, *,
+                                 subject: str | None = None) -> tuple[str, str]:
         """Encrypt a cache entry: (deterministic encrypted key, encrypted value with expiry).
 
         Equal ``cache_key`` strings give equal encrypted keys (AES-SIV under the
         cache key type), so the encrypted key can be used as the Redis key. The
         value carries its expiry time inside the ciphertext; decrypting after it
         raises ``CacheEntryExpiredError``. ``ttl=None`` means no expiry.
+        ``subject``: the value is sealed under that data subject's cache key, so
+        :meth:`forget_subject` makes it unreadable; the encrypted key stays under the
+        cache key type's own key (lookups do not know the subject): keep personal data
+        out of cache keys.
         """
         if not isinstance(cache_key, str):
             raise TypeError("cache_key must be str")
@@ -752,7 +917,10 @@ class EncryptionService:
                                                       _CACHE_KEY_CONTEXT, purpose=Purpose.CACHE)
         plaintext = encode_value([expires, value])
         context = _cache_value_context(cache_key)
-        if len(plaintext) > self._threshold:
+        if subject is not None:
+            encrypted_value = await self._encrypt_subject_value(
+                [expires, value], KeyType.CACHE, context, Purpose.CACHE, subject)
+        elif len(plaintext) > self._threshold:
             encrypted_value = await self._run(self._encrypt_bytes, keyring, plaintext,
                                               KeyType.CACHE, context, Purpose.CACHE)
         else:
@@ -784,6 +952,47 @@ class EncryptionService:
             self.counters["cache_expired"] += 1
             raise CacheEntryExpiredError()
         return cache_key, value
+
+    # -- data subjects ------------------------------------------------------
+
+    async def forget_subject(self, subject: str, *, key_type: KeyTypeLike | None = None,
+                             tombstone: bool = False, actor: str | None = None) -> ForgetReport:
+        """Erase a data subject: destroy their subject keys (of ``key_type``, else of every
+        key type), so every token, blob, stream, session and cache entry sealed with
+        ``subject=`` becomes unreadable wherever a copy lives (docs/subjects.md).
+
+        Reads afterwards raise ``DecryptionError`` with reason ``subject_forgotten``, in
+        this process at once and in others once they see the new keyset revision. The
+        forgotten key ids are kept in the sealed keyset, so a row restored from a backup
+        is refused too. The same subject id used again later gets a new key, unless
+        ``tombstone=True`` (then ``KeyStateError`` on any new encryption for it). One
+        ``subject_forgotten`` audit event records ``actor``, the key types, the key ids
+        and lookup hashes, never the subject id.
+        """
+        if not self._started:
+            await self.start()
+        return await self.key_manager.subjects.forget(subject, key_type=key_type,
+                                                      tombstone_=tombstone, actor=actor)
+
+    async def subject_key_exists(self, subject: str, key_type: KeyTypeLike) -> bool:
+        """Whether ``subject`` has a live key of ``key_type`` (none is created)."""
+        kt = KeyType(key_type)
+        await self._keyring(kt)
+        return await self.key_manager.subjects.exists(kt, subject)
+
+    async def subject_reference(self, subject: str, key_type: KeyTypeLike) -> str:
+        """The lookup hash ``subject``'s ``key_type`` key is filed under: what the audit
+        trail records of a forget (find "what happened to this person's key" by it)."""
+        kt = KeyType(key_type)
+        await self._keyring(kt)
+        return self.key_manager.subjects.reference(subject, kt)
+
+    async def rewrap_subjects(self, key_type: KeyTypeLike, *,
+                              batch_size: int = 1000) -> SubjectRewrapReport:
+        """:meth:`KeyManager.rewrap_subjects` (after a rotation of ``key_type``)."""
+        if not self._started:
+            await self.start()
+        return await self.key_manager.rewrap_subjects(key_type, batch_size=batch_size)
 
     # -- reporting ----------------------------------------------------------
 

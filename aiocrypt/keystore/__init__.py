@@ -6,7 +6,8 @@ Redis and Postgres stores live in sibling modules behind extras:
 """
 
 from ._base import KeySet, KeyStore
+from ._subjects_base import SubjectKeyStore
 from .file import FileKeyStore
 from .memory import MemoryKeyStore
 
-__all__ = ["FileKeyStore", "KeySet", "KeyStore", "MemoryKeyStore"]
+__all__ = ["FileKeyStore", "KeySet", "KeyStore", "MemoryKeyStore", "SubjectKeyStore"]

@@ -16,6 +16,7 @@ Contract shared by every store (file, memory, Redis, Postgres):
 * ``changes()`` yields the new revision whenever the store changes (pub/sub,
   LISTEN/NOTIFY; polling ``revision()`` by default), so every process sees a
   rotation within seconds.
+* ``subject_store()`` gives the ``SubjectKeyStore`` beside it (per-subject keys).
 * ``add_usage({key_id: n})`` adds to shared per-key encryption counters and
   returns the new totals; processes batch their increments.
 """
@@ -34,6 +35,7 @@ from .._keys import EncryptionKey
 
 if TYPE_CHECKING:
     from ..kek._base import KekProvider
+    from ._subjects_base import SubjectKeyStore
 
 __all__ = ["KeySet", "KeyStore", "decode_records", "encode_record"]
 
@@ -100,6 +102,11 @@ class KeyStore(ABC):
             if current != last:
                 last = current
                 yield current
+
+    def subject_store(self) -> SubjectKeyStore | None:
+        """Where this store keeps subject keys (docs/subjects.md): the same backend,
+        one instance per store; None for a store that keeps none."""
+        return None
 
     @abstractmethod
     async def add_usage(self, increments: Mapping[str, int]) -> dict[str, int]:

@@ -10,6 +10,7 @@ import anyio
 from .._errors import ConcurrentModificationError, LockTimeoutError
 from .._keys import EncryptionKey
 from ._base import KeySet, KeyStore, merge
+from ._subjects_memory import MemorySubjectKeyStore
 
 __all__ = ["MemoryKeyStore"]
 
@@ -26,6 +27,7 @@ class MemoryKeyStore(KeyStore):
         self._locks: dict[str, anyio.Semaphore] = {}
         self.writes = 0
         self._usage: dict[str, int] = {}
+        self._subjects: MemorySubjectKeyStore | None = None
 
     async def read(self) -> KeySet:
         return KeySet(self._revision, tuple(self._keys), self._seal)
@@ -43,6 +45,11 @@ class MemoryKeyStore(KeyStore):
 
     async def revision(self) -> int:
         return self._revision
+
+    def subject_store(self) -> MemorySubjectKeyStore:
+        if self._subjects is None:
+            self._subjects = MemorySubjectKeyStore()
+        return self._subjects
 
     async def add_usage(self, increments: Mapping[str, int]) -> dict[str, int]:
         for key_id, n in increments.items():

@@ -180,7 +180,7 @@ def compromise(ctx: click.Context, key_id: str, reason: str, reencrypt: bool,
         click.echo(f"next: aiocrypt reencrypt ... (or aiocrypt jobs reencrypt "
                    f"{key.key_type.value} {key.key_id}, or pass --reencrypt)")
         return
-    from .integrations._arq_cli import reencrypt as enqueue_reencryption
+    from .integrations.arq.cli import reencrypt as enqueue_reencryption
 
     ctx.invoke(enqueue_reencryption, key_type=key.key_type, old_key_id=key.key_id,
                batch_size=None, shards=None, as_json=as_json)
@@ -722,7 +722,7 @@ class _LazyGroup(click.Group):
 
 
 main.add_command(_LazyGroup(
-    "jobs", "aiocrypt.integrations._arq_cli:jobs", "arq",
+    "jobs", "aiocrypt.integrations.arq.cli:jobs", "arq",
     help="Background jobs on ARQ workers: status of re-encryption, enqueue rotation, "
          "re-encryption and cleanup."))
 

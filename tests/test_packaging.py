@@ -29,8 +29,9 @@ def test_wheel_installs_and_imports_every_integration(tmp_path: Path) -> None:
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--target", str(target), str(wheel)], check=True, timeout=300)
-    integrations = sorted(p.stem for p in (ROOT / "integrations").glob("*.py")
-                          if p.stem != "__init__")
+    integrations = sorted([p.stem for p in (ROOT / "integrations").glob("*.py")
+                           if p.stem != "__init__"]
+                          + [p.parent.name for p in (ROOT / "integrations").glob("*/__init__.py")])
     code = (
         "import importlib, sys, aiocrypt, aiocrypt.integrations as pkg\n"
         f"assert pkg.__file__.startswith({str(target)!r}), pkg.__file__\n"

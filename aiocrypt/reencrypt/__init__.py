@@ -35,6 +35,7 @@ from ._asyncpg import AsyncpgDatabase
 from ._database import (
     CHECKPOINT_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
+    PendingRowsDatabase,
     ReencryptionDatabase,
     census_from_rows,
     census_sql,
@@ -43,6 +44,7 @@ from ._database import (
     checkpoint_upsert_sql,
     checkpoint_values,
     pending_condition,
+    pending_counts_sql,
 )
 from ._engine import ReencryptionEngine
 from ._specs import (
@@ -68,6 +70,7 @@ __all__ = [
     "Checkpoint",
     "ColumnSpec",
     "KeyRange",
+    "PendingRowsDatabase",
     "ReencryptionDatabase",
     "ReencryptionEngine",
     "ReencryptionError",
@@ -84,6 +87,7 @@ __all__ = [
     "checkpoint_values",
     "parse_legacy",
     "pending_condition",
+    "pending_counts_sql",
     "quote_identifier",
     "row_context",
 ]

@@ -26,6 +26,7 @@ from ._database import (
     checkpoint_upsert_sql,
     checkpoint_values,
     pending_condition,
+    pending_counts_sql,
 )
 from ._specs import Checkpoint, TableCensus, TableSpec, WriteBatch, quote_identifier
 
@@ -248,6 +249,13 @@ class AsyncpgDatabase:
                 f"SELECT count(*) FROM {quote_identifier(table.name)}{where}",  # noqa: S608
                 *(prefixes or ()))
             return count
+
+    async def count_pending(self, table: TableSpec, prefixes: Sequence[str],
+                            bounds: Sequence[Any]) -> list[int]:
+        async with self._connected():
+            row = await self._reader.fetchrow(
+                pending_counts_sql(table, len(bounds), lambda i: f"${i}"), *prefixes, *bounds)
+            return [int(n) for n in row]
 
     async def boundaries(self, table: TableSpec, shards: int) -> list[Any]:
         async with self._connected():

@@ -1,5 +1,6 @@
 """The database side of the engine: the ``ReencryptionDatabase`` protocol and the SQL
-every adapter shares (checkpoint table, the pending-rows condition, the census),
+every adapter shares (checkpoint table, the pending-rows condition and counts, the
+census),
 written once here and used by the asyncpg adapter, the SQLAlchemy adapter and the
 ARQ jobs."""
 
@@ -46,6 +47,15 @@ class ReencryptionDatabase(Protocol):
     async def boundaries(self, table: TableSpec, shards: int) -> list[Any]: ...
 
     async def close(self) -> None: ...
+
+
+class PendingRowsDatabase(ReencryptionDatabase, Protocol):
+    """A database that also counts the rows still to move per primary-key range
+    (:func:`pending_counts_sql`): what a planner of shards (the ARQ jobs) needs to
+    size them. Implemented by :class:`AsyncpgDatabase`."""
+
+    async def count_pending(self, table: TableSpec, prefixes: Sequence[str],
+                            bounds: Sequence[Any]) -> list[int]: ...
 
 
 def checkpoint_ddl(table: str, *, timestamp_type: str = "TIMESTAMP") -> str:
@@ -96,6 +106,26 @@ def pending_condition(table: TableSpec, prefix_params: Sequence[str]) -> str:
         col = quote_identifier(column.name)
         parts.append(f"({col} IS NOT NULL AND substr({col}, 1, length({param})) <> {param})")
     return "(" + " OR ".join(parts) + ")"
+
+
+def pending_counts_sql(table: TableSpec, bounds: int,
+                       placeholder: Callable[[int], str]) -> str:
+    """One row of ``bounds + 1`` counts: the rows still to move in each primary-key range
+    cut at ``bounds`` inner boundaries. Parameters: each column's target prefix
+    (``placeholder(1)`` to ``placeholder(n)``), then the boundaries in order."""
+    tbl, pk = quote_identifier(table.name), quote_identifier(table.primary_key)
+    n = len(table.columns)
+    counts = []
+    for i in range(bounds + 1):
+        parts = []
+        if i > 0:
+            parts.append(f"{pk} > {placeholder(n + i)}")
+        if i < bounds:
+            parts.append(f"{pk} <= {placeholder(n + i + 1)}")
+        counts.append(f"count(CASE WHEN {' AND '.join(parts)} THEN 1 END)" if parts
+                      else "count(*)")
+    condition = pending_condition(table, [placeholder(i + 1) for i in range(n)])
+    return f"SELECT {', '.join(counts)} FROM {tbl} WHERE {condition}"  # noqa: S608
 
 
 def census_sql(table: TableSpec, key_id_expr: Callable[[str], str]) -> str:

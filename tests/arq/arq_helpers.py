@@ -18,7 +18,7 @@ from arq.jobs import Job
 from aiocrypt import ColumnSpec, EncryptionConfig, KeyManager, KeyStateError, KeyType, TableSpec
 from aiocrypt._format import text_prefix
 from aiocrypt._keys import utcnow
-from aiocrypt.integrations._arq_status import ReencryptionStatus, StatusStore
+from aiocrypt.integrations.arq.status import ReencryptionStatus, StatusStore
 from aiocrypt.kek import LocalKekProvider
 from aiocrypt.keystore import FileKeyStore
 

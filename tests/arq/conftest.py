@@ -24,7 +24,7 @@ from arq.connections import ArqRedis, RedisSettings
 from arq_helpers import SHORT_POLICY, ArqSetup
 
 from aiocrypt import EncryptionConfig
-from aiocrypt.integrations._arq_codec import codec_settings
+from aiocrypt.integrations.arq.codec import codec_settings
 
 
 @pytest.fixture

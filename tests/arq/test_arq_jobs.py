@@ -30,8 +30,9 @@ from aiocrypt import (
 )
 from aiocrypt.cli import main as cli_main
 from aiocrypt.integrations import arq as aiocrypt_arq
-from aiocrypt.integrations._arq_jobs import describe, is_transient, shutdown, startup
-from aiocrypt.integrations._arq_status import ShardStatus, StatusStore, redis_lock
+from aiocrypt.integrations.arq.failures import describe, is_transient
+from aiocrypt.integrations.arq.state import shutdown, startup
+from aiocrypt.integrations.arq.status import ShardStatus, StatusStore, redis_lock
 from aiocrypt.integrations.arq import (
     STATE_KEY,
     ArqWorkerConfig,

@@ -23,7 +23,7 @@ from arq.jobs import deserialize_result
 from arq_helpers import TWO_DAYS_AGO, ArqSetup, check_users, job, make_users, users_spec
 
 from aiocrypt import AsyncpgDatabase, KeyStatus, KeyType, ReencryptionEngine
-from aiocrypt.integrations._arq_status import StatusStore
+from aiocrypt.integrations.arq.status import StatusStore
 from aiocrypt.integrations.arq import (
     ArqWorkerConfig,
     JobFailedError,

@@ -64,7 +64,7 @@ async def test_keys_stats_labels_reserved_usage(cli: Cli, cli_env: dict[str, str
 async def test_jobs_status_piped_prints_whole_job_ids(cli: Cli, redis_url: str) -> None:
     from redis.asyncio import Redis
 
-    from aiocrypt.integrations._arq_status import StatusStore
+    from aiocrypt.integrations.arq.status import StatusStore
 
     prefix = f"aiocrypt-test-{secrets.token_hex(4)}"
     job_id = "reencrypt-financial_data-v1-" + secrets.token_hex(24)

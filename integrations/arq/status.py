@@ -27,12 +27,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from .config import ArqWorkerConfig
+
 __all__ = [
     "ReencryptionStatus",
     "LockState",
     "ShardStatus",
     "StatusStore",
+    "now_iso",
     "redis_lock",
+    "reencryption_status",
 ]
 
 SHARD_STATES: Final = ("queued", "running", "retrying", "done", "failed")
@@ -315,3 +319,13 @@ async def redis_lock(redis: Any, key: str, *, ttl: float, owner: str) \
         yield LockState(True, owner)
     finally:
         await redis.eval(_RELEASE_SCRIPT, 1, key, token)
+
+
+async def reencryption_status(redis: Any, job_or_key_id: str, *,
+                              config: ArqWorkerConfig | None = None) \
+        -> ReencryptionStatus | None:
+    """The status of a re-encryption job, by its id or by the old key's id."""
+    cfg = config if config is not None else ArqWorkerConfig.from_env()
+    store = StatusStore(redis, cfg.key_prefix, ttl=cfg.status_ttl)
+    job_id = await store.resolve(job_or_key_id)
+    return None if job_id is None else await store.read(job_id)

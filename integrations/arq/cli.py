@@ -27,8 +27,8 @@ from aiocrypt import AiocryptError, ConfigurationError, KeyType
 from aiocrypt._cli_base import key_type_param
 from aiocrypt._urls import redact_url
 
-from ._arq_config import ArqWorkerConfig
-from ._arq_status import ReencryptionStatus, ShardStatus, StatusStore
+from .config import ArqWorkerConfig
+from .status import ReencryptionStatus, ShardStatus, StatusStore
 
 __all__ = ["jobs", "plain_jobs", "render_job", "render_jobs"]
 
@@ -108,7 +108,7 @@ def _with_arq(work: Callable[[Any, ArqWorkerConfig], Awaitable[T]]) -> T:
     cfg = _config()
 
     async def main() -> T:
-        from .arq import create_job_pool
+        from .worker import create_job_pool
 
         async with _queue_redis(cfg):
             await _ping(cfg)
@@ -286,7 +286,7 @@ def _enqueued(function: str, job_id: Any, as_json: bool, human: str) -> None:
 @_json_option
 def rotate(key_type: KeyType, force: bool, as_json: bool) -> None:
     """Enqueue rotate_key_manual(KEY_TYPE): rotate, then re-encrypt the old key's data."""
-    from .arq import enqueue_rotation
+    from .rotation import enqueue_rotation
 
     job = _with_arq(lambda redis, cfg: enqueue_rotation(redis, key_type, force=force))
     _enqueued("rotate_key_manual", job, as_json,
@@ -303,7 +303,7 @@ def rotate(key_type: KeyType, force: bool, as_json: bool) -> None:
 def reencrypt(key_type: KeyType, old_key_id: str, batch_size: int | None,
               shards: int | None, as_json: bool = False) -> None:
     """Enqueue the re-encryption of KEY_TYPE data off OLD_KEY_ID (resumes a failed one)."""
-    from ._arq_jobs import enqueue_reencryption
+    from .reencryption import enqueue_reencryption
 
     job_id = _with_arq(lambda redis, cfg: enqueue_reencryption(
         redis, key_type, old_key_id, config=cfg, batch_size=batch_size, shards=shards))
@@ -328,7 +328,7 @@ def rotate_due(as_json: bool) -> None:
 @_json_option
 def cleanup(as_json: bool) -> None:
     """Enqueue cleanup_expired_keys now (what the weekly cron job runs)."""
-    from .arq import enqueue_cleanup
+    from .cleanup import enqueue_cleanup
 
     job_id = _with_arq(lambda redis, cfg: enqueue_cleanup(redis))
     _enqueued("cleanup_expired_keys", job_id, as_json,

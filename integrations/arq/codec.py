@@ -39,6 +39,8 @@ from arq.worker import JobExecutionFailed, Worker
 
 from aiocrypt import ConfigurationError
 
+from .failures import JobFailedError, ShardIncompleteError
+
 __all__ = [
     "check_pool",
     "check_worker",
@@ -57,17 +59,24 @@ def _name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: The names aiocrypt's job errors were sent under before the ARQ integration became a
+#: package, still read back as those classes (a result written by an older worker).
+_FORMER_NAMES: Final = {"aiocrypt.integrations._arq_jobs.JobFailedError": JobFailedError,
+                        "aiocrypt.integrations._arq_jobs.ShardIncompleteError":
+                            ShardIncompleteError}
+
+
 @functools.cache
 def _known_errors() -> Mapping[str, Callable[[str], BaseException]]:
     # The classes a failed job's exception comes back as, by the name it was sent
     # under; each is built with its message only: nothing read from Redis chooses
-    # code to run. (Imported here: the jobs module imports this one.)
-    from ._arq_jobs import JobFailedError, ShardIncompleteError
-
-    return {_name(cls): cls for cls in (JobFailedError, ShardIncompleteError,
-                                        JobExecutionFailed, SerializationError,
-                                        DeserializationError, asyncio.CancelledError,
-                                        TimeoutError)}
+    # code to run.
+    known: dict[str, Callable[[str], BaseException]] = dict(_FORMER_NAMES)
+    known.update({_name(cls): cls for cls in (JobFailedError, ShardIncompleteError,
+                                              JobExecutionFailed, SerializationError,
+                                              DeserializationError, asyncio.CancelledError,
+                                              TimeoutError)})
+    return known
 
 
 def _plain(value: Any) -> Any:

@@ -1,101 +1,33 @@
-"""ARQ workers for aiocrypt: scheduled and manual key rotation, re-encryption shared by
-many workers, cleanup of expired keys.
-
-Run the ready worker (settings from ``ENCRYPTION_*`` / ``ENCRYPTION_ARQ_*``)::
-
-    arq aiocrypt.integrations.arq.WorkerSettings
-
-or add aiocrypt's jobs to your own worker::
-
-    from aiocrypt.integrations.arq import merge_into
-
-    class WorkerSettings:
-        functions = [send_invoice]
-        on_startup = startup
-
-    merge_into(WorkerSettings)           # functions, cron jobs, startup/shutdown chained
-
-and enqueue from the application (identifiers only, never plaintext or keys)::
-
-    redis = await create_job_pool(config)
-    await enqueue_rotation(redis, "financial_data", force=True)
-    status = await reencryption_status(redis, "reencrypt-financial_data-v1-1a2b3c4d")
-
-Jobs: ``rotate_keys_scheduled`` (cron, daily at 02:00), ``cleanup_expired_keys``
-(cron, Sundays at 03:00), ``rotate_key_manual(key_type, force=False)``,
-``reencrypt_data_with_new_key(key_type, old_key_id, batch_size=1000)`` (plans
-primary-key shards and enqueues ``reencrypt_shard`` jobs, one per shard, so every
-worker on the queue takes a share). See docs/arq.md.
-
-Jobs and results travel as JSON, never pickle (``job_serializer`` /
-``job_deserializer``): a worker that would unpickle refuses to start, and the
-enqueue functions refuse a pool that would pickle.
-"""
+"""aiocrypt's jobs as arq worker settings: its functions and cron jobs, a ready
+settings dict, merging into an application's worker, and the JSON pool that
+enqueues them."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-try:
-    import arq
-    from arq import cron, func
-    from arq.connections import ArqRedis
-    from arq.cron import CronJob
-    from arq.worker import Function
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("aiocrypt.integrations.arq needs arq: pip install 'aiocrypt[arq]'") \
-        from exc
+import arq
+from arq import cron, func
+from arq.connections import ArqRedis
+from arq.cron import CronJob
+from arq.worker import Function
 
 from aiocrypt import ConfigurationError
-from aiocrypt._types import KeyType, KeyTypeLike
 
-from ._arq_codec import check_pool, codec_problem, codec_settings, job_deserializer, job_serializer
-from ._arq_config import ArqWorkerConfig, Schedule
-from ._arq_jobs import (
-    STATE_KEY,
-    JobFailedError,
-    ShardIncompleteError,
-    WorkerState,
-    cleanup_expired_keys,
-    enqueue_reencryption,
-    reencrypt_data_with_new_key,
-    reencrypt_shard,
-    reencryption_job_id,
-    rotate_key_manual,
-    rotate_keys_scheduled,
-    shutdown,
-    startup,
-)
-from ._arq_status import ReencryptionStatus, ShardStatus, StatusStore
+from .cleanup import cleanup_expired_keys
+from .codec import codec_problem, codec_settings
+from .config import ArqWorkerConfig
+from .reencryption import reencrypt_data_with_new_key, reencrypt_shard
+from .rotation import rotate_key_manual, rotate_keys_scheduled
+from .state import shutdown, startup
 
 __all__ = [
-    "STATE_KEY",
-    "ArqWorkerConfig",
-    "JobFailedError",
-    "ReencryptionStatus",
-    "Schedule",
-    "ShardIncompleteError",
-    "ShardStatus",
-    "WorkerSettings",
-    "WorkerState",
     "aiocrypt_worker_settings",
-    "cleanup_expired_keys",
     "create_job_pool",
     "cron_jobs",
-    "enqueue_cleanup",
-    "enqueue_reencryption",
-    "enqueue_rotation",
     "functions",
-    "job_deserializer",
-    "job_serializer",
     "merge_into",
-    "reencrypt_data_with_new_key",
-    "reencrypt_shard",
-    "reencryption_job_id",
-    "reencryption_status",
-    "rotate_key_manual",
-    "rotate_keys_scheduled",
 ]
 
 Ctx = dict[str, Any]
@@ -238,9 +170,6 @@ def merge_into(settings: S, config: ArqWorkerConfig | None = None) -> S:
     return settings
 
 
-# -- enqueueing and status, for the application and the CLI ------------------------
-
-
 async def create_job_pool(config: ArqWorkerConfig | None = None, **kwargs: Any) -> ArqRedis:
     """An arq pool that enqueues (and reads results) as JSON, on ``config``'s Redis and
     queue: what :func:`enqueue_rotation` and the other enqueue functions need.
@@ -251,53 +180,3 @@ async def create_job_pool(config: ArqWorkerConfig | None = None, **kwargs: Any) 
     cfg = config if config is not None else ArqWorkerConfig.from_env()
     kwargs.setdefault("default_queue_name", cfg.queue_name)
     return await arq.create_pool(cfg.redis_settings(), **kwargs, **codec_settings())
-
-
-async def enqueue_rotation(redis: Any, key_type: KeyTypeLike, *, force: bool = False,
-                           queue_name: str | None = None) -> str | None:
-    """Enqueue ``rotate_key_manual``; return the arq job id (None if already queued).
-
-    ``redis`` is a pool from :func:`create_job_pool` (or one made with aiocrypt's
-    ``job_serializer``): another pool raises ``ConfigurationError``.
-    """
-    check_pool(redis)
-    job = await redis.enqueue_job("rotate_key_manual", KeyType(key_type).value, force,
-                                  _queue_name=queue_name)
-    return None if job is None else str(job.job_id)
-
-
-async def enqueue_cleanup(redis: Any, *, queue_name: str | None = None) -> str | None:
-    """Enqueue ``cleanup_expired_keys`` now (besides its weekly cron run)."""
-    check_pool(redis)
-    job = await redis.enqueue_job("cleanup_expired_keys", _queue_name=queue_name)
-    return None if job is None else str(job.job_id)
-
-
-async def reencryption_status(redis: Any, job_or_key_id: str, *,
-                              config: ArqWorkerConfig | None = None) \
-        -> ReencryptionStatus | None:
-    """The status of a re-encryption job, by its id or by the old key's id."""
-    cfg = config if config is not None else ArqWorkerConfig.from_env()
-    store = StatusStore(redis, cfg.key_prefix, ttl=cfg.status_ttl)
-    job_id = await store.resolve(job_or_key_id)
-    return None if job_id is None else await store.read(job_id)
-
-
-_worker_settings: type | None = None
-
-if TYPE_CHECKING:
-    WorkerSettings: Any  # a class built from aiocrypt_worker_settings() on first use
-
-
-def __getattr__(name: str) -> Any:
-    # Built on first use, so that importing this module (to enqueue, or for the CLI)
-    # never fails on a worker-only setting, and the worker reads its environment once.
-    global _worker_settings
-    if name == "WorkerSettings":
-        if _worker_settings is None:
-            _worker_settings = type("WorkerSettings", (), {
-                "__doc__": "aiocrypt's ready worker: `arq aiocrypt.integrations.arq."
-                           "WorkerSettings` (settings from the environment).",
-                "__module__": __name__, **aiocrypt_worker_settings()})
-        return _worker_settings
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -44,6 +44,7 @@ from .._errors import (
 from .._keys import EncryptionKey
 from ..kek._base import KekProvider
 from ._base import KeySet, KeyStore, decode_records, merge
+from ._subjects_file import FileSubjectKeyStore
 
 __all__ = ["FileKeyStore"]
 
@@ -101,6 +102,7 @@ class FileKeyStore(KeyStore):
         self._poll = lock_poll_interval
         self._mac_key: bytes | None = None
         self._mac_key_wrapped: bytes | None = None
+        self._subjects: FileSubjectKeyStore | None = None
 
     def __repr__(self) -> str:
         return f"<FileKeyStore {str(self.path)!r}>"
@@ -269,6 +271,13 @@ class FileKeyStore(KeyStore):
             replace_file(target, payload)
         except OSError as exc:
             raise KeyStoreError(f"cannot write {target}: {exc.strerror}") from None
+
+    def subject_store(self) -> FileSubjectKeyStore:
+        """Subject keys in ``.<name>.subjects.json`` beside the key file (docs/subjects.md)."""
+        if self._subjects is None:
+            self._subjects = FileSubjectKeyStore(
+                self.path.with_name(f".{self.path.name}.subjects.json"))
+        return self._subjects
 
     # -- usage counters -----------------------------------------------------
 

@@ -48,6 +48,7 @@ from .._errors import (
 from .._keys import EncryptionKey
 from .._urls import redact_url, scrub
 from ._base import KeySet, KeyStore, decode_records, encode_record
+from ._subjects_postgres import PostgresSubjectKeyStore
 
 __all__ = ["PostgresKeyStore", "from_config"]
 
@@ -135,6 +136,7 @@ class PostgresKeyStore(KeyStore):
         self._sql = _statements(schema)
         self._open_lock = asyncio.Lock()
         self._migrated = False
+        self._subjects: PostgresSubjectKeyStore | None = None
 
     def __repr__(self) -> str:
         return f"<PostgresKeyStore {self._where} schema={self.schema!r}>"
@@ -201,6 +203,7 @@ class PostgresKeyStore(KeyStore):
         with self._translate("drop schema"):
             await pool.execute(self._sql["drop"])
         self._migrated = False
+        self._subjects = None
 
     async def _connect(self) -> Any:
         """A connection of its own (for the lock and LISTEN): from the DSN, else the pool."""
@@ -232,6 +235,12 @@ class PostgresKeyStore(KeyStore):
         keys = decode_records((row["record"] for row in rows if row["record"] is not None),
                               f"PostgreSQL key store {self._where} (schema {self.schema!r})")
         return KeySet(int(rows[0]["revision"]), keys, rows[0]["seal"])
+
+    def subject_store(self) -> PostgresSubjectKeyStore:
+        """Subject keys in this schema's ``subject_keys`` table (docs/subjects.md)."""
+        if self._subjects is None:
+            self._subjects = PostgresSubjectKeyStore(self)
+        return self._subjects
 
     async def revision(self) -> int:
         pool = await self._ready()

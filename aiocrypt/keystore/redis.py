@@ -51,6 +51,7 @@ from .._errors import (
 from .._keys import EncryptionKey
 from .._urls import redact_url, scrub
 from ._base import KeySet, KeyStore, decode_records, encode_record
+from ._subjects_redis import RedisSubjectKeyStore
 
 __all__ = ["RedisKeyStore", "from_config"]
 
@@ -144,6 +145,7 @@ class RedisKeyStore(KeyStore):
         self._release_script = self._redis.register_script(_RELEASE)
         # locks whose release failed (Redis was down): released before the next attempt
         self._unreleased: dict[str, str] = {}
+        self._subjects: RedisSubjectKeyStore | None = None
 
     def __repr__(self) -> str:
         return f"<RedisKeyStore {self._where} prefix={self.prefix!r}>"
@@ -173,9 +175,16 @@ class RedisKeyStore(KeyStore):
         """Delete everything stored under this prefix (tests, decommissioning)."""
         with self._translate("drop"):
             names = [self._k_keys, self._k_revision, self._k_usage, self._k_seal]
-            async for name in self._redis.scan_iter(match=f"{self._glob_prefix()}lock:*"):
-                names.append(name)
+            for pattern in ("lock:*", "subjects:*"):
+                async for name in self._redis.scan_iter(match=f"{self._glob_prefix()}{pattern}"):
+                    names.append(name)
             await self._redis.delete(*names)
+
+    def subject_store(self) -> RedisSubjectKeyStore:
+        """Subject keys under ``<prefix>subjects:`` (docs/subjects.md)."""
+        if self._subjects is None:
+            self._subjects = RedisSubjectKeyStore(self)
+        return self._subjects
 
     def _glob_prefix(self) -> str:
         return "".join(f"\\{c}" if c in "*?[]\\" else c for c in self.prefix)

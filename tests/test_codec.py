@@ -42,7 +42,8 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
     if isinstance(a, dt.datetime):
-        return a == b and a.utcoffset() == b.utcoffset()
+        same_offset: bool = a.utcoffset() == b.utcoffset()
+        return a == b and same_offset
     if isinstance(a, float) and math.isnan(a):
         return math.isnan(b)
     return bool(a == b)

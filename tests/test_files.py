@@ -8,6 +8,7 @@ import os
 import stat
 import tracemalloc
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -16,6 +17,13 @@ from aiocrypt.testing import make_service
 
 SEG = 1024
 MIB = 1024 * 1024
+
+
+class _Where(TypedDict):
+    """The decrypt_file arguments a damage case may change."""
+
+    context: str
+    key_type: str
 
 
 def mode(path: Path) -> int:
@@ -96,7 +104,7 @@ async def test_failed_decrypt_leaves_no_plaintext(service: EncryptionService, tm
     write_random(src, 20 * SEG + 100)
     await service.encrypt_file(src, enc, "financial_data", context="f", segment_size=SEG)
     sealed = bytearray(enc.read_bytes())
-    kwargs: dict[str, str] = {"context": "f", "key_type": "financial_data"}
+    kwargs: _Where = {"context": "f", "key_type": "financial_data"}
     if damage == "flip-middle":
         sealed[len(sealed) // 2] ^= 1
     elif damage == "flip-last":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
@@ -46,14 +48,23 @@ except ImportError:  # plain `pytest` with rootdir-less sys.path: tests/ itself 
         start_moto_kms_server,
         start_vault_server,
     )
-    from kms_servers.gcp import crc32c  # type: ignore[no-redef]
+    from kms_servers.gcp import crc32c
+
+if TYPE_CHECKING:  # the servers' types, as mypy sees tests/kms_servers (as kms_servers)
+    from kms_servers import ServerBase
+    from kms_servers.azure import AzureKeyVaultServer
+    from kms_servers.gcp import GcpKmsServer
+    from kms_servers.moto_kms import MotoKmsServer
+    from kms_servers.vault import VaultTransitServer
+
+_Server = TypeVar("_Server", bound="ServerBase")
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _fresh(server):
+def _fresh(server: _Server) -> _Server:
     server.access_denied = False
     server.denied_operations = set()
     server.calls.reset()
@@ -64,60 +75,60 @@ def _fresh(server):
 
 
 @pytest.fixture(scope="module")
-def _vault_server():
+def _vault_server() -> Iterator[VaultTransitServer]:
     with start_vault_server() as server:
         yield server
 
 
 @pytest.fixture
-def vault(_vault_server):
+def vault(_vault_server: VaultTransitServer) -> VaultTransitServer:
     return _fresh(_vault_server)
 
 
 @pytest.fixture
-def vault_client(vault):
+def vault_client(vault: VaultTransitServer) -> Iterator[Any]:  # an hvac.Client (untyped)
     client = hvac.Client(url=vault.url, token=vault.token)
     yield client
     client.adapter.close()
 
 
 @pytest.fixture(scope="module")
-def _azure_server():
+def _azure_server() -> Iterator[AzureKeyVaultServer]:
     with start_azure_keyvault_server() as server:
         yield server
 
 
 @pytest.fixture
-def azure_kv(_azure_server):
+def azure_kv(_azure_server: AzureKeyVaultServer) -> AzureKeyVaultServer:
     return _fresh(_azure_server)
 
 
 @pytest.fixture(scope="module")
-def _gcp_server():
+def _gcp_server() -> Iterator[GcpKmsServer]:
     with start_gcp_kms_server() as server:
         yield server
 
 
 @pytest.fixture
-def gcp_kms(_gcp_server):
+def gcp_kms(_gcp_server: GcpKmsServer) -> GcpKmsServer:
     return _fresh(_gcp_server)
 
 
 @pytest.fixture(scope="module")
-def _moto_server():
+def _moto_server() -> Iterator[MotoKmsServer]:
     with start_moto_kms_server() as server:
         yield server
 
 
 @pytest.fixture
-def moto_kms(_moto_server):
+def moto_kms(_moto_server: MotoKmsServer) -> MotoKmsServer:
     return _fresh(_moto_server)
 
 
 # ----------------------------------------------------------------- Vault (hvac)
 
 
-def test_vault_health_and_token_check(vault, vault_client):
+def test_vault_health_and_token_check(vault: VaultTransitServer, vault_client: Any) -> None:
     assert vault_client.is_authenticated() is True
     assert hvac.Client(url=vault.url, token="hvs.wrong").is_authenticated() is False
     health = vault_client.sys.read_health_status(method="GET")
@@ -132,7 +143,8 @@ def test_vault_health_and_token_check(vault, vault_client):
     assert vault.calls["encrypt"] == 0  # rejected before reaching the operation
 
 
-def test_vault_derived_key_roundtrip_and_wrong_context(vault, vault_client):
+def test_vault_derived_key_roundtrip_and_wrong_context(
+        vault: VaultTransitServer, vault_client: Any) -> None:
     transit = vault_client.secrets.transit
     transit.create_key("derived-kek", derived=True)
     ctx = _b64(b"tenant-a/users/email")
@@ -168,7 +180,8 @@ def test_vault_derived_key_roundtrip_and_wrong_context(vault, vault_client):
     assert vault.calls["decrypt"] == 3
 
 
-def test_vault_rotation_and_min_decryption_version(vault, vault_client):
+def test_vault_rotation_and_min_decryption_version(
+        vault: VaultTransitServer, vault_client: Any) -> None:
     transit = vault_client.secrets.transit
     transit.create_key("rotating-kek")
     old = transit.encrypt_data("rotating-kek", plaintext=_b64(b"old dek"))["data"]["ciphertext"]
@@ -198,7 +211,7 @@ def test_vault_rotation_and_min_decryption_version(vault, vault_client):
     assert vault.calls["rotate_key"] == 1 and vault.calls["update_key_config"] == 1
 
 
-def test_vault_unknown_key_and_access_denied(vault, vault_client):
+def test_vault_unknown_key_and_access_denied(vault: VaultTransitServer, vault_client: Any) -> None:
     transit = vault_client.secrets.transit
     with pytest.raises(hvac.exceptions.InvalidPath):
         transit.read_key("no-such-key")
@@ -215,7 +228,7 @@ def test_vault_unknown_key_and_access_denied(vault, vault_client):
     assert vault.calls["encrypt"] == 1
 
 
-def test_vault_custom_mount_point(vault, vault_client):
+def test_vault_custom_mount_point(vault: VaultTransitServer, vault_client: Any) -> None:
     vault_client.sys.enable_secrets_engine("transit", path="aiocrypt-transit")
     transit = vault_client.secrets.transit
     transit.create_key("kek", mount_point="aiocrypt-transit")
@@ -234,7 +247,7 @@ def test_vault_custom_mount_point(vault, vault_client):
 
 
 @pytest.mark.asyncio
-async def test_azure_create_wrap_unwrap_with_challenge(azure_kv):
+async def test_azure_create_wrap_unwrap_with_challenge(azure_kv: AzureKeyVaultServer) -> None:
     credential = azure_kv.async_credential()
     async with KeyClient(azure_kv.url, credential, **azure_kv.client_kwargs) as keys:
         key = await keys.create_rsa_key("aiocrypt-kek", size=2048)
@@ -258,7 +271,7 @@ async def test_azure_create_wrap_unwrap_with_challenge(azure_kv):
 
 
 @pytest.mark.asyncio
-async def test_azure_remote_wrap_when_get_is_forbidden(azure_kv):
+async def test_azure_remote_wrap_when_get_is_forbidden(azure_kv: AzureKeyVaultServer) -> None:
     key_id = azure_kv.create_rsa_key("wrap-only-kek")
     azure_kv.denied_operations = {"get_key"}
     credential = azure_kv.async_credential()
@@ -272,7 +285,7 @@ async def test_azure_remote_wrap_when_get_is_forbidden(azure_kv):
 
 
 @pytest.mark.asyncio
-async def test_azure_access_denied_is_403(azure_kv):
+async def test_azure_access_denied_is_403(azure_kv: AzureKeyVaultServer) -> None:
     key_id = azure_kv.create_rsa_key("denied-kek")
     azure_kv.access_denied = True
     async with CryptographyClient(
@@ -286,8 +299,9 @@ async def test_azure_access_denied_is_403(azure_kv):
 
 
 @pytest.mark.asyncio
-async def test_azure_wrong_token_and_bad_ciphertext(azure_kv):
+async def test_azure_wrong_token_and_bad_ciphertext(azure_kv: AzureKeyVaultServer) -> None:
     key_id = azure_kv.create_rsa_key("auth-kek")
+    info: pytest.ExceptionInfo[HttpResponseError]  # a ClientAuthenticationError, then a 400
     async with CryptographyClient(
         key_id, azure_kv.async_credential("not-the-token"), **azure_kv.client_kwargs
     ) as c:
@@ -311,7 +325,7 @@ async def test_azure_wrong_token_and_bad_ciphertext(azure_kv):
 
 
 @pytest.mark.asyncio
-async def test_azure_rotation_keeps_old_versions(azure_kv):
+async def test_azure_rotation_keeps_old_versions(azure_kv: AzureKeyVaultServer) -> None:
     credential = azure_kv.async_credential()
     async with KeyClient(azure_kv.url, credential, **azure_kv.client_kwargs) as keys:
         v1 = await keys.create_rsa_key("rotating-kek", size=2048)
@@ -329,7 +343,8 @@ async def test_azure_rotation_keeps_old_versions(azure_kv):
 # ----------------------------------------------------------------- GCP Cloud KMS (grpc.aio)
 
 
-async def _gcp_key(client, ring_id: str, key_id: str) -> str:
+async def _gcp_key(
+        client: kms_v1.KeyManagementServiceAsyncClient, ring_id: str, key_id: str) -> str:
     ring = await client.create_key_ring(
         request={
             "parent": "projects/test-project/locations/global",
@@ -345,11 +360,12 @@ async def _gcp_key(client, ring_id: str, key_id: str) -> str:
         }
     )
     assert key.primary.name == f"{key.name}/cryptoKeyVersions/1"
-    return key.name
+    name: str = key.name
+    return name
 
 
 @pytest.mark.asyncio
-async def test_gcp_encrypt_decrypt_crc32c_and_aad(gcp_kms):
+async def test_gcp_encrypt_decrypt_crc32c_and_aad(gcp_kms: GcpKmsServer) -> None:
     client = gcp_kms.async_client()
     try:
         name = await _gcp_key(client, "ring-a", "kek")
@@ -414,7 +430,7 @@ async def test_gcp_encrypt_decrypt_crc32c_and_aad(gcp_kms):
 
 
 @pytest.mark.asyncio
-async def test_gcp_rotation_decrypts_old_ciphertext(gcp_kms):
+async def test_gcp_rotation_decrypts_old_ciphertext(gcp_kms: GcpKmsServer) -> None:
     client = gcp_kms.async_client()
     try:
         name = await _gcp_key(client, "ring-rot", "kek")
@@ -441,7 +457,7 @@ async def test_gcp_rotation_decrypts_old_ciphertext(gcp_kms):
 
 
 @pytest.mark.asyncio
-async def test_gcp_not_found_and_permission_denied(gcp_kms):
+async def test_gcp_not_found_and_permission_denied(gcp_kms: GcpKmsServer) -> None:
     client = gcp_kms.async_client()
     try:
         name = await _gcp_key(client, "ring-deny", "kek")
@@ -464,7 +480,7 @@ async def test_gcp_not_found_and_permission_denied(gcp_kms):
 
 
 @pytest.mark.asyncio
-async def test_moto_kms_roundtrip_context_and_counts(moto_kms):
+async def test_moto_kms_roundtrip_context_and_counts(moto_kms: MotoKmsServer) -> None:
     async with get_session().create_client("kms", **moto_kms.client_kwargs) as kms:
         key_id = (await kms.create_key(Description="aiocrypt test KEK"))["KeyMetadata"]["KeyId"]
         dek = os.urandom(32)
@@ -496,7 +512,7 @@ async def test_moto_kms_roundtrip_context_and_counts(moto_kms):
 
 
 @pytest.mark.asyncio
-async def test_moto_kms_access_denied(moto_kms):
+async def test_moto_kms_access_denied(moto_kms: MotoKmsServer) -> None:
     async with get_session().create_client("kms", **moto_kms.client_kwargs) as kms:
         key_id = (await kms.create_key())["KeyMetadata"]["KeyId"]
         blob = (await kms.encrypt(KeyId=key_id, Plaintext=b"dek"))["CiphertextBlob"]

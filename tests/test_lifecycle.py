@@ -79,7 +79,7 @@ async def test_policy_rotation_expiry_and_grace() -> None:
 
 async def test_active_key_past_max_age_rotates_even_without_auto_rotation() -> None:
     clock = Clock()
-    config = EncryptionConfig(rotation_policies={"pii": {
+    config = EncryptionConfig(rotation_policies={"pii": {  # type: ignore[dict-item]  # a dict, read by from_dict
         "rotation_interval_days": 10, "max_key_age_days": 20, "auto_rotation": False}})
     async with build(clock, config) as service:
         manager = service.key_manager
@@ -340,8 +340,9 @@ def test_usage_block_leaves_headroom() -> None:
     from aiocrypt._config import KeyRotationPolicy
     from aiocrypt._policy import usage_block
 
-    assert usage_block(KeyRotationPolicy("pii", max_encryptions=100), 65536) == 12
-    assert usage_block(KeyRotationPolicy("pii"), 65536) == 65536
+    # "pii" is coerced to KeyType
+    assert usage_block(KeyRotationPolicy("pii", max_encryptions=100), 65536) == 12  # type: ignore[arg-type]
+    assert usage_block(KeyRotationPolicy("pii"), 65536) == 65536  # type: ignore[arg-type]
 
 
 class _Rival:
@@ -352,11 +353,11 @@ class _Rival:
     rounds_left = 0
 
     async def add_usage(self, increments: Mapping[str, int]) -> dict[str, int]:
-        store = super()
+        store = super()  # the store class this is mixed into, which mypy does not see
         if self.rounds_left:
             self.rounds_left -= 1
-            await store.add_usage(dict.fromkeys(increments, self.limit))  # type: ignore[misc]
-        return await store.add_usage(increments)  # type: ignore[misc,no-any-return]
+            await store.add_usage(dict.fromkeys(increments, self.limit))  # type: ignore[attr-defined]
+        return await store.add_usage(increments)  # type: ignore[attr-defined,no-any-return]
 
 
 class _RivalMemoryStore(_Rival, MemoryKeyStore):
@@ -399,7 +400,7 @@ async def test_usage_reservation_outlasts_a_rival_that_wins_many_rounds(
     # CI once saw a worker lose six rounds in a row under a tiny limit (three processes,
     # limit 40) and give up with KeyStateError; losing rounds is fleet progress, not failure.
     sink = MemoryAuditSink()
-    config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": 40}})
+    config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": 40}})  # type: ignore[dict-item]  # a dict, read by KeyRotationPolicy.from_dict
     store = rival_store(40, lost_rounds)
     manager = KeyManager(store, FakeKekProvider(), config, refresh_interval=0.0, watch=False,
                          auditor=Auditor([sink]))
@@ -416,7 +417,7 @@ async def test_usage_reservation_outlasts_a_rival_that_wins_many_rounds(
 
 async def test_usage_reservation_gives_up_after_the_lock_timeout(
         rival_store: RivalStore) -> None:
-    config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": 40}})
+    config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": 40}})  # type: ignore[dict-item]  # a dict, read by KeyRotationPolicy.from_dict
     store = rival_store(40, 10**6)
     manager = KeyManager(store, FakeKekProvider(), config, refresh_interval=0.0, watch=False,
                          lock_timeout=0.2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -228,8 +228,8 @@ async def test_kms_histogram_through_vault_transit(vault_server: object,
 async def test_kms_histogram_local_provider_counts_each_call_once(
         registry: CollectorRegistry) -> None:
     class Subclassed(LocalKekProvider):  # a subclass calling super() is still one call
-        async def wrap(self, plaintext: bytes, context: object) -> bytes:  # type: ignore[override]
-            return await super().wrap(plaintext, context)  # type: ignore[arg-type]
+        async def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
+            return await super().wrap(plaintext, context)
 
     service = EncryptionService(KeyManager(MemoryKeyStore(), Subclassed.generate(),
                                            watch=False))

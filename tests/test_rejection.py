@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from aiocrypt import DecryptionError, EncryptedData, EncryptionService, KeyType
 
 
-def bit_flips(token: str):
+def bit_flips(token: str) -> Iterator[str]:
     for i, char in enumerate(token):
         for bit in range(8):
             flipped = chr(ord(char) ^ (1 << bit))

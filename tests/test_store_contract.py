@@ -144,7 +144,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 def record(key_id: str, version: int = 1) -> EncryptionKey:
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    return EncryptionKey(key_id=key_id, key_type=KeyType.PII, version=version, status="active",
+    return EncryptionKey(key_id=key_id, key_type=KeyType.PII, version=version,
+                         status="active",  # type: ignore[arg-type]  # coerced to KeyStatus
                          created_at=now, expires_at=now + dt.timedelta(days=1),
                          wrapped_key=os.urandom(60), kek_id="k")
 

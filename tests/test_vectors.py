@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import struct
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -39,18 +40,19 @@ def load(name: str) -> list[dict[str, Any]]:
     return data
 
 
-def vectors(name: str) -> Any:
+def vectors(name: str) -> pytest.MarkDecorator:
     cases = load(name)
     return pytest.mark.parametrize("vector", cases, ids=[f"{name}-{i}" for i in range(len(cases))])
 
 
 def data_key(vector: dict[str, Any]) -> DataKey:
     key = EncryptionKey(key_id=vector["key_id"], key_type=vector["key_type"], version=1,
-                        status="active", created_at=T0, expires_at=T0 + dt.timedelta(days=1))
+                        status="active",  # type: ignore[arg-type]  # coerced to KeyStatus
+                        created_at=T0, expires_at=T0 + dt.timedelta(days=1))
     return DataKey(key, bytes.fromhex(vector["dek"]))
 
 
-_VALUE_TYPES = {
+_VALUE_TYPES: dict[str, Callable[[Any], Any]] = {  # from the JSON value
     "bytes": bytes.fromhex, "float": float, "decimal": Decimal,
     "date": dt.date.fromisoformat, "datetime": dt.datetime.fromisoformat, "uuid": uuid.UUID,
 }
@@ -73,7 +75,9 @@ def spec_aad(vector: dict[str, Any], version: int, algorithm: int,
     kid, kt = vector["key_id"].encode(), vector["key_type"].encode()
     header = bytes((version, algorithm, vector.get("flags") or 0, len(kid))) + kid
     purpose = b"" if version == 1 else bytes((_PURPOSE_BYTES[vector["purpose"]],))
-    return header + purpose + bytes((len(kt),)) + kt + stream_params + vector["context"].encode()
+    aad: bytes = header + purpose + bytes((len(kt),)) + kt + stream_params \
+        + vector["context"].encode()
+    return aad
 
 
 _PURPOSE_BYTES = {"field": 1, "blob": 2, "stream": 3, "session": 4, "cache": 5}

@@ -73,9 +73,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from cryptography import x509
@@ -86,6 +87,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import BackgroundHTTPServer, ServerBase
+
+if TYPE_CHECKING:  # azure-core is imported where a credential is used
+    from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
 
 __all__ = [
     "AzureKeyVaultServer",
@@ -142,7 +146,12 @@ def _int_bytes(value: int) -> bytes:
 
 class KeyVaultError(Exception):
     def __init__(
-        self, status: int, code: str, message: str, inner: str | None = None, headers=None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        inner: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(status, code, message)
         self.status = status
@@ -338,7 +347,9 @@ class AzureKeyVaultServer(ServerBase):
         )
         return KeyVaultError(401, "Unauthorized", message, headers={"WWW-Authenticate": header})
 
-    def handle(self, method: str, path: str, query: dict[str, list[str]], headers: Any, raw: bytes):
+    def handle(
+        self, method: str, path: str, query: dict[str, list[str]], headers: Any, raw: bytes
+    ) -> tuple[int, dict[str, Any]]:
         auth = headers.get("Authorization") or ""
         if not auth.lower().startswith("bearer "):
             raise self._challenge("AKV10000: Request is missing a Bearer or PoP token.")
@@ -375,7 +386,9 @@ class AzureKeyVaultServer(ServerBase):
             return self._op(op, name, lambda: self._crypto(op, name, rest[0], self._json(raw)))
         raise KeyVaultError(404, "NotFound", f"The requested path {path} was not found.")
 
-    def _op(self, op: str, name: str, fn):
+    def _op(
+        self, op: str, name: str, fn: Callable[[], dict[str, Any]]
+    ) -> tuple[int, dict[str, Any]]:
         self.calls.incr(op)
         if self.is_denied(op):
             host, port = self.address
@@ -428,7 +441,9 @@ class AzureKeyVaultServer(ServerBase):
                 return ver
         raise self._not_found(name, version)
 
-    def _new_version(self, name, kty, size, key_ops, tags) -> _KeyVersion:
+    def _new_version(
+        self, name: str, kty: str, size: int, key_ops: list[str], tags: dict[str, str] | None
+    ) -> _KeyVersion:
         private_key = rsa.generate_private_key(public_exponent=65537, key_size=size)
         version = _KeyVersion(uuid.uuid4().hex, kty, private_key, key_ops, int(time.time()), tags)
         self._keys.setdefault(name, _Key(name)).versions.append(version)
@@ -565,20 +580,21 @@ class AzureKeyVaultServer(ServerBase):
                 400, "BadParameter", f"Algorithm {alg!r} is not supported by key type {ver.kty}."
             )
         hash_type, pss = _SIGNATURE_ALGORITHMS[alg]
+        algorithm = hash_type()  # digest_size is an instance property to the type checker
         digest = value if op == "sign" else self._b64_property(body, "digest")
-        if len(digest) != hash_type.digest_size:
+        if len(digest) != algorithm.digest_size:
             raise KeyVaultError(
                 400,
                 "BadParameter",
                 f"Invalid digest length {len(digest)} for algorithm {alg} "
-                f"(expected {hash_type.digest_size}).",
+                f"(expected {algorithm.digest_size}).",
             )
         pad: padding.AsymmetricPadding = (
-            padding.PSS(mgf=padding.MGF1(hash_type()), salt_length=hash_type.digest_size)
+            padding.PSS(mgf=padding.MGF1(algorithm), salt_length=algorithm.digest_size)
             if pss
             else padding.PKCS1v15()
         )
-        prehashed = Prehashed(hash_type())
+        prehashed = Prehashed(algorithm)
         if op == "sign":
             signature = ver.private_key.sign(digest, pad, prehashed)
             return {"kid": f"{self.url}/keys/{name}/{ver.version}", "value": _b64url(signature)}
@@ -666,14 +682,21 @@ class AsyncStaticTokenCredential:
         return int(time.time()) + self.expires_in
 
     async def get_token(
-        self, *scopes: str, claims=None, tenant_id=None, enable_cae=False, **kwargs: Any
-    ):
+        self,
+        *scopes: str,
+        claims: str | None = None,
+        tenant_id: str | None = None,
+        enable_cae: bool = False,
+        **kwargs: Any,
+    ) -> AccessToken:
         from azure.core.credentials import AccessToken
 
         self.requests.append((scopes, tenant_id))
         return AccessToken(self.token, self._expiry())
 
-    async def get_token_info(self, *scopes: str, options=None):
+    async def get_token_info(
+        self, *scopes: str, options: TokenRequestOptions | None = None
+    ) -> AccessTokenInfo:
         from azure.core.credentials import AccessTokenInfo
 
         self.requests.append((scopes, (options or {}).get("tenant_id")))
@@ -697,13 +720,22 @@ class StaticTokenCredential:
         self.expires_in = expires_in
         self.requests: list[tuple[tuple[str, ...], str | None]] = []
 
-    def get_token(self, *scopes: str, claims=None, tenant_id=None, enable_cae=False, **kwargs: Any):
+    def get_token(
+        self,
+        *scopes: str,
+        claims: str | None = None,
+        tenant_id: str | None = None,
+        enable_cae: bool = False,
+        **kwargs: Any,
+    ) -> AccessToken:
         from azure.core.credentials import AccessToken
 
         self.requests.append((scopes, tenant_id))
         return AccessToken(self.token, int(time.time()) + self.expires_in)
 
-    def get_token_info(self, *scopes: str, options=None):
+    def get_token_info(
+        self, *scopes: str, options: TokenRequestOptions | None = None
+    ) -> AccessTokenInfo:
         from azure.core.credentials import AccessTokenInfo
 
         self.requests.append((scopes, (options or {}).get("tenant_id")))

@@ -63,7 +63,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography.exceptions import InvalidTag
@@ -71,6 +71,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.cloud.kms_v1.types import resources, service
 
 from . import ServerBase
+
+if TYPE_CHECKING:
+    from google.cloud import kms_v1
 
 __all__ = ["GcpKmsServer", "start_gcp_kms_server", "crc32c"]
 
@@ -212,7 +215,7 @@ class GcpKmsServer(ServerBase):
 
     url = target
 
-    def async_client(self):
+    def async_client(self) -> kms_v1.KeyManagementServiceAsyncClient:
         """A ``KeyManagementServiceAsyncClient`` on a fresh insecure ``grpc.aio`` channel.
 
         Call it inside the running event loop; close it with ``await client.transport.close()``.
@@ -227,7 +230,7 @@ class GcpKmsServer(ServerBase):
             transport=KeyManagementServiceGrpcAsyncIOTransport(channel=channel)
         )
 
-    def client(self):
+    def client(self) -> kms_v1.KeyManagementServiceClient:
         """A sync ``KeyManagementServiceClient`` on an insecure channel."""
         from google.cloud import kms_v1
         from google.cloud.kms_v1.services.key_management_service.transports import (
@@ -336,7 +339,9 @@ class GcpKmsServer(ServerBase):
             )
         return handlers
 
-    def _wrap(self, op: str, fn: Callable[[Any], Any]):
+    def _wrap(
+        self, op: str, fn: Callable[[Any], Any]
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
             self.calls.incr(op)
             resource = getattr(request, "name", "") or getattr(request, "parent", "")
@@ -355,7 +360,9 @@ class GcpKmsServer(ServerBase):
         return handler
 
     # -- messages ------------------------------------------------------------
-    def _version_pb(self, ck: _CryptoKey, version: _Version):
+    # Requests and replies are raw protobuf messages (the ``.pb()`` classes), which
+    # protobuf leaves untyped: Any here.
+    def _version_pb(self, ck: _CryptoKey, version: _Version) -> Any:
         msg = resources.CryptoKeyVersion.pb()(
             name=f"{ck.name}/cryptoKeyVersions/{version.number}",
             state=version.state,
@@ -366,7 +373,7 @@ class GcpKmsServer(ServerBase):
         _set_time(msg.generate_time, version.created)
         return msg
 
-    def _crypto_key_pb(self, ck: _CryptoKey):
+    def _crypto_key_pb(self, ck: _CryptoKey) -> Any:
         msg = resources.CryptoKey.pb()(name=ck.name, purpose=_ENCRYPT_DECRYPT, labels=ck.labels)
         _set_time(msg.create_time, ck.created)
         msg.version_template.protection_level = _SOFTWARE
@@ -375,7 +382,7 @@ class GcpKmsServer(ServerBase):
             msg.primary.CopyFrom(self._version_pb(ck, ck.versions[ck.primary]))
         return msg
 
-    def _key_ring_pb(self, name: str):
+    def _key_ring_pb(self, name: str) -> Any:
         msg = resources.KeyRing.pb()(name=name)
         _set_time(msg.create_time, self._key_rings[name])
         return msg
@@ -416,7 +423,7 @@ class GcpKmsServer(ServerBase):
         return ck, version
 
     # -- RPCs ----------------------------------------------------------------
-    def _create_key_ring(self, request):
+    def _create_key_ring(self, request: Any) -> Any:
         if not _PARENT_RE.match(request.parent):
             raise _RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"Invalid parent: {request.parent}")
         if not _ID_RE.match(request.key_ring_id):
@@ -429,10 +436,10 @@ class GcpKmsServer(ServerBase):
         self._key_rings[name] = time.time()
         return self._key_ring_pb(name)
 
-    def _get_key_ring(self, request):
+    def _get_key_ring(self, request: Any) -> Any:
         return self._key_ring_pb(self._ring(request.name))
 
-    def _create_crypto_key(self, request):
+    def _create_crypto_key(self, request: Any) -> Any:
         ring = self._ring(request.parent)
         if not _ID_RE.match(request.crypto_key_id):
             raise _RpcError(
@@ -463,21 +470,21 @@ class GcpKmsServer(ServerBase):
         self._keys[name] = ck
         return self._crypto_key_pb(ck)
 
-    def _get_crypto_key(self, request):
+    def _get_crypto_key(self, request: Any) -> Any:
         return self._crypto_key_pb(self._key(request.name))
 
-    def _create_crypto_key_version(self, request):
+    def _create_crypto_key_version(self, request: Any) -> Any:
         ck = self._key(request.parent)
         version = ck.add_version()
         if ck.primary is None:  # first version of a key created without one becomes primary
             ck.primary = version.number
         return self._version_pb(ck, version)
 
-    def _get_crypto_key_version(self, request):
+    def _get_crypto_key_version(self, request: Any) -> Any:
         ck, version = self._version(request.name)
         return self._version_pb(ck, version)
 
-    def _update_primary(self, request):
+    def _update_primary(self, request: Any) -> Any:
         ck = self._key(request.name)
         try:
             number = int(request.crypto_key_version_id)
@@ -499,7 +506,7 @@ class GcpKmsServer(ServerBase):
         return self._crypto_key_pb(ck)
 
     @staticmethod
-    def _verify_crc(request, crc_field: str, data_field: str) -> bool:
+    def _verify_crc(request: Any, crc_field: str, data_field: str) -> bool:
         if not request.HasField(crc_field):
             return False
         if getattr(request, crc_field).value != crc32c(getattr(request, data_field)):
@@ -519,7 +526,7 @@ class GcpKmsServer(ServerBase):
                 f"current state is: {state}.",
             )
 
-    def _encrypt(self, request):
+    def _encrypt(self, request: Any) -> Any:
         if _VERSION_RE.match(request.name):
             ck, version = self._version(request.name)
         else:
@@ -561,7 +568,7 @@ class GcpKmsServer(ServerBase):
         response.ciphertext_crc32c.value = crc32c(ciphertext)
         return response
 
-    def _decrypt(self, request):
+    def _decrypt(self, request: Any) -> Any:
         ck = self._key(request.name)
         self._verify_crc(request, "ciphertext_crc32c", "ciphertext")
         self._verify_crc(

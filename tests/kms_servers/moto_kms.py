@@ -40,6 +40,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterable
 from typing import Any
+from wsgiref.types import WSGIApplication
 
 from botocore import xform_name
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
@@ -61,7 +62,7 @@ _REGION_RE = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/")
 class _KmsGate:
     """WSGI middleware: count KMS calls and answer AccessDenied when told to."""
 
-    def __init__(self, app: Any, owner: MotoKmsServer) -> None:
+    def __init__(self, app: WSGIApplication, owner: MotoKmsServer) -> None:
         self._app = app
         self._owner = owner
 

@@ -299,7 +299,7 @@ class VaultTransitServer(ServerBase):
         query: dict[str, list[str]],
         headers: Any,
         body: dict[str, Any],
-    ):
+    ) -> tuple[int, dict[str, Any] | None]:
         """Return ``(status, payload_or_None)``; raise VaultError for errors."""
         if not path.startswith("/v1/"):
             raise VaultError(404)
@@ -371,7 +371,8 @@ class VaultTransitServer(ServerBase):
         raise VaultError(404, f'no handler for route "{route}". route entry not found.')
 
     def _envelope(
-        self, data: dict[str, Any] | None, mount_type: str = "transit", warnings=None
+        self, data: dict[str, Any] | None, mount_type: str = "transit",
+        warnings: list[str] | None = None,
     ) -> dict[str, Any]:
         return {
             "request_id": str(uuid.uuid4()),
@@ -390,7 +391,9 @@ class VaultTransitServer(ServerBase):
         if self.is_denied(op):
             raise VaultError(403, "permission denied")
 
-    def _transit(self, method: str, mount: str, rest: list[str], body: dict[str, Any]):
+    def _transit(
+        self, method: str, mount: str, rest: list[str], body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any] | None]:
         keys = self._mounts[mount]
         unsupported = VaultError(404, "1 error occurred:\n\t* unsupported path\n\n")
 
@@ -562,6 +565,7 @@ class _VaultHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         split = urlsplit(self.path)
+        payload: dict[str, Any] | None
         status, payload = 500, {"errors": ["internal error"]}
         try:
             try:

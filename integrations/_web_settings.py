@@ -22,6 +22,7 @@ from ._session_settings import (
     SID_BYTES,
     SessionSettings,
 )
+from ._subject_ids import check_subject_prefix
 
 logger = logging.getLogger("aiocrypt.web")
 
@@ -164,6 +165,12 @@ class WebSettings:
             cache_control = None
         elif cache_control is not None:
             cache_control = _text_value(name_cc, cache_control)
+        name_subject, subject_field = keys.first("AIOCRYPT_SESSION_SUBJECT", default=None)
+        if subject_field is not None:
+            subject_field = _text_value(name_subject, subject_field)
+        subject_prefix = text("AIOCRYPT_SESSION_SUBJECT_PREFIX",
+                              default=session_default.subject_prefix)
+        check_subject_prefix(subject_prefix, "AIOCRYPT_SESSION_SUBJECT_PREFIX")
         domain = config.get("SESSION_COOKIE_DOMAIN") or None  # Flask: False / None: no domain
         if domain is not None:
             domain = _text_value("SESSION_COOKIE_DOMAIN", domain)
@@ -179,6 +186,8 @@ class WebSettings:
                 sid_bytes=sid_bytes,
                 refresh_each_request=flag("SESSION_REFRESH_EACH_REQUEST", default=True),
                 permanent=flag("SESSION_PERMANENT", default=False),
+                subject_field=subject_field,
+                subject_prefix=subject_prefix,
             ),
             cache_prefix=text("AIOCRYPT_CACHE_PREFIX", default=default.cache_prefix),
             cache_ttl=seconds("AIOCRYPT_CACHE_TTL", default=default.cache_ttl),

@@ -12,6 +12,13 @@ foreign entry, which is deleted.
 Rotating the cache key changes every encrypted key, so a rotation starts from
 a cold cache; old entries simply expire.
 
+An entry set with ``subject="user:42"`` is sealed under that data subject's
+key (``EncryptionService.encrypt_cache_data(..., subject=...)``): once
+``forget_subject("user:42")`` has run, it no longer decrypts, so it reads as a
+miss (and is deleted) like any unreadable entry, in this process, in every
+other one, and in any dump of Redis. Its cache key stays under the cache key
+type, so ``get`` and ``delete`` need no subject.
+
 A Redis that does not answer raises ``StoreUnavailableError`` (store
 ``"cache"``), which the web extensions answer with 503.
 """
@@ -74,11 +81,21 @@ class EncryptedCache:
             return default
         return value
 
-    async def set(self, key: str, value: Any, ttl: float | None = None) -> None:
-        """Cache ``value`` under ``key`` for ``ttl`` seconds (default: ``default_ttl``)."""
+    async def set(self, key: str, value: Any, ttl: float | None = None, *,
+                  subject: str | None = None) -> None:
+        """Cache ``value`` under ``key`` for ``ttl`` seconds (default: ``default_ttl``).
+
+        ``subject``: the data subject the value belongs to (``"user:42"``); it is
+        sealed under their key, so forgetting them makes it a miss.
+        """
         ttl = self.default_ttl if ttl is None else ttl
         _check_ttl(ttl)
-        encrypted_key, encrypted_value = await self.service.encrypt_cache_data(key, value, ttl)
+        if subject is None:
+            encrypted_key, encrypted_value = await self.service.encrypt_cache_data(
+                key, value, ttl)
+        else:
+            encrypted_key, encrypted_value = await self.service.encrypt_cache_data(
+                key, value, ttl, subject=subject)
         with translate_outage("cache"):
             await self.redis.set(self.prefix + encrypted_key, encrypted_value,
                                  px=max(1, math.ceil(ttl * 1000)))
@@ -90,8 +107,9 @@ class EncryptedCache:
             return bool(await self.redis.delete(self.prefix + encrypted_key))
 
     async def get_or_set(self, key: str, compute: Callable[[], Awaitable[_T]],
-                         ttl: float | None = None) -> _T:
-        """The cached value, else ``await compute()``, cached for ``ttl`` seconds.
+                         ttl: float | None = None, *, subject: str | None = None) -> _T:
+        """The cached value, else ``await compute()``, cached for ``ttl`` seconds
+        (under ``subject``'s key when given, as :meth:`set`).
 
         Concurrent misses each compute (no cross-process lock): keep ``compute``
         idempotent.
@@ -99,7 +117,7 @@ class EncryptedCache:
         value = await self.get(key, _MISSING)
         if value is _MISSING:
             value = await compute()
-            await self.set(key, value, ttl)
+            await self.set(key, value, ttl, subject=subject)
         return value  # type: ignore[no-any-return]
 
 

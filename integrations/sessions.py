@@ -40,6 +40,14 @@ value codec (version 1, the original envelope); both versions stay readable.
 
 A Redis that does not answer (connection refused or reset, timeout) raises
 ``StoreUnavailableError``, never a fresh session handed out as if valid.
+
+With ``SessionSettings.subject_field`` (``AIOCRYPT_SESSION_SUBJECT = "user_id"``)
+a session holding that field is sealed under its user's subject key
+(``"user:<value>"``, ``subject_prefix`` naming the kind): after
+``forget_subject("user:42")`` every session of user 42 fails to decrypt, so the
+next request gets a fresh empty session (and the dead payload is deleted), in
+every process and in any dump of Redis. Sessions without the field (before login)
+stay under the session key alone.
 """
 
 from __future__ import annotations
@@ -50,11 +58,12 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from aiocrypt import (
+    ConfigurationError,
     DecryptionError,
     Keyring,
     KeyStatus,
@@ -344,6 +353,10 @@ class _SessionCodec:
         session._default_permanent = self.settings.permanent
         return session
 
+    def subject(self, session: EncryptedSession) -> str | None:
+        """The subject id the session is sealed under (None: the session key alone)."""
+        return self.settings.subject_of(dict(dict.items(session)))
+
     def envelope(self, session: EncryptedSession) -> dict[str, Any]:
         data = dict(dict.items(session))  # not session.items(): saving is no access
         if self.serializer is None:  # version 1: the value codec, tuples as lists
@@ -436,8 +449,11 @@ class RedisSessionStore:
         keyring = await self.service.key_manager.ensure_active(_KEY_TYPES)
         return functools.partial(self._codec.redis_keys, keyring)
 
-    async def _seal(self, envelope: dict[str, Any], sid: str) -> str:
-        return await self.service.encrypt_session_data(envelope, context=_context(sid))
+    async def _seal(self, envelope: dict[str, Any], sid: str, subject: str | None) -> str:
+        if subject is None:
+            return await self.service.encrypt_session_data(envelope, context=_context(sid))
+        return await self.service.encrypt_session_data(envelope, context=_context(sid),
+                                                       subject=subject)
 
     async def _open(self, token: str, sid: str) -> Any:
         """The envelope; ``DecryptionError`` if the token is not this session's."""
@@ -503,7 +519,8 @@ class RedisSessionStore:
                 await self.redis.delete(*delete)
             return result
         redis_key, sid = write
-        token = await self._seal(self._codec.envelope(session), sid)
+        token = await self._seal(self._codec.envelope(session), sid,
+                                 self._codec.subject(session))
         async with self.redis.pipeline(transaction=False) as pipe:
             if delete:
                 pipe.delete(*delete)
@@ -530,18 +547,31 @@ class SyncRedisSessionStore:
     ``load_key(key_id)`` is called once when a payload names a key the snapshot
     does not hold (rotated by another process) and should load it.
     ``open(cookie_value)`` is ``load`` deferred to the session's first access.
+
+    Sessions bound to a subject (``settings.subject_field``) are sealed and opened
+    by ``service`` on its event loop through ``run(coroutine)`` (the Flask
+    extension's ``crypt.run``): a subject key may have to be created or loaded,
+    which sync code cannot do. Sessions bound to no subject never take that hop.
     """
 
     def __init__(self, keyring: Callable[[], Keyring], redis: redis.Redis,
                  settings: SessionSettings | None = None, *,
                  load_key: Callable[[str], object] | None = None,
                  serializer: SessionSerializer | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 service: EncryptionService | None = None,
+                 run: Callable[[Coroutine[Any, Any, Any]], Any] | None = None) -> None:
         self._get_keyring = keyring
         self.redis = redis
         self.settings = settings if settings is not None else SessionSettings()
         self._load_key = load_key
         self._codec = _SessionCodec(self.settings, clock, serializer)
+        if self.settings.subject_field is not None and (service is None or run is None):
+            raise ConfigurationError(
+                "sessions bound to a subject (AIOCRYPT_SESSION_SUBJECT) need the service "
+                "and a way to run its coroutines: pass service= and run= to the sync store")
+        self._service = service
+        self._run = run
 
     def __repr__(self) -> str:
         return f"<SyncRedisSessionStore prefix={self.settings.prefix!r} ttl={self.settings.ttl}>"
@@ -593,6 +623,10 @@ class SyncRedisSessionStore:
                 return self._get_keyring().decrypt(token, KeyType.SESSION, _context(sid),
                                                    purpose=Purpose.SESSION)
             except UnknownKeyError as exc:
+                if self._service is not None and self._run is not None:
+                    # a subject's key (or one rotated elsewhere): the service finds it
+                    return self._run(self._service.decrypt_session_data(
+                        token, context=_context(sid)))
                 if self._load_key is None:
                     return None
                 self._load_key(exc.key_id)
@@ -619,8 +653,14 @@ class SyncRedisSessionStore:
                 self.redis.delete(*delete)
             return result
         redis_key, sid = write
-        token = keyring.encrypt(self._codec.envelope(session), KeyType.SESSION, _context(sid),
-                                purpose=Purpose.SESSION)
+        subject = self._codec.subject(session)
+        if subject is None:
+            token = keyring.encrypt(self._codec.envelope(session), KeyType.SESSION,
+                                    _context(sid), purpose=Purpose.SESSION)
+        else:
+            assert self._service is not None and self._run is not None  # checked at init
+            token = self._run(self._service.encrypt_session_data(
+                self._codec.envelope(session), context=_context(sid), subject=subject))
         with self.redis.pipeline(transaction=False) as pipe:
             if delete:
                 pipe.delete(*delete)

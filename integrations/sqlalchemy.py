@@ -105,6 +105,8 @@ from aiocrypt.reencrypt import (
     row_context,
 )
 
+from ._subject_ids import check_subject_prefix, subject_id
+
 __all__ = [
     "BLIND_INDEX_KEY_TYPE",
     "COLUMN_KEY_TYPES",
@@ -201,11 +203,23 @@ def _current_keyring(service: EncryptionService, key_type: KeyType | None = None
     return keyring
 
 
-def _decrypt(service: EncryptionService, token: str, key_type: KeyType, context: str) -> Any:
+def _decrypt(service: EncryptionService, token: str, key_type: KeyType, context: str, *,
+             by_subject: bool = False) -> Any:
     keyring = _current_keyring(service)
     try:
         return keyring.decrypt(token, key_type, context)
     except UnknownKeyError as exc:
+        if by_subject:  # a subject key (``ac2.S-...``): cached, else the service loads it
+            ring = service.key_manager.subjects.ring_of(token)
+            if ring is not None:
+                return ring.decrypt(token, key_type, context)
+            if _in_greenlet():  # ... or says the subject was forgotten
+                return _await(service.decrypt_field(token, key_type, context=context))
+            raise ConfigurationError(
+                f"{context}: the subject key of a value is not cached in this process, and "
+                "it cannot be loaded outside SQLAlchemy's greenlet (a sync engine, or the "
+                "rows of a Core result on an async connection, processed when fetched): "
+                "read it through an ORM session or await conn.stream(...)") from None
         # A key rotated in another process: load it once (only possible in a greenlet).
         if _in_greenlet() and _await(service.key_manager.load_key(exc.key_id)) is not None:
             return service.key_manager.keyring.decrypt(token, key_type, context)
@@ -214,6 +228,40 @@ def _decrypt(service: EncryptionService, token: str, key_type: KeyType, context:
     except DecryptionError:
         service.counters["decrypt_failures"] += 1
         raise
+
+
+def _encrypt_for_subject(service: EncryptionService, value: Any, key_type: KeyType,
+                         context: str, subject: str) -> str:
+    """Seal ``value`` under ``subject``'s key (created on first use: an await)."""
+    if _in_greenlet():
+        return cast(str, _await(service.encrypt_field(value, key_type, context=context,
+                                                      subject=subject)))
+    subjects = service.key_manager.subjects
+    dk = subjects.cached(key_type, subject)
+    ring = None if dk is None else subjects.cached_ring(dk.key_id)
+    if ring is None:
+        raise ConfigurationError(
+            f"{context}: the subject's key is not cached in this process, and a sync engine "
+            "cannot await creating or loading it: use an async engine for columns keyed "
+            "per data subject")
+    return ring.encrypt(value, key_type, context,
+                        compression_level=service.compression_level_for(key_type))
+
+
+def _check_subject_options(subject_column: Any, subject_prefix: Any, *, deterministic: bool,
+                           migrating: bool) -> None:
+    if not isinstance(subject_column, str) or not subject_column:
+        raise ConfigurationError("subject_column must name a column of the same table")
+    check_subject_prefix(subject_prefix, f"subject_column={subject_column!r}")
+    if deterministic:
+        raise ValueError("a column keyed per data subject cannot be deterministic: equal "
+                         "values of two subjects differ, so no lookup could match; use a "
+                         "BlindIndex")
+    if migrating:
+        raise ConfigurationError(
+            "a column keyed per data subject cannot take allow_plaintext or legacy: the "
+            "re-encryption engine never rewrites it (its subject keys are rewrapped "
+            "instead); migrate into a new subject-keyed column through the ORM")
 
 
 # -- naming the row of a value that does not decrypt --------------------------
@@ -431,6 +479,15 @@ class EncryptedType(_TableBound):
     :class:`FernetReader`): the column may still hold that tool's ciphertext, read
     like plaintext above (counted in :data:`legacy_reads`) until the re-encryption
     engine rewrites it; remove it when the migration is done (docs/sqlalchemy.md).
+    ``subject_column``: the column of the same table whose value names the row's data
+    subject (``"user_id"``); each value is sealed under that subject's key, subject id
+    ``"<subject_prefix>:<value>"`` (``subject_prefix`` defaults to ``"user"``), so
+    ``await service.forget_subject("user:42")`` makes every such value of user 42
+    unreadable. The ORM fills the subject in on flush; Core writes bind
+    ``RowValue(value, subject=<the subject column's value>)``. Needs an async
+    engine (or subject keys loaded, see docs/sqlalchemy.md, "Columns keyed per
+    data subject"); not combinable with ``deterministic``, ``allow_plaintext`` or
+    ``legacy``.
     ``service``: defaults to :func:`set_encryption_service` / the process-wide service.
     """
 
@@ -441,8 +498,12 @@ class EncryptedType(_TableBound):
                  context: str | None = None, deterministic: bool = False,
                  allow_plaintext: bool = False, row_bound: bool | None = None,
                  legacy: LegacyReader | None = None,
+                 subject_column: str | None = None, subject_prefix: str = "user",
                  service: EncryptionService | None = None) -> None:
         super().__init__()
+        if subject_column is not None:
+            _check_subject_options(subject_column, subject_prefix, deterministic=deterministic,
+                                   migrating=allow_plaintext or legacy is not None)
         if deterministic and row_bound:
             raise ValueError("a row-bound column cannot be deterministic: its tokens differ "
                              "per row, so no equality lookup could match; use a BlindIndex")
@@ -456,12 +517,17 @@ class EncryptedType(_TableBound):
         self.allow_plaintext = allow_plaintext
         self.row_bound = row_bound
         self.legacy = legacy
+        self.subject_column = subject_column
+        self.subject_prefix = subject_prefix
         self.service = service
         self._explicit_context = context is not None
 
     def __repr__(self) -> str:
         kt = "None" if self.key_type is None else repr(self.key_type.value)
-        return f"{type(self).__name__}({kt}{', deterministic=True' if self.deterministic else ''})"
+        options = ", deterministic=True" if self.deterministic else ""
+        if self.subject_column is not None:
+            options += f", subject_column={self.subject_column!r}"
+        return f"{type(self).__name__}({kt}{options})"
 
     def _attached(self, column: sa.Column[Any], table: sa.Table) -> None:
         super()._attached(column, table)
@@ -490,16 +556,19 @@ class EncryptedType(_TableBound):
                         f"got {type(value).__name__}")
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
-        primary_key = None
+        primary_key = subject = None
         if isinstance(value, RowValue):
-            value, primary_key = value.value, value.primary_key
+            value, primary_key, subject = value.value, value.primary_key, value.subject
         if value is None:
             return None
         context = self._bind_context(primary_key)
+        subject_id = self._bind_subject(subject)
         value = self.bind_value(value, dialect)
         if value is None:
             return None
         service = _service_for(self.service)
+        if subject_id is not None:
+            return _encrypt_for_subject(service, value, self.key_type, context, subject_id)
         keyring = _current_keyring(service, self.key_type)
         if self.deterministic:
             return keyring.encrypt_deterministic(value, self.key_type, context)
@@ -518,6 +587,21 @@ class EncryptedType(_TableBound):
                 "which this write does not give: write through the ORM (a unit of work "
                 "fills it in) or bind RowValue(value, primary_key)")
         return row_context(self._context(), primary_key)
+
+    def _bind_subject(self, subject: Any) -> str | None:
+        """The subject id a write seals under (None: the key type's own key)."""
+        if self.subject_column is None:
+            if subject is not None:
+                raise TypeError(f"{self.context}: RowValue(subject=...) given to a column "
+                                "without subject_column")
+            return None
+        where = f"{getattr(self, 'table_name', '?')}.{self.subject_column}"
+        if subject is None:
+            raise ConfigurationError(
+                f"{self.context}: sealed under the key of the row's data subject "
+                f"({where}), which this write does not give: write through the ORM (a unit "
+                f"of work fills it in) or bind RowValue(value, subject=<{where}>)")
+        return subject_id(self.subject_prefix, subject, where)
 
     def column_expression(self, colexpr: Any) -> Any:
         """A row-bound column is selected as ``col || '#' || CAST(pk AS TEXT) || '#' ||
@@ -560,7 +644,8 @@ class EncryptedType(_TableBound):
                 context = row_context(context, primary_key)
                 primary_key = _typed_key(getattr(self, "table", None), primary_key)
             if isinstance(value, str) and value.startswith(TEXT_PREFIXES):
-                decrypted = _decrypt(_service_for(self.service), value, self.key_type, context)
+                decrypted = _decrypt(_service_for(self.service), value, self.key_type, context,
+                                     by_subject=self.subject_column is not None)
             elif self.legacy is not None:
                 try:
                     text = self.legacy.open(value)
@@ -627,22 +712,26 @@ _ROW_MARKER: Final = "#" + secrets.token_hex(16)
 
 
 class RowValue:
-    """A value for a row-bound column with the primary key of its row, for writes the
-    ORM's unit of work does not make (Core ``insert`` / ``update``)::
+    """A value with what its row gives it, for writes the ORM's unit of work does not
+    make (Core ``insert`` / ``update``, ORM bulk inserts): the row's primary key for a
+    row-bound column, the value of its subject column for a column keyed per subject::
 
         conn.execute(users.insert().values(id=8, ssn=RowValue("123-45-6789", 8)))
+        conn.execute(orders.insert().values(user_id=42, note=RowValue("...", subject=42)))
     """
 
-    __slots__ = ("primary_key", "value")
+    __slots__ = ("primary_key", "subject", "value")
 
-    def __init__(self, value: Any, primary_key: Any) -> None:
-        if primary_key is None:
-            raise ValueError("RowValue needs the row's primary key")
+    def __init__(self, value: Any, primary_key: Any = None, *, subject: Any = None) -> None:
+        if primary_key is None and subject is None:
+            raise ValueError("RowValue needs the row's primary key (or its subject)")
         self.value = value
         self.primary_key = primary_key
+        self.subject = subject
 
     def __repr__(self) -> str:
-        return f"RowValue(<value>, {self.primary_key!r})"
+        subject = "" if self.subject is None else ", subject=<subject>"
+        return f"RowValue(<value>, {self.primary_key!r}{subject})"
 
 
 def _typed_key(table: sa.Table | None, text: str) -> Any:
@@ -1182,6 +1271,29 @@ def _row_bound_columns(mapper: Mapper[Any]) -> list[tuple[str, sa.Column[Any]]]:
     return found
 
 
+def _subject_columns(mapper: Mapper[Any]) -> list[tuple[str, sa.Column[Any], str]]:
+    """(attribute, column, attribute of its subject column) of every subject-keyed column."""
+    found: list[tuple[str, sa.Column[Any], str]] = []
+    table = _table(mapper)
+    for column in table.columns:
+        typ = column.type
+        if not isinstance(typ, EncryptedType) or typ.subject_column is None:
+            continue
+        subject = table.columns.get(typ.subject_column)
+        if subject is None:
+            raise ConfigurationError(f"{table.name}.{column.name}: subject_column "
+                                     f"{typ.subject_column!r} is not a column of the table")
+        if isinstance(subject.type, EncryptedType):
+            raise ConfigurationError(f"{table.name}.{column.name}: the subject column "
+                                     f"{subject.name!r} must hold the subject in clear")
+        try:
+            found.append((mapper.get_property_by_column(column).key, column,
+                          mapper.get_property_by_column(subject).key))
+        except UnmappedColumnError:
+            pass
+    return found
+
+
 def _table(mapper: Mapper[Any]) -> sa.Table:
     """The mapped table (row-bound columns and blind indexes live on a plain Table)."""
     table = mapper.local_table
@@ -1249,41 +1361,64 @@ def _model_row_binding(mapper: Mapper[Any], class_: type) -> None:
 
 @event.listens_for(Mapper, "mapper_configured")
 def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
-    """Blind indexes follow their source; row-bound values are sealed with the row's key.
+    """Blind indexes follow their source; row-bound and subject-keyed values are sealed
+    with what their row gives them.
 
-    A row-bound attribute is handed to the type as ``RowValue(value, pk)`` for the
-    flush and set back to the plain value after it. A row whose primary key the
-    database generates has no key before its INSERT: the value is inserted as NULL
-    and written by a second UPDATE in the same transaction, once the key is known.
+    Such an attribute is handed to the type as ``RowValue(value, pk, subject=...)``
+    for the flush and set back to the plain value after it. A row whose primary key
+    the database generates has no key before its INSERT: a row-bound value (or one
+    whose subject column is that key) is inserted as NULL and written by a second
+    UPDATE in the same transaction, once the key is known. A row whose subject
+    column changes has its loaded subject-keyed values sealed again under the new
+    subject's key in the same UPDATE.
     """
     _track_json_mutations(mapper)
     pairs = _index_pairs(mapper)
     bound = _row_bound_columns(mapper)
-    if not pairs and not bound:
+    subjects = _subject_columns(mapper)
+    if not pairs and not bound and not subjects:
         return
     table = _table(mapper)
     pk_columns = list(table.primary_key.columns)
     if bound and len(pk_columns) != 1:
         raise ConfigurationError(f"table {table.name}: row-bound columns "
                                  "need a single-column primary key")
-    pk_key = mapper.get_property_by_column(pk_columns[0]).key if bound else ""
+    pk_key = mapper.get_property_by_column(pk_columns[0]).key if len(pk_columns) == 1 else None
+    columns = dict(bound) | {attr: column for attr, column, _ in subjects}
+    bound_attrs = {attr for attr, _ in bound}
+    subject_of = {attr: subject for attr, _, subject in subjects}
+
+    def row_value(target: Any, attr: str, value: Any, key: Any) -> RowValue | None:
+        """``value`` with its row's key and subject; None while the INSERT has to make them."""
+        keyed = attr in bound_attrs
+        subject_attr = subject_of.get(attr)
+        subject = None if subject_attr is None else getattr(target, subject_attr)
+        if (keyed and key is None) or (subject is None and subject_attr is not None
+                                       and subject_attr == pk_key):
+            return None
+        if subject_attr is not None and subject is None:
+            raise ConfigurationError(
+                f"{table.name}.{columns[attr].name}: sealed under the key of the row's data "
+                f"subject, but its subject column {subject_attr!r} is None; set it first")
+        return RowValue(value, key if keyed else None, subject=subject)
 
     def before_insert(mapper: Mapper[Any], connection: Any, target: Any) -> None:
         for source, index in pairs:
             setattr(target, index, getattr(target, source))
-        if not bound:
+        if not columns:
             return
-        key = getattr(target, pk_key)
+        key = getattr(target, pk_key) if pk_key is not None else None
         pending = {}
-        for attr, _ in bound:
+        for attr in columns:
             value = getattr(target, attr)
             if value is None or isinstance(value, RowValue):
                 continue
-            if key is None:
+            wrapped = row_value(target, attr, value, key)
+            if wrapped is None:
                 pending[attr] = value
                 setattr(target, attr, None)
             else:
-                setattr(target, attr, RowValue(value, key))
+                setattr(target, attr, wrapped)
         if pending:
             sa.inspect(target).info["aiocrypt_row_bound_pending"] = pending
 
@@ -1292,39 +1427,51 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
         for source, index in pairs:
             if state.attrs[source].history.has_changes():
                 setattr(target, index, getattr(target, source))
-        if not bound:
+        if not columns:
             return
-        if state.attrs[pk_key].history.has_changes():
+        if bound and state.attrs[pk_key].history.has_changes():
             raise ConfigurationError(
                 f"{table.name}: the primary key of a row with row-bound "
                 "columns cannot change (its tokens are sealed with it); insert a new row")
-        key = state.identity[0] if state.identity else getattr(target, pk_key)
-        for attr, _ in bound:
-            if state.attrs[attr].history.has_changes():
-                value = getattr(target, attr)
-                if value is not None and not isinstance(value, RowValue):
-                    setattr(target, attr, RowValue(value, key))
+        key = None
+        if pk_key is not None:
+            key = state.identity[0] if state.identity else getattr(target, pk_key)
+        for attr in columns:
+            subject_attr = subject_of.get(attr)
+            if not state.attrs[attr].history.has_changes():
+                if subject_attr is None or not state.attrs[subject_attr].history.has_changes():
+                    continue
+                if attr not in state.dict:  # never loaded: its tokens would stay behind
+                    raise ConfigurationError(
+                        f"{table.name}: {subject_attr!r} changed but {attr!r} is not "
+                        "loaded; its values are sealed under the old subject's key: load "
+                        "or assign it in the same flush")
+            value = state.dict.get(attr)
+            if isinstance(value, RowValue):
+                value = value.value
+            if value is not None:
+                setattr(target, attr, row_value(target, attr, value, key))
 
     def after_write(mapper: Mapper[Any], connection: Any, target: Any) -> None:
         state = sa.inspect(target)
-        for attr, _ in bound:
+        for attr in columns:
             value = state.dict.get(attr)
             if isinstance(value, RowValue):
                 set_committed_value(target, attr, value.value)
         pending = state.info.pop("aiocrypt_row_bound_pending", None)
         if pending:
+            assert pk_key is not None  # pending only waits for a single-column key
             key = getattr(target, pk_key)
-            columns = dict(bound)
             connection.execute(
                 table.update().where(pk_columns[0] == key)
-                .values({columns[attr]: RowValue(value, key)
+                .values({columns[attr]: row_value(target, attr, value, key)
                          for attr, value in pending.items()}))
             for attr, value in pending.items():
                 set_committed_value(target, attr, value)
 
     event.listen(mapper, "before_insert", before_insert)
     event.listen(mapper, "before_update", before_update)
-    if bound:
+    if columns:
         event.listen(mapper, "after_insert", after_write)
         event.listen(mapper, "after_update", after_write)
 
@@ -1334,13 +1481,19 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
 
 def table_specs(metadata: sa.MetaData, tables: Iterable[str] | None = None) -> list[TableSpec]:
     """A :class:`TableSpec` for every table with encrypted columns (blind indexes are
-    derived values and are not re-encrypted). Tables need a one-column primary key."""
+    derived values and are not re-encrypted). Tables need a one-column primary key.
+
+    Columns keyed per data subject are left out: their values stay under their
+    subject's key, which a rotation rewraps without touching the rows; moving them
+    onto the key type's version key would take them out of ``forget_subject``'s reach.
+    """
     wanted = None if tables is None else set(tables)
     specs = []
     for table in metadata.sorted_tables:
         if wanted is not None and table.name not in wanted:
             continue
-        columns = [(c, c.type) for c in table.columns if isinstance(c.type, EncryptedType)]
+        columns = [(c, c.type) for c in table.columns if isinstance(c.type, EncryptedType)
+                   and c.type.subject_column is None]
         if not columns:
             continue
         pk = list(table.primary_key.columns)

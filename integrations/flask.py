@@ -55,19 +55,23 @@ from aiocrypt import (
     HealthCheck,
     HealthReport,
     StoreUnavailableError,
-    get_encryption_service,
     health,
 )
 
+from ._extension import (
+    NO_STORE,
+    AioCryptBase,
+    SessionInterfaceBase,
+    add_routes,
+    outage_answer,
+    sessionless,
+)
 from ._outage import OUTAGE_ERRORS, SOCKET_TIMEOUT
 from .cache import EncryptedCache
 from .sessions import EncryptedSession, SyncRedisSessionStore, WebSettings, apply_cookie
 
 __all__ = ["AioCrypt", "AioCryptState", "EncryptedSessionInterface", "FlaskSession"]
 
-_EXTENSION: Final = "aiocrypt"
-#: app.extensions key: paths served without a session (health probes and metrics)
-_SESSIONLESS: Final = "aiocrypt.sessionless"
 _T = TypeVar("_T")
 #: connection settings a sync client given for sessions lends the cache's asyncio client
 _TWIN_KWARGS: Final = ("host", "port", "db", "username", "password", "path",
@@ -296,7 +300,7 @@ class AioCryptState:
         return call
 
 
-class AioCrypt:
+class AioCrypt(AioCryptBase[AioCryptState]):
     """The Flask extension (``AioCrypt(app)`` or ``AioCrypt()`` then ``init_app(app)``).
 
     ``service``: the ``EncryptionService`` to use (default: the process-wide
@@ -304,47 +308,38 @@ class AioCrypt:
     ``redis`` / ``async_redis``: clients to use instead of connecting to
     ``AIOCRYPT_REDIS_URL`` (the async one must not have been used on another
     loop; the caller closes clients it passed). ``SESSION_REDIS`` in the
-    config is the Flask-Session way to pass the sync one.
+    config is the Flask-Session way to pass the sync one. ``service`` and
+    ``cache`` are the current app's (await them in async views only).
     """
+
+    framework = "Flask"
 
     def __init__(self, app: Flask | None = None, *, service: EncryptionService | None = None,
                  redis: redis.Redis | None = None,
                  async_redis: aioredis.Redis | None = None) -> None:
-        self._service = service
-        self._redis = redis
         self._async_redis = async_redis
-        if app is not None:
-            self.init_app(app)
+        super().__init__(app, service=service, redis=redis)
 
-    def __repr__(self) -> str:
-        return "<AioCrypt (Flask)>"
-
-    def init_app(self, app: Flask) -> None:
-        if _EXTENSION in app.extensions:
-            raise RuntimeError("AioCrypt is already set up on this app")
-        settings = WebSettings.from_config(app.config, client_given=self._redis is not None)
+    def _new_state(self, settings: WebSettings) -> AioCryptState:
         if settings.redis_client is not None and (
                 not isinstance(settings.redis_client, redis.Redis)):
             raise ConfigurationError("SESSION_REDIS must be a redis.Redis client (sync, as "
                                      "Flask-Session's; pass async_redis= for the cache)")
-        state = AioCryptState(
-            settings,
-            self._service if self._service is not None else get_encryption_service(),
-            redis_client=self._redis, async_redis_client=self._async_redis)
-        app.extensions[_EXTENSION] = state
-        app.session_interface = EncryptedSessionInterface()
+        return AioCryptState(settings, self._service_to_use(), redis_client=self._redis,
+                             async_redis_client=self._async_redis)
+
+    def _session_interface(self) -> EncryptedSessionInterface:
+        return EncryptedSessionInterface()
+
+    def _outage_handler(self) -> Callable[[StoreUnavailableError], Response]:
+        return _answer_outage
+
+    def _install(self, app: Flask, state: AioCryptState) -> None:
         app.async_to_sync = state.async_to_sync  # type: ignore[method-assign]
-        app.register_error_handler(StoreUnavailableError, _answer_outage)
 
     @staticmethod
-    def state(app: Flask | None = None) -> AioCryptState:
-        """The extension's state for ``app`` (default: the current app)."""
-        target = app if app is not None else current_app
-        try:
-            state: AioCryptState = target.extensions[_EXTENSION]
-        except KeyError:
-            raise RuntimeError("AioCrypt.init_app() was not called for this app") from None
-        return state
+    def _current_app() -> Flask:
+        return current_app
 
     def start(self, app: Flask | None = None) -> None:
         """Start now rather than on the first request."""
@@ -357,16 +352,6 @@ class AioCrypt:
     def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
         """Run ``coro`` on the extension's loop from sync code (not from an async view)."""
         return self.state().run(coro, timeout)
-
-    @property
-    def service(self) -> EncryptionService:
-        """The current app's ``EncryptionService`` (await it in async views only)."""
-        return self.state().service
-
-    @property
-    def cache(self) -> EncryptedCache:
-        """The current app's encrypted cache (await it in async views only)."""
-        return self.state().cache
 
     @property
     def sessions(self) -> SyncRedisSessionStore:
@@ -400,36 +385,28 @@ class AioCrypt:
             else:
                 report = report.with_check("redis", state.redis_check())
             return Response(json.dumps(report.to_dict()), status=report.http_status,
-                            mimetype="application/json", headers={"Cache-Control": "no-store"})
+                            mimetype="application/json", headers=NO_STORE)
 
-        app.add_url_rule(health_path, "aiocrypt_health", aiocrypt_health, methods=["GET"])
-        app.extensions.setdefault(_SESSIONLESS, set()).add(health_path)
-        if metrics_path is None:
-            return
-        from aiocrypt.metrics import render, route_registry
+        def metrics_view(registry: Any) -> Callable[[], Response]:
+            from aiocrypt.metrics import render
 
-        registry = route_registry(state.service, registry)
-        if registry is None:  # the metrics extra is not installed: health only
-            return
+            def aiocrypt_metrics() -> Response:
+                body, content_type = render(registry)
+                return Response(body, content_type=content_type, headers=NO_STORE)
 
-        def aiocrypt_metrics() -> Response:
-            body, content_type = render(registry)
-            return Response(body, content_type=content_type,
-                            headers={"Cache-Control": "no-store"})
+            return aiocrypt_metrics
 
-        app.add_url_rule(metrics_path, "aiocrypt_metrics", aiocrypt_metrics, methods=["GET"])
-        app.extensions[_SESSIONLESS].add(metrics_path)
+        add_routes(app, state.service, health_path=health_path, health_view=aiocrypt_health,
+                   metrics_path=metrics_path, registry=registry, metrics_view=metrics_view)
 
 
 def _answer_outage(exc: StoreUnavailableError) -> Response:
     """The default answer to a Redis outage: 503, ``Retry-After``, no details."""
-    logger.warning("the %s Redis is unavailable (%s): answering 503", exc.store,
-                   type(exc.__cause__).__name__)
-    body, headers = AioCrypt.state().settings.outage_body()
+    body, headers = outage_answer(logger, AioCrypt.state(), exc)
     return Response(body, status=503, mimetype="application/json", headers=headers)
 
 
-class EncryptedSessionInterface(SessionInterface):
+class EncryptedSessionInterface(SessionInterfaceBase, SessionInterface):
     """Flask session interface over ``SyncRedisSessionStore``.
 
     The session is read from Redis on first access; ``regenerate(session)``
@@ -439,7 +416,7 @@ class EncryptedSessionInterface(SessionInterface):
     session_class = FlaskSession
 
     def open_session(self, app: Flask, request: Request) -> FlaskSession | None:
-        if request.path in app.extensions.get(_SESSIONLESS, ()):
+        if sessionless(app, request.path):
             return None  # a probe gets a null session, and answers even if keys are down
         state = AioCrypt.state(app)
         return state.sessions.open(request.cookies.get(state.settings.cookie_name),
@@ -455,11 +432,6 @@ class EncryptedSessionInterface(SessionInterface):
             _replace(response, app.make_response(app.handle_user_exception(exc)))
             return
         apply_cookie(state.settings, session, result, response)
-
-    def regenerate(self, session: SessionMixin) -> None:
-        """Give ``session`` a new id when saved; the old one stops working (login)."""
-        if isinstance(session, EncryptedSession):
-            session.regenerate()
 
 
 def _replace(response: Response, answer: Response) -> None:

@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 try:
     import redis.asyncio as aioredis
@@ -46,19 +46,22 @@ from aiocrypt import (
     EncryptionService,
     HealthCheck,
     StoreUnavailableError,
-    get_encryption_service,
     health,
 )
 
+from ._extension import (
+    NO_STORE,
+    AioCryptBase,
+    SessionInterfaceBase,
+    add_routes,
+    outage_answer,
+    sessionless,
+)
 from ._outage import OUTAGE_ERRORS, SOCKET_TIMEOUT
 from .cache import EncryptedCache
 from .sessions import EncryptedSession, RedisSessionStore, WebSettings, apply_cookie
 
 __all__ = ["AioCrypt", "AioCryptState", "EncryptedSessionInterface", "QuartSession"]
-
-_EXTENSION: Final = "aiocrypt"
-#: app.extensions key: paths served without a session (health probes and metrics)
-_SESSIONLESS: Final = "aiocrypt.sessionless"
 
 logger = logging.getLogger("aiocrypt.quart")
 
@@ -135,7 +138,7 @@ class AioCryptState:
             await self.service.close()
 
 
-class AioCrypt:
+class AioCrypt(AioCryptBase[AioCryptState]):
     """The Quart extension (``AioCrypt(app)`` or ``AioCrypt()`` then ``init_app(app)``).
 
     ``service``: the ``EncryptionService`` to use (default: the process-wide
@@ -143,56 +146,35 @@ class AioCrypt:
     closes it after. ``redis``: a ``redis.asyncio.Redis`` client to use instead
     of connecting to ``AIOCRYPT_REDIS_URL`` (the caller then closes it);
     ``SESSION_REDIS`` in the config is the Quart-Session way to pass one.
+    ``service`` and ``cache`` are the current app's.
     """
+
+    framework = "Quart"
 
     def __init__(self, app: Quart | None = None, *, service: EncryptionService | None = None,
                  redis: aioredis.Redis | None = None) -> None:
-        self._service = service
-        self._redis = redis
-        if app is not None:
-            self.init_app(app)
+        super().__init__(app, service=service, redis=redis)
 
-    def __repr__(self) -> str:
-        return "<AioCrypt (Quart)>"
-
-    def init_app(self, app: Quart) -> None:
-        if _EXTENSION in app.extensions:
-            raise RuntimeError("AioCrypt is already set up on this app")
-        settings = WebSettings.from_config(app.config, client_given=self._redis is not None)
+    def _new_state(self, settings: WebSettings) -> AioCryptState:
         client = self._redis if self._redis is not None else settings.redis_client
         if client is not None and not isinstance(client, aioredis.Redis):
             raise ConfigurationError("SESSION_REDIS must be a redis.asyncio.Redis client")
-        state = AioCryptState(
-            settings=settings,
-            service=self._service if self._service is not None else get_encryption_service(),
-            redis_client=client,
-            owns_redis=client is None,
-        )
-        app.extensions[_EXTENSION] = state
-        app.session_interface = EncryptedSessionInterface()  # type: ignore[assignment]
-        app.register_error_handler(StoreUnavailableError, _answer_outage)
+        return AioCryptState(settings=settings, service=self._service_to_use(),
+                             redis_client=client, owns_redis=client is None)
+
+    def _session_interface(self) -> EncryptedSessionInterface:
+        return EncryptedSessionInterface()
+
+    def _outage_handler(self) -> Callable[[StoreUnavailableError], Awaitable[Response]]:
+        return _answer_outage
+
+    def _install(self, app: Quart, state: AioCryptState) -> None:
         app.before_serving(state.start)
         app.after_serving(state.close)
 
     @staticmethod
-    def state(app: Quart | None = None) -> AioCryptState:
-        """The extension's state for ``app`` (default: the current app)."""
-        target = app if app is not None else current_app
-        try:
-            state: AioCryptState = target.extensions[_EXTENSION]
-        except KeyError:
-            raise RuntimeError("AioCrypt.init_app() was not called for this app") from None
-        return state
-
-    @property
-    def service(self) -> EncryptionService:
-        """The current app's ``EncryptionService``."""
-        return self.state().service
-
-    @property
-    def cache(self) -> EncryptedCache:
-        """The current app's encrypted cache."""
-        return self.state().cache
+    def _current_app() -> Quart:
+        return current_app
 
     @property
     def sessions(self) -> RedisSessionStore:
@@ -215,33 +197,24 @@ class AioCrypt:
             report = await health(state.service, key_types=key_types)
             report = report.with_check("redis", await state.redis_check())
             return Response(json.dumps(report.to_dict()), status=report.http_status,
-                            content_type="application/json",
-                            headers={"Cache-Control": "no-store"})
+                            content_type="application/json", headers=NO_STORE)
 
-        app.add_url_rule(health_path, "aiocrypt_health", aiocrypt_health, methods=["GET"])
-        app.extensions.setdefault(_SESSIONLESS, set()).add(health_path)
-        if metrics_path is None:
-            return
-        from aiocrypt.metrics import render, route_registry
+        def metrics_view(registry: Any) -> Callable[[], Awaitable[Response]]:
+            from aiocrypt.metrics import render
 
-        registry = route_registry(state.service, registry)
-        if registry is None:  # the metrics extra is not installed: health only
-            return
+            async def aiocrypt_metrics() -> Response:
+                body, content_type = render(registry)
+                return Response(body, content_type=content_type, headers=NO_STORE)
 
-        async def aiocrypt_metrics() -> Response:
-            body, content_type = render(registry)
-            return Response(body, content_type=content_type,
-                            headers={"Cache-Control": "no-store"})
+            return aiocrypt_metrics
 
-        app.add_url_rule(metrics_path, "aiocrypt_metrics", aiocrypt_metrics, methods=["GET"])
-        app.extensions[_SESSIONLESS].add(metrics_path)
+        add_routes(app, state.service, health_path=health_path, health_view=aiocrypt_health,
+                   metrics_path=metrics_path, registry=registry, metrics_view=metrics_view)
 
 
 async def _answer_outage(exc: StoreUnavailableError) -> Response:
     """The default answer to a Redis outage: 503, ``Retry-After``, no details."""
-    logger.warning("the %s Redis is unavailable (%s): answering 503", exc.store,
-                   type(exc.__cause__).__name__)
-    body, headers = AioCrypt.state().settings.outage_body()
+    body, headers = outage_answer(logger, AioCrypt.state(), exc)
     return Response(body, status=503, content_type="application/json", headers=headers)
 
 
@@ -252,7 +225,7 @@ def _unavailable(session: EncryptedSession, exc: StoreUnavailableError) -> None:
     session._pending = fail
 
 
-class EncryptedSessionInterface(SessionInterface):
+class EncryptedSessionInterface(SessionInterfaceBase, SessionInterface):
     """Quart session interface over ``RedisSessionStore``.
 
     ``regenerate(session)`` (Flask-Session 0.7's name) is ``session.regenerate()``.
@@ -262,7 +235,7 @@ class EncryptedSessionInterface(SessionInterface):
 
     async def open_session(self, app: Quart,
                            request: BaseRequestWebsocket) -> QuartSession | None:
-        if request.path in app.extensions.get(_SESSIONLESS, ()):
+        if sessionless(app, request.path):
             return None  # a probe gets a null session, and answers even if keys are down
         state = AioCrypt.state(app)
         cookie = request.cookies.get(state.settings.cookie_name)
@@ -292,8 +265,3 @@ class EncryptedSessionInterface(SessionInterface):
             return
         if response is not None:
             apply_cookie(state.settings, session, result, response)
-
-    def regenerate(self, session: SessionMixin) -> None:
-        """Give ``session`` a new id when saved; the old one stops working (login)."""
-        if isinstance(session, EncryptedSession):
-            session.regenerate()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._errors import ConfigurationError
+from ._parse import parse_bool
 from ._types import KeyType, KeyTypeLike, unknown_key_type
 from ._urls import redact_url
 
@@ -281,7 +282,7 @@ class EncryptionConfig:
             values["storage_backend"] = values["storage_backend"].lower()
         for flag in ("compression_enabled", "azure_allow_unsigned_legacy", "accept_format_v1"):
             if flag in values:
-                values[flag] = _parse_bool(values[flag])
+                values[flag] = parse_bool(_ENV_VARS[flag], values[flag])
         return cls(**values)
 
     def replace(self, **changes: Any) -> EncryptionConfig:
@@ -554,17 +555,6 @@ def _mask_url(value: Any) -> Any:
     if isinstance(value, str) and "://" in value:
         return redact_url(value)
     return value
-
-
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigurationError(f"expected a boolean, got {value!r}")
 
 
 def _check_storage_path(path: Path) -> list[str]:

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any, Final
 
 from aiocrypt import ConfigurationError, KeyType
+from aiocrypt.adapters import parse_bool as _bool
 
 from ._session_settings import (
     MAX_SID_BYTES,
@@ -30,16 +31,6 @@ __all__ = ["WebSettings"]
 
 _SAMESITE: Final = {"strict": "Strict", "lax": "Lax", "none": "None"}
 _UNSET: Final[Any] = object()
-
-
-def _bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError(f"{name} must be true or false")
 
 
 def _seconds(name: str, value: Any) -> int:

@@ -11,7 +11,8 @@ import aiocrypt
 
 @pytest.mark.parametrize("module_name", ["aiocrypt", "aiocrypt.audit", "aiocrypt.kek",
                                          "aiocrypt.keystore", "aiocrypt.testing",
-                                         "aiocrypt.metrics", "aiocrypt.reencrypt"])
+                                         "aiocrypt.metrics", "aiocrypt.reencrypt",
+                                         "aiocrypt.adapters"])
 def test_all_names_exist_and_public_names_are_exported(module_name: str) -> None:
     module = importlib.import_module(module_name)
     exported = set(module.__all__)

@@ -12,15 +12,22 @@ from decimal import Decimal
 from typing import Any, Final
 
 from .._codec import NaiveDateTime
+from .._parse import FALSE_WORDS, TRUE_WORDS
 
 # -- values stored before encryption was turned on ------------------------------
 
 
+# Stored data, not a setting: the words settings accept (_parse), and the short forms
+# databases print a boolean as (Postgres's t/f, y/n).
+_TRUE_VALUES: Final = TRUE_WORDS | {"t", "y"}
+_FALSE_VALUES: Final = FALSE_WORDS | {"f", "n"}
+
+
 def _parse_bool(raw: str) -> bool:
     low = raw.strip().lower()
-    if low in ("1", "t", "true", "y", "yes", "on"):
+    if low in _TRUE_VALUES:
         return True
-    if low in ("0", "f", "false", "n", "no", "off"):
+    if low in _FALSE_VALUES:
         return False
     raise ValueError("not a boolean")
 

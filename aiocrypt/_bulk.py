@@ -377,6 +377,9 @@ class _BulkJob:
     segments: int
     segment_size: int
     done: bool
+    #: the buffer the segments are written to (``out=``, or one of the job's own)
+    output: memoryview
+    _own_output: bool
     _next: int
 
     def run_range(self, first: int, stop: int) -> None:  # pragma: no cover - abstract
@@ -391,6 +394,19 @@ class _BulkJob:
         self._next = stop
         self.done = stop == self.segments
         return self.done
+
+    def step_output_end(self, max_bytes: int) -> int:
+        """How far into :attr:`output` the next :meth:`step` of ``max_bytes`` writes, at
+        most (a segment's tag counted for every segment)."""
+        count = max(1, -(-max_bytes // self.segment_size))
+        stop = min(self.segments, self._next + count)
+        return min(len(self.output), stop * (self.segment_size + TAG_BYTES))
+
+    @property
+    def fresh_output(self) -> bool:
+        """Whether :attr:`output` is an anonymous mapping this job made (not ``out=``),
+        whose pages are faulted in as they are first written."""
+        return isinstance(self.output.obj, mmap.mmap) and self._own_output
 
     def ranges(self, parts: int) -> list[tuple[int, int]]:
         """The segments in at most ``parts`` ranges for :meth:`run_range`; call
@@ -424,7 +440,9 @@ class BulkSealer(_BulkJob):
         total = len(self._source)
         self.segments = max(1, -(-total // segment_size))
         size = sealed_size(total, segment_size)
-        self._out = _buffer(size) if out is None else output_buffer(out, size, "the result")
+        self._out = self.output = _buffer(size) if out is None else \
+            output_buffer(out, size, "the result")
+        self._own_output = out is None
         self.segment_size = segment_size
         self._next = 0
         self.done = False
@@ -474,7 +492,9 @@ class BulkOpener(_BulkJob):
             raise decryption_failed(_MALFORMED, encrypted.key_id)
         self.segments = len(self._bounds)
         size = len(self._body) + TAG_BYTES * (1 - self.segments)
-        self._out = _buffer(size) if out is None else output_buffer(out, size, "the plaintext")
+        self._out = self.output = _buffer(size) if out is None else \
+            output_buffer(out, size, "the plaintext")
+        self._own_output = out is None
         self.segment_size = encrypted.segment_size
         self._next = 0
         self.done = False

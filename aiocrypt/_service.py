@@ -15,6 +15,7 @@ until ``accept_format_v1=False`` closes the migration window.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as _dt
 import functools
@@ -62,6 +63,8 @@ from ._gil import aead_releases_gil, usable_cores
 from ._keyring import GCM_MESSAGE_LIMIT, Keyring, UnknownKeyError, undecodable
 from ._keys import utcnow
 from ._manager import KeyManager
+from ._prefault import Prefaulter
+from ._prefault import supported as prefault_supported
 from ._streams import (
     BATCH_BYTES,
     DEFAULT_MAX_SEGMENT,
@@ -229,9 +232,29 @@ class EncryptionService:
         elif job.segment_size > INLINE_SEGMENT_LIMIT:
             while not await self._run(job.step, BATCH_BYTES):
                 pass
+        elif job.fresh_output and job.segments > 2 and prefault_supported():
+            await self._bulk_steps_prefaulted(job)
         else:
             while not job.step(INLINE_BYTES):
                 await anyio.lowlevel.checkpoint()
+
+    async def _bulk_steps_prefaulted(self, job: BulkSealer | BulkOpener) -> None:
+        """The inline steps, with a worker thread faulting in the fresh output's pages
+        ahead of them (:mod:`aiocrypt._prefault`): the loop's thread only seals."""
+        self.counters["prefaulted_buffers"] += 1
+        prefault = Prefaulter(job.output, asyncio.get_running_loop())
+        worker = asyncio.ensure_future(
+            anyio.to_thread.run_sync(prefault.run, limiter=self._limiter))
+        try:
+            while True:
+                await prefault.wait_for(job.step_output_end(INLINE_BYTES))
+                if job.step(INLINE_BYTES):
+                    break
+                await anyio.lowlevel.checkpoint()
+        finally:
+            prefault.stop()
+            with anyio.CancelScope(shield=True):
+                await worker
 
     # -- fields -------------------------------------------------------------
 

@@ -146,6 +146,7 @@ class KeyReferences:
         await manager.refresh(force=True)
         await manager._lifecycle.expire_retired()
         unreferenced, counts = await self._unreferenced(confirm_unreferenced, census)
+        wrapping = await self._manager.subjects.census()
         confirmed = set(confirm_unreferenced)
         destroyed: list[CleanupEntry] = []
         kept: list[CleanupEntry] = []
@@ -160,6 +161,9 @@ class KeyReferences:
                     continue
                 policy = manager.config.rotation_policy(key.key_type)
                 if not _policy.is_past_grace(key, policy, now):
+                    continue
+                if wrapping.get(key.key_id):  # not even forced: every subject key under it
+                    kept.append(CleanupEntry(key.key_id, _wraps_subjects(key, wrapping)))
                     continue
                 if key.key_id in unreferenced or force:
                     forced = key.key_id not in unreferenced
@@ -236,6 +240,10 @@ class KeyReferences:
         unreferenced, _ = await self._unreferenced(confirm_unreferenced, census)
         older = [k for k in keys if k.version < version and k.status is not KeyStatus.DESTROYED
                  and not k.decrypt_disabled]
+        wrapping = await self._manager.subjects.census(kt)
+        for key in older:
+            if wrapping.get(key.key_id):
+                raise KeyStateError(_wraps_subjects(key, wrapping))
         referenced = [k.key_id for k in older if k.key_id not in unreferenced]
         if referenced:
             raise KeyStateError(
@@ -304,11 +312,15 @@ class KeyReferences:
         census shows no rows on it or the caller confirmed it (all or none), and raise
         the type's minimum decryption version past them where they were the oldest."""
         counts = await self._run_census(census)
+        wrapping = await self._manager.subjects.census()
         outcome: list[KeyRetirement] = []
 
         async def plan(current: KeySet) -> list[EncryptionKey]:
             outcome.clear()
             kt, targets = select(current)
+            for key in targets:  # whoever confirms: destroying it would erase every subject
+                if wrapping.get(key.key_id):
+                    raise KeyStateError(_wraps_subjects(key, wrapping))
             retired = [RetiredKey(k.key_id, k.version, k.status,
                                   self._retirement_reason(k, counts, confirmed))
                        for k in targets]
@@ -370,3 +382,10 @@ class KeyReferences:
         why = "no census was given" if counts is None else "the census does not cover it"
         raise KeyStateError(f"key {key.key_id}: {why}; confirm that no data references it "
                             "(confirm_unreferenced, or --confirm-unreferenced)")
+
+
+def _wraps_subjects(key: EncryptionKey, wrapping: Mapping[str, int]) -> str:
+    """Why ``key`` is kept: subject keys are still wrapped by it (docs/subjects.md)."""
+    return (f"key {key.key_id} still wraps {wrapping[key.key_id]} subject keys: rewrap them "
+            f"under the active key first (aiocrypt subjects rewrap --key-type "
+            f"{key.key_type.value})")

@@ -695,6 +695,10 @@ main.add_command(doctor)
 main.add_command(reencrypt)
 main.add_command(census)
 
+from ._cli_subjects import subjects  # noqa: E402
+
+main.add_command(subjects)
+
 
 class _LazyGroup(click.Group):
     """A command group defined in an integration, imported only when it is used (the

@@ -164,9 +164,9 @@ class _Traced:
         self._otel = otel
         if otel is None:
             return _DISCARDED
-        self._op = op = Operation(self._attributes)
+        self._op = op = Operation(dict(self._attributes))
         self._span: Span = otel.tracer.start_span(
-            self._name, attributes=_named(op.attributes), record_exception=False,
+            self._name, attributes=_named(self._attributes), record_exception=False,
             set_status_on_exception=False)
         context: Context = otel.trace.set_span_in_context(self._span)
         self._context = otel.context.attach(context)
@@ -194,8 +194,10 @@ class _Traced:
                 span.set_status(otel.error)
         else:
             attributes.setdefault("outcome", "ok")
-        if span.is_recording():
-            span.set_attributes(_named(attributes))
+        if span.is_recording():  # what the span did not start with (checked once is enough)
+            started = self._attributes
+            span.set_attributes(_named({k: v for k, v in attributes.items()
+                                        if k not in started or started[k] != v}))
         span.end()
         otel.histogram(self._name + ".duration").record(seconds, _named(
             {k: v for k, v in attributes.items() if k in METRIC_ATTRIBUTES}))

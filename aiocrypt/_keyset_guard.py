@@ -135,6 +135,11 @@ class KeysetGuard:
         return await self._sealer.seal(current.revision + 1, keys, kek, self._seal, forgotten)
 
     @property
+    def seal(self) -> Seal | None:
+        """The seal of the last verified keyset (a new object whenever it changes)."""
+        return self._seal
+
+    @property
     def forgotten(self) -> Mapping[str, str]:
         """Forgotten subject key ids (-> wrapping key id) of the last verified keyset."""
         return self._seal.forgotten if self._seal is not None else _NONE

@@ -108,15 +108,28 @@ class SubjectRewrapReport:
     """Live subject keys per older wrapping key id after the run (all 0 when done)."""
 
 
+class _Entry:
+    """A cached subject key: its DataKey, its one-key keyring, until when it may be used
+    without a look at the store, and the keyset seal its id was last checked against."""
+
+    __slots__ = ("dk", "ring", "seal", "until")
+
+    def __init__(self, dk: DataKey, ring: Keyring, until: float, seal: object) -> None:
+        self.dk = dk
+        self.ring = ring
+        self.until = until
+        self.seal = seal
+
+
 class _Cache:
-    """A bounded LRU map with an age limit (entries: value, monotonic time loaded)."""
+    """A bounded LRU map of entries."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self.entries: OrderedDict[object, tuple[DataKey, Keyring, float]] = OrderedDict()
+        self.entries: OrderedDict[object, _Entry] = OrderedDict()
 
-    def put(self, key: object, dk: DataKey, ring: Keyring) -> None:
-        self.entries[key] = (dk, ring, time.monotonic())
+    def put(self, key: object, entry: _Entry) -> None:
+        self.entries[key] = entry
         self.entries.move_to_end(key)
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
@@ -128,6 +141,7 @@ class SubjectKeys:
     def __init__(self, manager: KeyManager, store: SubjectKeyStore | None = None, *,
                  max_cached: int = DEFAULT_MAX_CACHED) -> None:
         self._manager = manager
+        self._guard = manager._guard
         self._store = store
         self._opened = False
         self._by_subject = _Cache(max_cached)
@@ -165,27 +179,35 @@ class SubjectKeys:
 
     # -- the cache (sync: the hot paths) ---------------------------------------
 
-    def _fresh(self, entry: tuple[DataKey, Keyring, float] | None) -> bool:
-        return entry is not None and \
-            time.monotonic() - entry[2] <= self._manager.config.performance.dek_cache_seconds \
-            and entry[0].key_id not in self._manager._guard.forgotten
+    def _usable(self, entry: _Entry) -> bool:
+        """Whether a cached entry may still be used: younger than ``dek_cache_seconds``,
+        and its key not forgotten in the keyset last verified (checked again only when
+        that keyset changed: the hot path compares one object)."""
+        if time.monotonic() > entry.until:
+            return False
+        seal = self._guard.seal
+        if entry.seal is not seal:
+            if entry.dk.key_id in self._guard.forgotten:
+                return False
+            entry.seal = seal
+        return True
 
     def cached(self, key_type: KeyType, subject: str) -> DataKey | None:
         """The cached DEK of ``subject``'s ``key_type`` key, if any (no I/O)."""
         key = (key_type, subject)
         entry = self._by_subject.entries.get(key)
-        if not self._fresh(entry):
+        if entry is None or not self._usable(entry):
             return None
         self._by_subject.entries.move_to_end(key)
-        return entry[0]  # type: ignore[index]
+        return entry.dk
 
     def cached_ring(self, key_id: str) -> Keyring | None:
         """A one-key keyring of the cached subject key ``key_id``, if any (no I/O)."""
         entry = self._by_id.entries.get(key_id)
-        if not self._fresh(entry):
+        if entry is None or not self._usable(entry):
             return None
         self._by_id.entries.move_to_end(key_id)
-        return entry[1]  # type: ignore[index]
+        return entry.ring
 
     def ring_of(self, token: str) -> Keyring | None:
         """:meth:`cached_ring` of the key a subject token names."""
@@ -193,9 +215,12 @@ class SubjectKeys:
 
     def _remember(self, dk: DataKey, subject: tuple[KeyType, str] | None) -> Keyring:
         ring = Keyring((dk,), accept_format_v1=False)
-        self._by_id.put(dk.key_id, dk, ring)
+        until = time.monotonic() + self._manager.config.performance.dek_cache_seconds
+        if dk.key_id in self._guard.forgotten:  # forgotten while it was being read
+            raise subject_forgotten(dk.key_id)
+        self._by_id.put(dk.key_id, _Entry(dk, ring, until, self._guard.seal))
         if subject is not None:
-            self._by_subject.put(subject, dk, ring)
+            self._by_subject.put(subject, _Entry(dk, ring, until, self._guard.seal))
         return ring
 
     # -- lookups ----------------------------------------------------------------

@@ -88,6 +88,21 @@ def aiocrypt_async(service: Any, event_loop: asyncio.AbstractEventLoop, value: s
     return loop
 
 
+def aiocrypt_subject(service: Any, event_loop: asyncio.AbstractEventLoop, value: str) -> Loop:
+    """:func:`aiocrypt_async` with ``subject=``: the subject's own key, known and cached
+    (docs/subjects.md); the plain case beside it in the same rounds is the comparison."""
+    async def run(n: int) -> None:
+        for _ in range(n):
+            token = await service.encrypt_field(value, KeyType.PII, context=CONTEXT,
+                                                subject="user:42")
+            await service.decrypt_field(token, KeyType.PII, context=CONTEXT)
+
+    def loop(n: int) -> None:
+        event_loop.run_until_complete(run(n))
+
+    return loop
+
+
 def tink_aead(value: str) -> Loop | None:
     try:
         import tink
@@ -198,6 +213,7 @@ PEERS: list[tuple[str, Callable[[str], Loop | None]]] = [
 ]
 ASYNC = "aiocrypt EncryptionService (async)"
 SYNC = "aiocrypt Keyring (sync core)"
+SUBJECT = "aiocrypt EncryptionService, subject key (async)"
 
 
 def run_fields(service: Any, event_loop: asyncio.AbstractEventLoop, *, rounds: int,
@@ -208,6 +224,7 @@ def run_fields(service: Any, event_loop: asyncio.AbstractEventLoop, *, rounds: i
         cases: dict[str, Loop] = {
             BASELINE: raw_aesgcm(value),
             ASYNC: aiocrypt_async(service, event_loop, value),
+            SUBJECT: aiocrypt_subject(service, event_loop, value),
             SYNC: aiocrypt_sync(service, event_loop, value),
         }
         for name, make in PEERS:
@@ -217,10 +234,20 @@ def run_fields(service: Any, event_loop: asyncio.AbstractEventLoop, *, rounds: i
         # loop before check: the aiocrypt cases must round-trip the value
         token = service.keyring.encrypt(value, KeyType.PII, CONTEXT)
         assert service.keyring.decrypt(token, KeyType.PII, CONTEXT) == value
+        token = event_loop.run_until_complete(service.encrypt_field(
+            value, KeyType.PII, context=CONTEXT, subject="user:42"))
+        assert token.startswith("ac2.S-")
         results[label] = interleaved(cases, BASELINE, rounds, seconds)
         print(f"fields {label}: " + ", ".join(
             f"{name} {r['ratio']:.2f}x" for name, r in results[label].items()), flush=True)
+        print(f"fields {label}: subject key / plain "
+              f"{subject_vs_plain(results[label]):.2f}x", flush=True)
     return results
+
+
+def subject_vs_plain(cases: dict[str, dict[str, float]]) -> float:
+    """A field round trip with a subject key over a plain one, from the same rounds."""
+    return cases[SUBJECT]["ratio"] / cases[ASYNC]["ratio"]
 
 
 def run_batch(service: Any, event_loop: asyncio.AbstractEventLoop, *, rounds: int,
@@ -291,8 +318,13 @@ def run(*, quick: bool = False, only: set[str] | None = None) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--subject-only", action="store_true",
+                        help="only the plain and subject-key async round trips (a short check)")
     args = parser.parse_args()
-    results = run(quick=args.quick)
+    if args.subject_only:
+        global PEERS
+        PEERS = []
+    results = run(quick=args.quick, only={"fields"} if args.subject_only else None)
     for label, cases in results["fields"].items():
         print(f"\n{label}\n| implementation | us per round trip | ratio to {BASELINE} |")
         print("|---|---:|---:|")

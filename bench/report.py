@@ -16,6 +16,7 @@ PEERS_TO_BEAT = ("Fernet", "sqlalchemy-utils AesGcmEngine", "sealed-fields",
                  "aws-encryption-sdk, raw AES key", "aws-encryption-sdk, caching CMM")
 ASYNC = "aiocrypt EncryptionService (async)"
 SYNC = "aiocrypt Keyring (sync core)"
+SUBJECT = "aiocrypt EncryptionService, subject key (async)"
 BASELINE = "raw AESGCM + base64"
 LAG_LIMIT_MS = 5.0
 
@@ -132,6 +133,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
                 "the per-call work aiocrypt adds (value codec, key lookup, header, counters"
                 + (", the coroutine" if name == ASYNC else "")
                 + ") is a larger share of a round trip at 64 bytes; see the field notes")
+        if all(SUBJECT in fields[size] for size in fields):
+            subject = {size: fields[size][SUBJECT]["ratio"] / fields[size][ASYNC]["ratio"]
+                       for size in fields}
+            add("field round trip with a subject key <= 1.3x a plain one (same run)",
+                ", ".join(f"{_x(r)} ({size})" for size, r in subject.items()),
+                max(subject.values()) <= 1.3,
+                "the subject-key cache lookup (docs/subjects.md) costs more than planned")
         beaten: list[tuple[float, str, str]] = []  # (margin, peer, size)
         behind: list[tuple[float, str, str]] = []
         for size, cases in fields.items():

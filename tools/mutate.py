@@ -70,9 +70,10 @@ TESTS: dict[str, list[str]] = {
         "tests/test_service.py", "tests/test_lifecycle.py", "tests/test_decryption_errors.py",
         "tests/test_rejection.py",
     ],
-    "aiocrypt/_bulk.py": ["tests/core/test_coverage_bulk.py", "tests/test_files.py",
-                          "tests/test_vectors.py"],
-    "aiocrypt/_streams.py": ["tests/core/test_coverage_streams.py", "tests/test_streams.py",
+    "aiocrypt/_bulk.py": ["tests/core/test_bulk_mutants.py", "tests/core/test_coverage_bulk.py",
+                          "tests/test_files.py", "tests/test_vectors.py"],
+    "aiocrypt/_streams.py": ["tests/core/test_streams_mutants.py",
+                             "tests/core/test_coverage_streams.py", "tests/test_streams.py",
                              "tests/test_vectors.py"],
     "aiocrypt/_keyset_seal.py": ["tests/core/test_mutants_keyset_seal.py",
                                  "tests/core/test_mutants_keyset_guard.py",
@@ -311,10 +312,19 @@ def _env(workspace: Path) -> dict[str, str]:
     return env
 
 
+def _plugins_off(tests: list[str]) -> list[str]:
+    """Hypothesis's pytest plugin, off when no test file uses it: importing it is half
+    of a pytest start here, and a module's mutants start pytest hundreds of times."""
+    files = {ROOT / t.split("::")[0] for t in tests}
+    if any("hypothesis" in path.read_text(encoding="utf-8") for path in files):
+        return []
+    return ["-p", "no:hypothesispytest"]
+
+
 def run_tests(workspace: Path, tests: list[str], timeout: float | None) -> tuple[str, float]:
     """Run ``tests`` in ``workspace``: ("passed" | "failed" | "timeout", seconds)."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "--no-header", "-p", "no:cacheprovider",
-           "-o", "addopts=--strict-markers", "--tb=no", *tests]
+           *_plugins_off(tests), "-o", "addopts=--strict-markers", "--tb=no", *tests]
     start = time.monotonic()
     # our own interpreter and arguments, in our own copy of the tree
     proc = subprocess.Popen(cmd, cwd=workspace, env=_env(workspace),  # noqa: S603

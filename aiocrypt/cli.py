@@ -57,6 +57,10 @@ from ._types import KeyStatus, KeyType
 if TYPE_CHECKING:
     from .audit.postgres import AuditVerification
 
+#: ``main`` is the command; ``key_type_param`` is for commands plugged in by integrations
+#: (``aiocrypt jobs``): a declared key type, checked before anything opens the store.
+__all__ = ["key_type_param", "main"]
+
 
 @click.group(cls=AiocryptGroup)
 @click.version_option(package_name="aiocrypt")

@@ -37,9 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
                       "pip install 'aiocrypt[sqlalchemy]'") from exc
 
 from aiocrypt import EncryptionService, Keyring, KeyType
-from aiocrypt._format import token_sql
-from aiocrypt._legacy import LegacyReader
-from aiocrypt._types import KeyTypeLike
+from aiocrypt.adapters import KeyTypeLike, LegacyReader, token_sql
 from aiocrypt.reencrypt import LEGACY_TYPES, parse_legacy, quote_identifier, row_context
 
 __all__ = ["add_encrypted_column", "alter_to_text", "encrypt_column"]

@@ -24,8 +24,8 @@ from rich.table import Table
 from rich.text import Text
 
 from aiocrypt import AiocryptError, ConfigurationError, KeyType
-from aiocrypt._cli_base import key_type_param
-from aiocrypt._urls import redact_url
+from aiocrypt.adapters import redact_url
+from aiocrypt.cli import key_type_param
 
 from .config import ArqWorkerConfig
 from .status import ReencryptionStatus, ShardStatus, StatusStore

@@ -26,7 +26,7 @@ from aiocrypt import (
     KeyType,
     ReencryptionError,
 )
-from aiocrypt._types import KeyTypeLike
+from aiocrypt.adapters import KeyTypeLike
 
 if TYPE_CHECKING:
     from .state import WorkerState

@@ -23,8 +23,7 @@ from typing import Any, Final
 from arq.constants import job_key_prefix, result_key_prefix
 
 from aiocrypt import KeyType
-from aiocrypt._format import text_prefix
-from aiocrypt._types import KeyTypeLike
+from aiocrypt.adapters import KeyTypeLike, text_prefix
 from aiocrypt.reencrypt import (
     KeyRange,
     PendingRowsDatabase,

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from aiocrypt import KeyType
-from aiocrypt._types import KeyTypeLike
+from aiocrypt.adapters import KeyTypeLike
 
 from .codec import check_pool
 from .failures import guarded, job_key_type

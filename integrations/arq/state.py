@@ -26,7 +26,7 @@ from aiocrypt import (
     KeyType,
     build_key_manager,
 )
-from aiocrypt._types import KeyTypeLike
+from aiocrypt.adapters import KeyTypeLike
 from aiocrypt.reencrypt import (
     AsyncpgDatabase,
     PendingRowsDatabase,

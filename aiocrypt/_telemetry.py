@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
@@ -54,6 +55,8 @@ METRIC_ATTRIBUTES: Final = frozenset({"key_type", "provider", "operation", "outc
 DURATION_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                            0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 _NAMESPACE: Final = "aiocrypt."
+
+logger = logging.getLogger("aiocrypt.telemetry")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -138,6 +141,10 @@ def _backend() -> _Otel | None:
         try:
             _otel = _Otel()
         except ImportError:
+            _otel = None
+        except Exception as exc:  # a broken install must not break key operations
+            logger.warning("OpenTelemetry is installed but failed to load (%s): aiocrypt "
+                           "does not trace", type(exc).__name__)
             _otel = None
         _resolved = True
     return _otel

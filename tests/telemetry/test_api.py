@@ -140,19 +140,38 @@ asyncio.run(main())
 """
 
 
-def run(code: str) -> str:
+def run(code: str) -> subprocess.CompletedProcess[str]:
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    return done.stdout
+    return done
 
 
 def test_everything_works_when_opentelemetry_cannot_be_imported() -> None:
     out = run("import sys\nsys.modules['opentelemetry'] = None  # import fails\n" + _FLOW + """
 assert _telemetry._backend() is None
 print("no-op")
-""")
+""").stdout
     assert out.split() == ["no-op"]
+
+
+def test_a_broken_install_is_reported_once_and_not_used() -> None:
+    done = run("""
+import importlib.abc, sys
+
+class Broken(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "opentelemetry":
+            raise RuntimeError("a half-upgraded environment")
+
+sys.meta_path.insert(0, Broken())
+""" + _FLOW + """
+assert _telemetry._backend() is None
+print("broken")
+""")
+    assert done.stdout.split() == ["broken"]
+    assert done.stderr.count("OpenTelemetry is installed but failed to load (RuntimeError)") \
+        == 1
 
 
 def test_everything_works_with_the_api_and_no_sdk() -> None:
@@ -164,7 +183,7 @@ assert "opentelemetry.sdk" not in sys.modules
 with _telemetry.span("aiocrypt.test.unrecorded"):
     assert not trace.get_current_span().is_recording()
 print("api-only")
-""")
+""").stdout
     assert out.split() == ["api-only"]
 
 
@@ -173,6 +192,6 @@ def test_importing_aiocrypt_does_not_import_opentelemetry() -> None:
 import sys
 import aiocrypt, aiocrypt.cli, aiocrypt.kek, aiocrypt.reencrypt, aiocrypt.testing
 print(sorted(m for m in sys.modules if m.split(".")[0] == "opentelemetry"))
-""")
+""").stdout
     assert out.split() == ["[]"]
     assert _telemetry._backend() is not None  # this process has the SDK: it is used

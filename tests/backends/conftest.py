@@ -22,9 +22,9 @@ from aiocrypt.kek._retry import RetryPolicy
 from aiocrypt.testing import FakeKekProvider
 
 try:  # rootdir on sys.path (python -m pytest)
-    from tests import kms_servers
+    from tests import kms_servers as kms_servers  # re-exported to the tests here
 except ImportError:  # plain `pytest`: tests/ itself is on sys.path
-    import kms_servers  # type: ignore[no-redef]
+    import kms_servers as kms_servers
 
 #: Fast retries for tests: the same policy shape, shorter waits.
 FAST_RETRY = RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.05, call_timeout=5.0,
@@ -42,7 +42,8 @@ def free_port() -> int:
 def record(key_id: str, version: int = 1) -> EncryptionKey:
     """A key record as a store holds it (random bytes stand for the wrapped DEK)."""
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    return EncryptionKey(key_id=key_id, key_type=KeyType.PII, version=version, status="active",
+    return EncryptionKey(key_id=key_id, key_type=KeyType.PII, version=version,
+                         status="active",  # type: ignore[arg-type]  # coerced to KeyStatus
                          created_at=now, expires_at=now + dt.timedelta(days=1),
                          wrapped_key=os.urandom(60), kek_id="k")
 

@@ -247,7 +247,7 @@ def vector_key(azure_server: Any) -> str:
     return name
 
 
-def vector_cases(envelope: int) -> Any:
+def vector_cases(envelope: int) -> pytest.MarkDecorator:
     cases = [v for v in VECTORS["vectors"] if v["envelope"] == envelope]
     assert len(cases) >= 2
     return pytest.mark.parametrize("vector", cases, ids=[f"v{envelope}-{i}"

@@ -65,8 +65,10 @@ async def _aws_flaky(server: Any, failures: int) -> tuple[KekProvider, Flaky, An
     client = await context.__aenter__()
 
     def throttled() -> Exception:
-        return ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
-                            "ResponseMetadata": {"HTTPStatusCode": 400}}, "Encrypt")
+        error: Exception = ClientError(  # botocore ships no types
+            {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
+             "ResponseMetadata": {"HTTPStatusCode": 400}}, "Encrypt")
+        return error
 
     flaky = Flaky(client, "encrypt", failures, throttled)
     return AwsKmsKekProvider(arn, client=flaky, retry=FAST_RETRY), flaky, context

@@ -21,8 +21,9 @@ from aiocrypt.audit import Auditor, MemoryAuditSink
 from aiocrypt.testing import ManualClock, make_service
 
 _SHORT = {"rotation_interval_days": 10, "max_key_age_days": 10, "grace_period_days": 30}
-_CONFIG = EncryptionConfig(rotation_policies={
-    kt.value: dict(_SHORT) for kt in (KeyType.FINANCIAL_DATA, KeyType.SESSION, KeyType.CACHE)})
+_CONFIG = EncryptionConfig(rotation_policies={  # dicts, read by KeyRotationPolicy.from_dict
+    kt.value: dict(_SHORT)  # type: ignore[misc]
+    for kt in (KeyType.FINANCIAL_DATA, KeyType.SESSION, KeyType.CACHE)})
 
 Path_ = Callable[[EncryptionService, Path], Awaitable[Callable[[], Awaitable[Any]]]]
 

@@ -347,6 +347,7 @@ def test_a_hand_built_keyring_is_held_to_the_gcm_message_limit() -> None:
     dk.encryptions = GCM_MESSAGE_LIMIT - 1
     kr.encrypt("v", PII)
     assert dk.encryptions == GCM_MESSAGE_LIMIT
+    call: Callable[[], str]
     for call in (lambda: kr.encrypt("v", PII), lambda: kr.encrypt_bytes(b"v", PII),
                  lambda: kr.encrypt(1, PII, compression_level=1)):
         with pytest.raises(KeyStateError, match=r"reached 2\*\*32 encryptions"):
@@ -391,6 +392,7 @@ def test_the_allowance_is_claimed_up_to_refill_at_and_then_asked_for() -> None:
         asked.append(dk.encryptions)
         return sealer(dk)
 
+    seal: Callable[[Keyring], str]
     for seal in (lambda kr: kr.encrypt("v", PII), lambda kr: kr.encrypt_bytes(b"\x01v", PII)):
         dk = data_key()
         dk.refill_at = 2

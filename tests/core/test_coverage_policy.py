@@ -19,7 +19,7 @@ LIMIT = 1000
     (0, None), (LIMIT - 1, None), (LIMIT, "usage"), (LIMIT + 1, "usage"), (2**40, "usage"),
 ])
 def test_usage_rotates_the_active_key_from_the_limit_on(usage: int, reason: str | None) -> None:
-    policy = KeyRotationPolicy("pii", max_encryptions=LIMIT)
+    policy = KeyRotationPolicy("pii", max_encryptions=LIMIT)  # type: ignore[arg-type]  # coerced
     assert rotation_reason(record(), policy, NOW + _dt.timedelta(days=1), usage) == reason
     # a key no longer active is never rotated for its usage
     retired = record(status=KeyStatus.DECRYPT_ONLY)
@@ -32,4 +32,5 @@ def test_usage_rotates_the_active_key_from_the_limit_on(usage: int, reason: str 
 ])
 def test_usage_block_is_an_eighth_of_the_limit_at_least_one(limit: int, default: int,
                                                             block: int) -> None:
-    assert usage_block(KeyRotationPolicy("pii", max_encryptions=limit), default) == block
+    assert usage_block(KeyRotationPolicy("pii", max_encryptions=limit),  # type: ignore[arg-type]
+                       default) == block  # ("pii" is coerced to KeyType)

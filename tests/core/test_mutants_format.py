@@ -120,7 +120,8 @@ def test_wire_numbers() -> None:
     (bytes((1, 2, 0, 3)) + b"a-b" + b"xyz", (1, 2, 0, "a-b", b"xyz")),
     (bytes((2, 1, 1, 2)) + b"Zz" + bytes(range(5)), (2, 1, 1, "Zz", bytes(range(5)))),
 ])
-def test_parse_binary_reads_each_field_from_its_offset(blob: bytes, fields: tuple) -> None:
+def test_parse_binary_reads_each_field_from_its_offset(
+        blob: bytes, fields: tuple[int, int, int, str, bytes]) -> None:
     header, head, body = parse_binary(blob)
     assert (header.version, header.algorithm, header.flags, header.key_id, bytes(body)) == fields
     assert head == blob[:4 + len(header.key_id)]

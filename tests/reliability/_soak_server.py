@@ -39,7 +39,7 @@ def main(settings: dict[str, Any]) -> None:
                            PostgresAuditSink(settings["dsn"], table=settings["audit_table"])])
         return EncryptionService(KeyManager(store, kek, auditor=auditor, refresh_interval=2.0))
 
-    quart_app.build_service = build_service  # type: ignore[assignment]
+    quart_app.build_service = build_service  # type: ignore[attr-defined]  # the example's import
     app = quart_app.create_app({
         "EXAMPLE_DATA_DIR": settings["data_dir"],
         "AIOCRYPT_REDIS_URL": settings["redis_url"],
@@ -56,7 +56,7 @@ def main(settings: dict[str, Any]) -> None:
     async def run() -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await serve(app, config, shutdown_trigger=stop.wait)
 
     asyncio.run(run())
 

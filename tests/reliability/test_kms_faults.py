@@ -34,7 +34,7 @@ from aiocrypt.testing import MemoryKeyStore
 try:  # rootdir on sys.path (python -m pytest)
     from tests import kms_servers
 except ImportError:  # plain `pytest`: tests/ itself is on sys.path
-    import kms_servers  # type: ignore[no-redef]
+    import kms_servers
 
 pytest.importorskip("hvac")
 pytest.importorskip("aiobotocore")

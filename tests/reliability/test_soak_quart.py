@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from _private_services import free_port
@@ -45,6 +46,9 @@ pytest.importorskip("quart")
 pytest.importorskip("hypercorn")
 pytest.importorskip("asyncpg")
 aioredis = pytest.importorskip("redis.asyncio")
+
+if TYPE_CHECKING:
+    from httpx import Response
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = Path(__file__).with_name("_soak_server.py")
@@ -85,7 +89,7 @@ async def _wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
 async def _client(url: str, index: int, until: float, stats: Stats) -> None:
     username = ("alice", "bob")[index % 2]
 
-    async def expect(response: httpx.Response, status: int, what: str) -> bool:
+    async def expect(response: Response, status: int, what: str) -> bool:
         stats.ops[what] += 1
         if response.status_code != status:
             stats.error(f"{what}: status {response.status_code}")
@@ -139,9 +143,10 @@ async def test_soak_quart_example(redis_url: str, postgres_dsn: str, master_key:
     from aiocrypt.keystore.postgres import PostgresKeyStore
 
     tag = secrets.token_hex(4)
-    settings = {"port": free_port(), "redis_url": redis_url, "prefix": f"rel:soak:{tag}:",
-                "dsn": postgres_dsn, "schema": f"rel_soak_{tag}",
-                "audit_table": f"rel_soak_audit_{tag}", "data_dir": str(tmp_path / "data")}
+    settings: dict[str, Any] = {  # as JSON to the server process
+        "port": free_port(), "redis_url": redis_url, "prefix": f"rel:soak:{tag}:",
+        "dsn": postgres_dsn, "schema": f"rel_soak_{tag}",
+        "audit_table": f"rel_soak_audit_{tag}", "data_dir": str(tmp_path / "data")}
     url = f"http://127.0.0.1:{settings['port']}"
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "ENCRYPTION_MASTER_KEY": base64.b64encode(master_key).decode()}

@@ -22,7 +22,7 @@ import os
 import struct
 import tracemalloc
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -51,7 +51,7 @@ HANG_LIMIT = 30.0  # seconds one call may take before it counts as a hang
 FIELD_CTX = "users.ssn"
 SESSION_CTX = "session:abc"
 BLOB_CTX = "files.blob"
-DIALECT = postgresql.dialect()
+DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]  # SQLAlchemy leaves it untyped
 COUNTS: Counter[str] = Counter()
 
 
@@ -341,6 +341,7 @@ def assert_blob_refused(target: Target, blob: bytes, sizes: list[int]) -> None:
     except DecryptionError:
         COUNTS["from_bytes_refused"] += 1
     COUNTS["blobs"] += 1
+    call: Callable[[], object]
     for name, call in {
         "decrypt_bulk_data": lambda: target.run(service.decrypt_bulk_data(
             blob, context=BLOB_CTX, key_type=KeyType.PII)),

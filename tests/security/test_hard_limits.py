@@ -49,7 +49,7 @@ async def pg_service() -> AsyncIterator[EncryptionService]:
 
     schema = f"limits_{secrets.token_hex(5)}"
     kek = LocalKekProvider.generate()
-    config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": LIMIT}})
+    config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": LIMIT}})  # type: ignore[dict-item]  # read by from_dict
     service = EncryptionService(KeyManager(PostgresKeyStore(POSTGRES_DSN, schema=schema), kek,
                                            config, watch=False), preload=[KeyType.PII])
     await service.start()

@@ -417,7 +417,7 @@ async def test_rollback_to_an_older_authentic_store_is_refused(victim: Victim,
 
 async def test_usage_counters_cannot_be_reset_or_made_negative(victim: Victim) -> None:
     """The counter set negative (or back to 0) used to let a key encrypt forever."""
-    config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": 40}})
+    config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": 40}})  # type: ignore[dict-item]  # read by from_dict
     manager, sink = victim.manager(config)
     service = EncryptionService(manager)
     async with service:

@@ -114,7 +114,7 @@ async def serve_quart_app(app: Any) -> AsyncIterator[str]:
     hyper.bind = [f"127.0.0.1:{port}"]
     hyper.graceful_timeout = 1.0
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(app, hyper, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    task = asyncio.create_task(serve(app, hyper, shutdown_trigger=stop.wait))
     url = f"http://127.0.0.1:{port}"
     try:
         await _wait_until_up(url)

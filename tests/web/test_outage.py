@@ -16,6 +16,7 @@ from typing import Any
 import flask
 import pytest
 import quart
+from werkzeug.test import TestResponse
 
 from aiocrypt import StoreUnavailableError
 from aiocrypt.integrations import flask as flask_ext
@@ -83,7 +84,7 @@ def test_flask_outage_answers_503_and_recovers(private_redis: Any) -> None:
         assert client.get("/public").text == "public"  # never touches the session
         health = client.get("/healthz")
         assert health.status_code == 503
-        assert health.json["checks"]["redis"]["status"] == "failing"
+        assert health.json["checks"]["redis"]["status"] == "failing"  # type: ignore[index]  # JSON
 
         private_redis.start()
         assert client.get("/me").text == "alice"  # the same session: nothing lost
@@ -126,8 +127,10 @@ async def test_quart_outage_answers_503_and_recovers(private_redis: Any) -> None
 
         private_redis.kill()
         for path, method in (("/me", "GET"), ("/login", "POST"), ("/report", "GET")):
-            rv = await client.open(path, method=method)
-            check_outage_body(rv.status_code, rv.headers, await rv.get_data())
+            # Quart's TestClientProtocol marks every open() argument required, and types
+            # get_data()'s default as text
+            rv = await client.open(path, method=method)  # type: ignore[call-arg]
+            check_outage_body(rv.status_code, rv.headers, await rv.get_data())  # type: ignore[arg-type]
             assert "Set-Cookie" not in rv.headers
         rv = await client.get("/public")  # the cookie's session could not be read: unused
         assert rv.status_code == 200
@@ -150,6 +153,7 @@ async def test_app_error_handler_catches_the_outage(kind: str) -> None:
         caught.append(exc.store)
         return "maintenance", 503
 
+    rv: TestResponse | quart.Response
     if kind == "flask":
         app, crypt = flask_app(url)
         app.register_error_handler(StoreUnavailableError, handler)

@@ -54,7 +54,8 @@ async def new_session(store: RedisSessionStore, **data: Any) -> str:
     session.update(data)
     result = await store.save(session)
     assert result.action is CookieAction.SET and result.session_id is not None
-    return result.session_id
+    session_id: str = result.session_id
+    return session_id
 
 
 async def test_round_trip_keeps_types_and_tracks_changes(store: RedisSessionStore) -> None:

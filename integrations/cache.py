@@ -90,12 +90,8 @@ class EncryptedCache:
         """
         ttl = self.default_ttl if ttl is None else ttl
         _check_ttl(ttl)
-        if subject is None:
-            encrypted_key, encrypted_value = await self.service.encrypt_cache_data(
-                key, value, ttl)
-        else:
-            encrypted_key, encrypted_value = await self.service.encrypt_cache_data(
-                key, value, ttl, subject=subject)
+        encrypted_key, encrypted_value = await self.service.encrypt_cache_data(
+            key, value, ttl, subject=subject)
         with translate_outage("cache"):
             await self.redis.set(self.prefix + encrypted_key, encrypted_value,
                                  px=max(1, math.ceil(ttl * 1000)))

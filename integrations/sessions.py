@@ -450,8 +450,6 @@ class RedisSessionStore:
         return functools.partial(self._codec.redis_keys, keyring)
 
     async def _seal(self, envelope: dict[str, Any], sid: str, subject: str | None) -> str:
-        if subject is None:
-            return await self.service.encrypt_session_data(envelope, context=_context(sid))
         return await self.service.encrypt_session_data(envelope, context=_context(sid),
                                                        subject=subject)
 

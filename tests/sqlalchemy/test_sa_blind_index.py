@@ -70,9 +70,9 @@ async def test_lookup_before_and_after_index_key_rotation(
         async with sessions() as session:
             session.add(user_cls(id=6, ssn_encrypted="123456789"))
             moved = await session.get(user_cls, 2)
-            moved.ssn_encrypted = "123-45-6789"          # update re-indexes under the new key
+            moved.ssn_encrypted = "123-45-6789"          # type: ignore[union-attr]  # get() is Optional; update re-indexes under the new key
             changed = await session.get(user_cls, 3)
-            changed.ssn_encrypted = "111-11-1111"
+            changed.ssn_encrypted = "111-11-1111"  # type: ignore[union-attr]  # get() is Optional
             await session.commit()
         assert await find("123-45-6789") == [1, 2, 5, 6]
         assert await find("987-65-4321") == []
@@ -83,13 +83,13 @@ async def test_lookup_before_and_after_index_key_rotation(
                 user_cls.ssn_index == "123456789"))).scalars()) == [1, 2, 5, 6]
             # Updating another column leaves the index untouched.
             user = await session.get(user_cls, 1)
-            before = user.ssn_index
-            user.email = "Ann@Example.org"
+            before = user.ssn_index  # type: ignore[union-attr]  # get() is Optional
+            user.email = "Ann@Example.org"  # type: ignore[union-attr]  # get() is Optional
             await session.commit()
-            assert user.ssn_index == before
+            assert user.ssn_index == before  # type: ignore[union-attr]  # get() is Optional
 
         async with engine.connect() as conn:
-            rows = dict((await conn.execute(sa.text(
+            rows: dict[int, str] = dict((await conn.execute(sa.text(
                 f"SELECT id, ssn_index FROM bi_users_{suffix}"))).all())
         assert rows[1].startswith(f"{old_key.key.version}:")
         assert rows[6].startswith(f"{new_key.key.version}:")

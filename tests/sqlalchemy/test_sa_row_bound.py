@@ -96,7 +96,7 @@ async def test_row_swap_fails_through_the_async_orm(
         await session.commit()
     async with sessions() as session:
         row = await session.get(model, 9)
-        assert (row.ssn, row.balance, row.note) == ("009-00-0000", 9.0, "n9")
+        assert (row.ssn, row.balance, row.note) == ("009-00-0000", 9.0, "n9")  # type: ignore[union-attr]  # get() is Optional
     await _swap(engine, table, "ssn", 9, 8)
     await _swap(engine, table, "note", 9, 7)   # not row-bound: the swap "works"
     async with sessions() as session:
@@ -106,7 +106,7 @@ async def test_row_swap_fails_through_the_async_orm(
         assert (info.value.location.column, info.value.location.primary_key) == ("ssn", 8)
         assert "009-00-0000" not in str(info.value)
     async with sessions() as session:
-        assert (await session.get(model, 7)).note == "n9"
+        assert (await session.get(model, 7)).note == "n9"  # type: ignore[union-attr]  # get() is Optional
         # a Core select and an aliased entity are bound to their row too
         with pytest.raises(DecryptionError):
             (await session.execute(sa.select(model.ssn).where(model.id == 8))).all()
@@ -119,7 +119,7 @@ async def test_row_swap_fails_through_the_async_orm(
                     pass
         finally:
             await streamed.close()
-        assert info.value.location.primary_key == 8
+        assert info.value.location.primary_key == 8  # type: ignore[union-attr]  # location is Optional
         alias = aliased(model)
         assert (await session.execute(sa.select(alias.ssn).where(alias.id == 9))
                 ).scalar_one() == "009-00-0000"
@@ -144,7 +144,7 @@ async def test_row_swap_fails_through_the_sync_orm(
                 session.add_all([model(ssn=f"{i:03d}-00-0000", balance=float(i))
                                  for i in range(1, 11)])   # keys from the database
                 session.commit()
-                assert session.get(model, 9).ssn == "009-00-0000"
+                assert session.get(model, 9).ssn == "009-00-0000"  # type: ignore[union-attr]  # get() is Optional
             with sync_engine.begin() as conn:
                 token = conn.execute(sa.text(f"SELECT balance FROM {table} WHERE id = 9")
                                      ).scalar_one()
@@ -153,13 +153,13 @@ async def test_row_swap_fails_through_the_sync_orm(
             with Session(sync_engine) as session:
                 with pytest.raises(DecryptionError) as info:
                     session.get(model, 8)
-                assert info.value.location.primary_key == 8
-                assert session.get(model, 9).balance == 9.0
+                assert info.value.location.primary_key == 8  # type: ignore[union-attr]  # location is Optional
+                assert session.get(model, 9).balance == 9.0  # type: ignore[union-attr]  # get() is Optional
                 # an update re-seals under the same key
-                session.get(model, 9).balance = 90.0
+                session.get(model, 9).balance = 90.0  # type: ignore[union-attr]  # get() is Optional
                 session.commit()
             with Session(sync_engine) as session:
-                assert session.get(model, 9).balance == 90.0
+                assert session.get(model, 9).balance == 90.0  # type: ignore[union-attr]  # get() is Optional
                 # text SQL does not append the primary key: refused, never guessed
                 typed = sa.text(f"SELECT ssn FROM {table} WHERE id = 9").columns(
                     ssn=model.__table__.c.ssn.type)
@@ -270,7 +270,7 @@ async def test_uuid_keys_on_postgres(pg_async_url: str, bound_service: Encryptio
         await bound_service.key_manager.rotate_key("pii", force=True)
         assert (await reenc.reencrypt(Doc.__tablename__)).run_rows_updated == 3
         async with sessions() as session:
-            assert [(await session.get(Doc, d.id)).body for d in docs] == ["d0", "d1", "d2"]
+            assert [(await session.get(Doc, d.id)).body for d in docs] == ["d0", "d1", "d2"]  # type: ignore[union-attr]  # get() is Optional
         async with engine.begin() as conn:
             await conn.execute(sa.text(f"UPDATE {Doc.__tablename__} SET body = (SELECT body "
                                        f"FROM {Doc.__tablename__} WHERE id = :a) WHERE id = :b"),
@@ -278,7 +278,7 @@ async def test_uuid_keys_on_postgres(pg_async_url: str, bound_service: Encryptio
         async with sessions() as session:
             with pytest.raises(DecryptionError) as info:
                 await session.get(Doc, docs[1].id)
-            assert info.value.location.primary_key == docs[1].id
+            assert info.value.location.primary_key == docs[1].id  # type: ignore[union-attr]  # location is Optional
     finally:
         await reenc.database.close()
         async with engine.begin() as conn:

@@ -78,7 +78,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Any,
         yield Backend(engine, is_async)
     finally:
         if is_async:
-            await engine.dispose()
+            await engine.dispose()  # type: ignore[misc]  # the engine is an AsyncEngine here
         else:
             engine.dispose()
 
@@ -95,7 +95,7 @@ def deterministic() -> bool:
 
 @pytest.fixture
 def User(Base: Any, suffix: str, deterministic: bool) -> Any:
-    class User(Base):
+    class User(Base):  # type: ignore[misc]  # declarative_base() is Any
         __tablename__ = f"user_{suffix}"
         id = sa.Column(sa.Integer, primary_key=True)
         username = sa.Column(Encrypted(sa.Unicode, KeyType.PII, deterministic=deterministic))
@@ -235,7 +235,7 @@ async def test_decrypt_raises_value_error_with_invalid_key(
         backend: Backend, Base: Any, suffix: str) -> None:
     """Values read with other keys fail (aiocrypt: ``DecryptionError``, authenticated,
     where sqlalchemy-utils' naive padding may only fail to decode as UTF-8)."""
-    class Team(Base):
+    class Team(Base):  # type: ignore[misc]  # declarative_base() is Any
         __tablename__ = f"team_{suffix}"
         id = sa.Column(sa.Integer, primary_key=True)
         key = sa.Column(sa.String(50))
@@ -278,7 +278,7 @@ async def test_decrypt_raises_value_error_with_invalid_key(
         "time_with_micro", "time_simple", "date_simple"])
 async def test_datetime_handler(backend: Backend, Base: Any, suffix: str,
                                 column_type: Any, value: Any) -> None:
-    class Event(Base):
+    class Event(Base):  # type: ignore[misc]  # declarative_base() is Any
         __tablename__ = f"event_{suffix}"
         id = sa.Column(sa.Integer, primary_key=True)
         at = sa.Column(Encrypted(column_type, KeyType.PII))
@@ -288,7 +288,7 @@ async def test_datetime_handler(backend: Backend, Base: Any, suffix: str,
         def roundtrip(session: Session) -> Any:
             session.add(Event(id=1, at=value))
             session.commit()
-            return session.get(Event, 1).at
+            return session.get(Event, 1).at  # type: ignore[union-attr]  # get() is Optional
 
         back = await backend.run(roundtrip)
         assert back == value and type(back) is type(value)

@@ -1,11 +1,14 @@
 """The ``aiocrypt reencrypt`` runs: a table in this process, or its shards over processes.
 
 With ``--jobs N`` each table is cut into N primary-key ranges
-(:meth:`ReencryptionEngine.plan_shards`) and each range is re-encrypted by a
-process of its own, started with ``spawn`` (a fresh interpreter: no state of this
-one, no forked event loop or threads), so the crypto of each shard runs on its own
-core; Postgres applies the writes on whatever cores are left. Each shard has its
-own checkpoint; this process follows their progress by reading them. A shard
+(:meth:`ReencryptionEngine.plan_shards`). This process re-encrypts the first
+range itself, at once, with the keys it already holds; each other range is
+re-encrypted by a process of its own, started with ``spawn`` (a fresh
+interpreter: no state of this one, no forked event loop or threads), so the crypto
+of each shard runs on its own core; Postgres applies the writes on whatever cores
+are left. A spawned process needs about half a second to import and open its keys:
+this process's range is done meanwhile. Each shard has its own checkpoint; this
+process follows their progress by reading them. A shard
 process reads the same settings as this one (the environment and the config
 file); what the command line chose travels in a :class:`ShardTask`, which holds
 identifiers only, never key material.
@@ -21,10 +24,10 @@ import asyncio
 import dataclasses
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._cli_base import describe, exit_code_for
 from ._errors import AiocryptError
@@ -35,6 +38,10 @@ from .reencrypt import (
     ReencryptionResult,
     TableSpec,
 )
+
+if TYPE_CHECKING:
+    from ._legacy import LegacyReader
+    from ._manager import KeyManager
 
 __all__ = ["ShardTask", "reencrypt_sharded", "reencrypt_table",
            "result_dict", "run_shard"]
@@ -113,27 +120,44 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
 
 async def _run_shard(task: ShardTask) -> dict[str, Any]:
     from ._cli_base import load_config
-    from ._cli_ops import _open_database, legacy_readers_from_models  # it imports this module
+    from ._cli_ops import legacy_readers_from_models  # it imports this module
     from ._factory import build_key_manager
 
     readers = legacy_readers_from_models(task.models)
     manager = build_key_manager(load_config(), watch=False)
+    async with manager:
+        return await _shard_here(manager, task, readers)
+
+
+async def _shard_here(manager: KeyManager, task: ShardTask,
+                      readers: Iterable[LegacyReader]) -> dict[str, Any]:
+    """``task`` in this process, with its own database connections."""
+    from ._cli_ops import _open_database  # it imports this module
+
     database = await _open_database(task.dsn, task.checkpoint_table)
     engine = ReencryptionEngine(manager, database, tables=[task.spec],
                                 batch_size=task.batch_size, rate_limit=task.rate,
                                 on_error="skip" if task.skip_errors else "raise",
                                 legacy_readers=readers)
-    async with manager:
-        try:
-            return await reencrypt_table(engine, task.spec, shard=task.shard,
-                                         max_batches=task.max_batches)
-        finally:
-            await database.close()
+    try:
+        return await reencrypt_table(engine, task.spec, shard=task.shard,
+                                     max_batches=task.max_batches)
+    finally:
+        await database.close()
+
+
+async def _first_shard(engine: ReencryptionEngine, task: ShardTask) -> dict[str, Any]:
+    """The first range, in this process (as :func:`run_shard` does it in another)."""
+    try:
+        return await _shard_here(engine.key_manager, task, engine.legacy_readers.values())
+    except AiocryptError as exc:
+        return {"error": describe(exc), "exit": exit_code_for(exc)}
 
 
 async def reencrypt_sharded(engine: ReencryptionEngine, task: ShardTask, jobs: int,
                             on_progress: Callable[[int, float], None]) -> dict[str, Any]:
-    """Re-encrypt ``task.spec`` in ``jobs`` processes, one shard each; one merged result.
+    """Re-encrypt ``task.spec`` in ``jobs`` processes (this one and ``jobs - 1`` spawned),
+    one shard each; one merged result.
 
     ``on_progress(rows_done, rows_per_second)`` about twice a second, from the shards'
     checkpoints. A shard that fails makes the whole an ``AiocryptError`` naming it,
@@ -151,10 +175,12 @@ async def reencrypt_sharded(engine: ReencryptionEngine, task: ShardTask, jobs: i
     base = await rows_read()
     started = time.monotonic()
     loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(max_workers=len(shards),
+    with ProcessPoolExecutor(max_workers=max(1, len(shards) - 1),
                              mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [loop.run_in_executor(pool, run_shard, dataclasses.replace(task, shard=s))
-                   for s in shards]
+                   for s in shards[1:]]
+        futures.insert(0, asyncio.ensure_future(
+            _first_shard(engine, dataclasses.replace(task, shard=shards[0]))))
         pending: set[asyncio.Future[dict[str, Any]]] = set(futures)
         while pending:
             _, pending = await asyncio.wait(pending, timeout=_POLL_SECONDS)

@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidTag
 
 from . import _compression
 from ._codec import STR_TAG, decode_value, encode_value
-from ._crypto import DataKey
+from ._crypto import NONCE_BYTES, TAG_BYTES, DataKey
 from ._errors import (
     DecryptionError,
     DecryptionFailure,
@@ -61,7 +61,8 @@ GCM_MESSAGE_LIMIT: Final = 2**32
 _FAST_TOKEN_CHARS: Final = 64 * 1024
 _KEY_ID_END: Final = TEXT_PREFIX_LEN + MAX_KEY_ID_LEN + 1
 _GCM_FIELD: Final = ALG_AES_256_GCM
-_MIN_GCM_RAW: Final = 2 + 12 + 16  # algorithm, flags, nonce, tag
+_GCM_BODY: Final = 2 + NONCE_BYTES  # a decoded text body: algorithm, flags, nonce, sealed
+_MIN_GCM_RAW: Final = _GCM_BODY + TAG_BYTES
 _STR_TAG_BYTE: Final = STR_TAG[0]
 _FIELD: Final = Purpose.FIELD
 
@@ -236,50 +237,77 @@ class Keyring:
     def decrypt(self, token: str, key_type: KeyTypeLike, context: str | bytes | None = None,
                 *, for_reencryption: bool = False, purpose: Purpose = _FIELD) -> Any:
         """Authenticate, decrypt and decode a text token; every failure is ``DecryptionError``."""
-        # Fast path, one frame: a small version 2 AES-GCM field token without flags, of
-        # a key that is readable and not expired. It makes every check decrypt_bytes
-        # makes (tests/test_field_fastpath.py); any other token goes the general way below.
+        # Fast path: a small version 2 AES-GCM field token without flags, of a key that
+        # is readable and not expired (_open_fast); any other token goes the general way.
         if type(token) is str and len(token) <= _FAST_TOKEN_CHARS and purpose is _FIELD:
-            dk = self._active.get(key_type)  # most tokens are of the active key
-            if dk is not None and token.startswith(dk.text_prefix):
-                start = len(dk.text_prefix)
-            else:
-                start = token.find(".", 5, _KEY_ID_END) + 1
-                dk = self._by_prefix.get(token[:start])  # "ac2.<key id>.": the version too
-                if dk is not None and dk.key_type != key_type:
-                    dk = None
-            if dk is not None and dk.readable and not dk.expired:
+            plaintext = self._open_fast(token, key_type, context)
+            if plaintext is not None:
                 try:
-                    raw = a2b_base64(token[start:].encode().translate(B64URL_TO_STD),
-                                     strict_mode=True)
-                    size = len(raw)
-                    tail = size % 3
-                    # non-canonical base64 goes the general way (which says so)
-                    if size > _MIN_GCM_RAW and raw[0] == _GCM_FIELD and raw[1] == 0 and \
-                            len(token) - start == (size + 2) // 3 * 4 and not (
-                            tail and token[tail - 4] not in B64_CANONICAL_LAST[tail]):
-                        aad = dk.field_aads.get(context) if type(context) is str else None
-                        if aad is None:
-                            aad = dk.field_aad(context)
-                        plaintext = dk.gcm_decrypt(raw[2:14], raw[14:], aad)
-                        if plaintext[0] == _STR_TAG_BYTE:  # not empty: size > _MIN_GCM_RAW
-                            return plaintext[1:].decode()
-                        return decode_value(plaintext)
-                except (InvalidTag, ValueError):
+                    if plaintext[0] == _STR_TAG_BYTE:  # not empty: size > _MIN_GCM_RAW
+                        return plaintext[1:].decode()
+                    return decode_value(plaintext)
+                except ValueError:
                     pass  # the general path fails too, and says why (only failures pay)
-        self.general_decrypts += 1
-        plaintext = self.decrypt_bytes(token, key_type, context,
+        plaintext = self._open_general(token, key_type, context,
                                        for_reencryption=for_reencryption, purpose=purpose)
         try:
             return decode_value(plaintext)
         except ValueError:
             raise undecodable(token) from None
 
+    def _open_fast(self, token: str, key_type: KeyTypeLike,
+                   context: str | bytes | None) -> bytes | None:
+        """The plaintext of a well-formed field token, or None for the general path.
+
+        It makes every check the general path makes (tests/core/test_coverage_keyring.py,
+        tests/test_field_fastpath.py) for the tokens it takes: version 2, AES-GCM, no
+        flags, canonical base64, a key of ``key_type`` that is readable and not expired.
+        Anything else, and any failure, is left to the general path, which says why.
+        """
+        dk = self._active.get(key_type)  # most tokens are of the active key
+        if dk is not None and token.startswith(dk.text_prefix):
+            start = len(dk.text_prefix)
+        else:
+            start = token.find(".", TEXT_PREFIX_LEN + 1, _KEY_ID_END) + 1
+            dk = self._by_prefix.get(token[:start])  # "ac2.<key id>.": the version too
+            if dk is None or dk.key_type != key_type:
+                return None
+        if not dk.readable or dk.expired:
+            return None
+        try:
+            raw = a2b_base64(token[start:].encode().translate(B64URL_TO_STD),
+                             strict_mode=True)
+            size = len(raw)
+            tail = size % 3
+            # non-canonical base64 goes the general way (which says so)
+            if size > _MIN_GCM_RAW and raw[0] == _GCM_FIELD and raw[1] == 0 and \
+                    len(token) - start == (size + 2) // 3 * 4 and not (
+                    tail and token[tail - 4] not in B64_CANONICAL_LAST[tail]):
+                aad = dk.field_aads.get(context) if type(context) is str else None
+                if aad is None:
+                    aad = dk.field_aad(context)
+                plaintext: bytes = dk.gcm_decrypt(raw[2:_GCM_BODY], raw[_GCM_BODY:], aad)
+                return plaintext
+        except (InvalidTag, ValueError):
+            pass
+        return None
+
     def decrypt_bytes(self, token: str, key_type: KeyTypeLike,
                       context: str | bytes | None = None, *,
                       for_reencryption: bool = False, purpose: Purpose = _FIELD) -> bytes:
         """Authenticate and decrypt a text token; every failure is ``DecryptionError``."""
-        # Hot path: token splitting, check_decryptable and context_bytes inlined.
+        if type(token) is str and len(token) <= _FAST_TOKEN_CHARS and purpose is _FIELD:
+            plaintext = self._open_fast(token, key_type, context)
+            if plaintext is not None:
+                return plaintext
+        return self._open_general(token, key_type, context,
+                                  for_reencryption=for_reencryption, purpose=purpose)
+
+    def _open_general(self, token: str, key_type: KeyTypeLike, context: str | bytes | None,
+                      *, for_reencryption: bool, purpose: Purpose) -> bytes:
+        """Every token the fast path does not take, and every failure, with its reason."""
+        self.general_decrypts += 1
+        # Token splitting, check_decryptable and context_bytes inlined.
         # A failure raises a DecryptionError that names its reason; computing it
         # costs nothing on success.
         dk: DataKey | None = None

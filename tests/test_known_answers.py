@@ -274,7 +274,9 @@ def test_aiocrypt_gcm_tokens_match_the_reference(v: Vector) -> None:
                                         b"\x02" + v.msg)
     value_token = _token(dk, ALG_GCM, v.iv + value_ct + value_tag)
     assert keyring.decrypt(value_token, KEY_TYPE, CONTEXT.decode()) == v.msg
-    assert keyring.general_decrypts == 0
+    # both on the fast path, but for an empty plaintext (no value encodes to nothing):
+    # decrypt_bytes opens that one the general way
+    assert keyring.general_decrypts == (0 if v.msg else 1)
     # a bulk blob (purpose BLOB), sealed and opened
     nonce, sealed = dk.gcm_parts(v.msg, CONTEXT, nonce=v.iv)
     assert sealed == b"".join(gcm_reference(v.key, v.iv, _aad(BLOB, ALG_GCM, CONTEXT), v.msg))

@@ -121,6 +121,44 @@ def test_version_1_tokens_take_the_general_path() -> None:
     assert kr.general_decrypts == 1
 
 
+def test_decrypt_bytes_takes_the_same_fast_path() -> None:
+    # re-encryption opens tokens with decrypt_bytes: well-formed field tokens of
+    # readable keys (active or not) are opened inline, without counting
+    old = data_key(version=1, status=KeyStatus.DECRYPT_ONLY)
+    active = data_key(version=2)
+    kr = ring(old, active)
+    for dk in (old, active):
+        for value in VALUES:
+            for context in CONTEXTS:
+                plaintext = encode_value(value)
+                token = dk.seal_field(plaintext, context)
+                assert kr.decrypt_bytes(token, PII, context) == plaintext
+                assert kr.decrypt_bytes(token, PII, context, for_reencryption=True) \
+                    == plaintext
+    assert kr.general_decrypts == 0
+    # and only those: the others are counted, and opened all the same
+    big = kr.encrypt("v" * _FAST_TOKEN_CHARS, PII)
+    assert len(big) > _FAST_TOKEN_CHARS
+    assert kr.decrypt_bytes(big, PII) == encode_value("v" * _FAST_TOKEN_CHARS)
+    assert kr.general_decrypts == 1
+    session = kr.encrypt("s", PII, purpose=Purpose.SESSION)
+    assert kr.decrypt_bytes(session, PII, purpose=Purpose.SESSION) == encode_value("s")
+    assert kr.general_decrypts == 2
+    with pytest.raises(DecryptionError) as exc:  # a field token is not a session token
+        kr.decrypt_bytes(kr.encrypt("f", PII), PII, purpose=Purpose.SESSION)
+    assert reason(exc) is DecryptionFailure.AUTHENTICATION_FAILED
+    assert kr.general_decrypts == 3
+
+
+def test_decrypt_bytes_refuses_what_is_not_a_str_without_other_errors() -> None:
+    kr = ring(data_key())
+    token = kr.encrypt("v", PII)
+    for bad in (token.encode(), memoryview(token.encode()), None, 7):
+        with pytest.raises(DecryptionError) as exc:
+            kr.decrypt_bytes(bad, PII)  # type: ignore[arg-type]  # what a driver may hand
+        assert reason(exc) is DecryptionFailure.MALFORMED
+
+
 # -- refusals the fast path must not get past ----------------------------------
 
 def test_a_key_past_its_grace_period_refuses_plain_reads_on_the_fast_path() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from aiocrypt import EncryptionService, KeyType
+from aiocrypt import DecryptionFailure, EncryptionService, KeyType
 from aiocrypt.reencrypt import (
     AsyncpgDatabase,
     ColumnSpec,
@@ -215,4 +215,50 @@ async def test_worker_killed_with_sigkill_resumes_from_checkpoint(
         await database.close()
         await conn.execute(f"DROP TABLE IF EXISTS {table}")
         await conn.execute(f"DROP TABLE IF EXISTS {checkpoints}")
+        await conn.close()
+
+
+async def test_well_formed_tokens_take_the_fast_path_and_bad_ones_are_still_refused(
+        service: EncryptionService, postgres_dsn: str, suffix: str) -> None:
+    """The engine opens tokens of loaded keys inline (``Keyring.decrypt_bytes``'s fast
+    path: ``general_decrypts`` stays 0) and sends everything else the careful way: a
+    forged token and a value of the wrong key type are reported, not moved."""
+    table, checkpoints = f"fast_{suffix}", f"ckpt_{suffix}"
+    conn = await asyncpg.connect(postgres_dsn)
+    database = AsyncpgDatabase(postgres_dsn, checkpoint_table=checkpoints)
+    try:
+        await _make_table(conn, service, table, 500)
+        manager = service.key_manager
+        wrong_type = await service.encrypt_field("123-45-6789", KeyType.PII,
+                                                 context=f"{table}.income")
+        forged = (await service.encrypt_field(7.5, KeyType.FINANCIAL_DATA,
+                                              context=f"{table}.income"))[:-6] + "AAAAAA"
+        await conn.execute(f"UPDATE {table} SET income = $1 WHERE id = 1", wrong_type)
+        await conn.execute(f"UPDATE {table} SET income = $1 WHERE id = 2", forged)
+        await manager.rotate_key(KeyType.FINANCIAL_DATA, force=True)
+        await manager.rotate_key(KeyType.PII, force=True)
+        engine = ReencryptionEngine(manager, database, tables=[_spec(table)], on_error="skip")
+        await engine.census(table)
+        keyring = manager.keyring
+        result = await engine.reencrypt(table)
+        assert manager.keyring is keyring  # the one snapshot counted every open
+        # 998 well-formed tokens of the old keys, inline; the two bad ones in every
+        # pass (each pass reads them again), twice each: the inline path's fallback,
+        # then once more to say why
+        assert result.passes == 2
+        assert keyring.general_decrypts == 2 * 2 * result.passes
+        assert result.run_rows_updated == 500 and result.run_rows_failed == 2
+        assert sorted(result.failed_primary_keys) == [1, 2]
+        reasons = {f.primary_key: f.reason for f in result.failures}
+        assert reasons[1] is DecryptionFailure.WRONG_KEY_TYPE
+        assert reasons[2] is DecryptionFailure.AUTHENTICATION_FAILED
+        stored = dict(await conn.fetch(f"SELECT id, income FROM {table} WHERE id <= 2"))
+        assert stored == {1: wrong_type, 2: forged}
+        rows = await conn.fetch(f"SELECT id, income, ssn FROM {table} WHERE id > 2")
+        for row in rows:
+            assert await service.decrypt_field(row["income"], KeyType.FINANCIAL_DATA,
+                                               context=f"{table}.income") == float(row["id"])
+    finally:
+        await database.close()
+        await conn.execute(f"DROP TABLE IF EXISTS {table}, {checkpoints}")
         await conn.close()

@@ -189,7 +189,8 @@ class AioCryptState:
             self._redis = self._sync_client()
             self._sessions = SyncRedisSessionStore(
                 lambda: self.service.keyring, self._redis, self.settings.session,
-                load_key=self._load_key, serializer=TaggedJSONSerializer())
+                load_key=self._load_key, serializer=TaggedJSONSerializer(),
+                service=self.service, run=self.run)  # subject-bound sessions
             atexit.register(self.close)
 
     def _sync_client(self) -> redis.Redis:

@@ -232,8 +232,10 @@ async def restore_rows(dsn: str, schema: str, backup: dict[str, list[str]],
 async def forgotten_events(world: World) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(world.dsn)
     try:
-        return await conn.fetch(f"SELECT event, details::text AS details FROM "
-                                f"{world.audit_table} WHERE event = 'subject_forgotten'")
+        rows: list[asyncpg.Record] = await conn.fetch(
+            f"SELECT event, details::text AS details FROM {world.audit_table} "
+            "WHERE event = 'subject_forgotten'")
+        return rows
     finally:
         await conn.close()
 
@@ -277,9 +279,9 @@ async def test_forgetting_one_subject_reaches_every_copy(world: World) -> None:
     # -- 10,000 subjects in two tables, bulk-inserted through the column types -------
     async def insert(users: list[int]) -> None:
         async with world.engine.begin() as conn:  # one executemany per table and batch
-            await conn.execute(Account.__table__.insert(), [
+            await conn.execute(sa.insert(Account), [
                 {"id": i, "email": RowValue(email(i), subject=i)} for i in users])
-            await conn.execute(Order.__table__.insert(), [
+            await conn.execute(sa.insert(Order), [
                 {"id": i, "user_id": i, "address": RowValue(address(i, i), subject=i)}
                 for i in users])
 

@@ -118,9 +118,9 @@ async def test_sync_store_seals_and_opens_through_the_service(
     def login(user: int) -> str:
         session = sync_store.load(None)
         session["user_id"] = user
-        result = sync_store.save(session)
-        assert result.session_id is not None
-        return result.session_id
+        sid = sync_store.save(session).session_id
+        assert isinstance(sid, str)
+        return sid
 
     sid, other = await asyncio.to_thread(login, 42), await asyncio.to_thread(login, 43)
     assert dict(await store.load(sid)) == {"user_id": 42}  # the async store reads it
@@ -178,3 +178,44 @@ async def test_cache_entries_of_a_forgotten_subject_are_misses(
 
 async def _compute() -> list[int]:
     return [1, 2]
+
+
+async def test_flask_app_forgets_a_user_without_an_error_page(
+        redis_url: str, redis_prefix: str, aredis: aioredis.Redis) -> None:
+    from flask import Flask, session
+
+    from aiocrypt.integrations import flask as flask_ext
+    from aiocrypt.testing import make_service
+
+    app = Flask(__name__)
+    app.config.update({"AIOCRYPT_REDIS_URL": redis_url,
+                       "AIOCRYPT_SESSION_PREFIX": redis_prefix + "s:",
+                       "AIOCRYPT_CACHE_PREFIX": redis_prefix + "c:",
+                       "AIOCRYPT_COOKIE_SECURE": False, "AIOCRYPT_SESSION_SUBJECT": "user_id"})
+    service = make_service()
+    crypt = flask_ext.AioCrypt(app, service=service)
+
+    @app.post("/login/<int:user>")
+    def login(user: int) -> dict[str, bool]:
+        session["user_id"] = user
+        return {"ok": True}
+
+    @app.get("/me")
+    def me() -> dict[str, Any]:
+        return {"user": session.get("user_id")}
+
+    try:
+        client = app.test_client()
+        other = app.test_client()
+        assert (await asyncio.to_thread(client.post, "/login/42")).status_code == 200
+        assert (await asyncio.to_thread(other.post, "/login/43")).status_code == 200
+        assert (await asyncio.to_thread(client.get, "/me")).get_json() == {"user": 42}
+        tokens = (await redis_dump(aredis, redis_prefix + "s:")).values()
+        assert all(t.startswith(b"ac2.S-") for t in tokens) and len(tokens) == 2
+        state = flask_ext.AioCrypt.state(app)
+        await asyncio.to_thread(state.run, service.forget_subject("user:42"))
+        response = await asyncio.to_thread(client.get, "/me")
+        assert response.status_code == 200 and response.get_json() == {"user": None}
+        assert (await asyncio.to_thread(other.get, "/me")).get_json() == {"user": 43}
+    finally:
+        await asyncio.to_thread(crypt.close, app)

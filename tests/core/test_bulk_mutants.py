@@ -325,3 +325,13 @@ def test_output_buffer_refusals() -> None:
     assert len(output_buffer(bytearray(5), 5, "the result")) == 5
     with pytest.raises(ValueError, match="out= holds 4 bytes; the result needs 5"):
         output_buffer(bytearray(4), 5, "the result")
+
+
+def test_the_repr_leaves_out_the_ciphertext_nonce_and_tag() -> None:
+    blob = EncryptedData(b"\xaa" * 40, "k1", "AES_256_GCM", b"\xbb" * 12, b"\xcc" * 16)
+    text = repr(blob)
+    assert "k1" in text and "AES_256_GCM" in text
+    for hidden in ("encrypted_data=", "iv=", "tag=", "xaa", "xbb", "xcc"):
+        assert hidden not in text
+    assert blob.compressed is False and EncryptedData(
+        b"", "k1", "AES_256_GCM", bytes(12), bytes(16)).compressed is False

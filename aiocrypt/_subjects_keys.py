@@ -479,10 +479,12 @@ class SubjectKeys:
             if material is None:
                 logger.error("subject key %s does not unwrap: not rewrapped", record.key_id)
                 continue
-            updates.append(wrap_subject_key(new_cipher, active.key_id, material, record.key_id,
-                                            record.lookup, record.key_type,
-                                            record.created_at))
-            del material
+            try:
+                updates.append(wrap_subject_key(new_cipher, active.key_id, material,
+                                                record.key_id, record.lookup, record.key_type,
+                                                record.created_at))
+            finally:
+                del material  # never in a traceback's locals
         return updates
 
 

@@ -124,11 +124,11 @@ class RedisSubjectKeyStore(SubjectKeyStore):
         filed = 0
         with self._keystore._translate("insert subject keys"):
             async with self._redis.pipeline(transaction=False) as pipe:
-                for record in records:
-                    self._insert(keys=[self._k_id, self._k_lookup,
-                                       self._k_wrap + record.wrapping_key_id],
-                                 args=[record.lookup, record.key_id, record.to_json()],
-                                 client=pipe)
+                for record in records:  # queued on the pipeline, sent by execute()
+                    await self._insert(keys=[self._k_id, self._k_lookup,
+                                             self._k_wrap + record.wrapping_key_id],
+                                       args=[record.lookup, record.key_id, record.to_json()],
+                                       client=pipe)
                 results = await pipe.execute()
         for record, raw in zip(records, results, strict=True):
             doc = json.loads(raw)

@@ -182,3 +182,19 @@ async def test_rewrap_resumes_and_cleanup_keeps_what_wraps_subjects(small: Deplo
     for i, token in tokens.items():
         assert await fresh.decrypt_field(token, PII) == i
     assert await fresh.decrypt_field(fresh_subject, PII) == "x"
+
+
+async def test_bulk_inserts_file_each_subject_once(small: Deployment) -> None:
+    svc = await small.service()
+    await svc.encrypt_field(0, PII)
+    materials = await bulk_subject_keys(svc, 500)
+    store = await svc.key_manager.subjects.store()
+    active = svc.keyring.active(PII)
+    again = [wrap_subject_key(svc.key_manager.subjects._cipher(active), active.key_id,
+                              os.urandom(32), new_subject_key_id(),
+                              svc.key_manager.subjects.reference(f"user:{i}", PII), PII,
+                              svc.key_manager._clock()) for i in range(10)]
+    assert await store.insert_many(again) == 0  # those subjects have their key already
+    assert await svc.key_manager.subject_census(PII) == {active.key_id: 500}
+    token = await svc.encrypt_field("v", PII, subject="user:3")
+    assert token.split(".")[1] in materials

@@ -18,6 +18,7 @@ import json
 import pickle
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,7 @@ async def test_settings_pools_and_enqueueing_refuse_pickle(arq_setup: ArqSetup,
     pickling = await create_pool(RedisSettings.from_dsn(arq_setup.redis_url),
                                  default_queue_name=arq_setup.queue)
     try:
+        enqueue: Callable[[], Awaitable[object]]
         for enqueue in (lambda: enqueue_rotation(pickling, FIN, force=True),
                         lambda: enqueue_cleanup(pickling),
                         lambda: enqueue_reencryption(pickling, FIN, "financial_data-v1-00",

@@ -12,15 +12,16 @@ from aiocrypt.integrations.arq.codec import job_deserializer, job_serializer
 from aiocrypt.integrations.arq.plans import ReencryptionPlan, ShardJob, ShardPlan
 
 # the status record's meta as the jobs wrote it while plans were loose dicts
-PLANNED = {"kind": "reencrypt", "job_id": "reencrypt-pii-v1-0a0b0c0d", "key_type": "pii",
-           "old_key_id": "pii-v1-0a0b0c0d", "target_key_id": "pii-v2-1a1b1c1d",
+PLANNED: dict[str, Any] = {"kind": "reencrypt", "job_id": "reencrypt-pii-v1-0a0b0c0d",
+           "key_type": "pii", "old_key_id": "pii-v1-0a0b0c0d", "target_key_id": "pii-v2-1a1b1c1d",
            "batch_size": 500, "created_at": "2026-01-01T02:00:00+00:00",
            "planned_by": "host-a:1",
            "plan": [{"index": 0, "table": "users", "after": None, "until": 5000,
                      "rows_total": 4000},
                     {"index": 1, "table": "users", "after": 5000, "until": None,
                      "rows_total": 1000}]}
-UNPLANNED = {"kind": "reencrypt", "job_id": "reencrypt-pii-v1-0a0b0c0d", "key_type": "pii",
+UNPLANNED: dict[str, Any] = {"kind": "reencrypt", "job_id": "reencrypt-pii-v1-0a0b0c0d",
+             "key_type": "pii",
              "old_key_id": "pii-v1-0a0b0c0d", "target_key_id": None,
              "created_at": "2026-01-01T02:00:00+00:00", "plan": [], "unplanned": True}
 

@@ -66,3 +66,14 @@ def test_cli_round_trip(tmp_path: Path) -> None:
     env["ENCRYPTION_MASTER_KEY"] = "c2hvcnQ="
     invalid = cli("config", "validate")
     assert invalid.returncode == 3 and "32 bytes" in invalid.stderr
+
+
+def test_gdpr_forget_example(tmp_path: Path, redis_url: str) -> None:
+    out = run([str(ROOT / "examples" / "gdpr_forget.py")], tmp_path)
+    assert "forgot user:1: 3 subject keys destroyed" in out
+    assert "bob's email: bob@example.com" in out
+    assert "alice's row: subject_forgotten at customers.email, primary key 1" in out
+    assert "alice's orders: subject_forgotten" in out
+    assert "alice's session: {}\nbob's session: {'user_id': 2}" in out
+    assert "alice's cached profile: miss" in out
+    assert "alice@example.com" not in out and "Rivoli" not in out

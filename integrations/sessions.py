@@ -355,7 +355,10 @@ class _SessionCodec:
 
     def subject(self, session: EncryptedSession) -> str | None:
         """The subject id the session is sealed under (None: the session key alone)."""
-        return self.settings.subject_of(dict(dict.items(session)))
+        field = self.settings.subject_field
+        if field is None:
+            return None
+        return self.settings.subject_of({field: dict.get(session, field)})  # no access mark
 
     def envelope(self, session: EncryptedSession) -> dict[str, Any]:
         data = dict(dict.items(session))  # not session.items(): saving is no access
@@ -622,7 +625,12 @@ class SyncRedisSessionStore:
                                                    purpose=Purpose.SESSION)
             except UnknownKeyError as exc:
                 if self._service is not None and self._run is not None:
-                    # a subject's key (or one rotated elsewhere): the service finds it
+                    # a subject's key: cached here (no hop), else the service finds it (as
+                    # it does a key rotated elsewhere) or says the subject was forgotten
+                    ring = self._service.key_manager.subjects.ring_of(token)
+                    if ring is not None:
+                        return ring.decrypt(token, KeyType.SESSION, _context(sid),
+                                            purpose=Purpose.SESSION)
                     return self._run(self._service.decrypt_session_data(
                         token, context=_context(sid)))
                 if self._load_key is None:
@@ -652,11 +660,17 @@ class SyncRedisSessionStore:
             return result
         redis_key, sid = write
         subject = self._codec.subject(session)
-        if subject is None:
-            token = keyring.encrypt(self._codec.envelope(session), KeyType.SESSION,
-                                    _context(sid), purpose=Purpose.SESSION)
-        else:
+        ring: Keyring | None = keyring
+        if subject is not None:
             assert self._service is not None and self._run is not None  # checked at init
+            subjects = self._service.key_manager.subjects
+            key = subjects.cached(KeyType.SESSION, subject)
+            ring = None if key is None else subjects.cached_ring(key.key_id)
+        if ring is not None:
+            token = ring.encrypt(self._codec.envelope(session), KeyType.SESSION,
+                                 _context(sid), purpose=Purpose.SESSION)
+        else:  # a subject key to load or create first: on the service's loop
+            assert self._service is not None and self._run is not None
             token = self._run(self._service.encrypt_session_data(
                 self._codec.envelope(session), context=_context(sid), subject=subject))
         with self.redis.pipeline(transaction=False) as pipe:

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
+import bench_copy_vs_unnest  # noqa: E402
 
 from aiocrypt import EncryptionConfig, KeyManager, KeyType, build_key_manager  # noqa: E402
 from aiocrypt._cli_reencrypt import ShardTask, reencrypt_sharded  # noqa: E402
@@ -207,9 +208,12 @@ async def run(*, dsn: str, rows: int, naive_rows: int, batch_size: int,
         await conn.close()
         await manager.close()
         keys.cleanup()
+    # the write step with binary COPY instead of unnest (bench_copy_vs_unnest.py)
+    write_step = await bench_copy_vs_unnest.run(dsn, min(rows, 100_000), batch_size, 1)
     return {"rows": rows, "naive_rows": naive_rows, "batch_size": batch_size,
             "engine": engine_rates, "naive": naive_rates, "naive_tx": naive_tx_rates,
-            "jobs": jobs, "engine_jobs": jobs_rates, "server": await _server_version(dsn)}
+            "jobs": jobs, "engine_jobs": jobs_rates, "write_step": write_step,
+            "server": await _server_version(dsn)}
 
 
 async def main() -> None:

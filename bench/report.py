@@ -591,11 +591,32 @@ def _reencrypt_md(results: dict[str, Any]) -> list[str]:
               f"**{_verdict(me >= 50_000)}** (median {me:,.0f} rows/s). Issue 19's target "
               f"of 30x the naive loop in the same run: **{_verdict(best >= 30)}** (median of "
               f"each round's best ratio, {best:.1f}x). The engine is bound "
-              "by Python CPU time for the crypto (two decrypts and two encrypts per row), "
-              "with the Postgres writes overlapped on the other core, so it is the figure "
-              "most hurt by other load on the machine; `--jobs` gives each shard a core "
-              "of its own, and shares the two cores here with Postgres. Sharding the work "
-              "across ARQ workers: [arq.md](arq.md)."]
+              "by Python CPU time for the crypto (two decrypts and two encrypts per row, "
+              "opened on the keyring's fast path), with the Postgres writes overlapped on "
+              "the other core, so it is the figure most hurt by other load on the machine; "
+              "`--jobs` gives each shard a core of its own (this process works the first "
+              "range while the others start), and shares the two cores here with Postgres. "
+              "Sharding the work across ARQ workers: [arq.md](arq.md)."]
+    write_step = figures.get("write_step")
+    if write_step:
+        unnest, copy = write_step["unnest"], write_step["copy"]
+        total = {k: v["client_us"] + v["server_us"] for k, v in write_step.items()}
+        lines += ["", "The write step two ways, in CPU time per row of the client and of "
+                  "the Postgres backend (`python bench/bench_copy_vs_unnest.py`: the same "
+                  "compare-and-swap `UPDATE`, its rows sent as `unnest` arrays or with binary "
+                  "`COPY` into a temporary table first):", "",
+                  "| write | client CPU / row | server CPU / row | sum |",
+                  "|---|---:|---:|---:|"]
+        for name, row in (("unnest (the engine)", unnest), ("binary COPY + UPDATE", copy)):
+            key = "unnest" if row is unnest else "copy"
+            lines.append(f"| {name} | {row['client_us']:.2f} µs | {row['server_us']:.2f} µs "
+                         f"| {total[key]:.2f} µs |")
+        better = total["copy"] < total["unnest"]
+        lines += ["", "COPY saves the client its array encoding but costs the server a "
+                  "temporary table's writes and a join against it; on two cores shared by "
+                  "both, the sum decides: "
+                  + ("**COPY is cheaper here**, and the engine should switch."
+                     if better else "**unnest stays** (binary COPY does not beat it here).")]
     return lines
 
 

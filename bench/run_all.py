@@ -55,7 +55,7 @@ def run_reencrypt(quick: bool) -> dict[str, Any]:
 
     dsn = os.environ.get("ENCRYPTION_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
     config = ({"rows": 20_000, "naive_rows": 1_000, "rounds": 1} if quick
-              else {"rows": 100_000, "naive_rows": 3_000, "rounds": 3})
+              else {"rows": 200_000, "naive_rows": 3_000, "rounds": 3})
     return asyncio.run(bench_reencrypt.run(dsn=dsn, batch_size=2000, **config))
 
 

@@ -146,7 +146,6 @@ class KeyReferences:
         await manager.refresh(force=True)
         await manager._lifecycle.expire_retired()
         unreferenced, counts = await self._unreferenced(confirm_unreferenced, census)
-        wrapping = await self._manager.subjects.census()
         confirmed = set(confirm_unreferenced)
         destroyed: list[CleanupEntry] = []
         kept: list[CleanupEntry] = []
@@ -156,6 +155,9 @@ class KeyReferences:
             kept.clear()
             now = manager._clock()
             updates = []
+            wrapping = await manager.subjects.count(
+                k.key_id for k in current.keys
+                if k.status not in (KeyStatus.DESTROYED, KeyStatus.ACTIVE))
             for key in current.keys:
                 if key.status in (KeyStatus.DESTROYED, KeyStatus.ACTIVE):
                     continue
@@ -240,7 +242,7 @@ class KeyReferences:
         unreferenced, _ = await self._unreferenced(confirm_unreferenced, census)
         older = [k for k in keys if k.version < version and k.status is not KeyStatus.DESTROYED
                  and not k.decrypt_disabled]
-        wrapping = await self._manager.subjects.census(kt)
+        wrapping = await self._manager.subjects.count(k.key_id for k in older)
         for key in older:
             if wrapping.get(key.key_id):
                 raise KeyStateError(_wraps_subjects(key, wrapping))
@@ -312,12 +314,12 @@ class KeyReferences:
         census shows no rows on it or the caller confirmed it (all or none), and raise
         the type's minimum decryption version past them where they were the oldest."""
         counts = await self._run_census(census)
-        wrapping = await self._manager.subjects.census()
         outcome: list[KeyRetirement] = []
 
         async def plan(current: KeySet) -> list[EncryptionKey]:
             outcome.clear()
             kt, targets = select(current)
+            wrapping = await self._manager.subjects.count(k.key_id for k in targets)
             for key in targets:  # whoever confirms: destroying it would erase every subject
                 if wrapping.get(key.key_id):
                     raise KeyStateError(_wraps_subjects(key, wrapping))

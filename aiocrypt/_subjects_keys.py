@@ -422,8 +422,14 @@ class SubjectKeys:
         """Live subject keys per wrapping key id (every version key not destroyed, of
         ``key_type`` or of all types; 0 where none)."""
         kt = None if key_type is None else KeyType(key_type)
-        ids = [k.key_id for k in self._manager._records.keys
-               if k.status is not KeyStatus.DESTROYED and (kt is None or k.key_type == kt)]
+        await self._manager.current_keyring()
+        return await self.count([k.key_id for k in self._manager._records.keys
+                                 if k.status is not KeyStatus.DESTROYED
+                                 and (kt is None or k.key_type == kt)])
+
+    async def count(self, wrapping_key_ids: Iterable[str]) -> dict[str, int]:
+        """Live subject keys wrapped by each of these version keys (0 where none)."""
+        ids = list(wrapping_key_ids)
         if not ids or not self.enabled:
             return dict.fromkeys(ids, 0)
         return await (await self.store()).census(ids)

@@ -4,6 +4,7 @@ file key store the application (a library service here) writes subject keys to."
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 from cli_helpers import COMMAND, Cli, json_out, one_error_line, service_for
 
@@ -12,7 +13,8 @@ from aiocrypt import DecryptionError, DecryptionFailure, KeyType
 PII = KeyType.PII
 
 
-async def test_forget_rewrap_and_stats(cli: Cli, cli_env: dict[str, str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_forget_rewrap_and_stats(cli: Cli, cli_env: dict[str, str],
+                                       tmp_path: Path) -> None:
     async with service_for(cli_env) as svc:
         mine = await svc.encrypt_field("ada@example.com", PII, subject="user:42")
         other = await svc.encrypt_field("bob@example.com", PII, subject="user:7")

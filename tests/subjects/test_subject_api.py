@@ -8,6 +8,9 @@ other subjects readable.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
 import pytest
 
 from aiocrypt import DecryptionError, DecryptionFailure, KeyStateError, KeyType
@@ -19,22 +22,22 @@ PII = KeyType.PII
 
 
 @pytest.fixture
-async def svc():
+async def svc() -> AsyncIterator[Any]:
     sink = MemoryAuditSink()
-    service = make_service(auditor=Auditor([sink]))
-    service.sink = sink  # type: ignore[attr-defined]
+    service: Any = make_service(auditor=Auditor([sink]))
+    service.sink = sink
     async with service:
         yield service
 
 
-async def forgotten(awaitable) -> None:  # type: ignore[no-untyped-def]
+async def forgotten(awaitable: Awaitable[Any]) -> None:
     with pytest.raises(DecryptionError) as info:
         await awaitable
     assert info.value.reason is DecryptionFailure.SUBJECT_FORGOTTEN
     assert "subject forgotten" in str(info.value)
 
 
-async def test_every_write_path_seals_under_the_subject_key(svc) -> None:  # type: ignore[no-untyped-def]
+async def test_every_write_path_seals_under_the_subject_key(svc: Any) -> None:
     field = await svc.encrypt_field("Ada", PII, context="users.name", subject="user:42")
     assert field.startswith(SUBJECT_TOKEN_PREFIX)
     assert "user" not in field and "42" not in field.split(".")[1]
@@ -87,7 +90,7 @@ async def test_every_write_path_seals_under_the_subject_key(svc) -> None:  # typ
     assert await svc.subject_reference("user:42", PII) in detail["lookups"]
 
 
-async def test_a_forgotten_subject_gets_a_new_key_unless_tombstoned(svc) -> None:  # type: ignore[no-untyped-def]
+async def test_a_forgotten_subject_gets_a_new_key_unless_tombstoned(svc: Any) -> None:
     old = await svc.encrypt_field(1, PII, subject="user:1")
     assert await svc.subject_key_exists("user:1", PII)
     await svc.forget_subject("user:1", key_type=PII)
@@ -102,7 +105,7 @@ async def test_a_forgotten_subject_gets_a_new_key_unless_tombstoned(svc) -> None
         await svc.encrypt_field(3, PII, subject="user:2")
 
 
-async def test_forgetting_a_subject_without_keys_writes_nothing(svc) -> None:  # type: ignore[no-untyped-def]
+async def test_forgetting_a_subject_without_keys_writes_nothing(svc: Any) -> None:
     await svc.encrypt_field(1, PII)
     revision = svc.key_manager.keyring.revision
     report = await svc.forget_subject("nobody", key_type=PII)
@@ -110,7 +113,7 @@ async def test_forgetting_a_subject_without_keys_writes_nothing(svc) -> None:  #
     assert [e.event for e in svc.sink.events].count("subject_forgotten") == 1
 
 
-async def test_subject_ids_are_checked(svc) -> None:  # type: ignore[no-untyped-def]
+async def test_subject_ids_are_checked(svc: Any) -> None:
     with pytest.raises(ValueError):
         await svc.encrypt_field(1, PII, subject="")
     with pytest.raises(TypeError):

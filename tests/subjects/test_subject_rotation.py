@@ -166,6 +166,10 @@ async def test_rewrap_resumes_and_cleanup_keeps_what_wraps_subjects(small: Deplo
     assert await svc.key_manager.subject_census(PII) == {old: 40, new: 1}
     cleanup = await svc.key_manager.cleanup(confirm_unreferenced=[old], force=True)
     assert not cleanup.destroyed  # not past grace anyway; and never while it wraps subjects
+    outsider = KeyManager(small.make_store(), small.kek, watch=False)  # not yet opened
+    with pytest.raises(KeyStateError, match="subject keys"):
+        await outsider.retire_key(old, confirm_unreferenced=[old])
+    await outsider.close()
 
     # an interrupted run: some keys rewrapped by hand, the rest by the next run
     store = await svc.key_manager.subjects.store()

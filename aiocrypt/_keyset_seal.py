@@ -44,7 +44,7 @@ from typing import Any, Final
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ._errors import KekProviderError, KeyStoreIntegrityError
+from ._errors import KekProviderError, KeyStateError, KeyStoreIntegrityError
 from ._keys import EncryptionKey
 from .kek._base import KekProvider
 
@@ -234,8 +234,14 @@ class KeysetSealer:
                         records={k.key_id: record_digest(k) for k in keys}, mac=b"",
                         forgotten=dict(forgotten))
         mac = hmac.new(material, unsigned.body(), hashlib.sha256).digest()
-        return Seal(unsigned.kek_id, unsigned.wrapped_key, revision, unsigned.records,
+        text = Seal(unsigned.kek_id, unsigned.wrapped_key, revision, unsigned.records,
                     mac, unsigned.forgotten).to_text()
+        if len(text) > MAX_SEAL_CHARS:  # every reader would refuse it: never written
+            raise KeyStateError(
+                f"the keyset seal would exceed {MAX_SEAL_CHARS} characters ("
+                f"{len(unsigned.forgotten)} forgotten subject keys): retire old key versions "
+                "to prune them (docs/subjects.md)")
+        return text
 
     def derive(self, seal: Seal, info: bytes) -> bytes:
         """A key derived from ``seal``'s (verified, pinned) seal key for ``info``: stable for

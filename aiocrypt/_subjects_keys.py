@@ -381,6 +381,8 @@ class SubjectKeys:
         manager = self._manager
         await manager.refresh(force=True)
         key_types = [KeyType(key_type)] if key_type is not None else self._key_types()
+        if key_type is not None and self._guard.seal is None:
+            await manager.ensure_active(key_types)  # a store with no keyset yet: its lookup key
         with span("aiocrypt.subject.forget", key_type=",".join(k.value for k in key_types),
                   tombstone=tombstone_) as operation:
             store = await self.store()

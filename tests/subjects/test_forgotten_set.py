@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from aiocrypt import DecryptionError, DecryptionFailure, KeyStatus, KeyType
+from aiocrypt import DecryptionError, DecryptionFailure, KeyStateError, KeyStatus, KeyType
 from aiocrypt._keys import EncryptionKey
 from aiocrypt._keyset_seal import Seal
 from aiocrypt._subjects import prunable
@@ -70,3 +70,19 @@ async def test_the_forgotten_set_is_sealed_carried_over_and_pruned() -> None:
         with pytest.raises(DecryptionError) as info:  # the store's marker still says why
             await svc.decrypt_field(token, PII)
         assert info.value.reason is DecryptionFailure.SUBJECT_FORGOTTEN
+
+
+async def test_a_forget_that_would_overflow_the_seal_is_refused_before_writing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import aiocrypt._keyset_seal as seal_module
+
+    svc = make_service()
+    async with svc:
+        await svc.encrypt_field("x", PII, subject="user:1")
+        size = len(svc.key_manager.store._seal)  # type: ignore[attr-defined]
+        monkeypatch.setattr(seal_module, "MAX_SEAL_CHARS", size + 20)
+        revision = svc.keyring.revision
+        with pytest.raises(KeyStateError, match="forgotten subject keys"):
+            await svc.forget_subject("user:1")
+        assert svc.key_manager.store._revision == revision  # type: ignore[attr-defined]
+        assert await svc.subject_key_exists("user:1", PII)  # nothing deleted either

@@ -118,3 +118,13 @@ async def test_subject_ids_are_checked(svc: Any) -> None:
         await svc.encrypt_field(1, PII, subject="")
     with pytest.raises(TypeError):
         await svc.encrypt_field(1, PII, subject=42)
+
+
+async def test_forgetting_on_a_store_with_no_keys_yet() -> None:
+    service = make_service()
+    async with service:
+        assert not (await service.forget_subject("user:1")).forgotten
+        report = await service.forget_subject("user:1", key_type=PII, tombstone=True)
+        assert not report.forgotten and report.tombstone
+        with pytest.raises(KeyStateError):
+            await service.encrypt_field(1, PII, subject="user:1")

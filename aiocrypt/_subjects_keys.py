@@ -304,6 +304,8 @@ class SubjectKeys:
                 raise KeyStateError(
                     f"subject key {record.key_id}: its wrapping key {record.wrapping_key_id} "
                     "is not readable (destroyed or disabled)")
+            if dk.key_id in self._guard.forgotten:
+                continue  # forgotten while it was read: the subject gets a new key
             self._remember(dk, (key_type, subject))
             return dk
         raise KeyStateError("the subject-key store kept changing; gave up after 3 tries")

@@ -128,3 +128,22 @@ async def test_forgetting_on_a_store_with_no_keys_yet() -> None:
         assert not report.forgotten and report.tombstone
         with pytest.raises(KeyStateError):
             await service.encrypt_field(1, PII, subject="user:1")
+
+
+async def test_a_subject_keeps_its_key_across_a_master_key_rotation() -> None:
+    """The lookup key comes from the keyset seal key, which a master-key rotation rewraps
+    but never replaces: a forget after it still finds the keys made before it."""
+    from aiocrypt import EncryptionService, KeyManager
+    from aiocrypt.testing import FakeKekProvider, MemoryKeyStore
+
+    store, old, new = MemoryKeyStore(), FakeKekProvider(), FakeKekProvider()
+    before = EncryptionService(KeyManager(store, old, watch=False))
+    async with before:
+        token = await before.encrypt_field("x", PII, subject="user:1")
+        await before.key_manager.rotate_master_key(new)
+    after = EncryptionService(KeyManager(store, new, watch=False))
+    async with after:
+        again = await after.encrypt_field("y", PII, subject="user:1")
+        assert again.split(".")[1] == token.split(".")[1]
+        assert (await after.forget_subject("user:1")).forgotten
+        await forgotten(after.decrypt_field(token, PII))

@@ -136,6 +136,14 @@ def test_decrypt_bytes_takes_the_same_fast_path() -> None:
                 assert kr.decrypt_bytes(token, PII, context, for_reencryption=True) \
                     == plaintext
     assert kr.general_decrypts == 0
+    # up to 64 KiB, as decrypt
+    edge = data_key(key_id="k-1")
+    edge_ring = ring(edge)
+    raw = (_FAST_TOKEN_CHARS - len(edge.text_prefix)) // 4 * 3
+    largest = edge_ring.encrypt("v" * (raw - 2 - 12 - 16 - 1), PII)
+    assert len(largest) == _FAST_TOKEN_CHARS
+    assert edge_ring.decrypt_bytes(largest, PII) == encode_value("v" * (raw - 31))
+    assert edge_ring.general_decrypts == 0
     # and only those: the others are counted, and opened all the same
     big = kr.encrypt("v" * _FAST_TOKEN_CHARS, PII)
     assert len(big) > _FAST_TOKEN_CHARS

@@ -525,9 +525,10 @@ def _streams_md(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
     lines += ["", "### Event-loop lag", "",
               "A task sleeps 1 ms at a time while one encrypt and one decrypt run (the "
               "aiocrypt calls awaited from the same loop, the raw one-shot call inline); "
-              "lag is how late each wake-up came. The last row is the same ticker on the "
-              "idle loop for a quarter second in the same child processes: what the "
-              "machine alone causes.", "",
+              "lag is how late each wake-up came, the worst of every round (in memory: "
+              f"{streams.get('rounds', 1)}, each in a process of its own; a file: one). "
+              "The last row is the same ticker on the idle loop for a quarter second in "
+              "the same child processes: what the machine alone causes.", "",
               "| while | encrypt: max / p99 | decrypt: max / p99 |", "|---|---:|---:|"]
     for row in _lag_rows(streams):
         cells = [f"{row['lag'][op]['max_ms']:.1f} / {row['lag'][op]['p99_ms']:.1f} ms"

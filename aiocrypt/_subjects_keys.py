@@ -397,26 +397,29 @@ class SubjectKeys:
                 found.append((kt, lookup, live))
             forget = {r.key_id: r.wrapping_key_id for _, _, r in found if r is not None}
             revision = manager._records.revision
-            if forget:
+            if forget:  # the erasure itself: from here on no process reads these keys
                 revision = (await manager._change(_no_updates, forget=forget)).revision
-            now = manager._clock()
-            for kt, lookup, record in found:
-                stone = tombstone(kt, lookup, record.key_id if record else "", now) \
-                    if tombstone_ else None
-                if record is not None or stone is not None:
-                    await store.forget(lookup, record, stone)
+            for kt in key_types:
                 self._by_subject.entries.pop((kt, subject), None)
             for key_id in forget:
                 self._by_id.entries.pop(key_id, None)
             report = ForgetReport(tuple(key_types), tuple(forget),
                                   tuple(lookup for _, lookup, r in found if r is not None),
                                   tombstone_, revision)
+            # audited before the rows are deleted: a store outage there leaves the keys
+            # forgotten (refused by the keyset) and a rerun deletes what is left
+            await manager.auditor.emit(
+                "subject_forgotten", key_type=key_types[0].value if len(key_types) == 1
+                else None, actor=actor, key_types=[k.value for k in key_types],
+                subject_key_ids=list(report.subject_key_ids), lookups=list(report.lookups),
+                tombstone=tombstone_, revision=revision)
+            now = manager._clock()
+            for kt, lookup, record in found:
+                stone = tombstone(kt, lookup, record.key_id if record else "", now) \
+                    if tombstone_ else None
+                if record is not None or stone is not None:
+                    await store.forget(lookup, record, stone)
             operation.set(outcome="forgotten" if forget else "no_key", keys=len(forget))
-        await manager.auditor.emit(
-            "subject_forgotten", key_type=key_types[0].value if len(key_types) == 1 else None,
-            actor=actor, key_types=[k.value for k in key_types],
-            subject_key_ids=list(report.subject_key_ids), lookups=list(report.lookups),
-            tombstone=tombstone_, revision=revision)
         logger.info("subject forgotten: %d key(s) %s", len(forget), ", ".join(forget) or "-")
         return report
 

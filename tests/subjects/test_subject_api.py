@@ -147,3 +147,26 @@ async def test_a_subject_keeps_its_key_across_a_master_key_rotation() -> None:
         assert again.split(".")[1] == token.split(".")[1]
         assert (await after.forget_subject("user:1")).forgotten
         await forgotten(after.decrypt_field(token, PII))
+
+
+async def test_a_store_outage_after_the_keyset_write_leaves_the_subject_forgotten(
+        svc: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiocrypt import KeyStoreError
+
+    token = await svc.encrypt_field("x", PII, subject="user:5")
+    store = await svc.key_manager.subjects.store()
+    real_forget = store.forget
+
+    async def down(*args: Any) -> None:
+        raise KeyStoreError("the subject-key store is down")
+
+    monkeypatch.setattr(store, "forget", down)
+    with pytest.raises(KeyStoreError):
+        await svc.forget_subject("user:5", key_type=PII)
+    await forgotten(svc.decrypt_field(token, PII))  # the keyset write was the erasure
+    assert [e.event for e in svc.sink.events].count("subject_forgotten") == 1
+    monkeypatch.setattr(store, "forget", real_forget)
+    assert len(store.by_id) == 1 and store.by_id[token.split(".")[1]].state == "live"
+    new = await svc.encrypt_field("y", PII, subject="user:5")  # the row is cleared on use
+    assert new.split(".")[1] != token.split(".")[1]
+    assert store.by_id[token.split(".")[1]].state == "forgotten"

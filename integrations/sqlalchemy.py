@@ -1369,8 +1369,8 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
     the database generates has no key before its INSERT: a row-bound value (or one
     whose subject column is that key) is inserted as NULL and written by a second
     UPDATE in the same transaction, once the key is known. A row whose subject
-    column changes has its loaded subject-keyed values sealed again under the new
-    subject's key in the same UPDATE.
+    column changes has its subject-keyed values (read first if not loaded) sealed
+    again under the new subject's key in the same UPDATE.
     """
     _track_json_mutations(mapper)
     pairs = _index_pairs(mapper)
@@ -1441,12 +1441,8 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
             if not state.attrs[attr].history.has_changes():
                 if subject_attr is None or not state.attrs[subject_attr].history.has_changes():
                     continue
-                if attr not in state.dict:  # never loaded: its tokens would stay behind
-                    raise ConfigurationError(
-                        f"{table.name}: {subject_attr!r} changed but {attr!r} is not "
-                        "loaded; its values are sealed under the old subject's key: load "
-                        "or assign it in the same flush")
-            value = state.dict.get(attr)
+            # not loaded (expired, deferred): read now, or its token would stay behind
+            value = state.dict[attr] if attr in state.dict else getattr(target, attr)
             if isinstance(value, RowValue):
                 value = value.value
             if value is not None:

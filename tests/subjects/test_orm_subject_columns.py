@@ -265,12 +265,25 @@ def test_options_that_cannot_hold_are_refused() -> None:
         Base.registry.dispose()  # no failed mapper left for other tests to trip on
 
 
-async def test_a_sync_engine_refuses_clearly(tmp_path: Path, bound: EncryptionService) -> None:
+async def test_a_sync_engine_uses_cached_subject_keys_or_refuses_clearly(
+        tmp_path: Path, bound: EncryptionService) -> None:
     _, _, Order = make_models(uuid.uuid4().hex[:8])
     engine = sa.create_engine(f"sqlite:///{tmp_path}/sync.db")
     Order.metadata.create_all(engine)
-    with Session(engine) as session:
-        session.add(Order(user_id=1, address="x"))
-        with pytest.raises(sa.exc.StatementError, match="use an async engine"):
+    # user:1's key is cached in this process (used by async code a moment ago)
+    await bound.encrypt_field("warm", KeyType.PII, context="warm", subject="user:1")
+    try:
+        with Session(engine) as session:
+            session.add(Order(id=1, user_id=1, address="1 Sync St", items=[1]))
             session.commit()
-    engine.dispose()
+        with Session(engine) as session:
+            order = session.get(Order, 1)
+            assert order is not None and (order.address, order.items) == ("1 Sync St", [1])
+            session.add(Order(id=2, user_id=2, address="x"))  # user:2 has no cached key
+            with pytest.raises(sa.exc.StatementError, match="use an async engine"):
+                session.commit()
+        await bound.forget_subject("user:1")
+        with Session(engine) as session, pytest.raises(ConfigurationError):
+            session.get(Order, 1)  # not cached any more, and a sync engine cannot load it
+    finally:
+        engine.dispose()

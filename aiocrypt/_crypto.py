@@ -29,7 +29,11 @@ from ._format import (
     ALG_AES_256_SIV,
     FORMAT_V1,
     FORMAT_V2,
+    GCM_NONCE_BYTES,
+    GCM_TAG_BYTES,
     STD_TO_B64URL,
+    TEXT_GCM_NONCE,
+    TEXT_GCM_SEALED,
     FormatError,
     Purpose,
     aad_prefix,
@@ -44,8 +48,8 @@ __all__ = ["DEK_BYTES", "NONCE_BYTES", "TAG_BYTES", "DataKey", "derive_key", "fi
            "stream_nonce"]
 
 DEK_BYTES: Final = 32
-NONCE_BYTES: Final = 12
-TAG_BYTES: Final = 16
+NONCE_BYTES: Final = GCM_NONCE_BYTES
+TAG_BYTES: Final = GCM_TAG_BYTES
 STREAM_SALT_BYTES: Final = 16
 STREAM_PREFIX_BYTES: Final = 7
 _STREAM_NONCE: Final = struct.Struct(">7sIB")
@@ -251,12 +255,13 @@ class DataKey:
     def open_gcm_raw(self, flags: int, raw: bytes, context: bytes, *,
                      version: int = FORMAT_V2, purpose: Purpose = _FIELD) -> bytes:
         """Open algorithm || flags || nonce || ciphertext || tag (the decoded text body)."""
-        if len(raw) < 2 + NONCE_BYTES + TAG_BYTES:
+        if len(raw) < TEXT_GCM_SEALED + TAG_BYTES:
             raise FormatError("token too short")
         aad = self._gcm_aad[flags] if version == FORMAT_V2 and purpose is _FIELD else \
             self.aad(ALG_AES_256_GCM, flags, b"", purpose=purpose, version=version)
         # a view, not a copy, of the ciphertext: a hostile token may be many MiB
-        return self._gcm.decrypt(raw[2:14], memoryview(raw)[14:], aad + context)
+        return self._gcm.decrypt(raw[TEXT_GCM_NONCE], memoryview(raw)[TEXT_GCM_SEALED:],
+                                 aad + context)
 
     def open_gcm(self, flags: int, body: bytes | memoryview, context: bytes, *,
                  version: int = FORMAT_V2, purpose: Purpose = Purpose.BLOB) -> bytes:

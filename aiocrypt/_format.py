@@ -62,10 +62,17 @@ __all__ = [
     "FORMAT_V2",
     "FORMAT_VERSION",
     "FORMAT_VERSIONS",
+    "GCM_NONCE_BYTES",
+    "GCM_TAG_BYTES",
+    "KEY_ID_DOT_END",
+    "KEY_ID_DOT_FIRST",
     "MAX_FIELD_PLAINTEXT",
     "MAX_KEY_ID_LEN",
     "MAX_TOKEN_CHARS",
     "STD_TO_B64URL",
+    "TEXT_BODY_HEAD",
+    "TEXT_GCM_NONCE",
+    "TEXT_GCM_SEALED",
     "TEXT_PREFIXES",
     "TEXT_PREFIX_LEN",
     "key_id_sql",
@@ -78,6 +85,7 @@ __all__ = [
     "b64encode_urlsafe",
     "context_bytes",
     "is_token_text",
+    "key_id_dot",
     "like_pattern",
     "parse_binary",
     "stream_params",
@@ -125,6 +133,19 @@ FLAG_ZSTD: Final = 0x01
 _KNOWN_FLAGS: Final = FLAG_ZSTD
 
 MAX_KEY_ID_LEN: Final = 64
+#: ``str.find(".", KEY_ID_DOT_FIRST, KEY_ID_DOT_END)`` finds the "." that ends a text
+#: token's key id (``token[TEXT_PREFIX_LEN:dot]``): after at least one character of
+#: key id, at most MAX_KEY_ID_LEN in.
+KEY_ID_DOT_FIRST: Final = TEXT_PREFIX_LEN + 1
+KEY_ID_DOT_END: Final = TEXT_PREFIX_LEN + MAX_KEY_ID_LEN + 1
+#: A text token's body (its base64, decoded) starts with these two bytes: algorithm,
+#: flags; the algorithm's body follows.
+TEXT_BODY_HEAD: Final = 2
+GCM_NONCE_BYTES: Final = 12
+GCM_TAG_BYTES: Final = 16
+#: AES-GCM in a text body: the nonce, then ciphertext || tag from TEXT_GCM_SEALED on.
+TEXT_GCM_NONCE: Final = slice(TEXT_BODY_HEAD, TEXT_BODY_HEAD + GCM_NONCE_BYTES)
+TEXT_GCM_SEALED: Final = TEXT_BODY_HEAD + GCM_NONCE_BYTES
 MAX_CONTEXT_LEN: Final = 4096
 # Text tokens are for fields; anything larger belongs in bulk/stream encryption.
 MAX_TOKEN_CHARS: Final = 96 * 1024 * 1024
@@ -132,8 +153,8 @@ MAX_TOKEN_CHARS: Final = 96 * 1024 * 1024
 #: less the longest "ac2.<key id>." prefix, less algorithm, flags, nonce and tag):
 #: also the bound of a compressed field's decompressed size, so a small token
 #: cannot inflate past what a field can be.
-MAX_FIELD_PLAINTEXT: Final = (MAX_TOKEN_CHARS - (TEXT_PREFIX_LEN + MAX_KEY_ID_LEN + 1)) // 4 * 3 \
-    - 2 - 12 - 16
+MAX_FIELD_PLAINTEXT: Final = (MAX_TOKEN_CHARS - KEY_ID_DOT_END) // 4 * 3 - TEXT_GCM_SEALED \
+    - GCM_TAG_BYTES
 _U32: Final = struct.Struct(">I")
 
 _KEY_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -218,6 +239,12 @@ def text_version(value: object) -> int | None:
     return _VERSION_OF_TEXT.get(value[:TEXT_PREFIX_LEN])
 
 
+def key_id_dot(token: str) -> int:
+    """Where the "." that ends ``token``'s key id is (``token[TEXT_PREFIX_LEN:dot]`` is the
+    key id), or -1 if there is none where a key id may end."""
+    return token.find(".", KEY_ID_DOT_FIRST, KEY_ID_DOT_END)
+
+
 def is_token_text(value: object) -> bool:
     """Whether ``value`` looks like a text token of any version (not whether it is valid)."""
     return type(value) is str and value.startswith(TEXT_PREFIXES)
@@ -234,7 +261,7 @@ def key_id_sql(column: str, dialect: str = "postgresql") -> str:
     between the prefix and the next ``.``. ``dialect``: ``"postgresql"`` or ``"sqlite"``."""
     if dialect == "postgresql":
         return f"split_part({column}, '.', 2)"
-    start = TEXT_PREFIX_LEN + 1
+    start = KEY_ID_DOT_FIRST  # SQL counts from 1: the key id's first character
     return f"substr({column}, {start}, instr(substr({column}, {start}), '.') - 1)"
 
 

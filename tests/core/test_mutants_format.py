@@ -22,12 +22,16 @@ from aiocrypt._format import (
     ALG_AES_256_SIV,
     FLAG_ZSTD,
     MAX_FIELD_PLAINTEXT,
+    TEXT_GCM_NONCE,
+    TEXT_GCM_SEALED,
     FormatError,
     Purpose,
     aad_prefix,
     b64decode_canonical,
     b64encode_urlsafe,
     context_bytes,
+    key_id_dot,
+    key_id_sql,
     parse_binary,
     stream_params,
     text_prefix,
@@ -252,3 +256,26 @@ def test_key_records_use_the_same_key_id_rule() -> None:
     assert record(key_id="L" * MAX_KEY_ID).key_id == "L" * MAX_KEY_ID
     assert text_prefix("L" * MAX_KEY_ID) == "ac2." + "L" * MAX_KEY_ID + "."
     assert record(status=KeyStatus.ACTIVE).status is KeyStatus.ACTIVE
+
+
+def test_the_text_forms_offsets_are_the_documented_ones() -> None:
+    """docs/format.md: "ac2." + key id (1..64 characters) + "." + base64(algorithm ||
+    flags || nonce (12) || ciphertext || tag (16)); the offsets live in _format."""
+    longest = "k" * 64
+    assert key_id_dot(f"ac2.{longest}.AAAA") == 68
+    assert key_id_dot(f"ac2.{longest}k.AAAA") == -1  # 65 characters: not a key id
+    assert key_id_dot("ac2.k.AAAA") == 5
+    assert key_id_dot("ac2..AAAA") == -1  # an empty key id ends nowhere
+    assert (TEXT_GCM_NONCE, TEXT_GCM_SEALED) == (slice(2, 14), 14)
+    assert MAX_FIELD_PLAINTEXT == (96 * 1024 * 1024 - 69) // 4 * 3 - 2 - 12 - 16
+
+
+def test_the_key_id_sql_reads_the_key_id_in_sqlite() -> None:
+    import sqlite3
+
+    db = sqlite3.connect(":memory:")
+    sql = key_id_sql('"c"', "sqlite")
+    for token, key_id in (("ac2.pii-v1-0a0b0c0d.AAAA", "pii-v1-0a0b0c0d"), ("ac1.k.B", "k")):
+        assert db.execute(f'SELECT {sql} FROM (SELECT ? AS "c")', (token,)).fetchone() == \
+            (key_id,)
+    db.close()

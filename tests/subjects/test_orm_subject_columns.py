@@ -231,6 +231,8 @@ async def test_reencryption_leaves_subject_columns_alone(engine: AsyncEngine, mo
         await job.database.close()
         async with engine.begin() as conn:
             await conn.execute(sa.text(f"DROP TABLE IF EXISTS {checkpoints}"))
+    rewrap = await bound.key_manager.rewrap_subjects(KeyType.PII)  # the keys move instead
+    assert rewrap.rewrapped == 5 and not any(rewrap.remaining.values())
     after = await raw()
     assert [r[:2] for r in after] == [r[:2] for r in before]  # subject tokens untouched
     assert all(a[2] != b[2] for a, b in zip(after, before, strict=True))  # notes moved

@@ -206,13 +206,14 @@ def _current_keyring(service: EncryptionService, key_type: KeyType | None = None
 def _decrypt(service: EncryptionService, token: str, key_type: KeyType, context: str, *,
              by_subject: bool = False) -> Any:
     keyring = _current_keyring(service)
+    if by_subject:  # a subject key (``ac2.S-...``) this process has cached: no lookup miss
+        ring = service.key_manager.subjects.ring_of(token)
+        if ring is not None:
+            keyring = ring
     try:
         return keyring.decrypt(token, key_type, context)
     except UnknownKeyError as exc:
-        if by_subject:  # a subject key (``ac2.S-...``): cached, else the service loads it
-            ring = service.key_manager.subjects.ring_of(token)
-            if ring is not None:
-                return ring.decrypt(token, key_type, context)
+        if by_subject:  # a subject key not cached: the service loads it
             if _in_greenlet():  # ... or says the subject was forgotten
                 return _await(service.decrypt_field(token, key_type, context=context))
             raise ConfigurationError(
@@ -232,20 +233,22 @@ def _decrypt(service: EncryptionService, token: str, key_type: KeyType, context:
 
 def _encrypt_for_subject(service: EncryptionService, value: Any, key_type: KeyType,
                          context: str, subject: str) -> str:
-    """Seal ``value`` under ``subject``'s key (created on first use: an await)."""
-    if _in_greenlet():
-        return cast(str, _await(service.encrypt_field(value, key_type, context=context,
-                                                      subject=subject)))
+    """Seal ``value`` under ``subject``'s key: the cached key where there is one (as the
+    service's own fast path does), else through the service, which creates it."""
+    _current_keyring(service)  # refreshed where we may await: a forget elsewhere is seen
     subjects = service.key_manager.subjects
     dk = subjects.cached(key_type, subject)
     ring = None if dk is None else subjects.cached_ring(dk.key_id)
-    if ring is None:
-        raise ConfigurationError(
-            f"{context}: the subject's key is not cached in this process, and a sync engine "
-            "cannot await creating or loading it: use an async engine for columns keyed "
-            "per data subject")
-    return ring.encrypt(value, key_type, context,
-                        compression_level=service.compression_level_for(key_type))
+    if ring is not None:
+        return ring.encrypt(value, key_type, context,
+                            compression_level=service.compression_level_for(key_type))
+    if _in_greenlet():
+        return cast(str, _await(service.encrypt_field(value, key_type, context=context,
+                                                      subject=subject)))
+    raise ConfigurationError(
+        f"{context}: the subject's key is not cached in this process, and a sync engine "
+        "cannot await creating or loading it: use an async engine for columns keyed "
+        "per data subject")
 
 
 def _check_subject_options(subject_column: Any, subject_prefix: Any, *, deterministic: bool,

@@ -54,7 +54,7 @@ def forget(subject: str, key_type: KeyType | None, tombstone: bool, actor: str |
     who = actor or f"cli:{getpass.getuser()}"
 
     async def work(manager: KeyManager) -> ForgetReport:
-        return await manager.subjects.forget(subject, key_type=key_type, tombstone_=tombstone,
+        return await manager.subjects.forget(subject, key_type=key_type, tombstone=tombstone,
                                              actor=who)
 
     report = run_with_manager(work)

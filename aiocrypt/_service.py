@@ -995,7 +995,7 @@ class EncryptionService:
         if not self._started:
             await self.start()
         return await self.key_manager.subjects.forget(subject, key_type=key_type,
-                                                      tombstone_=tombstone, actor=actor)
+                                                      tombstone=tombstone, actor=actor)
 
     async def subject_key_exists(self, subject: str, key_type: KeyTypeLike) -> bool:
         """Whether ``subject`` has a live key of ``key_type`` (none is created)."""

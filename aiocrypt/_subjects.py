@@ -44,7 +44,7 @@ from ._types import KeyStatus, KeyType
 __all__ = ["LOOKUP_INFO", "RECORD_VERSION", "SUBJECT_KEY_PREFIX", "SUBJECT_TOKEN_PREFIX",
            "SubjectKeyRecord", "SubjectState", "is_subject_key_id", "lookup_hash",
            "new_subject_key_id", "prunable", "subject_data_key", "subject_forgotten",
-           "token_key_id", "unwrap_subject_key", "wrap_subject_key"]
+           "token_key_id", "tombstone_record", "unwrap_subject_key", "wrap_subject_key"]
 
 #: Every subject key id starts with this (never a key type's first letter: those are
 #: lower case), and every token of a subject key with ``SUBJECT_TOKEN_PREFIX``.
@@ -173,7 +173,8 @@ class SubjectKeyRecord:
                                 self.created_at, SubjectState.FORGOTTEN, self.version)
 
 
-def tombstone(key_type: KeyType, lookup: str, key_id: str, at: _dt.datetime) -> SubjectKeyRecord:
+def tombstone_record(key_type: KeyType, lookup: str, key_id: str,
+                     at: _dt.datetime) -> SubjectKeyRecord:
     """The record that keeps ``lookup`` taken: no new key for that subject."""
     return SubjectKeyRecord(key_id, key_type, lookup, "", None, at, SubjectState.TOMBSTONE)
 

@@ -51,7 +51,7 @@ from ._subjects import (
     subject_data_key,
     subject_forgotten,
     token_key_id,
-    tombstone,
+    tombstone_record,
     unwrap_subject_key,
     wrap_cipher,
     wrap_subject_key,
@@ -378,7 +378,7 @@ class SubjectKeys:
                        if k.status is not KeyStatus.DESTROYED})
 
     async def forget(self, subject: str, *, key_type: KeyTypeLike | None = None,
-                     tombstone_: bool = False, actor: str | None = None) -> ForgetReport:
+                     tombstone: bool = False, actor: str | None = None) -> ForgetReport:
         """See :meth:`EncryptionService.forget_subject`."""
         manager = self._manager
         await manager.refresh(force=True)
@@ -386,7 +386,7 @@ class SubjectKeys:
         if key_type is not None and self._guard.seal is None:
             await manager.ensure_active(key_types)  # a store with no keyset yet: its lookup key
         with span("aiocrypt.subject.forget", key_type=",".join(k.value for k in key_types),
-                  tombstone=tombstone_) as operation:
+                  tombstone=tombstone) as operation:
             store = await self.store()
             found: list[tuple[KeyType, str, SubjectKeyRecord | None]] = []
             for kt in key_types:
@@ -405,18 +405,18 @@ class SubjectKeys:
                 self._by_id.entries.pop(key_id, None)
             report = ForgetReport(tuple(key_types), tuple(forget),
                                   tuple(lookup for _, lookup, r in found if r is not None),
-                                  tombstone_, revision)
+                                  tombstone, revision)
             # audited before the rows are deleted: a store outage there leaves the keys
             # forgotten (refused by the keyset) and a rerun deletes what is left
             await manager.auditor.emit(
                 "subject_forgotten", key_type=key_types[0].value if len(key_types) == 1
                 else None, actor=actor, key_types=[k.value for k in key_types],
                 subject_key_ids=list(report.subject_key_ids), lookups=list(report.lookups),
-                tombstone=tombstone_, revision=revision)
+                tombstone=tombstone, revision=revision)
             now = manager._clock()
             for kt, lookup, record in found:
-                stone = tombstone(kt, lookup, record.key_id if record else "", now) \
-                    if tombstone_ else None
+                stone = tombstone_record(kt, lookup, record.key_id if record else "", now) \
+                    if tombstone else None
                 if record is not None or stone is not None:
                     await store.forget(lookup, record, stone)
             operation.set(outcome="forgotten" if forget else "no_key", keys=len(forget))

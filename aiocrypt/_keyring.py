@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidTag
 
 from . import _compression
 from ._codec import STR_TAG, decode_value, encode_value
-from ._crypto import NONCE_BYTES, TAG_BYTES, DataKey
+from ._crypto import DataKey
 from ._errors import (
     DecryptionError,
     DecryptionFailure,
@@ -38,9 +38,14 @@ from ._format import (
     FLAG_ZSTD,
     FORMAT_V1,
     FORMAT_V2,
+    GCM_TAG_BYTES,
+    KEY_ID_DOT_END,
+    KEY_ID_DOT_FIRST,
     MAX_FIELD_PLAINTEXT,
-    MAX_KEY_ID_LEN,
     MAX_TOKEN_CHARS,
+    TEXT_BODY_HEAD,
+    TEXT_GCM_NONCE,
+    TEXT_GCM_SEALED,
     TEXT_PREFIX_LEN,
     TEXT_PREFIX_V1,
     TEXT_PREFIX_V2,
@@ -59,10 +64,8 @@ GCM_MESSAGE_LIMIT: Final = 2**32
 # Decrypt's fast path takes tokens up to this size (larger ones take the general
 # path, which does not copy them); the key id's closing dot is found before this.
 _FAST_TOKEN_CHARS: Final = 64 * 1024
-_KEY_ID_END: Final = TEXT_PREFIX_LEN + MAX_KEY_ID_LEN + 1
 _GCM_FIELD: Final = ALG_AES_256_GCM
-_GCM_BODY: Final = 2 + NONCE_BYTES  # a decoded text body: algorithm, flags, nonce, sealed
-_MIN_GCM_RAW: Final = _GCM_BODY + TAG_BYTES
+_MIN_GCM_RAW: Final = TEXT_GCM_SEALED + GCM_TAG_BYTES  # algorithm, flags, nonce, tag
 _STR_TAG_BYTE: Final = STR_TAG[0]
 _FIELD: Final = Purpose.FIELD
 
@@ -268,7 +271,7 @@ class Keyring:
         if dk is not None and token.startswith(dk.text_prefix):
             start = len(dk.text_prefix)
         else:
-            start = token.find(".", TEXT_PREFIX_LEN + 1, _KEY_ID_END) + 1
+            start = token.find(".", KEY_ID_DOT_FIRST, KEY_ID_DOT_END) + 1
             dk = self._by_prefix.get(token[:start])  # "ac2.<key id>.": the version too
             if dk is None or dk.key_type != key_type:
                 return None
@@ -286,7 +289,7 @@ class Keyring:
                 aad = dk.field_aads.get(context) if type(context) is str else None
                 if aad is None:
                     aad = dk.field_aad(context)
-                plaintext: bytes = dk.gcm_decrypt(raw[2:_GCM_BODY], raw[_GCM_BODY:], aad)
+                plaintext: bytes = dk.gcm_decrypt(raw[TEXT_GCM_NONCE], raw[TEXT_GCM_SEALED:], aad)
                 return plaintext
         except (InvalidTag, ValueError):
             pass
@@ -323,7 +326,7 @@ class Keyring:
                                         "longer read (accept_format_v1=False)")
             else:
                 raise FormatError("not an aiocrypt text token")
-            dot = token.find(".", TEXT_PREFIX_LEN + 1, _KEY_ID_END)
+            dot = token.find(".", KEY_ID_DOT_FIRST, KEY_ID_DOT_END)
             if dot < 0:
                 raise FormatError("no key id")
             dk = self._by_id.get(token[TEXT_PREFIX_LEN:dot])
@@ -346,7 +349,8 @@ class Keyring:
             if algorithm == ALG_AES_256_GCM:
                 plaintext = dk.open_gcm_raw(flags, raw, ctx, version=version, purpose=purpose)
             elif algorithm == ALG_AES_256_SIV:
-                plaintext = dk.open_siv(flags, raw[2:], ctx, version=version, purpose=purpose)
+                plaintext = dk.open_siv(flags, raw[TEXT_BODY_HEAD:], ctx, version=version,
+                                        purpose=purpose)
             else:
                 raise FormatError("algorithm not valid in text form")
         except InvalidTag:
@@ -389,7 +393,7 @@ class Keyring:
 
 def undecodable(token: str) -> DecryptionError:
     """An authentic plaintext that the value codec refuses (named by the token's key id)."""
-    dot = token.find(".", TEXT_PREFIX_LEN + 1, _KEY_ID_END)
+    dot = token.find(".", KEY_ID_DOT_FIRST, KEY_ID_DOT_END)
     key_id = token[TEXT_PREFIX_LEN:dot] if dot > 0 else None
     return decryption_failed(_MALFORMED, key_id, "the decrypted value does not decode"
                              + (f" (key {key_id})" if key_id else ""))

@@ -239,16 +239,26 @@ class StreamEncryptor:
         self.preamble = self.header + stream_params(segment_size, self.salt, self.prefix)
 
     def seal(self, chunk: bytes | memoryview, last: bool) -> bytes:
+        return self.seal_at(self.claim(chunk, last), chunk, last)
+
+    def claim(self, chunk: bytes | memoryview, last: bool) -> int:
+        """The index of the next segment, ``chunk``, after checking it may come next;
+        :meth:`seal_at` seals it (in any thread: segments claimed in order, sealed in
+        parallel where the cipher releases the GIL)."""
         if self._finished:
             raise ValueError("stream already finished")
         if len(chunk) > self.segment_size or (not last and len(chunk) != self.segment_size):
             raise ValueError("every segment but the last must be exactly segment_size bytes")
         if self._index >= MAX_SEGMENTS:
             raise ValueError("stream too long")
-        nonce = stream_nonce(self.prefix, self._index, last)
+        index = self._index
         self._index += 1
         self._finished = last
-        return self._cipher.encrypt(nonce, chunk, self._aad)
+        return index
+
+    def seal_at(self, index: int, chunk: bytes | memoryview, last: bool) -> bytes:
+        """Seal a segment :meth:`claim` numbered ``index`` (each exactly once)."""
+        return self._cipher.encrypt(stream_nonce(self.prefix, index, last), chunk, self._aad)
 
     def seal_segment_into(self, index: int, chunk: bytes | memoryview, last: bool,
                           out: memoryview) -> None:
@@ -282,16 +292,36 @@ class StreamDecryptor:
         return self._finished
 
     def open(self, sealed: bytes | memoryview, last: bool) -> bytes:
+        self._check_next()
+        index = self._index
+        self._index += 1
+        plaintext = self.open_at(index, sealed, last)
+        self._finished = last  # once the last segment authenticated
+        return plaintext
+
+    def claim(self, last: bool) -> int:
+        """The index of the next segment, after checking one may come next; :meth:`open_at`
+        opens it (in any thread: segments claimed in order, opened in parallel where the
+        cipher releases the GIL). Claiming the last one ends the stream: use either
+        this or :meth:`open` on one decryptor."""
+        self._check_next()
+        index = self._index
+        self._index += 1
+        self._finished = last
+        return index
+
+    def _check_next(self) -> None:
         if self._finished or self._index >= MAX_SEGMENTS:
             raise decryption_failed(_MALFORMED, self._key_id, "data after the stream's last "
                                     f"segment (key {self._key_id})")
-        nonce = stream_nonce(self._prefix, self._index, last)
-        self._index += 1
+
+    def open_at(self, index: int, sealed: bytes | memoryview, last: bool) -> bytes:
+        """Open the segment :meth:`claim` numbered ``index``."""
         try:
-            plaintext = self._cipher.decrypt(nonce, sealed, self._aad)
+            plaintext: bytes = self._cipher.decrypt(stream_nonce(self._prefix, index, last),
+                                                    sealed, self._aad)
         except InvalidTag:
             raise decryption_failed(_AUTHENTICATION, self._key_id) from None
-        self._finished = last
         return plaintext
 
     def open_segment_into(self, index: int, sealed: bytes | memoryview, last: bool,

@@ -205,6 +205,13 @@ class EncryptionService:
                 and self._limiter.total_tokens > 1
         return self._parallel_bulk
 
+    async def _stream_workers(self) -> int:
+        """Batches of a stream's segments sealed or opened at once: several worker
+        threads where the cipher releases the GIL (:meth:`parallel_bulk`), else 1 (inline)."""
+        if not await self.parallel_bulk():
+            return 1
+        return max(2, min(int(self._limiter.total_tokens), usable_cores()))
+
     def bulk_output_size(self, size: int) -> int:
         """Bytes an ``out=`` buffer needs for :meth:`encrypt_bulk_data` of ``size`` bytes
         (uncompressed): the ciphertext and its tags, whatever the size."""
@@ -790,7 +797,8 @@ class EncryptionService:
                               self._segment_size if segment_size is None else segment_size,
                               flags=FLAG_ZSTD if level is not None else 0)
         self.counters["stream_encryptions"] += 1
-        async for part in seal_stream(enc, source, self._run, self._threshold, level):
+        async for part in seal_stream(enc, source, self._run, self._threshold, level,
+                                      workers=await self._stream_workers()):
             yield part
 
     def _stream_compression(self, compress: bool | None, kt: KeyType) -> int | None:
@@ -823,7 +831,8 @@ class EncryptionService:
         try:
             async for part in open_stream(source, find_key, context_bytes(context), self._run,
                                           self._threshold, max_segment_size=max_segment_size,
-                                          accept_v1=self._accepts_v1()):
+                                          accept_v1=self._accepts_v1(),
+                                          workers=await self._stream_workers()):
                 yield part
         except DecryptionError:
             self.counters["decrypt_failures"] += 1

@@ -261,6 +261,43 @@ async def _steps(batches: AsyncIterator[list[tuple[bytes | memoryview, bool]]],
             yield results.pop()
 
 
+async def _parallel_steps(batches: AsyncIterator[list[tuple[bytes | memoryview, bool]]],
+                          claim: Callable[[bytes | memoryview, bool], int],
+                          work: Callable[[list[tuple[int, bytes | memoryview, bool]]], list[T]],
+                          run: Runner, workers: int) -> AsyncIterator[T]:
+    """Each batch's ``work`` in a worker thread, up to ``workers`` batches at once, the
+    results handed over in order: for a cipher that releases the GIL (:mod:`aiocrypt._gil`).
+
+    The segments are claimed (numbered, checked) in order on the loop's thread, so a
+    segment's place never depends on which thread got to it. As in :func:`_steps`,
+    the first batch is finished before another is read from the source (a forged
+    preamble fails before anything is read ahead), nothing after a failed batch is
+    handed over, and threads still running when the consumer stops are waited for.
+    """
+    pending: deque[asyncio.Future[list[T]]] = deque()
+    first = True
+    try:
+        async for batch in batches:
+            jobs = [(claim(segment, last), segment, last) for segment, last in batch]
+            batch.clear()  # drop the input segments: the jobs hold them until done
+            pending.append(_start(run, work, jobs))
+            del jobs
+            while pending and (first or len(pending) >= workers):
+                first = False
+                results = await _complete(pending.popleft())
+                results.reverse()
+                while results:  # hand over each result without keeping a reference to it
+                    yield results.pop()
+        while pending:
+            results = await _complete(pending.popleft())
+            results.reverse()
+            while results:
+                yield results.pop()
+    finally:
+        while pending:
+            await _settle(pending.popleft())
+
+
 def _compressed(chunks: AsyncIterator[bytes], segment_size: int, level: int,
                 run: Runner, threshold: int) -> AsyncIterator[bytes]:
     """One zstd record per ``segment_size`` bytes of plaintext (none for empty input)."""
@@ -272,10 +309,13 @@ def _compressed(chunks: AsyncIterator[bytes], segment_size: int, level: int,
 
 
 async def seal_stream(enc: StreamEncryptor, source: Source, run: Runner, threshold: int,
-                      compression_level: int | None = None) -> AsyncIterator[bytes]:
+                      compression_level: int | None = None, *,
+                      workers: int = 1) -> AsyncIterator[bytes]:
     """Yield the stream preamble, then each sealed segment as soon as it is known.
 
     ``enc`` must carry ``FLAG_ZSTD`` exactly when ``compression_level`` is set.
+    ``workers`` > 1: the cipher releases the GIL, so that many batches of segments
+    are sealed at once in worker threads (:func:`_parallel_steps`).
     """
     if bool(enc.flags & FLAG_ZSTD) != (compression_level is not None):
         raise ValueError("FLAG_ZSTD and compression_level go together")
@@ -285,11 +325,20 @@ async def seal_stream(enc: StreamEncryptor, source: Source, run: Runner, thresho
         chunks = _compressed(chunks, segment_size, compression_level, run, threshold)
     yield enc.preamble
     seal = enc.seal
+    batches = Segmenter(chunks).batches(segment_size, batch_count(segment_size))
+    if workers > 1:
+        seal_at = enc.seal_at
+
+        def work(jobs: list[tuple[int, bytes | memoryview, bool]]) -> list[bytes]:
+            return [seal_at(index, segment, last) for index, segment, last in jobs]
+
+        async for sealed in _parallel_steps(batches, enc.claim, work, run, workers):
+            yield sealed
+        return
 
     def step(batch: list[tuple[bytes | memoryview, bool]]) -> list[bytes]:
         return [seal(segment, last) for segment, last in batch]
 
-    batches = Segmenter(chunks).batches(segment_size, batch_count(segment_size))
     async for sealed in _steps(batches, step, run, threshold):
         yield sealed
 
@@ -335,7 +384,7 @@ class _Opener:
     """Opens one segment and, for compressed streams, decompresses the records it completes."""
 
     def __init__(self, dec: StreamDecryptor, compressed: bool) -> None:
-        self._dec = dec
+        self._dec = self.decryptor = dec
         self._records = _compression.RecordDecoder(dec.segment_size) if compressed else None
 
     def open(self, sealed: bytes | memoryview, last: bool) -> list[bytes]:
@@ -357,8 +406,12 @@ class _Opener:
 async def open_stream(source: Source, find_key: Callable[[str], Awaitable[DataKey]],
                       context: bytes, run: Runner, threshold: int, *,
                       max_segment_size: int = DEFAULT_MAX_SEGMENT,
-                      accept_v1: bool = True) -> AsyncIterator[bytes]:
+                      accept_v1: bool = True, workers: int = 1) -> AsyncIterator[bytes]:
     """Yield plaintext segment by segment; any tampering raises ``DecryptionError``.
+
+    ``workers`` > 1: batches of an uncompressed stream's segments are opened that
+    many at once in worker threads (the cipher releases the GIL); plaintext is
+    still handed over in order and only once its segment authenticated.
 
     Plaintext of a segment is released only after that segment authenticated;
     a stream cut short fails at its end (its last segment lacks the final flag).
@@ -387,6 +440,23 @@ async def open_stream(source: Source, find_key: Callable[[str], Awaitable[DataKe
     stride = segment_size + TAG_BYTES
     # the first segment alone: a forged preamble fails before a batch is read ahead
     batches = reader.batches(stride, batch_count(stride), first=1)
+    if workers > 1 and not flags & FLAG_ZSTD:
+        dec = opener.decryptor
+        open_at = dec.open_at
+
+        def claim(sealed: bytes | memoryview, last: bool) -> int:
+            if len(sealed) < TAG_BYTES:  # cut inside a tag, or nothing after a full segment
+                raise decryption_failed(_MALFORMED, None, "the stream is cut short")
+            return dec.claim(last)
+
+        def work(jobs: list[tuple[int, bytes | memoryview, bool]]) -> list[bytes]:
+            # a batch fails as a whole: nothing of it is released before the bad segment
+            return [part for index, sealed, last in jobs
+                    if (part := open_at(index, sealed, last))]
+
+        async for part in _parallel_steps(batches, claim, work, run, workers):
+            yield part
+        return
     async for part in _steps(batches, step, run, threshold):
         yield part
 

@@ -58,6 +58,10 @@ class SessionSettings:
                                                or not self.subject_field):
             raise ConfigurationError("the session subject field must be a non-empty string")
         check_subject_prefix(self.subject_prefix, "session settings")
+        if isinstance(self.sid_bytes, bool) or not isinstance(self.sid_bytes, int) \
+                or not SID_BYTES <= self.sid_bytes <= MAX_SID_BYTES:
+            raise ConfigurationError(
+                f"session id length must be {SID_BYTES} to {MAX_SID_BYTES} random bytes")
 
     def subject_of(self, data: Mapping[str, Any]) -> str | None:
         """The subject id a session with ``data`` is sealed under, or None.
@@ -69,7 +73,3 @@ class SessionSettings:
             return None
         return subject_id(self.subject_prefix, data.get(self.subject_field),
                           f"session field {self.subject_field!r}")
-        if isinstance(self.sid_bytes, bool) or not isinstance(self.sid_bytes, int) \
-                or not SID_BYTES <= self.sid_bytes <= MAX_SID_BYTES:
-            raise ConfigurationError(
-                f"session id length must be {SID_BYTES} to {MAX_SID_BYTES} random bytes")

@@ -99,6 +99,10 @@ def test_settings_read_the_subject_keys(redis_url: str) -> None:
                                  "AIOCRYPT_SESSION_SUBJECT_PREFIX": "a:b"})
     with pytest.raises(ConfigurationError, match="AIOCRYPT_SESSION_SUBJECT"):
         WebSettings.from_config({**base, "AIOCRYPT_SESSION_SUBJECT": ""})
+    with pytest.raises(ConfigurationError, match="subject field"):
+        SessionSettings(subject_field="")
+    with pytest.raises(ConfigurationError, match="session id length"):  # still checked
+        SessionSettings(subject_field="uid", sid_bytes=16)
 
 
 async def test_sync_store_seals_and_opens_through_the_service(

@@ -48,6 +48,7 @@ from ._database import (
 )
 from ._engine import ReencryptionEngine
 from ._specs import (
+    SUBJECT_KEYS,
     Checkpoint,
     ColumnSpec,
     KeyRange,
@@ -66,6 +67,7 @@ __all__ = [
     "DEFAULT_CHECKPOINT_TABLE",
     "LEGACY_TYPES",
     "PYTHON_TYPES",
+    "SUBJECT_KEYS",
     "AsyncpgDatabase",
     "Checkpoint",
     "ColumnSpec",

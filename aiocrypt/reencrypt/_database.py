@@ -10,7 +10,15 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, Protocol
 
 from .._format import token_sql
-from ._specs import Checkpoint, TableCensus, TableSpec, WriteBatch, quote_identifier
+from .._subjects import SUBJECT_TOKEN_PREFIX
+from ._specs import (
+    SUBJECT_KEYS,
+    Checkpoint,
+    TableCensus,
+    TableSpec,
+    WriteBatch,
+    quote_identifier,
+)
 
 DEFAULT_CHECKPOINT_TABLE: Final = "aiocrypt_reencrypt_checkpoints"
 # -- the database side ----------------------------------------------------------
@@ -100,12 +108,25 @@ def checkpoint_values(checkpoint: Checkpoint) -> tuple[Any, ...]:
 
 
 def pending_condition(table: TableSpec, prefix_params: Sequence[str]) -> str:
-    """SQL true for a row with at least one column not yet on its target key."""
+    """SQL true for a row with at least one column not yet on its target key.
+
+    A data subject's token is never pending: its key is rewrapped under the new
+    version key (``rewrap_subjects``), the data stays as it is (docs/subjects.md).
+    """
     parts = []
     for column, param in zip(table.columns, prefix_params, strict=True):
         col = quote_identifier(column.name)
-        parts.append(f"({col} IS NOT NULL AND substr({col}, 1, length({param})) <> {param})")
+        parts.append(f"({col} IS NOT NULL AND substr({col}, 1, length({param})) <> {param} "
+                     f"AND {_not_subject(col)})")
     return "(" + " OR ".join(parts) + ")"
+
+
+def _subject_sql(col: str) -> str:
+    return f"substr({col}, 1, {len(SUBJECT_TOKEN_PREFIX)}) = '{SUBJECT_TOKEN_PREFIX}'"
+
+
+def _not_subject(col: str) -> str:
+    return f"substr({col}, 1, {len(SUBJECT_TOKEN_PREFIX)}) <> '{SUBJECT_TOKEN_PREFIX}'"
 
 
 def pending_counts_sql(table: TableSpec, bounds: int,
@@ -130,14 +151,15 @@ def pending_counts_sql(table: TableSpec, bounds: int,
 
 def census_sql(table: TableSpec, key_id_expr: Callable[[str], str]) -> str:
     """One query: (column index, key id or NULL for non-tokens, 1 for a format
-    version 1 token else 0, rows) for every column."""
+    version 1 token else 0, rows) for every column; the tokens of every data
+    subject's key count as one key id, :data:`SUBJECT_KEYS`."""
     tbl = quote_identifier(table.name)
     selects = []
     for i, column in enumerate(table.columns):
         col = quote_identifier(column.name)
         selects.append(
-            f"SELECT {i} AS col, CASE WHEN {token_sql(col)} "  # noqa: S608
-            f"THEN {key_id_expr(col)} END AS kid, "
+            f"SELECT {i} AS col, CASE WHEN {_subject_sql(col)} THEN '{SUBJECT_KEYS}' "  # noqa: S608
+            f"WHEN {token_sql(col)} THEN {key_id_expr(col)} END AS kid, "
             f"CASE WHEN {token_sql(col, (1,))} THEN 1 ELSE 0 END AS v1, count(*) AS n "
             f"FROM {tbl} WHERE {col} IS NOT NULL GROUP BY 2, 3")
     return " UNION ALL ".join(selects)

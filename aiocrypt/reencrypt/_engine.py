@@ -22,6 +22,7 @@ from .._errors import DecryptionError, DecryptionFailure, ReencryptionError
 from .._format import FLAG_ZSTD, TEXT_PREFIXES, context_bytes, text_prefix
 from .._keyring import Keyring, UnknownKeyError
 from .._legacy import LegacyReader
+from .._subjects import SUBJECT_TOKEN_PREFIX
 from .._telemetry import annotate, count, traced
 from .._types import KeyType, KeyTypeLike
 from ._database import ReencryptionDatabase
@@ -438,8 +439,9 @@ class ReencryptionEngine:
             row_failed = False
             for i, col in enumerate(cols):
                 value = row[i + 1]
-                if value is None or (type(value) is str and value.startswith(col.prefix)):
-                    continue
+                if value is None or (type(value) is str and value.startswith(
+                        (col.prefix, SUBJECT_TOKEN_PREFIX))):
+                    continue  # on target, or a data subject's (rewrapped, not moved)
                 if col.row_bound:
                     context = row_context(col.context, pk)
                     ctx = context.encode("utf-8")

@@ -189,9 +189,16 @@ class WriteBatch:
         return len(self.pks)
 
 
+#: The census's one key id for the tokens of every data subject's key (``ac2.S-...``):
+#: not a key id any key can have. They are neither pending nor off target: a rotation
+#: rewraps the subjects' keys, it does not touch their data.
+SUBJECT_KEYS: Final = "S-*"
+
+
 @dataclass(frozen=True, slots=True)
 class TableCensus:
-    """Rows per key id per column; the key ``None`` counts values that are not tokens.
+    """Rows per key id per column; the key ``None`` counts values that are not tokens,
+    :data:`SUBJECT_KEYS` the tokens of data subjects' keys.
 
     Tokens of both format versions count for their key id; ``v1_counts`` says how
     many of a column's tokens are still format version 1 (0 everywhere: readers
@@ -212,12 +219,18 @@ class TableCensus:
         return sum(by_key.get(key_id, 0) for by_key in self.counts.values())
 
     def key_ids(self) -> set[str]:
-        return {k for by_key in self.counts.values() for k in by_key if k is not None}
+        """The version keys' ids the table's tokens name."""
+        return {k for by_key in self.counts.values() for k in by_key
+                if k is not None and k != SUBJECT_KEYS}
+
+    def subject_rows(self) -> int:
+        """Values (over all columns) under data subjects' keys."""
+        return self.rows_for(SUBJECT_KEYS)
 
     def off_target(self, targets: Mapping[str, str]) -> int:
-        """Rows (per column) not on ``targets[column]`` (key id)."""
+        """Rows (per column) not on ``targets[column]`` (key id) nor a subject's key."""
         return sum(n for col, by_key in self.counts.items()
-                   for kid, n in by_key.items() if kid != targets.get(col))
+                   for kid, n in by_key.items() if kid not in (targets.get(col), SUBJECT_KEYS))
 
 
 @dataclass(frozen=True, slots=True)

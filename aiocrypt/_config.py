@@ -19,7 +19,7 @@ import enum
 import functools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -185,11 +185,13 @@ class EncryptionConfig:
     """Whether tokens, blobs and streams of format version 1 still open (the migration
     window to version 2; close it once the re-encryption census counts no v1 rows)."""
     """zstd before encryption for every key type (off: compressed length leaks content)."""
-    compressed_key_types: frozenset[str] = frozenset()
-    """zstd for these key types only (e.g. audit logs, exports), when not enabled for all."""
-    key_types: frozenset[str] = frozenset()
+    compressed_key_types: Collection[str] = frozenset()
+    """zstd for these key types only (e.g. audit logs, exports), when not enabled for all.
+    Any collection of names (or one comma-separated string), kept as a frozenset."""
+    key_types: Collection[str] = frozenset()
     """Key types of the application's own beyond the predefined ones (``tax_ids``): only
-    declared key types get keys (see :attr:`known_key_types`)."""
+    declared key types get keys (see :attr:`known_key_types`). Any collection of names
+    (or one comma-separated string), kept as a frozenset."""
     rotation_policies: Mapping[str, KeyRotationPolicy] = field(
         default_factory=lambda: dict(DEFAULT_ROTATION_POLICIES))
 

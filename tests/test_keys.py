@@ -65,13 +65,13 @@ async def test_generate_key_validates_input(service: EncryptionService) -> None:
         await service.key_manager.generate_key("Not A Type")
     with pytest.raises(UnknownKeyTypeError, match="ENCRYPTION_KEY_TYPES"):  # not declared
         await service.key_manager.generate_key("tax_ids", key_size=256)
-    async with make_service(EncryptionConfig(key_types=["tax_ids"])) as declared:  # type: ignore[arg-type]  # a list, coerced to a frozenset
+    async with make_service(EncryptionConfig(key_types=["tax_ids"])) as declared:
         key = await declared.key_manager.generate_key("tax_ids", key_size=256)
     assert key.key_type == KeyType("tax_ids") and key.key_type is KeyType("tax_ids")
 
 
 async def test_user_defined_key_type_gets_default_policy() -> None:
-    async with make_service(EncryptionConfig(key_types=["tax_ids"])) as service:  # type: ignore[arg-type]  # a list, coerced to a frozenset
+    async with make_service(EncryptionConfig(key_types=["tax_ids"])) as service:
         token = await service.encrypt_field("AB123", "tax_ids", context="t.c")
         assert await service.decrypt_field(token, KeyType("tax_ids"), context="t.c") == "AB123"
         assert service.config.rotation_policy("tax_ids").rotation_interval_days == 90

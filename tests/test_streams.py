@@ -421,7 +421,7 @@ async def test_compression_per_call(service: EncryptionService,
 async def test_compression_per_key_type() -> None:
     """``compressed_key_types`` compresses those key types' fields, bulk data and streams
     only; every other key type stays uncompressed (compressed length leaks content)."""
-    config = EncryptionConfig(compressed_key_types=["audit_logs"])  # type: ignore[arg-type]  # a list, coerced to a frozenset
+    config = EncryptionConfig(compressed_key_types=["audit_logs"])
     async with make_service(config) as service:
         for key_type, compressed in (("audit_logs", True), ("pii", False)):
             sealed = await collect(service.encrypt_stream([COMPRESSIBLE], key_type,

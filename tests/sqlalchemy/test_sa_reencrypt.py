@@ -416,7 +416,7 @@ async def test_column_types_and_reencryption_compress_by_key_type(engine: AsyncE
                                                                    suffix: str) -> None:
     """``compressed_key_types=["pii"]``: PII columns are written compressed, by the column
     types and again by the engine; financial data is never compressed."""
-    async with make_service(EncryptionConfig(compressed_key_types=["pii"])) as service:  # type: ignore[arg-type]  # a list, coerced to a frozenset
+    async with make_service(EncryptionConfig(compressed_key_types=["pii"])) as service:
         set_encryption_service(service)
         base, account = await _setup(engine, suffix, 30)
         eng = None

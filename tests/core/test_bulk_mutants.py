@@ -10,6 +10,8 @@ mutants it names.
 from __future__ import annotations
 
 import array
+import dataclasses
+import mmap
 
 import pytest
 
@@ -335,3 +337,117 @@ def test_the_repr_leaves_out_the_ciphertext_nonce_and_tag() -> None:
         assert hidden not in text
     assert blob.compressed is False and EncryptedData(
         b"", "k1", "AES_256_GCM", bytes(12), bytes(16)).compressed is False
+
+
+# -- the rest of the first full run's survivors -------------------------------------------
+
+def test_encrypted_data_is_frozen_and_slotted() -> None:
+    blob = EncryptedData(b"x", "k1", "AES_256_GCM", bytes(12), bytes(16))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        blob.key_id = "k2"  # type: ignore[misc]
+    assert not hasattr(blob, "__dict__")
+
+
+def test_a_packed_iv_sets_the_format_version() -> None:
+    blob = EncryptedData(b"x", "k1", "AES_256_GCM", bytes((1, 0)) + bytes(12), bytes(16))
+    assert blob.format_version == 1 and blob.header.version == 1
+
+
+@pytest.mark.parametrize("segment_size", [None, SEG])
+@pytest.mark.parametrize("size", [0, 1, SEG, SEG + 1])
+def test_blobs_round_trip_through_bytes(segment_size: int | None, size: int) -> None:
+    dk = data_key()
+    data = bytes(i % 253 for i in range(size))
+    blob = encrypt_bulk(dk, data, b"c", segment_size=segment_size)
+    again = EncryptedData.from_bytes(blob.to_bytes())
+    assert (again.iv, again.tag, again.segment_size) == (blob.iv, blob.tag, segment_size)
+    assert bytes(again.encrypted_data) == bytes(blob.encrypted_data)
+    assert bytes(decrypt_bulk(dk, again, b"c")) == data
+
+
+def test_a_stream_body_shorter_than_its_parameters_and_a_tag_is_malformed() -> None:
+    head = bytes((2, 3, 0, 2)) + b"k1" + (SEG).to_bytes(4, "big")
+    assert EncryptedData.from_bytes(head + bytes(23 + 16)).segment_size == SEG
+    with pytest.raises(DecryptionError) as exc:
+        EncryptedData.from_bytes(head + bytes(23 + 15))
+    assert exc.value.reason is MALFORMED
+
+
+def test_flags_default_to_zero() -> None:
+    dk = data_key()
+    enc = StreamEncryptor(dk, b"c", SEG)
+    assert enc.flags == 0 and enc.header[2] == 0
+    sealer = BulkSealer(dk, b"x", b"c", segment_size=SEG)
+    sealer.step(1)
+    assert sealer.result().compressed is False
+    assert StreamDecryptor(dk, b"c", 0, SEG, enc.salt + enc.prefix).segment_size == SEG
+
+
+def test_a_step_of_nothing_still_works_a_segment() -> None:
+    dk = data_key()
+    sealer = BulkSealer(dk, bytes(2 * SEG), b"c", segment_size=SEG)
+    assert sealer.step(0) is False and sealer.step(0) is True
+
+
+def test_step_output_end_counts_a_tag_per_segment() -> None:
+    dk = data_key()
+    sealer = BulkSealer(dk, bytes(3 * SEG + 10), b"c", segment_size=SEG)  # four segments
+    stride = SEG + 16
+    assert [sealer.step_output_end(n) for n in (0, 1, SEG, SEG + 1, 10 * SEG)] == \
+        [stride, stride, stride, 2 * stride, len(sealer.output)]
+    sealer.step(SEG)
+    assert sealer.step_output_end(1) == 2 * stride
+    sealer.ranges_done()
+    assert sealer.step_output_end(1) == len(sealer.output) == 3 * stride + 10 + 16
+
+
+def test_fresh_output_is_an_own_mapping_only() -> None:
+    dk = data_key()
+    small = BulkSealer(dk, bytes(SEG), b"c", segment_size=SEG)
+    assert isinstance(small.output.obj, bytearray) and not small.fresh_output
+    big = BulkSealer(dk, bytes(1 << 20), b"c", segment_size=SEG)
+    assert isinstance(big.output.obj, mmap.mmap) and big.fresh_output
+    given = mmap.mmap(-1, sealed_size(1 << 20, SEG))
+    assert not BulkSealer(dk, bytes(1 << 20), b"c", segment_size=SEG,
+                          out=memoryview(given)).fresh_output
+    big.step(1 << 20)
+    blob = big.result()
+    opener = BulkOpener(dk, blob, b"c")
+    assert opener.fresh_output
+    out = bytearray(1 << 20)
+    assert not BulkOpener(dk, blob, b"c", out=memoryview(out)).fresh_output
+
+
+@pytest.mark.parametrize(("size", "kind"), [
+    ((1 << 20) - 1, bytearray), (1 << 20, mmap.mmap), ((1 << 20) + 1, mmap.mmap),
+])
+def test_own_buffers_are_mappings_from_a_mib(size: int, kind: type) -> None:
+    assert isinstance(_bulk._buffer(size).obj, kind)
+    assert len(_bulk._buffer(size)) == size
+
+
+def test_segments_claimed_in_order_are_sealed_and_opened_in_any_order() -> None:
+    dk = data_key()
+    enc = StreamEncryptor(dk, b"c", SEG)
+    chunks = [bytes([1]) * SEG, bytes([2]) * SEG, b"end"]
+    indexes = [enc.claim(chunk, i == 2) for i, chunk in enumerate(chunks)]
+    assert indexes == [0, 1, 2]
+    with pytest.raises(ValueError, match="already finished"):
+        enc.claim(b"", True)
+    sealed = {i: enc.seal_at(i, chunks[i], i == 2) for i in reversed(indexes)}
+    dec = _decryptor(enc, dk)
+    assert [dec.claim(i == 2) for i in range(3)] == [0, 1, 2]
+    assert dec.finished
+    with pytest.raises(DecryptionError, match="after the stream's last segment") as exc:
+        dec.claim(True)
+    assert (exc.value.reason, exc.value.key_id) == (MALFORMED, dk.key_id)
+    assert [dec.open_at(i, sealed[i], i == 2) for i in (2, 0, 1)] == \
+        [chunks[2], chunks[0], chunks[1]]
+    with pytest.raises(DecryptionError) as exc:
+        dec.open_at(1, sealed[0], False)
+    assert (exc.value.reason, exc.value.key_id) == (AUTH, dk.key_id)
+    other = _decryptor(enc, dk)
+    assert other.open(sealed[0], False) == chunks[0] and not other.finished
+    with pytest.raises(DecryptionError):
+        other.open(sealed[2], False)  # the last segment must say so
+    assert not other.finished

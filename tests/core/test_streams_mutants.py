@@ -342,3 +342,168 @@ async def test_an_aligned_read_hands_over_whole_sealed_segments(tmp_path: Path) 
     assert [len(c) for c in chunks[2:]] == [1040] * 4 + [904 + 16]
     plain = [c async for c in read_file(path, 1000, Runner())]
     assert [len(c) for c in plain][:2] == [1000, 1000] and b"".join(plain) == path.read_bytes()
+
+
+# -- the first full run's survivors ---------------------------------------------------------
+
+async def test_fill_says_false_and_take_leaves_no_empty_piece() -> None:
+    seg = Segmenter(_chunks([b"ab", b"cd"]))
+    assert await seg.fill(4) is True
+    assert seg.take(4) == b"abcd"  # ends exactly at a chunk's end
+    assert len(seg._pieces) == 0
+    assert await seg.fill(1) is False
+
+
+@pytest.mark.parametrize(("sizes", "holds_gil", "expected"), [
+    ([INLINE_BYTES - 1], True, 0), ([INLINE_BYTES], True, 1),
+    ([INLINE_BYTES, INLINE_BYTES - 1], True, 1), ([INLINE_BYTES, INLINE_BYTES], True, 2),
+    ([INLINE_BYTES - 1], False, 0), ([INLINE_BYTES], False, 1),
+    ([INLINE_BYTES, INLINE_BYTES - 1], False, 1),
+])
+async def test_yields_to_the_loop_at_exactly_a_mib(
+        sizes: list[int], holds_gil: bool, expected: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[Batch] = [[(bytes(size), False)] for size in sizes]
+    _, runner, _, checkpoints = await _run_steps(batches, 1 << 30, holds_gil, monkeypatch)
+    assert runner.calls == [] and checkpoints == expected
+
+
+async def test_batches_are_emptied_once_worked(monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[Batch] = [[(bytes(10), False), (bytes(5), True)]]
+    kept = list(batches)
+    _, runner, out, _ = await _run_steps(batches, 0, False, monkeypatch)
+    assert len(runner.calls) == 1 and out == [10, 5] and kept[0] == []
+
+
+async def test_aes_is_inline_and_zstd_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    dk = data_key()
+    data = bytes(range(256)) * 40
+    runner = Runner()
+    parts = [p async for p in seal_stream(StreamEncryptor(dk, b"c", 1024), [data], runner, 0)]
+    assert runner.calls == []  # AES holds the GIL: inline even above the threshold
+    assert await _open(parts, dk) == data
+    zstd = Runner()
+    enc = StreamEncryptor(dk, b"c", 1024, flags=FLAG_ZSTD)
+    parts = [p async for p in seal_stream(enc, [data], zstd, 0, 3)]
+    assert zstd.calls and all(call == "step" for call in zstd.calls)
+    assert await _open(parts, dk) == data
+    assert sum(len(p) for p in parts[1:]) < len(data)  # compressed
+    empty = StreamEncryptor(dk, b"c", 1024, flags=FLAG_ZSTD)
+    parts = [p async for p in seal_stream(empty, [b""], Runner(), 1 << 30, 3)]
+    assert [len(p) for p in parts[1:]] == [16] and await _open(parts, dk) == b""
+
+
+async def test_a_compressed_stream_whose_records_do_not_decode_is_refused() -> None:
+    from aiocrypt import _compression
+
+    dk = data_key()
+    record = _compression.compress_record(b"x" * 500, 3)
+    for plaintext in (b"not a zstd record", record[:len(record) // 2]):
+        enc = StreamEncryptor(dk, b"c", 1024, flags=FLAG_ZSTD)
+        parts = [enc.preamble, enc.seal(plaintext, True)]
+        with pytest.raises(DecryptionError, match="does not decompress") as exc:
+            await _open(parts, dk)
+        assert exc.value.reason is DecryptionFailure.MALFORMED
+    enc = StreamEncryptor(dk, b"c", 1024, flags=FLAG_ZSTD)
+    assert await _open([enc.preamble, enc.seal(record, True)], dk) == b"x" * 500
+
+
+async def test_version_1_streams_open_by_default() -> None:
+    from aiocrypt._crypto import stream_nonce
+    from aiocrypt._format import Purpose
+
+    dk = data_key()
+    salt, prefix = bytes(range(16)), bytes(7)
+    aad = dk.aad(STREAM, 0, b"c", purpose=Purpose.STREAM, version=1)
+    cipher = dk.stream_cipher(salt)
+    pieces = [bytes(1024), b"tail"]
+    parts = [Header(STREAM, 0, dk.key_id, 1).to_bytes() + (1024).to_bytes(4, "big") + salt
+             + prefix]
+    parts += [cipher.encrypt(stream_nonce(prefix, i, i == 1), p, aad)
+              for i, p in enumerate(pieces)]
+    assert await _open(parts, dk) == b"".join(pieces)
+    with pytest.raises(DecryptionError, match="format version 1"):
+        await _open(parts, dk, accept_v1=False)
+
+
+async def test_an_aligned_read_of_three_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "three"
+    path.write_bytes(b"abc")
+    assert [c async for c in read_file(path, 100, Runner(), stream_aligned=True)] == [b"abc"]
+
+
+async def test_write_hops_count_the_bytes_from_zero(tmp_path: Path) -> None:
+    async def parts(sizes: list[int]) -> AsyncIterator[bytes]:
+        for size in sizes:
+            yield bytes(size)
+
+    for sizes, hops in (([4 * MiB - 1, 1], 1), ([4 * MiB, 4 * MiB - 1, 1], 2)):
+        runner = Runner()
+        await write_file_atomically(tmp_path / "out", parts(sizes), runner)
+        assert runner.calls.count("_write_all") == hops, sizes
+
+
+def test_write_all_lets_go_of_the_parts(tmp_path: Path) -> None:
+    from aiocrypt._streams import _write_all
+
+    parts = [b"ab", b"cd"]
+    with open(tmp_path / "f", "wb") as fh:
+        assert _write_all(fh, parts) == 4
+    assert parts == [] and (tmp_path / "f").read_bytes() == b"abcd"
+
+
+def test_commit_closes_the_directory_it_syncs(tmp_path: Path) -> None:
+    import os
+
+    from aiocrypt._streams import _commit, _create_temporary
+
+    before = len(os.listdir("/proc/self/fd"))
+    target, directory, fh, tmp = _create_temporary(str(tmp_path / "f"))
+    fh.write(b"data")
+    _commit(fh, tmp, target, directory)
+    assert fh.closed and (tmp_path / "f").read_bytes() == b"data"
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_a_cancelled_hop_is_waited_for_and_the_cancellation_goes_on() -> None:
+    import threading
+
+    from aiocrypt._streams import _complete, _start
+
+    release, started = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        started.set()
+        release.wait(10)
+        return "done"
+
+    hop = _start(Runner(), slow)
+    waiter = asyncio.ensure_future(_complete(hop))
+    await asyncio.to_thread(started.wait, 10)
+    waiter.cancel()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not waiter.done()  # waiting for the thread, not abandoning it
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert hop.done() and hop.result() == "done"
+
+
+async def test_settle_retrieves_the_failure() -> None:
+    import gc
+
+    from aiocrypt._streams import _settle
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        failed: asyncio.Future[int] = loop.create_future()
+        failed.set_exception(OSError("disk"))
+        await _settle(failed)
+        del failed
+        gc.collect()
+        assert reported == []
+    finally:
+        loop.set_exception_handler(None)

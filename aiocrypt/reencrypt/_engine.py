@@ -325,6 +325,11 @@ class ReencryptionEngine:
                 last_pk = rows[-1][0]
                 if len(rows) == limit and pipelined:
                     next_fetch = fetch(last_pk)
+                # Let the fetch just started and the write started last time send their
+                # queries now: an await of something already done does not yield, and
+                # the transform below holds the loop, so they would otherwise wait for
+                # it and the server would sit idle instead of working alongside.
+                await asyncio.sleep(0)
                 keyring = await self.key_manager.current_keyring()
                 if any(_active_id(keyring, c.spec.key_type) != c.target.key_id for c in cols):
                     logger.warning("re-encryption %s: a target key rotated during the run; "

@@ -34,13 +34,20 @@ async def enqueue_rotation(redis: Any, key_type: KeyTypeLike, *, force: bool = F
 
 
 async def _enqueue_follow_up(state: WorkerState, key_type: KeyType,
-                             old_key_id: str) -> dict[str, str]:
+                             old_key_id: str) -> dict[str, Any]:
+    # Data subjects' keys move with the rotation (rewrapped, idempotent: a retry
+    # finishes the rest); their data stays where it is (docs/subjects.md).
+    subjects = await state.key_manager.rewrap_subjects(key_type)
+    rewrapped = {"subject_keys_rewrapped": subjects.rewrapped}
+    if subjects.rewrapped:
+        logger.info("rewrapped %d subject keys of %s under %s", subjects.rewrapped,
+                    key_type.value, subjects.wrapping_key_id)
     gap = state.reencryption_gap(key_type)
     if gap is not None:
         logger.info("data on %s is not re-encrypted by this worker: %s", old_key_id, gap)
-        return {"old_key_id": old_key_id, "skipped": gap}
+        return {"old_key_id": old_key_id, "skipped": gap, **rewrapped}
     job_id = await enqueue_reencryption(state.redis, key_type, old_key_id, config=state.config)
-    return {"old_key_id": old_key_id, "job_id": job_id}
+    return {"old_key_id": old_key_id, "job_id": job_id, **rewrapped}
 
 
 async def rotate_keys_scheduled(ctx: dict[str, Any]) -> dict[str, Any]:

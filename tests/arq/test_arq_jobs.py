@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from aiocrypt import (
     ConfigurationError,
+    EncryptionService,
     KekProviderError,
     KeyManager,
     KeyStoreError,
@@ -30,9 +31,6 @@ from aiocrypt import (
 )
 from aiocrypt.cli import main as cli_main
 from aiocrypt.integrations import arq as aiocrypt_arq
-from aiocrypt.integrations.arq.failures import describe, is_transient
-from aiocrypt.integrations.arq.state import shutdown, startup
-from aiocrypt.integrations.arq.status import ShardStatus, StatusStore, redis_lock
 from aiocrypt.integrations.arq import (
     STATE_KEY,
     ArqWorkerConfig,
@@ -43,6 +41,9 @@ from aiocrypt.integrations.arq import (
     rotate_key_manual,
     rotate_keys_scheduled,
 )
+from aiocrypt.integrations.arq.failures import describe, is_transient
+from aiocrypt.integrations.arq.state import shutdown, startup
+from aiocrypt.integrations.arq.status import ShardStatus, StatusStore, redis_lock
 from aiocrypt.kek import LocalKekProvider
 
 FIN = KeyType.FINANCIAL_DATA
@@ -247,12 +248,39 @@ async def test_rotation_check_is_single_flight(
         # no table to re-encrypt in this worker: said, not silently dropped
         assert done["reencryption"] == [{
             "old_key_id": v1, "skipped": "no registered table has a column of key type "
-            "financial_data (ENCRYPTION_ARQ_METADATA / ENCRYPTION_ARQ_TABLES)"}]
+            "financial_data (ENCRYPTION_ARQ_METADATA / ENCRYPTION_ARQ_TABLES)",
+            "subject_keys_rewrapped": 0}]
         async with arq_setup.manager() as manager:
             assert [k.version for k in await manager.list_keys(FIN)] == [1, 2]
     finally:
         await shutdown(first)
         await shutdown(second)
+
+
+async def test_a_rotation_job_rewraps_the_data_subjects_keys(
+        arq_setup: ArqSetup, monkeypatch: pytest.MonkeyPatch, arq_redis: ArqRedis) -> None:
+    """Subject keys move with a rotation (their data does not): the job rewraps them
+    under the new version key, so the census lets the old version be retired later."""
+    async with arq_setup.manager() as seeding:
+        service = EncryptionService(seeding)
+        tokens = {f"user:{i}": await service.encrypt_field(f"v{i}", FIN, context="c",
+                                                           subject=f"user:{i}")
+                  for i in range(3)}
+        v1 = (await seeding.get_active_key(FIN)).key_id
+        assert await seeding.subject_census(FIN) == {v1: 3}
+    ctx = await _started(arq_setup, monkeypatch, arq_redis)
+    try:
+        result = await rotate_key_manual(ctx, "financial_data", force=True)
+        assert result["rotated"] and result["old_key_id"] == v1
+        assert result["reencryption"]["subject_keys_rewrapped"] == 3
+        manager = ctx[STATE_KEY].key_manager
+        census = await manager.subject_census(FIN)
+        assert census.get(result["new_key_id"]) == 3 and not census.get(v1)
+        for subject, token in tokens.items():  # the same tokens still open
+            assert await EncryptionService(manager).decrypt_field(
+                token, FIN, context="c") == f"v{subject.split(':')[1]}"
+    finally:
+        await shutdown(ctx)
 
 
 async def test_rotation_check_beside_a_redis_key_store_under_the_same_prefix(

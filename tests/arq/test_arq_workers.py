@@ -23,7 +23,6 @@ from arq.jobs import deserialize_result
 from arq_helpers import TWO_DAYS_AGO, ArqSetup, check_users, job, make_users, users_spec
 
 from aiocrypt import AsyncpgDatabase, KeyStatus, KeyType, ReencryptionEngine
-from aiocrypt.integrations.arq.status import StatusStore
 from aiocrypt.integrations.arq import (
     ArqWorkerConfig,
     JobFailedError,
@@ -33,6 +32,7 @@ from aiocrypt.integrations.arq import (
     enqueue_rotation,
     job_deserializer,
 )
+from aiocrypt.integrations.arq.status import StatusStore
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

@@ -394,9 +394,8 @@ async def test_arq_job_payloads_hold_identifiers_only(redis_client: aioredis.Red
     from arq.connections import RedisSettings
     from arq.jobs import deserialize_job
 
+    from aiocrypt.integrations.arq import enqueue_cleanup, enqueue_reencryption, enqueue_rotation
     from aiocrypt.integrations.arq.config import ArqWorkerConfig
-    from aiocrypt.integrations.arq import enqueue_reencryption
-    from aiocrypt.integrations.arq import enqueue_cleanup, enqueue_rotation
 
     prefix: str = redis_client.test_prefix  # type: ignore[attr-defined]
     job_prefix = prefix.rstrip(":").replace(":", "-")

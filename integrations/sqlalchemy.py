@@ -68,19 +68,28 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from aiocrypt import (
     ConfigurationError,
     DecryptionError,
+    DecryptionFailure,
     DecryptionLocation,
     EncryptionService,
     Keyring,
     KeyType,
+    UnknownKeyError,
     get_encryption_service,
 )
-from aiocrypt._codec import NaiveDateTime, encode_value
-from aiocrypt._crypto import DataKey
-from aiocrypt._errors import DecryptionFailure, decryption_failed
-from aiocrypt._format import TEXT_PREFIXES, context_bytes, key_id_sql
-from aiocrypt._keyring import UnknownKeyError
-from aiocrypt._legacy import FernetReader, LegacyReader, LegacyTokenError, SqlalchemyUtilsReader
-from aiocrypt._types import KeyTypeLike
+from aiocrypt.adapters import (
+    TEXT_PREFIXES,
+    DataKey,
+    FernetReader,
+    KeyTypeLike,
+    LegacyReader,
+    LegacyTokenError,
+    NaiveDateTime,
+    SqlalchemyUtilsReader,
+    context_bytes,
+    decryption_failed,
+    encode_value,
+    key_id_sql,
+)
 from aiocrypt.reencrypt import (
     CHECKPOINT_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,

@@ -11,6 +11,11 @@ blobs, streams, session payloads and cache entries each open only as what they
 were written as. Bulk data and streams open only under the key type the caller
 names (``key_type=`` is required). Format version 1 (no purpose binding) is read
 until ``accept_format_v1=False`` closes the migration window.
+
+Over 500 lines on purpose: this is the one class applications call, and each of its
+methods is a thin, documented entry point (fields, batches, bulk data, streams, files,
+sessions, cache, subjects, statistics) over the core; the work lives in the modules
+they call (docs/architecture.md), so splitting the class would split its API.
 """
 
 from __future__ import annotations

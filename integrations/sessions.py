@@ -48,6 +48,10 @@ a session holding that field is sealed under its user's subject key
 next request gets a fresh empty session (and the dead payload is deleted), in
 every process and in any dump of Redis. Sessions without the field (before login)
 stay under the session key alone.
+
+Over 500 lines on purpose: the async store (Quart) and the sync store (Flask) share
+the payload envelope, the Redis layout and the outage handling, and must stay byte
+for byte the same; they live side by side so one change reaches both.
 """
 
 from __future__ import annotations

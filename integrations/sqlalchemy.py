@@ -28,6 +28,12 @@ another process) through the service's async ``KeyManager``. Under a sync
 engine nothing can be awaited: start the service (``preload=[...]`` the key
 types you use) before the first query; keys rotated elsewhere are seen after
 ``await service.key_manager.refresh()``.
+
+Over 500 lines on purpose: the column types, the flush hooks that give them their
+row (primary key, data subject), the blind index and the SQLAlchemy adapter of the
+re-encryption engine all depend on how SQLAlchemy hands values to a type; kept in
+one module so one SQLAlchemy upgrade is checked in one place. ``aiocrypt.reencrypt``
+holds everything that is not SQLAlchemy-specific.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._crypto import DEK_BYTES, NONCE_BYTES, DataKey
 from ._errors import DecryptionError, DecryptionFailure, KeyStoreIntegrityError, decryption_failed
-from ._format import MAX_KEY_ID_LEN, TEXT_PREFIX_LEN, TEXT_PREFIX_V2
+from ._format import TEXT_PREFIX_LEN, TEXT_PREFIX_V2, key_id_dot
 from ._keys import EncryptionKey
 from ._types import KeyStatus, KeyType
 
@@ -86,7 +86,7 @@ def is_subject_key_id(key_id: str) -> bool:
 
 def token_key_id(token: str) -> str:
     """The key id a text token names ('' when it names none)."""
-    end = token.find(".", TEXT_PREFIX_LEN, TEXT_PREFIX_LEN + MAX_KEY_ID_LEN + 1)
+    end = key_id_dot(token)
     return token[TEXT_PREFIX_LEN:end] if end > 0 else ""
 
 

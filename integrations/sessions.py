@@ -64,7 +64,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, overload
 
 from aiocrypt import (
     ConfigurationError,
@@ -464,8 +464,14 @@ class RedisSessionStore:
         """The envelope; ``DecryptionError`` if the token is not this session's."""
         return await self.service.decrypt_session_data(token, context=_context(sid))
 
+    @overload
+    async def load(self, cookie_value: str | None) -> EncryptedSession: ...
+    @overload
+    async def load(self, cookie_value: str | None, session_class: type[_S]) -> _S: ...
+
     async def load(self, cookie_value: str | None,
-                   session_class: type[_S] = EncryptedSession) -> _S:  # type: ignore[assignment]
+                   session_class: type[EncryptedSession] = EncryptedSession
+                   ) -> EncryptedSession:
         session = self._codec.new_session(session_class, cookie_value)
         sid = self._codec.usable_cookie(cookie_value)
         if sid is None:
@@ -581,16 +587,26 @@ class SyncRedisSessionStore:
     def __repr__(self) -> str:
         return f"<SyncRedisSessionStore prefix={self.settings.prefix!r} ttl={self.settings.ttl}>"
 
+    @overload
+    def load(self, cookie_value: str | None) -> EncryptedSession: ...
+    @overload
+    def load(self, cookie_value: str | None, session_class: type[_S]) -> _S: ...
+
     def load(self, cookie_value: str | None,
-             session_class: type[_S] = EncryptedSession) -> _S:  # type: ignore[assignment]
+             session_class: type[EncryptedSession] = EncryptedSession) -> EncryptedSession:
         session = self.open(cookie_value, session_class)
         pending, session._pending = session._pending, None
         if pending is not None:
             pending()
         return session
 
+    @overload
+    def open(self, cookie_value: str | None) -> EncryptedSession: ...
+    @overload
+    def open(self, cookie_value: str | None, session_class: type[_S]) -> _S: ...
+
     def open(self, cookie_value: str | None,
-             session_class: type[_S] = EncryptedSession) -> _S:  # type: ignore[assignment]
+             session_class: type[EncryptedSession] = EncryptedSession) -> EncryptedSession:
         """A session that reads Redis only when first accessed (``StoreUnavailableError`` then)."""
         session = self._codec.new_session(session_class, cookie_value)
         sid = self._codec.usable_cookie(cookie_value)

@@ -65,7 +65,7 @@ from ._keyring import Keyring
 from ._keys import EncryptionKey, utcnow
 from ._keyset_guard import KeysetGuard
 from ._keyset_seal import check_identity
-from ._subjects_keys import SubjectKeys, SubjectRewrapReport
+from ._subjects_keys import DEFAULT_MAX_CACHED, SubjectKeys, SubjectRewrapReport
 from ._telemetry import span
 from ._types import KeyStatus, KeyType, KeyTypeLike
 from .audit import Auditor
@@ -103,6 +103,8 @@ class KeyManager:
     * ``usage_block`` is how many encryptions this process reserves at a time from
       the store's shared counter, which is what keeps the whole fleet under a
       policy's ``max_encryptions``.
+    * ``subject_cache_size`` is how many unwrapped subject keys this process keeps,
+      per map (by subject for encryption, by key id for decryption; docs/subjects.md).
     """
 
     def __init__(self, store: KeyStore, kek: KekProvider,
@@ -111,7 +113,8 @@ class KeyManager:
                  lock_timeout: float = 30.0, auditor: Auditor | None = None,
                  previous_keks: Sequence[KekProvider] = (), watch: bool = True,
                  usage_block: int = 65536,
-                 subject_store: SubjectKeyStore | None = None) -> None:
+                 subject_store: SubjectKeyStore | None = None,
+                 subject_cache_size: int = DEFAULT_MAX_CACHED) -> None:
         self.store = store
         self.kek = kek
         self.config = config if config is not None else EncryptionConfig()
@@ -153,7 +156,7 @@ class KeyManager:
         self._references = KeyReferences(self)
         #: Per-subject keys (docs/subjects.md), kept in ``subject_store`` or, by
         #: default, in the key store's own (``store.subject_store()``).
-        self.subjects = SubjectKeys(self, subject_store)
+        self.subjects = SubjectKeys(self, subject_store, max_cached=subject_cache_size)
 
     def __repr__(self) -> str:
         return (f"<KeyManager store={self.store.name} kek={self.kek.kek_id} "

@@ -17,6 +17,9 @@ pieces (ids, lookup hash, wrapping, records) are in ``_subjects``.
   version of its key type is wrapped again by the active one, in batches; the
   census (rows per wrapping key id) keeps retirement from destroying a version
   that still wraps any.
+
+Just over 500 lines: the four lifecycle steps above share one cache and one store
+protocol and change together; the record format itself lives in ``_subjects``.
 """
 
 from __future__ import annotations
@@ -140,6 +143,8 @@ class SubjectKeys:
 
     def __init__(self, manager: KeyManager, store: SubjectKeyStore | None = None, *,
                  max_cached: int = DEFAULT_MAX_CACHED) -> None:
+        if max_cached < 1:
+            raise ValueError("the subject-key cache holds at least 1 key")
         self._manager = manager
         self._guard = manager._guard
         self._store = store

@@ -53,7 +53,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _common import machine_info  # noqa: E402
 
 from aiocrypt import DecryptionError, DecryptionFailure, EncryptionService, KeyManager, KeyType  # noqa: E402
-from aiocrypt._subjects import lookup_hash, new_subject_key_id, wrap_subject_key  # noqa: E402
 from aiocrypt.kek import LocalKekProvider  # noqa: E402
 
 PII = KeyType.PII
@@ -136,11 +135,7 @@ async def insert(svc: EncryptionService, n: int, keep: set[int]) -> tuple[dict[s
     """``n`` subject keys ``user:0`` .. ``user:n-1`` filed through the bulk path; the key
     ids of the subjects in ``keep``."""
     subjects = svc.key_manager.subjects
-    active = svc.keyring.active(PII)
-    cipher = subjects._cipher(active)
-    lookup_key = subjects._lookup()
     store = await subjects.store()
-    created = svc.key_manager._clock()
     kept: dict[int, str] = {}
     wrap_s = 0.0
     filed = 0
@@ -150,9 +145,8 @@ async def insert(svc: EncryptionService, n: int, keep: set[int]) -> tuple[dict[s
         began = time.perf_counter()
         records = []
         for i in range(start, min(n, start + BATCH)):
-            record = wrap_subject_key(cipher, active.key_id, os.urandom(32),
-                                      new_subject_key_id(),
-                                      lookup_hash(lookup_key, PII, f"user:{i}"), PII, created)
+            # what a first encryption for the subject makes (key_for), filed in bulk
+            record = subjects._new_record(PII, subjects.reference(f"user:{i}", PII))
             if i in keep:
                 kept[i] = record.key_id
             records.append(record)
@@ -202,8 +196,7 @@ async def lookups(deployment: Deployment, sample: list[int], kept: dict[int, str
     warm_read = await timed([lambda t=t: reader.decrypt_field(t, PII, context=CONTEXT)
                              for t in tokens])
     store = await subjects.store()
-    key = subjects._lookup()
-    raw = await timed([lambda i=i: store.find(lookup_hash(key, PII, f"user:{i}"))
+    raw = await timed([lambda i=i: store.find(subjects.reference(f"user:{i}", PII))
                        for i in sample])
     return {"store_find": latency(raw), "cold": latency(cold), "warm": latency(warm),
             "create": latency(created), "cold_decrypt": latency(cold_read),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -507,3 +508,154 @@ async def test_settle_retrieves_the_failure() -> None:
         assert reported == []
     finally:
         loop.set_exception_handler(None)
+
+
+# -- _parallel_steps: batches in worker threads, results in order ----------------------------
+
+class Gauge(Runner):
+    """A runner that counts the hops in flight (started, not finished)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = self.most = 0
+
+    async def __call__(self, func: Callable[..., Any], *args: Any) -> Any:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            return await super().__call__(func, *args)
+        finally:
+            self.in_flight -= 1
+
+
+async def _parallel(count: int, workers: int, runner: Runner,
+                    pulled: list[int]) -> AsyncIterator[int]:
+    from aiocrypt._streams import _parallel_steps
+
+    async def batches() -> AsyncIterator[Batch]:
+        for i in range(count):
+            pulled.append(i)
+            yield [(bytes([i]), i == count - 1)]
+
+    claimed: list[int] = []
+
+    def claim(segment: bytes | memoryview, last: bool) -> int:
+        claimed.append(len(claimed))
+        return claimed[-1]
+
+    def work(jobs: list[tuple[int, bytes | memoryview, bool]]) -> list[int]:
+        return [index for index, _, _ in jobs]
+
+    return _parallel_steps(batches(), claim, work, runner, workers)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+async def test_parallel_steps_keep_workers_batches_in_flight(workers: int) -> None:
+    gauge, pulled = Gauge(), list[int]()
+    results: list[int] = []
+    async for index in await _parallel(8, workers, gauge, pulled):
+        if not results:
+            assert pulled == [0]  # the first batch is done before another is read
+        results.append(index)
+    assert results == list(range(8))  # in order
+    assert gauge.most == workers and gauge.in_flight == 0
+    assert gauge.calls == ["work"] * 8
+
+
+async def test_parallel_steps_wait_for_their_threads_when_the_consumer_stops() -> None:
+    import threading
+
+    from aiocrypt._streams import _parallel_steps
+
+    release = threading.Event()
+    gauge = Gauge()
+
+    async def batches() -> AsyncIterator[Batch]:
+        for i in range(4):
+            yield [(bytes([i]), i == 3)]
+
+    def work(jobs: list[tuple[int, bytes | memoryview, bool]]) -> list[int]:
+        if jobs[0][0] >= 2:  # batches 2 and 3 stay in flight
+            release.wait(10)
+        return [jobs[0][0]]
+
+    steps = _parallel_steps(batches(), lambda s, last: s[0], work, gauge, 3)
+    assert await anext(steps) == 0
+    assert await anext(steps) == 1
+    closing = asyncio.ensure_future(steps.aclose())  # type: ignore[attr-defined]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not closing.done() and gauge.in_flight > 0
+    release.set()
+    await closing
+    assert gauge.in_flight == 0
+
+
+async def test_more_than_one_worker_takes_the_parallel_path() -> None:
+    dk = data_key()
+    data = bytes(range(256)) * 40
+    for workers, hops in ((1, 0), (2, 1)):
+        runner = Runner()
+        enc = StreamEncryptor(dk, b"c", 1024)
+        parts = [p async for p in seal_stream(enc, [data], runner, 1 << 30, workers=workers)]
+        assert runner.calls.count("work") == hops and runner.calls.count("step") == 0
+        assert await _open(parts, dk) == data
+    opening = Runner()
+
+    async def find(key_id: str) -> DataKey:
+        return dk
+    opened = [p async for p in open_stream(parts, find, b"c", opening, 0)]
+    assert b"".join(opened) == data and opening.calls == []  # one worker by default
+
+
+class Holding(Gauge):
+    """A runner whose calls of ``name`` after the first ``free`` wait for :attr:`release`."""
+
+    def __init__(self, name: str, free: int) -> None:
+        super().__init__()
+        self.name, self.free = name, free
+        self.release = threading.Event()
+
+    async def __call__(self, func: Callable[..., Any], *args: Any) -> Any:
+        if getattr(func, "__name__", None) == self.name:
+            self.free -= 1
+            if self.free < 0:
+                def held(*args: Any) -> Any:
+                    self.release.wait(10)
+                    return func(*args)
+                held.__name__ = self.name
+                return await super().__call__(held, *args)
+        return await super().__call__(func, *args)
+
+
+async def _not_done_until_released(task: asyncio.Future[Any], runner: Holding) -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not task.done() and runner.in_flight == 1  # waiting for the thread
+    runner.release.set()
+
+
+async def test_read_file_closed_early_waits_for_its_read_in_flight(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    path.write_bytes(bytes(100))
+    runner = Holding("read", 1)
+    chunks = read_file(path, 10, runner)
+    assert await anext(chunks) == bytes(10)  # the next read is in flight, held
+    closing = asyncio.ensure_future(chunks.aclose())
+    await _not_done_until_released(closing, runner)
+    await closing
+    assert runner.in_flight == 0
+
+
+async def test_a_failed_write_waits_for_its_write_in_flight(tmp_path: Path) -> None:
+    runner = Holding("_write_all", 0)
+
+    async def parts() -> AsyncIterator[bytes]:
+        yield bytes(BATCH_BYTES)  # one write hop starts, held
+        raise DecryptionError()
+
+    writing = asyncio.ensure_future(write_file_atomically(tmp_path / "out", parts(), runner))
+    await _not_done_until_released(writing, runner)
+    with pytest.raises(DecryptionError):
+        await writing
+    assert runner.in_flight == 0 and list(tmp_path.iterdir()) == []

@@ -43,6 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ from _common import machine_info  # noqa: E402
 
 from aiocrypt import DecryptionError, DecryptionFailure, EncryptionService, KeyManager, KeyType  # noqa: E402
 from aiocrypt.kek import LocalKekProvider  # noqa: E402
+from aiocrypt.keystore.postgres import PostgresKeyStore  # noqa: E402
+from aiocrypt.keystore.redis import RedisKeyStore  # noqa: E402
 
 PII = KeyType.PII
 CONTEXT = "users.email"
@@ -178,25 +181,25 @@ async def lookups(deployment: Deployment, sample: list[int], kept: dict[int, str
     """Cold and warm key lookups of existing subjects, creation of new ones."""
     svc = await deployment.service()  # a fresh process: nothing cached
     subjects = svc.key_manager.subjects
-    cold = await timed([lambda i=i: subjects.key_for(PII, f"user:{i}") for i in sample])
+    cold = await timed([partial(subjects.key_for, PII, f"user:{i}") for i in sample])
     for i in sample[:200]:  # the keys found are the ones filed in bulk, and they open
         dk = await subjects.key_for(PII, f"user:{i}")
         if dk.key_id != kept[i]:
             raise RuntimeError("a lookup found another key than the one filed")
-    warm = await timed([lambda i=i: subjects.key_for(PII, f"user:{i}") for i in sample])
+    warm = await timed([partial(subjects.key_for, PII, f"user:{i}") for i in sample])
     tag = secrets.token_hex(3)
     new = [f"new:{tag}:{i}" for i in range(len(sample) // 4)]
-    created = await timed([lambda s=s: subjects.key_for(PII, s) for s in new])
+    created = await timed([partial(subjects.key_for, PII, s) for s in new])
 
     tokens = [await svc.encrypt_field(VALUE, PII, context=CONTEXT, subject=f"user:{i}")
               for i in sample]
     reader = await deployment.service()  # never saw these keys
-    cold_read = await timed([lambda t=t: reader.decrypt_field(t, PII, context=CONTEXT)
+    cold_read = await timed([partial(reader.decrypt_field, t, PII, context=CONTEXT)
                              for t in tokens])
-    warm_read = await timed([lambda t=t: reader.decrypt_field(t, PII, context=CONTEXT)
+    warm_read = await timed([partial(reader.decrypt_field, t, PII, context=CONTEXT)
                              for t in tokens])
     store = await subjects.store()
-    raw = await timed([lambda i=i: store.find(subjects.reference(f"user:{i}", PII))
+    raw = await timed([partial(store.find, subjects.reference(f"user:{i}", PII))
                        for i in sample])
     return {"store_find": latency(raw), "cold": latency(cold), "warm": latency(warm),
             "create": latency(created), "cold_decrypt": latency(cold_read),
@@ -298,6 +301,7 @@ async def size(deployment: Deployment, svc: EncryptionService, n: int,
                before: int | None) -> dict[str, Any]:
     store = svc.key_manager.store
     if deployment.kind == "postgres":
+        assert isinstance(store, PostgresKeyStore)
         pool = await store._ready()
         table = f'"{deployment.where}".subject_keys'
         await pool.execute(f"ANALYZE {table}")
@@ -310,6 +314,7 @@ async def size(deployment: Deployment, svc: EncryptionService, n: int,
         return {"total_bytes": total, "heap_bytes": int(row["heap"]),
                 "index_bytes": int(row["indexes"]), "toast_bytes": int(row["toast"]),
                 "bytes_per_subject": total / n}
+    assert isinstance(store, RedisKeyStore)
     client = store._redis
     info = await client.info("memory")
     usage = {}
@@ -337,7 +342,9 @@ async def run_store(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         await svc.encrypt_field("first", PII)  # the active PII version wraps them
         before = None
         if kind == "redis":
-            before = int((await svc.key_manager.store._redis.info("memory"))["used_memory"])
+            redis_store = svc.key_manager.store
+            assert isinstance(redis_store, RedisKeyStore)
+            before = int((await redis_store._redis.info("memory"))["used_memory"])
         result["insert"], kept = await insert(svc, n, set(sample))
         print(f"  insert: {result['insert']['per_second']:,.0f} subjects/s", flush=True)
         result["size"] = await size(deployment, svc, n, before)
@@ -395,10 +402,13 @@ def report(results: list[dict[str, Any]]) -> str:
         f"{r['round_trip']['one_us']:.1f} µs (**{r['round_trip']['one_ratio']:.2f}x**)"))
     row("... 1,000 known subjects in turn", lambda r: (
         f"{r['round_trip']['subject_us']:.1f} µs (**{r['round_trip']['ratio']:.2f}x**)"))
-    for k, label in (("1", "forget, 1 value"), ("10000", "forget, 10,000 values")):
-        row(label + ", p50 / max", lambda r, k=k: (
+    def forget_cell(k: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: (
             f"{r['forget'][k]['p50_us'] / 1e3:.1f} / {r['forget'][k]['max_us'] / 1e3:.1f} ms "
-            f"(n={r['forget'][k]['n']})"))
+            f"(n={r['forget'][k]['n']})")
+
+    for k, label in (("1", "forget, 1 value"), ("10000", "forget, 10,000 values")):
+        row(label + ", p50 / max", forget_cell(k))
     row("census (3 runs)", lambda r: " / ".join(f"{t:.0f}" for t in r["census"]["ms"]) + " ms")
     row("cleanup", lambda r: f"{r['cleanup_seconds']:.1f} s")
     return "\n".join(lines)

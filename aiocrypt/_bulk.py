@@ -115,7 +115,7 @@ class EncryptedData:
     compressed: bool = False
     format_version: int = FORMAT_VERSION
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901 - one guard per field of the wire format's parameters, each raising
         if self.algorithm not in _ALG_BY_NAME:
             raise ValueError(f"unknown algorithm {self.algorithm!r}")
         if len(self.tag) != TAG_BYTES:
@@ -127,9 +127,11 @@ class EncryptedData:
         if len(iv) == packed:
             version, flags = iv[0], iv[1]
             segment_size = _U32.unpack_from(iv, _IV_HEAD)[0] if is_stream else None
-            if (self.segment_size not in (None, segment_size)
-                    or (self.compressed and not flags & FLAG_ZSTD)
-                    or self.format_version not in (FORMAT_VERSION, version)):
+            if (
+                self.segment_size not in (None, segment_size)
+                or (self.compressed and not flags & FLAG_ZSTD)
+                or self.format_version not in (FORMAT_VERSION, version)
+            ):
                 raise ValueError("segment_size, compressed or format_version contradicts the iv")
         elif len(iv) == bare:
             version, flags = self.format_version, FLAG_ZSTD if self.compressed else 0
@@ -142,8 +144,9 @@ class EncryptedData:
             raise ValueError("unknown flags in iv")
         if not is_stream and segment_size is not None:
             raise ValueError("segment_size is for streams only")
-        if is_stream and not (segment_size and
-                              MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE):
+        if is_stream and not (
+            segment_size and MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE
+        ):
             raise ValueError("streams need a segment_size between 1 KiB and 64 MiB")
         if len(iv) == bare:  # pack it: the five fields alone must rebuild the object
             if is_stream:
@@ -163,8 +166,12 @@ class EncryptedData:
 
     @property
     def header(self) -> Header:
-        return Header(_ALG_BY_NAME[self.algorithm], FLAG_ZSTD if self.compressed else 0,
-                      self.key_id, self.format_version)
+        return Header(
+            _ALG_BY_NAME[self.algorithm],
+            FLAG_ZSTD if self.compressed else 0,
+            self.key_id,
+            self.format_version,
+        )
 
     @property
     def plaintext_size(self) -> int:
@@ -199,31 +206,66 @@ class EncryptedData:
         if header.algorithm == ALG_AES_256_GCM:
             if len(body) < NONCE_BYTES + TAG_BYTES:
                 raise FormatError("blob too short")
-            return cls(body[NONCE_BYTES:-TAG_BYTES].tobytes(), header.key_id, name,
-                       body[:NONCE_BYTES].tobytes(), body[-TAG_BYTES:].tobytes(), None,
-                       compressed, header.version)
+            return cls(
+                body[NONCE_BYTES:-TAG_BYTES].tobytes(),
+                header.key_id,
+                name,
+                body[:NONCE_BYTES].tobytes(),
+                body[-TAG_BYTES:].tobytes(),
+                None,
+                compressed,
+                header.version,
+            )
         if header.algorithm == ALG_AES_256_GCM_STREAM:
             iv_end = _STREAM_PARAMS_BYTES
             if len(body) < iv_end + TAG_BYTES:
                 raise FormatError("blob too short")
             (segment_size,) = _U32.unpack_from(body)
-            return cls(body[iv_end:-TAG_BYTES], header.key_id, name, body[4:iv_end].tobytes(),
-                       body[-TAG_BYTES:].tobytes(), segment_size, compressed, header.version)
+            return cls(
+                body[iv_end:-TAG_BYTES],
+                header.key_id,
+                name,
+                body[4:iv_end].tobytes(),
+                body[-TAG_BYTES:].tobytes(),
+                segment_size,
+                compressed,
+                header.version,
+            )
         raise FormatError("not a bulk algorithm")
 
 
-def _stream_aad(dk: DataKey, version: int, flags: int, segment_size: int, salt: bytes,
-                prefix: bytes, context: bytes) -> bytes:
-    return dk.aad(ALG_AES_256_GCM_STREAM, flags, context, purpose=Purpose.STREAM,
-                  version=version, stream_params=stream_params(segment_size, salt, prefix))
+def _stream_aad(
+    dk: DataKey,
+    version: int,
+    flags: int,
+    segment_size: int,
+    salt: bytes,
+    prefix: bytes,
+    context: bytes,
+) -> bytes:
+    return dk.aad(
+        ALG_AES_256_GCM_STREAM,
+        flags,
+        context,
+        purpose=Purpose.STREAM,
+        version=version,
+        stream_params=stream_params(segment_size, salt, prefix),
+    )
 
 
 class StreamEncryptor:
     """Seals one stream segment by segment (format version 2); feed ``segment_size``
     bytes per call."""
 
-    def __init__(self, dk: DataKey, context: bytes, segment_size: int, *, flags: int = 0,
-                 random: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(
+        self,
+        dk: DataKey,
+        context: bytes,
+        segment_size: int,
+        *,
+        flags: int = 0,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
         if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
             raise ValueError("segment_size must be between 1 KiB and 64 MiB")
         self.segment_size = segment_size
@@ -231,8 +273,9 @@ class StreamEncryptor:
         self.salt = random(STREAM_SALT_BYTES)
         self.prefix = random(STREAM_PREFIX_BYTES)
         self._cipher = dk.stream_cipher(self.salt, sealing=True)
-        self._aad = _stream_aad(dk, FORMAT_VERSION, flags, segment_size, self.salt, self.prefix,
-                                context)
+        self._aad = _stream_aad(
+            dk, FORMAT_VERSION, flags, segment_size, self.salt, self.prefix, context
+        )
         self._index = 0
         self._finished = False
         self.header = Header(ALG_AES_256_GCM_STREAM, flags, dk.key_id).to_bytes()
@@ -260,8 +303,9 @@ class StreamEncryptor:
         """Seal a segment :meth:`claim` numbered ``index`` (each exactly once)."""
         return self._cipher.encrypt(stream_nonce(self.prefix, index, last), chunk, self._aad)
 
-    def seal_segment_into(self, index: int, chunk: bytes | memoryview, last: bool,
-                          out: memoryview) -> None:
+    def seal_segment_into(
+        self, index: int, chunk: bytes | memoryview, last: bool, out: memoryview
+    ) -> None:
         """Seal segment ``index`` of a payload whose segments the caller lays out, writing
         ciphertext || tag into ``out`` (len(chunk) + 16 bytes), so several threads can seal
         one payload. The caller seals each index exactly once (:class:`BulkSealer` does);
@@ -276,8 +320,15 @@ class StreamDecryptor:
     segment size, salt and nonce prefix, so a forged one fails at the first segment.
     """
 
-    def __init__(self, dk: DataKey, context: bytes, flags: int, segment_size: int,
-                 iv: bytes, version: int = FORMAT_VERSION) -> None:
+    def __init__(
+        self,
+        dk: DataKey,
+        context: bytes,
+        flags: int,
+        segment_size: int,
+        iv: bytes,
+        version: int = FORMAT_VERSION,
+    ) -> None:
         self.segment_size = segment_size
         salt, prefix = iv[:STREAM_SALT_BYTES], iv[STREAM_SALT_BYTES:]
         self._cipher = dk.stream_cipher(salt)
@@ -312,26 +363,32 @@ class StreamDecryptor:
 
     def _check_next(self) -> None:
         if self._finished or self._index >= MAX_SEGMENTS:
-            raise decryption_failed(_MALFORMED, self._key_id, "data after the stream's last "
-                                    f"segment (key {self._key_id})")
+            raise decryption_failed(
+                _MALFORMED,
+                self._key_id,
+                f"data after the stream's last segment (key {self._key_id})",
+            )
 
     def open_at(self, index: int, sealed: bytes | memoryview, last: bool) -> bytes:
         """Open the segment :meth:`claim` numbered ``index``."""
         try:
-            plaintext: bytes = self._cipher.decrypt(stream_nonce(self._prefix, index, last),
-                                                    sealed, self._aad)
+            plaintext: bytes = self._cipher.decrypt(
+                stream_nonce(self._prefix, index, last), sealed, self._aad
+            )
         except InvalidTag:
             raise decryption_failed(_AUTHENTICATION, self._key_id) from None
         return plaintext
 
-    def open_segment_into(self, index: int, sealed: bytes | memoryview, last: bool,
-                          out: memoryview) -> None:
+    def open_segment_into(
+        self, index: int, sealed: bytes | memoryview, last: bool, out: memoryview
+    ) -> None:
         """Open segment ``index`` of a payload whose segment bounds the caller knows
         (:class:`BulkOpener`: the last one is the last by position, so truncation and
         reordering still fail to authenticate)."""
         try:
-            self._cipher.decrypt_into(stream_nonce(self._prefix, index, last), sealed,
-                                      self._aad, out)
+            self._cipher.decrypt_into(
+                stream_nonce(self._prefix, index, last), sealed, self._aad, out
+            )
         except InvalidTag:
             raise decryption_failed(_AUTHENTICATION, self._key_id) from None
 
@@ -379,8 +436,10 @@ def output_buffer(out: object, size: int, what: str) -> memoryview:
     try:
         view = memoryview(out)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"out= must be a writable buffer (bytearray, mmap, numpy array), "
-                        f"not {type(out).__name__}") from None
+        raise TypeError(
+            f"out= must be a writable buffer (bytearray, mmap, numpy array), "
+            f"not {type(out).__name__}"
+        ) from None
     if view.readonly:
         raise TypeError("out= must be writable (bytes is read-only: use a bytearray)")
     view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
@@ -466,17 +525,25 @@ class BulkSealer(_BulkJob):
     the caller gives one).
     """
 
-    def __init__(self, dk: DataKey, data: bytes | memoryview, context: bytes, *,
-                 flags: int = 0, segment_size: int,
-                 out: memoryview | None = None) -> None:
+    def __init__(
+        self,
+        dk: DataKey,
+        data: bytes | memoryview,
+        context: bytes,
+        *,
+        flags: int = 0,
+        segment_size: int,
+        out: memoryview | None = None,
+    ) -> None:
         self._enc = StreamEncryptor(dk, context, segment_size, flags=flags)
         self._key_id = dk.key_id
         self._source = memoryview(data)
         total = len(self._source)
         self.segments = max(1, -(-total // segment_size))
         size = sealed_size(total, segment_size)
-        self._out = self.output = _buffer(size) if out is None else \
-            output_buffer(out, size, "the result")
+        self._out = self.output = (
+            _buffer(size) if out is None else output_buffer(out, size, "the result")
+        )
         self._own_output = out is None
         self.segment_size = segment_size
         self._next = 0
@@ -490,17 +557,26 @@ class BulkSealer(_BulkJob):
             start = index * seg
             end = min(start + seg, total)
             at = start + index * TAG_BYTES
-            enc.seal_segment_into(index, source[start:end], index == last_index,
-                                  out[at:at + end - start + TAG_BYTES])
+            enc.seal_segment_into(
+                index,
+                source[start:end],
+                index == last_index,
+                out[at : at + end - start + TAG_BYTES],
+            )
 
     def result(self) -> EncryptedData:
         if not self.done:
             raise ValueError("not sealed yet")
         enc, out = self._enc, self._out
-        return EncryptedData(out[:-TAG_BYTES].toreadonly(), self._key_id,
-                             "AES_256_GCM_STREAM", enc.salt + enc.prefix,
-                             bytes(out[-TAG_BYTES:]), enc.segment_size,
-                             bool(enc.flags & FLAG_ZSTD))
+        return EncryptedData(
+            out[:-TAG_BYTES].toreadonly(),
+            self._key_id,
+            "AES_256_GCM_STREAM",
+            enc.salt + enc.prefix,
+            bytes(out[-TAG_BYTES:]),
+            enc.segment_size,
+            bool(enc.flags & FLAG_ZSTD),
+        )
 
 
 class BulkOpener(_BulkJob):
@@ -513,13 +589,24 @@ class BulkOpener(_BulkJob):
     caller's ``out=`` must not keep the plaintext of the segments that did open).
     """
 
-    def __init__(self, dk: DataKey, encrypted: EncryptedData, context: bytes, *,
-                 out: memoryview | None = None) -> None:
+    def __init__(
+        self,
+        dk: DataKey,
+        encrypted: EncryptedData,
+        context: bytes,
+        *,
+        out: memoryview | None = None,
+    ) -> None:
         if encrypted.algorithm != "AES_256_GCM_STREAM" or encrypted.segment_size is None:
             raise decryption_failed(_MALFORMED, encrypted.key_id)
-        self._dec = StreamDecryptor(dk, context, encrypted.header.flags,
-                                    encrypted.segment_size, encrypted._parameters[4:],
-                                    encrypted.format_version)
+        self._dec = StreamDecryptor(
+            dk,
+            context,
+            encrypted.header.flags,
+            encrypted.segment_size,
+            encrypted._parameters[4:],
+            encrypted.format_version,
+        )
         self._body = memoryview(encrypted.encrypted_data)
         self._tag = bytes(encrypted.tag)
         self._bounds = _segment_bounds(len(self._body) + TAG_BYTES, encrypted.segment_size)
@@ -527,8 +614,9 @@ class BulkOpener(_BulkJob):
             raise decryption_failed(_MALFORMED, encrypted.key_id)
         self.segments = len(self._bounds)
         size = len(self._body) + TAG_BYTES * (1 - self.segments)
-        self._out = self.output = _buffer(size) if out is None else \
-            output_buffer(out, size, "the plaintext")
+        self._out = self.output = (
+            _buffer(size) if out is None else output_buffer(out, size, "the plaintext")
+        )
         self._own_output = out is None
         self.segment_size = encrypted.segment_size
         self._next = 0
@@ -539,18 +627,19 @@ class BulkOpener(_BulkJob):
         body, out, dec, bounds = self._body, self._out, self._dec, self._bounds
         for index in range(first, stop):
             start, end, last = bounds[index]
-            sealed: bytes | memoryview = body[start:end] if not last else \
-                bytes(body[start:]) + self._tag
+            sealed: bytes | memoryview = (
+                body[start:end] if not last else bytes(body[start:]) + self._tag
+            )
             at = start - index * TAG_BYTES
-            dec.open_segment_into(index, sealed, last, out[at:at + end - start - TAG_BYTES])
+            dec.open_segment_into(index, sealed, last, out[at : at + end - start - TAG_BYTES])
 
     def scrub(self) -> None:
         """Zero the output (after a failed part), a MiB at a time."""
         out, chunk = self._out, 1024 * 1024
         zeros = bytes(min(chunk, len(out)))
         for at in range(0, len(out), chunk):
-            part = out[at:at + chunk]
-            part[:] = zeros[:len(part)]
+            part = out[at : at + chunk]
+            part[:] = zeros[: len(part)]
 
     def result(self) -> memoryview:
         if not self.done:
@@ -558,8 +647,14 @@ class BulkOpener(_BulkJob):
         return self._out.toreadonly()
 
 
-def encrypt_bulk(dk: DataKey, data: bytes | memoryview, context: bytes, *,
-                 flags: int = 0, segment_size: int | None = None) -> EncryptedData:
+def encrypt_bulk(
+    dk: DataKey,
+    data: bytes | memoryview,
+    context: bytes,
+    *,
+    flags: int = 0,
+    segment_size: int | None = None,
+) -> EncryptedData:
     """One-shot GCM when ``segment_size`` is None, otherwise a segmented stream.
 
     A stream is written segment by segment into one unzeroed buffer (see
@@ -567,8 +662,15 @@ def encrypt_bulk(dk: DataKey, data: bytes | memoryview, context: bytes, *,
     """
     if segment_size is None:
         nonce, sealed = dk.gcm_parts(bytes(data), context, flags)
-        return EncryptedData(sealed[:-TAG_BYTES], dk.key_id, "AES_256_GCM", nonce,
-                             sealed[-TAG_BYTES:], None, bool(flags & FLAG_ZSTD))
+        return EncryptedData(
+            sealed[:-TAG_BYTES],
+            dk.key_id,
+            "AES_256_GCM",
+            nonce,
+            sealed[-TAG_BYTES:],
+            None,
+            bool(flags & FLAG_ZSTD),
+        )
     job = BulkSealer(dk, data, context, flags=flags, segment_size=segment_size)
     job.step(len(data) + 1)
     return job.result()
@@ -582,10 +684,13 @@ def decrypt_bulk(dk: DataKey, encrypted: EncryptedData, context: bytes) -> bytes
     """
     if encrypted.algorithm == "AES_256_GCM":
         try:
-            return dk.open_gcm(encrypted.header.flags, encrypted._parameters
-                               + bytes(encrypted.encrypted_data) + bytes(encrypted.tag),
-                               context, version=encrypted.format_version,
-                               purpose=Purpose.BLOB)
+            return dk.open_gcm(
+                encrypted.header.flags,
+                encrypted._parameters + bytes(encrypted.encrypted_data) + bytes(encrypted.tag),
+                context,
+                version=encrypted.format_version,
+                purpose=Purpose.BLOB,
+            )
         except InvalidTag:
             raise decryption_failed(_AUTHENTICATION, dk.key_id) from None
         # open_gcm's only FormatError is a body under nonce + tag, and EncryptedData

@@ -55,14 +55,23 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-_CONNECTION_ERROR_NAMES: Final = ("ConnectionError", "ConnectionRefusedError", "TimeoutError",
-                                  "CannotConnectNowError", "ConnectionDoesNotExistError",
-                                  "ConnectTimeout", "ConnectError", "gaierror",
-                                  "EndpointConnectionError", "ServiceUnavailable")
+_CONNECTION_ERROR_NAMES: Final = (
+    "ConnectionError",
+    "ConnectionRefusedError",
+    "TimeoutError",
+    "CannotConnectNowError",
+    "ConnectionDoesNotExistError",
+    "ConnectTimeout",
+    "ConnectError",
+    "gaierror",
+    "EndpointConnectionError",
+    "ServiceUnavailable",
+)
 
 
-_UNREACHABLE_ERRNOS: Final = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
-                                        errno.ECONNREFUSED, errno.ECONNRESET})
+_UNREACHABLE_ERRNOS: Final = frozenset(
+    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET}
+)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -140,8 +149,9 @@ class AiocryptGroup(click.Group):
             code = exit_code_for(exc)
             message = describe(exc)
             if code == EXIT_INTERRUPTED:
-                message = "interrupted (anything checkpointed is kept: run the command again " \
-                          "to resume)"
+                message = (
+                    "interrupted (anything checkpointed is kept: run the command again to resume)"
+                )
             raise CliError(message, code) from None
 
 
@@ -153,8 +163,9 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 
 def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True,
-                        help="machine-readable output on stdout")(function)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="machine-readable output on stdout"
+    )(function)
 
 
 def echo_json(data: Any) -> None:
@@ -166,8 +177,11 @@ def load_config() -> EncryptionConfig:
     config = CryptoConfigManager().get_config()
     problems = config.validate()
     if problems:
-        hint = "" if any("aiocrypt init" in p for p in problems) else \
-            " (run 'aiocrypt doctor' for details)"
+        hint = (
+            ""
+            if any("aiocrypt init" in p for p in problems)
+            else " (run 'aiocrypt doctor' for details)"
+        )
         fail("; ".join(problems) + hint, EXIT_CONFIG)
     return config
 
@@ -201,5 +215,3 @@ def key_metadata(key: EncryptionKey) -> dict[str, Any]:
     data = {k: v for k, v in key.to_dict().items() if k != "wrapped_key"}
     data["has_material"] = key.wrapped_key is not None
     return data
-
-

@@ -84,13 +84,17 @@ def _models_metadata(target: str) -> list[Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"--models {target}: cannot import {module_name} ({exc})") \
-            from None
+        raise ConfigurationError(
+            f"--models {target}: cannot import {module_name} ({exc})"
+        ) from None
     candidates = [getattr(module, attr)] if attr else list(vars(module).values())
     found: dict[int, sa.MetaData] = {}
     for obj in candidates:
-        metadata = obj if isinstance(obj, sa.MetaData) else (
-            getattr(obj, "metadata", None) if isinstance(obj, type) else None)
+        metadata = (
+            obj
+            if isinstance(obj, sa.MetaData)
+            else (getattr(obj, "metadata", None) if isinstance(obj, type) else None)
+        )
         if isinstance(metadata, sa.MetaData):
             found[id(metadata)] = metadata
     return list(found.values())
@@ -99,8 +103,11 @@ def _models_metadata(target: str) -> list[Any]:
 def _specs_from_models(target: str, only: Sequence[str]) -> list[TableSpec]:
     from .integrations.sqlalchemy import table_specs
 
-    specs = [spec for md in _models_metadata(target)
-             for spec in table_specs(md, list(only) if only else None)]
+    specs = [
+        spec
+        for md in _models_metadata(target)
+        for spec in table_specs(md, list(only) if only else None)
+    ]
     if not specs:
         raise ConfigurationError(f"--models {target}: no table with encrypted columns found")
     return specs
@@ -120,8 +127,9 @@ def legacy_readers_from_models(target: str | None) -> list[LegacyReader]:
     return list(readers.values())
 
 
-def table_specs_from_options(tables: Sequence[str], pk: str, columns: Sequence[str],
-                             models: str | None) -> list[TableSpec]:
+def table_specs_from_options(
+    tables: Sequence[str], pk: str, columns: Sequence[str], models: str | None
+) -> list[TableSpec]:
     """The tables a ``reencrypt`` / ``census`` run covers, from its options."""
     if models:
         if columns:
@@ -129,8 +137,9 @@ def table_specs_from_options(tables: Sequence[str], pk: str, columns: Sequence[s
         return _specs_from_models(models, tables)
     if not columns:
         if tables:
-            raise click.UsageError("--table needs at least one --column NAME:KEY_TYPE "
-                                   "(or use --models)")
+            raise click.UsageError(
+                "--table needs at least one --column NAME:KEY_TYPE (or use --models)"
+            )
         return []
     if len(tables) != 1:
         raise click.UsageError("--column needs exactly one --table")
@@ -142,17 +151,33 @@ def table_specs_from_options(tables: Sequence[str], pk: str, columns: Sequence[s
 
 def table_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--dsn", envvar="ENCRYPTION_POSTGRES_DSN", default=None,
-                     help="PostgreSQL DSN of the data (default: ENCRYPTION_POSTGRES_DSN)"),
-        click.option("--table", "tables", multiple=True,
-                     help="table name (schema.table allowed); with --models, a filter"),
-        click.option("--pk", default="id", show_default=True,
-                     help="its single-column primary key"),
-        click.option("--column", "columns", multiple=True, metavar="NAME:KEY_TYPE[:CONTEXT]",
-                     help="an encrypted column, its key type and context (default context "
-                          "TABLE.NAME); repeatable"),
-        click.option("--models", default=None, metavar="MODULE[:OBJECT]",
-                     help="take tables and columns from SQLAlchemy model metadata"),
+        click.option(
+            "--dsn",
+            envvar="ENCRYPTION_POSTGRES_DSN",
+            default=None,
+            help="PostgreSQL DSN of the data (default: ENCRYPTION_POSTGRES_DSN)",
+        ),
+        click.option(
+            "--table",
+            "tables",
+            multiple=True,
+            help="table name (schema.table allowed); with --models, a filter",
+        ),
+        click.option("--pk", default="id", show_default=True, help="its single-column primary key"),
+        click.option(
+            "--column",
+            "columns",
+            multiple=True,
+            metavar="NAME:KEY_TYPE[:CONTEXT]",
+            help="an encrypted column, its key type and context (default context "
+            "TABLE.NAME); repeatable",
+        ),
+        click.option(
+            "--models",
+            default=None,
+            metavar="MODULE[:OBJECT]",
+            help="take tables and columns from SQLAlchemy model metadata",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -193,21 +218,26 @@ async def _open_database(dsn: str, checkpoint_table: str) -> AsyncpgDatabase:
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as exc:
         await database.close()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise AiocryptError(f"cannot reach the PostgreSQL database at {redact_url(dsn)} "
-                            f"({_dsn_origin()}): {reason or type(exc).__name__}") from exc
-    except (asyncpg.InvalidAuthorizationSpecificationError,
-            asyncpg.InvalidCatalogNameError) as exc:
+        raise AiocryptError(
+            f"cannot reach the PostgreSQL database at {redact_url(dsn)} "
+            f"({_dsn_origin()}): {reason or type(exc).__name__}"
+        ) from exc
+    except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError) as exc:
         await database.close()
-        raise ConfigurationError(f"the PostgreSQL database at {redact_url(dsn)} refused the "
-                                 f"connection ({_dsn_origin()}): {exc}") from None
+        raise ConfigurationError(
+            f"the PostgreSQL database at {redact_url(dsn)} refused the "
+            f"connection ({_dsn_origin()}): {exc}"
+        ) from None
     return database
 
 
 def _prefixes(manager: KeyManager, spec: TableSpec) -> list[str]:
     """Each column's target prefix (a never-matching one when its type has no key yet)."""
     active = manager.keyring.active_keys
-    return [text_prefix(active[c.key_type].key_id) if c.key_type in active else "\x7f"
-            for c in spec.columns]
+    return [
+        text_prefix(active[c.key_type].key_id) if c.key_type in active else "\x7f"
+        for c in spec.columns
+    ]
 
 
 # -- reencrypt -------------------------------------------------------------------------
@@ -226,9 +256,15 @@ class _Reporter:
     def __enter__(self) -> _Reporter:
         if self.live:
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} rows/s"), TimeElapsedColumn(),
-                TimeRemainingColumn(), console=err_console, transient=False)
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} rows/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=False,
+            )
             self.progress.start()
         return self
 
@@ -239,19 +275,31 @@ class _Reporter:
     def start(self, table: str, total: int) -> None:
         self._totals[table] = total
         if self.progress is not None:
-            self._tasks[table] = self.progress.add_task(table, total=max(total, 1),
-                                                        rate="0")
+            self._tasks[table] = self.progress.add_task(table, total=max(total, 1), rate="0")
         else:
             click.echo(f"{table}: {total:,} rows to re-encrypt", err=True)
 
     def update(self, event: ReencryptionProgress, base: int) -> None:
         """After a batch of a run in this process."""
-        self.advance(event.table, event.rows_read - base, event.rows_per_second,
-                     f"batch {event.batches}, ", f", {event.run_rows_updated:,} updated",
-                     first=event.run_batches == 1)
+        self.advance(
+            event.table,
+            event.rows_read - base,
+            event.rows_per_second,
+            f"batch {event.batches}, ",
+            f", {event.run_rows_updated:,} updated",
+            first=event.run_batches == 1,
+        )
 
-    def advance(self, table: str, done: int, rate: float, before: str = "", after: str = "",
-                *, first: bool = False) -> None:
+    def advance(
+        self,
+        table: str,
+        done: int,
+        rate: float,
+        before: str = "",
+        after: str = "",
+        *,
+        first: bool = False,
+    ) -> None:
         """``done`` rows of ``table`` read by this run so far (``--jobs``: all shards')."""
         if self.progress is not None:
             self.progress.update(self._tasks[table], completed=done, rate=f"{rate:,.0f}")
@@ -259,31 +307,62 @@ class _Reporter:
         now = time.monotonic()
         if now - self._last_line >= 1.0 or first:
             self._last_line = now
-            click.echo(f"{table}: {before}{done:,}/{self._totals.get(table, 0):,} rows"
-                       f"{after} ({rate:,.0f} rows/s)", err=True)
+            click.echo(
+                f"{table}: {before}{done:,}/{self._totals.get(table, 0):,} rows"
+                f"{after} ({rate:,.0f} rows/s)",
+                err=True,
+            )
 
 
 @click.command("reencrypt")
 @table_options
 @click.option("--key-type", default=None, help="only columns of this key type")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="at most this many rows per second")
-@click.option("--max-batches", type=click.IntRange(min=1), default=None,
-              help="stop each table after N batches (run again to resume)")
-@click.option("--skip-errors", is_flag=True,
-              help="leave values that do not decrypt in place and list their primary keys "
-                   "(default: stop at the first)")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="at most this many rows per second",
+)
+@click.option(
+    "--max-batches",
+    type=click.IntRange(min=1),
+    default=None,
+    help="stop each table after N batches (run again to resume)",
+)
+@click.option(
+    "--skip-errors",
+    is_flag=True,
+    help="leave values that do not decrypt in place and list their primary keys "
+    "(default: stop at the first)",
+)
 @click.option("--checkpoint-table", default=DEFAULT_CHECKPOINT_TABLE, show_default=True)
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="processes: each table is cut into this many primary-key ranges, each "
-                   "re-encrypted by a process of its own (one per core)")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="processes: each table is cut into this many primary-key ranges, each "
+    "re-encrypted by a process of its own (one per core)",
+)
 @click.option("--dry-run", is_flag=True, help="only count the rows that would be re-encrypted")
 @json_option
-def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[str, ...],
-              models: str | None, key_type: str | None, batch_size: int, rate: float | None,
-              max_batches: int | None, skip_errors: bool, checkpoint_table: str,
-              jobs: int, dry_run: bool, as_json: bool) -> None:
+def reencrypt(  # noqa: C901 - a click command: its option combinations checked in place, one guard each
+    dsn: str | None,
+    tables: tuple[str, ...],
+    pk: str,
+    columns: tuple[str, ...],
+    models: str | None,
+    key_type: str | None,
+    batch_size: int,
+    rate: float | None,
+    max_batches: int | None,
+    skip_errors: bool,
+    checkpoint_table: str,
+    jobs: int,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
     """Move every encrypted value of Postgres tables onto the active keys.
 
     Resumable: each batch commits with its checkpoint, so after Ctrl-C or a crash
@@ -296,17 +375,26 @@ def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[
     if not specs:
         raise click.UsageError("name the data: --table T --column NAME:KEY_TYPE, or --models")
     if key_type is not None:
-        specs = [s.select(key_type=key_type) for s in specs
-                 if any(c.key_type == KeyType(key_type) for c in s.columns)]
+        specs = [
+            s.select(key_type=key_type)
+            for s in specs
+            if any(c.key_type == KeyType(key_type) for c in s.columns)
+        ]
     database_dsn = _require_dsn(dsn)
     config = load_config()
 
     async def main() -> list[dict[str, Any]]:
         manager = build_key_manager(config, watch=False)
         database = await _open_database(database_dsn, checkpoint_table)
-        engine = ReencryptionEngine(manager, database, tables=specs, batch_size=batch_size,
-                                    rate_limit=rate, on_error="skip" if skip_errors else "raise",
-                                    legacy_readers=legacy_readers_from_models(models))
+        engine = ReencryptionEngine(
+            manager,
+            database,
+            tables=specs,
+            batch_size=batch_size,
+            rate_limit=rate,
+            on_error="skip" if skip_errors else "raise",
+            legacy_readers=legacy_readers_from_models(models),
+        )
         async with manager:
             try:
                 if dry_run:
@@ -314,18 +402,35 @@ def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[
                 with _Reporter(quiet=False) as reporter:
                     results = []
                     for spec in specs:
-                        reporter.start(spec.name, await database.count_rows(
-                            spec, _prefixes(manager, spec)))
+                        reporter.start(
+                            spec.name, await database.count_rows(spec, _prefixes(manager, spec))
+                        )
                         if jobs == 1:
-                            results.append(await reencrypt_table(
-                                engine, spec, on_progress=reporter.update,
-                                max_batches=max_batches))
+                            results.append(
+                                await reencrypt_table(
+                                    engine,
+                                    spec,
+                                    on_progress=reporter.update,
+                                    max_batches=max_batches,
+                                )
+                            )
                             continue
-                        task = ShardTask(spec, KeyRange(), database_dsn, checkpoint_table,
-                                         batch_size, None if rate is None else rate / jobs,
-                                         skip_errors, max_batches, models)
-                        results.append(await reencrypt_sharded(
-                            engine, task, jobs, functools.partial(reporter.advance, spec.name)))
+                        task = ShardTask(
+                            spec,
+                            KeyRange(),
+                            database_dsn,
+                            checkpoint_table,
+                            batch_size,
+                            None if rate is None else rate / jobs,
+                            skip_errors,
+                            max_batches,
+                            models,
+                        )
+                        results.append(
+                            await reencrypt_sharded(
+                                engine, task, jobs, functools.partial(reporter.advance, spec.name)
+                            )
+                        )
                     return results
             finally:
                 await database.close()
@@ -336,38 +441,62 @@ def reencrypt(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[
     else:
         for r in results:
             if dry_run:
-                click.echo(f"{r['table']}: {r['pending_rows']:,} of {r['rows']:,} rows would "
-                           "be re-encrypted (dry run: nothing changed)")
+                click.echo(
+                    f"{r['table']}: {r['pending_rows']:,} of {r['rows']:,} rows would "
+                    "be re-encrypted (dry run: nothing changed)"
+                )
                 continue
             run = r["run"]
-            state = ("complete" if r["complete"] else
-                     "stopped after --max-batches: run again to resume" if r["stopped"] else
-                     "INCOMPLETE")
-            resumed = "" if r["resumed_from"] is None else \
-                f" (resumed after primary key {r['resumed_from']})"
-            click.echo(f"{r['table']}: {run['rows_updated']:,} rows re-encrypted in "
-                       f"{run['batches']} batches{resumed}; {state}")
+            state = (
+                "complete"
+                if r["complete"]
+                else "stopped after --max-batches: run again to resume"
+                if r["stopped"]
+                else "INCOMPLETE"
+            )
+            resumed = (
+                ""
+                if r["resumed_from"] is None
+                else f" (resumed after primary key {r['resumed_from']})"
+            )
+            click.echo(
+                f"{r['table']}: {run['rows_updated']:,} rows re-encrypted in "
+                f"{run['batches']} batches{resumed}; {state}"
+            )
             if run["rows_failed"]:
-                click.echo(f"  {run['rows_failed']} rows did not decrypt and were left: "
-                           f"primary keys {r['failed_primary_keys']}", err=True)
+                click.echo(
+                    f"  {run['rows_failed']} rows did not decrypt and were left: "
+                    f"primary keys {r['failed_primary_keys']}",
+                    err=True,
+                )
                 for f in r["failures"]:
-                    click.echo(f"    {r['table']}.{f['column']} primary key {f['primary_key']}: "
-                               f"{f['reason'] or 'not a token'}"
-                               + (f" (key {f['key_id']})" if f["key_id"] else ""), err=True)
+                    click.echo(
+                        f"    {r['table']}.{f['column']} primary key {f['primary_key']}: "
+                        f"{f['reason'] or 'not a token'}"
+                        + (f" (key {f['key_id']})" if f["key_id"] else ""),
+                        err=True,
+                    )
     if not dry_run and any(not r["complete"] and not r["stopped"] for r in results):
         sys.exit(EXIT_FAILED)
 
 
-async def _dry_run(manager: KeyManager, database: AsyncpgDatabase,
-                   spec: TableSpec) -> dict[str, Any]:
+async def _dry_run(
+    manager: KeyManager, database: AsyncpgDatabase, spec: TableSpec
+) -> dict[str, Any]:
     census = await database.census(spec)
     active = manager.keyring.active_keys
-    targets = {c.name: active[c.key_type].key_id if c.key_type in active else None
-               for c in spec.columns}
+    targets = {
+        c.name: active[c.key_type].key_id if c.key_type in active else None for c in spec.columns
+    }
     pending = await database.count_rows(spec, _prefixes(manager, spec))
     total = await database.count_rows(spec)
-    return {"table": spec.name, "rows": total, "pending_rows": pending, "targets": targets,
-            "values_off_target": census.off_target({k: v for k, v in targets.items() if v})}
+    return {
+        "table": spec.name,
+        "rows": total,
+        "pending_rows": pending,
+        "targets": targets,
+        "values_off_target": census.off_target({k: v for k, v in targets.items() if v}),
+    }
 
 
 # -- census ----------------------------------------------------------------------------
@@ -376,8 +505,14 @@ async def _dry_run(manager: KeyManager, database: AsyncpgDatabase,
 @click.command("census")
 @table_options
 @json_option
-def census(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[str, ...],
-           models: str | None, as_json: bool) -> None:
+def census(  # noqa: C901 - a click command: its option combinations checked in place, one guard each
+    dsn: str | None,
+    tables: tuple[str, ...],
+    pk: str,
+    columns: tuple[str, ...],
+    models: str | None,
+    as_json: bool,
+) -> None:
     """Rows per key version per table and column (counted in SQL), and keys per status."""
     specs = table_specs_from_options(tables, pk, columns, models)
     config = load_config()
@@ -398,15 +533,19 @@ def census(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[str
                         counted = await database.census(spec)
                         cols = {}
                         for column, by_key in counted.counts.items():
-                            cols[column] = [{
-                                "key_id": kid,
-                                "version": keys[kid].version if kid in keys else None,
-                                "status": keys[kid].status.value if kid in keys
-                                else ("not a token" if kid is None else "unknown key"),
-                                "rows": rows,
-                            } for kid, rows in sorted(by_key.items(),
-                                                      key=lambda kv: (kv[0] is None,
-                                                                      kv[0] or ""))]
+                            cols[column] = [
+                                {
+                                    "key_id": kid,
+                                    "version": keys[kid].version if kid in keys else None,
+                                    "status": keys[kid].status.value
+                                    if kid in keys
+                                    else ("not a token" if kid is None else "unknown key"),
+                                    "rows": rows,
+                                }
+                                for kid, rows in sorted(
+                                    by_key.items(), key=lambda kv: (kv[0] is None, kv[0] or "")
+                                )
+                            ]
                         out_tables.append({"table": spec.name, "columns": cols})
                 finally:
                     await database.close()
@@ -416,27 +555,39 @@ def census(dsn: str | None, tables: tuple[str, ...], pk: str, columns: tuple[str
     if as_json:
         echo_json(result)
         return
-    keys_table = Table("key type", "status", "keys", title="keys per status",
-                       title_justify="left")
+    keys_table = Table("key type", "status", "keys", title="keys per status", title_justify="left")
     for kt, per_status in sorted(result["keys"].items()):
         for st, n in sorted(per_status.items()):
             keys_table.add_row(kt, st, str(n))
     console.print(keys_table)
     if result["tables"]:
-        rows_table = Table("table", "column", "version", "status", "rows",
-                           title="rows per key version", title_justify="left")
+        rows_table = Table(
+            "table",
+            "column",
+            "version",
+            "status",
+            "rows",
+            title="rows per key version",
+            title_justify="left",
+        )
         rows_table.add_column("key id", no_wrap=True)
         for t in result["tables"]:
             for column, entries in t["columns"].items():
                 for e in entries:
-                    rows_table.add_row(t["table"], column, str(e["version"] or "-"),
-                                       e["status"], f"{e['rows']:,}", e["key_id"] or "-")
+                    rows_table.add_row(
+                        t["table"],
+                        column,
+                        str(e["version"] or "-"),
+                        e["status"],
+                        f"{e['rows']:,}",
+                        e["key_id"] or "-",
+                    )
         console.print(rows_table)
 
 
-def census_from_options(dsn: str | None, tables: Sequence[str], pk: str,
-                        columns: Sequence[str], models: str | None) \
-        -> Callable[[KeyManager], Awaitable[dict[str, int]]] | None:
+def census_from_options(
+    dsn: str | None, tables: Sequence[str], pk: str, columns: Sequence[str], models: str | None
+) -> Callable[[KeyManager], Awaitable[dict[str, int]]] | None:
     """The census a key command (``keys retire``, ``min-version``) consults: rows per key
     id over the tables named as for ``census`` and ``reencrypt``, in the shape
     ``KeyManager`` takes (``ReencryptionEngine.key_usage``: every key of a key type these

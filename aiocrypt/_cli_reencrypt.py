@@ -43,8 +43,7 @@ if TYPE_CHECKING:
     from ._legacy import LegacyReader
     from ._manager import KeyManager
 
-__all__ = ["ShardTask", "reencrypt_sharded", "reencrypt_table",
-           "result_dict", "run_shard"]
+__all__ = ["ShardTask", "reencrypt_sharded", "reencrypt_table", "result_dict", "run_shard"]
 
 #: How often the parent reads the shards' checkpoints for its progress line.
 _POLL_SECONDS = 0.5
@@ -70,27 +69,51 @@ class ShardTask:
 def result_dict(result: ReencryptionResult, stopped: str | None) -> dict[str, Any]:
     cp = result.checkpoint
     return {
-        "table": result.table, "job_id": result.job_id, "targets": dict(result.targets),
-        "complete": result.complete, "stopped": stopped,
-        "resumed_from": result.resumed_from, "target_changed": result.target_changed,
-        "run": {"batches": result.run_batches, "rows_read": result.run_rows_read,
-                "rows_updated": result.run_rows_updated,
-                "rows_conflicted": result.run_rows_conflicted,
-                "rows_failed": result.run_rows_failed, "seconds": round(result.elapsed, 3)},
-        "checkpoint": {"pass": cp.pass_no, "batches": cp.batches, "rows_read": cp.rows_read,
-                       "rows_updated": cp.rows_updated, "rows_conflicted": cp.rows_conflicted,
-                       "rows_failed": cp.rows_failed, "done": cp.done},
+        "table": result.table,
+        "job_id": result.job_id,
+        "targets": dict(result.targets),
+        "complete": result.complete,
+        "stopped": stopped,
+        "resumed_from": result.resumed_from,
+        "target_changed": result.target_changed,
+        "run": {
+            "batches": result.run_batches,
+            "rows_read": result.run_rows_read,
+            "rows_updated": result.run_rows_updated,
+            "rows_conflicted": result.run_rows_conflicted,
+            "rows_failed": result.run_rows_failed,
+            "seconds": round(result.elapsed, 3),
+        },
+        "checkpoint": {
+            "pass": cp.pass_no,
+            "batches": cp.batches,
+            "rows_read": cp.rows_read,
+            "rows_updated": cp.rows_updated,
+            "rows_conflicted": cp.rows_conflicted,
+            "rows_failed": cp.rows_failed,
+            "done": cp.done,
+        },
         "failed_primary_keys": list(result.failed_primary_keys),
-        "failures": [{"column": f.column, "primary_key": f.primary_key,
-                      "reason": None if f.reason is None else f.reason.value,
-                      "key_id": f.key_id} for f in result.failures],
+        "failures": [
+            {
+                "column": f.column,
+                "primary_key": f.primary_key,
+                "reason": None if f.reason is None else f.reason.value,
+                "key_id": f.key_id,
+            }
+            for f in result.failures
+        ],
     }
 
 
-async def reencrypt_table(engine: ReencryptionEngine, spec: TableSpec, *,
-                          shard: KeyRange | None = None,
-                          on_progress: Callable[[ReencryptionProgress, int], None] | None = None,
-                          max_batches: int | None = None) -> dict[str, Any]:
+async def reencrypt_table(
+    engine: ReencryptionEngine,
+    spec: TableSpec,
+    *,
+    shard: KeyRange | None = None,
+    on_progress: Callable[[ReencryptionProgress, int], None] | None = None,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
     """Re-encrypt ``spec`` (or one ``shard`` of it) in this process; the result as a dict.
 
     ``on_progress(event, base)``: after each batch, with the rows the job had read
@@ -104,8 +127,7 @@ async def reencrypt_table(engine: ReencryptionEngine, spec: TableSpec, *,
     base = before.rows_read if before is not None else 0
     if on_progress is not None:
         engine.progress = lambda event: on_progress(event, base)
-    result = await engine.reencrypt(spec, job_id=job_id, shard=key_range,
-                                    max_batches=max_batches)
+    result = await engine.reencrypt(spec, job_id=job_id, shard=key_range, max_batches=max_batches)
     return result_dict(result, "max-batches" if result.stopped else None)
 
 
@@ -129,19 +151,26 @@ async def _run_shard(task: ShardTask) -> dict[str, Any]:
         return await _shard_here(manager, task, readers)
 
 
-async def _shard_here(manager: KeyManager, task: ShardTask,
-                      readers: Iterable[LegacyReader]) -> dict[str, Any]:
+async def _shard_here(
+    manager: KeyManager, task: ShardTask, readers: Iterable[LegacyReader]
+) -> dict[str, Any]:
     """``task`` in this process, with its own database connections."""
     from ._cli_ops import _open_database  # it imports this module
 
     database = await _open_database(task.dsn, task.checkpoint_table)
-    engine = ReencryptionEngine(manager, database, tables=[task.spec],
-                                batch_size=task.batch_size, rate_limit=task.rate,
-                                on_error="skip" if task.skip_errors else "raise",
-                                legacy_readers=readers)
+    engine = ReencryptionEngine(
+        manager,
+        database,
+        tables=[task.spec],
+        batch_size=task.batch_size,
+        rate_limit=task.rate,
+        on_error="skip" if task.skip_errors else "raise",
+        legacy_readers=readers,
+    )
     try:
-        return await reencrypt_table(engine, task.spec, shard=task.shard,
-                                     max_batches=task.max_batches)
+        return await reencrypt_table(
+            engine, task.spec, shard=task.shard, max_batches=task.max_batches
+        )
     finally:
         await database.close()
 
@@ -154,8 +183,12 @@ async def _first_shard(engine: ReencryptionEngine, task: ShardTask) -> dict[str,
         return {"error": describe(exc), "exit": exit_code_for(exc)}
 
 
-async def reencrypt_sharded(engine: ReencryptionEngine, task: ShardTask, jobs: int,
-                            on_progress: Callable[[int, float], None]) -> dict[str, Any]:
+async def reencrypt_sharded(
+    engine: ReencryptionEngine,
+    task: ShardTask,
+    jobs: int,
+    on_progress: Callable[[int, float], None],
+) -> dict[str, Any]:
     """Re-encrypt ``task.spec`` in ``jobs`` processes (this one and ``jobs - 1`` spawned),
     one shard each; one merged result.
 
@@ -175,12 +208,17 @@ async def reencrypt_sharded(engine: ReencryptionEngine, task: ShardTask, jobs: i
     base = await rows_read()
     started = time.monotonic()
     loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(max_workers=max(1, len(shards) - 1),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [loop.run_in_executor(pool, run_shard, dataclasses.replace(task, shard=s))
-                   for s in shards[1:]]
-        futures.insert(0, asyncio.ensure_future(
-            _first_shard(engine, dataclasses.replace(task, shard=shards[0]))))
+    with ProcessPoolExecutor(
+        max_workers=max(1, len(shards) - 1), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        futures = [
+            loop.run_in_executor(pool, run_shard, dataclasses.replace(task, shard=s))
+            for s in shards[1:]
+        ]
+        futures.insert(
+            0,
+            asyncio.ensure_future(_first_shard(engine, dataclasses.replace(task, shard=shards[0]))),
+        )
         pending: set[asyncio.Future[dict[str, Any]]] = set(futures)
         while pending:
             _, pending = await asyncio.wait(pending, timeout=_POLL_SECONDS)
@@ -190,31 +228,39 @@ async def reencrypt_sharded(engine: ReencryptionEngine, task: ShardTask, jobs: i
     failed = [(shard, o) for shard, o in zip(shards, outcomes, strict=True) if "error" in o]
     if failed:
         shard, outcome = failed[0]
-        raise AiocryptError(f"{spec.name}: the shard after primary key {shard.after!r} "
-                            f"stopped: {outcome['error']}")
+        raise AiocryptError(
+            f"{spec.name}: the shard after primary key {shard.after!r} stopped: {outcome['error']}"
+        )
     return _merged(spec, targets, outcomes, time.monotonic() - started)
 
 
-def _merged(spec: TableSpec, targets: dict[str, str], outcomes: list[dict[str, Any]],
-            elapsed: float) -> dict[str, Any]:
+def _merged(
+    spec: TableSpec, targets: dict[str, str], outcomes: list[dict[str, Any]], elapsed: float
+) -> dict[str, Any]:
     """One table's result from its shards' (the shape of :func:`result_dict`, plus them)."""
-    run = {name: sum(o["run"][name] for o in outcomes)
-           for name in ("batches", "rows_read", "rows_updated", "rows_conflicted",
-                        "rows_failed")}
+    run = {
+        name: sum(o["run"][name] for o in outcomes)
+        for name in ("batches", "rows_read", "rows_updated", "rows_conflicted", "rows_failed")
+    }
     run["seconds"] = round(elapsed, 3)
-    checkpoint = {name: sum(o["checkpoint"][name] for o in outcomes)
-                  for name in ("batches", "rows_read", "rows_updated", "rows_conflicted",
-                               "rows_failed")}
+    checkpoint = {
+        name: sum(o["checkpoint"][name] for o in outcomes)
+        for name in ("batches", "rows_read", "rows_updated", "rows_conflicted", "rows_failed")
+    }
     checkpoint["pass"] = max(o["checkpoint"]["pass"] for o in outcomes)
     checkpoint["done"] = all(o["checkpoint"]["done"] for o in outcomes)
     stopped = next((o["stopped"] for o in outcomes if o["stopped"]), None)
     resumed = [o["resumed_from"] for o in outcomes if o["resumed_from"] is not None]
     return {
-        "table": spec.name, "job_id": [o["job_id"] for o in outcomes], "targets": targets,
-        "complete": all(o["complete"] for o in outcomes), "stopped": stopped,
+        "table": spec.name,
+        "job_id": [o["job_id"] for o in outcomes],
+        "targets": targets,
+        "complete": all(o["complete"] for o in outcomes),
+        "stopped": stopped,
         "resumed_from": resumed[0] if resumed else None,
         "target_changed": any(o["target_changed"] for o in outcomes),
-        "run": run, "checkpoint": checkpoint,
+        "run": run,
+        "checkpoint": checkpoint,
         "failed_primary_keys": [pk for o in outcomes for pk in o["failed_primary_keys"]],
         "failures": [f for o in outcomes for f in o["failures"]],
         "shards": outcomes,

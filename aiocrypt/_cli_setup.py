@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -92,36 +93,64 @@ def _ignore_in_git(key_file: Path) -> Path:
     entry = f"/{key_file.name}"
     lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.exists() else []
     if entry not in lines and key_file.name not in lines:
-        prefix = "" if not lines or gitignore.read_text(encoding="utf-8").endswith("\n") \
-            else "\n"
+        prefix = "" if not lines or gitignore.read_text(encoding="utf-8").endswith("\n") else "\n"
         with open(gitignore, "a", encoding="utf-8") as fh:
             fh.write(f"{prefix}# the aiocrypt master key: never commit it\n{entry}\n")
     return gitignore
 
 
 @click.command("init")
-@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="where to write the new master key (mode 0600); default: outside the "
-                   "project, $XDG_CONFIG_HOME/aiocrypt/<project>-<hash>/master.key "
-                   "(~/.config when unset)")
-@click.option("--key-in-project", is_flag=True,
-              help=f"write the key to {IN_PROJECT_KEY_FILE} in the project instead, with a "
-                   ".gitignore that covers it")
-@click.option("--no-key-file", is_flag=True,
-              help="write no key file (then --show-key or --print-export is required)")
-@click.option("--config-file", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path(DEFAULT_CONFIG_FILE), show_default=True,
-              help="the JSON config file to write (defaults, rotation policies)")
-@click.option("--performance-mode", type=click.Choice(["security", "balanced", "performance"]),
-              default="balanced", show_default=True)
+@click.option(
+    "--key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="where to write the new master key (mode 0600); default: outside the "
+    "project, $XDG_CONFIG_HOME/aiocrypt/<project>-<hash>/master.key "
+    "(~/.config when unset)",
+)
+@click.option(
+    "--key-in-project",
+    is_flag=True,
+    help=f"write the key to {IN_PROJECT_KEY_FILE} in the project instead, with a "
+    ".gitignore that covers it",
+)
+@click.option(
+    "--no-key-file",
+    is_flag=True,
+    help="write no key file (then --show-key or --print-export is required)",
+)
+@click.option(
+    "--config-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path(DEFAULT_CONFIG_FILE),
+    show_default=True,
+    help="the JSON config file to write (defaults, rotation policies)",
+)
+@click.option(
+    "--performance-mode",
+    type=click.Choice(["security", "balanced", "performance"]),
+    default="balanced",
+    show_default=True,
+)
 @click.option("--show-key", is_flag=True, help="also print the key on stdout (warns on stderr)")
-@click.option("--print-export", is_flag=True,
-              help="print an 'export ENCRYPTION_MASTER_KEY=...' line on stdout (warns on stderr)")
+@click.option(
+    "--print-export",
+    is_flag=True,
+    help="print an 'export ENCRYPTION_MASTER_KEY=...' line on stdout (warns on stderr)",
+)
 @click.option("--force", is_flag=True, help="overwrite existing files")
 @json_option
-def init(key_file: Path | None, key_in_project: bool, no_key_file: bool, config_file: Path,
-         performance_mode: str, show_key: bool, print_export: bool, force: bool,
-         as_json: bool) -> None:
+def init(  # noqa: C901 - the setup wizard: one question per backend, read top to bottom
+    key_file: Path | None,
+    key_in_project: bool,
+    no_key_file: bool,
+    config_file: Path,
+    performance_mode: str,
+    show_key: bool,
+    print_export: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Generate a master key and a config file.
 
     The key goes to a 0600 file outside the project tree (see --key-file) and is
@@ -130,8 +159,9 @@ def init(key_file: Path | None, key_in_project: bool, no_key_file: bool, config_
     files are kept unless --force.
     """
     if no_key_file and not (show_key or print_export):
-        raise click.UsageError("--no-key-file needs --show-key or --print-export "
-                               "(the key would be lost)")
+        raise click.UsageError(
+            "--no-key-file needs --show-key or --print-export (the key would be lost)"
+        )
     if key_in_project and key_file is not None:
         raise click.UsageError("--key-in-project and --key-file are exclusive")
     outside = key_file is None and not key_in_project
@@ -164,8 +194,11 @@ def init(key_file: Path | None, key_in_project: bool, no_key_file: bool, config_
     config_file.parent.mkdir(parents=True, exist_ok=True)
     _write_private(config_file, (json.dumps(settings, indent=2) + "\n").encode("utf-8"), 0o644)
     if show_key or print_export:
-        click.echo("warning: the master key is printed on stdout; whoever sees it can open "
-                   "every data key: keep it out of logs and shell history", err=True)
+        click.echo(
+            "warning: the master key is printed on stdout; whoever sees it can open "
+            "every data key: keep it out of logs and shell history",
+            err=True,
+        )
     next_steps = []
     if not no_key_file:
         next_steps.append(f"export {MASTER_KEY_FILE_VAR}={shlex.quote(str(key_file))}")
@@ -173,9 +206,12 @@ def init(key_file: Path | None, key_in_project: bool, no_key_file: bool, config_
         next_steps.append(f"export ENCRYPTION_CONFIG_FILE={shlex.quote(str(config_file))}")
     next_steps.append("aiocrypt doctor")
     if as_json:
-        out: dict[str, Any] = {"key_file": None if no_key_file else str(key_file),
-                               "gitignore": None if gitignore is None else str(gitignore),
-                               "config_file": str(config_file), "next": next_steps}
+        out: dict[str, Any] = {
+            "key_file": None if no_key_file else str(key_file),
+            "gitignore": None if gitignore is None else str(gitignore),
+            "config_file": str(config_file),
+            "next": next_steps,
+        }
         if show_key or print_export:
             out["master_key"] = key
         echo_json(out)
@@ -183,8 +219,10 @@ def init(key_file: Path | None, key_in_project: bool, no_key_file: bool, config_
     if not no_key_file:
         click.echo(f"created {key_file} (the master key, mode 0600: keep it secret, back it up)")
     if gitignore is not None:
-        click.echo(f"wrote {gitignore}: git ignores {key_file.name} (the key is inside the "
-                   "project: keep it out of images and backups of the project too)")
+        click.echo(
+            f"wrote {gitignore}: git ignores {key_file.name} (the key is inside the "
+            "project: keep it out of images and backups of the project too)"
+        )
     click.echo(f"created {config_file}")
     if store_dir is not None:
         click.echo(f"the key store will be {DEFAULT_STORAGE_PATH} (ENCRYPTION_KEY_STORAGE_PATH)")
@@ -253,9 +291,15 @@ def master_key_file_checks(extra: Sequence[Path] = ()) -> list[Check]:
     a .gitignore does not keep it out of images and backups of the project)."""
     checks: list[Check] = []
     named = os.environ.get(MASTER_KEY_FILE_VAR, "").strip()  # the file the process reads
-    candidates = dict.fromkeys(p.resolve() for p in (
-        default_key_file(), IN_PROJECT_KEY_FILE, *extra,
-        *([Path(named).expanduser()] if named else [])))
+    candidates = dict.fromkeys(
+        p.resolve()
+        for p in (
+            default_key_file(),
+            IN_PROJECT_KEY_FILE,
+            *extra,
+            *([Path(named).expanduser()] if named else []),
+        )
+    )
     for path in candidates:
         try:
             mode = stat.S_IMODE(path.stat().st_mode)
@@ -266,14 +310,16 @@ def master_key_file_checks(extra: Sequence[Path] = ()) -> list[Check]:
             problems.append(f"readable by group/others (mode {mode:04o}): run chmod 600 on it")
         tree = git_work_tree(path)
         if tree is not None:
-            problems.append(f"inside the git work tree {tree}: move it out of the project "
-                            f"(aiocrypt init puts it in {default_key_file().parent})")
+            problems.append(
+                f"inside the git work tree {tree}: move it out of the project "
+                f"(aiocrypt init puts it in {default_key_file().parent})"
+            )
         detail = "; ".join(problems) or f"mode {mode:04o}, outside any git work tree"
         checks.append(Check(f"master key file {path}", True, detail, warning=bool(problems)))
     return checks
 
 
-async def _doctor_checks(timeout: float, key_files: Sequence[Path] = ()) -> list[Check]:
+async def _doctor_checks(timeout: float, key_files: Sequence[Path] = ()) -> list[Check]:  # noqa: C901 - one independent check per line of the doctor's report
     checks: list[Check] = master_key_file_checks(key_files)
     try:
         config = EncryptionConfig.from_env()
@@ -285,8 +331,11 @@ async def _doctor_checks(timeout: float, key_files: Sequence[Path] = ()) -> list
     if problems:
         checks += [Check("configuration", False, p, EXIT_CONFIG) for p in problems]
     else:
-        checks.append(Check("configuration", True,
-                            f"backend {config.storage_backend}, settings from {source}"))
+        checks.append(
+            Check(
+                "configuration", True, f"backend {config.storage_backend}, settings from {source}"
+            )
+        )
     checks += key_file_checks
     if problems:
         checks.append(Check("KEK provider", None, "skipped: the configuration is invalid"))
@@ -307,15 +356,18 @@ async def _doctor_checks(timeout: float, key_files: Sequence[Path] = ()) -> list
                 await manager.open()
                 keys = await manager.list_keys()
                 where = f" {config.key_store_file()}" if store.name == "file" else ""
-                return (f"{store.name}{where}: {len(keys)} keys readable and authentic "
-                        f"(revision {await store.revision()})")
+                return (
+                    f"{store.name}{where}: {len(keys)} keys readable and authentic "
+                    f"(revision {await store.revision()})"
+                )
 
             try:
                 checks.append(await _check("key store", check_store, timeout))
                 loose = config.storage_warnings()  # opens, as validate says, but fix it
                 if checks[-1].ok and loose:
-                    checks[-1] = Check("key store", True, "; ".join([checks[-1].detail, *loose]),
-                                       warning=True)
+                    checks[-1] = Check(
+                        "key store", True, "; ".join([checks[-1].detail, *loose]), warning=True
+                    )
             finally:
                 await manager.close()
         else:
@@ -323,23 +375,31 @@ async def _doctor_checks(timeout: float, key_files: Sequence[Path] = ()) -> list
             await kek.close()
     # each URL with the variable it came from, named when the service does not answer
     redis_urls: dict[str, str] = {}
-    for var, url in (("ENCRYPTION_REDIS_URL", config.redis_url),
-                     ("ENCRYPTION_ARQ_REDIS_URL", os.environ.get("ENCRYPTION_ARQ_REDIS_URL"))):
+    for var, url in (
+        ("ENCRYPTION_REDIS_URL", config.redis_url),
+        ("ENCRYPTION_ARQ_REDIS_URL", os.environ.get("ENCRYPTION_ARQ_REDIS_URL")),
+    ):
         if url:
             redis_urls.setdefault(url, var)
     for url, var in redis_urls.items():
-        checks.append(await _check(f"Redis {redact_url(url)}",
-                                   lambda url=url: _check_redis(url), timeout))  # type: ignore[misc]
+        checks.append(
+            await _check(f"Redis {redact_url(url)}", functools.partial(_check_redis, url), timeout)
+        )
         if checks[-1].ok is False:
             checks[-1].detail += f" (check {var})"
     dsns: dict[str, str] = {}
-    for var, dsn in (("ENCRYPTION_POSTGRES_DSN", config.postgres_dsn),
-                     ("ENCRYPTION_AUDIT_DSN", os.environ.get("ENCRYPTION_AUDIT_DSN"))):
+    for var, dsn in (
+        ("ENCRYPTION_POSTGRES_DSN", config.postgres_dsn),
+        ("ENCRYPTION_AUDIT_DSN", os.environ.get("ENCRYPTION_AUDIT_DSN")),
+    ):
         if dsn:
             dsns.setdefault(dsn, var)
     for dsn, var in dsns.items():
-        checks.append(await _check(f"PostgreSQL {redact_url(dsn)}",
-                                   lambda dsn=dsn: _check_postgres(dsn), timeout))  # type: ignore[misc]
+        checks.append(
+            await _check(
+                f"PostgreSQL {redact_url(dsn)}", functools.partial(_check_postgres, dsn), timeout
+            )
+        )
         if checks[-1].ok is False:
             checks[-1].detail += f" (check {var})"
     for check in checks:
@@ -358,12 +418,20 @@ def doctor_exit_code(checks: Sequence[Check]) -> int:
 
 
 @click.command("doctor")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
-              help="seconds each reachability check may take")
-@click.option("--key-file", "key_files", multiple=True,
-              type=click.Path(dir_okay=False, path_type=Path),
-              help="a master key file to check too (init's default places are always "
-                   "checked); repeatable")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="seconds each reachability check may take",
+)
+@click.option(
+    "--key-file",
+    "key_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="a master key file to check too (init's default places are always checked); repeatable",
+)
 @json_option
 def doctor(timeout: float, key_files: tuple[Path, ...], as_json: bool) -> None:
     """Check the configuration and reach the key store, KEK provider, Redis and Postgres.
@@ -375,14 +443,26 @@ def doctor(timeout: float, key_files: tuple[Path, ...], as_json: bool) -> None:
     checks = asyncio.run(_doctor_checks(timeout, key_files))
     code = doctor_exit_code(checks)
     if as_json:
-        echo_json({"ok": code == EXIT_OK, "exit_code": code,
-                   "checks": [{"name": c.name, "ok": c.ok, "warning": c.warning,
-                               "detail": c.detail} for c in checks]})
+        echo_json(
+            {
+                "ok": code == EXIT_OK,
+                "exit_code": code,
+                "checks": [
+                    {"name": c.name, "ok": c.ok, "warning": c.warning, "detail": c.detail}
+                    for c in checks
+                ],
+            }
+        )
     else:
         for c in checks:
-            word = "[yellow]WARN[/]" if c.ok and c.warning else \
-                "[green]ok  [/]" if c.ok else ("[red]FAIL[/]" if c.ok is False
-                                                else "[dim]skip[/]")
-            console.print(f"{word}  {c.name}: {c.detail}", markup=True, highlight=False,
-                          soft_wrap=True)
+            word = (
+                "[yellow]WARN[/]"
+                if c.ok and c.warning
+                else "[green]ok  [/]"
+                if c.ok
+                else ("[red]FAIL[/]" if c.ok is False else "[dim]skip[/]")
+            )
+            console.print(
+                f"{word}  {c.name}: {c.detail}", markup=True, highlight=False, soft_wrap=True
+            )
     sys.exit(code)

@@ -79,6 +79,8 @@ def _enc_naive(value: _dt.datetime) -> bytes:
     if value.tzinfo is not None:
         raise UnsupportedTypeError("NaiveDateTime must not carry a timezone")
     return _NAIVE_DATETIME + value.isoformat().encode("ascii")
+
+
 _F64 = struct.Struct(">d")
 
 
@@ -138,8 +140,21 @@ _SCALAR_ENCODERS: Final[dict[type, Callable[[Any], bytes]]] = {
 
 # Subclasses (IntEnum, StrEnum, ...) are stored as their base type; order matters
 # because bool is an int and datetime is a date.
-_BASES: Final = (bool, int, float, str, bytes, bytearray, memoryview, Decimal,
-                 _dt.datetime, _dt.date, uuid.UUID, _dt.time, _dt.timedelta)
+_BASES: Final = (
+    bool,
+    int,
+    float,
+    str,
+    bytes,
+    bytearray,
+    memoryview,
+    Decimal,
+    _dt.datetime,
+    _dt.date,
+    uuid.UUID,
+    _dt.time,
+    _dt.timedelta,
+)
 
 
 def _encode(value: Any, depth: int) -> bytes:
@@ -169,17 +184,17 @@ def encode_value(value: Any) -> bytes:
     return _encode(value, 0)
 
 
-def _decode(data: bytes, pos: int, end: int, depth: int) -> Any:
+def _decode(data: bytes, pos: int, end: int, depth: int) -> Any:  # noqa: C901 - one branch per type tag of the frozen value codec; a dispatch table would add a call per value on the hot path
     """Decode the value occupying ``data[pos:end]`` (no copies of containers)."""
     if pos >= end:
         raise _CodecError("empty value")
     tag = data[pos]
     if tag == 1:
-        return data[pos + 1:end].decode("utf-8")
+        return data[pos + 1 : end].decode("utf-8")
     if tag == 3:
         if end - pos < 2:
             raise _CodecError("empty int")
-        return int.from_bytes(data[pos + 1:end], "big", signed=True)
+        return int.from_bytes(data[pos + 1 : end], "big", signed=True)
     if tag in (11, 12):
         if depth > MAX_DEPTH:
             raise _CodecError("nested too deeply")
@@ -207,7 +222,7 @@ def _decode(data: bytes, pos: int, end: int, depth: int) -> Any:
         if tag == 11:
             return items
         return dict(zip(items[::2], items[1::2], strict=True))
-    body = data[pos + 1:end]
+    body = data[pos + 1 : end]
     if tag == 2:
         return body
     if tag == 4:

@@ -74,8 +74,10 @@ def compress_record(data: bytes | memoryview, level: int) -> bytes:
 def compress_records(data: bytes | memoryview, level: int, segment_size: int) -> bytes:
     """Records for ``data`` cut into ``segment_size`` pieces (what a compressed stream holds)."""
     view = memoryview(data)
-    return b"".join(compress_record(view[i:i + segment_size], level)
-                    for i in range(0, len(view), segment_size))
+    return b"".join(
+        compress_record(view[i : i + segment_size], level)
+        for i in range(0, len(view), segment_size)
+    )
 
 
 class RecordDecoder:
@@ -104,7 +106,7 @@ class RecordDecoder:
                 end = pos + _RECORD.size + size
                 if end > len(buffer):
                     break
-                out.append(decompress(view[pos + _RECORD.size:end], self._max))
+                out.append(decompress(view[pos + _RECORD.size : end], self._max))
                 pos = end
         finally:
             view.release()
@@ -133,7 +135,7 @@ def decompress_payload(data: bytes | memoryview, max_size: int = MAX_DECOMPRESSE
         limit = min(MAX_RECORD_PLAINTEXT, max_size - total)
         if limit <= 0:  # zstd reads a bound of 0 as "no bound"
             raise ValueError("decompressed size over the limit")
-        part = decompress(view[pos + _RECORD.size:end], limit)
+        part = decompress(view[pos + _RECORD.size : end], limit)
         total += len(part)
         parts.append(part)
         pos = end

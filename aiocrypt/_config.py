@@ -76,11 +76,14 @@ class PerformanceSettings:
 
 _PERFORMANCE: Final = {
     PerformanceMode.SECURITY: PerformanceSettings(
-        PerformanceMode.SECURITY, 16 * 1024, 256 * 1024, 300.0, 3, 2),
+        PerformanceMode.SECURITY, 16 * 1024, 256 * 1024, 300.0, 3, 2
+    ),
     PerformanceMode.BALANCED: PerformanceSettings(
-        PerformanceMode.BALANCED, 64 * 1024, 1024 * 1024, 3600.0, 3, 4),
+        PerformanceMode.BALANCED, 64 * 1024, 1024 * 1024, 3600.0, 3, 4
+    ),
     PerformanceMode.PERFORMANCE: PerformanceSettings(
-        PerformanceMode.PERFORMANCE, 256 * 1024, 4 * 1024 * 1024, 86400.0, 1, 8),
+        PerformanceMode.PERFORMANCE, 256 * 1024, 4 * 1024 * 1024, 86400.0, 1, 8
+    ),
 }
 
 
@@ -98,8 +101,7 @@ class KeyRotationPolicy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key_type", KeyType(self.key_type))
-        for name in ("rotation_interval_days", "max_key_age_days", "batch_size",
-                     "max_encryptions"):
+        for name in ("rotation_interval_days", "max_key_age_days", "batch_size", "max_encryptions"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.grace_period_days < 0:
@@ -145,6 +147,7 @@ def decode_master_key(text: str) -> bytes:
     A Fernet key is itself URL-safe base64 of 32 bytes and is accepted as is.
     Raises ``ValueError`` with a message that never repeats the input.
     """
+
     def b64(value: str | bytes) -> bytes:
         if isinstance(value, str):
             value = value.strip().encode("ascii", "strict")
@@ -193,7 +196,8 @@ class EncryptionConfig:
     declared key types get keys (see :attr:`known_key_types`). Any collection of names
     (or one comma-separated string), kept as a frozenset."""
     rotation_policies: Mapping[str, KeyRotationPolicy] = field(
-        default_factory=lambda: dict(DEFAULT_ROTATION_POLICIES))
+        default_factory=lambda: dict(DEFAULT_ROTATION_POLICIES)
+    )
 
     master_key: str | None = _secret()
     """ENCRYPTION_MASTER_KEY as given (decoded by ``master_key_bytes()``)."""
@@ -235,12 +239,12 @@ class EncryptionConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.performance_mode, PerformanceMode):  # e.g. a number in the file
             try:
-                object.__setattr__(self, "performance_mode",
-                                   PerformanceMode(self.performance_mode))
+                object.__setattr__(self, "performance_mode", PerformanceMode(self.performance_mode))
             except ValueError:
                 raise ConfigurationError(
                     f"unknown performance_mode {self.performance_mode!r}: use "
-                    "security, balanced or performance") from None
+                    "security, balanced or performance"
+                ) from None
         for name in ("key_types", "compressed_key_types"):
             object.__setattr__(self, name, _key_type_set(name, getattr(self, name)))
         policies = dict(DEFAULT_ROTATION_POLICIES)
@@ -252,15 +256,21 @@ class EncryptionConfig:
 
     def __repr__(self) -> str:
         # the generated repr, but a password inside a (non-secret) URL field is masked
-        shown = ", ".join(f"{f.name}={_mask_url(getattr(self, f.name))!r}"
-                          for f in dataclasses.fields(self) if f.repr)
+        shown = ", ".join(
+            f"{f.name}={_mask_url(getattr(self, f.name))!r}"
+            for f in dataclasses.fields(self)
+            if f.repr
+        )
         return f"{type(self).__name__}({shown})"
 
     # -- constructors -------------------------------------------------------
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None,
-                 config_file: str | os.PathLike[str] | None = None) -> EncryptionConfig:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+    ) -> EncryptionConfig:
         """Build from ``ENCRYPTION_*`` variables, then the JSON file's overrides.
 
         The file is ``config_file``, else ``ENCRYPTION_CONFIG_FILE``, else
@@ -282,7 +292,8 @@ class EncryptionConfig:
         if key_file:
             if "master_key" in values:
                 raise ConfigurationError(
-                    f"both ENCRYPTION_MASTER_KEY and {MASTER_KEY_FILE_VAR} are set: keep one")
+                    f"both ENCRYPTION_MASTER_KEY and {MASTER_KEY_FILE_VAR} are set: keep one"
+                )
             values["master_key"] = _read_master_key_file(Path(key_file).expanduser())
         if "storage_backend" in values:
             values["storage_backend"] = values["storage_backend"].lower()
@@ -348,9 +359,12 @@ class EncryptionConfig:
             return KeyType(key_type)
         if not isinstance(key_type, str):
             raise TypeError(f"key type must be a KeyType or str, not {type(key_type).__name__}")
-        raise unknown_key_type(key_type, self.known_key_types,
-                               declared_in=f"{_ENV_VARS['key_types']} or \"key_types\" in "
-                                           f"{self.config_file or DEFAULT_CONFIG_FILE}")
+        raise unknown_key_type(
+            key_type,
+            self.known_key_types,
+            declared_in=f'{_ENV_VARS["key_types"]} or "key_types" in '
+            f"{self.config_file or DEFAULT_CONFIG_FILE}",
+        )
 
     def rotation_policy(self, key_type: KeyTypeLike) -> KeyRotationPolicy:
         kt = KeyType(key_type)
@@ -370,12 +384,14 @@ class EncryptionConfig:
         if backend not in BACKENDS:
             problems.append(
                 f"ENCRYPTION_KEY_STORAGE_BACKEND={backend!r} is unknown: use one of "
-                + ", ".join(BACKENDS))
+                + ", ".join(BACKENDS)
+            )
         uses_master_key = backend in ("file", "redis", "postgres")
         if uses_master_key and not self.master_key:
             problems.append(
                 "ENCRYPTION_MASTER_KEY is missing: set it to base64 of 32 random bytes "
-                "(run 'aiocrypt init', or 'aiocrypt new-master-key' prints one)")
+                "(run 'aiocrypt init', or 'aiocrypt new-master-key' prints one)"
+            )
         elif self.master_key:
             try:
                 decode_master_key(self.master_key)
@@ -388,8 +404,13 @@ class EncryptionConfig:
             "postgres": ("postgres_dsn",),
             "vault": ("vault_url", "vault_token"),
             "aws_kms": ("aws_region", "aws_kms_key_id"),
-            "azure_kv": ("azure_vault_url", "azure_key_name", "azure_tenant_id",
-                         "azure_client_id", "azure_client_secret"),
+            "azure_kv": (
+                "azure_vault_url",
+                "azure_key_name",
+                "azure_tenant_id",
+                "azure_client_id",
+                "azure_client_secret",
+            ),
             "gcp_kms": ("gcp_project_id", "gcp_location", "gcp_keyring", "gcp_key_name"),
         }.get(backend, ())
         if backend == "aws_kms" and (self.aws_kms_key_id or "").startswith("arn:"):
@@ -397,11 +418,15 @@ class EncryptionConfig:
         missing = [_ENV_VARS[name] for name in required if not getattr(self, name)]
         if missing:
             problems.append(
-                f"storage backend {backend!r} needs " + ", ".join(missing) + " (not set)")
+                f"storage backend {backend!r} needs " + ", ".join(missing) + " (not set)"
+            )
         if backend == "aws_kms" and bool(self.aws_access_key_id) != bool(
-                self.aws_secret_access_key):
-            problems.append("ENCRYPTION_AWS_ACCESS_KEY_ID and ENCRYPTION_AWS_SECRET_ACCESS_KEY "
-                            "must be set together (or neither, to use the default chain)")
+            self.aws_secret_access_key
+        ):
+            problems.append(
+                "ENCRYPTION_AWS_ACCESS_KEY_ID and ENCRYPTION_AWS_SECRET_ACCESS_KEY "
+                "must be set together (or neither, to use the default chain)"
+            )
         return problems
 
     def _uses_file_store(self) -> bool:
@@ -411,7 +436,8 @@ class EncryptionConfig:
         if self.storage_backend == "file":
             return True
         return self.storage_backend in ("vault", "aws_kms", "azure_kv", "gcp_kms") and not (
-            self.redis_url or self.postgres_dsn)
+            self.redis_url or self.postgres_dsn
+        )
 
     def storage_warnings(self) -> list[str]:
         """What works but should be fixed: a key store file group/others can read."""
@@ -423,8 +449,7 @@ class EncryptionConfig:
         except OSError:
             return []
         if mode & 0o077:
-            return [f"ENCRYPTION_KEY_STORAGE_PATH: {path} has mode {mode:04o}: "
-                    f"run chmod 600 on it"]
+            return [f"ENCRYPTION_KEY_STORAGE_PATH: {path} has mode {mode:04o}: run chmod 600 on it"]
         return []
 
     def require_valid(self) -> None:
@@ -500,7 +525,8 @@ def _read_master_key_file(path: Path) -> str:
             data = fh.read(4097)
     except OSError as exc:
         raise ConfigurationError(
-            f"{MASTER_KEY_FILE_VAR}: cannot read {path}: {exc.strerror}") from None
+            f"{MASTER_KEY_FILE_VAR}: cannot read {path}: {exc.strerror}"
+        ) from None
     try:
         text = data.decode("ascii").strip()
     except UnicodeDecodeError:
@@ -508,20 +534,29 @@ def _read_master_key_file(path: Path) -> str:
     if not text or len(data) > 4096:
         raise ConfigurationError(
             f"{MASTER_KEY_FILE_VAR}: {path} does not hold a master key (base64 of 32 bytes "
-            "on one line, as 'aiocrypt init' writes)")
+            "on one line, as 'aiocrypt init' writes)"
+        )
     return text
 
 
-_FILE_KEYS: Final = {"algorithm", "key_size_bits", "performance_mode", "compression_enabled",
-                     "compressed_key_types", "rotation_policies", "key_types"}
+_FILE_KEYS: Final = {
+    "algorithm",
+    "key_size_bits",
+    "performance_mode",
+    "compression_enabled",
+    "compressed_key_types",
+    "rotation_policies",
+    "key_types",
+}
 
 
 def _key_type_set(name: str, value: Any) -> frozenset[KeyType]:
     """A set of key types from a list or a comma-separated string (the variable's form)."""
     if isinstance(value, str):
         value = [t for t in (part.strip() for part in value.split(",")) if t]
-    if not isinstance(value, (list, tuple, set, frozenset)) \
-            or not all(isinstance(t, str) for t in value):
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+        isinstance(t, str) for t in value
+    ):
         raise ConfigurationError(f"{name} must be a list of key type names")
     try:
         return frozenset(KeyType(t) for t in value)
@@ -535,17 +570,20 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"config file {path} is not valid JSON (line {exc.lineno})") \
-            from None
+        raise ConfigurationError(
+            f"config file {path} is not valid JSON (line {exc.lineno})"
+        ) from None
     except (ValueError, RecursionError):  # not UTF-8, NUL in the path, huge ints, deep nesting
-        raise ConfigurationError(f"config file {path!r} is not a readable UTF-8 JSON file") \
-            from None
+        raise ConfigurationError(
+            f"config file {path!r} is not a readable UTF-8 JSON file"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigurationError(f"config file {path} must hold a JSON object")
     unknown = set(data) - _FILE_KEYS
     if unknown:
         raise ConfigurationError(
-            f"config file {path} has unknown keys: {', '.join(sorted(unknown))}")
+            f"config file {path} has unknown keys: {', '.join(sorted(unknown))}"
+        )
     values = dict(data)
     if "rotation_policies" in values:
         try:
@@ -571,13 +609,17 @@ def _check_storage_path(path: Path) -> list[str]:
     var = "ENCRYPTION_KEY_STORAGE_PATH"
     directory = path.parent
     if not directory.exists():
-        return [f"{var}: directory {directory} does not exist: create it (mode 0700), or "
-                f"point {var} at an existing directory (keys.json is created inside it)"]
+        return [
+            f"{var}: directory {directory} does not exist: create it (mode 0700), or "
+            f"point {var} at an existing directory (keys.json is created inside it)"
+        ]
     if not directory.is_dir():
         return [f"{var}: {directory} is not a directory"]
     if not os.access(directory, os.W_OK | os.X_OK):
-        return [f"{var}: directory {directory} is not writable by this process "
-                f"(the key store writes {path.name} and its lock files there)"]
+        return [
+            f"{var}: directory {directory} is not writable by this process "
+            f"(the key store writes {path.name} and its lock files there)"
+        ]
     if path.exists() and not path.is_file():
         return [f"{var}: {path} is not a regular file"]
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
@@ -588,11 +630,16 @@ def _check_storage_path(path: Path) -> list[str]:
 class CryptoConfigManager:
     """Holds the current ``EncryptionConfig``; the API the seed code used."""
 
-    def __init__(self, config: EncryptionConfig | None = None, *,
-                 environ: Mapping[str, str] | None = None,
-                 config_file: str | os.PathLike[str] | None = None) -> None:
-        self._config = config if config is not None else EncryptionConfig.from_env(
-            environ, config_file)
+    def __init__(
+        self,
+        config: EncryptionConfig | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self._config = (
+            config if config is not None else EncryptionConfig.from_env(environ, config_file)
+        )
 
     def __repr__(self) -> str:
         return f"<CryptoConfigManager backend={self._config.storage_backend!r}>"

@@ -44,8 +44,15 @@ from ._format import (
 from ._keys import EncryptionKey
 from ._types import KeyStatus
 
-__all__ = ["DEK_BYTES", "NONCE_BYTES", "TAG_BYTES", "DataKey", "derive_key", "field_nonce",
-           "stream_nonce"]
+__all__ = [
+    "DEK_BYTES",
+    "NONCE_BYTES",
+    "TAG_BYTES",
+    "DataKey",
+    "derive_key",
+    "field_nonce",
+    "stream_nonce",
+]
 
 DEK_BYTES: Final = 32
 NONCE_BYTES: Final = GCM_NONCE_BYTES
@@ -69,8 +76,9 @@ _b2a_base64 = binascii.b2a_base64
 NONCE_BATCH: Final = 256
 _nonce_pool: deque[bytes] = deque()
 _take_nonce = _nonce_pool.popleft
-_POOLED: Final = [slice(i, i + NONCE_BYTES)
-                  for i in range(NONCE_BYTES, NONCE_BYTES * NONCE_BATCH, NONCE_BYTES)]
+_POOLED: Final = [
+    slice(i, i + NONCE_BYTES) for i in range(NONCE_BYTES, NONCE_BYTES * NONCE_BATCH, NONCE_BYTES)
+]
 if hasattr(os, "register_at_fork"):  # POSIX (where processes can fork)
     os.register_at_fork(after_in_child=_nonce_pool.clear)
 
@@ -100,10 +108,26 @@ def derive_key(material: bytes, info: bytes, length: int = 32, salt: bytes | Non
 class DataKey:
     """An unwrapped DEK ready to encrypt and decrypt. Never logged, never pickled."""
 
-    __slots__ = ("_aad_base", "_gcm", "_gcm_aad", "_material", "_siv",
-                 "allowance", "encryptions", "expired", "field_aads", "gcm_decrypt", "key",
-                 "key_type", "past_grace", "readable", "reencryptable", "refill_at",
-                 "text_prefix", "text_prefix_v1")
+    __slots__ = (
+        "_aad_base",
+        "_gcm",
+        "_gcm_aad",
+        "_material",
+        "_siv",
+        "allowance",
+        "encryptions",
+        "expired",
+        "field_aads",
+        "gcm_decrypt",
+        "key",
+        "key_type",
+        "past_grace",
+        "readable",
+        "reencryptable",
+        "refill_at",
+        "text_prefix",
+        "text_prefix_v1",
+    )
 
     def __init__(self, key: EncryptionKey, material: bytes) -> None:
         if len(material) != DEK_BYTES:
@@ -115,15 +139,18 @@ class DataKey:
         # Associated-data prefix per (version, algorithm, flags, purpose); version 1
         # has no purpose byte, so its entries are the same for every purpose.
         self._aad_base = {
-            (version, alg, flags, purpose): aad_prefix(version, alg, flags, key.key_id,
-                                                       key.key_type.value, purpose)
+            (version, alg, flags, purpose): aad_prefix(
+                version, alg, flags, key.key_id, key.key_type.value, purpose
+            )
             for version in (FORMAT_V1, FORMAT_V2)
             for alg in (ALG_AES_256_GCM, ALG_AES_256_SIV, ALG_AES_256_GCM_STREAM)
             for flags in (0, 1)
             for purpose in Purpose
         }
-        self._gcm_aad = (self._aad_base[(FORMAT_V2, ALG_AES_256_GCM, 0, _FIELD)],
-                         self._aad_base[(FORMAT_V2, ALG_AES_256_GCM, 1, _FIELD)])
+        self._gcm_aad = (
+            self._aad_base[(FORMAT_V2, ALG_AES_256_GCM, 0, _FIELD)],
+            self._aad_base[(FORMAT_V2, ALG_AES_256_GCM, 1, _FIELD)],
+        )
         #: What every (version 2) text token of this key starts with (the keyring's
         #: lookup key), and what its version 1 tokens start with.
         self.text_prefix = text_prefix(key.key_id)
@@ -142,8 +169,10 @@ class DataKey:
         self.refill_at = 0
         #: Whether plain reads may use this key (withdrawn keys serve re-encryption only).
         self.reencryptable = key.status is not KeyStatus.DESTROYED and not key.decrypt_disabled
-        self.readable = self.reencryptable and key.status not in (KeyStatus.REVOKED,
-                                                                  KeyStatus.COMPROMISED)
+        self.readable = self.reencryptable and key.status not in (
+            KeyStatus.REVOKED,
+            KeyStatus.COMPROMISED,
+        )
         #: Past max age (decrypts loudly) / past the grace period too (refuses reads).
         #: Set by the KeyManager from its clock whenever it builds a keyring.
         self.expired = False
@@ -164,8 +193,16 @@ class DataKey:
     def __reduce_ex__(self, protocol: Any) -> NoReturn:
         raise TypeError("DataKey objects cannot be pickled")
 
-    def aad(self, algorithm: int, flags: int, context: bytes, *, purpose: Purpose,
-            version: int = FORMAT_V2, stream_params: bytes = b"") -> bytes:
+    def aad(
+        self,
+        algorithm: int,
+        flags: int,
+        context: bytes,
+        *,
+        purpose: Purpose,
+        version: int = FORMAT_V2,
+        stream_params: bytes = b"",
+    ) -> bytes:
         """Associated data (see :mod:`aiocrypt._format`); ``stream_params`` only for v2 streams."""
         if version == FORMAT_V1:
             return self._aad_base[(version, algorithm, flags & 1, _FIELD)] + context
@@ -194,8 +231,10 @@ class DataKey:
             raise ValueError("rebind takes a record of the same key")
         self.key = key
         self.reencryptable = key.status is not KeyStatus.DESTROYED and not key.decrypt_disabled
-        self.readable = self.reencryptable and key.status not in (KeyStatus.REVOKED,
-                                                                  KeyStatus.COMPROMISED)
+        self.readable = self.reencryptable and key.status not in (
+            KeyStatus.REVOKED,
+            KeyStatus.COMPROMISED,
+        )
 
     # -- AES-256-GCM fields -------------------------------------------------
 
@@ -230,56 +269,91 @@ class DataKey:
         except IndexError:
             nonce = _refill_nonces()
         self.encryptions += count
-        body = _b2a_base64(_GCM_LEAD0 + nonce + self._gcm.encrypt(nonce, plaintext, aad),
-                           newline=False)
+        body = _b2a_base64(
+            _GCM_LEAD0 + nonce + self._gcm.encrypt(nonce, plaintext, aad), newline=False
+        )
         return self.text_prefix + body.translate(STD_TO_B64URL).decode()
 
-    def seal_fields(self, plaintexts: Iterable[bytes],
-                    contexts: Iterable[str | bytes | None]) -> list[str]:
+    def seal_fields(
+        self, plaintexts: Iterable[bytes], contexts: Iterable[str | bytes | None]
+    ) -> list[str]:
         """:meth:`seal_field` for each (plaintext, context) pair (batches)."""
         seal = self.seal_field
-        return [seal(plaintext, context)
-                for plaintext, context in zip(plaintexts, contexts, strict=True)]
+        return [
+            seal(plaintext, context)
+            for plaintext, context in zip(plaintexts, contexts, strict=True)
+        ]
 
-    def seal_text(self, plaintext: bytes, context: bytes, flags: int = 0,
-                  nonce: bytes | None = None, *, purpose: Purpose = _FIELD) -> str:
+    def seal_text(
+        self,
+        plaintext: bytes,
+        context: bytes,
+        flags: int = 0,
+        nonce: bytes | None = None,
+        *,
+        purpose: Purpose = _FIELD,
+    ) -> str:
         if nonce is None:
             nonce = field_nonce()
         self.encryptions += 1
-        aad = self._gcm_aad[flags] if purpose is _FIELD else \
-            self._aad_base[(FORMAT_V2, ALG_AES_256_GCM, flags, purpose)]
+        aad = (
+            self._gcm_aad[flags]
+            if purpose is _FIELD
+            else self._aad_base[(FORMAT_V2, ALG_AES_256_GCM, flags, purpose)]
+        )
         sealed = self._gcm.encrypt(nonce, plaintext, aad + context)
         body = binascii.b2a_base64(_GCM_LEAD[flags] + nonce + sealed, newline=False)
         return self.text_prefix + body.translate(STD_TO_B64URL).decode("ascii")
 
-    def open_gcm_raw(self, flags: int, raw: bytes, context: bytes, *,
-                     version: int = FORMAT_V2, purpose: Purpose = _FIELD) -> bytes:
+    def open_gcm_raw(
+        self,
+        flags: int,
+        raw: bytes,
+        context: bytes,
+        *,
+        version: int = FORMAT_V2,
+        purpose: Purpose = _FIELD,
+    ) -> bytes:
         """Open algorithm || flags || nonce || ciphertext || tag (the decoded text body)."""
         if len(raw) < TEXT_GCM_SEALED + TAG_BYTES:
             raise FormatError("token too short")
-        aad = self._gcm_aad[flags] if version == FORMAT_V2 and purpose is _FIELD else \
-            self.aad(ALG_AES_256_GCM, flags, b"", purpose=purpose, version=version)
+        aad = (
+            self._gcm_aad[flags]
+            if version == FORMAT_V2 and purpose is _FIELD
+            else self.aad(ALG_AES_256_GCM, flags, b"", purpose=purpose, version=version)
+        )
         # a view, not a copy, of the ciphertext: a hostile token may be many MiB
-        return self._gcm.decrypt(raw[TEXT_GCM_NONCE], memoryview(raw)[TEXT_GCM_SEALED:],
-                                 aad + context)
+        return self._gcm.decrypt(
+            raw[TEXT_GCM_NONCE], memoryview(raw)[TEXT_GCM_SEALED:], aad + context
+        )
 
-    def open_gcm(self, flags: int, body: bytes | memoryview, context: bytes, *,
-                 version: int = FORMAT_V2, purpose: Purpose = Purpose.BLOB) -> bytes:
+    def open_gcm(
+        self,
+        flags: int,
+        body: bytes | memoryview,
+        context: bytes,
+        *,
+        version: int = FORMAT_V2,
+        purpose: Purpose = Purpose.BLOB,
+    ) -> bytes:
         if len(body) < NONCE_BYTES + TAG_BYTES:
             raise FormatError("token too short")
-        return self._gcm.decrypt(bytes(body[:NONCE_BYTES]), bytes(body[NONCE_BYTES:]),
-                                 self.aad(ALG_AES_256_GCM, flags, context, purpose=purpose,
-                                          version=version))
+        return self._gcm.decrypt(
+            bytes(body[:NONCE_BYTES]),
+            bytes(body[NONCE_BYTES:]),
+            self.aad(ALG_AES_256_GCM, flags, context, purpose=purpose, version=version),
+        )
 
-    def gcm_parts(self, plaintext: bytes, context: bytes, flags: int = 0,
-                  nonce: bytes | None = None) -> tuple[bytes, bytes]:
+    def gcm_parts(
+        self, plaintext: bytes, context: bytes, flags: int = 0, nonce: bytes | None = None
+    ) -> tuple[bytes, bytes]:
         """(nonce, ciphertext || tag) for one-shot bulk blobs (version 2, purpose BLOB)."""
         if nonce is None:
             nonce = os.urandom(NONCE_BYTES)
         self.encryptions += 1
-        return nonce, self._gcm.encrypt(nonce, plaintext,
-                                        self.aad(ALG_AES_256_GCM, flags, context,
-                                                 purpose=Purpose.BLOB))
+        return nonce, self._gcm.encrypt(
+            nonce, plaintext, self.aad(ALG_AES_256_GCM, flags, context, purpose=Purpose.BLOB)
+        )
 
     # -- AES-SIV (deterministic) --------------------------------------------
 
@@ -288,12 +362,14 @@ class DataKey:
             self._siv = AESSIV(self.derive(b"aes-siv", 64))
         return self._siv
 
-    def seal_deterministic(self, plaintext: bytes, context: bytes, flags: int = 0, *,
-                           purpose: Purpose = _FIELD) -> str:
+    def seal_deterministic(
+        self, plaintext: bytes, context: bytes, flags: int = 0, *, purpose: Purpose = _FIELD
+    ) -> str:
         return self._seal_siv(plaintext, context, flags, purpose, FORMAT_V2)
 
-    def deterministic_tokens(self, plaintext: bytes, context: bytes, *,
-                             v1: bool = True) -> list[str]:
+    def deterministic_tokens(
+        self, plaintext: bytes, context: bytes, *, v1: bool = True
+    ) -> list[str]:
         """Every token ``plaintext`` may be stored as in a deterministic field (for ``=`` /
         ``IN`` lookups): version 2, then version 1 while ``v1`` (rows not yet migrated).
 
@@ -304,19 +380,29 @@ class DataKey:
             tokens.append(self._seal_siv(plaintext, context, 0, _FIELD, FORMAT_V1))
         return tokens
 
-    def _seal_siv(self, plaintext: bytes, context: bytes, flags: int, purpose: Purpose,
-                  version: int) -> str:
+    def _seal_siv(
+        self, plaintext: bytes, context: bytes, flags: int, purpose: Purpose, version: int
+    ) -> str:
         aad = self.aad(ALG_AES_256_SIV, flags, context, purpose=purpose, version=version)
         sealed = self._siv_cipher().encrypt(plaintext, [aad])
         prefix = self.text_prefix if version == FORMAT_V2 else self.text_prefix_v1
         return prefix + b64encode_urlsafe(bytes((ALG_AES_256_SIV, flags)) + sealed)
 
-    def open_siv(self, flags: int, body: bytes | memoryview, context: bytes, *,
-                 version: int = FORMAT_V2, purpose: Purpose = _FIELD) -> bytes:
+    def open_siv(
+        self,
+        flags: int,
+        body: bytes | memoryview,
+        context: bytes,
+        *,
+        version: int = FORMAT_V2,
+        purpose: Purpose = _FIELD,
+    ) -> bytes:
         if len(body) < TAG_BYTES:
             raise FormatError("token too short")
-        return self._siv_cipher().decrypt(bytes(body), [self.aad(
-            ALG_AES_256_SIV, flags, context, purpose=purpose, version=version)])
+        return self._siv_cipher().decrypt(
+            bytes(body),
+            [self.aad(ALG_AES_256_SIV, flags, context, purpose=purpose, version=version)],
+        )
 
     # -- segmented streams --------------------------------------------------
 
@@ -328,4 +414,3 @@ class DataKey:
 
 def stream_nonce(prefix: bytes, index: int, last: bool) -> bytes:
     return _STREAM_NONCE.pack(prefix, index, 1 if last else 0)
-

@@ -52,8 +52,9 @@ def scrubbed(error: BaseException) -> BaseException:
     return error
 
 
-def _bind(cached: tuple[str, DataKey, float] | None, key: EncryptionKey,
-          material: bytes) -> DataKey:
+def _bind(
+    cached: tuple[str, DataKey, float] | None, key: EncryptionKey, material: bytes
+) -> DataKey:
     """The DataKey for a record just unwrapped: the cached object updated in place when
     it holds the same DEK, so that there is one object (one usage count) per key id
     however many snapshots hold it; a new one otherwise."""
@@ -117,14 +118,19 @@ class DekCache:
             dk.expired = _policy.is_expired(key, now)
             dk.past_grace = _policy.is_past_grace(key, policy, now)
             if not dk.past_grace:
-                boundary = min(boundary, _policy.grace_end(key, policy) if dk.expired
-                               else key.expires_at)
+                boundary = min(
+                    boundary, _policy.grace_end(key, policy) if dk.expired else key.expires_at
+                )
             entries[key.key_id] = (digest, dk, unwrapped_at)
         self._entries = entries
-        annotate(revision=keyset.revision, keys=len(entries), unwrapped=len(unwrapped),
-                 cache_hits=len(entries) - len(unwrapped),
-                 key_ids=tuple(k.key_id for k in unwrapped),
-                 key_types=tuple(sorted({k.key_type.value for k in unwrapped})))
+        annotate(
+            revision=keyset.revision,
+            keys=len(entries),
+            unwrapped=len(unwrapped),
+            cache_hits=len(entries) - len(unwrapped),
+            key_ids=tuple(k.key_id for k in unwrapped),
+            key_types=tuple(sorted({k.key_type.value for k in unwrapped})),
+        )
         count("aiocrypt.keys.unwrapped", len(unwrapped))
         count("aiocrypt.dek_cache.hits", len(entries) - len(unwrapped))
         return [dk for _, dk, _ in entries.values()], boundary
@@ -149,8 +155,10 @@ class DekCache:
         if len(material) == DEK_BYTES:
             return material
         del material  # never in a traceback's locals
-        raise KekProviderError(f"key {key.key_id} unwrapped to a key of the wrong size",
-                               backend=self._manager.kek.backend)
+        raise KekProviderError(
+            f"key {key.key_id} unwrapped to a key of the wrong size",
+            backend=self._manager.kek.backend,
+        )
 
     async def check_unwraps(self, key: EncryptionKey) -> None:
         """Unwrap ``key`` and throw the material away (adoption's proof of origin)."""

@@ -102,8 +102,9 @@ _REASON_TEXT: dict[DecryptionFailure | None, str] = {
     DecryptionFailure.UNKNOWN_KEY: "token names a key this store does not hold",
     DecryptionFailure.KEY_NOT_READABLE: "the token's key may not be read",
     DecryptionFailure.WRONG_PURPOSE: "token is of another purpose",
-    DecryptionFailure.AUTHENTICATION_FAILED:
-        "token did not authenticate (tampered, truncated, or another context or row)",
+    DecryptionFailure.AUTHENTICATION_FAILED: (
+        "token did not authenticate (tampered, truncated, or another context or row)"
+    ),
     DecryptionFailure.SUBJECT_FORGOTTEN: "subject forgotten",
 }
 
@@ -135,9 +136,15 @@ class DecryptionError(AiocryptError):
     :class:`DecryptionFailure`).
     """
 
-    def __init__(self, message: str | None = None, *,
-                 reason: DecryptionFailure | None = None, key_id: str | None = None,
-                 location: DecryptionLocation | None = None, detail: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        reason: DecryptionFailure | None = None,
+        key_id: str | None = None,
+        location: DecryptionLocation | None = None,
+        detail: str | None = None,
+    ) -> None:
         self.reason = reason
         self.key_id = key_id
         self.location = location
@@ -155,12 +162,14 @@ class DecryptionError(AiocryptError):
 
     def located(self, location: DecryptionLocation) -> DecryptionError:
         """The same failure at ``location`` (a new error of the same reason and key id)."""
-        return DecryptionError(reason=self.reason, key_id=self.key_id, location=location,
-                               detail=self.detail)
+        return DecryptionError(
+            reason=self.reason, key_id=self.key_id, location=location, detail=self.detail
+        )
 
 
-def decryption_failed(reason: DecryptionFailure, key_id: str | None = None,
-                      detail: str | None = None) -> DecryptionError:
+def decryption_failed(
+    reason: DecryptionFailure, key_id: str | None = None, detail: str | None = None
+) -> DecryptionError:
     """A ``DecryptionError`` for ``reason``, logged at DEBUG on the ``aiocrypt`` logger.
 
     ``detail`` replaces the generic text; it must name identifiers only (key ids,
@@ -226,11 +235,20 @@ class ReencryptionError(AiocryptError):
     its contents.
     """
 
-    def __init__(self, table: str, column: str, primary_key: Any, *,
-                 reason: DecryptionFailure | None = None, key_id: str | None = None) -> None:
+    def __init__(
+        self,
+        table: str,
+        column: str,
+        primary_key: Any,
+        *,
+        reason: DecryptionFailure | None = None,
+        key_id: str | None = None,
+    ) -> None:
         why = f" ({_REASON_TEXT[reason]})" if reason is not None else ""
-        super().__init__(f"{table}.{column}: a stored value could not be decrypted for "
-                         f"re-encryption{why} (row primary key in .primary_key)")
+        super().__init__(
+            f"{table}.{column}: a stored value could not be decrypted for "
+            f"re-encryption{why} (row primary key in .primary_key)"
+        )
         self.table = table
         self.column = column
         self.primary_key = primary_key

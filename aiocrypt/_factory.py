@@ -48,7 +48,8 @@ def _load(module: str, attr: str, extra: str, backend: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name == module:
             raise ConfigurationError(
-                f"backend {backend!r} is not available in this version of aiocrypt") from None
+                f"backend {backend!r} is not available in this version of aiocrypt"
+            ) from None
         raise ImportError(
             f"backend {backend!r} needs extra dependencies: pip install 'aiocrypt[{extra}]'"
         ) from exc

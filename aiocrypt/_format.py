@@ -153,8 +153,9 @@ MAX_TOKEN_CHARS: Final = 96 * 1024 * 1024
 #: less the longest "ac2.<key id>." prefix, less algorithm, flags, nonce and tag):
 #: also the bound of a compressed field's decompressed size, so a small token
 #: cannot inflate past what a field can be.
-MAX_FIELD_PLAINTEXT: Final = (MAX_TOKEN_CHARS - KEY_ID_DOT_END) // 4 * 3 - TEXT_GCM_SEALED \
-    - GCM_TAG_BYTES
+MAX_FIELD_PLAINTEXT: Final = (
+    (MAX_TOKEN_CHARS - KEY_ID_DOT_END) // 4 * 3 - TEXT_GCM_SEALED - GCM_TAG_BYTES
+)
 _U32: Final = struct.Struct(">I")
 
 _KEY_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -201,8 +202,9 @@ class Header:
         return bytes((self.version, self.algorithm, self.flags, len(kid))) + kid
 
 
-def aad_prefix(version: int, algorithm: int, flags: int, key_id: str, key_type: str,
-               purpose: Purpose) -> bytes:
+def aad_prefix(
+    version: int, algorithm: int, flags: int, key_id: str, key_type: str, purpose: Purpose
+) -> bytes:
     """The associated data of a ciphertext up to (not including) stream parameters and context.
 
     Version 1 has no purpose byte (``purpose`` is then ignored).
@@ -282,11 +284,11 @@ def parse_binary(blob: bytes | memoryview) -> tuple[Header, bytes, memoryview]:
     if not 1 <= kid_len <= MAX_KEY_ID_LEN or len(view) < 4 + kid_len:
         raise FormatError("bad key id length")
     try:
-        key_id = validate_key_id(str(view[4:4 + kid_len], "ascii"))
+        key_id = validate_key_id(str(view[4 : 4 + kid_len], "ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise FormatError("bad key id") from exc
-    header_bytes = view[:4 + kid_len].tobytes()
-    return Header(algorithm, flags, key_id, version), header_bytes, view[4 + kid_len:]
+    header_bytes = view[: 4 + kid_len].tobytes()
+    return Header(algorithm, flags, key_id, version), header_bytes, view[4 + kid_len :]
 
 
 #: base64url -> standard alphabet for ``binascii.a2b_base64(..., strict_mode=True)``.

@@ -65,14 +65,19 @@ class HealthReport:
         return {
             "status": self.status,
             "checked_at": self.checked_at.isoformat(),
-            "checks": {name: {"status": check.status, **check.detail}
-                       for name, check in self.checks.items()},
+            "checks": {
+                name: {"status": check.status, **check.detail}
+                for name, check in self.checks.items()
+            },
         }
 
 
-async def health(target: EncryptionService | KeyManager, *,
-                 key_types: Iterable[KeyTypeLike] | None = None,
-                 timeout: float = 5.0) -> HealthReport:
+async def health(
+    target: EncryptionService | KeyManager,
+    *,
+    key_types: Iterable[KeyTypeLike] | None = None,
+    timeout: float = 5.0,
+) -> HealthReport:
     """Check the service (or a bare ``KeyManager``) and return a :class:`HealthReport`.
 
     ``key_types``: the key types that must have an active key (default: those
@@ -107,18 +112,22 @@ async def health(target: EncryptionService | KeyManager, *,
     now = manager._clock()
     checks["active_keys"] = _active_keys(manager, now, _expected(target, key_types))
     keyring = manager.keyring
-    checks["dek_cache"] = HealthCheck("ok", {
-        "hits": manager.dek_cache_hits,
-        "misses": manager.dek_cache_misses,
-        "loaded_keys": len(keyring),
-        "max_age_seconds": manager.config.performance.dek_cache_seconds,
-    })
+    checks["dek_cache"] = HealthCheck(
+        "ok",
+        {
+            "hits": manager.dek_cache_hits,
+            "misses": manager.dek_cache_misses,
+            "loaded_keys": len(keyring),
+            "max_age_seconds": manager.config.performance.dek_cache_seconds,
+        },
+    )
     overall = _worst(check.status for check in checks.values())
     return HealthReport(overall, checks, now)
 
 
-def _expected(target: EncryptionService | KeyManager,
-              key_types: Iterable[KeyTypeLike] | None) -> set[KeyType]:
+def _expected(
+    target: EncryptionService | KeyManager, key_types: Iterable[KeyTypeLike] | None
+) -> set[KeyType]:
     if key_types is not None:
         return {KeyType(kt) for kt in key_types}
     manager = target.key_manager if isinstance(target, EncryptionService) else target

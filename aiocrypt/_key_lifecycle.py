@@ -59,11 +59,20 @@ class RotationRun:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``rotate_keys_due()`` form."""
-        return {"checked_at": self.checked_at.isoformat(),
-                "rotated": [{"key_type": r.key_type, "old_key_id": r.old_key_id,
-                             "new_key_id": r.new_key_id, "reason": r.reason}
-                            for r in self.rotated],
-                "expired": list(self.expired), "reencrypt": list(self.reencrypt)}
+        return {
+            "checked_at": self.checked_at.isoformat(),
+            "rotated": [
+                {
+                    "key_type": r.key_type,
+                    "old_key_id": r.old_key_id,
+                    "new_key_id": r.new_key_id,
+                    "reason": r.reason,
+                }
+                for r in self.rotated
+            ],
+            "expired": list(self.expired),
+            "reencrypt": list(self.reencrypt),
+        }
 
 
 class Lifecycle:
@@ -98,9 +107,9 @@ class Lifecycle:
         raise scrubbed(failure)
 
     @traced("aiocrypt.key.rotate")
-    async def activate_new(self, key_type: KeyType, *, reason: str,
-                           only_if: Callable[[EncryptionKey | None], bool]) \
-            -> tuple[EncryptionKey, EncryptionKey | None]:
+    async def activate_new(
+        self, key_type: KeyType, *, reason: str, only_if: Callable[[EncryptionKey | None], bool]
+    ) -> tuple[EncryptionKey, EncryptionKey | None]:
         """Create a new active version when ``only_if(current active)`` holds.
 
         Returns (active key afterwards, the key it replaced or None if nothing changed).
@@ -121,9 +130,15 @@ class Lifecycle:
             key, material = await self._new_key(key_type, version)
             created[key.key_id] = material
             now = manager._clock()
-            retired = [k.replace(status=KeyStatus.DECRYPT_ONLY, retired_at=now,
-                                 status_changed_at=now, status_reason=f"rotated ({reason})")
-                       for k in active]
+            retired = [
+                k.replace(
+                    status=KeyStatus.DECRYPT_ONLY,
+                    retired_at=now,
+                    status_changed_at=now,
+                    status_reason=f"rotated ({reason})",
+                )
+                for k in active
+            ]
             replaced.extend(active)
             return [*retired, key]
 
@@ -137,27 +152,38 @@ class Lifecycle:
         active_key = self._active_record(keyset, key_type)
         if made:
             old = replaced[0] if replaced else None
-            annotate(outcome="created" if old is None else "rotated",
-                     new_key_id=active_key.key_id, version=active_key.version,
-                     **({} if old is None else {"old_key_id": old.key_id}))
+            annotate(
+                outcome="created" if old is None else "rotated",
+                new_key_id=active_key.key_id,
+                version=active_key.version,
+                **({} if old is None else {"old_key_id": old.key_id}),
+            )
             count("aiocrypt.keys.created", key_type=key_type.value, reason=reason)
-            logger.info("key generated: %s (type %s, %s)", active_key.key_id, key_type.value,
-                        reason)
-            await manager.auditor.emit("key_generated", key_id=active_key.key_id,
-                                       key_type=key_type.value, version=active_key.version,
-                                       reason=reason)
+            logger.info(
+                "key generated: %s (type %s, %s)", active_key.key_id, key_type.value, reason
+            )
+            await manager.auditor.emit(
+                "key_generated",
+                key_id=active_key.key_id,
+                key_type=key_type.value,
+                version=active_key.version,
+                reason=reason,
+            )
             if old is not None:
-                await manager.auditor.emit("key_rotated", key_id=old.key_id,
-                                           key_type=key_type.value,
-                                           new_key_id=active_key.key_id, reason=reason)
+                await manager.auditor.emit(
+                    "key_rotated",
+                    key_id=old.key_id,
+                    key_type=key_type.value,
+                    new_key_id=active_key.key_id,
+                    reason=reason,
+                )
             return active_key, old
         annotate(outcome="unchanged", key_id=active_key.key_id)
         return active_key, None
 
     @staticmethod
     def _active_record(keyset: KeySet, key_type: KeyType) -> EncryptionKey:
-        active = [k for k in keyset.keys if k.key_type == key_type
-                  and k.status is KeyStatus.ACTIVE]
+        active = [k for k in keyset.keys if k.key_type == key_type and k.status is KeyStatus.ACTIVE]
         if not active:
             raise KeyNotFoundError(f"no active key of type {key_type.value!r}")
         return max(active, key=lambda k: k.version)
@@ -166,13 +192,19 @@ class Lifecycle:
         if key_size not in (None, 256):
             raise ValueError(f"key_size {key_size} is not supported: aiocrypt uses 256-bit keys")
 
-    async def generate_key(self, key_type: KeyTypeLike,
-                           key_size: int | None = None) -> EncryptionKey:
+    async def generate_key(
+        self, key_type: KeyTypeLike, key_size: int | None = None
+    ) -> EncryptionKey:
         """See :meth:`KeyManager.generate_key`."""
         manager = self._manager
         self._check_key_size(key_size)
-        return (await self.activate_new(manager.config.declared_key_type(key_type),
-                                        reason="generated", only_if=lambda _: True))[0]
+        return (
+            await self.activate_new(
+                manager.config.declared_key_type(key_type),
+                reason="generated",
+                only_if=lambda _: True,
+            )
+        )[0]
 
     async def ensure_active(self, key_types: Iterable[KeyTypeLike]) -> Keyring:
         """See :meth:`KeyManager.ensure_active`."""
@@ -195,8 +227,9 @@ class Lifecycle:
             if not keyring.has_active(kt):
                 # the first key of a key type: only a declared one (a typo gets none)
                 manager.config.declared_key_type(kt)
-                await self.activate_new(kt, reason="first use",
-                                        only_if=lambda active: active is None)
+                await self.activate_new(
+                    kt, reason="first use", only_if=lambda active: active is None
+                )
                 keyring = manager._keyring
         return keyring
 
@@ -215,8 +248,13 @@ class Lifecycle:
         policy = manager.config.rotation_policy(kt)
 
         def due(active: EncryptionKey | None) -> bool:
-            return active is None or _policy.rotation_reason(
-                active, policy, manager._clock(), usage.get(active.key_id, 0)) is not None
+            return (
+                active is None
+                or _policy.rotation_reason(
+                    active, policy, manager._clock(), usage.get(active.key_id, 0)
+                )
+                is not None
+            )
 
         return (await self.activate_new(kt, reason="policy", only_if=due))[0]
 
@@ -235,16 +273,23 @@ class Lifecycle:
             reason = _policy.rotation_reason(key, policy, now, usage.get(key.key_id, 0))
             if reason is None:
                 continue
-            new_key, old = await self.activate_new(key.key_type, reason=reason,
-                                                   only_if=still_active(key.key_id))
+            new_key, old = await self.activate_new(
+                key.key_type, reason=reason, only_if=still_active(key.key_id)
+            )
             if old is not None:
                 rotated.append(Rotation(key.key_type.value, old.key_id, new_key.key_id, reason))
         expired = await self.expire_retired()
-        reencrypt = sorted({r.old_key_id for r in rotated} | {
-            k.key_id for k in manager._records.keys
-            if k.reencrypt_required and k.status is not KeyStatus.DESTROYED})
-        await manager.auditor.emit("policy_run", rotated=len(rotated), expired=len(expired),
-                                   reencrypt=len(reencrypt))
+        reencrypt = sorted(
+            {r.old_key_id for r in rotated}
+            | {
+                k.key_id
+                for k in manager._records.keys
+                if k.reencrypt_required and k.status is not KeyStatus.DESTROYED
+            }
+        )
+        await manager.auditor.emit(
+            "policy_run", rotated=len(rotated), expired=len(expired), reencrypt=len(reencrypt)
+        )
         annotate(rotated=len(rotated), expired=len(expired), reencrypt=len(reencrypt))
         return RotationRun(now, tuple(rotated), tuple(expired), tuple(reencrypt))
 
@@ -259,16 +304,22 @@ class Lifecycle:
             updates = []
             for key in current.keys:
                 if key.status is KeyStatus.DECRYPT_ONLY and _policy.is_expired(key, now):
-                    updates.append(key.replace(status=KeyStatus.EXPIRED, status_changed_at=now,
-                                               status_reason="past maximum age"))
+                    updates.append(
+                        key.replace(
+                            status=KeyStatus.EXPIRED,
+                            status_changed_at=now,
+                            status_reason="past maximum age",
+                        )
+                    )
                     expired.append(key.key_id)
             return updates
 
         keyset = await manager._change(plan)
         by_id = keyset.by_id()
         for key_id in expired:
-            await manager.auditor.emit("key_expired", key_id=key_id,
-                                       key_type=by_id[key_id].key_type.value)
+            await manager.auditor.emit(
+                "key_expired", key_id=key_id, key_type=by_id[key_id].key_type.value
+            )
         return expired
 
     async def revoke_key(self, key_id: str, reason: str = "Manual revocation") -> EncryptionKey:
@@ -292,18 +343,29 @@ class Lifecycle:
                 raise KeyStateError(f"key {key_id} is destroyed")
             was_active = key.status is KeyStatus.ACTIVE
             now = manager._clock()
-            return [key.replace(status=status, status_reason=reason[:500], status_changed_at=now,
-                                retired_at=key.retired_at or now,
-                                reencrypt_required=key.reencrypt_required
-                                or status is KeyStatus.COMPROMISED)]
+            return [
+                key.replace(
+                    status=status,
+                    status_reason=reason[:500],
+                    status_changed_at=now,
+                    retired_at=key.retired_at or now,
+                    reencrypt_required=key.reencrypt_required or status is KeyStatus.COMPROMISED,
+                )
+            ]
 
         keyset = await manager._change(plan)
         key = keyset.by_id()[key_id]
         event = "key_compromised" if status is KeyStatus.COMPROMISED else "key_revoked"
         logger.warning("key %s: %s (%s)", key_id, status.value, reason[:200])
-        await manager.auditor.emit(event, key_id=key_id, key_type=key.key_type.value,
-                                   reason=reason[:500], was_active=was_active)
+        await manager.auditor.emit(
+            event,
+            key_id=key_id,
+            key_type=key.key_type.value,
+            reason=reason[:500],
+            was_active=was_active,
+        )
         if was_active:
-            await self.activate_new(key.key_type, reason=status.value,
-                                    only_if=lambda active: active is None)
+            await self.activate_new(
+                key.key_type, reason=status.value, only_if=lambda active: active is None
+            )
         return key

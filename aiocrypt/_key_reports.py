@@ -39,12 +39,18 @@ class ActiveKeyInfo:
     auto_rotation: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key_id": self.key_id, "version": self.version, "age_days": self.age_days,
-                "days_to_rotation": self.days_to_rotation,
-                "days_to_expiry": self.days_to_expiry, "usage_reserved": self.usage_reserved,
-                "usage_block": self.usage_block,
-                "usage": self.usage_reserved,  # = usage_reserved (the older name)
-                "usage_limit": self.usage_limit, "auto_rotation": self.auto_rotation}
+        return {
+            "key_id": self.key_id,
+            "version": self.version,
+            "age_days": self.age_days,
+            "days_to_rotation": self.days_to_rotation,
+            "days_to_expiry": self.days_to_expiry,
+            "usage_reserved": self.usage_reserved,
+            "usage_block": self.usage_block,
+            "usage": self.usage_reserved,  # = usage_reserved (the older name)
+            "usage_limit": self.usage_limit,
+            "auto_rotation": self.auto_rotation,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +86,10 @@ class KeyStatistics:
             "by_type": {t: dict(c) for t, c in self.by_type.items()},
             "by_status": dict(self.by_status),
             "active_keys": {t: info.to_dict() for t, info in self.active_keys.items()},
-            "rotation_needed": [{"key_type": n.key_type, "key_id": n.key_id,
-                                 "reason": n.reason} for n in self.rotation_needed],
+            "rotation_needed": [
+                {"key_type": n.key_type, "key_id": n.key_id, "reason": n.reason}
+                for n in self.rotation_needed
+            ],
             "reencrypt_required": list(self.reencrypt_required),
             "store": self.store,
             "store_revision": self.store_revision,
@@ -116,29 +124,45 @@ async def key_statistics(manager: KeyManager) -> KeyStatistics:
         if key.status is KeyStatus.ACTIVE:
             rotate_at = _policy.rotation_due(key, policy)
             active[key.key_type.value] = ActiveKeyInfo(
-                key.key_id, key.version, _days(key.age(now)), _days(rotate_at - now),
-                _days(key.expires_at - now), usage.get(key.key_id, 0),
-                _policy.usage_block(policy, manager.usage_block), policy.max_encryptions,
-                policy.auto_rotation)
+                key.key_id,
+                key.version,
+                _days(key.age(now)),
+                _days(rotate_at - now),
+                _days(key.expires_at - now),
+                usage.get(key.key_id, 0),
+                _policy.usage_block(policy, manager.usage_block),
+                policy.max_encryptions,
+                policy.auto_rotation,
+            )
             if reason is None and not policy.auto_rotation and now >= rotate_at:
                 reason = "age"
         if reason is not None and (key.status is KeyStatus.ACTIVE or reason == "compromise"):
             rotation_needed.append(RotationNeed(key.key_type.value, key.key_id, reason))
     return KeyStatistics(
-        total_keys=len(keys), by_type=by_type, by_status=by_status, active_keys=active,
+        total_keys=len(keys),
+        by_type=by_type,
+        by_status=by_status,
+        active_keys=active,
         rotation_needed=tuple(rotation_needed),
-        reencrypt_required=tuple(k.key_id for k in keys if k.reencrypt_required
-                                 and k.status is not KeyStatus.DESTROYED),
-        store=manager.store.name, store_revision=manager._records.revision,
-        kek_provider=manager.kek.backend, kek_id=manager.kek.kek_id,
-        dek_cache_hits=manager.dek_cache_hits, dek_cache_misses=manager.dek_cache_misses)
+        reencrypt_required=tuple(
+            k.key_id for k in keys if k.reencrypt_required and k.status is not KeyStatus.DESTROYED
+        ),
+        store=manager.store.name,
+        store_revision=manager._records.revision,
+        kek_provider=manager.kek.backend,
+        kek_id=manager.kek.kek_id,
+        dek_cache_hits=manager.dek_cache_hits,
+        dek_cache_misses=manager.dek_cache_misses,
+    )
 
 
 async def probe(manager: KeyManager) -> dict[str, Any]:
     """See :meth:`KeyManager.health`: whether the store and the KEK provider answer."""
     result: dict[str, Any] = {}
     checks: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
-        ("key_store", manager.store.revision), ("kek_provider", manager.kek.check))
+        ("key_store", manager.store.revision),
+        ("kek_provider", manager.kek.check),
+    )
     for name, check in checks:
         try:
             await check()

@@ -27,8 +27,16 @@ from .keystore._base import KeySet
 if TYPE_CHECKING:
     from ._manager import KeyManager
 
-__all__ = ["Census", "CleanupEntry", "CleanupReport", "KeyReferences", "KeyRetirement",
-           "RetiredKey", "RetirementReason", "min_decryption_version"]
+__all__ = [
+    "Census",
+    "CleanupEntry",
+    "CleanupReport",
+    "KeyReferences",
+    "KeyRetirement",
+    "RetiredKey",
+    "RetirementReason",
+    "min_decryption_version",
+]
 
 logger = logging.getLogger("aiocrypt.keys")
 
@@ -91,8 +99,10 @@ class CleanupReport:
 
     def to_dict(self) -> dict[str, list[dict[str, str]]]:
         """The ``cleanup_report()`` form: ``{"destroyed": [...], "kept": [...]}``."""
-        return {"destroyed": [{"key_id": e.key_id, "reason": e.reason} for e in self.destroyed],
-                "kept": [{"key_id": e.key_id, "reason": e.reason} for e in self.kept]}
+        return {
+            "destroyed": [{"key_id": e.key_id, "reason": e.reason} for e in self.destroyed],
+            "kept": [{"key_id": e.key_id, "reason": e.reason} for e in self.kept],
+        }
 
 
 def min_decryption_version(keys: Iterable[EncryptionKey]) -> int:
@@ -109,9 +119,9 @@ class KeyReferences:
     def __init__(self, manager: KeyManager) -> None:
         self._manager = manager
 
-
-    async def _unreferenced(self, confirm_unreferenced: Iterable[str],
-                            census: Census | None) -> tuple[set[str], Mapping[str, int] | None]:
+    async def _unreferenced(
+        self, confirm_unreferenced: Iterable[str], census: Census | None
+    ) -> tuple[set[str], Mapping[str, int] | None]:
         """Key ids known to be unreferenced, and the census consulted (if any).
 
         A confirmation never outweighs the census: a key it counts rows on is not
@@ -122,8 +132,9 @@ class KeyReferences:
         if counts is None:
             return confirmed, None
         counted = {key_id for key_id, rows in counts.items() if rows}
-        return (confirmed - counted) | {key_id for key_id, rows in counts.items() if not rows}, \
-            counts
+        return (confirmed - counted) | {
+            key_id for key_id, rows in counts.items() if not rows
+        }, counts
 
     async def _run_census(self, census: Census | None) -> Mapping[str, int] | None:
         """Rows per key id from ``census`` (else ``self._manager.census``); None without either."""
@@ -136,8 +147,13 @@ class KeyReferences:
         return counts
 
     @traced("aiocrypt.key.cleanup")
-    async def cleanup(self, *, confirm_unreferenced: Iterable[str] = (),
-                      census: Census | None = None, force: bool = False) -> CleanupReport:
+    async def cleanup(  # noqa: C901 - census-gated destruction: every refusal is one guard, kept together so the decision reads top to bottom
+        self,
+        *,
+        confirm_unreferenced: Iterable[str] = (),
+        census: Census | None = None,
+        force: bool = False,
+    ) -> CleanupReport:
         """Destroy keys past max age + grace that nothing references: what was destroyed
         and what kept, and why (see :meth:`KeyManager.cleanup_expired_keys`)."""
         manager = self._manager
@@ -156,8 +172,10 @@ class KeyReferences:
             now = manager._clock()
             updates = []
             wrapping = await manager.subjects.count(
-                k.key_id for k in current.keys
-                if k.status not in (KeyStatus.DESTROYED, KeyStatus.ACTIVE))
+                k.key_id
+                for k in current.keys
+                if k.status not in (KeyStatus.DESTROYED, KeyStatus.ACTIVE)
+            )
             for key in current.keys:
                 if key.status in (KeyStatus.DESTROYED, KeyStatus.ACTIVE):
                     continue
@@ -169,29 +187,55 @@ class KeyReferences:
                     continue
                 if key.key_id in unreferenced or force:
                     forced = key.key_id not in unreferenced
-                    how = ("confirmed unreferenced by caller" if key.key_id in confirmed else
-                           "census: no rows left" if not forced
-                           else "FORCED without a reference check")
-                    updates.append(key.replace(status=KeyStatus.DESTROYED, wrapped_key=None,
-                                               status_changed_at=now, status_reason=how))
+                    how = (
+                        "confirmed unreferenced by caller"
+                        if key.key_id in confirmed
+                        else "census: no rows left"
+                        if not forced
+                        else "FORCED without a reference check"
+                    )
+                    updates.append(
+                        key.replace(
+                            status=KeyStatus.DESTROYED,
+                            wrapped_key=None,
+                            status_changed_at=now,
+                            status_reason=how,
+                        )
+                    )
                     destroyed.append(CleanupEntry(key.key_id, how, forced))
                 elif counts is None:
-                    kept.append(CleanupEntry(key.key_id,
-                                             "no census and not confirmed unreferenced"))
+                    kept.append(
+                        CleanupEntry(key.key_id, "no census and not confirmed unreferenced")
+                    )
                 elif key.key_id in counts:
-                    kept.append(CleanupEntry(key.key_id, "data may still reference it: the "
-                                             f"census reports {counts[key.key_id]} rows"))
+                    kept.append(
+                        CleanupEntry(
+                            key.key_id,
+                            "data may still reference it: the "
+                            f"census reports {counts[key.key_id]} rows",
+                        )
+                    )
                 else:
-                    kept.append(CleanupEntry(
-                        key.key_id, "the census does not cover it (and it is not confirmed)"))
+                    kept.append(
+                        CleanupEntry(
+                            key.key_id, "the census does not cover it (and it is not confirmed)"
+                        )
+                    )
             by_id = current.by_id()
             done = {item.key_id for item in destroyed}
             told = {item.key_id for item in kept}
             for key_id in sorted(confirmed - done - told):  # why a confirmation did nothing
                 rows = (counts or {}).get(key_id)
-                kept.append(CleanupEntry(key_id, (
-                    f"data may still reference it: the census reports {rows} rows" if rows
-                    else self._not_cleaned_up(by_id.get(key_id), key_id, now))))
+                kept.append(
+                    CleanupEntry(
+                        key_id,
+                        (
+                            f"data may still reference it: the census reports {rows} rows"
+                            if rows
+                            else self._not_cleaned_up(by_id.get(key_id), key_id, now)
+                        ),
+                    )
+                )
             return updates
 
         keyset = await manager._change(plan)
@@ -200,17 +244,30 @@ class KeyReferences:
             key_type = by_id[item.key_id].key_type.value
             if item.forced:
                 logger.warning("key %s DESTROYED by force (no reference check)", item.key_id)
-            await manager.auditor.emit("key_destroyed", key_id=item.key_id, key_type=key_type,
-                                       reason=item.reason, forced=force)
+            await manager.auditor.emit(
+                "key_destroyed",
+                key_id=item.key_id,
+                key_type=key_type,
+                reason=item.reason,
+                forced=force,
+            )
             count("aiocrypt.keys.destroyed", key_type=key_type)
-        annotate(destroyed=len(destroyed), kept=len(kept), forced=force, census=counts is not None,
-                 destroyed_key_ids=tuple(item.key_id for item in destroyed))
+        annotate(
+            destroyed=len(destroyed),
+            kept=len(kept),
+            forced=force,
+            census=counts is not None,
+            destroyed_key_ids=tuple(item.key_id for item in destroyed),
+        )
         for item in kept:
             logger.info("key %s kept: %s", item.key_id, item.reason)
             if item.key_id in by_id:  # not a key id the caller mistyped
-                await manager.auditor.emit("key_destroy_refused", key_id=item.key_id,
-                                           key_type=by_id[item.key_id].key_type.value,
-                                           reason=item.reason)
+                await manager.auditor.emit(
+                    "key_destroy_refused",
+                    key_id=item.key_id,
+                    key_type=by_id[item.key_id].key_type.value,
+                    reason=item.reason,
+                )
         return CleanupReport(tuple(destroyed), tuple(kept))
 
     def _not_cleaned_up(self, key: EncryptionKey | None, key_id: str, now: _dt.datetime) -> str:
@@ -220,28 +277,44 @@ class KeyReferences:
         if key.status is KeyStatus.DESTROYED:
             return "already destroyed"
         if key.status is KeyStatus.ACTIVE:
-            return (f"the active {key.key_type.value} key is never destroyed: rotate first, "
-                    f"re-encrypt, then 'aiocrypt keys retire {key_id}'")
+            return (
+                f"the active {key.key_type.value} key is never destroyed: rotate first, "
+                f"re-encrypt, then 'aiocrypt keys retire {key_id}'"
+            )
         end = _policy.grace_end(key, self._manager.config.rotation_policy(key.key_type))
-        return (f"not past max age + grace (until {end:%Y-%m-%d}); cleanup destroys only those: "
-                f"to retire it now, 'aiocrypt keys retire {key_id}'")
+        return (
+            f"not past max age + grace (until {end:%Y-%m-%d}); cleanup destroys only those: "
+            f"to retire it now, 'aiocrypt keys retire {key_id}'"
+        )
 
     async def get_min_decryption_version(self, key_type: KeyTypeLike) -> int:
         return min_decryption_version(await self._manager.list_keys(key_type))
 
-    async def set_min_decryption_version(self, key_type: KeyTypeLike, version: int, *,
-                                         confirm_unreferenced: Iterable[str] = (),
-                                         census: Census | None = None) -> int:
+    async def set_min_decryption_version(
+        self,
+        key_type: KeyTypeLike,
+        version: int,
+        *,
+        confirm_unreferenced: Iterable[str] = (),
+        census: Census | None = None,
+    ) -> int:
         """See :meth:`KeyManager.set_min_decryption_version`."""
         kt = KeyType(key_type)
         keys = await self._manager.list_keys(kt)
         active = [k for k in keys if k.status is KeyStatus.ACTIVE]
         if active and version > active[0].version:
-            raise ValueError(f"{kt.value}: minimum version {version} is above the active "
-                             f"version {active[0].version}")
+            raise ValueError(
+                f"{kt.value}: minimum version {version} is above the active "
+                f"version {active[0].version}"
+            )
         unreferenced, _ = await self._unreferenced(confirm_unreferenced, census)
-        older = [k for k in keys if k.version < version and k.status is not KeyStatus.DESTROYED
-                 and not k.decrypt_disabled]
+        older = [
+            k
+            for k in keys
+            if k.version < version
+            and k.status is not KeyStatus.DESTROYED
+            and not k.decrypt_disabled
+        ]
         wrapping = await self._manager.subjects.count(k.key_id for k in older)
         for key in older:
             if wrapping.get(key.key_id):
@@ -250,23 +323,34 @@ class KeyReferences:
         if referenced:
             raise KeyStateError(
                 f"{kt.value}: cannot raise the minimum decryption version to {version}: data "
-                f"may still reference {', '.join(referenced)} (re-encrypt it first)")
+                f"may still reference {', '.join(referenced)} (re-encrypt it first)"
+            )
 
         async def plan(current: KeySet) -> list[EncryptionKey]:
-            return [k.replace(decrypt_disabled=k.version < version) for k in current.keys
-                    if k.key_type == kt and k.decrypt_disabled != (k.version < version)]
+            return [
+                k.replace(decrypt_disabled=k.version < version)
+                for k in current.keys
+                if k.key_type == kt and k.decrypt_disabled != (k.version < version)
+            ]
 
         await self._manager._change(plan)
-        await self._manager.auditor.emit("min_decryption_version_raised", key_type=kt.value,
-                                version=version)
+        await self._manager.auditor.emit(
+            "min_decryption_version_raised", key_type=kt.value, version=version
+        )
         return version
 
     # -- retiring keys --------------------------------------------------------
 
-    async def retire_key(self, key_id: str, *, census: Census | None = None,
-                         confirm_unreferenced: Iterable[str] = (),
-                         dry_run: bool = False) -> KeyRetirement:
+    async def retire_key(
+        self,
+        key_id: str,
+        *,
+        census: Census | None = None,
+        confirm_unreferenced: Iterable[str] = (),
+        dry_run: bool = False,
+    ) -> KeyRetirement:
         """See :meth:`KeyManager.retire_key` (the rules are stated there)."""
+
         def select(current: KeySet) -> tuple[KeyType, list[EncryptionKey]]:
             key = current.by_id().get(key_id)
             if key is None:
@@ -277,22 +361,34 @@ class KeyReferences:
                 raise KeyStateError(
                     f"key {key_id} is the active {key.key_type.value} key: rotate first "
                     f"(aiocrypt keys rotate {key.key_type.value} --force), re-encrypt its data, "
-                    "then retire it")
+                    "then retire it"
+                )
             return key.key_type, [key]
 
-        return await self._retire(select, census=census, confirmed=set(confirm_unreferenced),
-                                  dry_run=dry_run, whole_type=False)
+        return await self._retire(
+            select,
+            census=census,
+            confirmed=set(confirm_unreferenced),
+            dry_run=dry_run,
+            whole_type=False,
+        )
 
-    async def retire_key_type(self, key_type: KeyTypeLike, *, census: Census | None = None,
-                              confirm_unreferenced: Iterable[str] = (),
-                              dry_run: bool = False) -> KeyRetirement:
+    async def retire_key_type(
+        self,
+        key_type: KeyTypeLike,
+        *,
+        census: Census | None = None,
+        confirm_unreferenced: Iterable[str] = (),
+        dry_run: bool = False,
+    ) -> KeyRetirement:
         """See :meth:`KeyManager.retire_key_type` (the rules are stated there)."""
         kt = KeyType(key_type)  # not declared_key_type(): a mistaken type is undeclared
         if kt in self._manager.config.known_key_types:
             raise KeyStateError(
                 f"{kt.value} is a declared key type, not one created by mistake: retire its "
                 "old keys one by one (retire_key); to retire the type itself, remove it from "
-                "the configuration's key types first (the predefined ones cannot be)")
+                "the configuration's key types first (the predefined ones cannot be)"
+            )
 
         def select(current: KeySet) -> tuple[KeyType, list[EncryptionKey]]:
             same_type = [k for k in current.keys if k.key_type == kt]
@@ -303,13 +399,24 @@ class KeyReferences:
                 raise KeyStateError(f"every {kt.value} key is already destroyed")
             return kt, live
 
-        return await self._retire(select, census=census, confirmed=set(confirm_unreferenced),
-                                  dry_run=dry_run, whole_type=True)
+        return await self._retire(
+            select,
+            census=census,
+            confirmed=set(confirm_unreferenced),
+            dry_run=dry_run,
+            whole_type=True,
+        )
 
     @traced("aiocrypt.key.retire")
-    async def _retire(self, select: Callable[[KeySet], tuple[KeyType, list[EncryptionKey]]], *,
-                      census: Census | None, confirmed: set[str], dry_run: bool,
-                      whole_type: bool) -> KeyRetirement:
+    async def _retire(
+        self,
+        select: Callable[[KeySet], tuple[KeyType, list[EncryptionKey]]],
+        *,
+        census: Census | None,
+        confirmed: set[str],
+        dry_run: bool,
+        whole_type: bool,
+    ) -> KeyRetirement:
         """Destroy the keys ``select`` picks from the verified keyset, each only if the
         census shows no rows on it or the caller confirmed it (all or none), and raise
         the type's minimum decryption version past them where they were the oldest."""
@@ -323,71 +430,115 @@ class KeyReferences:
             for key in targets:  # whoever confirms: destroying it would erase every subject
                 if wrapping.get(key.key_id):
                     raise KeyStateError(_wraps_subjects(key, wrapping))
-            retired = [RetiredKey(k.key_id, k.version, k.status,
-                                  self._retirement_reason(k, counts, confirmed))
-                       for k in targets]
+            retired = [
+                RetiredKey(
+                    k.key_id, k.version, k.status, self._retirement_reason(k, counts, confirmed)
+                )
+                for k in targets
+            ]
             now = self._manager._clock()
             reasons = {r.key_id: r.reason for r in retired}
-            after = [k.replace(status=KeyStatus.DESTROYED, wrapped_key=None,
-                               status_changed_at=now, retired_at=k.retired_at or now,
-                               status_reason=reasons[k.key_id].value)
-                     if k.key_id in reasons else k
-                     for k in current.keys if k.key_type == kt]
+            after = [
+                k.replace(
+                    status=KeyStatus.DESTROYED,
+                    wrapped_key=None,
+                    status_changed_at=now,
+                    retired_at=k.retired_at or now,
+                    status_reason=reasons[k.key_id].value,
+                )
+                if k.key_id in reasons
+                else k
+                for k in current.keys
+                if k.key_type == kt
+            ]
             # The new floor: the oldest version still able to decrypt. Every version below
             # it is destroyed or already disabled, so disabling them takes nothing away.
-            floor = min((k.version for k in after if k.status is not KeyStatus.DESTROYED
-                         and not k.decrypt_disabled),
-                        default=max(k.version for k in after) + 1)
+            floor = min(
+                (
+                    k.version
+                    for k in after
+                    if k.status is not KeyStatus.DESTROYED and not k.decrypt_disabled
+                ),
+                default=max(k.version for k in after) + 1,
+            )
             after = [k.replace(decrypt_disabled=True) if k.version < floor else k for k in after]
             before_by_id = current.by_id()
-            outcome.append(KeyRetirement(
-                kt, tuple(retired), min_decryption_version(before_by_id[k.key_id] for k in after),
-                min_decryption_version(after), whole_type, dry_run))
+            outcome.append(
+                KeyRetirement(
+                    kt,
+                    tuple(retired),
+                    min_decryption_version(before_by_id[k.key_id] for k in after),
+                    min_decryption_version(after),
+                    whole_type,
+                    dry_run,
+                )
+            )
             if dry_run:
                 return []
             return [k for k in after if k != before_by_id[k.key_id]]
 
         await self._manager._change(plan)
         result = outcome[0]
-        annotate(key_type=result.key_type.value, dry_run=dry_run, whole_type=whole_type,
-                 census=counts is not None, key_ids=tuple(k.key_id for k in result.keys),
-                 min_decryption_version=result.min_decryption_version)
+        annotate(
+            key_type=result.key_type.value,
+            dry_run=dry_run,
+            whole_type=whole_type,
+            census=counts is not None,
+            key_ids=tuple(k.key_id for k in result.keys),
+            min_decryption_version=result.min_decryption_version,
+        )
         if dry_run:
             return result
         for key in result.keys:
             logger.warning("key %s DESTROYED: %s", key.key_id, key.reason.value)
             count("aiocrypt.keys.destroyed", key_type=result.key_type.value)
-            await self._manager.auditor.emit("key_destroyed", key_id=key.key_id,
-                                    key_type=result.key_type.value, reason=key.reason.value,
-                                    forced=False, retired=True)
+            await self._manager.auditor.emit(
+                "key_destroyed",
+                key_id=key.key_id,
+                key_type=result.key_type.value,
+                reason=key.reason.value,
+                forced=False,
+                retired=True,
+            )
         if result.min_decryption_version != result.min_decryption_version_before:
-            await self._manager.auditor.emit("min_decryption_version_raised",
-                                    key_type=result.key_type.value,
-                                    version=result.min_decryption_version)
+            await self._manager.auditor.emit(
+                "min_decryption_version_raised",
+                key_type=result.key_type.value,
+                version=result.min_decryption_version,
+            )
         if whole_type:
-            await self._manager.auditor.emit("key_type_retired", key_type=result.key_type.value,
-                                    keys=[k.key_id for k in result.keys])
+            await self._manager.auditor.emit(
+                "key_type_retired",
+                key_type=result.key_type.value,
+                keys=[k.key_id for k in result.keys],
+            )
         return result
 
     @staticmethod
-    def _retirement_reason(key: EncryptionKey, counts: Mapping[str, int] | None,
-                           confirmed: set[str]) -> RetirementReason:
+    def _retirement_reason(
+        key: EncryptionKey, counts: Mapping[str, int] | None, confirmed: set[str]
+    ) -> RetirementReason:
         """Why ``key`` may be destroyed now; ``KeyStateError`` saying why not otherwise."""
         rows = None if counts is None else counts.get(key.key_id)
         if rows:
-            raise KeyStateError(f"key {key.key_id}: the census counts {rows} rows on it: "
-                                "re-encrypt them first")
+            raise KeyStateError(
+                f"key {key.key_id}: the census counts {rows} rows on it: re-encrypt them first"
+            )
         if rows == 0:
             return RetirementReason.CENSUS_NO_ROWS
         if key.key_id in confirmed:
             return RetirementReason.CONFIRMED_UNREFERENCED
         why = "no census was given" if counts is None else "the census does not cover it"
-        raise KeyStateError(f"key {key.key_id}: {why}; confirm that no data references it "
-                            "(confirm_unreferenced, or --confirm-unreferenced)")
+        raise KeyStateError(
+            f"key {key.key_id}: {why}; confirm that no data references it "
+            "(confirm_unreferenced, or --confirm-unreferenced)"
+        )
 
 
 def _wraps_subjects(key: EncryptionKey, wrapping: Mapping[str, int]) -> str:
     """Why ``key`` is kept: subject keys are still wrapped by it (docs/subjects.md)."""
-    return (f"key {key.key_id} still wraps {wrapping[key.key_id]} subject keys: rewrap them "
-            f"under the active key first (aiocrypt subjects rewrap --key-type "
-            f"{key.key_type.value})")
+    return (
+        f"key {key.key_id} still wraps {wrapping[key.key_id]} subject keys: rewrap them "
+        f"under the active key first (aiocrypt subjects rewrap --key-type "
+        f"{key.key_type.value})"
+    )

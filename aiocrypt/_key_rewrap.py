@@ -25,43 +25,50 @@ __all__ = ["rewrap", "rewrap_keys", "rotate_master_key"]
 
 
 @traced("aiocrypt.kek.rotate")
-async def rotate_master_key(manager: KeyManager, new_kek: KekProvider, *,
-                            batch_size: int = 50) -> int:
+async def rotate_master_key(
+    manager: KeyManager, new_kek: KekProvider, *, batch_size: int = 50
+) -> int:
     """See :meth:`KeyManager.rotate_master_key`."""
     if not manager._opened:
         await manager.open()
     old_kek = manager.kek
-    annotate(provider=new_kek.backend, old_kek_id=redact_url(old_kek.kek_id),
-             new_kek_id=redact_url(new_kek.kek_id))
+    annotate(
+        provider=new_kek.backend,
+        old_kek_id=redact_url(old_kek.kek_id),
+        new_kek_id=redact_url(new_kek.kek_id),
+    )
     if new_kek.kek_id == old_kek.kek_id:
         raise ValueError("the new KEK is the current one")
     # both stay usable for unwrapping while records are half rewrapped
     manager._previous_keks[old_kek.kek_id] = old_kek
     manager._previous_keks[new_kek.kek_id] = new_kek
-    total = await rewrap(manager, new_kek, lambda key: key.kek_id == new_kek.kek_id,
-                         batch_size)
+    total = await rewrap(manager, new_kek, lambda key: key.kek_id == new_kek.kek_id, batch_size)
     manager.kek = new_kek
     await manager.refresh(force=True)
-    await manager.auditor.emit("master_key_rotated", old_kek=old_kek.kek_id,
-                               new_kek=new_kek.kek_id, keys=total)
+    await manager.auditor.emit(
+        "master_key_rotated", old_kek=old_kek.kek_id, new_kek=new_kek.kek_id, keys=total
+    )
     return total
 
 
-async def rewrap_keys(manager: KeyManager, *, only_foreign: bool = False,
-                      batch_size: int = 50) -> int:
+async def rewrap_keys(
+    manager: KeyManager, *, only_foreign: bool = False, batch_size: int = 50
+) -> int:
     """See :meth:`KeyManager.rewrap_keys`."""
     if not manager._opened:
         await manager.open()
     kek = manager.kek
-    count = await rewrap(manager, kek, lambda key: only_foreign and key.kek_id == kek.kek_id,
-                         batch_size)
+    count = await rewrap(
+        manager, kek, lambda key: only_foreign and key.kek_id == kek.kek_id, batch_size
+    )
     await manager.refresh(force=True)
     return count
 
 
 @traced("aiocrypt.kek.rewrap")
-async def rewrap(manager: KeyManager, kek: KekProvider,
-                 skip: Callable[[EncryptionKey], bool], batch_size: int) -> int:
+async def rewrap(
+    manager: KeyManager, kek: KekProvider, skip: Callable[[EncryptionKey], bool], batch_size: int
+) -> int:
     """Wrap every DEK not ``skip``-ped again under ``kek``, in batches written with
     optimistic concurrency (a rerun after an interruption goes on where it
     stopped), then reseal the store under ``kek``; return the keys rewrapped."""

@@ -95,14 +95,18 @@ class UsageReservations:
                 await manager._guard.persist()
                 if usable or dk.encryptions < dk.allowance:
                     return keyring
-            manager.auditor.emit_nowait("usage_limit_reached", key_id=dk.key_id,
-                                        key_type=kt.value, limit=limit)
+            manager.auditor.emit_nowait(
+                "usage_limit_reached", key_id=dk.key_id, key_type=kt.value, limit=limit
+            )
             if time.monotonic() > deadline:
-                raise KeyStateError(f"could not reserve encryption allowance for {kt.value} "
-                                    f"keys within {manager.lock_timeout:g} s: other processes "
-                                    f"used up every new key first")
-            await manager._lifecycle.activate_new(kt, reason="usage",
-                                                  only_if=still_active(dk.key_id))
+                raise KeyStateError(
+                    f"could not reserve encryption allowance for {kt.value} "
+                    f"keys within {manager.lock_timeout:g} s: other processes "
+                    f"used up every new key first"
+                )
+            await manager._lifecycle.activate_new(
+                kt, reason="usage", only_if=still_active(dk.key_id)
+            )
 
     async def _usage_start(self, dk: DataKey, total: int, request: int) -> int:
         """Where this reservation starts in the key's shared counter.
@@ -116,12 +120,21 @@ class UsageReservations:
         start, floor = manager._guard.usage_start(dk.key_id, total, request)
         if floor is not None:
             manager.integrity_failures += 1
-            logger.error("usage counter of key %s went backwards in the %s (to %d, %d seen): "
-                         "counting from the highest seen", dk.key_id, manager._where,
-                         total - request, floor)
-            await manager.auditor.emit("usage_counter_rolled_back", key_id=dk.key_id,
-                                       key_type=dk.key.key_type.value, seen=floor,
-                                       found=total - request)
+            logger.error(
+                "usage counter of key %s went backwards in the %s (to %d, %d seen): "
+                "counting from the highest seen",
+                dk.key_id,
+                manager._where,
+                total - request,
+                floor,
+            )
+            await manager.auditor.emit(
+                "usage_counter_rolled_back",
+                key_id=dk.key_id,
+                key_type=dk.key.key_type.value,
+                seen=floor,
+                found=total - request,
+            )
         return start
 
     def sync_allowance(self, dk: DataKey, seal: Callable[[DataKey], str]) -> str:
@@ -158,7 +171,8 @@ class UsageReservations:
             f"the encryption allowance of key {dk.key_id} is used up, and synchronous code on "
             "the event loop's thread cannot wait for more: encrypt through the async API "
             "(await service.encrypt_field(...)), or retry once the reservation started now "
-            "completes")
+            "completes"
+        )
 
     def _reserve_in_background(self, key_type: KeyType) -> None:
         """Start ``reserve(ahead=True)`` on the manager's loop (once at a time)."""
@@ -171,8 +185,11 @@ class UsageReservations:
             try:
                 await self.reserve(key_type, ahead=True)
             except Exception as exc:  # the next sync call tries again
-                logger.warning("background usage reservation for %s keys failed (%s)",
-                               key_type.value, type(exc).__name__)
+                logger.warning(
+                    "background usage reservation for %s keys failed (%s)",
+                    key_type.value,
+                    type(exc).__name__,
+                )
             finally:
                 self._reserving.discard(key_type)
 

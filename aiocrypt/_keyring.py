@@ -99,21 +99,36 @@ def unreadable(dk: DataKey, *, for_reencryption: bool = False) -> DecryptionErro
 
 def wrong_key_type(dk: DataKey, key_type: KeyTypeLike) -> DecryptionError:
     return decryption_failed(
-        DecryptionFailure.WRONG_KEY_TYPE, dk.key_id,
+        DecryptionFailure.WRONG_KEY_TYPE,
+        dk.key_id,
         f"token is for key type {dk.key_type.value}, not {KeyType(key_type).value} "
-        f"(key {dk.key_id})")
+        f"(key {dk.key_id})",
+    )
 
 
 class Keyring:
     """Immutable snapshot of loaded data keys."""
 
-    __slots__ = ("_active", "_by_id", "_by_prefix", "accept_format_v1", "general_decrypts",
-                 "on_allowance", "on_expired_use", "revision")
+    __slots__ = (
+        "_active",
+        "_by_id",
+        "_by_prefix",
+        "accept_format_v1",
+        "general_decrypts",
+        "on_allowance",
+        "on_expired_use",
+        "revision",
+    )
 
-    def __init__(self, data_keys: Iterable[DataKey] = (), revision: int = 0, *,
-                 on_expired_use: Callable[[DataKey], None] | None = None,
-                 on_allowance: Callable[[DataKey, Callable[[DataKey], str]], str] | None = None,
-                 accept_format_v1: bool = True) -> None:
+    def __init__(
+        self,
+        data_keys: Iterable[DataKey] = (),
+        revision: int = 0,
+        *,
+        on_expired_use: Callable[[DataKey], None] | None = None,
+        on_allowance: Callable[[DataKey, Callable[[DataKey], str]], str] | None = None,
+        accept_format_v1: bool = True,
+    ) -> None:
         self._by_id: dict[str, DataKey] = {}
         self._active: dict[str, DataKey] = {}
         self._by_prefix: dict[str, DataKey] = {}  # "ac2.<key id>." -> key (version 2 only)
@@ -174,8 +189,15 @@ class Keyring:
 
     # -- fields -------------------------------------------------------------
 
-    def encrypt(self, value: Any, key_type: KeyTypeLike, context: str | bytes | None = None,
-                *, compression_level: int | None = None, purpose: Purpose = _FIELD) -> str:
+    def encrypt(
+        self,
+        value: Any,
+        key_type: KeyTypeLike,
+        context: str | bytes | None = None,
+        *,
+        compression_level: int | None = None,
+        purpose: Purpose = _FIELD,
+    ) -> str:
         """Encrypt ``value`` with the active key of ``key_type`` (AES-256-GCM, text form)."""
         if type(value) is str and compression_level is None and purpose is _FIELD:
             plaintext = STR_TAG + value.encode()
@@ -189,8 +211,13 @@ class Keyring:
                     dk.encryptions = claimed
                     return dk.seal_field(plaintext, context, 0)
             return self.encrypt_bytes(plaintext, key_type, context, purpose=purpose)
-        return self.encrypt_bytes(encode_value(value), key_type, context,
-                                  compression_level=compression_level, purpose=purpose)
+        return self.encrypt_bytes(
+            encode_value(value),
+            key_type,
+            context,
+            compression_level=compression_level,
+            purpose=purpose,
+        )
 
     def _sealed(self, key_type: KeyTypeLike, seal: Callable[[DataKey], str]) -> str:
         """``seal(active key)``, held to the key's usage allowance.
@@ -208,12 +235,20 @@ class Keyring:
             raise KeyStateError(f"key {dk.key_id} reached 2**32 encryptions")
         return seal(dk)
 
-    def encrypt_bytes(self, plaintext: bytes, key_type: KeyTypeLike,
-                      context: str | bytes | None = None, *,
-                      compression_level: int | None = None, purpose: Purpose = _FIELD) -> str:
+    def encrypt_bytes(
+        self,
+        plaintext: bytes,
+        key_type: KeyTypeLike,
+        context: str | bytes | None = None,
+        *,
+        compression_level: int | None = None,
+        purpose: Purpose = _FIELD,
+    ) -> str:
         if len(plaintext) > MAX_FIELD_PLAINTEXT:  # its token would be refused as too long
-            raise ValueError(f"a field holds at most {MAX_FIELD_PLAINTEXT} bytes; "
-                             "use encrypt_bulk_data or encrypt_stream")
+            raise ValueError(
+                f"a field holds at most {MAX_FIELD_PLAINTEXT} bytes; "
+                "use encrypt_bulk_data or encrypt_stream"
+            )
         if compression_level is None and purpose is _FIELD:
             dk = self._active.get(key_type)
             if dk is not None:
@@ -223,22 +258,40 @@ class Keyring:
                     return dk.seal_field(plaintext, context, 0)
             return self._sealed(key_type, lambda dk: dk.seal_field(plaintext, context))
         if compression_level is None:
-            return self._sealed(key_type, lambda dk: dk.seal_text(
-                plaintext, context_bytes(context), purpose=purpose))
+            return self._sealed(
+                key_type,
+                lambda dk: dk.seal_text(plaintext, context_bytes(context), purpose=purpose),
+            )
         compressed = _compression.compress(plaintext, compression_level)
-        return self._sealed(key_type, lambda dk: dk.seal_text(
-            compressed, context_bytes(context), FLAG_ZSTD, purpose=purpose))
+        return self._sealed(
+            key_type,
+            lambda dk: dk.seal_text(compressed, context_bytes(context), FLAG_ZSTD, purpose=purpose),
+        )
 
-    def encrypt_deterministic(self, value: Any, key_type: KeyTypeLike,
-                              context: str | bytes | None = None, *,
-                              purpose: Purpose = _FIELD) -> str:
+    def encrypt_deterministic(
+        self,
+        value: Any,
+        key_type: KeyTypeLike,
+        context: str | bytes | None = None,
+        *,
+        purpose: Purpose = _FIELD,
+    ) -> str:
         """Equal values under the same key and context give equal tokens (AES-SIV)."""
         plaintext = encode_value(value)
-        return self._sealed(key_type, lambda dk: dk.seal_deterministic(
-            plaintext, context_bytes(context), purpose=purpose))
+        return self._sealed(
+            key_type,
+            lambda dk: dk.seal_deterministic(plaintext, context_bytes(context), purpose=purpose),
+        )
 
-    def decrypt(self, token: str, key_type: KeyTypeLike, context: str | bytes | None = None,
-                *, for_reencryption: bool = False, purpose: Purpose = _FIELD) -> Any:
+    def decrypt(
+        self,
+        token: str,
+        key_type: KeyTypeLike,
+        context: str | bytes | None = None,
+        *,
+        for_reencryption: bool = False,
+        purpose: Purpose = _FIELD,
+    ) -> Any:
         """Authenticate, decrypt and decode a text token; every failure is ``DecryptionError``."""
         # Fast path: a small version 2 AES-GCM field token without flags, of a key that
         # is readable and not expired (_open_fast); any other token goes the general way.
@@ -251,15 +304,17 @@ class Keyring:
                     return decode_value(plaintext)
                 except ValueError:
                     pass  # the general path fails too, and says why (only failures pay)
-        plaintext = self._open_general(token, key_type, context,
-                                       for_reencryption=for_reencryption, purpose=purpose)
+        plaintext = self._open_general(
+            token, key_type, context, for_reencryption=for_reencryption, purpose=purpose
+        )
         try:
             return decode_value(plaintext)
         except ValueError:
             raise undecodable(token) from None
 
-    def _open_fast(self, token: str, key_type: KeyTypeLike,
-                   context: str | bytes | None) -> bytes | None:
+    def _open_fast(
+        self, token: str, key_type: KeyTypeLike, context: str | bytes | None
+    ) -> bytes | None:
         """The plaintext of a well-formed field token, or None for the general path.
 
         It makes every check the general path makes (tests/core/test_coverage_keyring.py,
@@ -278,14 +333,17 @@ class Keyring:
         if not dk.readable or dk.expired:
             return None
         try:
-            raw = a2b_base64(token[start:].encode().translate(B64URL_TO_STD),
-                             strict_mode=True)
+            raw = a2b_base64(token[start:].encode().translate(B64URL_TO_STD), strict_mode=True)
             size = len(raw)
             tail = size % 3
             # non-canonical base64 goes the general way (which says so)
-            if size > _MIN_GCM_RAW and raw[0] == _GCM_FIELD and raw[1] == 0 and \
-                    len(token) - start == (size + 2) // 3 * 4 and not (
-                    tail and token[tail - 4] not in B64_CANONICAL_LAST[tail]):
+            if (
+                size > _MIN_GCM_RAW
+                and raw[0] == _GCM_FIELD
+                and raw[1] == 0
+                and len(token) - start == (size + 2) // 3 * 4
+                and not (tail and token[tail - 4] not in B64_CANONICAL_LAST[tail])
+            ):
                 aad = dk.field_aads.get(context) if type(context) is str else None
                 if aad is None:
                     aad = dk.field_aad(context)
@@ -295,19 +353,33 @@ class Keyring:
             pass
         return None
 
-    def decrypt_bytes(self, token: str, key_type: KeyTypeLike,
-                      context: str | bytes | None = None, *,
-                      for_reencryption: bool = False, purpose: Purpose = _FIELD) -> bytes:
+    def decrypt_bytes(
+        self,
+        token: str,
+        key_type: KeyTypeLike,
+        context: str | bytes | None = None,
+        *,
+        for_reencryption: bool = False,
+        purpose: Purpose = _FIELD,
+    ) -> bytes:
         """Authenticate and decrypt a text token; every failure is ``DecryptionError``."""
         if type(token) is str and len(token) <= _FAST_TOKEN_CHARS and purpose is _FIELD:
             plaintext = self._open_fast(token, key_type, context)
             if plaintext is not None:
                 return plaintext
-        return self._open_general(token, key_type, context,
-                                  for_reencryption=for_reencryption, purpose=purpose)
+        return self._open_general(
+            token, key_type, context, for_reencryption=for_reencryption, purpose=purpose
+        )
 
-    def _open_general(self, token: str, key_type: KeyTypeLike, context: str | bytes | None,
-                      *, for_reencryption: bool, purpose: Purpose) -> bytes:
+    def _open_general(  # noqa: C901 - the general decrypt path: each branch is a distinct refusal reason, inlined for speed and each tested
+        self,
+        token: str,
+        key_type: KeyTypeLike,
+        context: str | bytes | None,
+        *,
+        for_reencryption: bool,
+        purpose: Purpose,
+    ) -> bytes:
         """Every token the fast path does not take, and every failure, with its reason."""
         self.general_decrypts += 1
         # Token splitting, check_decryptable and context_bytes inlined.
@@ -322,8 +394,11 @@ class Keyring:
             elif token.startswith(TEXT_PREFIX_V1) and self.accept_format_v1:
                 version = FORMAT_V1
             elif token.startswith(TEXT_PREFIX_V1):
-                raise decryption_failed(_MALFORMED, None, "format version 1 tokens are no "
-                                        "longer read (accept_format_v1=False)")
+                raise decryption_failed(
+                    _MALFORMED,
+                    None,
+                    "format version 1 tokens are no longer read (accept_format_v1=False)",
+                )
             else:
                 raise FormatError("not an aiocrypt text token")
             dot = token.find(".", KEY_ID_DOT_FIRST, KEY_ID_DOT_END)
@@ -344,32 +419,39 @@ class Keyring:
             algorithm, flags = raw[0], raw[1]
             if flags & ~FLAG_ZSTD:
                 raise FormatError("unknown flags")
-            ctx = context.encode("utf-8") if type(context) is str and \
-                len(context) <= 1024 else context_bytes(context)
+            ctx = (
+                context.encode("utf-8")
+                if type(context) is str and len(context) <= 1024
+                else context_bytes(context)
+            )
             if algorithm == ALG_AES_256_GCM:
                 plaintext = dk.open_gcm_raw(flags, raw, ctx, version=version, purpose=purpose)
             elif algorithm == ALG_AES_256_SIV:
-                plaintext = dk.open_siv(flags, raw[TEXT_BODY_HEAD:], ctx, version=version,
-                                        purpose=purpose)
+                plaintext = dk.open_siv(
+                    flags, raw[TEXT_BODY_HEAD:], ctx, version=version, purpose=purpose
+                )
             else:
                 raise FormatError("algorithm not valid in text form")
         except InvalidTag:
-            raise decryption_failed(DecryptionFailure.AUTHENTICATION_FAILED,
-                                    dk.key_id if dk is not None else None) from None
+            raise decryption_failed(
+                DecryptionFailure.AUTHENTICATION_FAILED, dk.key_id if dk is not None else None
+            ) from None
         except ValueError:  # FormatError and bad key ids are ValueErrors
-            raise decryption_failed(_MALFORMED, dk.key_id if dk is not None else None) \
-                from None
+            raise decryption_failed(_MALFORMED, dk.key_id if dk is not None else None) from None
         if flags & FLAG_ZSTD:
             try:  # no bigger than an uncompressed field could be: no decompression bombs
                 return _compression.decompress(plaintext, MAX_FIELD_PLAINTEXT)
             except ValueError:
-                raise decryption_failed(_MALFORMED, dk.key_id, "the decrypted value does not "
-                                        f"decompress within the limits (key {dk.key_id})") \
-                    from None
+                raise decryption_failed(
+                    _MALFORMED,
+                    dk.key_id,
+                    f"the decrypted value does not decompress within the limits (key {dk.key_id})",
+                ) from None
         return plaintext
 
-    def check_decryptable(self, dk: DataKey, key_type: KeyTypeLike, *,
-                          for_reencryption: bool = False) -> None:
+    def check_decryptable(
+        self, dk: DataKey, key_type: KeyTypeLike, *, for_reencryption: bool = False
+    ) -> None:
         if dk.key.key_type != key_type:
             raise wrong_key_type(dk, key_type)
         if not (dk.readable or (for_reencryption and dk.reencryptable)):
@@ -395,5 +477,8 @@ def undecodable(token: str) -> DecryptionError:
     """An authentic plaintext that the value codec refuses (named by the token's key id)."""
     dot = token.find(".", KEY_ID_DOT_FIRST, KEY_ID_DOT_END)
     key_id = token[TEXT_PREFIX_LEN:dot] if dot > 0 else None
-    return decryption_failed(_MALFORMED, key_id, "the decrypted value does not decode"
-                             + (f" (key {key_id})" if key_id else ""))
+    return decryption_failed(
+        _MALFORMED,
+        key_id,
+        "the decrypted value does not decode" + (f" (key {key_id})" if key_id else ""),
+    )

@@ -103,7 +103,8 @@ class EncryptionKey:
             "expires_at": _ts(self.expires_at),
             "kek_id": self.kek_id,
             "wrapped_key": (
-                None if self.wrapped_key is None
+                None
+                if self.wrapped_key is None
                 else base64.b64encode(self.wrapped_key).decode("ascii")
             ),
             "algorithm": self.algorithm,

@@ -46,8 +46,14 @@ _NONE: Final[Mapping[str, str]] = MappingProxyType({})
 class KeysetGuard:
     """Verifies keysets read from one store and seals the ones written to it."""
 
-    def __init__(self, kek_for: Callable[[str], KekProvider], *, where: str,
-                 store_identity: str, state_path: str | None = None) -> None:
+    def __init__(
+        self,
+        kek_for: Callable[[str], KekProvider],
+        *,
+        where: str,
+        store_identity: str,
+        state_path: str | None = None,
+    ) -> None:
         self.where = where
         self._sealer = KeysetSealer(kek_for)
         self._seal: Seal | None = None  # the seal of the last verified keyset
@@ -77,9 +83,11 @@ class KeysetGuard:
 
     async def persist(self) -> None:
         if self._state_file is not None:
-            await anyio.to_thread.run_sync(self._state_file.raise_to,
-                                           {self._identity: self.high_water},
-                                           dict(self._usage_floor))
+            await anyio.to_thread.run_sync(
+                self._state_file.raise_to,
+                {self._identity: self.high_water},
+                dict(self._usage_floor),
+            )
 
     # -- reading --------------------------------------------------------------
 
@@ -89,7 +97,8 @@ class KeysetGuard:
             raise KeyStoreIntegrityError(
                 f"{self.where} went back from revision {self.high_water} to "
                 f"{keyset.revision}: an older copy (a restored backup?) is refused; see the "
-                "runbook to accept a restore deliberately")
+                "runbook to accept a restore deliberately"
+            )
         seal = await self._sealer.verify(keyset.seal, keyset.revision, keyset.keys, self.where)
         self._check_transitions(keyset)
         self._seal = seal
@@ -106,21 +115,30 @@ class KeysetGuard:
             if before is None or before is key.status:
                 continue
             allowed = _TERMINAL.get(before)
-            if (allowed is not None and key.status not in allowed) \
-                    or key.status is KeyStatus.ACTIVE:
+            if (
+                allowed is not None and key.status not in allowed
+            ) or key.status is KeyStatus.ACTIVE:
                 raise KeyStoreIntegrityError(
                     f"{self.where}: key {key.key_id} went from {before.value} back to "
-                    f"{key.status.value}, which aiocrypt never does", key_id=key.key_id)
+                    f"{key.status.value}, which aiocrypt never does",
+                    key_id=key.key_id,
+                )
         gone = sorted(set(self._statuses) - present)
         if gone:
             raise KeyStoreIntegrityError(
                 f"{self.where}: key record {gone[0]} disappeared (records are never deleted)",
-                key_id=gone[0])
+                key_id=gone[0],
+            )
 
     # -- writing --------------------------------------------------------------
 
-    async def seal_for(self, current: KeySet, updates: Sequence[EncryptionKey],
-                       kek: KekProvider, forget: Mapping[str, str] | None = None) -> str:
+    async def seal_for(
+        self,
+        current: KeySet,
+        updates: Sequence[EncryptionKey],
+        kek: KekProvider,
+        forget: Mapping[str, str] | None = None,
+    ) -> str:
         """The seal of the keyset that writing ``updates`` over (verified) ``current`` makes.
 
         The forgotten subject keys carry over, with ``forget`` (subject key id ->

@@ -60,8 +60,9 @@ _MAC_DOMAIN: Final = b"aiocrypt keyset seal v1\x00"
 
 
 def _canonical(data: Any) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True).encode("ascii")
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode(
+        "ascii"
+    )
 
 
 def record_digest(key: EncryptionKey) -> str:
@@ -82,9 +83,14 @@ class Seal:
     """Forgotten subject key id -> the version key id that wrapped it (see ``_subjects``)."""
 
     def _doc(self) -> dict[str, Any]:
-        doc = {"format": SEAL_FORMAT, "version": SEAL_VERSION, "kek_id": self.kek_id,
-               "seal_key": base64.b64encode(self.wrapped_key).decode("ascii"),
-               "revision": self.revision, "records": dict(self.records)}
+        doc = {
+            "format": SEAL_FORMAT,
+            "version": SEAL_VERSION,
+            "kek_id": self.kek_id,
+            "seal_key": base64.b64encode(self.wrapped_key).decode("ascii"),
+            "revision": self.revision,
+            "records": dict(self.records),
+        }
         if self.forgotten:  # only then: seals without it keep their bytes and MACs
             doc["forgotten"] = dict(self.forgotten)
         return doc
@@ -93,8 +99,9 @@ class Seal:
         return _MAC_DOMAIN + _canonical(self._doc())
 
     def to_text(self) -> str:
-        return json.dumps({**self._doc(), "mac": self.mac.hex()}, sort_keys=True,
-                          separators=(",", ":"))
+        return json.dumps(
+            {**self._doc(), "mac": self.mac.hex()}, sort_keys=True, separators=(",", ":")
+        )
 
     @classmethod
     def from_text(cls, text: str | bytes, where: str) -> Seal:
@@ -103,24 +110,38 @@ class Seal:
             raise bad
         try:
             doc = json.loads(text)
-            if not isinstance(doc, dict) or doc.get("format") != SEAL_FORMAT \
-                    or doc.get("version") != SEAL_VERSION:
+            if (
+                not isinstance(doc, dict)
+                or doc.get("format") != SEAL_FORMAT
+                or doc.get("version") != SEAL_VERSION
+            ):
                 raise bad
             kek_id, revision, records = doc["kek_id"], doc["revision"], doc["records"]
-            if not isinstance(kek_id, str) or type(revision) is not int or revision < 1 \
-                    or not isinstance(records, dict):
+            if (
+                not isinstance(kek_id, str)
+                or type(revision) is not int
+                or revision < 1
+                or not isinstance(records, dict)
+            ):
                 raise bad
-            if not all(isinstance(k, str) and isinstance(v, str) and _DIGEST_RE.fullmatch(v)
-                       for k, v in records.items()):
+            if not all(
+                isinstance(k, str) and isinstance(v, str) and _DIGEST_RE.fullmatch(v)
+                for k, v in records.items()
+            ):
                 raise bad
             forgotten = doc.get("forgotten", {})
             if not isinstance(forgotten, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in forgotten.items()):
+                isinstance(k, str) and isinstance(v, str) for k, v in forgotten.items()
+            ):
                 raise bad
-            return cls(kek_id=kek_id,
-                       wrapped_key=base64.b64decode(doc["seal_key"], validate=True),
-                       revision=revision, records=records, mac=bytes.fromhex(doc["mac"]),
-                       forgotten=forgotten)
+            return cls(
+                kek_id=kek_id,
+                wrapped_key=base64.b64decode(doc["seal_key"], validate=True),
+                revision=revision,
+                records=records,
+                mac=bytes.fromhex(doc["mac"]),
+                forgotten=forgotten,
+            )
         except (KeyError, TypeError, ValueError, binascii.Error, RecursionError):
             raise bad from None
 
@@ -155,14 +176,20 @@ class KeysetSealer:
                 raise
             raise KeyStoreIntegrityError(
                 f"{where}: the keyset seal key does not open under KEK {kek_id} (the seal was "
-                "replaced, or this is the wrong master key)") from None
+                "replaced, or this is the wrong master key)"
+            ) from None
         if len(material) != SEAL_KEY_BYTES:
             raise KeyStoreIntegrityError(f"{where}: the keyset seal key has the wrong size")
         self._keys[(kek_id, wrapped)] = material
         return material
 
-    async def verify(self, seal_text: str | bytes | None, revision: int,
-                     keys: Iterable[EncryptionKey], where: str) -> Seal | None:
+    async def verify(
+        self,
+        seal_text: str | bytes | None,
+        revision: int,
+        keys: Iterable[EncryptionKey],
+        where: str,
+    ) -> Seal | None:
         """Check ``keys`` at ``revision`` against the stored seal; return the seal.
 
         An empty store (revision 0, no records, no seal) is valid and returns None.
@@ -176,18 +203,21 @@ class KeysetSealer:
             raise KeyStoreIntegrityError(
                 f"{where} holds key records that are not sealed (a store written before "
                 "aiocrypt sealed keysets, or records added outside aiocrypt): run `aiocrypt "
-                "keys adopt` once, with the master key, to check and seal it", key_id=None)
+                "keys adopt` once, with the master key, to check and seal it",
+                key_id=None,
+            )
         seal = Seal.from_text(seal_text, where)
         material = await self._unwrap(seal.kek_id, seal.wrapped_key, where)
         expected = hmac.new(material, seal.body(), hashlib.sha256).digest()
         if not hmac.compare_digest(expected, seal.mac):
             raise KeyStoreIntegrityError(
-                f"{where}: the keyset seal failed authentication (it was modified outside "
-                "aiocrypt)")
+                f"{where}: the keyset seal failed authentication (it was modified outside aiocrypt)"
+            )
         if seal.revision != revision:
             raise KeyStoreIntegrityError(
                 f"{where}: the store says revision {revision} but its seal is for revision "
-                f"{seal.revision} (the revision was changed outside aiocrypt)")
+                f"{seal.revision} (the revision was changed outside aiocrypt)"
+            )
         seen: set[str] = set()
         for key in keys:
             seen.add(key.key_id)
@@ -195,21 +225,33 @@ class KeysetSealer:
             if digest is None:
                 raise KeyStoreIntegrityError(
                     f"{where}: key record {key.key_id} is not covered by the keyset seal (added "
-                    "outside aiocrypt)", key_id=key.key_id)
+                    "outside aiocrypt)",
+                    key_id=key.key_id,
+                )
             if not hmac.compare_digest(digest, record_digest(key)):
                 raise KeyStoreIntegrityError(
                     f"{where}: key record {key.key_id} does not match the keyset seal (modified "
-                    "outside aiocrypt)", key_id=key.key_id)
+                    "outside aiocrypt)",
+                    key_id=key.key_id,
+                )
             check_identity(key, where)
         missing = sorted(set(seal.records) - seen)
         if missing:
             raise KeyStoreIntegrityError(
                 f"{where}: key record {missing[0]} is sealed but missing from the store "
-                "(deleted outside aiocrypt)", key_id=missing[0])
+                "(deleted outside aiocrypt)",
+                key_id=missing[0],
+            )
         return seal
 
-    async def seal(self, revision: int, keys: Iterable[EncryptionKey], kek: KekProvider,
-                   previous: Seal | None, forgotten: Mapping[str, str] | None = None) -> str:
+    async def seal(
+        self,
+        revision: int,
+        keys: Iterable[EncryptionKey],
+        kek: KekProvider,
+        previous: Seal | None,
+        forgotten: Mapping[str, str] | None = None,
+    ) -> str:
         """A seal for ``keys`` at ``revision``, its key wrapped by ``kek``.
 
         The seal key of ``previous`` (already verified) is reused, wrapped again only
@@ -230,17 +272,29 @@ class KeysetSealer:
             self._keys[(kek.kek_id, wrapped)] = material
         if forgotten is None:
             forgotten = previous.forgotten if previous is not None else {}
-        unsigned = Seal(kek_id=kek.kek_id, wrapped_key=wrapped, revision=revision,
-                        records={k.key_id: record_digest(k) for k in keys}, mac=b"",
-                        forgotten=dict(forgotten))
+        unsigned = Seal(
+            kek_id=kek.kek_id,
+            wrapped_key=wrapped,
+            revision=revision,
+            records={k.key_id: record_digest(k) for k in keys},
+            mac=b"",
+            forgotten=dict(forgotten),
+        )
         mac = hmac.new(material, unsigned.body(), hashlib.sha256).digest()
-        text = Seal(unsigned.kek_id, unsigned.wrapped_key, revision, unsigned.records,
-                    mac, unsigned.forgotten).to_text()
+        text = Seal(
+            unsigned.kek_id,
+            unsigned.wrapped_key,
+            revision,
+            unsigned.records,
+            mac,
+            unsigned.forgotten,
+        ).to_text()
         if len(text) > MAX_SEAL_CHARS:  # every reader would refuse it: never written
             raise KeyStateError(
                 f"the keyset seal would exceed {MAX_SEAL_CHARS} characters ("
                 f"{len(unsigned.forgotten)} forgotten subject keys): retire old key versions "
-                "to prune them (docs/subjects.md)")
+                "to prune them (docs/subjects.md)"
+            )
         return text
 
     def derive(self, seal: Seal, info: bytes) -> bytes:
@@ -262,4 +316,6 @@ def check_identity(key: EncryptionKey, where: str) -> None:
     if not key.key_id.startswith(prefix):
         raise KeyStoreIntegrityError(
             f"{where}: key record {key.key_id} names type {key.key_type.value!r} version "
-            f"{key.version}, which its id does not", key_id=key.key_id)
+            f"{key.version}, which its id does not",
+            key_id=key.key_id,
+        )

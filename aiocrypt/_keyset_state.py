@@ -63,7 +63,8 @@ class KeysetStateFile:
         if not self.path.parent.is_dir():
             raise ConfigurationError(
                 f"keyset state directory {self.path.parent} does not exist "
-                "(ENCRYPTION_KEYSET_STATE_PATH): create it on the application host")
+                "(ENCRYPTION_KEYSET_STATE_PATH): create it on the application host"
+            )
         lock = self.path.with_name(f".{self.path.name}.lock")
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -80,17 +81,18 @@ class KeysetStateFile:
             return KeysetState()
         try:
             doc = json.loads(data)
-            if len(data) > _MAX_BYTES or not isinstance(doc, dict) \
-                    or doc.get("format") != _FORMAT:
+            if len(data) > _MAX_BYTES or not isinstance(doc, dict) or doc.get("format") != _FORMAT:
                 raise ValueError
             return KeysetState(
                 revisions={str(k): int(v) for k, v in dict(doc["revisions"]).items()},
-                usage={str(k): int(v) for k, v in dict(doc["usage"]).items()})
+                usage={str(k): int(v) for k, v in dict(doc["usage"]).items()},
+            )
         except (KeyError, TypeError, ValueError, RecursionError):
             raise ConfigurationError(
                 f"keyset state file {self.path} is unreadable: it is refused rather than "
                 "trusted as empty; restore it, or delete it to accept the store as it is "
-                "now") from None
+                "now"
+            ) from None
 
     def read(self) -> KeysetState:
         with self._locked():
@@ -107,6 +109,9 @@ class KeysetStateFile:
             return state
 
     def _write(self, state: KeysetState) -> None:
-        doc: dict[str, Any] = {"format": _FORMAT, "revisions": state.revisions,
-                               "usage": state.usage}
+        doc: dict[str, Any] = {
+            "format": _FORMAT,
+            "revisions": state.revisions,
+            "usage": state.usage,
+        }
         replace_file(self.path, json.dumps(doc, sort_keys=True).encode("utf-8"))

@@ -117,8 +117,14 @@ class SqlalchemyUtilsReader(LegacyReader):
     write the column can alter them, and they are re-encrypted as they are found.
     """
 
-    def __init__(self, key: str | bytes, engine: SqlalchemyUtilsEngine, *,
-                 padding: str | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        key: str | bytes,
+        engine: SqlalchemyUtilsEngine,
+        *,
+        padding: str | None = None,
+        name: str | None = None,
+    ) -> None:
         if callable(key) or not isinstance(key, (str, bytes)):
             raise TypeError("give the sqlalchemy-utils key itself (str or bytes)")
         secret = hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
@@ -164,8 +170,9 @@ class FernetReader(LegacyReader):
     """Fernet tokens under any of ``keys`` (url-safe base64 Fernet keys, as
     ``MultiFernet`` takes them); ``ttl`` refuses tokens older than that many seconds."""
 
-    def __init__(self, keys: Sequence[str | bytes], *, ttl: int | None = None,
-                 name: str = "fernet") -> None:
+    def __init__(
+        self, keys: Sequence[str | bytes], *, ttl: int | None = None, name: str = "fernet"
+    ) -> None:
         if isinstance(keys, (str, bytes)) or not keys:
             raise TypeError("give a list of one or more Fernet keys")
         self._fernet = MultiFernet([Fernet(k) for k in keys])

@@ -73,14 +73,24 @@ from .kek._base import KekProvider
 from .keystore._base import KeySet, KeyStore
 from .keystore._subjects_base import SubjectKeyStore
 
-__all__ = ["AdoptionReport", "Census", "CleanupEntry", "CleanupReport", "KeyManager",
-           "KeyRetirement", "RetiredKey", "RetirementReason"]
+__all__ = [
+    "AdoptionReport",
+    "Census",
+    "CleanupEntry",
+    "CleanupReport",
+    "KeyManager",
+    "KeyRetirement",
+    "RetiredKey",
+    "RetirementReason",
+]
 
 logger = logging.getLogger("aiocrypt.keys")
 
 Clock = Callable[[], _dt.datetime]
 _WRITE_RETRIES: Final = 5
 _FAR_FUTURE: Final = _dt.datetime.max.replace(tzinfo=_dt.UTC)
+
+
 @dataclass(frozen=True, slots=True)
 class AdoptionReport:
     """What :meth:`KeyManager.adopt_store` found and sealed."""
@@ -107,14 +117,22 @@ class KeyManager:
       per map (by subject for encryption, by key id for decryption; docs/subjects.md).
     """
 
-    def __init__(self, store: KeyStore, kek: KekProvider,
-                 config: EncryptionConfig | None = None, *,
-                 clock: Clock = utcnow, refresh_interval: float = 5.0,
-                 lock_timeout: float = 30.0, auditor: Auditor | None = None,
-                 previous_keks: Sequence[KekProvider] = (), watch: bool = True,
-                 usage_block: int = 65536,
-                 subject_store: SubjectKeyStore | None = None,
-                 subject_cache_size: int = DEFAULT_MAX_CACHED) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        kek: KekProvider,
+        config: EncryptionConfig | None = None,
+        *,
+        clock: Clock = utcnow,
+        refresh_interval: float = 5.0,
+        lock_timeout: float = 30.0,
+        auditor: Auditor | None = None,
+        previous_keks: Sequence[KekProvider] = (),
+        watch: bool = True,
+        usage_block: int = 65536,
+        subject_store: SubjectKeyStore | None = None,
+        subject_cache_size: int = DEFAULT_MAX_CACHED,
+    ) -> None:
         self.store = store
         self.kek = kek
         self.config = config if config is not None else EncryptionConfig()
@@ -136,9 +154,12 @@ class KeyManager:
         self._watch_task: asyncio.Task[None] | None = None
         self._warned_expired: set[str] = set()
         # what is trusted of the store, and why (see the module docstring)
-        self._guard = KeysetGuard(self._kek_by_id, where=f"{store.name} key store",
-                                  store_identity=repr(store),
-                                  state_path=self.config.keyset_state_path)
+        self._guard = KeysetGuard(
+            self._kek_by_id,
+            where=f"{store.name} key store",
+            store_identity=repr(store),
+            state_path=self.config.keyset_state_path,
+        )
         #: Keysets refused because they failed authentication, rolled back or revived a key.
         self.integrity_failures = 0
         #: Why the last refresh refused the store (None when it verified).
@@ -159,8 +180,9 @@ class KeyManager:
         self.subjects = SubjectKeys(self, subject_store, max_cached=subject_cache_size)
 
     def __repr__(self) -> str:
-        return (f"<KeyManager store={self.store.name} kek={self.kek.kek_id} "
-                f"keys={len(self._keyring)}>")
+        return (
+            f"<KeyManager store={self.store.name} kek={self.kek.kek_id} keys={len(self._keyring)}>"
+        )
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -181,8 +203,7 @@ class KeyManager:
             if self._watch_task is not None:
                 self._watch_task.cancel()
                 # bounded: a client library that swallows the cancellation must not hang close()
-                with anyio.move_on_after(5), \
-                        contextlib.suppress(asyncio.CancelledError, Exception):
+                with anyio.move_on_after(5), contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._watch_task
                 self._watch_task = None
             self._usage.cancel_background()
@@ -210,8 +231,9 @@ class KeyManager:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store is down: the bounded-age refresh remains
-                logger.warning("key store change notifications interrupted (%s); retrying",
-                               type(exc).__name__)
+                logger.warning(
+                    "key store change notifications interrupted (%s); retrying", type(exc).__name__
+                )
                 await anyio.sleep(min(5.0, max(0.5, self.refresh_interval)))
 
     # -- the keyring --------------------------------------------------------
@@ -240,8 +262,12 @@ class KeyManager:
             if not force and not self.is_stale():
                 return self._keyring
             revision = await self.store.revision()
-            if (force or revision != self._records.revision or self._deks.expired()
-                    or self._clock() >= self._next_boundary):
+            if (
+                force
+                or revision != self._records.revision
+                or self._deks.expired()
+                or self._clock() >= self._next_boundary
+            ):
                 try:
                     await self._rebuild(await self._read_verified())
                     self.integrity_error = None
@@ -266,7 +292,9 @@ class KeyManager:
             raise KekProviderError(
                 f"{what} is wrapped by KEK {kek_id}, but the configured KEK is "
                 f"{self.kek.kek_id} (pass the old one in previous_keks to finish a master-key "
-                "rotation)", backend=self.kek.backend)
+                "rotation)",
+                backend=self.kek.backend,
+            )
         return provider
 
     @property
@@ -276,8 +304,12 @@ class KeyManager:
     async def _refuse(self, exc: KeyStoreIntegrityError) -> None:
         self.integrity_failures += 1
         logger.error("key store refused: %s", exc)
-        await self.auditor.emit("keystore_integrity_failure", key_id=exc.key_id,
-                                store=self.store.name, reason=str(exc)[:500])
+        await self.auditor.emit(
+            "keystore_integrity_failure",
+            key_id=exc.key_id,
+            store=self.store.name,
+            reason=str(exc)[:500],
+        )
 
     async def _read_verified(self) -> KeySet:
         """Read the store and authenticate it (``KeysetGuard``); refusals are audited."""
@@ -289,8 +321,9 @@ class KeyManager:
             raise
         return keyset
 
-    async def _seal_for(self, current: KeySet, updates: Sequence[EncryptionKey],
-                        kek: KekProvider | None = None) -> str:
+    async def _seal_for(
+        self, current: KeySet, updates: Sequence[EncryptionKey], kek: KekProvider | None = None
+    ) -> str:
         return await self._guard.seal_for(current, updates, kek or self.kek)
 
     async def adopt_store(self) -> AdoptionReport:
@@ -318,7 +351,8 @@ class KeyManager:
                         raise KeyStoreIntegrityError(
                             f"{self._where}: two active {key.key_type.value} keys "
                             f"({active[key.key_type]}, {key.key_id}): not adopted",
-                            key_id=key.key_id)
+                            key_id=key.key_id,
+                        )
                     active[key.key_type] = key.key_id
                 if key.wrapped_key is not None:
                     try:
@@ -326,14 +360,20 @@ class KeyManager:
                     except KekProviderError as exc:
                         raise KeyStoreIntegrityError(
                             f"{self._where}: key record {key.key_id} does not unwrap under the "
-                            f"configured KEK ({exc}): not adopted", key_id=key.key_id) from None
+                            f"configured KEK ({exc}): not adopted",
+                            key_id=key.key_id,
+                        ) from None
             seal = await self._guard.seal_unverified(keyset, self.kek)
             revision = await self.store.write([], expected_revision=keyset.revision, seal=seal)
             await self.auditor.emit(
-                "keystore_adopted", store=self.store.name, revision=revision,
-                keys=[f"{k.key_id}:{k.status.value}" for k in keyset.keys])
-        logger.warning("key store adopted and sealed at revision %d (%d keys)", revision,
-                       len(keyset.keys))
+                "keystore_adopted",
+                store=self.store.name,
+                revision=revision,
+                keys=[f"{k.key_id}:{k.status.value}" for k in keyset.keys],
+            )
+        logger.warning(
+            "key store adopted and sealed at revision %d (%d keys)", revision, len(keyset.keys)
+        )
         return AdoptionReport(False, revision, tuple(k.key_id for k in keyset.keys))
 
     @property
@@ -350,20 +390,28 @@ class KeyManager:
         keys, boundary = await self._deks.build(keyset)
         self._records = keyset
         self._next_boundary = boundary
-        self._keyring = Keyring(keys, keyset.revision,
-                                accept_format_v1=self.config.accept_format_v1,
-                                on_expired_use=self._expired_key_used,
-                                on_allowance=self._usage.sync_allowance)
+        self._keyring = Keyring(
+            keys,
+            keyset.revision,
+            accept_format_v1=self.config.accept_format_v1,
+            on_expired_use=self._expired_key_used,
+            on_allowance=self._usage.sync_allowance,
+        )
         logger.debug("keyring rebuilt at store revision %d: %d keys", keyset.revision, len(keys))
 
     def _expired_key_used(self, dk: DataKey) -> None:
         if dk.key_id in self._warned_expired:
             return
         self._warned_expired.add(dk.key_id)
-        logger.warning("data read with EXPIRED key %s (in its grace period): re-encrypt it",
-                       dk.key_id)
-        self.auditor.emit_nowait("expired_key_used", key_id=dk.key_id,
-                                 key_type=dk.key.key_type.value, past_grace=dk.past_grace)
+        logger.warning(
+            "data read with EXPIRED key %s (in its grace period): re-encrypt it", dk.key_id
+        )
+        self.auditor.emit_nowait(
+            "expired_key_used",
+            key_id=dk.key_id,
+            key_type=dk.key.key_type.value,
+            past_grace=dk.past_grace,
+        )
 
     async def load_key(self, key_id: str) -> DataKey | None:
         """Reload once for a key id this process has not seen (e.g. rotated elsewhere).
@@ -407,9 +455,13 @@ class KeyManager:
 
     # -- changing keys ------------------------------------------------------
 
-    async def _change(self, plan: Callable[[KeySet], Awaitable[Sequence[EncryptionKey]]],
-                      new_material: dict[str, bytes] | None = None, *,
-                      forget: Mapping[str, str] | None = None) -> KeySet:
+    async def _change(
+        self,
+        plan: Callable[[KeySet], Awaitable[Sequence[EncryptionKey]]],
+        new_material: dict[str, bytes] | None = None,
+        *,
+        forget: Mapping[str, str] | None = None,
+    ) -> KeySet:
         """Apply ``plan`` (records to upsert) under the rotation lock, retrying CAS races;
         ``forget`` adds subject keys to the sealed forgotten-set (a write even without
         records)."""
@@ -424,8 +476,7 @@ class KeyManager:
                     return current
                 seal = await self._guard.seal_for(current, updates, self.kek, forget)
                 try:
-                    await self.store.write(updates, expected_revision=current.revision,
-                                           seal=seal)
+                    await self.store.write(updates, expected_revision=current.revision, seal=seal)
                 except ConcurrentModificationError:
                     continue
                 keyset = await self._read_verified()
@@ -438,8 +489,9 @@ class KeyManager:
 
     # -- key transitions (_key_lifecycle) --------------------------------------
 
-    async def generate_key(self, key_type: KeyTypeLike,
-                           key_size: int | None = None) -> EncryptionKey:
+    async def generate_key(
+        self, key_type: KeyTypeLike, key_size: int | None = None
+    ) -> EncryptionKey:
         """Create a new version of ``key_type`` and make it active (the old one decrypts only).
 
         ``key_type`` must be declared (``config.known_key_types``): else
@@ -508,8 +560,9 @@ class KeyManager:
         """
         return await self._lifecycle.mark_compromised(key_id, reason)
 
-    async def list_keys(self, key_type: KeyTypeLike | None = None,
-                        status: KeyStatus | str | None = None) -> list[EncryptionKey]:
+    async def list_keys(
+        self, key_type: KeyTypeLike | None = None, status: KeyStatus | str | None = None
+    ) -> list[EncryptionKey]:
         if not self._opened:
             await self.open()
         await self.refresh(force=True)
@@ -517,14 +570,22 @@ class KeyManager:
             raise self.integrity_error
         kt = None if key_type is None else KeyType(key_type)
         st = None if status is None else KeyStatus(status)
-        keys = [k for k in self._records.keys
-                if (kt is None or k.key_type == kt) and (st is None or k.status is st)]
+        keys = [
+            k
+            for k in self._records.keys
+            if (kt is None or k.key_type == kt) and (st is None or k.status is st)
+        ]
         return sorted(keys, key=lambda k: (k.key_type.value, k.version))
 
     # -- references, cleanup, minimum versions (_key_retirement) --------------
 
-    async def cleanup_expired_keys(self, *, confirm_unreferenced: Iterable[str] = (),
-                                   census: Census | None = None, force: bool = False) -> int:
+    async def cleanup_expired_keys(
+        self,
+        *,
+        confirm_unreferenced: Iterable[str] = (),
+        census: Census | None = None,
+        force: bool = False,
+    ) -> int:
         """Destroy keys past max age + grace that nothing references; return how many.
 
         A key is destroyed only when the census says no data is left on it, or
@@ -534,28 +595,51 @@ class KeyManager:
         says why. Retired keys past max age are marked EXPIRED on the way. Active
         keys are never destroyed: rotate them first.
         """
-        return len((await self.cleanup(confirm_unreferenced=confirm_unreferenced,
-                                       census=census, force=force)).destroyed)
+        return len(
+            (
+                await self.cleanup(
+                    confirm_unreferenced=confirm_unreferenced, census=census, force=force
+                )
+            ).destroyed
+        )
 
-    async def cleanup(self, *, confirm_unreferenced: Iterable[str] = (),
-                      census: Census | None = None, force: bool = False) -> CleanupReport:
+    async def cleanup(
+        self,
+        *,
+        confirm_unreferenced: Iterable[str] = (),
+        census: Census | None = None,
+        force: bool = False,
+    ) -> CleanupReport:
         """:meth:`cleanup_expired_keys` with the detail: each key destroyed and kept, why."""
-        return await self._references.cleanup(confirm_unreferenced=confirm_unreferenced,
-                                              census=census, force=force)
+        return await self._references.cleanup(
+            confirm_unreferenced=confirm_unreferenced, census=census, force=force
+        )
 
-    async def cleanup_report(self, *, confirm_unreferenced: Iterable[str] = (),
-                             census: Census | None = None, force: bool = False) \
-            -> dict[str, list[dict[str, str]]]:
+    async def cleanup_report(
+        self,
+        *,
+        confirm_unreferenced: Iterable[str] = (),
+        census: Census | None = None,
+        force: bool = False,
+    ) -> dict[str, list[dict[str, str]]]:
         """:meth:`cleanup` as a dict: ``{"destroyed": [...], "kept": [...]}``."""
-        return (await self.cleanup(confirm_unreferenced=confirm_unreferenced, census=census,
-                                   force=force)).to_dict()
+        return (
+            await self.cleanup(
+                confirm_unreferenced=confirm_unreferenced, census=census, force=force
+            )
+        ).to_dict()
 
     async def get_min_decryption_version(self, key_type: KeyTypeLike) -> int:
         return await self._references.get_min_decryption_version(key_type)
 
-    async def set_min_decryption_version(self, key_type: KeyTypeLike, version: int, *,
-                                         confirm_unreferenced: Iterable[str] = (),
-                                         census: Census | None = None) -> int:
+    async def set_min_decryption_version(
+        self,
+        key_type: KeyTypeLike,
+        version: int,
+        *,
+        confirm_unreferenced: Iterable[str] = (),
+        census: Census | None = None,
+    ) -> int:
         """Refuse decryption with versions below ``version`` (Vault's min_decryption_version).
 
         Raising it is allowed only when no data references an older version
@@ -563,11 +647,17 @@ class KeyManager:
         refused, confirmed or not); lowering it re-enables them.
         """
         return await self._references.set_min_decryption_version(
-            key_type, version, confirm_unreferenced=confirm_unreferenced, census=census)
+            key_type, version, confirm_unreferenced=confirm_unreferenced, census=census
+        )
 
-    async def retire_key(self, key_id: str, *, census: Census | None = None,
-                         confirm_unreferenced: Iterable[str] = (),
-                         dry_run: bool = False) -> KeyRetirement:
+    async def retire_key(
+        self,
+        key_id: str,
+        *,
+        census: Census | None = None,
+        confirm_unreferenced: Iterable[str] = (),
+        dry_run: bool = False,
+    ) -> KeyRetirement:
         """Destroy ``key_id`` now, whatever its age, once no data references it.
 
         For a key that is no longer active (after a rotation and a full
@@ -581,11 +671,17 @@ class KeyManager:
         changes nothing.
         """
         return await self._references.retire_key(
-            key_id, census=census, confirm_unreferenced=confirm_unreferenced, dry_run=dry_run)
+            key_id, census=census, confirm_unreferenced=confirm_unreferenced, dry_run=dry_run
+        )
 
-    async def retire_key_type(self, key_type: KeyTypeLike, *, census: Census | None = None,
-                              confirm_unreferenced: Iterable[str] = (),
-                              dry_run: bool = False) -> KeyRetirement:
+    async def retire_key_type(
+        self,
+        key_type: KeyTypeLike,
+        *,
+        census: Census | None = None,
+        confirm_unreferenced: Iterable[str] = (),
+        dry_run: bool = False,
+    ) -> KeyRetirement:
         """Retire a key type created by mistake: destroy every key of it, the active one too.
 
         Only for a type the configuration does not declare (``config.known_key_types``):
@@ -600,8 +696,8 @@ class KeyManager:
         its ``refresh_interval``) writes data no key opens.
         """
         return await self._references.retire_key_type(
-            key_type, census=census, confirm_unreferenced=confirm_unreferenced,
-            dry_run=dry_run)
+            key_type, census=census, confirm_unreferenced=confirm_unreferenced, dry_run=dry_run
+        )
 
     # -- master-key rotation (_key_rewrap) --------------------------------------
 
@@ -626,13 +722,13 @@ class KeyManager:
         are written with optimistic concurrency, so an interrupted run can simply
         be repeated. The store itself is resealed under the current KEK at the end.
         """
-        return await _key_rewrap.rewrap_keys(self, only_foreign=only_foreign,
-                                             batch_size=batch_size)
+        return await _key_rewrap.rewrap_keys(self, only_foreign=only_foreign, batch_size=batch_size)
 
     # -- subject keys (_subjects_keys) -------------------------------------------
 
-    async def rewrap_subjects(self, key_type: KeyTypeLike, *,
-                              batch_size: int = 1000) -> SubjectRewrapReport:
+    async def rewrap_subjects(
+        self, key_type: KeyTypeLike, *, batch_size: int = 1000
+    ) -> SubjectRewrapReport:
         """Wrap every subject key of ``key_type`` still under an older version again under
         the active one, in batches (after a rotation; no data is touched).
 

@@ -30,5 +30,6 @@ def parse_bool(name: str, value: Any) -> bool:
             return True
         if word in FALSE_WORDS:
             return False
-    raise ConfigurationError(f"{name} must be true or false (one of 1, true, yes, on, 0, "
-                             f"false, no, off), got {value!r}")
+    raise ConfigurationError(
+        f"{name} must be true or false (one of 1, true, yes, on, 0, false, no, off), got {value!r}"
+    )

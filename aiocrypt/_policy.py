@@ -8,8 +8,14 @@ from ._config import KeyRotationPolicy
 from ._keys import EncryptionKey
 from ._types import KeyStatus
 
-__all__ = ["grace_end", "is_expired", "is_past_grace", "rotation_due", "rotation_reason",
-           "usage_block"]
+__all__ = [
+    "grace_end",
+    "is_expired",
+    "is_past_grace",
+    "rotation_due",
+    "rotation_reason",
+    "usage_block",
+]
 
 
 def grace_end(key: EncryptionKey, policy: KeyRotationPolicy) -> _dt.datetime:
@@ -29,8 +35,9 @@ def is_past_grace(key: EncryptionKey, policy: KeyRotationPolicy, now: _dt.dateti
     return now >= grace_end(key, policy)
 
 
-def rotation_reason(key: EncryptionKey, policy: KeyRotationPolicy, now: _dt.datetime,
-                    usage: int = 0) -> str | None:
+def rotation_reason(
+    key: EncryptionKey, policy: KeyRotationPolicy, now: _dt.datetime, usage: int = 0
+) -> str | None:
     """Why the active ``key`` must be replaced now ("expiry", "usage", "age"), or None.
 
     Expiry and usage force a rotation even with ``auto_rotation`` off: past them

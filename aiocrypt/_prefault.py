@@ -57,8 +57,9 @@ def supported() -> bool:
             probe = mmap.mmap(-1, mmap.PAGESIZE)
             anchor = ctypes.c_char.from_buffer(probe)
             try:
-                _supported = _function()(ctypes.addressof(anchor), mmap.PAGESIZE,
-                                         MADV_POPULATE_WRITE) == 0
+                _supported = (
+                    _function()(ctypes.addressof(anchor), mmap.PAGESIZE, MADV_POPULATE_WRITE) == 0
+                )
             except (OSError, AttributeError):  # pragma: no cover - a libc without madvise
                 _supported = False
             finally:

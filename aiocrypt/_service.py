@@ -114,11 +114,16 @@ class EncryptionService:
     explicitly. ``service.keyring`` is a snapshot sync code can use once started.
     """
 
-    def __init__(self, key_manager: KeyManager, config: EncryptionConfig | None = None, *,
-                 clock: Callable[[], _dt.datetime] = utcnow,
-                 preload: Sequence[KeyTypeLike] = (),
-                 accept_format_v1: bool = True,
-                 parallel_bulk: bool | None = None) -> None:
+    def __init__(
+        self,
+        key_manager: KeyManager,
+        config: EncryptionConfig | None = None,
+        *,
+        clock: Callable[[], _dt.datetime] = utcnow,
+        preload: Sequence[KeyTypeLike] = (),
+        accept_format_v1: bool = True,
+        parallel_bulk: bool | None = None,
+    ) -> None:
         self.key_manager = key_manager
         self.config = config if config is not None else key_manager.config
         self._clock = clock
@@ -127,8 +132,9 @@ class EncryptionService:
         self._threshold = perf.inline_threshold
         self._segment_size = perf.segment_size
         # whether any key type is compressed: the field hot path checks this bool only
-        self._compressing = self.config.compression_enabled \
-            or bool(self.config.compressed_key_types)
+        self._compressing = self.config.compression_enabled or bool(
+            self.config.compressed_key_types
+        )
         self._limiter = anyio.CapacityLimiter(perf.thread_limit)
         #: Whether bulk data is sealed and opened by several worker threads at once
         #: (None: probe whether the installed cryptography releases the GIL, once).
@@ -206,8 +212,7 @@ class EncryptionService:
         the service may run more than one thread; else it is sealed inline."""
         if self._parallel_bulk is None:
             releases = await anyio.to_thread.run_sync(aead_releases_gil)
-            self._parallel_bulk = releases and usable_cores() > 1 \
-                and self._limiter.total_tokens > 1
+            self._parallel_bulk = releases and usable_cores() > 1 and self._limiter.total_tokens > 1
         return self._parallel_bulk
 
     async def _stream_workers(self) -> int:
@@ -232,8 +237,9 @@ class EncryptionService:
         if job.segments > 1 and await self.parallel_bulk():
             try:
                 async with anyio.create_task_group() as group:
-                    for first, stop in job.ranges(min(int(self._limiter.total_tokens),
-                                                      usable_cores())):
+                    for first, stop in job.ranges(
+                        min(int(self._limiter.total_tokens), usable_cores())
+                    ):
                         group.start_soon(self._run, job.run_range, first, stop)
             except BaseExceptionGroup as failed:  # a part failed: the others were cancelled
                 first_error = failed.exceptions[0]
@@ -256,7 +262,8 @@ class EncryptionService:
         self.counters["prefaulted_buffers"] += 1
         prefault = Prefaulter(job.output, asyncio.get_running_loop())
         worker = asyncio.ensure_future(
-            anyio.to_thread.run_sync(prefault.run, limiter=self._limiter))
+            anyio.to_thread.run_sync(prefault.run, limiter=self._limiter)
+        )
         try:
             while True:
                 await prefault.wait_for(job.step_output_end(INLINE_BYTES))
@@ -270,9 +277,14 @@ class EncryptionService:
 
     # -- fields -------------------------------------------------------------
 
-    async def encrypt_field(self, value: Any, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
-                            *, context: str | bytes | None = None,
-                            subject: str | None = None) -> str:
+    async def encrypt_field(
+        self,
+        value: Any,
+        key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
+        *,
+        context: str | bytes | None = None,
+        subject: str | None = None,
+    ) -> str:
         """Encrypt one value (any codec type) to a text token bound to ``context``.
 
         ``subject``: seal it under that data subject's own key of ``key_type``
@@ -291,15 +303,15 @@ class EncryptionService:
         manager = self.key_manager
         keyring = manager.keyring
         dk = keyring.get_active(kt)
-        if dk is None or dk.encryptions >= dk.allowance or not self._started \
-                or manager.is_stale():
+        if dk is None or dk.encryptions >= dk.allowance or not self._started or manager.is_stale():
             keyring = await self._keyring(kt)
             dk = keyring.active(kt)
-        if type(value) is str and not self._compressing \
-                and len(value) <= self._threshold >> 2:  # UTF-8: at most 4 bytes a character
+        if (
+            type(value) is str and not self._compressing and len(value) <= self._threshold >> 2
+        ):  # UTF-8: at most 4 bytes a character
             plaintext = STR_TAG + value.encode()  # the common case
             claimed = dk.encryptions + 1  # check and count with no call between (threads
-            if claimed > dk.allowance:    # sealing with this key too cannot pass the limit)
+            if claimed > dk.allowance:  # sealing with this key too cannot pass the limit)
                 return await self.encrypt_field(value, kt, context=context)
             dk.encryptions = claimed
             token = dk.seal_field(plaintext, context, 0)
@@ -329,12 +341,20 @@ class EncryptionService:
             dk = await manager.subjects.key_for(kt, subject)
         return dk
 
-    def _seal_subject(self, dk: DataKey, plaintext: bytes, kt: KeyType,
-                      context: str | bytes | None, purpose: Purpose = Purpose.FIELD) -> str:
+    def _seal_subject(
+        self,
+        dk: DataKey,
+        plaintext: bytes,
+        kt: KeyType,
+        context: str | bytes | None,
+        purpose: Purpose = Purpose.FIELD,
+    ) -> str:
         """A text token of ``plaintext`` under the subject key ``dk`` (as the keyring seals)."""
         if len(plaintext) > MAX_FIELD_PLAINTEXT:
-            raise ValueError(f"a field holds at most {MAX_FIELD_PLAINTEXT} bytes; "
-                             "use encrypt_bulk_data or encrypt_stream")
+            raise ValueError(
+                f"a field holds at most {MAX_FIELD_PLAINTEXT} bytes; "
+                "use encrypt_bulk_data or encrypt_stream"
+            )
         if dk.encryptions >= GCM_MESSAGE_LIMIT:
             raise KeyStateError(f"subject key {dk.key_id} reached 2**32 encryptions")
         level = self.compression_level_for(kt)
@@ -342,8 +362,12 @@ class EncryptionService:
             return dk.seal_field(plaintext, context)
         if level is None:
             return dk.seal_text(plaintext, context_bytes(context), purpose=purpose)
-        return dk.seal_text(_compression.compress(plaintext, level), context_bytes(context),
-                            FLAG_ZSTD, purpose=purpose)
+        return dk.seal_text(
+            _compression.compress(plaintext, level),
+            context_bytes(context),
+            FLAG_ZSTD,
+            purpose=purpose,
+        )
 
     async def _subject_ring(self, token: str) -> Keyring:
         """The one-key keyring of the subject key ``token`` names (``DecryptionError`` if
@@ -360,27 +384,38 @@ class EncryptionService:
         """The zstd level for ``key_type``'s data (None: not compressed); see the config's."""
         return self.config.compression_level_for(key_type) if self._compressing else None
 
-    def _encrypt_bytes(self, keyring: Keyring, plaintext: bytes, kt: KeyType,
-                       context: str | bytes | None, purpose: Purpose = Purpose.FIELD) -> str:
-        return keyring.encrypt_bytes(plaintext, kt, context,
-                                     compression_level=self.compression_level_for(kt),
-                                     purpose=purpose)
+    def _encrypt_bytes(
+        self,
+        keyring: Keyring,
+        plaintext: bytes,
+        kt: KeyType,
+        context: str | bytes | None,
+        purpose: Purpose = Purpose.FIELD,
+    ) -> str:
+        return keyring.encrypt_bytes(
+            plaintext,
+            kt,
+            context,
+            compression_level=self.compression_level_for(kt),
+            purpose=purpose,
+        )
 
-    async def _encrypt_value(self, value: Any, kt: KeyType, context: str | bytes | None,
-                             purpose: Purpose) -> str:
+    async def _encrypt_value(
+        self, value: Any, kt: KeyType, context: str | bytes | None, purpose: Purpose
+    ) -> str:
         """:meth:`encrypt_field` for another purpose (sessions): the general path only."""
         keyring = await self._keyring(kt)
         plaintext = encode_value(value)
         if len(plaintext) > self._threshold:
-            token = await self._run(self._encrypt_bytes, keyring, plaintext, kt, context,
-                                    purpose)
+            token = await self._run(self._encrypt_bytes, keyring, plaintext, kt, context, purpose)
         else:
             token = self._encrypt_bytes(keyring, plaintext, kt, context, purpose)
         self._encryptions += 1
         return token
 
-    async def _encrypt_subject_value(self, value: Any, kt: KeyType, context: str | bytes | None,
-                                     purpose: Purpose, subject: str) -> str:
+    async def _encrypt_subject_value(
+        self, value: Any, kt: KeyType, context: str | bytes | None, purpose: Purpose, subject: str
+    ) -> str:
         """:meth:`_encrypt_value` under ``subject``'s key of ``kt``."""
         dk = await self._subject_key(kt, subject)
         plaintext = encode_value(value)
@@ -391,8 +426,13 @@ class EncryptionService:
         self._encryptions += 1
         return token
 
-    async def decrypt_field(self, token: str, key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
-                            *, context: str | bytes | None = None) -> Any:
+    async def decrypt_field(
+        self,
+        token: str,
+        key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
+        *,
+        context: str | bytes | None = None,
+    ) -> Any:
         """Decrypt a token from :meth:`encrypt_field`; any failure is ``DecryptionError``."""
         kt = key_type if type(key_type) is KeyType else KeyType(key_type)
         manager = self.key_manager
@@ -420,8 +460,9 @@ class EncryptionService:
                 return value
         return await self._decrypt_value(token, kt, context, Purpose.FIELD)
 
-    async def _decrypt_value(self, token: str, kt: KeyType, context: str | bytes | None,
-                             purpose: Purpose) -> Any:
+    async def _decrypt_value(
+        self, token: str, kt: KeyType, context: str | bytes | None, purpose: Purpose
+    ) -> Any:
         """:meth:`decrypt_field`'s general path, for any purpose (sessions use it too)."""
         plaintext = await self._decrypt_bytes(token, kt, context, purpose)
         try:
@@ -430,8 +471,9 @@ class EncryptionService:
             self.counters["decrypt_failures"] += 1
             raise undecodable(token) from None
 
-    async def _decrypt_bytes(self, token: str, kt: KeyType, context: str | bytes | None,
-                             purpose: Purpose = Purpose.FIELD) -> bytes:
+    async def _decrypt_bytes(
+        self, token: str, kt: KeyType, context: str | bytes | None, purpose: Purpose = Purpose.FIELD
+    ) -> bytes:
         if not isinstance(token, str):
             raise TypeError(f"token must be str, not {type(token).__name__}")
         manager = self.key_manager
@@ -445,8 +487,11 @@ class EncryptionService:
                 raise _v1_refused()
             try:
                 if len(token) > self._threshold:
-                    plaintext = await self._run(functools.partial(
-                        keyring.decrypt_bytes, token, kt, context, purpose=purpose))
+                    plaintext = await self._run(
+                        functools.partial(
+                            keyring.decrypt_bytes, token, kt, context, purpose=purpose
+                        )
+                    )
                 else:
                     plaintext = keyring.decrypt_bytes(token, kt, context, purpose=purpose)
             except UnknownKeyError as exc:
@@ -476,23 +521,30 @@ class EncryptionService:
         """
         record = self.key_manager._records.by_id().get(key_id)
         if record is not None and record.status is KeyStatus.DESTROYED:
-            return decryption_failed(DecryptionFailure.KEY_NOT_READABLE, key_id,
-                                     f"key {key_id} was destroyed")
-        return decryption_failed(DecryptionFailure.UNKNOWN_KEY, key_id,
-                                 f"key {key_id} is not in this key store")
+            return decryption_failed(
+                DecryptionFailure.KEY_NOT_READABLE, key_id, f"key {key_id} was destroyed"
+            )
+        return decryption_failed(
+            DecryptionFailure.UNKNOWN_KEY, key_id, f"key {key_id} is not in this key store"
+        )
 
     async def _record_failures(self, kt: KeyType, failures: int, batch_size: int = 1) -> None:
         self.counters["decrypt_failures"] += failures
         self.counters[f"decrypt_failures:{kt.value}"] += failures
         await self.key_manager.auditor.record_failures(
-            kt.value, failures, successes_total=self._decryptions, batch_size=batch_size)
+            kt.value, failures, successes_total=self._decryptions, batch_size=batch_size
+        )
 
-    async def encrypt_many(self, values: Sequence[Any],
-                           key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
-                           context: str | bytes | None = None,
-                           contexts: Sequence[str | bytes | None] | None = None,
-                           subject: str | None = None,
-                           subjects: Sequence[str | None] | None = None) -> list[str]:
+    async def encrypt_many(
+        self,
+        values: Sequence[Any],
+        key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
+        *,
+        context: str | bytes | None = None,
+        contexts: Sequence[str | bytes | None] | None = None,
+        subject: str | None = None,
+        subjects: Sequence[str | None] | None = None,
+    ) -> list[str]:
         """Encrypt a batch with one keyring lookup; ``contexts`` gives one context per value.
 
         ``subject`` seals the whole batch under one data subject's key, ``subjects``
@@ -502,8 +554,7 @@ class EncryptionService:
         ctxs = self._contexts(len(values), context, contexts)
         if subject is not None or subjects is not None:
             return await self._encrypt_many_subjects(values, kt, ctxs, subject, subjects)
-        plaintexts = [STR_TAG + v.encode() if type(v) is str else encode_value(v)
-                      for v in values]
+        plaintexts = [STR_TAG + v.encode() if type(v) is str else encode_value(v) for v in values]
         tokens: list[str] = []
         level = self.compression_level_for(kt)
         while len(tokens) < len(plaintexts):
@@ -514,39 +565,56 @@ class EncryptionService:
             end = min(len(plaintexts), start + dk.allowance - dk.encryptions)
             chunk = plaintexts[start:end]
 
-            def work(keyring: Keyring = keyring, start: int = start, end: int = end,
-                     chunk: list[bytes] = chunk, dk: DataKey = dk) -> list[str]:
+            def work(
+                keyring: Keyring = keyring,
+                start: int = start,
+                end: int = end,
+                chunk: list[bytes] = chunk,
+                dk: DataKey = dk,
+            ) -> list[str]:
                 if level is None:
                     return dk.seal_fields(chunk, ctxs[start:end])
-                return [keyring.encrypt_bytes(p, kt, ctxs[start + i], compression_level=level)
-                        for i, p in enumerate(chunk)]
+                return [
+                    keyring.encrypt_bytes(p, kt, ctxs[start + i], compression_level=level)
+                    for i, p in enumerate(chunk)
+                ]
 
             large = sum(len(p) for p in chunk) > self._threshold
             tokens.extend(await self._run(work) if large else work())
         self._encryptions += len(tokens)
         return tokens
 
-    async def _encrypt_many_subjects(self, values: Sequence[Any], kt: KeyType,
-                                     ctxs: Sequence[str | bytes | None], subject: str | None,
-                                     subjects: Sequence[str | None] | None) -> list[str]:
+    async def _encrypt_many_subjects(
+        self,
+        values: Sequence[Any],
+        kt: KeyType,
+        ctxs: Sequence[str | bytes | None],
+        subject: str | None,
+        subjects: Sequence[str | None] | None,
+    ) -> list[str]:
         if subjects is None:
             subjects = [subject] * len(values)
         elif subject is not None:
             raise ValueError("pass subject or subjects, not both")
         elif len(subjects) != len(values):
             raise ValueError(f"{len(subjects)} subjects for {len(values)} values")
-        keys = {s: await self._subject_key(kt, s) for s in dict.fromkeys(subjects)
-                if s is not None}
+        keys = {s: await self._subject_key(kt, s) for s in dict.fromkeys(subjects) if s is not None}
         tokens: list[str | None] = [None] * len(values)
         plain = [i for i, s in enumerate(subjects) if s is None]
         if plain:
-            for i, token in zip(plain, await self.encrypt_many(
-                    [values[i] for i in plain], kt, contexts=[ctxs[i] for i in plain]),
-                    strict=True):
+            for i, token in zip(
+                plain,
+                await self.encrypt_many(
+                    [values[i] for i in plain], kt, contexts=[ctxs[i] for i in plain]
+                ),
+                strict=True,
+            ):
                 tokens[i] = token
-        plaintexts = {i: (keys[s], STR_TAG + v.encode() if type(v) is str else encode_value(v))
-                      for i, (v, s) in enumerate(zip(values, subjects, strict=True))
-                      if s is not None}
+        plaintexts = {
+            i: (keys[s], STR_TAG + v.encode() if type(v) is str else encode_value(v))
+            for i, (v, s) in enumerate(zip(values, subjects, strict=True))
+            if s is not None
+        }
 
         def work() -> None:
             for i, (dk, plaintext) in plaintexts.items():
@@ -559,10 +627,14 @@ class EncryptionService:
         self._encryptions += len(plaintexts)
         return [t for t in tokens if t is not None]
 
-    async def decrypt_many(self, tokens: Sequence[str],
-                           key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
-                           context: str | bytes | None = None,
-                           contexts: Sequence[str | bytes | None] | None = None) -> list[Any]:
+    async def decrypt_many(  # noqa: C901 - the batch decrypt: fast path, per-token fallback and failure counting in one loop for speed
+        self,
+        tokens: Sequence[str],
+        key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
+        *,
+        context: str | bytes | None = None,
+        contexts: Sequence[str | bytes | None] | None = None,
+    ) -> list[Any]:
         """Decrypt a batch; if any token fails, ``DecryptionError`` (after auditing the batch).
 
         A batch in which more than half the tokens fail is reported as one
@@ -579,8 +651,12 @@ class EncryptionService:
         errors: dict[int, DecryptionError] = {}
         # subject keys: one keyring (or the reason it cannot be read) per key id named
         rings = await self.key_manager.subjects.rings(
-            {token_key_id(t) for t in tokens
-             if type(t) is str and t.startswith(SUBJECT_TOKEN_PREFIX)})
+            {
+                token_key_id(t)
+                for t in tokens
+                if type(t) is str and t.startswith(SUBJECT_TOKEN_PREFIX)
+            }
+        )
 
         def ring_for(keyring: Keyring, token: str) -> Keyring:
             if not rings or not token.startswith(SUBJECT_TOKEN_PREFIX):
@@ -611,15 +687,21 @@ class EncryptionService:
                 return None
 
         large = sum(len(t) for t in tokens) > self._threshold
-        values = None if rings else \
-            await self._run(all_or_nothing, keyring) if large else all_or_nothing(keyring)
+        values = (
+            None
+            if rings
+            else await self._run(all_or_nothing, keyring)
+            if large
+            else all_or_nothing(keyring)
+        )
         if values is not None:
             self._decryptions += len(values)
             await self._flush_audit()
             return values
         everything = range(len(tokens))
-        done, unknown = await self._run(work, keyring, everything) if large else \
-            work(keyring, everything)
+        done, unknown = (
+            await self._run(work, keyring, everything) if large else work(keyring, everything)
+        )
         if unknown:  # keys rotated elsewhere: load each once, retry what is left
             for key_id in unknown:
                 await self.key_manager.load_key(key_id)
@@ -638,8 +720,9 @@ class EncryptionService:
         return [done[i] for i in everything]
 
     @staticmethod
-    def _contexts(n: int, context: str | bytes | None,
-                  contexts: Sequence[str | bytes | None] | None) -> Sequence[str | bytes | None]:
+    def _contexts(
+        n: int, context: str | bytes | None, contexts: Sequence[str | bytes | None] | None
+    ) -> Sequence[str | bytes | None]:
         if contexts is None:
             return [context] * n
         if context is not None:
@@ -650,10 +733,15 @@ class EncryptionService:
 
     # -- bulk data ----------------------------------------------------------
 
-    async def encrypt_bulk_data(self, data: bytes | bytearray | memoryview,
-                                key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
-                                context: str | bytes | None = None,
-                                out: Any = None, subject: str | None = None) -> EncryptedData:
+    async def encrypt_bulk_data(
+        self,
+        data: bytes | bytearray | memoryview,
+        key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
+        *,
+        context: str | bytes | None = None,
+        out: Any = None,
+        subject: str | None = None,
+    ) -> EncryptedData:
         """Encrypt a blob: one GCM message when small, 1 MiB segments when large.
 
         Large payloads are sealed inline with a yield to the event loop every MiB
@@ -675,8 +763,10 @@ class EncryptionService:
         kt = KeyType(key_type)
         level = self.compression_level_for(kt)
         if out is not None and level is not None:
-            raise ValueError(f"out= cannot take compressed bulk data: {kt.value} is "
-                             "compressed, so its size is not known in advance")
+            raise ValueError(
+                f"out= cannot take compressed bulk data: {kt.value} is "
+                "compressed, so its size is not known in advance"
+            )
         keyring = await self._keyring(kt)
         dk = keyring.active(kt) if subject is None else await self._subject_key(kt, subject)
         ctx = context_bytes(context)
@@ -686,31 +776,48 @@ class EncryptionService:
         if not large:
             if level is not None:
                 payload = _compression.compress(payload, level)
-            target = None if out is None else \
-                output_buffer(out, len(payload) + 16, "the result")
+            target = None if out is None else output_buffer(out, len(payload) + 16, "the result")
             result = encrypt_bulk(dk, payload, ctx, flags=0 if level is None else FLAG_ZSTD)
             if target is not None:
                 size = len(result.encrypted_data)
                 target[:size] = result.encrypted_data
                 target[size:] = result.tag
-                result = EncryptedData(target[:size].toreadonly(), result.key_id,
-                                       result.algorithm, result.iv, result.tag)
+                result = EncryptedData(
+                    target[:size].toreadonly(),
+                    result.key_id,
+                    result.algorithm,
+                    result.iv,
+                    result.tag,
+                )
         else:
             if level is not None:
                 # one zstd record per segment, as compressed streams hold
-                payload = memoryview(await self._run(_compression.compress_records, payload,
-                                                     level, self._segment_size))
-            job = BulkSealer(dk, payload, ctx, flags=0 if level is None else FLAG_ZSTD,
-                             segment_size=self._segment_size, out=out)
+                payload = memoryview(
+                    await self._run(
+                        _compression.compress_records, payload, level, self._segment_size
+                    )
+                )
+            job = BulkSealer(
+                dk,
+                payload,
+                ctx,
+                flags=0 if level is None else FLAG_ZSTD,
+                segment_size=self._segment_size,
+                out=out,
+            )
             await self._bulk_parts(job)
             result = job.result()
         self.counters["bulk_encryptions"] += 1
         return result
 
-    async def decrypt_bulk_data(self, encrypted: EncryptedData | bytes, *,
-                                key_type: KeyTypeLike,
-                                context: str | bytes | None = None,
-                                out: Any = None) -> bytes | memoryview:
+    async def decrypt_bulk_data(  # noqa: C901 - argument checks (bytes or EncryptedData, out=, key type) before the one job
+        self,
+        encrypted: EncryptedData | bytes,
+        *,
+        key_type: KeyTypeLike,
+        context: str | bytes | None = None,
+        out: Any = None,
+    ) -> bytes | memoryview:
         """Decrypt :meth:`encrypt_bulk_data` output (the object or its ``to_bytes()`` blob).
 
         ``key_type`` is required: data of any other key type is refused, as is
@@ -731,8 +838,9 @@ class EncryptionService:
         if not isinstance(encrypted, EncryptedData):
             raise TypeError("expected EncryptedData or its to_bytes() blob")
         if out is not None and encrypted.compressed:
-            raise ValueError("out= cannot take compressed bulk data: its size is known only "
-                             "once decompressed")
+            raise ValueError(
+                "out= cannot take compressed bulk data: its size is known only once decompressed"
+            )
         if not self._started:
             await self.start()
         dk = await self._data_key(encrypted.key_id)
@@ -750,10 +858,16 @@ class EncryptionService:
 
         try:
             if encrypted.algorithm == "AES_256_GCM":  # one message
-                target = None if out is None else output_buffer(
-                    out, len(encrypted.encrypted_data), "the plaintext")
-                plaintext = await self._run(decrypt_bulk, dk, encrypted, ctx) if large \
+                target = (
+                    None
+                    if out is None
+                    else output_buffer(out, len(encrypted.encrypted_data), "the plaintext")
+                )
+                plaintext = (
+                    await self._run(decrypt_bulk, dk, encrypted, ctx)
+                    if large
                     else decrypt_bulk(dk, encrypted, ctx)
+                )
                 if target is not None:
                     target[:] = plaintext
                     plaintext = target.toreadonly()
@@ -767,8 +881,9 @@ class EncryptionService:
                     raise
                 plaintext = job.result()
             if encrypted.compressed:
-                plaintext = await self._run(_decompress, plaintext) if large \
-                    else _decompress(plaintext)
+                plaintext = (
+                    await self._run(_decompress, plaintext) if large else _decompress(plaintext)
+                )
         except DecryptionError:
             self.counters["decrypt_failures"] += 1
             raise
@@ -777,12 +892,16 @@ class EncryptionService:
 
     # -- streams ------------------------------------------------------------
 
-    async def encrypt_stream(self, source: AsyncIterable[bytes] | Iterable[bytes],
-                             key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
-                             context: str | bytes | None = None,
-                             compress: bool | None = None,
-                             segment_size: int | None = None,
-                             subject: str | None = None) -> AsyncIterator[bytes]:
+    async def encrypt_stream(
+        self,
+        source: AsyncIterable[bytes] | Iterable[bytes],
+        key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
+        *,
+        context: str | bytes | None = None,
+        compress: bool | None = None,
+        segment_size: int | None = None,
+        subject: str | None = None,
+    ) -> AsyncIterator[bytes]:
         """Encrypt chunks of any size as they come; memory stays O(segment).
 
         The concatenated output is the ``to_bytes()`` blob of a segmented
@@ -798,12 +917,16 @@ class EncryptionService:
         level = self._stream_compression(compress, kt)
         keyring = await self._keyring(kt)
         dk = keyring.active(kt) if subject is None else await self._subject_key(kt, subject)
-        enc = StreamEncryptor(dk, context_bytes(context),
-                              self._segment_size if segment_size is None else segment_size,
-                              flags=FLAG_ZSTD if level is not None else 0)
+        enc = StreamEncryptor(
+            dk,
+            context_bytes(context),
+            self._segment_size if segment_size is None else segment_size,
+            flags=FLAG_ZSTD if level is not None else 0,
+        )
         self.counters["stream_encryptions"] += 1
-        async for part in seal_stream(enc, source, self._run, self._threshold, level,
-                                      workers=await self._stream_workers()):
+        async for part in seal_stream(
+            enc, source, self._run, self._threshold, level, workers=await self._stream_workers()
+        ):
             yield part
 
     def _stream_compression(self, compress: bool | None, kt: KeyType) -> int | None:
@@ -811,11 +934,14 @@ class EncryptionService:
             return self.compression_level_for(kt)
         return self.config.performance.compression_level if compress else None
 
-    async def decrypt_stream(self, source: AsyncIterable[bytes] | Iterable[bytes], *,
-                             key_type: KeyTypeLike,
-                             context: str | bytes | None = None,
-                             max_segment_size: int = DEFAULT_MAX_SEGMENT,
-                             ) -> AsyncIterator[bytes]:
+    async def decrypt_stream(
+        self,
+        source: AsyncIterable[bytes] | Iterable[bytes],
+        *,
+        key_type: KeyTypeLike,
+        context: str | bytes | None = None,
+        max_segment_size: int = DEFAULT_MAX_SEGMENT,
+    ) -> AsyncIterator[bytes]:
         """Decrypt what :meth:`encrypt_stream` produced, yielding authenticated plaintext.
 
         ``key_type`` is required (a stream of another key type is refused). A stream
@@ -834,10 +960,16 @@ class EncryptionService:
             return dk
 
         try:
-            async for part in open_stream(source, find_key, context_bytes(context), self._run,
-                                          self._threshold, max_segment_size=max_segment_size,
-                                          accept_v1=self._accepts_v1(),
-                                          workers=await self._stream_workers()):
+            async for part in open_stream(
+                source,
+                find_key,
+                context_bytes(context),
+                self._run,
+                self._threshold,
+                max_segment_size=max_segment_size,
+                accept_v1=self._accepts_v1(),
+                workers=await self._stream_workers(),
+            ):
                 yield part
         except DecryptionError:
             self.counters["decrypt_failures"] += 1
@@ -846,12 +978,17 @@ class EncryptionService:
 
     # -- files --------------------------------------------------------------
 
-    async def encrypt_file(self, src: str | os.PathLike[str], dst: str | os.PathLike[str],
-                           key_type: KeyTypeLike = KeyType.FINANCIAL_DATA, *,
-                           context: str | bytes | None = None,
-                           compress: bool | None = None,
-                           segment_size: int | None = None,
-                           subject: str | None = None) -> int:
+    async def encrypt_file(
+        self,
+        src: str | os.PathLike[str],
+        dst: str | os.PathLike[str],
+        key_type: KeyTypeLike = KeyType.FINANCIAL_DATA,
+        *,
+        context: str | bytes | None = None,
+        compress: bool | None = None,
+        segment_size: int | None = None,
+        subject: str | None = None,
+    ) -> int:
         """Encrypt the file ``src`` into ``dst`` as a stream; returns the bytes written.
 
         Reads, seals and writes segment by segment in worker threads (memory stays
@@ -860,14 +997,25 @@ class EncryptionService:
         """
         size = self._segment_size if segment_size is None else segment_size
         async with contextlib.aclosing(read_file(src, size, self._run)) as chunks:
-            parts = self.encrypt_stream(chunks, key_type, context=context, compress=compress,
-                                        segment_size=size, subject=subject)
+            parts = self.encrypt_stream(
+                chunks,
+                key_type,
+                context=context,
+                compress=compress,
+                segment_size=size,
+                subject=subject,
+            )
             return await write_file_atomically(dst, parts, self._run)
 
-    async def decrypt_file(self, src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
-                           key_type: KeyTypeLike,
-                           context: str | bytes | None = None,
-                           max_segment_size: int = DEFAULT_MAX_SEGMENT) -> int:
+    async def decrypt_file(
+        self,
+        src: str | os.PathLike[str],
+        dst: str | os.PathLike[str],
+        *,
+        key_type: KeyTypeLike,
+        context: str | bytes | None = None,
+        max_segment_size: int = DEFAULT_MAX_SEGMENT,
+    ) -> int:
         """Decrypt :meth:`encrypt_file` output into ``dst`` (mode 0600); returns the bytes written.
 
         If any segment fails to authenticate, ``DecryptionError`` is raised and
@@ -875,11 +1023,17 @@ class EncryptionService:
         ``key_type`` and ``max_segment_size`` are as for :meth:`decrypt_stream`.
         """
         kt = _required_key_type(key_type)
-        chunks = read_file(src, self._segment_size, self._run, stream_aligned=True,
-                           max_segment_size=max_segment_size)
+        chunks = read_file(
+            src,
+            self._segment_size,
+            self._run,
+            stream_aligned=True,
+            max_segment_size=max_segment_size,
+        )
         async with contextlib.aclosing(chunks):
-            parts = self.decrypt_stream(chunks, context=context, key_type=kt,
-                                        max_segment_size=max_segment_size)
+            parts = self.decrypt_stream(
+                chunks, context=context, key_type=kt, max_segment_size=max_segment_size
+            )
             return await write_file_atomically(dst, parts, self._run)
 
     def _accepts_v1(self) -> bool:
@@ -902,9 +1056,13 @@ class EncryptionService:
 
     # -- sessions -----------------------------------------------------------
 
-    async def encrypt_session_data(self, data: dict[str, Any], *,
-                                   context: str | bytes | None = None,
-                                   subject: str | None = None) -> str:
+    async def encrypt_session_data(
+        self,
+        data: dict[str, Any],
+        *,
+        context: str | bytes | None = None,
+        subject: str | None = None,
+    ) -> str:
         """Encrypt a session dict with the session key (bind it to the session via ``context``).
 
         ``subject``: under that data subject's session key instead, so that
@@ -913,24 +1071,27 @@ class EncryptionService:
         if not isinstance(data, dict):
             raise TypeError(f"session data must be a dict, not {type(data).__name__}")
         if subject is not None:
-            return await self._encrypt_subject_value(data, KeyType.SESSION, context,
-                                                     Purpose.SESSION, subject)
+            return await self._encrypt_subject_value(
+                data, KeyType.SESSION, context, Purpose.SESSION, subject
+            )
         return await self._encrypt_value(data, KeyType.SESSION, context, Purpose.SESSION)
 
-    async def decrypt_session_data(self, token: str, *,
-                                   context: str | bytes | None = None) -> dict[str, Any]:
+    async def decrypt_session_data(
+        self, token: str, *, context: str | bytes | None = None
+    ) -> dict[str, Any]:
         """Decrypt :meth:`encrypt_session_data` output (never a field token)."""
         value = await self._decrypt_value(token, KeyType.SESSION, context, Purpose.SESSION)
         if not isinstance(value, dict):
-            raise decryption_failed(DecryptionFailure.MALFORMED, None,
-                                    "the decrypted session is not a dict")
+            raise decryption_failed(
+                DecryptionFailure.MALFORMED, None, "the decrypted session is not a dict"
+            )
         return value
 
     # -- cache entries ------------------------------------------------------
 
-    async def encrypt_cache_data(self, cache_key: str, value: Any,
-                                 ttl: float | None = 3600, *,
-                                 subject: str | None = None) -> tuple[str, str]:
+    async def encrypt_cache_data(
+        self, cache_key: str, value: Any, ttl: float | None = 3600, *, subject: str | None = None
+    ) -> tuple[str, str]:
         """Encrypt a cache entry: (deterministic encrypted key, encrypted value with expiry).
 
         Equal ``cache_key`` strings give equal encrypted keys (AES-SIV under the
@@ -944,43 +1105,51 @@ class EncryptionService:
         """
         if not isinstance(cache_key, str):
             raise TypeError("cache_key must be str")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
-                                or ttl <= 0):
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0
+        ):
             raise ValueError("ttl must be a positive number of seconds (or None)")
         keyring = await self._keyring(KeyType.CACHE)
-        expires = _NO_EXPIRY if ttl is None else int(
-            (self._clock().timestamp() + ttl) * 1000)
-        encrypted_key = keyring.encrypt_deterministic(cache_key, KeyType.CACHE,
-                                                      _CACHE_KEY_CONTEXT, purpose=Purpose.CACHE)
+        expires = _NO_EXPIRY if ttl is None else int((self._clock().timestamp() + ttl) * 1000)
+        encrypted_key = keyring.encrypt_deterministic(
+            cache_key, KeyType.CACHE, _CACHE_KEY_CONTEXT, purpose=Purpose.CACHE
+        )
         plaintext = encode_value([expires, value])
         context = _cache_value_context(cache_key)
         if subject is not None:
             encrypted_value = await self._encrypt_subject_value(
-                [expires, value], KeyType.CACHE, context, Purpose.CACHE, subject)
+                [expires, value], KeyType.CACHE, context, Purpose.CACHE, subject
+            )
         elif len(plaintext) > self._threshold:
-            encrypted_value = await self._run(self._encrypt_bytes, keyring, plaintext,
-                                              KeyType.CACHE, context, Purpose.CACHE)
+            encrypted_value = await self._run(
+                self._encrypt_bytes, keyring, plaintext, KeyType.CACHE, context, Purpose.CACHE
+            )
         else:
-            encrypted_value = self._encrypt_bytes(keyring, plaintext, KeyType.CACHE, context,
-                                                  Purpose.CACHE)
+            encrypted_value = self._encrypt_bytes(
+                keyring, plaintext, KeyType.CACHE, context, Purpose.CACHE
+            )
         self.counters["cache_encryptions"] += 1
         return encrypted_key, encrypted_value
 
     async def encrypt_cache_key(self, cache_key: str) -> str:
         """The encrypted form of ``cache_key`` alone (to look an entry up)."""
         keyring = await self._keyring(KeyType.CACHE)
-        return keyring.encrypt_deterministic(cache_key, KeyType.CACHE, _CACHE_KEY_CONTEXT,
-                                             purpose=Purpose.CACHE)
+        return keyring.encrypt_deterministic(
+            cache_key, KeyType.CACHE, _CACHE_KEY_CONTEXT, purpose=Purpose.CACHE
+        )
 
-    async def decrypt_cache_data(self, encrypted_key: str, encrypted_value: str) \
-            -> tuple[str, Any]:
+    async def decrypt_cache_data(self, encrypted_key: str, encrypted_value: str) -> tuple[str, Any]:
         """(cache key, value); ``CacheEntryExpiredError`` once the entry's TTL has passed."""
-        cache_key = decode_value(await self._decrypt_bytes(encrypted_key, KeyType.CACHE,
-                                                           _CACHE_KEY_CONTEXT, Purpose.CACHE))
+        cache_key = decode_value(
+            await self._decrypt_bytes(
+                encrypted_key, KeyType.CACHE, _CACHE_KEY_CONTEXT, Purpose.CACHE
+            )
+        )
         if not isinstance(cache_key, str):
             raise undecodable(encrypted_key)
-        envelope = await self._decrypt_bytes(encrypted_value, KeyType.CACHE,
-                                             _cache_value_context(cache_key), Purpose.CACHE)
+        envelope = await self._decrypt_bytes(
+            encrypted_value, KeyType.CACHE, _cache_value_context(cache_key), Purpose.CACHE
+        )
         try:
             expires, value = decode_value(envelope)
         except (ValueError, TypeError):
@@ -992,8 +1161,14 @@ class EncryptionService:
 
     # -- data subjects ------------------------------------------------------
 
-    async def forget_subject(self, subject: str, *, key_type: KeyTypeLike | None = None,
-                             tombstone: bool = False, actor: str | None = None) -> ForgetReport:
+    async def forget_subject(
+        self,
+        subject: str,
+        *,
+        key_type: KeyTypeLike | None = None,
+        tombstone: bool = False,
+        actor: str | None = None,
+    ) -> ForgetReport:
         """Erase a data subject: destroy their subject keys (of ``key_type``, else of every
         key type), so every token, blob, stream, session and cache entry sealed with
         ``subject=`` becomes unreadable wherever a copy lives (docs/subjects.md).
@@ -1008,8 +1183,9 @@ class EncryptionService:
         """
         if not self._started:
             await self.start()
-        return await self.key_manager.subjects.forget(subject, key_type=key_type,
-                                                      tombstone=tombstone, actor=actor)
+        return await self.key_manager.subjects.forget(
+            subject, key_type=key_type, tombstone=tombstone, actor=actor
+        )
 
     async def subject_key_exists(self, subject: str, key_type: KeyTypeLike) -> bool:
         """Whether ``subject`` has a live key of ``key_type`` (none is created)."""
@@ -1024,8 +1200,9 @@ class EncryptionService:
         await self._keyring(kt)
         return self.key_manager.subjects.reference(subject, kt)
 
-    async def rewrap_subjects(self, key_type: KeyTypeLike, *,
-                              batch_size: int = 1000) -> SubjectRewrapReport:
+    async def rewrap_subjects(
+        self, key_type: KeyTypeLike, *, batch_size: int = 1000
+    ) -> SubjectRewrapReport:
         """:meth:`KeyManager.rewrap_subjects` (after a rotation of ``key_type``)."""
         if not self._started:
             await self.start()
@@ -1043,18 +1220,22 @@ class EncryptionService:
             "segment_size": self._segment_size,
             "compression_enabled": self.config.compression_enabled,
             "compressed_key_types": sorted(self.config.compressed_key_types),
-            "counters": {**self.counters, "encryptions": self._encryptions,
-                         "decryptions": self._decryptions},
-            "usage_by_key": {dk.key_id: dk.encryptions for dk in self.keyring
-                             if dk.encryptions},
+            "counters": {
+                **self.counters,
+                "encryptions": self._encryptions,
+                "decryptions": self._decryptions,
+            },
+            "usage_by_key": {dk.key_id: dk.encryptions for dk in self.keyring if dk.encryptions},
             "active_keys": {str(kt): dk.key_id for kt, dk in self.keyring.active_keys.items()},
             "loaded_keys": len(self.keyring),
             "aes_ni": _aes_ni_available(),
             "kek_provider": self.key_manager.kek.backend,
             "key_store": self.key_manager.store.name,
         }
-        stats["dek_cache"] = {"hits": self.key_manager.dek_cache_hits,
-                              "misses": self.key_manager.dek_cache_misses}
+        stats["dek_cache"] = {
+            "hits": self.key_manager.dek_cache_hits,
+            "misses": self.key_manager.dek_cache_misses,
+        }
         if self._started:
             health = await self.key_manager.health()
             stats.update(health)
@@ -1065,8 +1246,10 @@ class EncryptionService:
 
 def _required_key_type(key_type: KeyTypeLike | None) -> KeyType:
     if key_type is None:
-        raise TypeError("key_type is required: bulk data and streams open only under the key "
-                        "type they were encrypted with")
+        raise TypeError(
+            "key_type is required: bulk data and streams open only under the key "
+            "type they were encrypted with"
+        )
     return KeyType(key_type)
 
 
@@ -1074,13 +1257,19 @@ def _decompress(plaintext: bytes | memoryview) -> bytes:
     try:
         return _compression.decompress_payload(plaintext)
     except ValueError:
-        raise decryption_failed(DecryptionFailure.MALFORMED, None, "the decrypted data does "
-                                "not decompress within the limits") from None
+        raise decryption_failed(
+            DecryptionFailure.MALFORMED,
+            None,
+            "the decrypted data does not decompress within the limits",
+        ) from None
 
 
 def _v1_refused() -> DecryptionError:
-    return decryption_failed(DecryptionFailure.MALFORMED, None, "format version 1 tokens are "
-                             "no longer read (accept_format_v1=False)")
+    return decryption_failed(
+        DecryptionFailure.MALFORMED,
+        None,
+        "format version 1 tokens are no longer read (accept_format_v1=False)",
+    )
 
 
 def _cache_value_context(cache_key: str) -> bytes:

@@ -135,7 +135,7 @@ def _copies(chunk: bytes | bytearray | memoryview) -> Iterator[bytes]:
     """
     view = memoryview(chunk).cast("B")
     for start in range(0, len(view), _COPY_PIECE):
-        yield bytes(view[start:start + _COPY_PIECE])
+        yield bytes(view[start : start + _COPY_PIECE])
 
 
 class Segmenter:
@@ -188,8 +188,9 @@ class Segmenter:
                 need = 0
         return b"".join(parts)
 
-    async def batches(self, size: int, count: int, first: int | None = None) \
-            -> AsyncIterator[list[tuple[bytes | memoryview, bool]]]:
+    async def batches(
+        self, size: int, count: int, first: int | None = None
+    ) -> AsyncIterator[list[tuple[bytes | memoryview, bool]]]:
         """Up to ``count`` (piece, last) pairs at a time (``first`` in the first batch):
         pieces of exactly ``size`` bytes, then a last one of 0..size bytes flagged True.
 
@@ -217,9 +218,14 @@ def batch_count(segment_size: int) -> int:
     return max(1, BATCH_BYTES // segment_size)
 
 
-async def _steps(batches: AsyncIterator[list[tuple[bytes | memoryview, bool]]],
-                 step: Callable[[list[tuple[bytes | memoryview, bool]]], list[T]],
-                 run: Runner, threshold: int, *, holds_gil: bool = True) -> AsyncIterator[T]:
+async def _steps(
+    batches: AsyncIterator[list[tuple[bytes | memoryview, bool]]],
+    step: Callable[[list[tuple[bytes | memoryview, bool]]], list[T]],
+    run: Runner,
+    threshold: int,
+    *,
+    holds_gil: bool = True,
+) -> AsyncIterator[T]:
     """Apply ``step`` to each batch, in order.
 
     A step that ``holds_gil`` (the AES) runs inline, a part of at most
@@ -261,10 +267,13 @@ async def _steps(batches: AsyncIterator[list[tuple[bytes | memoryview, bool]]],
             yield results.pop()
 
 
-async def _parallel_steps(batches: AsyncIterator[list[tuple[bytes | memoryview, bool]]],
-                          claim: Callable[[bytes | memoryview, bool], int],
-                          work: Callable[[list[tuple[int, bytes | memoryview, bool]]], list[T]],
-                          run: Runner, workers: int) -> AsyncIterator[T]:
+async def _parallel_steps(
+    batches: AsyncIterator[list[tuple[bytes | memoryview, bool]]],
+    claim: Callable[[bytes | memoryview, bool], int],
+    work: Callable[[list[tuple[int, bytes | memoryview, bool]]], list[T]],
+    run: Runner,
+    workers: int,
+) -> AsyncIterator[T]:
     """Each batch's ``work`` in a worker thread, up to ``workers`` batches at once, the
     results handed over in order: for a cipher that releases the GIL (:mod:`aiocrypt._gil`).
 
@@ -298,9 +307,11 @@ async def _parallel_steps(batches: AsyncIterator[list[tuple[bytes | memoryview, 
             await _settle(pending.popleft())
 
 
-def _compressed(chunks: AsyncIterator[bytes], segment_size: int, level: int,
-                run: Runner, threshold: int) -> AsyncIterator[bytes]:
+def _compressed(
+    chunks: AsyncIterator[bytes], segment_size: int, level: int, run: Runner, threshold: int
+) -> AsyncIterator[bytes]:
     """One zstd record per ``segment_size`` bytes of plaintext (none for empty input)."""
+
     def step(batch: list[tuple[bytes | memoryview, bool]]) -> list[bytes]:
         return [_compression.compress_record(segment, level) for segment, _ in batch if segment]
 
@@ -308,9 +319,15 @@ def _compressed(chunks: AsyncIterator[bytes], segment_size: int, level: int,
     return _steps(batches, step, run, threshold, holds_gil=False)  # zstd releases the GIL
 
 
-async def seal_stream(enc: StreamEncryptor, source: Source, run: Runner, threshold: int,
-                      compression_level: int | None = None, *,
-                      workers: int = 1) -> AsyncIterator[bytes]:
+async def seal_stream(
+    enc: StreamEncryptor,
+    source: Source,
+    run: Runner,
+    threshold: int,
+    compression_level: int | None = None,
+    *,
+    workers: int = 1,
+) -> AsyncIterator[bytes]:
     """Yield the stream preamble, then each sealed segment as soon as it is known.
 
     ``enc`` must carry ``FLAG_ZSTD`` exactly when ``compression_level`` is set.
@@ -354,9 +371,12 @@ class StreamPreamble(NamedTuple):
     version: int
 
 
-def stream_key_id(preamble: bytes | memoryview, *,
-                  max_segment_size: int = MAX_SEGMENT_SIZE,
-                  accept_v1: bool = True) -> StreamPreamble:
+def stream_key_id(
+    preamble: bytes | memoryview,
+    *,
+    max_segment_size: int = MAX_SEGMENT_SIZE,
+    accept_v1: bool = True,
+) -> StreamPreamble:
     """Parse a stream's preamble; ``DecryptionError`` for anything a reader must refuse
     (a segment size above ``max_segment_size``, version 1 unless ``accept_v1``)."""
     try:
@@ -364,20 +384,34 @@ def stream_key_id(preamble: bytes | memoryview, *,
     except FormatError:
         raise decryption_failed(_MALFORMED, None, "not a stream") from None
     if header.algorithm == ALG_AES_256_GCM:
-        raise decryption_failed(DecryptionFailure.WRONG_PURPOSE, header.key_id,
-                                "a one-shot bulk blob, not a stream (decrypt_bulk_data reads "
-                                f"it; key {header.key_id})")
+        raise decryption_failed(
+            DecryptionFailure.WRONG_PURPOSE,
+            header.key_id,
+            f"a one-shot bulk blob, not a stream (decrypt_bulk_data reads it; key {header.key_id})",
+        )
     if header.algorithm != ALG_AES_256_GCM_STREAM or len(rest) < _IV_BYTES:
         raise decryption_failed(_MALFORMED, header.key_id)
     if header.version == FORMAT_V1 and not accept_v1:
-        raise decryption_failed(_MALFORMED, header.key_id, "format version 1 streams are no "
-                                "longer read (accept_format_v1=False)")
+        raise decryption_failed(
+            _MALFORMED,
+            header.key_id,
+            "format version 1 streams are no longer read (accept_format_v1=False)",
+        )
     (segment_size,) = _U32.unpack_from(rest)
     if not MIN_SEGMENT_SIZE <= segment_size <= min(max_segment_size, MAX_SEGMENT_SIZE):
-        raise decryption_failed(_MALFORMED, header.key_id, "the stream's segment size is "
-                                "outside the limits (see max_segment_size)")
-    return StreamPreamble(header.key_id, header.flags, segment_size, bytes(rest[4:_IV_BYTES]),
-                          len(header_bytes) + _IV_BYTES, header.version)
+        raise decryption_failed(
+            _MALFORMED,
+            header.key_id,
+            "the stream's segment size is outside the limits (see max_segment_size)",
+        )
+    return StreamPreamble(
+        header.key_id,
+        header.flags,
+        segment_size,
+        bytes(rest[4:_IV_BYTES]),
+        len(header_bytes) + _IV_BYTES,
+        header.version,
+    )
 
 
 class _Opener:
@@ -398,15 +432,23 @@ class _Opener:
             if last:
                 self._records.finish()
         except ValueError:
-            raise decryption_failed(_MALFORMED, None, "a decrypted segment does not "
-                                    "decompress within the limits") from None
+            raise decryption_failed(
+                _MALFORMED, None, "a decrypted segment does not decompress within the limits"
+            ) from None
         return parts
 
 
-async def open_stream(source: Source, find_key: Callable[[str], Awaitable[DataKey]],
-                      context: bytes, run: Runner, threshold: int, *,
-                      max_segment_size: int = DEFAULT_MAX_SEGMENT,
-                      accept_v1: bool = True, workers: int = 1) -> AsyncIterator[bytes]:
+async def open_stream(
+    source: Source,
+    find_key: Callable[[str], Awaitable[DataKey]],
+    context: bytes,
+    run: Runner,
+    threshold: int,
+    *,
+    max_segment_size: int = DEFAULT_MAX_SEGMENT,
+    accept_v1: bool = True,
+    workers: int = 1,
+) -> AsyncIterator[bytes]:
     """Yield plaintext segment by segment; any tampering raises ``DecryptionError``.
 
     ``workers`` > 1: batches of an uncompressed stream's segments are opened that
@@ -425,12 +467,17 @@ async def open_stream(source: Source, find_key: Callable[[str], Awaitable[DataKe
     head = bytes(reader.take(4))
     if not await reader.fill(head[3] + _IV_BYTES):
         raise decryption_failed(_MALFORMED, None, "not a stream (preamble cut short)")
-    preamble = stream_key_id(head + bytes(reader.take(head[3] + _IV_BYTES)),
-                             max_segment_size=max_segment_size, accept_v1=accept_v1)
+    preamble = stream_key_id(
+        head + bytes(reader.take(head[3] + _IV_BYTES)),
+        max_segment_size=max_segment_size,
+        accept_v1=accept_v1,
+    )
     flags, segment_size = preamble.flags, preamble.segment_size
     dk = await find_key(preamble.key_id)
-    opener = _Opener(StreamDecryptor(dk, context, flags, segment_size, preamble.iv,
-                                     preamble.version), bool(flags & FLAG_ZSTD))
+    opener = _Opener(
+        StreamDecryptor(dk, context, flags, segment_size, preamble.iv, preamble.version),
+        bool(flags & FLAG_ZSTD),
+    )
     open_ = opener.open
 
     def step(batch: list[tuple[bytes | memoryview, bool]]) -> list[bytes]:
@@ -451,8 +498,7 @@ async def open_stream(source: Source, find_key: Callable[[str], Awaitable[DataKe
 
         def work(jobs: list[tuple[int, bytes | memoryview, bool]]) -> list[bytes]:
             # a batch fails as a whole: nothing of it is released before the bad segment
-            return [part for index, sealed, last in jobs
-                    if (part := open_at(index, sealed, last))]
+            return [part for index, sealed, last in jobs if (part := open_at(index, sealed, last))]
 
         async for part in _parallel_steps(batches, claim, work, run, workers):
             yield part
@@ -462,6 +508,7 @@ async def open_stream(source: Source, find_key: Callable[[str], Awaitable[DataKe
 
 
 # -- files --------------------------------------------------------------------
+
 
 def _start(run: Runner, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
     """Start a worker-thread hop now; await it with :func:`_complete`."""
@@ -496,9 +543,14 @@ async def _to_completion(run: Runner, func: Callable[..., T], *args: Any) -> T:
     return await _complete(_start(run, func, *args))
 
 
-async def read_file(path: str | os.PathLike[str], chunk_size: int, run: Runner, *,
-                    stream_aligned: bool = False,
-                    max_segment_size: int = DEFAULT_MAX_SEGMENT) -> AsyncGenerator[bytes, None]:
+async def read_file(
+    path: str | os.PathLike[str],
+    chunk_size: int,
+    run: Runner,
+    *,
+    stream_aligned: bool = False,
+    max_segment_size: int = DEFAULT_MAX_SEGMENT,
+) -> AsyncGenerator[bytes, None]:
     """The bytes of a file in ``chunk_size`` reads, each in a worker thread.
 
     The next read is started before a chunk is handed over, so the disk (or
@@ -520,8 +572,10 @@ async def read_file(path: str | os.PathLike[str], chunk_size: int, run: Runner, 
             rest = await _to_completion(run, fh.read, head[3] + _IV_BYTES)
             yield rest
             try:
-                chunk_size = stream_key_id(head + rest, max_segment_size=max_segment_size
-                                           ).segment_size + TAG_BYTES
+                chunk_size = (
+                    stream_key_id(head + rest, max_segment_size=max_segment_size).segment_size
+                    + TAG_BYTES
+                )
             except DecryptionError:
                 pass  # open_stream will say so; keep reading plain chunks
         ahead = _start(run, fh.read, chunk_size)
@@ -539,8 +593,9 @@ async def read_file(path: str | os.PathLike[str], chunk_size: int, run: Runner, 
             fh.close()
 
 
-async def write_file_atomically(path: str | os.PathLike[str], parts: AsyncIterable[bytes],
-                                run: Runner) -> int:
+async def write_file_atomically(
+    path: str | os.PathLike[str], parts: AsyncIterable[bytes], run: Runner
+) -> int:
     """Write ``parts`` to a mode-0600 temporary file beside ``path``, then rename it over.
 
     Parts are written about BATCH_BYTES per worker-thread hop, one hop in flight

@@ -41,10 +41,24 @@ from ._format import TEXT_PREFIX_LEN, TEXT_PREFIX_V2, key_id_dot
 from ._keys import EncryptionKey
 from ._types import KeyStatus, KeyType
 
-__all__ = ["LOOKUP_INFO", "RECORD_VERSION", "SUBJECT_KEY_PREFIX", "SUBJECT_TOKEN_PREFIX",
-           "SubjectKeyRecord", "SubjectState", "is_subject_key_id", "lookup_hash",
-           "new_subject_key_id", "prunable", "subject_data_key", "subject_forgotten",
-           "token_key_id", "tombstone_record", "unwrap_subject_key", "wrap_subject_key"]
+__all__ = [
+    "LOOKUP_INFO",
+    "RECORD_VERSION",
+    "SUBJECT_KEY_PREFIX",
+    "SUBJECT_TOKEN_PREFIX",
+    "SubjectKeyRecord",
+    "SubjectState",
+    "is_subject_key_id",
+    "lookup_hash",
+    "new_subject_key_id",
+    "prunable",
+    "subject_data_key",
+    "subject_forgotten",
+    "token_key_id",
+    "tombstone_record",
+    "unwrap_subject_key",
+    "wrap_subject_key",
+]
 
 #: Every subject key id starts with this (never a key type's first letter: those are
 #: lower case), and every token of a subject key with ``SUBJECT_TOKEN_PREFIX``.
@@ -75,8 +89,9 @@ class SubjectState:
 
 
 def new_subject_key_id() -> str:
-    return SUBJECT_KEY_PREFIX + base64.urlsafe_b64encode(
-        os.urandom(_ID_RANDOM_BYTES)).decode("ascii").rstrip("=")
+    return SUBJECT_KEY_PREFIX + base64.urlsafe_b64encode(os.urandom(_ID_RANDOM_BYTES)).decode(
+        "ascii"
+    ).rstrip("=")
 
 
 def is_subject_key_id(key_id: str) -> bool:
@@ -103,8 +118,9 @@ def subject_bytes(subject: str) -> bytes:
 def lookup_hash(lookup_key: bytes, key_type: KeyType, subject: str) -> str:
     """Where the store files ``subject``'s ``key_type`` key: hex HMAC-SHA256, no subject id."""
     kt = key_type.value.encode("ascii")
-    return hmac.new(lookup_key, bytes((len(kt),)) + kt + subject_bytes(subject),
-                    hashlib.sha256).hexdigest()
+    return hmac.new(
+        lookup_key, bytes((len(kt),)) + kt + subject_bytes(subject), hashlib.sha256
+    ).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +148,22 @@ class SubjectKeyRecord:
         raise TypeError("SubjectKeyRecord objects cannot be pickled")
 
     def to_json(self) -> str:
-        return json.dumps({
-            "key_id": self.key_id, "key_type": self.key_type.value, "lookup": self.lookup,
-            "wrapping_key_id": self.wrapping_key_id,
-            "wrapped": None if self.wrapped is None
-            else base64.b64encode(self.wrapped).decode("ascii"),
-            "created_at": self.created_at.isoformat(), "state": self.state,
-            "version": self.version}, sort_keys=True, separators=(",", ":"))
+        return json.dumps(
+            {
+                "key_id": self.key_id,
+                "key_type": self.key_type.value,
+                "lookup": self.lookup,
+                "wrapping_key_id": self.wrapping_key_id,
+                "wrapped": None
+                if self.wrapped is None
+                else base64.b64encode(self.wrapped).decode("ascii"),
+                "created_at": self.created_at.isoformat(),
+                "state": self.state,
+                "version": self.version,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> SubjectKeyRecord:
@@ -147,40 +172,57 @@ class SubjectKeyRecord:
             doc = json.loads(text)
             wrapped = doc["wrapped"]
             created = _dt.datetime.fromisoformat(doc["created_at"])
-            record = cls(key_id=str(doc["key_id"]), key_type=KeyType(doc["key_type"]),
-                         lookup=str(doc["lookup"]), wrapping_key_id=str(doc["wrapping_key_id"]),
-                         wrapped=None if wrapped is None
-                         else base64.b64decode(wrapped, validate=True),
-                         created_at=created, state=str(doc["state"]),
-                         version=int(doc["version"]))
-            if created.tzinfo is None or record.state not in (
-                    SubjectState.LIVE, SubjectState.FORGOTTEN, SubjectState.TOMBSTONE) \
-                    or (record.state == SubjectState.LIVE) != (wrapped is not None):
+            record = cls(
+                key_id=str(doc["key_id"]),
+                key_type=KeyType(doc["key_type"]),
+                lookup=str(doc["lookup"]),
+                wrapping_key_id=str(doc["wrapping_key_id"]),
+                wrapped=None if wrapped is None else base64.b64decode(wrapped, validate=True),
+                created_at=created,
+                state=str(doc["state"]),
+                version=int(doc["version"]),
+            )
+            if (
+                created.tzinfo is None
+                or record.state
+                not in (SubjectState.LIVE, SubjectState.FORGOTTEN, SubjectState.TOMBSTONE)
+                or (record.state == SubjectState.LIVE) != (wrapped is not None)
+            ):
                 raise ValueError
-            if record.state != SubjectState.TOMBSTONE and \
-                    not _SUBJECT_ID_RE.fullmatch(record.key_id):
+            if record.state != SubjectState.TOMBSTONE and not _SUBJECT_ID_RE.fullmatch(
+                record.key_id
+            ):
                 raise ValueError
             if record.state != SubjectState.FORGOTTEN and not _LOOKUP_RE.fullmatch(record.lookup):
                 raise ValueError
             return record
         except (KeyError, TypeError, ValueError, binascii.Error, RecursionError):
-            raise KeyStoreIntegrityError(f"{where} holds a malformed subject-key record") \
-                from None
+            raise KeyStoreIntegrityError(f"{where} holds a malformed subject-key record") from None
 
     def forgotten(self) -> SubjectKeyRecord:
         """What is kept of this key once forgotten: its id, type and wrapping key id."""
-        return SubjectKeyRecord(self.key_id, self.key_type, "", self.wrapping_key_id, None,
-                                self.created_at, SubjectState.FORGOTTEN, self.version)
+        return SubjectKeyRecord(
+            self.key_id,
+            self.key_type,
+            "",
+            self.wrapping_key_id,
+            None,
+            self.created_at,
+            SubjectState.FORGOTTEN,
+            self.version,
+        )
 
 
-def tombstone_record(key_type: KeyType, lookup: str, key_id: str,
-                     at: _dt.datetime) -> SubjectKeyRecord:
+def tombstone_record(
+    key_type: KeyType, lookup: str, key_id: str, at: _dt.datetime
+) -> SubjectKeyRecord:
     """The record that keeps ``lookup`` taken: no new key for that subject."""
     return SubjectKeyRecord(key_id, key_type, lookup, "", None, at, SubjectState.TOMBSTONE)
 
 
-def _wrap_aad(key_id: str, lookup: str, key_type: KeyType, wrapping_key_id: str,
-              version: int) -> bytes:
+def _wrap_aad(
+    key_id: str, lookup: str, key_type: KeyType, wrapping_key_id: str, version: int
+) -> bytes:
     parts = [key_id, lookup, key_type.value, wrapping_key_id, str(version)]
     return _WRAP_DOMAIN + b"".join(len(p).to_bytes(2, "big") + p.encode("ascii") for p in parts)
 
@@ -190,13 +232,20 @@ def wrap_cipher(wrapping: DataKey) -> AESGCM:
     return AESGCM(wrapping.derive(_WRAP_INFO))
 
 
-def wrap_subject_key(cipher: AESGCM, wrapping_key_id: str, material: bytes, key_id: str,
-                     lookup: str, key_type: KeyType, created_at: _dt.datetime) \
-        -> SubjectKeyRecord:
+def wrap_subject_key(
+    cipher: AESGCM,
+    wrapping_key_id: str,
+    material: bytes,
+    key_id: str,
+    lookup: str,
+    key_type: KeyType,
+    created_at: _dt.datetime,
+) -> SubjectKeyRecord:
     """A live record holding ``material`` wrapped by ``cipher`` (of ``wrapping_key_id``)."""
     nonce = os.urandom(NONCE_BYTES)
-    wrapped = nonce + cipher.encrypt(nonce, material, _wrap_aad(
-        key_id, lookup, key_type, wrapping_key_id, RECORD_VERSION))
+    wrapped = nonce + cipher.encrypt(
+        nonce, material, _wrap_aad(key_id, lookup, key_type, wrapping_key_id, RECORD_VERSION)
+    )
     return SubjectKeyRecord(key_id, key_type, lookup, wrapping_key_id, wrapped, created_at)
 
 
@@ -207,9 +256,17 @@ def unwrap_subject_key(cipher: AESGCM, record: SubjectKeyRecord) -> bytes | None
     if wrapped is None or len(wrapped) != NONCE_BYTES + DEK_BYTES + 16:
         return None
     try:
-        return cipher.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_aad(
-            record.key_id, record.lookup, record.key_type, record.wrapping_key_id,
-            record.version))
+        return cipher.decrypt(
+            wrapped[:NONCE_BYTES],
+            wrapped[NONCE_BYTES:],
+            _wrap_aad(
+                record.key_id,
+                record.lookup,
+                record.key_type,
+                record.wrapping_key_id,
+                record.version,
+            ),
+        )
     except InvalidTag:
         return None
 
@@ -217,9 +274,14 @@ def unwrap_subject_key(cipher: AESGCM, record: SubjectKeyRecord) -> bytes | None
 def subject_data_key(record: SubjectKeyRecord, material: bytes) -> DataKey:
     """A ``DataKey`` for a subject DEK: its tokens name the subject key id and bind its
     key type like any version key's (the same associated data, the same wire format)."""
-    key = EncryptionKey(key_id=record.key_id, key_type=record.key_type, version=1,
-                        status=KeyStatus.ACTIVE, created_at=record.created_at,
-                        expires_at=_FAR_FUTURE)
+    key = EncryptionKey(
+        key_id=record.key_id,
+        key_type=record.key_type,
+        version=1,
+        status=KeyStatus.ACTIVE,
+        created_at=record.created_at,
+        expires_at=_FAR_FUTURE,
+    )
     dk = DataKey(key, material)
     dk.allowance = dk.refill_at = 2**32  # per key; see docs/subjects.md (usage limits)
     return dk
@@ -246,6 +308,7 @@ def prunable(forgotten: Mapping[str, str], keys: Iterable[EncryptionKey]) -> set
     for key_id, wrapping_key_id in forgotten.items():
         wrapping = by_id.get(wrapping_key_id)
         if wrapping is not None and not any(
-                v <= wrapping.version for v in live.get(wrapping.key_type.value, ())):
+            v <= wrapping.version for v in live.get(wrapping.key_type.value, ())
+        ):
             gone.add(key_id)
     return gone

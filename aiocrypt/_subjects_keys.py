@@ -141,8 +141,13 @@ class _Cache:
 class SubjectKeys:
     """Subject keys for one manager (``manager.subjects``)."""
 
-    def __init__(self, manager: KeyManager, store: SubjectKeyStore | None = None, *,
-                 max_cached: int = DEFAULT_MAX_CACHED) -> None:
+    def __init__(
+        self,
+        manager: KeyManager,
+        store: SubjectKeyStore | None = None,
+        *,
+        max_cached: int = DEFAULT_MAX_CACHED,
+    ) -> None:
         if max_cached < 1:
             raise ValueError("the subject-key cache holds at least 1 key")
         self._manager = manager
@@ -168,8 +173,10 @@ class SubjectKeys:
         if self._store is None:
             self._store = self._manager.store.subject_store()
             if self._store is None:
-                raise KeyStateError(f"the {self._manager.store.name} key store keeps no "
-                                    "subject keys (give the KeyManager a subject_store)")
+                raise KeyStateError(
+                    f"the {self._manager.store.name} key store keeps no "
+                    "subject keys (give the KeyManager a subject_store)"
+                )
         if not self._opened:
             await self._store.open()
             self._opened = True
@@ -252,8 +259,9 @@ class SubjectKeys:
 
     async def _wrapping_key(self, record: SubjectKeyRecord) -> DataKey | None:
         manager = self._manager
-        dk = manager.keyring.get(record.wrapping_key_id) \
-            or await manager.load_key(record.wrapping_key_id)
+        dk = manager.keyring.get(record.wrapping_key_id) or await manager.load_key(
+            record.wrapping_key_id
+        )
         if dk is None or dk.key_type != record.key_type or not dk.reencryptable:
             return None
         return dk
@@ -269,7 +277,8 @@ class SubjectKeys:
             error = KeyStoreIntegrityError(
                 f"{self._manager.store.name} subject-key store: subject key {record.key_id} "
                 "failed authentication (edited, relabelled or swapped outside aiocrypt)",
-                key_id=record.key_id)
+                key_id=record.key_id,
+            )
             await self._manager._refuse(error)
             raise error
         try:
@@ -294,8 +303,10 @@ class SubjectKeys:
         for _ in range(3):
             record = await store.find(lookup)
             if record is not None and record.state == SubjectState.TOMBSTONE:
-                raise KeyStateError(f"this subject was forgotten with a tombstone: no new "
-                                    f"{key_type.value} key is made for it")
+                raise KeyStateError(
+                    f"this subject was forgotten with a tombstone: no new "
+                    f"{key_type.value} key is made for it"
+                )
             if record is not None and record.key_id in manager._guard.forgotten:
                 # a forget stopped between its keyset write and the row's deletion
                 await store.forget(lookup, record, None)
@@ -308,7 +319,8 @@ class SubjectKeys:
             if dk is None:
                 raise KeyStateError(
                     f"subject key {record.key_id}: its wrapping key {record.wrapping_key_id} "
-                    "is not readable (destroyed or disabled)")
+                    "is not readable (destroyed or disabled)"
+                )
             if dk.key_id in self._guard.forgotten:
                 continue  # forgotten while it was read: the subject gets a new key
             self._remember(dk, (key_type, subject))
@@ -319,9 +331,15 @@ class SubjectKeys:
         active = self._manager.keyring.active(key_type)
         material = os.urandom(DEK_BYTES)
         try:
-            return wrap_subject_key(self._cipher(active), active.key_id, material,
-                                    new_subject_key_id(), lookup, key_type,
-                                    self._manager._clock())
+            return wrap_subject_key(
+                self._cipher(active),
+                active.key_id,
+                material,
+                new_subject_key_id(),
+                lookup,
+                key_type,
+                self._manager._clock(),
+            )
         finally:
             del material
 
@@ -330,8 +348,11 @@ class SubjectKeys:
         if self.cached(key_type, subject) is not None:
             return True
         record = await (await self.store()).find(lookup_hash(self._lookup(), key_type, subject))
-        return record is not None and record.state == SubjectState.LIVE \
+        return (
+            record is not None
+            and record.state == SubjectState.LIVE
             and record.key_id not in self._manager._guard.forgotten
+        )
 
     # -- decryption: the key a token names ---------------------------------------
 
@@ -344,26 +365,38 @@ class SubjectKeys:
         if key_id in self._manager._guard.forgotten:
             raise subject_forgotten(key_id)
         if not is_subject_key_id(key_id):
-            raise decryption_failed(DecryptionFailure.UNKNOWN_KEY, None,
-                                    "token names no valid key id")
+            raise decryption_failed(
+                DecryptionFailure.UNKNOWN_KEY, None, "token names no valid key id"
+            )
         record = await (await self.store()).get(key_id)
         if record is None:
-            raise decryption_failed(DecryptionFailure.UNKNOWN_KEY, key_id,
-                                    f"subject key {key_id} is not in this key store")
+            raise decryption_failed(
+                DecryptionFailure.UNKNOWN_KEY,
+                key_id,
+                f"subject key {key_id} is not in this key store",
+            )
         if record.state != SubjectState.LIVE:
             raise subject_forgotten(key_id)
         if record.key_id != key_id:
-            raise decryption_failed(DecryptionFailure.UNKNOWN_KEY, key_id,
-                                    f"subject key {key_id} is not in this key store")
+            raise decryption_failed(
+                DecryptionFailure.UNKNOWN_KEY,
+                key_id,
+                f"subject key {key_id} is not in this key store",
+            )
         try:
             dk = await self._open(record)
         except KeyStoreIntegrityError:
-            raise decryption_failed(DecryptionFailure.KEY_NOT_READABLE, key_id,
-                                    f"subject key {key_id} failed authentication") from None
+            raise decryption_failed(
+                DecryptionFailure.KEY_NOT_READABLE,
+                key_id,
+                f"subject key {key_id} failed authentication",
+            ) from None
         if dk is None:
-            raise decryption_failed(DecryptionFailure.KEY_NOT_READABLE, key_id,
-                                    f"subject key {key_id}: its wrapping key "
-                                    f"{record.wrapping_key_id} is not readable")
+            raise decryption_failed(
+                DecryptionFailure.KEY_NOT_READABLE,
+                key_id,
+                f"subject key {key_id}: its wrapping key {record.wrapping_key_id} is not readable",
+            )
         return self._remember(dk, None)
 
     async def rings(self, key_ids: Iterable[str]) -> dict[str, Keyring | DecryptionError]:
@@ -379,26 +412,35 @@ class SubjectKeys:
     # -- forget -------------------------------------------------------------------
 
     def _key_types(self) -> list[KeyType]:
-        return sorted({k.key_type for k in self._manager._records.keys
-                       if k.status is not KeyStatus.DESTROYED})
+        return sorted(
+            {k.key_type for k in self._manager._records.keys if k.status is not KeyStatus.DESTROYED}
+        )
 
-    async def forget(self, subject: str, *, key_type: KeyTypeLike | None = None,
-                     tombstone: bool = False, actor: str | None = None) -> ForgetReport:
+    async def forget(
+        self,
+        subject: str,
+        *,
+        key_type: KeyTypeLike | None = None,
+        tombstone: bool = False,
+        actor: str | None = None,
+    ) -> ForgetReport:
         """See :meth:`EncryptionService.forget_subject`."""
         manager = self._manager
         await manager.refresh(force=True)
         key_types = [KeyType(key_type)] if key_type is not None else self._key_types()
         if key_type is not None and self._guard.seal is None:
             await manager.ensure_active(key_types)  # a store with no keyset yet: its lookup key
-        with span("aiocrypt.subject.forget", key_type=",".join(k.value for k in key_types),
-                  tombstone=tombstone) as operation:
+        with span(
+            "aiocrypt.subject.forget",
+            key_type=",".join(k.value for k in key_types),
+            tombstone=tombstone,
+        ) as operation:
             store = await self.store()
             found: list[tuple[KeyType, str, SubjectKeyRecord | None]] = []
             for kt in key_types:
                 lookup = lookup_hash(self._lookup(), kt, subject)
                 record = await store.find(lookup)
-                live = record if record is not None and record.state == SubjectState.LIVE \
-                    else None
+                live = record if record is not None and record.state == SubjectState.LIVE else None
                 found.append((kt, lookup, live))
             forget = {r.key_id: r.wrapping_key_id for _, _, r in found if r is not None}
             revision = manager._records.revision
@@ -408,20 +450,32 @@ class SubjectKeys:
                 self._by_subject.entries.pop((kt, subject), None)
             for key_id in forget:
                 self._by_id.entries.pop(key_id, None)
-            report = ForgetReport(tuple(key_types), tuple(forget),
-                                  tuple(lookup for _, lookup, r in found if r is not None),
-                                  tombstone, revision)
+            report = ForgetReport(
+                tuple(key_types),
+                tuple(forget),
+                tuple(lookup for _, lookup, r in found if r is not None),
+                tombstone,
+                revision,
+            )
             # audited before the rows are deleted: a store outage there leaves the keys
             # forgotten (refused by the keyset) and a rerun deletes what is left
             await manager.auditor.emit(
-                "subject_forgotten", key_type=key_types[0].value if len(key_types) == 1
-                else None, actor=actor, key_types=[k.value for k in key_types],
-                subject_key_ids=list(report.subject_key_ids), lookups=list(report.lookups),
-                tombstone=tombstone, revision=revision)
+                "subject_forgotten",
+                key_type=key_types[0].value if len(key_types) == 1 else None,
+                actor=actor,
+                key_types=[k.value for k in key_types],
+                subject_key_ids=list(report.subject_key_ids),
+                lookups=list(report.lookups),
+                tombstone=tombstone,
+                revision=revision,
+            )
             now = manager._clock()
             for kt, lookup, record in found:
-                stone = tombstone_record(kt, lookup, record.key_id if record else "", now) \
-                    if tombstone else None
+                stone = (
+                    tombstone_record(kt, lookup, record.key_id if record else "", now)
+                    if tombstone
+                    else None
+                )
                 if record is not None or stone is not None:
                     await store.forget(lookup, record, stone)
             operation.set(outcome="forgotten" if forget else "no_key", keys=len(forget))
@@ -435,9 +489,13 @@ class SubjectKeys:
         ``key_type`` or of all types; 0 where none)."""
         kt = None if key_type is None else KeyType(key_type)
         await self._manager.current_keyring()
-        return await self.count([k.key_id for k in self._manager._records.keys
-                                 if k.status is not KeyStatus.DESTROYED
-                                 and (kt is None or k.key_type == kt)])
+        return await self.count(
+            [
+                k.key_id
+                for k in self._manager._records.keys
+                if k.status is not KeyStatus.DESTROYED and (kt is None or k.key_type == kt)
+            ]
+        )
 
     async def count(self, wrapping_key_ids: Iterable[str]) -> dict[str, int]:
         """Live subject keys wrapped by each of these version keys (0 where none)."""
@@ -446,8 +504,7 @@ class SubjectKeys:
             return dict.fromkeys(ids, 0)
         return await (await self.store()).census(ids)
 
-    async def rewrap(self, key_type: KeyTypeLike, *, batch_size: int = 1000) \
-            -> SubjectRewrapReport:
+    async def rewrap(self, key_type: KeyTypeLike, *, batch_size: int = 1000) -> SubjectRewrapReport:
         """See :meth:`KeyManager.rewrap_subjects`."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -456,15 +513,23 @@ class SubjectKeys:
         keyring = await manager.refresh(force=True)
         active = keyring.active(kt)
         store = await self.store()
-        older = [k.key_id for k in manager._records.keys if k.key_type == kt
-                 and k.status is not KeyStatus.DESTROYED and k.key_id != active.key_id]
+        older = [
+            k.key_id
+            for k in manager._records.keys
+            if k.key_type == kt
+            and k.status is not KeyStatus.DESTROYED
+            and k.key_id != active.key_id
+        ]
         total = batches = 0
         for wrapping_id in older:
             after = ""
             while True:
-                with span("aiocrypt.subject.rewrap", key_type=kt.value,
-                          wrapping_key_id=wrapping_id, new_wrapping_key_id=active.key_id) \
-                        as operation:
+                with span(
+                    "aiocrypt.subject.rewrap",
+                    key_type=kt.value,
+                    wrapping_key_id=wrapping_id,
+                    new_wrapping_key_id=active.key_id,
+                ) as operation:
                     batch = await store.wrapped_by(wrapping_id, after=after, limit=batch_size)
                     if not batch:
                         operation.set(outcome="done", count=0)
@@ -476,13 +541,19 @@ class SubjectKeys:
                 total += done
                 batches += 1
         remaining = await store.census(older) if older else {}
-        await manager.auditor.emit("subject_keys_rewrapped", key_type=kt.value,
-                                   key_id=active.key_id, count=total, batches=batches,
-                                   remaining=sum(remaining.values()))
+        await manager.auditor.emit(
+            "subject_keys_rewrapped",
+            key_type=kt.value,
+            key_id=active.key_id,
+            count=total,
+            batches=batches,
+            remaining=sum(remaining.values()),
+        )
         return SubjectRewrapReport(kt, active.key_id, total, batches, remaining)
 
-    async def _rewrapped(self, batch: Sequence[SubjectKeyRecord],
-                         active: DataKey) -> list[SubjectKeyRecord]:
+    async def _rewrapped(
+        self, batch: Sequence[SubjectKeyRecord], active: DataKey
+    ) -> list[SubjectKeyRecord]:
         """``batch`` wrapped again by ``active``; forgotten or unauthentic records are left
         out (and counted by the census until a forget or an operator removes them)."""
         forgotten = self._manager._guard.forgotten
@@ -492,15 +563,24 @@ class SubjectKeys:
             if record.key_id in forgotten:
                 continue
             wrapping = await self._wrapping_key(record)
-            material = None if wrapping is None else \
-                unwrap_subject_key(self._cipher(wrapping), record)
+            material = (
+                None if wrapping is None else unwrap_subject_key(self._cipher(wrapping), record)
+            )
             if material is None:
                 logger.error("subject key %s does not unwrap: not rewrapped", record.key_id)
                 continue
             try:
-                updates.append(wrap_subject_key(new_cipher, active.key_id, material,
-                                                record.key_id, record.lookup, record.key_type,
-                                                record.created_at))
+                updates.append(
+                    wrap_subject_key(
+                        new_cipher,
+                        active.key_id,
+                        material,
+                        record.key_id,
+                        record.lookup,
+                        record.key_type,
+                        record.created_at,
+                    )
+                )
             finally:
                 del material  # never in a traceback's locals
         return updates

@@ -48,12 +48,32 @@ AttributeValue = str | int | float | bool | tuple[str, ...]
 #: The attributes that also label metrics. Every one has a few values at most; key
 #: ids, counts and the like stay on spans (a label per key id would make a series
 #: per key version, forever).
-METRIC_ATTRIBUTES: Final = frozenset({"key_type", "provider", "operation", "outcome",
-                                      "reason", "table"})
+METRIC_ATTRIBUTES: Final = frozenset(
+    {"key_type", "provider", "operation", "outcome", "reason", "table"}
+)
 #: Histogram buckets in seconds: a local KEK answers in microseconds, a cloud KMS in
 #: milliseconds, a re-encryption run in minutes.
-DURATION_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                           0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+DURATION_BUCKETS: Final = (
+    0.0001,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    1800.0,
+)
 _NAMESPACE: Final = "aiocrypt."
 
 logger = logging.getLogger("aiocrypt.telemetry")
@@ -86,7 +106,8 @@ class _Discarded(Operation):
 _DISCARDED: Final = _Discarded({})
 #: The innermost operation being traced in this context, for ``annotate``.
 _current: contextvars.ContextVar[Operation | None] = contextvars.ContextVar(
-    "aiocrypt_operation", default=None)
+    "aiocrypt_operation", default=None
+)
 
 
 def _named(attributes: Mapping[str, AttributeValue]) -> dict[str, AttributeValue]:
@@ -115,11 +136,13 @@ class _Otel:
             description = f"duration of {name} operations"
             try:
                 histogram = self.meter.create_histogram(
-                    name, unit="s", description=description,
-                    explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+                    name,
+                    unit="s",
+                    description=description,
+                    explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+                )
             except TypeError:  # opentelemetry-api before 1.23: the SDK's default buckets
-                histogram = self.meter.create_histogram(name, unit="s",
-                                                         description=description)
+                histogram = self.meter.create_histogram(name, unit="s", description=description)
             self.histograms[name] = histogram
         return histogram
 
@@ -143,8 +166,10 @@ def _backend() -> _Otel | None:
         except ImportError:
             _otel = None
         except Exception as exc:  # a broken install must not break key operations
-            logger.warning("OpenTelemetry is installed but failed to load (%s): aiocrypt "
-                           "does not trace", type(exc).__name__)
+            logger.warning(
+                "OpenTelemetry is installed but failed to load (%s): aiocrypt does not trace",
+                type(exc).__name__,
+            )
             _otel = None
         _resolved = True
     return _otel
@@ -152,15 +177,26 @@ def _backend() -> _Otel | None:
 
 def _error_type(exc: BaseException) -> str:
     kind = type(exc)
-    return kind.__qualname__ if kind.__module__ == "builtins" \
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
         else f"{kind.__module__}.{kind.__qualname__}"
+    )
 
 
 class _Traced:
     """One traced operation: a span, the current operation, a duration measured."""
 
-    __slots__ = ("_attributes", "_context", "_name", "_op", "_operation", "_otel", "_span",
-                 "_start")
+    __slots__ = (
+        "_attributes",
+        "_context",
+        "_name",
+        "_op",
+        "_operation",
+        "_otel",
+        "_span",
+        "_start",
+    )
 
     def __init__(self, name: str, attributes: dict[str, AttributeValue]) -> None:
         self._name = name
@@ -173,16 +209,23 @@ class _Traced:
             return _DISCARDED
         self._op = op = Operation(dict(self._attributes))
         self._span: Span = otel.tracer.start_span(
-            self._name, attributes=_named(self._attributes), record_exception=False,
-            set_status_on_exception=False)
+            self._name,
+            attributes=_named(self._attributes),
+            record_exception=False,
+            set_status_on_exception=False,
+        )
         context: Context = otel.trace.set_span_in_context(self._span)
         self._context = otel.context.attach(context)
         self._operation = _current.set(op)
         self._start = time.perf_counter()
         return op
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         otel = self._otel
         if otel is None:
             return
@@ -203,11 +246,13 @@ class _Traced:
             attributes.setdefault("outcome", "ok")
         if span.is_recording():  # what the span did not start with (checked once is enough)
             started = self._attributes
-            span.set_attributes(_named({k: v for k, v in attributes.items()
-                                        if k not in started or started[k] != v}))
+            span.set_attributes(
+                _named({k: v for k, v in attributes.items() if k not in started or started[k] != v})
+            )
         span.end()
-        otel.histogram(self._name + ".duration").record(seconds, _named(
-            {k: v for k, v in attributes.items() if k in METRIC_ATTRIBUTES}))
+        otel.histogram(self._name + ".duration").record(
+            seconds, _named({k: v for k, v in attributes.items() if k in METRIC_ATTRIBUTES})
+        )
 
 
 def span(name: str, **attributes: AttributeValue) -> _Traced:
@@ -227,10 +272,12 @@ def annotate(**attributes: AttributeValue) -> None:
         op.attributes.update(attributes)
 
 
-def traced(name: str, **attributes: AttributeValue) \
-        -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Coroutine[Any, Any, T]]]:
+def traced(
+    name: str, **attributes: AttributeValue
+) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Coroutine[Any, Any, T]]]:
     """Trace every call of an async function as ``span(name, **attributes)``; the body
     adds attributes with :func:`annotate`."""
+
     def decorate(function: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         @functools.wraps(function)
         async def call(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -238,7 +285,9 @@ def traced(name: str, **attributes: AttributeValue) \
                 return await function(*args, **kwargs)
             with span(name, **attributes):
                 return await function(*args, **kwargs)
+
         return call
+
     return decorate
 
 

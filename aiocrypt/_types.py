@@ -108,8 +108,9 @@ KeyType.BLIND_INDEX = KeyType("blind_index")
 KeyTypeLike = KeyType | str
 
 
-def unknown_key_type(name: str, known: Iterable[str], *,
-                     declared_in: str | None = None) -> UnknownKeyTypeError:
+def unknown_key_type(
+    name: str, known: Iterable[str], *, declared_in: str | None = None
+) -> UnknownKeyTypeError:
     """The error refusing key type ``name``: malformed, or not among ``known``.
 
     The message names the nearest ``known`` names, compared case-insensitively (so
@@ -119,22 +120,24 @@ def unknown_key_type(name: str, known: Iterable[str], *,
     name = str(name)  # a KeyType's repr would say KeyType('...')
     names = sorted({str(k) for k in known})
     by_lower = {k.lower(): k for k in names}
-    suggestions = tuple(by_lower[m] for m in difflib.get_close_matches(
-        name.lower(), list(by_lower), n=3, cutoff=0.6))
-    shown = repr(name) if _SHOWN_RE.fullmatch(name) \
-        else f"[{len(name)} characters, not repeated]"
+    suggestions = tuple(
+        by_lower[m]
+        for m in difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+    )
+    shown = repr(name) if _SHOWN_RE.fullmatch(name) else f"[{len(name)} characters, not repeated]"
     malformed = not _KEY_TYPE_RE.fullmatch(name)
     message = f"{'invalid key type name' if malformed else 'unknown key type'} {shown}"
     if suggestions:
         alternatives = ", ".join(suggestions[:-1])
-        alternatives = f"{alternatives} or {suggestions[-1]}" if alternatives \
-            else suggestions[0]
+        alternatives = f"{alternatives} or {suggestions[-1]}" if alternatives else suggestions[0]
         message += f": did you mean {alternatives}?"
     if malformed:
         message += f" ({_NAME_RULE})"
     if declared_in is not None:
-        message += f"{'' if message.endswith('?') else '.'} Known key types: " \
-                   f"{', '.join(names)}; declare another in {declared_in}."
+        message += (
+            f"{'' if message.endswith('?') else '.'} Known key types: "
+            f"{', '.join(names)}; declare another in {declared_in}."
+        )
     return UnknownKeyTypeError(message, suggestions=suggestions)
 
 

@@ -30,9 +30,26 @@ from urllib.parse import unquote_plus
 __all__ = ["redact_url", "scrub"]
 
 _SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):(//)?")
-_SECRET_NAMES: Final = frozenset({
-    "password", "pass", "pwd", "passwd", "secret", "token", "access_key", "api_key", "apikey",
-    "sslpassword", "key", "auth", "sig", "signature", "credentials", "client_secret"})
+_SECRET_NAMES: Final = frozenset(
+    {
+        "password",
+        "pass",
+        "pwd",
+        "passwd",
+        "secret",
+        "token",
+        "access_key",
+        "api_key",
+        "apikey",
+        "sslpassword",
+        "key",
+        "auth",
+        "sig",
+        "signature",
+        "credentials",
+        "client_secret",
+    }
+)
 _SECRET_PARTS: Final = ("pass", "secret", "token", "pwd", "credential")
 #: One host, optionally with a port: a name, an IPv4 address, a bracketed IPv6
 #: address or a percent-encoded socket path.
@@ -56,7 +73,7 @@ def _split(url: str) -> tuple[str, str | None, str, str] | None:
     match = _SCHEME.match(url)
     if match is None:
         return None
-    prefix, body = match.group(0), url[match.end():]
+    prefix, body = match.group(0), url[match.end() :]
     if not match.group(2):  # "unix:/path?query": no authority
         if "@" in body:  # "user:password@host" without "//": not a URL to take apart
             return "", "\0", "***", ""
@@ -84,8 +101,9 @@ def _redact_query(rest: str) -> str:
     path, sep, query = rest.partition("?")
     if not sep:
         return path
-    kept = [item for item in re.split(r"[&;]", query)
-            if item and not _is_secret(item.partition("=")[0])]
+    kept = [
+        item for item in re.split(r"[&;]", query) if item and not _is_secret(item.partition("=")[0])
+    ]
     return f"{path}?{'&'.join(kept)}" if kept else path
 
 
@@ -98,8 +116,11 @@ def redact_url(url: str) -> str:
     """
     parts = _split(url)
     if parts is None:
-        kept = [word for word in url.split()
-                if "=" not in word or not _is_secret(word.partition("=")[0])]
+        kept = [
+            word
+            for word in url.split()
+            if "=" not in word or not _is_secret(word.partition("=")[0])
+        ]
         return " ".join(kept)
     prefix, userinfo, hosts, rest = parts
     if not _HOSTS.fullmatch(hosts):
@@ -116,12 +137,15 @@ def redact_url(url: str) -> str:
 
 def _secrets_of(url: str) -> set[str]:
     """The secret values in ``url``, as written and percent-decoded."""
-    values = [word.partition("=")[2] for word in re.split(r"[\s&;?]", url)
-              if "=" in word and _is_secret(word.partition("=")[0])]
+    values = [
+        word.partition("=")[2]
+        for word in re.split(r"[\s&;?]", url)
+        if "=" in word and _is_secret(word.partition("=")[0])
+    ]
     parts = _split(url)
     if parts is not None and parts[1] == "\0":
         match = _SCHEME.match(url)
-        chunk = url[match.end() if match else 0:].rpartition("@")[0]
+        chunk = url[match.end() if match else 0 :].rpartition("@")[0]
         values += [chunk, chunk.partition(":")[2]]
     elif parts is not None and parts[1] is not None:
         values.append(parts[1].partition(":")[2])

@@ -69,8 +69,9 @@ __all__ = ["key_type_param", "main"]
 
 @click.group(cls=AiocryptGroup)
 @click.version_option(package_name="aiocrypt")
-@click.option("--debug", is_flag=True, envvar="AIOCRYPT_DEBUG",
-              help="show the traceback of an error")
+@click.option(
+    "--debug", is_flag=True, envvar="AIOCRYPT_DEBUG", help="show the traceback of an error"
+)
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """aiocrypt: field encryption keys for asyncio web applications."""
@@ -97,8 +98,14 @@ def list_keys(key_type: str | None, status: str | None, as_json: bool) -> None:
     for heading in ("type", "version", "status", "created", "expires"):
         table.add_column(heading)
     for key in found:
-        table.add_row(key.key_id, key.key_type.value, str(key.version), key.status.value,
-                      f"{key.created_at:%Y-%m-%d %H:%M}", f"{key.expires_at:%Y-%m-%d}")
+        table.add_row(
+            key.key_id,
+            key.key_type.value,
+            str(key.version),
+            key.status.value,
+            f"{key.created_at:%Y-%m-%d %H:%M}",
+            f"{key.expires_at:%Y-%m-%d}",
+        )
     console.print(table)
 
 
@@ -137,6 +144,7 @@ def generate(key_type: KeyType, as_json: bool) -> None:
 @json_option
 def rotate(key_type: KeyType, force: bool, as_json: bool) -> None:
     """Rotate KEY_TYPE if due by policy (or --force)."""
+
     async def work(m: KeyManager) -> tuple[str | None, EncryptionKey]:
         await m.refresh(force=True)
         before = m.keyring.active_keys.get(key_type)
@@ -146,11 +154,19 @@ def rotate(key_type: KeyType, force: bool, as_json: bool) -> None:
     before, after = run_with_manager(work)
     rotated = before != after.key_id
     if as_json:
-        echo_json({"key_type": key_type.value, "rotated": rotated, "old_key_id": before,
-                    "active_key": key_metadata(after)})
+        echo_json(
+            {
+                "key_type": key_type.value,
+                "rotated": rotated,
+                "old_key_id": before,
+                "active_key": key_metadata(after),
+            }
+        )
     elif not rotated:
-        click.echo(f"{key_type.value}: not due for rotation; {after.key_id} stays active "
-                   "(use --force to rotate anyway)")
+        click.echo(
+            f"{key_type.value}: not due for rotation; {after.key_id} stays active "
+            "(use --force to rotate anyway)"
+        )
     else:
         click.echo(f"{key_type.value}: rotated {before or '(none)'} -> {after.key_id}")
 
@@ -171,13 +187,17 @@ def revoke(key_id: str, reason: str, as_json: bool) -> None:
 @keys.command("compromise")
 @click.argument("key_id")
 @click.option("--reason", required=True, help="what happened (kept in the audit trail)")
-@click.option("--reencrypt", is_flag=True,
-              help="enqueue the re-encryption of its data on the ARQ workers now "
-                   "(aiocrypt[arq]; ENCRYPTION_ARQ_REDIS_URL or ENCRYPTION_REDIS_URL)")
+@click.option(
+    "--reencrypt",
+    is_flag=True,
+    help="enqueue the re-encryption of its data on the ARQ workers now "
+    "(aiocrypt[arq]; ENCRYPTION_ARQ_REDIS_URL or ENCRYPTION_REDIS_URL)",
+)
 @json_option
 @click.pass_context
-def compromise(ctx: click.Context, key_id: str, reason: str, reencrypt: bool,
-               as_json: bool) -> None:
+def compromise(
+    ctx: click.Context, key_id: str, reason: str, reencrypt: bool, as_json: bool
+) -> None:
     """Mark KEY_ID compromised: stop using it, rotate, flag its data for re-encryption."""
     key = run_with_manager(lambda m: m.mark_compromised(key_id, reason))
     if as_json and not reencrypt:
@@ -186,13 +206,21 @@ def compromise(ctx: click.Context, key_id: str, reason: str, reencrypt: bool,
     if not as_json:
         click.echo(f"{key.key_id} is {key.status.value}; its data must be re-encrypted")
     if not reencrypt:
-        click.echo(f"next: aiocrypt reencrypt ... (or aiocrypt jobs reencrypt "
-                   f"{key.key_type.value} {key.key_id}, or pass --reencrypt)")
+        click.echo(
+            f"next: aiocrypt reencrypt ... (or aiocrypt jobs reencrypt "
+            f"{key.key_type.value} {key.key_id}, or pass --reencrypt)"
+        )
         return
     from .integrations.arq.cli import reencrypt as enqueue_reencryption
 
-    ctx.invoke(enqueue_reencryption, key_type=key.key_type, old_key_id=key.key_id,
-               batch_size=None, shards=None, as_json=as_json)
+    ctx.invoke(
+        enqueue_reencryption,
+        key_type=key.key_type,
+        old_key_id=key.key_id,
+        batch_size=None,
+        shards=None,
+        as_json=as_json,
+    )
 
 
 @keys.command("rotate-due")
@@ -203,17 +231,28 @@ def rotate_due(as_json: bool) -> None:
 
 
 @keys.command("cleanup")
-@click.option("--confirm", "confirm", multiple=True, metavar="KEY_ID",
-              help="a key id you have verified no data references (repeatable)")
-@click.option("--force", is_flag=True,
-              help="destroy expired keys WITHOUT a reference check (audited; data may be lost)")
+@click.option(
+    "--confirm",
+    "confirm",
+    multiple=True,
+    metavar="KEY_ID",
+    help="a key id you have verified no data references (repeatable)",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="destroy expired keys WITHOUT a reference check (audited; data may be lost)",
+)
 @click.option("--yes", is_flag=True, help="do not ask before --force")
 @json_option
 def cleanup(confirm: tuple[str, ...], force: bool, yes: bool, as_json: bool) -> None:
     """Destroy keys past max age + grace that nothing references; say why others are kept."""
     if force and not yes:
-        click.confirm("Destroy every key past its grace period without checking references?",
-                      abort=True, err=True)
+        click.confirm(
+            "Destroy every key past its grace period without checking references?",
+            abort=True,
+            err=True,
+        )
     report = run_with_manager(lambda m: m.cleanup_report(confirm_unreferenced=confirm, force=force))
     if as_json:
         echo_json(report)
@@ -230,41 +269,64 @@ _CensusSource = Callable[[KeyManager], Awaitable[dict[str, int]]] | None
 
 
 def _retirement_dict(result: KeyRetirement) -> dict[str, Any]:
-    return {"key_type": result.key_type.value, "dry_run": result.dry_run,
-            "type_retired": result.type_retired,
-            "keys": [{"key_id": k.key_id, "version": k.version,
-                      "status_before": k.status_before.value, "reason": k.reason.value}
-                     for k in result.keys],
-            "min_decryption_version_before": result.min_decryption_version_before,
-            "min_decryption_version": result.min_decryption_version}
+    return {
+        "key_type": result.key_type.value,
+        "dry_run": result.dry_run,
+        "type_retired": result.type_retired,
+        "keys": [
+            {
+                "key_id": k.key_id,
+                "version": k.version,
+                "status_before": k.status_before.value,
+                "reason": k.reason.value,
+            }
+            for k in result.keys
+        ],
+        "min_decryption_version_before": result.min_decryption_version_before,
+        "min_decryption_version": result.min_decryption_version,
+    }
 
 
 def _echo_retirement(result: KeyRetirement) -> None:
     verb = "would destroy" if result.dry_run else "destroyed"
     for key in result.keys:
-        click.echo(f"{verb} {key.key_id} (version {key.version}, {key.status_before.value}): "
-                   f"{key.reason.value}")
+        click.echo(
+            f"{verb} {key.key_id} (version {key.version}, {key.status_before.value}): "
+            f"{key.reason.value}"
+        )
     kt = result.key_type.value
     before, after = result.min_decryption_version_before, result.min_decryption_version
     if after != before:
-        click.echo(f"{kt}: minimum decryption version {before} -> {after}"
-                   + (" (dry run: nothing changed)" if result.dry_run else ""))
+        click.echo(
+            f"{kt}: minimum decryption version {before} -> {after}"
+            + (" (dry run: nothing changed)" if result.dry_run else "")
+        )
     elif result.dry_run:
         click.echo(f"{kt}: minimum decryption version stays {after} (dry run: nothing changed)")
     if result.type_retired and not result.dry_run:
-        click.echo(f"{kt} has no key left and none active; it is created again only if "
-                   "something encrypts with it")
+        click.echo(
+            f"{kt} has no key left and none active; it is created again only if "
+            "something encrypts with it"
+        )
 
 
-def _run_retirement(retire: Callable[[KeyManager, Mapping[str, int] | None, list[str], bool],
-                                     Awaitable[KeyRetirement]],
-                    rows_census: _CensusSource,
-                    confirm_ids: Callable[[KeyManager], Awaitable[list[str]]],
-                    question: str, dry_run: bool, yes: bool, as_json: bool) -> None:
+def _run_retirement(
+    retire: Callable[
+        [KeyManager, Mapping[str, int] | None, list[str], bool], Awaitable[KeyRetirement]
+    ],
+    rows_census: _CensusSource,
+    confirm_ids: Callable[[KeyManager], Awaitable[list[str]]],
+    question: str,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
     """Check (a dry run), show it, ask, then retire: the census runs again for the real
     run, and only the key ids shown are confirmed (a key made meanwhile is refused)."""
-    async def work(m: KeyManager, dry: bool, confirmed: list[str] | None) \
-            -> tuple[KeyRetirement, list[str]]:
+
+    async def work(
+        m: KeyManager, dry: bool, confirmed: list[str] | None
+    ) -> tuple[KeyRetirement, list[str]]:
         ids = await confirm_ids(m) if confirmed is None else confirmed
         counts = await rows_census(m) if rows_census is not None else None
         return await retire(m, counts, ids, dry), ids
@@ -286,16 +348,23 @@ def _census_or_confirmation(rows_census: _CensusSource, confirm_unreferenced: bo
         raise click.UsageError(
             "no census: name the data (--table T --column NAME:KEY_TYPE, or --models) so the "
             "census can show that no row uses it, or pass --confirm-unreferenced once you have "
-            "checked that nothing references it")
+            "checked that nothing references it"
+        )
 
 
 def _retire_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed((
-            click.option("--confirm-unreferenced", is_flag=True,
-                         help="you have checked that no data references the key(s) the census "
-                              "does not cover (needed without a census)"),
+    for option in reversed(
+        (
+            click.option(
+                "--confirm-unreferenced",
+                is_flag=True,
+                help="you have checked that no data references the key(s) the census "
+                "does not cover (needed without a census)",
+            ),
             click.option("--dry-run", is_flag=True, help="only say what would be done"),
-            click.option("--yes", is_flag=True, help="do not ask for confirmation"))):
+            click.option("--yes", is_flag=True, help="do not ask for confirmation"),
+        )
+    ):
         function = option(function)
     return table_options(json_option(function))
 
@@ -303,9 +372,18 @@ def _retire_options(function: Callable[..., Any]) -> Callable[..., Any]:
 @keys.command("retire")
 @click.argument("key_id")
 @_retire_options
-def retire(key_id: str, dsn: str | None, tables: tuple[str, ...], pk: str,
-           columns: tuple[str, ...], models: str | None, confirm_unreferenced: bool,
-           dry_run: bool, yes: bool, as_json: bool) -> None:
+def retire(
+    key_id: str,
+    dsn: str | None,
+    tables: tuple[str, ...],
+    pk: str,
+    columns: tuple[str, ...],
+    models: str | None,
+    confirm_unreferenced: bool,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
     """Destroy KEY_ID now, whatever its age, once the census shows no row on it.
 
     For a key no longer active, after its data was re-encrypted: the census of
@@ -320,18 +398,33 @@ def retire(key_id: str, dsn: str | None, tables: tuple[str, ...], pk: str,
         return [key_id] if confirm_unreferenced else []
 
     _run_retirement(
-        lambda m, counts, ids, dry: m.retire_key(key_id, census=counts,
-                                                 confirm_unreferenced=ids, dry_run=dry),
-        rows_census, confirm_ids, f"Destroy {key_id} now? Data under it can never be read again.",
-        dry_run, yes, as_json)
+        lambda m, counts, ids, dry: m.retire_key(
+            key_id, census=counts, confirm_unreferenced=ids, dry_run=dry
+        ),
+        rows_census,
+        confirm_ids,
+        f"Destroy {key_id} now? Data under it can never be read again.",
+        dry_run,
+        yes,
+        as_json,
+    )
 
 
 @keys.command("retire-type")
 @click.argument("key_type")
 @_retire_options
-def retire_type(key_type: str, dsn: str | None, tables: tuple[str, ...], pk: str,
-                columns: tuple[str, ...], models: str | None, confirm_unreferenced: bool,
-                dry_run: bool, yes: bool, as_json: bool) -> None:
+def retire_type(
+    key_type: str,
+    dsn: str | None,
+    tables: tuple[str, ...],
+    pk: str,
+    columns: tuple[str, ...],
+    models: str | None,
+    confirm_unreferenced: bool,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
     """Retire KEY_TYPE, created by mistake: destroy every key of it, the active one too.
 
     No new version is made active. Each key must be unreferenced as for 'keys
@@ -350,25 +443,43 @@ def retire_type(key_type: str, dsn: str | None, tables: tuple[str, ...], pk: str
         return [k.key_id for k in await m.list_keys() if k.key_type == kt]
 
     _run_retirement(
-        lambda m, counts, ids, dry: m.retire_key_type(kt, census=counts,
-                                                      confirm_unreferenced=ids, dry_run=dry),
-        rows_census, confirm_ids,
+        lambda m, counts, ids, dry: m.retire_key_type(
+            kt, census=counts, confirm_unreferenced=ids, dry_run=dry
+        ),
+        rows_census,
+        confirm_ids,
         f"Destroy every {kt.value} key now, the active one too? Data under them can never be "
-        "read again.", dry_run, yes, as_json)
+        "read again.",
+        dry_run,
+        yes,
+        as_json,
+    )
 
 
 @keys.command("min-version")
 @click.argument("key_type", callback=key_type_param)
 @click.argument("version", type=click.IntRange(min=1), required=False)
 @table_options
-@click.option("--confirm-unreferenced", is_flag=True,
-              help="you have checked that no data references the older versions the census "
-                   "does not cover (needed without a census)")
+@click.option(
+    "--confirm-unreferenced",
+    is_flag=True,
+    help="you have checked that no data references the older versions the census "
+    "does not cover (needed without a census)",
+)
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 @json_option
-def min_version(key_type: KeyType, version: int | None, dsn: str | None,
-                tables: tuple[str, ...], pk: str, columns: tuple[str, ...], models: str | None,
-                confirm_unreferenced: bool, yes: bool, as_json: bool) -> None:
+def min_version(
+    key_type: KeyType,
+    version: int | None,
+    dsn: str | None,
+    tables: tuple[str, ...],
+    pk: str,
+    columns: tuple[str, ...],
+    models: str | None,
+    confirm_unreferenced: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
     """Show KEY_TYPE's minimum decryption version, or set it to VERSION.
 
     Versions below it refuse every decryption, re-encryption included. Raising it
@@ -378,8 +489,9 @@ def min_version(key_type: KeyType, version: int | None, dsn: str | None,
     current = run_with_manager(lambda m: m.get_min_decryption_version(key_type))
     if version is None or version == current:
         if as_json:
-            echo_json({"key_type": key_type.value, "min_decryption_version": current,
-                       "changed": False})
+            echo_json(
+                {"key_type": key_type.value, "min_decryption_version": current, "changed": False}
+            )
         else:
             click.echo(f"{key_type.value}: minimum decryption version {current}")
         return
@@ -387,24 +499,39 @@ def min_version(key_type: KeyType, version: int | None, dsn: str | None,
     if version > current:
         _census_or_confirmation(rows_census, confirm_unreferenced)
     if not yes:
-        what = ("every version below it will refuse to decrypt" if version > current
-                else "versions from it up decrypt again")
-        click.confirm(f"Set the minimum decryption version of {key_type.value} from {current} "
-                      f"to {version} ({what})?", abort=True, err=True)
+        what = (
+            "every version below it will refuse to decrypt"
+            if version > current
+            else "versions from it up decrypt again"
+        )
+        click.confirm(
+            f"Set the minimum decryption version of {key_type.value} from {current} "
+            f"to {version} ({what})?",
+            abort=True,
+            err=True,
+        )
 
     async def work(m: KeyManager) -> int:
         counts = await rows_census(m) if rows_census is not None else None
         older = [k.key_id for k in await m.list_keys(key_type) if k.version < version]
         # confirmation covers what the census does not count; rows it counts still refuse
-        confirmed = [i for i in older if counts is None or i not in counts] \
-            if confirm_unreferenced else []
-        return await m.set_min_decryption_version(key_type, version, census=counts,
-                                                  confirm_unreferenced=confirmed)
+        confirmed = (
+            [i for i in older if counts is None or i not in counts] if confirm_unreferenced else []
+        )
+        return await m.set_min_decryption_version(
+            key_type, version, census=counts, confirm_unreferenced=confirmed
+        )
 
     now = run_with_manager(work)
     if as_json:
-        echo_json({"key_type": key_type.value, "min_decryption_version": now,
-                   "previous": current, "changed": True})
+        echo_json(
+            {
+                "key_type": key_type.value,
+                "min_decryption_version": now,
+                "previous": current,
+                "changed": True,
+            }
+        )
     else:
         click.echo(f"{key_type.value}: minimum decryption version {current} -> {now}")
 
@@ -422,8 +549,12 @@ def _local_kek_from_env(name: str) -> Any:
 
 
 @keys.command("rotate-master-key")
-@click.option("--new-key-env", default="ENCRYPTION_NEW_MASTER_KEY", show_default=True,
-              help="environment variable holding the new master key (never a CLI argument)")
+@click.option(
+    "--new-key-env",
+    default="ENCRYPTION_NEW_MASTER_KEY",
+    show_default=True,
+    help="environment variable holding the new master key (never a CLI argument)",
+)
 @json_option
 def rotate_master_key(new_key_env: str, as_json: bool) -> None:
     """Rewrap every DEK under a new local master key; resumable if interrupted."""
@@ -432,16 +563,24 @@ def rotate_master_key(new_key_env: str, as_json: bool) -> None:
     if as_json:
         echo_json({"rewrapped": count, "kek_id": new_kek.kek_id})
         return
-    click.echo(f"rewrapped {count} keys under {new_kek.kek_id}; now set ENCRYPTION_MASTER_KEY "
-               f"to the value of {new_key_env}")
+    click.echo(
+        f"rewrapped {count} keys under {new_kek.kek_id}; now set ENCRYPTION_MASTER_KEY "
+        f"to the value of {new_key_env}"
+    )
 
 
 @keys.command("rewrap")
-@click.option("--previous-key-env", "previous", multiple=True, metavar="VAR",
-              help="environment variable holding an older master key some DEKs may still be "
-                   "wrapped by (repeatable)")
-@click.option("--only-foreign", is_flag=True,
-              help="only DEKs not already wrapped by the current KEK")
+@click.option(
+    "--previous-key-env",
+    "previous",
+    multiple=True,
+    metavar="VAR",
+    help="environment variable holding an older master key some DEKs may still be "
+    "wrapped by (repeatable)",
+)
+@click.option(
+    "--only-foreign", is_flag=True, help="only DEKs not already wrapped by the current KEK"
+)
 @json_option
 def rewrap(previous: tuple[str, ...], only_foreign: bool, as_json: bool) -> None:
     """Re-wrap every DEK under the current KEK / master key (no data is touched).
@@ -481,8 +620,9 @@ def adopt(yes: bool, as_json: bool) -> None:
     """
     config = load_config()
     if not yes and not as_json:
-        click.confirm("Seal the key store as it is now (statuses are trusted as found)?",
-                      abort=True)
+        click.confirm(
+            "Seal the key store as it is now (statuses are trusted as found)?", abort=True
+        )
 
     async def run() -> tuple[Any, list[EncryptionKey]]:
         kek = build_kek_provider(config)
@@ -495,8 +635,13 @@ def adopt(yes: bool, as_json: bool) -> None:
 
     report, keys_now = asyncio.run(run())
     if as_json:
-        echo_json({"already_sealed": report.already_sealed, "revision": report.revision,
-                   "keys": [key_metadata(k) for k in keys_now]})
+        echo_json(
+            {
+                "already_sealed": report.already_sealed,
+                "revision": report.revision,
+                "keys": [key_metadata(k) for k in keys_now],
+            }
+        )
         return
     if report.already_sealed:
         click.echo(f"the key store is already sealed (revision {report.revision}); verified")
@@ -519,13 +664,23 @@ def audit() -> None:
 
 
 def _audit_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed((
-            click.option("--dsn", envvar="ENCRYPTION_AUDIT_DSN", required=True,
-                         help="PostgreSQL DSN of the audit table (or ENCRYPTION_AUDIT_DSN)"),
+    for option in reversed(
+        (
+            click.option(
+                "--dsn",
+                envvar="ENCRYPTION_AUDIT_DSN",
+                required=True,
+                help="PostgreSQL DSN of the audit table (or ENCRYPTION_AUDIT_DSN)",
+            ),
             click.option("--table", default="aiocrypt_audit", show_default=True),
-            click.option("--hmac-key-env", metavar="NAME",
-                         help="the environment variable holding the chain's HMAC key "
-                              "(base64); the key is never taken from the command line"))):
+            click.option(
+                "--hmac-key-env",
+                metavar="NAME",
+                help="the environment variable holding the chain's HMAC key "
+                "(base64); the key is never taken from the command line",
+            ),
+        )
+    ):
         function = option(function)
     return json_option(function)
 
@@ -542,20 +697,30 @@ def _audit_hmac_key(name: str | None) -> bytes | None:
     except ValueError:
         fail(f"--hmac-key-env: {name} is not valid base64", EXIT_CONFIG)
     if len(key) < 16:
-        fail(f"--hmac-key-env: {name} holds {len(key)} bytes; an HMAC key has at least 16",
-             EXIT_CONFIG)
+        fail(
+            f"--hmac-key-env: {name} holds {len(key)} bytes; an HMAC key has at least 16",
+            EXIT_CONFIG,
+        )
     return key
 
 
 def _report_audit(result: AuditVerification, as_json: bool) -> None:
     if as_json:
-        echo_json({"ok": result.ok, "rows": result.rows, "mode": result.mode,
-                   "head": str(result.head) if result.head else None,
-                   "problems": list(result.problems), "warnings": list(result.warnings)})
+        echo_json(
+            {
+                "ok": result.ok,
+                "rows": result.rows,
+                "mode": result.mode,
+                "head": str(result.head) if result.head else None,
+                "problems": list(result.problems),
+                "warnings": list(result.warnings),
+            }
+        )
     else:
         if result.ok:
-            click.echo(f"audit chain OK ({result.rows} rows, {result.mode} mode, "
-                       f"head {result.head})")
+            click.echo(
+                f"audit chain OK ({result.rows} rows, {result.mode} mode, head {result.head})"
+            )
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
         for problem in result.problems:
@@ -566,11 +731,14 @@ def _report_audit(result: AuditVerification, as_json: bool) -> None:
 
 @audit.command("verify")
 @_audit_options
-@click.option("--anchor", metavar="SEQ:HEX",
-              help="a head printed by an earlier verify: fail if the table was rolled back "
-                   "past it")
-def audit_verify(dsn: str, table: str, hmac_key_env: str | None, anchor: str | None,
-                 as_json: bool) -> None:
+@click.option(
+    "--anchor",
+    metavar="SEQ:HEX",
+    help="a head printed by an earlier verify: fail if the table was rolled back past it",
+)
+def audit_verify(
+    dsn: str, table: str, hmac_key_env: str | None, anchor: str | None, as_json: bool
+) -> None:
     """Recompute the hash chain of the Postgres audit table; exit 1 if it was tampered with.
 
     Give the key of an HMAC chain with --hmac-key-env NAME. Record the printed head
@@ -684,8 +852,9 @@ def new_master_key(as_json: bool) -> None:
     """Print a new random master key (base64 of 32 bytes) for ENCRYPTION_MASTER_KEY."""
     key = base64.b64encode(os.urandom(32)).decode("ascii")
     if sys.stdout.isatty():
-        click.echo("warning: this prints a secret; prefer 'aiocrypt init' (writes a 0600 file)",
-                   err=True)
+        click.echo(
+            "warning: this prints a secret; prefer 'aiocrypt init' (writes a 0600 file)", err=True
+        )
     echo_json({"master_key": key}) if as_json else click.echo(key)
 
 
@@ -735,10 +904,15 @@ class _LazyGroup(click.Group):
         return self._group().get_command(ctx, cmd_name)
 
 
-main.add_command(_LazyGroup(
-    "jobs", "aiocrypt.integrations.arq.cli:jobs", "arq",
-    help="Background jobs on ARQ workers: status of re-encryption, enqueue rotation, "
-         "re-encryption and cleanup."))
+main.add_command(
+    _LazyGroup(
+        "jobs",
+        "aiocrypt.integrations.arq.cli:jobs",
+        "arq",
+        help="Background jobs on ARQ workers: status of re-encryption, enqueue rotation, "
+        "re-encryption and cleanup.",
+    )
+)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ async def run(workdir: Path) -> None:
             set_encryption_service,
         )
     except ImportError as exc:
-        raise SystemExit(f"the demo needs the sqlalchemy extra: pip install "
-                         f"'aiocrypt[sqlalchemy]' ({exc})") from None
+        raise SystemExit(
+            f"the demo needs the sqlalchemy extra: pip install 'aiocrypt[sqlalchemy]' ({exc})"
+        ) from None
 
     class Base(DeclarativeBase):
         pass
@@ -75,8 +76,9 @@ async def run(workdir: Path) -> None:
         monthly_income_encrypted = mapped_column(EncryptedFloat(KeyType.FINANCIAL_DATA))
         savings_encrypted = mapped_column(EncryptedDecimal(KeyType.FINANCIAL_DATA))
         ssn_encrypted = mapped_column(EncryptedString(KeyType.PII))
-        ssn_index = mapped_column(BlindIndex("ssn_encrypted", normalizer=normalize_digits),
-                                  index=True)
+        ssn_index = mapped_column(
+            BlindIndex("ssn_encrypted", normalizer=normalize_digits), index=True
+        )
 
     master_key = os.environ.get("ENCRYPTION_MASTER_KEY")
     if not master_key:
@@ -86,8 +88,13 @@ async def run(workdir: Path) -> None:
     clock = DemoClock()
     events = MemoryAuditSink()
     kek = LocalKekProvider(config.master_key_bytes())
-    manager = KeyManager(FileKeyStore(config.key_store_file(), kek), kek, config, clock=clock,
-                         auditor=Auditor([events]))
+    manager = KeyManager(
+        FileKeyStore(config.key_store_file(), kek),
+        kek,
+        config,
+        clock=clock,
+        auditor=Auditor([events]),
+    )
     service = EncryptionService(manager, clock=clock)
     engine = create_async_engine(f"sqlite+aiosqlite:///{workdir / 'demo.sqlite3'}")
     sessions = async_sessionmaker(engine, expire_on_commit=False)
@@ -99,8 +106,10 @@ async def run(workdir: Path) -> None:
         _say("1. one key per purpose, wrapped by the local master key, in a 0600 file")
         for key_type in KeyType.builtin():
             key = await manager.generate_key(key_type)
-            print(f"  {key_type.value:<15} {key.key_id}  (version {key.version}, "
-                  f"expires {key.expires_at:%Y-%m-%d})")
+            print(
+                f"  {key_type.value:<15} {key.key_id}  (version {key.version}, "
+                f"expires {key.expires_at:%Y-%m-%d})"
+            )
         mode = oct((workdir / "keys.json").stat().st_mode & 0o777)
         print(f"  key store: {workdir / 'keys.json'} mode {mode}")
 
@@ -110,9 +119,17 @@ async def run(workdir: Path) -> None:
             user.monthly_income_encrypted = 75000.0
             user.savings_encrypted = Decimal("125000.50")
             user.ssn_encrypted = "123-45-6789"
-            session.add_all([user, User(username="bob", monthly_income_encrypted=4200.0,
-                                        savings_encrypted=Decimal("10.00"),
-                                        ssn_encrypted="987-65-4321")])
+            session.add_all(
+                [
+                    user,
+                    User(
+                        username="bob",
+                        monthly_income_encrypted=4200.0,
+                        savings_encrypted=Decimal("10.00"),
+                        ssn_encrypted="987-65-4321",
+                    ),
+                ]
+            )
             await session.commit()
         async with engine.connect() as conn:
             raw = (await conn.execute(sa.text("SELECT * FROM users WHERE id = 1"))).one()
@@ -125,25 +142,39 @@ async def run(workdir: Path) -> None:
         async with sessions() as session:
             alice = await session.get(User, 1)
             assert alice is not None
-            print(f"  income {alice.monthly_income_encrypted!r}, savings "
-                  f"{alice.savings_encrypted!r}, ssn {alice.ssn_encrypted!r}")
-            found = (await session.execute(sa.select(User.username).where(
-                User.ssn_index.matches("123 45 6789")))).scalars().all()
+            print(
+                f"  income {alice.monthly_income_encrypted!r}, savings "
+                f"{alice.savings_encrypted!r}, ssn {alice.ssn_encrypted!r}"
+            )
+            found = (
+                (
+                    await session.execute(
+                        sa.select(User.username).where(User.ssn_index.matches("123 45 6789"))
+                    )
+                )
+                .scalars()
+                .all()
+            )
             print(f"  blind-index search for SSN '123 45 6789' finds {list(found)}")
 
         _say("4. a token copied to another column does not decrypt")
         try:
-            await service.decrypt_field(raw.monthly_income_encrypted, KeyType.FINANCIAL_DATA,
-                                        context="users.savings_encrypted")
+            await service.decrypt_field(
+                raw.monthly_income_encrypted,
+                KeyType.FINANCIAL_DATA,
+                context="users.savings_encrypted",
+            )
         except DecryptionError as exc:
             print(f"  users.monthly_income_encrypted read as users.savings_encrypted -> {exc!r}")
 
         _say("5. sessions and cache entries get keys of their own")
         session_token = await service.encrypt_session_data(
-            {"user_id": 1, "roles": ["customer"], "mfa": True}, context="session-id-hash")
+            {"user_id": 1, "roles": ["customer"], "mfa": True}, context="session-id-hash"
+        )
         print(f"  session  {session_token[:60]}...")
         cache_key, cache_value = await service.encrypt_cache_data(
-            "report:alice:2026", {"total": Decimal("79200.00")}, ttl=300)
+            "report:alice:2026", {"total": Decimal("79200.00")}, ttl=300
+        )
         print(f"  cache    {cache_key[:60]}...")
         print(f"  back     {await service.decrypt_cache_data(cache_key, cache_value)}")
 
@@ -162,15 +193,19 @@ async def run(workdir: Path) -> None:
         try:
             print("  census before:", (await reencryption.census("users")).counts)
             result = await reencryption.reencrypt("users")
-            print(f"  {result.run_rows_updated} rows re-encrypted, resumable from checkpoint "
-                  f"{result.job_id}")
+            print(
+                f"  {result.run_rows_updated} rows re-encrypted, resumable from checkpoint "
+                f"{result.job_id}"
+            )
             print("  census after: ", (await reencryption.census("users")).counts)
 
             _say("8. a year later: the policy rotates, rows move, cleanup checks the census")
             clock.offset = dt.timedelta(days=366)
             report = await manager.rotate_keys_due()
-            print(f"  policy run rotated {len(report['rotated'])} key types; past max age "
-                  f"(still readable during the 30-day grace): {len(report['expired'])} keys")
+            print(
+                f"  policy run rotated {len(report['rotated'])} key types; past max age "
+                f"(still readable during the 30-day grace): {len(report['expired'])} keys"
+            )
             result = await reencryption.reencrypt("users")
             print(f"  {result.run_rows_updated} rows re-encrypted onto the new keys")
             clock.offset = dt.timedelta(days=366 + 31)  # past the grace period
@@ -184,22 +219,33 @@ async def run(workdir: Path) -> None:
         async with sessions() as session:
             alice = await session.get(User, 1)
             assert alice is not None
-            print(f"  alice's data reads as ever: income {alice.monthly_income_encrypted!r}, "
-                  f"ssn {alice.ssn_encrypted!r}")
+            print(
+                f"  alice's data reads as ever: income {alice.monthly_income_encrypted!r}, "
+                f"ssn {alice.ssn_encrypted!r}"
+            )
 
         _say("9. master-key rotation: every DEK rewrapped, no row touched")
         new_kek = LocalKekProvider(os.urandom(32))
         count = await manager.rotate_master_key(new_kek)
-        print(f"  {count} keys rewrapped under {new_kek.kek_id}; the old master key no longer "
-              "opens the key store")
+        print(
+            f"  {count} keys rewrapped under {new_kek.kek_id}; the old master key no longer "
+            "opens the key store"
+        )
 
         _say("10. key statistics and the audit trail")
         stats = await manager.get_key_statistics()
-        print(json.dumps({k: stats[k] for k in ("total_keys", "by_status",
-                                                 "rotation_needed")}, indent=2))
+        print(
+            json.dumps(
+                {k: stats[k] for k in ("total_keys", "by_status", "rotation_needed")}, indent=2
+            )
+        )
         service_stats = await service.get_encryption_stats()
-        print("  service:", service_stats["encryption_service"], "| counters:",
-              service_stats["counters"])
+        print(
+            "  service:",
+            service_stats["encryption_service"],
+            "| counters:",
+            service_stats["counters"],
+        )
         print("  audit events:", ", ".join(sorted(set(events.names()))))
     await engine.dispose()
 
@@ -216,8 +262,6 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="aiocrypt-demo-") as tmp:
             asyncio.run(run(Path(tmp)))
     print("\ndemo finished")
-
-
 
 
 if __name__ == "__main__":

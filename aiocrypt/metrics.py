@@ -34,15 +34,40 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["CONTENT_TYPE", "KMS_BUCKETS", "ServiceCollector", "generate_latest", "instrument",
-           "metrics_app", "render", "route_registry", "uninstrument"]
+__all__ = [
+    "CONTENT_TYPE",
+    "KMS_BUCKETS",
+    "ServiceCollector",
+    "generate_latest",
+    "instrument",
+    "metrics_app",
+    "render",
+    "route_registry",
+    "uninstrument",
+]
 
 #: The Prometheus text exposition format (what ``render`` returns with the body).
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 #: Histogram buckets of KEK provider calls: the local provider answers in
 #: microseconds, a cloud KMS in milliseconds, a struggling one in seconds.
-KMS_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                      0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+KMS_BUCKETS: Final = (
+    0.0001,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 _FAILURES: Final = "decrypt_failures"
 _HINT: Final = "aiocrypt.metrics needs prometheus-client: pip install 'aiocrypt[metrics]'"
 
@@ -72,20 +97,23 @@ class ServiceCollector:
         self._kms = prometheus.Histogram(
             "kms_call_duration_seconds",
             "KEK provider (KMS) wrap/unwrap calls: count and duration in seconds",
-            ["provider", "operation", "outcome"], namespace=namespace, registry=None,
-            buckets=KMS_BUCKETS)
+            ["provider", "operation", "outcome"],
+            namespace=namespace,
+            registry=None,
+            buckets=KMS_BUCKETS,
+        )
 
     def __repr__(self) -> str:
         return f"<ServiceCollector namespace={self.namespace}>"
 
     # -- hooks ----------------------------------------------------------------
 
-    def kek_call_finished(self, backend: str, operation: str, outcome: str,
-                          seconds: float) -> None:
+    def kek_call_finished(self, backend: str, operation: str, outcome: str, seconds: float) -> None:
         self._kms.labels(backend, operation, outcome).observe(seconds)
 
-    def record_census(self, census: Mapping[str, int] | TableCensus | Iterable[TableCensus]) \
-            -> None:
+    def record_census(
+        self, census: Mapping[str, int] | TableCensus | Iterable[TableCensus]
+    ) -> None:
         """Publish rows per key id from a census you ran (``ReencryptionEngine.census`` or
         ``key_usage``). Census runs through ``KeyManager.census`` are picked up by themselves.
         Pass every table of interest at once: a new census replaces the last one.
@@ -116,33 +144,56 @@ class ServiceCollector:
         ns = self.namespace
         service = self.service
         manager = service.key_manager
-        operations = counter(f"{ns}_operations", "Field and blob encryptions (by key type) and "
-                             "decryptions, by outcome", labels=["operation", "key_type",
-                                                                "outcome"])
-        failures = counter(f"{ns}_decrypt_failures", "Decryptions that failed (tampered, "
-                           "truncated or misplaced ciphertext, unknown key)", labels=["key_type"])
-        events = counter(f"{ns}_service_events", "Other service operations (bulk, stream, "
-                         "cache, thread hops)", labels=["event"])
+        operations = counter(
+            f"{ns}_operations",
+            "Field and blob encryptions (by key type) and decryptions, by outcome",
+            labels=["operation", "key_type", "outcome"],
+        )
+        failures = counter(
+            f"{ns}_decrypt_failures",
+            "Decryptions that failed (tampered, truncated or misplaced ciphertext, unknown key)",
+            labels=["key_type"],
+        )
+        events = counter(
+            f"{ns}_service_events",
+            "Other service operations (bulk, stream, cache, thread hops)",
+            labels=["event"],
+        )
         hits = counter(f"{ns}_dek_cache_hits", "Keyring rebuilds that reused an unwrapped DEK")
-        misses = counter(f"{ns}_dek_cache_misses", "Keyring rebuilds that had to unwrap a DEK "
-                         "with the KEK provider")
+        misses = counter(
+            f"{ns}_dek_cache_misses",
+            "Keyring rebuilds that had to unwrap a DEK with the KEK provider",
+        )
         loaded = gauge(f"{ns}_keys_loaded", "Data keys loaded in this process")
-        age = gauge(f"{ns}_key_age_seconds", "Age of each key version that is not destroyed",
-                    labels=["key_type", "version", "status"])
-        rotation = gauge(f"{ns}_key_rotation_due_seconds", "Seconds until the active key of a "
-                         "type is due for rotation by policy (negative: overdue)",
-                         labels=["key_type", "version"])
-        census_rows = gauge(f"{ns}_census_rows", "Rows left per key version in the last census",
-                            labels=["key_type", "version", "key_id"])
-        census_time = gauge(f"{ns}_census_timestamp_seconds", "When the last census ran "
-                            "(Unix time)")
+        age = gauge(
+            f"{ns}_key_age_seconds",
+            "Age of each key version that is not destroyed",
+            labels=["key_type", "version", "status"],
+        )
+        rotation = gauge(
+            f"{ns}_key_rotation_due_seconds",
+            "Seconds until the active key of a "
+            "type is due for rotation by policy (negative: overdue)",
+            labels=["key_type", "version"],
+        )
+        census_rows = gauge(
+            f"{ns}_census_rows",
+            "Rows left per key version in the last census",
+            labels=["key_type", "version", "key_id"],
+        )
+        census_time = gauge(
+            f"{ns}_census_timestamp_seconds", "When the last census ran (Unix time)"
+        )
         if fill:
             counters = dict(service.counters)  # one atomic copy: the loop may be writing
             for key_type, n in sorted(self._encryptions_by_type().items()):
                 operations.add_metric(["encrypt", key_type, "ok"], n)
             operations.add_metric(["decrypt", "all", "ok"], service._decryptions)
-            by_type = {name.split(":", 1)[1]: n for name, n in counters.items()
-                       if name.startswith(_FAILURES + ":")}
+            by_type = {
+                name.split(":", 1)[1]: n
+                for name, n in counters.items()
+                if name.startswith(_FAILURES + ":")
+            }
             by_type["unknown"] = counters.get(_FAILURES, 0) - sum(by_type.values())
             for key_type, n in sorted(by_type.items()):
                 if n or key_type != "unknown":
@@ -155,8 +206,18 @@ class ServiceCollector:
             misses.add_metric([], manager.dek_cache_misses)
             loaded.add_metric([], len(manager.keyring))
             self._key_gauges(age, rotation, census_rows, census_time)
-        yield from (operations, failures, events, hits, misses, loaded, age, rotation,
-                    census_rows, census_time)
+        yield from (
+            operations,
+            failures,
+            events,
+            hits,
+            misses,
+            loaded,
+            age,
+            rotation,
+            census_rows,
+            census_time,
+        )
         yield from self._kms.collect() if fill else self._kms.describe()
 
     def _encryptions_by_type(self) -> dict[str, int]:
@@ -183,8 +244,10 @@ class ServiceCollector:
             versions[key.key_id] = (str(key.key_type), str(key.version))
             if key.status is KeyStatus.DESTROYED:
                 continue
-            age.add_metric([str(key.key_type), str(key.version), key.status.value],
-                           key.age(now).total_seconds())
+            age.add_metric(
+                [str(key.key_type), str(key.version), key.status.value],
+                key.age(now).total_seconds(),
+            )
         for key_type, dk in sorted(manager.keyring.active_keys.items()):
             key = dk.key
             policy = manager.config.rotation_policy(key.key_type)
@@ -201,8 +264,12 @@ class ServiceCollector:
             census_time.add_metric([], manager.last_census_at.timestamp())
 
 
-def instrument(service: EncryptionService, registry: CollectorRegistry | None = None, *,
-               namespace: str = "aiocrypt") -> ServiceCollector:
+def instrument(
+    service: EncryptionService,
+    registry: CollectorRegistry | None = None,
+    *,
+    namespace: str = "aiocrypt",
+) -> ServiceCollector:
     """Register ``service``'s metrics on ``registry`` (default: prometheus-client's global one).
 
     Also starts timing KEK provider calls into the ``kms_call_duration_seconds``
@@ -216,8 +283,9 @@ def instrument(service: EncryptionService, registry: CollectorRegistry | None = 
     return collector
 
 
-def route_registry(service: EncryptionService,
-                   registry: CollectorRegistry | None = None) -> CollectorRegistry | None:
+def route_registry(
+    service: EncryptionService, registry: CollectorRegistry | None = None
+) -> CollectorRegistry | None:
     """The registry a web app's ``/metrics`` route serves: ``registry`` as given, else a
     new one holding ``service``'s metrics alone; None without prometheus-client
     (the web integrations then serve health only)."""
@@ -241,8 +309,9 @@ def uninstrument(collector: ServiceCollector, registry: CollectorRegistry | None
 def generate_latest(registry: CollectorRegistry | None = None) -> bytes:
     """The registry's metrics in the Prometheus text format."""
     prometheus = _prometheus()
-    return bytes(prometheus.generate_latest(registry if registry is not None
-                                            else prometheus.REGISTRY))
+    return bytes(
+        prometheus.generate_latest(registry if registry is not None else prometheus.REGISTRY)
+    )
 
 
 def render(registry: CollectorRegistry | None = None) -> tuple[bytes, str]:

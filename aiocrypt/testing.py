@@ -48,7 +48,8 @@ class FakeKekProvider(KekProvider):
 
     def deny(self) -> None:
         self.fail_with = KekProviderError(
-            f"fake KMS {self._kek_id}: access denied (check the key policy)", backend="fake")
+            f"fake KMS {self._kek_id}: access denied (check the key policy)", backend="fake"
+        )
 
     async def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
         self.calls["wrap"] += 1
@@ -63,8 +64,9 @@ class FakeKekProvider(KekProvider):
         try:
             return self._inner.unwrap_sync(wrapped, context)
         except KekProviderError:
-            raise KekProviderError(f"fake KMS {self._kek_id}: cannot unwrap",
-                                   backend="fake") from None
+            raise KekProviderError(
+                f"fake KMS {self._kek_id}: cannot unwrap", backend="fake"
+            ) from None
 
 
 class ManualClock:
@@ -86,14 +88,18 @@ def make_key_manager(config: EncryptionConfig | None = None, **kwargs: Any) -> K
     return KeyManager(MemoryKeyStore(), FakeKekProvider(), config, **kwargs)
 
 
-def make_service(config: EncryptionConfig | None = None, *,
-                 clock: Callable[[], datetime.datetime] = utcnow,
-                 preload: Sequence[KeyTypeLike] = (),
-                 **kwargs: Any) -> EncryptionService:
+def make_service(
+    config: EncryptionConfig | None = None,
+    *,
+    clock: Callable[[], datetime.datetime] = utcnow,
+    preload: Sequence[KeyTypeLike] = (),
+    **kwargs: Any,
+) -> EncryptionService:
     """An EncryptionService over a fresh memory store and fake KMS (``clock`` for both).
 
     ``preload`` key types get their keys at start; other keyword arguments go to
     the ``KeyManager``.
     """
-    return EncryptionService(make_key_manager(config, clock=clock, **kwargs), clock=clock,
-                             preload=preload)
+    return EncryptionService(
+        make_key_manager(config, clock=clock, **kwargs), clock=clock, preload=preload
+    )

@@ -73,8 +73,9 @@ def calibrate(loop: Loop, seconds: float) -> int:
         n *= 4
 
 
-def interleaved(cases: dict[str, Loop], baseline: str, rounds: int,
-                seconds: float) -> dict[str, dict[str, float]]:
+def interleaved(
+    cases: dict[str, Loop], baseline: str, rounds: int, seconds: float
+) -> dict[str, dict[str, float]]:
     """Run every case once per round, in turn; per case the median time per iteration
     and the median of its per-round ratios to ``baseline`` (so load that hits one round
     hits all cases of that round alike and cancels in the ratio)."""
@@ -86,14 +87,19 @@ def interleaved(cases: dict[str, Loop], baseline: str, rounds: int,
             loop(sizes[name])
             per_op[name].append((time.perf_counter() - start) / sizes[name])
     base = per_op[baseline]
-    return {name: {"us": statistics.median(samples) * 1e6,
-                   "ratio": statistics.median(s / b for s, b in zip(samples, base, strict=True)),
-                   "best_ratio": min(samples) / min(base),
-                   "iterations": sizes[name]}
-            for name, samples in per_op.items()}
+    return {
+        name: {
+            "us": statistics.median(samples) * 1e6,
+            "ratio": statistics.median(s / b for s, b in zip(samples, base, strict=True)),
+            "best_ratio": min(samples) / min(base),
+            "iterations": sizes[name],
+        }
+        for name, samples in per_op.items()
+    }
 
 
 # -- event-loop lag -------------------------------------------------------------------
+
 
 class Ticker:
     """A task that sleeps 1 ms at a time and records how late each wake-up was."""
@@ -133,6 +139,7 @@ class Ticker:
 
 
 # -- peak memory (Linux) ----------------------------------------------------------------
+
 
 def _status_kib(field: str) -> int | None:
     try:

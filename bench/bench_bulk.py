@@ -71,11 +71,23 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 SEGMENT = MiB
 TAG = 16
-MEMORY_CASES = ("aiocrypt-stream", "aiocrypt-bulk", "aesgcm-segmented", "aesgcm-encrypt-into",
-                "aesgcm-oneshot", "aiocrypt-bulk-out", "aesgcm-into-reused")
+MEMORY_CASES = (
+    "aiocrypt-stream",
+    "aiocrypt-bulk",
+    "aesgcm-segmented",
+    "aesgcm-encrypt-into",
+    "aesgcm-oneshot",
+    "aiocrypt-bulk-out",
+    "aesgcm-into-reused",
+)
 FILE_CASES = ("aiocrypt-file", "aesgcm-file")
-LAG_CASES = ("aiocrypt-stream", "aiocrypt-bulk", "aesgcm-oneshot", "aiocrypt-file",
-             "aiocrypt-bulk-out")
+LAG_CASES = (
+    "aiocrypt-stream",
+    "aiocrypt-bulk",
+    "aesgcm-oneshot",
+    "aiocrypt-file",
+    "aiocrypt-bulk-out",
+)
 LABELS = {
     "aiocrypt-stream": "aiocrypt encrypt_stream / decrypt_stream",
     "aiocrypt-bulk": "aiocrypt encrypt_bulk_data / decrypt_bulk_data",
@@ -93,13 +105,14 @@ _NONCE = struct.Struct(">8sI")
 
 # -- the cases (child process) --------------------------------------------------------
 
+
 def _nonce(prefix: bytes, i: int) -> bytes:
     return _NONCE.pack(prefix, i)
 
 
 def _segments(data: memoryview) -> Iterator[memoryview]:
     for start in range(0, len(data), SEGMENT):
-        yield data[start:start + SEGMENT]
+        yield data[start : start + SEGMENT]
 
 
 def _fresh(size: int) -> memoryview:
@@ -115,8 +128,9 @@ def _random_chunks(size: int) -> list[bytes]:
     return [rng.randbytes(min(SEGMENT, size - start)) for start in range(0, size, SEGMENT)]
 
 
-async def _memory_case(name: str, size: int,
-                       service: EncryptionService) -> tuple[Op, Callable[[Any], Op]]:
+async def _memory_case(  # noqa: C901 - one pair of closures per benchmark case, linear
+    name: str, size: int, service: EncryptionService
+) -> tuple[Op, Callable[[Any], Op]]:
     """(encrypt, decrypt-of-what-encrypt-returned) coroutine factories for one case.
 
     Stream and segmented cases get the plaintext as a list of 1 MiB ``bytes``
@@ -147,10 +161,13 @@ async def _memory_case(name: str, size: int,
                 async for part in service.decrypt_stream(sealed_parts, key_type=KeyType.PII):
                     total += len(part)
                 assert total == size
+
             return run
+
         return encrypt, decrypt
 
     if name == "aiocrypt-bulk":
+
         async def encrypt() -> Any:
             return await service.encrypt_bulk_data(view, KeyType.PII)
 
@@ -159,7 +176,9 @@ async def _memory_case(name: str, size: int,
                 plaintext = await service.decrypt_bulk_data(sealed, key_type=KeyType.PII)
                 assert len(plaintext) == size
                 return plaintext
+
             return run
+
         return encrypt, decrypt
 
     if name == "aiocrypt-bulk-out":
@@ -171,11 +190,14 @@ async def _memory_case(name: str, size: int,
 
         def decrypt(sealed: Any) -> Op:  # a view over cipher_out, read before the next encrypt
             async def run() -> Any:
-                plaintext = await service.decrypt_bulk_data(sealed, key_type=KeyType.PII,
-                                                            out=plain_out)
+                plaintext = await service.decrypt_bulk_data(
+                    sealed, key_type=KeyType.PII, out=plain_out
+                )
                 assert len(plaintext) == size
                 return plaintext
+
             return run
+
         return encrypt, decrypt
 
     if name == "aesgcm-segmented":
@@ -191,12 +213,15 @@ async def _memory_case(name: str, size: int,
                 for i, part in enumerate(kept):
                     total += len(aead.decrypt(_nonce(prefix, i), part, None))
                 assert total == size
+
             return run
+
         return encrypt, decrypt
 
     if name in ("aesgcm-encrypt-into", "aesgcm-into-reused"):
         count = max(1, -(-len(data) // SEGMENT))
         if name == "aesgcm-encrypt-into":  # a fresh mapping per call, as the service makes
+
             def cipher_buffer() -> memoryview:
                 return _fresh(len(data) + TAG * count)
 
@@ -226,13 +251,16 @@ async def _memory_case(name: str, size: int,
                 out = plain_buffer()
                 pos = 0
                 for i, start in enumerate(range(0, len(sealed), SEGMENT + TAG)):
-                    part = sealed[start:start + SEGMENT + TAG]
-                    aead.decrypt_into(_nonce(prefix, i), part, None,
-                                      out[pos:pos + len(part) - TAG])
+                    part = sealed[start : start + SEGMENT + TAG]
+                    aead.decrypt_into(
+                        _nonce(prefix, i), part, None, out[pos : pos + len(part) - TAG]
+                    )
                     pos += len(part) - TAG
                 assert pos == len(data)
                 return out
+
             return run
+
         return encrypt, decrypt
 
     if name == "aesgcm-oneshot":
@@ -244,7 +272,9 @@ async def _memory_case(name: str, size: int,
         def decrypt(sealed: Any) -> Op:
             async def run() -> Any:
                 return aead.decrypt(nonce, sealed, None)
+
             return run
+
         return encrypt, decrypt
     raise SystemExit(f"unknown case {name}")
 
@@ -259,7 +289,7 @@ async def _read_chunks(path: Path) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _file_case(name: str, src: Path, service: EncryptionService) -> tuple[str, Op, Op]:
+async def _file_case(name: str, src: Path, service: EncryptionService) -> tuple[str, Op, Op]:  # noqa: C901 - one pair of closures per benchmark case, linear
     from aiocrypt import KeyType
 
     sealed_path = src.with_name(f"{src.name}.{name}.sealed")
@@ -268,12 +298,14 @@ async def _file_case(name: str, src: Path, service: EncryptionService) -> tuple[
 
     if name == "aiocrypt-file":
         if hasattr(service, "encrypt_file") and hasattr(service, "decrypt_file"):
+
             async def encrypt() -> Any:
                 await service.encrypt_file(src, sealed_path, KeyType.PII)
 
             async def decrypt() -> Any:
                 await service.decrypt_file(sealed_path, opened_path, key_type=KeyType.PII)
                 assert _size(opened_path) == size
+
             return name, encrypt, decrypt
 
         async def encrypt_s() -> Any:
@@ -283,10 +315,12 @@ async def _file_case(name: str, src: Path, service: EncryptionService) -> tuple[
 
         async def decrypt_s() -> Any:
             with opened_path.open("wb") as out:
-                async for part in service.decrypt_stream(_read_chunks(sealed_path),
-                                                       key_type=KeyType.PII):
+                async for part in service.decrypt_stream(
+                    _read_chunks(sealed_path), key_type=KeyType.PII
+                ):
                     out.write(part)
             assert _size(opened_path) == size
+
         return "aiocrypt-file-stream", encrypt_s, decrypt_s
 
     if name == "aesgcm-file":
@@ -311,12 +345,14 @@ async def _file_case(name: str, src: Path, service: EncryptionService) -> tuple[
                 out.flush()
                 os.fsync(out.fileno())
             assert _size(opened_path) == size
+
         return name, encrypt_raw, decrypt_raw
     raise SystemExit(f"unknown case {name}")
 
 
-async def run_case(name: str, mib: int, file: Path | None, repeats: int, lag: bool,
-                   warmup: bool) -> dict[str, Any]:
+async def run_case(
+    name: str, mib: int, file: Path | None, repeats: int, lag: bool, warmup: bool
+) -> dict[str, Any]:
     from aiocrypt import KeyType
     from aiocrypt.testing import make_service
 
@@ -353,9 +389,13 @@ async def run_case(name: str, mib: int, file: Path | None, repeats: int, lag: bo
             del sealed, opened  # freeing hundreds of MiB holds the GIL: keep it off the clock
         peak = peak_rss() - rss0
         result: dict[str, Any] = {
-            "case": label, "bytes": size, "encrypt_s": statistics.median(enc_times),
-            "decrypt_s": statistics.median(dec_times), "peak_extra_mib": max(0, peak) / MiB,
-            "peak_exact": reset_supported}
+            "case": label,
+            "bytes": size,
+            "encrypt_s": statistics.median(enc_times),
+            "decrypt_s": statistics.median(dec_times),
+            "peak_extra_mib": max(0, peak) / MiB,
+            "peak_exact": reset_supported,
+        }
         if lag:
             async with Ticker() as idle_ticker:
                 await asyncio.sleep(0.25)
@@ -364,8 +404,11 @@ async def run_case(name: str, mib: int, file: Path | None, repeats: int, lag: bo
             async with Ticker() as dec_ticker:
                 opened = await decrypt_op(sealed)()
             del sealed, opened
-            result["lag"] = {"encrypt": enc_ticker.summary(), "decrypt": dec_ticker.summary(),
-                             "idle": idle_ticker.summary()}
+            result["lag"] = {
+                "encrypt": enc_ticker.summary(),
+                "decrypt": dec_ticker.summary(),
+                "idle": idle_ticker.summary(),
+            }
         return result
     finally:
         await service.close()
@@ -376,10 +419,25 @@ async def run_case(name: str, mib: int, file: Path | None, repeats: int, lag: bo
 
 # -- the parent ---------------------------------------------------------------------
 
-def _child(case: str, mib: int = 0, file: Path | None = None, repeats: int = 1,
-           lag: bool = False, warmup: bool = True) -> dict[str, Any]:
-    args = [sys.executable, str(HERE / "bench_bulk.py"), "--case", case, "--mib", str(mib),
-            "--repeats", str(repeats)]
+
+def _child(
+    case: str,
+    mib: int = 0,
+    file: Path | None = None,
+    repeats: int = 1,
+    lag: bool = False,
+    warmup: bool = True,
+) -> dict[str, Any]:
+    args = [
+        sys.executable,
+        str(HERE / "bench_bulk.py"),
+        "--case",
+        case,
+        "--mib",
+        str(mib),
+        "--repeats",
+        str(repeats),
+    ]
     if file is not None:
         args += ["--file", str(file)]
     if lag:
@@ -397,22 +455,31 @@ def _summarise(samples: dict[str, list[dict[str, Any]]], *baselines: str) -> dic
     """Medians over rounds of GB/s and of ratios to each baseline (same round); peaks."""
     out: dict[str, Any] = {}
     for case, runs in samples.items():
-        row: dict[str, Any] = {"label": LABELS.get(runs[0]["case"], case),
-                               "rounds": len(runs),
-                               "peak_extra_mib": max(r["peak_extra_mib"] for r in runs)}
+        row: dict[str, Any] = {
+            "label": LABELS.get(runs[0]["case"], case),
+            "rounds": len(runs),
+            "peak_extra_mib": max(r["peak_extra_mib"] for r in runs),
+        }
         for op in ("encrypt", "decrypt"):
             rates = [r["bytes"] / r[f"{op}_s"] / 1e9 for r in runs]
             row[f"{op}_gbps"] = statistics.median(rates)
         row["ratio_to"] = {
-            baseline: {op: statistics.median(b[f"{op}_s"] / r[f"{op}_s"]
-                                             for r, b in zip(runs, samples[baseline],
-                                                             strict=True))
-                       for op in ("encrypt", "decrypt")}
-            for baseline in baselines if baseline in samples}
+            baseline: {
+                op: statistics.median(
+                    b[f"{op}_s"] / r[f"{op}_s"]
+                    for r, b in zip(runs, samples[baseline], strict=True)
+                )
+                for op in ("encrypt", "decrypt")
+            }
+            for baseline in baselines
+            if baseline in samples
+        }
         lags = [r["lag"] for r in runs if "lag" in r]
         if lags:
-            row["lag"] = {op: {k: max(lag[op][k] for lag in lags) for k in ("max_ms", "p99_ms")}
-                          for op in ("encrypt", "decrypt", "idle")}
+            row["lag"] = {
+                op: {k: max(lag[op][k] for lag in lags) for k in ("max_ms", "p99_ms")}
+                for op in ("encrypt", "decrypt", "idle")
+            }
         out[case] = row
     return out
 
@@ -420,11 +487,25 @@ def _summarise(samples: dict[str, list[dict[str, Any]]], *baselines: str) -> dic
 def openssl_speed(seconds: int = 1) -> dict[str, Any] | None:
     """``openssl speed -evp aes-256-gcm`` at 16 KiB blocks (GB/s), with the CLI's version."""
     try:
-        done = subprocess.run(["openssl", "speed", "-evp", "aes-256-gcm", "-seconds",
-                               str(seconds), "-bytes", "16384"],
-                              capture_output=True, text=True, check=False, timeout=120)
-        version = subprocess.run(["openssl", "version"], capture_output=True, text=True,
-                                 check=False).stdout.strip()
+        done = subprocess.run(
+            [
+                "openssl",
+                "speed",
+                "-evp",
+                "aes-256-gcm",
+                "-seconds",
+                str(seconds),
+                "-bytes",
+                "16384",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        version = subprocess.run(
+            ["openssl", "version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.search(r"^AES-256-GCM\s+([\d.]+)k\s*$", done.stdout, re.MULTILINE | re.IGNORECASE)
@@ -458,16 +539,22 @@ def run(*, quick: bool = False, only: set[str] | None = None) -> dict[str, Any]:
                 memory[mib].setdefault(case, []).append(result)
         print(f"streams: round {round_no + 1}/{rounds} in memory done", flush=True)
     results: dict[str, Any] = {
-        "sizes_mib": sizes, "big_mib": big, "file_mib": file_mib, "rounds": rounds,
-        "memory": {str(mib): _summarise(cases, "aesgcm-segmented", "aesgcm-encrypt-into")
-                   for mib, cases in memory.items()},
+        "sizes_mib": sizes,
+        "big_mib": big,
+        "file_mib": file_mib,
+        "rounds": rounds,
+        "memory": {
+            str(mib): _summarise(cases, "aesgcm-segmented", "aesgcm-encrypt-into")
+            for mib, cases in memory.items()
+        },
     }
     files: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="aiocrypt-bench-") as tmp:
         src = _make_file(Path(tmp), file_mib * MiB)
         for case in FILE_CASES:  # one round: a GiB each way takes seconds
             files.setdefault(case, []).append(
-                _child(case, file=src, lag=case in LAG_CASES, warmup=False))
+                _child(case, file=src, lag=case in LAG_CASES, warmup=False)
+            )
         src.unlink()
     results["file"] = _summarise(files, "aesgcm-file")
     print("streams: file done", flush=True)
@@ -475,6 +562,7 @@ def run(*, quick: bool = False, only: set[str] | None = None) -> dict[str, Any]:
     import cryptography
 
     from aiocrypt._gil import aead_releases_gil
+
     results["aead_releases_gil"] = aead_releases_gil()
     results["cryptography"] = cryptography.__version__
     return results
@@ -491,8 +579,15 @@ def main() -> None:
     parser.add_argument("--no-warmup", action="store_true")
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(asyncio.run(run_case(args.case, args.mib, args.file, args.repeats,
-                                              args.lag, not args.no_warmup))))
+        print(
+            json.dumps(
+                asyncio.run(
+                    run_case(
+                        args.case, args.mib, args.file, args.repeats, args.lag, not args.no_warmup
+                    )
+                )
+            )
+        )
         return
     print(json.dumps(run(quick=args.quick), indent=1))
 

@@ -32,11 +32,13 @@ UNNEST = (
     "$5::text[]) AS v(pk, o0, n0, o1, n1)), "
     "upd AS (UPDATE bench_copy_t t SET a = CASE WHEN t.a = v.o0 THEN v.n0 ELSE t.a END, "
     "b = CASE WHEN t.b = v.o1 THEN v.n1 ELSE t.b END FROM v "
-    "WHERE t.id = v.pk AND (t.a = v.o0 OR t.b = v.o1) RETURNING 1) SELECT count(*) FROM upd")
+    "WHERE t.id = v.pk AND (t.a = v.o0 OR t.b = v.o1) RETURNING 1) SELECT count(*) FROM upd"
+)
 FROM_TEMP = (
     "WITH upd AS (UPDATE bench_copy_t t SET a = CASE WHEN t.a = v.o0 THEN v.n0 ELSE t.a END, "
     "b = CASE WHEN t.b = v.o1 THEN v.n1 ELSE t.b END FROM bench_copy_v v "
-    "WHERE t.id = v.pk AND (t.a = v.o0 OR t.b = v.o1) RETURNING 1) SELECT count(*) FROM upd")
+    "WHERE t.id = v.pk AND (t.a = v.o0 OR t.b = v.o1) RETURNING 1) SELECT count(*) FROM upd"
+)
 
 
 def backend_cpu(pid: int) -> float:
@@ -59,7 +61,7 @@ async def one_round(conn: Any, method: str, rows: int, batch: int) -> dict[str, 
     pid = await conn.fetchval("SELECT pg_backend_pid()")
     client, server, wall = time.process_time(), backend_cpu(pid), time.perf_counter()
     for start in range(0, rows, batch):
-        part = new[start:start + batch]
+        part = new[start : start + batch]
         if method == "unnest":
             columns = [list(c) for c in zip(*part, strict=True)]
             updated = await conn.fetchval(UNNEST, *columns)
@@ -68,16 +70,20 @@ async def one_round(conn: Any, method: str, rows: int, batch: int) -> dict[str, 
                 await conn.copy_records_to_table("bench_copy_v", records=part)
                 updated = await conn.fetchval(FROM_TEMP)
         assert updated == len(part)
-    return {"client_us": (time.process_time() - client) / rows * 1e6,
-            "server_us": (backend_cpu(pid) - server) / rows * 1e6,
-            "wall_us": (time.perf_counter() - wall) / rows * 1e6}
+    return {
+        "client_us": (time.process_time() - client) / rows * 1e6,
+        "server_us": (backend_cpu(pid) - server) / rows * 1e6,
+        "wall_us": (time.perf_counter() - wall) / rows * 1e6,
+    }
 
 
 async def run(dsn: str, rows: int, batch: int, rounds: int) -> dict[str, dict[str, float]]:
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("CREATE TEMP TABLE bench_copy_v (pk bigint, o0 text, n0 text, "
-                           "o1 text, n1 text) ON COMMIT DELETE ROWS")
+        await conn.execute(
+            "CREATE TEMP TABLE bench_copy_v (pk bigint, o0 text, n0 text, "
+            "o1 text, n1 text) ON COMMIT DELETE ROWS"
+        )
         results: dict[str, list[dict[str, float]]] = {"unnest": [], "copy": []}
         for _ in range(rounds):
             for method in results:
@@ -85,14 +91,18 @@ async def run(dsn: str, rows: int, batch: int, rounds: int) -> dict[str, dict[st
         await conn.execute("DROP TABLE IF EXISTS bench_copy_t")
     finally:
         await conn.close()
-    return {method: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            for method, runs in results.items()}
+    return {
+        method: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        for method, runs in results.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dsn", default=os.environ.get(
-        "BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get("BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
@@ -102,8 +112,10 @@ def main() -> None:
     print("| write | client CPU / row | server CPU / row | sum | wall / row |")
     print("|---|---:|---:|---:|---:|")
     for method, m in medians.items():
-        print(f"| {method} | {m['client_us']:.2f} us | {m['server_us']:.2f} us | "
-              f"{m['client_us'] + m['server_us']:.2f} us | {m['wall_us']:.2f} us |")
+        print(
+            f"| {method} | {m['client_us']:.2f} us | {m['server_us']:.2f} us | "
+            f"{m['client_us'] + m['server_us']:.2f} us | {m['wall_us']:.2f} us |"
+        )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,7 @@ def aiocrypt_sync(service: Any, event_loop: asyncio.AbstractEventLoop, value: st
                 dk = keyring.active(KeyType.PII)
             step = min(n - done, max(1, dk.refill_at - dk.encryptions))
             for _ in range(step):
-                keyring.decrypt(keyring.encrypt(value, KeyType.PII, CONTEXT), KeyType.PII,
-                                CONTEXT)
+                keyring.decrypt(keyring.encrypt(value, KeyType.PII, CONTEXT), KeyType.PII, CONTEXT)
             done += step
 
     return loop
@@ -91,10 +90,12 @@ def aiocrypt_async(service: Any, event_loop: asyncio.AbstractEventLoop, value: s
 def aiocrypt_subject(service: Any, event_loop: asyncio.AbstractEventLoop, value: str) -> Loop:
     """:func:`aiocrypt_async` with ``subject=``: the subject's own key, known and cached
     (docs/subjects.md); the plain case beside it in the same rounds is the comparison."""
+
     async def run(n: int) -> None:
         for _ in range(n):
-            token = await service.encrypt_field(value, KeyType.PII, context=CONTEXT,
-                                                subject="user:42")
+            token = await service.encrypt_field(
+                value, KeyType.PII, context=CONTEXT, subject="user:42"
+            )
             await service.decrypt_field(token, KeyType.PII, context=CONTEXT)
 
     def loop(n: int) -> None:
@@ -181,23 +182,38 @@ def aws_encryption_sdk(value: str, *, caching: bool) -> Loop | None:
         from aws_encryption_sdk.materials_managers.caching import CachingCryptoMaterialsManager
     except ImportError:
         return None
-    key = RawMasterKey(provider_id="bench", key_id=b"bench-key", wrapping_key=WrappingKey(
-        wrapping_algorithm=WrappingAlgorithm.AES_256_GCM_IV12_TAG16_NO_PADDING,
-        wrapping_key=os.urandom(32), wrapping_key_type=EncryptionKeyType.SYMMETRIC))
+    key = RawMasterKey(
+        provider_id="bench",
+        key_id=b"bench-key",
+        wrapping_key=WrappingKey(
+            wrapping_algorithm=WrappingAlgorithm.AES_256_GCM_IV12_TAG16_NO_PADDING,
+            wrapping_key=os.urandom(32),
+            wrapping_key_type=EncryptionKeyType.SYMMETRIC,
+        ),
+    )
     client = sdk.EncryptionSDKClient(
-        commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT)
+        commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT
+    )
     where: dict[str, Any] = {"key_provider": key}
     if caching:
-        where = {"materials_manager": CachingCryptoMaterialsManager(
-            master_key_provider=key, cache=LocalCryptoMaterialsCache(capacity=100),
-            max_age=600.0, max_messages_encrypted=2**31)}
+        where = {
+            "materials_manager": CachingCryptoMaterialsManager(
+                master_key_provider=key,
+                cache=LocalCryptoMaterialsCache(capacity=100),
+                max_age=600.0,
+                max_messages_encrypted=2**31,
+            )
+        }
     context = {"aad": CONTEXT}
 
     def loop(n: int) -> None:
         for _ in range(n):
-            sealed, _ = client.encrypt(source=value.encode(), encryption_context=context,
-                                       algorithm=Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
-                                       **where)
+            sealed, _ = client.encrypt(
+                source=value.encode(),
+                encryption_context=context,
+                algorithm=Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
+                **where,
+            )
             client.decrypt(source=sealed, **where)[0].decode()
 
     return loop
@@ -216,8 +232,9 @@ SYNC = "aiocrypt Keyring (sync core)"
 SUBJECT = "aiocrypt EncryptionService, subject key (async)"
 
 
-def run_fields(service: Any, event_loop: asyncio.AbstractEventLoop, *, rounds: int,
-               seconds: float) -> dict[str, Any]:
+def run_fields(
+    service: Any, event_loop: asyncio.AbstractEventLoop, *, rounds: int, seconds: float
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for label, size in SIZES.items():
         value = _value(size)
@@ -234,14 +251,20 @@ def run_fields(service: Any, event_loop: asyncio.AbstractEventLoop, *, rounds: i
         # loop before check: the aiocrypt cases must round-trip the value
         token = service.keyring.encrypt(value, KeyType.PII, CONTEXT)
         assert service.keyring.decrypt(token, KeyType.PII, CONTEXT) == value
-        token = event_loop.run_until_complete(service.encrypt_field(
-            value, KeyType.PII, context=CONTEXT, subject="user:42"))
+        token = event_loop.run_until_complete(
+            service.encrypt_field(value, KeyType.PII, context=CONTEXT, subject="user:42")
+        )
         assert token.startswith("ac2.S-")
         results[label] = interleaved(cases, BASELINE, rounds, seconds)
-        print(f"fields {label}: " + ", ".join(
-            f"{name} {r['ratio']:.2f}x" for name, r in results[label].items()), flush=True)
-        print(f"fields {label}: subject key / plain "
-              f"{subject_vs_plain(results[label]):.2f}x", flush=True)
+        print(
+            f"fields {label}: "
+            + ", ".join(f"{name} {r['ratio']:.2f}x" for name, r in results[label].items()),
+            flush=True,
+        )
+        print(
+            f"fields {label}: subject key / plain {subject_vs_plain(results[label]):.2f}x",
+            flush=True,
+        )
     return results
 
 
@@ -250,17 +273,24 @@ def subject_vs_plain(cases: dict[str, dict[str, float]]) -> float:
     return cases[SUBJECT]["ratio"] / cases[ASYNC]["ratio"]
 
 
-def run_batch(service: Any, event_loop: asyncio.AbstractEventLoop, *, rounds: int,
-              batch: int) -> dict[str, Any]:
+def run_batch(
+    service: Any, event_loop: asyncio.AbstractEventLoop, *, rounds: int, batch: int
+) -> dict[str, Any]:
     values = [_value(64) for _ in range(batch)]
     aead = AESGCM(AESGCM.generate_key(256))
     aad = CONTEXT.encode()
-    raw_tokens = [base64.urlsafe_b64encode(n + aead.encrypt(n, v.encode(), aad))
-                  for v in values for n in [os.urandom(12)]]
+    raw_tokens = [
+        base64.urlsafe_b64encode(n + aead.encrypt(n, v.encode(), aad))
+        for v in values
+        for n in [os.urandom(12)]
+    ]
     tokens = event_loop.run_until_complete(
-        service.encrypt_many(values, KeyType.PII, context=CONTEXT))
-    assert event_loop.run_until_complete(
-        service.decrypt_many(tokens, KeyType.PII, context=CONTEXT)) == values
+        service.encrypt_many(values, KeyType.PII, context=CONTEXT)
+    )
+    assert (
+        event_loop.run_until_complete(service.decrypt_many(tokens, KeyType.PII, context=CONTEXT))
+        == values
+    )
 
     def raw_encrypt(n: int) -> None:
         for _ in range(n):
@@ -277,20 +307,26 @@ def run_batch(service: Any, event_loop: asyncio.AbstractEventLoop, *, rounds: in
     def many_encrypt(n: int) -> None:
         for _ in range(n):
             event_loop.run_until_complete(
-                service.encrypt_many(values, KeyType.PII, context=CONTEXT))
+                service.encrypt_many(values, KeyType.PII, context=CONTEXT)
+            )
 
     def many_decrypt(n: int) -> None:
         for _ in range(n):
             event_loop.run_until_complete(
-                service.decrypt_many(tokens, KeyType.PII, context=CONTEXT))
+                service.decrypt_many(tokens, KeyType.PII, context=CONTEXT)
+            )
 
     results = {}
-    for op, raw, ours in (("encrypt", raw_encrypt, many_encrypt),
-                          ("decrypt", raw_decrypt, many_decrypt)):
+    for op, raw, ours in (
+        ("encrypt", raw_encrypt, many_encrypt),
+        ("decrypt", raw_decrypt, many_decrypt),
+    ):
         timed = interleaved({"raw": raw, "aiocrypt": ours}, "raw", rounds, 0.05)
-        results[op] = {"raw_us": timed["raw"]["us"] / batch,
-                       "aiocrypt_us": timed["aiocrypt"]["us"] / batch,
-                       "ratio": timed["aiocrypt"]["ratio"]}
+        results[op] = {
+            "raw_us": timed["raw"]["us"] / batch,
+            "aiocrypt_us": timed["aiocrypt"]["us"] / batch,
+            "ratio": timed["aiocrypt"]["ratio"],
+        }
         print(f"batch {op}_many: {results[op]['ratio']:.2f}x raw per value", flush=True)
     return {"batch": batch, **results}
 
@@ -304,11 +340,13 @@ def run(*, quick: bool = False, only: set[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     try:
         if only is None or "fields" in only:
-            results["fields"] = run_fields(service, event_loop, rounds=5 if quick else 21,
-                                           seconds=0.01 if quick else 0.04)
+            results["fields"] = run_fields(
+                service, event_loop, rounds=5 if quick else 21, seconds=0.01 if quick else 0.04
+            )
         if only is None or "batch" in only:
-            results["batch"] = run_batch(service, event_loop, rounds=3 if quick else 15,
-                                         batch=2_000 if quick else BATCH)
+            results["batch"] = run_batch(
+                service, event_loop, rounds=3 if quick else 15, batch=2_000 if quick else BATCH
+            )
     finally:
         event_loop.run_until_complete(service.close())
         event_loop.close()
@@ -318,8 +356,11 @@ def run(*, quick: bool = False, only: set[str] | None = None) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--subject-only", action="store_true",
-                        help="only the plain and subject-key async round trips (a short check)")
+    parser.add_argument(
+        "--subject-only",
+        action="store_true",
+        help="only the plain and subject-key async round trips (a short check)",
+    )
     args = parser.parse_args()
     if args.subject_only:
         global PEERS

@@ -69,7 +69,8 @@ def models(su: LegacyReader | None, fernet: LegacyReader | None) -> tuple[Any, A
         id: Mapped[int] = mapped_column(primary_key=True)
         ssn: Mapped[str | None] = mapped_column(EncryptedString(KeyType.PII, legacy=su))
         balance: Mapped[int | None] = mapped_column(
-            EncryptedInteger(KeyType.FINANCIAL_DATA, legacy=su))
+            EncryptedInteger(KeyType.FINANCIAL_DATA, legacy=su)
+        )
 
     class Note(Base):
         __tablename__ = FERNET_TABLE
@@ -84,11 +85,18 @@ def load(dsn: str, rows: int, fernet_key: bytes) -> float:
     started = time.perf_counter()
     metadata = sa.MetaData()
     customers = sa.Table(
-        SU_TABLE, metadata, sa.Column("id", sa.Integer, primary_key=True),
+        SU_TABLE,
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("ssn", StringEncryptedType(sa.Unicode, SU_KEY, AesGcmEngine)),
-        sa.Column("balance", StringEncryptedType(sa.Integer, SU_KEY, AesGcmEngine)))
-    notes = sa.Table(FERNET_TABLE, metadata, sa.Column("id", sa.Integer, primary_key=True),
-                     sa.Column("body", sa.Text))
+        sa.Column("balance", StringEncryptedType(sa.Integer, SU_KEY, AesGcmEngine)),
+    )
+    notes = sa.Table(
+        FERNET_TABLE,
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", sa.Text),
+    )
     fernet = Fernet(fernet_key)
     engine = sa.create_engine(dsn.replace("postgresql://", "postgresql+psycopg2://", 1))
     try:
@@ -98,22 +106,31 @@ def load(dsn: str, rows: int, fernet_key: bytes) -> float:
         for start in range(1, rows + 1, chunk):
             ids = range(start, min(start + chunk, rows + 1))
             with engine.begin() as conn:
-                conn.execute(customers.insert(), [
-                    {"id": i, "ssn": f"{i:09d}", "balance": i * 10} for i in ids])
-                conn.execute(notes.insert(), [
-                    {"id": i, "body": fernet.encrypt(f"note {i}".encode()).decode()}
-                    for i in ids])
+                conn.execute(
+                    customers.insert(),
+                    [{"id": i, "ssn": f"{i:09d}", "balance": i * 10} for i in ids],
+                )
+                conn.execute(
+                    notes.insert(),
+                    [{"id": i, "body": fernet.encrypt(f"note {i}".encode()).decode()} for i in ids],
+                )
     finally:
         engine.dispose()
     return time.perf_counter() - started
 
 
-async def writer(sessions: Any, customer: Any, note: Any, rows: int,
-                 latest: dict[tuple[str, int], Any], stop: asyncio.Event) -> int:
+async def writer(
+    sessions: Any,
+    customer: Any,
+    note: Any,
+    rows: int,
+    latest: dict[tuple[str, int], Any],
+    stop: asyncio.Event,
+) -> int:
     rng = random.Random(16)
     writes = 0
     while not stop.is_set():
-        if rows == 0:   # --no-writer
+        if rows == 0:  # --no-writer
             await stop.wait()
             break
         i = rng.randint(1, rows)
@@ -129,8 +146,9 @@ async def writer(sessions: Any, customer: Any, note: Any, rows: int,
     return writes
 
 
-async def run(*, dsn: str, rows: int, batch_size: int = 2000,
-              with_writer: bool = True) -> dict[str, Any]:
+async def run(
+    *, dsn: str, rows: int, batch_size: int = 2000, with_writer: bool = True
+) -> dict[str, Any]:
     """Migrate both legacy tables online; rows/s per table, writer updates, the checks.
 
     Raises ``SystemExit`` when a row is not at its latest value or a value is left in
@@ -141,16 +159,23 @@ async def run(*, dsn: str, rows: int, batch_size: int = 2000,
     await service.start()
     set_encryption_service(service)
     engine = create_async_engine(dsn.replace("postgresql://", "postgresql+asyncpg://", 1))
-    base, customer, note = models(SqlalchemyUtilsReader(SU_KEY, "aes_gcm"),
-                                  FernetReader([fernet_key]))
+    base, customer, note = models(
+        SqlalchemyUtilsReader(SU_KEY, "aes_gcm"), FernetReader([fernet_key])
+    )
     sessions = async_sessionmaker(engine, expire_on_commit=False)
-    reenc = reencryption_engine(service, engine, base.metadata, batch_size=batch_size,
-                                checkpoint_table="bench_legacy_checkpoints")
+    reenc = reencryption_engine(
+        service,
+        engine,
+        base.metadata,
+        batch_size=batch_size,
+        checkpoint_table="bench_legacy_checkpoints",
+    )
     latest: dict[tuple[str, int], Any] = {}
     stop = asyncio.Event()
     try:
-        task = asyncio.ensure_future(writer(sessions, customer, note,
-                                            rows if with_writer else 0, latest, stop))
+        task = asyncio.ensure_future(
+            writer(sessions, customer, note, rows if with_writer else 0, latest, stop)
+        )
         results = [await reenc.reencrypt(SU_TABLE), await reenc.reencrypt(FERNET_TABLE)]
         stop.set()
         writes = await task
@@ -159,30 +184,44 @@ async def run(*, dsn: str, rows: int, batch_size: int = 2000,
             census = await reenc.census(table)
             leftover[table] = sum(by_key.get(None, 0) for by_key in census.counts.values())
 
-        _, plain_customer, plain_note = models(None, None)   # no legacy reader any more
+        _, plain_customer, plain_note = models(None, None)  # no legacy reader any more
         checked = mismatched = 0
         async with sessions() as session:
-            notes = {n.id: n.body
-                     for n in (await session.execute(sa.select(plain_note))).scalars()}
+            notes = {n.id: n.body for n in (await session.execute(sa.select(plain_note))).scalars()}
             for row in (await session.execute(sa.select(plain_customer))).scalars():
                 checked += 1
-                if (row.ssn != f"{row.id:09d}"
-                        or row.balance != latest.get(("balance", row.id), row.id * 10)
-                        or notes[row.id] != latest.get(("body", row.id), f"note {row.id}")):
+                if (
+                    row.ssn != f"{row.id:09d}"
+                    or row.balance != latest.get(("balance", row.id), row.id * 10)
+                    or notes[row.id] != latest.get(("body", row.id), f"note {row.id}")
+                ):
                     mismatched += 1
         if mismatched or any(leftover.values()) or not all(r.complete for r in results):
-            raise SystemExit(f"migration incomplete: {mismatched} rows not at their latest "
-                             f"value, left in legacy form: {leftover}")
+            raise SystemExit(
+                f"migration incomplete: {mismatched} rows not at their latest "
+                f"value, left in legacy form: {leftover}"
+            )
         return {
-            "rows": rows, "batch_size": batch_size, "load_seconds": load_seconds,
-            "writer": with_writer, "writer_updates": writes, "rows_checked": checked,
-            "tables": {r.table: {"rows_updated": r.run_rows_updated,
-                                 "conflicts": r.run_rows_conflicted, "passes": r.passes,
-                                 "seconds": r.elapsed, "rows_per_second": r.rows_per_second}
-                       for r in results},
-            "labels": {SU_TABLE: "sqlalchemy-utils StringEncryptedType, AesGcmEngine "
-                                 "(two columns)",
-                       FERNET_TABLE: "Fernet tokens (one column)"},
+            "rows": rows,
+            "batch_size": batch_size,
+            "load_seconds": load_seconds,
+            "writer": with_writer,
+            "writer_updates": writes,
+            "rows_checked": checked,
+            "tables": {
+                r.table: {
+                    "rows_updated": r.run_rows_updated,
+                    "conflicts": r.run_rows_conflicted,
+                    "passes": r.passes,
+                    "seconds": r.elapsed,
+                    "rows_per_second": r.rows_per_second,
+                }
+                for r in results
+            },
+            "labels": {
+                SU_TABLE: "sqlalchemy-utils StringEncryptedType, AesGcmEngine (two columns)",
+                FERNET_TABLE: "Fernet tokens (one column)",
+            },
         }
     finally:
         await reenc.database.close()
@@ -197,22 +236,36 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=2000)
-    parser.add_argument("--no-writer", action="store_true",
-                        help="migrate without the concurrent writer (for comparison)")
-    parser.add_argument("--dsn", default=os.environ.get(
-        "ENCRYPTION_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument(
+        "--no-writer",
+        action="store_true",
+        help="migrate without the concurrent writer (for comparison)",
+    )
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get(
+            "ENCRYPTION_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
+    )
     args = parser.parse_args()
-    result = await run(dsn=args.dsn, rows=args.rows, batch_size=args.batch_size,
-                       with_writer=not args.no_writer)
-    print(f"python {platform.python_version()}, {args.rows:,} rows per table, "
-          f"batch {args.batch_size}, legacy tables written in {result['load_seconds']:.1f} s")
+    result = await run(
+        dsn=args.dsn, rows=args.rows, batch_size=args.batch_size, with_writer=not args.no_writer
+    )
+    print(
+        f"python {platform.python_version()}, {args.rows:,} rows per table, "
+        f"batch {args.batch_size}, legacy tables written in {result['load_seconds']:.1f} s"
+    )
     for table, figures in result["tables"].items():
-        print(f"{table:22s} {figures['rows_updated']:>8,} rows rewritten "
-              f"({figures['conflicts']:,} conflicts, {figures['passes']} passes) in "
-              f"{figures['seconds']:6.2f} s = {figures['rows_per_second']:>8,.0f} rows/s")
+        print(
+            f"{table:22s} {figures['rows_updated']:>8,} rows rewritten "
+            f"({figures['conflicts']:,} conflicts, {figures['passes']} passes) in "
+            f"{figures['seconds']:6.2f} s = {figures['rows_per_second']:>8,.0f} rows/s"
+        )
     print(f"writer: {result['writer_updates']:,} updates of both tables during the runs")
-    print(f"rows checked: {result['rows_checked']:,}, all at their latest value, none left "
-          "in legacy form")
+    print(
+        f"rows checked: {result['rows_checked']:,}, all at their latest value, none left "
+        "in legacy form"
+    )
 
 
 if __name__ == "__main__":

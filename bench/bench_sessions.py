@@ -47,6 +47,7 @@ SCENARIOS = {"read": ("GET", "/whoami"), "write": ("POST", "/visits")}
 
 # -- server side -------------------------------------------------------------------
 
+
 def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
@@ -81,24 +82,28 @@ def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
 
         async def open_session(self, app: Quart, request: BaseRequestWebsocket) -> QuartSession:
             settings = AioCrypt.state(app).settings
-            return await self.store.load(request.cookies.get(settings.cookie_name),
-                                         self.session_class)
+            return await self.store.load(
+                request.cookies.get(settings.cookie_name), self.session_class
+            )
 
-        async def save_session(self, app: Quart, session: SessionMixin,
-                               response: Response | Any) -> None:
+        async def save_session(
+            self, app: Quart, session: SessionMixin, response: Response | Any
+        ) -> None:
             assert isinstance(session, EncryptedSession)
             if not session.accessed:
                 return
             result = await self.store.save(session)
             apply_cookie(AioCrypt.state(app).settings, session, result, response)
 
-    app = create_app({
-        "AIOCRYPT_REDIS_URL": redis_url,
-        "AIOCRYPT_SESSION_PREFIX": f"{prefix}{variant}:session:",
-        "AIOCRYPT_CACHE_PREFIX": f"{prefix}{variant}:cache:",
-        "AIOCRYPT_COOKIE_SECURE": False,
-        "EXAMPLE_DATA_DIR": None,
-    })
+    app = create_app(
+        {
+            "AIOCRYPT_REDIS_URL": redis_url,
+            "AIOCRYPT_SESSION_PREFIX": f"{prefix}{variant}:session:",
+            "AIOCRYPT_CACHE_PREFIX": f"{prefix}{variant}:cache:",
+            "AIOCRYPT_COOKIE_SECURE": False,
+            "EXAMPLE_DATA_DIR": None,
+        }
+    )
     if variant == "plain":
         interface = PlainSessionInterface()
         app.session_interface = interface
@@ -108,8 +113,11 @@ def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
             state = AioCrypt.state(app)
             assert state.redis_client is not None
             interface.store = PlainJSONSessionStore(  # the same tagged JSON as the extension
-                state.service, state.redis_client, state.settings.session,
-                serializer=TaggedJSONSerializer())
+                state.service,
+                state.redis_client,
+                state.settings.session,
+                serializer=TaggedJSONSerializer(),
+            )
 
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
@@ -126,6 +134,7 @@ def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
 
 
 # -- client side -------------------------------------------------------------------
+
 
 def free_port() -> int:
     import socket
@@ -157,19 +166,27 @@ async def log_in(url: str, username: str) -> str:
 
     async with httpx.AsyncClient(base_url=url) as client:
         token = (await client.get("/login")).json()["csrf_token"]
-        response = await client.post("/login", data={
-            "username": username, "password": "correct horse battery staple",
-            "csrf_token": token})
+        response = await client.post(
+            "/login",
+            data={
+                "username": username,
+                "password": "correct horse battery staple",
+                "csrf_token": token,
+            },
+        )
         assert response.status_code == 302, response.status_code
         return client.cookies["session"]
 
 
-async def hammer(port: int, cookie: str, method: str, path: str, count: int,
-                 deadline: float) -> int:
+async def hammer(
+    port: int, cookie: str, method: str, path: str, count: int, deadline: float
+) -> int:
     """Send up to ``count`` requests on one keep-alive connection; return how many completed."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    request = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-               f"Cookie: session={cookie}\r\nContent-Length: 0\r\n\r\n").encode("ascii")
+    request = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Cookie: session={cookie}\r\nContent-Length: 0\r\n\r\n"
+    ).encode("ascii")
     done = 0
     try:
         while done < count and time.monotonic() < deadline:
@@ -189,15 +206,17 @@ async def hammer(port: int, cookie: str, method: str, path: str, count: int,
     return done
 
 
-async def measure(port: int, cookies: list[str], scenario: str, requests: int,
-                  seconds: float) -> float:
+async def measure(
+    port: int, cookies: list[str], scenario: str, requests: int, seconds: float
+) -> float:
     """Requests per second of one burst: every connection sends its share, in parallel."""
     method, path = SCENARIOS[scenario]
     per_connection = max(1, requests // len(cookies))
     start = time.monotonic()
     deadline = start + seconds
-    done = await asyncio.gather(*(hammer(port, c, method, path, per_connection, deadline)
-                                  for c in cookies))
+    done = await asyncio.gather(
+        *(hammer(port, c, method, path, per_connection, deadline) for c in cookies)
+    )
     return sum(done) / (time.monotonic() - start)
 
 
@@ -229,15 +248,25 @@ class ServerProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("ENCRYPTION_MASTER_KEY", None)  # a fresh key for the temp data dir
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--serve", self.variant, "--port", str(self.port),
-            "--redis-url", args.redis_url, "--prefix", prefix, cwd=ROOT, env=env)
+            sys.executable,
+            __file__,
+            "--serve",
+            self.variant,
+            "--port",
+            str(self.port),
+            "--redis-url",
+            args.redis_url,
+            "--prefix",
+            prefix,
+            cwd=ROOT,
+            env=env,
+        )
         url = f"http://127.0.0.1:{self.port}"
         await wait_until_up(url)
         users = ["alice", "bob"] * (args.connections // 2) + ["alice"] * (args.connections % 2)
         self.cookies = list(await asyncio.gather(*(log_in(url, u) for u in users)))
         for scenario in SCENARIOS:  # warm-up
-            await measure(self.port, self.cookies, scenario, 20 * len(self.cookies),
-                          args.seconds)
+            await measure(self.port, self.cookies, scenario, 20 * len(self.cookies), args.seconds)
 
     async def stop(self) -> None:
         if self.process is None or self.process.returncode is not None:
@@ -275,11 +304,20 @@ async def bench(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
             for scenario in SCENARIOS:
                 for variant in order:
                     server = servers[variant]
-                    rps.setdefault((scenario, variant), []).append(await measure(
-                        server.port, server.cookies, scenario, args.requests, args.seconds))
-            print(f"burst {burst + 1:2}: " + "  ".join(
-                f"{scenario} E {rps[scenario, 'encrypted'][-1]:6.0f} "
-                f"P {rps[scenario, 'plain'][-1]:6.0f}" for scenario in SCENARIOS), flush=True)
+                    rps.setdefault((scenario, variant), []).append(
+                        await measure(
+                            server.port, server.cookies, scenario, args.requests, args.seconds
+                        )
+                    )
+            print(
+                f"burst {burst + 1:2}: "
+                + "  ".join(
+                    f"{scenario} E {rps[scenario, 'encrypted'][-1]:6.0f} "
+                    f"P {rps[scenario, 'plain'][-1]:6.0f}"
+                    for scenario in SCENARIOS
+                ),
+                flush=True,
+            )
         for variant in servers:
             await check_storage(args.redis_url, prefix, variant)
     finally:
@@ -290,30 +328,39 @@ async def bench(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
 
 
 def report(args: argparse.Namespace, rps: dict[tuple[str, str], list[float]]) -> None:
-    print(f"\n{platform.python_implementation()} {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs ({cpu_model()}), {args.connections} keep-alive connections, "
-          f"{args.bursts} bursts of {args.requests} requests per endpoint and variant")
-    print("\n| endpoint | encrypted req/s (median / best) | plain JSON req/s (median / best) "
-          "| ratio of medians | median of paired ratios | ratio of bests |")
+    print(
+        f"\n{platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs ({cpu_model()}), {args.connections} keep-alive connections, "
+        f"{args.bursts} bursts of {args.requests} requests per endpoint and variant"
+    )
+    print(
+        "\n| endpoint | encrypted req/s (median / best) | plain JSON req/s (median / best) "
+        "| ratio of medians | median of paired ratios | ratio of bests |"
+    )
     print("|---|---|---|---|---|---|")
     for scenario, (method, path) in SCENARIOS.items():
         enc, plain = rps[scenario, "encrypted"], rps[scenario, "plain"]
         paired = statistics.median(e / p for e, p in zip(enc, plain, strict=True))
-        print(f"| {scenario}: `{method} {path}` "
-              f"| {statistics.median(enc):.0f} / {max(enc):.0f} "
-              f"| {statistics.median(plain):.0f} / {max(plain):.0f} "
-              f"| {statistics.median(enc) / statistics.median(plain):.2f}x "
-              f"| {paired:.2f}x | {max(enc) / max(plain):.2f}x |")
+        print(
+            f"| {scenario}: `{method} {path}` "
+            f"| {statistics.median(enc):.0f} / {max(enc):.0f} "
+            f"| {statistics.median(plain):.0f} / {max(plain):.0f} "
+            f"| {statistics.median(enc) / statistics.median(plain):.2f}x "
+            f"| {paired:.2f}x | {max(enc) / max(plain):.2f}x |"
+        )
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1600,
-                        help="requests per burst (default 1600)")
-    parser.add_argument("--seconds", type=float, default=10.0,
-                        help="time limit per burst (default 10)")
-    parser.add_argument("--bursts", type=int, default=20,
-                        help="bursts per endpoint and variant (default 20)")
+    parser.add_argument(
+        "--requests", type=int, default=1600, help="requests per burst (default 1600)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="time limit per burst (default 10)"
+    )
+    parser.add_argument(
+        "--bursts", type=int, default=20, help="bursts per endpoint and variant (default 20)"
+    )
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
     parser.add_argument("--serve", choices=("encrypted", "plain"), help=argparse.SUPPRESS)

@@ -71,8 +71,12 @@ def pct(samples: list[float], q: float) -> float:
 
 def latency(samples: list[float]) -> dict[str, float]:
     """p50 / p99 / max in microseconds."""
-    return {"p50_us": pct(samples, 0.50) * 1e6, "p99_us": pct(samples, 0.99) * 1e6,
-            "max_us": max(samples) * 1e6, "n": len(samples)}
+    return {
+        "p50_us": pct(samples, 0.50) * 1e6,
+        "p99_us": pct(samples, 0.99) * 1e6,
+        "max_us": max(samples) * 1e6,
+        "n": len(samples),
+    }
 
 
 async def timed(calls: list[Callable[[], Awaitable[Any]]]) -> list[float]:
@@ -133,8 +137,10 @@ class Deployment:
 
 # -- the measurements ----------------------------------------------------------------
 
-async def insert(svc: EncryptionService, n: int, keep: set[int]) -> tuple[dict[str, Any],
-                                                                       dict[int, str]]:
+
+async def insert(
+    svc: EncryptionService, n: int, keep: set[int]
+) -> tuple[dict[str, Any], dict[int, str]]:
     """``n`` subject keys ``user:0`` .. ``user:n-1`` filed through the bulk path; the key
     ids of the subjects in ``keep``."""
     subjects = svc.key_manager.subjects
@@ -165,19 +171,18 @@ async def insert(svc: EncryptionService, n: int, keep: set[int]) -> tuple[dict[s
         pending = asyncio.create_task(store.insert_many(records))
         await asyncio.sleep(0)  # let it send
         if first // BATCH % 10 == 9:
-            print(f"  {first + BATCH:>9,} filed, {time.perf_counter() - start:6.1f} s",
-                  flush=True)
+            print(f"  {first + BATCH:>9,} filed, {time.perf_counter() - start:6.1f} s", flush=True)
     if pending is not None:
         filed += await pending
     took = time.perf_counter() - start
     if filed != n:
         raise RuntimeError(f"filed {filed} of {n} subject keys")
-    return {"subjects": n, "seconds": took, "per_second": n / took,
-            "wrap_seconds": wrap_s}, kept
+    return {"subjects": n, "seconds": took, "per_second": n / took, "wrap_seconds": wrap_s}, kept
 
 
-async def lookups(deployment: Deployment, sample: list[int], kept: dict[int, str]) \
-        -> dict[str, Any]:
+async def lookups(
+    deployment: Deployment, sample: list[int], kept: dict[int, str]
+) -> dict[str, Any]:
     """Cold and warm key lookups of existing subjects, creation of new ones."""
     svc = await deployment.service()  # a fresh process: nothing cached
     subjects = svc.key_manager.subjects
@@ -191,23 +196,31 @@ async def lookups(deployment: Deployment, sample: list[int], kept: dict[int, str
     new = [f"new:{tag}:{i}" for i in range(len(sample) // 4)]
     created = await timed([partial(subjects.key_for, PII, s) for s in new])
 
-    tokens = [await svc.encrypt_field(VALUE, PII, context=CONTEXT, subject=f"user:{i}")
-              for i in sample]
+    tokens = [
+        await svc.encrypt_field(VALUE, PII, context=CONTEXT, subject=f"user:{i}") for i in sample
+    ]
     reader = await deployment.service()  # never saw these keys
-    cold_read = await timed([partial(reader.decrypt_field, t, PII, context=CONTEXT)
-                             for t in tokens])
-    warm_read = await timed([partial(reader.decrypt_field, t, PII, context=CONTEXT)
-                             for t in tokens])
+    cold_read = await timed(
+        [partial(reader.decrypt_field, t, PII, context=CONTEXT) for t in tokens]
+    )
+    warm_read = await timed(
+        [partial(reader.decrypt_field, t, PII, context=CONTEXT) for t in tokens]
+    )
     store = await subjects.store()
-    raw = await timed([partial(store.find, subjects.reference(f"user:{i}", PII))
-                       for i in sample])
-    return {"store_find": latency(raw), "cold": latency(cold), "warm": latency(warm),
-            "create": latency(created), "cold_decrypt": latency(cold_read),
-            "warm_decrypt": latency(warm_read)}
+    raw = await timed([partial(store.find, subjects.reference(f"user:{i}", PII)) for i in sample])
+    return {
+        "store_find": latency(raw),
+        "cold": latency(cold),
+        "warm": latency(warm),
+        "create": latency(created),
+        "cold_decrypt": latency(cold_read),
+        "warm_decrypt": latency(warm_read),
+    }
 
 
-async def round_trips(svc: EncryptionService, known: list[int], rounds: int,
-                      seconds: float) -> dict[str, Any]:
+async def round_trips(  # noqa: C901 - one timed loop per case (plain, one subject, many), linear
+    svc: EncryptionService, known: list[int], rounds: int, seconds: float
+) -> dict[str, Any]:
     """Plain and known-subject field round trips, interleaved round by round."""
     names = [f"user:{i}" for i in known]
     for name in names:  # known: cached by this process
@@ -220,8 +233,9 @@ async def round_trips(svc: EncryptionService, known: list[int], rounds: int,
 
     async def subject(n: int) -> None:
         for k in range(n):
-            token = await svc.encrypt_field(VALUE, PII, context=CONTEXT,
-                                            subject=names[k % len(names)])
+            token = await svc.encrypt_field(
+                VALUE, PII, context=CONTEXT, subject=names[k % len(names)]
+            )
             await svc.decrypt_field(token, PII, context=CONTEXT)
 
     async def one(n: int) -> None:  # one hot subject, as bench/bench_fields.py measures
@@ -249,24 +263,28 @@ async def round_trips(svc: EncryptionService, known: list[int], rounds: int,
             per_op[name].append((time.perf_counter() - start) / sizes[name])
     ratios = [s / p for s, p in zip(per_op["subject"], per_op["plain"], strict=True)]
     one_ratios = [s / p for s, p in zip(per_op["one"], per_op["plain"], strict=True)]
-    return {"plain_us": statistics.median(per_op["plain"]) * 1e6,
-            "subject_us": statistics.median(per_op["subject"]) * 1e6,
-            "ratio": statistics.median(ratios), "best_ratio": min(ratios),
-            "one_us": statistics.median(per_op["one"]) * 1e6,
-            "one_ratio": statistics.median(one_ratios),
-            "known_subjects": len(names), "rounds": rounds}
+    return {
+        "plain_us": statistics.median(per_op["plain"]) * 1e6,
+        "subject_us": statistics.median(per_op["subject"]) * 1e6,
+        "ratio": statistics.median(ratios),
+        "best_ratio": min(ratios),
+        "one_us": statistics.median(per_op["one"]) * 1e6,
+        "one_ratio": statistics.median(one_ratios),
+        "known_subjects": len(names),
+        "rounds": rounds,
+    }
 
 
-async def forgets(svc: EncryptionService, light: list[int], heavy: list[int]) \
-        -> dict[str, Any]:
+async def forgets(svc: EncryptionService, light: list[int], heavy: list[int]) -> dict[str, Any]:
     """``forget_subject`` of existing subjects holding 1 value (``light``) and 10,000
     values (``heavy``) each, forgotten in turn so that load hits both alike."""
     values = {i: 1 for i in light} | {i: 10_000 for i in heavy}
     last = {}
     for i, n in values.items():
         for k in range(n):
-            last[i] = await svc.encrypt_field(f"{VALUE} {k}", PII, context=CONTEXT,
-                                              subject=f"user:{i}")
+            last[i] = await svc.encrypt_field(
+                f"{VALUE} {k}", PII, context=CONTEXT, subject=f"user:{i}"
+            )
     order = [i for pair in itertools.zip_longest(light, heavy) for i in pair if i is not None]
     took: dict[int, float] = {}
     for i in order:
@@ -283,8 +301,10 @@ async def forgets(svc: EncryptionService, light: list[int], heavy: list[int]) \
                 raise
         else:
             raise RuntimeError("a forgotten subject's value still decrypts")
-    return {"1": {**latency([took[i] for i in light]), "values": 1},
-            "10000": {**latency([took[i] for i in heavy]), "values": 10_000}}
+    return {
+        "1": {**latency([took[i] for i in light]), "values": 1},
+        "10000": {**latency([took[i] for i in heavy]), "values": 10_000},
+    }
 
 
 async def census(svc: EncryptionService, n: int) -> dict[str, Any]:
@@ -297,8 +317,9 @@ async def census(svc: EncryptionService, n: int) -> dict[str, Any]:
     return {"ms": [t * 1e3 for t in took], "live": live}
 
 
-async def size(deployment: Deployment, svc: EncryptionService, n: int,
-               before: int | None) -> dict[str, Any]:
+async def size(
+    deployment: Deployment, svc: EncryptionService, n: int, before: int | None
+) -> dict[str, Any]:
     store = svc.key_manager.store
     if deployment.kind == "postgres":
         assert isinstance(store, PostgresKeyStore)
@@ -309,11 +330,16 @@ async def size(deployment: Deployment, svc: EncryptionService, n: int,
             f"SELECT pg_total_relation_size('{table}') AS total, "
             f"pg_relation_size('{table}') AS heap, pg_indexes_size('{table}') AS indexes, "
             f"pg_total_relation_size('{table}') - pg_relation_size('{table}') "
-            f"- pg_indexes_size('{table}') AS toast")
+            f"- pg_indexes_size('{table}') AS toast"
+        )
         total = int(row["total"])
-        return {"total_bytes": total, "heap_bytes": int(row["heap"]),
-                "index_bytes": int(row["indexes"]), "toast_bytes": int(row["toast"]),
-                "bytes_per_subject": total / n}
+        return {
+            "total_bytes": total,
+            "heap_bytes": int(row["heap"]),
+            "index_bytes": int(row["indexes"]),
+            "toast_bytes": int(row["toast"]),
+            "bytes_per_subject": total / n,
+        }
     assert isinstance(store, RedisKeyStore)
     client = store._redis
     info = await client.info("memory")
@@ -321,13 +347,16 @@ async def size(deployment: Deployment, svc: EncryptionService, n: int,
     for part in ("id", "lookup"):
         usage[part] = int(await client.memory_usage(f"{deployment.where}subjects:{part}") or 0)
     active = svc.keyring.active(PII).key_id
-    usage["wrap"] = int(await client.memory_usage(
-        f"{deployment.where}subjects:wrap:{active}") or 0)
+    usage["wrap"] = int(await client.memory_usage(f"{deployment.where}subjects:wrap:{active}") or 0)
     total = sum(usage.values())
     delta = None if before is None else int(info["used_memory"]) - before
-    return {"memory_usage_bytes": usage, "total_bytes": total, "bytes_per_subject": total / n,
-            "info_delta_bytes": delta,
-            "info_delta_per_subject": None if delta is None else delta / n}
+    return {
+        "memory_usage_bytes": usage,
+        "total_bytes": total,
+        "bytes_per_subject": total / n,
+        "info_delta_bytes": delta,
+        "info_delta_per_subject": None if delta is None else delta / n,
+    }
 
 
 async def run_store(kind: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -351,14 +380,12 @@ async def run_store(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         result["lookup"] = await lookups(deployment, sample, kept)
         print(f"  lookup: {json.dumps(result['lookup'])}", flush=True)
         fresh = await deployment.service()
-        result["round_trip"] = await round_trips(fresh, sample[:1000], args.rounds,
-                                                 args.seconds)
+        result["round_trip"] = await round_trips(fresh, sample[:1000], args.rounds, args.seconds)
         print(f"  round trip: {json.dumps(result['round_trip'])}", flush=True)
         # forgotten subjects come from outside the sample (still known to other phases)
         taken = set(sample)
-        outside = list(itertools.islice((i for i in range(n) if i not in taken),
-                                        2 * args.heavy))
-        result["forget"] = await forgets(fresh, outside[:args.heavy], outside[args.heavy:])
+        outside = list(itertools.islice((i for i in range(n) if i not in taken), 2 * args.heavy))
+        result["forget"] = await forgets(fresh, outside[: args.heavy], outside[args.heavy :])
         print(f"  forget: {json.dumps(result['forget'])}", flush=True)
         result["census"] = await census(fresh, n)
         print(f"  census: {json.dumps(result['census'])}", flush=True)
@@ -371,41 +398,67 @@ async def run_store(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(results: list[dict[str, Any]]) -> str:
-    lines = ["| | " + " | ".join(r["store"] for r in results) + " |",
-             "|---|" + "---|" * len(results)]
+    lines = [
+        "| | " + " | ".join(r["store"] for r in results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
 
     def row(label: str, cell: Callable[[dict[str, Any]], str]) -> None:
         lines.append(f"| {label} | " + " | ".join(cell(r) for r in results) + " |")
 
     def lat(part: str) -> Callable[[dict[str, Any]], str]:
-        return lambda r: (f"{r['lookup'][part]['p50_us'] / 1e3:.2f} / "
-                          f"{r['lookup'][part]['p99_us'] / 1e3:.2f} ms")
+        return lambda r: (
+            f"{r['lookup'][part]['p50_us'] / 1e3:.2f} / {r['lookup'][part]['p99_us'] / 1e3:.2f} ms"
+        )
 
     row("subject keys", lambda r: f"{r['subjects']:,}")
-    row("bulk insert", lambda r: f"{r['insert']['seconds']:.0f} s "
-        f"({r['insert']['per_second']:,.0f}/s; wrapping {r['insert']['wrap_seconds']:.0f} s)")
-    row("size", lambda r: f"{r['size']['total_bytes'] / 2**20:,.0f} MiB "
-        f"({r['size']['bytes_per_subject']:,.0f} B/subject)")
-    row("... of which", lambda r: (
-        f"table {r['size']['heap_bytes'] / 2**20:,.0f} MiB, indexes "
-        f"{r['size']['index_bytes'] / 2**20:,.0f} MiB" if "heap_bytes" in r["size"] else
-        f"INFO used_memory grew {r['size']['info_delta_bytes'] / 2**20:,.0f} MiB "
-        f"({r['size']['info_delta_per_subject']:,.0f} B/subject)"))
+    row(
+        "bulk insert",
+        lambda r: (
+            f"{r['insert']['seconds']:.0f} s "
+            f"({r['insert']['per_second']:,.0f}/s; wrapping {r['insert']['wrap_seconds']:.0f} s)"
+        ),
+    )
+    row(
+        "size",
+        lambda r: (
+            f"{r['size']['total_bytes'] / 2**20:,.0f} MiB "
+            f"({r['size']['bytes_per_subject']:,.0f} B/subject)"
+        ),
+    )
+    row(
+        "... of which",
+        lambda r: (
+            f"table {r['size']['heap_bytes'] / 2**20:,.0f} MiB, indexes "
+            f"{r['size']['index_bytes'] / 2**20:,.0f} MiB"
+            if "heap_bytes" in r["size"]
+            else f"INFO used_memory grew {r['size']['info_delta_bytes'] / 2**20:,.0f} MiB "
+            f"({r['size']['info_delta_per_subject']:,.0f} B/subject)"
+        ),
+    )
     row("store read (find), p50 / p99", lat("store_find"))
     row("key lookup, cold, p50 / p99", lat("cold"))
-    row("key lookup, warm, p50 / p99", lambda r: f"{r['lookup']['warm']['p50_us']:.1f} / "
-        f"{r['lookup']['warm']['p99_us']:.1f} µs")
+    row(
+        "key lookup, warm, p50 / p99",
+        lambda r: f"{r['lookup']['warm']['p50_us']:.1f} / {r['lookup']['warm']['p99_us']:.1f} µs",
+    )
     row("new subject's key, p50 / p99", lat("create"))
     row("decrypt, key not cached, p50 / p99", lat("cold_decrypt"))
     row("field round trip: plain", lambda r: f"{r['round_trip']['plain_us']:.1f} µs")
-    row("... one known subject", lambda r: (
-        f"{r['round_trip']['one_us']:.1f} µs (**{r['round_trip']['one_ratio']:.2f}x**)"))
-    row("... 1,000 known subjects in turn", lambda r: (
-        f"{r['round_trip']['subject_us']:.1f} µs (**{r['round_trip']['ratio']:.2f}x**)"))
+    row(
+        "... one known subject",
+        lambda r: f"{r['round_trip']['one_us']:.1f} µs (**{r['round_trip']['one_ratio']:.2f}x**)",
+    )
+    row(
+        "... 1,000 known subjects in turn",
+        lambda r: f"{r['round_trip']['subject_us']:.1f} µs (**{r['round_trip']['ratio']:.2f}x**)",
+    )
+
     def forget_cell(k: str) -> Callable[[dict[str, Any]], str]:
         return lambda r: (
             f"{r['forget'][k]['p50_us'] / 1e3:.1f} / {r['forget'][k]['max_us'] / 1e3:.1f} ms "
-            f"(n={r['forget'][k]['n']})")
+            f"(n={r['forget'][k]['n']})"
+        )
 
     for k, label in (("1", "forget, 1 value"), ("10000", "forget, 10,000 values")):
         row(label + ", p50 / max", forget_cell(k))
@@ -419,16 +472,27 @@ async def main() -> None:
     parser.add_argument("--store", choices=("postgres", "redis", "both"), default="both")
     parser.add_argument("--subjects", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="50,000 subjects, short rounds")
-    parser.add_argument("--samples", type=int, default=3000,
-                        help="random existing subjects looked up (at most the cache size)")
-    parser.add_argument("--heavy", type=int, default=5,
-                        help="subjects forgotten with 10,000 values each (and as many with 1)")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=3000,
+        help="random existing subjects looked up (at most the cache size)",
+    )
+    parser.add_argument(
+        "--heavy",
+        type=int,
+        default=5,
+        help="subjects forgotten with 10,000 values each (and as many with 1)",
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=0.5)
-    parser.add_argument("--dsn", default=os.environ.get(
-        "AIOCRYPT_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
-    parser.add_argument("--redis", default=os.environ.get(
-        "AIOCRYPT_BENCH_REDIS", "redis://127.0.0.1:6379/15"))
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get("AIOCRYPT_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    parser.add_argument(
+        "--redis", default=os.environ.get("AIOCRYPT_BENCH_REDIS", "redis://127.0.0.1:6379/15")
+    )
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     args = parser.parse_args()
     if args.quick:
@@ -439,8 +503,10 @@ async def main() -> None:
     results = []
     for kind in kinds:
         results.append(await run_store(kind, args))
-    print(f"\n{machine['cpu']}, {machine['cores']} cores, {machine['python']}, "
-          f"load {machine['load_before']}, {machine['date']}")
+    print(
+        f"\n{machine['cpu']}, {machine['cores']} cores, {machine['python']}, "
+        f"load {machine['load_before']}, {machine['date']}"
+    )
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))

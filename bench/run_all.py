@@ -33,9 +33,16 @@ import _common  # noqa: E402
 import report  # noqa: E402
 
 SECTIONS = ("fields", "batch", "streams", "reencrypt", "legacy", "sessions")
-ALIASES = {"bulk": "streams", "stream": "streams", "file": "streams", "lag": "streams",
-           "field": "fields", "session": "sessions", "reencryption": "reencrypt",
-           "migration": "legacy"}
+ALIASES = {
+    "bulk": "streams",
+    "stream": "streams",
+    "file": "streams",
+    "lag": "streams",
+    "field": "fields",
+    "session": "sessions",
+    "reencryption": "reencrypt",
+    "migration": "legacy",
+}
 
 
 def parse_only(value: str | None) -> set[str]:
@@ -54,21 +61,30 @@ def run_reencrypt(quick: bool) -> dict[str, Any]:
     import bench_reencrypt
 
     dsn = os.environ.get("ENCRYPTION_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-    config = ({"rows": 20_000, "naive_rows": 1_000, "rounds": 1} if quick
-              else {"rows": 200_000, "naive_rows": 3_000, "rounds": 3})
+    config = (
+        {"rows": 20_000, "naive_rows": 1_000, "rounds": 1}
+        if quick
+        else {"rows": 200_000, "naive_rows": 3_000, "rounds": 3}
+    )
     return asyncio.run(bench_reencrypt.run(dsn=dsn, batch_size=2000, **config))
 
 
 def run_sessions(quick: bool) -> dict[str, Any]:
     import bench_sessions
 
-    argv = (["--bursts", "2", "--requests", "400", "--connections", "8"] if quick
-            else ["--bursts", "8", "--requests", "1600", "--seconds", "3"])
+    argv = (
+        ["--bursts", "2", "--requests", "400", "--connections", "8"]
+        if quick
+        else ["--bursts", "8", "--requests", "1600", "--seconds", "3"]
+    )
     args = bench_sessions.arguments(argv)
     rps = asyncio.run(bench_sessions.bench(args))
-    return {"bursts": args.bursts, "requests": args.requests, "connections": args.connections,
-            "rps": {f"{scenario}/{variant}": values
-                    for (scenario, variant), values in rps.items()}}
+    return {
+        "bursts": args.bursts,
+        "requests": args.requests,
+        "connections": args.connections,
+        "rps": {f"{scenario}/{variant}": values for (scenario, variant), values in rps.items()},
+    }
 
 
 def run_section(name: str, quick: bool) -> dict[str, Any]:
@@ -85,10 +101,8 @@ def run_section(name: str, quick: bool) -> dict[str, Any]:
     if name == "legacy":
         import bench_legacy_migration
 
-        dsn = os.environ.get("ENCRYPTION_POSTGRES_DSN",
-                             "postgresql://postgres@127.0.0.1:5432/test")
-        return asyncio.run(bench_legacy_migration.run(
-            dsn=dsn, rows=5_000 if quick else 100_000))
+        dsn = os.environ.get("ENCRYPTION_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+        return asyncio.run(bench_legacy_migration.run(dsn=dsn, rows=5_000 if quick else 100_000))
     if name == "sessions":
         return run_sessions(quick)
     raise AssertionError(name)
@@ -96,33 +110,45 @@ def run_section(name: str, quick: bool) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="short smoke run with small sizes (written to a temp dir "
-                             "unless --out-dir is given)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short smoke run with small sizes (written to a temp dir unless --out-dir is given)",
+    )
     parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
-    parser.add_argument("--out-dir", type=Path,
-                        help="where performance.md and img/ go (default: docs, or a temp "
-                             "dir with --quick)")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        help="where performance.md and img/ go (default: docs, or a temp dir with --quick)",
+    )
     parser.add_argument("--no-charts", action="store_true")
-    parser.add_argument("--render-only", action="store_true",
-                        help="measure nothing: rewrite performance.md and the charts from "
-                             "the saved figures")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: rewrite performance.md and the charts from the saved figures",
+    )
     args = parser.parse_args()
     only = set() if args.render_only else parse_only(args.only)
     out_dir: Path = args.out_dir or (
-        Path(tempfile.gettempdir()) / "aiocrypt-bench-quick" if args.quick else ROOT / "docs")
+        Path(tempfile.gettempdir()) / "aiocrypt-bench-quick" if args.quick else ROOT / "docs"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    results_path = (HERE / "results.json" if out_dir.resolve() == (ROOT / "docs").resolve()
-                    else out_dir / "results.json")
+    results_path = (
+        HERE / "results.json"
+        if out_dir.resolve() == (ROOT / "docs").resolve()
+        else out_dir / "results.json"
+    )
     previous: dict[str, Any] = {}
     if results_path.exists():
         previous = json.loads(results_path.read_text())
     if args.render_only and not previous:
         raise SystemExit(f"no saved figures in {results_path}")
     machine = previous["machine"] if args.render_only else _common.machine_info()
-    results: dict[str, Any] = {"machine": machine,
-                               "quick": previous["quick"] if args.render_only else args.quick,
-                               "sections": dict(previous.get("sections", {}))}
+    results: dict[str, Any] = {
+        "machine": machine,
+        "quick": previous["quick"] if args.render_only else args.quick,
+        "sections": dict(previous.get("sections", {})),
+    }
     started = time.monotonic()
     failed: list[str] = []
     for name in SECTIONS:
@@ -140,14 +166,20 @@ def main() -> None:
                 # keep the last good figures (with their date); say this run failed
                 results["sections"][name] = {**kept, "failed": error}
             else:
-                results["sections"][name] = {"date": machine["date"], "quick": args.quick,
-                                             "seconds": round(time.monotonic() - t0, 1),
-                                             "figures": {"error": error}}
+                results["sections"][name] = {
+                    "date": machine["date"],
+                    "quick": args.quick,
+                    "seconds": round(time.monotonic() - t0, 1),
+                    "figures": {"error": error},
+                }
             failed.append(name)
             continue
-        results["sections"][name] = {"date": machine["date"], "quick": args.quick,
-                                     "seconds": round(time.monotonic() - t0, 1),
-                                     "figures": figures}
+        results["sections"][name] = {
+            "date": machine["date"],
+            "quick": args.quick,
+            "seconds": round(time.monotonic() - t0, 1),
+            "figures": figures,
+        }
         print(f"== {name}: {time.monotonic() - t0:.0f} s", flush=True)
     results["seconds"] = round(time.monotonic() - started, 1)
     if not args.render_only:
@@ -156,8 +188,10 @@ def main() -> None:
     text = report.render(results, charts)
     (out_dir / "performance.md").write_text(text)
     saved = "from" if args.render_only else "and"
-    print(f"wrote {out_dir / 'performance.md'} ({len(charts)} charts) {saved} {results_path} "
-          f"in {results['seconds']:.0f} s")
+    print(
+        f"wrote {out_dir / 'performance.md'} ({len(charts)} charts) {saved} {results_path} "
+        f"in {results['seconds']:.0f} s"
+    )
     verdicts = report.targets(results)
     for target in verdicts:
         print(f"  {target['verdict']:7} {target['target']}: {target['figure']}")

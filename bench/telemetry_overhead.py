@@ -32,8 +32,9 @@ def install(mode: str) -> None:
         )
 
         provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter(),
-                                                       max_queue_size=1 << 20))
+        provider.add_span_processor(
+            BatchSpanProcessor(InMemorySpanExporter(), max_queue_size=1 << 20)
+        )
         trace.set_tracer_provider(provider)
         metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
     elif mode != "api":
@@ -67,14 +68,17 @@ async def main(mode: str) -> None:
         async def round_trips(count: int = 2000) -> float:
             start = time.perf_counter()
             for _ in range(count):
-                token = await service.encrypt_field("ada@example.com", KeyType.PII,
-                                                    context="users.email")
+                token = await service.encrypt_field(
+                    "ada@example.com", KeyType.PII, context="users.email"
+                )
                 await service.decrypt_field(token, KeyType.PII, context="users.email")
             return (time.perf_counter() - start) / count
 
         per_round_trip = statistics.median([await round_trips() for _ in range(7)])
-    print(f"{mode}: one span {per_span * 1e6:.2f} us; "
-          f"a field round trip {per_round_trip * 1e6:.2f} us")
+    print(
+        f"{mode}: one span {per_span * 1e6:.2f} us; "
+        f"a field round trip {per_round_trip * 1e6:.2f} us"
+    )
 
 
 if __name__ == "__main__":

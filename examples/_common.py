@@ -57,18 +57,19 @@ DEMO_USERS: Final = (
 )
 
 
-
 def users_table(service: EncryptionService) -> sa.Table:
     """The users table, its sensitive columns encrypted with ``service``'s keys."""
-    encrypted = {"income": EncryptedDecimal, "savings": EncryptedDecimal,
-                 "ssn": EncryptedString}
+    encrypted = {"income": EncryptedDecimal, "savings": EncryptedDecimal, "ssn": EncryptedString}
     return sa.Table(
-        "users", sa.MetaData(),
+        "users",
+        sa.MetaData(),
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("username", sa.String(64), unique=True, nullable=False),
         sa.Column("password_hash", sa.String(200), nullable=False),
-        *(sa.Column(name, encrypted[name](key_type, service=service), nullable=False)
-          for name, key_type in USER_FIELDS.items()),
+        *(
+            sa.Column(name, encrypted[name](key_type, service=service), nullable=False)
+            for name, key_type in USER_FIELDS.items()
+        ),
     )
 
 
@@ -112,8 +113,10 @@ def build_service(data_dir: Path) -> EncryptionService:
     master_key = os.environ.get("ENCRYPTION_MASTER_KEY")
     if not master_key:
         if key_file.exists():
-            raise ConfigurationError(f"{key_file} exists: set ENCRYPTION_MASTER_KEY to the "
-                                     "master key it was created with, or use a new directory")
+            raise ConfigurationError(
+                f"{key_file} exists: set ENCRYPTION_MASTER_KEY to the "
+                "master key it was created with, or use a new directory"
+            )
         master_key = base64.b64encode(os.urandom(32)).decode("ascii")
     config = EncryptionConfig(master_key=master_key, storage_path=str(key_file))
     return EncryptionService(build_key_manager(config))
@@ -145,11 +148,15 @@ def new_csrf_token() -> str:
 
 
 def tokens_match(expected: object, given: object) -> bool:
-    return (isinstance(expected, str) and isinstance(given, str)
-            and hmac.compare_digest(expected.encode(), given.encode()))
+    return (
+        isinstance(expected, str)
+        and isinstance(given, str)
+        and hmac.compare_digest(expected.encode(), given.encode())
+    )
 
 
 # -- users ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class User:
@@ -160,8 +167,13 @@ class User:
     ssn: str = field(repr=False)
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "username": self.username, "income": str(self.income),
-                "savings": str(self.savings), "ssn": "***-**-" + self.ssn[-4:]}
+        return {
+            "id": self.id,
+            "username": self.username,
+            "income": str(self.income),
+            "savings": str(self.savings),
+            "ssn": "***-**-" + self.ssn[-4:],
+        }
 
 
 class UserRepository:
@@ -176,32 +188,42 @@ class UserRepository:
         async with self.engine.begin() as conn:
             await conn.run_sync(self.users.metadata.create_all)
 
-    async def add(self, username: str, password: str, *, income: Decimal, savings: Decimal,
-                  ssn: str) -> int:
+    async def add(
+        self, username: str, password: str, *, income: Decimal, savings: Decimal, ssn: str
+    ) -> int:
         password_hash = await asyncio.to_thread(hash_password, password)
         async with self.engine.begin() as conn:
-            result = await conn.execute(self.users.insert().values(
-                username=username, password_hash=password_hash, income=income,
-                savings=savings, ssn=ssn))
+            result = await conn.execute(
+                self.users.insert().values(
+                    username=username,
+                    password_hash=password_hash,
+                    income=income,
+                    savings=savings,
+                    ssn=ssn,
+                )
+            )
         primary_key = result.inserted_primary_key
         assert primary_key is not None
         return int(primary_key[0])
 
     @staticmethod
     def _user(row: sa.Row[Any]) -> User:
-        return User(id=row.id, username=row.username, income=row.income,
-                    savings=row.savings, ssn=row.ssn)
+        return User(
+            id=row.id, username=row.username, income=row.income, savings=row.savings, ssn=row.ssn
+        )
 
     async def get(self, user_id: int) -> User | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(
-                self.users.select().where(self.users.c.id == user_id))).first()
+            row = (
+                await conn.execute(self.users.select().where(self.users.c.id == user_id))
+            ).first()
         return None if row is None else self._user(row)
 
     async def authenticate(self, username: str, password: str) -> User | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(
-                self.users.select().where(self.users.c.username == username))).first()
+            row = (
+                await conn.execute(self.users.select().where(self.users.c.username == username))
+            ).first()
         stored = row.password_hash if row is not None else hash_password(password)  # same cost
         if not await asyncio.to_thread(verify_password, password, stored) or row is None:
             return None

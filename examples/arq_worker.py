@@ -47,8 +47,7 @@ if CONFIG.metadata is None and CONFIG.tables is None:
 async def monthly_statement(ctx: dict[str, Any], user_id: int, total: float) -> dict[str, Any]:
     """An application job: store a statement total encrypted (identifiers in, a token out)."""
     service = ctx["aiocrypt"].service
-    token = await service.encrypt_field(total, KeyType.FINANCIAL_DATA,
-                                        context="statements.total")
+    token = await service.encrypt_field(total, KeyType.FINANCIAL_DATA, context="statements.total")
     # a real app would write the token to its statements table here
     return {"user_id": user_id, "stored": len(token)}
 
@@ -68,8 +67,9 @@ merge_into(WorkerSettings, CONFIG)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--burst", action="store_true",
-                        help="exit once the queue is empty (tests, one-off runs)")
+    parser.add_argument(
+        "--burst", action="store_true", help="exit once the queue is empty (tests, one-off runs)"
+    )
     args = parser.parse_args(argv)
     logging.config.dictConfig(default_log_config(verbose=False))
     run_worker(WorkerSettings, burst=args.burst)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """The smallest complete use of aiocrypt: explicit construction, no environment needed.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 from __future__ import annotations

@@ -66,10 +66,12 @@ class User(Base):
     monthly_income_encrypted: Mapped[float | None] = mapped_column(EncryptedFloat())
     ssn_encrypted: Mapped[str | None] = mapped_column(EncryptedString())
     ssn_index: Mapped[str | None] = mapped_column(
-        BlindIndex("ssn_encrypted", normalizer=normalize_digits), index=True)
+        BlindIndex("ssn_encrypted", normalizer=normalize_digits), index=True
+    )
     # deterministic (for ==): equal values must give equal tokens in every row
     email: Mapped[str | None] = mapped_column(
-        EncryptedString(KeyType.PII, deterministic=True, row_bound=False))
+        EncryptedString(KeyType.PII, deterministic=True, row_bound=False)
+    )
     date_of_birth: Mapped[dt.date | None] = mapped_column(EncryptedDate(KeyType.PII))
     preferences: Mapped[dict[str, Any] | None] = mapped_column(EncryptedJSON(KeyType.PII))
 
@@ -87,8 +89,9 @@ def _async_url(dsn: str | None, workdir: Path) -> str:
 
 
 def _service(workdir: Path) -> EncryptionService:
-    master_key = os.environ.get("ENCRYPTION_MASTER_KEY") or \
-        base64.b64encode(os.urandom(32)).decode("ascii")
+    master_key = os.environ.get("ENCRYPTION_MASTER_KEY") or base64.b64encode(os.urandom(32)).decode(
+        "ascii"
+    )
     config = EncryptionConfig(master_key=master_key, storage_path=str(workdir / "keys.json"))
     return EncryptionService(build_key_manager(config))
 
@@ -109,8 +112,16 @@ async def run(engine: AsyncEngine, service: EncryptionService) -> None:
         user.date_of_birth = dt.date(1990, 4, 1)
         user.preferences = {"newsletter": True, "currency": "EUR"}
         session.add(user)
-        session.add_all([User(username="bob", monthly_income_encrypted=4200.0,
-                              ssn_encrypted="987-65-4321", email="bob@example.org")])
+        session.add_all(
+            [
+                User(
+                    username="bob",
+                    monthly_income_encrypted=4200.0,
+                    ssn_encrypted="987-65-4321",
+                    email="bob@example.org",
+                )
+            ]
+        )
         await session.commit()
         user_id = user.id
 
@@ -118,16 +129,25 @@ async def run(engine: AsyncEngine, service: EncryptionService) -> None:
     async with sessions() as session:
         loaded = await session.get(User, user_id)
         assert loaded is not None
-        print(f"income={loaded.monthly_income_encrypted!r} ssn={loaded.ssn_encrypted!r} "
-              f"born={loaded.date_of_birth} prefs={loaded.preferences}")
+        print(
+            f"income={loaded.monthly_income_encrypted!r} ssn={loaded.ssn_encrypted!r} "
+            f"born={loaded.date_of_birth} prefs={loaded.preferences}"
+        )
 
     _say("what the table holds (plain SQL, no aiocrypt)")
     async with engine.connect() as conn:
-        row = (await conn.execute(sa.text(
-            "SELECT monthly_income_encrypted, ssn_encrypted, ssn_index FROM example_users "
-            "WHERE id = :id"), {"id": user_id})).one()
-    for name, value in zip(("monthly_income_encrypted", "ssn_encrypted", "ssn_index"), row,
-                           strict=True):
+        row = (
+            await conn.execute(
+                sa.text(
+                    "SELECT monthly_income_encrypted, ssn_encrypted, ssn_index FROM example_users "
+                    "WHERE id = :id"
+                ),
+                {"id": user_id},
+            )
+        ).one()
+    for name, value in zip(
+        ("monthly_income_encrypted", "ssn_encrypted", "ssn_index"), row, strict=True
+    ):
         print(f"{name:26} {value[:60]}...")
     assert row[0].startswith("ac2.") and "50000" not in row[0]
     assert row[1].startswith("ac2.") and "6789" not in row[1]
@@ -135,30 +155,46 @@ async def run(engine: AsyncEngine, service: EncryptionService) -> None:
     async def find(ssn: str) -> list[str]:
         async with sessions() as session:
             result = await session.execute(
-                sa.select(User.username).where(User.ssn_index.matches(ssn)))
+                sa.select(User.username).where(User.ssn_index.matches(ssn))
+            )
             return list(result.scalars())
 
     _say("copy bob's ssn token into alice's row (plain SQL, as an attacker could)")
     async with engine.begin() as conn:
-        await conn.execute(sa.text(
-            "UPDATE example_users SET ssn_encrypted = (SELECT ssn_encrypted FROM "
-            "example_users WHERE username = 'bob') WHERE id = :id"), {"id": user_id})
+        await conn.execute(
+            sa.text(
+                "UPDATE example_users SET ssn_encrypted = (SELECT ssn_encrypted FROM "
+                "example_users WHERE username = 'bob') WHERE id = :id"
+            ),
+            {"id": user_id},
+        )
     async with sessions() as session:
         try:
             await session.get(User, user_id)
         except DecryptionError as exc:
             print("reading alice:", exc)
-    async with sessions() as session:   # put alice's own token back (it decrypts in her row)
+    async with sessions() as session:  # put alice's own token back (it decrypts in her row)
         users = cast(sa.Table, User.__table__)  # declared as a FromClause
-        await session.execute(sa.update(users).where(User.id == user_id).values(
-            ssn_encrypted=sa.type_coerce(row[1], sa.Text())))
+        await session.execute(
+            sa.update(users)
+            .where(User.id == user_id)
+            .values(ssn_encrypted=sa.type_coerce(row[1], sa.Text()))
+        )
         await session.commit()
 
     _say("search by blind index and by deterministic encryption")
     print("ssn 123 45 6789 ->", await find("123 45 6789"))
     async with sessions() as session:
-        print("email bob@example.org ->", list((await session.execute(
-            sa.select(User.username).where(User.email == "bob@example.org"))).scalars()))
+        print(
+            "email bob@example.org ->",
+            list(
+                (
+                    await session.execute(
+                        sa.select(User.username).where(User.email == "bob@example.org")
+                    )
+                ).scalars()
+            ),
+        )
 
     _say("rotate the field keys and the blind-index key")
     manager = service.key_manager
@@ -168,8 +204,9 @@ async def run(engine: AsyncEngine, service: EncryptionService) -> None:
     print("ssn 123-45-6789 ->", await find("123-45-6789"), "(old index version still matches)")
 
     _say("re-encrypt every row onto the new keys")
-    reencryption = reencryption_engine(service, engine, Base.metadata,
-                                       checkpoint_table="example_reencrypt_checkpoints")
+    reencryption = reencryption_engine(
+        service, engine, Base.metadata, checkpoint_table="example_reencrypt_checkpoints"
+    )
     try:
         print("census before:", dict((await reencryption.census("example_users")).counts))
         result = await reencryption.reencrypt("example_users")
@@ -198,8 +235,9 @@ async def main(argv: list[str] | None = None) -> None:
             if args.dsn is not None:
                 async with engine.begin() as conn:
                     await conn.run_sync(Base.metadata.drop_all)
-                    await conn.execute(sa.text(
-                        "DROP TABLE IF EXISTS example_reencrypt_checkpoints"))
+                    await conn.execute(
+                        sa.text("DROP TABLE IF EXISTS example_reencrypt_checkpoints")
+                    )
             set_encryption_service(None)
             await engine.dispose()
 

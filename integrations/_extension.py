@@ -19,8 +19,16 @@ from aiocrypt import EncryptionService, StoreUnavailableError, get_encryption_se
 from .cache import EncryptedCache
 from .sessions import EncryptedSession, WebSettings
 
-__all__ = ["EXTENSION", "NO_STORE", "AioCryptBase", "ExtensionState", "SessionInterfaceBase",
-           "add_routes", "outage_answer", "sessionless"]
+__all__ = [
+    "EXTENSION",
+    "NO_STORE",
+    "AioCryptBase",
+    "ExtensionState",
+    "SessionInterfaceBase",
+    "add_routes",
+    "outage_answer",
+    "sessionless",
+]
 
 #: app.extensions key of the per-app state
 EXTENSION: Final = "aiocrypt"
@@ -48,8 +56,9 @@ class AioCryptBase(Generic[StateT]):
 
     framework: ClassVar[str]
 
-    def __init__(self, app: Any = None, *, service: EncryptionService | None = None,
-                 redis: Any = None) -> None:
+    def __init__(
+        self, app: Any = None, *, service: EncryptionService | None = None, redis: Any = None
+    ) -> None:
         self._service = service
         self._redis = redis
         if app is not None:
@@ -113,9 +122,16 @@ class AioCryptBase(Generic[StateT]):
         return self.state().cache
 
 
-def add_routes(app: Any, service: EncryptionService, *, health_path: str,
-               health_view: Callable[..., Any], metrics_path: str | None, registry: Any,
-               metrics_view: Callable[[Any], Callable[..., Any]]) -> None:
+def add_routes(
+    app: Any,
+    service: EncryptionService,
+    *,
+    health_path: str,
+    health_view: Callable[..., Any],
+    metrics_path: str | None,
+    registry: Any,
+    metrics_view: Callable[[Any], Callable[..., Any]],
+) -> None:
     """Route ``health_view`` at ``health_path`` and, with prometheus-client installed,
     ``metrics_view(registry)`` at ``metrics_path``; both served without a session."""
     app.add_url_rule(health_path, "aiocrypt_health", health_view, methods=["GET"])
@@ -137,12 +153,14 @@ def sessionless(app: Any, path: str) -> bool:
     return path in app.extensions.get(_SESSIONLESS, ())
 
 
-def outage_answer(logger: logging.Logger, state: ExtensionState,
-                  exc: StoreUnavailableError) -> tuple[str, dict[str, str]]:
+def outage_answer(
+    logger: logging.Logger, state: ExtensionState, exc: StoreUnavailableError
+) -> tuple[str, dict[str, str]]:
     """The default answer to a Redis outage (503, ``Retry-After``, no details): its body
     and headers; the outage is logged."""
-    logger.warning("the %s Redis is unavailable (%s): answering 503", exc.store,
-                   type(exc.__cause__).__name__)
+    logger.warning(
+        "the %s Redis is unavailable (%s): answering 503", exc.store, type(exc.__cause__).__name__
+    )
     return state.settings.outage_body()
 
 

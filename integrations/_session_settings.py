@@ -54,14 +54,19 @@ class SessionSettings:
                 raise ConfigurationError(f"session {name} must be a positive number of seconds")
         if not isinstance(self.prefix, str) or not self.prefix:
             raise ConfigurationError("session key prefix must be a non-empty string")
-        if self.subject_field is not None and (not isinstance(self.subject_field, str)
-                                               or not self.subject_field):
+        if self.subject_field is not None and (
+            not isinstance(self.subject_field, str) or not self.subject_field
+        ):
             raise ConfigurationError("the session subject field must be a non-empty string")
         check_subject_prefix(self.subject_prefix, "session settings")
-        if isinstance(self.sid_bytes, bool) or not isinstance(self.sid_bytes, int) \
-                or not SID_BYTES <= self.sid_bytes <= MAX_SID_BYTES:
+        if (
+            isinstance(self.sid_bytes, bool)
+            or not isinstance(self.sid_bytes, int)
+            or not SID_BYTES <= self.sid_bytes <= MAX_SID_BYTES
+        ):
             raise ConfigurationError(
-                f"session id length must be {SID_BYTES} to {MAX_SID_BYTES} random bytes")
+                f"session id length must be {SID_BYTES} to {MAX_SID_BYTES} random bytes"
+            )
 
     def subject_of(self, data: Mapping[str, Any]) -> str | None:
         """The subject id a session with ``data`` is sealed under, or None.
@@ -71,5 +76,8 @@ class SessionSettings:
         """
         if self.subject_field is None:
             return None
-        return subject_id(self.subject_prefix, data.get(self.subject_field),
-                          f"session field {self.subject_field!r}")
+        return subject_id(
+            self.subject_prefix,
+            data.get(self.subject_field),
+            f"session field {self.subject_field!r}",
+        )

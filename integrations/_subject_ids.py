@@ -21,8 +21,10 @@ __all__ = ["check_subject_prefix", "subject_id"]
 def check_subject_prefix(prefix: Any, where: str) -> str:
     """``prefix`` if it can start a subject id (non-empty, no ``:``), else ConfigurationError."""
     if not isinstance(prefix, str) or not prefix or ":" in prefix:
-        raise ConfigurationError(f"{where}: the subject prefix must be a non-empty string "
-                                 "without ':' (subject ids read '<prefix>:<value>')")
+        raise ConfigurationError(
+            f"{where}: the subject prefix must be a non-empty string "
+            "without ':' (subject ids read '<prefix>:<value>')"
+        )
     return prefix
 
 
@@ -32,6 +34,8 @@ def subject_id(prefix: str, value: Any, where: str) -> str | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, UUID)) or value == "":
-        raise TypeError(f"{where} names the data subject: it must hold a non-empty str, "
-                        f"an int or a UUID, not {type(value).__name__}")
+        raise TypeError(
+            f"{where} names the data subject: it must hold a non-empty str, "
+            f"an int or a UUID, not {type(value).__name__}"
+        )
     return f"{prefix}:{value}"

@@ -98,8 +98,7 @@ class WebSettings:
     """``Retry-After`` (seconds) of the 503 answered when Redis is unavailable."""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, client_given: bool = False) \
-            -> WebSettings:
+    def from_config(cls, config: Mapping[str, Any], *, client_given: bool = False) -> WebSettings:  # noqa: C901 - one framework config key per line, each validated in place
         """Read the keys from an app's config; ``ConfigurationError`` names a bad key.
 
         ``client_given``: the extension was handed a Redis client, so no
@@ -110,8 +109,9 @@ class WebSettings:
 
         name, session_type = keys.first("SESSION_TYPE", default="redis")
         if str(session_type).lower() != "redis":
-            raise ConfigurationError(f"{name} must be 'redis' (aiocrypt stores sessions "
-                                     "in Redis), or unset")
+            raise ConfigurationError(
+                f"{name} must be 'redis' (aiocrypt stores sessions in Redis), or unset"
+            )
         name, url = keys.first("AIOCRYPT_REDIS_URL", default=None)
         client = None
         if url is None:
@@ -123,7 +123,8 @@ class WebSettings:
         if url is None and client is None and not client_given:
             raise ConfigurationError(
                 "no Redis for sessions and the cache: set AIOCRYPT_REDIS_URL (or "
-                "SESSION_REDIS / SESSION_URI), or pass redis= to AioCrypt")
+                "SESSION_REDIS / SESSION_URI), or pass redis= to AioCrypt"
+            )
 
         def seconds(*names: str, default: int) -> int:
             name, value = keys.first(*names, default=default)
@@ -137,21 +138,27 @@ class WebSettings:
             name, value = keys.first(*names, default=default)
             return _text_value(name, value)
 
-        name, samesite = keys.first("AIOCRYPT_COOKIE_SAMESITE", "SESSION_COOKIE_SAMESITE",
-                                    default=None if "SESSION_COOKIE_SAMESITE" in config
-                                    else default.cookie_samesite)
+        name, samesite = keys.first(
+            "AIOCRYPT_COOKIE_SAMESITE",
+            "SESSION_COOKIE_SAMESITE",
+            default=None if "SESSION_COOKIE_SAMESITE" in config else default.cookie_samesite,
+        )
         if samesite is not None:
             if not isinstance(samesite, str) or samesite.lower() not in _SAMESITE:
-                raise ConfigurationError(f"{name} must be Strict, Lax, None (the string) "
-                                         "or unset")
+                raise ConfigurationError(f"{name} must be Strict, Lax, None (the string) or unset")
             samesite = _SAMESITE[samesite.lower()]
         name_id, sid_bytes = keys.first("SESSION_ID_LENGTH", default=session_default.sid_bytes)
-        if isinstance(sid_bytes, bool) or not isinstance(sid_bytes, int) \
-                or not SID_BYTES <= sid_bytes <= MAX_SID_BYTES:
-            raise ConfigurationError(f"{name_id} must be a number of random bytes from "
-                                     f"{SID_BYTES} to {MAX_SID_BYTES}")
-        name_cc, cache_control = keys.first("AIOCRYPT_SESSION_CACHE_CONTROL",
-                                            default=default.cache_control)
+        if (
+            isinstance(sid_bytes, bool)
+            or not isinstance(sid_bytes, int)
+            or not SID_BYTES <= sid_bytes <= MAX_SID_BYTES
+        ):
+            raise ConfigurationError(
+                f"{name_id} must be a number of random bytes from {SID_BYTES} to {MAX_SID_BYTES}"
+            )
+        name_cc, cache_control = keys.first(
+            "AIOCRYPT_SESSION_CACHE_CONTROL", default=default.cache_control
+        )
         if cache_control is False or cache_control == "":
             cache_control = None
         elif cache_control is not None:
@@ -159,8 +166,9 @@ class WebSettings:
         name_subject, subject_field = keys.first("AIOCRYPT_SESSION_SUBJECT", default=None)
         if subject_field is not None:
             subject_field = _text_value(name_subject, subject_field)
-        subject_prefix = text("AIOCRYPT_SESSION_SUBJECT_PREFIX",
-                              default=session_default.subject_prefix)
+        subject_prefix = text(
+            "AIOCRYPT_SESSION_SUBJECT_PREFIX", default=session_default.subject_prefix
+        )
         check_subject_prefix(subject_prefix, "AIOCRYPT_SESSION_SUBJECT_PREFIX")
         domain = config.get("SESSION_COOKIE_DOMAIN") or None  # Flask: False / None: no domain
         if domain is not None:
@@ -169,11 +177,15 @@ class WebSettings:
             redis_url=url,
             redis_client=client,
             session=SessionSettings(
-                ttl=seconds("AIOCRYPT_SESSION_TTL", "PERMANENT_SESSION_LIFETIME",
-                            default=session_default.ttl),
+                ttl=seconds(
+                    "AIOCRYPT_SESSION_TTL",
+                    "PERMANENT_SESSION_LIFETIME",
+                    default=session_default.ttl,
+                ),
                 lifetime=seconds("AIOCRYPT_SESSION_LIFETIME", default=session_default.lifetime),
-                prefix=text("AIOCRYPT_SESSION_PREFIX", "SESSION_KEY_PREFIX",
-                            default=session_default.prefix),
+                prefix=text(
+                    "AIOCRYPT_SESSION_PREFIX", "SESSION_KEY_PREFIX", default=session_default.prefix
+                ),
                 sid_bytes=sid_bytes,
                 refresh_each_request=flag("SESSION_REFRESH_EACH_REQUEST", default=True),
                 permanent=flag("SESSION_PERMANENT", default=False),
@@ -184,29 +196,38 @@ class WebSettings:
             cache_ttl=seconds("AIOCRYPT_CACHE_TTL", default=default.cache_ttl),
             cookie_name=text("SESSION_COOKIE_NAME", default=default.cookie_name),
             cookie_domain=domain,
-            cookie_path=text("SESSION_COOKIE_PATH", "APPLICATION_ROOT",
-                             default=default.cookie_path),
+            cookie_path=text(
+                "SESSION_COOKIE_PATH", "APPLICATION_ROOT", default=default.cookie_path
+            ),
             cookie_httponly=flag("SESSION_COOKIE_HTTPONLY", default=default.cookie_httponly),
-            cookie_secure=flag("AIOCRYPT_COOKIE_SECURE", "SESSION_COOKIE_SECURE",
-                               default=default.cookie_secure),
+            cookie_secure=flag(
+                "AIOCRYPT_COOKIE_SECURE", "SESSION_COOKIE_SECURE", default=default.cookie_secure
+            ),
             cookie_samesite=samesite,
-            cookie_partitioned=flag("SESSION_COOKIE_PARTITIONED",
-                                    default=default.cookie_partitioned),
+            cookie_partitioned=flag(
+                "SESSION_COOKIE_PARTITIONED", default=default.cookie_partitioned
+            ),
             cache_control=cache_control,
             retry_after=seconds("AIOCRYPT_RETRY_AFTER", default=default.retry_after),
         )
         if not settings.cookie_secure:
             # the frameworks' default: fine on http://localhost, not in production
-            logger.warning("the session cookie is sent without Secure (SESSION_COOKIE_SECURE "
-                           "is off): set it on behind HTTPS, or the cookie travels in clear "
-                           "text over any plain-HTTP request")
+            logger.warning(
+                "the session cookie is sent without Secure (SESSION_COOKIE_SECURE "
+                "is off): set it on behind HTTPS, or the cookie travels in clear "
+                "text over any plain-HTTP request"
+            )
         if settings.cookie_samesite == "None" and not settings.cookie_secure:
-            raise ConfigurationError("SESSION_COOKIE_SAMESITE=None needs SESSION_COOKIE_SECURE "
-                                     "(browsers drop such a cookie)")
+            raise ConfigurationError(
+                "SESSION_COOKIE_SAMESITE=None needs SESSION_COOKIE_SECURE "
+                "(browsers drop such a cookie)"
+            )
         if settings.cache_prefix == settings.session.prefix:
-            raise ConfigurationError("the session and cache Redis prefixes must differ "
-                                     "(AIOCRYPT_SESSION_PREFIX / SESSION_KEY_PREFIX and "
-                                     "AIOCRYPT_CACHE_PREFIX)")
+            raise ConfigurationError(
+                "the session and cache Redis prefixes must differ "
+                "(AIOCRYPT_SESSION_PREFIX / SESSION_KEY_PREFIX and "
+                "AIOCRYPT_CACHE_PREFIX)"
+            )
         return settings
 
     @staticmethod
@@ -216,5 +237,7 @@ class WebSettings:
 
     def outage_body(self) -> tuple[str, dict[str, str]]:
         """The JSON body and headers of the default 503 for ``StoreUnavailableError``."""
-        return ('{"error": "temporarily unavailable"}',
-                {"Retry-After": str(self.retry_after), "Cache-Control": "no-store"})
+        return (
+            '{"error": "temporarily unavailable"}',
+            {"Retry-After": str(self.retry_after), "Cache-Control": "no-store"},
+        )

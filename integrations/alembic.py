@@ -33,8 +33,10 @@ try:
     from alembic import op as _alembic_op
     from alembic.operations import Operations
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("aiocrypt.integrations.alembic needs Alembic and SQLAlchemy: "
-                      "pip install 'aiocrypt[sqlalchemy]'") from exc
+    raise ImportError(
+        "aiocrypt.integrations.alembic needs Alembic and SQLAlchemy: "
+        "pip install 'aiocrypt[sqlalchemy]'"
+    ) from exc
 
 from aiocrypt import EncryptionService, Keyring, KeyType
 from aiocrypt.adapters import KeyTypeLike, LegacyReader, token_sql
@@ -47,15 +49,21 @@ def _ops(op: Operations | None) -> Any:
     return op if op is not None else _alembic_op
 
 
-def add_encrypted_column(table_name: str, column_name: str, *, schema: str | None = None,
-                         op: Operations | None = None) -> None:
+def add_encrypted_column(
+    table_name: str, column_name: str, *, schema: str | None = None, op: Operations | None = None
+) -> None:
     """Add a nullable text column that will hold the tokens (any encrypted type)."""
-    _ops(op).add_column(table_name, sa.Column(column_name, sa.Text(), nullable=True),
-                        schema=schema)
+    _ops(op).add_column(table_name, sa.Column(column_name, sa.Text(), nullable=True), schema=schema)
 
 
-def alter_to_text(table_name: str, column_name: str, *, existing_type: Any = None,
-                  schema: str | None = None, op: Operations | None = None) -> None:
+def alter_to_text(
+    table_name: str,
+    column_name: str,
+    *,
+    existing_type: Any = None,
+    schema: str | None = None,
+    op: Operations | None = None,
+) -> None:
     """Change a column to text keeping its values as text (for in-place encryption).
 
     A no-op on SQLite, whose columns hold text whatever type they declare.
@@ -64,19 +72,35 @@ def alter_to_text(table_name: str, column_name: str, *, existing_type: Any = Non
     operations = _ops(op)
     if operations.get_bind().dialect.name == "sqlite":
         return
-    operations.alter_column(table_name, column_name, type_=sa.Text(),
-                          existing_type=existing_type, schema=schema,
-                          postgresql_using=f"{quoted}::text")
+    operations.alter_column(
+        table_name,
+        column_name,
+        type_=sa.Text(),
+        existing_type=existing_type,
+        schema=schema,
+        postgresql_using=f"{quoted}::text",
+    )
 
 
-def encrypt_column(table_name: str, source_column: str, target_column: str | None = None, *,
-                   key_type: KeyTypeLike, value_type: str,
-                   keyring: Keyring | None = None, service: EncryptionService | None = None,
-                   primary_key: str = "id", context: str | None = None,
-                   deterministic: bool = False, batch_size: int = 1000,
-                   schema: str | None = None, op: Operations | None = None,
-                   connection: sa.Connection | None = None,
-                   legacy: LegacyReader | None = None, row_bound: bool = False) -> int:
+def encrypt_column(
+    table_name: str,
+    source_column: str,
+    target_column: str | None = None,
+    *,
+    key_type: KeyTypeLike,
+    value_type: str,
+    keyring: Keyring | None = None,
+    service: EncryptionService | None = None,
+    primary_key: str = "id",
+    context: str | None = None,
+    deterministic: bool = False,
+    batch_size: int = 1000,
+    schema: str | None = None,
+    op: Operations | None = None,
+    connection: sa.Connection | None = None,
+    legacy: LegacyReader | None = None,
+    row_bound: bool = False,
+) -> int:
     """Encrypt existing plaintext in batches; returns the number of values encrypted.
 
     ``target_column=None`` encrypts ``source_column`` in place (rows whose value is
@@ -108,12 +132,17 @@ def encrypt_column(table_name: str, source_column: str, target_column: str | Non
     tbl, pk = quote_identifier(table), quote_identifier(primary_key)
     src = quote_identifier(source_column)
     dst = quote_identifier(target_column) if target_column is not None else src
-    ctx = context if context is not None else \
-        f"{table_name}.{target_column if target_column is not None else source_column}"
+    ctx = (
+        context
+        if context is not None
+        else f"{table_name}.{target_column if target_column is not None else source_column}"
+    )
     if target_column is None:
         pending = f"{src} IS NOT NULL AND NOT {token_sql(src)}"
-        update = (f"UPDATE {tbl} SET {src} = :new "  # noqa: S608
-                  f"WHERE {pk} = :pk AND {src} = :old")
+        update = (
+            f"UPDATE {tbl} SET {src} = :new "  # noqa: S608
+            f"WHERE {pk} = :pk AND {src} = :old"
+        )
     else:
         pending = f"{src} IS NOT NULL AND {dst} IS NULL"
         update = f"UPDATE {tbl} SET {dst} = :new WHERE {pk} = :pk AND {dst} IS NULL"  # noqa: S608
@@ -121,18 +150,24 @@ def encrypt_column(table_name: str, source_column: str, target_column: str | Non
     after: Any = None
     while True:
         where = pending + (f" AND {pk} > :after" if after is not None else "")
-        rows = conn.execute(sa.text(
-            f"SELECT {pk}, {src} FROM {tbl} WHERE {where} "  # noqa: S608
-            f"ORDER BY {pk} LIMIT :limit"),
-            {"after": after, "limit": batch_size}).all()
+        rows = conn.execute(
+            sa.text(
+                f"SELECT {pk}, {src} FROM {tbl} WHERE {where} "  # noqa: S608
+                f"ORDER BY {pk} LIMIT :limit"
+            ),
+            {"after": after, "limit": batch_size},
+        ).all()
         if not rows:
             return done
         params = []
         for key, raw in rows:
             value = parse_legacy(value_type, raw if legacy is None else legacy.open(raw))
             context = row_context(ctx, key) if row_bound else ctx
-            token = (keyring.encrypt_deterministic(value, kt, context) if deterministic
-                     else keyring.encrypt(value, kt, context))
+            token = (
+                keyring.encrypt_deterministic(value, kt, context)
+                if deterministic
+                else keyring.encrypt(value, kt, context)
+            )
             params.append({"pk": key, "new": token, "old": raw})
         statement = sa.text(update)
         if conn.dialect.supports_sane_multi_rowcount:

@@ -52,8 +52,14 @@ class EncryptedCache:
     those); ``None`` is cached like any other value.
     """
 
-    def __init__(self, service: EncryptionService, redis: redis.asyncio.Redis, *,
-                 prefix: str = "aiocrypt:cache:", default_ttl: float = 300) -> None:
+    def __init__(
+        self,
+        service: EncryptionService,
+        redis: redis.asyncio.Redis,
+        *,
+        prefix: str = "aiocrypt:cache:",
+        default_ttl: float = 300,
+    ) -> None:
         _check_ttl(default_ttl)
         self.service = service
         self.redis = redis
@@ -81,8 +87,9 @@ class EncryptedCache:
             return default
         return value
 
-    async def set(self, key: str, value: Any, ttl: float | None = None, *,
-                  subject: str | None = None) -> None:
+    async def set(
+        self, key: str, value: Any, ttl: float | None = None, *, subject: str | None = None
+    ) -> None:
         """Cache ``value`` under ``key`` for ``ttl`` seconds (default: ``default_ttl``).
 
         ``subject``: the data subject the value belongs to (``"user:42"``); it is
@@ -91,10 +98,12 @@ class EncryptedCache:
         ttl = self.default_ttl if ttl is None else ttl
         _check_ttl(ttl)
         encrypted_key, encrypted_value = await self.service.encrypt_cache_data(
-            key, value, ttl, subject=subject)
+            key, value, ttl, subject=subject
+        )
         with translate_outage("cache"):
-            await self.redis.set(self.prefix + encrypted_key, encrypted_value,
-                                 px=max(1, math.ceil(ttl * 1000)))
+            await self.redis.set(
+                self.prefix + encrypted_key, encrypted_value, px=max(1, math.ceil(ttl * 1000))
+            )
 
     async def delete(self, key: str) -> bool:
         """Remove ``key``; True if it was cached."""
@@ -102,8 +111,14 @@ class EncryptedCache:
         with translate_outage("cache"):
             return bool(await self.redis.delete(self.prefix + encrypted_key))
 
-    async def get_or_set(self, key: str, compute: Callable[[], Awaitable[_T]],
-                         ttl: float | None = None, *, subject: str | None = None) -> _T:
+    async def get_or_set(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[_T]],
+        ttl: float | None = None,
+        *,
+        subject: str | None = None,
+    ) -> _T:
         """The cached value, else ``await compute()``, cached for ``ttl`` seconds
         (under ``subject``'s key when given, as :meth:`set`).
 
@@ -118,6 +133,5 @@ class EncryptedCache:
 
 
 def _check_ttl(ttl: float) -> None:
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0 \
-            or math.isinf(ttl):
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0 or math.isinf(ttl):
         raise ValueError("cache ttl must be a positive, finite number of seconds")

@@ -74,8 +74,16 @@ __all__ = ["AioCrypt", "AioCryptState", "EncryptedSessionInterface", "FlaskSessi
 
 _T = TypeVar("_T")
 #: connection settings a sync client given for sessions lends the cache's asyncio client
-_TWIN_KWARGS: Final = ("host", "port", "db", "username", "password", "path",
-                       "socket_timeout", "socket_connect_timeout")
+_TWIN_KWARGS: Final = (
+    "host",
+    "port",
+    "db",
+    "username",
+    "password",
+    "path",
+    "socket_timeout",
+    "socket_connect_timeout",
+)
 
 logger = logging.getLogger("aiocrypt.flask")
 
@@ -104,8 +112,10 @@ class _LoopThread:
         """Run ``coro`` on the loop, in a copy of the caller's context, and wait for it."""
         if threading.current_thread() is self._thread:
             coro.close()
-            raise RuntimeError("AioCrypt.run() called from the extension's own event loop "
-                               "(await the coroutine instead)")
+            raise RuntimeError(
+                "AioCrypt.run() called from the extension's own event loop "
+                "(await the coroutine instead)"
+            )
         context = contextvars.copy_context()
         done: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
@@ -135,9 +145,14 @@ class _LoopThread:
 class AioCryptState:
     """Per-app state, in ``app.extensions["aiocrypt"]``."""
 
-    def __init__(self, settings: WebSettings, service: EncryptionService, *,
-                 redis_client: redis.Redis | None = None,
-                 async_redis_client: aioredis.Redis | None = None) -> None:
+    def __init__(
+        self,
+        settings: WebSettings,
+        service: EncryptionService,
+        *,
+        redis_client: redis.Redis | None = None,
+        async_redis_client: aioredis.Redis | None = None,
+    ) -> None:
         self.settings = settings
         self.service = service
         self._given_redis = redis_client
@@ -188,9 +203,14 @@ class AioCryptState:
             self._loop = loop
             self._redis = self._sync_client()
             self._sessions = SyncRedisSessionStore(
-                lambda: self.service.keyring, self._redis, self.settings.session,
-                load_key=self._load_key, serializer=TaggedJSONSerializer(),
-                service=self.service, run=self.run)  # subject-bound sessions
+                lambda: self.service.keyring,
+                self._redis,
+                self.settings.session,
+                load_key=self._load_key,
+                serializer=TaggedJSONSerializer(),
+                service=self.service,
+                run=self.run,
+            )  # subject-bound sessions
             atexit.register(self.close)
 
     def _sync_client(self) -> redis.Redis:
@@ -199,8 +219,9 @@ class AioCryptState:
         if self.settings.redis_client is not None:
             client: redis.Redis = self.settings.redis_client
             return client
-        return redis.Redis.from_url(self._url(), socket_timeout=SOCKET_TIMEOUT,
-                                    socket_connect_timeout=SOCKET_TIMEOUT)
+        return redis.Redis.from_url(
+            self._url(), socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT
+        )
 
     def _url(self) -> str:
         assert self.settings.redis_url is not None  # from_config made sure of one
@@ -214,24 +235,29 @@ class AioCryptState:
             return self._given_async_redis
         if self.settings.redis_url is not None:
             client: aioredis.Redis = aioredis.Redis.from_url(
-                self.settings.redis_url, socket_timeout=SOCKET_TIMEOUT,
-                socket_connect_timeout=SOCKET_TIMEOUT)
+                self.settings.redis_url,
+                socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=SOCKET_TIMEOUT,
+            )
             return client
         # A sync client was given (redis= or SESSION_REDIS): the same server for the cache.
-        given = self._given_redis if self._given_redis is not None \
-            else self.settings.redis_client
+        given = self._given_redis if self._given_redis is not None else self.settings.redis_client
         kwargs = given.connection_pool.connection_kwargs
         twin: aioredis.Redis = aioredis.Redis(
-            **{name: kwargs[name] for name in _TWIN_KWARGS if name in kwargs})
+            **{name: kwargs[name] for name in _TWIN_KWARGS if name in kwargs}
+        )
         return twin
 
     async def _start(self) -> None:
         await self.service.start()
         await self.service.key_manager.ensure_active(self.settings.key_types())
         self._async_redis = self._async_client()
-        self._cache = EncryptedCache(self.service, self._async_redis,
-                                     prefix=self.settings.cache_prefix,
-                                     default_ttl=self.settings.cache_ttl)
+        self._cache = EncryptedCache(
+            self.service,
+            self._async_redis,
+            prefix=self.settings.cache_prefix,
+            default_ttl=self.settings.cache_ttl,
+        )
         self._refresher = asyncio.create_task(self._keep_keys_fresh())
 
     async def _keep_keys_fresh(self) -> None:
@@ -242,8 +268,9 @@ class AioCryptState:
             try:
                 await manager.refresh()
             except Exception as exc:  # keep the last good keys; say so, without details
-                logger.warning("refreshing aiocrypt keys failed (%s); will retry",
-                               type(exc).__name__)
+                logger.warning(
+                    "refreshing aiocrypt keys failed (%s); will retry", type(exc).__name__
+                )
 
     def _load_key(self, key_id: str) -> object:
         return self.run(self.service.key_manager.load_key(key_id))
@@ -294,10 +321,12 @@ class AioCryptState:
 
     def async_to_sync(self, func: Callable[..., Coroutine[Any, Any, _T]]) -> Callable[..., _T]:
         """Flask's hook for async views: run them on the extension's loop."""
+
         @functools.wraps(func)
         def call(*args: Any, **kwargs: Any) -> _T:
             self.start()
             return self.run(func(*args, **kwargs))
+
         return call
 
 
@@ -315,19 +344,31 @@ class AioCrypt(AioCryptBase[AioCryptState]):
 
     framework = "Flask"
 
-    def __init__(self, app: Flask | None = None, *, service: EncryptionService | None = None,
-                 redis: redis.Redis | None = None,
-                 async_redis: aioredis.Redis | None = None) -> None:
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        service: EncryptionService | None = None,
+        redis: redis.Redis | None = None,
+        async_redis: aioredis.Redis | None = None,
+    ) -> None:
         self._async_redis = async_redis
         super().__init__(app, service=service, redis=redis)
 
     def _new_state(self, settings: WebSettings) -> AioCryptState:
         if settings.redis_client is not None and (
-                not isinstance(settings.redis_client, redis.Redis)):
-            raise ConfigurationError("SESSION_REDIS must be a redis.Redis client (sync, as "
-                                     "Flask-Session's; pass async_redis= for the cache)")
-        return AioCryptState(settings, self._service_to_use(), redis_client=self._redis,
-                             async_redis_client=self._async_redis)
+            not isinstance(settings.redis_client, redis.Redis)
+        ):
+            raise ConfigurationError(
+                "SESSION_REDIS must be a redis.Redis client (sync, as "
+                "Flask-Session's; pass async_redis= for the cache)"
+            )
+        return AioCryptState(
+            settings,
+            self._service_to_use(),
+            redis_client=self._redis,
+            async_redis_client=self._async_redis,
+        )
 
     def _session_interface(self) -> EncryptedSessionInterface:
         return EncryptedSessionInterface()
@@ -359,10 +400,16 @@ class AioCrypt(AioCryptBase[AioCryptState]):
         """The current app's session store."""
         return self.state().sessions
 
-    def add_health_routes(self, app: Flask, *, health_path: str = "/healthz",
-                          metrics_path: str | None = "/metrics", registry: Any = None,
-                          key_types: Iterable[str] | None = None,
-                          timeout: float = 10.0) -> None:
+    def add_health_routes(
+        self,
+        app: Flask,
+        *,
+        health_path: str = "/healthz",
+        metrics_path: str | None = "/metrics",
+        registry: Any = None,
+        key_types: Iterable[str] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
         """Serve ``aiocrypt.health()`` as JSON (200, or 503 when failing) at ``health_path``.
 
         The check runs on the extension's loop (starting it if needed: a service
@@ -380,13 +427,23 @@ class AioCrypt(AioCryptBase[AioCryptState]):
                 state.start()  # first: a coroutine made before a failed start never runs
                 report = state.run(health(state.service, key_types=wanted), timeout)
             except Exception as exc:  # it could not even start (or answer in time)
-                report = HealthReport("failing", {"service": HealthCheck(
-                    "failing", {"state": "stopped", "error": type(exc).__name__})},
-                    datetime.datetime.now(datetime.UTC))
+                report = HealthReport(
+                    "failing",
+                    {
+                        "service": HealthCheck(
+                            "failing", {"state": "stopped", "error": type(exc).__name__}
+                        )
+                    },
+                    datetime.datetime.now(datetime.UTC),
+                )
             else:
                 report = report.with_check("redis", state.redis_check())
-            return Response(json.dumps(report.to_dict()), status=report.http_status,
-                            mimetype="application/json", headers=NO_STORE)
+            return Response(
+                json.dumps(report.to_dict()),
+                status=report.http_status,
+                mimetype="application/json",
+                headers=NO_STORE,
+            )
 
         def metrics_view(registry: Any) -> Callable[[], Response]:
             from aiocrypt.metrics import render
@@ -397,8 +454,15 @@ class AioCrypt(AioCryptBase[AioCryptState]):
 
             return aiocrypt_metrics
 
-        add_routes(app, state.service, health_path=health_path, health_view=aiocrypt_health,
-                   metrics_path=metrics_path, registry=registry, metrics_view=metrics_view)
+        add_routes(
+            app,
+            state.service,
+            health_path=health_path,
+            health_view=aiocrypt_health,
+            metrics_path=metrics_path,
+            registry=registry,
+            metrics_view=metrics_view,
+        )
 
 
 def _answer_outage(exc: StoreUnavailableError) -> Response:
@@ -420,8 +484,9 @@ class EncryptedSessionInterface(SessionInterfaceBase, SessionInterface):
         if sessionless(app, request.path):
             return None  # a probe gets a null session, and answers even if keys are down
         state = AioCrypt.state(app)
-        return state.sessions.open(request.cookies.get(state.settings.cookie_name),
-                                   self.session_class)
+        return state.sessions.open(
+            request.cookies.get(state.settings.cookie_name), self.session_class
+        )
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         if not isinstance(session, EncryptedSession) or not session.accessed:

@@ -88,15 +88,19 @@ class AioCryptState:
     @property
     def sessions(self) -> RedisSessionStore:
         if self._sessions is None:
-            raise RuntimeError("AioCrypt is not started: serve the app (before_serving runs "
-                               "it) or use 'async with app.test_app()'")
+            raise RuntimeError(
+                "AioCrypt is not started: serve the app (before_serving runs "
+                "it) or use 'async with app.test_app()'"
+            )
         return self._sessions
 
     @property
     def cache(self) -> EncryptedCache:
         if self._cache is None:
-            raise RuntimeError("AioCrypt is not started: serve the app (before_serving runs "
-                               "it) or use 'async with app.test_app()'")
+            raise RuntimeError(
+                "AioCrypt is not started: serve the app (before_serving runs "
+                "it) or use 'async with app.test_app()'"
+            )
         return self._cache
 
     async def start(self) -> None:
@@ -107,15 +111,23 @@ class AioCryptState:
         if self.redis_client is None:
             assert self.settings.redis_url is not None  # from_config made sure of one
             self.redis_client = aioredis.Redis.from_url(
-                self.settings.redis_url, socket_timeout=SOCKET_TIMEOUT,
-                socket_connect_timeout=SOCKET_TIMEOUT)
+                self.settings.redis_url,
+                socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=SOCKET_TIMEOUT,
+            )
             self.owns_redis = True
-        self._sessions = RedisSessionStore(self.service, self.redis_client,
-                                           self.settings.session,
-                                           serializer=TaggedJSONSerializer())
-        self._cache = EncryptedCache(self.service, self.redis_client,
-                                     prefix=self.settings.cache_prefix,
-                                     default_ttl=self.settings.cache_ttl)
+        self._sessions = RedisSessionStore(
+            self.service,
+            self.redis_client,
+            self.settings.session,
+            serializer=TaggedJSONSerializer(),
+        )
+        self._cache = EncryptedCache(
+            self.service,
+            self.redis_client,
+            prefix=self.settings.cache_prefix,
+            default_ttl=self.settings.cache_ttl,
+        )
 
     async def redis_check(self) -> HealthCheck:
         """PING Redis: ``failing`` with the error class when it does not answer."""
@@ -151,16 +163,25 @@ class AioCrypt(AioCryptBase[AioCryptState]):
 
     framework = "Quart"
 
-    def __init__(self, app: Quart | None = None, *, service: EncryptionService | None = None,
-                 redis: aioredis.Redis | None = None) -> None:
+    def __init__(
+        self,
+        app: Quart | None = None,
+        *,
+        service: EncryptionService | None = None,
+        redis: aioredis.Redis | None = None,
+    ) -> None:
         super().__init__(app, service=service, redis=redis)
 
     def _new_state(self, settings: WebSettings) -> AioCryptState:
         client = self._redis if self._redis is not None else settings.redis_client
         if client is not None and not isinstance(client, aioredis.Redis):
             raise ConfigurationError("SESSION_REDIS must be a redis.asyncio.Redis client")
-        return AioCryptState(settings=settings, service=self._service_to_use(),
-                             redis_client=client, owns_redis=client is None)
+        return AioCryptState(
+            settings=settings,
+            service=self._service_to_use(),
+            redis_client=client,
+            owns_redis=client is None,
+        )
 
     def _session_interface(self) -> EncryptedSessionInterface:
         return EncryptedSessionInterface()
@@ -181,9 +202,15 @@ class AioCrypt(AioCryptBase[AioCryptState]):
         """The current app's session store."""
         return self.state().sessions
 
-    def add_health_routes(self, app: Quart, *, health_path: str = "/healthz",
-                          metrics_path: str | None = "/metrics", registry: Any = None,
-                          key_types: Iterable[str] | None = None) -> None:
+    def add_health_routes(
+        self,
+        app: Quart,
+        *,
+        health_path: str = "/healthz",
+        metrics_path: str | None = "/metrics",
+        registry: Any = None,
+        key_types: Iterable[str] | None = None,
+    ) -> None:
         """Serve ``aiocrypt.health()`` as JSON (200, or 503 when failing) at ``health_path``.
 
         With prometheus-client installed, also serve metrics at ``metrics_path``
@@ -196,8 +223,12 @@ class AioCrypt(AioCryptBase[AioCryptState]):
         async def aiocrypt_health() -> Response:
             report = await health(state.service, key_types=key_types)
             report = report.with_check("redis", await state.redis_check())
-            return Response(json.dumps(report.to_dict()), status=report.http_status,
-                            content_type="application/json", headers=NO_STORE)
+            return Response(
+                json.dumps(report.to_dict()),
+                status=report.http_status,
+                content_type="application/json",
+                headers=NO_STORE,
+            )
 
         def metrics_view(registry: Any) -> Callable[[], Awaitable[Response]]:
             from aiocrypt.metrics import render
@@ -208,8 +239,15 @@ class AioCrypt(AioCryptBase[AioCryptState]):
 
             return aiocrypt_metrics
 
-        add_routes(app, state.service, health_path=health_path, health_view=aiocrypt_health,
-                   metrics_path=metrics_path, registry=registry, metrics_view=metrics_view)
+        add_routes(
+            app,
+            state.service,
+            health_path=health_path,
+            health_view=aiocrypt_health,
+            metrics_path=metrics_path,
+            registry=registry,
+            metrics_view=metrics_view,
+        )
 
 
 async def _answer_outage(exc: StoreUnavailableError) -> Response:
@@ -220,8 +258,10 @@ async def _answer_outage(exc: StoreUnavailableError) -> Response:
 
 def _unavailable(session: EncryptedSession, exc: StoreUnavailableError) -> None:
     """Make the first access to ``session`` raise ``exc`` (the view may never touch it)."""
+
     def fail() -> None:
         raise StoreUnavailableError(exc.store) from exc.__cause__
+
     session._pending = fail
 
 
@@ -233,8 +273,7 @@ class EncryptedSessionInterface(SessionInterfaceBase, SessionInterface):
 
     session_class = QuartSession
 
-    async def open_session(self, app: Quart,
-                           request: BaseRequestWebsocket) -> QuartSession | None:
+    async def open_session(self, app: Quart, request: BaseRequestWebsocket) -> QuartSession | None:
         if sessionless(app, request.path):
             return None  # a probe gets a null session, and answers even if keys are down
         state = AioCrypt.state(app)
@@ -246,8 +285,9 @@ class EncryptedSessionInterface(SessionInterfaceBase, SessionInterface):
             _unavailable(session, exc)
             return session
 
-    async def save_session(self, app: Quart, session: SessionMixin,
-                           response: Response | WerkzeugResponse | None) -> None:
+    async def save_session(
+        self, app: Quart, session: SessionMixin, response: Response | WerkzeugResponse | None
+    ) -> None:
         if not isinstance(session, EncryptedSession) or not session.accessed:
             return
         state = AioCrypt.state(app)

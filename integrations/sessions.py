@@ -152,8 +152,7 @@ class EncryptedSession(dict[str, Any]):
         self._regenerate = False
 
     def __repr__(self) -> str:
-        return (f"<{type(self).__name__} keys={len(self)} new={self.new} "
-                f"modified={self.modified}>")
+        return f"<{type(self).__name__} keys={len(self)} new={self.new} modified={self.modified}>"
 
     def _bind(self, data: Mapping[str, Any], sid: str, redis_key: str, created_ms: int) -> None:
         dict.update(self, data)
@@ -320,8 +319,12 @@ def _text(raw: bytes | str) -> str | None:
 class _SessionCodec:
     """The pure part shared by both stores: Redis keys, envelopes and save plans."""
 
-    def __init__(self, settings: SessionSettings, clock: Callable[[], float],
-                 serializer: SessionSerializer | None = None) -> None:
+    def __init__(
+        self,
+        settings: SessionSettings,
+        clock: Callable[[], float],
+        serializer: SessionSerializer | None = None,
+    ) -> None:
         self.settings = settings
         self.clock = clock
         self.serializer = serializer
@@ -332,10 +335,17 @@ class _SessionCodec:
         if cached is not None and cached[0] is keyring:
             return cached[1]
         active = keyring.active(SESSION_INDEX_KEY_TYPE)
-        older = sorted((dk for dk in keyring
-                        if dk.key.key_type == SESSION_INDEX_KEY_TYPE and dk is not active
-                        and dk.key.status not in _UNUSABLE),
-                       key=lambda dk: dk.key.version, reverse=True)
+        older = sorted(
+            (
+                dk
+                for dk in keyring
+                if dk.key.key_type == SESSION_INDEX_KEY_TYPE
+                and dk is not active
+                and dk.key.status not in _UNUSABLE
+            ),
+            key=lambda dk: dk.key.version,
+            reverse=True,
+        )
         keys = tuple(dk.derive(_HMAC_INFO) for dk in (active, *older))
         self._index = (keyring, keys)
         return keys
@@ -344,8 +354,9 @@ class _SessionCodec:
         """Redis keys ``sid`` may live under: the active index key's first."""
         message = sid.encode("ascii")
         prefix = self.settings.prefix
-        return [prefix + hmac.digest(key, message, "sha256").hex()
-                for key in self._hmac_keys(keyring)]
+        return [
+            prefix + hmac.digest(key, message, "sha256").hex() for key in self._hmac_keys(keyring)
+        ]
 
     @staticmethod
     def usable_cookie(value: str | None) -> str | None:
@@ -375,8 +386,11 @@ class _SessionCodec:
         if not isinstance(envelope, dict):
             return None
         data, created = envelope.get("d"), envelope.get("c")
-        if envelope.get("v") == _ENVELOPE_V2 and self.serializer is not None \
-                and isinstance(envelope.get("s"), str):
+        if (
+            envelope.get("v") == _ENVELOPE_V2
+            and self.serializer is not None
+            and isinstance(envelope.get("s"), str)
+        ):
             try:
                 data = self.serializer.loads(envelope["s"])
             except (ValueError, TypeError, KeyError):
@@ -397,15 +411,20 @@ class _SessionCodec:
     @staticmethod
     def unchanged(session: EncryptedSession) -> bool:
         """Stored, not modified, keeping its id: nothing to write (the load refreshed the TTL)."""
-        return (session._redis_key is not None and not session.modified
-                and not session._regenerate and bool(session))
+        return (
+            session._redis_key is not None
+            and not session.modified
+            and not session._regenerate
+            and bool(session)
+        )
 
     @staticmethod
     def needs_new_id(session: EncryptedSession) -> bool:
         return bool(session) and (session._redis_key is None or session._regenerate)
 
-    def plan(self, session: EncryptedSession, redis_key_for: Callable[[str], str]) \
-            -> tuple[list[str], tuple[str, str] | None, SaveResult]:
+    def plan(
+        self, session: EncryptedSession, redis_key_for: Callable[[str], str]
+    ) -> tuple[list[str], tuple[str, str] | None, SaveResult]:
         """(Redis keys to delete, (Redis key, session id) to write or None, result)."""
         delete: list[str] = []
         sid, redis_key = session._sid, session._redis_key
@@ -437,10 +456,15 @@ class RedisSessionStore:
     ``StoreUnavailableError``.
     """
 
-    def __init__(self, service: EncryptionService, redis: redis.asyncio.Redis,
-                 settings: SessionSettings | None = None, *,
-                 serializer: SessionSerializer | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        service: EncryptionService,
+        redis: redis.asyncio.Redis,
+        settings: SessionSettings | None = None,
+        *,
+        serializer: SessionSerializer | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.service = service
         self.redis = redis
         self.settings = settings if settings is not None else SessionSettings()
@@ -457,8 +481,9 @@ class RedisSessionStore:
         return functools.partial(self._codec.redis_keys, keyring)
 
     async def _seal(self, envelope: dict[str, Any], sid: str, subject: str | None) -> str:
-        return await self.service.encrypt_session_data(envelope, context=_context(sid),
-                                                       subject=subject)
+        return await self.service.encrypt_session_data(
+            envelope, context=_context(sid), subject=subject
+        )
 
     async def _open(self, token: str, sid: str) -> Any:
         """The envelope; ``DecryptionError`` if the token is not this session's."""
@@ -469,9 +494,9 @@ class RedisSessionStore:
     @overload
     async def load(self, cookie_value: str | None, session_class: type[_S]) -> _S: ...
 
-    async def load(self, cookie_value: str | None,
-                   session_class: type[EncryptedSession] = EncryptedSession
-                   ) -> EncryptedSession:
+    async def load(
+        self, cookie_value: str | None, session_class: type[EncryptedSession] = EncryptedSession
+    ) -> EncryptedSession:
         session = self._codec.new_session(session_class, cookie_value)
         sid = self._codec.usable_cookie(cookie_value)
         if sid is None:
@@ -530,8 +555,7 @@ class RedisSessionStore:
                 await self.redis.delete(*delete)
             return result
         redis_key, sid = write
-        token = await self._seal(self._codec.envelope(session), sid,
-                                 self._codec.subject(session))
+        token = await self._seal(self._codec.envelope(session), sid, self._codec.subject(session))
         async with self.redis.pipeline(transaction=False) as pipe:
             if delete:
                 pipe.delete(*delete)
@@ -565,13 +589,18 @@ class SyncRedisSessionStore:
     which sync code cannot do. Sessions bound to no subject never take that hop.
     """
 
-    def __init__(self, keyring: Callable[[], Keyring], redis: redis.Redis,
-                 settings: SessionSettings | None = None, *,
-                 load_key: Callable[[str], object] | None = None,
-                 serializer: SessionSerializer | None = None,
-                 clock: Callable[[], float] = time.time,
-                 service: EncryptionService | None = None,
-                 run: Callable[[Coroutine[Any, Any, Any]], Any] | None = None) -> None:
+    def __init__(
+        self,
+        keyring: Callable[[], Keyring],
+        redis: redis.Redis,
+        settings: SessionSettings | None = None,
+        *,
+        load_key: Callable[[str], object] | None = None,
+        serializer: SessionSerializer | None = None,
+        clock: Callable[[], float] = time.time,
+        service: EncryptionService | None = None,
+        run: Callable[[Coroutine[Any, Any, Any]], Any] | None = None,
+    ) -> None:
         self._get_keyring = keyring
         self.redis = redis
         self.settings = settings if settings is not None else SessionSettings()
@@ -580,7 +609,8 @@ class SyncRedisSessionStore:
         if self.settings.subject_field is not None and (service is None or run is None):
             raise ConfigurationError(
                 "sessions bound to a subject (AIOCRYPT_SESSION_SUBJECT) need the service "
-                "and a way to run its coroutines: pass service= and run= to the sync store")
+                "and a way to run its coroutines: pass service= and run= to the sync store"
+            )
         self._service = service
         self._run = run
 
@@ -592,8 +622,9 @@ class SyncRedisSessionStore:
     @overload
     def load(self, cookie_value: str | None, session_class: type[_S]) -> _S: ...
 
-    def load(self, cookie_value: str | None,
-             session_class: type[EncryptedSession] = EncryptedSession) -> EncryptedSession:
+    def load(
+        self, cookie_value: str | None, session_class: type[EncryptedSession] = EncryptedSession
+    ) -> EncryptedSession:
         session = self.open(cookie_value, session_class)
         pending, session._pending = session._pending, None
         if pending is not None:
@@ -605,8 +636,9 @@ class SyncRedisSessionStore:
     @overload
     def open(self, cookie_value: str | None, session_class: type[_S]) -> _S: ...
 
-    def open(self, cookie_value: str | None,
-             session_class: type[EncryptedSession] = EncryptedSession) -> EncryptedSession:
+    def open(
+        self, cookie_value: str | None, session_class: type[EncryptedSession] = EncryptedSession
+    ) -> EncryptedSession:
         """A session that reads Redis only when first accessed (``StoreUnavailableError`` then)."""
         session = self._codec.new_session(session_class, cookie_value)
         sid = self._codec.usable_cookie(cookie_value)
@@ -641,23 +673,27 @@ class SyncRedisSessionStore:
     def _decrypt(self, token: str, sid: str) -> Any:
         try:
             try:
-                return self._get_keyring().decrypt(token, KeyType.SESSION, _context(sid),
-                                                   purpose=Purpose.SESSION)
+                return self._get_keyring().decrypt(
+                    token, KeyType.SESSION, _context(sid), purpose=Purpose.SESSION
+                )
             except UnknownKeyError as exc:
                 if self._service is not None and self._run is not None:
                     # a subject's key: cached here (no hop), else the service finds it (as
                     # it does a key rotated elsewhere) or says the subject was forgotten
                     ring = self._service.key_manager.subjects.ring_of(token)
                     if ring is not None:
-                        return ring.decrypt(token, KeyType.SESSION, _context(sid),
-                                            purpose=Purpose.SESSION)
-                    return self._run(self._service.decrypt_session_data(
-                        token, context=_context(sid)))
+                        return ring.decrypt(
+                            token, KeyType.SESSION, _context(sid), purpose=Purpose.SESSION
+                        )
+                    return self._run(
+                        self._service.decrypt_session_data(token, context=_context(sid))
+                    )
                 if self._load_key is None:
                     return None
                 self._load_key(exc.key_id)
-                return self._get_keyring().decrypt(token, KeyType.SESSION, _context(sid),
-                                                   purpose=Purpose.SESSION)
+                return self._get_keyring().decrypt(
+                    token, KeyType.SESSION, _context(sid), purpose=Purpose.SESSION
+                )
         except DecryptionError:
             return None
 
@@ -673,7 +709,8 @@ class SyncRedisSessionStore:
         keyring = self._get_keyring()
         existed = session._redis_key is not None and not session._regenerate
         delete, write, result = self._codec.plan(
-            session, lambda sid: self._codec.redis_keys(keyring, sid)[0])
+            session, lambda sid: self._codec.redis_keys(keyring, sid)[0]
+        )
         if write is None:
             if delete:
                 self.redis.delete(*delete)
@@ -687,12 +724,19 @@ class SyncRedisSessionStore:
             key = subjects.cached(KeyType.SESSION, subject)
             ring = None if key is None else subjects.cached_ring(key.key_id)
         if ring is not None:
-            token = ring.encrypt(self._codec.envelope(session), KeyType.SESSION,
-                                 _context(sid), purpose=Purpose.SESSION)
+            token = ring.encrypt(
+                self._codec.envelope(session),
+                KeyType.SESSION,
+                _context(sid),
+                purpose=Purpose.SESSION,
+            )
         else:  # a subject key to load or create first: on the service's loop
             assert self._service is not None and self._run is not None
-            token = self._run(self._service.encrypt_session_data(
-                self._codec.envelope(session), context=_context(sid), subject=subject))
+            token = self._run(
+                self._service.encrypt_session_data(
+                    self._codec.envelope(session), context=_context(sid), subject=subject
+                )
+            )
         with self.redis.pipeline(transaction=False) as pipe:
             if delete:
                 pipe.delete(*delete)
@@ -711,8 +755,9 @@ class SyncRedisSessionStore:
         session.regenerate()
 
 
-def apply_cookie(settings: WebSettings, session: EncryptedSession, result: SaveResult,
-                 response: Any) -> None:
+def apply_cookie(
+    settings: WebSettings, session: EncryptedSession, result: SaveResult, response: Any
+) -> None:
     """Set, refresh or delete the session cookie on a werkzeug-style response.
 
     Nothing happens for a session the request never accessed (no cookie, no
@@ -725,8 +770,11 @@ def apply_cookie(settings: WebSettings, session: EncryptedSession, result: SaveR
     if not session.accessed:
         return
     response.vary.add("Cookie")
-    if settings.cache_control is not None and "Cache-Control" not in response.headers \
-            and (not session.new or dict.__len__(session)):
+    if (
+        settings.cache_control is not None
+        and "Cache-Control" not in response.headers
+        and (not session.new or dict.__len__(session))
+    ):
         response.headers["Cache-Control"] = settings.cache_control
     options: dict[str, Any] = {
         "domain": settings.cookie_domain,
@@ -741,5 +789,9 @@ def apply_cookie(settings: WebSettings, session: EncryptedSession, result: SaveR
     if result.action is CookieAction.DELETE:
         response.delete_cookie(settings.cookie_name, **options)
     elif result.action is CookieAction.SET or (result.action is CookieAction.KEEP and refresh):
-        response.set_cookie(settings.cookie_name, result.session_id or "",
-                            max_age=settings.session.ttl if permanent else None, **options)
+        response.set_cookie(
+            settings.cookie_name,
+            result.session_id or "",
+            max_age=settings.session.ttl if permanent else None,
+            **options,
+        )

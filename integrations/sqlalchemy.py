@@ -68,8 +68,9 @@ try:
     from sqlalchemy.types import TypeDecorator
     from sqlalchemy.util import concurrency as _concurrency
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("aiocrypt.integrations.sqlalchemy needs SQLAlchemy: "
-                      "pip install 'aiocrypt[sqlalchemy]'") from exc
+    raise ImportError(
+        "aiocrypt.integrations.sqlalchemy needs SQLAlchemy: pip install 'aiocrypt[sqlalchemy]'"
+    ) from exc
 
 from aiocrypt import (
     ConfigurationError,
@@ -210,16 +211,24 @@ def _current_keyring(service: EncryptionService, key_type: KeyType | None = None
     elif len(keyring) == 0:
         raise ConfigurationError(
             "the encryption service has no keys loaded: start it (await service.start()) "
-            "before building queries or using a sync engine")
+            "before building queries or using a sync engine"
+        )
     elif key_type is not None and key_type not in keyring.active_keys:
         raise ConfigurationError(
             f"no active {key_type.value!r} key is loaded: with a sync engine, start the "
-            f"service first (EncryptionService(..., preload=[{key_type.value!r}]))")
+            f"service first (EncryptionService(..., preload=[{key_type.value!r}]))"
+        )
     return keyring
 
 
-def _decrypt(service: EncryptionService, token: str, key_type: KeyType, context: str, *,
-             by_subject: bool = False) -> Any:
+def _decrypt(
+    service: EncryptionService,
+    token: str,
+    key_type: KeyType,
+    context: str,
+    *,
+    by_subject: bool = False,
+) -> Any:
     keyring = _current_keyring(service)
     if by_subject:  # a subject key (``ac2.S-...``) this process has cached: no lookup miss
         ring = service.key_manager.subjects.ring_of(token)
@@ -235,7 +244,8 @@ def _decrypt(service: EncryptionService, token: str, key_type: KeyType, context:
                 f"{context}: the subject key of a value is not cached in this process, and "
                 "it cannot be loaded outside SQLAlchemy's greenlet (a sync engine, or the "
                 "rows of a Core result on an async connection, processed when fetched): "
-                "read it through an ORM session or await conn.stream(...)") from None
+                "read it through an ORM session or await conn.stream(...)"
+            ) from None
         # A key rotated in another process: load it once (only possible in a greenlet).
         if _in_greenlet() and _await(service.key_manager.load_key(exc.key_id)) is not None:
             return service.key_manager.keyring.decrypt(token, key_type, context)
@@ -246,8 +256,9 @@ def _decrypt(service: EncryptionService, token: str, key_type: KeyType, context:
         raise
 
 
-def _encrypt_for_subject(service: EncryptionService, value: Any, key_type: KeyType,
-                         context: str, subject: str) -> str:
+def _encrypt_for_subject(
+    service: EncryptionService, value: Any, key_type: KeyType, context: str, subject: str
+) -> str:
     """Seal ``value`` under ``subject``'s key: the cached key where there is one (as the
     service's own fast path does), else through the service, which creates it."""
     _current_keyring(service)  # refreshed where we may await: a forget elsewhere is seen
@@ -255,31 +266,38 @@ def _encrypt_for_subject(service: EncryptionService, value: Any, key_type: KeyTy
     dk = subjects.cached(key_type, subject)
     ring = None if dk is None else subjects.cached_ring(dk.key_id)
     if ring is not None:
-        return ring.encrypt(value, key_type, context,
-                            compression_level=service.compression_level_for(key_type))
+        return ring.encrypt(
+            value, key_type, context, compression_level=service.compression_level_for(key_type)
+        )
     if _in_greenlet():
-        return cast(str, _await(service.encrypt_field(value, key_type, context=context,
-                                                      subject=subject)))
+        return cast(
+            str, _await(service.encrypt_field(value, key_type, context=context, subject=subject))
+        )
     raise ConfigurationError(
         f"{context}: the subject's key is not cached in this process, and a sync engine "
         "cannot await creating or loading it: use an async engine for columns keyed "
-        "per data subject")
+        "per data subject"
+    )
 
 
-def _check_subject_options(subject_column: Any, subject_prefix: Any, *, deterministic: bool,
-                           migrating: bool) -> None:
+def _check_subject_options(
+    subject_column: Any, subject_prefix: Any, *, deterministic: bool, migrating: bool
+) -> None:
     if not isinstance(subject_column, str) or not subject_column:
         raise ConfigurationError("subject_column must name a column of the same table")
     check_subject_prefix(subject_prefix, f"subject_column={subject_column!r}")
     if deterministic:
-        raise ValueError("a column keyed per data subject cannot be deterministic: equal "
-                         "values of two subjects differ, so no lookup could match; use a "
-                         "BlindIndex")
+        raise ValueError(
+            "a column keyed per data subject cannot be deterministic: equal "
+            "values of two subjects differ, so no lookup could match; use a "
+            "BlindIndex"
+        )
     if migrating:
         raise ConfigurationError(
             "a column keyed per data subject cannot take allow_plaintext or legacy: the "
             "re-encryption engine never rewrites it (its subject keys are rewrapped "
-            "instead); migrate into a new subject-keyed column through the ORM")
+            "instead); migrate into a new subject-keyed column through the ORM"
+        )
 
 
 # -- naming the row of a value that does not decrypt --------------------------
@@ -287,8 +305,7 @@ def _check_subject_options(subject_column: Any, subject_prefix: Any, *, determin
 #: Set while an undecryptable ORM read is read again to find its row: the column
 #: types then return an ``_Undecryptable`` marker instead of raising. It is never
 #: set outside :func:`_locate_undecryptable_row`, so no marker reaches a caller.
-_locating: contextvars.ContextVar[bool] = contextvars.ContextVar("aiocrypt_locating",
-                                                                  default=False)
+_locating: contextvars.ContextVar[bool] = contextvars.ContextVar("aiocrypt_locating", default=False)
 
 
 class _Undecryptable:
@@ -316,9 +333,12 @@ def _locate_undecryptable_row(state: ORMExecuteState) -> Any:
         return None
     options = state.execution_options
     try:
-        if options.get("prebuffer_rows") or options.get("yield_per") \
-                or options.get("stream_results") \
-                or not any(_has_encrypted_columns(m) for m in state.all_mappers):
+        if (
+            options.get("prebuffer_rows")
+            or options.get("yield_per")
+            or options.get("stream_results")
+            or not any(_has_encrypted_columns(m) for m in state.all_mappers)
+        ):
             return state.invoke_statement()
         return state.invoke_statement(execution_options={"prebuffer_rows": True})
     except DecryptionError as exc:
@@ -359,7 +379,9 @@ def _reread(state: ORMExecuteState, location: DecryptionLocation) -> DecryptionE
                 continue
             error = value.error
             if error.location is None or (error.location.table, error.location.column) != (
-                    location.table, location.column):
+                location.table,
+                location.column,
+            ):
                 continue
             mapping = row._mapping
             try:
@@ -368,8 +390,11 @@ def _reread(state: ORMExecuteState, location: DecryptionLocation) -> DecryptionE
                 return None  # the query did not select the primary key
             if not keys:
                 return None
-            return error.located(DecryptionLocation(
-                location.table, location.column, keys[0] if len(keys) == 1 else tuple(keys)))
+            return error.located(
+                DecryptionLocation(
+                    location.table, location.column, keys[0] if len(keys) == 1 else tuple(keys)
+                )
+            )
     return None
 
 
@@ -407,7 +432,8 @@ class _TableBound(TypeDecorator[Any]):
         if self.context is None:
             raise ConfigurationError(
                 f"{type(self).__name__} is not attached to a table column yet; "
-                "give context= when using it outside a Table")
+                "give context= when using it outside a Table"
+            )
         return self.context
 
 
@@ -424,13 +450,18 @@ class _EncryptedComparator(TypeDecorator.Comparator[Any]):
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
         typ = self.expr.type
-        if op in (operators.eq, operators.ne, operators.in_op, operators.not_in_op) \
-                and other and other[0] is not None and isinstance(typ, EncryptedType) \
-                and not isinstance(other[0], sa.sql.ClauseElement):
+        if (
+            op in (operators.eq, operators.ne, operators.in_op, operators.not_in_op)
+            and other
+            and other[0] is not None
+            and isinstance(typ, EncryptedType)
+            and not isinstance(other[0], sa.sql.ClauseElement)
+        ):
             if not typ.deterministic:
                 raise TypeError(
                     f"{typ.context}: randomized encryption cannot be compared in SQL; "
-                    "use deterministic=True or a BlindIndex column")
+                    "use deterministic=True or a BlindIndex column"
+                )
             values = other[0] if op in (operators.in_op, operators.not_in_op) else [other[0]]
             clause = typ.match_clause(self.expr, values)
             return ~clause if op in (operators.ne, operators.not_in_op) else clause
@@ -438,11 +469,18 @@ class _EncryptedComparator(TypeDecorator.Comparator[Any]):
 
 
 COLUMN_KEY_TYPES: dict[str, KeyTypeLike] = {
-    "income": KeyType.FINANCIAL_DATA, "salary": KeyType.FINANCIAL_DATA,
-    "savings": KeyType.FINANCIAL_DATA, "balance": KeyType.FINANCIAL_DATA,
-    "ssn": KeyType.PII, "email": KeyType.PII, "phone": KeyType.PII,
-    "address": KeyType.PII, "dob": KeyType.PII,
-    "api_key": KeyType.API_KEYS, "token": KeyType.API_KEYS, "secret": KeyType.API_KEYS,
+    "income": KeyType.FINANCIAL_DATA,
+    "salary": KeyType.FINANCIAL_DATA,
+    "savings": KeyType.FINANCIAL_DATA,
+    "balance": KeyType.FINANCIAL_DATA,
+    "ssn": KeyType.PII,
+    "email": KeyType.PII,
+    "phone": KeyType.PII,
+    "address": KeyType.PII,
+    "dob": KeyType.PII,
+    "api_key": KeyType.API_KEYS,
+    "token": KeyType.API_KEYS,
+    "secret": KeyType.API_KEYS,
 }
 """Words of a column name -> the key type of an encrypted column declared without one.
 
@@ -451,30 +489,37 @@ Change it before the models are declared (``COLUMN_KEY_TYPES["iban"] =
 KeyType.FINANCIAL_DATA``, or ``del COLUMN_KEY_TYPES["token"]``)."""
 
 
-def key_type_for_column(column: str, table: str | None = None,
-                        mapping: Mapping[str, KeyTypeLike] | None = None) -> KeyType:
+def key_type_for_column(
+    column: str, table: str | None = None, mapping: Mapping[str, KeyTypeLike] | None = None
+) -> KeyType:
     """The key type :data:`COLUMN_KEY_TYPES` (or ``mapping``) gives ``column``'s name.
 
     A name matching no word, or words of two key types, is refused with
     ``ConfigurationError``: a column never gets a key type by default.
     """
     words = f"_{column.lower()}_"
-    matched = {word: KeyType(kt) for word, kt in (mapping or COLUMN_KEY_TYPES).items()
-               if f"_{word.lower()}_" in words}
+    matched = {
+        word: KeyType(kt)
+        for word, kt in (mapping or COLUMN_KEY_TYPES).items()
+        if f"_{word.lower()}_" in words
+    }
     found = set(matched.values())
     where = f"{table}.{column}" if table else column
     if len(found) == 1:
         return found.pop()
     if found:
         named = ", ".join(f"{kt.value} ({w})" for w, kt in sorted(matched.items()))
-        raise ConfigurationError(f"{where}: the column name matches several key types "
-                                 f"({named}); pass the one it holds, e.g. "
-                                 f"EncryptedString(KeyType.{sorted(found)[0].name})")
+        raise ConfigurationError(
+            f"{where}: the column name matches several key types "
+            f"({named}); pass the one it holds, e.g. "
+            f"EncryptedString(KeyType.{sorted(found)[0].name})"
+        )
     raise ConfigurationError(
         f"{where}: no key type given and the column name says none (words known: "
         f"{', '.join(sorted(mapping or COLUMN_KEY_TYPES))}); pass the key type of what it "
         "holds, e.g. EncryptedString(KeyType.PII) for personal data, "
-        "KeyType.FINANCIAL_DATA for amounts, KeyType.API_KEYS for credentials")
+        "KeyType.FINANCIAL_DATA for amounts, KeyType.API_KEYS for credentials"
+    )
 
 
 class EncryptedType(_TableBound):
@@ -512,24 +557,40 @@ class EncryptedType(_TableBound):
     python_type_name: str = "str"
     comparator_factory = _EncryptedComparator
 
-    def __init__(self, key_type: KeyTypeLike | None = None, *,
-                 context: str | None = None, deterministic: bool = False,
-                 allow_plaintext: bool = False, row_bound: bool | None = None,
-                 legacy: LegacyReader | None = None,
-                 subject_column: str | None = None, subject_prefix: str = "user",
-                 service: EncryptionService | None = None) -> None:
+    def __init__(
+        self,
+        key_type: KeyTypeLike | None = None,
+        *,
+        context: str | None = None,
+        deterministic: bool = False,
+        allow_plaintext: bool = False,
+        row_bound: bool | None = None,
+        legacy: LegacyReader | None = None,
+        subject_column: str | None = None,
+        subject_prefix: str = "user",
+        service: EncryptionService | None = None,
+    ) -> None:
         super().__init__()
         if subject_column is not None:
-            _check_subject_options(subject_column, subject_prefix, deterministic=deterministic,
-                                   migrating=allow_plaintext or legacy is not None)
+            _check_subject_options(
+                subject_column,
+                subject_prefix,
+                deterministic=deterministic,
+                migrating=allow_plaintext or legacy is not None,
+            )
         if deterministic and row_bound:
-            raise ValueError("a row-bound column cannot be deterministic: its tokens differ "
-                             "per row, so no equality lookup could match; use a BlindIndex")
+            raise ValueError(
+                "a row-bound column cannot be deterministic: its tokens differ "
+                "per row, so no equality lookup could match; use a BlindIndex"
+            )
         if key_type is None and context is not None:
-            raise ConfigurationError(f"{context}: give key_type (with an explicit context "
-                                     "there is no column name to take it from)")
-        self.key_type: KeyType = KeyType(key_type) if key_type is not None \
-            else cast(KeyType, None)  # set from the column name when attached
+            raise ConfigurationError(
+                f"{context}: give key_type (with an explicit context "
+                "there is no column name to take it from)"
+            )
+        self.key_type: KeyType = (
+            KeyType(key_type) if key_type is not None else cast(KeyType, None)
+        )  # set from the column name when attached
         self.context = context
         self.deterministic = deterministic
         self.allow_plaintext = allow_plaintext
@@ -567,11 +628,13 @@ class EncryptedType(_TableBound):
     def coerce_value(self, value: Any) -> Any:
         """The value as this column's Python type (``int`` -> ``float`` for a float column)."""
         expected = PYTHON_TYPES[self.python_type_name]
-        if isinstance(value, expected) and not (isinstance(value, bool)
-                                                and self.python_type_name != "bool"):
+        if isinstance(value, expected) and not (
+            isinstance(value, bool) and self.python_type_name != "bool"
+        ):
             return value
-        raise TypeError(f"{self.context}: expected {self.python_type_name}, "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"{self.context}: expected {self.python_type_name}, got {type(value).__name__}"
+        )
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
         primary_key = subject = None
@@ -590,35 +653,42 @@ class EncryptedType(_TableBound):
         keyring = _current_keyring(service, self.key_type)
         if self.deterministic:
             return keyring.encrypt_deterministic(value, self.key_type, context)
-        return keyring.encrypt(value, self.key_type, context,
-                               compression_level=service.compression_level_for(self.key_type))
+        return keyring.encrypt(
+            value,
+            self.key_type,
+            context,
+            compression_level=service.compression_level_for(self.key_type),
+        )
 
     def _bind_context(self, primary_key: Any) -> str:
         if not self.row_bound:
             if primary_key is not None:
-                raise TypeError(f"{self.context}: RowValue given to a column that is not "
-                                "row-bound")
+                raise TypeError(f"{self.context}: RowValue given to a column that is not row-bound")
             return self._context()
         if primary_key is None:
             raise ConfigurationError(
                 f"{self.context}: a row-bound column is sealed with its row's primary key, "
                 "which this write does not give: write through the ORM (a unit of work "
-                "fills it in) or bind RowValue(value, primary_key)")
+                "fills it in) or bind RowValue(value, primary_key)"
+            )
         return row_context(self._context(), primary_key)
 
     def _bind_subject(self, subject: Any) -> str | None:
         """The subject id a write seals under (None: the key type's own key)."""
         if self.subject_column is None:
             if subject is not None:
-                raise TypeError(f"{self.context}: RowValue(subject=...) given to a column "
-                                "without subject_column")
+                raise TypeError(
+                    f"{self.context}: RowValue(subject=...) given to a column "
+                    "without subject_column"
+                )
             return None
         where = f"{getattr(self, 'table_name', '?')}.{self.subject_column}"
         if subject is None:
             raise ConfigurationError(
                 f"{self.context}: sealed under the key of the row's data subject "
                 f"({where}), which this write does not give: write through the ORM (a unit "
-                f"of work fills it in) or bind RowValue(value, subject=<{where}>)")
+                f"of work fills it in) or bind RowValue(value, subject=<{where}>)"
+            )
         return subject_id(self.subject_prefix, subject, where)
 
     def column_expression(self, colexpr: Any) -> Any:
@@ -631,8 +701,12 @@ class EncryptedType(_TableBound):
         text = sa.Text()
         suffix = sa.cast(key, text) if key is not None else sa.literal("", text)
         return sa.type_coerce(
-            sa.type_coerce(colexpr, text) + sa.literal("#", text) + suffix
-            + sa.literal(_ROW_MARKER, text), self)
+            sa.type_coerce(colexpr, text)
+            + sa.literal("#", text)
+            + suffix
+            + sa.literal(_ROW_MARKER, text),
+            self,
+        )
 
     def _row_key_column(self, colexpr: Any) -> Any:
         table = getattr(self, "table", None)
@@ -647,9 +721,12 @@ class EncryptedType(_TableBound):
         if not marked or not key.endswith(_ROW_MARKER) or len(key) == len(_ROW_MARKER):
             # textual SQL (no column_expression) or a query that lost the primary key:
             # whatever follows a "#" here was stored, not selected, so it is not trusted
-            raise decryption_failed(DecryptionFailure.MALFORMED, None,
-                                    "a row-bound column was read without its primary key")
-        return stored, key[:-len(_ROW_MARKER)]
+            raise decryption_failed(
+                DecryptionFailure.MALFORMED,
+                None,
+                "a row-bound column was read without its primary key",
+            )
+        return stored, key[: -len(_ROW_MARKER)]
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
@@ -662,27 +739,40 @@ class EncryptedType(_TableBound):
                 context = row_context(context, primary_key)
                 primary_key = _typed_key(getattr(self, "table", None), primary_key)
             if isinstance(value, str) and value.startswith(TEXT_PREFIXES):
-                decrypted = _decrypt(_service_for(self.service), value, self.key_type, context,
-                                     by_subject=self.subject_column is not None)
+                decrypted = _decrypt(
+                    _service_for(self.service),
+                    value,
+                    self.key_type,
+                    context,
+                    by_subject=self.subject_column is not None,
+                )
             elif self.legacy is not None:
                 try:
                     text = self.legacy.open(value)
                 except LegacyTokenError:
-                    raise decryption_failed(DecryptionFailure.AUTHENTICATION_FAILED, None,
-                                            f"not a valid {self.legacy.name} token") from None
+                    raise decryption_failed(
+                        DecryptionFailure.AUTHENTICATION_FAILED,
+                        None,
+                        f"not a valid {self.legacy.name} token",
+                    ) from None
                 decrypted = self._legacy(text, legacy_reads, "legacy_reads")
             elif not self.allow_plaintext:
-                raise decryption_failed(DecryptionFailure.MALFORMED, None,
-                                        "the stored value is not a token")
+                raise decryption_failed(
+                    DecryptionFailure.MALFORMED, None, "the stored value is not a token"
+                )
             else:
                 decrypted = self._legacy(value, plaintext_reads, "plaintext_reads")
         except DecryptionError as exc:
             # Name the column (never the value); a row-bound column knows its row,
             # otherwise the primary key is added by _locate_undecryptable_row when an
             # ORM session ran the query.
-            located = exc.located(DecryptionLocation(
-                getattr(self, "table_name", "?"), getattr(self, "column_name", self.context
-                                                          or "?"), primary_key))
+            located = exc.located(
+                DecryptionLocation(
+                    getattr(self, "table_name", "?"),
+                    getattr(self, "column_name", self.context or "?"),
+                    primary_key,
+                )
+            )
             if _locating.get():
                 return _Undecryptable(located, getattr(self, "table", None))
             raise located from None
@@ -694,16 +784,23 @@ class EncryptedType(_TableBound):
         try:
             parsed = parse_legacy(self.python_type_name, value)
         except ValueError:
-            raise decryption_failed(DecryptionFailure.MALFORMED, None, "the stored value is "
-                                    "neither a token nor valid plaintext") from None
+            raise decryption_failed(
+                DecryptionFailure.MALFORMED,
+                None,
+                "the stored value is neither a token nor valid plaintext",
+            ) from None
         reads[context] += 1
         service = _service_for(self.service)
         service.counters[counter] += 1
         service.counters[f"{counter}:{context}"] += 1
         if reads[context] == 1 or reads[context] % 1000 == 0:
-            logger.warning("%s: read %d value(s) not in aiocrypt form yet (%s); run the "
-                           "migration (re-encryption engine) to encrypt them", context,
-                           reads[context], counter)
+            logger.warning(
+                "%s: read %d value(s) not in aiocrypt form yet (%s); run the "
+                "migration (re-encryption engine) to encrypt them",
+                context,
+                reads[context],
+                counter,
+            )
         return parsed
 
     def tokens_for(self, value: Any, keyring: Keyring | None = None) -> list[str]:
@@ -715,8 +812,11 @@ class EncryptedType(_TableBound):
             keyring = _current_keyring(_service_for(self.service))
         plaintext = encode_value(self.bind_value(value))
         ctx = context_bytes(self._context())
-        return [token for dk in _live_keys(keyring, self.key_type)
-                for token in dk.deterministic_tokens(plaintext, ctx, v1=keyring.accept_format_v1)]
+        return [
+            token
+            for dk in _live_keys(keyring, self.key_type)
+            for token in dk.deterministic_tokens(plaintext, ctx, v1=keyring.accept_format_v1)
+        ]
 
     def match_clause(self, column: Any, values: Iterable[Any]) -> Any:
         tokens = [t for v in values for t in self.tokens_for(v)]
@@ -761,8 +861,6 @@ def _typed_key(table: sa.Table | None, text: str) -> Any:
         return python_type(text) if python_type in (int, UUID) else text
     except (NotImplementedError, StopIteration, ValueError):
         return text
-
-
 
 
 class EncryptedString(EncryptedType):
@@ -846,8 +944,9 @@ class EncryptedDateTime(EncryptedType):
     cache_ok = True
     python_type_name = "datetime"
 
-    def __init__(self, key_type: KeyTypeLike | None = None, *, timezone: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, key_type: KeyTypeLike | None = None, *, timezone: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(key_type, **kwargs)
         self.timezone = timezone
         if not timezone:
@@ -857,12 +956,16 @@ class EncryptedDateTime(EncryptedType):
         value = super().coerce_value(value)
         if self.timezone:
             if value.tzinfo is None or value.utcoffset() is None:
-                raise TypeError(f"{self.context}: a naive datetime in a timezone=True column; "
-                                "attach a timezone, or declare EncryptedDateTime(timezone=False)")
+                raise TypeError(
+                    f"{self.context}: a naive datetime in a timezone=True column; "
+                    "attach a timezone, or declare EncryptedDateTime(timezone=False)"
+                )
             return value
         if value.tzinfo is not None:
-            raise TypeError(f"{self.context}: an aware datetime in a timezone=False column "
-                            "(its zone would be lost); convert it to the application's clock")
+            raise TypeError(
+                f"{self.context}: an aware datetime in a timezone=False column "
+                "(its zone would be lost); convert it to the application's clock"
+            )
         return NaiveDateTime.combine(value.date(), value.time())
 
 
@@ -896,16 +999,19 @@ class EncryptedJSON(EncryptedType):
     cache_ok = True
     python_type_name = "json"
 
-    def __init__(self, key_type: KeyTypeLike | None = None, *, mutable: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, key_type: KeyTypeLike | None = None, *, mutable: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(key_type, **kwargs)
         self.mutable = mutable
 
     def coerce_value(self, value: Any) -> Any:
         if isinstance(value, _JSON_TYPES):
             return value
-        raise TypeError(f"{self.context}: expected a dict, list, str, int, float or bool, "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"{self.context}: expected a dict, list, str, int, float or bool, "
+            f"got {type(value).__name__}"
+        )
 
     def result_value(self, value: Any, dialect: Dialect | None = None) -> Any:
         return _tracked_json(value) if self.mutable else value
@@ -931,8 +1037,9 @@ class EncryptedEnum(EncryptedType):
     cache_ok = True
     python_type_name = "str"
 
-    def __init__(self, enum: type[_Enum] | Sequence[str],
-                 key_type: KeyTypeLike | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, enum: type[_Enum] | Sequence[str], key_type: KeyTypeLike | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(key_type, **kwargs)
         if isinstance(enum, type) and issubclass(enum, _Enum):
             self.enum: type[_Enum] | tuple[str, ...] = enum
@@ -948,13 +1055,16 @@ class EncryptedEnum(EncryptedType):
             return value.name
         if isinstance(value, str) and value in self.choices:
             return str(value)
-        raise ValueError(f"{self.context}: not one of the column's values "
-                         f"({', '.join(self.choices)})")
+        raise ValueError(
+            f"{self.context}: not one of the column's values ({', '.join(self.choices)})"
+        )
 
     def result_value(self, value: Any, dialect: Dialect | None = None) -> Any:
         if value not in self.choices:
-            raise LookupError(f"{self.context}: a stored value is not one of the column's "
-                              f"values ({', '.join(self.choices)})")
+            raise LookupError(
+                f"{self.context}: a stored value is not one of the column's "
+                f"values ({', '.join(self.choices)})"
+            )
         return self.enum[value] if isinstance(self.enum, type) else value
 
     index_value = coerce_value
@@ -986,8 +1096,7 @@ class Encrypted(EncryptedType):
 
     cache_ok = True
 
-    def __init__(self, underlying: Any, key_type: KeyTypeLike | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, underlying: Any, key_type: KeyTypeLike | None = None, **kwargs: Any) -> None:
         super().__init__(key_type, **kwargs)
         self.underlying = sa.types.to_instance(underlying)
         self.python_type_name = _bound_type_name(self.underlying)
@@ -1036,10 +1145,18 @@ def _bound_type_name(typ: Any) -> str:
         return _bound_type_name(typ.impl_instance)
     if isinstance(typ, sa.DateTime):
         return "datetime" if typ.timezone else "naive_datetime"
-    for sa_type, name in ((sa.Boolean, "bool"), (sa.Interval, "timedelta"),
-                          (sa.Date, "date"), (sa.Time, "time"), (sa.Integer, "int"),
-                          (sa.Float, "float"), (sa.Numeric, "decimal"), (sa.Uuid, "uuid"),
-                          (sa.JSON, "json"), (sa.LargeBinary, "bytes")):
+    for sa_type, name in (
+        (sa.Boolean, "bool"),
+        (sa.Interval, "timedelta"),
+        (sa.Date, "date"),
+        (sa.Time, "time"),
+        (sa.Integer, "int"),
+        (sa.Float, "float"),
+        (sa.Numeric, "decimal"),
+        (sa.Uuid, "uuid"),
+        (sa.JSON, "json"),
+        (sa.LargeBinary, "bytes"),
+    ):
         if isinstance(typ, sa_type):
             return name
     return "str"
@@ -1077,8 +1194,12 @@ class _BlindIndexComparator(TypeDecorator.Comparator[Any]):
         return blind_index_matches(self.expr, value)
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
-        if op in (operators.eq, operators.ne) and other and other[0] is not None \
-                and not isinstance(other[0], (IndexDigest, sa.sql.ClauseElement)):
+        if (
+            op in (operators.eq, operators.ne)
+            and other
+            and other[0] is not None
+            and not isinstance(other[0], (IndexDigest, sa.sql.ClauseElement))
+        ):
             clause = blind_index_matches(self.expr, other[0])
             return ~clause if op is operators.ne else clause
         return super().operate(op, *other, **kwargs)
@@ -1105,9 +1226,16 @@ class BlindIndex(_TableBound):
     cache_ok = True
     comparator_factory = _BlindIndexComparator
 
-    def __init__(self, source: str, *, key_type: KeyTypeLike = BLIND_INDEX_KEY_TYPE,
-                 length: int = 16, normalizer: Callable[[Any], str | bytes] | None = None,
-                 context: str | None = None, service: EncryptionService | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        key_type: KeyTypeLike = BLIND_INDEX_KEY_TYPE,
+        length: int = 16,
+        normalizer: Callable[[Any], str | bytes] | None = None,
+        context: str | None = None,
+        service: EncryptionService | None = None,
+    ) -> None:
         super().__init__()
         if not 8 <= length <= 32:
             raise ValueError("blind index length must be 8..32 bytes")
@@ -1146,8 +1274,9 @@ class BlindIndex(_TableBound):
 
     def digest(self, value: Any, data_key: DataKey) -> IndexDigest:
         """The index value of ``value`` under one index key version."""
-        mac = hmac.new(data_key.derive(b"blind-index", 32), self._message(value),
-                       hashlib.sha256).digest()[:self.length]
+        mac = hmac.new(
+            data_key.derive(b"blind-index", 32), self._message(value), hashlib.sha256
+        ).digest()[: self.length]
         encoded = base64.urlsafe_b64encode(mac).decode("ascii").rstrip("=")
         return IndexDigest(f"{data_key.key.version}:{encoded}")
 
@@ -1178,8 +1307,9 @@ def blind_index_matches(column: Any, value: Any) -> Any:
     return sa.type_coerce(column, sa.String()).in_(candidates)
 
 
-async def rebuild_blind_indexes(engine: AsyncEngine, table: sa.Table, *,
-                                batch_size: int = 1000) -> int:
+async def rebuild_blind_indexes(
+    engine: AsyncEngine, table: sa.Table, *, batch_size: int = 1000
+) -> int:
     """Recompute every blind index of ``table`` not yet under the active index key.
 
     Needed before an old index key version may be destroyed (lookups match every
@@ -1203,32 +1333,43 @@ async def rebuild_blind_indexes(engine: AsyncEngine, table: sa.Table, *,
         tag = f"{active.key.version}:"
         raw_source = sa.type_coerce(source, sa.Text())
         raw_index = sa.type_coerce(index, sa.Text())
-        update = (sa.update(table)
-                  .where(pk == sa.bindparam("b_pk"), raw_source == sa.bindparam("b_raw"))
-                  .values({index.name: sa.bindparam("b_new")}))
+        update = (
+            sa.update(table)
+            .where(pk == sa.bindparam("b_pk"), raw_source == sa.bindparam("b_raw"))
+            .values({index.name: sa.bindparam("b_new")})
+        )
         last: Any = None
         while True:
-            query = (sa.select(pk, raw_source, source)
-                     .where(source.is_not(None),
-                            sa.or_(index.is_(None),
-                                   sa.func.substr(raw_index, 1, len(tag)) != tag))
-                     .order_by(pk).limit(batch_size))
+            query = (
+                sa.select(pk, raw_source, source)
+                .where(
+                    source.is_not(None),
+                    sa.or_(index.is_(None), sa.func.substr(raw_index, 1, len(tag)) != tag),
+                )
+                .order_by(pk)
+                .limit(batch_size)
+            )
             if last is not None:
                 query = query.where(pk > last)
             async with engine.begin() as conn:
                 rows = (await conn.execute(query)).all()
                 if not rows:
                     break
-                await conn.execute(update, [
-                    {"b_pk": key, "b_raw": raw, "b_new": index_type.digest(value, active)}
-                    for key, raw, value in rows])
+                await conn.execute(
+                    update,
+                    [
+                        {"b_pk": key, "b_raw": raw, "b_new": index_type.digest(value, active)}
+                        for key, raw, value in rows
+                    ],
+                )
             done += len(rows)
             last = rows[-1][0]
     return done
 
 
-async def blind_index_usage(engine: AsyncEngine, metadata: sa.MetaData,
-                            service: EncryptionService | None = None) -> dict[str, int]:
+async def blind_index_usage(
+    engine: AsyncEngine, metadata: sa.MetaData, service: EncryptionService | None = None
+) -> dict[str, int]:
     """Rows per blind-index key id over every BlindIndex column of ``metadata``, in SQL.
 
     Merge it with ``ReencryptionEngine.key_usage()`` for ``KeyManager.census``: a
@@ -1240,15 +1381,13 @@ async def blind_index_usage(engine: AsyncEngine, metadata: sa.MetaData,
             if not isinstance(column.type, BlindIndex):
                 continue
             manager = _service_for(service or column.type.service).key_manager
-            versions = {k.version: k.key_id
-                        for k in await manager.list_keys(column.type.key_type)}
+            versions = {k.version: k.key_id for k in await manager.list_keys(column.type.key_type)}
             raw = sa.type_coerce(column, sa.Text())
             if engine.dialect.name == "postgresql":
                 version = sa.func.split_part(raw, ":", 1)
             else:
                 version = sa.func.substr(raw, 1, sa.func.instr(raw, ":") - 1)
-            query = (sa.select(version, sa.func.count()).where(column.is_not(None))
-                     .group_by(version))
+            query = sa.select(version, sa.func.count()).where(column.is_not(None)).group_by(version)
             async with engine.connect() as conn:
                 for tag, rows in (await conn.execute(query)).all():
                     key_id = versions.get(int(tag)) if str(tag).isdigit() else None
@@ -1268,11 +1407,17 @@ def _index_pairs(mapper: Mapper[Any]) -> list[tuple[str, str]]:
             if isinstance(column.type, BlindIndex):
                 source = table.columns.get(column.type.source)
                 if source is None:
-                    raise ConfigurationError(f"blind index {table.name}.{column.name}: no "
-                                             f"column {column.type.source!r} in the table")
+                    raise ConfigurationError(
+                        f"blind index {table.name}.{column.name}: no "
+                        f"column {column.type.source!r} in the table"
+                    )
                 try:
-                    pairs.append((mapper.get_property_by_column(source).key,
-                                  mapper.get_property_by_column(column).key))
+                    pairs.append(
+                        (
+                            mapper.get_property_by_column(source).key,
+                            mapper.get_property_by_column(column).key,
+                        )
+                    )
                 except UnmappedColumnError:  # not mapped on this mapper (e.g. excluded)
                     pass
     return pairs
@@ -1299,14 +1444,23 @@ def _subject_columns(mapper: Mapper[Any]) -> list[tuple[str, sa.Column[Any], str
             continue
         subject = table.columns.get(typ.subject_column)
         if subject is None:
-            raise ConfigurationError(f"{table.name}.{column.name}: subject_column "
-                                     f"{typ.subject_column!r} is not a column of the table")
+            raise ConfigurationError(
+                f"{table.name}.{column.name}: subject_column "
+                f"{typ.subject_column!r} is not a column of the table"
+            )
         if isinstance(subject.type, EncryptedType):
-            raise ConfigurationError(f"{table.name}.{column.name}: the subject column "
-                                     f"{subject.name!r} must hold the subject in clear")
+            raise ConfigurationError(
+                f"{table.name}.{column.name}: the subject column "
+                f"{subject.name!r} must hold the subject in clear"
+            )
         try:
-            found.append((mapper.get_property_by_column(column).key, column,
-                          mapper.get_property_by_column(subject).key))
+            found.append(
+                (
+                    mapper.get_property_by_column(column).key,
+                    column,
+                    mapper.get_property_by_column(subject).key,
+                )
+            )
         except UnmappedColumnError:
             pass
     return found
@@ -1316,8 +1470,10 @@ def _table(mapper: Mapper[Any]) -> sa.Table:
     """The mapped table (row-bound columns and blind indexes live on a plain Table)."""
     table = mapper.local_table
     if not isinstance(table, sa.Table):
-        raise ConfigurationError(f"{mapper.class_.__name__}: encrypted columns need a model "
-                                 "mapped to a table (not a join or a select)")
+        raise ConfigurationError(
+            f"{mapper.class_.__name__}: encrypted columns need a model "
+            "mapped to a table (not a join or a select)"
+        )
     return table
 
 
@@ -1326,8 +1482,11 @@ def _track_json_mutations(mapper: Mapper[Any]) -> None:
     attribute (``MutableDict`` / ``MutableList``); top-level scalars need no tracking."""
     for prop in mapper.column_attrs:
         typ = prop.columns[0].type
-        if not (isinstance(typ, EncryptedJSON) and typ.mutable) \
-                or prop.parent is not mapper or len(prop.columns) != 1:
+        if (
+            not (isinstance(typ, EncryptedJSON) and typ.mutable)
+            or prop.parent is not mapper
+            or len(prop.columns) != 1
+        ):
             continue
         key = prop.key
 
@@ -1356,8 +1515,9 @@ def _track_json_mutations(mapper: Mapper[Any]) -> None:
         event.listen(mapper.class_, "load", load, raw=True, propagate=True)
         event.listen(mapper.class_, "refresh", refresh, raw=True, propagate=True)
         event.listen(mapper.class_, "refresh_flush", refresh, raw=True, propagate=True)
-        event.listen(getattr(mapper.class_, key), "set", set_, raw=True, retval=True,
-                     propagate=True)
+        event.listen(
+            getattr(mapper.class_, key), "set", set_, raw=True, retval=True, propagate=True
+        )
 
 
 @event.listens_for(Mapper, "after_mapper_constructed")
@@ -1373,12 +1533,13 @@ def _model_row_binding(mapper: Mapper[Any], class_: type) -> None:
             if default and typ.deterministic:
                 raise ConfigurationError(
                     f"{typ.context}: deterministic, so it cannot be row-bound; declare it "
-                    "with row_bound=False (or use a BlindIndex for lookups)")
+                    "with row_bound=False (or use a BlindIndex for lookups)"
+                )
             typ.row_bound = bool(default)
 
 
 @event.listens_for(Mapper, "mapper_configured")
-def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
+def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:  # noqa: C901 - SQLAlchemy session events as closures over the service: the count is the nested hooks'
     """Blind indexes follow their source; row-bound and subject-keyed values are sealed
     with what their row gives them.
 
@@ -1399,8 +1560,9 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
     table = _table(mapper)
     pk_columns = list(table.primary_key.columns)
     if bound and len(pk_columns) != 1:
-        raise ConfigurationError(f"table {table.name}: row-bound columns "
-                                 "need a single-column primary key")
+        raise ConfigurationError(
+            f"table {table.name}: row-bound columns need a single-column primary key"
+        )
     pk_key = mapper.get_property_by_column(pk_columns[0]).key if len(pk_columns) == 1 else None
     columns = dict(bound) | {attr: column for attr, column, _ in subjects}
     bound_attrs = {attr for attr, _ in bound}
@@ -1411,13 +1573,15 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
         keyed = attr in bound_attrs
         subject_attr = subject_of.get(attr)
         subject = None if subject_attr is None else getattr(target, subject_attr)
-        if (keyed and key is None) or (subject is None and subject_attr is not None
-                                       and subject_attr == pk_key):
+        if (keyed and key is None) or (
+            subject is None and subject_attr is not None and subject_attr == pk_key
+        ):
             return None
         if subject_attr is not None and subject is None:
             raise ConfigurationError(
                 f"{table.name}.{columns[attr].name}: sealed under the key of the row's data "
-                f"subject, but its subject column {subject_attr!r} is None; set it first")
+                f"subject, but its subject column {subject_attr!r} is None; set it first"
+            )
         return RowValue(value, key if keyed else None, subject=subject)
 
     def before_insert(mapper: Mapper[Any], connection: Any, target: Any) -> None:
@@ -1450,7 +1614,8 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
         if bound and state.attrs[pk_key].history.has_changes():
             raise ConfigurationError(
                 f"{table.name}: the primary key of a row with row-bound "
-                "columns cannot change (its tokens are sealed with it); insert a new row")
+                "columns cannot change (its tokens are sealed with it); insert a new row"
+            )
         key = None
         if pk_key is not None:
             key = state.identity[0] if state.identity else getattr(target, pk_key)
@@ -1477,9 +1642,15 @@ def _register_flush_hooks(mapper: Mapper[Any], class_: type) -> None:
             assert pk_key is not None  # pending only waits for a single-column key
             key = getattr(target, pk_key)
             connection.execute(
-                table.update().where(pk_columns[0] == key)
-                .values({columns[attr]: row_value(target, attr, value, key)
-                         for attr, value in pending.items()}))
+                table.update()
+                .where(pk_columns[0] == key)
+                .values(
+                    {
+                        columns[attr]: row_value(target, attr, value, key)
+                        for attr, value in pending.items()
+                    }
+                )
+            )
             for attr, value in pending.items():
                 set_committed_value(target, attr, value)
 
@@ -1506,23 +1677,37 @@ def table_specs(metadata: sa.MetaData, tables: Iterable[str] | None = None) -> l
     for table in metadata.sorted_tables:
         if wanted is not None and table.name not in wanted:
             continue
-        columns = [(c, c.type) for c in table.columns if isinstance(c.type, EncryptedType)
-                   and c.type.subject_column is None]
+        columns = [
+            (c, c.type)
+            for c in table.columns
+            if isinstance(c.type, EncryptedType) and c.type.subject_column is None
+        ]
         if not columns:
             continue
         pk = list(table.primary_key.columns)
         if len(pk) != 1:
-            raise ConfigurationError(f"table {table.name}: re-encryption needs a single-column "
-                                     "primary key")
+            raise ConfigurationError(
+                f"table {table.name}: re-encryption needs a single-column primary key"
+            )
         name = table.name if table.schema is None else f"{table.schema}.{table.name}"
-        specs.append(TableSpec(name, pk[0].name, tuple(
-            ColumnSpec(c.name, t.key_type, context=t.context, deterministic=t.deterministic,
-                       row_bound=bool(t.row_bound),
-                       legacy_type=t.python_type_name if t.allow_plaintext or t.legacy
-                       else None,
-                       legacy_reader=t.legacy.name if t.legacy is not None else None)
-            for c, t in columns
-        )))
+        specs.append(
+            TableSpec(
+                name,
+                pk[0].name,
+                tuple(
+                    ColumnSpec(
+                        c.name,
+                        t.key_type,
+                        context=t.context,
+                        deterministic=t.deterministic,
+                        row_bound=bool(t.row_bound),
+                        legacy_type=t.python_type_name if t.allow_plaintext or t.legacy else None,
+                        legacy_reader=t.legacy.name if t.legacy is not None else None,
+                    )
+                    for c, t in columns
+                ),
+            )
+        )
     return specs
 
 
@@ -1536,8 +1721,9 @@ class SQLAlchemyDatabase:
 
     supports_pipelining = False
 
-    def __init__(self, engine: AsyncEngine, *,
-                 checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE
+    ) -> None:
         quote_identifier(checkpoint_table)
         self.engine = engine
         self.checkpoint_table = checkpoint_table
@@ -1552,8 +1738,9 @@ class SQLAlchemyDatabase:
         async with self.engine.begin() as conn:
             await conn.execute(sa.text(checkpoint_ddl(self.checkpoint_table)))
 
-    async def fetch_batch(self, table: TableSpec, prefixes: Sequence[str], after: Any,
-                          until: Any, limit: int) -> Sequence[Sequence[Any]]:
+    async def fetch_batch(
+        self, table: TableSpec, prefixes: Sequence[str], after: Any, until: Any, limit: int
+    ) -> Sequence[Sequence[Any]]:
         pk = quote_identifier(table.primary_key)
         cols = ", ".join(quote_identifier(c.name) for c in table.columns)
         params: dict[str, Any] = {f"p{i}": p for i, p in enumerate(prefixes)}
@@ -1565,14 +1752,15 @@ class SQLAlchemyDatabase:
             where.append(f"{pk} <= :until")
             params["until"] = until
         params["limit"] = limit
-        sql = (f"SELECT {pk}, {cols} FROM {quote_identifier(table.name)} "  # noqa: S608
-               f"WHERE {' AND '.join(where)} ORDER BY {pk} LIMIT :limit")
+        sql = (
+            f"SELECT {pk}, {cols} FROM {quote_identifier(table.name)} "  # noqa: S608
+            f"WHERE {' AND '.join(where)} ORDER BY {pk} LIMIT :limit"
+        )
         async with self.engine.connect() as conn:
             result = await conn.execute(sa.text(sql), params)
             return [tuple(row) for row in result.all()]
 
-    async def write_batch(self, table: TableSpec, batch: WriteBatch,
-                          checkpoint: Checkpoint) -> int:
+    async def write_batch(self, table: TableSpec, batch: WriteBatch, checkpoint: Checkpoint) -> int:
         pk = quote_identifier(table.primary_key)
         sets, matches = [], []
         for i, column in enumerate(table.columns):
@@ -1580,8 +1768,10 @@ class SQLAlchemyDatabase:
             match = f"(CAST(:n{i} AS TEXT) IS NOT NULL AND {col} = :o{i})"
             matches.append(match)
             sets.append(f"{col} = CASE WHEN {match} THEN :n{i} ELSE {col} END")
-        sql = (f"UPDATE {quote_identifier(table.name)} SET {', '.join(sets)} "  # noqa: S608
-               f"WHERE {pk} = :pk AND ({' OR '.join(matches)})")
+        sql = (
+            f"UPDATE {quote_identifier(table.name)} SET {', '.join(sets)} "  # noqa: S608
+            f"WHERE {pk} = :pk AND ({' OR '.join(matches)})"
+        )
         rows = []
         for r, key in enumerate(batch.pks):
             row: dict[str, Any] = {"pk": key}
@@ -1598,24 +1788,38 @@ class SQLAlchemyDatabase:
                 for row in rows:
                     updated += max((await conn.execute(statement, row)).rowcount, 0)
             final = Checkpoint(
-                checkpoint.job_id, checkpoint.table, checkpoint.pass_no, checkpoint.last_pk,
-                checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated + updated,
-                checkpoint.rows_conflicted + len(batch) - updated, checkpoint.rows_failed)
+                checkpoint.job_id,
+                checkpoint.table,
+                checkpoint.pass_no,
+                checkpoint.last_pk,
+                checkpoint.batches,
+                checkpoint.rows_read,
+                checkpoint.rows_updated + updated,
+                checkpoint.rows_conflicted + len(batch) - updated,
+                checkpoint.rows_failed,
+            )
             await self._upsert(conn, final)
         return updated
 
     async def _upsert(self, conn: Any, checkpoint: Checkpoint) -> None:
         await conn.execute(
-            sa.text(checkpoint_upsert_sql(self.checkpoint_table, lambda _, c: f":{c}",
-                                          "CURRENT_TIMESTAMP")),
-            dict(zip(CHECKPOINT_COLUMNS, checkpoint_values(checkpoint), strict=True)))
+            sa.text(
+                checkpoint_upsert_sql(
+                    self.checkpoint_table, lambda _, c: f":{c}", "CURRENT_TIMESTAMP"
+                )
+            ),
+            dict(zip(CHECKPOINT_COLUMNS, checkpoint_values(checkpoint), strict=True)),
+        )
 
     async def load_checkpoint(self, job_id: str) -> Checkpoint | None:
         async with self.engine.connect() as conn:
-            result = await conn.execute(sa.text(
-                f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM "  # noqa: S608
-                f"{quote_identifier(self.checkpoint_table)} WHERE job_id = :job_id"),
-                {"job_id": job_id})
+            result = await conn.execute(
+                sa.text(
+                    f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM "  # noqa: S608
+                    f"{quote_identifier(self.checkpoint_table)} WHERE job_id = :job_id"
+                ),
+                {"job_id": job_id},
+            )
             row = result.first()
         return None if row is None else checkpoint_from_row(tuple(row))
 
@@ -1644,21 +1848,26 @@ class SQLAlchemyDatabase:
                 offset = total * i // shards
                 if offset == 0:
                     continue
-                value = (await conn.execute(sa.text(
-                    f"SELECT {pk} FROM {tbl} ORDER BY {pk} LIMIT 1 OFFSET :o"),  # noqa: S608
-                    {"o": offset - 1})).scalar()
+                value = (
+                    await conn.execute(
+                        sa.text(f"SELECT {pk} FROM {tbl} ORDER BY {pk} LIMIT 1 OFFSET :o"),  # noqa: S608
+                        {"o": offset - 1},
+                    )
+                ).scalar()
                 if value is not None:
                     bounds.append(value)
         return bounds
 
 
-def database_for(engine: AsyncEngine, *,
-                 checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE) -> ReencryptionDatabase:
+def database_for(
+    engine: AsyncEngine, *, checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE
+) -> ReencryptionDatabase:
     """The fastest engine database for ``engine``: asyncpg directly on Postgres+asyncpg."""
     if engine.dialect.name == "postgresql" and engine.dialect.driver == "asyncpg":
         url = engine.url.set(drivername="postgresql")
-        return AsyncpgDatabase(url.render_as_string(hide_password=False),
-                               checkpoint_table=checkpoint_table)
+        return AsyncpgDatabase(
+            url.render_as_string(hide_password=False), checkpoint_table=checkpoint_table
+        )
     return SQLAlchemyDatabase(engine, checkpoint_table=checkpoint_table)
 
 
@@ -1672,12 +1881,14 @@ def legacy_readers(metadata: sa.MetaData) -> list[LegacyReader]:
                 if readers.setdefault(reader.name, reader) is not reader:
                     raise ConfigurationError(
                         f"two legacy readers are named {reader.name!r}: give each "
-                        "configuration its own name=")
+                        "configuration its own name="
+                    )
     return list(readers.values())
 
 
-def reencryption_engine(service: EncryptionService, engine: AsyncEngine,
-                        metadata: sa.MetaData, **kwargs: Any) -> ReencryptionEngine:
+def reencryption_engine(
+    service: EncryptionService, engine: AsyncEngine, metadata: sa.MetaData, **kwargs: Any
+) -> ReencryptionEngine:
     """A :class:`ReencryptionEngine` for every encrypted column found in ``metadata``.
 
     Keyword arguments go to ``ReencryptionEngine`` (``batch_size``, ``rate_limit``,
@@ -1685,7 +1896,9 @@ def reencryption_engine(service: EncryptionService, engine: AsyncEngine,
     """
     checkpoint_table = kwargs.pop("checkpoint_table", DEFAULT_CHECKPOINT_TABLE)
     kwargs.setdefault("legacy_readers", legacy_readers(metadata))
-    return ReencryptionEngine(service.key_manager,
-                              database_for(engine, checkpoint_table=checkpoint_table),
-                              tables=table_specs(metadata), **kwargs)
-
+    return ReencryptionEngine(
+        service.key_manager,
+        database_for(engine, checkpoint_table=checkpoint_table),
+        tables=table_specs(metadata),
+        **kwargs,
+    )

@@ -68,8 +68,9 @@ def file_config(master_key_b64: str, key_path: Path) -> EncryptionConfig:
 
 
 @pytest.fixture
-async def file_service(file_config: EncryptionConfig, master_key: bytes,
-                       key_path: Path) -> AsyncIterator[EncryptionService]:
+async def file_service(
+    file_config: EncryptionConfig, master_key: bytes, key_path: Path
+) -> AsyncIterator[EncryptionService]:
     """A started service over a file store and the local master key."""
     kek = LocalKekProvider(master_key)
     manager = KeyManager(FileKeyStore(key_path, kek), kek, file_config)

@@ -53,6 +53,7 @@ def _module_name(path: Path) -> str:
 
 def _top_level_imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
     """Import statements that run at import time (not in functions, not TYPE_CHECKING)."""
+
     def walk(body: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
         for node in body:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -63,9 +64,14 @@ def _top_level_imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom
                     yield from walk(node.body)
                 yield from walk(node.orelse)
             elif isinstance(node, ast.Try):
-                for block in (node.body, node.orelse, node.finalbody,
-                              *[h.body for h in node.handlers]):
+                for block in (
+                    node.body,
+                    node.orelse,
+                    node.finalbody,
+                    *[h.body for h in node.handlers],
+                ):
                     yield from walk(block)
+
     yield from walk(tree.body)
 
 
@@ -105,9 +111,11 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             if target.startswith(node + "."):
                 continue  # a package's own submodule
             if state.get(target) == 1:
-                cycle = [*stack[stack.index(target):], target]
-                if not all(b.startswith(a + ".") or a.startswith(b + ".")
-                           for a, b in itertools.pairwise(cycle)):
+                cycle = [*stack[stack.index(target) :], target]
+                if not all(
+                    b.startswith(a + ".") or a.startswith(b + ".")
+                    for a, b in itertools.pairwise(cycle)
+                ):
                     cycles.append(cycle)
             elif target not in state:
                 visit(target, [*stack, target])
@@ -140,8 +148,11 @@ def test_the_graph_is_read() -> None:
 
 
 def _is_integration(name: str) -> bool:
-    return name.split(".")[:2] == ["aiocrypt", "integrations"] or name == "integrations" \
+    return (
+        name.split(".")[:2] == ["aiocrypt", "integrations"]
+        or name == "integrations"
         or name.startswith("integrations.")
+    )
 
 
 def test_the_core_imports_no_integration_at_module_level() -> None:
@@ -165,8 +176,11 @@ def _core_integration_imports() -> dict[str, set[str]]:
                 targets = {t for t in _resolve(name, node, is_package) if _is_integration(t)}
                 # "from .integrations.arq.cli import x": the module, not module.x
                 if isinstance(node, ast.ImportFrom) and targets:
-                    targets = {t for t in targets if not any(
-                        t == f"{u}.{a.name}" for u in targets for a in node.names)}
+                    targets = {
+                        t
+                        for t in targets
+                        if not any(t == f"{u}.{a.name}" for u in targets for a in node.names)
+                    }
                 if targets:
                     found.setdefault(path.relative_to(ROOT).as_posix(), set()).update(targets)
     return found
@@ -174,10 +188,15 @@ def _core_integration_imports() -> dict[str, set[str]]:
 
 def test_the_core_imports_integrations_only_where_listed() -> None:
     found = _core_integration_imports()
-    unlisted = {path: sorted(mods - CORE_TO_INTEGRATIONS.get(path, set()))
-                for path, mods in found.items() if mods - CORE_TO_INTEGRATIONS.get(path, set())}
-    assert unlisted == {}, ("the core imports integrations it should not: register a "
-                            f"plugin instead, or list it here with the reason: {unlisted}")
+    unlisted = {
+        path: sorted(mods - CORE_TO_INTEGRATIONS.get(path, set()))
+        for path, mods in found.items()
+        if mods - CORE_TO_INTEGRATIONS.get(path, set())
+    }
+    assert unlisted == {}, (
+        "the core imports integrations it should not: register a "
+        f"plugin instead, or list it here with the reason: {unlisted}"
+    )
     assert found == CORE_TO_INTEGRATIONS  # a list that outlived its import shrinks
     for mods in found.values():
         assert not any(part.startswith("_") for m in mods for part in m.split("."))
@@ -194,10 +213,16 @@ def _private_imports(path: Path) -> set[str]:
             names.add(node.module)
             # "from aiocrypt import _format" names a module too (from a public package)
             if not any(part.startswith("_") for part in node.module.split(".")):
-                names |= {f"{node.module}.{alias.name}" for alias in node.names
-                          if alias.name.startswith("_")}
-    return {n for n in names if n.split(".")[0] == "aiocrypt"
-            and any(part.startswith("_") for part in n.split(".")[1:])}
+                names |= {
+                    f"{node.module}.{alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("_")
+                }
+    return {
+        n
+        for n in names
+        if n.split(".")[0] == "aiocrypt" and any(part.startswith("_") for part in n.split(".")[1:])
+    }
 
 
 def test_nothing_outside_the_core_imports_a_private_module() -> None:
@@ -207,23 +232,35 @@ def test_nothing_outside_the_core_imports_a_private_module() -> None:
             private = _private_imports(path)
             if private:
                 found[path.relative_to(ROOT).as_posix()] = private
-    grown = {name: sorted(mods - PRIVATE_IMPORTS.get(name, set()))
-             for name, mods in found.items() if mods - PRIVATE_IMPORTS.get(name, set())}
-    assert grown == {}, ("modules outside aiocrypt/ import private aiocrypt modules; use "
-                         "aiocrypt.adapters or the public API, or make what they need "
-                         f"public (docs/architecture.md): {grown}")
+    grown = {
+        name: sorted(mods - PRIVATE_IMPORTS.get(name, set()))
+        for name, mods in found.items()
+        if mods - PRIVATE_IMPORTS.get(name, set())
+    }
+    assert grown == {}, (
+        "modules outside aiocrypt/ import private aiocrypt modules; use "
+        "aiocrypt.adapters or the public API, or make what they need "
+        f"public (docs/architecture.md): {grown}"
+    )
 
 
 def test_the_private_import_check_sees_every_form(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
-    sample.write_text("import aiocrypt._gil\n"
-                      "from aiocrypt import _format, KeyType\n"
-                      "from aiocrypt.reencrypt._engine import x\n"
-                      "def f():\n    from aiocrypt._types import KeyTypeLike\n"
-                      "from aiocrypt.adapters import DataKey\n"
-                      "from ._extension import y\n", encoding="utf-8")
-    assert _private_imports(sample) == {"aiocrypt._gil", "aiocrypt._format",
-                                        "aiocrypt.reencrypt._engine", "aiocrypt._types"}
+    sample.write_text(
+        "import aiocrypt._gil\n"
+        "from aiocrypt import _format, KeyType\n"
+        "from aiocrypt.reencrypt._engine import x\n"
+        "def f():\n    from aiocrypt._types import KeyTypeLike\n"
+        "from aiocrypt.adapters import DataKey\n"
+        "from ._extension import y\n",
+        encoding="utf-8",
+    )
+    assert _private_imports(sample) == {
+        "aiocrypt._gil",
+        "aiocrypt._format",
+        "aiocrypt.reencrypt._engine",
+        "aiocrypt._types",
+    }
 
 
 def test_every_module_over_500_lines_says_why_at_its_top() -> None:

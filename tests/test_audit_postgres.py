@@ -38,8 +38,12 @@ async def audit_sink(postgres_dsn: str) -> AsyncIterator[PostgresAuditSink]:
 
 
 async def lifecycle(sink: PostgresAuditSink) -> None:
-    manager = KeyManager(MemoryKeyStore(), FakeKekProvider(), watch=False,
-                         auditor=Auditor([LoggingAuditSink(), sink]))
+    manager = KeyManager(
+        MemoryKeyStore(),
+        FakeKekProvider(),
+        watch=False,
+        auditor=Auditor([LoggingAuditSink(), sink]),
+    )
     async with manager:
         key = await manager.get_active_key(KeyType.PII)
         await manager.rotate_key(KeyType.PII, force=True)
@@ -47,15 +51,18 @@ async def lifecycle(sink: PostgresAuditSink) -> None:
         await manager.rotate_keys_due()
 
 
-async def test_chain_verifies_then_detects_an_edit(audit_sink: PostgresAuditSink,
-                                                   postgres_dsn: str) -> None:
+async def test_chain_verifies_then_detects_an_edit(
+    audit_sink: PostgresAuditSink, postgres_dsn: str
+) -> None:
     await lifecycle(audit_sink)
     result = await audit_sink.verify()
     assert result.ok and result.rows >= 5, result.problems
     conn = await asyncpg.connect(postgres_dsn)
     try:
-        await conn.execute(f"UPDATE {audit_sink.table} SET details = "
-                           "jsonb_set(details, '{reason}', '\"nothing to see\"') WHERE seq = 3")
+        await conn.execute(
+            f"UPDATE {audit_sink.table} SET details = "
+            "jsonb_set(details, '{reason}', '\"nothing to see\"') WHERE seq = 3"
+        )
     finally:
         await conn.close()
     result = await audit_sink.verify()
@@ -64,8 +71,9 @@ async def test_chain_verifies_then_detects_an_edit(audit_sink: PostgresAuditSink
 
 
 @pytest.mark.parametrize("which", ["middle", "last"])
-async def test_chain_detects_a_deleted_row(audit_sink: PostgresAuditSink, postgres_dsn: str,
-                                           which: str) -> None:
+async def test_chain_detects_a_deleted_row(
+    audit_sink: PostgresAuditSink, postgres_dsn: str, which: str
+) -> None:
     await lifecycle(audit_sink)
     conn = await asyncpg.connect(postgres_dsn)
     try:
@@ -86,8 +94,9 @@ async def test_events_carry_no_secrets(audit_sink: PostgresAuditSink, postgres_d
     await lifecycle(audit_sink)
     conn = await asyncpg.connect(postgres_dsn)
     try:
-        rows = await conn.fetch(f"SELECT event, key_id, details::text AS d FROM "
-                                f"{audit_sink.table} ORDER BY seq")
+        rows = await conn.fetch(
+            f"SELECT event, key_id, details::text AS d FROM {audit_sink.table} ORDER BY seq"
+        )
     finally:
         await conn.close()
     events = [r["event"] for r in rows]
@@ -135,26 +144,40 @@ async def events(sink: PostgresAuditSink, count: int) -> None:
         await sink.emit(AuditEvent("policy_run", details={"n": n}))
 
 
-def row_hash(key: bytes | None, prev: bytes, seq: int, at: dt.datetime, event: str,
-             details: Any) -> bytes:
+def row_hash(
+    key: bytes | None, prev: bytes, seq: int, at: dt.datetime, event: str, details: Any
+) -> bytes:
     """A row's hash as the sink computes it (the frozen row format, written out)."""
-    payload = json.dumps({"seq": seq, "at": at.astimezone(dt.UTC).isoformat(), "event": event,
-                          "key_id": None, "key_type": None, "details": details},
-                         sort_keys=True, separators=(",", ":")).encode()
+    payload = json.dumps(
+        {
+            "seq": seq,
+            "at": at.astimezone(dt.UTC).isoformat(),
+            "event": event,
+            "key_id": None,
+            "key_type": None,
+            "details": details,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
     if key is None:
         return hashlib.sha256(prev + payload).digest()
     return hmac.new(key, prev + payload, hashlib.sha256).digest()
 
 
 async def test_hmac_chain_reports_a_cut_tail_with_the_head_fixed(
-        hmac_sink: PostgresAuditSink, postgres_dsn: str) -> None:
+    hmac_sink: PostgresAuditSink, postgres_dsn: str
+) -> None:
     await events(hmac_sink, 6)
     assert (await hmac_sink.verify()).ok
     # the attacker deletes rows 5 and 6 and points the head at row 4, as the old
     # unkeyed head allowed: the head's MAC no longer matches
     t = hmac_sink.table
-    await sql(postgres_dsn, f"DELETE FROM {t} WHERE seq > 4",
-              f"UPDATE {t}_head SET seq = 4, hash = (SELECT hash FROM {t} WHERE seq = 4)")
+    await sql(
+        postgres_dsn,
+        f"DELETE FROM {t} WHERE seq > 4",
+        f"UPDATE {t}_head SET seq = 4, hash = (SELECT hash FROM {t} WHERE seq = 4)",
+    )
     fresh = PostgresAuditSink(postgres_dsn, table=t, hmac_key=HMAC_KEY)
     try:
         result = await fresh.verify()
@@ -167,25 +190,28 @@ async def test_hmac_chain_reports_a_cut_tail_with_the_head_fixed(
 
 
 async def test_hmac_chain_reports_a_cut_tail_with_the_head_left(
-        hmac_sink: PostgresAuditSink, postgres_dsn: str) -> None:
+    hmac_sink: PostgresAuditSink, postgres_dsn: str
+) -> None:
     await events(hmac_sink, 5)
     await sql(postgres_dsn, f"DELETE FROM {hmac_sink.table} WHERE seq > 3")
     result = await hmac_sink.verify()
-    assert result.problems == ["the chain ends at row 3 but the head says 5: "
-                               "rows were removed from the end"]
+    assert result.problems == [
+        "the chain ends at row 3 but the head says 5: rows were removed from the end"
+    ]
 
 
-async def test_hmac_chain_reports_an_edited_row(hmac_sink: PostgresAuditSink,
-                                                postgres_dsn: str) -> None:
+async def test_hmac_chain_reports_an_edited_row(
+    hmac_sink: PostgresAuditSink, postgres_dsn: str
+) -> None:
     await events(hmac_sink, 4)
-    await sql(postgres_dsn, f"UPDATE {hmac_sink.table} SET details = '{{\"n\": 99}}' "
-                            "WHERE seq = 2")
+    await sql(postgres_dsn, f"UPDATE {hmac_sink.table} SET details = '{{\"n\": 99}}' WHERE seq = 2")
     result = await hmac_sink.verify()
     assert result.problems == ["row 2 was modified (hash mismatch)"]
 
 
 async def test_a_rollback_to_an_older_authentic_head_is_caught_by_the_anchor_and_the_sink(
-        hmac_sink: PostgresAuditSink, postgres_dsn: str) -> None:
+    hmac_sink: PostgresAuditSink, postgres_dsn: str
+) -> None:
     t = hmac_sink.table
     await events(hmac_sink, 3)
     conn = await asyncpg.connect(postgres_dsn)
@@ -196,8 +222,9 @@ async def test_a_rollback_to_an_older_authentic_head_is_caught_by_the_anchor_and
         assert anchor is not None and anchor.seq == 6
         # the attacker put back the head they copied at row 3 and deleted rows 4-6
         await conn.execute(f"DELETE FROM {t} WHERE seq > 3")
-        await conn.execute(f"UPDATE {t}_head SET seq = $1, hash = $2, mode = $3, mac = $4",
-                           *old_head)
+        await conn.execute(
+            f"UPDATE {t}_head SET seq = $1, hash = $2, mode = $3, mac = $4", *old_head
+        )
     finally:
         await conn.close()
     assert any("this sink has seen row 6" in p for p in (await hmac_sink.verify()).problems)
@@ -207,8 +234,10 @@ async def test_a_rollback_to_an_older_authentic_head_is_caught_by_the_anchor_and
     try:
         assert (await fresh.verify()).ok  # the limit the module states
         result = await fresh.verify(anchor=AuditAnchor.parse(str(anchor)))
-        assert result.problems == ["the anchored row 6 is not in the chain as recorded: "
-                                   "the table was rolled back or rewritten"]
+        assert result.problems == [
+            "the anchored row 6 is not in the chain as recorded: "
+            "the table was rolled back or rewritten"
+        ]
     finally:
         await fresh.close()
 
@@ -220,39 +249,53 @@ async def rewrite_as_sha256(dsn: str, table: str, *, through: int | None = None)
         if through is not None:
             await conn.execute(f"DELETE FROM {table} WHERE seq > $1", through)
         prev = b"\x00" * 32
-        rows = await conn.fetch(f"SELECT seq, at, event, details::text AS d FROM {table} "
-                                "ORDER BY seq")
+        rows = await conn.fetch(
+            f"SELECT seq, at, event, details::text AS d FROM {table} ORDER BY seq"
+        )
         for row in rows:
-            digest = row_hash(None, prev, row["seq"], row["at"], row["event"],
-                              json.loads(row["d"]))
-            await conn.execute(f"UPDATE {table} SET prev_hash = $1, hash = $2 WHERE seq = $3",
-                               prev, digest, row["seq"])
+            digest = row_hash(None, prev, row["seq"], row["at"], row["event"], json.loads(row["d"]))
+            await conn.execute(
+                f"UPDATE {table} SET prev_hash = $1, hash = $2 WHERE seq = $3",
+                prev,
+                digest,
+                row["seq"],
+            )
             prev = digest
-        await conn.execute(f"UPDATE {table}_head SET seq = $1, hash = $2, mode = 'sha256', "
-                           "mac = NULL", len(rows), prev)
+        await conn.execute(
+            f"UPDATE {table}_head SET seq = $1, hash = $2, mode = 'sha256', mac = NULL",
+            len(rows),
+            prev,
+        )
     finally:
         await conn.close()
 
 
-async def test_a_downgrade_to_sha256_is_reported_and_refused(hmac_sink: PostgresAuditSink,
-                                                             postgres_dsn: str) -> None:
+async def test_a_downgrade_to_sha256_is_reported_and_refused(
+    hmac_sink: PostgresAuditSink, postgres_dsn: str
+) -> None:
     await events(hmac_sink, 5)
     await rewrite_as_sha256(postgres_dsn, hmac_sink.table, through=3)
     result = await hmac_sink.verify()
     assert not result.ok
-    assert result.problems == ["the table is marked 'sha256' but an HMAC key was given: the "
-                               "wrong table, or its mode record was changed (a downgrade)"]
+    assert result.problems == [
+        "the table is marked 'sha256' but an HMAC key was given: the "
+        "wrong table, or its mode record was changed (a downgrade)"
+    ]
     with pytest.raises(AuditChainError, match="downgrade"):
         await hmac_sink.emit(AuditEvent("policy_run"))
 
 
-async def test_a_stripped_mode_record_is_reported(hmac_sink: PostgresAuditSink,
-                                                  postgres_dsn: str) -> None:
+async def test_a_stripped_mode_record_is_reported(
+    hmac_sink: PostgresAuditSink, postgres_dsn: str
+) -> None:
     t = hmac_sink.table
     await events(hmac_sink, 5)
-    await sql(postgres_dsn, f"DELETE FROM {t} WHERE seq > 3",
-              f"UPDATE {t}_head SET seq = 3, hash = (SELECT hash FROM {t} WHERE seq = 3), "
-              "mode = NULL, mac = NULL")
+    await sql(
+        postgres_dsn,
+        f"DELETE FROM {t} WHERE seq > 3",
+        f"UPDATE {t}_head SET seq = 3, hash = (SELECT hash FROM {t} WHERE seq = 3), "
+        "mode = NULL, mac = NULL",
+    )
     fresh = PostgresAuditSink(postgres_dsn, table=t, hmac_key=HMAC_KEY)
     try:
         result = await fresh.verify()
@@ -263,14 +306,17 @@ async def test_a_stripped_mode_record_is_reported(hmac_sink: PostgresAuditSink,
         await fresh.close()
 
 
-async def test_wrong_mode_or_no_key_says_so(hmac_sink: PostgresAuditSink,
-                                            postgres_dsn: str) -> None:
+async def test_wrong_mode_or_no_key_says_so(
+    hmac_sink: PostgresAuditSink, postgres_dsn: str
+) -> None:
     await events(hmac_sink, 3)
     plain = PostgresAuditSink(postgres_dsn, table=hmac_sink.table)
     try:
         result = await plain.verify()
-        assert result.problems == ["the table is an HMAC chain: verify it with its key "
-                                   "(aiocrypt audit verify --hmac-key-env NAME)"]
+        assert result.problems == [
+            "the table is an HMAC chain: verify it with its key "
+            "(aiocrypt audit verify --hmac-key-env NAME)"
+        ]
         with pytest.raises(AuditChainError, match="HMAC chain"):
             await plain.emit(AuditEvent("policy_run"))
     finally:
@@ -297,11 +343,18 @@ async def old_layout(dsn: str, table: str, key: bytes | None, count: int) -> Non
             await conn.execute(
                 f"INSERT INTO {table} (seq, at, event, key_id, key_type, details, prev_hash, "
                 "hash) VALUES ($1, $2, 'policy_run', NULL, NULL, $3::jsonb, $4, $5)",
-                seq, at, json.dumps({"n": seq}), prev, digest)
+                seq,
+                at,
+                json.dumps({"n": seq}),
+                prev,
+                digest,
+            )
             await conn.execute(
                 f"INSERT INTO {table}_head (id, seq, hash) VALUES (1, $1, $2) "
                 "ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash",
-                seq, digest)
+                seq,
+                digest,
+            )
             prev = digest
     finally:
         await conn.close()
@@ -315,9 +368,11 @@ async def test_an_old_hmac_table_keeps_working_and_upgrades(postgres_dsn: str) -
         await sink.emit(AuditEvent("policy_run"))  # appends as before
         result = await sink.verify()
         assert result.rows == 5
-        assert result.problems == ["the head is not authenticated: a table of the old layout "
-                                   "(run 'aiocrypt audit upgrade' once) or its mode record "
-                                   "was removed"]
+        assert result.problems == [
+            "the head is not authenticated: a table of the old layout "
+            "(run 'aiocrypt audit upgrade' once) or its mode record "
+            "was removed"
+        ]
         wrong_key = PostgresAuditSink(postgres_dsn, table=table, hmac_key=b"x" * 32)
         try:
             with pytest.raises(AuditChainError, match="does not verify"):
@@ -328,13 +383,17 @@ async def test_an_old_hmac_table_keeps_working_and_upgrades(postgres_dsn: str) -
         assert result.ok and result.rows == 6 and result.mode == "hmac", result.problems
         conn = await asyncpg.connect(postgres_dsn)
         try:
-            assert await conn.fetchval(f"SELECT event FROM {table} WHERE seq = 6") == \
-                "audit_chain_upgraded"
+            assert (
+                await conn.fetchval(f"SELECT event FROM {table} WHERE seq = 6")
+                == "audit_chain_upgraded"
+            )
         finally:
             await conn.close()
-        await sql(postgres_dsn, f"DELETE FROM {table} WHERE seq > 4",
-                  f"UPDATE {table}_head SET seq = 4, hash = (SELECT hash FROM {table} "
-                  "WHERE seq = 4)")
+        await sql(
+            postgres_dsn,
+            f"DELETE FROM {table} WHERE seq > 4",
+            f"UPDATE {table}_head SET seq = 4, hash = (SELECT hash FROM {table} WHERE seq = 4)",
+        )
         fresh = PostgresAuditSink(postgres_dsn, table=table, hmac_key=HMAC_KEY)
         try:
             assert not (await fresh.verify()).ok
@@ -358,19 +417,23 @@ async def test_an_old_sha256_table_verifies_without_a_key(postgres_dsn: str) -> 
             problems = (await keyed.verify()).problems
         finally:
             await keyed.close()
-        assert "no row verifies in hmac mode: the wrong HMAC key (or none given for an HMAC " \
-               "chain), or every row was rewritten" in problems
+        assert (
+            "no row verifies in hmac mode: the wrong HMAC key (or none given for an HMAC "
+            "chain), or every row was rewritten" in problems
+        )
     finally:
         await drop(postgres_dsn, table)
         await sink.close()
 
 
 async def test_an_auditor_logs_why_a_tampered_table_refused_an_event(
-        hmac_sink: PostgresAuditSink, postgres_dsn: str,
-        caplog: pytest.LogCaptureFixture) -> None:
+    hmac_sink: PostgresAuditSink, postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
     await events(hmac_sink, 2)
     await sql(postgres_dsn, f"UPDATE {hmac_sink.table}_head SET mode = 'sha256', mac = NULL")
     with caplog.at_level("ERROR", logger="aiocrypt"):
         await Auditor([hmac_sink]).emit("policy_run")  # never raises into the application
-    assert any("audit sink PostgresAuditSink failed" in r.getMessage() and "downgrade"
-               in r.getMessage() for r in caplog.records), caplog.text
+    assert any(
+        "audit sink PostgresAuditSink failed" in r.getMessage() and "downgrade" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text

@@ -26,24 +26,35 @@ from aiocrypt._keys import EncryptionKey
 
 VECTORS = Path(__file__).parent / "vectors"
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-VECTOR_FILES = {name: json.loads((VECTORS / f"{name}.json").read_text())
-                for name in ("blobs", "blobs_v2", "streams_v2")}
+VECTOR_FILES = {
+    name: json.loads((VECTORS / f"{name}.json").read_text())
+    for name in ("blobs", "blobs_v2", "streams_v2")
+}
 CASES = [(name, vector) for name, cases in VECTOR_FILES.items() for vector in cases]
 IDS = [f"{name}-{i}" for name, cases in VECTOR_FILES.items() for i in range(len(cases))]
 
 
 def data_key(vector: dict[str, Any]) -> DataKey:
-    key = EncryptionKey(key_id=vector["key_id"], key_type=vector["key_type"], version=1,
-                        status=KeyStatus.ACTIVE, created_at=T0,
-                        expires_at=T0 + dt.timedelta(days=1))
+    key = EncryptionKey(
+        key_id=vector["key_id"],
+        key_type=vector["key_type"],
+        version=1,
+        status=KeyStatus.ACTIVE,
+        created_at=T0,
+        expires_at=T0 + dt.timedelta(days=1),
+    )
     return DataKey(key, bytes.fromhex(vector["dek"]))
 
 
 def five_fields(encrypted: EncryptedData, **changes: Any) -> EncryptedData:
     """What the seed does: keep five fields (the ciphertext through a file), rebuild."""
-    fields = {"encrypted_data": bytes(encrypted.encrypted_data), "key_id": encrypted.key_id,
-              "algorithm": encrypted.algorithm, "iv": bytes(encrypted.iv),
-              "tag": bytes(encrypted.tag)}
+    fields = {
+        "encrypted_data": bytes(encrypted.encrypted_data),
+        "key_id": encrypted.key_id,
+        "algorithm": encrypted.algorithm,
+        "iv": bytes(encrypted.iv),
+        "tag": bytes(encrypted.tag),
+    }
     return EncryptedData(**{**fields, **changes})
 
 
@@ -67,14 +78,20 @@ def test_bare_iv_with_explicit_fields_still_rebuilds(name: str, vector: dict[str
     with ``segment_size``, ``compressed`` and ``format_version=1`` given beside it."""
     blob = bytes.fromhex(vector["blob"])
     original = EncryptedData.from_bytes(blob)
-    body = blob[4 + blob[3]:]
+    body = blob[4 + blob[3] :]
     stream = original.algorithm == "AES_256_GCM_STREAM"
     bare_iv = body[4:27] if stream else body[:12]
-    rebuilt = five_fields(original, iv=bare_iv, segment_size=original.segment_size,
-                          compressed=bool(vector.get("flags")), format_version=blob[0])
+    rebuilt = five_fields(
+        original,
+        iv=bare_iv,
+        segment_size=original.segment_size,
+        compressed=bool(vector.get("flags")),
+        format_version=blob[0],
+    )
     assert rebuilt == original and rebuilt.to_bytes() == blob
-    assert bytes(decrypt_bulk(data_key(vector), rebuilt, vector["context"].encode())) \
-        == bytes.fromhex(vector["plaintext"])
+    assert bytes(
+        decrypt_bulk(data_key(vector), rebuilt, vector["context"].encode())
+    ) == bytes.fromhex(vector["plaintext"])
 
 
 def test_the_iv_of_a_plain_one_shot_blob_stays_its_nonce() -> None:
@@ -116,8 +133,9 @@ def test_an_edited_packed_iv_never_decrypts(name: str, vector: dict[str, Any]) -
     assert tried >= 2
 
 
-@pytest.mark.parametrize("changes", [{"segment_size": 2048}, {"format_version": 1},
-                                     {"compressed": True}])
+@pytest.mark.parametrize(
+    "changes", [{"segment_size": 2048}, {"format_version": 1}, {"compressed": True}]
+)
 def test_fields_that_contradict_a_packed_iv_are_refused(changes: dict[str, Any]) -> None:
     vector = json.loads((VECTORS / "streams_v2.json").read_text())[0]
     original = EncryptedData.from_bytes(bytes.fromhex(vector["blob"]))

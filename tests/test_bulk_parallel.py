@@ -32,28 +32,32 @@ async def service(request: pytest.FixtureRequest) -> AsyncIterator[EncryptionSer
 @pytest.fixture
 async def other(service: EncryptionService) -> AsyncIterator[EncryptionService]:
     """The same keys, the other path (inline for threads, threads for inline)."""
-    async with EncryptionService(service.key_manager,
-                                 parallel_bulk=not await service.parallel_bulk()) as svc:
+    async with EncryptionService(
+        service.key_manager, parallel_bulk=not await service.parallel_bulk()
+    ) as svc:
         yield svc
 
 
 @pytest.mark.parametrize("size", [0, 1, MiB - 1, MiB, MiB + 1, 8 * MiB + 3])
-async def test_round_trip_across_paths(service: EncryptionService, other: EncryptionService,
-                                       size: int) -> None:
+async def test_round_trip_across_paths(
+    service: EncryptionService, other: EncryptionService, size: int
+) -> None:
     data = os.urandom(size)
     sealed = await service.encrypt_bulk_data(data, KT, context=CTX)
     assert bytes(await other.decrypt_bulk_data(sealed, key_type=KT, context=CTX)) == data
     again = await other.encrypt_bulk_data(data, KT, context=CTX)
-    assert bytes(await service.decrypt_bulk_data(again.to_bytes(), key_type=KT,
-                                                 context=CTX)) == data
+    assert (
+        bytes(await service.decrypt_bulk_data(again.to_bytes(), key_type=KT, context=CTX)) == data
+    )
     threaded = service.counters["threaded_operations"]
     if size > 2 * MiB:  # the path taken is the one asked for
         assert threaded >= 4 if await service.parallel_bulk() else threaded == 0
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-async def test_a_tampered_segment_fails_and_out_is_scrubbed(service: EncryptionService,
-                                                            where: str) -> None:
+async def test_a_tampered_segment_fails_and_out_is_scrubbed(
+    service: EncryptionService, where: str
+) -> None:
     data = os.urandom(6 * MiB + 100)
     sealed = await service.encrypt_bulk_data(data, KT, context=CTX)
     body = bytearray(sealed.encrypted_data)
@@ -72,9 +76,9 @@ async def test_truncation_and_reordering_fail(service: EncryptionService) -> Non
     sealed = await service.encrypt_bulk_data(data, KT, context=CTX)
     stride = MiB + 16
     body = bytes(sealed.encrypted_data)
-    dropped = body[:stride] + body[2 * stride:]          # segment 1 removed
-    swapped = body[stride:2 * stride] + body[:stride] + body[2 * stride:]
-    for edited in (dropped, swapped, body[:3 * stride - 16]):
+    dropped = body[:stride] + body[2 * stride :]  # segment 1 removed
+    swapped = body[stride : 2 * stride] + body[:stride] + body[2 * stride :]
+    for edited in (dropped, swapped, body[: 3 * stride - 16]):
         forged = EncryptedData(edited, sealed.key_id, sealed.algorithm, sealed.iv, sealed.tag)
         with pytest.raises(DecryptionError):
             await service.decrypt_bulk_data(forged, key_type=KT, context=CTX)
@@ -88,20 +92,21 @@ async def test_out_buffers(service: EncryptionService, size: int) -> None:
     sealed = await service.encrypt_bulk_data(data, KT, context=CTX, out=cipher_out)
     assert isinstance(sealed.encrypted_data, memoryview)
     assert sealed.encrypted_data.obj is cipher_out  # a view, not a copy
-    assert bytes(cipher_out[:len(sealed.encrypted_data)]) == bytes(sealed.encrypted_data)
+    assert bytes(cipher_out[: len(sealed.encrypted_data)]) == bytes(sealed.encrypted_data)
     assert sealed.plaintext_size == size
     plain_out = bytearray(size)
     opened = await service.decrypt_bulk_data(sealed, key_type=KT, context=CTX, out=plain_out)
     assert bytes(opened) == data and plain_out == data
-    assert bytes(await service.decrypt_bulk_data(sealed.to_bytes(), key_type=KT,
-                                                 context=CTX)) == data
+    assert (
+        bytes(await service.decrypt_bulk_data(sealed.to_bytes(), key_type=KT, context=CTX)) == data
+    )
 
-    with pytest.raises(ValueError, match=f"out= holds {needed - 1} bytes; the result needs "
-                                         f"{needed}"):
+    with pytest.raises(
+        ValueError, match=f"out= holds {needed - 1} bytes; the result needs {needed}"
+    ):
         await service.encrypt_bulk_data(data, KT, context=CTX, out=bytearray(needed - 1))
     with pytest.raises(ValueError, match="the plaintext needs"):
-        await service.decrypt_bulk_data(sealed, key_type=KT, context=CTX,
-                                        out=bytearray(size - 1))
+        await service.decrypt_bulk_data(sealed, key_type=KT, context=CTX, out=bytearray(size - 1))
     with pytest.raises(TypeError, match="writable"):
         await service.encrypt_bulk_data(data, KT, context=CTX, out=bytes(needed))
     with pytest.raises(TypeError, match="writable buffer"):

@@ -17,18 +17,33 @@ from aiocrypt._codec import MAX_DEPTH, decode_value, encode_value
 from aiocrypt.testing import make_service
 
 aware_datetimes = st.datetimes(
-    timezones=st.sampled_from([dt.UTC, dt.timezone(dt.timedelta(hours=5, minutes=30)),
-                               dt.timezone(dt.timedelta(hours=-8))]))
+    timezones=st.sampled_from(
+        [
+            dt.UTC,
+            dt.timezone(dt.timedelta(hours=5, minutes=30)),
+            dt.timezone(dt.timedelta(hours=-8)),
+        ]
+    )
+)
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**200), max_value=2**200),
-    st.floats(allow_nan=False), st.text(), st.binary(),
-    st.decimals(allow_nan=False), st.dates(), aware_datetimes, st.uuids(),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**200), max_value=2**200),
+    st.floats(allow_nan=False),
+    st.text(),
+    st.binary(),
+    st.decimals(allow_nan=False),
+    st.dates(),
+    aware_datetimes,
+    st.uuids(),
 )
 hashable_scalars = st.one_of(st.text(), st.integers(), st.booleans(), st.uuids(), st.dates())
 values = st.recursive(
     scalars,
-    lambda children: st.one_of(st.lists(children, max_size=5),
-                               st.dictionaries(hashable_scalars, children, max_size=5)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=5), st.dictionaries(hashable_scalars, children, max_size=5)
+    ),
     max_leaves=20,
 )
 
@@ -63,8 +78,9 @@ async def test_service_round_trip_keeps_value_and_type(value: Any, context: str)
         assert same(await service.decrypt_field(token, "pii", context=context), value)
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.0, Decimal("NaN"),
-                                   Decimal("-0.00"), Decimal("1E+3")])
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), -0.0, Decimal("NaN"), Decimal("-0.00"), Decimal("1E+3")]
+)
 def test_special_numbers(value: Any) -> None:
     decoded = decode_value(encode_value(value))
     assert type(decoded) is type(value)
@@ -73,17 +89,28 @@ def test_special_numbers(value: Any) -> None:
         assert math.copysign(1, decoded) == math.copysign(1, value)
 
 
-@pytest.mark.parametrize("value", [
-    (1, 2), {1, 2}, frozenset(), object(), dt.datetime(2026, 1, 1), complex(1, 2),
-    {(1, 2): "tuple key"}, {frozenset(): 1},
-])
-async def test_unsupported_types_are_refused_clearly(value: Any,
-                                                     service: EncryptionService) -> None:
+@pytest.mark.parametrize(
+    "value",
+    [
+        (1, 2),
+        {1, 2},
+        frozenset(),
+        object(),
+        dt.datetime(2026, 1, 1),
+        complex(1, 2),
+        {(1, 2): "tuple key"},
+        {frozenset(): 1},
+    ],
+)
+async def test_unsupported_types_are_refused_clearly(
+    value: Any, service: EncryptionService
+) -> None:
     with pytest.raises(UnsupportedTypeError) as info:
         await service.encrypt_field(value)
     assert isinstance(info.value, TypeError)
-    assert "datetime" in str(info.value) or "cannot" in str(info.value) or \
-        "scalar" in str(info.value)
+    assert (
+        "datetime" in str(info.value) or "cannot" in str(info.value) or "scalar" in str(info.value)
+    )
 
 
 def test_nesting_is_bounded() -> None:

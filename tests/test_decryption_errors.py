@@ -29,8 +29,12 @@ SSN = "123-45-6789"
 CTX = "users.ssn_encrypted"
 
 
-async def reason_of(service: EncryptionService, token: str, key_type: KeyType | str = "pii",
-                    context: str | None = CTX) -> DecryptionError:
+async def reason_of(
+    service: EncryptionService,
+    token: str,
+    key_type: KeyType | str = "pii",
+    context: str | None = CTX,
+) -> DecryptionError:
     with pytest.raises(DecryptionError) as info:
         await service.decrypt_field(token, key_type, context=context)
     error = info.value
@@ -69,8 +73,13 @@ async def test_authentication_failures_are_one_reason(service: EncryptionService
 async def test_malformed(service: EncryptionService) -> None:
     token = await service.encrypt_field(SSN, KeyType.PII, context=CTX)
     prefix = token.rsplit(".", 1)[0]
-    for bad in ["123-45-6789", "ac2.", prefix + ".@@@@", prefix + ".AAAA",  # too short
-                token[:len(token) // 4]]:
+    for bad in [
+        "123-45-6789",
+        "ac2.",
+        prefix + ".@@@@",
+        prefix + ".AAAA",  # too short
+        token[: len(token) // 4],
+    ]:
         error = await reason_of(service, bad)
         assert error.reason is F.MALFORMED, bad
 
@@ -146,8 +155,9 @@ async def test_format_v1_refused_is_malformed() -> None:
 
 
 async def test_bulk_data_reasons(service: EncryptionService) -> None:
-    blob = (await service.encrypt_bulk_data(b"report " * 100, KeyType.FINANCIAL_DATA,
-                                            context="r1")).to_bytes()
+    blob = (
+        await service.encrypt_bulk_data(b"report " * 100, KeyType.FINANCIAL_DATA, context="r1")
+    ).to_bytes()
     with pytest.raises(DecryptionError) as info:
         await service.decrypt_bulk_data(blob, key_type=KeyType.PII, context="r1")
     assert info.value.reason is F.WRONG_KEY_TYPE
@@ -155,8 +165,7 @@ async def test_bulk_data_reasons(service: EncryptionService) -> None:
         await service.decrypt_bulk_data(blob, key_type=KeyType.FINANCIAL_DATA, context="r2")
     assert info.value.reason is F.AUTHENTICATION_FAILED
     with pytest.raises(DecryptionError) as info:
-        await service.decrypt_bulk_data(b"plain text, not a blob",
-                                        key_type=KeyType.FINANCIAL_DATA)
+        await service.decrypt_bulk_data(b"plain text, not a blob", key_type=KeyType.FINANCIAL_DATA)
     assert info.value.reason is F.MALFORMED
 
 
@@ -166,18 +175,22 @@ async def _collect(parts: AsyncIterator[bytes]) -> bytes:
 
 async def test_stream_reasons(service: EncryptionService) -> None:
     data = b"x" * 5000
-    stream = await _collect(service.encrypt_stream([data], KeyType.FINANCIAL_DATA,
-                                                   context="s", segment_size=1024))
-    assert await _collect(service.decrypt_stream(
-        [stream], key_type=KeyType.FINANCIAL_DATA, context="s")) == data
+    stream = await _collect(
+        service.encrypt_stream([data], KeyType.FINANCIAL_DATA, context="s", segment_size=1024)
+    )
+    assert (
+        await _collect(
+            service.decrypt_stream([stream], key_type=KeyType.FINANCIAL_DATA, context="s")
+        )
+        == data
+    )
     cases = [
         ([stream], KeyType.PII, "s", F.WRONG_KEY_TYPE),
         ([stream], KeyType.FINANCIAL_DATA, "other", F.AUTHENTICATION_FAILED),
         ([stream[:-100]], KeyType.FINANCIAL_DATA, "s", F.AUTHENTICATION_FAILED),  # cut short
         ([b"not a stream at all"], KeyType.FINANCIAL_DATA, "s", F.MALFORMED),
     ]
-    blob = (await service.encrypt_bulk_data(data, KeyType.FINANCIAL_DATA,
-                                            context="s")).to_bytes()
+    blob = (await service.encrypt_bulk_data(data, KeyType.FINANCIAL_DATA, context="s")).to_bytes()
     cases.append(([blob], KeyType.FINANCIAL_DATA, "s", F.WRONG_PURPOSE))  # one-shot blob
     for source, kt, ctx, reason in cases:
         with pytest.raises(DecryptionError) as info:
@@ -193,7 +206,8 @@ async def test_decrypt_many_names_the_first_failure(service: EncryptionService) 
 
 
 async def test_failures_are_logged_at_debug_without_secrets(
-        service: EncryptionService, caplog: pytest.LogCaptureFixture) -> None:
+    service: EncryptionService, caplog: pytest.LogCaptureFixture
+) -> None:
     token = await service.encrypt_field(SSN, KeyType.PII, context=CTX)
     dk = service.keyring.active(KeyType.PII)
     with caplog.at_level(logging.DEBUG, logger="aiocrypt"):

@@ -55,8 +55,20 @@ ROOT = Path(__file__).resolve().parent.parent
 BLOCK_TIMEOUT = float(os.environ.get("AIOCRYPT_DOC_TEST_TIMEOUT", "60"))
 RUN_LANGS = frozenset({"python", "bash", "console"})
 # Languages that look runnable but would silently escape the runner.
-AMBIGUOUS_LANGS = frozenset({"sh", "shell", "zsh", "py", "python3", "pycon", "shell-session",
-                             "ipython", "bash-session", "pwsh"})
+AMBIGUOUS_LANGS = frozenset(
+    {
+        "sh",
+        "shell",
+        "zsh",
+        "py",
+        "python3",
+        "pycon",
+        "shell-session",
+        "ipython",
+        "bash-session",
+        "pwsh",
+    }
+)
 SKIP_RE = re.compile(r"^\s*<!--\s*doc-test:\s*skip:\s*(?P<reason>\S.*?)\s*-->\s*$")
 MARKER_RE = re.compile(r"doc-test", re.IGNORECASE)
 FENCE_RE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`\n]*)$")
@@ -240,9 +252,14 @@ class DocFile:
         with open(self.worker_log, "wb") as log:
             self.worker = subprocess.Popen(
                 [sys.executable, __file__, "--worker", str(request_r), str(reply_w)],
-                cwd=self.tmp, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, pass_fds=(request_r, reply_w),
-                start_new_session=True)
+                cwd=self.tmp,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(request_r, reply_w),
+                start_new_session=True,
+            )
         os.close(request_r)
         os.close(reply_w)
         self.worker_in = os.fdopen(request_w, "wb")
@@ -265,8 +282,11 @@ class DocFile:
         if not line:
             _kill_group(self.worker)
             self.worker = None
-            why = (f"timed out after {BLOCK_TIMEOUT:.0f} s" if not ready
-                   else f"the Python worker died (exit code {self.worker_returncode()})")
+            why = (
+                f"timed out after {BLOCK_TIMEOUT:.0f} s"
+                if not ready
+                else f"the Python worker died (exit code {self.worker_returncode()})"
+            )
             return False, f"{why}\n--- output ---\n{self._log_since(offset)}"
         reply = json.loads(line)
         output = self._log_since(offset)
@@ -290,9 +310,15 @@ class DocFile:
         script.write_text(block.commands(), encoding="utf-8")
         log_path = self.base / f"block-{block.line}.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(["bash", "-e", str(script)], cwd=self.tmp, env=self.env,
-                                    stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                ["bash", "-e", str(script)],
+                cwd=self.tmp,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             self.groups.append(proc.pid)
             try:
                 code = proc.wait(timeout=BLOCK_TIMEOUT)
@@ -330,18 +356,29 @@ def _worker_main(request_fd: int, reply_fd: int) -> None:
             source = "\n" * (request["line"] - 1) + request["code"]
             reply: dict[str, Any] = {"ok": True, "error": None}
             try:
-                code = compile(source, request["path"], "exec",
-                               flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+                code = compile(
+                    source,
+                    request["path"],
+                    "exec",
+                    flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+                    dont_inherit=True,
+                )
                 result = eval(code, namespace)  # running the docs is the point
                 if inspect.iscoroutine(result):
                     runner.run(result)
             except BaseException as exc:  # reported to the test, which fails
                 asyncio_dir = f"{os.sep}asyncio{os.sep}"
-                frames = [f for f in traceback.extract_tb(exc.__traceback__)
-                          if f.filename != __file__ and asyncio_dir not in f.filename]
-                reply = {"ok": False, "error": "Traceback (most recent call last):\n"
-                         + "".join(traceback.format_list(frames))
-                         + "".join(traceback.format_exception_only(exc))}
+                frames = [
+                    f
+                    for f in traceback.extract_tb(exc.__traceback__)
+                    if f.filename != __file__ and asyncio_dir not in f.filename
+                ]
+                reply = {
+                    "ok": False,
+                    "error": "Traceback (most recent call last):\n"
+                    + "".join(traceback.format_list(frames))
+                    + "".join(traceback.format_exception_only(exc)),
+                }
             sys.stdout.flush()
             sys.stderr.flush()
             replies.write(json.dumps(reply) + "\n")
@@ -423,17 +460,23 @@ def test_no_sample_escapes_the_runner() -> None:
         fences = {line: lang for line, lang, _, _ in parse_fences(path)}
         for line, lang in fences.items():
             if lang in AMBIGUOUS_LANGS:
-                problems.append(f"{path.relative_to(ROOT)}:{line}: ```{lang} is not run: use "
-                                "```bash / ```console (run) or ```text (a listing)")
+                problems.append(
+                    f"{path.relative_to(ROOT)}:{line}: ```{lang} is not run: use "
+                    "```bash / ```console (run) or ```text (a listing)"
+                )
         for number, text in enumerate(lines, start=1):
             if not MARKER_RE.search(text) or "`" in text:
                 continue
             if not SKIP_RE.match(text):
-                problems.append(f"{path.relative_to(ROOT)}:{number}: malformed marker; "
-                                "use <!-- doc-test: skip: <reason> -->")
+                problems.append(
+                    f"{path.relative_to(ROOT)}:{number}: malformed marker; "
+                    "use <!-- doc-test: skip: <reason> -->"
+                )
             elif number + 1 not in fences:
-                problems.append(f"{path.relative_to(ROOT)}:{number}: skip marker is not on "
-                                "the line just before a fence")
+                problems.append(
+                    f"{path.relative_to(ROOT)}:{number}: skip marker is not on "
+                    "the line just before a fence"
+                )
     assert not problems, "\n".join(problems)
 
 
@@ -455,8 +498,7 @@ def _names_in_code() -> dict[str, list[str]]:
                 if isinstance(node, ast.Constant) and isinstance(node.value, str):
                     for name in ENV_NAME_RE.findall(node.value):
                         if not name.endswith("_"):  # a prefix such as ENCRYPTION_ARQ_
-                            found.setdefault(name, []).append(
-                                source.relative_to(ROOT).as_posix())
+                            found.setdefault(name, []).append(source.relative_to(ROOT).as_posix())
     return found
 
 
@@ -470,12 +512,12 @@ def test_env_reference_lists_every_variable_the_code_reads() -> None:
     assert "ENCRYPTION_MASTER_KEY" in in_code  # the scan works
     missing = sorted(set(in_code) - _names_in_reference())
     assert not missing, "undocumented in docs/configuration.md: " + ", ".join(
-        f"{name} ({sorted(set(in_code[name]))[0]})" for name in missing)
+        f"{name} ({sorted(set(in_code[name]))[0]})" for name in missing
+    )
 
 
 def test_env_reference_documents_only_real_variables() -> None:
     documented = _names_in_reference()
     assert "ENCRYPTION_MASTER_KEY" in documented
     unknown = sorted(documented - set(_names_in_code()))
-    assert not unknown, "docs/configuration.md documents names no code reads: " + ", ".join(
-        unknown)
+    assert not unknown, "docs/configuration.md documents names no code reads: " + ", ".join(unknown)

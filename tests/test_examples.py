@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run(args: list[str], tmp_path: Path) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCRYPTION_")}
-    result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -43,13 +44,22 @@ def test_quickstart_example(tmp_path: Path) -> None:
 
 def test_cli_round_trip(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCRYPTION_")}
-    key = subprocess.run([sys.executable, "-m", "aiocrypt.cli", "new-master-key"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    key = subprocess.run(
+        [sys.executable, "-m", "aiocrypt.cli", "new-master-key"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     env.update(ENCRYPTION_MASTER_KEY=key, ENCRYPTION_KEY_STORAGE_PATH=str(tmp_path / "k.json"))
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "aiocrypt.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "aiocrypt.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     assert cli("config", "validate").stdout.strip() == "configuration OK"
     generated = cli("keys", "generate", "pii")

@@ -13,10 +13,19 @@ import pytest
 import aiocrypt
 
 
-@pytest.mark.parametrize("module_name", ["aiocrypt", "aiocrypt.audit", "aiocrypt.kek",
-                                         "aiocrypt.keystore", "aiocrypt.testing",
-                                         "aiocrypt.metrics", "aiocrypt.reencrypt",
-                                         "aiocrypt.adapters"])
+@pytest.mark.parametrize(
+    "module_name",
+    [
+        "aiocrypt",
+        "aiocrypt.audit",
+        "aiocrypt.kek",
+        "aiocrypt.keystore",
+        "aiocrypt.testing",
+        "aiocrypt.metrics",
+        "aiocrypt.reencrypt",
+        "aiocrypt.adapters",
+    ],
+)
 def test_all_names_exist_and_public_names_are_exported(module_name: str) -> None:
     module = importlib.import_module(module_name)
     exported = set(module.__all__)
@@ -24,19 +33,38 @@ def test_all_names_exist_and_public_names_are_exported(module_name: str) -> None
         assert hasattr(module, name), name
     if module.__file__ and module.__file__.endswith("__init__.py"):
         # a package re-exports from private modules: every public name it holds
-        public = {name for name, obj in vars(module).items() if not name.startswith("_")
-                  and getattr(obj, "__module__", "").startswith(module_name)}
+        public = {
+            name
+            for name, obj in vars(module).items()
+            if not name.startswith("_") and getattr(obj, "__module__", "").startswith(module_name)
+        }
     else:
-        public = {name for name, obj in vars(module).items() if not name.startswith("_")
-                  and getattr(obj, "__module__", None) == module_name}
+        public = {
+            name
+            for name, obj in vars(module).items()
+            if not name.startswith("_") and getattr(obj, "__module__", None) == module_name
+        }
     assert public <= exported, public - exported
 
 
 def test_design_names_are_public() -> None:
-    for name in ["KeyType", "KeyStatus", "EncryptionKey", "EncryptedData", "EncryptionConfig",
-                 "KeyRotationPolicy", "PerformanceMode", "CryptoConfigManager", "KeyManager",
-                 "EncryptionService", "get_crypto_config", "get_key_manager",
-                 "get_encryption_service", "AiocryptError", "DecryptionError"]:
+    for name in [
+        "KeyType",
+        "KeyStatus",
+        "EncryptionKey",
+        "EncryptedData",
+        "EncryptionConfig",
+        "KeyRotationPolicy",
+        "PerformanceMode",
+        "CryptoConfigManager",
+        "KeyManager",
+        "EncryptionService",
+        "get_crypto_config",
+        "get_key_manager",
+        "get_encryption_service",
+        "AiocryptError",
+        "DecryptionError",
+    ]:
         assert name in aiocrypt.__all__
 
 
@@ -44,27 +72,42 @@ def test_core_imports_no_integration_or_cloud_sdk() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, aiocrypt, aiocrypt.testing, aiocrypt.cli; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in {'sqlalchemy', 'quart', "
-            "'flask', 'arq', 'aiobotocore', 'hvac', 'azure', 'google', 'redis', 'asyncpg'}]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, aiocrypt, aiocrypt.testing, aiocrypt.cli; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in {'sqlalchemy', 'quart', "
+        "'flask', 'arq', 'aiobotocore', 'hvac', 'azure', 'google', 'redis', 'asyncpg'}]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 #: Modules applications and adapters import: their signatures may name only types
 #: reachable from one of them.
-PUBLIC_MODULES = ["aiocrypt", "aiocrypt.adapters", "aiocrypt.reencrypt", "aiocrypt.keystore",
-                  "aiocrypt.kek", "aiocrypt.audit", "aiocrypt.testing", "aiocrypt.metrics",
-                  "aiocrypt.integrations.sqlalchemy", "aiocrypt.integrations.alembic",
-                  "aiocrypt.integrations.arq", "aiocrypt.integrations.flask",
-                  "aiocrypt.integrations.quart", "aiocrypt.integrations.sessions",
-                  "aiocrypt.integrations.cache"]
+PUBLIC_MODULES = [
+    "aiocrypt",
+    "aiocrypt.adapters",
+    "aiocrypt.reencrypt",
+    "aiocrypt.keystore",
+    "aiocrypt.kek",
+    "aiocrypt.audit",
+    "aiocrypt.testing",
+    "aiocrypt.metrics",
+    "aiocrypt.integrations.sqlalchemy",
+    "aiocrypt.integrations.alembic",
+    "aiocrypt.integrations.arq",
+    "aiocrypt.integrations.flask",
+    "aiocrypt.integrations.quart",
+    "aiocrypt.integrations.sessions",
+    "aiocrypt.integrations.cache",
+]
 #: Private types public signatures still name, being made public by the work that
 #: added them (subject keys); this set may only shrink.
-NOT_YET_PUBLIC = {"aiocrypt._subjects.SubjectKeyRecord",
-                  "aiocrypt.keystore._subjects_file.FileSubjectKeyStore",
-                  "aiocrypt.keystore._subjects_memory.MemorySubjectKeyStore"}
+NOT_YET_PUBLIC = {
+    "aiocrypt._subjects.SubjectKeyRecord",
+    "aiocrypt.keystore._subjects_file.FileSubjectKeyStore",
+    "aiocrypt.keystore._subjects_memory.MemorySubjectKeyStore",
+}
 
 
 def _classes_in(hint: object) -> Iterator[type]:
@@ -93,8 +136,12 @@ def test_public_signatures_name_only_public_types() -> None:
     exported = {name: getattr(m, name) for m in modules for name in m.__all__}
     reachable = {id(obj) for obj in exported.values()}
     # names under TYPE_CHECKING in their modules: resolved against the public ones
-    namespace = {**exported, "redis": redis, "CollectorRegistry": prometheus_client.
-                 CollectorRegistry, "Metric": prometheus_client.metrics_core.Metric}
+    namespace = {
+        **exported,
+        "redis": redis,
+        "CollectorRegistry": prometheus_client.CollectorRegistry,
+        "Metric": prometheus_client.metrics_core.Metric,
+    }
     functions: list[Callable[..., Any]] = []
     for obj in exported.values():
         if inspect.isfunction(obj):
@@ -114,8 +161,9 @@ def test_public_signatures_name_only_public_types() -> None:
                 if _private(cls) and id(cls) not in reachable:
                     private[f"{cls.__module__}.{cls.__qualname__}"] = function.__qualname__
     assert "digest" in {f.__name__ for f in functions}  # BlindIndex.digest was looked at
-    assert set(private) <= NOT_YET_PUBLIC, {k: v for k, v in private.items()
-                                            if k not in NOT_YET_PUBLIC}
+    assert set(private) <= NOT_YET_PUBLIC, {
+        k: v for k, v in private.items() if k not in NOT_YET_PUBLIC
+    }
 
 
 def test_adapters_reach_what_the_integrations_needed_from_private_modules() -> None:

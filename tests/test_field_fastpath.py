@@ -23,7 +23,7 @@ from aiocrypt._keyring import Keyring
 
 def nonce_of(token: str) -> bytes:
     body = token.rsplit(".", 1)[1]
-    return base64.urlsafe_b64decode(body)[2:2 + NONCE_BYTES]
+    return base64.urlsafe_b64decode(body)[2 : 2 + NONCE_BYTES]
 
 
 async def started_keyring(service: EncryptionService, key_type: KeyType) -> Keyring:
@@ -33,8 +33,9 @@ async def started_keyring(service: EncryptionService, key_type: KeyType) -> Keyr
 
 async def test_nonces_never_repeat_across_pool_refills(service: EncryptionService) -> None:
     keyring = await started_keyring(service, KeyType.PII)
-    tokens = [keyring.encrypt("same value", KeyType.PII, "users.ssn")
-              for _ in range(3 * NONCE_BATCH + 7)]
+    tokens = [
+        keyring.encrypt("same value", KeyType.PII, "users.ssn") for _ in range(3 * NONCE_BATCH + 7)
+    ]
     nonces = {nonce_of(t) for t in tokens}
     assert len(nonces) == len(tokens)
     assert all(len(n) == NONCE_BYTES for n in nonces)
@@ -81,7 +82,7 @@ def test_forked_child_does_not_reuse_the_parents_pooled_nonces() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert len(child) == NONCE_BATCH * NONCE_BYTES
-    child_nonces = {child[i:i + NONCE_BYTES] for i in range(0, len(child), NONCE_BYTES)}
+    child_nonces = {child[i : i + NONCE_BYTES] for i in range(0, len(child), NONCE_BYTES)}
     parent_nonces = {field_nonce() for _ in range(NONCE_BATCH)}
     assert len(child_nonces) == len(parent_nonces) == NONCE_BATCH
     assert not child_nonces & parent_nonces
@@ -101,9 +102,26 @@ async def test_usage_is_counted_exactly_on_every_path(service: EncryptionService
     assert dk.encryptions - before == 6 + 1 + 2 + 3
 
 
-@pytest.mark.parametrize("value", ["", "x" * 64, "é€😀", "x" * 70_000, b"\x00\xff", 0, -1,
-                                   2**70, 1.5, Decimal("-0.001"), True, False, None,
-                                   ["a", 1, None], {"k": {"n": [1.5]}}])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "x" * 64,
+        "é€😀",
+        "x" * 70_000,
+        b"\x00\xff",
+        0,
+        -1,
+        2**70,
+        1.5,
+        Decimal("-0.001"),
+        True,
+        False,
+        None,
+        ["a", 1, None],
+        {"k": {"n": [1.5]}},
+    ],
+)
 async def test_fast_and_general_paths_agree(service: EncryptionService, value: object) -> None:
     keyring = await started_keyring(service, KeyType.PII)
     token = keyring.encrypt(value, KeyType.PII, "users.note")
@@ -118,8 +136,7 @@ async def test_fast_and_general_paths_agree(service: EncryptionService, value: o
         keyring.decrypt(token, KeyType.FINANCIAL_DATA, "users.note")
 
 
-async def test_bytes_str_and_none_contexts_bind_the_same_bytes(
-        service: EncryptionService) -> None:
+async def test_bytes_str_and_none_contexts_bind_the_same_bytes(service: EncryptionService) -> None:
     keyring = await started_keyring(service, KeyType.PII)
     token = keyring.encrypt("v", KeyType.PII, "users.ssn")
     assert keyring.decrypt(token, KeyType.PII, b"users.ssn") == "v"
@@ -165,13 +182,14 @@ def non_canonical_variants(token: str) -> list[str]:
         i = len(body) - 4 + tail
         alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
         bumped = alphabet[alphabet.index(body[i]) + 1]
-        variants.append(f"{prefix}.{body[:i]}{bumped}{body[i + 1:]}")
+        variants.append(f"{prefix}.{body[:i]}{bumped}{body[i + 1 :]}")
     return [v for v in variants if v != token]
 
 
 @pytest.mark.parametrize("value", ["x", "xy", "xyz", "x" * 64])
 async def test_non_canonical_base64_is_rejected_by_the_sync_core(
-        service: EncryptionService, value: str) -> None:
+    service: EncryptionService, value: str
+) -> None:
     keyring = await started_keyring(service, KeyType.PII)
     for _ in range(20):  # random nonces: some bodies have "-" / "_", some do not
         token = keyring.encrypt(value, KeyType.PII, "t.c")
@@ -186,7 +204,8 @@ async def test_non_canonical_base64_is_rejected_by_the_sync_core(
 
 
 async def test_compressed_and_deterministic_tokens_take_the_general_path(
-        service: EncryptionService) -> None:
+    service: EncryptionService,
+) -> None:
     keyring = await started_keyring(service, KeyType.PII)
     text = "note " * 50
     zipped = keyring.encrypt(text, KeyType.PII, "t.c", compression_level=3)

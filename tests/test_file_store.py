@@ -52,7 +52,8 @@ async def test_wrong_master_key_is_reported_as_such(key_path: Path, master_key: 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "edit", "drop_mac", "empty"])
 async def test_damaged_file_is_refused_and_left_untouched(
-        key_path: Path, master_key: bytes, damage: str) -> None:
+    key_path: Path, master_key: bytes, damage: str
+) -> None:
     async with make(key_path, master_key) as svc:
         await svc.encrypt_field(1, KeyType.PII)
     original = key_path.read_bytes()
@@ -110,9 +111,14 @@ _HOLD_LOCK = textwrap.dedent("""
 
 
 async def test_rotation_lock_is_exclusive_across_processes_and_freed_on_death(
-        key_path: Path, master_key: bytes) -> None:
-    with subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(key_path)],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+    key_path: Path, master_key: bytes
+) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(key_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
         try:
             assert proc.stdout is not None
             assert proc.stdout.readline().strip() == "locked"
@@ -145,13 +151,15 @@ _ROTATE = textwrap.dedent("""
 
 
 async def test_concurrent_rotations_from_processes_lose_nothing(
-        key_path: Path, master_key: bytes, master_key_b64: str) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", _ROTATE, str(key_path), master_key_b64])
-             for _ in range(3)]
+    key_path: Path, master_key: bytes, master_key_b64: str
+) -> None:
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _ROTATE, str(key_path), master_key_b64])
+        for _ in range(3)
+    ]
     for proc in procs:
         assert proc.wait(timeout=60) == 0
     kek = LocalKekProvider(master_key)
-    keys = [k for k in (await FileKeyStore(key_path, kek).read()).keys
-            if k.key_type == KeyType.PII]
+    keys = [k for k in (await FileKeyStore(key_path, kek).read()).keys if k.key_type == KeyType.PII]
     assert sorted(k.version for k in keys) == list(range(1, 16))
     assert sum(k.status.value == "active" for k in keys) == 1

@@ -42,39 +42,42 @@ def write_random(path: Path, size: int) -> bytes:
 
 
 @pytest.mark.parametrize("size", [0, 1, SEG - 1, SEG, SEG + 1, 50 * SEG + 3])
-async def test_file_round_trip_small_segments(service: EncryptionService, tmp_path: Path,
-                                              size: int) -> None:
+async def test_file_round_trip_small_segments(
+    service: EncryptionService, tmp_path: Path, size: int
+) -> None:
     src, enc, out = tmp_path / "report.csv", tmp_path / "report.csv.enc", tmp_path / "back.csv"
     data = write_random(src, size)
-    written = await service.encrypt_file(src, enc, "pii", context="reports/q3",
-                                         segment_size=SEG)
+    written = await service.encrypt_file(src, enc, "pii", context="reports/q3", segment_size=SEG)
     sealed = enc.read_bytes()
     assert written == len(sealed) == sealed[3] + 31 + size + 16 * max(1, -(-size // SEG))
     assert EncryptedData.from_bytes(sealed).segment_size == SEG
     assert mode(enc) == 0o600
     # str paths as well as PathLike
-    assert await service.decrypt_file(str(enc), str(out), context="reports/q3",
-                                      key_type="pii") == size
+    assert (
+        await service.decrypt_file(str(enc), str(out), context="reports/q3", key_type="pii") == size
+    )
     assert out.read_bytes() == data
     assert mode(out) == 0o600
     assert leftovers(tmp_path, src, enc, out) == []
 
 
-async def test_file_round_trip_default_segments(service: EncryptionService,
-                                                tmp_path: Path) -> None:
+async def test_file_round_trip_default_segments(service: EncryptionService, tmp_path: Path) -> None:
     src, enc, out = tmp_path / "a.bin", tmp_path / "a.bin.enc", tmp_path / "a.out"
     data = write_random(src, 2 * MIB + 5)
     await service.encrypt_file(src, enc, context="x")
     assert EncryptedData.from_bytes(enc.read_bytes()).segment_size == MIB
     # an encrypted file is a stream, is a blob
-    assert await service.decrypt_bulk_data(enc.read_bytes(), context="x",
-                                           key_type="financial_data") == data
+    assert (
+        await service.decrypt_bulk_data(enc.read_bytes(), context="x", key_type="financial_data")
+        == data
+    )
     assert await service.decrypt_file(enc, out, context="x", key_type="financial_data") == len(data)
     assert out.read_bytes() == data
 
 
-async def test_encrypting_a_file_in_place_and_overwriting(service: EncryptionService,
-                                                          tmp_path: Path) -> None:
+async def test_encrypting_a_file_in_place_and_overwriting(
+    service: EncryptionService, tmp_path: Path
+) -> None:
     path = tmp_path / "in-place"
     data = write_random(path, 5 * SEG)
     await service.encrypt_file(path, path, context="p", segment_size=SEG)
@@ -96,10 +99,21 @@ async def test_compressed_file_round_trip(tmp_path: Path) -> None:
     assert out.read_bytes() == data
 
 
-@pytest.mark.parametrize("damage", ["flip-middle", "flip-last", "truncate", "drop-last",
-                                    "wrong-context", "wrong-key-type", "empty"])
-async def test_failed_decrypt_leaves_no_plaintext(service: EncryptionService, tmp_path: Path,
-                                                  damage: str) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "flip-middle",
+        "flip-last",
+        "truncate",
+        "drop-last",
+        "wrong-context",
+        "wrong-key-type",
+        "empty",
+    ],
+)
+async def test_failed_decrypt_leaves_no_plaintext(
+    service: EncryptionService, tmp_path: Path, damage: str
+) -> None:
     src, enc = tmp_path / "secret.txt", tmp_path / "secret.enc"
     write_random(src, 20 * SEG + 100)
     await service.encrypt_file(src, enc, "financial_data", context="f", segment_size=SEG)
@@ -112,7 +126,7 @@ async def test_failed_decrypt_leaves_no_plaintext(service: EncryptionService, tm
     elif damage == "truncate":
         del sealed[-300:]
     elif damage == "drop-last":
-        del sealed[-(100 + 16):]
+        del sealed[-(100 + 16) :]
     elif damage == "wrong-context":
         kwargs["context"] = "g"
     elif damage == "wrong-key-type":
@@ -130,13 +144,11 @@ async def test_failed_decrypt_leaves_no_plaintext(service: EncryptionService, tm
     assert leftovers(tmp_path, src, enc, existing) == []
 
 
-async def test_missing_source_is_an_os_error(service: EncryptionService,
-                                             tmp_path: Path) -> None:
+async def test_missing_source_is_an_os_error(service: EncryptionService, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         await service.encrypt_file(tmp_path / "nope", tmp_path / "out")
     with pytest.raises(FileNotFoundError):
-        await service.decrypt_file(tmp_path / "nope", tmp_path / "out",
-                                   key_type="financial_data")
+        await service.decrypt_file(tmp_path / "nope", tmp_path / "out", key_type="financial_data")
     with pytest.raises(FileNotFoundError):  # the destination's directory must exist
         src = tmp_path / "src"
         src.write_bytes(b"x")
@@ -171,17 +183,20 @@ async def test_file_memory_stays_constant(service: EncryptionService, tmp_path: 
 
 
 @pytest.mark.parametrize("steps", [0, 1, 2, 3, 5, 8, 13, 21, 34])
-async def test_cancelled_file_jobs_leave_nothing_behind(service: EncryptionService,
-                                                        tmp_path: Path, steps: int) -> None:
+async def test_cancelled_file_jobs_leave_nothing_behind(
+    service: EncryptionService, tmp_path: Path, steps: int
+) -> None:
     """Cancelled after ``steps`` turns of the loop: no temporary file, no partial output."""
     src, enc = tmp_path / "src", tmp_path / "src.enc"
     data = write_random(src, 3 * MIB + 5)
     await service.encrypt_file(src, enc, context="k")
-    for job, dst in ((service.encrypt_file(src, tmp_path / "out.enc", context="k"),
-                      tmp_path / "out.enc"),
-                     (service.decrypt_file(enc, tmp_path / "out", context="k",
-                                           key_type="financial_data"),
-                      tmp_path / "out")):
+    for job, dst in (
+        (service.encrypt_file(src, tmp_path / "out.enc", context="k"), tmp_path / "out.enc"),
+        (
+            service.decrypt_file(enc, tmp_path / "out", context="k", key_type="financial_data"),
+            tmp_path / "out",
+        ),
+    ):
         task = asyncio.ensure_future(job)
         for _ in range(steps):
             await asyncio.sleep(0)
@@ -191,6 +206,11 @@ async def test_cancelled_file_jobs_leave_nothing_behind(service: EncryptionServi
         # no temporary file left, and no partial output: none at all, or a whole one
         assert leftovers(tmp_path, src, enc, dst) == []
         if dst.exists():
-            assert await service.decrypt_bulk_data(dst.read_bytes(), context="k",
-                                                   key_type="financial_data") == data \
-                if dst.suffix == ".enc" else dst.read_bytes() == data
+            assert (
+                await service.decrypt_bulk_data(
+                    dst.read_bytes(), context="k", key_type="financial_data"
+                )
+                == data
+                if dst.suffix == ".enc"
+                else dst.read_bytes() == data
+            )

@@ -30,7 +30,8 @@ def _file_service(tmp_path: Path, config: EncryptionConfig | None = None) -> Enc
     master_key = base64.b64encode(os.urandom(32)).decode()
     kek = LocalKekProvider(base64.b64decode(master_key))
     config = (config or EncryptionConfig()).replace(
-        master_key=master_key, storage_path=str(tmp_path / "keys.json"))
+        master_key=master_key, storage_path=str(tmp_path / "keys.json")
+    )
     store = FileKeyStore(config.storage_path, kek)
     return EncryptionService(KeyManager(store, kek, config, watch=False))
 
@@ -41,7 +42,8 @@ async def _stored_key_types(service: EncryptionService) -> set[str]:
 
 
 async def test_a_misspelt_key_type_is_refused_with_a_suggestion_and_creates_nothing(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     async with _file_service(tmp_path) as service:
         manager = service.key_manager
         attempts: list[Callable[[], Awaitable[object]]] = [
@@ -69,8 +71,10 @@ async def test_a_misspelt_key_type_is_refused_with_a_suggestion_and_creates_noth
 
 async def test_a_capitalised_name_suggests_the_lower_case_one(service: EncryptionService) -> None:
     attempt: Callable[[], KeyType]
-    for attempt in (lambda: KeyType("FINANCIAL_DATA"),
-                    lambda: service.config.declared_key_type("FINANCIAL_DATA")):
+    for attempt in (
+        lambda: KeyType("FINANCIAL_DATA"),
+        lambda: service.config.declared_key_type("FINANCIAL_DATA"),
+    ):
         with pytest.raises(UnknownKeyTypeError, match=r"did you mean financial_data\?") as info:
             attempt()
         assert "invalid key type name 'FINANCIAL_DATA'" in str(info.value)
@@ -103,17 +107,30 @@ def test_a_name_that_may_be_a_value_is_not_repeated() -> None:
 
 def test_the_predefined_and_declared_key_types() -> None:
     assert {kt.value for kt in KeyType.predefined()} == {
-        "financial_data", "pii", "session", "api_keys", "audit_logs",
-        "cache", "session_index", "blind_index"}
+        "financial_data",
+        "pii",
+        "session",
+        "api_keys",
+        "audit_logs",
+        "cache",
+        "session_index",
+        "blind_index",
+    }
     assert EncryptionConfig().known_key_types == set(KeyType.predefined())
     config = EncryptionConfig(
         # the forms a config file or the environment gives, coerced
         key_types="tax_ids, case_notes ,",
         compressed_key_types=["exports"],
-        rotation_policies={"vendor_tokens": {"rotation_interval_days": 30}})  # type: ignore[dict-item]
+        rotation_policies={"vendor_tokens": {"rotation_interval_days": 30}},  # type: ignore[dict-item]
+    )
     assert config.key_types == {KeyType("tax_ids"), KeyType("case_notes")}
-    assert config.known_key_types == {*KeyType.predefined(), "tax_ids", "case_notes", "exports",
-                                      "vendor_tokens"}
+    assert config.known_key_types == {
+        *KeyType.predefined(),
+        "tax_ids",
+        "case_notes",
+        "exports",
+        "vendor_tokens",
+    }
     assert config.declared_key_type("exports") is KeyType("exports")
     assert config.to_public_dict()["key_types"] == ["case_notes", "tax_ids"]
     with pytest.raises(ConfigurationError, match="key_types: invalid key type name 'Tax_Ids'"):
@@ -136,10 +153,15 @@ async def test_a_key_type_declared_in_the_environment_works_end_to_end(tmp_path:
 
 async def test_a_key_type_declared_in_the_config_file_works_end_to_end(tmp_path: Path) -> None:
     path = tmp_path / "encryption.json"
-    path.write_text(json.dumps({"key_types": ["case_notes"],
-                                "compressed_key_types": ["exports"],
-                                "rotation_policies": [{"key_type": "vendor_tokens",
-                                                       "rotation_interval_days": 30}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "key_types": ["case_notes"],
+                "compressed_key_types": ["exports"],
+                "rotation_policies": [{"key_type": "vendor_tokens", "rotation_interval_days": 30}],
+            }
+        )
+    )
     config = EncryptionConfig.from_env({}, config_file=path)
     async with _file_service(tmp_path, config) as service:
         for key_type in ("case_notes", "exports", "vendor_tokens"):
@@ -157,7 +179,8 @@ async def test_the_library_key_types_need_no_declaration() -> None:
         token = await service.encrypt_session_data({"u": 1}, context="sid")
         assert await service.decrypt_session_data(token, context="sid") == {"u": 1}
         keyring = await service.key_manager.ensure_active(
-            [KeyType.SESSION_INDEX, KeyType.BLIND_INDEX, *KeyType.builtin()])
+            [KeyType.SESSION_INDEX, KeyType.BLIND_INDEX, *KeyType.builtin()]
+        )
         assert set(keyring.active_keys) == set(KeyType.predefined())
 
 

@@ -22,7 +22,8 @@ Clock = ManualClock
 
 
 async def test_forced_rotation_changes_active_key_and_old_tokens_decrypt(
-        service: EncryptionService) -> None:
+    service: EncryptionService,
+) -> None:
     manager = service.key_manager
     before = await manager.get_active_key(KeyType.FINANCIAL_DATA)
     old_token = await service.encrypt_field(75000.0, context="users.income")
@@ -55,7 +56,8 @@ async def test_rotation_follows_the_policy_interval() -> None:
         clock.advance(days=31)
         stats = await manager.get_key_statistics()
         assert stats["rotation_needed"] == [
-            {"key_type": "session", "key_id": rotated.key_id, "reason": "age"}]
+            {"key_type": "session", "key_id": rotated.key_id, "reason": "age"}
+        ]
 
 
 async def test_generate_key_validates_input(service: EncryptionService) -> None:
@@ -110,8 +112,8 @@ async def test_cleanup_destroys_only_confirmed_keys_past_grace() -> None:
         clock.advance(days=366)  # past max age (365), inside grace (30)
         assert await manager.cleanup_expired_keys(confirm_unreferenced=[v1.key_id]) == 0
         assert (await manager.get_key(v1.key_id)).status is KeyStatus.EXPIRED
-        clock.advance(days=30)   # past grace
-        assert await manager.cleanup_expired_keys() == 0             # not confirmed: kept
+        clock.advance(days=30)  # past grace
+        assert await manager.cleanup_expired_keys() == 0  # not confirmed: kept
         assert (await manager.get_key(v1.key_id)).status is KeyStatus.EXPIRED
         assert await manager.cleanup_expired_keys(confirm_unreferenced=[v1.key_id]) == 1
         destroyed = await manager.get_key(v1.key_id)
@@ -166,12 +168,15 @@ def test_key_objects_refuse_pickling() -> None:
     key = Clock()  # placeholder to get a timestamp
     from aiocrypt import EncryptionKey
 
-    record = EncryptionKey(key_id="pii-v1-00000000",
-                           key_type="pii",  # type: ignore[arg-type]  # coerced to KeyType
-                           version=1,
-                           status="active",  # type: ignore[arg-type]  # coerced to KeyStatus
-                           created_at=key.now, expires_at=key.now,
-                           wrapped_key=b"w" * 40)
+    record = EncryptionKey(
+        key_id="pii-v1-00000000",
+        key_type="pii",  # type: ignore[arg-type]  # coerced to KeyType
+        version=1,
+        status="active",  # type: ignore[arg-type]  # coerced to KeyStatus
+        created_at=key.now,
+        expires_at=key.now,
+        wrapped_key=b"w" * 40,
+    )
     with pytest.raises(TypeError):
         pickle.dumps(record)
     assert "wrapped_key" not in repr(record)

@@ -144,7 +144,8 @@ def test_vault_health_and_token_check(vault: VaultTransitServer, vault_client: A
 
 
 def test_vault_derived_key_roundtrip_and_wrong_context(
-        vault: VaultTransitServer, vault_client: Any) -> None:
+    vault: VaultTransitServer, vault_client: Any
+) -> None:
     transit = vault_client.secrets.transit
     transit.create_key("derived-kek", derived=True)
     ctx = _b64(b"tenant-a/users/email")
@@ -181,7 +182,8 @@ def test_vault_derived_key_roundtrip_and_wrong_context(
 
 
 def test_vault_rotation_and_min_decryption_version(
-        vault: VaultTransitServer, vault_client: Any) -> None:
+    vault: VaultTransitServer, vault_client: Any
+) -> None:
     transit = vault_client.secrets.transit
     transit.create_key("rotating-kek")
     old = transit.encrypt_data("rotating-kek", plaintext=_b64(b"old dek"))["data"]["ciphertext"]
@@ -344,7 +346,8 @@ async def test_azure_rotation_keeps_old_versions(azure_kv: AzureKeyVaultServer) 
 
 
 async def _gcp_key(
-        client: kms_v1.KeyManagementServiceAsyncClient, ring_id: str, key_id: str) -> str:
+    client: kms_v1.KeyManagementServiceAsyncClient, ring_id: str, key_id: str
+) -> str:
     ring = await client.create_key_ring(
         request={
             "parent": "projects/test-project/locations/global",

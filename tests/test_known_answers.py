@@ -64,6 +64,7 @@ class Vector:
 
 # -- reading the vectors -------------------------------------------------------
 
+
 def _nist(filename: str) -> Iterator[Vector]:
     """AES-256, 96-bit IV, 128-bit tag entries of a CAVP GCM response file."""
     section: dict[str, str] = {}
@@ -80,13 +81,28 @@ def _nist(filename: str) -> Iterator[Vector]:
         elif line == "FAIL":
             entry["FAIL"] = "1"
         elif not line and "Key" in entry:
-            if (section.get("Keylen"), section.get("IVlen"), section.get("Taglen")) == \
-                    ("256", "96", "128"):
+            if (section.get("Keylen"), section.get("IVlen"), section.get("Taglen")) == (
+                "256",
+                "96",
+                "128",
+            ):
                 # six fields from the generator, which mypy cannot count
-                yield Vector(f"{filename}:{section['PTlen']}/{section['AADlen']}/"  # type: ignore[call-arg]
-                             f"{entry['Count']}", *(bytes.fromhex(entry[k]) for k in (  # type: ignore[arg-type]
-                                 "Key", "IV", "AAD", "PT" if "PT" in entry else "CT", "CT",
-                                 "Tag")), "FAIL" not in entry)
+                yield Vector(
+                    f"{filename}:{section['PTlen']}/{section['AADlen']}/"  # type: ignore[call-arg]
+                    f"{entry['Count']}",
+                    *(
+                        bytes.fromhex(entry[k])
+                        for k in (  # type: ignore[arg-type]
+                            "Key",
+                            "IV",
+                            "AAD",
+                            "PT" if "PT" in entry else "CT",
+                            "CT",
+                            "Tag",
+                        )
+                    ),
+                    "FAIL" not in entry,
+                )
             entry = {}
 
 
@@ -97,8 +113,21 @@ def _wycheproof_gcm() -> Iterator[Vector]:
             continue
         for t in group["tests"]:
             # six fields from the generator, which mypy cannot count
-            yield Vector(f"wycheproof-gcm:{t['tcId']}", *(bytes.fromhex(t[k]) for k in (  # type: ignore[call-arg, arg-type]
-                "key", "iv", "aad", "msg", "ct", "tag")), t["result"] != "invalid")
+            yield Vector(
+                f"wycheproof-gcm:{t['tcId']}",
+                *(
+                    bytes.fromhex(t[k])
+                    for k in (  # type: ignore[call-arg, arg-type]
+                        "key",
+                        "iv",
+                        "aad",
+                        "msg",
+                        "ct",
+                        "tag",
+                    )
+                ),
+                t["result"] != "invalid",
+            )
 
 
 def _wycheproof_siv() -> Iterator[Vector]:
@@ -108,9 +137,16 @@ def _wycheproof_siv() -> Iterator[Vector]:
             continue
         for t in group["tests"]:
             ct = bytes.fromhex(t["ct"])
-            yield Vector(f"wycheproof-siv:{t['tcId']}", bytes.fromhex(t["key"]), b"",
-                         bytes.fromhex(t["aad"]), bytes.fromhex(t["msg"]), ct[16:], ct[:16],
-                         t["result"] != "invalid")
+            yield Vector(
+                f"wycheproof-siv:{t['tcId']}",
+                bytes.fromhex(t["key"]),
+                b"",
+                bytes.fromhex(t["aad"]),
+                bytes.fromhex(t["msg"]),
+                ct[16:],
+                ct[:16],
+                t["result"] != "invalid",
+            )
 
 
 NIST_GCM = [*_nist("gcmEncryptExtIV256.rsp"), *_nist("gcmDecrypt256.rsp")]
@@ -127,6 +163,7 @@ def test_the_vector_sets_are_there() -> None:
 
 
 # -- reference implementations (from the standards) ---------------------------
+
 
 def _aes_block(key: bytes, block: bytes) -> bytes:
     enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
@@ -150,7 +187,7 @@ def _gf_mult(x: int, y: int) -> int:
 def _ghash(h: bytes, aad: bytes, ct: bytes) -> bytes:
     def blocks(data: bytes) -> list[bytes]:
         padded = data + bytes(-len(data) % 16)
-        return [padded[i:i + 16] for i in range(0, len(padded), 16)]
+        return [padded[i : i + 16] for i in range(0, len(padded), 16)]
 
     hk, y = int.from_bytes(h, "big"), 0
     lengths = (8 * len(aad)).to_bytes(8, "big") + (8 * len(ct)).to_bytes(8, "big")
@@ -163,8 +200,9 @@ def gcm_reference(key: bytes, iv: bytes, aad: bytes, msg: bytes) -> tuple[bytes,
     """AES-GCM with a 96-bit IV: (ciphertext, 128-bit tag)."""
     assert len(iv) == 12
     h = _aes_block(key, bytes(16))
-    stream = b"".join(_aes_block(key, iv + (2 + i).to_bytes(4, "big"))
-                      for i in range(-(-len(msg) // 16)))
+    stream = b"".join(
+        _aes_block(key, iv + (2 + i).to_bytes(4, "big")) for i in range(-(-len(msg) // 16))
+    )
     ct = _xor(msg, stream)
     tag = _xor(_aes_block(key, iv + (1).to_bytes(4, "big")), _ghash(h, aad, ct))
     return ct, tag
@@ -183,7 +221,7 @@ def _dbl(block: bytes) -> bytes:
 
 def siv_reference(key: bytes, aad: bytes, msg: bytes) -> tuple[bytes, bytes]:
     """AES-SIV (RFC 5297) with one associated-data component: (ciphertext, SIV)."""
-    k1, k2 = key[:len(key) // 2], key[len(key) // 2:]
+    k1, k2 = key[: len(key) // 2], key[len(key) // 2 :]
     d = _dbl(_cmac(k1, bytes(16)))
     d = _xor(d, _cmac(k1, aad))
     if len(msg) >= 16:
@@ -213,10 +251,12 @@ def test_the_siv_reference_reproduces_every_vector(v: Vector) -> None:
 
 # -- aiocrypt: directly on the vectors -----------------------------------------
 
+
 def _data_key(material: bytes) -> DataKey:
     now = _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)
-    return DataKey(EncryptionKey(KEY_ID, KeyType(KEY_TYPE), 1, KeyStatus.ACTIVE, now, now),
-                   material)
+    return DataKey(
+        EncryptionKey(KEY_ID, KeyType(KEY_TYPE), 1, KeyStatus.ACTIVE, now, now), material
+    )
 
 
 @pytest.mark.parametrize("v", GCM, ids=_ids(GCM))
@@ -231,7 +271,7 @@ def test_data_key_opens_the_vectors_as_the_fast_path_does(v: Vector) -> None:
 
 def _body(token: str, dk: DataKey) -> bytes:
     assert token.startswith(dk.text_prefix)
-    return base64.urlsafe_b64decode(token[len(dk.text_prefix):])
+    return base64.urlsafe_b64decode(token[len(dk.text_prefix) :])
 
 
 @pytest.mark.parametrize("v", [v for v in GCM if v.valid], ids=_ids([v for v in GCM if v.valid]))
@@ -246,6 +286,7 @@ def test_aiocrypt_seals_the_vectors_ciphertext(v: Vector) -> None:
 
 
 # -- aiocrypt against the references, with its own associated data -------------
+
 
 def _aad(purpose: int, algorithm: int, context: bytes, flags: int = 0) -> bytes:
     """aiocrypt's version-2 AAD, spelled out from docs/format.md."""
@@ -270,8 +311,7 @@ def test_aiocrypt_gcm_tokens_match_the_reference(v: Vector) -> None:
     assert _body(dk.seal_text(v.msg, CONTEXT, nonce=v.iv), dk) == b"\x01\x00" + v.iv + ct + tag
     # opening: decrypt_bytes, and Keyring.decrypt's fast path on a bytes value
     assert keyring.decrypt_bytes(_token(dk, ALG_GCM, v.iv + ct + tag), KEY_TYPE, CONTEXT) == v.msg
-    value_ct, value_tag = gcm_reference(v.key, v.iv, _aad(FIELD, ALG_GCM, CONTEXT),
-                                        b"\x02" + v.msg)
+    value_ct, value_tag = gcm_reference(v.key, v.iv, _aad(FIELD, ALG_GCM, CONTEXT), b"\x02" + v.msg)
     value_token = _token(dk, ALG_GCM, v.iv + value_ct + value_tag)
     assert keyring.decrypt(value_token, KEY_TYPE, CONTEXT.decode()) == v.msg
     # both on the fast path, but for an empty plaintext (no value encodes to nothing):
@@ -285,7 +325,7 @@ def test_aiocrypt_gcm_tokens_match_the_reference(v: Vector) -> None:
     if not v.valid:
         # the vector's corruption of its (ciphertext, tag), carried over to aiocrypt's
         good_ct, good_tag = gcm_reference(v.key, v.iv, v.aad, v.msg)
-        bad_ct = _xor(ct, _xor(v.ct, good_ct)) + ct[len(v.ct):]
+        bad_ct = _xor(ct, _xor(v.ct, good_ct)) + ct[len(v.ct) :]
         bad_tag = _xor(tag, _xor(v.tag, good_tag))
         assert (bad_ct, bad_tag) != (ct, tag)
         with pytest.raises(DecryptionError) as exc:
@@ -306,8 +346,7 @@ def test_aiocrypt_siv_tokens_match_the_reference(v: Vector) -> None:
     assert keyring.decrypt_bytes(_token(dk, ALG_SIV, siv + ct), KEY_TYPE, CONTEXT) == v.msg
     if not v.valid:
         good_ct, good_siv = siv_reference(v.key, v.aad, v.msg)
-        bad_ct = _xor(ct, _xor(v.ct, good_ct)) + ct[len(v.ct):] if len(v.ct) >= len(ct) \
-            else v.ct
+        bad_ct = _xor(ct, _xor(v.ct, good_ct)) + ct[len(v.ct) :] if len(v.ct) >= len(ct) else v.ct
         bad_siv = _xor(siv, _xor(v.tag, good_siv)) if len(v.tag) == 16 else v.tag
         if (bad_ct, bad_siv) == (ct, siv):  # the vector changes nothing aiocrypt carries
             bad_siv = _xor(siv, b"\x80" + bytes(15))

@@ -35,12 +35,21 @@ from aiocrypt.testing import FakeKekProvider, ManualClock
 Clock = ManualClock
 
 
-def build(clock: Clock | None = None, config: EncryptionConfig | None = None,
-          sink: MemoryAuditSink | None = None) -> EncryptionService:
+def build(
+    clock: Clock | None = None,
+    config: EncryptionConfig | None = None,
+    sink: MemoryAuditSink | None = None,
+) -> EncryptionService:
     clock = clock or Clock()
-    manager = KeyManager(MemoryKeyStore(), FakeKekProvider(), config, clock=clock,
-                         refresh_interval=0.0, watch=False,
-                         auditor=Auditor([sink or MemoryAuditSink()]))
+    manager = KeyManager(
+        MemoryKeyStore(),
+        FakeKekProvider(),
+        config,
+        clock=clock,
+        refresh_interval=0.0,
+        watch=False,
+        auditor=Auditor([sink or MemoryAuditSink()]),
+    )
     return EncryptionService(manager, clock=clock)
 
 
@@ -53,13 +62,13 @@ async def test_policy_rotation_expiry_and_grace() -> None:
 
         clock.advance(days=89)
         assert (await manager.rotate_keys_due())["rotated"] == []
-        clock.advance(days=1)                                   # 90 days: due by age
+        clock.advance(days=1)  # 90 days: due by age
         report = await manager.rotate_keys_due()
         assert [(r["old_key_id"], r["reason"]) for r in report["rotated"]] == [(v1.key_id, "age")]
         assert report["reencrypt"] == [v1.key_id]
         assert (await manager.get_key(v1.key_id)).status is KeyStatus.DECRYPT_ONLY
 
-        clock.advance(days=275)                                 # 365 days: past max age
+        clock.advance(days=275)  # 365 days: past max age
         report = await manager.rotate_keys_due()
         assert v1.key_id in report["expired"]
         assert (await manager.get_key(v1.key_id)).status is KeyStatus.EXPIRED
@@ -67,28 +76,40 @@ async def test_policy_rotation_expiry_and_grace() -> None:
         assert await service.decrypt_field(token, context="users.income") == 75000.0
         assert "expired_key_used" in sink.names()
 
-        clock.advance(days=30)                                  # past grace
+        clock.advance(days=30)  # past grace
         await manager.refresh(force=True)
         with pytest.raises(DecryptionError):
             await service.decrypt_field(token, context="users.income")
         # re-encryption may still read it
-        assert service.keyring.decrypt(token, KeyType.FINANCIAL_DATA, "users.income",
-                                       for_reencryption=True) == 75000.0
+        assert (
+            service.keyring.decrypt(
+                token, KeyType.FINANCIAL_DATA, "users.income", for_reencryption=True
+            )
+            == 75000.0
+        )
         assert {"key_generated", "key_rotated", "key_expired", "policy_run"} <= set(sink.names())
 
 
 async def test_active_key_past_max_age_rotates_even_without_auto_rotation() -> None:
     clock = Clock()
-    config = EncryptionConfig(rotation_policies={"pii": {  # type: ignore[dict-item]  # a dict, read by from_dict
-        "rotation_interval_days": 10, "max_key_age_days": 20, "auto_rotation": False}})
+    config = EncryptionConfig(
+        rotation_policies={
+            "pii": {  # type: ignore[dict-item]  # a dict, read by from_dict
+                "rotation_interval_days": 10,
+                "max_key_age_days": 20,
+                "auto_rotation": False,
+            }
+        }
+    )
     async with build(clock, config) as service:
         manager = service.key_manager
         v1 = await manager.get_active_key(KeyType.PII)
         clock.advance(days=15)
         assert (await manager.rotate_keys_due())["rotated"] == []
         stats = await manager.get_key_statistics()
-        assert stats["rotation_needed"] == [{"key_type": "pii", "key_id": v1.key_id,
-                                             "reason": "age"}]
+        assert stats["rotation_needed"] == [
+            {"key_type": "pii", "key_id": v1.key_id, "reason": "age"}
+        ]
         clock.advance(days=5)
         report = await manager.rotate_keys_due()
         assert report["rotated"][0]["reason"] == "expiry"
@@ -111,22 +132,28 @@ _USAGE_WORKER = textwrap.dedent("""
 """)
 
 
-async def test_usage_limit_is_shared_by_processes(key_path: Path, master_key: bytes,
-                                                  master_key_b64: str) -> None:
+async def test_usage_limit_is_shared_by_processes(
+    key_path: Path, master_key: bytes, master_key_b64: str
+) -> None:
     kek = LocalKekProvider(master_key)
     async with KeyManager(FileKeyStore(key_path, kek), kek, watch=False) as manager:
         first = await manager.get_active_key(KeyType.PII)
-    procs = [subprocess.Popen([sys.executable, "-c", _USAGE_WORKER, str(key_path),
-                               master_key_b64], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _USAGE_WORKER, str(key_path), master_key_b64],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [proc.communicate(timeout=120)[0].split() for proc in procs]
     assert all(proc.returncode == 0 for proc in procs)
     used = [key_id for out in outputs for key_id in out]
     assert len(used) == 300
     under_first = used.count(first.key_id)
-    assert 0 < under_first <= 100          # never more than the limit under one key
+    assert 0 < under_first <= 100  # never more than the limit under one key
     versions = {key_id.split("-")[1] for key_id in used}
-    assert len(versions) >= 3               # 300 encryptions at <=100 each: >= 3 keys
+    assert len(versions) >= 3  # 300 encryptions at <=100 each: >= 3 keys
     store = FileKeyStore(key_path, kek)
     keys = (await store.read()).keys
     assert sum(k.status is KeyStatus.ACTIVE for k in keys) == 1
@@ -146,12 +173,14 @@ async def test_mark_compromised_stops_encryption_and_asks_for_reencryption() -> 
         assert not new_token.startswith(f"ac2.{old.key_id}.")
         with pytest.raises(DecryptionError):
             await service.decrypt_field(token, KeyType.API_KEYS)
-        assert service.keyring.decrypt(token, KeyType.API_KEYS,
-                                       for_reencryption=True) == "sk_live_x"
+        assert (
+            service.keyring.decrypt(token, KeyType.API_KEYS, for_reencryption=True) == "sk_live_x"
+        )
         assert old.key_id in (await manager.rotate_keys_due())["reencrypt"]
         stats = await manager.get_key_statistics()
-        assert {"key_type": "api_keys", "key_id": old.key_id, "reason": "compromise"} in \
-            stats["rotation_needed"]
+        assert {"key_type": "api_keys", "key_id": old.key_id, "reason": "compromise"} in stats[
+            "rotation_needed"
+        ]
         assert "key_compromised" in sink.names()
 
 
@@ -163,8 +192,8 @@ async def test_cleanup_consults_the_census() -> None:
         token_a = await service.encrypt_field({"u": 1}, KeyType.SESSION)
         b = await manager.rotate_key(KeyType.SESSION, force=True)
         await manager.rotate_key(KeyType.SESSION, force=True)
-        clock.advance(days=90 + 30)                       # a and b past max age + grace
-        census = {a.key_id: 0, b.key_id: 42}              # rows per key id, from SQL
+        clock.advance(days=90 + 30)  # a and b past max age + grace
+        census = {a.key_id: 0, b.key_id: 42}  # rows per key id, from SQL
         report = await manager.cleanup_report(census=census)
         assert [d["key_id"] for d in report["destroyed"]] == [a.key_id]
         assert [k["key_id"] for k in report["kept"]] == [b.key_id]
@@ -188,12 +217,11 @@ async def test_min_decryption_version_requires_no_references() -> None:
             await manager.set_min_decryption_version(KeyType.PII, 2)
         with pytest.raises(ValueError, match="above the active"):
             await manager.set_min_decryption_version(KeyType.PII, 3)
-        await manager.set_min_decryption_version(KeyType.PII, 2,
-                                                 confirm_unreferenced=[v1.key_id])
+        await manager.set_min_decryption_version(KeyType.PII, 2, confirm_unreferenced=[v1.key_id])
         assert await manager.get_min_decryption_version(KeyType.PII) == 2
         with pytest.raises(DecryptionError):
             service.keyring.decrypt(token, KeyType.PII, for_reencryption=True)
-        await manager.set_min_decryption_version(KeyType.PII, 1)   # lowering re-enables
+        await manager.set_min_decryption_version(KeyType.PII, 1)  # lowering re-enables
         assert await service.decrypt_field(token, KeyType.PII) == "x"
 
 
@@ -220,7 +248,8 @@ class FlakyKek(KekProvider):
 
 
 async def test_master_key_rotation_rewraps_resumes_and_locks_out_the_old_key(
-        key_path: Path, master_key: bytes) -> None:
+    key_path: Path, master_key: bytes
+) -> None:
     old_kek = LocalKekProvider(master_key)
     new_master = os.urandom(32)
     tokens = {}
@@ -234,7 +263,7 @@ async def test_master_key_rotation_rewraps_resumes_and_locks_out_the_old_key(
         with pytest.raises(KekProviderError):
             await manager.rotate_master_key(flaky, batch_size=1)
         kek_ids = {k.kek_id for k in await manager.list_keys()}
-        assert kek_ids == {old_kek.kek_id, flaky.kek_id}          # half done, all readable
+        assert kek_ids == {old_kek.kek_id, flaky.kek_id}  # half done, all readable
         for key_type, token in tokens.items():
             assert await service.decrypt_field(token, key_type) == f"v-{key_type}"
         # resume: only the rest is rewrapped
@@ -243,8 +272,9 @@ async def test_master_key_rotation_rewraps_resumes_and_locks_out_the_old_key(
         assert {k.kek_id for k in await manager.list_keys()} == {resumed.kek_id}
     # the new master key alone opens everything
     new_kek = LocalKekProvider(new_master)
-    async with EncryptionService(KeyManager(FileKeyStore(key_path, new_kek), new_kek,
-                                            watch=False)) as fresh:
+    async with EncryptionService(
+        KeyManager(FileKeyStore(key_path, new_kek), new_kek, watch=False)
+    ) as fresh:
         for key_type, token in tokens.items():
             assert await fresh.decrypt_field(token, key_type) == f"v-{key_type}"
     # the old one no longer opens the store
@@ -272,12 +302,16 @@ _ENCRYPT_LOOP = textwrap.dedent("""
 
 
 async def test_other_process_uses_the_new_key_within_the_refresh_interval(
-        key_path: Path, master_key: bytes, master_key_b64: str) -> None:
+    key_path: Path, master_key: bytes, master_key_b64: str
+) -> None:
     kek = LocalKekProvider(master_key)
     async with KeyManager(FileKeyStore(key_path, kek), kek, watch=False) as manager:
         await manager.get_active_key(KeyType.PII)
-        with subprocess.Popen([sys.executable, "-c", _ENCRYPT_LOOP, str(key_path),
-                               master_key_b64], stdout=subprocess.PIPE, text=True) as proc:
+        with subprocess.Popen(
+            [sys.executable, "-c", _ENCRYPT_LOOP, str(key_path), master_key_b64],
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as proc:
             try:
                 assert proc.stdout is not None
                 assert proc.stdout.readline().strip() == "ready"
@@ -381,8 +415,10 @@ async def rival_store(request: pytest.FixtureRequest) -> AsyncIterator[RivalStor
             from aiocrypt.keystore.postgres import PostgresKeyStore
 
             rival = type("_RivalPostgresStore", (_Rival, PostgresKeyStore), {})
-            store = rival(request.getfixturevalue("postgres_dsn"),
-                          schema=f"test_rival_{uuid.uuid4().hex[:12]}")
+            store = rival(
+                request.getfixturevalue("postgres_dsn"),
+                schema=f"test_rival_{uuid.uuid4().hex[:12]}",
+            )
             made.append(store)
         store.limit, store.rounds_left = limit, rounds
         return store  # type: ignore[no-any-return]
@@ -396,14 +432,16 @@ async def rival_store(request: pytest.FixtureRequest) -> AsyncIterator[RivalStor
 
 @pytest.mark.parametrize("lost_rounds", [8, 40])
 async def test_usage_reservation_outlasts_a_rival_that_wins_many_rounds(
-        lost_rounds: int, rival_store: RivalStore) -> None:
+    lost_rounds: int, rival_store: RivalStore
+) -> None:
     # CI once saw a worker lose six rounds in a row under a tiny limit (three processes,
     # limit 40) and give up with KeyStateError; losing rounds is fleet progress, not failure.
     sink = MemoryAuditSink()
     config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": 40}})  # type: ignore[dict-item]  # a dict, read by KeyRotationPolicy.from_dict
     store = rival_store(40, lost_rounds)
-    manager = KeyManager(store, FakeKekProvider(), config, refresh_interval=0.0, watch=False,
-                         auditor=Auditor([sink]))
+    manager = KeyManager(
+        store, FakeKekProvider(), config, refresh_interval=0.0, watch=False, auditor=Auditor([sink])
+    )
     async with EncryptionService(manager) as service:
         token = await service.encrypt_field("x", KeyType.PII)
         assert await service.decrypt_field(token, KeyType.PII) == "x"
@@ -415,12 +453,12 @@ async def test_usage_reservation_outlasts_a_rival_that_wins_many_rounds(
     assert len(usage) == lost_rounds + 1
 
 
-async def test_usage_reservation_gives_up_after_the_lock_timeout(
-        rival_store: RivalStore) -> None:
+async def test_usage_reservation_gives_up_after_the_lock_timeout(rival_store: RivalStore) -> None:
     config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": 40}})  # type: ignore[dict-item]  # a dict, read by KeyRotationPolicy.from_dict
     store = rival_store(40, 10**6)
-    manager = KeyManager(store, FakeKekProvider(), config, refresh_interval=0.0, watch=False,
-                         lock_timeout=0.2)
+    manager = KeyManager(
+        store, FakeKekProvider(), config, refresh_interval=0.0, watch=False, lock_timeout=0.2
+    )
     async with EncryptionService(manager) as service:
         with pytest.raises(KeyStateError, match=r"within 0\.2 s"):
             await service.encrypt_field("x", KeyType.PII)
@@ -439,5 +477,9 @@ async def test_a_policy_run_is_typed_and_its_dict_the_same() -> None:
         assert old.key_id in run.reencrypt
         assert run.to_dict()["rotated"][0]["old_key_id"] == run.rotated[0].old_key_id
         again = await manager.rotate_keys_due()
-        assert again["rotated"] == [] and set(again) == {"checked_at", "rotated", "expired",
-                                                         "reencrypt"}
+        assert again["rotated"] == [] and set(again) == {
+            "checked_at",
+            "rotated",
+            "expired",
+            "reencrypt",
+        }

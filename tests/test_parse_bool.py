@@ -21,8 +21,9 @@ def test_the_environment_and_app_config_accept_the_same_words(word: str) -> None
     pytest.importorskip("flask")
     from aiocrypt.integrations.sessions import WebSettings
 
-    settings = WebSettings.from_config({"SESSION_PERMANENT": word,
-                                        "AIOCRYPT_REDIS_URL": "redis://127.0.0.1:6379/0"})
+    settings = WebSettings.from_config(
+        {"SESSION_PERMANENT": word, "AIOCRYPT_REDIS_URL": "redis://127.0.0.1:6379/0"}
+    )
     assert settings.session.permanent is expected
 
 
@@ -39,13 +40,20 @@ def test_a_bad_flag_names_its_variable_or_key() -> None:
     from aiocrypt.integrations.sessions import WebSettings
 
     with pytest.raises(ConfigurationError, match="SESSION_PERMANENT must be true or false"):
-        WebSettings.from_config({"SESSION_PERMANENT": "t",
-                                 "AIOCRYPT_REDIS_URL": "redis://127.0.0.1:6379/0"})
+        WebSettings.from_config(
+            {"SESSION_PERMANENT": "t", "AIOCRYPT_REDIS_URL": "redis://127.0.0.1:6379/0"}
+        )
 
 
 def test_stored_legacy_booleans_also_take_the_databases_short_forms() -> None:
     # data, not a setting: Postgres prints a boolean as t / f
-    assert [parse_legacy("bool", v) for v in ("t", "f", "Y", "n", "yes", "0")] == \
-        [True, False, True, False, True, False]
+    assert [parse_legacy("bool", v) for v in ("t", "f", "Y", "n", "yes", "0")] == [
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+    ]
     with pytest.raises(ValueError, match="not a valid bool"):
         parse_legacy("bool", "maybe")

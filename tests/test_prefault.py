@@ -28,7 +28,8 @@ from aiocrypt.testing import make_key_manager
 MiB = 1024 * 1024
 KT = KeyType.PII
 linux_5_14 = sys.platform.startswith("linux") and tuple(
-    int(p) for p in platform.release().split("-")[0].split(".")[:2]) >= (5, 14)
+    int(p) for p in platform.release().split("-")[0].split(".")[:2]
+) >= (5, 14)
 
 
 def resident_pages() -> int:
@@ -45,7 +46,7 @@ def test_linux_populates_on_request() -> None:
 async def test_the_pages_become_resident_and_nothing_is_written() -> None:
     size = 64 * MiB
     view = memoryview(mmap.mmap(-1, size))
-    view[MiB:MiB + 5] = b"hello"  # what the cipher already wrote stays
+    view[MiB : MiB + 5] = b"hello"  # what the cipher already wrote stays
     before = resident_pages()
     worker = Prefaulter(view, asyncio.get_running_loop())
     thread = asyncio.ensure_future(asyncio.to_thread(worker.run))
@@ -54,7 +55,7 @@ async def test_the_pages_become_resident_and_nothing_is_written() -> None:
     grown = (resident_pages() - before) * mmap.PAGESIZE
     assert grown >= size - 2 * MiB  # every page (but the one written before) is in
     assert worker.ready == size and worker.failed is False
-    assert bytes(view[MiB:MiB + 5]) == b"hello"
+    assert bytes(view[MiB : MiB + 5]) == b"hello"
     assert view[:MiB].tobytes().count(0) == MiB and view[-MiB:].tobytes().count(0) == MiB
 
 
@@ -81,8 +82,9 @@ async def test_a_buffer_it_cannot_populate_is_given_up_not_waited_for() -> None:
 
 
 @pytest.fixture(params=[True, False], ids=["prefaulted", "plain"])
-async def service(request: pytest.FixtureRequest,
-                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[EncryptionService]:
+async def service(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[EncryptionService]:
     if not request.param:
         monkeypatch.setattr(prefault, "_supported", False)
     elif not prefault.supported():
@@ -92,8 +94,7 @@ async def service(request: pytest.FixtureRequest,
 
 
 @pytest.mark.parametrize("size", [MiB, 2 * MiB, 3 * MiB - 1, 40 * MiB + 7])
-async def test_bulk_data_round_trips_on_either_path(service: EncryptionService,
-                                                    size: int) -> None:
+async def test_bulk_data_round_trips_on_either_path(service: EncryptionService, size: int) -> None:
     data = os.urandom(size)
     sealed = await service.encrypt_bulk_data(data, KT, context="c")
     assert bytes(await service.decrypt_bulk_data(sealed, key_type=KT, context="c")) == data
@@ -113,12 +114,10 @@ async def test_out_buffers_are_not_populated(service: EncryptionService) -> None
     assert service.counters["prefaulted_buffers"] == 0
 
 
-async def test_a_tampered_payload_fails_on_the_prefaulted_path(
-        service: EncryptionService) -> None:
+async def test_a_tampered_payload_fails_on_the_prefaulted_path(service: EncryptionService) -> None:
     data = os.urandom(10 * MiB)
     sealed = await service.encrypt_bulk_data(data, KT)
     raw = bytearray(sealed.to_bytes())
     raw[len(raw) // 2] ^= 1
     with pytest.raises(DecryptionError):
         await service.decrypt_bulk_data(bytes(raw), key_type=KT)
-

@@ -27,7 +27,8 @@ KT = KeyType.PII
 
 
 async def test_subject_tokens_are_neither_pending_nor_moved_nor_off_target(
-        service: EncryptionService, postgres_dsn: str) -> None:
+    service: EncryptionService, postgres_dsn: str
+) -> None:
     table, checkpoints = "subject_mix_t", "subject_mix_ckpt"
     conn = await asyncpg.connect(postgres_dsn)
     database = AsyncpgDatabase(postgres_dsn, checkpoint_table=checkpoints)
@@ -38,8 +39,9 @@ async def test_subject_tokens_are_neither_pending_nor_moved_nor_off_target(
         rows = []
         for i in range(1, 301):
             subject = f"user:{i % 7}" if i % 3 == 0 else None  # a third under subjects
-            rows.append((i, await service.encrypt_field(f"{i:09d}", KT, context=ctx,
-                                                        subject=subject)))
+            rows.append(
+                (i, await service.encrypt_field(f"{i:09d}", KT, context=ctx, subject=subject))
+            )
         await conn.executemany(f"INSERT INTO {table} VALUES ($1, $2)", rows)
         subject_tokens = {i: t for i, t in rows if t.startswith("ac2.S-")}
         assert len(subject_tokens) == 100
@@ -47,8 +49,7 @@ async def test_subject_tokens_are_neither_pending_nor_moved_nor_off_target(
         await service.key_manager.rotate_key(KT, force=True)
         new = service.key_manager.keyring.active(KT).key_id
         spec = TableSpec(table, "id", (ColumnSpec("ssn", KT),))
-        engine = ReencryptionEngine(service.key_manager, database, tables=[spec],
-                                    batch_size=40)
+        engine = ReencryptionEngine(service.key_manager, database, tables=[spec], batch_size=40)
 
         before = await engine.census(table)
         assert before.counts["ssn"] == {old: 200, SUBJECT_KEYS: 100}  # one bucket

@@ -13,11 +13,12 @@ def bit_flips(token: str) -> Iterator[str]:
     for i, char in enumerate(token):
         for bit in range(8):
             flipped = chr(ord(char) ^ (1 << bit))
-            yield token[:i] + flipped + token[i + 1:]
+            yield token[:i] + flipped + token[i + 1 :]
 
 
-async def assert_rejected(service: EncryptionService, token: str, key_type: KeyType | str,
-                          context: str | None) -> None:
+async def assert_rejected(
+    service: EncryptionService, token: str, key_type: KeyType | str, context: str | None
+) -> None:
     with pytest.raises(DecryptionError) as info:
         await service.decrypt_field(token, key_type, context=context)
     assert type(info.value) is DecryptionError
@@ -112,37 +113,48 @@ async def test_bulk_blob_tampering_is_rejected(service: EncryptionService, size:
         bad = bytearray(blob)
         bad[pos] ^= 0x01
         with pytest.raises(DecryptionError):
-            await service.decrypt_bulk_data(bytes(bad), context="exports",
-                                            key_type="financial_data")
+            await service.decrypt_bulk_data(
+                bytes(bad), context="exports", key_type="financial_data"
+            )
     for cut in (1, 16, 17, len(blob) // 2, len(blob) - 1):
         with pytest.raises(DecryptionError):
-            await service.decrypt_bulk_data(blob[:cut], context="exports",
-                                            key_type="financial_data")
+            await service.decrypt_bulk_data(
+                blob[:cut], context="exports", key_type="financial_data"
+            )
     with pytest.raises(DecryptionError):
         await service.decrypt_bulk_data(blob, context="other", key_type="financial_data")
-    assert await service.decrypt_bulk_data(blob, context="exports",
-                                           key_type="financial_data") == data[:size]
+    assert (
+        await service.decrypt_bulk_data(blob, context="exports", key_type="financial_data")
+        == data[:size]
+    )
 
 
-async def test_stream_segments_cannot_be_dropped_or_reordered(
-        service: EncryptionService) -> None:
+async def test_stream_segments_cannot_be_dropped_or_reordered(service: EncryptionService) -> None:
     seg = service.config.performance.segment_size
     data = bytes(3 * seg + 10)
     encrypted = await service.encrypt_bulk_data(data)
     sealed = bytes(encrypted.encrypted_data) + encrypted.tag
     stride = seg + 16
-    segments = [sealed[i:i + stride] for i in range(0, len(sealed), stride)]
+    segments = [sealed[i : i + stride] for i in range(0, len(sealed), stride)]
     assert len(segments) == 4
 
     def rebuilt(parts: list[bytes]) -> EncryptedData:
         joined = b"".join(parts)
-        return EncryptedData(joined[:-16], encrypted.key_id, encrypted.algorithm,
-                             encrypted.iv, joined[-16:], encrypted.segment_size)
+        return EncryptedData(
+            joined[:-16],
+            encrypted.key_id,
+            encrypted.algorithm,
+            encrypted.iv,
+            joined[-16:],
+            encrypted.segment_size,
+        )
 
-    for variant in ([segments[0], segments[2], segments[1], segments[3]],  # reordered
-                    segments[:3],                                           # last dropped
-                    [segments[0], segments[1], segments[3]],                # middle dropped
-                    [*segments, segments[3]]):                              # appended
+    for variant in (
+        [segments[0], segments[2], segments[1], segments[3]],  # reordered
+        segments[:3],  # last dropped
+        [segments[0], segments[1], segments[3]],  # middle dropped
+        [*segments, segments[3]],
+    ):  # appended
         with pytest.raises(DecryptionError):
             await service.decrypt_bulk_data(rebuilt(variant), key_type="financial_data")
     assert await service.decrypt_bulk_data(rebuilt(segments), key_type="financial_data") == data

@@ -28,7 +28,7 @@ import pytest
 
 from aiocrypt import CryptoConfigManager, EncryptionConfig, PerformanceMode, PerformanceSettings
 
-SEED_BULK_EXAMPLE = '''\
+SEED_BULK_EXAMPLE = """\
 import asyncio
 import base64
 import json
@@ -93,7 +93,7 @@ async def main() -> None:
 
 
 asyncio.run(main())
-'''
+"""
 
 COMPRESSION = {
     "off": {},
@@ -119,8 +119,14 @@ def test_seed_bulk_example_round_trips(tmp_path: Path, mode: str, compression: s
     script = tmp_path / "seed_bulk_example.py"
     script.write_text(SEED_BULK_EXAMPLE)
     env = user_env(tmp_path, ENCRYPTION_PERFORMANCE_MODE=mode, **COMPRESSION[compression])
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     settings = lines[0]["settings"]

@@ -49,15 +49,24 @@ async def test_bulk_round_trip_object_and_blob(service: EncryptionService, size:
     encrypted = await service.encrypt_bulk_data(data, KeyType.AUDIT_LOGS, context="exports/1")
     large = size > service.config.performance.inline_threshold
     assert encrypted.algorithm == ("AES_256_GCM_STREAM" if large else "AES_256_GCM")
-    rebuilt = EncryptedData(encrypted_data=encrypted.encrypted_data, key_id=encrypted.key_id,
-                            algorithm=encrypted.algorithm, iv=encrypted.iv, tag=encrypted.tag,
-                            segment_size=encrypted.segment_size)
-    assert await service.decrypt_bulk_data(rebuilt, context="exports/1",
-                                           key_type=KeyType.AUDIT_LOGS) == data
+    rebuilt = EncryptedData(
+        encrypted_data=encrypted.encrypted_data,
+        key_id=encrypted.key_id,
+        algorithm=encrypted.algorithm,
+        iv=encrypted.iv,
+        tag=encrypted.tag,
+        segment_size=encrypted.segment_size,
+    )
+    assert (
+        await service.decrypt_bulk_data(rebuilt, context="exports/1", key_type=KeyType.AUDIT_LOGS)
+        == data
+    )
     blob = encrypted.to_bytes()
     assert EncryptedData.from_bytes(blob) == encrypted
-    assert await service.decrypt_bulk_data(blob, context="exports/1",
-                                           key_type=KeyType.AUDIT_LOGS) == data
+    assert (
+        await service.decrypt_bulk_data(blob, context="exports/1", key_type=KeyType.AUDIT_LOGS)
+        == data
+    )
     with pytest.raises(DecryptionError):
         await service.decrypt_bulk_data(blob, context="exports/1", key_type=KeyType.PII)
 
@@ -68,8 +77,10 @@ async def test_bulk_with_compression() -> None:
         data = b"highly repetitive audit line\n" * 10_000
         encrypted = await service.encrypt_bulk_data(data)
         assert encrypted.compressed and len(encrypted.encrypted_data) < len(data) // 10
-        assert await service.decrypt_bulk_data(encrypted.to_bytes(),
-                                               key_type=KeyType.FINANCIAL_DATA) == data
+        assert (
+            await service.decrypt_bulk_data(encrypted.to_bytes(), key_type=KeyType.FINANCIAL_DATA)
+            == data
+        )
         token = await service.encrypt_field("note " * 50)
         assert await service.decrypt_field(token) == "note " * 50
 
@@ -87,8 +98,7 @@ async def test_large_bulk_work_does_not_block_the_loop(service: EncryptionServic
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
         encrypted = await service.encrypt_bulk_data(data)
-        assert await service.decrypt_bulk_data(encrypted, key_type=KeyType.FINANCIAL_DATA) \
-            == data
+        assert await service.decrypt_bulk_data(encrypted, key_type=KeyType.FINANCIAL_DATA) == data
         tg.cancel_scope.cancel()
     assert ticks > 0  # the loop kept running while the threads worked
 
@@ -119,7 +129,7 @@ async def test_cache_entries_are_deterministic_bound_and_expire() -> None:
         assert await service.encrypt_cache_key("report:42") == key1
         assert "report" not in key1
         assert await service.decrypt_cache_data(key1, value1) == ("report:42", {"total": 99})
-        with pytest.raises(DecryptionError):          # value moved under another key
+        with pytest.raises(DecryptionError):  # value moved under another key
             await service.decrypt_cache_data(key3, value1)
         now += dt.timedelta(seconds=59)
         assert (await service.decrypt_cache_data(key1, value1))[1] == {"total": 99}
@@ -161,8 +171,8 @@ async def test_sync_keyring_snapshot_for_sync_code(service: EncryptionService) -
 
 
 async def test_process_wide_defaults_from_environment(
-        monkeypatch: pytest.MonkeyPatch, key_path: Path, master_key_b64: str,
-        clean_env: None) -> None:
+    monkeypatch: pytest.MonkeyPatch, key_path: Path, master_key_b64: str, clean_env: None
+) -> None:
     monkeypatch.setenv("ENCRYPTION_MASTER_KEY", master_key_b64)
     monkeypatch.setenv("ENCRYPTION_KEY_STORAGE_PATH", str(key_path))
     await reset_defaults()
@@ -178,8 +188,9 @@ async def test_process_wide_defaults_from_environment(
         await reset_defaults()
 
 
-async def test_defaults_report_every_config_problem(monkeypatch: pytest.MonkeyPatch,
-                                                    clean_env: None, tmp_path: Path) -> None:
+async def test_defaults_report_every_config_problem(
+    monkeypatch: pytest.MonkeyPatch, clean_env: None, tmp_path: Path
+) -> None:
     from aiocrypt import ConfigurationError
 
     monkeypatch.setenv("ENCRYPTION_KEY_STORAGE_PATH", str(tmp_path / "missing" / "k.json"))

@@ -37,8 +37,9 @@ from aiocrypt import (
 from aiocrypt.kek import KekProvider, LocalKekProvider
 from aiocrypt.keystore import FileKeyStore, KeyStore, MemoryKeyStore
 
-StoreFactory = Callable[[Path, KekProvider, list[Callable[[], Awaitable[None]]]],
-                        Awaitable[KeyStore]]
+StoreFactory = Callable[
+    [Path, KekProvider, list[Callable[[], Awaitable[None]]]], Awaitable[KeyStore]
+]
 
 
 async def _memory(tmp_path: Path, kek: KekProvider, cleanups: list[Any]) -> KeyStore:
@@ -84,7 +85,11 @@ async def _postgres(tmp_path: Path, kek: KekProvider, cleanups: list[Any]) -> Ke
 
 
 STORE_FACTORIES: dict[str, StoreFactory] = {
-    "memory": _memory, "file": _file, "redis": _redis, "postgres": _postgres}
+    "memory": _memory,
+    "file": _file,
+    "redis": _redis,
+    "postgres": _postgres,
+}
 # Stores that persist across processes (memory does not).
 PERSISTENT = {"file", "redis", "postgres"}
 
@@ -144,10 +149,16 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 def record(key_id: str, version: int = 1) -> EncryptionKey:
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    return EncryptionKey(key_id=key_id, key_type=KeyType.PII, version=version,
-                         status="active",  # type: ignore[arg-type]  # coerced to KeyStatus
-                         created_at=now, expires_at=now + dt.timedelta(days=1),
-                         wrapped_key=os.urandom(60), kek_id="k")
+    return EncryptionKey(
+        key_id=key_id,
+        key_type=KeyType.PII,
+        version=version,
+        status="active",  # type: ignore[arg-type]  # coerced to KeyStatus
+        created_at=now,
+        expires_at=now + dt.timedelta(days=1),
+        wrapped_key=os.urandom(60),
+        kek_id="k",
+    )
 
 
 async def test_empty_store_reads_revision_zero(store: KeyStore) -> None:
@@ -207,7 +218,8 @@ async def test_changes_are_notified(store: KeyStore) -> None:
 
 
 async def test_generate_rotate_and_decrypt_old_data_after_reload(
-        store: KeyStore, request: pytest.FixtureRequest) -> None:
+    store: KeyStore, request: pytest.FixtureRequest
+) -> None:
     kek = request.node.kek
     service = EncryptionService(KeyManager(store, kek))
     await service.key_manager.open()
@@ -220,12 +232,12 @@ async def test_generate_rotate_and_decrypt_old_data_after_reload(
     await fresh.key_manager.refresh(force=True)
     fresh._started = True
     assert await fresh.decrypt_field(token, KeyType.PII, context="users.ssn") == "123-45-6789"
-    assert await fresh.decrypt_field(new_token, KeyType.PII, context="users.ssn") == \
-        "987-65-4321"
+    assert await fresh.decrypt_field(new_token, KeyType.PII, context="users.ssn") == "987-65-4321"
 
 
-async def test_tampered_wrapped_key_is_rejected(store: KeyStore,
-                                                request: pytest.FixtureRequest) -> None:
+async def test_tampered_wrapped_key_is_rejected(
+    store: KeyStore, request: pytest.FixtureRequest
+) -> None:
     from aiocrypt import KeyStoreIntegrityError
 
     kek = request.node.kek
@@ -249,8 +261,9 @@ def _persistent(request: pytest.FixtureRequest) -> None:
         pytest.skip("this store does not persist across processes")
 
 
-async def test_fresh_process_decrypts_after_rotation(store: KeyStore,
-                                                     request: pytest.FixtureRequest) -> None:
+async def test_fresh_process_decrypts_after_rotation(
+    store: KeyStore, request: pytest.FixtureRequest
+) -> None:
     _persistent(request)
     kek = request.node.kek
     manager = KeyManager(store, kek, watch=False)
@@ -259,25 +272,32 @@ async def test_fresh_process_decrypts_after_rotation(store: KeyStore,
     old = await service.encrypt_field("123-45-6789", KeyType.PII, context="users.ssn")
     await manager.rotate_key(KeyType.PII, force=True)
     new = await service.encrypt_field("987-65-4321", KeyType.PII, context="users.ssn")
-    code = _PRELUDE + f"""
+    code = (
+        _PRELUDE
+        + f"""
 async def main():
     async with EncryptionService(KeyManager({reopen_expression(store)}, kek, watch=False)) as svc:
         for token in sys.argv[2:]:
             print(await svc.decrypt_field(token, KeyType.PII, context="users.ssn"))
 asyncio.run(main())
 """
+    )
     master = base64.b64encode(request.node.master_key).decode()
     with anyio.fail_after(30):
-        result = await anyio.run_process([sys.executable, "-c", code, master, old, new],
-                                         check=False)
+        result = await anyio.run_process(
+            [sys.executable, "-c", code, master, old, new], check=False
+        )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().split() == ["123-45-6789", "987-65-4321"]
 
 
-async def test_lock_of_a_dead_holder_is_released(store: KeyStore,
-                                                 request: pytest.FixtureRequest) -> None:
+async def test_lock_of_a_dead_holder_is_released(
+    store: KeyStore, request: pytest.FixtureRequest
+) -> None:
     _persistent(request)
-    code = _PRELUDE + f"""
+    code = (
+        _PRELUDE
+        + f"""
 async def main():
     store = {reopen_expression(store)}
     await store.open()
@@ -286,6 +306,7 @@ async def main():
         await asyncio.sleep(60)
 asyncio.run(main())
 """
+    )
     master = base64.b64encode(request.node.master_key).decode()
     async with await anyio.open_process([sys.executable, "-c", code, master]) as holder:
         assert holder.stdout is not None
@@ -318,4 +339,5 @@ async def test_concurrent_writers_one_wins(store: KeyStore) -> None:
     assert sum(isinstance(r, int) for r in results) == 1
     keyset = await store.read()
     assert len(keyset.keys) == 1 and keyset.revision == next(
-        r for r in results if isinstance(r, int))
+        r for r in results if isinstance(r, int)
+    )

@@ -40,23 +40,32 @@ async def inline(threads: EncryptionService) -> AsyncIterator[EncryptionService]
 
 async def chunks(data: bytes, size: int = 100_000) -> AsyncIterator[bytes]:
     for at in range(0, len(data), size):
-        yield data[at:at + size]
+        yield data[at : at + size]
 
 
-async def seal(service: EncryptionService, data: bytes, **kwargs: object) -> bytes:
-    return b"".join([p async for p in service.encrypt_stream(
-        chunks(data), KT, context="c", segment_size=SEG, **kwargs)])  # type: ignore[arg-type]
+async def seal(service: EncryptionService, data: bytes, *, compress: bool | None = None) -> bytes:
+    return b"".join(
+        [
+            p
+            async for p in service.encrypt_stream(
+                chunks(data), KT, context="c", segment_size=SEG, compress=compress
+            )
+        ]
+    )
 
 
 async def open_(service: EncryptionService, sealed: bytes) -> bytes:
-    return b"".join([p async for p in service.decrypt_stream(
-        chunks(sealed, 77_777), key_type=KT, context="c")])
+    return b"".join(
+        [p async for p in service.decrypt_stream(chunks(sealed, 77_777), key_type=KT, context="c")]
+    )
 
 
-@pytest.mark.parametrize("size", [0, 1, SEG - 1, SEG, SEG + 1, BATCH, BATCH + 1,
-                                  3 * BATCH + SEG // 2])
-async def test_round_trip_across_paths(threads: EncryptionService, inline: EncryptionService,
-                                       size: int) -> None:
+@pytest.mark.parametrize(
+    "size", [0, 1, SEG - 1, SEG, SEG + 1, BATCH, BATCH + 1, 3 * BATCH + SEG // 2]
+)
+async def test_round_trip_across_paths(
+    threads: EncryptionService, inline: EncryptionService, size: int
+) -> None:
     data = os.urandom(size)
     by_threads = await seal(threads, data)
     assert await open_(inline, by_threads) == data
@@ -68,7 +77,8 @@ async def test_round_trip_across_paths(threads: EncryptionService, inline: Encry
 
 
 async def test_compressed_streams_seal_in_threads_and_open_in_order(
-        threads: EncryptionService, inline: EncryptionService) -> None:
+    threads: EncryptionService, inline: EncryptionService
+) -> None:
     data = b"compressible " * 200_000
     sealed = await seal(threads, data, compress=True)
     assert len(sealed) < len(data) // 10
@@ -78,7 +88,8 @@ async def test_compressed_streams_seal_in_threads_and_open_in_order(
 
 @pytest.mark.parametrize("segment", [0, 63, 64, 150, -1])
 async def test_a_tampered_segment_fails_and_nothing_after_it_is_released(
-        threads: EncryptionService, segment: int) -> None:
+    threads: EncryptionService, segment: int
+) -> None:
     data = os.urandom(3 * BATCH + 100)
     sealed = bytearray(await seal(threads, data))
     preamble = len(sealed) - (len(data) + 16 * -(-len(data) // SEG))
@@ -87,36 +98,37 @@ async def test_a_tampered_segment_fails_and_nothing_after_it_is_released(
     sealed[preamble + index * (SEG + 16) + 5] ^= 1
     released = bytearray()
     with pytest.raises(DecryptionError) as exc:
-        async for part in threads.decrypt_stream(chunks(bytes(sealed)), key_type=KT,
-                                                 context="c"):
+        async for part in threads.decrypt_stream(chunks(bytes(sealed)), key_type=KT, context="c"):
             released += part
     assert exc.value.reason is DecryptionFailure.AUTHENTICATION_FAILED
     assert len(released) <= index * SEG  # only segments before the bad one
-    assert bytes(released) == data[:len(released)]
+    assert bytes(released) == data[: len(released)]
 
 
 async def test_a_stream_cut_short_or_followed_by_more_fails(
-        threads: EncryptionService, inline: EncryptionService) -> None:
+    threads: EncryptionService, inline: EncryptionService
+) -> None:
     data = os.urandom(2 * BATCH + 10)
     sealed = await seal(threads, data)
-    for cut in (sealed[:-10],              # inside the last segment
-                sealed[:-(10 + 16) - 5],   # the last segment gone, cut in a full one
-                sealed[:-(10 + 16)]):      # the last segment gone: a full one ends it
+    for cut in (
+        sealed[:-10],  # inside the last segment
+        sealed[: -(10 + 16) - 5],  # the last segment gone, cut in a full one
+        sealed[: -(10 + 16)],
+    ):  # the last segment gone: a full one ends it
         with pytest.raises(DecryptionError):
             await open_(threads, cut)
     # more after the end: the last segment is last by position, so the real one, no
     # longer last, fails to authenticate, as on the inline path
     for service in (threads, inline):
         with pytest.raises(DecryptionError) as exc:
-            await open_(service, sealed + sealed[-(10 + 16):])
+            await open_(service, sealed + sealed[-(10 + 16) :])
         assert exc.value.reason is DecryptionFailure.AUTHENTICATION_FAILED
     two = await seal(threads, os.urandom(SEG + 20))  # a full segment, then 20 bytes + tag
     with pytest.raises(DecryptionError, match="cut short"):  # cut inside the last tag
         await open_(threads, two[:-26])
 
 
-async def test_a_forged_preamble_fails_before_more_is_read(
-        threads: EncryptionService) -> None:
+async def test_a_forged_preamble_fails_before_more_is_read(threads: EncryptionService) -> None:
     data = os.urandom(4 * BATCH)
     sealed = await seal(threads, data)
     pulled = 0
@@ -125,7 +137,7 @@ async def test_a_forged_preamble_fails_before_more_is_read(
         nonlocal pulled
         for at in range(0, len(sealed), 16 * 1024):
             pulled += 16 * 1024
-            yield sealed[at:at + 16 * 1024]
+            yield sealed[at : at + 16 * 1024]
 
     with pytest.raises(DecryptionError):
         async for _ in threads.decrypt_stream(counted(), key_type=KT, context="other"):
@@ -134,7 +146,8 @@ async def test_a_forged_preamble_fails_before_more_is_read(
 
 
 async def test_a_consumer_that_stops_early_leaves_no_thread_behind(
-        threads: EncryptionService) -> None:
+    threads: EncryptionService,
+) -> None:
     data = os.urandom(6 * BATCH)
     parts = threads.encrypt_stream(chunks(data), KT, context="c", segment_size=SEG)
     assert isinstance(parts, AsyncGenerator)
@@ -148,13 +161,14 @@ async def test_a_consumer_that_stops_early_leaves_no_thread_behind(
     opened = threads.decrypt_stream(chunks(sealed), key_type=KT, context="c")
     assert isinstance(opened, AsyncGenerator)
     async for part in opened:
-        assert part == data[:len(part)]
+        assert part == data[: len(part)]
         break
     await opened.aclose()
 
 
-async def test_files_take_the_same_path(threads: EncryptionService, inline: EncryptionService,
-                                        tmp_path: Path) -> None:
+async def test_files_take_the_same_path(
+    threads: EncryptionService, inline: EncryptionService, tmp_path: Path
+) -> None:
     data = os.urandom(5 * MiB + 3)
     src, sealed, opened = tmp_path / "in", tmp_path / "sealed", tmp_path / "out"
     src.write_bytes(data)

@@ -46,15 +46,24 @@ def vectors(name: str) -> pytest.MarkDecorator:
 
 
 def data_key(vector: dict[str, Any]) -> DataKey:
-    key = EncryptionKey(key_id=vector["key_id"], key_type=vector["key_type"], version=1,
-                        status="active",  # type: ignore[arg-type]  # coerced to KeyStatus
-                        created_at=T0, expires_at=T0 + dt.timedelta(days=1))
+    key = EncryptionKey(
+        key_id=vector["key_id"],
+        key_type=vector["key_type"],
+        version=1,
+        status="active",  # type: ignore[arg-type]  # coerced to KeyStatus
+        created_at=T0,
+        expires_at=T0 + dt.timedelta(days=1),
+    )
     return DataKey(key, bytes.fromhex(vector["dek"]))
 
 
 _VALUE_TYPES: dict[str, Callable[[Any], Any]] = {  # from the JSON value
-    "bytes": bytes.fromhex, "float": float, "decimal": Decimal,
-    "date": dt.date.fromisoformat, "datetime": dt.datetime.fromisoformat, "uuid": uuid.UUID,
+    "bytes": bytes.fromhex,
+    "float": float,
+    "decimal": Decimal,
+    "date": dt.date.fromisoformat,
+    "datetime": dt.datetime.fromisoformat,
+    "uuid": uuid.UUID,
 }
 
 
@@ -69,14 +78,16 @@ def test_codec_vectors(vector: dict[str, Any]) -> None:
 # -- an independent implementation of the spec (docs/format.md), for both versions --
 
 
-def spec_aad(vector: dict[str, Any], version: int, algorithm: int,
-             stream_params: bytes = b"") -> bytes:
+def spec_aad(
+    vector: dict[str, Any], version: int, algorithm: int, stream_params: bytes = b""
+) -> bytes:
     """The associated data as docs/format.md defines it, built without aiocrypt."""
     kid, kt = vector["key_id"].encode(), vector["key_type"].encode()
     header = bytes((version, algorithm, vector.get("flags") or 0, len(kid))) + kid
     purpose = b"" if version == 1 else bytes((_PURPOSE_BYTES[vector["purpose"]],))
-    aad: bytes = header + purpose + bytes((len(kt),)) + kt + stream_params \
-        + vector["context"].encode()
+    aad: bytes = (
+        header + purpose + bytes((len(kt),)) + kt + stream_params + vector["context"].encode()
+    )
     return aad
 
 
@@ -106,7 +117,7 @@ def spec_seal_stream(vector: dict[str, Any], version: int) -> bytes:
     cipher = AESGCM(HKDF(hashes.SHA256(), 32, salt, b"aiocrypt/v1/stream").derive(dek))
     kid = vector["key_id"].encode()
     out = [bytes((version, 3, 0, len(kid))) + kid + params]
-    pieces = [plaintext[i:i + size] for i in range(0, len(plaintext), size)] or [b""]
+    pieces = [plaintext[i : i + size] for i in range(0, len(plaintext), size)] or [b""]
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
         out.append(cipher.encrypt(prefix + struct.pack(">IB", i, last), piece, aad))
@@ -130,8 +141,10 @@ def test_v1_field_vectors_open(vector: dict[str, Any]) -> None:
     else:
         assert opened == plaintext
     # version 1 binds no purpose: what the migration window leaves open, and closes
-    assert keyring.decrypt_bytes(vector["token"], vector["key_type"], context,
-                                 purpose=Purpose.SESSION) == opened
+    assert (
+        keyring.decrypt_bytes(vector["token"], vector["key_type"], context, purpose=Purpose.SESSION)
+        == opened
+    )
     refusing = Keyring([data_key(vector)], accept_format_v1=False)
     with pytest.raises(DecryptionError):
         refusing.decrypt_bytes(vector["token"], vector["key_type"], context)
@@ -153,7 +166,8 @@ def test_v1_blob_vectors_open(vector: dict[str, Any]) -> None:
     else:
         nonce = bytes.fromhex(vector["random"])
         sealed = AESGCM(bytes.fromhex(vector["dek"])).encrypt(
-            nonce, plaintext, spec_aad(vector, 1, 1))
+            nonce, plaintext, spec_aad(vector, 1, 1)
+        )
         assert blob.endswith(nonce + sealed)
 
 
@@ -168,27 +182,32 @@ def test_v2_field_vectors(vector: dict[str, Any]) -> None:
     purpose = _PURPOSES[vector["purpose"]]
     plaintext = bytes.fromhex(vector["plaintext"])
     if vector["algorithm"] == "AES_256_GCM":
-        again = dk.seal_text(plaintext, context.encode(), vector["flags"],
-                             bytes.fromhex(vector["nonce"]), purpose=purpose)
+        again = dk.seal_text(
+            plaintext,
+            context.encode(),
+            vector["flags"],
+            bytes.fromhex(vector["nonce"]),
+            purpose=purpose,
+        )
     else:
         again = dk.seal_deterministic(plaintext, context.encode(), purpose=purpose)
     assert again == vector["token"]
     assert spec_open_text(vector, 2) == plaintext
-    opened = keyring.decrypt_bytes(vector["token"], vector["key_type"], context,
-                                   purpose=purpose)
+    opened = keyring.decrypt_bytes(vector["token"], vector["key_type"], context, purpose=purpose)
     expected = _compression.decompress(plaintext) if vector["flags"] else plaintext
     assert opened == expected
-    assert keyring.decrypt(vector["token"], vector["key_type"], context, purpose=purpose) \
-        == decode_value(expected)
+    assert keyring.decrypt(
+        vector["token"], vector["key_type"], context, purpose=purpose
+    ) == decode_value(expected)
     for other in Purpose:  # bound to its purpose: no other opens it
         if other is not purpose:
             with pytest.raises(DecryptionError):
-                keyring.decrypt_bytes(vector["token"], vector["key_type"], context,
-                                      purpose=other)
+                keyring.decrypt_bytes(vector["token"], vector["key_type"], context, purpose=other)
     # relabelled as version 1, it does not open either
     with pytest.raises(DecryptionError):
-        keyring.decrypt_bytes("ac1." + vector["token"][4:], vector["key_type"], context,
-                              purpose=purpose)
+        keyring.decrypt_bytes(
+            "ac1." + vector["token"][4:], vector["key_type"], context, purpose=purpose
+        )
 
 
 @vectors("blobs_v2")
@@ -198,11 +217,14 @@ def test_v2_blob_vectors(vector: dict[str, Any]) -> None:
     encrypted = EncryptedData.from_bytes(blob)
     assert encrypted.format_version == 2 and encrypted.to_bytes() == blob
     plaintext = bytes.fromhex(vector["plaintext"])
-    nonce, sealed = dk.gcm_parts(plaintext, vector["context"].encode(), vector["flags"],
-                                 bytes.fromhex(vector["random"]))
+    nonce, sealed = dk.gcm_parts(
+        plaintext, vector["context"].encode(), vector["flags"], bytes.fromhex(vector["random"])
+    )
     assert blob.endswith(nonce + sealed)
-    assert AESGCM(bytes.fromhex(vector["dek"])).decrypt(
-        nonce, sealed, spec_aad(vector, 2, 1)) == plaintext
+    assert (
+        AESGCM(bytes.fromhex(vector["dek"])).decrypt(nonce, sealed, spec_aad(vector, 2, 1))
+        == plaintext
+    )
     assert decrypt_bulk(dk, encrypted, vector["context"].encode()) == plaintext
 
 
@@ -213,10 +235,13 @@ def test_v2_stream_vectors(vector: dict[str, Any]) -> None:
     plaintext = bytes.fromhex(vector["plaintext"])
     randomness = bytes.fromhex(vector["random"])
     parts = iter([randomness[:16], randomness[16:]])
-    enc = StreamEncryptor(dk, vector["context"].encode(), vector["segment_size"],
-                          random=lambda n: next(parts))
-    body = b"".join(enc.seal(c, last) for c, last in
-                    split_segments(memoryview(plaintext), vector["segment_size"]))
+    enc = StreamEncryptor(
+        dk, vector["context"].encode(), vector["segment_size"], random=lambda n: next(parts)
+    )
+    body = b"".join(
+        enc.seal(c, last)
+        for c, last in split_segments(memoryview(plaintext), vector["segment_size"])
+    )
     assert enc.preamble + body == blob
     assert spec_seal_stream(vector, 2) == blob
     encrypted = EncryptedData.from_bytes(blob)
@@ -233,20 +258,23 @@ async def _open_stream(dk: DataKey, blob: bytes, context: str) -> bytes:
     async def run(func: Any, *args: Any) -> Any:
         return func(*args)
 
-    chunks = [blob[i:i + 500] for i in range(0, len(blob), 500)]
-    return b"".join([part async for part in open_stream(chunks, find_key, context.encode(),
-                                                         run, 1 << 20)])
+    chunks = [blob[i : i + 500] for i in range(0, len(blob), 500)]
+    return b"".join(
+        [part async for part in open_stream(chunks, find_key, context.encode(), run, 1 << 20)]
+    )
 
 
 @vectors("local_kek")
 async def test_local_kek_vectors(vector: dict[str, Any]) -> None:
     kek = LocalKekProvider(bytes.fromhex(vector["master_key"]))
     assert kek.kek_id == vector["kek_id"]
-    wrapped = kek.wrap_sync(bytes.fromhex(vector["plaintext"]), vector["context"],
-                            nonce=bytes.fromhex(vector["nonce"]))
+    wrapped = kek.wrap_sync(
+        bytes.fromhex(vector["plaintext"]), vector["context"], nonce=bytes.fromhex(vector["nonce"])
+    )
     assert wrapped.hex() == vector["wrapped"]
-    assert await kek.unwrap(bytes.fromhex(vector["wrapped"]), vector["context"]) == \
-        bytes.fromhex(vector["plaintext"])
+    assert await kek.unwrap(bytes.fromhex(vector["wrapped"]), vector["context"]) == bytes.fromhex(
+        vector["plaintext"]
+    )
 
 
 def test_sql_helpers_select_tokens_by_key_id() -> None:
@@ -258,17 +286,17 @@ def test_sql_helpers_select_tokens_by_key_id() -> None:
         vector = load(name)[0]
         token, key_id = vector["token"], vector["key_id"]
         assert token.startswith(text_prefix(key_id, version))
-        assert token[5 - 1:].startswith(key_id)  # the key id at the same offset in both
+        assert token[5 - 1 :].startswith(key_id)  # the key id at the same offset in both
         # "_" is a LIKE wildcard: the pattern escapes it, so a look-alike id does not match
         look_alike = token.replace("financial_data", "financialXdata", 1)
         with sqlite3.connect(":memory:") as conn:
             conn.execute("CREATE TABLE t (v TEXT)")
             conn.executemany("INSERT INTO t VALUES (?)", [(token,), (look_alike,)])
-            rows = conn.execute("SELECT v FROM t WHERE v LIKE ? ESCAPE '\\'",
-                                (like_pattern(key_id, version),)).fetchall()
+            rows = conn.execute(
+                "SELECT v FROM t WHERE v LIKE ? ESCAPE '\\'", (like_pattern(key_id, version),)
+            ).fetchall()
             assert rows == [(token,)]
-            assert conn.execute(f"SELECT count(*) FROM t WHERE {token_sql('v')}").fetchone() \
-                == (2,)
+            assert conn.execute(f"SELECT count(*) FROM t WHERE {token_sql('v')}").fetchone() == (2,)
 
 
 def test_deterministic_lookups_match_v1_rows_while_v1_is_read() -> None:

@@ -19,12 +19,26 @@ logger = logging.getLogger("aiocrypt.audit")
 _internal = logging.getLogger("aiocrypt")
 
 #: Event names aiocrypt emits.
-EVENTS: Final = frozenset({
-    "key_generated", "key_rotated", "key_revoked", "key_compromised", "key_expired",
-    "key_destroyed", "key_destroy_refused", "key_rewrapped", "master_key_rotated",
-    "min_decryption_version_raised", "expired_key_used", "decrypt_failures",
-    "decrypt_failure_spike", "policy_run", "usage_limit_reached", "audit_chain_upgraded",
-})
+EVENTS: Final = frozenset(
+    {
+        "key_generated",
+        "key_rotated",
+        "key_revoked",
+        "key_compromised",
+        "key_expired",
+        "key_destroyed",
+        "key_destroy_refused",
+        "key_rewrapped",
+        "master_key_rotated",
+        "min_decryption_version_raised",
+        "expired_key_used",
+        "decrypt_failures",
+        "decrypt_failure_spike",
+        "policy_run",
+        "usage_limit_reached",
+        "audit_chain_upgraded",
+    }
+)
 
 
 def _utcnow() -> _dt.datetime:
@@ -42,8 +56,13 @@ class AuditEvent:
     details: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"event": self.event, "at": self.at.isoformat(), "key_id": self.key_id,
-                "key_type": self.key_type, "details": dict(self.details)}
+        return {
+            "event": self.event,
+            "at": self.at.isoformat(),
+            "key_id": self.key_id,
+            "key_type": self.key_type,
+            "details": dict(self.details),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
@@ -59,10 +78,19 @@ class AuditSink(Protocol):
 class LoggingAuditSink:
     """JSON lines on the ``aiocrypt.audit`` logger (WARNING for security events)."""
 
-    _LOUD: Final = frozenset({"key_compromised", "decrypt_failure_spike", "expired_key_used",
-                              "key_destroyed", "key_revoked", "usage_limit_reached",
-                              "keystore_integrity_failure", "usage_counter_rolled_back",
-                              "keystore_adopted"})
+    _LOUD: Final = frozenset(
+        {
+            "key_compromised",
+            "decrypt_failure_spike",
+            "expired_key_used",
+            "key_destroyed",
+            "key_revoked",
+            "usage_limit_reached",
+            "keystore_integrity_failure",
+            "usage_counter_rolled_back",
+            "keystore_adopted",
+        }
+    )
 
     async def emit(self, event: AuditEvent) -> None:
         self.emit_sync(event)
@@ -95,10 +123,15 @@ class Auditor:
     ``spike_ratio`` of them failed, or when a batch fails more than that ratio.
     """
 
-    def __init__(self, sinks: Sequence[AuditSink] | None = None, *,
-                 failure_window: float = 60.0, spike_ratio: float = 0.5,
-                 spike_min_attempts: int = 20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        sinks: Sequence[AuditSink] | None = None,
+        *,
+        failure_window: float = 60.0,
+        spike_ratio: float = 0.5,
+        spike_min_attempts: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.sinks: list[AuditSink] = list(sinks) if sinks is not None else [LoggingAuditSink()]
         self.failure_window = failure_window
         self.spike_ratio = spike_ratio
@@ -111,15 +144,17 @@ class Auditor:
         #: Events emitted from sync code, not yet delivered to async sinks.
         self.pending: list[AuditEvent] = []
 
-    async def emit(self, event: str, *, key_id: str | None = None, key_type: str | None = None,
-                   **details: Any) -> AuditEvent:
+    async def emit(
+        self, event: str, *, key_id: str | None = None, key_type: str | None = None, **details: Any
+    ) -> AuditEvent:
         record = AuditEvent(event, key_id=key_id, key_type=key_type, details=details)
         await self.flush()
         await self._send(record)
         return record
 
-    def emit_nowait(self, event: str, *, key_id: str | None = None,
-                    key_type: str | None = None, **details: Any) -> None:
+    def emit_nowait(
+        self, event: str, *, key_id: str | None = None, key_type: str | None = None, **details: Any
+    ) -> None:
         """From sync code: logged at once, delivered to async sinks on the next ``flush()``."""
         record = AuditEvent(event, key_id=key_id, key_type=key_type, details=details)
         for sink in self.sinks:
@@ -146,8 +181,9 @@ class Auditor:
 
     # -- decryption outcomes ------------------------------------------------
 
-    async def record_failures(self, key_type: str, failures: int, *,
-                              successes_total: int, batch_size: int = 1) -> None:
+    async def record_failures(
+        self, key_type: str, failures: int, *, successes_total: int, batch_size: int = 1
+    ) -> None:
         """Account ``failures`` decryption failures of ``key_type``.
 
         ``successes_total`` is the caller's running count of successful
@@ -159,8 +195,11 @@ class Auditor:
         now = self._clock()
         if now - self._window_start >= self.failure_window:
             if self._failures:
-                await self.emit("decrypt_failures", window_seconds=self.failure_window,
-                                by_key_type=dict(self._failures))
+                await self.emit(
+                    "decrypt_failures",
+                    window_seconds=self.failure_window,
+                    by_key_type=dict(self._failures),
+                )
             self._window_start = now
             self._window_successes = successes_total
             self._failures.clear()
@@ -171,10 +210,16 @@ class Auditor:
         window_failures = sum(self._failures.values())
         attempts = window_failures + max(0, successes_total - self._window_successes)
         batch_spike = batch_size >= 2 and failures > batch_size * self.spike_ratio
-        window_spike = (attempts >= self.spike_min_attempts
-                        and window_failures > attempts * self.spike_ratio)
+        window_spike = (
+            attempts >= self.spike_min_attempts and window_failures > attempts * self.spike_ratio
+        )
         if batch_spike or window_spike:
             self._spiked.add(key_type)
-            await self.emit("decrypt_failure_spike", key_type=key_type,
-                            failures_in_window=window_failures, attempts_in_window=attempts,
-                            batch_failures=failures, batch_size=batch_size)
+            await self.emit(
+                "decrypt_failure_spike",
+                key_type=key_type,
+                failures_in_window=window_failures,
+                attempts_in_window=attempts,
+                batch_failures=failures,
+                batch_size=batch_size,
+            )

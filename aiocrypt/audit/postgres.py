@@ -44,14 +44,14 @@ from typing import Any, Final, Literal
 try:
     import asyncpg
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("the Postgres audit sink needs asyncpg: pip install 'aiocrypt[postgres]'") \
-        from exc
+    raise ImportError(
+        "the Postgres audit sink needs asyncpg: pip install 'aiocrypt[postgres]'"
+    ) from exc
 
 from .._errors import AiocryptError
 from ._auditor import AuditEvent
 
-__all__ = ["AuditAnchor", "AuditChainError", "AuditVerification", "ChainMode",
-           "PostgresAuditSink"]
+__all__ = ["AuditAnchor", "AuditChainError", "AuditVerification", "ChainMode", "PostgresAuditSink"]
 
 ChainMode = Literal["hmac", "sha256"]
 
@@ -63,8 +63,10 @@ _HEAD_KEY_LABEL: Final = b"aiocrypt/audit/head-key/v1"
 _HEAD_MAC_LABEL: Final = b"aiocrypt/audit/head/v1\x00"
 #: Per-row "modified" lines kept in a report before the rest is only counted.
 _MAX_ROW_PROBLEMS: Final = 20
-_ROWS_SQL: Final = ("SELECT seq, at, event, key_id, key_type, details::text AS details, "
-                    "prev_hash, hash FROM {table}")
+_ROWS_SQL: Final = (
+    "SELECT seq, at, event, key_id, key_type, details::text AS details, "
+    "prev_hash, hash FROM {table}"
+)
 
 
 class AuditChainError(AiocryptError):
@@ -73,12 +75,22 @@ class AuditChainError(AiocryptError):
     verify`` and look at the table before appending to it again."""
 
 
-def _payload(seq: int, at: _dt.datetime, event: str, key_id: str | None, key_type: str | None,
-             details: Any) -> bytes:
+def _payload(
+    seq: int, at: _dt.datetime, event: str, key_id: str | None, key_type: str | None, details: Any
+) -> bytes:
     return json.dumps(
-        {"seq": seq, "at": at.astimezone(_dt.UTC).isoformat(), "event": event,
-         "key_id": key_id, "key_type": key_type, "details": details},
-        sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+        {
+            "seq": seq,
+            "at": at.astimezone(_dt.UTC).isoformat(),
+            "event": event,
+            "key_id": key_id,
+            "key_type": key_type,
+            "details": details,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    ).encode("utf-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +148,13 @@ class _Head:
 class PostgresAuditSink:
     """Audit events as hash-chained rows; ``verify()`` detects edits, deletions and truncation."""
 
-    def __init__(self, pool_or_dsn: asyncpg.Pool | str, *, table: str = "aiocrypt_audit",
-                 hmac_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        pool_or_dsn: asyncpg.Pool | str,
+        *,
+        table: str = "aiocrypt_audit",
+        hmac_key: bytes | None = None,
+    ) -> None:
         if not _NAME_RE.fullmatch(table):
             raise ValueError("table must be a plain lower-case SQL identifier")
         if hmac_key is not None and len(hmac_key) < 16:
@@ -147,8 +164,11 @@ class PostgresAuditSink:
         self._owns_pool = isinstance(pool_or_dsn, str)
         self.table = table
         self._hmac_key = hmac_key
-        self._head_key = None if hmac_key is None else \
-            hmac.new(hmac_key, _HEAD_KEY_LABEL, hashlib.sha256).digest()
+        self._head_key = (
+            None
+            if hmac_key is None
+            else hmac.new(hmac_key, _HEAD_KEY_LABEL, hashlib.sha256).digest()
+        )
         self.mode: ChainMode = "sha256" if hmac_key is None else "hmac"
         #: The highest row this sink wrote or saw verified: a head below it is a rollback.
         self._high_water = 0
@@ -167,31 +187,48 @@ class PostgresAuditSink:
         return hashlib.sha256(prev + payload).digest()
 
     def _row_digest(self, row: asyncpg.Record) -> bytes:
-        return self._digest(bytes(row["prev_hash"]), _payload(
-            row["seq"], row["at"], row["event"], row["key_id"], row["key_type"],
-            json.loads(row["details"])))
+        return self._digest(
+            bytes(row["prev_hash"]),
+            _payload(
+                row["seq"],
+                row["at"],
+                row["event"],
+                row["key_id"],
+                row["key_type"],
+                json.loads(row["details"]),
+            ),
+        )
 
     def _head_mac(self, seq: int, digest: bytes) -> bytes | None:
         if self._head_key is None:
             return None
-        body = json.dumps({"mode": self.mode, "seq": seq, "hash": digest.hex()},
-                          sort_keys=True, separators=(",", ":")).encode("ascii")
+        body = json.dumps(
+            {"mode": self.mode, "seq": seq, "hash": digest.hex()},
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode("ascii")
         return hmac.new(self._head_key, _HEAD_MAC_LABEL + body, hashlib.sha256).digest()
 
     def _head_problem(self, head: _Head) -> str | None:
         """Why ``head`` (which records a mode) cannot be trusted by this sink, or None."""
         if head.mode != self.mode:
             if self.mode == "hmac":
-                return (f"the table is marked {head.mode!r} but an HMAC key was given: the "
-                        "wrong table, or its mode record was changed (a downgrade)")
-            return ("the table is an HMAC chain: verify it with its key "
-                    "(aiocrypt audit verify --hmac-key-env NAME)")
+                return (
+                    f"the table is marked {head.mode!r} but an HMAC key was given: the "
+                    "wrong table, or its mode record was changed (a downgrade)"
+                )
+            return (
+                "the table is an HMAC chain: verify it with its key "
+                "(aiocrypt audit verify --hmac-key-env NAME)"
+            )
         if self.mode == "hmac":
             expected = self._head_mac(head.seq, head.digest)
             assert expected is not None
             if head.mac is None or not hmac.compare_digest(expected, head.mac):
-                return ("the head record is not authentic (its MAC does not verify under "
-                        "this key): it was edited, or the key is wrong")
+                return (
+                    "the head record is not authentic (its MAC does not verify under "
+                    "this key): it was edited, or the key is wrong"
+                )
         return None
 
     # -- connection and tables ------------------------------------------------------
@@ -232,7 +269,8 @@ class PostgresAuditSink:
                 if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {t})"):
                     raise AuditChainError(
                         f"audit table {t} has rows but no head record: it was tampered "
-                        "with; run 'aiocrypt audit verify' before appending to it")
+                        "with; run 'aiocrypt audit verify' before appending to it"
+                    )
                 await self._write_head(conn, 0, _GENESIS)
             else:
                 self._accept(head, opening=True)
@@ -242,12 +280,17 @@ class PostgresAuditSink:
         """Check ``head`` before appending after it; raise ``AuditChainError`` if it fails."""
         if head.mode is None:
             if not (opening or self._legacy):
-                raise AuditChainError(f"audit table {self.table}: the mode record of its head "
-                                      "was removed while this sink was writing to it")
+                raise AuditChainError(
+                    f"audit table {self.table}: the mode record of its head "
+                    "was removed while this sink was writing to it"
+                )
             if not self._legacy:
-                _log.warning("audit table %s has an unauthenticated head (the old layout, or "
-                             "its mode record was removed): check it with 'aiocrypt audit "
-                             "verify', then run 'aiocrypt audit upgrade' once", self.table)
+                _log.warning(
+                    "audit table %s has an unauthenticated head (the old layout, or "
+                    "its mode record was removed): check it with 'aiocrypt audit "
+                    "verify', then run 'aiocrypt audit upgrade' once",
+                    self.table,
+                )
             self._legacy = True
         else:
             problem = self._head_problem(head)
@@ -257,13 +300,16 @@ class PostgresAuditSink:
         if head.seq < self._high_water:
             raise AuditChainError(
                 f"audit table {self.table}: its head went back from row {self._high_water} "
-                f"to row {head.seq}: rows were removed and an older head restored")
+                f"to row {head.seq}: rows were removed and an older head restored"
+            )
         self._high_water = head.seq
 
     async def _read_head(self, conn: asyncpg.Connection, *, lock: bool = False) -> _Head | None:
         # to_jsonb: a head table of the old layout has no mode / mac columns
-        text = await conn.fetchval(f"SELECT to_jsonb(h)::text FROM {self.table}_head h "
-                                   f"WHERE id = 1{' FOR UPDATE' if lock else ''}")
+        text = await conn.fetchval(
+            f"SELECT to_jsonb(h)::text FROM {self.table}_head h "
+            f"WHERE id = 1{' FOR UPDATE' if lock else ''}"
+        )
         if text is None:
             return None
         data = json.loads(text)
@@ -271,16 +317,20 @@ class PostgresAuditSink:
         def raw(value: str | None) -> bytes | None:
             return None if value is None else bytes.fromhex(value.removeprefix("\\x"))
 
-        return _Head(int(data["seq"]), raw(data["hash"]) or b"", data.get("mode"),
-                     raw(data.get("mac")))
+        return _Head(
+            int(data["seq"]), raw(data["hash"]) or b"", data.get("mode"), raw(data.get("mac"))
+        )
 
     async def _write_head(self, conn: asyncpg.Connection, seq: int, digest: bytes) -> None:
         await conn.execute(
             f"INSERT INTO {self.table}_head (id, seq, hash, mode, mac) VALUES (1, $1, $2, $3, $4)"
             " ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash,"
             " mode = EXCLUDED.mode, mac = EXCLUDED.mac",
-            seq, digest, None if self._legacy else self.mode,
-            None if self._legacy else self._head_mac(seq, digest))
+            seq,
+            digest,
+            None if self._legacy else self.mode,
+            None if self._legacy else self._head_mac(seq, digest),
+        )
         self._high_water = max(self._high_water, seq)
 
     async def close(self) -> None:
@@ -301,17 +351,27 @@ class PostgresAuditSink:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", t)
             head = await self._read_head(conn, lock=True)
             if head is None:
-                raise AuditChainError(f"audit table {t}: the head record is missing; run "
-                                      "'aiocrypt audit verify' before appending to it")
+                raise AuditChainError(
+                    f"audit table {t}: the head record is missing; run "
+                    "'aiocrypt audit verify' before appending to it"
+                )
             self._accept(head)
             seq = head.seq + 1
-            digest = self._digest(head.digest, _payload(seq, at, event.event, event.key_id,
-                                                        event.key_type, details))
+            digest = self._digest(
+                head.digest, _payload(seq, at, event.event, event.key_id, event.key_type, details)
+            )
             await conn.execute(
                 f"INSERT INTO {t} (seq, at, event, key_id, key_type, details, prev_hash, hash)"
                 " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)",
-                seq, at, event.event, event.key_id, event.key_type,
-                json.dumps(details), head.digest, digest)
+                seq,
+                at,
+                event.event,
+                event.key_id,
+                event.key_type,
+                json.dumps(details),
+                head.digest,
+                digest,
+            )
             await self._write_head(conn, seq, digest)
 
     async def upgrade(self) -> AuditVerification:
@@ -336,14 +396,19 @@ class PostgresAuditSink:
                 last, _ = await self._check_rows(conn, check, None)
                 self._compare_head(check, head, last)
                 if check.problems:
-                    raise AuditChainError(f"audit table {t}: not upgrading a chain that does "
-                                          f"not verify: {'; '.join(check.problems)}")
+                    raise AuditChainError(
+                        f"audit table {t}: not upgrading a chain that does "
+                        f"not verify: {'; '.join(check.problems)}"
+                    )
                 self._legacy = False
                 await self._write_head(conn, head.seq, head.digest)
                 adopted = head.seq
         if adopted is not None:
-            await self.emit(AuditEvent("audit_chain_upgraded", details={
-                "mode": self.mode, "rows_adopted": adopted}))
+            await self.emit(
+                AuditEvent(
+                    "audit_chain_upgraded", details={"mode": self.mode, "rows_adopted": adopted}
+                )
+            )
         return await self.verify()
 
     # -- checking -------------------------------------------------------------------
@@ -358,8 +423,9 @@ class PostgresAuditSink:
         t = self.table
         result = AuditVerification(True, 0, mode=self.mode)
         async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL AND "
-                                       "to_regclass($2) IS NOT NULL", t, f"{t}_head"):
+            if not await conn.fetchval(
+                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL", t, f"{t}_head"
+            ):
                 result.problems.append(f"the audit table {t} (or {t}_head) does not exist")
                 result.ok = False
                 return result
@@ -376,30 +442,40 @@ class PostgresAuditSink:
             elif head is not None and self.mode == "hmac":
                 result.problems.append(
                     "the head is not authenticated: a table of the old layout (run 'aiocrypt "
-                    "audit upgrade' once) or its mode record was removed")
+                    "audit upgrade' once) or its mode record was removed"
+                )
             elif head is not None:
-                result.warnings.append("the head is not authenticated (a table of the old "
-                                       "layout; run 'aiocrypt audit upgrade' once)")
+                result.warnings.append(
+                    "the head is not authenticated (a table of the old "
+                    "layout; run 'aiocrypt audit upgrade' once)"
+                )
             last, anchored = await self._check_rows(conn, result, anchor)
         self._compare_head(result, head, last)
         if anchor is not None and not anchored:
-            result.problems.append(f"the anchored row {anchor.seq} is not in the chain as "
-                                   "recorded: the table was rolled back or rewritten")
+            result.problems.append(
+                f"the anchored row {anchor.seq} is not in the chain as "
+                "recorded: the table was rolled back or rewritten"
+            )
         end = last.seq if head is None else head.seq
         if end < self._high_water:
-            result.problems.append(f"the table ends at row {end} but this sink has seen "
-                                   f"row {self._high_water}: it was rolled back")
+            result.problems.append(
+                f"the table ends at row {end} but this sink has seen "
+                f"row {self._high_water}: it was rolled back"
+            )
         if self.mode == "sha256":
-            result.warnings.append("a SHA-256 chain is not keyed: whoever can write the table "
-                                   "can rewrite its tail and head consistently")
+            result.warnings.append(
+                "a SHA-256 chain is not keyed: whoever can write the table "
+                "can rewrite its tail and head consistently"
+            )
         result.head = last
         result.ok = not result.problems
         if result.ok:
             self._high_water = max(self._high_water, last.seq)
         return result
 
-    async def _check_rows(self, conn: asyncpg.Connection, result: AuditVerification,
-                          anchor: AuditAnchor | None) -> tuple[AuditAnchor, bool]:
+    async def _check_rows(
+        self, conn: asyncpg.Connection, result: AuditVerification, anchor: AuditAnchor | None
+    ) -> tuple[AuditAnchor, bool]:
         """Walk the rows into ``result``; the last (seq, hash) and whether ``anchor`` matched."""
         expected_seq, prev, modified = 1, _GENESIS, []
         anchored = anchor is not None and anchor.seq == 0 and anchor.digest == _GENESIS
@@ -418,13 +494,16 @@ class PostgresAuditSink:
         if len(modified) > 1 and len(modified) == result.rows:
             result.problems.append(
                 f"no row verifies in {self.mode} mode: the wrong HMAC key (or none given for "
-                "an HMAC chain), or every row was rewritten")
+                "an HMAC chain), or every row was rewritten"
+            )
         else:
-            result.problems += [f"row {s} was modified (hash mismatch)"
-                                for s in modified[:_MAX_ROW_PROBLEMS]]
+            result.problems += [
+                f"row {s} was modified (hash mismatch)" for s in modified[:_MAX_ROW_PROBLEMS]
+            ]
             if len(modified) > _MAX_ROW_PROBLEMS:
-                result.problems.append(f"... and {len(modified) - _MAX_ROW_PROBLEMS} more "
-                                       "modified rows")
+                result.problems.append(
+                    f"... and {len(modified) - _MAX_ROW_PROBLEMS} more modified rows"
+                )
         return AuditAnchor(expected_seq - 1, prev), anchored
 
     @staticmethod
@@ -433,10 +512,14 @@ class PostgresAuditSink:
             if result.rows:
                 result.problems.append("the head record is missing")
         elif head.seq > last.seq:
-            result.problems.append(f"the chain ends at row {last.seq} but the head says "
-                                   f"{head.seq}: rows were removed from the end")
+            result.problems.append(
+                f"the chain ends at row {last.seq} but the head says "
+                f"{head.seq}: rows were removed from the end"
+            )
         elif head.seq < last.seq:
-            result.problems.append(f"the chain goes on to row {last.seq} past the head at "
-                                   f"row {head.seq}: rows were appended outside the sink")
+            result.problems.append(
+                f"the chain goes on to row {last.seq} past the head at "
+                f"row {head.seq}: rows were appended outside the sink"
+            )
         elif head.digest != last.digest:
             result.problems.append(f"the last row {last.seq} is not the row the head records")

@@ -28,8 +28,13 @@ from typing import Any, Protocol
 from .._telemetry import span
 from .._urls import redact_url
 
-__all__ = ["KekCallObserver", "KekProvider", "canonical_context", "observe_kek_calls",
-           "unobserve_kek_calls"]
+__all__ = [
+    "KekCallObserver",
+    "KekProvider",
+    "canonical_context",
+    "observe_kek_calls",
+    "unobserve_kek_calls",
+]
 
 logger = logging.getLogger("aiocrypt.kek")
 
@@ -37,14 +42,14 @@ logger = logging.getLogger("aiocrypt.kek")
 class KekCallObserver(Protocol):
     """Told about each finished KEK provider call (held by weak reference)."""
 
-    def kek_call_finished(self, backend: str, operation: str, outcome: str,
-                          seconds: float) -> None:
+    def kek_call_finished(self, backend: str, operation: str, outcome: str, seconds: float) -> None:
         """``operation`` is ``wrap`` or ``unwrap``; ``outcome`` is ``ok`` or ``error``."""
 
 
 _observers: weakref.WeakSet[KekCallObserver] = weakref.WeakSet()
-_observing: contextvars.ContextVar[bool] = contextvars.ContextVar("aiocrypt_kek_observing",
-                                                                 default=False)
+_observing: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "aiocrypt_kek_observing", default=False
+)
 
 
 def observe_kek_calls(observer: KekCallObserver) -> None:
@@ -70,8 +75,9 @@ def _observed(operation: str, method: _Method) -> _Method:
         outcome = "error"
         start = time.perf_counter()
         try:
-            with span(name, provider=self.backend, operation=operation,
-                      kek_id=redact_url(self.kek_id)):
+            with span(
+                name, provider=self.backend, operation=operation, kek_id=redact_url(self.kek_id)
+            ):
                 result = await method(self, data, context)
             outcome = "ok"
             return result

@@ -67,9 +67,14 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(attempts=1)
 
 
-async def call_with_retry(call: Callable[[], Awaitable[T]],
-                          translate: Callable[[Exception], KekProviderError],
-                          policy: RetryPolicy, *, what: str, backend: str) -> T:
+async def call_with_retry(
+    call: Callable[[], Awaitable[T]],
+    translate: Callable[[Exception], KekProviderError],
+    policy: RetryPolicy,
+    *,
+    what: str,
+    backend: str,
+) -> T:
     """Run ``call``, translating failures with ``translate`` and retrying retryable ones.
 
     ``what`` names the operation and key ("AWS KMS Encrypt with aws-kms://...")
@@ -89,19 +94,37 @@ async def call_with_retry(call: Callable[[], Awaitable[T]],
         except KekProviderError as exc:
             error, cause = exc, exc.__cause__
         except TimeoutError as exc:
-            error, cause = KekProviderError(
-                f"{what}: no answer within {policy.call_timeout:g}s (check the endpoint, the "
-                "network path and the service's health)", backend=backend, retryable=True), exc
+            error, cause = (
+                KekProviderError(
+                    f"{what}: no answer within {policy.call_timeout:g}s (check the endpoint, the "
+                    "network path and the service's health)",
+                    backend=backend,
+                    retryable=True,
+                ),
+                exc,
+            )
         except Exception as exc:
             error, cause = translate(exc), exc
         delay = policy.delay(attempt)
-        last = (not error.retryable or attempt >= policy.attempts
-                or anyio.current_time() + delay >= deadline)
+        last = (
+            not error.retryable
+            or attempt >= policy.attempts
+            or anyio.current_time() + delay >= deadline
+        )
         if last:
             if error.retryable and attempt > 1:
-                error = KekProviderError(f"{error} (gave up after {attempt} attempts)",
-                                         backend=error.backend, retryable=True)
+                error = KekProviderError(
+                    f"{error} (gave up after {attempt} attempts)",
+                    backend=error.backend,
+                    retryable=True,
+                )
             raise error from cause
-        logger.warning("%s failed (attempt %d of %d), retrying in %.2fs: %s",
-                       what, attempt, policy.attempts, delay, error)
+        logger.warning(
+            "%s failed (attempt %d of %d), retrying in %.2fs: %s",
+            what,
+            attempt,
+            policy.attempts,
+            delay,
+            error,
+        )
         await anyio.sleep(delay)

@@ -35,8 +35,7 @@ try:
         PartialCredentialsError,
     )
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "aiocrypt.kek.aws needs aiobotocore: pip install 'aiocrypt[aws]'") from exc
+    raise ImportError("aiocrypt.kek.aws needs aiobotocore: pip install 'aiocrypt[aws]'") from exc
 
 import anyio
 
@@ -50,17 +49,26 @@ __all__ = ["AwsKmsKekProvider", "from_config"]
 
 _ARN_REGION: Final = re.compile(r"^arn:aws[\w-]*:kms:([a-z0-9-]+):")
 # Error codes that mean "try again later"; anything answered with HTTP 5xx too.
-_TRANSIENT: Final = frozenset({
-    "ThrottlingException", "Throttling", "RequestLimitExceeded", "TooManyRequestsException",
-    "KMSInternalException", "DependencyTimeoutException", "InternalFailure",
-    "ServiceUnavailable", "ServiceUnavailableException", "RequestTimeout",
-    "RequestTimeoutException",
-})
+_TRANSIENT: Final = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "KMSInternalException",
+        "DependencyTimeoutException",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
 _HINTS: Final = {
     "AccessDeniedException": "check that the IAM policy and the key policy allow {action} "
-                             "for these credentials",
+    "for these credentials",
     "InvalidCiphertextException": "the wrapped key was altered, or belongs to another key "
-                                  "record (encryption context mismatch)",
+    "record (encryption context mismatch)",
     "IncorrectKeyException": "the wrapped key was made under another KMS key",
     "NotFoundException": "check ENCRYPTION_AWS_KMS_KEY_ID and ENCRYPTION_AWS_REGION",
     "DisabledException": "the KMS key is disabled: enable it",
@@ -84,10 +92,18 @@ class AwsKmsKekProvider(KekProvider):
 
     backend = "aws_kms"
 
-    def __init__(self, key_id: str, *, client: Any = None, region: str | None = None,
-                 access_key_id: str | None = None, secret_access_key: str | None = None,
-                 session_token: str | None = None, endpoint_url: str | None = None,
-                 retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        key_id: str,
+        *,
+        client: Any = None,
+        region: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        session_token: str | None = None,
+        endpoint_url: str | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         if not key_id or not isinstance(key_id, str):
             raise ValueError("an AWS KMS key id, key ARN or alias is required")
         if bool(access_key_id) != bool(secret_access_key):
@@ -120,18 +136,28 @@ class AwsKmsKekProvider(KekProvider):
                 if not self.region:
                     raise KekProviderError(
                         f"AWS KMS key {self.kek_id}: no region (set ENCRYPTION_AWS_REGION or "
-                        "use a key ARN)", backend=self.backend)
+                        "use a key ARN)",
+                        backend=self.backend,
+                    )
                 # total_max_attempts counts the first call; botocore's max_attempts=1 would
                 # still retry once, doubling every call under our own retry loop
-                config = AioConfig(retries={"total_max_attempts": 1, "mode": "standard"},
-                                   connect_timeout=min(5.0, self.retry.call_timeout),
-                                   read_timeout=self.retry.call_timeout)
+                config = AioConfig(
+                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    connect_timeout=min(5.0, self.retry.call_timeout),
+                    read_timeout=self.retry.call_timeout,
+                )
                 stack = AsyncExitStack()
-                self._client = await stack.enter_async_context(get_session().create_client(
-                    "kms", region_name=self.region, endpoint_url=self.endpoint_url,
-                    aws_access_key_id=self._access_key_id,
-                    aws_secret_access_key=self._secret_access_key,
-                    aws_session_token=self._session_token, config=config))
+                self._client = await stack.enter_async_context(
+                    get_session().create_client(
+                        "kms",
+                        region_name=self.region,
+                        endpoint_url=self.endpoint_url,
+                        aws_access_key_id=self._access_key_id,
+                        aws_secret_access_key=self._secret_access_key,
+                        aws_session_token=self._session_token,
+                        config=config,
+                    )
+                )
                 self._stack = stack
         return self._client
 
@@ -145,30 +171,41 @@ class AwsKmsKekProvider(KekProvider):
             if code in _TRANSIENT or status >= 500 or status == 429:
                 return KekProviderError(
                     f"{where} failed with {code} (throttled or a service-side fault; retryable)"
-                    f": {message}", backend=self.backend, retryable=True)
+                    f": {message}",
+                    backend=self.backend,
+                    retryable=True,
+                )
             hint = _HINTS.get(code, "check the key id, the region and the credentials")
             return KekProviderError(
                 f"{where} failed with {code}: {message} ({hint.format(action=action)})",
-                backend=self.backend)
-        if isinstance(exc, (NoCredentialsError, PartialCredentialsError,
-                            CredentialRetrievalError)):
+                backend=self.backend,
+            )
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)):
             return KekProviderError(
                 f"{where}: no usable AWS credentials ({type(exc).__name__}): set "
                 "ENCRYPTION_AWS_ACCESS_KEY_ID / ENCRYPTION_AWS_SECRET_ACCESS_KEY or configure "
-                "the default credential chain", backend=self.backend)
+                "the default credential chain",
+                backend=self.backend,
+            )
         if isinstance(exc, NoRegionError):
-            return KekProviderError(f"{where}: no region: set ENCRYPTION_AWS_REGION",
-                                    backend=self.backend)
+            return KekProviderError(
+                f"{where}: no region: set ENCRYPTION_AWS_REGION", backend=self.backend
+            )
         if isinstance(exc, (ConnectionError, HTTPClientError, OSError)):
             endpoint = self.endpoint_url or f"the KMS endpoint of {self.region}"
             return KekProviderError(
                 f"{where}: cannot reach {endpoint} ({type(exc).__name__}: {_short(exc)}); "
-                "check the endpoint and the network", backend=self.backend, retryable=True)
+                "check the endpoint and the network",
+                backend=self.backend,
+                retryable=True,
+            )
         if isinstance(exc, BotoCoreError):
-            return KekProviderError(f"{where} failed: {type(exc).__name__}: {_short(exc)}",
-                                    backend=self.backend)
-        return KekProviderError(f"{where} failed unexpectedly ({type(exc).__name__})",
-                                backend=self.backend)
+            return KekProviderError(
+                f"{where} failed: {type(exc).__name__}: {_short(exc)}", backend=self.backend
+            )
+        return KekProviderError(
+            f"{where} failed unexpectedly ({type(exc).__name__})", backend=self.backend
+        )
 
     async def _call(self, action: str, method: str, **params: Any) -> dict[str, Any]:
         async def call() -> dict[str, Any]:
@@ -177,18 +214,31 @@ class AwsKmsKekProvider(KekProvider):
             return result
 
         return await call_with_retry(
-            call, lambda exc: self._translate(exc, action), self.retry,
-            what=f"AWS KMS key {self.kek_id}: {action}", backend=self.backend)
+            call,
+            lambda exc: self._translate(exc, action),
+            self.retry,
+            what=f"AWS KMS key {self.kek_id}: {action}",
+            backend=self.backend,
+        )
 
     async def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
-        result = await self._call("kms:Encrypt", "encrypt", KeyId=self.key_id,
-                                  Plaintext=bytes(plaintext), EncryptionContext=dict(context))
+        result = await self._call(
+            "kms:Encrypt",
+            "encrypt",
+            KeyId=self.key_id,
+            Plaintext=bytes(plaintext),
+            EncryptionContext=dict(context),
+        )
         return bytes(result["CiphertextBlob"])
 
     async def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
-        result = await self._call("kms:Decrypt", "decrypt", KeyId=self.key_id,
-                                  CiphertextBlob=bytes(wrapped),
-                                  EncryptionContext=dict(context))
+        result = await self._call(
+            "kms:Decrypt",
+            "decrypt",
+            KeyId=self.key_id,
+            CiphertextBlob=bytes(wrapped),
+            EncryptionContext=dict(context),
+        )
         return bytes(result["Plaintext"])
 
     async def close(self) -> None:
@@ -205,9 +255,11 @@ def from_config(config: EncryptionConfig) -> AwsKmsKekProvider:
         raise ConfigurationError("the aws_kms backend needs ENCRYPTION_AWS_KMS_KEY_ID")
     try:
         return AwsKmsKekProvider(
-            config.aws_kms_key_id, region=config.aws_region,
+            config.aws_kms_key_id,
+            region=config.aws_region,
             access_key_id=config.aws_access_key_id,
             secret_access_key=config.aws_secret_access_key,
-            endpoint_url=config.aws_endpoint_url)
+            endpoint_url=config.aws_endpoint_url,
+        )
     except ValueError as exc:
         raise ConfigurationError(f"aws_kms backend: {exc}") from None

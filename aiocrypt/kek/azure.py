@@ -81,7 +81,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "aiocrypt.kek.azure needs azure-keyvault-keys, azure-identity and aiohttp: "
-        "pip install 'aiocrypt[azure]'") from exc
+        "pip install 'aiocrypt[azure]'"
+    ) from exc
 
 from .._config import EncryptionConfig
 from .._crypto import derive_key
@@ -128,12 +129,18 @@ class AzureKeyVaultKekProvider(KekProvider):
 
     backend = "azure_kv"
 
-    def __init__(self, key_id: str, *, credential: Any = None,
-                 tenant_id: str | None = None, client_id: str | None = None,
-                 client_secret: str | None = None,
-                 client_kwargs: Mapping[str, Any] | None = None,
-                 retry: RetryPolicy | None = None,
-                 allow_unsigned_legacy: bool = False) -> None:
+    def __init__(
+        self,
+        key_id: str,
+        *,
+        credential: Any = None,
+        tenant_id: str | None = None,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        client_kwargs: Mapping[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+        allow_unsigned_legacy: bool = False,
+    ) -> None:
         """``key_id``: ``https://<vault>.vault.azure.net/keys/<name>[/<version>]``.
 
         Give ``credential`` (an async ``TokenCredential``; the caller keeps
@@ -145,12 +152,18 @@ class AzureKeyVaultKekProvider(KekProvider):
         """
         parts = urlsplit(key_id)
         segments = parts.path.strip("/").split("/")
-        if (parts.scheme != "https" or not parts.netloc or len(segments) not in (2, 3)
-                or segments[0] != "keys" or not _NAME_RE.match(segments[1])
-                or (len(segments) == 3 and not _KEY_VERSION_RE.match(segments[2]))):
+        if (
+            parts.scheme != "https"
+            or not parts.netloc
+            or len(segments) not in (2, 3)
+            or segments[0] != "keys"
+            or not _NAME_RE.match(segments[1])
+            or (len(segments) == 3 and not _KEY_VERSION_RE.match(segments[2]))
+        ):
             raise ValueError(
                 "the Azure key id must look like https://<vault>.vault.azure.net/keys/<name>"
-                "[/<version>]")
+                "[/<version>]"
+            )
         self.vault_url = f"https://{parts.netloc}"
         self.key_name = segments[1]
         self.key_version = segments[2] if len(segments) == 3 else None
@@ -159,8 +172,7 @@ class AzureKeyVaultKekProvider(KekProvider):
         self._client_kwargs: dict[str, Any] = {"retry_total": 0, **(client_kwargs or {})}
         self._owns_credential = credential is None
         if credential is None and not (tenant_id and client_id and client_secret):
-            raise ValueError("give an async credential, or tenant_id, client_id and "
-                             "client_secret")
+            raise ValueError("give an async credential, or tenant_id, client_id and client_secret")
         self._secret_credential_args = (tenant_id or "", client_id or "", client_secret or "")
         self._credential = credential
         self._clients: dict[str, Any] = {}
@@ -193,22 +205,25 @@ class AzureKeyVaultKekProvider(KekProvider):
             # built from the fetched key, the SDK wraps locally and makes no GET of its own;
             # only a legacy envelope without a version leaves it the URL (and its GET)
             known = self._public_keys.get(version) if version else None
-            client = CryptographyClient(known[0] if known else url, self._credential_in_use(),
-                                        **self._client_kwargs)
+            client = CryptographyClient(
+                known[0] if known else url, self._credential_in_use(), **self._client_kwargs
+            )
             self._clients[url] = client
         return client
 
     def _keys(self) -> Any:
         if self._key_client is None:
-            self._key_client = KeyClient(self.vault_url, self._credential_in_use(),
-                                         **self._client_kwargs)
+            self._key_client = KeyClient(
+                self.vault_url, self._credential_in_use(), **self._client_kwargs
+            )
         return self._key_client
 
     # -- plumbing -----------------------------------------------------------
 
     def _error(self, message: str) -> KekProviderError:
-        return KekProviderError(f"Azure Key Vault key {self.kek_id}: {message}",
-                                backend=self.backend)
+        return KekProviderError(
+            f"Azure Key Vault key {self.kek_id}: {message}", backend=self.backend
+        )
 
     def _translate(self, exc: Exception, action: str) -> KekProviderError:
         where = f"Azure Key Vault key {self.kek_id}: {action}"
@@ -217,43 +232,62 @@ class AzureKeyVaultKekProvider(KekProvider):
                 f"{where}: authentication failed ({_short(exc)}): check "
                 "ENCRYPTION_AZURE_TENANT_ID, ENCRYPTION_AZURE_CLIENT_ID and "
                 "ENCRYPTION_AZURE_CLIENT_SECRET (or the credential passed in)",
-                backend=self.backend)
+                backend=self.backend,
+            )
         if isinstance(exc, ResourceNotFoundError):
             return KekProviderError(
                 f"{where}: key not found ({_short(exc)}): check ENCRYPTION_AZURE_VAULT_URL "
-                "and ENCRYPTION_AZURE_KEY_NAME", backend=self.backend)
+                "and ENCRYPTION_AZURE_KEY_NAME",
+                backend=self.backend,
+            )
         if isinstance(exc, HttpResponseError):
             status = exc.status_code or 0
             if status in _TRANSIENT_STATUS or status >= 500:
                 return KekProviderError(
                     f"{where} failed with HTTP {status} (throttled or a service-side fault; "
-                    f"retryable): {_short(exc)}", backend=self.backend, retryable=True)
+                    f"retryable): {_short(exc)}",
+                    backend=self.backend,
+                    retryable=True,
+                )
             if status == 403:
                 return KekProviderError(
                     f"{where}: access denied ({_short(exc)}): check that the vault's access "
                     "policy or RBAC role (Key Vault Crypto User) grants get, wrapKey, "
-                    "unwrapKey and sign to this identity", backend=self.backend)
+                    "unwrapKey and sign to this identity",
+                    backend=self.backend,
+                )
             if status == 400:
                 return KekProviderError(
                     f"{where} refused ({_short(exc)}): the wrapped key was altered or was made "
-                    "under another key", backend=self.backend)
-            return KekProviderError(f"{where} failed with HTTP {status}: {_short(exc)}",
-                                    backend=self.backend)
+                    "under another key",
+                    backend=self.backend,
+                )
+            return KekProviderError(
+                f"{where} failed with HTTP {status}: {_short(exc)}", backend=self.backend
+            )
         if isinstance(exc, ServiceRequestError | ServiceResponseError | OSError):
             return KekProviderError(
                 f"{where}: cannot reach {self.vault_url} ({type(exc).__name__}): check "
-                "ENCRYPTION_AZURE_VAULT_URL and the network", backend=self.backend,
-                retryable=True)
+                "ENCRYPTION_AZURE_VAULT_URL and the network",
+                backend=self.backend,
+                retryable=True,
+            )
         if isinstance(exc, AzureError):
-            return KekProviderError(f"{where} failed: {type(exc).__name__}: {_short(exc)}",
-                                    backend=self.backend)
-        return KekProviderError(f"{where} failed unexpectedly ({type(exc).__name__})",
-                                backend=self.backend)
+            return KekProviderError(
+                f"{where} failed: {type(exc).__name__}: {_short(exc)}", backend=self.backend
+            )
+        return KekProviderError(
+            f"{where} failed unexpectedly ({type(exc).__name__})", backend=self.backend
+        )
 
     async def _call(self, action: str, call: Callable[[], Awaitable[Any]]) -> Any:
         return await call_with_retry(
-            call, lambda exc: self._translate(exc, action), self.retry,
-            what=f"Azure Key Vault key {self.kek_id}: {action}", backend=self.backend)
+            call,
+            lambda exc: self._translate(exc, action),
+            self.retry,
+            what=f"Azure Key Vault key {self.kek_id}: {action}",
+            backend=self.backend,
+        )
 
     async def _fetch(self, version: str | None) -> str:
         """GET ``version`` of the key (None: the newest), keep its public key; its version."""
@@ -261,11 +295,17 @@ class AzureKeyVaultKekProvider(KekProvider):
         segments = urlsplit(str(key.id or "")).path.strip("/").split("/")
         fetched = segments[2] if len(segments) == 3 else ""
         jwk = key.key
-        if (not _KEY_VERSION_RE.match(fetched) or fetched != (version or fetched)
-                or jwk.kty not in ("RSA", "RSA-HSM") or not jwk.n or not jwk.e):
+        if (
+            not _KEY_VERSION_RE.match(fetched)
+            or fetched != (version or fetched)
+            or jwk.kty not in ("RSA", "RSA-HSM")
+            or not jwk.n
+            or not jwk.e
+        ):
             raise self._error(f"Key Vault returned no RSA key for version {version or 'newest'}")
-        public = rsa.RSAPublicNumbers(int.from_bytes(jwk.e, "big"),
-                                      int.from_bytes(jwk.n, "big")).public_key()
+        public = rsa.RSAPublicNumbers(
+            int.from_bytes(jwk.e, "big"), int.from_bytes(jwk.n, "big")
+        ).public_key()
         self._public_keys.setdefault(fetched, (key, public))
         return fetched
 
@@ -284,8 +324,9 @@ class AzureKeyVaultKekProvider(KekProvider):
             self._newest = await self._fetch(None)
         return self._newest
 
-    def _signature_holds(self, public_key: rsa.RSAPublicKey, digest: bytes,
-                         signature: bytes) -> bool:
+    def _signature_holds(
+        self, public_key: rsa.RSAPublicKey, digest: bytes, signature: bytes
+    ) -> bool:
         try:
             public_key.verify(signature, digest, _PSS, Prehashed(hashes.SHA256()))
         except InvalidSignature:
@@ -298,17 +339,25 @@ class AzureKeyVaultKekProvider(KekProvider):
         dek = bytes(plaintext)
         version = await self._wrapping_version()
         result = await self._call(
-            "wrapKey", lambda: self._client(version).wrap_key(_ALGORITHM, dek))
+            "wrapKey", lambda: self._client(version).wrap_key(_ALGORITHM, dek)
+        )
         encrypted = bytes(result.encrypted_key)
-        body = (_SIGNED + len(version).to_bytes(1, "big") + version.encode("ascii")
-                + len(encrypted).to_bytes(2, "big") + encrypted)
+        body = (
+            _SIGNED
+            + len(version).to_bytes(1, "big")
+            + version.encode("ascii")
+            + len(encrypted).to_bytes(2, "big")
+            + encrypted
+        )
         digest = _signed_digest(body, context)
         signed = await self._call("sign", lambda: self._client(version).sign(_SIGNATURE, digest))
         signature = bytes(signed.signature)
         # checked once here, so a vault that signs otherwise fails now, not at the next unwrap
         if not self._signature_holds(await self._public_key(version), digest, signature):
-            raise self._error(f"Key Vault's {_SIGNATURE.value} signature does not verify with "
-                              f"the public key of version {version}")
+            raise self._error(
+                f"Key Vault's {_SIGNATURE.value} signature does not verify with "
+                f"the public key of version {version}"
+            )
         return body + len(signature).to_bytes(2, "big") + signature
 
     def _parse(self, wrapped: bytes) -> tuple[str, bytes, bytes, bytes]:
@@ -325,54 +374,66 @@ class AzureKeyVaultKekProvider(KekProvider):
             raise malformed from None
         if (version or kind == _SIGNED) and not _KEY_VERSION_RE.match(version):
             raise malformed
-        clen = int.from_bytes(wrapped[start:start + 2], "big")
+        clen = int.from_bytes(wrapped[start : start + 2], "big")
         end = start + 2 + clen
         if kind == _LEGACY:
             trailer_start, trailer_len = end, _LEGACY_TAG_BYTES
         else:
-            trailer_start, trailer_len = end + 2, int.from_bytes(wrapped[end:end + 2], "big")
+            trailer_start, trailer_len = end + 2, int.from_bytes(wrapped[end : end + 2], "big")
         if clen == 0 or trailer_len == 0 or len(wrapped) != trailer_start + trailer_len:
             raise malformed
-        return version, wrapped[start + 2:end], wrapped[:end], wrapped[trailer_start:]
+        return version, wrapped[start + 2 : end], wrapped[:end], wrapped[trailer_start:]
 
     async def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
         data = bytes(wrapped)
         version, encrypted, body, trailer = self._parse(data)
         if self.key_version and version and version != self.key_version:
-            raise self._error(f"the wrapped key was made under key version {version}, not the "
-                              "configured one")
+            raise self._error(
+                f"the wrapped key was made under key version {version}, not the configured one"
+            )
         if data[:1] == _LEGACY:
             return await self._unwrap_legacy(version, encrypted, body, trailer, context)
         # the signature first: Key Vault never unwraps what its key did not sign
         public_key = await self._public_key(version)
         if not self._signature_holds(public_key, _signed_digest(body, context), trailer):
-            raise self._error("the wrapped key does not belong to this context (moved to another "
-                              "key record, altered, or not signed by this Key Vault key)")
+            raise self._error(
+                "the wrapped key does not belong to this context (moved to another "
+                "key record, altered, or not signed by this Key Vault key)"
+            )
         result = await self._call(
-            "unwrapKey", lambda: self._client(version).unwrap_key(_ALGORITHM, encrypted))
+            "unwrapKey", lambda: self._client(version).unwrap_key(_ALGORITHM, encrypted)
+        )
         return bytes(result.key)
 
-    async def _unwrap_legacy(self, version: str, encrypted: bytes, body: bytes, tag: bytes,
-                             context: Mapping[str, str]) -> bytes:
+    async def _unwrap_legacy(
+        self, version: str, encrypted: bytes, body: bytes, tag: bytes, context: Mapping[str, str]
+    ) -> bytes:
         if not self.allow_unsigned_legacy:
             raise self._error(
                 "the wrapped key is in the unsigned 0x01 envelope, which anyone holding the "
                 "vault key's public key can forge, so it is refused. To adopt a store written "
                 "before the signed envelope, rewrap it once with the legacy envelope allowed "
                 "(ENCRYPTION_AZURE_ALLOW_UNSIGNED_LEGACY=true aiocrypt keys rewrap, or "
-                "allow_unsigned_legacy=True), then turn that setting off")
+                "allow_unsigned_legacy=True), then turn that setting off"
+            )
         if not self._warned_legacy:
             self._warned_legacy = True
-            logger.warning("Azure Key Vault key %s: unwrapping unsigned 0x01 envelopes "
-                           "(allow_unsigned_legacy): run 'aiocrypt keys rewrap' and turn the "
-                           "setting off", self.kek_id)
+            logger.warning(
+                "Azure Key Vault key %s: unwrapping unsigned 0x01 envelopes "
+                "(allow_unsigned_legacy): run 'aiocrypt keys rewrap' and turn the "
+                "setting off",
+                self.kek_id,
+            )
         key_version = version or self.key_version
         result = await self._call(
-            "unwrapKey", lambda: self._client(key_version).unwrap_key(_ALGORITHM, encrypted))
+            "unwrapKey", lambda: self._client(key_version).unwrap_key(_ALGORITHM, encrypted)
+        )
         dek = bytes(result.key)
         if not hmac.compare_digest(_legacy_tag(dek, body, context), tag):
-            raise self._error("the wrapped key does not belong to this context (moved to another "
-                              "key record, or altered)")
+            raise self._error(
+                "the wrapped key does not belong to this context (moved to another "
+                "key record, or altered)"
+            )
         return dek
 
     async def close(self) -> None:
@@ -393,13 +454,17 @@ def from_config(config: EncryptionConfig) -> AzureKeyVaultKekProvider:
     ``name/version``), ``_TENANT_ID``, ``_CLIENT_ID``, ``_CLIENT_SECRET`` and
     ``_ALLOW_UNSIGNED_LEGACY``."""
     if not config.azure_vault_url or not config.azure_key_name:
-        raise ConfigurationError("the azure_kv backend needs ENCRYPTION_AZURE_VAULT_URL and "
-                                 "ENCRYPTION_AZURE_KEY_NAME")
+        raise ConfigurationError(
+            "the azure_kv backend needs ENCRYPTION_AZURE_VAULT_URL and ENCRYPTION_AZURE_KEY_NAME"
+        )
     key_id = f"{config.azure_vault_url.rstrip('/')}/keys/{config.azure_key_name.strip('/')}"
     try:
         return AzureKeyVaultKekProvider(
-            key_id, tenant_id=config.azure_tenant_id, client_id=config.azure_client_id,
+            key_id,
+            tenant_id=config.azure_tenant_id,
+            client_id=config.azure_client_id,
             client_secret=config.azure_client_secret,
-            allow_unsigned_legacy=config.azure_allow_unsigned_legacy)
+            allow_unsigned_legacy=config.azure_allow_unsigned_legacy,
+        )
     except ValueError as exc:
         raise ConfigurationError(f"azure_kv backend: {exc}") from None

@@ -34,7 +34,8 @@ try:
     from google.cloud import kms_v1
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "aiocrypt.kek.gcp needs google-cloud-kms: pip install 'aiocrypt[gcp]'") from exc
+        "aiocrypt.kek.gcp needs google-cloud-kms: pip install 'aiocrypt[gcp]'"
+    ) from exc
 
 import anyio
 
@@ -46,9 +47,16 @@ from ._retry import RetryPolicy, call_with_retry
 __all__ = ["GcpKmsKekProvider", "from_config"]
 
 _KEY_NAME_RE: Final = re.compile(
-    r"^projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+$")
-_TRANSIENT: Final = (gexc.TooManyRequests, gexc.ResourceExhausted, gexc.ServerError,
-                     gexc.DeadlineExceeded, gexc.Aborted, gexc.ServiceUnavailable)
+    r"^projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+$"
+)
+_TRANSIENT: Final = (
+    gexc.TooManyRequests,
+    gexc.ResourceExhausted,
+    gexc.ServerError,
+    gexc.DeadlineExceeded,
+    gexc.Aborted,
+    gexc.ServiceUnavailable,
+)
 
 
 def _crc_table() -> list[int]:
@@ -83,11 +91,20 @@ class GcpKmsKekProvider(KekProvider):
 
     backend = "gcp_kms"
 
-    def __init__(self, key_name: str, *, client: Any = None, endpoint: str | None = None,
-                 credentials: Any = None, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        key_name: str,
+        *,
+        client: Any = None,
+        endpoint: str | None = None,
+        credentials: Any = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         if not _KEY_NAME_RE.match(key_name or ""):
-            raise ValueError("the Cloud KMS key name must look like projects/<p>/locations/<l>"
-                             "/keyRings/<r>/cryptoKeys/<k>")
+            raise ValueError(
+                "the Cloud KMS key name must look like projects/<p>/locations/<l>"
+                "/keyRings/<r>/cryptoKeys/<k>"
+            )
         self.key_name = key_name
         self.endpoint = endpoint
         self.retry = retry or RetryPolicy()
@@ -111,13 +128,15 @@ class GcpKmsKekProvider(KekProvider):
                     KeyManagementServiceGrpcAsyncIOTransport,
                 )
 
-                channel = grpc.aio.insecure_channel(self.endpoint[len("http://"):].rstrip("/"))
+                channel = grpc.aio.insecure_channel(self.endpoint[len("http://") :].rstrip("/"))
                 self._client = kms_v1.KeyManagementServiceAsyncClient(
-                    transport=KeyManagementServiceGrpcAsyncIOTransport(channel=channel))
+                    transport=KeyManagementServiceGrpcAsyncIOTransport(channel=channel)
+                )
             else:
                 options = ClientOptions(api_endpoint=self.endpoint) if self.endpoint else None
                 self._client = kms_v1.KeyManagementServiceAsyncClient(
-                    credentials=self._credentials, client_options=options)
+                    credentials=self._credentials, client_options=options
+                )
         return self._client
 
     def _translate(self, exc: Exception, action: str) -> KekProviderError:
@@ -126,57 +145,78 @@ class GcpKmsKekProvider(KekProvider):
             return KekProviderError(
                 f"{where} failed ({type(exc).__name__}: {_short(exc)}; throttled or "
                 "unavailable, retryable): check the endpoint and the network if it persists",
-                backend=self.backend, retryable=True)
-        if isinstance(exc, gexc.PermissionDenied | gexc.Unauthenticated | gexc.Forbidden
-                      | gexc.Unauthorized):
+                backend=self.backend,
+                retryable=True,
+            )
+        if isinstance(
+            exc, gexc.PermissionDenied | gexc.Unauthenticated | gexc.Forbidden | gexc.Unauthorized
+        ):
             return KekProviderError(
                 f"{where}: permission denied ({_short(exc)}): check that the credentials "
                 "have roles/cloudkms.cryptoKeyEncrypterDecrypter on the key",
-                backend=self.backend)
+                backend=self.backend,
+            )
         if isinstance(exc, gexc.NotFound):
             return KekProviderError(
                 f"{where}: key not found ({_short(exc)}): check ENCRYPTION_GCP_PROJECT_ID, "
-                "_LOCATION, _KEYRING and _KEY_NAME", backend=self.backend)
+                "_LOCATION, _KEYRING and _KEY_NAME",
+                backend=self.backend,
+            )
         if isinstance(exc, gexc.InvalidArgument):
             return KekProviderError(
                 f"{where} refused ({_short(exc)}): the wrapped key was altered, belongs to "
                 "another key record (context mismatch) or to another key",
-                backend=self.backend)
+                backend=self.backend,
+            )
         if isinstance(exc, gexc.FailedPrecondition):
             return KekProviderError(
                 f"{where} refused ({_short(exc)}): the key version is disabled or destroyed",
-                backend=self.backend)
+                backend=self.backend,
+            )
         if isinstance(exc, gexc.GoogleAPICallError):
-            return KekProviderError(f"{where} failed: {type(exc).__name__}: {_short(exc)}",
-                                    backend=self.backend)
+            return KekProviderError(
+                f"{where} failed: {type(exc).__name__}: {_short(exc)}", backend=self.backend
+            )
         if isinstance(exc, auth_exc.DefaultCredentialsError | auth_exc.RefreshError):
             return KekProviderError(
                 f"{where}: no usable Google credentials ({type(exc).__name__}): set "
                 "GOOGLE_APPLICATION_CREDENTIALS or run on a service account",
-                backend=self.backend)
+                backend=self.backend,
+            )
         if isinstance(exc, auth_exc.TransportError | OSError):
             return KekProviderError(
                 f"{where}: cannot reach Cloud KMS ({type(exc).__name__}): check the endpoint "
-                "and the network", backend=self.backend, retryable=True)
-        return KekProviderError(f"{where} failed unexpectedly ({type(exc).__name__})",
-                                backend=self.backend)
+                "and the network",
+                backend=self.backend,
+                retryable=True,
+            )
+        return KekProviderError(
+            f"{where} failed unexpectedly ({type(exc).__name__})", backend=self.backend
+        )
 
     def _corrupt(self, action: str, what: str) -> KekProviderError:
         return KekProviderError(
             f"Cloud KMS key {self.kek_id}: {action} answer failed its integrity check ({what}); "
-            "corrupted in transit", backend=self.backend, retryable=True)
+            "corrupted in transit",
+            backend=self.backend,
+            retryable=True,
+        )
 
-    async def _call(self, action: str, method: str, request: dict[str, Any],
-                    check: Any) -> Any:
+    async def _call(self, action: str, method: str, request: dict[str, Any], check: Any) -> Any:
         async def call() -> Any:
             response = await getattr(self._kms(), method)(
-                request=request, retry=None, timeout=self.retry.call_timeout)
+                request=request, retry=None, timeout=self.retry.call_timeout
+            )
             check(response)
             return response
 
         return await call_with_retry(
-            call, lambda exc: self._translate(exc, action), self.retry,
-            what=f"Cloud KMS key {self.kek_id}: {action}", backend=self.backend)
+            call,
+            lambda exc: self._translate(exc, action),
+            self.retry,
+            what=f"Cloud KMS key {self.kek_id}: {action}",
+            backend=self.backend,
+        )
 
     async def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
         plaintext = bytes(plaintext)
@@ -192,15 +232,22 @@ class GcpKmsKekProvider(KekProvider):
             if not str(response.name).startswith(self.key_name + "/cryptoKeyVersions/"):
                 raise KekProviderError(
                     f"Cloud KMS key {self.kek_id}: Encrypt answered for another key "
-                    f"({response.name})", backend=self.backend)
+                    f"({response.name})",
+                    backend=self.backend,
+                )
 
-        response = await self._call("Encrypt", "encrypt", {
-            "name": self.key_name,
-            "plaintext": plaintext,
-            "additional_authenticated_data": aad,
-            "plaintext_crc32c": _crc32c(plaintext),
-            "additional_authenticated_data_crc32c": _crc32c(aad),
-        }, check)
+        response = await self._call(
+            "Encrypt",
+            "encrypt",
+            {
+                "name": self.key_name,
+                "plaintext": plaintext,
+                "additional_authenticated_data": aad,
+                "plaintext_crc32c": _crc32c(plaintext),
+                "additional_authenticated_data_crc32c": _crc32c(aad),
+            },
+            check,
+        )
         return bytes(response.ciphertext)
 
     async def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
@@ -211,13 +258,18 @@ class GcpKmsKekProvider(KekProvider):
             if response.plaintext_crc32c != _crc32c(response.plaintext):
                 raise self._corrupt("Decrypt", "plaintext checksum")
 
-        response = await self._call("Decrypt", "decrypt", {
-            "name": self.key_name,
-            "ciphertext": wrapped,
-            "additional_authenticated_data": aad,
-            "ciphertext_crc32c": _crc32c(wrapped),
-            "additional_authenticated_data_crc32c": _crc32c(aad),
-        }, check)
+        response = await self._call(
+            "Decrypt",
+            "decrypt",
+            {
+                "name": self.key_name,
+                "ciphertext": wrapped,
+                "additional_authenticated_data": aad,
+                "ciphertext_crc32c": _crc32c(wrapped),
+                "additional_authenticated_data_crc32c": _crc32c(aad),
+            },
+            check,
+        )
         return bytes(response.plaintext)
 
     async def close(self) -> None:
@@ -230,12 +282,12 @@ class GcpKmsKekProvider(KekProvider):
 def from_config(config: EncryptionConfig) -> GcpKmsKekProvider:
     """Build from ``ENCRYPTION_GCP_PROJECT_ID``, ``_LOCATION``, ``_KEYRING``, ``_KEY_NAME``
     and ``_ENDPOINT``."""
-    parts = (config.gcp_project_id, config.gcp_location, config.gcp_keyring,
-             config.gcp_key_name)
+    parts = (config.gcp_project_id, config.gcp_location, config.gcp_keyring, config.gcp_key_name)
     if not all(parts):
         raise ConfigurationError(
             "the gcp_kms backend needs ENCRYPTION_GCP_PROJECT_ID, ENCRYPTION_GCP_LOCATION, "
-            "ENCRYPTION_GCP_KEYRING and ENCRYPTION_GCP_KEY_NAME")
+            "ENCRYPTION_GCP_KEYRING and ENCRYPTION_GCP_KEY_NAME"
+        )
     project, location, ring, key = parts
     name = f"projects/{project}/locations/{location}/keyRings/{ring}/cryptoKeys/{key}"
     try:

@@ -50,8 +50,9 @@ class LocalKekProvider(KekProvider):
     async def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
         return self.unwrap_sync(wrapped, context)
 
-    def wrap_sync(self, plaintext: bytes, context: Mapping[str, str], *,
-                  nonce: bytes | None = None) -> bytes:
+    def wrap_sync(
+        self, plaintext: bytes, context: Mapping[str, str], *, nonce: bytes | None = None
+    ) -> bytes:
         if nonce is None:
             nonce = os.urandom(12)
         aad = _AAD_LABEL + canonical_context(context)
@@ -67,4 +68,5 @@ class LocalKekProvider(KekProvider):
             raise KekProviderError(
                 f"local KEK {self._kek_id}: cannot unwrap the key (wrong master key, or the "
                 "wrapped key was altered or moved to another key record)",
-                backend=self.backend) from None
+                backend=self.backend,
+            ) from None

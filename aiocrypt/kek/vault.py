@@ -30,8 +30,7 @@ try:
     import hvac.exceptions as hvac_errors
     import requests
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "aiocrypt.kek.vault needs hvac: pip install 'aiocrypt[vault]'") from exc
+    raise ImportError("aiocrypt.kek.vault needs hvac: pip install 'aiocrypt[vault]'") from exc
 
 import anyio
 
@@ -46,9 +45,10 @@ __all__ = ["VaultTransitKekProvider", "from_config"]
 T = TypeVar("T")
 
 _TRANSIENT: Final = tuple(
-    getattr(hvac_errors, name) for name in
-    ("RateLimitExceeded", "InternalServerError", "BadGateway", "VaultDown")
-    if hasattr(hvac_errors, name))
+    getattr(hvac_errors, name)
+    for name in ("RateLimitExceeded", "InternalServerError", "BadGateway", "VaultDown")
+    if hasattr(hvac_errors, name)
+)
 
 
 def _b64(data: bytes) -> str:
@@ -70,10 +70,18 @@ class VaultTransitKekProvider(KekProvider):
 
     backend = "vault"
 
-    def __init__(self, key_name: str = "aiocrypt", *, client: Any = None,
-                 url: str | None = None, token: str | None = None,
-                 mount_point: str = "transit", namespace: str | None = None,
-                 verify: bool | str = True, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        key_name: str = "aiocrypt",
+        *,
+        client: Any = None,
+        url: str | None = None,
+        token: str | None = None,
+        mount_point: str = "transit",
+        namespace: str | None = None,
+        verify: bool | str = True,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         if not key_name or "/" in key_name:
             raise ValueError(f"invalid transit key name {key_name!r}")
         self.key_name = key_name
@@ -85,8 +93,13 @@ class VaultTransitKekProvider(KekProvider):
         if client is None:
             if not url:
                 raise ValueError("a Vault client or a Vault URL is required")
-            client = hvac.Client(url=url, token=token, namespace=namespace, verify=verify,
-                                 timeout=self.retry.call_timeout)
+            client = hvac.Client(
+                url=url,
+                token=token,
+                namespace=namespace,
+                verify=verify,
+                timeout=self.retry.call_timeout,
+            )
         self._client = client
         self.url = redact_url(str(getattr(client, "url", url) or url or ""))
 
@@ -104,41 +117,57 @@ class VaultTransitKekProvider(KekProvider):
         if isinstance(exc, _TRANSIENT):
             return KekProviderError(
                 f"{where} failed ({type(exc).__name__}: {_vault_errors(exc)}; throttled or "
-                "unavailable, retryable)", backend=self.backend, retryable=True)
+                "unavailable, retryable)",
+                backend=self.backend,
+                retryable=True,
+            )
         if isinstance(exc, hvac_errors.Forbidden | hvac_errors.Unauthorized):
             return KekProviderError(
                 f"{where}: permission denied ({_vault_errors(exc)}): check that the token is "
                 f"valid and its policy allows update on {self.mount_point}/encrypt/"
                 f"{self.key_name} and {self.mount_point}/decrypt/{self.key_name}",
-                backend=self.backend)
+                backend=self.backend,
+            )
         if isinstance(exc, hvac_errors.InvalidPath):
             return KekProviderError(
                 f"{where}: not found ({_vault_errors(exc)}): check the mount point "
                 "(ENCRYPTION_VAULT_MOUNT_POINT) and that the transit engine is enabled",
-                backend=self.backend)
+                backend=self.backend,
+            )
         if isinstance(exc, hvac_errors.InvalidRequest):
             return KekProviderError(
                 f"{where} refused: {_vault_errors(exc)} (the wrapped key was altered, belongs "
                 "to another key record, or the transit key does not exist)",
-                backend=self.backend)
+                backend=self.backend,
+            )
         if isinstance(exc, hvac_errors.VaultError):
-            return KekProviderError(f"{where} failed: {type(exc).__name__}: "
-                                    f"{_vault_errors(exc)}", backend=self.backend)
-        if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout
-                      | ConnectionError):
+            return KekProviderError(
+                f"{where} failed: {type(exc).__name__}: {_vault_errors(exc)}", backend=self.backend
+            )
+        if isinstance(
+            exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError
+        ):
             return KekProviderError(
                 f"{where}: cannot reach Vault ({type(exc).__name__}): check "
-                "ENCRYPTION_VAULT_URL and the network", backend=self.backend, retryable=True)
-        return KekProviderError(f"{where} failed unexpectedly ({type(exc).__name__})",
-                                backend=self.backend)
+                "ENCRYPTION_VAULT_URL and the network",
+                backend=self.backend,
+                retryable=True,
+            )
+        return KekProviderError(
+            f"{where} failed unexpectedly ({type(exc).__name__})", backend=self.backend
+        )
 
     async def _call(self, action: str, func: Callable[[], T]) -> T:
         async def call() -> T:
             return await anyio.to_thread.run_sync(func, abandon_on_cancel=True)
 
         return await call_with_retry(
-            call, lambda exc: self._translate(exc, action), self.retry,
-            what=f"Vault Transit key {self.kek_id}: {action}", backend=self.backend)
+            call,
+            lambda exc: self._translate(exc, action),
+            self.retry,
+            what=f"Vault Transit key {self.kek_id}: {action}",
+            backend=self.backend,
+        )
 
     def _result(self, response: Any, field: str, action: str) -> str:
         try:
@@ -148,7 +177,8 @@ class VaultTransitKekProvider(KekProvider):
         if not isinstance(value, str):
             raise KekProviderError(
                 f"Vault Transit key {self.kek_id}: {action} answered without {field!r}",
-                backend=self.backend)
+                backend=self.backend,
+            )
         return value
 
     # -- KekProvider --------------------------------------------------------
@@ -156,9 +186,16 @@ class VaultTransitKekProvider(KekProvider):
     async def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
         ctx = _b64(canonical_context(context))
         transit = self._client.secrets.transit
-        response = await self._call("encrypt", lambda: transit.encrypt_data(
-            self.key_name, plaintext=_b64(plaintext), context=ctx, associated_data=ctx,
-            mount_point=self.mount_point))
+        response = await self._call(
+            "encrypt",
+            lambda: transit.encrypt_data(
+                self.key_name,
+                plaintext=_b64(plaintext),
+                context=ctx,
+                associated_data=ctx,
+                mount_point=self.mount_point,
+            ),
+        )
         return self._result(response, "ciphertext", "encrypt").encode("ascii")
 
     async def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
@@ -167,25 +204,36 @@ class VaultTransitKekProvider(KekProvider):
         except UnicodeDecodeError:
             raise KekProviderError(
                 f"Vault Transit key {self.kek_id}: the wrapped key is not Vault ciphertext "
-                "(altered?)", backend=self.backend) from None
+                "(altered?)",
+                backend=self.backend,
+            ) from None
         ctx = _b64(canonical_context(context))
         transit = self._client.secrets.transit
-        response = await self._call("decrypt", lambda: transit.decrypt_data(
-            self.key_name, ciphertext=ciphertext, context=ctx, associated_data=ctx,
-            mount_point=self.mount_point))
+        response = await self._call(
+            "decrypt",
+            lambda: transit.decrypt_data(
+                self.key_name,
+                ciphertext=ciphertext,
+                context=ctx,
+                associated_data=ctx,
+                mount_point=self.mount_point,
+            ),
+        )
         try:
-            return base64.b64decode(self._result(response, "plaintext", "decrypt"),
-                                    validate=True)
+            return base64.b64decode(self._result(response, "plaintext", "decrypt"), validate=True)
         except (binascii.Error, ValueError):
             raise KekProviderError(
                 f"Vault Transit key {self.kek_id}: decrypt answered malformed plaintext",
-                backend=self.backend) from None
+                backend=self.backend,
+            ) from None
 
     async def ensure_key(self) -> None:
         """Create the transit key as a derived ``aes256-gcm96`` key (no-op if it exists)."""
         transit = self._client.secrets.transit
-        await self._call("create key", lambda: transit.create_key(
-            self.key_name, derived=True, mount_point=self.mount_point))
+        await self._call(
+            "create key",
+            lambda: transit.create_key(self.key_name, derived=True, mount_point=self.mount_point),
+        )
 
     async def close(self) -> None:
         if self._owns_client:
@@ -198,10 +246,14 @@ def from_config(config: EncryptionConfig) -> VaultTransitKekProvider:
     """Build from ``ENCRYPTION_VAULT_URL``, ``_TOKEN``, ``_TRANSIT_KEY`` and ``_MOUNT_POINT``."""
     if not config.vault_url or not config.vault_token:
         raise ConfigurationError(
-            "the vault backend needs ENCRYPTION_VAULT_URL and ENCRYPTION_VAULT_TOKEN")
+            "the vault backend needs ENCRYPTION_VAULT_URL and ENCRYPTION_VAULT_TOKEN"
+        )
     try:
         return VaultTransitKekProvider(
-            config.vault_transit_key, url=config.vault_url, token=config.vault_token,
-            mount_point=config.vault_mount_point)
+            config.vault_transit_key,
+            url=config.vault_url,
+            token=config.vault_token,
+            mount_point=config.vault_mount_point,
+        )
     except ValueError as exc:
         raise ConfigurationError(f"vault backend: {exc}") from None

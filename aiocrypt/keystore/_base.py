@@ -70,14 +70,16 @@ class KeyStore(ABC):
         """Every record and the current revision."""
 
     @abstractmethod
-    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int,
-                    seal: str | None = None) -> int:
+    async def write(
+        self, keys: Sequence[EncryptionKey], *, expected_revision: int, seal: str | None = None
+    ) -> int:
         """Upsert ``keys`` and store ``seal`` if the store is at ``expected_revision``;
         return the new revision (always ``expected_revision + 1``)."""
 
     @abstractmethod
-    def lock(self, name: str = "rotation", *,
-             timeout: float = 30.0) -> AbstractAsyncContextManager[None]:
+    def lock(
+        self, name: str = "rotation", *, timeout: float = 30.0
+    ) -> AbstractAsyncContextManager[None]:
         """Exclusive lock across processes; raises ``LockTimeoutError`` after ``timeout`` s."""
 
     async def rekey(self, kek: KekProvider, *, seal: str, expected_revision: int) -> int:
@@ -123,8 +125,9 @@ class KeyStore(ABC):
         raise TypeError(f"{type(self).__name__} objects cannot be pickled")
 
 
-def merge(current: Sequence[EncryptionKey], updates: Sequence[EncryptionKey]) \
-        -> list[EncryptionKey]:
+def merge(
+    current: Sequence[EncryptionKey], updates: Sequence[EncryptionKey]
+) -> list[EncryptionKey]:
     """Upsert ``updates`` into ``current`` by key id, keeping order of first appearance."""
     merged = {k.key_id: k for k in current}
     for key in updates:
@@ -137,19 +140,29 @@ def encode_record(key: EncryptionKey) -> str:
     return json.dumps(key.to_dict(), sort_keys=True)
 
 
-def decode_records(records: Iterable[str | bytes | Mapping[str, Any]],
-                   where: str) -> tuple[EncryptionKey, ...]:
+def decode_records(
+    records: Iterable[str | bytes | Mapping[str, Any]], where: str
+) -> tuple[EncryptionKey, ...]:
     """Parse stored records (JSON text or dicts), oldest first.
 
     A malformed record is a ``KeyStoreIntegrityError`` naming the store (``where``),
     never the record's contents.
     """
     try:
-        keys = [EncryptionKey.from_dict(json.loads(r) if isinstance(r, (str, bytes)) else dict(r))
-                for r in records]
-    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError,
-            RecursionError) as exc:  # a record that is not an object, an absurd number...
+        keys = [
+            EncryptionKey.from_dict(json.loads(r) if isinstance(r, (str, bytes)) else dict(r))
+            for r in records
+        ]
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        ArithmeticError,
+        RecursionError,
+    ) as exc:  # a record that is not an object, an absurd number...
         raise KeyStoreIntegrityError(
-            f"{where} holds an invalid key record ({type(exc).__name__})") from None
+            f"{where} holds an invalid key record ({type(exc).__name__})"
+        ) from None
     keys.sort(key=lambda k: (k.created_at, k.key_id))
     return tuple(keys)

@@ -65,8 +65,9 @@ class SubjectKeyStore(ABC):
         return filed
 
     @abstractmethod
-    async def forget(self, lookup: str, record: SubjectKeyRecord | None,
-                     tombstone: SubjectKeyRecord | None) -> None:
+    async def forget(
+        self, lookup: str, record: SubjectKeyRecord | None, tombstone: SubjectKeyRecord | None
+    ) -> None:
         """Delete ``record`` (if still filed under ``lookup``), keep its forgotten marker,
         and free ``lookup`` or file ``tombstone`` under it."""
 
@@ -76,8 +77,9 @@ class SubjectKeyStore(ABC):
         ``previous``; return how many were replaced."""
 
     @abstractmethod
-    async def wrapped_by(self, wrapping_key_id: str, *, after: str = "",
-                         limit: int = 1000) -> list[SubjectKeyRecord]:
+    async def wrapped_by(
+        self, wrapping_key_id: str, *, after: str = "", limit: int = 1000
+    ) -> list[SubjectKeyRecord]:
         """Live records wrapped by ``wrapping_key_id`` with key ids above ``after``, in
         key-id order, at most ``limit``."""
 

@@ -85,9 +85,11 @@ class FileSubjectKeyStore(SubjectKeyStore):
         from .file import replace_file
 
         records = list(contents.by_id.values()) + [
-            r for r in contents.by_lookup.values() if r.state == "tombstone"]
-        payload = json.dumps({"format": _FORMAT,
-                              "records": [r.to_json() for r in records]}).encode("utf-8")
+            r for r in contents.by_lookup.values() if r.state == "tombstone"
+        ]
+        payload = json.dumps({"format": _FORMAT, "records": [r.to_json() for r in records]}).encode(
+            "utf-8"
+        )
         try:
             replace_file(self.path, payload)
         except OSError as exc:
@@ -121,17 +123,18 @@ class FileSubjectKeyStore(SubjectKeyStore):
     async def insert_many(self, records: Sequence[SubjectKeyRecord]) -> int:
         return await self._change(lambda c: c.insert_many(records))
 
-    async def forget(self, lookup: str, record: SubjectKeyRecord | None,
-                     tombstone: SubjectKeyRecord | None) -> None:
+    async def forget(
+        self, lookup: str, record: SubjectKeyRecord | None, tombstone: SubjectKeyRecord | None
+    ) -> None:
         await self._change(lambda c: c.forget(lookup, record, tombstone))
 
     async def rewrap(self, records: Sequence[SubjectKeyRecord], previous: str) -> int:
         return await self._change(lambda c: c.rewrap(records, previous))
 
-    async def wrapped_by(self, wrapping_key_id: str, *, after: str = "",
-                         limit: int = 1000) -> list[SubjectKeyRecord]:
-        return await self._read(lambda c: c.wrapped_by(wrapping_key_id, after=after,
-                                                       limit=limit))
+    async def wrapped_by(
+        self, wrapping_key_id: str, *, after: str = "", limit: int = 1000
+    ) -> list[SubjectKeyRecord]:
+        return await self._read(lambda c: c.wrapped_by(wrapping_key_id, after=after, limit=limit))
 
     async def census(self, wrapping_key_ids: Iterable[str]) -> dict[str, int]:
         ids = list(wrapping_key_ids)

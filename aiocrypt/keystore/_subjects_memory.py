@@ -32,8 +32,9 @@ class MemorySubjectKeyStore(SubjectKeyStore):
             self.by_id[record.key_id] = record
         return current
 
-    async def forget(self, lookup: str, record: SubjectKeyRecord | None,
-                     tombstone: SubjectKeyRecord | None) -> None:
+    async def forget(
+        self, lookup: str, record: SubjectKeyRecord | None, tombstone: SubjectKeyRecord | None
+    ) -> None:
         current = self.by_lookup.get(lookup)
         if record is not None and current is not None and current.key_id == record.key_id:
             del self.by_lookup[lookup]
@@ -46,17 +47,28 @@ class MemorySubjectKeyStore(SubjectKeyStore):
         done = 0
         for record in records:
             current = self.by_id.get(record.key_id)
-            if current is not None and current.state == SubjectState.LIVE \
-                    and current.wrapping_key_id == previous:
+            if (
+                current is not None
+                and current.state == SubjectState.LIVE
+                and current.wrapping_key_id == previous
+            ):
                 self.by_id[record.key_id] = self.by_lookup[record.lookup] = record
                 done += 1
         return done
 
-    async def wrapped_by(self, wrapping_key_id: str, *, after: str = "",
-                         limit: int = 1000) -> list[SubjectKeyRecord]:
-        found = sorted((r for r in self.by_id.values() if r.state == SubjectState.LIVE
-                        and r.wrapping_key_id == wrapping_key_id and r.key_id > after),
-                       key=lambda r: r.key_id)
+    async def wrapped_by(
+        self, wrapping_key_id: str, *, after: str = "", limit: int = 1000
+    ) -> list[SubjectKeyRecord]:
+        found = sorted(
+            (
+                r
+                for r in self.by_id.values()
+                if r.state == SubjectState.LIVE
+                and r.wrapping_key_id == wrapping_key_id
+                and r.key_id > after
+            ),
+            key=lambda r: r.key_id,
+        )
         return found[:limit]
 
     async def census(self, wrapping_key_ids: Iterable[str]) -> dict[str, int]:

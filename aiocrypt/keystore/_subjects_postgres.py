@@ -44,18 +44,18 @@ def _statements(schema: str) -> dict[str, str]:
         "find": f"SELECT record FROM {t} WHERE lookup = $1",  # noqa: S608
         "get": f"SELECT record FROM {t} WHERE id = $1",  # noqa: S608
         "insert": f"INSERT INTO {t} (id, lookup, wrapping_key_id, live, record) "  # noqa: S608
-                  "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], "
-                  "$5::text[]) ON CONFLICT DO NOTHING",
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], "
+        "$5::text[]) ON CONFLICT DO NOTHING",
         "forget": f"INSERT INTO {t} (id, lookup, wrapping_key_id, live, record) "  # noqa: S608
-                  "VALUES ($1, NULL, $2, false, $3) ON CONFLICT (id) DO UPDATE "
-                  "SET lookup = NULL, live = false, record = EXCLUDED.record",
+        "VALUES ($1, NULL, $2, false, $3) ON CONFLICT (id) DO UPDATE "
+        "SET lookup = NULL, live = false, record = EXCLUDED.record",
         "rewrap": f"UPDATE {t} AS s SET wrapping_key_id = u.w, record = u.r "  # noqa: S608
-                  "FROM unnest($1::text[], $2::text[], $3::text[]) AS u(i, w, r) "
-                  "WHERE s.id = u.i AND s.live AND s.wrapping_key_id = $4",
+        "FROM unnest($1::text[], $2::text[], $3::text[]) AS u(i, w, r) "
+        "WHERE s.id = u.i AND s.live AND s.wrapping_key_id = $4",
         "wrapped_by": f"SELECT record FROM {t} WHERE live AND wrapping_key_id = $1 "  # noqa: S608
-                      "AND id > $2 ORDER BY id LIMIT $3",
+        "AND id > $2 ORDER BY id LIMIT $3",
         "census": f"SELECT wrapping_key_id, count(*) AS n FROM {t} "  # noqa: S608
-                  "WHERE live AND wrapping_key_id = ANY($1::text[]) GROUP BY wrapping_key_id",
+        "WHERE live AND wrapping_key_id = ANY($1::text[]) GROUP BY wrapping_key_id",
     }
 
 
@@ -80,8 +80,10 @@ class PostgresSubjectKeyStore(SubjectKeyStore):
 
             with self._keystore._translate("create the subject-key table"):
                 async with pool.acquire() as conn, conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)",
-                                       _lock_id("migrate", self._keystore.schema))
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock($1)",
+                        _lock_id("migrate", self._keystore.schema),
+                    )
                     await conn.execute(self._sql["migrate"])
             self._migrated = True
         return pool
@@ -117,23 +119,35 @@ class PostgresSubjectKeyStore(SubjectKeyStore):
         pool = await self._pool()
         with self._keystore._translate("insert subject keys"):
             status = await pool.execute(
-                self._sql["insert"], [r.key_id for r in records], [r.lookup for r in records],
-                [r.wrapping_key_id for r in records], [True] * len(records),
-                [r.to_json() for r in records])
+                self._sql["insert"],
+                [r.key_id for r in records],
+                [r.lookup for r in records],
+                [r.wrapping_key_id for r in records],
+                [True] * len(records),
+                [r.to_json() for r in records],
+            )
         return int(status.split()[-1])
 
-    async def forget(self, lookup: str, record: SubjectKeyRecord | None,
-                     tombstone: SubjectKeyRecord | None) -> None:
+    async def forget(
+        self, lookup: str, record: SubjectKeyRecord | None, tombstone: SubjectKeyRecord | None
+    ) -> None:
         pool = await self._pool()
         with self._keystore._translate("forget a subject key"):
             async with pool.acquire() as conn, conn.transaction():
                 if record is not None:
                     marker = record.forgotten()
-                    await conn.execute(self._sql["forget"], record.key_id,
-                                       record.wrapping_key_id, marker.to_json())
+                    await conn.execute(
+                        self._sql["forget"], record.key_id, record.wrapping_key_id, marker.to_json()
+                    )
                 if tombstone is not None:
-                    await conn.execute(self._sql["insert"], [_TOMBSTONE_ID + lookup], [lookup],
-                                       [""], [False], [tombstone.to_json()])
+                    await conn.execute(
+                        self._sql["insert"],
+                        [_TOMBSTONE_ID + lookup],
+                        [lookup],
+                        [""],
+                        [False],
+                        [tombstone.to_json()],
+                    )
 
     async def rewrap(self, records: Sequence[SubjectKeyRecord], previous: str) -> int:
         if not records:
@@ -141,12 +155,17 @@ class PostgresSubjectKeyStore(SubjectKeyStore):
         pool = await self._pool()
         with self._keystore._translate("rewrap subject keys"):
             status = await pool.execute(
-                self._sql["rewrap"], [r.key_id for r in records],
-                [r.wrapping_key_id for r in records], [r.to_json() for r in records], previous)
+                self._sql["rewrap"],
+                [r.key_id for r in records],
+                [r.wrapping_key_id for r in records],
+                [r.to_json() for r in records],
+                previous,
+            )
         return int(status.split()[-1])
 
-    async def wrapped_by(self, wrapping_key_id: str, *, after: str = "",
-                         limit: int = 1000) -> list[SubjectKeyRecord]:
+    async def wrapped_by(
+        self, wrapping_key_id: str, *, after: str = "", limit: int = 1000
+    ) -> list[SubjectKeyRecord]:
         pool = await self._pool()
         with self._keystore._translate("page through subject keys"):
             rows = await pool.fetch(self._sql["wrapped_by"], wrapping_key_id, after, limit)

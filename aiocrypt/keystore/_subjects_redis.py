@@ -115,7 +115,8 @@ class RedisSubjectKeyStore(SubjectKeyStore):
         with self._keystore._translate("insert a subject key"):
             raw = await self._insert(
                 keys=[self._k_id, self._k_lookup, self._k_wrap + record.wrapping_key_id],
-                args=[record.lookup, record.key_id, record.to_json()])
+                args=[record.lookup, record.key_id, record.to_json()],
+            )
         found = self._parse(raw)
         assert found is not None
         return found
@@ -125,25 +126,31 @@ class RedisSubjectKeyStore(SubjectKeyStore):
         with self._keystore._translate("insert subject keys"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for record in records:  # queued on the pipeline, sent by execute()
-                    await self._insert(keys=[self._k_id, self._k_lookup,
-                                             self._k_wrap + record.wrapping_key_id],
-                                       args=[record.lookup, record.key_id, record.to_json()],
-                                       client=pipe)
+                    await self._insert(
+                        keys=[self._k_id, self._k_lookup, self._k_wrap + record.wrapping_key_id],
+                        args=[record.lookup, record.key_id, record.to_json()],
+                        client=pipe,
+                    )
                 results = await pipe.execute()
         for record, raw in zip(records, results, strict=True):
             doc = json.loads(raw)
             filed += doc.get("key_id") == record.key_id
         return filed
 
-    async def forget(self, lookup: str, record: SubjectKeyRecord | None,
-                     tombstone: SubjectKeyRecord | None) -> None:
+    async def forget(
+        self, lookup: str, record: SubjectKeyRecord | None, tombstone: SubjectKeyRecord | None
+    ) -> None:
         wrapping = record.wrapping_key_id if record is not None else ""
         with self._keystore._translate("forget a subject key"):
             await self._forget(
                 keys=[self._k_id, self._k_lookup, self._k_wrap + wrapping],
-                args=[lookup, "" if record is None else record.key_id,
-                      "" if record is None else record.forgotten().to_json(),
-                      "" if tombstone is None else tombstone.to_json()])
+                args=[
+                    lookup,
+                    "" if record is None else record.key_id,
+                    "" if record is None else record.forgotten().to_json(),
+                    "" if tombstone is None else tombstone.to_json(),
+                ],
+            )
 
     async def rewrap(self, records: Sequence[SubjectKeyRecord], previous: str) -> int:
         if not records:
@@ -156,15 +163,21 @@ class RedisSubjectKeyStore(SubjectKeyStore):
             args += [record.key_id, record.to_json()]
         with self._keystore._translate("rewrap subject keys"):
             done = await self._rewrap(
-                keys=[self._k_id, self._k_wrap + previous, self._k_wrap + new.pop()], args=args)
+                keys=[self._k_id, self._k_wrap + previous, self._k_wrap + new.pop()], args=args
+            )
         return int(done)
 
-    async def wrapped_by(self, wrapping_key_id: str, *, after: str = "",
-                         limit: int = 1000) -> list[SubjectKeyRecord]:
+    async def wrapped_by(
+        self, wrapping_key_id: str, *, after: str = "", limit: int = 1000
+    ) -> list[SubjectKeyRecord]:
         with self._keystore._translate("page through subject keys"):
-            ids = await self._redis.zrangebylex(self._k_wrap + wrapping_key_id,
-                                                f"({after}" if after else "-", "+",
-                                                start=0, num=limit)
+            ids = await self._redis.zrangebylex(
+                self._k_wrap + wrapping_key_id,
+                f"({after}" if after else "-",
+                "+",
+                start=0,
+                num=limit,
+            )
             raws = await self._redis.hmget(self._k_id, ids) if ids else []
         return [r for r in map(self._parse, raws) if r is not None]
 

@@ -67,7 +67,7 @@ def replace_file(target: Path, payload: bytes) -> None:
         try:
             view = memoryview(payload)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -92,9 +92,14 @@ class FileKeyStore(KeyStore):
 
     name = "file"
 
-    def __init__(self, path: str | os.PathLike[str], kek: KekProvider, *,
-                 previous_keks: Sequence[KekProvider] = (),
-                 lock_poll_interval: float = 0.02) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        kek: KekProvider,
+        *,
+        previous_keks: Sequence[KekProvider] = (),
+        lock_poll_interval: float = 0.02,
+    ) -> None:
         self.path = Path(path)
         self._kek = kek
         # KEKs the file may still be sealed under (an interrupted master-key rotation)
@@ -114,14 +119,18 @@ class FileKeyStore(KeyStore):
         if not directory.is_dir():
             raise KeyStoreError(
                 f"key store directory {directory} does not exist: create it (mode 0700) "
-                "or set ENCRYPTION_KEY_STORAGE_PATH")
+                "or set ENCRYPTION_KEY_STORAGE_PATH"
+            )
         try:
             with open(self.path, "rb") as fh:
                 mode = os.fstat(fh.fileno()).st_mode
                 if mode & 0o077 and (self.path, mode) not in _warned_modes:
                     _warned_modes.add((self.path, mode))
-                    logger.warning("key store %s is accessible by group/others (mode %o); "
-                                   "it should be 0600", self.path, mode & 0o777)
+                    logger.warning(
+                        "key store %s is accessible by group/others (mode %o); it should be 0600",
+                        self.path,
+                        mode & 0o777,
+                    )
                 data = fh.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
             return None
@@ -137,7 +146,8 @@ class FileKeyStore(KeyStore):
         except (ValueError, RecursionError):  # bad JSON or UTF-8, 4300+ digit ints, deep nesting
             raise KeyStoreIntegrityError(
                 f"key store {self.path} is corrupt (not valid JSON; truncated?): restore it "
-                "from a backup; it was left untouched") from None
+                "from a backup; it was left untouched"
+            ) from None
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT or doc.get("version") != 1:
             raise KeyStoreIntegrityError(f"key store {self.path} is not an aiocrypt v1 key store")
         for name in ("kek_id", "mac_key", "mac", "revision", "keys"):
@@ -148,12 +158,14 @@ class FileKeyStore(KeyStore):
         return doc
 
     async def _verify(self, doc: dict[str, Any]) -> None:
-        sealer = self._kek if doc["kek_id"] == self._kek.kek_id else \
-            self._previous.get(doc["kek_id"])
+        sealer = (
+            self._kek if doc["kek_id"] == self._kek.kek_id else self._previous.get(doc["kek_id"])
+        )
         if sealer is None:
             raise KeyStoreIntegrityError(
                 f"key store {self.path} is sealed under KEK {doc['kek_id']} but the configured "
-                f"KEK is {self._kek.kek_id}: wrong ENCRYPTION_MASTER_KEY (or KMS key)?")
+                f"KEK is {self._kek.kek_id}: wrong ENCRYPTION_MASTER_KEY (or KMS key)?"
+            )
         try:
             wrapped = base64.b64decode(doc["mac_key"], validate=True)
             claimed = bytes.fromhex(doc["mac"])
@@ -165,7 +177,8 @@ class FileKeyStore(KeyStore):
             except KekProviderError:
                 raise KeyStoreIntegrityError(
                     f"key store {self.path}: the configured master key cannot open it (wrong "
-                    "ENCRYPTION_MASTER_KEY, or the file was tampered with)") from None
+                    "ENCRYPTION_MASTER_KEY, or the file was tampered with)"
+                ) from None
             self._mac_key, self._mac_key_wrapped = mac_key, wrapped
         assert self._mac_key is not None
         body = {k: v for k, v in doc.items() if k != "mac"}
@@ -173,7 +186,8 @@ class FileKeyStore(KeyStore):
         if not hmac.compare_digest(expected, claimed):
             raise KeyStoreIntegrityError(
                 f"key store {self.path} failed authentication: it was modified outside "
-                "aiocrypt; restore it from a backup (it was left untouched)")
+                "aiocrypt; restore it from a backup (it was left untouched)"
+            )
 
     async def _load(self) -> tuple[dict[str, Any] | None, KeySet]:
         data = await anyio.to_thread.run_sync(self._read_bytes)
@@ -184,29 +198,29 @@ class FileKeyStore(KeyStore):
         try:
             revision = int(doc["revision"])
         except (TypeError, ValueError):
-            raise KeyStoreIntegrityError(f"key store {self.path} has an invalid revision") \
-                from None
+            raise KeyStoreIntegrityError(f"key store {self.path} has an invalid revision") from None
         if not isinstance(doc["keys"], list):
             raise KeyStoreIntegrityError(f"key store {self.path} has no list of keys")
         seal = doc.get("seal")
         if seal is not None and not isinstance(seal, str):
             raise KeyStoreIntegrityError(f"key store {self.path} has an invalid seal")
-        return doc, KeySet(revision, decode_records(doc["keys"], f"key store {self.path}"),
-                           seal)
+        return doc, KeySet(revision, decode_records(doc["keys"], f"key store {self.path}"), seal)
 
     async def read(self) -> KeySet:
         return (await self._load())[1]
 
     # -- writing ------------------------------------------------------------
 
-    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int,
-                    seal: str | None = None) -> int:
+    async def write(
+        self, keys: Sequence[EncryptionKey], *, expected_revision: int, seal: str | None = None
+    ) -> int:
         async with self.lock("write", timeout=30.0):
             doc, current = await self._load()
             if current.revision != expected_revision:
                 raise ConcurrentModificationError(
                     f"key store {self.path} is at revision {current.revision}, "
-                    f"not {expected_revision}")
+                    f"not {expected_revision}"
+                )
             if doc is None:
                 mac_key = secrets.token_bytes(32)
                 wrapped = await self._kek.wrap(mac_key, _MAC_CONTEXT)
@@ -222,8 +236,9 @@ class FileKeyStore(KeyStore):
             }
             if seal is not None:
                 new_doc["seal"] = seal
-            new_doc["mac"] = hmac.new(self._mac_key, _canonical(new_doc),
-                                      hashlib.sha256).hexdigest()
+            new_doc["mac"] = hmac.new(
+                self._mac_key, _canonical(new_doc), hashlib.sha256
+            ).hexdigest()
             payload = json.dumps(new_doc, sort_keys=True, indent=1).encode("utf-8")
             await anyio.to_thread.run_sync(self._replace, payload)
             return int(new_doc["revision"])
@@ -245,7 +260,8 @@ class FileKeyStore(KeyStore):
             if current.revision != expected_revision:
                 raise ConcurrentModificationError(
                     f"key store {self.path} changed (revision {current.revision}, "
-                    f"expected {expected_revision})")
+                    f"expected {expected_revision})"
+                )
             assert self._mac_key is not None
             wrapped = await new_kek.wrap(self._mac_key, _MAC_CONTEXT)
             new_doc = {k: v for k, v in doc.items() if k != "mac"}
@@ -254,8 +270,9 @@ class FileKeyStore(KeyStore):
             new_doc["revision"] = current.revision + 1
             if seal is not None:
                 new_doc["seal"] = seal
-            new_doc["mac"] = hmac.new(self._mac_key, _canonical(new_doc),
-                                      hashlib.sha256).hexdigest()
+            new_doc["mac"] = hmac.new(
+                self._mac_key, _canonical(new_doc), hashlib.sha256
+            ).hexdigest()
             payload = json.dumps(new_doc, sort_keys=True, indent=1).encode("utf-8")
             await anyio.to_thread.run_sync(self._replace, payload)
             self._mac_key_wrapped = wrapped
@@ -276,7 +293,8 @@ class FileKeyStore(KeyStore):
         """Subject keys in ``.<name>.subjects.json`` beside the key file (docs/subjects.md)."""
         if self._subjects is None:
             self._subjects = FileSubjectKeyStore(
-                self.path.with_name(f".{self.path.name}.subjects.json"))
+                self.path.with_name(f".{self.path.name}.subjects.json")
+            )
         return self._subjects
 
     # -- usage counters -----------------------------------------------------
@@ -298,12 +316,12 @@ class FileKeyStore(KeyStore):
 
     async def add_usage(self, increments: Mapping[str, int]) -> dict[str, int]:
         async with self.lock("usage", timeout=30.0):
+
             def update() -> dict[str, int]:
                 usage = self._read_usage()
                 for key_id, n in increments.items():
                     usage[key_id] = usage.get(key_id, 0) + int(n)
-                self._replace(json.dumps(usage, sort_keys=True).encode("utf-8"),
-                              self._usage_path)
+                self._replace(json.dumps(usage, sort_keys=True).encode("utf-8"), self._usage_path)
                 return {key_id: usage[key_id] for key_id in increments}
 
             return await anyio.to_thread.run_sync(update)
@@ -314,8 +332,7 @@ class FileKeyStore(KeyStore):
     # -- locking ------------------------------------------------------------
 
     @asynccontextmanager
-    async def lock(self, name: str = "rotation", *, timeout: float = 30.0) \
-            -> AsyncIterator[None]:
+    async def lock(self, name: str = "rotation", *, timeout: float = 30.0) -> AsyncIterator[None]:
         lock_path = self.path.with_name(f".{self.path.name}.{name}.lock")
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -331,7 +348,8 @@ class FileKeyStore(KeyStore):
                     if anyio.current_time() >= deadline:
                         raise LockTimeoutError(
                             f"key store {self.path}: lock {name!r} held elsewhere for over "
-                            f"{timeout}s") from None
+                            f"{timeout}s"
+                        ) from None
                     await anyio.sleep(self._poll)
             try:
                 yield

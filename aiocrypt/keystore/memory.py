@@ -32,11 +32,13 @@ class MemoryKeyStore(KeyStore):
     async def read(self) -> KeySet:
         return KeySet(self._revision, tuple(self._keys), self._seal)
 
-    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int,
-                    seal: str | None = None) -> int:
+    async def write(
+        self, keys: Sequence[EncryptionKey], *, expected_revision: int, seal: str | None = None
+    ) -> int:
         if expected_revision != self._revision:
             raise ConcurrentModificationError(
-                f"memory key store is at revision {self._revision}, not {expected_revision}")
+                f"memory key store is at revision {self._revision}, not {expected_revision}"
+            )
         self._keys = merge(self._keys, keys)
         self._revision += 1
         self._seal = seal
@@ -60,8 +62,7 @@ class MemoryKeyStore(KeyStore):
         return dict(self._usage)
 
     @asynccontextmanager
-    async def lock(self, name: str = "rotation", *, timeout: float = 30.0) \
-            -> AsyncIterator[None]:
+    async def lock(self, name: str = "rotation", *, timeout: float = 30.0) -> AsyncIterator[None]:
         lock = self._locks.setdefault(name, anyio.Semaphore(1))
         with anyio.move_on_after(timeout) as scope:
             await lock.acquire()

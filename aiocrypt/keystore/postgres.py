@@ -33,7 +33,8 @@ try:
     import asyncpg
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "aiocrypt.keystore.postgres needs asyncpg: pip install 'aiocrypt[postgres]'") from exc
+        "aiocrypt.keystore.postgres needs asyncpg: pip install 'aiocrypt[postgres]'"
+    ) from exc
 
 import anyio
 
@@ -58,8 +59,13 @@ DEFAULT_SCHEMA: Final = "aiocrypt"
 _SCHEMA_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
 # InternalClientError: asyncpg's own state errors on a connection that a timeout or an
 # outage left mid-operation ("cannot switch to state ...; another operation is in progress")
-_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
-                  OSError, TimeoutError)
+_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 def _lock_id(*parts: str) -> int:
@@ -89,18 +95,18 @@ def _statements(schema: str) -> dict[str, str]:
         "drop": f"DROP SCHEMA IF EXISTS {s} CASCADE",
         # one statement: one snapshot of the revision and the records
         "read": f"SELECT r.revision, r.seal, k.record FROM {s}.revision r "  # noqa: S608
-                f"LEFT JOIN {s}.keys k ON true",
+        f"LEFT JOIN {s}.keys k ON true",
         "revision": f"SELECT revision FROM {s}.revision WHERE id = 1",  # noqa: S608
         "bump": f"UPDATE {s}.revision SET revision = revision + 1, seal = $2 "  # noqa: S608
-                "WHERE id = 1 AND revision = $1 RETURNING revision",
+        "WHERE id = 1 AND revision = $1 RETURNING revision",
         "upsert": f"INSERT INTO {s}.keys (key_id, record, revision) "  # noqa: S608
-                  "SELECT i, r::jsonb, $3 FROM unnest($1::text[], $2::text[]) AS t(i, r) "
-                  "ON CONFLICT (key_id) DO UPDATE "
-                  "SET record = EXCLUDED.record, revision = EXCLUDED.revision",
+        "SELECT i, r::jsonb, $3 FROM unnest($1::text[], $2::text[]) AS t(i, r) "
+        "ON CONFLICT (key_id) DO UPDATE "
+        "SET record = EXCLUDED.record, revision = EXCLUDED.revision",
         "add_usage": f"INSERT INTO {s}.usage AS u (key_id, count) "  # noqa: S608
-                     "SELECT * FROM unnest($1::text[], $2::bigint[]) "
-                     "ON CONFLICT (key_id) DO UPDATE SET count = u.count + EXCLUDED.count "
-                     "RETURNING key_id, count",
+        "SELECT * FROM unnest($1::text[], $2::bigint[]) "
+        "ON CONFLICT (key_id) DO UPDATE SET count = u.count + EXCLUDED.count "
+        "RETURNING key_id, count",
         "usage": f"SELECT key_id, count FROM {s}.usage",  # noqa: S608
     }
 
@@ -110,8 +116,14 @@ class PostgresKeyStore(KeyStore):
 
     name = "postgres"
 
-    def __init__(self, pool_or_dsn: Any, *, schema: str = DEFAULT_SCHEMA,
-                 auto_migrate: bool = True, command_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        pool_or_dsn: Any,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        auto_migrate: bool = True,
+        command_timeout: float = 10.0,
+    ) -> None:
         """Give an ``asyncpg`` pool (the caller keeps owning it) or a ``postgresql://`` DSN.
 
         With ``auto_migrate`` the schema and tables are created on first use
@@ -149,7 +161,8 @@ class PostgresKeyStore(KeyStore):
             raise KeyStoreError(
                 f"PostgreSQL key store {self._where} (schema {self.schema!r}): {action} failed "
                 f"({type(exc).__name__}: {scrub(str(exc), self._dsn)}); check that PostgreSQL is "
-                "running and reachable (ENCRYPTION_POSTGRES_DSN)") from exc
+                "running and reachable (ENCRYPTION_POSTGRES_DSN)"
+            ) from exc
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -169,8 +182,12 @@ class PostgresKeyStore(KeyStore):
         if self._pool is None:
             with self._translate("connect"):
                 self._pool = await asyncpg.create_pool(
-                    self._dsn, min_size=1, max_size=4, command_timeout=self.command_timeout,
-                    timeout=min(10.0, self.command_timeout))
+                    self._dsn,
+                    min_size=1,
+                    max_size=4,
+                    command_timeout=self.command_timeout,
+                    timeout=min(10.0, self.command_timeout),
+                )
 
     async def migrate(self) -> None:
         """Create the schema and tables if they do not exist (idempotent, concurrency-safe)."""
@@ -181,8 +198,9 @@ class PostgresKeyStore(KeyStore):
     async def _migrate(self, pool: Any) -> None:
         with self._translate("create schema"):
             async with pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)",
-                                   _lock_id("migrate", self.schema))
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1)", _lock_id("migrate", self.schema)
+                )
                 await conn.execute(self._sql["migrate"])
         self._migrated = True
 
@@ -208,8 +226,11 @@ class PostgresKeyStore(KeyStore):
     async def _connect(self) -> Any:
         """A connection of its own (for the lock and LISTEN): from the DSN, else the pool."""
         if self._dsn is not None:
-            return await asyncpg.connect(self._dsn, timeout=min(10.0, self.command_timeout),
-                                         command_timeout=self.command_timeout)
+            return await asyncpg.connect(
+                self._dsn,
+                timeout=min(10.0, self.command_timeout),
+                command_timeout=self.command_timeout,
+            )
         return await self._pool.acquire()
 
     async def _disconnect(self, conn: Any) -> None:
@@ -231,9 +252,12 @@ class PostgresKeyStore(KeyStore):
         if not rows:
             raise KeyStoreIntegrityError(
                 f"PostgreSQL key store {self._where}: table {self.schema}.revision is empty "
-                "(run migrate())")
-        keys = decode_records((row["record"] for row in rows if row["record"] is not None),
-                              f"PostgreSQL key store {self._where} (schema {self.schema!r})")
+                "(run migrate())"
+            )
+        keys = decode_records(
+            (row["record"] for row in rows if row["record"] is not None),
+            f"PostgreSQL key store {self._where} (schema {self.schema!r})",
+        )
         return KeySet(int(rows[0]["revision"]), keys, rows[0]["seal"])
 
     def subject_store(self) -> PostgresSubjectKeyStore:
@@ -247,8 +271,9 @@ class PostgresKeyStore(KeyStore):
         with self._translate("read revision"):
             return int(await pool.fetchval(self._sql["revision"]) or 0)
 
-    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int,
-                    seal: str | None = None) -> int:
+    async def write(
+        self, keys: Sequence[EncryptionKey], *, expected_revision: int, seal: str | None = None
+    ) -> int:
         pool = await self._ready()
         ids = [k.key_id for k in keys]
         records = [encode_record(k) for k in keys]
@@ -259,7 +284,8 @@ class PostgresKeyStore(KeyStore):
                     current = await conn.fetchval(self._sql["revision"])
                     raise ConcurrentModificationError(
                         f"PostgreSQL key store {self._where} is at revision {current}, "
-                        f"not {expected_revision}")
+                        f"not {expected_revision}"
+                    )
                 await conn.execute(self._sql["upsert"], ids, records, new)
                 await conn.execute("SELECT pg_notify($1, $2)", self.channel, str(new))
         return int(new)
@@ -271,8 +297,9 @@ class PostgresKeyStore(KeyStore):
             return {}
         pool = await self._ready()
         with self._translate("count usage"):
-            rows = await pool.fetch(self._sql["add_usage"], list(increments),
-                                    [int(n) for n in increments.values()])
+            rows = await pool.fetch(
+                self._sql["add_usage"], list(increments), [int(n) for n in increments.values()]
+            )
         return {row["key_id"]: int(row["count"]) for row in rows}
 
     async def get_usage(self) -> dict[str, int]:
@@ -288,8 +315,13 @@ class PostgresKeyStore(KeyStore):
         while True:
             queue: asyncio.Queue[str] = asyncio.Queue()
 
-            def on_notify(_conn: Any, _pid: int, _channel: str, payload: str,
-                          queue: asyncio.Queue[str] = queue) -> None:
+            def on_notify(
+                _conn: Any,
+                _pid: int,
+                _channel: str,
+                payload: str,
+                queue: asyncio.Queue[str] = queue,
+            ) -> None:
                 queue.put_nowait(payload)
 
             conn = None
@@ -318,8 +350,11 @@ class PostgresKeyStore(KeyStore):
                             last = current
                             yield current
             except KeyStoreError as exc:
-                logger.warning("PostgreSQL key store %s: change notifications interrupted (%s);"
-                               " reconnecting", self._where, type(exc.__cause__).__name__)
+                logger.warning(
+                    "PostgreSQL key store %s: change notifications interrupted (%s); reconnecting",
+                    self._where,
+                    type(exc.__cause__).__name__,
+                )
             finally:
                 if conn is not None:
                     with suppress(*_ERRORS):
@@ -331,8 +366,7 @@ class PostgresKeyStore(KeyStore):
     # -- locking ------------------------------------------------------------
 
     @asynccontextmanager
-    async def lock(self, name: str = "rotation", *, timeout: float = 30.0) \
-            -> AsyncIterator[None]:
+    async def lock(self, name: str = "rotation", *, timeout: float = 30.0) -> AsyncIterator[None]:
         await self._ready()
         lock_id = _lock_id("lock", self.schema, name)
         with self._translate(f"connect for lock {name!r}"):
@@ -348,7 +382,8 @@ class PostgresKeyStore(KeyStore):
                 if remaining <= 0:
                     raise LockTimeoutError(
                         f"PostgreSQL key store {self._where}: lock {name!r} held elsewhere "
-                        f"for over {timeout}s")
+                        f"for over {timeout}s"
+                    )
                 await anyio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.2)
             try:
@@ -360,8 +395,12 @@ class PostgresKeyStore(KeyStore):
                             await conn.fetchval("SELECT pg_advisory_unlock($1)", lock_id)
                     except (TimeoutError, *_ERRORS) as exc:
                         # the connection is closed below; the server then drops the lock
-                        logger.warning("PostgreSQL key store %s: could not unlock %r (%s)",
-                                       self._where, name, type(exc).__name__)
+                        logger.warning(
+                            "PostgreSQL key store %s: could not unlock %r (%s)",
+                            self._where,
+                            name,
+                            type(exc).__name__,
+                        )
         finally:
             await self._disconnect(conn)
 

@@ -35,8 +35,7 @@ try:
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "aiocrypt.keystore.redis needs redis: pip install 'aiocrypt[redis]'") from exc
+    raise ImportError("aiocrypt.keystore.redis needs redis: pip install 'aiocrypt[redis]'") from exc
 
 import anyio
 
@@ -109,8 +108,14 @@ class RedisKeyStore(KeyStore):
 
     name = "redis"
 
-    def __init__(self, client_or_url: aioredis.Redis | str, *, prefix: str = DEFAULT_PREFIX,
-                 lock_lease: float = 15.0, socket_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        client_or_url: aioredis.Redis | str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        lock_lease: float = 15.0,
+        socket_timeout: float = 10.0,
+    ) -> None:
         """Give a ``redis.asyncio.Redis`` (the caller keeps owning it) or a ``redis://`` URL.
 
         ``lock_lease``: seconds a dead holder keeps the lock (renewed every
@@ -124,13 +129,16 @@ class RedisKeyStore(KeyStore):
         if isinstance(client_or_url, str):
             self._where = redact_url(client_or_url)
             self._redis = aioredis.Redis.from_url(
-                client_or_url, socket_timeout=socket_timeout,
-                socket_connect_timeout=min(5.0, socket_timeout))
+                client_or_url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=min(5.0, socket_timeout),
+            )
             self._owns_client = True
         else:
             kwargs = client_or_url.connection_pool.connection_kwargs
-            self._where = f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}" \
-                          f"/{kwargs.get('db', 0)}"
+            self._where = (
+                f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+            )
             self._redis = client_or_url
             self._owns_client = False
         self.prefix = prefix
@@ -158,7 +166,8 @@ class RedisKeyStore(KeyStore):
             raise KeyStoreError(
                 f"Redis key store {self._where} (prefix {self.prefix!r}): {action} failed "
                 f"({type(exc).__name__}: {scrub(str(exc), self._url)}); check that Redis is "
-                "running and reachable (ENCRYPTION_REDIS_URL)") from exc
+                "running and reachable (ENCRYPTION_REDIS_URL)"
+            ) from exc
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -215,18 +224,20 @@ class RedisKeyStore(KeyStore):
         with self._translate("read revision"):
             return int(await self._redis.get(self._k_revision) or 0)
 
-    async def write(self, keys: Sequence[EncryptionKey], *, expected_revision: int,
-                    seal: str | None = None) -> int:
+    async def write(
+        self, keys: Sequence[EncryptionKey], *, expected_revision: int, seal: str | None = None
+    ) -> int:
         args: list[Any] = [expected_revision, self.channel, seal or ""]
         for key in keys:
             args += [key.key_id, encode_record(key)]
         with self._translate("write"):
             ok, revision = await self._write_script(
-                keys=[self._k_revision, self._k_keys, self._k_seal], args=args)
+                keys=[self._k_revision, self._k_keys, self._k_seal], args=args
+            )
         if not ok:
             raise ConcurrentModificationError(
-                f"Redis key store {self._where} is at revision {revision}, "
-                f"not {expected_revision}")
+                f"Redis key store {self._where} is at revision {revision}, not {expected_revision}"
+            )
         return int(revision)
 
     # -- usage counters -----------------------------------------------------
@@ -262,8 +273,9 @@ class RedisKeyStore(KeyStore):
                     yield current
                 last = current
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                       timeout=poll_interval)
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=poll_interval
+                    )
                     _reraise_cancellation()
                     if message is not None and message.get("type") == "message":
                         try:
@@ -279,8 +291,11 @@ class RedisKeyStore(KeyStore):
                             last = current
                             yield current
             except (RedisError, OSError, KeyStoreError) as exc:
-                logger.warning("Redis key store %s: change notifications interrupted (%s); "
-                               "reconnecting", self._where, type(exc).__name__)
+                logger.warning(
+                    "Redis key store %s: change notifications interrupted (%s); reconnecting",
+                    self._where,
+                    type(exc).__name__,
+                )
             finally:
                 with anyio.move_on_after(2, shield=True), suppress(RedisError, OSError):
                     await pubsub.aclose()
@@ -289,8 +304,7 @@ class RedisKeyStore(KeyStore):
     # -- locking ------------------------------------------------------------
 
     @asynccontextmanager
-    async def lock(self, name: str = "rotation", *, timeout: float = 30.0) \
-            -> AsyncIterator[None]:
+    async def lock(self, name: str = "rotation", *, timeout: float = 30.0) -> AsyncIterator[None]:
         key = f"{self.prefix}lock:{name}"
         token = secrets.token_hex(16)
         lease_ms = int(self.lock_lease * 1000)
@@ -313,7 +327,8 @@ class RedisKeyStore(KeyStore):
             if remaining <= 0:
                 raise LockTimeoutError(
                     f"Redis key store {self._where}: lock {name!r} held elsewhere for over "
-                    f"{timeout}s")
+                    f"{timeout}s"
+                )
             await anyio.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.2)
         renewer = asyncio.create_task(self._renew(key, token, name))
@@ -329,9 +344,14 @@ class RedisKeyStore(KeyStore):
                         await self._release_script(keys=[key], args=[token])
                 except (RedisError, OSError, TimeoutError) as exc:
                     self._unreleased[key] = token
-                    logger.warning("Redis key store %s: could not release lock %r (%s); it "
-                                   "expires within %.1fs", self._where, name,
-                                   type(exc).__name__, self.lock_lease)
+                    logger.warning(
+                        "Redis key store %s: could not release lock %r (%s); it "
+                        "expires within %.1fs",
+                        self._where,
+                        name,
+                        type(exc).__name__,
+                        self.lock_lease,
+                    )
 
     async def _renew(self, key: str, token: str, name: str) -> None:
         lease_ms = int(self.lock_lease * 1000)
@@ -341,13 +361,21 @@ class RedisKeyStore(KeyStore):
                 renewed = await self._renew_script(keys=[key], args=[token, lease_ms])
             except (RedisError, OSError) as exc:
                 _reraise_cancellation()
-                logger.warning("Redis key store %s: could not renew lock %r (%s)",
-                               self._where, name, type(exc).__name__)
+                logger.warning(
+                    "Redis key store %s: could not renew lock %r (%s)",
+                    self._where,
+                    name,
+                    type(exc).__name__,
+                )
                 continue
             _reraise_cancellation()
             if not renewed:
-                logger.error("Redis key store %s: lock %r was lost (lease expired); writes "
-                             "stay safe through the revision check", self._where, name)
+                logger.error(
+                    "Redis key store %s: lock %r was lost (lease expired); writes "
+                    "stay safe through the revision check",
+                    self._where,
+                    name,
+                )
                 return
 
 

@@ -32,6 +32,7 @@ from ._specs import Checkpoint, TableCensus, TableSpec, WriteBatch, quote_identi
 
 __all__ = ["AsyncpgDatabase"]
 
+
 class AsyncpgDatabase:
     """Postgres through asyncpg: one ``UPDATE ... FROM unnest(...)`` per batch.
 
@@ -45,9 +46,14 @@ class AsyncpgDatabase:
 
     supports_pipelining = True
 
-    def __init__(self, dsn: str | None = None, *, pool: Any = None,
-                 checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE,
-                 command_timeout: float | None = 300.0) -> None:
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: Any = None,
+        checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE,
+        command_timeout: float | None = 300.0,
+    ) -> None:
         if (dsn is None) == (pool is None):
             raise ValueError("give a DSN or an asyncpg pool")
         quote_identifier(checkpoint_table)
@@ -64,8 +70,11 @@ class AsyncpgDatabase:
         return f"<AsyncpgDatabase checkpoint_table={self.checkpoint_table}>"
 
     def _usable(self) -> bool:
-        return (self._reader is not None and not self._reader.is_closed()
-                and not self._writer.is_closed())
+        return (
+            self._reader is not None
+            and not self._reader.is_closed()
+            and not self._writer.is_closed()
+        )
 
     async def _connect(self) -> None:
         if self._usable():
@@ -81,14 +90,17 @@ class AsyncpgDatabase:
                 try:
                     import asyncpg
                 except ImportError as exc:  # pragma: no cover - depends on the environment
-                    raise ImportError("AsyncpgDatabase needs asyncpg: "
-                                      "pip install 'aiocrypt[postgres]'") from exc
+                    raise ImportError(
+                        "AsyncpgDatabase needs asyncpg: pip install 'aiocrypt[postgres]'"
+                    ) from exc
                 timeout = min(60.0, self.command_timeout or 60.0)
-                reader = await asyncpg.connect(self._dsn, timeout=timeout,
-                                               command_timeout=self.command_timeout)
+                reader = await asyncpg.connect(
+                    self._dsn, timeout=timeout, command_timeout=self.command_timeout
+                )
                 try:
-                    writer = await asyncpg.connect(self._dsn, timeout=timeout,
-                                                   command_timeout=self.command_timeout)
+                    writer = await asyncpg.connect(
+                        self._dsn, timeout=timeout, command_timeout=self.command_timeout
+                    )
                 except BaseException:
                     await reader.close()
                     raise
@@ -132,8 +144,9 @@ class AsyncpgDatabase:
     async def prepare(self, table: TableSpec) -> None:
         async with self._connected():
             try:
-                await self._writer.execute(checkpoint_ddl(self.checkpoint_table,
-                                                          timestamp_type="TIMESTAMPTZ"))
+                await self._writer.execute(
+                    checkpoint_ddl(self.checkpoint_table, timestamp_type="TIMESTAMPTZ")
+                )
             except Exception as exc:
                 # Two workers creating the table at once: the loser sees a duplicate.
                 if type(exc).__name__ not in ("UniqueViolationError", "DuplicateTableError"):
@@ -141,7 +154,9 @@ class AsyncpgDatabase:
             pk_type = await self._reader.fetchval(
                 "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
                 "WHERE a.attrelid = $1::regclass AND a.attname = $2 AND NOT a.attisdropped",
-                quote_identifier(table.name), table.primary_key)
+                quote_identifier(table.name),
+                table.primary_key,
+            )
             if pk_type is None:
                 raise KeyNotFoundError(f"table {table.name} has no column {table.primary_key!r}")
             self._pk_types[table.name] = pk_type
@@ -158,11 +173,14 @@ class AsyncpgDatabase:
         if has_until:
             args += 1
             where.append(f"{pk} <= ${args}")
-        return (f"SELECT {pk}, {cols} FROM {tbl} WHERE {' AND '.join(where)} "  # noqa: S608
-                f"ORDER BY {pk} LIMIT ${args + 1}")
+        return (
+            f"SELECT {pk}, {cols} FROM {tbl} WHERE {' AND '.join(where)} "  # noqa: S608
+            f"ORDER BY {pk} LIMIT ${args + 1}"
+        )
 
-    async def fetch_batch(self, table: TableSpec, prefixes: Sequence[str], after: Any,
-                          until: Any, limit: int) -> Sequence[Sequence[Any]]:
+    async def fetch_batch(
+        self, table: TableSpec, prefixes: Sequence[str], after: Any, until: Any, limit: int
+    ) -> Sequence[Sequence[Any]]:
         async with self._connected():
             args: list[Any] = list(prefixes)
             if after is not None:
@@ -208,16 +226,23 @@ class AsyncpgDatabase:
             "SELECT n FROM cnt"
         )
 
-    async def write_batch(self, table: TableSpec, batch: WriteBatch,
-                          checkpoint: Checkpoint) -> int:
+    async def write_batch(self, table: TableSpec, batch: WriteBatch, checkpoint: Checkpoint) -> int:
         async with self._connected():
             args: list[Any] = [batch.pks]
             for old, new in zip(batch.old, batch.new, strict=True):
                 args += [old, new]
-            args += [checkpoint.job_id, checkpoint.table, checkpoint.pass_no,
-                     checkpoint.encoded_pk(), checkpoint.batches, checkpoint.rows_read,
-                     checkpoint.rows_updated, checkpoint.rows_conflicted, checkpoint.rows_failed,
-                     len(batch)]
+            args += [
+                checkpoint.job_id,
+                checkpoint.table,
+                checkpoint.pass_no,
+                checkpoint.encoded_pk(),
+                checkpoint.batches,
+                checkpoint.rows_read,
+                checkpoint.rows_updated,
+                checkpoint.rows_conflicted,
+                checkpoint.rows_failed,
+                len(batch),
+            ]
             updated: int = await self._writer.fetchval(self._write_sql(table), *args)
             return updated
 
@@ -225,14 +250,17 @@ class AsyncpgDatabase:
         async with self._connected():
             row = await self._reader.fetchrow(
                 f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM "  # noqa: S608
-                f"{quote_identifier(self.checkpoint_table)} WHERE job_id = $1", job_id)
+                f"{quote_identifier(self.checkpoint_table)} WHERE job_id = $1",
+                job_id,
+            )
             return None if row is None else checkpoint_from_row(row)
 
     async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         async with self._connected():
             await self._writer.execute(
                 checkpoint_upsert_sql(self.checkpoint_table, lambda i, _: f"${i}", "now()"),
-                *checkpoint_values(checkpoint))
+                *checkpoint_values(checkpoint),
+            )
 
     async def census(self, table: TableSpec) -> TableCensus:
         async with self._connected():
@@ -242,19 +270,25 @@ class AsyncpgDatabase:
     async def count_rows(self, table: TableSpec, prefixes: Sequence[str] | None = None) -> int:
         """Rows of ``table``; with ``prefixes`` (each column's target token prefix), only
         the rows some column of which is not on its target key yet."""
-        where = "" if prefixes is None else \
-            " WHERE " + pending_condition(table, [f"${i + 1}" for i in range(len(prefixes))])
+        where = (
+            ""
+            if prefixes is None
+            else " WHERE " + pending_condition(table, [f"${i + 1}" for i in range(len(prefixes))])
+        )
         async with self._connected():
             count: int = await self._reader.fetchval(
                 f"SELECT count(*) FROM {quote_identifier(table.name)}{where}",  # noqa: S608
-                *(prefixes or ()))
+                *(prefixes or ()),
+            )
             return count
 
-    async def count_pending(self, table: TableSpec, prefixes: Sequence[str],
-                            bounds: Sequence[Any]) -> list[int]:
+    async def count_pending(
+        self, table: TableSpec, prefixes: Sequence[str], bounds: Sequence[Any]
+    ) -> list[int]:
         async with self._connected():
             row = await self._reader.fetchrow(
-                pending_counts_sql(table, len(bounds), lambda i: f"${i}"), *prefixes, *bounds)
+                pending_counts_sql(table, len(bounds), lambda i: f"${i}"), *prefixes, *bounds
+            )
             return [int(n) for n in row]
 
     async def boundaries(self, table: TableSpec, shards: int) -> list[Any]:
@@ -265,5 +299,7 @@ class AsyncpgDatabase:
             fractions = [i / shards for i in range(1, shards)]
             values = await self._reader.fetchval(
                 f"SELECT percentile_disc($1::float8[]) WITHIN GROUP (ORDER BY {pk}) "  # noqa: S608
-                f"FROM {quote_identifier(table.name)}", fractions)
+                f"FROM {quote_identifier(table.name)}",
+                fractions,
+            )
             return [] if values is None else [v for v in values if v is not None]

@@ -40,11 +40,13 @@ class ReencryptionDatabase(Protocol):
 
     async def prepare(self, table: TableSpec) -> None: ...
 
-    async def fetch_batch(self, table: TableSpec, prefixes: Sequence[str], after: Any,
-                          until: Any, limit: int) -> Sequence[Sequence[Any]]: ...
+    async def fetch_batch(
+        self, table: TableSpec, prefixes: Sequence[str], after: Any, until: Any, limit: int
+    ) -> Sequence[Sequence[Any]]: ...
 
-    async def write_batch(self, table: TableSpec, batch: WriteBatch,
-                          checkpoint: Checkpoint) -> int: ...
+    async def write_batch(
+        self, table: TableSpec, batch: WriteBatch, checkpoint: Checkpoint
+    ) -> int: ...
 
     async def load_checkpoint(self, job_id: str) -> Checkpoint | None: ...
 
@@ -62,8 +64,9 @@ class PendingRowsDatabase(ReencryptionDatabase, Protocol):
     (:func:`pending_counts_sql`): what a planner of shards (the ARQ jobs) needs to
     size them. Implemented by :class:`AsyncpgDatabase`."""
 
-    async def count_pending(self, table: TableSpec, prefixes: Sequence[str],
-                            bounds: Sequence[Any]) -> list[int]: ...
+    async def count_pending(
+        self, table: TableSpec, prefixes: Sequence[str], bounds: Sequence[Any]
+    ) -> list[int]: ...
 
 
 def checkpoint_ddl(table: str, *, timestamp_type: str = "TIMESTAMP") -> str:
@@ -77,34 +80,61 @@ def checkpoint_ddl(table: str, *, timestamp_type: str = "TIMESTAMP") -> str:
     )
 
 
-CHECKPOINT_COLUMNS: Final = ("job_id", "table_name", "pass_no", "last_pk", "batches",
-                             "rows_read", "rows_updated", "rows_conflicted", "rows_failed",
-                             "done")
+CHECKPOINT_COLUMNS: Final = (
+    "job_id",
+    "table_name",
+    "pass_no",
+    "last_pk",
+    "batches",
+    "rows_read",
+    "rows_updated",
+    "rows_conflicted",
+    "rows_failed",
+    "done",
+)
 
 
 def checkpoint_from_row(row: Sequence[Any]) -> Checkpoint:
-    return Checkpoint(job_id=row[0], table=row[1], pass_no=int(row[2]),
-                      last_pk=Checkpoint.decode_pk(row[3]), batches=int(row[4]),
-                      rows_read=int(row[5]), rows_updated=int(row[6]),
-                      rows_conflicted=int(row[7]), rows_failed=int(row[8]), done=bool(row[9]))
+    return Checkpoint(
+        job_id=row[0],
+        table=row[1],
+        pass_no=int(row[2]),
+        last_pk=Checkpoint.decode_pk(row[3]),
+        batches=int(row[4]),
+        rows_read=int(row[5]),
+        rows_updated=int(row[6]),
+        rows_conflicted=int(row[7]),
+        rows_failed=int(row[8]),
+        done=bool(row[9]),
+    )
 
 
-def checkpoint_upsert_sql(table: str, placeholder: Callable[[int, str], str],
-                          now: str) -> str:
+def checkpoint_upsert_sql(table: str, placeholder: Callable[[int, str], str], now: str) -> str:
     """The checkpoint upsert every adapter runs: ``placeholder(i, column)`` writes the
     driver's parameter for a column (``$1`` or ``:job_id``), ``now`` the SQL clock."""
     params = ", ".join(placeholder(i + 1, c) for i, c in enumerate(CHECKPOINT_COLUMNS))
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in CHECKPOINT_COLUMNS[1:])
-    return (f"INSERT INTO {quote_identifier(table)} ({', '.join(CHECKPOINT_COLUMNS)}, "  # noqa: S608
-            f"updated_at) VALUES ({params}, {now}) "
-            f"ON CONFLICT (job_id) DO UPDATE SET {updates}, updated_at = {now}")
+    return (
+        f"INSERT INTO {quote_identifier(table)} ({', '.join(CHECKPOINT_COLUMNS)}, "  # noqa: S608
+        f"updated_at) VALUES ({params}, {now}) "
+        f"ON CONFLICT (job_id) DO UPDATE SET {updates}, updated_at = {now}"
+    )
 
 
 def checkpoint_values(checkpoint: Checkpoint) -> tuple[Any, ...]:
     """The checkpoint's values in :data:`CHECKPOINT_COLUMNS` order."""
-    return (checkpoint.job_id, checkpoint.table, checkpoint.pass_no, checkpoint.encoded_pk(),
-            checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated,
-            checkpoint.rows_conflicted, checkpoint.rows_failed, checkpoint.done)
+    return (
+        checkpoint.job_id,
+        checkpoint.table,
+        checkpoint.pass_no,
+        checkpoint.encoded_pk(),
+        checkpoint.batches,
+        checkpoint.rows_read,
+        checkpoint.rows_updated,
+        checkpoint.rows_conflicted,
+        checkpoint.rows_failed,
+        checkpoint.done,
+    )
 
 
 def pending_condition(table: TableSpec, prefix_params: Sequence[str]) -> str:
@@ -116,8 +146,10 @@ def pending_condition(table: TableSpec, prefix_params: Sequence[str]) -> str:
     parts = []
     for column, param in zip(table.columns, prefix_params, strict=True):
         col = quote_identifier(column.name)
-        parts.append(f"({col} IS NOT NULL AND substr({col}, 1, length({param})) <> {param} "
-                     f"AND {_not_subject(col)})")
+        parts.append(
+            f"({col} IS NOT NULL AND substr({col}, 1, length({param})) <> {param} "
+            f"AND {_not_subject(col)})"
+        )
     return "(" + " OR ".join(parts) + ")"
 
 
@@ -129,8 +161,7 @@ def _not_subject(col: str) -> str:
     return f"substr({col}, 1, {len(SUBJECT_TOKEN_PREFIX)}) <> '{SUBJECT_TOKEN_PREFIX}'"
 
 
-def pending_counts_sql(table: TableSpec, bounds: int,
-                       placeholder: Callable[[int], str]) -> str:
+def pending_counts_sql(table: TableSpec, bounds: int, placeholder: Callable[[int], str]) -> str:
     """One row of ``bounds + 1`` counts: the rows still to move in each primary-key range
     cut at ``bounds`` inner boundaries. Parameters: each column's target prefix
     (``placeholder(1)`` to ``placeholder(n)``), then the boundaries in order."""
@@ -143,8 +174,7 @@ def pending_counts_sql(table: TableSpec, bounds: int,
             parts.append(f"{pk} > {placeholder(n + i)}")
         if i < bounds:
             parts.append(f"{pk} <= {placeholder(n + i + 1)}")
-        counts.append(f"count(CASE WHEN {' AND '.join(parts)} THEN 1 END)" if parts
-                      else "count(*)")
+        counts.append(f"count(CASE WHEN {' AND '.join(parts)} THEN 1 END)" if parts else "count(*)")
     condition = pending_condition(table, [placeholder(i + 1) for i in range(n)])
     return f"SELECT {', '.join(counts)} FROM {tbl} WHERE {condition}"  # noqa: S608
 
@@ -161,7 +191,8 @@ def census_sql(table: TableSpec, key_id_expr: Callable[[str], str]) -> str:
             f"SELECT {i} AS col, CASE WHEN {_subject_sql(col)} THEN '{SUBJECT_KEYS}' "  # noqa: S608
             f"WHEN {token_sql(col)} THEN {key_id_expr(col)} END AS kid, "
             f"CASE WHEN {token_sql(col, (1,))} THEN 1 ELSE 0 END AS v1, count(*) AS n "
-            f"FROM {tbl} WHERE {col} IS NOT NULL GROUP BY 2, 3")
+            f"FROM {tbl} WHERE {col} IS NOT NULL GROUP BY 2, 3"
+        )
     return " UNION ALL ".join(selects)
 
 

@@ -107,12 +107,20 @@ class ReencryptionEngine:
     or Fernet; a spec naming a reader the engine was not given is refused.
     """
 
-    def __init__(self, key_manager: KeyManager, database: ReencryptionDatabase, *,
-                 tables: Iterable[TableSpec] = (), batch_size: int = 2000,
-                 rate_limit: float | None = None, progress: ProgressCallback | None = None,
-                 max_passes: int = 3, on_error: Literal["raise", "skip"] = "raise",
-                 compression_level: int | None = None,
-                 legacy_readers: Iterable[LegacyReader] = ()) -> None:
+    def __init__(
+        self,
+        key_manager: KeyManager,
+        database: ReencryptionDatabase,
+        *,
+        tables: Iterable[TableSpec] = (),
+        batch_size: int = 2000,
+        rate_limit: float | None = None,
+        progress: ProgressCallback | None = None,
+        max_passes: int = 3,
+        on_error: Literal["raise", "skip"] = "raise",
+        compression_level: int | None = None,
+        legacy_readers: Iterable[LegacyReader] = (),
+    ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if rate_limit is not None and rate_limit <= 0:
@@ -168,11 +176,14 @@ class ReencryptionEngine:
         tables elsewhere) is absent and therefore kept. Blind-index key versions
         are counted by ``aiocrypt.integrations.sqlalchemy.blind_index_usage``.
         """
-        specs = [self.table(t) if isinstance(t, str) else t
-                 for t in (self.tables.values() if tables is None else tables)]
+        specs = [
+            self.table(t) if isinstance(t, str) else t
+            for t in (self.tables.values() if tables is None else tables)
+        ]
         covered = {c.key_type for spec in specs for c in spec.columns}
-        usage: dict[str, int] = {k.key_id: 0 for k in await self.key_manager.list_keys()
-                                 if k.key_type in covered}
+        usage: dict[str, int] = {
+            k.key_id: 0 for k in await self.key_manager.list_keys() if k.key_type in covered
+        }
         for spec in specs:
             census = await self.census(spec)
             for by_key in census.counts.values():
@@ -203,17 +214,25 @@ class ReencryptionEngine:
     @staticmethod
     def job_id_for(spec: TableSpec, targets: Mapping[str, str], shard: KeyRange) -> str:
         """Stable id of (table, columns, target keys, shard): a rerun resumes its checkpoint."""
-        material = json.dumps([spec.to_dict(), sorted(targets.items()), shard.after,
-                               shard.until], default=str, sort_keys=True)
+        material = json.dumps(
+            [spec.to_dict(), sorted(targets.items()), shard.after, shard.until],
+            default=str,
+            sort_keys=True,
+        )
         digest = hashlib.sha256(material.encode("utf-8")).hexdigest()[:24]
         return f"{spec.name}:{digest}"
 
     @traced("aiocrypt.reencrypt.run")
-    async def reencrypt(self, table: str | TableSpec, *, columns: Iterable[str] | None = None,
-                        key_type: KeyTypeLike | None = None,
-                        shard: KeyRange | tuple[Any, Any] | None = None,
-                        job_id: str | None = None,
-                        max_batches: int | None = None) -> ReencryptionResult:
+    async def reencrypt(
+        self,
+        table: str | TableSpec,
+        *,
+        columns: Iterable[str] | None = None,
+        key_type: KeyTypeLike | None = None,
+        shard: KeyRange | tuple[Any, Any] | None = None,
+        job_id: str | None = None,
+        max_batches: int | None = None,
+    ) -> ReencryptionResult:
         """Move every value of the table (or shard) onto the active keys; resumable.
 
         All arguments are identifiers, so a job queue can carry them. Rerunning
@@ -234,21 +253,26 @@ class ReencryptionEngine:
             target = keyring.require_encryptable(c.key_type)
             context = spec.context_for(c)
             context_bytes(context)  # validates it once: the hot loop only encodes it
-            level = self.compression_level if self.compression_level is not None \
+            level = (
+                self.compression_level
+                if self.compression_level is not None
                 else self.key_manager.config.compression_level_for(c.key_type)
+            )
             reader = None
             if c.legacy_reader is not None:
                 reader = self.legacy_readers.get(c.legacy_reader)
                 if reader is None:
-                    raise ValueError(f"{spec.name}.{c.name}: no legacy reader named "
-                                     f"{c.legacy_reader!r} was given (legacy_readers=)")
+                    raise ValueError(
+                        f"{spec.name}.{c.name}: no legacy reader named "
+                        f"{c.legacy_reader!r} was given (legacy_readers=)"
+                    )
             # the target's version 2 prefix: its version 1 tokens are re-encrypted too
-            cols.append(_Column(c, context, text_prefix(target.key_id), target, level,
-                                reader))
+            cols.append(_Column(c, context, text_prefix(target.key_id), target, level, reader))
         targets = {c.spec.name: c.target.key_id for c in cols}
         job = job_id or self.job_id_for(spec, targets, key_range)
-        annotate(table=spec.name, columns=len(cols),
-                 target_key_ids=tuple(sorted(set(targets.values()))))
+        annotate(
+            table=spec.name, columns=len(cols), target_key_ids=tuple(sorted(set(targets.values())))
+        )
 
         checkpoint = await self.database.load_checkpoint(job)
         resumed_from = None
@@ -273,38 +297,78 @@ class ReencryptionEngine:
             # the start that finds nothing completes the job, and it is always run.
             full_sweep = checkpoint.last_pk is None
             read, target_changed, stopped = await self._pass(
-                spec, cols, key_range, checkpoint, stats, started, max_batches)
-            if stopped or target_changed \
-                    or (full_sweep and (read == 0 or passes >= self.max_passes)):
+                spec, cols, key_range, checkpoint, stats, started, max_batches
+            )
+            if (
+                stopped
+                or target_changed
+                or (full_sweep and (read == 0 or passes >= self.max_passes))
+            ):
                 break
             checkpoint.pass_no += 1
             checkpoint.last_pk = None
             await self.database.save_checkpoint(checkpoint)
-        complete = not stopped and not target_changed and read == 0 and full_sweep \
+        complete = (
+            not stopped
+            and not target_changed
+            and read == 0
+            and full_sweep
             and not stats.rows_failed
+        )
         if complete:
             checkpoint.done = True
             await self.database.save_checkpoint(checkpoint)
         elapsed = time.monotonic() - started
-        logger.info("re-encryption %s: %d rows updated in %d batches, %.1f s%s", job,
-                    stats.rows_updated, stats.batches, elapsed,
-                    "" if complete else " (stopped after max_batches)" if stopped
-                    else " (incomplete)")
-        annotate(outcome="complete" if complete else "stopped" if stopped else
-                 "target_changed" if target_changed else "incomplete",
-                 rows=stats.rows_updated, batches=stats.batches, passes=passes)
+        logger.info(
+            "re-encryption %s: %d rows updated in %d batches, %.1f s%s",
+            job,
+            stats.rows_updated,
+            stats.batches,
+            elapsed,
+            "" if complete else " (stopped after max_batches)" if stopped else " (incomplete)",
+        )
+        annotate(
+            outcome="complete"
+            if complete
+            else "stopped"
+            if stopped
+            else "target_changed"
+            if target_changed
+            else "incomplete",
+            rows=stats.rows_updated,
+            batches=stats.batches,
+            passes=passes,
+        )
         return ReencryptionResult(
-            job_id=job, table=spec.name, targets=targets, run_batches=stats.batches,
-            run_rows_read=stats.rows_read, run_rows_updated=stats.rows_updated,
-            run_rows_conflicted=stats.rows_conflicted, run_rows_failed=stats.rows_failed,
-            passes=passes, resumed_from=resumed_from, checkpoint=checkpoint, elapsed=elapsed,
-            complete=complete, target_changed=target_changed,
-            failed_primary_keys=tuple(stats.failed_pks), failures=tuple(stats.failures),
-            stopped=stopped)
+            job_id=job,
+            table=spec.name,
+            targets=targets,
+            run_batches=stats.batches,
+            run_rows_read=stats.rows_read,
+            run_rows_updated=stats.rows_updated,
+            run_rows_conflicted=stats.rows_conflicted,
+            run_rows_failed=stats.rows_failed,
+            passes=passes,
+            resumed_from=resumed_from,
+            checkpoint=checkpoint,
+            elapsed=elapsed,
+            complete=complete,
+            target_changed=target_changed,
+            failed_primary_keys=tuple(stats.failed_pks),
+            failures=tuple(stats.failures),
+            stopped=stopped,
+        )
 
-    async def _pass(self, spec: TableSpec, cols: list[_Column], key_range: KeyRange,
-                    checkpoint: Checkpoint, stats: _RunStats, started: float,
-                    max_batches: int | None = None) -> tuple[int, bool, bool]:
+    async def _pass(  # noqa: C901 - the pipelined batch loop: reads, crypto, writes and checkpoints overlap in one place
+        self,
+        spec: TableSpec,
+        cols: list[_Column],
+        key_range: KeyRange,
+        checkpoint: Checkpoint,
+        stats: _RunStats,
+        started: float,
+        max_batches: int | None = None,
+    ) -> tuple[int, bool, bool]:
         """One sweep from the checkpoint to the end of the range: (rows read, target
         changed, stopped after ``max_batches`` batches of the run)."""
         db = self.database
@@ -314,12 +378,14 @@ class ReencryptionEngine:
 
         def fetch(after: Any) -> asyncio.Task[Sequence[Sequence[Any]]]:
             return asyncio.ensure_future(
-                db.fetch_batch(spec, prefixes, after, key_range.until, limit))
+                db.fetch_batch(spec, prefixes, after, key_range.until, limit)
+            )
 
         read = 0
         target_changed = stopped = False
         next_fetch: asyncio.Task[Sequence[Sequence[Any]]] | None = fetch(
-            checkpoint.last_pk if checkpoint.last_pk is not None else key_range.after)
+            checkpoint.last_pk if checkpoint.last_pk is not None else key_range.after
+        )
         writing: asyncio.Task[None] | None = None
         try:
             while next_fetch is not None:
@@ -337,8 +403,11 @@ class ReencryptionEngine:
                 await asyncio.sleep(0)
                 keyring = await self.key_manager.current_keyring()
                 if any(_active_id(keyring, c.spec.key_type) != c.target.key_id for c in cols):
-                    logger.warning("re-encryption %s: a target key rotated during the run; "
-                                   "stopping (run again for the new key)", checkpoint.job_id)
+                    logger.warning(
+                        "re-encryption %s: a target key rotated during the run; "
+                        "stopping (run again for the new key)",
+                        checkpoint.job_id,
+                    )
                     target_changed = True
                     break
                 batch, failures = await self._transform(spec, cols, rows)
@@ -348,19 +417,20 @@ class ReencryptionEngine:
                     await writing
                     writing = None
                     await self._after_commit(checkpoint, stats, started)
-                stats.failed_pks.extend(failed[:max(0, 100 - len(stats.failed_pks))])
+                stats.failed_pks.extend(failed[: max(0, 100 - len(stats.failed_pks))])
                 stats.failures.extend(
-                    [f for f in failures if f.primary_key in failed][:max(
-                        0, 100 - len(stats.failures))])
+                    [f for f in failures if f.primary_key in failed][
+                        : max(0, 100 - len(stats.failures))
+                    ]
+                )
                 writing = asyncio.ensure_future(
-                    self._commit(spec, batch, checkpoint, stats, last_pk, len(rows),
-                                 len(failed)))
+                    self._commit(spec, batch, checkpoint, stats, last_pk, len(rows), len(failed))
+                )
                 if not pipelined:
                     await writing
                     writing = None
                     await self._after_commit(checkpoint, stats, started)
-                if max_batches is not None \
-                        and stats.batches + (writing is not None) >= max_batches:
+                if max_batches is not None and stats.batches + (writing is not None) >= max_batches:
                     stopped = True
                     break
                 if len(rows) == limit and not pipelined:
@@ -378,38 +448,74 @@ class ReencryptionEngine:
         return read, target_changed, stopped
 
     @traced("aiocrypt.reencrypt.batch")
-    async def _commit(self, spec: TableSpec, batch: WriteBatch, checkpoint: Checkpoint,
-                      stats: _RunStats, last_pk: Any, rows_read: int, failed: int) -> None:
+    async def _commit(
+        self,
+        spec: TableSpec,
+        batch: WriteBatch,
+        checkpoint: Checkpoint,
+        stats: _RunStats,
+        last_pk: Any,
+        rows_read: int,
+        failed: int,
+    ) -> None:
         annotate(table=spec.name, columns=len(batch.new), rows=rows_read, rows_failed=failed)
         pending = Checkpoint(
-            checkpoint.job_id, checkpoint.table, checkpoint.pass_no, last_pk,
-            checkpoint.batches + 1, checkpoint.rows_read + rows_read, checkpoint.rows_updated,
-            checkpoint.rows_conflicted, checkpoint.rows_failed + failed)
+            checkpoint.job_id,
+            checkpoint.table,
+            checkpoint.pass_no,
+            last_pk,
+            checkpoint.batches + 1,
+            checkpoint.rows_read + rows_read,
+            checkpoint.rows_updated,
+            checkpoint.rows_conflicted,
+            checkpoint.rows_failed + failed,
+        )
         updated = await self.database.write_batch(spec, batch, pending)
         conflicted = len(batch) - updated
         annotate(rows_updated=updated, rows_conflicted=conflicted, batch=pending.batches)
         count("aiocrypt.reencrypt.rows", updated, table=spec.name)
         pending.rows_updated += updated
         pending.rows_conflicted += conflicted
-        (checkpoint.last_pk, checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated,
-         checkpoint.rows_conflicted, checkpoint.rows_failed) = (
-            pending.last_pk, pending.batches, pending.rows_read, pending.rows_updated,
-            pending.rows_conflicted, pending.rows_failed)
+        (
+            checkpoint.last_pk,
+            checkpoint.batches,
+            checkpoint.rows_read,
+            checkpoint.rows_updated,
+            checkpoint.rows_conflicted,
+            checkpoint.rows_failed,
+        ) = (
+            pending.last_pk,
+            pending.batches,
+            pending.rows_read,
+            pending.rows_updated,
+            pending.rows_conflicted,
+            pending.rows_failed,
+        )
         stats.batches += 1
         stats.rows_read += rows_read
         stats.rows_updated += updated
         stats.rows_conflicted += conflicted
         stats.rows_failed += failed
 
-    async def _after_commit(self, checkpoint: Checkpoint, stats: _RunStats,
-                            started: float) -> None:
+    async def _after_commit(self, checkpoint: Checkpoint, stats: _RunStats, started: float) -> None:
         elapsed = time.monotonic() - started
         if self.progress is not None:
-            outcome = self.progress(ReencryptionProgress(
-                checkpoint.job_id, checkpoint.table, checkpoint.pass_no, checkpoint.batches,
-                checkpoint.rows_read, checkpoint.rows_updated, checkpoint.rows_conflicted,
-                checkpoint.rows_failed, checkpoint.last_pk, stats.batches, stats.rows_updated,
-                elapsed))
+            outcome = self.progress(
+                ReencryptionProgress(
+                    checkpoint.job_id,
+                    checkpoint.table,
+                    checkpoint.pass_no,
+                    checkpoint.batches,
+                    checkpoint.rows_read,
+                    checkpoint.rows_updated,
+                    checkpoint.rows_conflicted,
+                    checkpoint.rows_failed,
+                    checkpoint.last_pk,
+                    stats.batches,
+                    stats.rows_updated,
+                    elapsed,
+                )
+            )
             if inspect.isawaitable(outcome):
                 await outcome
         if self.rate_limit is not None:
@@ -417,22 +523,29 @@ class ReencryptionEngine:
             if delay > 0:
                 await asyncio.sleep(delay)
 
-    async def _transform(self, spec: TableSpec, cols: list[_Column], rows: Sequence[Sequence[Any]]
-                         ) -> tuple[WriteBatch, list[ReencryptionError]]:
+    async def _transform(
+        self, spec: TableSpec, cols: list[_Column], rows: Sequence[Sequence[Any]]
+    ) -> tuple[WriteBatch, list[ReencryptionError]]:
         keyring = self.key_manager.keyring
         try:
             return self._transform_sync(spec, cols, rows, keyring)
         except UnknownKeyError as exc:
             # A token from a key this process has not loaded yet (rotated elsewhere).
             if await self.key_manager.load_key(exc.key_id) is None:
-                return self._transform_sync(spec, cols, rows, self.key_manager.keyring,
-                                            unknown_fails=True)
+                return self._transform_sync(
+                    spec, cols, rows, self.key_manager.keyring, unknown_fails=True
+                )
             return await self._transform(spec, cols, rows)
 
-    def _transform_sync(self, spec: TableSpec, cols: list[_Column],
-                        rows: Sequence[Sequence[Any]], keyring: Keyring, *,
-                        unknown_fails: bool = False
-                        ) -> tuple[WriteBatch, list[ReencryptionError]]:
+    def _transform_sync(  # noqa: C901 - the re-encryption hot loop, inlined on purpose (a call per value costs more than the crypto)
+        self,
+        spec: TableSpec,
+        cols: list[_Column],
+        rows: Sequence[Sequence[Any]],
+        keyring: Keyring,
+        *,
+        unknown_fails: bool = False,
+    ) -> tuple[WriteBatch, list[ReencryptionError]]:
         n = len(cols)
         pks: list[Any] = []
         old: list[list[Any]] = [[] for _ in range(n)]
@@ -449,8 +562,9 @@ class ReencryptionEngine:
             row_failed = False
             for i, col in enumerate(cols):
                 value = row[i + 1]
-                if value is None or (type(value) is str and value.startswith(
-                        (col.prefix, SUBJECT_TOKEN_PREFIX))):
+                if value is None or (
+                    type(value) is str and value.startswith((col.prefix, SUBJECT_TOKEN_PREFIX))
+                ):
                     continue  # on target, or a data subject's (rewrapped, not moved)
                 if col.row_bound:
                     context = row_context(col.context, pk)
@@ -464,11 +578,11 @@ class ReencryptionEngine:
                     try:
                         if type(value) is not str or not value.startswith(TEXT_PREFIXES):
                             raise DecryptionError("not a token")
-                        plaintext = decrypt(value, col.key_type, context,
-                                            for_reencryption=True)
+                        plaintext = decrypt(value, col.key_type, context, for_reencryption=True)
                     except DecryptionError:
-                        plaintext = self._plaintext(spec, col, keyring, value, context, pk,
-                                                    unknown_fails)
+                        plaintext = self._plaintext(
+                            spec, col, keyring, value, context, pk, unknown_fails
+                        )
                 except ReencryptionError as exc:
                     if self.on_error == "raise":
                         raise
@@ -484,8 +598,9 @@ class ReencryptionEngine:
                 if col.deterministic:
                     out[i] = col.target.seal_deterministic(plaintext, ctx, flags)
                 else:
-                    out[i] = col.target.seal_text(plaintext, ctx, flags,
-                                                  randomness[offset:offset + NONCE_BYTES])
+                    out[i] = col.target.seal_text(
+                        plaintext, ctx, flags, randomness[offset : offset + NONCE_BYTES]
+                    )
                     offset += NONCE_BYTES
             if row_failed and all(o is None for o in out):
                 continue  # nothing of it to write
@@ -496,14 +611,22 @@ class ReencryptionEngine:
         return WriteBatch(pks, old, new), failed
 
     @staticmethod
-    def _plaintext(spec: TableSpec, col: _Column, keyring: Keyring, value: Any, context: str,
-                   pk: Any, unknown_fails: bool) -> bytes:
+    def _plaintext(
+        spec: TableSpec,
+        col: _Column,
+        keyring: Keyring,
+        value: Any,
+        context: str,
+        pk: Any,
+        unknown_fails: bool,
+    ) -> bytes:
         reason: DecryptionFailure | None = None
         key_id: str | None = None
         if type(value) is str and value.startswith(TEXT_PREFIXES):
             try:
-                return keyring.decrypt_bytes(value, col.spec.key_type, context,
-                                             for_reencryption=True)
+                return keyring.decrypt_bytes(
+                    value, col.spec.key_type, context, for_reencryption=True
+                )
             except UnknownKeyError as exc:
                 if not unknown_fails:
                     raise
@@ -515,13 +638,13 @@ class ReencryptionEngine:
                 raw = value if col.reader is None else col.reader.open(value)
                 return encode_value(parse_legacy(col.spec.legacy_type, raw))
             except ValueError:  # LegacyTokenError too: it does not say why
-                reason = DecryptionFailure.AUTHENTICATION_FAILED \
-                    if col.reader is not None else None
+                reason = DecryptionFailure.AUTHENTICATION_FAILED if col.reader is not None else None
         raise ReencryptionError(spec.name, col.spec.name, pk, reason=reason, key_id=key_id)
 
 
-def _first_failures(failures: Sequence[ReencryptionError],
-                    stats: _RunStats) -> tuple[list[Any], int]:
+def _first_failures(
+    failures: Sequence[ReencryptionError], stats: _RunStats
+) -> tuple[list[Any], int]:
     """(primary keys failing for the first time in this run, rows of known failures only).
 
     A value that does not decrypt stays where it is, so every later pass reads
@@ -535,8 +658,11 @@ def _first_failures(failures: Sequence[ReencryptionError],
         seen = (row, exc.column) in stats.failed_seen
         if not seen:
             stats.failed_seen.add((row, exc.column))
-            logger.warning("re-encryption left a value that does not decrypt: %s (primary key "
-                           "%r)", exc, exc.primary_key)
+            logger.warning(
+                "re-encryption left a value that does not decrypt: %s (primary key %r)",
+                exc,
+                exc.primary_key,
+            )
             if row not in rows or not rows[row]:
                 if exc.primary_key not in new:
                     new.append(exc.primary_key)

@@ -68,16 +68,23 @@ class ColumnSpec:
         quote_identifier(self.name)
         object.__setattr__(self, "key_type", KeyType(self.key_type))
         if self.legacy_type is not None and self.legacy_type not in LEGACY_TYPES:
-            raise ValueError(f"unknown legacy_type {self.legacy_type!r}; use one of "
-                             f"{sorted(LEGACY_TYPES)}")
+            raise ValueError(
+                f"unknown legacy_type {self.legacy_type!r}; use one of {sorted(LEGACY_TYPES)}"
+            )
         if self.legacy_reader is not None and self.legacy_type is None:
-            raise ValueError(f"column {self.name}: legacy_reader needs the legacy_type its "
-                             "plaintext parses as")
+            raise ValueError(
+                f"column {self.name}: legacy_reader needs the legacy_type its plaintext parses as"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"name": self.name, "key_type": self.key_type.value, "context": self.context,
-                "deterministic": self.deterministic, "row_bound": self.row_bound,
-                "legacy_type": self.legacy_type}
+        data = {
+            "name": self.name,
+            "key_type": self.key_type.value,
+            "context": self.context,
+            "deterministic": self.deterministic,
+            "row_bound": self.row_bound,
+            "legacy_type": self.legacy_type,
+        }
         if self.legacy_reader is not None:  # absent otherwise: job ids stay as they were
             data["legacy_reader"] = self.legacy_reader
         return data
@@ -104,8 +111,9 @@ class TableSpec:
     def context_for(self, column: ColumnSpec) -> str:
         return column.context if column.context is not None else f"{self.name}.{column.name}"
 
-    def select(self, columns: Iterable[str] | None = None,
-               key_type: KeyTypeLike | None = None) -> TableSpec:
+    def select(
+        self, columns: Iterable[str] | None = None, key_type: KeyTypeLike | None = None
+    ) -> TableSpec:
         """The same table limited to ``columns`` and / or to columns of ``key_type``."""
         chosen = list(self.columns)
         if columns is not None:
@@ -124,13 +132,17 @@ class TableSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (identifiers only: safe as a job argument)."""
-        return {"name": self.name, "primary_key": self.primary_key,
-                "columns": [c.to_dict() for c in self.columns]}
+        return {
+            "name": self.name,
+            "primary_key": self.primary_key,
+            "columns": [c.to_dict() for c in self.columns],
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TableSpec:
-        return cls(data["name"], data["primary_key"],
-                   tuple(ColumnSpec(**c) for c in data["columns"]))
+        return cls(
+            data["name"], data["primary_key"], tuple(ColumnSpec(**c) for c in data["columns"])
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,8 +232,12 @@ class TableCensus:
 
     def key_ids(self) -> set[str]:
         """The version keys' ids the table's tokens name."""
-        return {k for by_key in self.counts.values() for k in by_key
-                if k is not None and k != SUBJECT_KEYS}
+        return {
+            k
+            for by_key in self.counts.values()
+            for k in by_key
+            if k is not None and k != SUBJECT_KEYS
+        }
 
     def subject_rows(self) -> int:
         """Values (over all columns) under data subjects' keys."""
@@ -229,8 +245,12 @@ class TableCensus:
 
     def off_target(self, targets: Mapping[str, str]) -> int:
         """Rows (per column) not on ``targets[column]`` (key id) nor a subject's key."""
-        return sum(n for col, by_key in self.counts.items()
-                   for kid, n in by_key.items() if kid not in (targets.get(col), SUBJECT_KEYS))
+        return sum(
+            n
+            for col, by_key in self.counts.items()
+            for kid, n in by_key.items()
+            if kid not in (targets.get(col), SUBJECT_KEYS)
+        )
 
 
 @dataclass(frozen=True, slots=True)

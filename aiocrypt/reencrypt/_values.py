@@ -58,7 +58,8 @@ def _parse_naive_datetime(raw: str) -> _dt.datetime:
 
 
 _INTERVAL_RE: Final = re.compile(
-    r"(?:(?P<days>-?\d+) days?,? ?)?(?P<sign>-)?(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d(?:\.\d{1,6})?)")
+    r"(?:(?P<days>-?\d+) days?,? ?)?(?P<sign>-)?(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d(?:\.\d{1,6})?)"
+)
 
 
 def _parse_timedelta(raw: str) -> _dt.timedelta:
@@ -68,8 +69,7 @@ def _parse_timedelta(raw: str) -> _dt.timedelta:
     match = _INTERVAL_RE.fullmatch(text)
     if match is None:
         return _dt.timedelta(seconds=float(text))
-    clock = _dt.timedelta(hours=int(match["h"]), minutes=int(match["m"]),
-                          seconds=float(match["s"]))
+    clock = _dt.timedelta(hours=int(match["h"]), minutes=int(match["m"]), seconds=float(match["s"]))
     return _dt.timedelta(days=int(match["days"] or 0)) + (-clock if match["sign"] else clock)
 
 
@@ -91,9 +91,18 @@ _LEGACY_PARSERS: Final[Mapping[str, Callable[[str], Any]]] = {
 #: The Python type of each value type name: the one map the column types and the
 #: re-encryption of plaintext share.
 PYTHON_TYPES: Final[Mapping[str, type | tuple[type, ...]]] = {
-    "str": str, "bytes": bytes, "int": int, "float": float, "decimal": Decimal,
-    "bool": bool, "date": _dt.date, "datetime": _dt.datetime, "json": (dict, list),
-    "uuid": uuid.UUID, "time": _dt.time, "timedelta": _dt.timedelta,
+    "str": str,
+    "bytes": bytes,
+    "int": int,
+    "float": float,
+    "decimal": Decimal,
+    "bool": bool,
+    "date": _dt.date,
+    "datetime": _dt.datetime,
+    "json": (dict, list),
+    "uuid": uuid.UUID,
+    "time": _dt.time,
+    "timedelta": _dt.timedelta,
     "naive_datetime": _dt.datetime,
 }
 LEGACY_TYPES: Final = frozenset(_LEGACY_PARSERS)
@@ -108,8 +117,9 @@ def parse_legacy(value_type: str, raw: Any) -> Any:
     """
     parser = _LEGACY_PARSERS.get(value_type)
     if parser is None:
-        raise ValueError(f"unknown legacy value type {value_type!r}; use one of "
-                         f"{sorted(LEGACY_TYPES)}")
+        raise ValueError(
+            f"unknown legacy value type {value_type!r}; use one of {sorted(LEGACY_TYPES)}"
+        )
     expected = PYTHON_TYPES[value_type]
     if isinstance(raw, expected) and not (value_type == "int" and isinstance(raw, bool)):
         if value_type == "naive_datetime" and isinstance(raw, _dt.datetime):

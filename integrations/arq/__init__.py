@@ -39,8 +39,7 @@ from typing import TYPE_CHECKING, Any
 try:
     import arq  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("aiocrypt.integrations.arq needs arq: pip install 'aiocrypt[arq]'") \
-        from exc
+    raise ImportError("aiocrypt.integrations.arq needs arq: pip install 'aiocrypt[arq]'") from exc
 
 from .cleanup import cleanup_expired_keys, enqueue_cleanup
 from .codec import job_deserializer, job_serializer
@@ -104,9 +103,15 @@ def __getattr__(name: str) -> Any:
     global _worker_settings
     if name == "WorkerSettings":
         if _worker_settings is None:
-            _worker_settings = type("WorkerSettings", (), {
-                "__doc__": "aiocrypt's ready worker: `arq aiocrypt.integrations.arq."
-                           "WorkerSettings` (settings from the environment).",
-                "__module__": __name__, **aiocrypt_worker_settings()})
+            _worker_settings = type(
+                "WorkerSettings",
+                (),
+                {
+                    "__doc__": "aiocrypt's ready worker: `arq aiocrypt.integrations.arq."
+                    "WorkerSettings` (settings from the environment).",
+                    "__module__": __name__,
+                    **aiocrypt_worker_settings(),
+                },
+            )
         return _worker_settings
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,12 +29,15 @@ async def cleanup_expired_keys(ctx: dict[str, Any]) -> dict[str, Any]:
     cfg = state.config
 
     async def work() -> dict[str, Any]:
-        async with redis_lock(state.redis, f"{cfg.key_prefix}:job-lock:cleanup",
-                              ttl=cfg.job_timeout, owner=state.worker_name) as lock:
+        async with redis_lock(
+            state.redis,
+            f"{cfg.key_prefix}:job-lock:cleanup",
+            ttl=cfg.job_timeout,
+            owner=state.worker_name,
+        ) as lock:
             if not lock.acquired:
                 return {"skipped": f"another worker ({lock.holder}) is running the cleanup"}
-            census = (state.census if state.open_database is not None and state.tables
-                      else None)
+            census = state.census if state.open_database is not None and state.tables else None
             report = await state.key_manager.cleanup_report(census=census)
             for item in report["destroyed"]:
                 logger.warning("key %s destroyed: %s", item["key_id"], item["reason"])

@@ -35,8 +35,14 @@ __all__ = ["jobs", "plain_jobs", "render_job", "render_jobs"]
 T = TypeVar("T")
 # Piped output is not cut at 80 columns (ids must stay copyable); COLUMNS still wins.
 console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
-_STYLES = {"done": "green", "failed": "bold red", "running": "cyan", "retrying": "yellow",
-           "incomplete": "yellow", "queued": "dim"}
+_STYLES = {
+    "done": "green",
+    "failed": "bold red",
+    "running": "cyan",
+    "retrying": "yellow",
+    "incomplete": "yellow",
+    "queued": "dim",
+}
 
 
 def _config() -> ArqWorkerConfig:
@@ -44,8 +50,10 @@ def _config() -> ArqWorkerConfig:
     # documented exit code (3 for configuration, 4 for an unreachable Redis).
     cfg = ArqWorkerConfig.from_env()
     if not cfg.redis_url:
-        raise ConfigurationError("ENCRYPTION_REDIS_URL (or ENCRYPTION_ARQ_REDIS_URL) is not "
-                                 "set: it names the Redis the workers use")
+        raise ConfigurationError(
+            "ENCRYPTION_REDIS_URL (or ENCRYPTION_ARQ_REDIS_URL) is not "
+            "set: it names the Redis the workers use"
+        )
     return cfg
 
 
@@ -71,7 +79,8 @@ async def _queue_redis(cfg: ArqWorkerConfig) -> AsyncIterator[None]:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise AiocryptError(
             f"cannot reach the job queue's Redis at {redact_url(cfg.redis_url or '')} "
-            f"(check {_url_variable()}): {reason or type(exc).__name__}") from exc
+            f"(check {_url_variable()}): {reason or type(exc).__name__}"
+        ) from exc
 
 
 async def _ping(cfg: ArqWorkerConfig) -> None:
@@ -129,8 +138,7 @@ def _state(state: str) -> Text:
 
 
 def _bar(done: int, total: int, width: int = 30) -> ProgressBar:
-    return ProgressBar(total=max(total, 1), completed=min(done, total) if total else 1,
-                       width=width)
+    return ProgressBar(total=max(total, 1), completed=min(done, total) if total else 1, width=width)
 
 
 def _pct(done: int, total: int) -> str:
@@ -160,8 +168,9 @@ def render_job(status: ReencryptionStatus) -> RenderableType:
     summary.add_row("key type", status.key_type)
     summary.add_row("keys", f"{status.old_key_id} -> {status.target_key_id or '?'}")
     summary.add_row("state", _state(status.state))
-    summary.add_row("rows", f"{status.rows_done:,} done, {status.rows_left:,} left of "
-                            f"{status.rows_total:,}")
+    summary.add_row(
+        "rows", f"{status.rows_done:,} done, {status.rows_left:,} left of {status.rows_total:,}"
+    )
     summary.add_row("rate", f"{status.rate:,.0f} rows/s (ETA {_eta(status)})")
     summary.add_row("workers", ", ".join(status.workers) or "-")
     summary.add_row("created", status.created_at or "-")
@@ -170,21 +179,41 @@ def render_job(status: ReencryptionStatus) -> RenderableType:
     if status.finished_at:
         summary.add_row("finished", status.finished_at)
     if status.result is not None:
-        summary.add_row("census", f"{status.result.get('old_key_rows', '?')} row(s) left on "
-                                  f"{status.old_key_id}")
+        summary.add_row(
+            "census", f"{status.result.get('old_key_rows', '?')} row(s) left on {status.old_key_id}"
+        )
     if status.error:
         summary.add_row("error", Text(status.error, style="red"))
     overall = Table.grid(padding=(0, 1))
-    overall.add_row(_bar(status.rows_done, status.rows_total, 50),
-                    _pct(status.rows_done, status.rows_total))
-    shards = Table("shard", "table", "range", "state", "worker", "tries", "progress", "rows",
-                   "rows/s", title="shards", title_justify="left")
+    overall.add_row(
+        _bar(status.rows_done, status.rows_total, 50), _pct(status.rows_done, status.rows_total)
+    )
+    shards = Table(
+        "shard",
+        "table",
+        "range",
+        "state",
+        "worker",
+        "tries",
+        "progress",
+        "rows",
+        "rows/s",
+        title="shards",
+        title_justify="left",
+    )
     for shard in status.shards:
         done = shard.rows_total if shard.state == "done" else shard.rows_done
-        shards.add_row(str(shard.index), shard.table, _range(shard), _state(shard.state),
-                       shard.worker or "-", str(shard.tries), _bar(done, shard.rows_total, 20),
-                       f"{min(done, shard.rows_total):,}/{shard.rows_total:,}",
-                       f"{shard.rate:,.0f}" if shard.state == "running" else "-")
+        shards.add_row(
+            str(shard.index),
+            shard.table,
+            _range(shard),
+            _state(shard.state),
+            shard.worker or "-",
+            str(shard.tries),
+            _bar(done, shard.rows_total, 20),
+            f"{min(done, shard.rows_total):,}/{shard.rows_total:,}",
+            f"{shard.rate:,.0f}" if shard.state == "running" else "-",
+        )
         if shard.error:
             shards.add_row("", "", "", "", Text(shard.error, style="red"), "", "", "", "")
     return Group(summary, overall, shards)
@@ -195,10 +224,16 @@ _JOB_COLUMNS = ("job", "key type", "state", "progress", "rows", "rows/s", "shard
 
 def _job_row(status: ReencryptionStatus) -> list[str]:
     done = sum(s.state == "done" for s in status.shards)
-    return [status.job_id, status.key_type, status.state,
-            _pct(status.rows_done, status.rows_total),
-            f"{status.rows_done:,}/{status.rows_total:,}", f"{status.rate:,.0f}",
-            f"{done}/{len(status.shards)}", status.created_at]
+    return [
+        status.job_id,
+        status.key_type,
+        status.state,
+        _pct(status.rows_done, status.rows_total),
+        f"{status.rows_done:,}/{status.rows_total:,}",
+        f"{status.rate:,.0f}",
+        f"{done}/{len(status.shards)}",
+        status.created_at,
+    ]
 
 
 def render_jobs(found: list[ReencryptionStatus]) -> RenderableType:
@@ -216,8 +251,10 @@ def plain_jobs(found: list[ReencryptionStatus]) -> str:
     terminal: scripts and ``grep`` read the full job ids)."""
     rows = [list(_JOB_COLUMNS), *(_job_row(s) for s in found)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_JOB_COLUMNS))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                     .rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 # -- commands ----------------------------------------------------------------------
@@ -235,6 +272,7 @@ def jobs() -> None:
 @click.option("--limit", default=20, show_default=True, help="jobs listed without JOB_ID")
 def status(job_id: str | None, watch: bool, as_json: bool, limit: int) -> None:
     """Progress of re-encryption JOB_ID (or an old key id); recent jobs without it."""
+
     async def work(redis: Any, cfg: ArqWorkerConfig) -> None:
         store = StatusStore(redis, cfg.key_prefix, ttl=cfg.status_ttl)
         if job_id is None:
@@ -251,8 +289,9 @@ def status(job_id: str | None, watch: bool, as_json: bool, limit: int) -> None:
         resolved = await store.resolve(job_id)
         current = None if resolved is None else await store.read(resolved)
         if resolved is None or current is None:
-            raise AiocryptError(f"no re-encryption job {job_id!r} (status records "
-                                f"under prefix {cfg.key_prefix!r})")
+            raise AiocryptError(
+                f"no re-encryption job {job_id!r} (status records under prefix {cfg.key_prefix!r})"
+            )
         if as_json:
             click.echo(json.dumps(current.to_dict(), indent=2, default=str))
             return
@@ -269,8 +308,7 @@ def status(job_id: str | None, watch: bool, as_json: bool, limit: int) -> None:
 
 
 def _json_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True,
-                        help="machine-readable output")(function)
+    return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(function)
 
 
 def _enqueued(function: str, job_id: Any, as_json: bool, human: str) -> None:
@@ -289,9 +327,12 @@ def rotate(key_type: KeyType, force: bool, as_json: bool) -> None:
     from .rotation import enqueue_rotation
 
     job = _with_arq(lambda redis, cfg: enqueue_rotation(redis, key_type, force=force))
-    _enqueued("rotate_key_manual", job, as_json,
-              f"enqueued rotate_key_manual({key_type.value}{', force' if force else ''}) "
-              f"as {job}")
+    _enqueued(
+        "rotate_key_manual",
+        job,
+        as_json,
+        f"enqueued rotate_key_manual({key_type.value}{', force' if force else ''}) as {job}",
+    )
 
 
 @jobs.command("reencrypt")
@@ -300,28 +341,42 @@ def rotate(key_type: KeyType, force: bool, as_json: bool) -> None:
 @click.option("--batch-size", type=int, default=None, help="rows per batch")
 @click.option("--shards", type=int, default=None, help="shards per table")
 @_json_option
-def reencrypt(key_type: KeyType, old_key_id: str, batch_size: int | None,
-              shards: int | None, as_json: bool = False) -> None:
+def reencrypt(
+    key_type: KeyType,
+    old_key_id: str,
+    batch_size: int | None,
+    shards: int | None,
+    as_json: bool = False,
+) -> None:
     """Enqueue the re-encryption of KEY_TYPE data off OLD_KEY_ID (resumes a failed one)."""
     from .reencryption import enqueue_reencryption
 
-    job_id = _with_arq(lambda redis, cfg: enqueue_reencryption(
-        redis, key_type, old_key_id, config=cfg, batch_size=batch_size, shards=shards))
-    _enqueued("reencrypt_data_with_new_key", job_id, as_json,
-              f"enqueued {job_id}; follow it with: aiocrypt jobs status {job_id} --watch")
+    job_id = _with_arq(
+        lambda redis, cfg: enqueue_reencryption(
+            redis, key_type, old_key_id, config=cfg, batch_size=batch_size, shards=shards
+        )
+    )
+    _enqueued(
+        "reencrypt_data_with_new_key",
+        job_id,
+        as_json,
+        f"enqueued {job_id}; follow it with: aiocrypt jobs status {job_id} --watch",
+    )
 
 
 @jobs.command("rotate-due")
 @_json_option
 def rotate_due(as_json: bool) -> None:
     """Enqueue the rotation check now (what the daily cron job runs)."""
+
     async def work(redis: Any, cfg: ArqWorkerConfig) -> str | None:
         job = await redis.enqueue_job("rotate_keys_scheduled")
         return None if job is None else str(job.job_id)
 
     job_id = _with_arq(work)
-    _enqueued("rotate_keys_scheduled", job_id, as_json,
-              f"enqueued rotate_keys_scheduled as {job_id}")
+    _enqueued(
+        "rotate_keys_scheduled", job_id, as_json, f"enqueued rotate_keys_scheduled as {job_id}"
+    )
 
 
 @jobs.command("cleanup")
@@ -331,5 +386,4 @@ def cleanup(as_json: bool) -> None:
     from .cleanup import enqueue_cleanup
 
     job_id = _with_arq(lambda redis, cfg: enqueue_cleanup(redis))
-    _enqueued("cleanup_expired_keys", job_id, as_json,
-              f"enqueued cleanup_expired_keys as {job_id}")
+    _enqueued("cleanup_expired_keys", job_id, as_json, f"enqueued cleanup_expired_keys as {job_id}")

@@ -51,8 +51,10 @@ __all__ = [
 ]
 
 _ERROR_TAG: Final = "__aiocrypt_error__"
-_NOT_JSON: Final = ("not a JSON payload: aiocrypt's job queue carries JSON only, so a "
-                    "pickled (or otherwise encoded) job is refused unread and runs nothing")
+_NOT_JSON: Final = (
+    "not a JSON payload: aiocrypt's job queue carries JSON only, so a "
+    "pickled (or otherwise encoded) job is refused unread and runs nothing"
+)
 
 
 def _name(cls: type) -> str:
@@ -61,9 +63,10 @@ def _name(cls: type) -> str:
 
 #: The names aiocrypt's job errors were sent under before the ARQ integration became a
 #: package, still read back as those classes (a result written by an older worker).
-_FORMER_NAMES: Final = {"aiocrypt.integrations._arq_jobs.JobFailedError": JobFailedError,
-                        "aiocrypt.integrations._arq_jobs.ShardIncompleteError":
-                            ShardIncompleteError}
+_FORMER_NAMES: Final = {
+    "aiocrypt.integrations._arq_jobs.JobFailedError": JobFailedError,
+    "aiocrypt.integrations._arq_jobs.ShardIncompleteError": ShardIncompleteError,
+}
 
 
 @functools.cache
@@ -72,10 +75,20 @@ def _known_errors() -> Mapping[str, Callable[[str], BaseException]]:
     # under; each is built with its message only: nothing read from Redis chooses
     # code to run.
     known: dict[str, Callable[[str], BaseException]] = dict(_FORMER_NAMES)
-    known.update({_name(cls): cls for cls in (JobFailedError, ShardIncompleteError,
-                                              JobExecutionFailed, SerializationError,
-                                              DeserializationError, asyncio.CancelledError,
-                                              TimeoutError)})
+    known.update(
+        {
+            _name(cls): cls
+            for cls in (
+                JobFailedError,
+                ShardIncompleteError,
+                JobExecutionFailed,
+                SerializationError,
+                DeserializationError,
+                asyncio.CancelledError,
+                TimeoutError,
+            )
+        }
+    )
     return known
 
 
@@ -88,10 +101,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
         return value.isoformat()
     if isinstance(value, (bytes, bytearray, memoryview)):
-        raise TypeError("bytes do not travel through aiocrypt's job queue (they could be key "
-                        "material or plaintext): pass identifiers")
-    raise TypeError(f"a {type(value).__name__} cannot travel as JSON through aiocrypt's job "
-                    "queue: pass identifiers, numbers, strings, lists and dicts")
+        raise TypeError(
+            "bytes do not travel through aiocrypt's job queue (they could be key "
+            "material or plaintext): pass identifiers"
+        )
+    raise TypeError(
+        f"a {type(value).__name__} cannot travel as JSON through aiocrypt's job "
+        "queue: pass identifiers, numbers, strings, lists and dicts"
+    )
 
 
 def job_serializer(obj: Any) -> bytes:
@@ -149,19 +166,25 @@ def codec_problem(serializer: Any, deserializer: Any) -> str | None:
     """Why a worker or a pool with this codec must not carry aiocrypt's jobs, or None."""
     problems = []
     if deserializer is not job_deserializer:
-        problems.append(f"it decodes with {_describe(deserializer, 'pickle.loads')}, so "
-                        "whoever can write to its Redis (arq:job:<id> and a ZADD to the queue) "
-                        "could run code in a process that holds the master key (or KMS "
-                        "credentials) and every unwrapped data key")
+        problems.append(
+            f"it decodes with {_describe(deserializer, 'pickle.loads')}, so "
+            "whoever can write to its Redis (arq:job:<id> and a ZADD to the queue) "
+            "could run code in a process that holds the master key (or KMS "
+            "credentials) and every unwrapped data key"
+        )
     if serializer is not job_serializer:
-        problems.append(f"it encodes with {_describe(serializer, 'pickle.dumps')}, which "
-                        "aiocrypt's JSON-only workers refuse to read")
+        problems.append(
+            f"it encodes with {_describe(serializer, 'pickle.dumps')}, which "
+            "aiocrypt's JSON-only workers refuse to read"
+        )
     if not problems:
         return None
-    return ("; ".join(problems) + ". Build workers with aiocrypt_worker_settings() or "
-            "merge_into(), enqueue through create_job_pool(), or pass "
-            "job_serializer=aiocrypt.integrations.arq.job_serializer and "
-            "job_deserializer=aiocrypt.integrations.arq.job_deserializer")
+    return (
+        "; ".join(problems) + ". Build workers with aiocrypt_worker_settings() or "
+        "merge_into(), enqueue through create_job_pool(), or pass "
+        "job_serializer=aiocrypt.integrations.arq.job_serializer and "
+        "job_deserializer=aiocrypt.integrations.arq.job_deserializer"
+    )
 
 
 def _running_worker(ctx: dict[str, Any]) -> Worker | None:
@@ -185,18 +208,23 @@ def check_worker(ctx: dict[str, Any]) -> None:
     owners: list[tuple[str, Any]] = [("this arq worker", worker)] if worker else []
     owners.append(("this arq worker's Redis pool (ctx['redis'])", ctx.get("redis")))
     for what, owner in owners:
-        problem = codec_problem(getattr(owner, "job_serializer", None),
-                                getattr(owner, "job_deserializer", None))
+        problem = codec_problem(
+            getattr(owner, "job_serializer", None), getattr(owner, "job_deserializer", None)
+        )
         if problem is not None:
-            raise ConfigurationError(f"refusing to start: {what} does not use aiocrypt's "
-                                     f"JSON job codec: {problem}")
+            raise ConfigurationError(
+                f"refusing to start: {what} does not use aiocrypt's JSON job codec: {problem}"
+            )
 
 
 def check_pool(redis: Any) -> None:
     """Refuse (``ConfigurationError``) to enqueue through a pool whose codec is not
     aiocrypt's JSON."""
-    problem = codec_problem(getattr(redis, "job_serializer", None),
-                            getattr(redis, "job_deserializer", None))
+    problem = codec_problem(
+        getattr(redis, "job_serializer", None), getattr(redis, "job_deserializer", None)
+    )
     if problem is not None:
-        raise ConfigurationError("cannot enqueue aiocrypt's jobs: this arq pool does not use "
-                                 f"aiocrypt's JSON job codec: {problem}")
+        raise ConfigurationError(
+            "cannot enqueue aiocrypt's jobs: this arq pool does not use "
+            f"aiocrypt's JSON job codec: {problem}"
+        )

@@ -71,8 +71,11 @@ class Schedule:
         return kwargs
 
     def __str__(self) -> str:
-        days = "" if self.weekdays is None else \
-            ",".join(_WEEKDAYS[d] for d in sorted(self.weekdays)) + " "
+        days = (
+            ""
+            if self.weekdays is None
+            else ",".join(_WEEKDAYS[d] for d in sorted(self.weekdays)) + " "
+        )
         return f"{days}{self.hour:02d}:{self.minute:02d}"
 
 
@@ -128,19 +131,23 @@ class ArqWorkerConfig:
         if problems:
             raise ConfigurationError("invalid aiocrypt ARQ settings:\n- " + "\n- ".join(problems))
 
-    def validate(self) -> list[str]:
+    def validate(self) -> list[str]:  # noqa: C901 - one check per worker setting, each naming the setting
         problems = []
         if not _PREFIX_RE.fullmatch(self.key_prefix):
-            problems.append("ENCRYPTION_ARQ_PREFIX must be 1-64 characters of "
-                            "[A-Za-z0-9_.:-]")
+            problems.append("ENCRYPTION_ARQ_PREFIX must be 1-64 characters of [A-Za-z0-9_.:-]")
         if not self.queue_name:
             problems.append("ENCRYPTION_ARQ_QUEUE must not be empty")
-        for name in ("shards", "max_shard_rows", "batch_size", "max_jobs", "max_tries",
-                     "status_ttl"):
+        for name in (
+            "shards",
+            "max_shard_rows",
+            "batch_size",
+            "max_jobs",
+            "max_tries",
+            "status_ttl",
+        ):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{_ENV_VARS[name]} must be at least 1")
-        for name in ("job_timeout", "retry_delay", "max_retry_delay", "poll_delay",
-                     "keep_result"):
+        for name in ("job_timeout", "retry_delay", "max_retry_delay", "poll_delay", "keep_result"):
             if float(getattr(self, name)) <= 0:
                 problems.append(f"{_ENV_VARS[name]} must be a positive number of seconds")
         if self.sweep_delay < 0:
@@ -149,8 +156,10 @@ class ArqWorkerConfig:
             problems.append("ENCRYPTION_ARQ_RATE_LIMIT must be a positive number of rows/s")
         unknown = set(self.run_at_startup) - set(CRON_NAMES)
         if unknown:
-            problems.append(f"ENCRYPTION_ARQ_RUN_AT_STARTUP: unknown cron job(s) "
-                            f"{', '.join(sorted(unknown))} (use {', '.join(CRON_NAMES)})")
+            problems.append(
+                f"ENCRYPTION_ARQ_RUN_AT_STARTUP: unknown cron job(s) "
+                f"{', '.join(sorted(unknown))} (use {', '.join(CRON_NAMES)})"
+            )
         if self.metadata is not None and ":" not in self.metadata:
             problems.append("ENCRYPTION_ARQ_METADATA must look like 'package.module:attribute'")
         if self.metadata is not None and self.tables is not None:
@@ -169,8 +178,9 @@ class ArqWorkerConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ArqWorkerConfig:
         env = os.environ if environ is None else environ
-        raw = {name: env[var].strip() for name, var in _ENV_VARS.items()
-               if env.get(var, "").strip()}
+        raw = {
+            name: env[var].strip() for name, var in _ENV_VARS.items() if env.get(var, "").strip()
+        }
         if "redis_url" not in raw and env.get("ENCRYPTION_REDIS_URL", "").strip():
             raw["redis_url"] = env["ENCRYPTION_REDIS_URL"].strip()
         values: dict[str, Any] = {}

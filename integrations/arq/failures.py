@@ -86,9 +86,11 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, KekProviderError):
         return f"the KEK provider failed ({detail})"
     if isinstance(exc, ReencryptionError):
-        return (f"{exc.table}.{exc.column}: the value of the row with primary key "
-                f"{exc.primary_key!r} does not decrypt; fix or remove it, then enqueue the "
-                "re-encryption again")
+        return (
+            f"{exc.table}.{exc.column}: the value of the row with primary key "
+            f"{exc.primary_key!r} does not decrypt; fix or remove it, then enqueue the "
+            "re-encryption again"
+        )
     if module.startswith("asyncpg"):
         sqlstate = str(getattr(exc, "sqlstate", "") or "")
         if sqlstate in ("42P01", "42703"):
@@ -101,10 +103,15 @@ def describe(exc: BaseException) -> str:
     return detail
 
 
-async def guarded(ctx: dict[str, Any], state: WorkerState, what: str,
-                  work: Callable[[], Awaitable[T]], *,
-                  on_retry: Callable[[str, float], Awaitable[None]] | None = None,
-                  on_failure: Callable[[str], Awaitable[None]] | None = None) -> T:
+async def guarded(
+    ctx: dict[str, Any],
+    state: WorkerState,
+    what: str,
+    work: Callable[[], Awaitable[T]],
+    *,
+    on_retry: Callable[[str, float], Awaitable[None]] | None = None,
+    on_failure: Callable[[str], Awaitable[None]] | None = None,
+) -> T:
     """Run ``work``; retry what may pass (bounded), fail clearly on anything else.
 
     The keyring is reloaded first: another worker may have rotated a key a moment
@@ -121,13 +128,22 @@ async def guarded(ctx: dict[str, Any], state: WorkerState, what: str,
         reason = exc.args[0] if isinstance(exc, JobFailedError) and exc.args else describe(exc)
         if is_transient(exc) and job_try < max_tries:
             defer = state.config.retry_defer(job_try)
-            logger.warning("%s: try %d of %d failed: %s; retrying in %.1f s", what, job_try,
-                           max_tries, reason, defer)
+            logger.warning(
+                "%s: try %d of %d failed: %s; retrying in %.1f s",
+                what,
+                job_try,
+                max_tries,
+                reason,
+                defer,
+            )
             if on_retry is not None:
                 await on_retry(reason, defer)
             raise Retry(defer=defer) from exc
-        message = (f"{what}: gave up after {job_try} tries: {reason}" if is_transient(exc)
-                   else f"{what}: cannot proceed: {reason}")
+        message = (
+            f"{what}: gave up after {job_try} tries: {reason}"
+            if is_transient(exc)
+            else f"{what}: cannot proceed: {reason}"
+        )
         logger.error("%s", message)
         if on_failure is not None:
             await on_failure(message)

@@ -71,10 +71,16 @@ def shard_job_id(config: ArqWorkerConfig, job_id: str, index: int) -> str:
     return config.job_id(job_id, str(index))
 
 
-async def enqueue_reencryption(redis: Any, key_type: KeyTypeLike, old_key_id: str, *,
-                               config: ArqWorkerConfig | None = None,
-                               batch_size: int | None = None, shards: int | None = None,
-                               queue_name: str | None = None) -> str:
+async def enqueue_reencryption(
+    redis: Any,
+    key_type: KeyTypeLike,
+    old_key_id: str,
+    *,
+    config: ArqWorkerConfig | None = None,
+    batch_size: int | None = None,
+    shards: int | None = None,
+    queue_name: str | None = None,
+) -> str:
     """Enqueue the re-encryption of ``old_key_id``'s data; return its status id.
 
     Idempotent: the arq job id is fixed per old key, so while one run is queued or
@@ -87,40 +93,58 @@ async def enqueue_reencryption(redis: Any, key_type: KeyTypeLike, old_key_id: st
     arq_id = cfg.job_id(job_id)
     if not await redis.exists(job_key_prefix + arq_id):
         await redis.delete(result_key_prefix + arq_id)
-    await redis.enqueue_job("reencrypt_data_with_new_key", KeyType(key_type).value, old_key_id,
-                            batch_size or cfg.batch_size, shards, _job_id=arq_id,
-                            _queue_name=queue_name)
+    await redis.enqueue_job(
+        "reencrypt_data_with_new_key",
+        KeyType(key_type).value,
+        old_key_id,
+        batch_size or cfg.batch_size,
+        shards,
+        _job_id=arq_id,
+        _queue_name=queue_name,
+    )
     return job_id
 
 
-async def _enqueue_shard(state: WorkerState, job: ShardJob, *,
-                         defer_by: float | None = None) -> bool:
+async def _enqueue_shard(
+    state: WorkerState, job: ShardJob, *, defer_by: float | None = None
+) -> bool:
     arq_id = shard_job_id(state.config, job.job_id, job.index)
-    enqueued = await state.redis.enqueue_job("reencrypt_shard", *job.to_args(), _job_id=arq_id,
-                                             _defer_by=defer_by)
+    enqueued = await state.redis.enqueue_job(
+        "reencrypt_shard", *job.to_args(), _job_id=arq_id, _defer_by=defer_by
+    )
     return enqueued is not None
 
 
 # -- planning -------------------------------------------------------------------------
 
 
-async def _pending_rows(db: PendingRowsDatabase, spec: TableSpec, target: str,
-                        ranges: Sequence[KeyRange]) -> list[int]:
+async def _pending_rows(
+    db: PendingRowsDatabase, spec: TableSpec, target: str, ranges: Sequence[KeyRange]
+) -> list[int]:
     """Rows still to move per range (every column of ``spec`` has the same key type)."""
     prefix = text_prefix(target)
-    return await db.count_pending(spec, [prefix] * len(spec.columns),
-                                  [r.until for r in ranges[:-1]])
+    return await db.count_pending(
+        spec, [prefix] * len(spec.columns), [r.until for r in ranges[:-1]]
+    )
 
 
-async def _plan(state: WorkerState, kt: KeyType, old_key_id: str, batch_size: int,
-                shards: int | None, job_id: str) -> ReencryptionPlan:
+async def _plan(
+    state: WorkerState,
+    kt: KeyType,
+    old_key_id: str,
+    batch_size: int,
+    shards: int | None,
+    job_id: str,
+) -> ReencryptionPlan:
     cfg = state.config
     manager = state.key_manager
     keyring = await manager.ensure_active([kt])
     target = keyring.active(kt).key_id
     if target == old_key_id:
-        raise JobFailedError(f"key {old_key_id} is still the active {kt.value} key: rotate "
-                             "it first (rotate_key_manual), then re-encrypt its data")
+        raise JobFailedError(
+            f"key {old_key_id} is still the active {kt.value} key: rotate "
+            "it first (rotate_key_manual), then re-encrypt its data"
+        )
     plan: list[ShardPlan] = []
     specs = state.tables_for(kt)
     if specs:
@@ -136,18 +160,30 @@ async def _plan(state: WorkerState, kt: KeyType, old_key_id: str, batch_size: in
                     ranges = await engine.plan_shards(spec, needed)
                     rows = await _pending_rows(db, spec, target, ranges)
                 for key_range, pending in zip(ranges, rows, strict=True):
-                    plan.append(ShardPlan(len(plan), spec.name, key_range.after,
-                                          key_range.until, pending))
+                    plan.append(
+                        ShardPlan(len(plan), spec.name, key_range.after, key_range.until, pending)
+                    )
         finally:
             await db.close()
-    return ReencryptionPlan(job_id=job_id, key_type=kt.value, old_key_id=old_key_id,
-                            target_key_id=target, batch_size=batch_size, created_at=now_iso(),
-                            planned_by=state.worker_name, shards=tuple(plan))
+    return ReencryptionPlan(
+        job_id=job_id,
+        key_type=kt.value,
+        old_key_id=old_key_id,
+        target_key_id=target,
+        batch_size=batch_size,
+        created_at=now_iso(),
+        planned_by=state.worker_name,
+        shards=tuple(plan),
+    )
 
 
-async def reencrypt_data_with_new_key(ctx: dict[str, Any], key_type: str, old_key_id: str,
-                                      batch_size: int = 1000,
-                                      shards: int | None = None) -> dict[str, Any]:
+async def reencrypt_data_with_new_key(
+    ctx: dict[str, Any],
+    key_type: str,
+    old_key_id: str,
+    batch_size: int = 1000,
+    shards: int | None = None,
+) -> dict[str, Any]:
     """Plan the re-encryption of ``key_type`` data off ``old_key_id`` as primary-key
     shards of every registered table and enqueue one job per shard, so that every
     worker on the queue takes a share. Idempotent: the plan is made once and kept in
@@ -158,21 +194,31 @@ async def reencrypt_data_with_new_key(ctx: dict[str, Any], key_type: str, old_ke
 
     async def fail(message: str) -> None:
         if await status.meta(job_id) is None:  # failed before planning: say so anyway
-            await status.create(job_id, ReencryptionPlan(
-                job_id=job_id, key_type=str(key_type), old_key_id=str(old_key_id),
-                target_key_id=None, created_at=now_iso(), unplanned=True).to_dict())
+            await status.create(
+                job_id,
+                ReencryptionPlan(
+                    job_id=job_id,
+                    key_type=str(key_type),
+                    old_key_id=str(old_key_id),
+                    target_key_id=None,
+                    created_at=now_iso(),
+                    unplanned=True,
+                ).to_dict(),
+            )
         await status.put(job_id, "error", message)
 
     async def work() -> dict[str, Any]:
         kt = job_key_type(key_type)
         typed(old_key_id, str, "reencrypt_data_with_new_key's old key")
         size = count(batch_size, "reencrypt_data_with_new_key's batch size", minimum=1)
-        per_table = None if shards is None else count(shards, "reencrypt_data_with_new_key's "
-                                                       "shards", minimum=1)
+        per_table = (
+            None
+            if shards is None
+            else count(shards, "reencrypt_data_with_new_key's shards", minimum=1)
+        )
         key = await state.key_manager.get_key(old_key_id)
         if key.key_type != kt:
-            raise JobFailedError(f"key {old_key_id} is a {key.key_type.value} key, not "
-                                 f"{kt.value}")
+            raise JobFailedError(f"key {old_key_id} is a {key.key_type.value} key, not {kt.value}")
         stored = await status.meta(job_id)
         plan = None if stored is None else ReencryptionPlan.from_dict(stored)
         if plan is None or plan.unplanned:
@@ -188,20 +234,31 @@ async def reencrypt_data_with_new_key(ctx: dict[str, Any], key_type: str, old_ke
             arq_id = shard_job_id(state.config, job_id, item.index)
             if shard is not None and shard.state == "failed":
                 await state.redis.delete(result_key_prefix + arq_id)  # allow the new try
-                await status.put_shard(job_id, dataclasses.replace(shard, state="queued",
-                                                                   error=None))
+                await status.put_shard(
+                    job_id, dataclasses.replace(shard, state="queued", error=None)
+                )
             if await _enqueue_shard(state, plan.shard_job(item, size)):
                 enqueued.append(arq_id)
-        logger.info("re-encryption %s: %d shard(s) planned, %d enqueued, %d rows to move",
-                    job_id, len(plan.shards), len(enqueued), plan.rows_total)
+        logger.info(
+            "re-encryption %s: %d shard(s) planned, %d enqueued, %d rows to move",
+            job_id,
+            len(plan.shards),
+            len(enqueued),
+            plan.rows_total,
+        )
         if not plan.shards:
             await _finish(state, plan)
-        return {"job_id": job_id, "target_key_id": plan.target_key_id,
-                "shards": len(plan.shards), "enqueued": enqueued,
-                "rows_total": plan.rows_total}
+        return {
+            "job_id": job_id,
+            "target_key_id": plan.target_key_id,
+            "shards": len(plan.shards),
+            "enqueued": enqueued,
+            "rows_total": plan.rows_total,
+        }
 
-    return await guarded(ctx, state, f"reencrypt_data_with_new_key({old_key_id})", work,
-                         on_failure=fail)
+    return await guarded(
+        ctx, state, f"reencrypt_data_with_new_key({old_key_id})", work, on_failure=fail
+    )
 
 
 async def _finish(state: WorkerState, plan: ReencryptionPlan) -> None:
@@ -215,35 +272,49 @@ async def _finish(state: WorkerState, plan: ReencryptionPlan) -> None:
     status = await state.status.read(job_id)
     if status is None or not all(s.state == "done" for s in status.shards):
         return
-    tables = [state.tables[name] for name in {s.table for s in plan.shards}
-              if name in state.tables]
+    tables = [state.tables[name] for name in {s.table for s in plan.shards} if name in state.tables]
     left = 0
     if tables:
         db = state.database()
         try:
-            usage = await ReencryptionEngine(state.key_manager, db,
-                                             tables=tables).key_usage()
+            usage = await ReencryptionEngine(state.key_manager, db, tables=tables).key_usage()
         finally:
             await db.close()
         left = usage.get(plan.old_key_id, 0)
     sweeps = int((status.result or {}).get("sweeps", 0))
     if left and sweeps < _MAX_SWEEPS:
-        logger.warning("re-encryption %s: %d row(s) were written on %s after their shard "
-                       "passed; sweeping again in %.0f s", job_id, left, plan.old_key_id,
-                       state.config.sweep_delay)
-        await state.status.put(job_id, "result", {"old_key_rows": left, "sweeps": sweeps + 1,
-                                                  "sweep_at": now_iso()})
+        logger.warning(
+            "re-encryption %s: %d row(s) were written on %s after their shard "
+            "passed; sweeping again in %.0f s",
+            job_id,
+            left,
+            plan.old_key_id,
+            state.config.sweep_delay,
+        )
+        await state.status.put(
+            job_id, "result", {"old_key_rows": left, "sweeps": sweeps + 1, "sweep_at": now_iso()}
+        )
         for shard in status.shards:
             arq_id = shard_job_id(state.config, job_id, shard.index)
             await state.redis.delete(result_key_prefix + arq_id)
             await state.status.put_shard(job_id, dataclasses.replace(shard, state="queued"))
             again = ShardPlan(shard.index, shard.table, shard.after, shard.until, 0)
-            await _enqueue_shard(state, plan.shard_job(again, state.config.batch_size),
-                                 defer_by=state.config.sweep_delay)
+            await _enqueue_shard(
+                state,
+                plan.shard_job(again, state.config.batch_size),
+                defer_by=state.config.sweep_delay,
+            )
         return
-    await state.status.put(job_id, "result", {"old_key_rows": left, "sweeps": sweeps,
-                                              "finished_at": now_iso(),
-                                              "finished_by": state.worker_name})
+    await state.status.put(
+        job_id,
+        "result",
+        {
+            "old_key_rows": left,
+            "sweeps": sweeps,
+            "finished_at": now_iso(),
+            "finished_by": state.worker_name,
+        },
+    )
     log = logger.warning if left else logger.info
     log("re-encryption %s finished: %d row(s) left on %s", job_id, left, plan.old_key_id)
 
@@ -251,9 +322,16 @@ async def _finish(state: WorkerState, plan: ReencryptionPlan) -> None:
 # -- one shard ------------------------------------------------------------------------
 
 
-async def reencrypt_shard(ctx: dict[str, Any], job_id: str, key_type: str, table: str,
-                          index: int, after: Any, until: Any,
-                          batch_size: int = 1000) -> dict[str, Any]:
+async def reencrypt_shard(  # noqa: C901 - the ARQ job's body: lock, plan, run, record, each outcome handled where it happens
+    ctx: dict[str, Any],
+    job_id: str,
+    key_type: str,
+    table: str,
+    index: int,
+    after: Any,
+    until: Any,
+    batch_size: int = 1000,
+) -> dict[str, Any]:
     """Re-encrypt one primary-key range (``after < pk <= until``) of one table.
 
     Resumes from the shard's checkpoint (its id is the arq job id), so a retry
@@ -266,14 +344,16 @@ async def reencrypt_shard(ctx: dict[str, Any], job_id: str, key_type: str, table
     job_try = int(ctx.get("job_try") or 1)
     checkpoint_id = shard_job_id(cfg, job.job_id, job.index)
     what = f"reencrypt_shard({job.job_id}#{job.index}, {job.table})"
-    current = (await status.shard(job.job_id, job.index)
-               or ShardStatus(job.index, job.table, job.after, job.until, rows_total=0))
+    current = await status.shard(job.job_id, job.index) or ShardStatus(
+        job.index, job.table, job.after, job.until, rows_total=0
+    )
 
     async def save(**changes: Any) -> None:
         nonlocal current
         attempt_changes = changes.pop("attempt", None)
-        shard = dataclasses.replace(current, **changes, updated_at=now_iso(),
-                                    updated_ts=time.time())
+        shard = dataclasses.replace(
+            current, **changes, updated_at=now_iso(), updated_ts=time.time()
+        )
         if attempt_changes is not None:
             attempts = list(shard.attempts)
             attempts[-1] = {**attempts[-1], **attempt_changes}
@@ -282,35 +362,55 @@ async def reencrypt_shard(ctx: dict[str, Any], job_id: str, key_type: str, table
         await status.put_shard(job.job_id, shard)
 
     async def on_retry(reason: str, defer: float) -> None:
-        await save(state="retrying", error=reason,
-                   attempt={"outcome": f"retry in {defer:.1f} s: {reason}",
-                            "ended_at": now_iso()})
+        await save(
+            state="retrying",
+            error=reason,
+            attempt={"outcome": f"retry in {defer:.1f} s: {reason}", "ended_at": now_iso()},
+        )
 
     async def on_failure(message: str) -> None:
-        await save(state="failed", error=message,
-                   attempt={"outcome": "failed", "ended_at": now_iso()})
+        await save(
+            state="failed", error=message, attempt={"outcome": "failed", "ended_at": now_iso()}
+        )
 
     async def work() -> dict[str, Any]:
         kt = job_key_type(job.key_type)
         spec = state.tables.get(job.table)
         if spec is None:
-            raise JobFailedError(f"table {job.table!r} is not registered in this worker "
-                                 "(ENCRYPTION_ARQ_METADATA / ENCRYPTION_ARQ_TABLES)")
+            raise JobFailedError(
+                f"table {job.table!r} is not registered in this worker "
+                "(ENCRYPTION_ARQ_METADATA / ENCRYPTION_ARQ_TABLES)"
+            )
         stored = await status.meta(job.job_id)
         plan = ReencryptionPlan.from_dict(stored) if stored else None
         await _require_target(state, kt, None if plan is None else plan.target_key_id)
         db = state.database()
         try:
             checkpoint = await db.load_checkpoint(checkpoint_id)
-            resumed_from = (checkpoint.last_pk if checkpoint is not None and not checkpoint.done
-                            else None)
-            attempts = [dict(a, outcome="interrupted (worker lost)")
-                        if a.get("outcome") == "running" else a for a in current.attempts]
-            attempts.append({"try": job_try, "worker": state.worker_name,
-                             "started_at": now_iso(), "resumed_from": resumed_from,
-                             "outcome": "running"})
-            await save(state="running", worker=state.worker_name, tries=job_try, error=None,
-                       started_at=current.started_at or now_iso(), attempts=tuple(attempts))
+            resumed_from = (
+                checkpoint.last_pk if checkpoint is not None and not checkpoint.done else None
+            )
+            attempts = [
+                dict(a, outcome="interrupted (worker lost)") if a.get("outcome") == "running" else a
+                for a in current.attempts
+            ]
+            attempts.append(
+                {
+                    "try": job_try,
+                    "worker": state.worker_name,
+                    "started_at": now_iso(),
+                    "resumed_from": resumed_from,
+                    "outcome": "running",
+                }
+            )
+            await save(
+                state="running",
+                worker=state.worker_name,
+                tries=job_try,
+                error=None,
+                started_at=current.started_at or now_iso(),
+                attempts=tuple(attempts),
+            )
             last_write = 0.0
 
             async def progress(p: ReencryptionProgress) -> None:
@@ -319,50 +419,84 @@ async def reencrypt_shard(ctx: dict[str, Any], job_id: str, key_type: str, table
                 if now - last_write < _PROGRESS_EVERY:
                     return
                 last_write = now
-                await save(rows_done=p.rows_updated + p.rows_conflicted + p.rows_failed,
-                           rows_updated=p.rows_updated, rows_conflicted=p.rows_conflicted,
-                           rows_failed=p.rows_failed, rate=round(p.rows_per_second, 1))
+                await save(
+                    rows_done=p.rows_updated + p.rows_conflicted + p.rows_failed,
+                    rows_updated=p.rows_updated,
+                    rows_conflicted=p.rows_conflicted,
+                    rows_failed=p.rows_failed,
+                    rate=round(p.rows_per_second, 1),
+                )
 
-            engine = ReencryptionEngine(state.key_manager, db, tables=[spec],
-                                        batch_size=job.batch_size, rate_limit=cfg.rate_limit,
-                                        progress=progress)
-            result = await _run_shard(engine, spec, kt, KeyRange(job.after, job.until),
-                                      checkpoint_id)
+            engine = ReencryptionEngine(
+                state.key_manager,
+                db,
+                tables=[spec],
+                batch_size=job.batch_size,
+                rate_limit=cfg.rate_limit,
+                progress=progress,
+            )
+            result = await _run_shard(
+                engine, spec, kt, KeyRange(job.after, job.until), checkpoint_id
+            )
         finally:
             await db.close()
         cp = result.checkpoint
-        counters = {"rows_done": cp.rows_updated + cp.rows_conflicted + cp.rows_failed,
-                    "rows_updated": cp.rows_updated, "rows_conflicted": cp.rows_conflicted,
-                    "rows_failed": cp.rows_failed}
+        counters = {
+            "rows_done": cp.rows_updated + cp.rows_conflicted + cp.rows_failed,
+            "rows_updated": cp.rows_updated,
+            "rows_conflicted": cp.rows_conflicted,
+            "rows_failed": cp.rows_failed,
+        }
         if not result.complete:
             await save(**counters)
-            raise ShardIncompleteError(f"rows were still left after {result.passes} passes "
-                                       "(concurrent writes keep adding old tokens)")
-        await save(state="done", finished_at=now_iso(), rate=round(result.rows_per_second, 1),
-                   **counters, attempt={"outcome": "done", "ended_at": now_iso(),
-                                        "rows_updated": result.run_rows_updated})
+            raise ShardIncompleteError(
+                f"rows were still left after {result.passes} passes "
+                "(concurrent writes keep adding old tokens)"
+            )
+        await save(
+            state="done",
+            finished_at=now_iso(),
+            rate=round(result.rows_per_second, 1),
+            **counters,
+            attempt={
+                "outcome": "done",
+                "ended_at": now_iso(),
+                "rows_updated": result.run_rows_updated,
+            },
+        )
         if plan is not None:
             await _finish(state, plan)
-        return {"job_id": job.job_id, "shard": job.index, "table": job.table,
-                "rows_updated": result.run_rows_updated, "worker": state.worker_name}
+        return {
+            "job_id": job.job_id,
+            "shard": job.index,
+            "table": job.table,
+            "rows_updated": result.run_rows_updated,
+            "worker": state.worker_name,
+        }
 
     started = time.monotonic()
     try:
-        return await guarded(ctx, state, what, work, on_retry=on_retry,
-                             on_failure=on_failure)
+        return await guarded(ctx, state, what, work, on_retry=on_retry, on_failure=on_failure)
     except asyncio.CancelledError:
         # arq cancels a job at its timeout (and fails it) or when the worker stops (and
         # runs it again later): say which in the record, then let the cancel through.
         if time.monotonic() - started >= cfg.job_timeout - 1:
-            message = (f"{what}: stopped by arq at the job timeout ({cfg.job_timeout:.0f} s, "
-                       "ENCRYPTION_ARQ_JOB_TIMEOUT): use more shards or a longer timeout, "
-                       "then enqueue the re-encryption again to resume")
+            message = (
+                f"{what}: stopped by arq at the job timeout ({cfg.job_timeout:.0f} s, "
+                "ENCRYPTION_ARQ_JOB_TIMEOUT): use more shards or a longer timeout, "
+                "then enqueue the re-encryption again to resume"
+            )
             logger.error("%s", message)
-            changes: dict[str, Any] = {"state": "failed", "error": message, "attempt": {
-                "outcome": "stopped at the job timeout", "ended_at": now_iso()}}
+            changes: dict[str, Any] = {
+                "state": "failed",
+                "error": message,
+                "attempt": {"outcome": "stopped at the job timeout", "ended_at": now_iso()},
+            }
         else:
-            changes = {"state": "queued", "attempt": {
-                "outcome": "interrupted (worker stopped)", "ended_at": now_iso()}}
+            changes = {
+                "state": "queued",
+                "attempt": {"outcome": "interrupted (worker stopped)", "ended_at": now_iso()},
+            }
         with contextlib.suppress(Exception):
             await save(**changes)
         raise
@@ -376,17 +510,25 @@ async def _require_target(state: WorkerState, kt: KeyType, target_key_id: str | 
     dk = await state.key_manager.load_key(target_key_id)
     active = state.key_manager.keyring.active_keys.get(kt)
     if dk is None or active is None or active.key.version < dk.key.version:
-        raise ShardIncompleteError(f"this worker does not see the target key "
-                                   f"{target_key_id} as active yet")
+        raise ShardIncompleteError(
+            f"this worker does not see the target key {target_key_id} as active yet"
+        )
 
 
-async def _run_shard(engine: ReencryptionEngine, spec: TableSpec, kt: KeyType,
-                     key_range: KeyRange, checkpoint_id: str) -> ReencryptionResult:
+async def _run_shard(
+    engine: ReencryptionEngine,
+    spec: TableSpec,
+    kt: KeyType,
+    key_range: KeyRange,
+    checkpoint_id: str,
+) -> ReencryptionResult:
     for _ in range(_MAX_TARGET_CHANGES):
-        result = await engine.reencrypt(spec, key_type=kt, shard=key_range,
-                                        job_id=checkpoint_id)
+        result = await engine.reencrypt(spec, key_type=kt, shard=key_range, job_id=checkpoint_id)
         if not result.target_changed:
             return result
-        logger.info("%s: the %s key rotated during the run; continuing onto the new one",
-                    checkpoint_id, kt.value)
+        logger.info(
+            "%s: the %s key rotated during the run; continuing onto the new one",
+            checkpoint_id,
+            kt.value,
+        )
     return result

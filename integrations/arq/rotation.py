@@ -20,28 +20,35 @@ __all__ = ["enqueue_rotation", "rotate_key_manual", "rotate_keys_scheduled"]
 logger = logging.getLogger("aiocrypt.arq")
 
 
-async def enqueue_rotation(redis: Any, key_type: KeyTypeLike, *, force: bool = False,
-                           queue_name: str | None = None) -> str | None:
+async def enqueue_rotation(
+    redis: Any, key_type: KeyTypeLike, *, force: bool = False, queue_name: str | None = None
+) -> str | None:
     """Enqueue ``rotate_key_manual``; return the arq job id (None if already queued).
 
     ``redis`` is a pool from :func:`create_job_pool` (or one made with aiocrypt's
     ``job_serializer``): another pool raises ``ConfigurationError``.
     """
     check_pool(redis)
-    job = await redis.enqueue_job("rotate_key_manual", KeyType(key_type).value, force,
-                                  _queue_name=queue_name)
+    job = await redis.enqueue_job(
+        "rotate_key_manual", KeyType(key_type).value, force, _queue_name=queue_name
+    )
     return None if job is None else str(job.job_id)
 
 
-async def _enqueue_follow_up(state: WorkerState, key_type: KeyType,
-                             old_key_id: str) -> dict[str, Any]:
+async def _enqueue_follow_up(
+    state: WorkerState, key_type: KeyType, old_key_id: str
+) -> dict[str, Any]:
     # Data subjects' keys move with the rotation (rewrapped, idempotent: a retry
     # finishes the rest); their data stays where it is (docs/subjects.md).
     subjects = await state.key_manager.rewrap_subjects(key_type)
     rewrapped = {"subject_keys_rewrapped": subjects.rewrapped}
     if subjects.rewrapped:
-        logger.info("rewrapped %d subject keys of %s under %s", subjects.rewrapped,
-                    key_type.value, subjects.wrapping_key_id)
+        logger.info(
+            "rewrapped %d subject keys of %s under %s",
+            subjects.rewrapped,
+            key_type.value,
+            subjects.wrapping_key_id,
+        )
     gap = state.reencryption_gap(key_type)
     if gap is not None:
         logger.info("data on %s is not re-encrypted by this worker: %s", old_key_id, gap)
@@ -57,8 +64,12 @@ async def rotate_keys_scheduled(ctx: dict[str, Any]) -> dict[str, Any]:
     cfg = state.config
 
     async def work() -> dict[str, Any]:
-        async with redis_lock(state.redis, f"{cfg.key_prefix}:job-lock:rotation",
-                              ttl=cfg.job_timeout, owner=state.worker_name) as lock:
+        async with redis_lock(
+            state.redis,
+            f"{cfg.key_prefix}:job-lock:rotation",
+            ttl=cfg.job_timeout,
+            owner=state.worker_name,
+        ) as lock:
             if not lock.acquired:
                 logger.info("rotation check skipped: %s is running it", lock.holder)
                 return {"skipped": f"another worker ({lock.holder}) is running the check"}
@@ -68,15 +79,21 @@ async def rotate_keys_scheduled(ctx: dict[str, Any]) -> dict[str, Any]:
                 key = await state.key_manager.get_key(key_id)
                 follow_ups.append(await _enqueue_follow_up(state, key.key_type, key_id))
             for item in report["rotated"]:
-                logger.info("rotated %s: %s -> %s (%s)", item["key_type"], item["old_key_id"],
-                            item["new_key_id"], item["reason"])
+                logger.info(
+                    "rotated %s: %s -> %s (%s)",
+                    item["key_type"],
+                    item["old_key_id"],
+                    item["new_key_id"],
+                    item["reason"],
+                )
             return {**report, "reencryption": follow_ups, "worker": state.worker_name}
 
     return await guarded(ctx, state, "rotate_keys_scheduled", work)
 
 
-async def rotate_key_manual(ctx: dict[str, Any], key_type: str,
-                            force: bool = False) -> dict[str, Any]:
+async def rotate_key_manual(
+    ctx: dict[str, Any], key_type: str, force: bool = False
+) -> dict[str, Any]:
     """Rotate ``key_type`` now if due by policy, or always with ``force``; then enqueue
     the re-encryption of the data on the key it replaced."""
     state = worker_state(ctx)
@@ -87,14 +104,22 @@ async def rotate_key_manual(ctx: dict[str, Any], key_type: str,
         before = manager.keyring.active_keys.get(kt)
         old_id = None if before is None else before.key_id
         after = await manager.rotate_key(kt, force=force)
-        result: dict[str, Any] = {"key_type": kt.value, "old_key_id": old_id,
-                                  "new_key_id": after.key_id,
-                                  "rotated": old_id is not None and after.key_id != old_id,
-                                  "worker": state.worker_name}
+        result: dict[str, Any] = {
+            "key_type": kt.value,
+            "old_key_id": old_id,
+            "new_key_id": after.key_id,
+            "rotated": old_id is not None and after.key_id != old_id,
+            "worker": state.worker_name,
+        }
         if result["rotated"]:
             assert old_id is not None
-            logger.info("rotated %s: %s -> %s (manual%s)", kt.value, old_id, after.key_id,
-                        ", forced" if force else "")
+            logger.info(
+                "rotated %s: %s -> %s (manual%s)",
+                kt.value,
+                old_id,
+                after.key_id,
+                ", forced" if force else "",
+            )
             result["reencryption"] = await _enqueue_follow_up(state, kt, old_id)
         return result
 

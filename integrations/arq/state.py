@@ -75,8 +75,10 @@ class WorkerState:
     """Run by :func:`shutdown` (the database pool)."""
 
     def __repr__(self) -> str:
-        return (f"<WorkerState worker={self.worker_name!r} queue={self.config.queue_name!r} "
-                f"tables={sorted(self.tables)}>")
+        return (
+            f"<WorkerState worker={self.worker_name!r} queue={self.config.queue_name!r} "
+            f"tables={sorted(self.tables)}>"
+        )
 
     @property
     def key_manager(self) -> KeyManager:
@@ -85,14 +87,19 @@ class WorkerState:
     def tables_for(self, key_type: KeyTypeLike) -> list[TableSpec]:
         """Every registered table limited to its columns of ``key_type``."""
         kt = KeyType(key_type)
-        return [t.select(key_type=kt) for t in self.tables.values()
-                if any(c.key_type == kt for c in t.columns)]
+        return [
+            t.select(key_type=kt)
+            for t in self.tables.values()
+            if any(c.key_type == kt for c in t.columns)
+        ]
 
     def reencryption_gap(self, key_type: KeyTypeLike) -> str | None:
         """Why this worker would not re-encrypt ``key_type`` data, or None if it would."""
         if not self.tables_for(key_type):
-            return (f"no registered table has a column of key type "
-                    f"{KeyType(key_type).value} (ENCRYPTION_ARQ_METADATA / ENCRYPTION_ARQ_TABLES)")
+            return (
+                f"no registered table has a column of key type "
+                f"{KeyType(key_type).value} (ENCRYPTION_ARQ_METADATA / ENCRYPTION_ARQ_TABLES)"
+            )
         if self.open_database is None:
             return "ENCRYPTION_POSTGRES_DSN is not set"
         return None
@@ -100,8 +107,10 @@ class WorkerState:
     def database(self) -> PendingRowsDatabase:
         """The data's database for one job; close it after the job."""
         if self.open_database is None:
-            raise JobFailedError("ENCRYPTION_POSTGRES_DSN is not set: this worker cannot "
-                                 "reach the data to re-encrypt or count")
+            raise JobFailedError(
+                "ENCRYPTION_POSTGRES_DSN is not set: this worker cannot "
+                "reach the data to re-encrypt or count"
+            )
         return self.open_database()
 
     async def census(self) -> dict[str, int]:
@@ -112,8 +121,9 @@ class WorkerState:
         """
         db = self.database()
         try:
-            usage = await ReencryptionEngine(self.key_manager, db,
-                                             tables=self.tables.values()).key_usage()
+            usage = await ReencryptionEngine(
+                self.key_manager, db, tables=self.tables.values()
+            ).key_usage()
         finally:
             await db.close()
         covered = {c.key_type for t in self.tables.values() for c in t.columns}
@@ -124,9 +134,11 @@ class WorkerState:
                 uncovered.add(key.key_type.value)
                 usage[key.key_id] = max(usage.get(key.key_id, 0), 1)
         if uncovered:
-            logger.info("census: key types %s are not stored in registered tables; their keys "
-                        "are kept (confirm with `aiocrypt keys cleanup --confirm`)",
-                        ", ".join(sorted(uncovered)))
+            logger.info(
+                "census: key types %s are not stored in registered tables; their keys "
+                "are kept (confirm with `aiocrypt keys cleanup --confirm`)",
+                ", ".join(sorted(uncovered)),
+            )
         return usage
 
     async def _blind_index_usage(self, usage: dict[str, int]) -> set[KeyType]:
@@ -136,16 +148,24 @@ class WorkerState:
 
         from aiocrypt.integrations.sqlalchemy import BlindIndex, blind_index_usage
 
-        types = {c.type.key_type for t in self.metadata.sorted_tables for c in t.columns
-                 if isinstance(c.type, BlindIndex)}
+        types = {
+            c.type.key_type
+            for t in self.metadata.sorted_tables
+            for c in t.columns
+            if isinstance(c.type, BlindIndex)
+        }
         if not types:
             return set()
         dsn = self.encryption_config.postgres_dsn or ""
-        engine = create_async_engine(dsn.replace("postgres://", "postgresql://", 1)
-                                     .replace("postgresql://", "postgresql+asyncpg://", 1))
+        engine = create_async_engine(
+            dsn.replace("postgres://", "postgresql://", 1).replace(
+                "postgresql://", "postgresql+asyncpg://", 1
+            )
+        )
         try:
-            for key_id, rows in (await blind_index_usage(engine, self.metadata,
-                                                         self.service)).items():
+            for key_id, rows in (
+                await blind_index_usage(engine, self.metadata, self.service)
+            ).items():
                 usage[key_id] = usage.get(key_id, 0) + rows
         finally:
             await engine.dispose()
@@ -157,14 +177,16 @@ def _resolve(path: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"ENCRYPTION_ARQ_METADATA: cannot import {module_name!r} "
-                                 f"({exc})") from exc
+        raise ConfigurationError(
+            f"ENCRYPTION_ARQ_METADATA: cannot import {module_name!r} ({exc})"
+        ) from exc
     for attr in attrs.split("."):
         try:
             obj = getattr(obj, attr)
         except AttributeError:
-            raise ConfigurationError(f"ENCRYPTION_ARQ_METADATA: {path!r} has no attribute "
-                                     f"{attr!r}") from None
+            raise ConfigurationError(
+                f"ENCRYPTION_ARQ_METADATA: {path!r} has no attribute {attr!r}"
+            ) from None
     return obj
 
 
@@ -182,15 +204,18 @@ def load_table_specs(config: ArqWorkerConfig) -> tuple[list[TableSpec], Any]:
             try:
                 text = Path(text[1:]).read_text(encoding="utf-8")
             except OSError as exc:
-                raise ConfigurationError(f"ENCRYPTION_ARQ_TABLES: cannot read {text[1:]}: "
-                                         f"{exc.strerror}") from None
+                raise ConfigurationError(
+                    f"ENCRYPTION_ARQ_TABLES: cannot read {text[1:]}: {exc.strerror}"
+                ) from None
         try:
             data = json.loads(text)
             items = data["tables"] if isinstance(data, dict) else data
             return [TableSpec.from_dict(item) for item in items], None
         except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigurationError("ENCRYPTION_ARQ_TABLES must be a JSON list of table "
-                                     f"specs (TableSpec.to_dict()): {exc}") from None
+            raise ConfigurationError(
+                "ENCRYPTION_ARQ_TABLES must be a JSON list of table "
+                f"specs (TableSpec.to_dict()): {exc}"
+            ) from None
     return [], None
 
 
@@ -207,8 +232,10 @@ async def startup(ctx: dict[str, Any], config: ArqWorkerConfig | None = None) ->
     encryption_config = EncryptionConfig.from_env()
     specs, metadata = load_table_specs(cfg)
     if specs and not encryption_config.postgres_dsn:
-        raise ConfigurationError("table specs are configured but ENCRYPTION_POSTGRES_DSN is "
-                                 "not set: the worker could not reach the data")
+        raise ConfigurationError(
+            "table specs are configured but ENCRYPTION_POSTGRES_DSN is "
+            "not set: the worker could not reach the data"
+        )
     service = EncryptionService(build_key_manager(encryption_config))
     await service.start()
     open_database, closers = None, []
@@ -220,19 +247,30 @@ async def startup(ctx: dict[str, Any], config: ArqWorkerConfig | None = None) ->
         await service.close()
         raise
     state = WorkerState(
-        config=cfg, encryption_config=encryption_config, service=service, redis=ctx["redis"],
+        config=cfg,
+        encryption_config=encryption_config,
+        service=service,
+        redis=ctx["redis"],
         status=StatusStore(ctx["redis"], cfg.key_prefix, ttl=cfg.status_ttl),
-        tables={t.name: t for t in specs}, open_database=open_database, metadata=metadata,
-        worker_name=cfg.name_of_worker(), closers=closers)
+        tables={t.name: t for t in specs},
+        open_database=open_database,
+        metadata=metadata,
+        worker_name=cfg.name_of_worker(),
+        closers=closers,
+    )
     ctx[STATE_KEY] = state
-    logger.info("aiocrypt worker %s ready: key store %s, %d table(s) to re-encrypt%s",
-                state.worker_name, service.key_manager.store.name, len(specs),
-                "" if open_database is not None
-                else " (no ENCRYPTION_POSTGRES_DSN: no re-encryption)")
+    logger.info(
+        "aiocrypt worker %s ready: key store %s, %d table(s) to re-encrypt%s",
+        state.worker_name,
+        service.key_manager.store.name,
+        len(specs),
+        "" if open_database is not None else " (no ENCRYPTION_POSTGRES_DSN: no re-encryption)",
+    )
 
 
-async def _postgres(dsn: str, cfg: ArqWorkerConfig) \
-        -> tuple[Callable[[], PendingRowsDatabase], Callable[[], Awaitable[None]]]:
+async def _postgres(
+    dsn: str, cfg: ArqWorkerConfig
+) -> tuple[Callable[[], PendingRowsDatabase], Callable[[], Awaitable[None]]]:
     """The engine's Postgres adapter over one asyncpg pool for the worker's jobs."""
     import asyncpg
 
@@ -264,7 +302,8 @@ def worker_state(ctx: dict[str, Any]) -> WorkerState:
     """The state :func:`startup` built in this worker; a job without it fails at once."""
     state = ctx.get(STATE_KEY)
     if not isinstance(state, WorkerState):
-        raise JobFailedError("aiocrypt's on_startup has not run in this worker: build its "
-                             "settings with aiocrypt_worker_settings() or merge_into()")
+        raise JobFailedError(
+            "aiocrypt's on_startup has not run in this worker: build its "
+            "settings with aiocrypt_worker_settings() or merge_into()"
+        )
     return state
-

@@ -104,13 +104,25 @@ class ShardStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "index": self.index, "table": self.table, "after": self.after, "until": self.until,
-            "rows_total": self.rows_total, "state": self.state, "worker": self.worker,
-            "tries": self.tries, "rows_done": self.rows_done, "rows_left": self.rows_left,
-            "rows_updated": self.rows_updated, "rows_conflicted": self.rows_conflicted,
-            "rows_failed": self.rows_failed, "rate": self.rate, "started_at": self.started_at,
-            "updated_at": self.updated_at, "finished_at": self.finished_at,
-            "updated_ts": self.updated_ts, "error": self.error,
+            "index": self.index,
+            "table": self.table,
+            "after": self.after,
+            "until": self.until,
+            "rows_total": self.rows_total,
+            "state": self.state,
+            "worker": self.worker,
+            "tries": self.tries,
+            "rows_done": self.rows_done,
+            "rows_left": self.rows_left,
+            "rows_updated": self.rows_updated,
+            "rows_conflicted": self.rows_conflicted,
+            "rows_failed": self.rows_failed,
+            "rate": self.rate,
+            "started_at": self.started_at,
+            "updated_at": self.updated_at,
+            "finished_at": self.finished_at,
+            "updated_ts": self.updated_ts,
+            "error": self.error,
             "attempts": [dict(a) for a in self.attempts],
         }
 
@@ -142,8 +154,9 @@ class ReencryptionStatus:
         if all(s.state == "done" for s in self.shards):
             result = self.result or {}
             # the census found rows on the old key even after the sweeps
-            return "incomplete" if result.get("old_key_rows") and \
-                result.get("finished_at") else "done"
+            return (
+                "incomplete" if result.get("old_key_rows") and result.get("finished_at") else "done"
+            )
         if any(s.state in ("running", "retrying", "done") for s in self.shards):
             return "running"
         return "queued"
@@ -154,8 +167,10 @@ class ReencryptionStatus:
 
     @property
     def rows_done(self) -> int:
-        return sum(min(s.rows_done, s.rows_total) if s.state != "done" else s.rows_total
-                   for s in self.shards)
+        return sum(
+            min(s.rows_done, s.rows_total) if s.state != "done" else s.rows_total
+            for s in self.shards
+        )
 
     @property
     def rows_left(self) -> int:
@@ -165,8 +180,11 @@ class ReencryptionStatus:
     def rate(self) -> float:
         """Rows per second over the shards running now."""
         now = time.time()
-        return sum(s.rate for s in self.shards
-                   if s.state == "running" and now - s.updated_ts <= _RATE_WINDOW)
+        return sum(
+            s.rate
+            for s in self.shards
+            if s.state == "running" and now - s.updated_ts <= _RATE_WINDOW
+        )
 
     @property
     def finished_at(self) -> str | None:
@@ -189,12 +207,20 @@ class ReencryptionStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "job_id": self.job_id, "key_type": self.key_type, "old_key_id": self.old_key_id,
-            "target_key_id": self.target_key_id, "state": self.state,
-            "created_at": self.created_at, "started_at": self.started_at,
-            "finished_at": self.finished_at, "rows_total": self.rows_total,
-            "rows_done": self.rows_done, "rows_left": self.rows_left, "rate": self.rate,
-            "workers": self.workers, "error": self.error,
+            "job_id": self.job_id,
+            "key_type": self.key_type,
+            "old_key_id": self.old_key_id,
+            "target_key_id": self.target_key_id,
+            "state": self.state,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "rows_total": self.rows_total,
+            "rows_done": self.rows_done,
+            "rows_left": self.rows_left,
+            "rate": self.rate,
+            "workers": self.workers,
+            "error": self.error,
             "result": None if self.result is None else dict(self.result),
             "shards": [s.to_dict() for s in self.shards],
         }
@@ -226,8 +252,9 @@ class StatusStore:
         already (another run planned it first): return the plan in force."""
         key = self.key(job_id)
         if await self.redis.hsetnx(key, "meta", _dump(meta)):
-            shards = {f"shard:{s['index']}": _dump({**s, "state": "queued"})
-                      for s in meta.get("plan", ())}
+            shards = {
+                f"shard:{s['index']}": _dump({**s, "state": "queued"}) for s in meta.get("plan", ())
+            }
             if shards:
                 await self.redis.hset(key, mapping=shards)
             await self.redis.zadd(self.index_key, {job_id: time.time()}, nx=True)
@@ -266,13 +293,21 @@ class StatusStore:
         meta = fields.get("meta")
         if meta is None:
             return None
-        shards = sorted((ShardStatus.from_dict(v) for k, v in fields.items()
-                         if k.startswith("shard:")), key=lambda s: s.index)
+        shards = sorted(
+            (ShardStatus.from_dict(v) for k, v in fields.items() if k.startswith("shard:")),
+            key=lambda s: s.index,
+        )
         return ReencryptionStatus(
-            job_id=job_id, key_type=meta.get("key_type", ""),
-            old_key_id=meta.get("old_key_id", ""), target_key_id=meta.get("target_key_id"),
-            created_at=meta.get("created_at", ""), shards=tuple(shards), meta=meta,
-            result=fields.get("result"), error=fields.get("error"))
+            job_id=job_id,
+            key_type=meta.get("key_type", ""),
+            old_key_id=meta.get("old_key_id", ""),
+            target_key_id=meta.get("target_key_id"),
+            created_at=meta.get("created_at", ""),
+            shards=tuple(shards),
+            meta=meta,
+            result=fields.get("result"),
+            error=fields.get("error"),
+        )
 
     async def job_ids(self, limit: int = 20) -> list[str]:
         """The most recent job ids, newest first."""
@@ -303,8 +338,7 @@ class LockState:
 
 
 @asynccontextmanager
-async def redis_lock(redis: Any, key: str, *, ttl: float, owner: str) \
-        -> AsyncIterator[LockState]:
+async def redis_lock(redis: Any, key: str, *, ttl: float, owner: str) -> AsyncIterator[LockState]:
     """Hold ``key`` for at most ``ttl`` seconds if nobody else does; never waits.
 
     Released only by its holder (compare-and-delete), so a lock that expired and
@@ -321,9 +355,9 @@ async def redis_lock(redis: Any, key: str, *, ttl: float, owner: str) \
         await redis.eval(_RELEASE_SCRIPT, 1, key, token)
 
 
-async def reencryption_status(redis: Any, job_or_key_id: str, *,
-                              config: ArqWorkerConfig | None = None) \
-        -> ReencryptionStatus | None:
+async def reencryption_status(
+    redis: Any, job_or_key_id: str, *, config: ArqWorkerConfig | None = None
+) -> ReencryptionStatus | None:
     """The status of a re-encryption job, by its id or by the old key's id."""
     cfg = config if config is not None else ArqWorkerConfig.from_env()
     store = StatusStore(redis, cfg.key_prefix, ttl=cfg.status_ttl)

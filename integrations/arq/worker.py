@@ -38,11 +38,21 @@ S = TypeVar("S")
 def functions(config: ArqWorkerConfig) -> list[Function]:
     """aiocrypt's job functions, each with its own timeout and tries (they hold in an
     application's worker too)."""
-    return [func(coroutine, timeout=config.job_timeout, max_tries=config.max_tries,
-                 keep_result=config.keep_result)
-            for coroutine in (rotate_keys_scheduled, rotate_key_manual,
-                              reencrypt_data_with_new_key, reencrypt_shard,
-                              cleanup_expired_keys)]
+    return [
+        func(
+            coroutine,
+            timeout=config.job_timeout,
+            max_tries=config.max_tries,
+            keep_result=config.keep_result,
+        )
+        for coroutine in (
+            rotate_keys_scheduled,
+            rotate_key_manual,
+            reencrypt_data_with_new_key,
+            reencrypt_shard,
+            cleanup_expired_keys,
+        )
+    ]
 
 
 def cron_jobs(config: ArqWorkerConfig) -> list[CronJob]:
@@ -53,14 +63,23 @@ def cron_jobs(config: ArqWorkerConfig) -> list[CronJob]:
     """
     jobs = []
     for name, coroutine, schedule in (
-            ("rotation", rotate_keys_scheduled, config.rotation_schedule),
-            ("cleanup", cleanup_expired_keys, config.cleanup_schedule)):
+        ("rotation", rotate_keys_scheduled, config.rotation_schedule),
+        ("cleanup", cleanup_expired_keys, config.cleanup_schedule),
+    ):
         if schedule is None:
             continue
-        jobs.append(cron(coroutine, name=f"cron:{config.key_prefix}:{coroutine.__name__}",
-                         run_at_startup=name in config.run_at_startup, unique=True,
-                         timeout=config.job_timeout, max_tries=config.max_tries,
-                         keep_result=config.keep_result, **schedule.cron_kwargs()))
+        jobs.append(
+            cron(
+                coroutine,
+                name=f"cron:{config.key_prefix}:{coroutine.__name__}",
+                run_at_startup=name in config.run_at_startup,
+                unique=True,
+                timeout=config.job_timeout,
+                max_tries=config.max_tries,
+                keep_result=config.keep_result,
+                **schedule.cron_kwargs(),
+            )
+        )
     return jobs
 
 
@@ -72,8 +91,9 @@ def _startup_for(config: ArqWorkerConfig) -> Hook:
     return on_startup
 
 
-def aiocrypt_worker_settings(config: ArqWorkerConfig | None = None,
-                             **overrides: Any) -> dict[str, Any]:
+def aiocrypt_worker_settings(
+    config: ArqWorkerConfig | None = None, **overrides: Any
+) -> dict[str, Any]:
     """Settings of a worker running aiocrypt's jobs, as a dict ``arq.run_worker`` takes.
 
     ``config`` defaults to ``ArqWorkerConfig.from_env()``; ``overrides`` replace or
@@ -86,12 +106,16 @@ def aiocrypt_worker_settings(config: ArqWorkerConfig | None = None,
     ``ConfigurationError`` (and a worker built without them refuses to start).
     """
     cfg = config if config is not None else ArqWorkerConfig.from_env()
-    codec = {**codec_settings(), **{k: v for k, v in overrides.items()
-                                    if k in ("job_serializer", "job_deserializer")}}
+    codec = {
+        **codec_settings(),
+        **{k: v for k, v in overrides.items() if k in ("job_serializer", "job_deserializer")},
+    }
     problem = codec_problem(codec["job_serializer"], codec["job_deserializer"])
     if problem is not None:
-        raise ConfigurationError(f"aiocrypt_worker_settings(): job_serializer / "
-                                 f"job_deserializer must be aiocrypt's JSON codec: {problem}")
+        raise ConfigurationError(
+            f"aiocrypt_worker_settings(): job_serializer / "
+            f"job_deserializer must be aiocrypt's JSON codec: {problem}"
+        )
     settings: dict[str, Any] = {
         "functions": functions(cfg),
         "cron_jobs": cron_jobs(cfg),
@@ -140,8 +164,7 @@ def merge_into(settings: S, config: ArqWorkerConfig | None = None) -> S:
     ours = aiocrypt_worker_settings(cfg)
 
     def get(name: str) -> Any:
-        return settings.get(name) if isinstance(settings, dict) else getattr(settings, name,
-                                                                              None)
+        return settings.get(name) if isinstance(settings, dict) else getattr(settings, name, None)
 
     def put(name: str, value: Any) -> None:
         if isinstance(settings, dict):
@@ -154,7 +177,8 @@ def merge_into(settings: S, config: ArqWorkerConfig | None = None) -> S:
             raise ConfigurationError(
                 f"merge_into: the settings name their own {name} ({get(name)!r}); aiocrypt's "
                 "jobs need its JSON codec, and a worker has one codec for all its jobs: "
-                f"drop it (or set it to aiocrypt.integrations.arq.{name})")
+                f"drop it (or set it to aiocrypt.integrations.arq.{name})"
+            )
     for name, value in codec_settings().items():
         put(name, value)
     theirs = list(get("functions") or ())

@@ -28,8 +28,12 @@ TWO_DAYS_AGO: Callable[[], dt.datetime] = lambda: utcnow() - dt.timedelta(days=2
 # financial_data keys live one day and have no grace period, so a key made "two
 # days ago" (by the seeding manager's clock) is due for rotation, expired, and
 # destroyable by cleanup once no row uses it.
-SHORT_POLICY = {"key_type": "financial_data", "rotation_interval_days": 1,
-                "max_key_age_days": 1, "grace_period_days": 0}
+SHORT_POLICY = {
+    "key_type": "financial_data",
+    "rotation_interval_days": 1,
+    "max_key_age_days": 1,
+    "grace_period_days": 0,
+}
 
 
 @dataclass
@@ -51,15 +55,17 @@ class ArqSetup:
     def worker_env(self, name: str, **extra: str) -> dict[str, str]:
         return {**self.env, "ENCRYPTION_ARQ_WORKER_NAME": name, **extra}
 
-    async def start_worker(self, name: str, *, burst: bool = True,
-                           **extra: str) -> asyncio.subprocess.Process:
+    async def start_worker(
+        self, name: str, *, burst: bool = True, **extra: str
+    ) -> asyncio.subprocess.Process:
         """``python -m arq aiocrypt.integrations.arq.WorkerSettings [--burst]``."""
         log = (self.logs / f"{name}.log").open("ab")
         args = [sys.executable, "-m", "arq", "aiocrypt.integrations.arq.WorkerSettings"]
         if burst:
             args.append("--burst")
-        proc = await asyncio.create_subprocess_exec(*args, env=self.worker_env(name, **extra),
-                                                    cwd=str(ROOT), stdout=log, stderr=log)
+        proc = await asyncio.create_subprocess_exec(
+            *args, env=self.worker_env(name, **extra), cwd=str(ROOT), stdout=log, stderr=log
+        )
         log.close()
         self.processes.append(proc)
         return proc
@@ -79,13 +85,16 @@ class ArqSetup:
         assert codes == [0] * len(codes), self.log_text()
 
     def log_text(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}"
-                         for p in sorted(self.logs.glob("*.log")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}"
+            for p in sorted(self.logs.glob("*.log"))
+        )
 
     def manager(self, clock: Callable[[], dt.datetime] = utcnow) -> KeyManager:
         kek = LocalKekProvider(self.master_key)
-        return KeyManager(FileKeyStore(self.key_path, kek), kek, self.config, clock=clock,
-                          watch=False)
+        return KeyManager(
+            FileKeyStore(self.key_path, kek), kek, self.config, clock=clock, watch=False
+        )
 
     async def status(self, redis: Any, job_id: str) -> ReencryptionStatus:
         found = await StatusStore(redis, self.prefix).read(job_id)
@@ -100,20 +109,26 @@ def job(pool: ArqRedis, job_id: str) -> Job:
 
 
 def users_spec(table: str) -> TableSpec:
-    return TableSpec(table, "id", (ColumnSpec("income", KeyType.FINANCIAL_DATA),
-                                   ColumnSpec("savings", KeyType.FINANCIAL_DATA),
-                                   ColumnSpec("ssn", KeyType.PII)))
+    return TableSpec(
+        table,
+        "id",
+        (
+            ColumnSpec("income", KeyType.FINANCIAL_DATA),
+            ColumnSpec("savings", KeyType.FINANCIAL_DATA),
+            ColumnSpec("ssn", KeyType.PII),
+        ),
+    )
 
 
 def expected_row(i: int) -> tuple[float, float, str]:
     return float(i) * 1.5, float(i % 977), f"{i:09d}"
 
 
-async def make_users(conn: asyncpg.Connection, manager: KeyManager, table: str,
-                     rows: int) -> None:
+async def make_users(conn: asyncpg.Connection, manager: KeyManager, table: str, rows: int) -> None:
     """A table of ``rows`` users whose three columns hold tokens of the active keys."""
-    await conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, income text, "
-                       "savings text, ssn text)")
+    await conn.execute(
+        f"CREATE TABLE {table} (id bigint PRIMARY KEY, income text, savings text, ssn text)"
+    )
     await manager.ensure_active([KeyType.FINANCIAL_DATA, KeyType.PII])
 
     async def seal(value: Any, key_type: KeyType, column: str) -> str:
@@ -129,14 +144,25 @@ async def make_users(conn: asyncpg.Connection, manager: KeyManager, table: str,
     records = []
     for i in range(1, rows + 1):
         income, savings, ssn = expected_row(i)
-        records.append((i, await seal(income, KeyType.FINANCIAL_DATA, "income"),
-                        await seal(savings, KeyType.FINANCIAL_DATA, "savings"),
-                        await seal(ssn, KeyType.PII, "ssn")))
+        records.append(
+            (
+                i,
+                await seal(income, KeyType.FINANCIAL_DATA, "income"),
+                await seal(savings, KeyType.FINANCIAL_DATA, "savings"),
+                await seal(ssn, KeyType.PII, "ssn"),
+            )
+        )
     await conn.copy_records_to_table(table, records=records)
 
 
-async def check_users(conn: asyncpg.Connection, manager: KeyManager, table: str, rows: int,
-                      financial_key: str, pii_key: str) -> None:
+async def check_users(
+    conn: asyncpg.Connection,
+    manager: KeyManager,
+    table: str,
+    rows: int,
+    financial_key: str,
+    pii_key: str,
+) -> None:
     """Every row decrypts to what was written, its financial columns on ``financial_key``
     and its ssn on ``pii_key``."""
     await manager.refresh(force=True)
@@ -146,6 +172,8 @@ async def check_users(conn: asyncpg.Connection, manager: KeyManager, table: str,
     fin, pii = text_prefix(financial_key), text_prefix(pii_key)
     for row_id, income, savings, ssn in stored:
         assert income.startswith(fin) and savings.startswith(fin) and ssn.startswith(pii)
-        assert (keyring.decrypt(income, KeyType.FINANCIAL_DATA, f"{table}.income"),
-                keyring.decrypt(savings, KeyType.FINANCIAL_DATA, f"{table}.savings"),
-                keyring.decrypt(ssn, KeyType.PII, f"{table}.ssn")) == expected_row(row_id)
+        assert (
+            keyring.decrypt(income, KeyType.FINANCIAL_DATA, f"{table}.income"),
+            keyring.decrypt(savings, KeyType.FINANCIAL_DATA, f"{table}.savings"),
+            keyring.decrypt(ssn, KeyType.PII, f"{table}.ssn"),
+        ) == expected_row(row_id)

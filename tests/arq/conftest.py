@@ -33,31 +33,48 @@ def prefix() -> str:
 
 
 @pytest.fixture
-async def arq_setup(tmp_path: Path, prefix: str, redis_url: str, postgres_dsn: str,
-                    master_key: bytes, key_path: Path) -> AsyncIterator[ArqSetup]:
+async def arq_setup(
+    tmp_path: Path,
+    prefix: str,
+    redis_url: str,
+    postgres_dsn: str,
+    master_key: bytes,
+    key_path: Path,
+) -> AsyncIterator[ArqSetup]:
     config_file = tmp_path / "encryption.json"
     config_file.write_text(json.dumps({"rotation_policies": [SHORT_POLICY]}))
     logs = tmp_path / "logs"
     logs.mkdir()
     checkpoint_table = f"ckpt_{prefix.rsplit('-', 1)[1]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCRYPTION_")}
-    env.update({
-        "ENCRYPTION_MASTER_KEY": base64.b64encode(master_key).decode("ascii"),
-        "ENCRYPTION_KEY_STORAGE_BACKEND": "file",
-        "ENCRYPTION_KEY_STORAGE_PATH": str(key_path),
-        "ENCRYPTION_CONFIG_FILE": str(config_file),
-        "ENCRYPTION_POSTGRES_DSN": postgres_dsn,
-        "ENCRYPTION_REDIS_URL": redis_url,
-        "ENCRYPTION_ARQ_QUEUE": f"{prefix}:queue",
-        "ENCRYPTION_ARQ_PREFIX": prefix,
-        "ENCRYPTION_ARQ_CHECKPOINT_TABLE": checkpoint_table,
-        "ENCRYPTION_ARQ_RETRY_DELAY": "0.5",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "ENCRYPTION_MASTER_KEY": base64.b64encode(master_key).decode("ascii"),
+            "ENCRYPTION_KEY_STORAGE_BACKEND": "file",
+            "ENCRYPTION_KEY_STORAGE_PATH": str(key_path),
+            "ENCRYPTION_CONFIG_FILE": str(config_file),
+            "ENCRYPTION_POSTGRES_DSN": postgres_dsn,
+            "ENCRYPTION_REDIS_URL": redis_url,
+            "ENCRYPTION_ARQ_QUEUE": f"{prefix}:queue",
+            "ENCRYPTION_ARQ_PREFIX": prefix,
+            "ENCRYPTION_ARQ_CHECKPOINT_TABLE": checkpoint_table,
+            "ENCRYPTION_ARQ_RETRY_DELAY": "0.5",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     config = EncryptionConfig.from_env(env)
-    setup = ArqSetup(env=env, prefix=prefix, queue=f"{prefix}:queue", dsn=postgres_dsn,
-                     redis_url=redis_url, key_path=key_path, master_key=master_key,
-                     checkpoint_table=checkpoint_table, config=config, logs=logs)
+    setup = ArqSetup(
+        env=env,
+        prefix=prefix,
+        queue=f"{prefix}:queue",
+        dsn=postgres_dsn,
+        redis_url=redis_url,
+        key_path=key_path,
+        master_key=master_key,
+        checkpoint_table=checkpoint_table,
+        config=config,
+        logs=logs,
+    )
     try:
         yield setup
     finally:
@@ -87,11 +104,11 @@ async def redis(redis_url: str, prefix: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-async def arq_redis(redis_url: str, prefix: str,
-                    redis: aioredis.Redis) -> AsyncIterator[ArqRedis]:
+async def arq_redis(redis_url: str, prefix: str, redis: aioredis.Redis) -> AsyncIterator[ArqRedis]:
     """A pool that enqueues JSON jobs, as aiocrypt's workers require."""
-    pool = await create_pool(RedisSettings.from_dsn(redis_url),
-                             default_queue_name=f"{prefix}:queue", **codec_settings())
+    pool = await create_pool(
+        RedisSettings.from_dsn(redis_url), default_queue_name=f"{prefix}:queue", **codec_settings()
+    )
     try:
         yield pool
     finally:

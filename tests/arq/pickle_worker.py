@@ -28,8 +28,7 @@ def main(mode: str) -> None:
     if mode == "default":
         run_worker(settings)
     elif mode == "pickle":
-        run_worker({**settings, "job_serializer": pickle.dumps,
-                    "job_deserializer": pickle.loads})
+        run_worker({**settings, "job_serializer": pickle.dumps, "job_deserializer": pickle.loads})
     elif mode == "pool":
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)

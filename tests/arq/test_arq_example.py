@@ -13,17 +13,24 @@ from arq_helpers import ROOT, ArqSetup, job
 pytestmark = pytest.mark.services
 
 
-async def test_example_worker_runs_app_and_aiocrypt_jobs(arq_setup: ArqSetup,
-                                                        arq_redis: ArqRedis) -> None:
+async def test_example_worker_runs_app_and_aiocrypt_jobs(
+    arq_setup: ArqSetup, arq_redis: ArqRedis
+) -> None:
     async with arq_setup.manager() as manager:
         old = (await manager.get_active_key("api_keys")).key_id
     statement = await arq_redis.enqueue_job("monthly_statement", 7, 123.45)
     rotation = await arq_redis.enqueue_job("rotate_key_manual", "api_keys", True)
     assert statement is not None and rotation is not None
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "examples.arq_worker", "--burst", cwd=str(ROOT),
-        env=arq_setup.worker_env("example"), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "examples.arq_worker",
+        "--burst",
+        cwd=str(ROOT),
+        env=arq_setup.worker_env("example"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, out.decode()
     log = out.decode()
@@ -36,4 +43,5 @@ async def test_example_worker_runs_app_and_aiocrypt_jobs(arq_setup: ArqSetup,
     assert rotated["rotated"] is True and rotated["old_key_id"] == old
     # the example's models (examples/sqlalchemy_models.py) hold no api_keys column
     assert rotated["reencryption"]["skipped"].startswith(
-        "no registered table has a column of key type api_keys")
+        "no registered table has a column of key type api_keys"
+    )

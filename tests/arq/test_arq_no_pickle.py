@@ -59,20 +59,28 @@ class TouchOnUnpickle:
         return (open, (str(self.path), "w"))
 
 
-async def plant_pickled_job(redis: aioredis.Redis, queue: str, job_id: str,
-                            marker: Path) -> None:
+async def plant_pickled_job(redis: aioredis.Redis, queue: str, job_id: str, marker: Path) -> None:
     """The two Redis writes of the attack: a pickled job naming one of the worker's
     functions (which would then run too), and its id in the queue."""
     now_ms = int(time.time() * 1000)
-    payload = pickle.dumps({"t": 1, "f": "cleanup_expired_keys", "a": (), "k": {},
-                            "et": now_ms, "x": TouchOnUnpickle(marker)})
+    payload = pickle.dumps(
+        {
+            "t": 1,
+            "f": "cleanup_expired_keys",
+            "a": (),
+            "k": {},
+            "et": now_ms,
+            "x": TouchOnUnpickle(marker),
+        }
+    )
     assert b"cleanup_expired_keys" in payload and str(marker).encode() in payload
     await redis.set(job_key_prefix + job_id, payload)
     await redis.zadd(queue, {job_id: now_ms})
 
 
-async def test_a_pickled_job_runs_nothing(arq_setup: ArqSetup, redis: aioredis.Redis,
-                                          arq_redis: ArqRedis, tmp_path: Path) -> None:
+async def test_a_pickled_job_runs_nothing(
+    arq_setup: ArqSetup, redis: aioredis.Redis, arq_redis: ArqRedis, tmp_path: Path
+) -> None:
     marker = tmp_path / "pwned"
     job_id = f"{arq_setup.prefix}:planted"
     await plant_pickled_job(redis, arq_setup.queue, job_id, marker)
@@ -97,15 +105,22 @@ async def test_a_pickled_job_runs_nothing(arq_setup: ArqSetup, redis: aioredis.R
 
 @pytest.mark.parametrize("mode", ["default", "pickle", "pool"])
 async def test_a_worker_that_would_unpickle_refuses_to_start(
-        arq_setup: ArqSetup, redis: aioredis.Redis, tmp_path: Path, mode: str) -> None:
+    arq_setup: ArqSetup, redis: aioredis.Redis, tmp_path: Path, mode: str
+) -> None:
     marker = tmp_path / "pwned"
     job_id = f"{arq_setup.prefix}:planted"
     await plant_pickled_job(redis, arq_setup.queue, job_id, marker)
     log_path = arq_setup.logs / f"{mode}.log"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "tests" / "arq" / "pickle_worker.py"), mode,
-            env=arq_setup.worker_env(mode), cwd=str(ROOT), stdout=log, stderr=log)
+            sys.executable,
+            str(ROOT / "tests" / "arq" / "pickle_worker.py"),
+            mode,
+            env=arq_setup.worker_env(mode),
+            cwd=str(ROOT),
+            stdout=log,
+            stderr=log,
+        )
         arq_setup.processes.append(proc)
     code = await arq_setup.wait(proc, timeout=60)
     out = log_path.read_text(errors="replace")
@@ -123,14 +138,20 @@ async def test_a_worker_that_would_unpickle_refuses_to_start(
     assert arq_setup.env["ENCRYPTION_MASTER_KEY"] not in out
 
 
-async def test_settings_pools_and_enqueueing_refuse_pickle(arq_setup: ArqSetup,
-                                                           redis: aioredis.Redis) -> None:
+async def test_settings_pools_and_enqueueing_refuse_pickle(
+    arq_setup: ArqSetup, redis: aioredis.Redis
+) -> None:
     config = ArqWorkerConfig.from_env(arq_setup.env)
     settings = aiocrypt_worker_settings(config)
     assert (settings["job_serializer"], settings["job_deserializer"]) == (
-        job_serializer, job_deserializer)
-    for override in ({"job_deserializer": pickle.loads}, {"job_deserializer": None},
-                     {"job_serializer": pickle.dumps}):
+        job_serializer,
+        job_deserializer,
+    )
+    for override in (
+        {"job_deserializer": pickle.loads},
+        {"job_deserializer": None},
+        {"job_serializer": pickle.dumps},
+    ):
         with pytest.raises(ConfigurationError, match="must be aiocrypt's JSON codec"):
             aiocrypt_worker_settings(config, **override)
 
@@ -138,25 +159,31 @@ async def test_settings_pools_and_enqueueing_refuse_pickle(arq_setup: ArqSetup,
         functions: Any = ()
         job_deserializer: Any = pickle.loads
 
-    with pytest.raises(ConfigurationError, match="merge_into: the settings name their own "
-                                                 "job_deserializer"):
+    with pytest.raises(
+        ConfigurationError, match="merge_into: the settings name their own job_deserializer"
+    ):
         merge_into(AppSettings, config)
     merged = merge_into({"functions": []}, config)
     assert merged["job_deserializer"] is job_deserializer
     assert merged["job_serializer"] is job_serializer
 
     # arq's own pool pickles: aiocrypt's enqueue functions refuse it
-    pickling = await create_pool(RedisSettings.from_dsn(arq_setup.redis_url),
-                                 default_queue_name=arq_setup.queue)
+    pickling = await create_pool(
+        RedisSettings.from_dsn(arq_setup.redis_url), default_queue_name=arq_setup.queue
+    )
     try:
         enqueue: Callable[[], Awaitable[object]]
-        for enqueue in (lambda: enqueue_rotation(pickling, FIN, force=True),
-                        lambda: enqueue_cleanup(pickling),
-                        lambda: enqueue_reencryption(pickling, FIN, "financial_data-v1-00",
-                                                     config=config)):
-            with pytest.raises(ConfigurationError, match="cannot enqueue aiocrypt's jobs: this "
-                                                         "arq pool does not use aiocrypt's "
-                                                         "JSON job codec"):
+        for enqueue in (
+            lambda: enqueue_rotation(pickling, FIN, force=True),
+            lambda: enqueue_cleanup(pickling),
+            lambda: enqueue_reencryption(pickling, FIN, "financial_data-v1-00", config=config),
+        ):
+            with pytest.raises(
+                ConfigurationError,
+                match="cannot enqueue aiocrypt's jobs: this "
+                "arq pool does not use aiocrypt's "
+                "JSON job codec",
+            ):
                 await enqueue()
         assert await redis.zcard(arq_setup.queue) == 0
     finally:
@@ -189,8 +216,16 @@ def test_the_codec_round_trips_plain_data_and_refuses_the_rest() -> None:
 async def cli(setup: ArqSetup, *args: str) -> dict[str, Any]:
     """``aiocrypt ARGS --json`` in its own process, with the test's environment."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "aiocrypt.cli", *args, "--json", env=setup.env, cwd=str(ROOT),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "aiocrypt.cli",
+        *args,
+        "--json",
+        env=setup.env,
+        cwd=str(ROOT),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, (args, out.decode(), err.decode())
     found: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
@@ -208,12 +243,19 @@ async def json_job(redis: aioredis.Redis, arq_id: str, function: str) -> dict[st
 
 @pytest.mark.slow
 async def test_every_enqueue_path_writes_json_that_workers_run(
-        arq_setup: ArqSetup, redis: aioredis.Redis, arq_redis: ArqRedis,
-        pg: asyncpg.Connection, table_name: str) -> None:
+    arq_setup: ArqSetup,
+    redis: aioredis.Redis,
+    arq_redis: ArqRedis,
+    pg: asyncpg.Connection,
+    table_name: str,
+) -> None:
     rows = 300
     setup = arq_setup
-    setup.env.update(ENCRYPTION_ARQ_TABLES=json.dumps([users_spec(table_name).to_dict()]),
-                     ENCRYPTION_ARQ_SHARDS="2", ENCRYPTION_ARQ_POLL_DELAY="0.1")
+    setup.env.update(
+        ENCRYPTION_ARQ_TABLES=json.dumps([users_spec(table_name).to_dict()]),
+        ENCRYPTION_ARQ_SHARDS="2",
+        ENCRYPTION_ARQ_POLL_DELAY="0.1",
+    )
     config = ArqWorkerConfig.from_env(setup.env)
     async with setup.manager() as manager:
         await make_users(pg, manager, table_name, rows)
@@ -225,14 +267,21 @@ async def test_every_enqueue_path_writes_json_that_workers_run(
         rotate = await cli(setup, "jobs", "rotate", "financial_data", "--force")
         assert rotate["enqueued"] == "rotate_key_manual"
         assert (await json_job(redis, rotate["job_id"], "rotate_key_manual"))["a"] == [
-            "financial_data", True]
-        compromise = await cli(setup, "keys", "compromise", pii_v1, "--reason",
-                               "laptop stolen", "--reencrypt")
-        assert compromise == {"enqueued": "reencrypt_data_with_new_key",
-                              "job_id": f"reencrypt-{pii_v1}"}
+            "financial_data",
+            True,
+        ]
+        compromise = await cli(
+            setup, "keys", "compromise", pii_v1, "--reason", "laptop stolen", "--reencrypt"
+        )
+        assert compromise == {
+            "enqueued": "reencrypt_data_with_new_key",
+            "job_id": f"reencrypt-{pii_v1}",
+        }
         pii_job = config.job_id(compromise["job_id"])
         assert (await json_job(redis, pii_job, "reencrypt_data_with_new_key"))["a"][:2] == [
-            "pii", pii_v1]
+            "pii",
+            pii_v1,
+        ]
         arq_ids += [rotate["job_id"], pii_job]
 
         await setup.run_burst("w1")
@@ -266,8 +315,13 @@ async def test_every_enqueue_path_writes_json_that_workers_run(
             await json_job(redis, api_cleanup, "cleanup_expired_keys")
         finally:
             await pool.aclose()
-        second = [config.job_id(again["job_id"]), due["job_id"], cleanup["job_id"],
-                  api_rotation, api_cleanup]
+        second = [
+            config.job_id(again["job_id"]),
+            due["job_id"],
+            cleanup["job_id"],
+            api_rotation,
+            api_cleanup,
+        ]
         arq_ids += second
 
         await setup.run_burst("w2")
@@ -280,5 +334,4 @@ async def test_every_enqueue_path_writes_json_that_workers_run(
     finally:
         ids = [i for i in arq_ids if not i.startswith(setup.prefix)]  # the rest is cleaned up
         if ids:
-            await redis.delete(*(p + i for i in ids for p in (job_key_prefix,
-                                                              result_key_prefix)))
+            await redis.delete(*(p + i for i in ids for p in (job_key_prefix, result_key_prefix)))

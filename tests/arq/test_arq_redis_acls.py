@@ -23,13 +23,28 @@ pytestmark = pytest.mark.services
 
 def acl_rules(store_prefix: str, queue: str, job_prefix: str) -> dict[str, list[str]]:
     """The two users' rules, as docs/arq.md gives them (names made per test here)."""
-    common = ["on", "resetkeys", "resetchannels", "-@all", "+@read", "+@write",
-              "+@scripting", "+@transaction", "+@connection", "-@dangerous"]
+    common = [
+        "on",
+        "resetkeys",
+        "resetchannels",
+        "-@all",
+        "+@read",
+        "+@write",
+        "+@scripting",
+        "+@transaction",
+        "+@connection",
+        "-@dangerous",
+    ]
     return {
-        "keys": [*common, f"~{store_prefix}*", f"&{store_prefix}changes", "+subscribe",
-                 "+unsubscribe", "+publish"],
-        "queue": [*common, "~arq:*", f"~{queue}", f"~{queue}:*", f"~{job_prefix}:*",
-                  "+info"],
+        "keys": [
+            *common,
+            f"~{store_prefix}*",
+            f"&{store_prefix}changes",
+            "+subscribe",
+            "+unsubscribe",
+            "+publish",
+        ],
+        "queue": [*common, "~arq:*", f"~{queue}", f"~{queue}:*", f"~{job_prefix}:*", "+info"],
     }
 
 
@@ -53,16 +68,19 @@ async def acl_urls(redis: aioredis.Redis, prefix: str) -> AsyncIterator[dict[str
 
 
 async def test_separate_users_for_the_queue_and_the_key_store(
-        arq_setup: ArqSetup, redis: aioredis.Redis, arq_redis: ArqRedis,
-        acl_urls: dict[str, str]) -> None:
+    arq_setup: ArqSetup, redis: aioredis.Redis, arq_redis: ArqRedis, acl_urls: dict[str, str]
+) -> None:
     setup = arq_setup
     store_prefix = acl_urls["store_prefix"]
     keys_user = aioredis.Redis.from_url(acl_urls["keys"])
     queue_user = aioredis.Redis.from_url(acl_urls["queue"])
     try:
-        for client, key in ((keys_user, "arq:job:planted"), (keys_user, setup.queue),
-                            (queue_user, f"{store_prefix}keys"),
-                            (queue_user, f"{store_prefix}revision")):
+        for client, key in (
+            (keys_user, "arq:job:planted"),
+            (keys_user, setup.queue),
+            (queue_user, f"{store_prefix}keys"),
+            (queue_user, f"{store_prefix}revision"),
+        ):
             with pytest.raises(NoPermissionError):
                 await client.set(key, b"x")
         with pytest.raises(NoPermissionError):
@@ -73,15 +91,18 @@ async def test_separate_users_for_the_queue_and_the_key_store(
 
     # A key store under the key store's user, a worker with one URL of each.
     kek = LocalKekProvider(setup.master_key)
-    async with KeyManager(RedisKeyStore(acl_urls["keys"], prefix=store_prefix), kek,
-                          setup.config, watch=False) as seeding:
+    async with KeyManager(
+        RedisKeyStore(acl_urls["keys"], prefix=store_prefix), kek, setup.config, watch=False
+    ) as seeding:
         v1 = (await seeding.get_active_key(KeyType.PII)).key_id
-    setup.env.update(ENCRYPTION_KEY_STORAGE_BACKEND="redis",
-                     ENCRYPTION_REDIS_URL=acl_urls["keys"],
-                     ENCRYPTION_REDIS_KEY_PREFIX=store_prefix,
-                     ENCRYPTION_ARQ_REDIS_URL=acl_urls["queue"],
-                     ENCRYPTION_ARQ_PREFIX=acl_urls["job_prefix"],
-                     ENCRYPTION_ARQ_RUN_AT_STARTUP="rotation")
+    setup.env.update(
+        ENCRYPTION_KEY_STORAGE_BACKEND="redis",
+        ENCRYPTION_REDIS_URL=acl_urls["keys"],
+        ENCRYPTION_REDIS_KEY_PREFIX=store_prefix,
+        ENCRYPTION_ARQ_REDIS_URL=acl_urls["queue"],
+        ENCRYPTION_ARQ_PREFIX=acl_urls["job_prefix"],
+        ENCRYPTION_ARQ_RUN_AT_STARTUP="rotation",
+    )
     pool = await create_job_pool(ArqWorkerConfig.from_env(setup.env))
     try:
         rotation = await enqueue_rotation(pool, KeyType.PII, force=True)
@@ -93,8 +114,9 @@ async def test_separate_users_for_the_queue_and_the_key_store(
     info = await job(arq_redis, rotation).result_info()
     assert info is not None and info.success, setup.log_text()
     assert info.result["old_key_id"] == v1 and info.result["rotated"] is True
-    async with KeyManager(RedisKeyStore(acl_urls["keys"], prefix=store_prefix), kek,
-                          setup.config, watch=False) as manager:
+    async with KeyManager(
+        RedisKeyStore(acl_urls["keys"], prefix=store_prefix), kek, setup.config, watch=False
+    ) as manager:
         assert (await manager.get_active_key(KeyType.PII)).version == 2
     log = setup.log_text()
     assert "NOPERM" not in log and "Traceback" not in log, log

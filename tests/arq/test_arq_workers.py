@@ -57,12 +57,19 @@ async def usage(setup: ArqSetup, manager: Any, table: str) -> dict[str, int]:
 
 
 async def test_manual_rotation_100k_rows_cleanup_and_two_workers_sharing(
-        arq_setup: ArqSetup, redis: aioredis.Redis, arq_redis: ArqRedis,
-        pg: asyncpg.Connection, table_name: str) -> None:
+    arq_setup: ArqSetup,
+    redis: aioredis.Redis,
+    arq_redis: ArqRedis,
+    pg: asyncpg.Connection,
+    table_name: str,
+) -> None:
     rows = 100_000
     setup = arq_setup
-    setup.env.update(ENCRYPTION_ARQ_TABLES=json.dumps([users_spec(table_name).to_dict()]),
-                     ENCRYPTION_ARQ_SHARDS="4", ENCRYPTION_ARQ_POLL_DELAY="0.1")
+    setup.env.update(
+        ENCRYPTION_ARQ_TABLES=json.dumps([users_spec(table_name).to_dict()]),
+        ENCRYPTION_ARQ_SHARDS="4",
+        ENCRYPTION_ARQ_POLL_DELAY="0.1",
+    )
     async with setup.manager(clock=TWO_DAYS_AGO) as seeding:
         await make_users(pg, seeding, table_name, rows)
         v1 = seeding.keyring.active(FIN).key_id
@@ -106,8 +113,9 @@ async def test_manual_rotation_100k_rows_cleanup_and_two_workers_sharing(
         duo = await setup.status(redis, f"reencrypt-{v2}")
         assert duo.state == "done", (duo.to_dict(), setup.log_text())
         assert duo.target_key_id == v3 and duo.rows_total == rows
-        by_worker = {name: [s.index for s in duo.shards if s.worker == name]
-                     for name in ("w1", "w2")}
+        by_worker = {
+            name: [s.index for s in duo.shards if s.worker == name] for name in ("w1", "w2")
+        }
         assert by_worker["w1"] and by_worker["w2"], by_worker
         assert sorted(by_worker["w1"] + by_worker["w2"]) == [0, 1, 2, 3]
         assert all(s.tries == 1 and len(s.attempts) == 1 for s in duo.shards)
@@ -117,9 +125,11 @@ async def test_manual_rotation_100k_rows_cleanup_and_two_workers_sharing(
 
     assert setup.env["ENCRYPTION_MASTER_KEY"] not in setup.log_text()
     # Reported, never asserted (tests do not assert timings).
-    print(f"\nre-encryption of {rows:,} rows x 2 columns, 4 shards: one worker "
-          f"{span(solo):.2f} s (wall {solo_wall:.2f} s), two workers {span(duo):.2f} s "
-          f"(wall {duo_wall:.2f} s); shards by worker {by_worker}")
+    print(
+        f"\nre-encryption of {rows:,} rows x 2 columns, 4 shards: one worker "
+        f"{span(solo):.2f} s (wall {solo_wall:.2f} s), two workers {span(duo):.2f} s "
+        f"(wall {duo_wall:.2f} s); shards by worker {by_worker}"
+    )
 
 
 async def _wait_for(what: str, check: Any, timeout: float = 60) -> Any:
@@ -133,32 +143,41 @@ async def _wait_for(what: str, check: Any, timeout: float = 60) -> Any:
 
 
 async def test_shard_retries_after_db_failure_and_resumes_after_sigkill(
-        arq_setup: ArqSetup, redis: aioredis.Redis, arq_redis: ArqRedis,
-        pg: asyncpg.Connection, table_name: str) -> None:
+    arq_setup: ArqSetup,
+    redis: aioredis.Redis,
+    arq_redis: ArqRedis,
+    pg: asyncpg.Connection,
+    table_name: str,
+) -> None:
     rows = 24_000
     setup = arq_setup
     # 2 shards of 12,000 rows at 3,000 rows/s: each try runs for seconds. A killed job
     # is retried by arq once its in-progress mark expires: job timeout + 10 s.
-    setup.env.update(ENCRYPTION_ARQ_TABLES=json.dumps([users_spec(table_name).to_dict()]),
-                     ENCRYPTION_ARQ_SHARDS="2", ENCRYPTION_ARQ_BATCH_SIZE="500",
-                     ENCRYPTION_ARQ_RATE_LIMIT="3000", ENCRYPTION_ARQ_JOB_TIMEOUT="8",
-                     ENCRYPTION_ARQ_POLL_DELAY="0.1")
+    setup.env.update(
+        ENCRYPTION_ARQ_TABLES=json.dumps([users_spec(table_name).to_dict()]),
+        ENCRYPTION_ARQ_SHARDS="2",
+        ENCRYPTION_ARQ_BATCH_SIZE="500",
+        ENCRYPTION_ARQ_RATE_LIMIT="3000",
+        ENCRYPTION_ARQ_JOB_TIMEOUT="8",
+        ENCRYPTION_ARQ_POLL_DELAY="0.1",
+    )
     async with setup.manager() as manager:
         await make_users(pg, manager, table_name, rows)
         pii = manager.keyring.active(KeyType.PII).key_id
         v1 = manager.keyring.active(FIN).key_id
         v2 = (await manager.rotate_key(FIN, force=True)).key_id
-    job_id = await enqueue_reencryption(arq_redis, FIN, v1,
-                                        config=ArqWorkerConfig.from_env(setup.env))
+    job_id = await enqueue_reencryption(
+        arq_redis, FIN, v1, config=ArqWorkerConfig.from_env(setup.env)
+    )
     store = StatusStore(redis, setup.prefix)
-    w1 = await setup.start_worker("w1", ENCRYPTION_POSTGRES_DSN=(
-        f"{setup.dsn}?application_name={setup.prefix}-w1"))
+    w1 = await setup.start_worker(
+        "w1", ENCRYPTION_POSTGRES_DSN=(f"{setup.dsn}?application_name={setup.prefix}-w1")
+    )
 
     async def running_shard(min_rows: int, tries: int) -> Any:
         status = await store.read(job_id)
         for shard in status.shards if status else ():
-            if shard.state == "running" and shard.tries == tries and \
-                    shard.rows_done >= min_rows:
+            if shard.state == "running" and shard.tries == tries and shard.rows_done >= min_rows:
                 return shard
         return None
 
@@ -166,20 +185,27 @@ async def test_shard_retries_after_db_failure_and_resumes_after_sigkill(
     #    backoff (arq Retry) and resumes from its checkpoint.
     first = await _wait_for("a running shard", lambda: running_shard(2000, 1))
     killed = await pg.fetchval(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE application_name = $1", f"{setup.prefix}-w1")
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+        f"{setup.prefix}-w1",
+    )
     assert killed >= 1
     second = await _wait_for("the retry", lambda: running_shard(0, 2), timeout=30)
     assert second.index == first.index
 
     # 2. The worker is killed (SIGKILL) in the middle of the retry.
-    await _wait_for("progress after resuming",
-                    lambda: running_shard(second.attempts[-1]["resumed_from"] + 1500, 2))
+    await _wait_for(
+        "progress after resuming",
+        lambda: running_shard(second.attempts[-1]["resumed_from"] + 1500, 2),
+    )
     w1.send_signal(signal.SIGKILL)
     assert await setup.wait(w1) == -signal.SIGKILL
-    await _wait_for("the dead worker's sessions to go", lambda: pg.fetchval(
-        "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = $1",
-        f"{setup.prefix}-w1"))
+    await _wait_for(
+        "the dead worker's sessions to go",
+        lambda: pg.fetchval(
+            "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = $1",
+            f"{setup.prefix}-w1",
+        ),
+    )
 
     # 3. Another worker finishes the other shard, then retries the killed one.
     await setup.run_burst("w2", timeout=90)
@@ -188,8 +214,7 @@ async def test_shard_retries_after_db_failure_and_resumes_after_sigkill(
     shard = status.shards[first.index]
     assert shard.tries == 3 and [a["worker"] for a in shard.attempts] == ["w1", "w1", "w2"]
     outcomes = [a["outcome"] for a in shard.attempts]
-    assert re.match(r"retry in 0\.5 s: (the database|a connection) failed", outcomes[0]), \
-        outcomes
+    assert re.match(r"retry in 0\.5 s: (the database|a connection) failed", outcomes[0]), outcomes
     assert outcomes[1:] == ["interrupted (worker lost)", "done"]
     resumed = [a["resumed_from"] for a in shard.attempts]
     assert resumed[0] is None and resumed[1] >= 2000 and resumed[2] > resumed[1]
@@ -203,12 +228,19 @@ async def test_shard_retries_after_db_failure_and_resumes_after_sigkill(
 
 
 async def test_two_cron_runs_at_once_rotate_once(
-        arq_setup: ArqSetup, redis: aioredis.Redis, arq_redis: ArqRedis,
-        pg: asyncpg.Connection, table_name: str) -> None:
+    arq_setup: ArqSetup,
+    redis: aioredis.Redis,
+    arq_redis: ArqRedis,
+    pg: asyncpg.Connection,
+    table_name: str,
+) -> None:
     rows = 2000
     setup = arq_setup
-    setup.env.update(ENCRYPTION_ARQ_TABLES=json.dumps([users_spec(table_name).to_dict()]),
-                     ENCRYPTION_ARQ_RUN_AT_STARTUP="rotation", ENCRYPTION_ARQ_POLL_DELAY="0.1")
+    setup.env.update(
+        ENCRYPTION_ARQ_TABLES=json.dumps([users_spec(table_name).to_dict()]),
+        ENCRYPTION_ARQ_RUN_AT_STARTUP="rotation",
+        ENCRYPTION_ARQ_POLL_DELAY="0.1",
+    )
     async with setup.manager(clock=TWO_DAYS_AGO) as seeding:
         await make_users(pg, seeding, table_name, rows)  # keys made "two days ago": due
         v1 = seeding.keyring.active(FIN).key_id
@@ -218,8 +250,10 @@ async def test_two_cron_runs_at_once_rotate_once(
 
     # this test's results only (arq's all_job_results reads every result in the db)
     cron_name = f"cron:{setup.prefix}:rotate_keys_scheduled"
-    results = [deserialize_result(await redis.get(key), deserializer=job_deserializer)
-               async for key in redis.scan_iter(match=f"{result_key_prefix}{cron_name}:*")]
+    results = [
+        deserialize_result(await redis.get(key), deserializer=job_deserializer)
+        async for key in redis.scan_iter(match=f"{result_key_prefix}{cron_name}:*")
+    ]
     assert 1 <= len(results) <= 2 and all(r.success for r in results), setup.log_text()
     rotations = [item for r in results for item in r.result.get("rotated", ())]
     assert len(rotations) == 1 and rotations[0]["old_key_id"] == v1
@@ -234,14 +268,13 @@ async def test_two_cron_runs_at_once_rotate_once(
         assert await store.job_ids() == [f"reencrypt-{v1}"]
         assert (await setup.status(redis, f"reencrypt-{v1}")).state == "done"
         await check_users(pg, manager, table_name, rows, v2, pii)
-    runs = [(r.job_id, r.result.get("skipped"), len(r.result.get("rotated", ())))
-            for r in results]
+    runs = [(r.job_id, r.result.get("skipped"), len(r.result.get("rotated", ()))) for r in results]
     print(f"\ncron runs (job id, skipped, rotations): {runs}")
 
 
 async def test_missing_table_fails_once_with_a_clear_message(
-        arq_setup: ArqSetup, redis: aioredis.Redis, arq_redis: ArqRedis,
-        table_name: str) -> None:
+    arq_setup: ArqSetup, redis: aioredis.Redis, arq_redis: ArqRedis, table_name: str
+) -> None:
     setup = arq_setup
     setup.env["ENCRYPTION_ARQ_TABLES"] = json.dumps([users_spec(table_name).to_dict()])
     async with setup.manager() as manager:
@@ -260,13 +293,20 @@ async def test_missing_table_fails_once_with_a_clear_message(
 
 
 async def test_shard_stopped_at_its_timeout_says_so_and_resumes_when_enqueued_again(
-        arq_setup: ArqSetup, redis: aioredis.Redis, arq_redis: ArqRedis,
-        pg: asyncpg.Connection, table_name: str) -> None:
+    arq_setup: ArqSetup,
+    redis: aioredis.Redis,
+    arq_redis: ArqRedis,
+    pg: asyncpg.Connection,
+    table_name: str,
+) -> None:
     rows = 3000
     setup = arq_setup
-    setup.env.update(ENCRYPTION_ARQ_TABLES=json.dumps([users_spec(table_name).to_dict()]),
-                     ENCRYPTION_ARQ_SHARDS="1", ENCRYPTION_ARQ_BATCH_SIZE="100",
-                     ENCRYPTION_ARQ_POLL_DELAY="0.1")
+    setup.env.update(
+        ENCRYPTION_ARQ_TABLES=json.dumps([users_spec(table_name).to_dict()]),
+        ENCRYPTION_ARQ_SHARDS="1",
+        ENCRYPTION_ARQ_BATCH_SIZE="100",
+        ENCRYPTION_ARQ_POLL_DELAY="0.1",
+    )
     async with setup.manager() as manager:
         await make_users(pg, manager, table_name, rows)
         v1 = manager.keyring.active(FIN).key_id
@@ -275,8 +315,7 @@ async def test_shard_stopped_at_its_timeout_says_so_and_resumes_when_enqueued_ag
     config = ArqWorkerConfig.from_env(setup.env)
     job_id = await enqueue_reencryption(arq_redis, FIN, v1, config=config)
     # 3,000 rows at 600 rows/s cannot finish within the 2 s job timeout
-    await setup.run_burst("slow", ENCRYPTION_ARQ_RATE_LIMIT="600",
-                          ENCRYPTION_ARQ_JOB_TIMEOUT="2")
+    await setup.run_burst("slow", ENCRYPTION_ARQ_RATE_LIMIT="600", ENCRYPTION_ARQ_JOB_TIMEOUT="2")
     stopped = (await setup.status(redis, job_id)).shards[0]
     assert stopped.state == "failed" and stopped.error is not None
     assert "stopped by arq at the job timeout (2 s, ENCRYPTION_ARQ_JOB_TIMEOUT)" in stopped.error

@@ -27,8 +27,9 @@ except ImportError:  # plain `pytest`: tests/ itself is on sys.path
     import kms_servers as kms_servers
 
 #: Fast retries for tests: the same policy shape, shorter waits.
-FAST_RETRY = RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.05, call_timeout=5.0,
-                         total_timeout=15.0)
+FAST_RETRY = RetryPolicy(
+    attempts=3, initial_delay=0.01, max_delay=0.05, call_timeout=5.0, total_timeout=15.0
+)
 KEK_BACKENDS = ["local", "fake", "aws", "vault", "azure", "gcp"]
 REMOTE_BACKENDS = ["aws", "vault", "azure", "gcp"]
 
@@ -42,10 +43,16 @@ def free_port() -> int:
 def record(key_id: str, version: int = 1) -> EncryptionKey:
     """A key record as a store holds it (random bytes stand for the wrapped DEK)."""
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    return EncryptionKey(key_id=key_id, key_type=KeyType.PII, version=version,
-                         status="active",  # type: ignore[arg-type]  # coerced to KeyStatus
-                         created_at=now, expires_at=now + dt.timedelta(days=1),
-                         wrapped_key=os.urandom(60), kek_id="k")
+    return EncryptionKey(
+        key_id=key_id,
+        key_type=KeyType.PII,
+        version=version,
+        status="active",  # type: ignore[arg-type]  # coerced to KeyStatus
+        created_at=now,
+        expires_at=now + dt.timedelta(days=1),
+        wrapped_key=os.urandom(60),
+        kek_id="k",
+    )
 
 
 def _fresh(server: Any) -> Any:
@@ -159,16 +166,21 @@ async def build_case(name: str, request: pytest.FixtureRequest) -> KekCase:
         server = request.getfixturevalue("moto_server")
         arn = await make_aws_key(server)
         provider: KekProvider = AwsKmsKekProvider(
-            arn, access_key_id="testing", secret_access_key="testing",
-            endpoint_url=server.url, retry=FAST_RETRY)
+            arn,
+            access_key_id="testing",
+            secret_access_key="testing",
+            endpoint_url=server.url,
+            retry=FAST_RETRY,
+        )
         server.calls.reset()
         return KekCase(name, provider, server)
     if name == "vault":
         from aiocrypt.kek.vault import VaultTransitKekProvider
 
         server = request.getfixturevalue("vault_server")
-        vault = VaultTransitKekProvider(f"kek-{tag}", url=server.url, token=server.token,
-                                        retry=FAST_RETRY)
+        vault = VaultTransitKekProvider(
+            f"kek-{tag}", url=server.url, token=server.token, retry=FAST_RETRY
+        )
         await vault.ensure_key()
         server.calls.reset()
         return KekCase(name, vault, server)
@@ -178,16 +190,18 @@ async def build_case(name: str, request: pytest.FixtureRequest) -> KekCase:
         server = request.getfixturevalue("azure_server")
         server.create_rsa_key(f"kek-{tag}")
         provider = AzureKeyVaultKekProvider(
-            f"{server.url}/keys/kek-{tag}", credential=server.async_credential(),
-            client_kwargs=server.client_kwargs, retry=FAST_RETRY)
+            f"{server.url}/keys/kek-{tag}",
+            credential=server.async_credential(),
+            client_kwargs=server.client_kwargs,
+            retry=FAST_RETRY,
+        )
         return KekCase(name, provider, server)
     if name == "gcp":
         from aiocrypt.kek.gcp import GcpKmsKekProvider
 
         server = request.getfixturevalue("gcp_server")
         key_name = server.create_crypto_key(key_ring=f"ring-{tag}")
-        provider = GcpKmsKekProvider(key_name, endpoint=f"http://{server.target}",
-                                     retry=FAST_RETRY)
+        provider = GcpKmsKekProvider(key_name, endpoint=f"http://{server.target}", retry=FAST_RETRY)
         return KekCase(name, provider, server)
     raise AssertionError(name)
 

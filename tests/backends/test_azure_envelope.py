@@ -42,7 +42,8 @@ from .conftest import FAST_RETRY
 CONTEXT = {"aiocrypt_key_id": "pii-v1-0a0b0c0d", "aiocrypt_key_type": "pii"}
 OTHER_CONTEXT = {"aiocrypt_key_id": "pii-v2-0e0f0a0b", "aiocrypt_key_type": "pii"}
 VECTORS = json.loads(
-    (Path(__file__).parents[1] / "vectors" / "azure_kek.json").read_text(encoding="utf-8"))
+    (Path(__file__).parents[1] / "vectors" / "azure_kek.json").read_text(encoding="utf-8")
+)
 
 
 @pytest.fixture
@@ -53,13 +54,17 @@ async def key_name(azure_server: Any) -> str:
     return name
 
 
-def provider(server: Any, name: str, version: str | None = None,
-             **kwargs: Any) -> AzureKeyVaultKekProvider:
+def provider(
+    server: Any, name: str, version: str | None = None, **kwargs: Any
+) -> AzureKeyVaultKekProvider:
     suffix = f"/{version}" if version else ""
-    return AzureKeyVaultKekProvider(f"{server.url}/keys/{name}{suffix}",
-                                    credential=server.async_credential(),
-                                    client_kwargs=server.client_kwargs, retry=FAST_RETRY,
-                                    **kwargs)
+    return AzureKeyVaultKekProvider(
+        f"{server.url}/keys/{name}{suffix}",
+        credential=server.async_credential(),
+        client_kwargs=server.client_kwargs,
+        retry=FAST_RETRY,
+        **kwargs,
+    )
 
 
 @pytest.fixture
@@ -74,36 +79,41 @@ async def kek(azure_server: Any, key_name: str) -> AsyncIterator[AzureKeyVaultKe
 def parse(envelope: bytes) -> tuple[str, bytes, bytes]:
     """(version, body, trailer) of an envelope, read independently of the provider."""
     vlen = envelope[1]
-    version = envelope[2:2 + vlen].decode()
-    clen = int.from_bytes(envelope[2 + vlen:4 + vlen], "big")
+    version = envelope[2 : 2 + vlen].decode()
+    clen = int.from_bytes(envelope[2 + vlen : 4 + vlen], "big")
     end = 4 + vlen + clen
-    trailer = envelope[end:] if envelope[0] == 1 else envelope[end + 2:]
+    trailer = envelope[end:] if envelope[0] == 1 else envelope[end + 2 :]
     return version, envelope[:end], trailer
 
 
 def signed_digest(body: bytes, context: dict[str, str]) -> bytes:
-    return hashlib.sha256(b"aiocrypt/azure-kv/envelope/v2\x00" + body
-                          + canonical_context(context)).digest()
+    return hashlib.sha256(
+        b"aiocrypt/azure-kv/envelope/v2\x00" + body + canonical_context(context)
+    ).digest()
 
 
 def dek_keyed_tag(dek: bytes, body: bytes, context: dict[str, str]) -> bytes:
     """The 0x01 tag: anyone who chose the DEK can compute it."""
-    return hmac.new(derive_key(dek, b"azure-kv-context"), body + canonical_context(context),
-                    hashlib.sha256).digest()
+    return hmac.new(
+        derive_key(dek, b"azure-kv-context"), body + canonical_context(context), hashlib.sha256
+    ).digest()
 
 
 # -- the attacker: read and write access to the key store, the public key, no sign ----------
 
 
-FORGERIES = ["legacy layout, HMAC keyed by the chosen DEK",
-             "signed layout, random signature",
-             "signed layout, HMAC keyed by the chosen DEK",
-             "signed layout, the signature of a genuine envelope",
-             "signed layout, no signature"]
+FORGERIES = [
+    "legacy layout, HMAC keyed by the chosen DEK",
+    "signed layout, random signature",
+    "signed layout, HMAC keyed by the chosen DEK",
+    "signed layout, the signature of a genuine envelope",
+    "signed layout, no signature",
+]
 
 
-async def forge(server: Any, name: str, dek: bytes, context: dict[str, str],
-                genuine: bytes) -> dict[str, bytes]:
+async def forge(
+    server: Any, name: str, dek: bytes, context: dict[str, str], genuine: bytes
+) -> dict[str, bytes]:
     """Envelopes wrapping ``dek`` (the attacker's choice), one per entry of FORGERIES."""
     # all the attacker learns from the vault: the public key, as the SDK's get_key gives it
     async with KeyClient(server.url, server.async_credential(), **server.client_kwargs) as keys:
@@ -112,22 +122,24 @@ async def forge(server: Any, name: str, dek: bytes, context: dict[str, str],
     # wrapped exactly as the provider wraps: the SDK, locally, with the public key alone
     async with CryptographyClient.from_jwk(key.key) as local:
         encrypted = (await local.wrap_key(KeyWrapAlgorithm.rsa_oaep_256, dek)).encrypted_key
-    head = len(version).to_bytes(1, "big") + version + len(encrypted).to_bytes(2, "big") \
-        + encrypted
+    head = len(version).to_bytes(1, "big") + version + len(encrypted).to_bytes(2, "big") + encrypted
     legacy, signed = b"\x01" + head, b"\x02" + head
     tag = dek_keyed_tag(dek, signed, context)
     stolen = parse(genuine)[2]
-    envelopes = [legacy + dek_keyed_tag(dek, legacy, context),
-                 signed + (256).to_bytes(2, "big") + os.urandom(256),
-                 signed + len(tag).to_bytes(2, "big") + tag,
-                 signed + len(stolen).to_bytes(2, "big") + stolen,
-                 signed + b"\x00\x00"]
+    envelopes = [
+        legacy + dek_keyed_tag(dek, legacy, context),
+        signed + (256).to_bytes(2, "big") + os.urandom(256),
+        signed + len(tag).to_bytes(2, "big") + tag,
+        signed + len(stolen).to_bytes(2, "big") + stolen,
+        signed + b"\x00\x00",
+    ]
     return dict(zip(FORGERIES, envelopes, strict=True))
 
 
 @pytest.mark.parametrize("forgery", FORGERIES)
 async def test_a_public_key_holder_cannot_mint_a_wrapped_dek(
-        azure_server: Any, key_name: str, kek: AzureKeyVaultKekProvider, forgery: str) -> None:
+    azure_server: Any, key_name: str, kek: AzureKeyVaultKekProvider, forgery: str
+) -> None:
     genuine = await kek.wrap(os.urandom(32), CONTEXT)
     chosen = os.urandom(32)
     envelope = (await forge(azure_server, key_name, chosen, CONTEXT, genuine))[forgery]
@@ -148,7 +160,8 @@ async def test_a_public_key_holder_cannot_mint_a_wrapped_dek(
 
 
 async def test_the_legacy_option_admits_forgeries_which_is_why_it_is_off(
-        azure_server: Any, key_name: str, kek: AzureKeyVaultKekProvider) -> None:
+    azure_server: Any, key_name: str, kek: AzureKeyVaultKekProvider
+) -> None:
     chosen = os.urandom(32)
     genuine = await kek.wrap(os.urandom(32), CONTEXT)
     envelope = (await forge(azure_server, key_name, chosen, CONTEXT, genuine))[FORGERIES[0]]
@@ -165,7 +178,8 @@ async def test_the_legacy_option_admits_forgeries_which_is_why_it_is_off(
 
 
 async def test_the_envelope_is_signed_by_the_vault_key(
-        azure_server: Any, key_name: str, kek: AzureKeyVaultKekProvider) -> None:
+    azure_server: Any, key_name: str, kek: AzureKeyVaultKekProvider
+) -> None:
     dek = os.urandom(32)
     envelope = await kek.wrap(dek, CONTEXT)
     version, body, signature = parse(envelope)
@@ -173,9 +187,11 @@ async def test_the_envelope_is_signed_by_the_vault_key(
     assert version == azure_server.key_id(key_name).rsplit("/", 1)[1]
     # PS256 (RFC 7518: MGF1-SHA-256, 32-byte salt) by the private key, over the documented digest
     azure_server.public_key(key_name).verify(
-        signature, signed_digest(body, CONTEXT),
+        signature,
+        signed_digest(body, CONTEXT),
         padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
-        Prehashed(hashes.SHA256()))
+        Prehashed(hashes.SHA256()),
+    )
     calls = azure_server.calls.snapshot()
     assert calls.get("sign") == 1 and calls.get("wrap_key", 0) == 0, calls  # wrapped locally
     assert await kek.unwrap(envelope, CONTEXT) == dek
@@ -183,7 +199,8 @@ async def test_the_envelope_is_signed_by_the_vault_key(
 
 
 async def test_a_fresh_process_unwraps_with_one_get_and_one_unwrap(
-        azure_server: Any, key_name: str, kek: AzureKeyVaultKekProvider) -> None:
+    azure_server: Any, key_name: str, kek: AzureKeyVaultKekProvider
+) -> None:
     dek = os.urandom(32)
     envelope = await kek.wrap(dek, CONTEXT)
     azure_server.calls.reset()
@@ -197,7 +214,8 @@ async def test_a_fresh_process_unwraps_with_one_get_and_one_unwrap(
 
 
 async def test_another_context_is_refused_before_unwrapping(
-        azure_server: Any, kek: AzureKeyVaultKekProvider) -> None:
+    azure_server: Any, kek: AzureKeyVaultKekProvider
+) -> None:
     envelope = await kek.wrap(os.urandom(32), CONTEXT)
     azure_server.calls.reset()
     with pytest.raises(KekProviderError, match="does not belong to this context") as info:
@@ -207,7 +225,8 @@ async def test_another_context_is_refused_before_unwrapping(
 
 
 async def test_key_versions_are_recorded_and_cannot_be_relabelled(
-        azure_server: Any, key_name: str, kek: AzureKeyVaultKekProvider) -> None:
+    azure_server: Any, key_name: str, kek: AzureKeyVaultKekProvider
+) -> None:
     first_dek = os.urandom(32)
     first = await kek.wrap(first_dek, CONTEXT)
     rotated = azure_server.create_rsa_key(key_name).rsplit("/", 1)[1]
@@ -225,8 +244,9 @@ async def test_key_versions_are_recorded_and_cannot_be_relabelled(
     assert azure_server.calls["unwrap_key"] == 0
 
 
-async def test_wrapping_needs_sign_permission(azure_server: Any, key_name: str,
-                                              kek: AzureKeyVaultKekProvider) -> None:
+async def test_wrapping_needs_sign_permission(
+    azure_server: Any, key_name: str, kek: AzureKeyVaultKekProvider
+) -> None:
     azure_server.denied_operations = {"sign"}
     with pytest.raises(KekProviderError, match=r"sign: access denied .*\bsign\b") as info:
         await kek.wrap(os.urandom(32), CONTEXT)
@@ -250,19 +270,22 @@ def vector_key(azure_server: Any) -> str:
 def vector_cases(envelope: int) -> pytest.MarkDecorator:
     cases = [v for v in VECTORS["vectors"] if v["envelope"] == envelope]
     assert len(cases) >= 2
-    return pytest.mark.parametrize("vector", cases, ids=[f"v{envelope}-{i}"
-                                                         for i in range(len(cases))])
+    return pytest.mark.parametrize(
+        "vector", cases, ids=[f"v{envelope}-{i}" for i in range(len(cases))]
+    )
 
 
-def vector_provider(server: Any, name: str, vector: dict[str, Any],
-                    **kwargs: Any) -> AzureKeyVaultKekProvider:
+def vector_provider(
+    server: Any, name: str, vector: dict[str, Any], **kwargs: Any
+) -> AzureKeyVaultKekProvider:
     version = VECTORS["key_version"] if vector["configured_version"] else None
     return provider(server, name, version, **kwargs)
 
 
 @vector_cases(2)
-async def test_frozen_signed_envelopes_unwrap(azure_server: Any, vector_key: str,
-                                              vector: dict[str, Any]) -> None:
+async def test_frozen_signed_envelopes_unwrap(
+    azure_server: Any, vector_key: str, vector: dict[str, Any]
+) -> None:
     kek = vector_provider(azure_server, vector_key, vector)
     envelope = bytes.fromhex(vector["wrapped"])
     try:
@@ -275,7 +298,8 @@ async def test_frozen_signed_envelopes_unwrap(azure_server: Any, vector_key: str
 
 @vector_cases(1)
 async def test_frozen_legacy_envelopes_unwrap_only_with_the_option(
-        azure_server: Any, vector_key: str, vector: dict[str, Any]) -> None:
+    azure_server: Any, vector_key: str, vector: dict[str, Any]
+) -> None:
     envelope, dek = bytes.fromhex(vector["wrapped"]), bytes.fromhex(vector["dek"])
     strict = vector_provider(azure_server, vector_key, vector)
     try:
@@ -305,14 +329,20 @@ async def test_frozen_legacy_envelopes_unwrap_only_with_the_option(
         await strict.close()
 
 
-@pytest.mark.parametrize("value, expected", [(None, False), ("false", False), ("true", True),
-                                             ("1", True)])
-async def test_the_legacy_option_from_the_environment(value: str | None, expected: bool,
-                                                      tmp_path: Path) -> None:
-    environ = {"ENCRYPTION_KEY_STORAGE_BACKEND": "azure_kv",
-               "ENCRYPTION_AZURE_VAULT_URL": "https://my-vault.vault.azure.net",
-               "ENCRYPTION_AZURE_KEY_NAME": "app-kek", "ENCRYPTION_AZURE_TENANT_ID": "t",
-               "ENCRYPTION_AZURE_CLIENT_ID": "c", "ENCRYPTION_AZURE_CLIENT_SECRET": "s"}
+@pytest.mark.parametrize(
+    "value, expected", [(None, False), ("false", False), ("true", True), ("1", True)]
+)
+async def test_the_legacy_option_from_the_environment(
+    value: str | None, expected: bool, tmp_path: Path
+) -> None:
+    environ = {
+        "ENCRYPTION_KEY_STORAGE_BACKEND": "azure_kv",
+        "ENCRYPTION_AZURE_VAULT_URL": "https://my-vault.vault.azure.net",
+        "ENCRYPTION_AZURE_KEY_NAME": "app-kek",
+        "ENCRYPTION_AZURE_TENANT_ID": "t",
+        "ENCRYPTION_AZURE_CLIENT_ID": "c",
+        "ENCRYPTION_AZURE_CLIENT_SECRET": "s",
+    }
     if value is not None:
         environ["ENCRYPTION_AZURE_ALLOW_UNSIGNED_LEGACY"] = value
     (tmp_path / "encryption.json").write_text("{}")
@@ -327,10 +357,12 @@ async def test_the_legacy_option_from_the_environment(value: str | None, expecte
 # -- the test server's sign / verify, through the SDK -----------------------------------------
 
 
-@pytest.mark.parametrize("algorithm", [SignatureAlgorithm.ps256, SignatureAlgorithm.rs256,
-                                       SignatureAlgorithm.ps512])
-async def test_server_signs_as_key_vault_does(azure_server: Any, key_name: str,
-                                              algorithm: SignatureAlgorithm) -> None:
+@pytest.mark.parametrize(
+    "algorithm", [SignatureAlgorithm.ps256, SignatureAlgorithm.rs256, SignatureAlgorithm.ps512]
+)
+async def test_server_signs_as_key_vault_does(
+    azure_server: Any, key_name: str, algorithm: SignatureAlgorithm
+) -> None:
     hash_type = hashes.SHA512 if algorithm is SignatureAlgorithm.ps512 else hashes.SHA256
     digest = hashlib.new(hash_type.name, b"envelope").digest()
     credential = azure_server.async_credential()

@@ -54,12 +54,14 @@ def locals_of(error: BaseException) -> list[tuple[str, Any]]:
 
 @pytest.mark.parametrize("phase", ["rotate_master_key", "generate_key"])
 async def test_no_dek_in_traceback_locals_when_the_kek_fails_to_wrap(
-        vault_server: Any, phase: str) -> None:
+    vault_server: Any, phase: str
+) -> None:
     from aiocrypt.kek.vault import VaultTransitKekProvider
 
     old = LocalKekProvider.generate()
-    new = VaultTransitKekProvider("kek-locals", url=vault_server.url, token=vault_server.token,
-                                  retry=FAST_RETRY)
+    new = VaultTransitKekProvider(
+        "kek-locals", url=vault_server.url, token=vault_server.token, retry=FAST_RETRY
+    )
     await new.ensure_key()
     store = MemoryKeyStore()
     manager = KeyManager(store, old, watch=False)
@@ -74,8 +76,11 @@ async def test_no_dek_in_traceback_locals_when_the_kek_fails_to_wrap(
             else:
                 manager.kek = new
                 await manager.generate_key(KeyType.PII)
-        leaked = [(where, v) for where, v in locals_of(info.value)
-                  if isinstance(v, (bytes, bytearray, memoryview)) and len(v) == 32]
+        leaked = [
+            (where, v)
+            for where, v in locals_of(info.value)
+            if isinstance(v, (bytes, bytearray, memoryview)) and len(v) == 32
+        ]
         # the names of the frames and variables only: a failure must not print a key
         if leaked:
             pytest.fail(f"32-byte values in the locals of {[where for where, _ in leaked]}")

@@ -31,11 +31,17 @@ KEK_ID_FORMS = {
     "vault": r"^vault://transit/kek-[0-9a-f]{8}$",
     "azure": r"^azure-kv://127\.0\.0\.1:\d+/keys/kek-[0-9a-f]{8}$",
     "gcp": r"^gcp-kms://projects/test-project/locations/global/keyRings/ring-[0-9a-f]{8}"
-           r"/cryptoKeys/kek$",
+    r"/cryptoKeys/kek$",
 }
 # Names a backend goes by in its messages.
-LABELS = {"local": "local KEK", "fake": "fake KMS", "aws": "AWS KMS",
-          "vault": "Vault Transit", "azure": "Azure Key Vault", "gcp": "Cloud KMS"}
+LABELS = {
+    "local": "local KEK",
+    "fake": "fake KMS",
+    "aws": "AWS KMS",
+    "vault": "Vault Transit",
+    "azure": "Azure Key Vault",
+    "gcp": "Cloud KMS",
+}
 
 
 async def forget_public_key(case: KekCase) -> None:
@@ -72,8 +78,7 @@ async def test_wrong_context_is_refused_once(kek_case: KekCase) -> None:
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last", "truncated"])
-async def test_tampered_wrapped_key_is_refused_without_retry(kek_case: KekCase,
-                                                              where: str) -> None:
+async def test_tampered_wrapped_key_is_refused_without_retry(kek_case: KekCase, where: str) -> None:
     wrapped = bytearray(await kek_case.provider.wrap(os.urandom(32), CONTEXT))
     if where == "truncated":
         tampered = bytes(wrapped[:-5])
@@ -93,8 +98,9 @@ async def test_manager_generates_rotates_and_reloads(kek_case: KekCase) -> None:
     manager = KeyManager(store, kek_case.provider, watch=False)
     service = EncryptionService(manager)
     await manager.open()
-    old = await service.encrypt_field({"iban": "DE89370400440532013000"}, KeyType.PII,
-                                      context="accounts.iban")
+    old = await service.encrypt_field(
+        {"iban": "DE89370400440532013000"}, KeyType.PII, context="accounts.iban"
+    )
     first = await manager.get_active_key(KeyType.PII)
     assert first.kek_id == kek_case.provider.kek_id
     second = await manager.rotate_key(KeyType.PII, force=True)
@@ -105,8 +111,9 @@ async def test_manager_generates_rotates_and_reloads(kek_case: KekCase) -> None:
     fresh = EncryptionService(KeyManager(store, kek_case.provider, watch=False))
     await fresh.key_manager.refresh(force=True)
     await fresh.start()
-    assert await fresh.decrypt_field(old, KeyType.PII, context="accounts.iban") == \
-        {"iban": "DE89370400440532013000"}
+    assert await fresh.decrypt_field(old, KeyType.PII, context="accounts.iban") == {
+        "iban": "DE89370400440532013000"
+    }
     assert await fresh.decrypt_field(new, KeyType.PII, context="accounts.iban") == 7
     statuses = {k.key_id: k.status for k in await fresh.key_manager.list_keys(KeyType.PII)}
     assert statuses == {first.key_id: KeyStatus.DECRYPT_ONLY, second.key_id: KeyStatus.ACTIVE}
@@ -118,14 +125,21 @@ async def test_ten_thousand_fields_make_a_handful_of_kms_calls(kek_case: KekCase
     kek_case.reset_calls()
     service = EncryptionService(KeyManager(MemoryKeyStore(), kek_case.provider, watch=False))
     async with service:
-        tokens = [await service.encrypt_field(f"{i:08d}", KeyType.FINANCIAL_DATA,
-                                              context="ledger.amount") for i in range(10_000)]
-        assert await service.decrypt_field(tokens[1234], KeyType.FINANCIAL_DATA,
-                                           context="ledger.amount") == "00001234"
+        tokens = [
+            await service.encrypt_field(f"{i:08d}", KeyType.FINANCIAL_DATA, context="ledger.amount")
+            for i in range(10_000)
+        ]
+        assert (
+            await service.decrypt_field(
+                tokens[1234], KeyType.FINANCIAL_DATA, context="ledger.amount"
+            )
+            == "00001234"
+        )
     # a wrap or two (the DEK; a store may wrap a key of its own), nothing per field; Azure
     # signs each wrap and fetches the public key once
-    assert 1 <= kek_case.calls() <= (4 if kek_case.name == "azure" else 3), \
+    assert 1 <= kek_case.calls() <= (4 if kek_case.name == "azure" else 3), (
         kek_case.server.calls if kek_case.server else None
+    )
 
 
 async def test_access_denied_is_clear_and_not_retried(remote_case: KekCase) -> None:

@@ -47,8 +47,7 @@ class Flaky:
 
 
 def _retries(caplog: pytest.LogCaptureFixture) -> int:
-    return sum("retrying in" in r.getMessage() for r in caplog.records
-               if r.name == "aiocrypt.kek")
+    return sum("retrying in" in r.getMessage() for r in caplog.records if r.name == "aiocrypt.kek")
 
 
 # -- transient failures are retried, a bounded number of times ---------------------------
@@ -66,8 +65,12 @@ async def _aws_flaky(server: Any, failures: int) -> tuple[KekProvider, Flaky, An
 
     def throttled() -> Exception:
         error: Exception = ClientError(  # botocore ships no types
-            {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
-             "ResponseMetadata": {"HTTPStatusCode": 400}}, "Encrypt")
+            {
+                "Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            },
+            "Encrypt",
+        )
         return error
 
     flaky = Flaky(client, "encrypt", failures, throttled)
@@ -76,8 +79,8 @@ async def _aws_flaky(server: Any, failures: int) -> tuple[KekProvider, Flaky, An
 
 @pytest.mark.parametrize("failures, succeeds", [(2, True), (3, False)])
 async def test_aws_throttling_is_retried_with_backoff(
-        moto_server: Any, failures: int, succeeds: bool,
-        caplog: pytest.LogCaptureFixture) -> None:
+    moto_server: Any, failures: int, succeeds: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     provider, flaky, context = await _aws_flaky(moto_server, failures)
     try:
         if succeeds:
@@ -115,9 +118,9 @@ async def test_gcp_unavailable_is_retried(gcp_server: Any) -> None:
         await client.transport.close()
 
 
-async def test_vault_sealed_then_back_is_retried(vault_server: Any,
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 request: pytest.FixtureRequest) -> None:
+async def test_vault_sealed_then_back_is_retried(
+    vault_server: Any, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     VaultError = sys.modules[type(vault_server).__module__].VaultError
 
     case = await build_case("vault", request)
@@ -141,9 +144,9 @@ async def test_vault_sealed_then_back_is_retried(vault_server: Any,
         await case.provider.close()
 
 
-async def test_azure_503_on_unwrap_is_retried(azure_server: Any,
-                                              monkeypatch: pytest.MonkeyPatch,
-                                              request: pytest.FixtureRequest) -> None:
+async def test_azure_503_on_unwrap_is_retried(
+    azure_server: Any, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     KeyVaultError = sys.modules[type(azure_server).__module__].KeyVaultError
 
     case = await build_case("azure", request)
@@ -173,29 +176,41 @@ def _down_provider(name: str, port: int, retry: RetryPolicy) -> KekProvider:
     if name == "aws":
         from aiocrypt.kek.aws import AwsKmsKekProvider
 
-        return AwsKmsKekProvider("alias/aiocrypt", region="us-east-1", access_key_id="testing",
-                                 secret_access_key="testing",
-                                 endpoint_url=f"http://127.0.0.1:{port}", retry=retry)
+        return AwsKmsKekProvider(
+            "alias/aiocrypt",
+            region="us-east-1",
+            access_key_id="testing",
+            secret_access_key="testing",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            retry=retry,
+        )
     if name == "vault":
         from aiocrypt.kek.vault import VaultTransitKekProvider
 
-        return VaultTransitKekProvider("kek", url=f"http://127.0.0.1:{port}", token="t",
-                                       retry=retry)
+        return VaultTransitKekProvider(
+            "kek", url=f"http://127.0.0.1:{port}", token="t", retry=retry
+        )
     if name == "azure":
         from aiocrypt.kek.azure import AzureKeyVaultKekProvider
 
         return AzureKeyVaultKekProvider(
             f"https://127.0.0.1:{port}/keys/kek",
-            credential=kms_servers.AsyncStaticTokenCredential("t"), retry=retry)
+            credential=kms_servers.AsyncStaticTokenCredential("t"),
+            retry=retry,
+        )
     from aiocrypt.kek.gcp import GcpKmsKekProvider
 
-    return GcpKmsKekProvider("projects/p/locations/l/keyRings/r/cryptoKeys/k",
-                             endpoint=f"http://127.0.0.1:{port}", retry=retry)
+    return GcpKmsKekProvider(
+        "projects/p/locations/l/keyRings/r/cryptoKeys/k",
+        endpoint=f"http://127.0.0.1:{port}",
+        retry=retry,
+    )
 
 
 @pytest.mark.parametrize("name", ["aws", "vault", "azure", "gcp"])
 async def test_unreachable_service_is_retried_then_reported(
-        name: str, caplog: pytest.LogCaptureFixture) -> None:
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
     provider = _down_provider(name, free_port(), FAST_RETRY)
     try:
         started = time.monotonic()
@@ -222,8 +237,9 @@ def black_hole() -> Iterator[int]:
 
 @pytest.mark.parametrize("name", ["aws", "vault", "gcp"])
 async def test_silent_service_times_out(name: str, black_hole: int) -> None:
-    policy = RetryPolicy(attempts=2, initial_delay=0.01, max_delay=0.01, call_timeout=0.3,
-                         total_timeout=5.0)
+    policy = RetryPolicy(
+        attempts=2, initial_delay=0.01, max_delay=0.01, call_timeout=0.3, total_timeout=5.0
+    )
     provider = _down_provider(name, black_hole, policy)
     try:
         with anyio.fail_after(10):
@@ -252,17 +268,20 @@ async def test_aws_from_config_round_trip(moto_server: Any) -> None:
     from aiocrypt.kek.aws import AwsKmsKekProvider
 
     arn = await make_aws_key(moto_server)
-    config = EncryptionConfig(storage_backend="aws_kms", aws_kms_key_id=arn,
-                              aws_region="us-east-1", aws_access_key_id="testing",
-                              aws_secret_access_key="s3cr3t-aws-value",
-                              aws_endpoint_url=moto_server.url)
+    config = EncryptionConfig(
+        storage_backend="aws_kms",
+        aws_kms_key_id=arn,
+        aws_region="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="s3cr3t-aws-value",
+        aws_endpoint_url=moto_server.url,
+    )
     provider = build_kek_provider(config)
     try:
         assert isinstance(provider, AwsKmsKekProvider)
         assert provider.kek_id == f"aws-kms://{arn}"
         assert "s3cr3t" not in repr(provider)
-        assert await provider.unwrap(await provider.wrap(b"d" * 32, CONTEXT), CONTEXT) == \
-            b"d" * 32
+        assert await provider.unwrap(await provider.wrap(b"d" * 32, CONTEXT), CONTEXT) == b"d" * 32
     finally:
         await provider.close()
 
@@ -277,16 +296,19 @@ async def test_vault_from_config_round_trip(vault_server: Any) -> None:
     admin = hvac.Client(url=vault_server.url, token=vault_server.token)
     admin.sys.enable_secrets_engine("transit", path=mount)
     admin.adapter.close()
-    config = EncryptionConfig(storage_backend="vault", vault_url=vault_server.url,
-                              vault_token=vault_server.token, vault_transit_key="app-kek",
-                              vault_mount_point=mount)
+    config = EncryptionConfig(
+        storage_backend="vault",
+        vault_url=vault_server.url,
+        vault_token=vault_server.token,
+        vault_transit_key="app-kek",
+        vault_mount_point=mount,
+    )
     provider = build_kek_provider(config)
     try:
         assert isinstance(provider, VaultTransitKekProvider)
         assert provider.kek_id == f"vault://{mount}/app-kek"
         assert vault_server.token not in repr(provider)
-        assert await provider.unwrap(await provider.wrap(b"d" * 32, CONTEXT), CONTEXT) == \
-            b"d" * 32
+        assert await provider.unwrap(await provider.wrap(b"d" * 32, CONTEXT), CONTEXT) == b"d" * 32
         assert vault_server.key_names(mount) == ["app-kek"]
     finally:
         await provider.close()
@@ -296,18 +318,24 @@ async def test_gcp_from_config_round_trip(gcp_server: Any) -> None:
     from aiocrypt._factory import build_kek_provider
     from aiocrypt.kek.gcp import GcpKmsKekProvider
 
-    gcp_server.create_crypto_key(project="proj-1", location="europe-west1",
-                                 key_ring="ring-cfg", key="app-kek")
-    config = EncryptionConfig(storage_backend="gcp_kms", gcp_project_id="proj-1",
-                              gcp_location="europe-west1", gcp_keyring="ring-cfg",
-                              gcp_key_name="app-kek", gcp_endpoint=f"http://{gcp_server.target}")
+    gcp_server.create_crypto_key(
+        project="proj-1", location="europe-west1", key_ring="ring-cfg", key="app-kek"
+    )
+    config = EncryptionConfig(
+        storage_backend="gcp_kms",
+        gcp_project_id="proj-1",
+        gcp_location="europe-west1",
+        gcp_keyring="ring-cfg",
+        gcp_key_name="app-kek",
+        gcp_endpoint=f"http://{gcp_server.target}",
+    )
     provider = build_kek_provider(config)
     try:
         assert isinstance(provider, GcpKmsKekProvider)
-        assert provider.kek_id == ("gcp-kms://projects/proj-1/locations/europe-west1/"
-                                   "keyRings/ring-cfg/cryptoKeys/app-kek")
-        assert await provider.unwrap(await provider.wrap(b"d" * 32, CONTEXT), CONTEXT) == \
-            b"d" * 32
+        assert provider.kek_id == (
+            "gcp-kms://projects/proj-1/locations/europe-west1/keyRings/ring-cfg/cryptoKeys/app-kek"
+        )
+        assert await provider.unwrap(await provider.wrap(b"d" * 32, CONTEXT), CONTEXT) == b"d" * 32
     finally:
         await provider.close()
 
@@ -316,16 +344,20 @@ async def test_azure_from_config_builds_a_secret_credential() -> None:
     from aiocrypt._factory import build_kek_provider
     from aiocrypt.kek.azure import AzureKeyVaultKekProvider
 
-    config = EncryptionConfig(storage_backend="azure_kv",
-                              azure_vault_url="https://my-vault.vault.azure.net/",
-                              azure_key_name="app-kek/0123456789abcdef0123456789abcdef",
-                              azure_tenant_id="tenant", azure_client_id="client",
-                              azure_client_secret="s3cr3t-azure-value")
+    config = EncryptionConfig(
+        storage_backend="azure_kv",
+        azure_vault_url="https://my-vault.vault.azure.net/",
+        azure_key_name="app-kek/0123456789abcdef0123456789abcdef",
+        azure_tenant_id="tenant",
+        azure_client_id="client",
+        azure_client_secret="s3cr3t-azure-value",
+    )
     provider = build_kek_provider(config)
     try:
         assert isinstance(provider, AzureKeyVaultKekProvider)
-        assert provider.kek_id == ("azure-kv://my-vault.vault.azure.net/keys/app-kek/"
-                                   "0123456789abcdef0123456789abcdef")
+        assert provider.kek_id == (
+            "azure-kv://my-vault.vault.azure.net/keys/app-kek/0123456789abcdef0123456789abcdef"
+        )
         assert "s3cr3t" not in repr(provider)
         provider._client(None)  # builds the SDK client (no request yet) and the credential
         assert type(provider._credential).__name__ == "ClientSecretCredential"
@@ -337,15 +369,19 @@ async def test_azure_refuses_an_envelope_from_another_key_version(azure_server: 
     from aiocrypt.kek.azure import AzureKeyVaultKekProvider
 
     kid = azure_server.create_rsa_key(f"kek-{os.urandom(4).hex()}")
-    pinned = AzureKeyVaultKekProvider(kid, credential=azure_server.async_credential(),
-                                      client_kwargs=azure_server.client_kwargs)
+    pinned = AzureKeyVaultKekProvider(
+        kid, credential=azure_server.async_credential(), client_kwargs=azure_server.client_kwargs
+    )
     try:
         assert pinned.kek_id.endswith(kid.rsplit("/", 1)[1])
         wrapped = await pinned.wrap(b"d" * 32, CONTEXT)
         assert await pinned.unwrap(wrapped, CONTEXT) == b"d" * 32
         rotated = azure_server.create_rsa_key(kid.split("/keys/")[1].split("/")[0])
-        other = AzureKeyVaultKekProvider(rotated, credential=azure_server.async_credential(),
-                                         client_kwargs=azure_server.client_kwargs)
+        other = AzureKeyVaultKekProvider(
+            rotated,
+            credential=azure_server.async_credential(),
+            client_kwargs=azure_server.client_kwargs,
+        )
         with pytest.raises(KekProviderError, match="key version"):
             await other.unwrap(wrapped, CONTEXT)
         await other.close()
@@ -353,12 +389,15 @@ async def test_azure_refuses_an_envelope_from_another_key_version(azure_server: 
         await pinned.close()
 
 
-@pytest.mark.parametrize("kwargs, problem", [
-    ({"storage_backend": "aws_kms"}, "ENCRYPTION_AWS_KMS_KEY_ID"),
-    ({"storage_backend": "vault"}, "ENCRYPTION_VAULT_URL"),
-    ({"storage_backend": "azure_kv"}, "ENCRYPTION_AZURE_VAULT_URL"),
-    ({"storage_backend": "gcp_kms", "gcp_project_id": "p"}, "ENCRYPTION_GCP_LOCATION"),
-])
+@pytest.mark.parametrize(
+    "kwargs, problem",
+    [
+        ({"storage_backend": "aws_kms"}, "ENCRYPTION_AWS_KMS_KEY_ID"),
+        ({"storage_backend": "vault"}, "ENCRYPTION_VAULT_URL"),
+        ({"storage_backend": "azure_kv"}, "ENCRYPTION_AZURE_VAULT_URL"),
+        ({"storage_backend": "gcp_kms", "gcp_project_id": "p"}, "ENCRYPTION_GCP_LOCATION"),
+    ],
+)
 def test_from_config_names_what_is_missing(kwargs: dict[str, Any], problem: str) -> None:
     from aiocrypt import ConfigurationError
     from aiocrypt._factory import build_kek_provider
@@ -393,8 +432,8 @@ def test_missing_extra_names_it() -> None:
                 sys.modules.update(saved)
         print("ok")
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
-

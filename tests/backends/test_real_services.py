@@ -41,9 +41,12 @@ async def real_provider(request: pytest.FixtureRequest) -> AsyncIterator[KekProv
         from aiocrypt.kek.vault import VaultTransitKekProvider
 
         vault = VaultTransitKekProvider(
-            "aiocrypt-test", url=os.environ["VAULT_ADDR"], token=os.environ["VAULT_TOKEN"],
+            "aiocrypt-test",
+            url=os.environ["VAULT_ADDR"],
+            token=os.environ["VAULT_TOKEN"],
             mount_point=config.vault_mount_point,
-            namespace=os.environ.get("VAULT_NAMESPACE"))
+            namespace=os.environ.get("VAULT_NAMESPACE"),
+        )
         await vault.ensure_key()
         provider = vault
     elif request.param == "aws":
@@ -54,15 +57,24 @@ async def real_provider(request: pytest.FixtureRequest) -> AsyncIterator[KekProv
 
         provider = aws_from_config(config)
     elif request.param == "azure":
-        _need("ENCRYPTION_AZURE_VAULT_URL", "ENCRYPTION_AZURE_KEY_NAME",
-              "ENCRYPTION_AZURE_TENANT_ID", "ENCRYPTION_AZURE_CLIENT_ID",
-              "ENCRYPTION_AZURE_CLIENT_SECRET")
+        _need(
+            "ENCRYPTION_AZURE_VAULT_URL",
+            "ENCRYPTION_AZURE_KEY_NAME",
+            "ENCRYPTION_AZURE_TENANT_ID",
+            "ENCRYPTION_AZURE_CLIENT_ID",
+            "ENCRYPTION_AZURE_CLIENT_SECRET",
+        )
         from aiocrypt.kek.azure import from_config as azure_from_config
 
         provider = azure_from_config(config)
     else:
-        _need("GOOGLE_APPLICATION_CREDENTIALS", "ENCRYPTION_GCP_PROJECT_ID",
-              "ENCRYPTION_GCP_LOCATION", "ENCRYPTION_GCP_KEYRING", "ENCRYPTION_GCP_KEY_NAME")
+        _need(
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "ENCRYPTION_GCP_PROJECT_ID",
+            "ENCRYPTION_GCP_LOCATION",
+            "ENCRYPTION_GCP_KEYRING",
+            "ENCRYPTION_GCP_KEY_NAME",
+        )
         from aiocrypt.kek.gcp import from_config as gcp_from_config
 
         provider = gcp_from_config(config)

@@ -53,8 +53,9 @@ async def postgres_stores(postgres_dsn: str) -> AsyncIterator[StoreMaker]:
     made: list[KeyStore] = []
 
     def make(**kwargs: Any) -> KeyStore:
-        store = PostgresKeyStore(kwargs.pop("pool", postgres_dsn),
-                                 schema=kwargs.pop("schema", schema), **kwargs)
+        store = PostgresKeyStore(
+            kwargs.pop("pool", postgres_dsn), schema=kwargs.pop("schema", schema), **kwargs
+        )
         made.append(store)
         return store
 
@@ -136,8 +137,7 @@ async def test_redis_lock_lease_is_renewed_while_held(redis_stores: StoreMaker) 
 # -- clients the caller built ----------------------------------------------------------------
 
 
-async def test_redis_store_over_a_callers_client(redis_url: str,
-                                                 redis_stores: StoreMaker) -> None:
+async def test_redis_store_over_a_callers_client(redis_url: str, redis_stores: StoreMaker) -> None:
     client = redis_asyncio.Redis.from_url(redis_url)
     try:
         store = redis_stores(client=client)
@@ -150,8 +150,9 @@ async def test_redis_store_over_a_callers_client(redis_url: str,
         await client.aclose()
 
 
-async def test_postgres_store_over_a_callers_pool(postgres_dsn: str,
-                                                  postgres_stores: StoreMaker) -> None:
+async def test_postgres_store_over_a_callers_pool(
+    postgres_dsn: str, postgres_stores: StoreMaker
+) -> None:
     pool = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=4)
     try:
         store = postgres_stores(pool=pool)
@@ -199,9 +200,11 @@ async def test_stores_from_config(redis_url: str, postgres_dsn: str) -> None:
 
     kek = LocalKekProvider.generate()
     redis_store = build_key_store(
-        EncryptionConfig(storage_backend="redis", redis_url=redis_url), kek)
+        EncryptionConfig(storage_backend="redis", redis_url=redis_url), kek
+    )
     postgres_store = build_key_store(
-        EncryptionConfig(storage_backend="postgres", postgres_dsn=postgres_dsn), kek)
+        EncryptionConfig(storage_backend="postgres", postgres_dsn=postgres_dsn), kek
+    )
     try:
         assert isinstance(redis_store, RedisKeyStore) and redis_store.prefix == "aiocrypt:"
         assert isinstance(postgres_store, PostgresKeyStore)
@@ -213,14 +216,20 @@ async def test_stores_from_config(redis_url: str, postgres_dsn: str) -> None:
 
 async def test_reprs_and_errors_never_show_passwords() -> None:
     port = free_port()
-    redis_store = RedisKeyStore(f"redis://app:hunter2@127.0.0.1:{port}/3?password=hunter2",
-                                socket_timeout=2)
+    redis_store = RedisKeyStore(
+        f"redis://app:hunter2@127.0.0.1:{port}/3?password=hunter2", socket_timeout=2
+    )
     postgres_store = PostgresKeyStore(
-        f"postgresql://app:hunter2@127.0.0.1:{port}/db?sslpassword=hunter2", command_timeout=2)
-    assert repr(redis_store) == \
-        f"<RedisKeyStore redis://app:***@127.0.0.1:{port}/3 prefix='aiocrypt:'>"
-    assert repr(postgres_store) == \
-        f"<PostgresKeyStore postgresql://app:***@127.0.0.1:{port}/db schema='aiocrypt'>"
+        f"postgresql://app:hunter2@127.0.0.1:{port}/db?sslpassword=hunter2", command_timeout=2
+    )
+    assert (
+        repr(redis_store)
+        == f"<RedisKeyStore redis://app:***@127.0.0.1:{port}/3 prefix='aiocrypt:'>"
+    )
+    assert (
+        repr(postgres_store)
+        == f"<PostgresKeyStore postgresql://app:***@127.0.0.1:{port}/db schema='aiocrypt'>"
+    )
     for store, name in ((redis_store, "Redis"), (postgres_store, "PostgreSQL")):
         with pytest.raises(KeyStoreError) as info:
             await store.open()

@@ -58,15 +58,17 @@ class HookedKek(KekProvider):
         return await self.inner.unwrap(wrapped, context)
 
 
-async def _rotation_survives_a_crash(store: KeyStore, crash: Callable[[], None],
-                                     restart: Callable[[], None], where: str) -> None:
+async def _rotation_survives_a_crash(
+    store: KeyStore, crash: Callable[[], None], restart: Callable[[], None], where: str
+) -> None:
     kek = HookedKek()
     manager = KeyManager(store, kek, watch=False, lock_timeout=10)
     service = EncryptionService(manager)
     await manager.open()
     try:
-        token = await service.encrypt_field("4111 1111 1111 1111", KeyType.PII,
-                                            context="cards.number")
+        token = await service.encrypt_field(
+            "4111 1111 1111 1111", KeyType.PII, context="cards.number"
+        )
         v1 = await manager.get_active_key(KeyType.PII)
         before = await store.read()
 
@@ -81,15 +83,19 @@ async def _rotation_survives_a_crash(store: KeyStore, crash: Callable[[], None],
         after = await store.read()
         assert after == before  # nothing lost, nothing half-written
         assert [(k.key_id, k.status) for k in after.keys] == [(v1.key_id, KeyStatus.ACTIVE)]
-        assert await service.decrypt_field(token, KeyType.PII, context="cards.number") == \
-            "4111 1111 1111 1111"
+        assert (
+            await service.decrypt_field(token, KeyType.PII, context="cards.number")
+            == "4111 1111 1111 1111"
+        )
 
         v2 = await manager.rotate_key(KeyType.PII, force=True)
         assert v2.version == 2
         statuses = {k.key_id: k.status for k in (await store.read()).keys}
         assert statuses == {v1.key_id: KeyStatus.DECRYPT_ONLY, v2.key_id: KeyStatus.ACTIVE}
-        assert await service.decrypt_field(token, KeyType.PII, context="cards.number") == \
-            "4111 1111 1111 1111"
+        assert (
+            await service.decrypt_field(token, KeyType.PII, context="cards.number")
+            == "4111 1111 1111 1111"
+        )
         fresh = await service.encrypt_field("new", KeyType.PII, context="cards.number")
         assert v2.key_id in fresh  # the key id sits in the token in clear
     finally:
@@ -100,8 +106,12 @@ async def test_redis_killed_mid_rotation(private_redis: PrivateRedis) -> None:
     from aiocrypt.keystore.redis import RedisKeyStore
 
     store = RedisKeyStore(private_redis.url, prefix="faults:", lock_lease=5.0, socket_timeout=5)
-    await _rotation_survives_a_crash(store, private_redis.kill, private_redis.start,
-                                     f"Redis key store redis://127.0.0.1:{private_redis.port}/0")
+    await _rotation_survives_a_crash(
+        store,
+        private_redis.kill,
+        private_redis.start,
+        f"Redis key store redis://127.0.0.1:{private_redis.port}/0",
+    )
 
 
 async def test_postgres_crashed_mid_rotation(private_postgres: PrivatePostgres) -> None:
@@ -109,5 +119,8 @@ async def test_postgres_crashed_mid_rotation(private_postgres: PrivatePostgres) 
 
     store = PostgresKeyStore(private_postgres.dsn, schema="faults", command_timeout=5)
     await _rotation_survives_a_crash(
-        store, lambda: private_postgres.stop("immediate"), private_postgres.start,
-        f"PostgreSQL key store postgresql://postgres@127.0.0.1:{private_postgres.port}/postgres")
+        store,
+        lambda: private_postgres.stop("immediate"),
+        private_postgres.start,
+        f"PostgreSQL key store postgresql://postgres@127.0.0.1:{private_postgres.port}/postgres",
+    )

@@ -23,15 +23,15 @@ COMMAND = [sys.executable, "-m", "aiocrypt.cli"]
 
 def clean_environ() -> dict[str, str]:
     """The outer environment without any ENCRYPTION_* / AIOCRYPT_* setting."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ENCRYPTION_", "AIOCRYPT_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ENCRYPTION_", "AIOCRYPT_"))}
     env.pop("COLUMNS", None)
     return env
 
 
 def run_cli(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -> CliResult:
-    return subprocess.run([*COMMAND, *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [*COMMAND, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def closed_port() -> int:
@@ -54,8 +54,9 @@ def service_for(env: dict[str, str]) -> EncryptionService:
     """A library service over the same file key store and master key the command uses."""
     kek = LocalKekProvider(base64.b64decode(env["ENCRYPTION_MASTER_KEY"]))
     store = FileKeyStore(env["ENCRYPTION_KEY_STORAGE_PATH"], kek)
-    config = EncryptionConfig(master_key=env["ENCRYPTION_MASTER_KEY"],
-                              storage_path=env["ENCRYPTION_KEY_STORAGE_PATH"])
+    config = EncryptionConfig(
+        master_key=env["ENCRYPTION_MASTER_KEY"], storage_path=env["ENCRYPTION_KEY_STORAGE_PATH"]
+    )
     return EncryptionService(KeyManager(store, kek, config, watch=False))
 
 

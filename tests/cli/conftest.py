@@ -21,14 +21,17 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     store = tmp_path / "store"
     store.mkdir(mode=0o700)
     env = clean_environ()
-    env.update(ENCRYPTION_MASTER_KEY=base64.b64encode(os.urandom(32)).decode("ascii"),
-               ENCRYPTION_KEY_STORAGE_PATH=str(store / "keys.json"))
+    env.update(
+        ENCRYPTION_MASTER_KEY=base64.b64encode(os.urandom(32)).decode("ascii"),
+        ENCRYPTION_KEY_STORAGE_PATH=str(store / "keys.json"),
+    )
     return env
 
 
 @pytest.fixture
 def cli(cli_env: dict[str, str], tmp_path: Path) -> Cli:
     """Run ``aiocrypt ARGS...`` in ``tmp_path`` with ``cli_env`` (plus ``env=`` overrides)."""
+
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
         return run_cli({**cli_env, **(env or {})}, tmp_path, *args, timeout=timeout)
 

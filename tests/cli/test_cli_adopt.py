@@ -22,8 +22,11 @@ def test_keys_adopt_seals_a_legacy_store_once(cli: Cli, cli_env: dict[str, str])
     path = Path(cli_env["ENCRYPTION_KEY_STORAGE_PATH"])
     shutil.copy(LEGACY / "keys.json", path)
     os.chmod(path, 0o600)
-    env = {"ENCRYPTION_MASTER_KEY": base64.b64encode(
-        bytes.fromhex(meta["master_key_hex"])).decode("ascii")}
+    env = {
+        "ENCRYPTION_MASTER_KEY": base64.b64encode(bytes.fromhex(meta["master_key_hex"])).decode(
+            "ascii"
+        )
+    }
 
     refused = cli("keys", "list", env=env)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
@@ -46,8 +49,9 @@ def test_keys_adopt_seals_a_legacy_store_once(cli: Cli, cli_env: dict[str, str])
     assert again.returncode == 0 and json.loads(again.stdout)["already_sealed"] is True
 
 
-def test_keys_adopt_refuses_a_store_the_master_key_does_not_open(cli: Cli,
-                                                                 cli_env: dict[str, str]) -> None:
+def test_keys_adopt_refuses_a_store_the_master_key_does_not_open(
+    cli: Cli, cli_env: dict[str, str]
+) -> None:
     path = Path(cli_env["ENCRYPTION_KEY_STORAGE_PATH"])
     shutil.copy(LEGACY / "keys.json", path)
     os.chmod(path, 0o600)

@@ -56,7 +56,8 @@ def verify(cli: Cli, dsn: str, table: str, key: bytes | None, *extra: str) -> tu
 
 
 async def test_verify_reads_the_hmac_key_from_the_named_variable(
-        cli: Cli, postgres_dsn: str, audit_table: str, hmac_key: bytes) -> None:
+    cli: Cli, postgres_dsn: str, audit_table: str, hmac_key: bytes
+) -> None:
     code, out = verify(cli, postgres_dsn, audit_table, hmac_key)
     assert code == 0, out
     assert out.startswith("audit chain OK (5 rows, hmac mode, head 5:")
@@ -70,7 +71,8 @@ async def test_verify_reads_the_hmac_key_from_the_named_variable(
 
 
 async def test_verify_without_the_key_or_with_another_says_so(
-        cli: Cli, postgres_dsn: str, audit_table: str) -> None:
+    cli: Cli, postgres_dsn: str, audit_table: str
+) -> None:
     code, out = verify(cli, postgres_dsn, audit_table, None)
     assert code == 1
     assert "the table is an HMAC chain: verify it with its key" in out
@@ -81,14 +83,16 @@ async def test_verify_without_the_key_or_with_another_says_so(
 
 
 async def test_verify_reports_a_cut_tail_and_an_edited_row(
-        cli: Cli, postgres_dsn: str, audit_table: str, hmac_key: bytes) -> None:
+    cli: Cli, postgres_dsn: str, audit_table: str, hmac_key: bytes
+) -> None:
     anchor = json.loads(verify(cli, postgres_dsn, audit_table, hmac_key, "--json")[1])["head"]
     t = audit_table
     conn = await asyncpg.connect(postgres_dsn)
     try:
         await conn.execute(f"DELETE FROM {t} WHERE seq > 3")
-        await conn.execute(f"UPDATE {t}_head SET seq = 3, "
-                           f"hash = (SELECT hash FROM {t} WHERE seq = 3)")
+        await conn.execute(
+            f"UPDATE {t}_head SET seq = 3, hash = (SELECT hash FROM {t} WHERE seq = 3)"
+        )
         await conn.execute(f"UPDATE {t} SET details = '{{\"n\": 7}}' WHERE seq = 2")
     finally:
         await conn.close()
@@ -99,8 +103,9 @@ async def test_verify_reports_a_cut_tail_and_an_edited_row(
     assert "the anchored row 5 is not in the chain as recorded" in out
 
 
-async def test_a_downgraded_table_is_reported(cli: Cli, postgres_dsn: str, audit_table: str,
-                                              hmac_key: bytes) -> None:
+async def test_a_downgraded_table_is_reported(
+    cli: Cli, postgres_dsn: str, audit_table: str, hmac_key: bytes
+) -> None:
     conn = await asyncpg.connect(postgres_dsn)
     try:
         await conn.execute(f"UPDATE {audit_table}_head SET mode = 'sha256', mac = NULL")
@@ -111,7 +116,8 @@ async def test_a_downgraded_table_is_reported(cli: Cli, postgres_dsn: str, audit
 
 
 def test_a_missing_or_bad_key_variable_is_a_configuration_error(
-        cli: Cli, postgres_dsn: str) -> None:
+    cli: Cli, postgres_dsn: str
+) -> None:
     env = {"ENCRYPTION_AUDIT_DSN": postgres_dsn, "AUDIT_HMAC_KEY": "not base64!"}
     missing = cli("audit", "verify", "--hmac-key-env", "NO_SUCH_VARIABLE_X", env=env)
     assert missing.returncode == 3
@@ -121,8 +127,9 @@ def test_a_missing_or_bad_key_variable_is_a_configuration_error(
     assert "AUDIT_HMAC_KEY is not valid base64" in one_error_line(bad)
 
 
-async def test_upgrade_authenticates_an_old_table(cli: Cli, postgres_dsn: str,
-                                                  audit_table: str, hmac_key: bytes) -> None:
+async def test_upgrade_authenticates_an_old_table(
+    cli: Cli, postgres_dsn: str, audit_table: str, hmac_key: bytes
+) -> None:
     # the layout of before: no mode, no MAC
     conn = await asyncpg.connect(postgres_dsn)
     try:
@@ -131,10 +138,13 @@ async def test_upgrade_authenticates_an_old_table(cli: Cli, postgres_dsn: str,
         await conn.close()
     code, out = verify(cli, postgres_dsn, audit_table, hmac_key)
     assert code == 1 and "run 'aiocrypt audit upgrade' once" in out
-    env = {"ENCRYPTION_AUDIT_DSN": postgres_dsn,
-           "AUDIT_HMAC_KEY": base64.b64encode(hmac_key).decode()}
-    result = cli("audit", "upgrade", "--table", audit_table, "--hmac-key-env", "AUDIT_HMAC_KEY",
-                 env=env)
+    env = {
+        "ENCRYPTION_AUDIT_DSN": postgres_dsn,
+        "AUDIT_HMAC_KEY": base64.b64encode(hmac_key).decode(),
+    }
+    result = cli(
+        "audit", "upgrade", "--table", audit_table, "--hmac-key-env", "AUDIT_HMAC_KEY", env=env
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("audit chain OK (6 rows, hmac mode")
     code, out = verify(cli, postgres_dsn, audit_table, hmac_key)

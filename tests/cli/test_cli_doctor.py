@@ -16,7 +16,8 @@ def _lines(out: str) -> list[str]:
 
 
 def test_doctor_passes_on_a_good_config_with_reachable_services(
-        cli: Cli, redis_url: str, postgres_dsn: str) -> None:
+    cli: Cli, redis_url: str, postgres_dsn: str
+) -> None:
     assert cli("keys", "generate", "pii").returncode == 0
     env = {"ENCRYPTION_REDIS_URL": redis_url, "ENCRYPTION_AUDIT_DSN": postgres_dsn}
     result = cli("doctor", env=env)
@@ -74,7 +75,8 @@ def test_doctor_reports_an_unreadable_key_store(cli: Cli) -> None:
 
 
 def test_doctor_warns_for_a_master_key_file_in_a_git_work_tree_or_readable_by_others(
-        cli: Cli, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    cli: Cli, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     home = {"HOME": str(tmp_path / "home")}
     (tmp_path / ".git").mkdir()  # the command's cwd is now a git work tree
     assert cli("init", "--key-in-project", env=home).returncode == 0
@@ -90,7 +92,8 @@ def test_doctor_warns_for_a_master_key_file_in_a_git_work_tree_or_readable_by_ot
         f"WARN  master key file {in_tree}: inside the git work tree {tmp_path}: move it out "
         f"of the project (aiocrypt init puts it in {_default_dir(tmp_path)})",
         f"WARN  master key file {outside}: readable by group/others (mode 0644): run chmod "
-        "600 on it"]
+        "600 on it",
+    ]
     assert "not read by doctor" not in result.stdout + result.stderr
     checks = json_out(cli("doctor", "--json", "--key-file", str(outside), env=home))["checks"]
     assert sum(c["warning"] for c in checks) == 2 and all(c["ok"] for c in checks)

@@ -48,9 +48,12 @@ def test_init_writes_the_key_outside_the_project_and_prints_no_key(tmp_path: Pat
     settings = json.loads(config_file.read_text())
     assert settings["algorithm"] == "AES_256_GCM"
     loaded = EncryptionConfig.from_env(
-        {"ENCRYPTION_MASTER_KEY": key,
-         "ENCRYPTION_KEY_STORAGE_PATH": str(project / ".aiocrypt" / "keys.json")},
-        config_file=config_file)
+        {
+            "ENCRYPTION_MASTER_KEY": key,
+            "ENCRYPTION_KEY_STORAGE_PATH": str(project / ".aiocrypt" / "keys.json"),
+        },
+        config_file=config_file,
+    )
     assert loaded.validate() == []
     assert loaded.rotation_policies == EncryptionConfig().rotation_policies
 
@@ -59,8 +62,9 @@ def test_init_writes_the_key_outside_the_project_and_prints_no_key(tmp_path: Pat
     ready = {**env, "ENCRYPTION_MASTER_KEY_FILE": str(key_file)}
     doctor = run_cli(ready, project, "doctor")
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-    assert f"ok    master key file {key_file}: mode 0600, outside any git work tree" \
-        in doctor.stdout
+    assert (
+        f"ok    master key file {key_file}: mode 0600, outside any git work tree" in doctor.stdout
+    )
     generated = run_cli(ready, project, "keys", "generate", "pii", "--json")
     assert json.loads(generated.stdout)["key_type"] == "pii"
     assert _mode(project / ".aiocrypt" / "keys.json") == 0o600
@@ -106,8 +110,17 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 
 def test_init_prints_the_key_only_when_asked_and_warns(tmp_path: Path) -> None:
     env = _home_env(tmp_path)
-    shown = run_cli(env, tmp_path, "init", "--show-key", "--print-export",
-                    "--key-file", "secrets/mk", "--config-file", "cfg.json")
+    shown = run_cli(
+        env,
+        tmp_path,
+        "init",
+        "--show-key",
+        "--print-export",
+        "--key-file",
+        "secrets/mk",
+        "--config-file",
+        "cfg.json",
+    )
     assert shown.returncode == 0, shown.stderr
     key = (tmp_path / "secrets" / "mk").read_text().strip()
     # a --key-file inside the project gets its .gitignore too

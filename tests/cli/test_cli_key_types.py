@@ -23,12 +23,15 @@ def _stored_key_types(env: dict[str, str]) -> list[str]:
 
 
 def test_a_misspelt_key_type_exits_2_with_a_suggestion_and_creates_nothing(
-        cli: Cli, cli_env: dict[str, str]) -> None:
-    for args in (("keys", "generate", "financal_data"),
-                 ("keys", "rotate", "financal_data", "--force"),
-                 ("keys", "generate", "financal_data", "--json"),
-                 ("jobs", "rotate", "financal_data"),
-                 ("jobs", "reencrypt", "financal_data", "financial_data-v1-0")):
+    cli: Cli, cli_env: dict[str, str]
+) -> None:
+    for args in (
+        ("keys", "generate", "financal_data"),
+        ("keys", "rotate", "financal_data", "--force"),
+        ("keys", "generate", "financal_data", "--json"),
+        ("jobs", "rotate", "financal_data"),
+        ("jobs", "reencrypt", "financal_data", "financial_data-v1-0"),
+    ):
         result = cli(*args)
         assert result.returncode == 2, result.stderr
         assert "did you mean financial_data?" in result.stderr
@@ -40,12 +43,12 @@ def test_a_misspelt_key_type_exits_2_with_a_suggestion_and_creates_nothing(
     assert _stored_key_types(cli_env) == ["financial_data"]
 
 
-def test_a_capitalised_key_type_suggests_the_lower_case_one(cli: Cli,
-                                                            cli_env: dict[str, str]) -> None:
+def test_a_capitalised_key_type_suggests_the_lower_case_one(
+    cli: Cli, cli_env: dict[str, str]
+) -> None:
     result = cli("keys", "generate", "FINANCIAL_DATA")
     assert result.returncode == 2, result.stderr
-    assert "invalid key type name 'FINANCIAL_DATA': did you mean financial_data?" in \
-        result.stderr
+    assert "invalid key type name 'FINANCIAL_DATA': did you mean financial_data?" in result.stderr
     assert _stored_key_types(cli_env) == []
 
 
@@ -73,11 +76,11 @@ def test_a_key_type_declared_in_the_environment(cli: Cli, cli_env: dict[str, str
     asyncio.run(use())
 
 
-def test_a_key_type_declared_in_the_config_file(cli: Cli, cli_env: dict[str, str],
-                                                tmp_path: Path) -> None:
+def test_a_key_type_declared_in_the_config_file(
+    cli: Cli, cli_env: dict[str, str], tmp_path: Path
+) -> None:
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "encryption.json").write_text(
-        json.dumps({"key_types": ["case_notes"]}))
+    (tmp_path / "config" / "encryption.json").write_text(json.dumps({"key_types": ["case_notes"]}))
     key = json_out(cli("keys", "generate", "case_notes", "--json"))
     assert key["key_type"] == "case_notes"
     typo = cli("keys", "generate", "case_note")

@@ -33,7 +33,9 @@ def test_generate_rotate_list_show_as_json(cli: Cli, cli_env: dict[str, str]) ->
 
     listed = json_out(cli("keys", "list", "--json"))
     assert [(k["key_id"], k["version"], k["status"]) for k in listed] == [
-        (first["key_id"], 1, "decrypt_only"), (second["key_id"], 2, "active")]
+        (first["key_id"], 1, "decrypt_only"),
+        (second["key_id"], 2, "active"),
+    ]
     assert all("wrapped_key" not in k for k in listed)
     only_active = json_out(cli("keys", "list", "--status", "active", "--json"))
     assert [k["key_id"] for k in only_active] == [second["key_id"]]
@@ -44,8 +46,13 @@ def test_generate_rotate_list_show_as_json(cli: Cli, cli_env: dict[str, str]) ->
     assert human.returncode == 0 and "decrypt_only" in human.stdout
     # no material, wrapped or not, in any output
     wrapped = _wrapped(cli_env)
-    for output in (generated.stdout, shown.stdout, human.stdout,
-                   cli("keys", "list").stdout, cli("keys", "stats").stdout):
+    for output in (
+        generated.stdout,
+        shown.stdout,
+        human.stdout,
+        cli("keys", "list").stdout,
+        cli("keys", "stats").stdout,
+    ):
         assert not any(w and w[:16] in output for w in wrapped.values())
         assert cli_env["ENCRYPTION_MASTER_KEY"] not in output
 
@@ -55,12 +62,15 @@ def test_generate_rotate_list_show_as_json(cli: Cli, cli_env: dict[str, str]) ->
     assert stats["total_keys"] == 2 and stats["by_status"]["revoked"] == 1
 
 
-def test_rewrap_rewraps_every_dek_and_data_still_decrypts(cli: Cli,
-                                                           cli_env: dict[str, str]) -> None:
+def test_rewrap_rewraps_every_dek_and_data_still_decrypts(
+    cli: Cli, cli_env: dict[str, str]
+) -> None:
     async def encrypt() -> tuple[str, str]:
         async with service_for(cli_env) as svc:
-            return (await svc.encrypt_field("123-45-6789", "pii"),
-                    await svc.encrypt_field(42, "financial_data"))
+            return (
+                await svc.encrypt_field("123-45-6789", "pii"),
+                await svc.encrypt_field(42, "financial_data"),
+            )
 
     tokens = asyncio.run(encrypt())
     before = _wrapped(cli_env)
@@ -73,14 +83,17 @@ def test_rewrap_rewraps_every_dek_and_data_still_decrypts(cli: Cli,
 
     async def decrypt() -> list[Any]:
         async with service_for(cli_env) as svc:
-            return [await svc.decrypt_field(tokens[0], "pii"),
-                    await svc.decrypt_field(tokens[1], "financial_data")]
+            return [
+                await svc.decrypt_field(tokens[0], "pii"),
+                await svc.decrypt_field(tokens[1], "financial_data"),
+            ]
 
     assert asyncio.run(decrypt()) == ["123-45-6789", 42]
 
 
-def test_rewrap_moves_keys_off_a_previous_master_key(cli: Cli, cli_env: dict[str, str],
-                                                     tmp_path: Path) -> None:
+def test_rewrap_moves_keys_off_a_previous_master_key(
+    cli: Cli, cli_env: dict[str, str], tmp_path: Path
+) -> None:
     # A Redis/Postgres-style situation on the file store: DEKs wrapped by an older
     # master key, the new one configured; --previous-key-env opens them.
     old_key = cli_env["ENCRYPTION_MASTER_KEY"]
@@ -111,8 +124,9 @@ def test_errors_are_one_line_with_documented_exit_codes(cli: Cli, tmp_path: Path
     assert unknown.returncode == 1
     assert one_error_line(unknown) == "error: no key with id 'pii-v9-00000000'"
     debug = cli("--debug", "keys", "show", "pii-v9-00000000")
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "KeyNotFoundError" in \
-        debug.stderr
+    assert (
+        debug.returncode == 1 and "Traceback" in debug.stderr and "KeyNotFoundError" in debug.stderr
+    )
 
     usage = cli("keys", "generate", "Not A Type")
     assert usage.returncode == 2 and "Usage:" in usage.stderr

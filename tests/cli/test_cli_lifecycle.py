@@ -14,8 +14,13 @@ from cli_helpers import closed_port, one_error_line
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aiocrypt.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "aiocrypt.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_master_key_rotation_compromise_and_cleanup_from_the_cli(tmp_path: Path) -> None:
@@ -94,10 +99,13 @@ def test_compromise_can_enqueue_reencryption_at_once(tmp_path: Path, redis_url: 
 
     queue = f"aiocrypt-test-cli-{secrets.token_hex(4)}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCRYPTION_")}
-    env.update(ENCRYPTION_MASTER_KEY=base64.b64encode(os.urandom(32)).decode(),
-               ENCRYPTION_KEY_STORAGE_PATH=str(tmp_path / "k.json"),
-               ENCRYPTION_ARQ_REDIS_URL=redis_url, ENCRYPTION_ARQ_QUEUE=queue,
-               ENCRYPTION_ARQ_PREFIX=queue)
+    env.update(
+        ENCRYPTION_MASTER_KEY=base64.b64encode(os.urandom(32)).decode(),
+        ENCRYPTION_KEY_STORAGE_PATH=str(tmp_path / "k.json"),
+        ENCRYPTION_ARQ_REDIS_URL=redis_url,
+        ENCRYPTION_ARQ_QUEUE=queue,
+        ENCRYPTION_ARQ_PREFIX=queue,
+    )
     assert cli(env, "keys", "generate", "pii").returncode == 0
     key_id = cli(env, "keys", "list", "--json").stdout.split('"key_id": "')[1].split('"')[0]
     client = redis.Redis.from_url(redis_url)
@@ -121,8 +129,7 @@ def test_audit_verify_on_an_unreachable_database_exits_4() -> None:
     down = cli(env, "audit", "verify")
     assert down.returncode == 4
     one_error_line(down)
-    missing = cli({k: v for k, v in env.items() if k != "ENCRYPTION_AUDIT_DSN"},
-                  "audit", "verify")
+    missing = cli({k: v for k, v in env.items() if k != "ENCRYPTION_AUDIT_DSN"}, "audit", "verify")
     assert missing.returncode == 2 and "--dsn" in missing.stderr
 
 
@@ -135,13 +142,17 @@ def test_jobs_group_json_and_errors(redis_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCRYPTION_")}
     no_redis = cli(env, "jobs", "status", "--json")
     assert no_redis.returncode == 3 and "ENCRYPTION_REDIS_URL" in one_error_line(no_redis)
-    down = cli({**env, "ENCRYPTION_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"},
-               "jobs", "status")
+    down = cli(
+        {**env, "ENCRYPTION_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"}, "jobs", "status"
+    )
     assert down.returncode == 4, down.stderr
     one_error_line(down)
 
-    env.update(ENCRYPTION_ARQ_REDIS_URL=redis_url, ENCRYPTION_ARQ_QUEUE=prefix,
-               ENCRYPTION_ARQ_PREFIX=prefix)
+    env.update(
+        ENCRYPTION_ARQ_REDIS_URL=redis_url,
+        ENCRYPTION_ARQ_QUEUE=prefix,
+        ENCRYPTION_ARQ_PREFIX=prefix,
+    )
     client = redis.Redis.from_url(redis_url)
     job_id = None
     try:

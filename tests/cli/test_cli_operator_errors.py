@@ -16,7 +16,8 @@ PASSWORD = "s3cret-pw-" + "x" * 8
 
 @pytest.mark.parametrize("variable", ["ENCRYPTION_REDIS_URL", "ENCRYPTION_ARQ_REDIS_URL"])
 def test_jobs_with_the_queue_redis_down_is_one_line_naming_the_variable(
-        cli: Cli, variable: str) -> None:
+    cli: Cli, variable: str
+) -> None:
     port = closed_port()
     url = f"redis://app:{PASSWORD}@127.0.0.1:{port}/0"
     for args in (("jobs", "rotate", "pii"), ("jobs", "status")):
@@ -29,7 +30,8 @@ def test_jobs_with_the_queue_redis_down_is_one_line_naming_the_variable(
 
 
 def test_census_and_reencrypt_with_postgres_down_name_the_dsn_and_where_it_came_from(
-        cli: Cli) -> None:
+    cli: Cli,
+) -> None:
     port = closed_port()
     dsn = f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/data"
     shown = f"postgresql://app:***@127.0.0.1:{port}/data"
@@ -71,18 +73,29 @@ async def test_jobs_status_piped_prints_whole_job_ids(cli: Cli, redis_url: str) 
     redis = Redis.from_url(redis_url)
     store = StatusStore(redis, prefix)
     try:
-        await store.create(job_id, {
-            "key_type": "financial_data", "old_key_id": job_id.removeprefix("reencrypt-"),
-            "created_at": "2026-12-02T18:00:00.000+00:00",
-            "plan": [{"index": 0, "table": "public.accounts_with_a_long_name", "after": None,
-                      "until": None, "rows_total": 10}]})
+        await store.create(
+            job_id,
+            {
+                "key_type": "financial_data",
+                "old_key_id": job_id.removeprefix("reencrypt-"),
+                "created_at": "2026-12-02T18:00:00.000+00:00",
+                "plan": [
+                    {
+                        "index": 0,
+                        "table": "public.accounts_with_a_long_name",
+                        "after": None,
+                        "until": None,
+                        "rows_total": 10,
+                    }
+                ],
+            },
+        )
         env = {"ENCRYPTION_REDIS_URL": redis_url, "ENCRYPTION_ARQ_PREFIX": prefix}
         listed = cli("jobs", "status", env=env)
         assert listed.returncode == 0, listed.stderr
         rows = [line.split() for line in listed.stdout.splitlines()]
         assert rows[0][0] == "job" and rows[1][0] == job_id
-        assert "public.accounts_with_a_long_name" in cli("jobs", "status", job_id,
-                                                         env=env).stdout
+        assert "public.accounts_with_a_long_name" in cli("jobs", "status", job_id, env=env).stdout
     finally:
         await redis.delete(store.key(job_id), store.index_key)
         await redis.aclose()

@@ -33,23 +33,28 @@ def assert_clean(result: CliResult) -> str:
 
 
 def redis_urls(port: int) -> dict[str, str]:
-    return {"ENCRYPTION_REDIS_URL": f"redis://:{USER_PW}@127.0.0.1:{port}/0",
-            "ENCRYPTION_ARQ_REDIS_URL": f"redis://127.0.0.1:{port}/1?password={USER_PW}"}
+    return {
+        "ENCRYPTION_REDIS_URL": f"redis://:{USER_PW}@127.0.0.1:{port}/0",
+        "ENCRYPTION_ARQ_REDIS_URL": f"redis://127.0.0.1:{port}/1?password={USER_PW}",
+    }
 
 
 def postgres_dsns(port: int) -> dict[str, str]:
-    return {"ENCRYPTION_POSTGRES_DSN":
-            f"postgresql://postgres:{USER_PW}@127.0.0.1:{port}/test?sslpassword={SSL_PW}",
-            "ENCRYPTION_AUDIT_DSN": f"postgresql://postgres@127.0.0.1:{port}/test"
-                                    f"?password={QUERY_PW}"}
+    return {
+        "ENCRYPTION_POSTGRES_DSN": f"postgresql://postgres:{USER_PW}@127.0.0.1:{port}/test?sslpassword={SSL_PW}",
+        "ENCRYPTION_AUDIT_DSN": f"postgresql://postgres@127.0.0.1:{port}/test?password={QUERY_PW}",
+    }
 
 
 @pytest.fixture
 def redis_with_password(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
     server = PrivateRedis(tmp_path_factory.mktemp("redis"))
     server.start()
-    subprocess.run(["redis-cli", "-p", str(server.port), "CONFIG", "SET", "requirepass",
-                    USER_PW], check=True, capture_output=True)
+    subprocess.run(
+        ["redis-cli", "-p", str(server.port), "CONFIG", "SET", "requirepass", USER_PW],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield server
     finally:
@@ -87,8 +92,12 @@ def test_keys_list_on_an_unreachable_store(cli: Cli, backend: str) -> None:
 
 def test_keys_list_on_the_real_stores(cli: Cli, redis_with_password: PrivateRedis) -> None:
     for backend, port in (("redis", redis_with_password.port), ("postgres", 5432)):
-        env = {"ENCRYPTION_KEY_STORAGE_BACKEND": backend, "ENCRYPTION_POSTGRES_SCHEMA":
-               f"redact_{secrets.token_hex(4)}", **redis_urls(port), **postgres_dsns(port)}
+        env = {
+            "ENCRYPTION_KEY_STORAGE_BACKEND": backend,
+            "ENCRYPTION_POSTGRES_SCHEMA": f"redact_{secrets.token_hex(4)}",
+            **redis_urls(port),
+            **postgres_dsns(port),
+        }
         generated = cli("keys", "generate", "pii", "--json", env=env)
         assert generated.returncode == 0, assert_clean(generated)
         assert_clean(generated)
@@ -99,12 +108,19 @@ def test_keys_list_on_the_real_stores(cli: Cli, redis_with_password: PrivateRedi
 
 def test_config_show_and_validate(cli: Cli) -> None:
     port = closed_port()
-    env = {**redis_urls(port), **postgres_dsns(port),
-           "ENCRYPTION_VAULT_URL": f"http://ops:{USER_PW}@127.0.0.1:{port}/?token={TOKEN}",
-           "ENCRYPTION_AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}/?X-Amz-Security-Token={TOKEN}",
-           "ENCRYPTION_GCP_ENDPOINT": f"http://127.0.0.1:{port}?access_key={TOKEN}"}
-    for args in (("config", "show"), ("config", "show", "--json"), ("config", "validate"),
-                 ("config", "validate", "--json")):
+    env = {
+        **redis_urls(port),
+        **postgres_dsns(port),
+        "ENCRYPTION_VAULT_URL": f"http://ops:{USER_PW}@127.0.0.1:{port}/?token={TOKEN}",
+        "ENCRYPTION_AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}/?X-Amz-Security-Token={TOKEN}",
+        "ENCRYPTION_GCP_ENDPOINT": f"http://127.0.0.1:{port}?access_key={TOKEN}",
+    }
+    for args in (
+        ("config", "show"),
+        ("config", "show", "--json"),
+        ("config", "validate"),
+        ("config", "validate", "--json"),
+    ):
         result = cli(*args, env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         assert_clean(result)
@@ -116,10 +132,13 @@ def test_audit_verify_reencrypt_and_jobs_on_unreachable_services(cli: Cli) -> No
     port = closed_port()
     env = {**redis_urls(port), **postgres_dsns(port)}
     dsn = f"postgresql://app:{USER_PW}@127.0.0.1:{port}/db?password={QUERY_PW}"
-    for args in (("audit", "verify"), ("audit", "verify", "--dsn", dsn),
-                 ("reencrypt", "--dsn", dsn, "--table", "t", "--column", "c:pii"),
-                 ("census", "--dsn", dsn, "--table", "t", "--column", "c:pii"),
-                 ("jobs", "status", "--json")):
+    for args in (
+        ("audit", "verify"),
+        ("audit", "verify", "--dsn", dsn),
+        ("reencrypt", "--dsn", dsn, "--table", "t", "--column", "c:pii"),
+        ("census", "--dsn", dsn, "--table", "t", "--column", "c:pii"),
+        ("jobs", "status", "--json"),
+    ):
         result = cli(*args, env=env)
         assert result.returncode == 4, (args, result.stdout + result.stderr)
         assert_clean(result)

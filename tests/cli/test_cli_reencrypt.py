@@ -43,19 +43,30 @@ def table(postgres_dsn: str) -> Iterator[str]:
 
 def _fill(env: dict[str, str], dsn: str, table: str, rows: int) -> dict[int, tuple[Any, Any]]:
     """Tokens for ``rows`` rows (context ``table.column``); returns the plaintexts."""
+
     async def fill() -> dict[int, tuple[Any, Any]]:
-        plain = {i: (f"{i:03d}-55-{i:04d}", i * 100 if i % 3 == 0 else None)
-                 for i in range(1, rows + 1)}
+        plain = {
+            i: (f"{i:03d}-55-{i:04d}", i * 100 if i % 3 == 0 else None) for i in range(1, rows + 1)
+        }
         async with service_for(env) as svc:
             values = []
             for i, (ssn, amount) in plain.items():
-                values.append((i, await svc.encrypt_field(ssn, "pii", context=f"{table}.ssn"),
-                               None if amount is None else await svc.encrypt_field(
-                                   amount, "financial_data", context=f"{table}.amount")))
+                values.append(
+                    (
+                        i,
+                        await svc.encrypt_field(ssn, "pii", context=f"{table}.ssn"),
+                        None
+                        if amount is None
+                        else await svc.encrypt_field(
+                            amount, "financial_data", context=f"{table}.amount"
+                        ),
+                    )
+                )
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute(f"CREATE TABLE {table} (id integer PRIMARY KEY, ssn text, "
-                               "amount text)")
+            await conn.execute(
+                f"CREATE TABLE {table} (id integer PRIMARY KEY, ssn text, amount text)"
+            )
             await conn.executemany(f"INSERT INTO {table} VALUES ($1, $2, $3)", values)
         finally:
             await conn.close()
@@ -78,11 +89,17 @@ def _rows(dsn: str, table: str) -> list[Any]:
 def _decrypt_all(env: dict[str, str], table: str, rows: list[Any]) -> dict[int, tuple[Any, Any]]:
     async def decrypt() -> dict[int, tuple[Any, Any]]:
         async with service_for(env) as svc:
-            return {r["id"]: (
-                await svc.decrypt_field(r["ssn"], "pii", context=f"{table}.ssn"),
-                None if r["amount"] is None else await svc.decrypt_field(
-                    r["amount"], "financial_data", context=f"{table}.amount"))
-                for r in rows}
+            return {
+                r["id"]: (
+                    await svc.decrypt_field(r["ssn"], "pii", context=f"{table}.ssn"),
+                    None
+                    if r["amount"] is None
+                    else await svc.decrypt_field(
+                        r["amount"], "financial_data", context=f"{table}.amount"
+                    ),
+                )
+                for r in rows
+            }
 
     return asyncio.run(decrypt())
 
@@ -93,7 +110,8 @@ def _census(census: dict[str, Any], column: str) -> dict[str | None, int]:
 
 
 def test_reencrypt_stops_resumes_and_every_row_moves_and_still_decrypts(
-        cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str) -> None:
+    cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str
+) -> None:
     plain = _fill(cli_env, postgres_dsn, table, ROWS)
     env = {"ENCRYPTION_POSTGRES_DSN": postgres_dsn}
     spec = ["--table", table, "--column", "ssn:pii", "--column", "amount:financial_data"]
@@ -115,8 +133,9 @@ def test_reencrypt_stops_resumes_and_every_row_moves_and_still_decrypts(
     assert dry[0]["targets"] == {"ssn": new_pii, "amount": fin["key_id"]}
     assert _rows(postgres_dsn, table)[0]["ssn"].startswith(f"ac2.{old_pii}.")
 
-    first = cli("reencrypt", *spec, *ckpt, "--batch-size", "100", "--max-batches", "3", "--json",
-                env=env)
+    first = cli(
+        "reencrypt", *spec, *ckpt, "--batch-size", "100", "--max-batches", "3", "--json", env=env
+    )
     assert first.returncode == 0, first.stderr
     [r1] = json.loads(first.stdout)
     assert r1["complete"] is False and r1["stopped"] == "max-batches"
@@ -145,17 +164,23 @@ def test_reencrypt_stops_resumes_and_every_row_moves_and_still_decrypts(
     assert again.returncode == 0 and "0 rows re-encrypted" in again.stdout
 
 
-def test_reencrypt_resumes_after_ctrl_c(cli: Cli, cli_env: dict[str, str], postgres_dsn: str,
-                                        table: str, tmp_path: Path) -> None:
+def test_reencrypt_resumes_after_ctrl_c(
+    cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str, tmp_path: Path
+) -> None:
     plain = _fill(cli_env, postgres_dsn, table, 400)
     env = {**cli_env, "ENCRYPTION_POSTGRES_DSN": postgres_dsn}
     assert cli("keys", "rotate", "pii", "--force").returncode == 0
     spec = ["--table", table, "--column", "ssn:pii", "--column", "amount:financial_data"]
     ckpt = ["--checkpoint-table", f"{table}_ckpt"]
     # --rate keeps it busy long enough to be interrupted after its first checkpoint
-    proc = subprocess.Popen([*COMMAND, "reencrypt", *spec, *ckpt, "--batch-size", "20",
-                             "--rate", "100"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*COMMAND, "reencrypt", *spec, *ckpt, "--batch-size", "20", "--rate", "100"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr is not None
     lines = []
     for line in proc.stderr:
@@ -172,17 +197,18 @@ def test_reencrypt_resumes_after_ctrl_c(cli: Cli, cli_env: dict[str, str], postg
     assert "interrupted" in rest and "run the command again" in rest
     assert "Traceback" not in rest
 
-    resumed = cli("reencrypt", *spec, *ckpt, "--json",
-                  env={"ENCRYPTION_POSTGRES_DSN": postgres_dsn})
+    resumed = cli(
+        "reencrypt", *spec, *ckpt, "--json", env={"ENCRYPTION_POSTGRES_DSN": postgres_dsn}
+    )
     [result] = json_out(resumed)
     assert result["complete"] is True and result["resumed_from"] is not None
     assert result["checkpoint"]["rows_updated"] == 400
     assert _decrypt_all(cli_env, table, _rows(postgres_dsn, table)) == plain
 
 
-def test_reencrypt_takes_tables_from_sqlalchemy_models(cli: Cli, cli_env: dict[str, str],
-                                                       postgres_dsn: str, table: str,
-                                                       tmp_path: Path) -> None:
+def test_reencrypt_takes_tables_from_sqlalchemy_models(
+    cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str, tmp_path: Path
+) -> None:
     plain = _fill(cli_env, postgres_dsn, table, 120)
     (tmp_path / "shop_models.py").write_text(
         "import sqlalchemy as sa\n"
@@ -192,11 +218,19 @@ def test_reencrypt_takes_tables_from_sqlalchemy_models(cli: Cli, cli_env: dict[s
         f"class Customer(Base):\n    __tablename__ = {table!r}\n"
         "    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)\n"
         "    ssn: Mapped[str] = mapped_column(EncryptedString('pii'))\n"
-        "    amount: Mapped[int | None] = mapped_column(EncryptedInteger('financial_data'))\n")
+        "    amount: Mapped[int | None] = mapped_column(EncryptedInteger('financial_data'))\n"
+    )
     env = {"ENCRYPTION_POSTGRES_DSN": postgres_dsn}
     new_fin = json_out(cli("keys", "rotate", "financial_data", "--force", "--json"))
-    result = cli("reencrypt", "--models", "shop_models", "--checkpoint-table", f"{table}_ckpt",
-                 "--json", env=env)
+    result = cli(
+        "reencrypt",
+        "--models",
+        "shop_models",
+        "--checkpoint-table",
+        f"{table}_ckpt",
+        "--json",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     [r] = json.loads(result.stdout)
     assert r["table"] == table and r["complete"] is True
@@ -218,28 +252,49 @@ def test_reencrypt_option_and_service_errors(cli: Cli, table: str) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    down = cli("reencrypt", "--table", table, "--column", "ssn:pii", "--dsn",
-               f"postgresql://postgres@127.0.0.1:{port}/test")
+    down = cli(
+        "reencrypt",
+        "--table",
+        table,
+        "--column",
+        "ssn:pii",
+        "--dsn",
+        f"postgresql://postgres@127.0.0.1:{port}/test",
+    )
     assert down.returncode == 4, down.stderr
     one_error_line(down)
     missing_models = cli("census", "--models", "no_such_models_module")
     assert missing_models.returncode == 3 and "no_such_models_module" in missing_models.stderr
 
 
-def test_reencrypt_draws_a_progress_bar_on_a_terminal(cli: Cli, cli_env: dict[str, str],
-                                                      postgres_dsn: str, table: str,
-                                                      tmp_path: Path) -> None:
+def test_reencrypt_draws_a_progress_bar_on_a_terminal(
+    cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str, tmp_path: Path
+) -> None:
     import pty
 
     _fill(cli_env, postgres_dsn, table, 300)
     assert cli("keys", "rotate", "pii", "--force").returncode == 0
     primary, replica = pty.openpty()
-    env = {**cli_env, "ENCRYPTION_POSTGRES_DSN": postgres_dsn, "COLUMNS": "120",
-           "TERM": "xterm"}
-    proc = subprocess.Popen([*COMMAND, "reencrypt", "--table", table, "--column", "ssn:pii",
-                             "--checkpoint-table", f"{table}_ckpt", "--batch-size", "50"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=replica,
-                            text=True)
+    env = {**cli_env, "ENCRYPTION_POSTGRES_DSN": postgres_dsn, "COLUMNS": "120", "TERM": "xterm"}
+    proc = subprocess.Popen(
+        [
+            *COMMAND,
+            "reencrypt",
+            "--table",
+            table,
+            "--column",
+            "ssn:pii",
+            "--checkpoint-table",
+            f"{table}_ckpt",
+            "--batch-size",
+            "50",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=replica,
+        text=True,
+    )
     os.close(replica)
     drawn = b""
     try:
@@ -264,7 +319,8 @@ def test_reencrypt_draws_a_progress_bar_on_a_terminal(cli: Cli, cli_env: dict[st
 
 
 def test_reencrypt_with_jobs_shares_a_table_between_processes(
-        cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str) -> None:
+    cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str
+) -> None:
     """--jobs 2: two processes, a shard each; --max-batches stops each; a rerun with
     another count finishes the rest, and then finds nothing left to move."""
     plain = _fill(cli_env, postgres_dsn, table, ROWS)
@@ -273,22 +329,31 @@ def test_reencrypt_with_jobs_shares_a_table_between_processes(
     ckpt = ["--checkpoint-table", f"{table}_ckpt"]
     new_pii = json_out(cli("keys", "rotate", "pii", "--force", "--json"))["active_key"]["key_id"]
 
-    first = cli("reencrypt", *spec, *ckpt, "--jobs", "2", "--batch-size", "100",
-                "--max-batches", "2", "--json", env=env)
+    first = cli(
+        "reencrypt",
+        *spec,
+        *ckpt,
+        "--jobs",
+        "2",
+        "--batch-size",
+        "100",
+        "--max-batches",
+        "2",
+        "--json",
+        env=env,
+    )
     assert first.returncode == 0, first.stderr
     [r1] = json.loads(first.stdout)
     assert r1["complete"] is False and r1["stopped"] == "max-batches"
     assert len(r1["shards"]) == 2 and len(set(r1["job_id"])) == 2
     assert [s["run"]["rows_updated"] for s in r1["shards"]] == [200, 200]
     assert r1["run"]["rows_updated"] == 400 and r1["run"]["batches"] == 4
-    moved = [r["id"] for r in _rows(postgres_dsn, table)
-             if r["ssn"].startswith(f"ac2.{new_pii}.")]
+    moved = [r["id"] for r in _rows(postgres_dsn, table) if r["ssn"].startswith(f"ac2.{new_pii}.")]
     assert len(moved) == 400
     assert moved[:200] == list(range(1, 201))  # the first shard starts at the table's start
-    assert max(moved) > ROWS // 2               # the second one in the middle, at once
+    assert max(moved) > ROWS // 2  # the second one in the middle, at once
 
-    second = cli("reencrypt", *spec, *ckpt, "--jobs", "2", "--batch-size", "100", "--json",
-                 env=env)
+    second = cli("reencrypt", *spec, *ckpt, "--jobs", "2", "--batch-size", "100", "--json", env=env)
     assert second.returncode == 0, second.stderr
     [r2] = json.loads(second.stdout)
     assert r2["complete"] is True and r2["run"]["rows_updated"] == ROWS - 400
@@ -304,8 +369,8 @@ def test_reencrypt_with_jobs_shares_a_table_between_processes(
 
 
 def test_reencrypt_models_migrates_a_legacy_column_with_its_reader(
-        cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str,
-        tmp_path: Path) -> None:
+    cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str, tmp_path: Path
+) -> None:
     """--models takes the legacy reader the column declares (its key from the
     application's module, read from the environment there); --jobs processes import
     the module again. sqlalchemy-utils AesGcmEngine tokens become aiocrypt tokens."""
@@ -320,8 +385,10 @@ def test_reencrypt_models_migrates_a_legacy_column_with_its_reader(
         conn = await asyncpg.connect(postgres_dsn)
         try:
             await conn.execute(f"CREATE TABLE {table} (id integer PRIMARY KEY, ssn text)")
-            await conn.executemany(f"INSERT INTO {table} VALUES ($1, $2)",
-                                   [(i, engine.encrypt(v)) for i, v in plain.items()])
+            await conn.executemany(
+                f"INSERT INTO {table} VALUES ($1, $2)",
+                [(i, engine.encrypt(v)) for i, v in plain.items()],
+            )
         finally:
             await conn.close()
 
@@ -335,10 +402,22 @@ def test_reencrypt_models_migrates_a_legacy_column_with_its_reader(
         "class Base(DeclarativeBase):\n    pass\n\n"
         f"class Customer(Base):\n    __tablename__ = {table!r}\n"
         "    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)\n"
-        "    ssn: Mapped[str] = mapped_column(EncryptedString('pii', legacy=OLD))\n")
+        "    ssn: Mapped[str] = mapped_column(EncryptedString('pii', legacy=OLD))\n"
+    )
     env = {"ENCRYPTION_POSTGRES_DSN": postgres_dsn, "SHOP_OLD_KEY": old_key}
-    result = cli("reencrypt", "--models", "legacy_models", "--checkpoint-table",
-                 f"{table}_ckpt", "--jobs", "2", "--batch-size", "50", "--json", env=env)
+    result = cli(
+        "reencrypt",
+        "--models",
+        "legacy_models",
+        "--checkpoint-table",
+        f"{table}_ckpt",
+        "--jobs",
+        "2",
+        "--batch-size",
+        "50",
+        "--json",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert old_key not in result.stdout + result.stderr
     [r] = json.loads(result.stdout)
@@ -348,13 +427,21 @@ def test_reencrypt_models_migrates_a_legacy_column_with_its_reader(
 
     async def decrypt() -> dict[int, Any]:
         async with service_for(cli_env) as svc:
-            return {i: await svc.decrypt_field(v, "pii", context=f"{table}.ssn")
-                    for i, v in rows.items()}
+            return {
+                i: await svc.decrypt_field(v, "pii", context=f"{table}.ssn")
+                for i, v in rows.items()
+            }
 
     assert asyncio.run(decrypt()) == plain
     # without the key in the module's environment the reader cannot be built: one line
-    missing = cli("reencrypt", "--models", "legacy_models", "--checkpoint-table",
-                  f"{table}_ckpt", env={"ENCRYPTION_POSTGRES_DSN": postgres_dsn})
+    missing = cli(
+        "reencrypt",
+        "--models",
+        "legacy_models",
+        "--checkpoint-table",
+        f"{table}_ckpt",
+        env={"ENCRYPTION_POSTGRES_DSN": postgres_dsn},
+    )
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
 
 

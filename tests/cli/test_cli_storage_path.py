@@ -22,15 +22,23 @@ VAR = "ENCRYPTION_KEY_STORAGE_PATH"
 
 def _env(storage_path: str) -> dict[str, str]:
     env = clean_environ()
-    env.update(ENCRYPTION_MASTER_KEY=base64.b64encode(os.urandom(32)).decode("ascii"),
-               ENCRYPTION_KEY_STORAGE_PATH=storage_path)
+    env.update(
+        ENCRYPTION_MASTER_KEY=base64.b64encode(os.urandom(32)).decode("ascii"),
+        ENCRYPTION_KEY_STORAGE_PATH=storage_path,
+    )
     return env
 
 
 def _validate(env: dict[str, str], cwd: Path, *prefix: str) -> CliResult:
     """``aiocrypt config validate --json``, run under ``prefix`` (a wrapper command)."""
-    return subprocess.run([*prefix, *COMMAND, "config", "validate", "--json"], env=env,
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [*prefix, *COMMAND, "config", "validate", "--json"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _problems(env: dict[str, str], cwd: Path, *prefix: str) -> list[str]:
@@ -46,8 +54,7 @@ async def test_a_directory_holds_keys_json_end_to_end(tmp_path: Path) -> None:
     env = _env(str(keys_dir))
 
     validated = run_cli(env, tmp_path, "config", "validate")
-    assert validated.returncode == 0 and "configuration OK" in validated.stdout, \
-        validated.stderr
+    assert validated.returncode == 0 and "configuration OK" in validated.stdout, validated.stderr
     generated = json_out(run_cli(env, tmp_path, "keys", "generate", "pii", "--json"))
     store_file = keys_dir / "keys.json"
     assert stat.S_IMODE(store_file.stat().st_mode) == 0o600
@@ -58,8 +65,9 @@ async def test_a_directory_holds_keys_json_end_to_end(tmp_path: Path) -> None:
     async with EncryptionService(build_key_manager(config, watch=False)) as service:
         token = await service.encrypt_field("4111 1111", KeyType.PII, context="cards.number")
         assert token.startswith(f"ac2.{generated['key_id']}")
-        assert await service.decrypt_field(token, KeyType.PII,
-                                           context="cards.number") == "4111 1111"
+        assert (
+            await service.decrypt_field(token, KeyType.PII, context="cards.number") == "4111 1111"
+        )
 
     listed = json_out(run_cli(env, tmp_path, "keys", "list", "--json"))
     assert [k["key_id"] for k in listed] == [generated["key_id"]]
@@ -67,9 +75,11 @@ async def test_a_directory_holds_keys_json_end_to_end(tmp_path: Path) -> None:
 
     # a value ending in "/" names a directory even before it exists: validate says so
     missing = _problems(_env(str(tmp_path / "new") + "/"), tmp_path)
-    assert missing == [f"{VAR}: directory {tmp_path / 'new'} does not exist: create it (mode "
-                       f"0700), or point {VAR} at an existing directory (keys.json is created "
-                       "inside it)"]
+    assert missing == [
+        f"{VAR}: directory {tmp_path / 'new'} does not exist: create it (mode "
+        f"0700), or point {VAR} at an existing directory (keys.json is created "
+        "inside it)"
+    ]
 
 
 def test_validate_reports_a_path_the_store_could_not_use(tmp_path: Path) -> None:
@@ -84,7 +94,8 @@ def test_validate_reports_a_path_the_store_could_not_use(tmp_path: Path) -> None
     blocked = tmp_path / "blocked"
     (blocked / "keys.json").mkdir(parents=True)
     assert _problems(_env(f"{blocked}/"), tmp_path) == [
-        f"{VAR}: {blocked / 'keys.json'} is not a regular file"]
+        f"{VAR}: {blocked / 'keys.json'} is not a regular file"
+    ]
 
 
 def test_validate_reports_a_directory_the_process_cannot_write(tmp_path: Path) -> None:
@@ -97,19 +108,21 @@ def test_validate_reports_a_directory_the_process_cannot_write(tmp_path: Path) -
     else:  # root writes anywhere but on a read-only mount: make one in a mount namespace
         if shutil.which("unshare") is None:
             pytest.skip("needs unshare(1) to make a read-only directory as root")
-        script = ('mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" '
-                  '&& shift && exec "$@"')
+        script = (
+            'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && shift && exec "$@"'
+        )
         wrapper = ("unshare", "-m", "sh", "-c", script, str(locked), "-")
         probe = subprocess.run([*wrapper, "true"], capture_output=True, text=True, timeout=30)
         if probe.returncode != 0:
             pytest.skip(f"no read-only bind mount here: {probe.stderr.strip()}")
         problems = _problems(env, tmp_path, *wrapper)
-    assert problems == [f"{VAR}: directory {locked} is not writable by this process (the key "
-                        "store writes keys.json and its lock files there)"]
+    assert problems == [
+        f"{VAR}: directory {locked} is not writable by this process (the key "
+        "store writes keys.json and its lock files there)"
+    ]
 
 
-def test_validate_opens_the_store_with_the_master_key_and_warns_on_its_mode(
-        tmp_path: Path) -> None:
+def test_validate_opens_the_store_with_the_master_key_and_warns_on_its_mode(tmp_path: Path) -> None:
     keys_dir = tmp_path / "keys"
     keys_dir.mkdir()
     env = _env(str(keys_dir))
@@ -123,12 +136,13 @@ def test_validate_opens_the_store_with_the_master_key_and_warns_on_its_mode(
     (keys_dir / "keys.json").chmod(0o644)
     loose = run_cli(env, tmp_path, "config", "validate")
     assert loose.returncode == 0, loose.stderr
-    assert f"warning: {VAR}: {keys_dir / 'keys.json'} has mode 0644: run chmod 600" \
-        in loose.stderr
+    assert f"warning: {VAR}: {keys_dir / 'keys.json'} has mode 0644: run chmod 600" in loose.stderr
     assert loose.stderr.count("0644") == 1, loose.stderr  # said once, not once per reader
     doctor = run_cli(env, tmp_path, "doctor")  # the store opens: a warning, as validate says
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-    assert f"WARN  key store: file {keys_dir / 'keys.json'}: 1 keys readable and authentic" \
+    assert (
+        f"WARN  key store: file {keys_dir / 'keys.json'}: 1 keys readable and authentic"
         in doctor.stdout
+    )
     assert "has mode 0644: run chmod 600 on it" in doctor.stdout
     assert doctor.stderr.count("0644") <= 1, doctor.stderr

@@ -13,23 +13,46 @@ from aiocrypt import DecryptionError, DecryptionFailure, KeyType
 PII = KeyType.PII
 
 
-async def test_forget_rewrap_and_stats(cli: Cli, cli_env: dict[str, str],
-                                       tmp_path: Path) -> None:
+async def test_forget_rewrap_and_stats(cli: Cli, cli_env: dict[str, str], tmp_path: Path) -> None:
     async with service_for(cli_env) as svc:
         mine = await svc.encrypt_field("ada@example.com", PII, subject="user:42")
         other = await svc.encrypt_field("bob@example.com", PII, subject="user:7")
     old = json_out(cli("keys", "list", "--type", "pii", "--json"))[0]["key_id"]
     stats = json_out(cli("subjects", "stats", "--key-type", "pii", "--json"))
-    assert stats == [{"wrapping_key_id": old, "key_type": "pii", "version": 1,
-                      "status": "active", "subject_keys": 2}]
+    assert stats == [
+        {
+            "wrapping_key_id": old,
+            "key_type": "pii",
+            "version": 1,
+            "status": "active",
+            "subject_keys": 2,
+        }
+    ]
 
     # without --yes it asks; "n" changes nothing
-    refused = subprocess.run([*COMMAND, "subjects", "forget", "user:42"], env=cli_env,
-                             cwd=tmp_path, input="n\n", capture_output=True, text=True,
-                             timeout=120)
+    refused = subprocess.run(
+        [*COMMAND, "subjects", "forget", "user:42"],
+        env=cli_env,
+        cwd=tmp_path,
+        input="n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 1 and "not confirmed" in refused.stderr
-    out = json_out(cli("subjects", "forget", "user:42", "--key-type", "pii", "--yes",
-                       "--actor", "dpo", "--json"))
+    out = json_out(
+        cli(
+            "subjects",
+            "forget",
+            "user:42",
+            "--key-type",
+            "pii",
+            "--yes",
+            "--actor",
+            "dpo",
+            "--json",
+        )
+    )
     assert out["forgotten"] and len(out["subject_key_ids"]) == 1
     assert "user:42" not in str(out)
     async with service_for(cli_env) as svc:

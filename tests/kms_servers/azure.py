@@ -258,7 +258,10 @@ class AzureKeyVaultServer(ServerBase):
         """
         with self._lock:
             ver = _KeyVersion(
-                version or uuid.uuid4().hex, "RSA", private_key, list(_ALL_KEY_OPS),
+                version or uuid.uuid4().hex,
+                "RSA",
+                private_key,
+                list(_ALL_KEY_OPS),
                 int(time.time()),
             )
             self._keys.setdefault(name, _Key(name)).versions.append(ver)

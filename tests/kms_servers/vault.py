@@ -371,7 +371,9 @@ class VaultTransitServer(ServerBase):
         raise VaultError(404, f'no handler for route "{route}". route entry not found.')
 
     def _envelope(
-        self, data: dict[str, Any] | None, mount_type: str = "transit",
+        self,
+        data: dict[str, Any] | None,
+        mount_type: str = "transit",
         warnings: list[str] | None = None,
     ) -> dict[str, Any]:
         return {

@@ -134,8 +134,7 @@ class FaultProxy:
                 return
             self._writers.add(up_writer)
             try:
-                await asyncio.gather(self._pipe(reader, up_writer),
-                                     self._pipe(up_reader, writer))
+                await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
             finally:
                 self._writers.discard(up_writer)
                 up_writer.transport.abort()

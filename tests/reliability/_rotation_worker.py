@@ -59,17 +59,19 @@ async def main(settings: dict[str, Any]) -> dict[str, Any]:
             try:
                 token = await service.encrypt_field(plain, KeyType.PII, context=context)
                 row_n = await pool.fetchval(
-                    f"INSERT INTO {table} (id, secret, plain) VALUES ($1, $2, $3) "
-                    "RETURNING n", plain, token, plain)
+                    f"INSERT INTO {table} (id, secret, plain) VALUES ($1, $2, $3) RETURNING n",
+                    plain,
+                    token,
+                    plain,
+                )
                 counts["acknowledged"] += 1
                 last_n = max(last_n, row_n)
                 start = random.randint(max(1, last_n - 200), last_n)
                 rows = await pool.fetch(
-                    f"SELECT secret, plain FROM {table} WHERE n >= $1 "
-                    "ORDER BY n LIMIT 3", start)
+                    f"SELECT secret, plain FROM {table} WHERE n >= $1 ORDER BY n LIMIT 3", start
+                )
                 for row in rows:
-                    value = await service.decrypt_field(row["secret"], KeyType.PII,
-                                                        context=context)
+                    value = await service.decrypt_field(row["secret"], KeyType.PII, context=context)
                     counts["reads"] += 1
                     if value != row["plain"]:
                         counts["mismatches"] += 1
@@ -82,10 +84,13 @@ async def main(settings: dict[str, Any]) -> dict[str, Any]:
             await asyncio.gather(*(task(i) for i in range(TASKS)))
         finally:
             await pool.close()
-        key_ids = sorted({dk.key_id for dk in service.keyring
-                          if dk.key.key_type == KeyType.PII})
-    return {"worker": settings["worker"], **counts, "errors": dict(errors),
-            "keys_seen": len(key_ids)}
+        key_ids = sorted({dk.key_id for dk in service.keyring if dk.key.key_type == KeyType.PII})
+    return {
+        "worker": settings["worker"],
+        **counts,
+        "errors": dict(errors),
+        "keys_seen": len(key_ids),
+    }
 
 
 if __name__ == "__main__":

@@ -35,19 +35,22 @@ def main(settings: dict[str, Any]) -> None:
     def build_service(data_dir: Path) -> EncryptionService:
         kek = LocalKekProvider(base64.b64decode(os.environ["ENCRYPTION_MASTER_KEY"]))
         store = PostgresKeyStore(settings["dsn"], schema=settings["schema"])
-        auditor = Auditor([LoggingAuditSink(),
-                           PostgresAuditSink(settings["dsn"], table=settings["audit_table"])])
+        auditor = Auditor(
+            [LoggingAuditSink(), PostgresAuditSink(settings["dsn"], table=settings["audit_table"])]
+        )
         return EncryptionService(KeyManager(store, kek, auditor=auditor, refresh_interval=2.0))
 
     quart_app.build_service = build_service  # type: ignore[attr-defined]  # the example's import
-    app = quart_app.create_app({
-        "EXAMPLE_DATA_DIR": settings["data_dir"],
-        "AIOCRYPT_REDIS_URL": settings["redis_url"],
-        "AIOCRYPT_SESSION_PREFIX": settings["prefix"] + "session:",
-        "AIOCRYPT_CACHE_PREFIX": settings["prefix"] + "cache:",
-        "AIOCRYPT_COOKIE_SECURE": False,  # plain HTTP on loopback
-        "REPORT_CACHE_TTL": 1,  # entries expire during the soak: hits, misses, recomputes
-    })
+    app = quart_app.create_app(
+        {
+            "EXAMPLE_DATA_DIR": settings["data_dir"],
+            "AIOCRYPT_REDIS_URL": settings["redis_url"],
+            "AIOCRYPT_SESSION_PREFIX": settings["prefix"] + "session:",
+            "AIOCRYPT_CACHE_PREFIX": settings["prefix"] + "cache:",
+            "AIOCRYPT_COOKIE_SECURE": False,  # plain HTTP on loopback
+            "REPORT_CACHE_TTL": 1,  # entries expire during the soak: hits, misses, recomputes
+        }
+    )
     config = Config()
     config.bind = [f"127.0.0.1:{settings['port']}"]
     config.graceful_timeout = 2.0

@@ -23,8 +23,7 @@ import pytest
 
 from ._proxy import FaultProxy
 
-REPORT_PATH = Path(os.environ.get("AIOCRYPT_RELIABILITY_REPORT",
-                                  "/tmp/aiocrypt-reliability.jsonl"))
+REPORT_PATH = Path(os.environ.get("AIOCRYPT_RELIABILITY_REPORT", "/tmp/aiocrypt-reliability.jsonl"))
 
 
 @pytest.fixture

@@ -49,19 +49,31 @@ def _store(settings: dict[str, Any]) -> Any:
 
 
 @pytest.mark.parametrize("store_kind", ["redis", "postgres"])
-async def test_rotation_under_concurrent_writers(store_kind: str, redis_url: str,
-                                                 postgres_dsn: str, master_key: bytes,
-                                                 summary: Callable[..., None]) -> None:
+async def test_rotation_under_concurrent_writers(
+    store_kind: str,
+    redis_url: str,
+    postgres_dsn: str,
+    master_key: bytes,
+    summary: Callable[..., None],
+) -> None:
     """2 processes x 4 tasks write/read while keys rotate: no error, no lost write, all rows
     decrypt."""
     tag = secrets.token_hex(4)
     table = f"rel_rot_{tag}"
-    settings = {"store": store_kind, "redis_url": redis_url, "prefix": f"rel:rot:{tag}:",
-                "dsn": postgres_dsn, "schema": f"rel_rot_{tag}", "table": table,
-                "seconds": SECONDS}
+    settings = {
+        "store": store_kind,
+        "redis_url": redis_url,
+        "prefix": f"rel:rot:{tag}:",
+        "dsn": postgres_dsn,
+        "schema": f"rel_rot_{tag}",
+        "table": table,
+        "seconds": SECONDS,
+    }
     conn = await asyncpg.connect(postgres_dsn)
-    await conn.execute(f"CREATE TABLE {table} (n bigserial PRIMARY KEY, id text UNIQUE NOT NULL,"
-                       " secret text NOT NULL, plain text NOT NULL)")
+    await conn.execute(
+        f"CREATE TABLE {table} (n bigserial PRIMARY KEY, id text UNIQUE NOT NULL,"
+        " secret text NOT NULL, plain text NOT NULL)"
+    )
     kek = LocalKekProvider(master_key)
     store = _store(settings)
     manager = KeyManager(store, kek)
@@ -70,17 +82,25 @@ async def test_rotation_under_concurrent_writers(store_kind: str, redis_url: str
     try:
         async with EncryptionService(manager):
             await manager.get_active_key(KeyType.PII)  # v1 exists before the workers start
-            procs = [await asyncio.create_subprocess_exec(
-                sys.executable, str(WORKER), json.dumps({**settings, "worker": i}), env=env,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-                for i in range(2)]
+            procs = [
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    str(WORKER),
+                    json.dumps({**settings, "worker": i}),
+                    env=env,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                for i in range(2)
+            ]
             waits = [asyncio.create_task(p.communicate()) for p in procs]
             started = time.monotonic()
             while not all(w.done() for w in waits):
                 assert time.monotonic() - started < SECONDS + 120, "workers did not finish"
                 await asyncio.sleep(0.4)
-                if await conn.fetchval(f"SELECT count(*) FROM {table}") > 0 \
-                        and not any(w.done() for w in waits):
+                if await conn.fetchval(f"SELECT count(*) FROM {table}") > 0 and not any(
+                    w.done() for w in waits
+                ):
                     await manager.rotate_key(KeyType.PII, force=True)
                     rotations += 1
             results = []
@@ -99,11 +119,11 @@ async def test_rotation_under_concurrent_writers(store_kind: str, redis_url: str
         # a fresh process decrypts every row
         checker = EncryptionService(KeyManager(_store(settings), kek, watch=False))
         async with checker:
-            plain = await checker.decrypt_many([r["secret"] for r in rows], KeyType.PII,
-                                               context=f"{table}.secret")
+            plain = await checker.decrypt_many(
+                [r["secret"] for r in rows], KeyType.PII, context=f"{table}.secret"
+            )
             assert plain == [r["plain"] for r in rows]
-            versions = sorted(k.version for k in
-                              await checker.key_manager.list_keys(KeyType.PII))
+            versions = sorted(k.version for k in await checker.key_manager.list_keys(KeyType.PII))
         assert versions == list(range(1, rotations + 2))
         used = {r["secret"].split(".")[1] for r in rows}
         assert rotations >= 3 and len(used) >= 3, (rotations, len(used))
@@ -113,7 +133,17 @@ async def test_rotation_under_concurrent_writers(store_kind: str, redis_url: str
         cleanup = _store(settings)
         await cleanup.drop()
         await cleanup.close()
-    summary(store=store_kind, processes=2, tasks=8, seconds=SECONDS, rotations=rotations,
-            writes_acknowledged=acknowledged, rows_present=len(rows), reads_decrypted=reads,
-            key_versions_in_rows=len(used), rows_checked=len(rows), errors=0,
-            writes_per_second=round(acknowledged / SECONDS))
+    summary(
+        store=store_kind,
+        processes=2,
+        tasks=8,
+        seconds=SECONDS,
+        rotations=rotations,
+        writes_acknowledged=acknowledged,
+        rows_present=len(rows),
+        reads_decrypted=reads,
+        key_versions_in_rows=len(used),
+        rows_checked=len(rows),
+        errors=0,
+        writes_per_second=round(acknowledged / SECONDS),
+    )

@@ -52,7 +52,7 @@ class FullDisk:
             if self.armed in ("write", "partial") and in_dir_fd(fd):
                 if self.armed == "partial" and len(data) > 1:
                     self.armed = "write"  # half now, then the disk is full
-                    return real_write(fd, bytes(data[:len(data) // 2]))
+                    return real_write(fd, bytes(data[: len(data) // 2]))
                 fail()
             return real_write(fd, data)
 
@@ -79,20 +79,28 @@ def _open(key_path: Path, master_key: bytes) -> tuple[KeyManager, EncryptionServ
 
 @pytest.mark.parametrize("where", ["write", "partial", "fsync", "replace"])
 async def test_full_disk_during_rotation_keeps_the_key_file(
-        where: str, key_path: Path, master_key: bytes, monkeypatch: pytest.MonkeyPatch,
-        summary: Callable[..., None]) -> None:
+    where: str,
+    key_path: Path,
+    master_key: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    summary: Callable[..., None],
+) -> None:
     """ENOSPC while a rotation writes the key file: KeyStoreError, file intact, keys intact."""
     manager, service = _open(key_path, master_key)
     tokens: dict[str, tuple[KeyType, str]] = {}
     async with service:
         for kt in (KeyType.PII, KeyType.FINANCIAL_DATA):
             for i in range(10):
-                tokens[f"{kt.value}-v1-{i}"] = (kt, await service.encrypt_field(
-                    f"{kt.value}-v1-{i}", kt, context="rel.disk"))
+                tokens[f"{kt.value}-v1-{i}"] = (
+                    kt,
+                    await service.encrypt_field(f"{kt.value}-v1-{i}", kt, context="rel.disk"),
+                )
         await manager.rotate_key(KeyType.PII, force=True)
         for i in range(10):
-            tokens[f"pii-v2-{i}"] = (KeyType.PII, await service.encrypt_field(
-                f"pii-v2-{i}", KeyType.PII, context="rel.disk"))
+            tokens[f"pii-v2-{i}"] = (
+                KeyType.PII,
+                await service.encrypt_field(f"pii-v2-{i}", KeyType.PII, context="rel.disk"),
+            )
         active = (await manager.get_active_key(KeyType.PII)).key_id
         before = key_path.read_bytes()
         files_before = sorted(p.name for p in key_path.parent.iterdir())
@@ -122,14 +130,19 @@ async def test_full_disk_during_rotation_keeps_the_key_file(
         assert versions == [1, 2, 3]
         for plaintext, (kt, token) in tokens.items():
             assert await service2.decrypt_field(token, kt, context="rel.disk") == plaintext
-    summary(fault=f"ENOSPC at {where}", faults_injected=disk.injected,
-            error=type(info.value).__name__, tokens_checked=len(tokens),
-            key_versions_after=len(versions), key_file_intact=True)
+    summary(
+        fault=f"ENOSPC at {where}",
+        faults_injected=disk.injected,
+        error=type(info.value).__name__,
+        tokens_checked=len(tokens),
+        key_versions_after=len(versions),
+        key_file_intact=True,
+    )
 
 
 async def test_full_disk_on_first_write_leaves_no_file(
-        key_path: Path, master_key: bytes, monkeypatch: pytest.MonkeyPatch,
-        summary: Callable[..., None]) -> None:
+    key_path: Path, master_key: bytes, monkeypatch: pytest.MonkeyPatch, summary: Callable[..., None]
+) -> None:
     """ENOSPC on the very first write (store creation): KeyStoreError, no key file and no
     temporary file left behind; the next attempt creates the store normally."""
     disk = FullDisk(monkeypatch, key_path.parent)
@@ -143,5 +156,9 @@ async def test_full_disk_on_first_write_leaves_no_file(
     token = await service.encrypt_field("x", KeyType.PII)
     assert await service.decrypt_field(token, KeyType.PII) == "x"
     await service.close()
-    summary(fault="ENOSPC at first write", faults_injected=disk.injected,
-            error="KeyStoreError", recovered=True)
+    summary(
+        fault="ENOSPC at first write",
+        faults_injected=disk.injected,
+        error="KeyStoreError",
+        recovered=True,
+    )

@@ -59,11 +59,11 @@ class Load:
             plaintext = f"w{worker}-{n}"
             try:
                 async with asyncio.timeout(15):
-                    token = await self.service.encrypt_field(plaintext, KeyType.PII,
-                                                             context=CONTEXT)
+                    token = await self.service.encrypt_field(
+                        plaintext, KeyType.PII, context=CONTEXT
+                    )
                     self.acknowledged.append((plaintext, token))
-                    back = await self.service.decrypt_field(token, KeyType.PII,
-                                                            context=CONTEXT)
+                    back = await self.service.decrypt_field(token, KeyType.PII, context=CONTEXT)
                 assert back == plaintext
                 self.ok += 1
             except KeyStoreError as exc:
@@ -87,10 +87,13 @@ class Load:
         return self.ok - before
 
 
-async def _scenario(store: KeyStore, fresh_store: Callable[[], KeyStore],
-                    outages: list[tuple[str, Callable[[], Awaitable[None]],
-                                        Callable[[], Awaitable[None]]]],
-                    summary: Callable[..., None], **labels: Any) -> None:
+async def _scenario(
+    store: KeyStore,
+    fresh_store: Callable[[], KeyStore],
+    outages: list[tuple[str, Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]],
+    summary: Callable[..., None],
+    **labels: Any,
+) -> None:
     kek = LocalKekProvider.generate()
     manager = KeyManager(store, kek, refresh_interval=0.2, lock_timeout=3)
     service = EncryptionService(manager, preload=[KeyType.PII])
@@ -135,22 +138,31 @@ async def _scenario(store: KeyStore, fresh_store: Callable[[], KeyStore],
         assert versions == list(range(1, rotations + 1))
         for plaintext, token in load.acknowledged:
             assert await checker.decrypt_field(token, KeyType.PII, context=CONTEXT) == plaintext
-    summary(**labels, operations_ok=load.ok, errors_by_class=dict(load.errors),
-            unexpected_errors=len(load.unexpected), outages=[o[0] for o in outages],
-            rotation_failures_during_outage=rotation_failures, key_versions=len(versions),
-            tokens_checked=len(load.acknowledged), ops_ok_after_recovery=resumed,
-            seconds=round(time.monotonic() - started, 1))
+    summary(
+        **labels,
+        operations_ok=load.ok,
+        errors_by_class=dict(load.errors),
+        unexpected_errors=len(load.unexpected),
+        outages=[o[0] for o in outages],
+        rotation_failures_during_outage=rotation_failures,
+        key_versions=len(versions),
+        tokens_checked=len(load.acknowledged),
+        ops_ok_after_recovery=resumed,
+        seconds=round(time.monotonic() - started, 1),
+    )
 
 
-async def test_redis_keystore_restart_and_partition(private_redis: Any, fault_proxy: Any,
-                                                    summary: Callable[..., None]) -> None:
+async def test_redis_keystore_restart_and_partition(
+    private_redis: Any, fault_proxy: Any, summary: Callable[..., None]
+) -> None:
     """Redis killed and restarted (AOF keeps the keys), then blackholed, under load."""
     from aiocrypt.keystore.redis import RedisKeyStore
 
     proxy = await fault_proxy("127.0.0.1", private_redis.port)
     prefix = f"rel:{secrets.token_hex(4)}:"
-    store = RedisKeyStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
-                          socket_timeout=1.0, lock_lease=2.0)
+    store = RedisKeyStore(
+        f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, socket_timeout=1.0, lock_lease=2.0
+    )
 
     async def kill() -> None:
         await asyncio.to_thread(private_redis.kill)
@@ -164,13 +176,18 @@ async def test_redis_keystore_restart_and_partition(private_redis: Any, fault_pr
     async def heal() -> None:
         proxy.heal()
 
-    await _scenario(store, lambda: RedisKeyStore(private_redis.url, prefix=prefix),
-                    [("redis restart", kill, restart), ("redis blackhole", cut, heal)],
-                    summary, backend="redis")
+    await _scenario(
+        store,
+        lambda: RedisKeyStore(private_redis.url, prefix=prefix),
+        [("redis restart", kill, restart), ("redis blackhole", cut, heal)],
+        summary,
+        backend="redis",
+    )
 
 
-async def test_postgres_keystore_restart_and_partition(private_postgres: Any, fault_proxy: Any,
-                                                       summary: Callable[..., None]) -> None:
+async def test_postgres_keystore_restart_and_partition(
+    private_postgres: Any, fault_proxy: Any, summary: Callable[..., None]
+) -> None:
     """PostgreSQL stopped and started again, then blackholed, under load."""
     from aiocrypt.keystore.postgres import PostgresKeyStore
 
@@ -192,9 +209,13 @@ async def test_postgres_keystore_restart_and_partition(private_postgres: Any, fa
         proxy.heal()
 
     try:
-        await _scenario(store, lambda: PostgresKeyStore(private_postgres.dsn, schema=schema),
-                        [("postgres restart", stop, start), ("postgres blackhole", cut, heal)],
-                        summary, backend="postgres")
+        await _scenario(
+            store,
+            lambda: PostgresKeyStore(private_postgres.dsn, schema=schema),
+            [("postgres restart", stop, start), ("postgres blackhole", cut, heal)],
+            summary,
+            backend="postgres",
+        )
     finally:
         cleanup = PostgresKeyStore(private_postgres.dsn, schema=schema)
         with contextlib.suppress(Exception):
@@ -212,6 +233,7 @@ def test_driver_state_errors_are_key_store_errors() -> None:
     store = PostgresKeyStore("postgresql://app:hunter2-secret@127.0.0.1:1/db")
     with pytest.raises(KeyStoreError) as info, store._translate("read"):
         raise asyncpg.InternalClientError(
-            "cannot switch to state 12; another operation (2) is in progress")
+            "cannot switch to state 12; another operation (2) is in progress"
+        )
     assert "InternalClientError" in str(info.value)
     assert "hunter2-secret" not in str(info.value)

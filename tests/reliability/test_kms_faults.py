@@ -43,8 +43,9 @@ pytest.importorskip("moto")
 #: Short waits; the shape of the default policy. call_timeout bounds one attempt: long
 #: enough that an attempt on a loaded 2-core machine still reaches the test server (the
 #: tests count the attempts the server saw); the hang tests give a short one of their own.
-POLICY = RetryPolicy(attempts=3, initial_delay=0.02, max_delay=0.1, call_timeout=5.0,
-                     total_timeout=20.0)
+POLICY = RetryPolicy(
+    attempts=3, initial_delay=0.02, max_delay=0.1, call_timeout=5.0, total_timeout=20.0
+)
 #: A guard against a hang; far above anything the policy allows (not a timing assert).
 HANG_GUARD = 30.0
 
@@ -95,8 +96,7 @@ def vault(vault_server: Any) -> Iterator[tuple[Any, FaultPlan]]:
         if "/encrypt/" in path or "/decrypt/" in path:
             fault = plan.next("encrypt" if "/encrypt/" in path else "decrypt")
             if fault == "429":
-                raise VaultError(429, "request path \"transit/encrypt\": rate limit quota "
-                                      "exceeded")
+                raise VaultError(429, 'request path "transit/encrypt": rate limit quota exceeded')
             if fault == "500":
                 raise VaultError(500, "internal error")
             if fault == "hang":
@@ -115,8 +115,9 @@ def vault(vault_server: Any) -> Iterator[tuple[Any, FaultPlan]]:
 async def _vault_provider(server: Any, policy: RetryPolicy = POLICY) -> Any:
     from aiocrypt.kek.vault import VaultTransitKekProvider
 
-    provider = VaultTransitKekProvider(f"rel-{secrets.token_hex(4)}", url=server.url,
-                                       token=server.token, retry=policy)
+    provider = VaultTransitKekProvider(
+        f"rel-{secrets.token_hex(4)}", url=server.url, token=server.token, retry=policy
+    )
     await provider.ensure_key()
     return provider
 
@@ -124,8 +125,7 @@ async def _vault_provider(server: Any, policy: RetryPolicy = POLICY) -> Any:
 CONTEXT = {"aiocrypt_key_id": "rel-test", "aiocrypt_key_type": "pii"}
 
 
-async def test_vault_throttle_and_5xx_are_retried_until_success(vault: Any,
-                                                                summary: Any) -> None:
+async def test_vault_throttle_and_5xx_are_retried_until_success(vault: Any, summary: Any) -> None:
     """429 then 500 answers: the wrap is retried with backoff and succeeds on the third try;
     the wrapped key unwraps."""
     server, plan = vault
@@ -140,13 +140,18 @@ async def test_vault_throttle_and_5xx_are_retried_until_success(vault: Any,
         assert plan.seen["decrypt"] == 2
     finally:
         await provider.close()
-    summary(backend="vault", faults_injected=sum(plan.injected.values()),
-            attempts=plan.seen["encrypt"] + plan.seen["decrypt"], errors=0)
+    summary(
+        backend="vault",
+        faults_injected=sum(plan.injected.values()),
+        attempts=plan.seen["encrypt"] + plan.seen["decrypt"],
+        errors=0,
+    )
 
 
 @pytest.mark.parametrize("fault", ["429", "500"])
-async def test_vault_persistent_fault_gives_up_after_budget(vault: Any, fault: str,
-                                                            summary: Any) -> None:
+async def test_vault_persistent_fault_gives_up_after_budget(
+    vault: Any, fault: str, summary: Any
+) -> None:
     """A KMS that keeps throttling (or failing with 500): KekProviderError after exactly
     ``attempts`` calls, marked retryable, saying it gave up; nothing hangs."""
     server, plan = vault
@@ -162,8 +167,13 @@ async def test_vault_persistent_fault_gives_up_after_budget(vault: Any, fault: s
     assert f"gave up after {POLICY.attempts} attempts" in str(info.value)
     assert plan.seen["encrypt"] == POLICY.attempts
     assert "k" * 32 not in str(info.value)
-    summary(backend="vault", fault=fault, faults_injected=plan.injected[fault],
-            error=type(info.value).__name__, attempts=plan.seen["encrypt"])
+    summary(
+        backend="vault",
+        fault=fault,
+        faults_injected=plan.injected[fault],
+        error=type(info.value).__name__,
+        attempts=plan.seen["encrypt"],
+    )
 
 
 async def test_vault_refusal_is_not_retried(vault: Any, summary: Any) -> None:
@@ -185,8 +195,9 @@ async def test_vault_that_never_answers_times_out(vault: Any, summary: Any) -> N
     """A Vault that accepts the request and never answers: each attempt is cut at
     ``call_timeout`` and the call fails with KekProviderError instead of hanging."""
     server, plan = vault
-    policy = RetryPolicy(attempts=2, initial_delay=0.01, max_delay=0.02, call_timeout=0.5,
-                         total_timeout=5.0)
+    policy = RetryPolicy(
+        attempts=2, initial_delay=0.01, max_delay=0.02, call_timeout=0.5, total_timeout=5.0
+    )
     provider = await _vault_provider(server, policy)
     try:
         plan.default = "hang"
@@ -200,9 +211,14 @@ async def test_vault_that_never_answers_times_out(vault: Any, summary: Any) -> N
         await provider.close()
     assert info.value.retryable
     assert plan.seen["encrypt"] == policy.attempts
-    summary(backend="vault", fault="hang", faults_injected=plan.injected["hang"],
-            error=type(info.value).__name__, attempts=plan.seen["encrypt"],
-            seconds_to_fail=round(elapsed, 2))
+    summary(
+        backend="vault",
+        fault="hang",
+        faults_injected=plan.injected["hang"],
+        error=type(info.value).__name__,
+        attempts=plan.seen["encrypt"],
+        seconds_to_fail=round(elapsed, 2),
+    )
 
 
 # -- AWS KMS (moto) ---------------------------------------------------------------
@@ -225,11 +241,16 @@ class _AwsFaults:
         if target in ("TrentService.Encrypt", "TrentService.Decrypt"):
             fault = self.plan.next(target.split(".")[1].lower())
             if fault == "throttle":
-                return self._answer(start_response, "400 Bad Request", "ThrottlingException",
-                                    "Rate exceeded")
+                return self._answer(
+                    start_response, "400 Bad Request", "ThrottlingException", "Rate exceeded"
+                )
             if fault == "500":
-                return self._answer(start_response, "500 Internal Server Error",
-                                    "KMSInternalException", "internal error")
+                return self._answer(
+                    start_response,
+                    "500 Internal Server Error",
+                    "KMSInternalException",
+                    "internal error",
+                )
             if fault == "hang":
                 time.sleep(self.plan.hang_seconds)
         return self.app(environ, start_response)
@@ -239,8 +260,10 @@ class _AwsFaults:
         import json
 
         body = json.dumps({"__type": code, "message": message}).encode()
-        start_response(status, [("Content-Type", "application/x-amz-json-1.1"),
-                                ("Content-Length", str(len(body)))])
+        start_response(
+            status,
+            [("Content-Type", "application/x-amz-json-1.1"), ("Content-Length", str(len(body)))],
+        )
         return [body]
 
 
@@ -256,16 +279,22 @@ def aws(moto_server: Any) -> Iterator[tuple[Any, FaultPlan]]:
         wsgi.app = original
 
 
-async def _aws_provider(server: Any, endpoint: str | None = None,
-                        policy: RetryPolicy = POLICY) -> Any:
+async def _aws_provider(
+    server: Any, endpoint: str | None = None, policy: RetryPolicy = POLICY
+) -> Any:
     from aiobotocore.session import get_session
 
     from aiocrypt.kek.aws import AwsKmsKekProvider
 
     async with get_session().create_client("kms", **server.client_kwargs) as kms:
         arn = str((await kms.create_key(Description="reliability"))["KeyMetadata"]["Arn"])
-    return AwsKmsKekProvider(arn, access_key_id="testing", secret_access_key="testing",
-                             endpoint_url=endpoint or server.url, retry=policy)
+    return AwsKmsKekProvider(
+        arn,
+        access_key_id="testing",
+        secret_access_key="testing",
+        endpoint_url=endpoint or server.url,
+        retry=policy,
+    )
 
 
 async def test_aws_throttling_is_retried_until_success(aws: Any, summary: Any) -> None:
@@ -282,13 +311,18 @@ async def test_aws_throttling_is_retried_until_success(aws: Any, summary: Any) -
     finally:
         await provider.close()
     assert plan.seen["encrypt"] == 3 and plan.seen["decrypt"] == 1
-    summary(backend="aws_kms", faults_injected=sum(plan.injected.values()),
-            attempts=plan.seen["encrypt"] + plan.seen["decrypt"], errors=0)
+    summary(
+        backend="aws_kms",
+        faults_injected=sum(plan.injected.values()),
+        attempts=plan.seen["encrypt"] + plan.seen["decrypt"],
+        errors=0,
+    )
 
 
 @pytest.mark.parametrize("fault", ["throttle", "500"])
-async def test_aws_persistent_fault_gives_up_after_budget(aws: Any, fault: str,
-                                                          summary: Any) -> None:
+async def test_aws_persistent_fault_gives_up_after_budget(
+    aws: Any, fault: str, summary: Any
+) -> None:
     """Throttled (or 500) on every call: KekProviderError after ``attempts`` calls,
     retryable, naming the AWS error code."""
     server, plan = aws
@@ -305,8 +339,13 @@ async def test_aws_persistent_fault_gives_up_after_budget(aws: Any, fault: str,
     assert info.value.retryable and code in str(info.value)
     assert f"gave up after {POLICY.attempts} attempts" in str(info.value)
     assert plan.seen["encrypt"] == POLICY.attempts
-    summary(backend="aws_kms", fault=fault, faults_injected=plan.injected[fault],
-            error=type(info.value).__name__, attempts=plan.seen["encrypt"])
+    summary(
+        backend="aws_kms",
+        fault=fault,
+        faults_injected=plan.injected[fault],
+        error=type(info.value).__name__,
+        attempts=plan.seen["encrypt"],
+    )
 
 
 async def test_aws_partition_times_out(aws: Any, fault_proxy: Any, summary: Any) -> None:
@@ -315,8 +354,9 @@ async def test_aws_partition_times_out(aws: Any, fault_proxy: Any, summary: Any)
     server, _ = aws
     host, port = server.address
     proxy = await fault_proxy(host, port)
-    policy = RetryPolicy(attempts=2, initial_delay=0.01, max_delay=0.02, call_timeout=0.5,
-                         total_timeout=5.0)
+    policy = RetryPolicy(
+        attempts=2, initial_delay=0.01, max_delay=0.02, call_timeout=0.5, total_timeout=5.0
+    )
     provider = await _aws_provider(server, f"http://127.0.0.1:{proxy.port}", policy)
     try:
         wrapped = await provider.wrap(b"a" * 32, CONTEXT)
@@ -329,8 +369,13 @@ async def test_aws_partition_times_out(aws: Any, fault_proxy: Any, summary: Any)
         assert await provider.unwrap(wrapped, CONTEXT) == b"a" * 32
     finally:
         await provider.close()
-    summary(backend="aws_kms", fault="blackhole", faults_injected=proxy.stats.blackholed,
-            error=type(info.value).__name__, recovered=True)
+    summary(
+        backend="aws_kms",
+        fault="blackhole",
+        faults_injected=proxy.stats.blackholed,
+        error=type(info.value).__name__,
+        recovered=True,
+    )
 
 
 # -- the key manager over a failing KMS -------------------------------------------
@@ -355,8 +400,9 @@ async def test_kms_outage_loses_no_key_and_rotation_resumes(vault: Any, summary:
     async with service:
         plan.queue = ["429", "429"]
         for i in range(50):
-            tokens[f"value-{i}"] = await service.encrypt_field(f"value-{i}", KeyType.PII,
-                                                               context="rel.kms")
+            tokens[f"value-{i}"] = await service.encrypt_field(
+                f"value-{i}", KeyType.PII, context="rel.kms"
+            )
         v1 = await manager.get_active_key(KeyType.PII)
         before = await store.read()
 
@@ -367,11 +413,11 @@ async def test_kms_outage_loses_no_key_and_rotation_resumes(vault: Any, summary:
         assert await store.read() == before
         assert (await manager.get_active_key(KeyType.PII)).key_id == v1.key_id
         for plaintext, token in tokens.items():
-            assert await service.decrypt_field(token, KeyType.PII, context="rel.kms") == \
-                plaintext
+            assert await service.decrypt_field(token, KeyType.PII, context="rel.kms") == plaintext
         for i in range(50, 60):  # encryption with the cached active key goes on
-            tokens[f"value-{i}"] = await service.encrypt_field(f"value-{i}", KeyType.PII,
-                                                               context="rel.kms")
+            tokens[f"value-{i}"] = await service.encrypt_field(
+                f"value-{i}", KeyType.PII, context="rel.kms"
+            )
 
         plan.clear()
         v2 = await manager.rotate_key(KeyType.PII, force=True)
@@ -381,8 +427,12 @@ async def test_kms_outage_loses_no_key_and_rotation_resumes(vault: Any, summary:
         held = {k.key_id for k in (await store.read()).keys}
         assert held == {v1.key_id, v2.key_id}
         for plaintext, token in tokens.items():
-            assert await service.decrypt_field(token, KeyType.PII, context="rel.kms") == \
-                plaintext
+            assert await service.decrypt_field(token, KeyType.PII, context="rel.kms") == plaintext
     await provider.close()
-    summary(operations=len(tokens) * 2, faults_injected=sum(plan.injected.values()),
-            expected_errors=errors, key_versions=len(held), tokens_checked=len(tokens))
+    summary(
+        operations=len(tokens) * 2,
+        faults_injected=sum(plan.injected.values()),
+        expected_errors=errors,
+        key_versions=len(held),
+        tokens_checked=len(tokens),
+    )

@@ -41,28 +41,32 @@ BATCH = 300
 async def _table(dsn: str, service: EncryptionService) -> tuple[str, dict[int, str]]:
     name = f"rel_reenc_{secrets.token_hex(4)}"
     values = {i: f"secret-{i}-{secrets.token_hex(4)}" for i in range(1, ROWS + 1)}
-    tokens = await service.encrypt_many(list(values.values()), KeyType.PII,
-                                        context=f"{name}.secret")
+    tokens = await service.encrypt_many(
+        list(values.values()), KeyType.PII, context=f"{name}.secret"
+    )
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(f"CREATE TABLE {name} (id integer PRIMARY KEY, secret text)")
-        await conn.copy_records_to_table(name, records=list(zip(values, tokens, strict=True)),
-                                         columns=["id", "secret"])
+        await conn.copy_records_to_table(
+            name, records=list(zip(values, tokens, strict=True)), columns=["id", "secret"]
+        )
     finally:
         await conn.close()
     return name, values
 
 
-async def _verify(dsn: str, name: str, values: dict[int, str], service: EncryptionService,
-                  target: str) -> int:
+async def _verify(
+    dsn: str, name: str, values: dict[int, str], service: EncryptionService, target: str
+) -> int:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(f"SELECT id, secret FROM {name} ORDER BY id")
     finally:
         await conn.close()
     assert len(rows) == len(values)
-    plain = await service.decrypt_many([r["secret"] for r in rows], KeyType.PII,
-                                       context=f"{name}.secret")
+    plain = await service.decrypt_many(
+        [r["secret"] for r in rows], KeyType.PII, context=f"{name}.secret"
+    )
     for row, value in zip(rows, plain, strict=True):
         assert value == values[row["id"]]
         assert row["secret"].split(".")[1] == target
@@ -80,8 +84,8 @@ async def _drop(dsn: str, name: str) -> None:
 
 @pytest.mark.parametrize("fault", ["restart", "blackhole"])
 async def test_reencryption_resumes_after_postgres_outage(
-        fault: str, private_postgres: Any, fault_proxy: Any,
-        summary: Callable[..., None]) -> None:
+    fault: str, private_postgres: Any, fault_proxy: Any, summary: Callable[..., None]
+) -> None:
     """Postgres restarted / blackholed after 5 batches: the run fails, the rerun resumes from
     the checkpoint and every row ends on the new key and decrypts."""
     proxy = await fault_proxy("127.0.0.1", private_postgres.port)
@@ -100,15 +104,17 @@ async def test_reencryption_resumes_after_postgres_outage(
                 if p.batches == 5 and not injected:
                     injected += 1
                     if fault == "restart":  # while the engine goes on issuing statements
-                        restarting.append(asyncio.create_task(
-                            asyncio.to_thread(private_postgres.restart)))
+                        restarting.append(
+                            asyncio.create_task(asyncio.to_thread(private_postgres.restart))
+                        )
                         await asyncio.sleep(0.2)
                     else:
                         proxy.blackhole()
 
             database = AsyncpgDatabase(dsn, command_timeout=2.0)
-            engine = ReencryptionEngine(service.key_manager, database, tables=[spec],
-                                        batch_size=BATCH, progress=progress)
+            engine = ReencryptionEngine(
+                service.key_manager, database, tables=[spec], batch_size=BATCH, progress=progress
+            )
             failure = None
             async with asyncio.timeout(60):  # a hang guard, far above command_timeout
                 try:
@@ -131,7 +137,13 @@ async def test_reencryption_resumes_after_postgres_outage(
             checked = await _verify(private_postgres.dsn, name, values, service, target)
         finally:
             await _drop(private_postgres.dsn, name)
-    summary(fault=fault, faults_injected=injected, first_run_error=failure or "none (survived)",
-            rows=ROWS,
-            resumed_from_pk=result.resumed_from, rows_updated_total=result.checkpoint.rows_updated,
-            rows_checked=checked, rows_undecryptable=0)
+    summary(
+        fault=fault,
+        faults_injected=injected,
+        first_run_error=failure or "none (survived)",
+        rows=ROWS,
+        resumed_from_pk=result.resumed_from,
+        rows_updated_total=result.checkpoint.rows_updated,
+        rows_checked=checked,
+        rows_undecryptable=0,
+    )

@@ -48,8 +48,9 @@ class App:
     """The application: writes rows through a current and a stale service, remembers the last
     value it wrote to each row."""
 
-    def __init__(self, dsn: str, table: str, fresh: EncryptionService,
-                 stale: EncryptionService) -> None:
+    def __init__(
+        self, dsn: str, table: str, fresh: EncryptionService, stale: EncryptionService
+    ) -> None:
         self.dsn, self.table = dsn, table
         self.services = (fresh, stale)
         self.expected: dict[int, str] = {}
@@ -66,9 +67,14 @@ class App:
             self.stale_writes += stale
             value = f"{row_id}-app-{self.writes}"
             token = await self.services[stale].encrypt_field(
-                value, KeyType.PII, context=f"{self.table}.secret")
-            await conn.execute(f"UPDATE {self.table} SET secret = $2, plain = $3 "
-                               "WHERE id = $1", row_id, token, value)
+                value, KeyType.PII, context=f"{self.table}.secret"
+            )
+            await conn.execute(
+                f"UPDATE {self.table} SET secret = $2, plain = $3 WHERE id = $1",
+                row_id,
+                token,
+                value,
+            )
             self.expected[row_id] = value
 
 
@@ -90,7 +96,8 @@ class RacingDatabase(AsyncpgDatabase):
 
 
 async def test_reencryption_never_overwrites_application_writes(
-        postgres_dsn: str, summary: Callable[..., None]) -> None:
+    postgres_dsn: str, summary: Callable[..., None]
+) -> None:
     """Concurrent and in-window application writes survive; all rows end on the new key."""
     table = f"rel_race_{secrets.token_hex(4)}"
     store, kek = MemoryKeyStore(), FakeKekProvider()
@@ -101,23 +108,27 @@ async def test_reencryption_never_overwrites_application_writes(
     try:
         async with fresh, stale:
             originals = {i: f"{i}-original" for i in range(1, ROWS + 1)}
-            tokens = await fresh.encrypt_many(list(originals.values()), KeyType.PII,
-                                              context=f"{table}.secret")
+            tokens = await fresh.encrypt_many(
+                list(originals.values()), KeyType.PII, context=f"{table}.secret"
+            )
             await stale.key_manager.refresh(force=True)  # it knows v1, and only v1
-            await conn.execute(f"CREATE TABLE {table} (id integer PRIMARY KEY, secret text, "
-                               "plain text)")
+            await conn.execute(
+                f"CREATE TABLE {table} (id integer PRIMARY KEY, secret text, plain text)"
+            )
             await conn.copy_records_to_table(
-                table, records=[(i, t, originals[i]) for i, t in
-                                zip(originals, tokens, strict=True)],
-                columns=["id", "secret", "plain"])
+                table,
+                records=[(i, t, originals[i]) for i, t in zip(originals, tokens, strict=True)],
+                columns=["id", "secret", "plain"],
+            )
             v2 = await fresh.key_manager.rotate_key(KeyType.PII, force=True)
 
             app = App(postgres_dsn, table, fresh, stale)
             app.conn = await asyncpg.connect(postgres_dsn)
             spec = TableSpec(table, "id", (ColumnSpec("secret", KeyType.PII),))
             database = RacingDatabase(postgres_dsn, app)
-            engine = ReencryptionEngine(fresh.key_manager, database, tables=[spec],
-                                        batch_size=BATCH)
+            engine = ReencryptionEngine(
+                fresh.key_manager, database, tables=[spec], batch_size=BATCH
+            )
             stop = asyncio.Event()
 
             async def writer(index: int) -> None:
@@ -138,11 +149,11 @@ async def test_reencryption_never_overwrites_application_writes(
 
             # nothing the application wrote was overwritten
             rows = await conn.fetch(f"SELECT id, secret, plain FROM {table} ORDER BY id")
-            plain = await fresh.decrypt_many([r["secret"] for r in rows], KeyType.PII,
-                                             context=f"{table}.secret")
+            plain = await fresh.decrypt_many(
+                [r["secret"] for r in rows], KeyType.PII, context=f"{table}.secret"
+            )
             for row, value in zip(rows, plain, strict=True):
-                assert value == row["plain"] == app.expected.get(row["id"],
-                                                                 originals[row["id"]])
+                assert value == row["plain"] == app.expected.get(row["id"], originals[row["id"]])
             left_on_v1 = sum(1 for r in rows if r["secret"].split(".")[1] != v2.key_id)
             assert first.run_rows_conflicted >= database.raced > 0
 
@@ -151,8 +162,9 @@ async def test_reencryption_never_overwrites_application_writes(
             assert second.complete
             rows = await conn.fetch(f"SELECT id, secret, plain FROM {table} ORDER BY id")
             assert all(r["secret"].split(".")[1] == v2.key_id for r in rows)
-            plain = await fresh.decrypt_many([r["secret"] for r in rows], KeyType.PII,
-                                             context=f"{table}.secret")
+            plain = await fresh.decrypt_many(
+                [r["secret"] for r in rows], KeyType.PII, context=f"{table}.secret"
+            )
             assert plain == [r["plain"] for r in rows]
             census = await engine.census(table)
             assert census.rows_for(v2.key_id) == ROWS
@@ -161,9 +173,16 @@ async def test_reencryption_never_overwrites_application_writes(
     finally:
         await conn.execute(f"DROP TABLE IF EXISTS {table}")
         await conn.close()
-    summary(rows=ROWS, app_writes=app.writes, stale_key_writes=app.stale_writes,
-            in_window_writes=database.raced, engine_rows_updated=first.run_rows_updated,
-            engine_rows_conflicted=first.run_rows_conflicted, passes_first_run=first.passes,
-            left_on_old_key_after_first_run=left_on_v1,
-            second_run_rows_updated=second.run_rows_updated, rows_checked=len(rows),
-            overwritten=0)
+    summary(
+        rows=ROWS,
+        app_writes=app.writes,
+        stale_key_writes=app.stale_writes,
+        in_window_writes=database.raced,
+        engine_rows_updated=first.run_rows_updated,
+        engine_rows_conflicted=first.run_rows_conflicted,
+        passes_first_run=first.passes,
+        left_on_old_key_after_first_run=left_on_v1,
+        second_run_rows_updated=second.run_rows_updated,
+        rows_checked=len(rows),
+        overwritten=0,
+    )

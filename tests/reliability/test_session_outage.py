@@ -38,18 +38,21 @@ SESSIONS = 40
 OUTAGE = (RedisError, StoreUnavailableError)  # the store translates, the client's ping does not
 
 
-async def test_sessions_survive_redis_faults(private_redis: Any, fault_proxy: Any,
-                                             summary: Callable[..., None]) -> None:
+async def test_sessions_survive_redis_faults(
+    private_redis: Any, fault_proxy: Any, summary: Callable[..., None]
+) -> None:
     """Reset, restart and blackhole: clear RedisError during the fault, every session back
     after it, new sessions work."""
     proxy = await fault_proxy("127.0.0.1", private_redis.port)
-    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=1.0,
-                                     socket_connect_timeout=1.0)
+    client = aioredis.Redis.from_url(
+        f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=1.0, socket_connect_timeout=1.0
+    )
     errors: Counter[str] = Counter()
     operations = 0
     async with make_service() as service:
-        store = RedisSessionStore(service, client, SessionSettings(
-            ttl=600, prefix=f"rel:{secrets.token_hex(4)}:session:"))
+        store = RedisSessionStore(
+            service, client, SessionSettings(ttl=600, prefix=f"rel:{secrets.token_hex(4)}:session:")
+        )
         sessions: dict[str, dict[str, Any]] = {}
 
         async def create(n: int) -> None:
@@ -127,6 +130,10 @@ async def test_sessions_survive_redis_faults(private_redis: Any, fault_proxy: An
         assert len(keys) == len(sessions)
         await client.delete(*keys)
     await client.aclose()
-    summary(sessions=len(sessions), operations=operations,
-            faults_injected=len(proxy.stats.faults) + 1, errors_by_class=dict(errors),
-            sessions_lost=0)
+    summary(
+        sessions=len(sessions),
+        operations=operations,
+        faults_injected=len(proxy.stats.faults) + 1,
+        errors_by_class=dict(errors),
+        sessions_lost=0,
+    )

@@ -97,12 +97,22 @@ async def _client(url: str, index: int, until: float, stats: Stats) -> None:
         return True
 
     async with httpx.AsyncClient(base_url=url, timeout=30, follow_redirects=False) as http:
+
         async def login() -> None:
             form = await http.get("/login")
             if await expect(form, 200, "login_form"):
-                await expect(await http.post("/login", data={
-                    "username": username, "password": PASSWORD,
-                    "csrf_token": form.json()["csrf_token"]}), 302, "login")
+                await expect(
+                    await http.post(
+                        "/login",
+                        data={
+                            "username": username,
+                            "password": PASSWORD,
+                            "csrf_token": form.json()["csrf_token"],
+                        },
+                    ),
+                    302,
+                    "login",
+                )
 
         await login()
         visits, rounds = 0, 0
@@ -110,8 +120,7 @@ async def _client(url: str, index: int, until: float, stats: Stats) -> None:
             rounds += 1
             try:
                 me = await http.get("/me")
-                if await expect(me, 200, "field_decrypt") and \
-                        me.json()["username"] != username:
+                if await expect(me, 200, "field_decrypt") and me.json()["username"] != username:
                     stats.error("field_decrypt: wrong user")
                 if await expect(await http.get("/report"), 200, "cache"):
                     pass
@@ -119,12 +128,10 @@ async def _client(url: str, index: int, until: float, stats: Stats) -> None:
                 if await expect(posted, 200, "session_write"):
                     visits += 1
                     if posted.json()["visits"] != visits:
-                        stats.error(f"session_write: visits {posted.json()['visits']} "
-                                    f"!= {visits}")
+                        stats.error(f"session_write: visits {posted.json()['visits']} != {visits}")
                         visits = posted.json()["visits"]
                 who = await http.get("/whoami")
-                if await expect(who, 200, "session_read") and \
-                        who.json()["username"] != username:
+                if await expect(who, 200, "session_read") and who.json()["username"] != username:
                     stats.error("session_read: wrong user")
                 if rounds % 40 == 0:
                     await expect(await http.post("/logout"), 302, "logout")
@@ -135,8 +142,13 @@ async def _client(url: str, index: int, until: float, stats: Stats) -> None:
                 await asyncio.sleep(0.1)
 
 
-async def test_soak_quart_example(redis_url: str, postgres_dsn: str, master_key: bytes,
-                                  tmp_path: Path, summary: Callable[..., None]) -> None:
+async def test_soak_quart_example(
+    redis_url: str,
+    postgres_dsn: str,
+    master_key: bytes,
+    tmp_path: Path,
+    summary: Callable[..., None],
+) -> None:
     """Mixed field / session / cache load with key rotation: no error, flat memory."""
     from aiocrypt.audit import Auditor
     from aiocrypt.audit.postgres import PostgresAuditSink
@@ -144,19 +156,36 @@ async def test_soak_quart_example(redis_url: str, postgres_dsn: str, master_key:
 
     tag = secrets.token_hex(4)
     settings: dict[str, Any] = {  # as JSON to the server process
-        "port": free_port(), "redis_url": redis_url, "prefix": f"rel:soak:{tag}:",
-        "dsn": postgres_dsn, "schema": f"rel_soak_{tag}",
-        "audit_table": f"rel_soak_audit_{tag}", "data_dir": str(tmp_path / "data")}
+        "port": free_port(),
+        "redis_url": redis_url,
+        "prefix": f"rel:soak:{tag}:",
+        "dsn": postgres_dsn,
+        "schema": f"rel_soak_{tag}",
+        "audit_table": f"rel_soak_audit_{tag}",
+        "data_dir": str(tmp_path / "data"),
+    }
     url = f"http://127.0.0.1:{settings['port']}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT),
-           "ENCRYPTION_MASTER_KEY": base64.b64encode(master_key).decode()}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "ENCRYPTION_MASTER_KEY": base64.b64encode(master_key).decode(),
+    }
     log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen([sys.executable, str(SERVER), json.dumps(settings)], cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER), json.dumps(settings)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     kek = LocalKekProvider(master_key)
     audit = PostgresAuditSink(postgres_dsn, table=settings["audit_table"])
-    rotator = KeyManager(PostgresKeyStore(postgres_dsn, schema=settings["schema"]), kek,
-                         auditor=Auditor([audit]), watch=False)
+    rotator = KeyManager(
+        PostgresKeyStore(postgres_dsn, schema=settings["schema"]),
+        kek,
+        auditor=Auditor([audit]),
+        watch=False,
+    )
     stats = Stats()
     rotations = 0
     try:
@@ -204,8 +233,9 @@ async def test_soak_quart_example(redis_url: str, postgres_dsn: str, master_key:
         import asyncpg
 
         conn = await asyncpg.connect(postgres_dsn)
-        await conn.execute(f"DROP TABLE IF EXISTS {settings['audit_table']}, "
-                           f"{settings['audit_table']}_head")
+        await conn.execute(
+            f"DROP TABLE IF EXISTS {settings['audit_table']}, {settings['audit_table']}_head"
+        )
         await conn.close()
         await audit.close()
         client = aioredis.Redis.from_url(redis_url)
@@ -215,12 +245,20 @@ async def test_soak_quart_example(redis_url: str, postgres_dsn: str, master_key:
         await client.aclose()
 
     mib = 1024 * 1024
-    summary(seconds=round(measured, 1), clients=CLIENTS, requests=ops,
-            requests_by_kind=dict(stats.ops), errors=sum(stats.errors.values()),
-            error_samples=stats.samples, rotations=rotations * 3, key_versions=key_versions,
-            audit_rows_verified=verification.rows,
-            rss_start_mib=round(rss_start / mib, 1), rss_end_mib=round(rss_end / mib, 1),
-            rss_max_mib=round(max(rss_samples) / mib, 1),
-            throughput_rps=round(ops / measured, 1))
+    summary(
+        seconds=round(measured, 1),
+        clients=CLIENTS,
+        requests=ops,
+        requests_by_kind=dict(stats.ops),
+        errors=sum(stats.errors.values()),
+        error_samples=stats.samples,
+        rotations=rotations * 3,
+        key_versions=key_versions,
+        audit_rows_verified=verification.rows,
+        rss_start_mib=round(rss_start / mib, 1),
+        rss_end_mib=round(rss_end / mib, 1),
+        rss_max_mib=round(max(rss_samples) / mib, 1),
+        throughput_rps=round(ops / measured, 1),
+    )
     assert not stats.errors, (dict(stats.errors), stats.samples)
     assert rss_end - rss_start < MAX_RSS_GROWTH, (rss_start, rss_end)

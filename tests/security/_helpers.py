@@ -38,8 +38,7 @@ def secret_forms(secret: bytes) -> list[bytes]:
 
 def find_secrets(haystack: bytes | str, secrets: dict[str, bytes]) -> list[str]:
     """Names of the secrets (and the form) that occur in ``haystack``."""
-    data = haystack.encode("utf-8", "surrogateescape") if isinstance(haystack, str) \
-        else haystack
+    data = haystack.encode("utf-8", "surrogateescape") if isinstance(haystack, str) else haystack
     found = []
     for name, secret in secrets.items():
         for form in secret_forms(secret):

@@ -43,15 +43,20 @@ from aiocrypt.keystore._base import decode_records
 from ._helpers import LoopRunner
 
 COUNTS: Counter[str] = Counter()
-SETTINGS = settings(max_examples=300, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow,
-                                           HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
-                         st.text(max_size=20))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
-    max_leaves=12)
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 class Store:
@@ -145,8 +150,21 @@ def test_mutated_store_documents_are_refused(store: Store, data: st.DataObject |
         doc["kek_id"] = ["local:0"]
         assert_not_silently_changed(store, json.dumps(doc).encode())
         return
-    kind = data.draw(st.sampled_from(["bitflip", "truncate", "extend", "field", "record_field",
-                                      "drop_field", "swap_records", "random_json", "bytes"]))
+    kind = data.draw(
+        st.sampled_from(
+            [
+                "bitflip",
+                "truncate",
+                "extend",
+                "field",
+                "record_field",
+                "drop_field",
+                "swap_records",
+                "random_json",
+                "bytes",
+            ]
+        )
+    )
     raw = bytearray(store.pristine)
     doc = json.loads(store.pristine)
     if kind == "bitflip":
@@ -154,19 +172,28 @@ def test_mutated_store_documents_are_refused(store: Store, data: st.DataObject |
         raw[i] ^= 1 << data.draw(st.integers(0, 7))
         out = bytes(raw)
     elif kind == "truncate":
-        out = bytes(raw[:data.draw(st.integers(0, len(raw) - 1))])
+        out = bytes(raw[: data.draw(st.integers(0, len(raw) - 1))])
     elif kind == "extend":
         out = bytes(raw) + data.draw(st.binary(min_size=1, max_size=50))
     elif kind == "field":
-        field = data.draw(st.sampled_from(["format", "version", "kek_id", "mac_key", "mac",
-                                           "revision", "keys", "extra"]))
+        field = data.draw(
+            st.sampled_from(
+                ["format", "version", "kek_id", "mac_key", "mac", "revision", "keys", "extra"]
+            )
+        )
         doc[field] = data.draw(json_values)
         out = json.dumps(doc).encode()
     elif kind == "record_field":
         i = data.draw(st.integers(0, len(doc["keys"]) - 1))
         field = data.draw(st.sampled_from([*doc["keys"][i].keys(), "extra"]))
-        value = data.draw(st.one_of(json_values, st.sampled_from(
-            ["active", "ACTIVE", "destroyed", "pii", "session", 2, 0, -1, None])))
+        value = data.draw(
+            st.one_of(
+                json_values,
+                st.sampled_from(
+                    ["active", "ACTIVE", "destroyed", "pii", "session", 2, 0, -1, None]
+                ),
+            )
+        )
         doc["keys"][i] = _set_path(doc["keys"][i], [field], value)
         out = json.dumps(doc).encode()
     elif kind == "drop_field":
@@ -189,17 +216,20 @@ def test_mutated_store_documents_are_refused(store: Store, data: st.DataObject |
     assert_not_silently_changed(store, out)
 
 
-@pytest.mark.parametrize("name, data", [
-    ("deep nesting", b"[" * 100_000 + b"]" * 100_000),
-    ("deep object", b'{"a":' * 50_000 + b"1" + b"}" * 50_000),
-    ("huge integer", b'{"format":"aiocrypt.keystore","version":' + b"9" * 5000 + b"}"),
-    ("NaN revision", None),
-    ("non-UTF-8", b'{"format":"\xff\xfe"}'),
-    ("UTF-16", '{"format":"aiocrypt.keystore"}'.encode("utf-16")),
-    ("empty", b""),
-    ("null", b"null"),
-    ("over 64 MiB", b" " * (64 * 2**20 + 1)),
-])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("deep nesting", b"[" * 100_000 + b"]" * 100_000),
+        ("deep object", b'{"a":' * 50_000 + b"1" + b"}" * 50_000),
+        ("huge integer", b'{"format":"aiocrypt.keystore","version":' + b"9" * 5000 + b"}"),
+        ("NaN revision", None),
+        ("non-UTF-8", b'{"format":"\xff\xfe"}'),
+        ("UTF-16", '{"format":"aiocrypt.keystore"}'.encode("utf-16")),
+        ("empty", b""),
+        ("null", b"null"),
+        ("over 64 MiB", b" " * (64 * 2**20 + 1)),
+    ],
+)
 def test_pathological_store_documents(store: Store, name: str, data: bytes | None) -> None:
     if data is None:
         doc = json.loads(store.pristine)
@@ -210,17 +240,44 @@ def test_pathological_store_documents(store: Store, name: str, data: bytes | Non
 
 
 @SETTINGS
-@given(records=st.lists(st.one_of(
-    json_values.map(json.dumps),
-    st.binary(max_size=60),
-    st.dictionaries(st.sampled_from(["key_id", "key_type", "version", "status", "created_at",
-                                     "expires_at", "wrapped_key", "activated_at",
-                                     "key_size_bits"]), json_values).map(json.dumps),
-), min_size=1, max_size=3))
-@example(records=['{"key_id":"pii-v1-00000000","key_type":"pii","version":1e999,"status":'
-                  '"active","created_at":0,"expires_at":0}'])
-@example(records=['{"key_id":"pii-v1-00000000","key_type":"pii","version":1,"status":'
-                  '"active","created_at":1e300,"expires_at":1e300}'])
+@given(
+    records=st.lists(
+        st.one_of(
+            json_values.map(json.dumps),
+            st.binary(max_size=60),
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "key_id",
+                        "key_type",
+                        "version",
+                        "status",
+                        "created_at",
+                        "expires_at",
+                        "wrapped_key",
+                        "activated_at",
+                        "key_size_bits",
+                    ]
+                ),
+                json_values,
+            ).map(json.dumps),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+@example(
+    records=[
+        '{"key_id":"pii-v1-00000000","key_type":"pii","version":1e999,"status":'
+        '"active","created_at":0,"expires_at":0}'
+    ]
+)
+@example(
+    records=[
+        '{"key_id":"pii-v1-00000000","key_type":"pii","version":1,"status":'
+        '"active","created_at":1e300,"expires_at":1e300}'
+    ]
+)
 @example(records=["[" * 5000 + "]" * 5000])
 def test_stored_records_parse_or_integrity_error(records: list[Any]) -> None:
     """What the Redis / Postgres stores hand to ``decode_records`` when a record is bad."""
@@ -234,17 +291,43 @@ def test_stored_records_parse_or_integrity_error(records: list[Any]) -> None:
 # -- configuration ----------------------------------------------------------------
 
 config_docs = st.one_of(
-    st.dictionaries(st.sampled_from(["algorithm", "key_size_bits", "performance_mode",
-                                     "compression_enabled", "rotation_policies", "other"]),
-                    json_values, max_size=4),
-    st.fixed_dictionaries({"rotation_policies": st.lists(st.one_of(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "algorithm",
+                "key_size_bits",
+                "performance_mode",
+                "compression_enabled",
+                "rotation_policies",
+                "other",
+            ]
+        ),
         json_values,
-        st.fixed_dictionaries({"key_type": st.sampled_from(["pii", "session", "Bad", "x" * 40]),
-                               }, optional={
-            "max_encryptions": json_values, "rotation_interval_days": json_values,
-            "max_key_age_days": json_values, "grace_period_days": json_values,
-            "auto_rotation": json_values, "batch_size": json_values}),
-    ), max_size=3)}),
+        max_size=4,
+    ),
+    st.fixed_dictionaries(
+        {
+            "rotation_policies": st.lists(
+                st.one_of(
+                    json_values,
+                    st.fixed_dictionaries(
+                        {
+                            "key_type": st.sampled_from(["pii", "session", "Bad", "x" * 40]),
+                        },
+                        optional={
+                            "max_encryptions": json_values,
+                            "rotation_interval_days": json_values,
+                            "max_key_age_days": json_values,
+                            "grace_period_days": json_values,
+                            "auto_rotation": json_values,
+                            "batch_size": json_values,
+                        },
+                    ),
+                ),
+                max_size=3,
+            )
+        }
+    ),
     json_values,
 )
 
@@ -254,8 +337,13 @@ def _check_config(config_file: Path | None, env: dict[str, str]) -> None:
         config = EncryptionConfig.from_env(env, config_file)
         config.require_valid()
         config.master_key_bytes()
-        _ = (config.performance, config.compression_level, repr(config),
-             config.to_public_dict(), [config.rotation_policy(k) for k in KeyType.builtin()])
+        _ = (
+            config.performance,
+            config.compression_level,
+            repr(config),
+            config.to_public_dict(),
+            [config.rotation_policy(k) for k in KeyType.builtin()],
+        )
         COUNTS["config_accepted"] += 1
     except ConfigurationError:
         COUNTS["config_refused"] += 1
@@ -270,14 +358,26 @@ def test_config_file_contents(tmp_path_factory: pytest.TempPathFactory, doc: Any
     path = tmp_path_factory.getbasetemp() / "encryption.json"
     path.write_text(json.dumps(doc))
     COUNTS["config_files"] += 1
-    _check_config(path, {"ENCRYPTION_MASTER_KEY": "A" * 43 + "=",
-                         "ENCRYPTION_KEY_STORAGE_PATH": str(path.parent / "k.json")})
+    _check_config(
+        path,
+        {
+            "ENCRYPTION_MASTER_KEY": "A" * 43 + "=",
+            "ENCRYPTION_KEY_STORAGE_PATH": str(path.parent / "k.json"),
+        },
+    )
 
 
-@pytest.mark.parametrize("content", [
-    b"\xff\xfe\x00", b"[" * 100_000, b'{"key_size_bits":' + b"9" * 5000 + b"}",
-    b'{"rotation_policies":[{"key_type":"pii","max_encryptions":Infinity}]}', b"", b"null",
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xfe\x00",
+        b"[" * 100_000,
+        b'{"key_size_bits":' + b"9" * 5000 + b"}",
+        b'{"rotation_policies":[{"key_type":"pii","max_encryptions":Infinity}]}',
+        b"",
+        b"null",
+    ],
+)
 def test_pathological_config_files(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "encryption.json"
     path.write_bytes(content)
@@ -286,13 +386,32 @@ def test_pathological_config_files(tmp_path: Path, content: bytes) -> None:
 
 
 @SETTINGS
-@given(values=st.dictionaries(
-    st.sampled_from([*_ENV_VARS.values(), "ENCRYPTION_CONFIG_FILE"]),
-    st.one_of(st.text(max_size=60),
-              st.binary(max_size=40).map(lambda b: b.decode("utf-8", "surrogateescape")),
-              st.sampled_from(["", " ", "\x00", "true", "security", "redis", "postgres",
-                               "vault", "aws_kms", "file", "A" * 43 + "=", "a" * 44])),
-    min_size=1))
+@given(
+    values=st.dictionaries(
+        st.sampled_from([*_ENV_VARS.values(), "ENCRYPTION_CONFIG_FILE"]),
+        st.one_of(
+            st.text(max_size=60),
+            st.binary(max_size=40).map(lambda b: b.decode("utf-8", "surrogateescape")),
+            st.sampled_from(
+                [
+                    "",
+                    " ",
+                    "\x00",
+                    "true",
+                    "security",
+                    "redis",
+                    "postgres",
+                    "vault",
+                    "aws_kms",
+                    "file",
+                    "A" * 43 + "=",
+                    "a" * 44,
+                ]
+            ),
+        ),
+        min_size=1,
+    )
+)
 @example(values={"ENCRYPTION_CONFIG_FILE": "a\x00b"})
 @example(values={"ENCRYPTION_KEY_STORAGE_PATH": "/tmp/\x00/k.json"})
 @example(values={"ENCRYPTION_MASTER_KEY": "\udcff" * 44})

@@ -50,8 +50,10 @@ async def pg_service() -> AsyncIterator[EncryptionService]:
     schema = f"limits_{secrets.token_hex(5)}"
     kek = LocalKekProvider.generate()
     config = EncryptionConfig(rotation_policies={"pii": {"max_encryptions": LIMIT}})  # type: ignore[dict-item]  # read by from_dict
-    service = EncryptionService(KeyManager(PostgresKeyStore(POSTGRES_DSN, schema=schema), kek,
-                                           config, watch=False), preload=[KeyType.PII])
+    service = EncryptionService(
+        KeyManager(PostgresKeyStore(POSTGRES_DSN, schema=schema), kek, config, watch=False),
+        preload=[KeyType.PII],
+    )
     await service.start()
     try:
         yield service
@@ -63,7 +65,8 @@ async def pg_service() -> AsyncIterator[EncryptionService]:
 
 
 async def test_sync_encryption_from_threads_never_exceeds_the_limit(
-        pg_service: EncryptionService) -> None:
+    pg_service: EncryptionService,
+) -> None:
     """Flask's request threads call ``service.keyring.encrypt`` while the loop runs."""
     tokens: list[str] = []
     lock = threading.Lock()
@@ -84,7 +87,8 @@ async def test_sync_encryption_from_threads_never_exceeds_the_limit(
 
 
 async def test_sync_encryption_on_the_loop_thread_refuses_at_the_limit(
-        pg_service: EncryptionService) -> None:
+    pg_service: EncryptionService,
+) -> None:
     """Sync code on the loop's own thread cannot wait for a reservation: it gets
     ``KeyStateError`` at the hard allowance, never a token beyond it."""
     keyring = pg_service.keyring
@@ -99,8 +103,7 @@ async def test_sync_encryption_on_the_loop_thread_refuses_at_the_limit(
     assert token
 
 
-async def test_orm_flush_of_many_rows_rotates_at_the_limit(
-        pg_service: EncryptionService) -> None:
+async def test_orm_flush_of_many_rows_rotates_at_the_limit(pg_service: EncryptionService) -> None:
     """Column types under an AsyncSession seal in a greenlet: they reserve as they go."""
 
     class Base(DeclarativeBase):
@@ -119,8 +122,11 @@ async def test_orm_flush_of_many_rows_rotates_at_the_limit(
             session.add_all(Person(ssn=f"{i:09d}") for i in range(3 * LIMIT + 500))
             await session.commit()
         async with engine.connect() as conn:
-            rows = (await conn.execute(sa.text(
-                f"SELECT ssn FROM {Person.__tablename__}"))).scalars().all()
+            rows = (
+                (await conn.execute(sa.text(f"SELECT ssn FROM {Person.__tablename__}")))
+                .scalars()
+                .all()
+            )
     finally:
         await engine.dispose()
     counts = per_key(list(rows))

@@ -37,20 +37,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["file", "redis", "postgres"])
-async def store_env(request: pytest.FixtureRequest,
-                    tmp_path: Path) -> AsyncIterator[dict[str, str]]:
+async def store_env(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[dict[str, str]]:
     backend: str = request.param
     tag = secrets.token_hex(5)
     config_file = tmp_path / "encryption.json"
-    config_file.write_text(json.dumps({"rotation_policies": [
-        {"key_type": "pii", "max_encryptions": LIMIT}]}))
+    config_file.write_text(
+        json.dumps({"rotation_policies": [{"key_type": "pii", "max_encryptions": LIMIT}]})
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCRYPTION_")}
-    env.update({
-        "ENCRYPTION_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
-        "ENCRYPTION_KEY_STORAGE_BACKEND": backend,
-        "ENCRYPTION_CONFIG_FILE": str(config_file),
-        "PYTHONPATH": str(ROOT),
-    })
+    env.update(
+        {
+            "ENCRYPTION_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+            "ENCRYPTION_KEY_STORAGE_BACKEND": backend,
+            "ENCRYPTION_CONFIG_FILE": str(config_file),
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     if backend == "file":
         (tmp_path / "keys").mkdir(mode=0o700)
         env["ENCRYPTION_KEY_STORAGE_PATH"] = str(tmp_path / "keys" / "keys.json")
@@ -78,18 +82,27 @@ async def store_env(request: pytest.FixtureRequest,
 
 
 async def _run_workers(env: dict[str, str], go_file: Path) -> list[list[str]]:
-    procs = [await asyncio.create_subprocess_exec(
-        sys.executable, str(WORKER), f"w{i}", str(PER_WORKER), str(go_file), env=env,
-        cwd=str(go_file.parent), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE) for i in range(WORKERS)]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(WORKER),
+            f"w{i}",
+            str(PER_WORKER),
+            str(go_file),
+            env=env,
+            cwd=str(go_file.parent),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for i in range(WORKERS)
+    ]
     try:
         for proc in procs:  # every worker has its keys loaded before any encrypts
             assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), 60)
             assert line == b"ready\n", (line, await proc.stderr.read() if proc.stderr else b"")
         go_file.touch()
-        outputs = await asyncio.wait_for(
-            asyncio.gather(*(p.communicate() for p in procs)), 120)
+        outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 120)
     finally:
         for proc in procs:
             if proc.returncode is None:
@@ -101,15 +114,18 @@ async def _run_workers(env: dict[str, str], go_file: Path) -> list[list[str]]:
 
 
 async def test_no_key_exceeds_its_usage_limit_across_processes(
-        store_env: dict[str, str], tmp_path: Path) -> None:
+    store_env: dict[str, str], tmp_path: Path
+) -> None:
     outputs = await _run_workers(store_env, tmp_path / "go")
     tokens = [t for out in outputs for t in out]
     assert len(tokens) == WORKERS * PER_WORKER
     per_key = Counter(token.split(".")[1] for token in tokens)
     backend = store_env["ENCRYPTION_KEY_STORAGE_BACKEND"]
-    print(f"\nFIGURES test_nonce_usage[{backend}]: {len(tokens)} tokens, "
-          f"{len(per_key)} key ids, max per key {max(per_key.values())} (limit {LIMIT}), "
-          f"per key {sorted(per_key.values(), reverse=True)}")
+    print(
+        f"\nFIGURES test_nonce_usage[{backend}]: {len(tokens)} tokens, "
+        f"{len(per_key)} key ids, max per key {max(per_key.values())} (limit {LIMIT}), "
+        f"per key {sorted(per_key.values(), reverse=True)}"
+    )
     assert max(per_key.values()) <= LIMIT, per_key
     assert len(per_key) >= -(-len(tokens) // LIMIT)  # it rotated as often as it had to
     assert all(kid.startswith("pii-v") for kid in per_key)

@@ -57,8 +57,8 @@ def token_to_blob(token: str) -> bytes:
 def blob_to_token(blob: bytes) -> str:
     """A binary blob's bytes in the text form ("ac2." + key id + base64url(...))."""
     n = blob[3]
-    body = bytes(blob[1:3]) + blob[4 + n:]
-    return f"ac2.{blob[4:4 + n].decode()}.{base64.urlsafe_b64encode(body).decode()}"
+    body = bytes(blob[1:3]) + blob[4 + n :]
+    return f"ac2.{blob[4 : 4 + n].decode()}.{base64.urlsafe_b64encode(body).decode()}"
 
 
 def seal_v1_field(dk: DataKey, plaintext: bytes, context: str) -> str:
@@ -85,7 +85,8 @@ async def test_a_field_token_turned_into_a_blob_is_refused(service: EncryptionSe
 
 
 async def test_an_uploaded_blob_turned_into_a_field_token_is_refused(
-        service: EncryptionService) -> None:
+    service: EncryptionService,
+) -> None:
     # bytes an attacker uploads through a bulk endpoint: a valid encoded str value
     encrypted = await service.encrypt_bulk_data(b"\x01attacker-chosen", KeyType.PII)
     token = blob_to_token(encrypted.to_bytes())
@@ -95,17 +96,18 @@ async def test_an_uploaded_blob_turned_into_a_field_token_is_refused(
         service.keyring.decrypt(token, KeyType.PII)
     with pytest.raises(DecryptionError):
         await service.decrypt_many([token], KeyType.PII)
-    assert await service.decrypt_bulk_data(encrypted, key_type=KeyType.PII) \
-        == b"\x01attacker-chosen"
+    assert (
+        await service.decrypt_bulk_data(encrypted, key_type=KeyType.PII) == b"\x01attacker-chosen"
+    )
 
 
-async def test_session_and_cache_payloads_are_not_field_tokens(
-        service: EncryptionService) -> None:
+async def test_session_and_cache_payloads_are_not_field_tokens(service: EncryptionService) -> None:
     session = await service.encrypt_session_data({"user_id": 1}, context="sid-1")
     with pytest.raises(DecryptionError):
         await service.decrypt_field(session, KeyType.SESSION, context="sid-1")
-    field = await service.encrypt_field({"user_id": 2, "admin": True}, KeyType.SESSION,
-                                        context="sid-1")
+    field = await service.encrypt_field(
+        {"user_id": 2, "admin": True}, KeyType.SESSION, context="sid-1"
+    )
     with pytest.raises(DecryptionError):
         await service.decrypt_session_data(field, context="sid-1")
     assert await service.decrypt_session_data(session, context="sid-1") == {"user_id": 1}
@@ -139,7 +141,7 @@ async def test_bulk_data_and_streams_need_the_key_type(service: EncryptionServic
 
 def _with_segment_size(stream: bytes, size: int) -> bytes:
     offset = 4 + stream[3]
-    return stream[:offset] + struct.pack(">I", size) + stream[offset + 4:]
+    return stream[:offset] + struct.pack(">I", size) + stream[offset + 4 :]
 
 
 class CountingSource:
@@ -156,17 +158,18 @@ class CountingSource:
 
 
 async def test_rewriting_the_segment_size_gives_no_second_ciphertext(
-        service: EncryptionService) -> None:
+    service: EncryptionService,
+) -> None:
     """One stream, five rewritten segment sizes: version 1 accepted all five (its one
     segment is its last), version 2 refuses each at the first segment."""
     data = os.urandom(700)
-    stream = await collect(service.encrypt_stream([data], KeyType.PII, context="up/1",
-                                                  segment_size=1024))
-    assert await collect(service.decrypt_stream([stream], key_type="pii",
-                                                context="up/1")) == data
+    stream = await collect(
+        service.encrypt_stream([data], KeyType.PII, context="up/1", segment_size=1024)
+    )
+    assert await collect(service.decrypt_stream([stream], key_type="pii", context="up/1")) == data
     for size in (2048, 4096, 65_536, 1024 * 1024, 4 * 1024 * 1024):
         forged = _with_segment_size(stream, size)
-        source = CountingSource([forged[i:i + 256] for i in range(0, len(forged), 256)])
+        source = CountingSource([forged[i : i + 256] for i in range(0, len(forged), 256)])
         with pytest.raises(DecryptionError):
             await collect(service.decrypt_stream(source, key_type="pii", context="up/1"))
         assert source.pulled <= len(forged)  # refused at the first (and only) segment
@@ -182,10 +185,12 @@ def _endless(head: bytes, chunk: int = 64 * 1024) -> Iterable[bytes]:
 
 
 async def test_a_hostile_stream_cannot_make_the_reader_buffer_much(
-        service: EncryptionService) -> None:
-    stream = await collect(service.encrypt_stream([os.urandom(5000)], KeyType.PII,
-                                                  segment_size=1024))
-    preamble = stream[:4 + stream[3] + 27]
+    service: EncryptionService,
+) -> None:
+    stream = await collect(
+        service.encrypt_stream([os.urandom(5000)], KeyType.PII, segment_size=1024)
+    )
+    preamble = stream[: 4 + stream[3] + 27]
     # a header declaring 64 MiB segments, then garbage forever: refused at the header
     source = CountingSource(_endless(_with_segment_size(preamble, 64 * 1024 * 1024)))
     tracemalloc.start()
@@ -206,8 +211,9 @@ async def test_a_hostile_stream_cannot_make_the_reader_buffer_much(
     # a reader that allows larger segments says so, and is bounded by what it allows
     source = CountingSource(_endless(_with_segment_size(preamble, 8 * 1024 * 1024)))
     with pytest.raises(DecryptionError):
-        await collect(service.decrypt_stream(source, key_type="pii",
-                                             max_segment_size=8 * 1024 * 1024))
+        await collect(
+            service.decrypt_stream(source, key_type="pii", max_segment_size=8 * 1024 * 1024)
+        )
     assert 8 * 1024 * 1024 <= source.pulled <= 8 * 1024 * 1024 + len(preamble) + 128 * 1024
 
 
@@ -242,8 +248,7 @@ async def test_v1_field_tokens_open_until_format_v1_is_refused() -> None:
         dk = (await service._keyring(KeyType.PII)).active(KeyType.PII)
         old = seal_v1_field(dk, b"\x01old value", "users.note")
         assert old.startswith("ac1.")
-        assert await service.decrypt_field(old, KeyType.PII, context="users.note") == \
-            "old value"
+        assert await service.decrypt_field(old, KeyType.PII, context="users.note") == "old value"
     refusing = EncryptionService(make_key_manager(), accept_format_v1=False)
     async with refusing:
         dk = (await refusing._keyring(KeyType.PII)).active(KeyType.PII)
@@ -253,8 +258,7 @@ async def test_v1_field_tokens_open_until_format_v1_is_refused() -> None:
         with pytest.raises(DecryptionError):
             await refusing.decrypt_many([old], KeyType.PII, context="users.note")
         new = await refusing.encrypt_field("new value", KeyType.PII, context="users.note")
-        assert await refusing.decrypt_field(new, KeyType.PII, context="users.note") == \
-            "new value"
+        assert await refusing.decrypt_field(new, KeyType.PII, context="users.note") == "new value"
 
 
 def seal_v1_blob(dk: DataKey, plaintext: bytes, context: str) -> bytes:
@@ -262,21 +266,30 @@ def seal_v1_blob(dk: DataKey, plaintext: bytes, context: str) -> bytes:
     nonce = os.urandom(12)
     aad = dk.aad(ALG_AES_256_GCM, 0, context.encode(), purpose=Purpose.BLOB, version=1)
     kid = dk.key_id.encode()
-    return bytes((1, ALG_AES_256_GCM, 0, len(kid))) + kid + nonce + \
-        dk._gcm.encrypt(nonce, plaintext, aad)
+    return (
+        bytes((1, ALG_AES_256_GCM, 0, len(kid)))
+        + kid
+        + nonce
+        + dk._gcm.encrypt(nonce, plaintext, aad)
+    )
 
 
 def seal_v1_stream(dk: DataKey, plaintext: bytes, context: str, segment_size: int) -> bytes:
     """A format version 1 stream (segment size not authenticated), tests only."""
     salt, prefix = os.urandom(16), os.urandom(7)
     cipher = dk.stream_cipher(salt)
-    aad = dk.aad(ALG_AES_256_GCM_STREAM, 0, context.encode(), purpose=Purpose.STREAM,
-                 version=1)
+    aad = dk.aad(ALG_AES_256_GCM_STREAM, 0, context.encode(), purpose=Purpose.STREAM, version=1)
     kid = dk.key_id.encode()
-    out = [bytes((1, ALG_AES_256_GCM_STREAM, 0, len(kid))) + kid
-           + struct.pack(">I", segment_size) + salt + prefix]
-    pieces = [plaintext[i:i + segment_size]
-              for i in range(0, len(plaintext), segment_size)] or [b""]
+    out = [
+        bytes((1, ALG_AES_256_GCM_STREAM, 0, len(kid)))
+        + kid
+        + struct.pack(">I", segment_size)
+        + salt
+        + prefix
+    ]
+    pieces = [plaintext[i : i + segment_size] for i in range(0, len(plaintext), segment_size)] or [
+        b""
+    ]
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
         out.append(cipher.encrypt(stream_nonce(prefix, i, last), piece, aad))
@@ -291,22 +304,25 @@ async def test_v1_blobs_and_streams_open_until_format_v1_is_refused(accept: bool
         stream = seal_v1_stream(dk, b"old stream" * 50, "exports/2", 1024)
         assert EncryptedData.from_bytes(blob).format_version == 1
         if accept:
-            assert await service.decrypt_bulk_data(blob, key_type="pii",
-                                                   context="exports/1") == b"old export"
-            assert await collect(service.decrypt_stream([stream], key_type="pii",
-                                                        context="exports/2")) \
+            assert (
+                await service.decrypt_bulk_data(blob, key_type="pii", context="exports/1")
+                == b"old export"
+            )
+            assert (
+                await collect(service.decrypt_stream([stream], key_type="pii", context="exports/2"))
                 == b"old stream" * 50
+            )
             # the window this leaves open: version 1 authenticates no segment size
             forged = _with_segment_size(stream, 4096)
-            assert await collect(service.decrypt_stream([forged], key_type="pii",
-                                                        context="exports/2")) \
+            assert (
+                await collect(service.decrypt_stream([forged], key_type="pii", context="exports/2"))
                 == b"old stream" * 50
+            )
             return
         with pytest.raises(DecryptionError):
             await service.decrypt_bulk_data(blob, key_type="pii", context="exports/1")
         with pytest.raises(DecryptionError):
-            await collect(service.decrypt_stream([stream], key_type="pii",
-                                                 context="exports/2"))
+            await collect(service.decrypt_stream([stream], key_type="pii", context="exports/2"))
         with pytest.raises(DecryptionError):
             await service.decrypt_bulk_data(stream, key_type="pii", context="exports/2")
 
@@ -315,8 +331,9 @@ async def test_v1_blobs_and_streams_open_until_format_v1_is_refused(accept: bool
 
 
 @pytest.mark.services
-async def test_reencryption_moves_v1_rows_to_v2(service: EncryptionService,
-                                                postgres_dsn: str) -> None:
+async def test_reencryption_moves_v1_rows_to_v2(
+    service: EncryptionService, postgres_dsn: str
+) -> None:
     suffix = uuid.uuid4().hex[:8]
     table, checkpoints = f"v1rows_{suffix}", f"v1ckpt_{suffix}"
     keyring = await service.key_manager.ensure_active([KeyType.PII])

@@ -17,27 +17,52 @@ from hypothesis import strategies as st
 from aiocrypt._urls import redact_url, scrub
 
 SCHEMES = ["redis", "rediss", "unix", "postgres", "postgresql", "http", "https", "redis+unix"]
-SECRET_NAMES = ["password", "pass", "pwd", "secret", "token", "access_key", "sslpassword",
-                "db_password", "client_secret", "auth_token", "passwd", "x-amz-security-token"]
+SECRET_NAMES = [
+    "password",
+    "pass",
+    "pwd",
+    "secret",
+    "token",
+    "access_key",
+    "sslpassword",
+    "db_password",
+    "client_secret",
+    "auth_token",
+    "passwd",
+    "x-amz-security-token",
+]
 PLAIN_NAMES = ["sslmode", "db", "host", "application_name", "connect_timeout", "user"]
 
 lower = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=8)
 #: a secret: at least one upper-case letter, then anything at all (percent-encoded in URLs)
-secret = st.builds(lambda head, tail: head + tail,
-                   st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=4),
-                   st.text(st.characters(blacklist_categories=("Ll", "Nd", "Cs")), max_size=12))
+secret = st.builds(
+    lambda head, tail: head + tail,
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=4),
+    st.text(st.characters(blacklist_categories=("Ll", "Nd", "Cs")), max_size=12),
+)
 #: an unencoded secret, as someone might paste it into a URL
-raw_secret = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ/?#@:!$", min_size=1, max_size=16) \
-    .filter(lambda s: any(c.isupper() for c in s))
-hosts = st.sampled_from(["127.0.0.1:6379", "localhost", "[::1]:5432", "h1:5432,h2:5433",
-                         "%2fvar%2frun%2fpostgresql", "", "db.example.com"])
+raw_secret = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ/?#@:!$", min_size=1, max_size=16).filter(
+    lambda s: any(c.isupper() for c in s)
+)
+hosts = st.sampled_from(
+    [
+        "127.0.0.1:6379",
+        "localhost",
+        "[::1]:5432",
+        "h1:5432,h2:5433",
+        "%2fvar%2frun%2fpostgresql",
+        "",
+        "db.example.com",
+    ]
+)
 paths = st.sampled_from(["", "/", "/0", "/15", "/test", "/tmp/redis.sock"])
 
 
 def secret_name(name: str, flips: list[bool]) -> str:
     """``name`` with some letters upper-cased (names are matched case-insensitively)."""
-    return "".join(c.upper() if flip else c for c, flip in zip(name, flips + [False] * 40,
-                                                                strict=False))
+    return "".join(
+        c.upper() if flip else c for c, flip in zip(name, flips + [False] * 40, strict=False)
+    )
 
 
 @dataclass
@@ -63,8 +88,9 @@ def urls(draw: st.DrawFn, encoded: bool = True) -> Url:
     plain: list[str] = []
     for _ in range(draw(st.integers(0, 4))):
         if draw(st.booleans()):
-            name = secret_name(draw(st.sampled_from(SECRET_NAMES)),
-                               draw(st.lists(st.booleans(), max_size=20)))
+            name = secret_name(
+                draw(st.sampled_from(SECRET_NAMES)), draw(st.lists(st.booleans(), max_size=20))
+            )
             value = quote(draw(secret), safe="") if encoded else draw(raw_secret)
             params.append(f"{name}={value}")
         else:
@@ -95,36 +121,46 @@ def test_an_unencoded_password_is_hidden_too(url: Url) -> None:
     assert not leaked(out), (url.text, out)
 
 
-@given(urls(), st.sampled_from(["could not connect to {}: refused", "{}", "at <{}>",
-                                "'{}' is unreachable"]))
+@given(
+    urls(),
+    st.sampled_from(["could not connect to {}: refused", "{}", "at <{}>", "'{}' is unreachable"]),
+)
 def test_scrub_redacts_urls_inside_messages(url: Url, template: str) -> None:
     out = scrub(template.format(url.text))
     assert not leaked(out), out
 
 
 @given(secret, lower)
-def test_scrub_masks_the_secrets_of_the_url_used_wherever_they_appear(password: str,
-                                                                      user: str) -> None:
+def test_scrub_masks_the_secrets_of_the_url_used_wherever_they_appear(
+    password: str, user: str
+) -> None:
     encoded = quote(password, safe="")
     url = f"postgresql://{user}:{encoded}@127.0.0.1/db?sslpassword={encoded}"
     message = f"auth failed for {user} with {password} ({encoded})"
     assert not leaked(scrub(message, url))
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("postgresql://u@h/db?password=secret", "postgresql://u@h/db"),
-    ("postgresql://u:pw@h:5432/db?sslmode=require&SSLPassword=x", "postgresql://u:***@h:5432/db"
-                                                                  "?sslmode=require"),
-    ("redis://:p@ss@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
-    ("rediss://app:pw@[::1]:6380/2?token=t&db=1", "rediss://app:***@[::1]:6380/2?db=1"),
-    ("unix:///tmp/redis.sock?password=x&db=2", "unix:///tmp/redis.sock?db=2"),
-    ("unix://:pw@/tmp/redis.sock", "unix://:***@/tmp/redis.sock"),
-    ("postgresql:///db?host=/var/run/postgresql&password=x",
-     "postgresql:///db?host=/var/run/postgresql"),
-    ("postgresql://u:p@h1:5432,h2:5433/db", "postgresql://u:***@h1:5432,h2:5433/db"),
-    ("redis://:a/b@host/0", "redis://***@host/0"),
-    ("host=h password=secret dbname=x", "host=h dbname=x"),
-    ("http://127.0.0.1:8200", "http://127.0.0.1:8200"),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u@h/db?password=secret", "postgresql://u@h/db"),
+        (
+            "postgresql://u:pw@h:5432/db?sslmode=require&SSLPassword=x",
+            "postgresql://u:***@h:5432/db?sslmode=require",
+        ),
+        ("redis://:p@ss@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("rediss://app:pw@[::1]:6380/2?token=t&db=1", "rediss://app:***@[::1]:6380/2?db=1"),
+        ("unix:///tmp/redis.sock?password=x&db=2", "unix:///tmp/redis.sock?db=2"),
+        ("unix://:pw@/tmp/redis.sock", "unix://:***@/tmp/redis.sock"),
+        (
+            "postgresql:///db?host=/var/run/postgresql&password=x",
+            "postgresql:///db?host=/var/run/postgresql",
+        ),
+        ("postgresql://u:p@h1:5432,h2:5433/db", "postgresql://u:***@h1:5432,h2:5433/db"),
+        ("redis://:a/b@host/0", "redis://***@host/0"),
+        ("host=h password=secret dbname=x", "host=h dbname=x"),
+        ("http://127.0.0.1:8200", "http://127.0.0.1:8200"),
+    ],
+)
 def test_known_forms(url: str, expected: str) -> None:
     assert redact_url(url) == expected

@@ -85,10 +85,14 @@ class Secrets:
 def test_scanner_finds_every_form() -> None:
     """Positive control: the scanner sees a secret in each form it claims to cover."""
     secret = os.urandom(32)
-    forms: list[bytes | str] = [secret, secret.hex(), secret.hex().upper(),
-             base64.b64encode(secret).decode(),
-             base64.urlsafe_b64encode(secret).decode().rstrip("="),
-             "prefix " + base64.b64encode(secret).decode()[:24] + " suffix"]
+    forms: list[bytes | str] = [
+        secret,
+        secret.hex(),
+        secret.hex().upper(),
+        base64.b64encode(secret).decode(),
+        base64.urlsafe_b64encode(secret).decode().rstrip("="),
+        "prefix " + base64.b64encode(secret).decode()[:24] + " suffix",
+    ]
     for form in forms:
         haystack = form if isinstance(form, bytes) else form.encode()
         assert find_secrets(b"log: " + haystack, {"s": secret}), form
@@ -104,7 +108,7 @@ async def _collect(source: AsyncIterator[bytes]) -> bytes:
 
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:
     for i in range(0, len(data), 1000):
-        yield data[i:i + 1000]
+        yield data[i : i + 1000]
 
 
 def _texts_of_error(call: Any) -> list[str]:
@@ -123,8 +127,9 @@ async def _error_texts(coro: Any) -> list[str]:
     pytest.fail("expected the call to fail")
 
 
-async def test_file_store_life_cycle_leaks_nothing(tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+async def test_file_store_life_cycle_leaks_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG, logger="aiocrypt")
     s = Secrets()
     master, new_master = os.urandom(32), os.urandom(32)
@@ -135,9 +140,11 @@ async def test_file_store_life_cycle_leaks_nothing(tmp_path: Path,
     directory.mkdir(mode=0o700)
     key_path = directory / "keys.json"
     config = EncryptionConfig(
-        master_key=base64.b64encode(master).decode(), storage_path=str(key_path),
+        master_key=base64.b64encode(master).decode(),
+        storage_path=str(key_path),
         redis_url=f"redis://:{s.items['redis password'].decode()}@127.0.0.1:6379/15",
-        postgres_dsn=f"postgresql://u:{s.items['postgres password'].decode()}@127.0.0.1/test")
+        postgres_dsn=f"postgresql://u:{s.items['postgres password'].decode()}@127.0.0.1/test",
+    )
     clock = ManualClock()
     kek = LocalKekProvider(master)
     store = FileKeyStore(key_path, kek)
@@ -153,11 +160,14 @@ async def test_file_store_life_cycle_leaks_nothing(tmp_path: Path,
         many = await service.encrypt_many([m, {"m": m}], KeyType.PII)
         assert await service.decrypt_many(many, KeyType.PII) == [m, {"m": m}]
         blob = await service.encrypt_bulk_data(m.encode() * 50, KeyType.PII)
-        assert bytes(await service.decrypt_bulk_data(blob, key_type=KeyType.PII)) \
-            == m.encode() * 50
+        assert bytes(await service.decrypt_bulk_data(blob, key_type=KeyType.PII)) == m.encode() * 50
         streamed = await _collect(service.encrypt_stream(_chunks(m.encode() * 3000)))
-        assert await _collect(service.decrypt_stream(
-            _chunks(streamed), key_type=KeyType.FINANCIAL_DATA)) == m.encode() * 3000
+        assert (
+            await _collect(
+                service.decrypt_stream(_chunks(streamed), key_type=KeyType.FINANCIAL_DATA)
+            )
+            == m.encode() * 3000
+        )
         cache = await service.encrypt_cache_data("user:" + m, {"m": m})
         assert await service.decrypt_cache_data(*cache) == ("user:" + m, {"m": m})
         session = await service.encrypt_session_data({"m": m}, context="sid")
@@ -169,7 +179,8 @@ async def test_file_store_life_cycle_leaks_nothing(tmp_path: Path,
         await manager.rotate_key(KeyType.PII, force=True)
         revoked = await manager.revoke_key((await manager.get_active_key("api_keys")).key_id)
         compromised = await manager.mark_compromised(
-            (await manager.get_active_key("financial_data")).key_id, reason="test leak")
+            (await manager.get_active_key("financial_data")).key_id, reason="test leak"
+        )
         await service.encrypt_field(m, KeyType.FINANCIAL_DATA)
         s.add_deks(service)
         clock.advance(days=3000)  # everything expires: rotate all, then destroy the old keys
@@ -182,44 +193,74 @@ async def test_file_store_life_cycle_leaks_nothing(tmp_path: Path,
         s.add_deks(service)
 
         # failures
-        for bad in (tokens[KeyType.PII][:-3], tokens[KeyType.PII].replace("ac2.", "ac1."),
-                    tokens[KeyType.SESSION][:30] + "A" + tokens[KeyType.SESSION][31:],
-                    tokens[KeyType.PII] + "x"):
+        for bad in (
+            tokens[KeyType.PII][:-3],
+            tokens[KeyType.PII].replace("ac2.", "ac1."),
+            tokens[KeyType.SESSION][:30] + "A" + tokens[KeyType.SESSION][31:],
+            tokens[KeyType.PII] + "x",
+        ):
             texts += await _error_texts(service.decrypt_field(bad, KeyType.PII, context="t.c"))
-        texts += await _error_texts(service.decrypt_field(tokens[KeyType.SESSION],
-                                                          KeyType.SESSION, context="other"))
+        texts += await _error_texts(
+            service.decrypt_field(tokens[KeyType.SESSION], KeyType.SESSION, context="other")
+        )
         texts += await _error_texts(service.decrypt_many([many[0], many[1][:-2]], KeyType.PII))
         texts += await _error_texts(service.decrypt_cache_data(cache[0], cache[1][:-4]))
-        texts += await _error_texts(service.decrypt_bulk_data(blob.to_bytes()[:-1],
-                                                              key_type=KeyType.PII))
-        texts += await _error_texts(_collect(service.decrypt_stream(
-            _chunks(streamed[:-5]), key_type=KeyType.FINANCIAL_DATA)))
+        texts += await _error_texts(
+            service.decrypt_bulk_data(blob.to_bytes()[:-1], key_type=KeyType.PII)
+        )
+        texts += await _error_texts(
+            _collect(
+                service.decrypt_stream(_chunks(streamed[:-5]), key_type=KeyType.FINANCIAL_DATA)
+            )
+        )
         texts += await _error_texts(service.encrypt_field(object()))
         texts += await _error_texts(manager.rotate_master_key(LocalKekProvider(new_master)))
         texts += _texts_of_error(lambda: config.replace(master_key="bad").require_valid())
-        texts += _texts_of_error(lambda: EncryptionConfig(
-            master_key=base64.b64encode(master[:31]).decode()).master_key_bytes())
+        texts += _texts_of_error(
+            lambda: EncryptionConfig(
+                master_key=base64.b64encode(master[:31]).decode()
+            ).master_key_bytes()
+        )
         for old in (master, os.urandom(32)):  # the old or a wrong master key cannot open it
             wrong = LocalKekProvider(old)
             texts += await _error_texts(
-                KeyManager(FileKeyStore(key_path, wrong), wrong, watch=False).open())
+                KeyManager(FileKeyStore(key_path, wrong), wrong, watch=False).open()
+            )
 
         # reprs of every public object
         public: list[Any] = [
-            service, manager, store, kek, manager.kek, config, CryptoConfigManager(config),
-            config.rotation_policy(KeyType.PII), config.performance, service.keyring,
-            *service.keyring, revoked, compromised, *(await manager.list_keys()), blob,
-            FakeKekProvider(), MemoryKeyStore(), manager.auditor,
+            service,
+            manager,
+            store,
+            kek,
+            manager.kek,
+            config,
+            CryptoConfigManager(config),
+            config.rotation_policy(KeyType.PII),
+            config.performance,
+            service.keyring,
+            *service.keyring,
+            revoked,
+            compromised,
+            *(await manager.list_keys()),
+            blob,
+            FakeKekProvider(),
+            MemoryKeyStore(),
+            manager.auditor,
             RedisKeyStore(config.redis_url or ""),
         ]
         from aiocrypt.keystore.postgres import PostgresKeyStore
+
         public.append(PostgresKeyStore(config.postgres_dsn))
         for obj in public:
             texts += [repr(obj), str(obj)]
         COUNTS["objects_repr_checked"] += len(public)
-        texts += [str(await manager.get_key_statistics()),
-                  str(await service.get_encryption_stats()),
-                  str(config.to_public_dict()), str(await manager.health())]
+        texts += [
+            str(await manager.get_key_statistics()),
+            str(await service.get_encryption_stats()),
+            str(config.to_public_dict()),
+            str(await manager.health()),
+        ]
         for dk in service.keyring:
             with pytest.raises(TypeError):
                 pickle.dumps(dk)
@@ -232,8 +273,11 @@ async def test_file_store_life_cycle_leaks_nothing(tmp_path: Path,
     records = caplog.records
     assert any("key generated" in r.getMessage() for r in records)  # logging was captured
     log_text = "\n".join(
-        [r.getMessage() for r in records] + [repr(r.args) for r in records]
-        + [r.exc_text or "" for r in records] + [caplog.text])
+        [r.getMessage() for r in records]
+        + [repr(r.args) for r in records]
+        + [r.exc_text or "" for r in records]
+        + [caplog.text]
+    )
     COUNTS["log_records"] += len(records)
     s.check("log records", log_text)
 
@@ -255,27 +299,53 @@ def test_kek_provider_and_config_reprs_hide_credentials() -> None:
     from aiocrypt._factory import build_kek_provider
 
     s = Secrets()
-    cred = {name: f"{name}-{secrets.token_hex(10)}" for name in (
-        "vault_token", "aws_secret", "azure_secret", "url_password")}
+    cred = {
+        name: f"{name}-{secrets.token_hex(10)}"
+        for name in ("vault_token", "aws_secret", "azure_secret", "url_password")
+    }
     s.items.update({k: v.encode() for k, v in cred.items()})
     configs = [
-        EncryptionConfig(storage_backend="vault", vault_token=cred["vault_token"],
-                         vault_url=f"http://user:{cred['url_password']}@127.0.0.1:1"),
-        EncryptionConfig(storage_backend="aws_kms", aws_region="us-east-1",
-                         aws_kms_key_id="alias/x", aws_access_key_id="AKIAEXAMPLE",
-                         aws_secret_access_key=cred["aws_secret"],
-                         aws_endpoint_url=f"http://user:{cred['url_password']}@127.0.0.1:1"),
-        EncryptionConfig(storage_backend="azure_kv", azure_vault_url="https://x.vault.azure.net",
-                         azure_key_name="k", azure_tenant_id="t", azure_client_id="c",
-                         azure_client_secret=cred["azure_secret"]),
-        EncryptionConfig(storage_backend="gcp_kms", gcp_project_id="p", gcp_location="l",
-                         gcp_keyring="r", gcp_key_name="k", gcp_endpoint="127.0.0.1:1"),
+        EncryptionConfig(
+            storage_backend="vault",
+            vault_token=cred["vault_token"],
+            vault_url=f"http://user:{cred['url_password']}@127.0.0.1:1",
+        ),
+        EncryptionConfig(
+            storage_backend="aws_kms",
+            aws_region="us-east-1",
+            aws_kms_key_id="alias/x",
+            aws_access_key_id="AKIAEXAMPLE",
+            aws_secret_access_key=cred["aws_secret"],
+            aws_endpoint_url=f"http://user:{cred['url_password']}@127.0.0.1:1",
+        ),
+        EncryptionConfig(
+            storage_backend="azure_kv",
+            azure_vault_url="https://x.vault.azure.net",
+            azure_key_name="k",
+            azure_tenant_id="t",
+            azure_client_id="c",
+            azure_client_secret=cred["azure_secret"],
+        ),
+        EncryptionConfig(
+            storage_backend="gcp_kms",
+            gcp_project_id="p",
+            gcp_location="l",
+            gcp_keyring="r",
+            gcp_key_name="k",
+            gcp_endpoint="127.0.0.1:1",
+        ),
     ]
     texts = []
     for config in configs:
         provider = build_kek_provider(config)
-        texts += [repr(provider), str(provider), provider.kek_id, repr(config),
-                  str(config.to_public_dict()), repr(CryptoConfigManager(config))]
+        texts += [
+            repr(provider),
+            str(provider),
+            provider.kek_id,
+            repr(config),
+            str(config.to_public_dict()),
+            repr(CryptoConfigManager(config)),
+        ]
         texts += _texts_of_error(lambda p=provider: pickle.dumps(p))
     COUNTS["objects_repr_checked"] += 3 * len(configs)
     s.check("KEK provider and config reprs", "\n".join(texts))
@@ -291,8 +361,9 @@ def test_cli_init_writes_a_private_key_file_and_prints_no_key(tmp_path: Path) ->
 
     key_file = tmp_path / "new" / "dir" / "master.key"
     config_file = tmp_path / "cfg" / "encryption.json"
-    result = CliRunner().invoke(main, ["init", "--key-file", str(key_file),
-                                       "--config-file", str(config_file)], env={})
+    result = CliRunner().invoke(
+        main, ["init", "--key-file", str(key_file), "--config-file", str(config_file)], env={}
+    )
     assert result.exit_code == 0, result.output
     master = base64.b64decode(key_file.read_text().strip())
     assert len(master) == 32
@@ -351,7 +422,8 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 async def test_redis_key_store_and_sessions_hold_no_secrets(
-        redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
     from aiocrypt.integrations.sessions import RedisSessionStore, SessionSettings
 
     caplog.set_level(logging.DEBUG, logger="aiocrypt")
@@ -362,8 +434,7 @@ async def test_redis_key_store_and_sessions_hold_no_secrets(
     kek = LocalKekProvider(master)
     manager = KeyManager(RedisKeyStore(redis_client, prefix=prefix + "keys:"), kek, watch=False)
     service = EncryptionService(manager)
-    sessions = RedisSessionStore(service, redis_client,
-                                 SessionSettings(prefix=prefix + "session:"))
+    sessions = RedisSessionStore(service, redis_client, SessionSettings(prefix=prefix + "session:"))
     async with service:
         for i in range(5):
             session = await sessions.load(None)
@@ -388,8 +459,9 @@ async def test_redis_key_store_and_sessions_hold_no_secrets(
     s.check("log records", "\n".join(r.getMessage() for r in caplog.records) + caplog.text)
 
 
-async def test_arq_job_payloads_hold_identifiers_only(redis_client: aioredis.Redis,
-                                                      redis_url: str) -> None:
+async def test_arq_job_payloads_hold_identifiers_only(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
     from arq import create_pool
     from arq.connections import RedisSettings
     from arq.jobs import deserialize_job
@@ -406,22 +478,29 @@ async def test_arq_job_payloads_hold_identifiers_only(redis_client: aioredis.Red
     kek = LocalKekProvider(master)
     manager = KeyManager(MemoryKeyStore(), kek, watch=False)
     service = EncryptionService(manager)
-    cfg = ArqWorkerConfig.from_env({"ENCRYPTION_ARQ_PREFIX": job_prefix,
-                                    "ENCRYPTION_REDIS_URL": redis_url})
+    cfg = ArqWorkerConfig.from_env(
+        {"ENCRYPTION_ARQ_PREFIX": job_prefix, "ENCRYPTION_REDIS_URL": redis_url}
+    )
     from aiocrypt.integrations.arq import job_deserializer, job_serializer
 
-    pool = await create_pool(RedisSettings(host="127.0.0.1", port=6379, database=15),
-                             job_serializer=job_serializer, job_deserializer=job_deserializer)
+    pool = await create_pool(
+        RedisSettings(host="127.0.0.1", port=6379, database=15),
+        job_serializer=job_serializer,
+        job_deserializer=job_deserializer,
+    )
     try:
         async with service:
             await service.encrypt_field(s.marker, KeyType.PII)
             old = (await manager.get_active_key(KeyType.PII)).key_id
             await manager.rotate_key(KeyType.PII, force=True)
             s.add_deks(service)
-            ids = [await enqueue_rotation(pool, KeyType.PII, force=True, queue_name=queue),
-                   await enqueue_cleanup(pool, queue_name=queue),
-                   cfg.job_id(await enqueue_reencryption(pool, KeyType.PII, old, config=cfg,
-                                                         queue_name=queue))]
+            ids = [
+                await enqueue_rotation(pool, KeyType.PII, force=True, queue_name=queue),
+                await enqueue_cleanup(pool, queue_name=queue),
+                cfg.job_id(
+                    await enqueue_reencryption(pool, KeyType.PII, old, config=cfg, queue_name=queue)
+                ),
+            ]
         payloads = []
         for job_id in ids:
             assert job_id is not None
@@ -430,8 +509,9 @@ async def test_arq_job_payloads_hold_identifiers_only(redis_client: aioredis.Red
             payloads.append(raw)
             job = deserialize_job(raw, deserializer=job_deserializer)
             for arg in [*job.args, *job.kwargs.values()]:
-                assert arg is None or isinstance(arg, (str, int, bool)), \
+                assert arg is None or isinstance(arg, (str, int, bool)), (
                     f"{job.function} carries a {type(arg).__name__}"
+                )
                 COUNTS["arq_job_args_checked"] += 1
             s.check(f"arq job {job.function}", repr((job.args, job.kwargs)))
         s.check("arq job payloads", b"\n".join(payloads))

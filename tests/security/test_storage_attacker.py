@@ -84,9 +84,11 @@ class RawRedis(RawStore):
         await self.r.hset(f"{self.prefix}keys", record["key_id"], json.dumps(record))
 
     async def get_raw(self) -> Any:
-        return (await self.r.hgetall(f"{self.prefix}keys"),
-                await self.r.get(f"{self.prefix}revision"),
-                await self.r.get(f"{self.prefix}seal"))
+        return (
+            await self.r.hgetall(f"{self.prefix}keys"),
+            await self.r.get(f"{self.prefix}revision"),
+            await self.r.get(f"{self.prefix}seal"),
+        )
 
     async def set_raw(self, snapshot: Any) -> None:
         keys, revision, seal = snapshot
@@ -128,12 +130,16 @@ class RawPostgres(RawStore):
         await (await self._c()).execute(
             f'INSERT INTO "{self.schema}".keys (key_id, record, revision) VALUES ($1, $2, 0) '
             "ON CONFLICT (key_id) DO UPDATE SET record = EXCLUDED.record",
-            record["key_id"], json.dumps(record))
+            record["key_id"],
+            json.dumps(record),
+        )
 
     async def get_raw(self) -> Any:
         c = await self._c()
-        return (await c.fetch(f'SELECT key_id, record::text, revision FROM "{self.schema}".keys'),
-                await c.fetchrow(f'SELECT revision, seal FROM "{self.schema}".revision'))
+        return (
+            await c.fetch(f'SELECT key_id, record::text, revision FROM "{self.schema}".keys'),
+            await c.fetchrow(f'SELECT revision, seal FROM "{self.schema}".revision'),
+        )
 
     async def set_raw(self, snapshot: Any) -> None:
         rows, head = snapshot
@@ -141,22 +147,33 @@ class RawPostgres(RawStore):
         async with c.transaction():
             await c.execute(f'DELETE FROM "{self.schema}".keys')
             for row in rows:
-                await c.execute(f'INSERT INTO "{self.schema}".keys VALUES ($1, $2::jsonb, $3)',
-                                row["key_id"], row["record"], row["revision"])
-            await c.execute(f'UPDATE "{self.schema}".revision SET revision = $1, seal = $2',
-                            head["revision"], head["seal"])
+                await c.execute(
+                    f'INSERT INTO "{self.schema}".keys VALUES ($1, $2::jsonb, $3)',
+                    row["key_id"],
+                    row["record"],
+                    row["revision"],
+                )
+            await c.execute(
+                f'UPDATE "{self.schema}".revision SET revision = $1, seal = $2',
+                head["revision"],
+                head["seal"],
+            )
 
     async def set_usage(self, key_id: str, value: int) -> None:
         await (await self._c()).execute(
             f'INSERT INTO "{self.schema}".usage VALUES ($1, $2) '
-            "ON CONFLICT (key_id) DO UPDATE SET count = EXCLUDED.count", key_id, value)
+            "ON CONFLICT (key_id) DO UPDATE SET count = EXCLUDED.count",
+            key_id,
+            value,
+        )
 
     async def drop_seal(self) -> None:
         await (await self._c()).execute(f'UPDATE "{self.schema}".revision SET seal = NULL')
 
     async def delete_record(self, key_id: str) -> None:
-        await (await self._c()).execute(f'DELETE FROM "{self.schema}".keys WHERE key_id = $1',
-                                        key_id)
+        await (await self._c()).execute(
+            f'DELETE FROM "{self.schema}".keys WHERE key_id = $1', key_id
+        )
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -229,11 +246,13 @@ class Victim:
             return PostgresKeyStore(POSTGRES_DSN, schema=f"attack_{self.suffix}")
         return FileKeyStore(self.tmp_path / "keys.json", self.kek)
 
-    def manager(self, config: EncryptionConfig | None = None, **kwargs: Any) \
-            -> tuple[KeyManager, MemoryAuditSink]:
+    def manager(
+        self, config: EncryptionConfig | None = None, **kwargs: Any
+    ) -> tuple[KeyManager, MemoryAuditSink]:
         sink = MemoryAuditSink()
-        manager = KeyManager(self.store(), self.kek, config, watch=False,
-                             auditor=Auditor([sink]), **kwargs)
+        manager = KeyManager(
+            self.store(), self.kek, config, watch=False, auditor=Auditor([sink]), **kwargs
+        )
         self.managers.append(manager)
         return manager, sink
 
@@ -276,11 +295,14 @@ async def revive(victim: Victim, key_id: str, **changes: Any) -> None:
 
 
 @pytest.mark.parametrize("withdraw", ["compromised", "revoked"])
-async def test_withdrawn_key_edited_back_to_active_is_refused(victim: Victim,
-                                                              withdraw: str) -> None:
+async def test_withdrawn_key_edited_back_to_active_is_refused(
+    victim: Victim, withdraw: str
+) -> None:
     if victim.kind == "file":
-        pytest.skip("the file store's own MAC refuses any edit (test_file_store); "
-                    "its attacker replays old files: see the rollback tests")
+        pytest.skip(
+            "the file store's own MAC refuses any edit (test_file_store); "
+            "its attacker replays old files: see the rollback tests"
+        )
     manager, sink = victim.manager()
     service = EncryptionService(manager)
     async with service:
@@ -295,8 +317,9 @@ async def test_withdrawn_key_edited_back_to_active_is_refused(victim: Victim,
         # The attacker makes the withdrawn key active again, as the newest version, and
         # retires the real one, so a process that trusted the records would encrypt with
         # a DEK the attacker already holds.
-        await revive(victim, old.key_id, status="active", version=old.version,
-                     reencrypt_required=False)
+        await revive(
+            victim, old.key_id, status="active", version=old.version, reencrypt_required=False
+        )
         await revive(victim, new.key_id, status="decrypt_only")
 
         await manager.refresh(force=True)  # a running process: keeps what it verified
@@ -316,8 +339,7 @@ async def test_withdrawn_key_edited_back_to_active_is_refused(victim: Victim,
     assert integrity_events(fresh_sink)
 
 
-async def test_destroyed_key_resurrected_from_an_old_record_copy_is_refused(
-        victim: Victim) -> None:
+async def test_destroyed_key_resurrected_from_an_old_record_copy_is_refused(victim: Victim) -> None:
     if victim.kind == "file":
         pytest.skip("the file store's own MAC refuses any edit; rollback tests cover it")
     manager, _ = victim.manager()
@@ -355,8 +377,9 @@ async def test_relabelled_cached_key_is_refused_by_a_running_process(victim: Vic
 
 
 @pytest.mark.parametrize("attack", ["drop_seal", "forged_record", "revision_bumped"])
-async def test_unsealed_forged_or_renumbered_keysets_are_refused(victim: Victim,
-                                                                 attack: str) -> None:
+async def test_unsealed_forged_or_renumbered_keysets_are_refused(
+    victim: Victim, attack: str
+) -> None:
     if victim.kind == "file":
         pytest.skip("the file store's own MAC refuses any edit")
     manager, sink = victim.manager()
@@ -374,8 +397,9 @@ async def test_unsealed_forged_or_renumbered_keysets_are_refused(victim: Victim,
                 await victim.raw.set_raw((snapshot[0], int(snapshot[1]) + 5, snapshot[2]))
             else:
                 rows, head = snapshot
-                await victim.raw.set_raw((rows, {"revision": head["revision"] + 5,
-                                                 "seal": head["seal"]}))
+                await victim.raw.set_raw(
+                    (rows, {"revision": head["revision"] + 5, "seal": head["seal"]})
+                )
         await manager.refresh(force=True)
         assert manager.integrity_error is not None
         assert manager.keyring.active(KeyType.PII).key_id == key.key_id
@@ -388,8 +412,9 @@ async def test_unsealed_forged_or_renumbered_keysets_are_refused(victim: Victim,
 # -- 4. rollback ----------------------------------------------------------------------
 
 
-async def test_rollback_to_an_older_authentic_store_is_refused(victim: Victim,
-                                                               tmp_path: Path) -> None:
+async def test_rollback_to_an_older_authentic_store_is_refused(
+    victim: Victim, tmp_path: Path
+) -> None:
     """Restore a backup taken before `keys compromise`: authentic, but older."""
     state = tmp_path / "host-state"
     state.mkdir()
@@ -423,10 +448,9 @@ async def test_usage_counters_cannot_be_reset_or_made_negative(victim: Victim) -
     async with service:
         tokens = [await service.encrypt_field(i, KeyType.PII, context="c") for i in range(30)]
         first = key_id_of(tokens[0])
-        for value in (-10**9, 0):
+        for value in (-(10**9), 0):
             await victim.raw.set_usage(first, value)
-            tokens += [await service.encrypt_field(i, KeyType.PII, context="c")
-                       for i in range(30)]
+            tokens += [await service.encrypt_field(i, KeyType.PII, context="c") for i in range(30)]
         per_key: dict[str, int] = {}
         for token in tokens:
             per_key[key_id_of(token)] = per_key.get(key_id_of(token), 0) + 1
@@ -435,7 +459,7 @@ async def test_usage_counters_cannot_be_reset_or_made_negative(victim: Victim) -
         assert "usage_counter_rolled_back" in sink.names()
 
     # A fresh process without a host state file: a negative counter counts from zero.
-    await victim.raw.set_usage(first, -10**9)
+    await victim.raw.set_usage(first, -(10**9))
     fresh, _ = victim.manager(config)
     async with fresh:
         dk = (await fresh.reserve_usage(KeyType.PII)).active(KeyType.PII)
@@ -456,8 +480,9 @@ async def test_a_store_written_by_the_previous_release_is_adopted_once(tmp_path:
     os.chmod(tmp_path / "keys.json", 0o600)
     kek = LocalKekProvider(bytes.fromhex(meta["master_key_hex"]))
     sink = MemoryAuditSink()
-    manager = KeyManager(FileKeyStore(tmp_path / "keys.json", kek), kek, watch=False,
-                         auditor=Auditor([sink]))
+    manager = KeyManager(
+        FileKeyStore(tmp_path / "keys.json", kek), kek, watch=False, auditor=Auditor([sink])
+    )
     with pytest.raises(KeyStoreIntegrityError, match="keys adopt"):
         await manager.open()
     report = await manager.adopt_store()
@@ -471,11 +496,16 @@ async def test_a_store_written_by_the_previous_release_is_adopted_once(tmp_path:
             status = meta["statuses"][key_id_of(item["token"])]
             if status in ("compromised", "revoked"):  # withdrawn: plain reads refuse
                 with pytest.raises(DecryptionError):
-                    await service.decrypt_field(item["token"], item["key_type"],
-                                                context=item["context"])
+                    await service.decrypt_field(
+                        item["token"], item["key_type"], context=item["context"]
+                    )
             else:
-                assert await service.decrypt_field(item["token"], item["key_type"],
-                                                   context=item["context"]) == item["value"]
+                assert (
+                    await service.decrypt_field(
+                        item["token"], item["key_type"], context=item["context"]
+                    )
+                    == item["value"]
+                )
         assert (await manager.adopt_store()).already_sealed
     # and every status stays as adopted: no compromised key is active
     compromised = [k for k, s in meta["statuses"].items() if s == KeyStatus.COMPROMISED.value]
@@ -489,8 +519,9 @@ async def test_legacy_records_in_redis_or_postgres_are_adopted_once(victim: Vict
     from aiocrypt import EncryptionKey
 
     meta = json.loads((LEGACY / "meta.json").read_text())
-    records = [EncryptionKey.from_dict(r)
-               for r in json.loads((LEGACY / "keys.json").read_text())["keys"]]
+    records = [
+        EncryptionKey.from_dict(r) for r in json.loads((LEGACY / "keys.json").read_text())["keys"]
+    ]
     store = victim.store()
     await store.open()
     await store.write(records, expected_revision=0)  # what 0.1.0 did: records, no seal
@@ -506,9 +537,15 @@ async def test_legacy_records_in_redis_or_postgres_are_adopted_once(victim: Vict
     pii = next(r for r in records if r.key_type is KeyType.PII)
     for wrapped in (pii.wrapped_key, os.urandom(60)):
         assert wrapped is not None
-        await victim.raw.put_record({**pii.to_dict(), "key_id": "pii-v7-0badc0de",
-                                     "version": 7, "status": "decrypt_only",
-                                     "wrapped_key": base64.b64encode(wrapped).decode()})
+        await victim.raw.put_record(
+            {
+                **pii.to_dict(),
+                "key_id": "pii-v7-0badc0de",
+                "version": 7,
+                "status": "decrypt_only",
+                "wrapped_key": base64.b64encode(wrapped).decode(),
+            }
+        )
         with pytest.raises(KeyStoreIntegrityError, match=r"pii-v7-0badc0de.*does not unwrap"):
             await manager.adopt_store()
     await victim.raw.delete_record("pii-v7-0badc0de")

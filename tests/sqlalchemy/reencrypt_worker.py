@@ -22,11 +22,16 @@ async def main() -> None:
     manager = KeyManager(FileKeyStore(env["AIOCRYPT_TEST_KEY_PATH"], kek), kek)
     await manager.open()
     spec = TableSpec.from_dict(json.loads(env["AIOCRYPT_TEST_SPEC"]))
-    database = AsyncpgDatabase(env["AIOCRYPT_TEST_DSN"],
-                               checkpoint_table=env["AIOCRYPT_TEST_CHECKPOINTS"])
-    engine = ReencryptionEngine(manager, database, tables=[spec],
-                                batch_size=int(env["AIOCRYPT_TEST_BATCH"]),
-                                rate_limit=float(env["AIOCRYPT_TEST_RATE"]))
+    database = AsyncpgDatabase(
+        env["AIOCRYPT_TEST_DSN"], checkpoint_table=env["AIOCRYPT_TEST_CHECKPOINTS"]
+    )
+    engine = ReencryptionEngine(
+        manager,
+        database,
+        tables=[spec],
+        batch_size=int(env["AIOCRYPT_TEST_BATCH"]),
+        rate_limit=float(env["AIOCRYPT_TEST_RATE"]),
+    )
     print("started", flush=True)
     await engine.reencrypt(spec.name)
     print("finished", flush=True)

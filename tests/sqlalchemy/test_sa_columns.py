@@ -39,24 +39,31 @@ def make_models(suffix: str, service: EncryptionService | None = None) -> tuple[
         id: Mapped[int] = mapped_column(primary_key=True)
         name: Mapped[str] = mapped_column(sa.String(50), default="")
         monthly_income_encrypted: Mapped[float | None] = mapped_column(
-            EncryptedFloat(KeyType.FINANCIAL_DATA, service=service))
+            EncryptedFloat(KeyType.FINANCIAL_DATA, service=service)
+        )
         ssn_encrypted: Mapped[str | None] = mapped_column(
-            EncryptedString(KeyType.PII, service=service))
+            EncryptedString(KeyType.PII, service=service)
+        )
         photo: Mapped[bytes | None] = mapped_column(EncryptedBytes(KeyType.PII, service=service))
         visits: Mapped[int | None] = mapped_column(EncryptedInteger(KeyType.PII, service=service))
         balance: Mapped[Decimal | None] = mapped_column(EncryptedDecimal(service=service))
         verified: Mapped[bool | None] = mapped_column(
-            EncryptedBoolean(KeyType.PII, service=service))
+            EncryptedBoolean(KeyType.PII, service=service)
+        )
         born: Mapped[dt.date | None] = mapped_column(EncryptedDate(KeyType.PII, service=service))
         last_login: Mapped[dt.datetime | None] = mapped_column(
-            EncryptedDateTime(KeyType.PII, service=service))
+            EncryptedDateTime(KeyType.PII, service=service)
+        )
         profile: Mapped[dict[str, Any] | None] = mapped_column(
-            EncryptedJSON(KeyType.PII, service=service))
+            EncryptedJSON(KeyType.PII, service=service)
+        )
         tags: Mapped[list[Any] | None] = mapped_column(EncryptedJSON(KeyType.PII, service=service))
         external_id: Mapped[uuid.UUID | None] = mapped_column(
-            EncryptedUUID(KeyType.PII, service=service))
+            EncryptedUUID(KeyType.PII, service=service)
+        )
         email: Mapped[str | None] = mapped_column(
-            EncryptedString(KeyType.PII, deterministic=True, service=service))
+            EncryptedString(KeyType.PII, deterministic=True, service=service)
+        )
 
     return Base, User
 
@@ -88,7 +95,8 @@ async def _drop(engine: AsyncEngine, base: Any) -> None:
 
 
 async def test_every_type_round_trips_and_is_ciphertext_at_rest(
-        engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     base, user_cls = make_models(suffix)
     await _create(engine, base)
     try:
@@ -108,8 +116,13 @@ async def test_every_type_round_trips_and_is_ciphertext_at_rest(
                 assert getattr(bob, column) is None
         table = user_cls.__table__
         async with engine.connect() as conn:
-            raw = (await conn.execute(sa.select(table).where(table.c.id == 1).with_only_columns(
-                *[sa.type_coerce(table.c[c], sa.Text()) for c in VALUES]))).one()
+            raw = (
+                await conn.execute(
+                    sa.select(table)
+                    .where(table.c.id == 1)
+                    .with_only_columns(*[sa.type_coerce(table.c[c], sa.Text()) for c in VALUES])
+                )
+            ).one()
         for column, stored in zip(VALUES, raw, strict=True):
             assert isinstance(stored, str) and stored.startswith("ac2."), column
             assert str(VALUES[column]) not in stored
@@ -118,8 +131,9 @@ async def test_every_type_round_trips_and_is_ciphertext_at_rest(
         await _drop(engine, base)
 
 
-async def test_seed_style_model(engine: AsyncEngine, bound_service: EncryptionService,
-                                suffix: str) -> None:
+async def test_seed_style_model(
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     base, user_cls = make_models(suffix)
     await _create(engine, base)
     try:
@@ -141,8 +155,11 @@ async def test_seed_style_model(engine: AsyncEngine, bound_service: EncryptionSe
             assert user.monthly_income_encrypted == 61000.0  # type: ignore[union-attr]  # get() is Optional
             assert isinstance(user.monthly_income_encrypted, float)  # type: ignore[union-attr]  # get() is Optional
         async with engine.connect() as conn:
-            income, ssn = (await conn.execute(sa.text(
-                f"SELECT monthly_income_encrypted, ssn_encrypted FROM users_{suffix}"))).one()
+            income, ssn = (
+                await conn.execute(
+                    sa.text(f"SELECT monthly_income_encrypted, ssn_encrypted FROM users_{suffix}")
+                )
+            ).one()
         assert income.startswith("ac2.financial_data-") and "61000" not in income
         assert ssn.startswith("ac2.pii-") and "123-45" not in ssn
     finally:
@@ -150,7 +167,8 @@ async def test_seed_style_model(engine: AsyncEngine, bound_service: EncryptionSe
 
 
 async def test_token_moved_to_another_column_or_table_fails(
-        engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     base, user_cls = make_models(suffix)
     base2, user2_cls = make_models(suffix + "b")
     await _create(engine, base)
@@ -163,9 +181,12 @@ async def test_token_moved_to_another_column_or_table_fails(
         async with engine.begin() as conn:
             # Same key type, other column: the context (table.column) no longer matches.
             await conn.execute(sa.text(f"UPDATE users_{suffix} SET email = ssn_encrypted"))
-            await conn.execute(sa.text(
-                f"INSERT INTO users_{suffix}b (id, name, ssn_encrypted) "
-                f"SELECT id, name, ssn_encrypted FROM users_{suffix}"))
+            await conn.execute(
+                sa.text(
+                    f"INSERT INTO users_{suffix}b (id, name, ssn_encrypted) "
+                    f"SELECT id, name, ssn_encrypted FROM users_{suffix}"
+                )
+            )
         async with sessions() as session:
             with pytest.raises(DecryptionError):
                 await session.get(user_cls, 1)
@@ -186,40 +207,52 @@ async def test_randomized_columns_refuse_sql_comparison(suffix: str) -> None:
 
 
 async def test_core_select_of_encrypted_columns_runs_again_from_the_statement_cache(
-        engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     """SQLAlchemy compares result columns with ``==`` when it reuses a cached Core
     statement; the randomized column's refusal of SQL comparison must not catch that."""
     base, user_cls = make_models(suffix)
     await _create(engine, base)
     try:
         async with engine.begin() as conn:
-            await conn.execute(sa.insert(user_cls).values(
-                id=1, ssn_encrypted="123-45-6789", email="ann@example.org"))
+            await conn.execute(
+                sa.insert(user_cls).values(
+                    id=1, ssn_encrypted="123-45-6789", email="ann@example.org"
+                )
+            )
         async with engine.connect() as conn:
             for _ in range(3):
-                rows = (await conn.execute(
-                    sa.select(user_cls.ssn_encrypted, user_cls.email))).all()
+                rows = (await conn.execute(sa.select(user_cls.ssn_encrypted, user_cls.email))).all()
                 assert rows == [("123-45-6789", "ann@example.org")]
         # comparing with Python values is still refused / still matches
         with pytest.raises(TypeError, match="BlindIndex"):
             sa.select(user_cls).where(user_cls.ssn_encrypted == "123-45-6789")
         async with engine.connect() as conn:
-            found = (await conn.execute(sa.select(user_cls.id).where(
-                user_cls.email == "ann@example.org"))).scalars().all()
+            found = (
+                (
+                    await conn.execute(
+                        sa.select(user_cls.id).where(user_cls.email == "ann@example.org")
+                    )
+                )
+                .scalars()
+                .all()
+            )
             assert found == [1]
     finally:
         await _drop(engine, base)
 
 
 async def test_deterministic_column_matches_across_rotation(
-        engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     base, user_cls = make_models(suffix)
     await _create(engine, base)
     try:
         sessions = async_sessionmaker(engine)
         async with sessions() as session:
-            session.add_all([user_cls(id=1, email="ann@example.org"),
-                             user_cls(id=2, email="bob@example.org")])
+            session.add_all(
+                [user_cls(id=1, email="ann@example.org"), user_cls(id=2, email="bob@example.org")]
+            )
             await session.commit()
         await bound_service.key_manager.rotate_key(KeyType.PII, force=True)
         async with sessions() as session:
@@ -228,23 +261,26 @@ async def test_deterministic_column_matches_across_rotation(
 
         async def ids(clause: Any) -> list[int]:
             async with sessions() as session:
-                return sorted((await session.execute(sa.select(user_cls.id).where(clause)))
-                              .scalars())
+                return sorted(
+                    (await session.execute(sa.select(user_cls.id).where(clause))).scalars()
+                )
 
         assert await ids(user_cls.email == "ann@example.org") == [1, 3]
         assert await ids(user_cls.email.in_(["bob@example.org", "nobody@x"])) == [2]
         assert await ids(user_cls.email != "ann@example.org") == [2]
         async with engine.connect() as conn:
-            stored = (await conn.execute(sa.text(
-                f"SELECT email FROM users_{suffix} ORDER BY id"))).scalars().all()
+            stored = (
+                (await conn.execute(sa.text(f"SELECT email FROM users_{suffix} ORDER BY id")))
+                .scalars()
+                .all()
+            )
         assert stored[0] != stored[2]  # same value, two key versions
         assert stored[0].split(".")[1] != stored[2].split(".")[1]
     finally:
         await _drop(engine, base)
 
 
-async def test_key_rotated_in_another_process_is_loaded(engine: AsyncEngine,
-                                                        suffix: str) -> None:
+async def test_key_rotated_in_another_process_is_loaded(engine: AsyncEngine, suffix: str) -> None:
     """Two services over one key store: B rotates and writes, A (stale) reads it."""
     service_a = make_service()
     await service_a.start()
@@ -275,8 +311,7 @@ async def test_key_rotated_in_another_process_is_loaded(engine: AsyncEngine,
 
 
 async def test_sync_engine(tmp_path: Any, suffix: str) -> None:
-    service = EncryptionService(make_key_manager(),
-                                preload=[KeyType.PII, KeyType.FINANCIAL_DATA])
+    service = EncryptionService(make_key_manager(), preload=[KeyType.PII, KeyType.FINANCIAL_DATA])
     await service.start()
     try:
         base, user_cls = make_models(suffix, service)
@@ -288,11 +323,15 @@ async def test_sync_engine(tmp_path: Any, suffix: str) -> None:
         with Session(engine) as session:
             user = session.get(user_cls, 1)
             assert {c: getattr(user, c) for c in VALUES} == VALUES
-            assert session.scalars(sa.select(user_cls.id).where(
-                user_cls.email == "ann@example.org")).all() == [1]
+            assert session.scalars(
+                sa.select(user_cls.id).where(user_cls.email == "ann@example.org")
+            ).all() == [1]
         with engine.connect() as conn:
-            assert conn.execute(sa.text(f"SELECT ssn_encrypted FROM users_{suffix}")) \
-                .scalar_one().startswith("ac2.pii-")
+            assert (
+                conn.execute(sa.text(f"SELECT ssn_encrypted FROM users_{suffix}"))
+                .scalar_one()
+                .startswith("ac2.pii-")
+            )
         engine.dispose()
     finally:
         await service.close()
@@ -316,9 +355,11 @@ def same_datetime(back: dt.datetime, value: dt.datetime) -> bool:
     ``fold`` (a local time in a daylight-saving gap or overlap) never equals a value of
     another zone, even at the same instant and offset.
     """
-    return (back.replace(tzinfo=None) == value.replace(tzinfo=None)
-            and back.utcoffset() == value.utcoffset()
-            and back.timestamp() == value.timestamp())
+    return (
+        back.replace(tzinfo=None) == value.replace(tzinfo=None)
+        and back.utcoffset() == value.utcoffset()
+        and back.timestamp() == value.timestamp()
+    )
 
 
 def test_datetime_in_a_daylight_saving_gap_keeps_wall_time_offset_and_instant() -> None:
@@ -347,8 +388,7 @@ def test_types_round_trip_any_value() -> None:
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    service = EncryptionService(make_key_manager(),
-                                preload=[KeyType.PII, KeyType.FINANCIAL_DATA])
+    service = EncryptionService(make_key_manager(), preload=[KeyType.PII, KeyType.FINANCIAL_DATA])
     asyncio.run(service.start())
     try:
         _, user_cls = make_models("hypothesis", service)

@@ -54,15 +54,21 @@ async def _setup(engine: AsyncEngine, suffix: str, rows: int) -> tuple[Any, Any,
     async with engine.begin() as conn:
         await conn.run_sync(base.metadata.create_all)
     async with async_sessionmaker(engine)() as session:
-        session.add_all([user(id=i, name=f"u{i}", income=float(i), ssn_encrypted=f"{i:09d}")
-                         for i in range(1, rows + 1)])
+        session.add_all(
+            [
+                user(id=i, name=f"u{i}", income=float(i), ssn_encrypted=f"{i:09d}")
+                for i in range(1, rows + 1)
+            ]
+        )
         await session.commit()
     table = f"users_{suffix}"
     async with engine.begin() as conn:  # the attacker's edit: one bit of row 8's ssn
-        token = (await conn.execute(sa.text(
-            f"SELECT ssn_encrypted FROM {table} WHERE id = 8"))).scalar_one()
-        await conn.execute(sa.text(f"UPDATE {table} SET ssn_encrypted = :t WHERE id = 8"),
-                           {"t": tampered(token)})
+        token = (
+            await conn.execute(sa.text(f"SELECT ssn_encrypted FROM {table} WHERE id = 8"))
+        ).scalar_one()
+        await conn.execute(
+            sa.text(f"UPDATE {table} SET ssn_encrypted = :t WHERE id = 8"), {"t": tampered(token)}
+        )
     return base, user, token
 
 
@@ -73,26 +79,33 @@ async def _teardown(engine: AsyncEngine, base: Any, suffix: str) -> None:
 
 
 async def test_orm_read_of_a_tampered_row_names_table_column_and_pk(
-        pg_engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    pg_engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     base, user, token = await _setup(pg_engine, suffix, 12)
     table = f"users_{suffix}"
     try:
         async with async_sessionmaker(pg_engine)() as session:
             # intact rows read as usual
             assert (await session.get(user, 7)).ssn_encrypted == "000000007"  # type: ignore[union-attr]  # get() is Optional
-            for query in (sa.select(user).order_by(user.id),       # the whole table
-                          sa.select(user).where(user.name == "u8")):  # the row alone
+            for query in (
+                sa.select(user).order_by(user.id),  # the whole table
+                sa.select(user).where(user.name == "u8"),
+            ):  # the row alone
                 with pytest.raises(DecryptionError) as info:
                     (await session.execute(query)).scalars().all()
                 error = info.value
                 assert error.reason is DecryptionFailure.AUTHENTICATION_FAILED
                 assert error.location is not None
-                assert (error.location.table, error.location.column,
-                        error.location.primary_key) == (table, "ssn_encrypted", 8)
+                assert (
+                    error.location.table,
+                    error.location.column,
+                    error.location.primary_key,
+                ) == (table, "ssn_encrypted", 8)
                 assert str(error) == (
                     "decryption failed: token did not authenticate (tampered, truncated, or "
                     f"another context or row) (key {error.key_id}) ({table}.ssn_encrypted, "
-                    "primary key 8)")
+                    "primary key 8)"
+                )
                 for text in exception_texts(error):
                     assert token[-20:] not in text and "000000008" not in text
             # the session is still usable, and holds no half-read object
@@ -105,7 +118,8 @@ async def test_orm_read_of_a_tampered_row_names_table_column_and_pk(
 
 
 async def test_a_column_selected_without_its_primary_key_names_table_and_column(
-        pg_engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    pg_engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     base, user, _ = await _setup(pg_engine, suffix, 10)
     try:
         async with async_sessionmaker(pg_engine)() as session:
@@ -119,7 +133,8 @@ async def test_a_column_selected_without_its_primary_key_names_table_and_column(
 
 
 async def test_skip_errors_reports_a_row_once_and_moves_its_other_columns(
-        pg_engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    pg_engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     rows = 30
     base, _, _ = await _setup(pg_engine, suffix, rows)
     table = f"users_{suffix}"
@@ -127,8 +142,14 @@ async def test_skip_errors_reports_a_row_once_and_moves_its_other_columns(
     try:
         await manager.rotate_key(KeyType.PII, force=True)
         await manager.rotate_key(KeyType.FINANCIAL_DATA, force=True)
-        eng = reencryption_engine(bound_service, pg_engine, base.metadata, batch_size=7,
-                                  on_error="skip", checkpoint_table=f"ckpt_{suffix}")
+        eng = reencryption_engine(
+            bound_service,
+            pg_engine,
+            base.metadata,
+            batch_size=7,
+            on_error="skip",
+            checkpoint_table=f"ckpt_{suffix}",
+        )
         try:
             result = await eng.reencrypt(table)
             census = await eng.census(table)
@@ -137,12 +158,14 @@ async def test_skip_errors_reports_a_row_once_and_moves_its_other_columns(
         assert result.run_rows_failed == 1  # not once per pass
         assert result.failed_primary_keys == (8,)
         assert [(f.column, f.primary_key, f.reason) for f in result.failures] == [
-            ("ssn_encrypted", 8, DecryptionFailure.AUTHENTICATION_FAILED)]
+            ("ssn_encrypted", 8, DecryptionFailure.AUTHENTICATION_FAILED)
+        ]
         assert not result.complete
         new_income = bound_service.keyring.active(KeyType.FINANCIAL_DATA).key_id
         async with pg_engine.connect() as conn:
-            income = (await conn.execute(sa.text(
-                f"SELECT income FROM {table} WHERE id = 8"))).scalar_one()
+            income = (
+                await conn.execute(sa.text(f"SELECT income FROM {table} WHERE id = 8"))
+            ).scalar_one()
         assert income.startswith(f"ac2.{new_income}.")  # the intact column moved
         assert census.counts["income"] == {new_income: rows}
         new_pii = bound_service.keyring.active(KeyType.PII).key_id

@@ -14,8 +14,14 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sqlalchemy_models.
 
 def _run(*args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCRYPTION_")}
-    done = subprocess.run([sys.executable, str(EXAMPLE), *args], capture_output=True,
-                          text=True, env=env, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 

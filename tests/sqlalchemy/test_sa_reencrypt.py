@@ -46,8 +46,7 @@ def make_models(suffix: str) -> tuple[Any, Any]:
         id: Mapped[int] = mapped_column(primary_key=True)
         income: Mapped[float | None] = mapped_column(EncryptedFloat(KeyType.FINANCIAL_DATA))
         ssn: Mapped[str | None] = mapped_column(EncryptedString(KeyType.PII))
-        email: Mapped[str | None] = mapped_column(
-            EncryptedString(KeyType.PII, deterministic=True))
+        email: Mapped[str | None] = mapped_column(EncryptedString(KeyType.PII, deterministic=True))
 
     class Plain(Base):  # no encrypted column: not discovered
         __tablename__ = f"plain_{suffix}"
@@ -61,15 +60,24 @@ async def _setup(engine: AsyncEngine, suffix: str, rows: int) -> tuple[Any, Any]
     async with engine.begin() as conn:
         await conn.run_sync(base.metadata.create_all)
     async with async_sessionmaker(engine)() as session:
-        session.add_all([account(id=i, income=float(i), ssn=f"{i:09d}",
-                                 email=None if i % 7 == 0 else f"u{i}@x.org")
-                         for i in range(1, rows + 1)])
+        session.add_all(
+            [
+                account(
+                    id=i,
+                    income=float(i),
+                    ssn=f"{i:09d}",
+                    email=None if i % 7 == 0 else f"u{i}@x.org",
+                )
+                for i in range(1, rows + 1)
+            ]
+        )
         await session.commit()
     return base, account
 
 
-async def _teardown(engine: AsyncEngine, base: Any, eng: ReencryptionEngine | None,
-                    suffix: str) -> None:
+async def _teardown(
+    engine: AsyncEngine, base: Any, eng: ReencryptionEngine | None, suffix: str
+) -> None:
     if eng is not None:
         await eng.database.close()
     async with engine.begin() as conn:
@@ -81,13 +89,13 @@ async def _check_all(engine: AsyncEngine, account: Any, rows: int) -> None:
     async with async_sessionmaker(engine)() as session:
         loaded = (await session.execute(sa.select(account).order_by(account.id))).scalars().all()
     assert [(a.income, a.ssn, a.email) for a in loaded] == [
-        (float(i), f"{i:09d}", None if i % 7 == 0 else f"u{i}@x.org")
-        for i in range(1, rows + 1)]
+        (float(i), f"{i:09d}", None if i % 7 == 0 else f"u{i}@x.org") for i in range(1, rows + 1)
+    ]
 
 
-async def test_discovery_census_and_full_run(engine: AsyncEngine,
-                                             bound_service: EncryptionService,
-                                             suffix: str) -> None:
+async def test_discovery_census_and_full_run(
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     rows = 1200
     base, account = await _setup(engine, suffix, rows)
     eng = None
@@ -99,7 +107,8 @@ async def test_discovery_census_and_full_run(engine: AsyncEngine,
         assert [(c.name, c.key_type, c.context, c.deterministic) for c in spec.columns] == [
             ("income", "financial_data", f"acct_{suffix}.income", False),
             ("ssn", "pii", f"acct_{suffix}.ssn", False),
-            ("email", "pii", f"acct_{suffix}.email", True)]
+            ("email", "pii", f"acct_{suffix}.email", True),
+        ]
         assert TableSpec.from_dict(spec.to_dict()) == spec
 
         manager = bound_service.key_manager
@@ -108,14 +117,20 @@ async def test_discovery_census_and_full_run(engine: AsyncEngine,
         await manager.rotate_key("pii", force=True)
         new = {kt: manager.keyring.active(kt).key_id for kt in ("financial_data", "pii")}
         batches: list[ReencryptionProgress] = []
-        eng = reencryption_engine(bound_service, engine, base.metadata, batch_size=250,
-                                  progress=batches.append,
-                                  checkpoint_table=f"ckpt_{suffix}")
+        eng = reencryption_engine(
+            bound_service,
+            engine,
+            base.metadata,
+            batch_size=250,
+            progress=batches.append,
+            checkpoint_table=f"ckpt_{suffix}",
+        )
         census = await eng.census(f"acct_{suffix}")
         assert census.counts == {
             "income": {old["financial_data"]: rows},
             "ssn": {old["pii"]: rows},
-            "email": {old["pii"]: rows - rows // 7}}
+            "email": {old["pii"]: rows - rows // 7},
+        }
 
         result = await eng.reencrypt(f"acct_{suffix}")
         assert result.complete and result.passes == 2  # the second pass finds nothing
@@ -127,18 +142,24 @@ async def test_discovery_census_and_full_run(engine: AsyncEngine,
         assert census.counts == {
             "income": {new["financial_data"]: rows},
             "ssn": {new["pii"]: rows},
-            "email": {new["pii"]: rows - rows // 7}}
+            "email": {new["pii"]: rows - rows // 7},
+        }
         assert census.rows_for(old["pii"]) == 0
         usage = await eng.key_usage()
         # old keys are listed with an explicit 0: that is what lets cleanup destroy them
-        assert usage == {new["financial_data"]: rows, new["pii"]: 2 * rows - rows // 7,
-                         old["financial_data"]: 0, old["pii"]: 0}
+        assert usage == {
+            new["financial_data"]: rows,
+            new["pii"]: 2 * rows - rows // 7,
+            old["financial_data"]: 0,
+            old["pii"]: 0,
+        }
         await _check_all(engine, account, rows)
 
         # Deterministic tokens were rewritten with the new key: == still finds them.
         async with async_sessionmaker(engine)() as session:
-            assert (await session.execute(sa.select(account.id).where(
-                account.email == "u5@x.org"))).scalars().all() == [5]
+            assert (
+                await session.execute(sa.select(account.id).where(account.email == "u5@x.org"))
+            ).scalars().all() == [5]
 
         again = await eng.reencrypt(f"acct_{suffix}")
         assert again.complete and again.run_rows_read == 0 and again.job_id == result.job_id
@@ -146,9 +167,9 @@ async def test_discovery_census_and_full_run(engine: AsyncEngine,
         await _teardown(engine, base, eng, suffix)
 
 
-async def test_stop_after_n_batches_then_resume(engine: AsyncEngine,
-                                                bound_service: EncryptionService,
-                                                suffix: str) -> None:
+async def test_stop_after_n_batches_then_resume(
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     rows, batch = 2000, 150
     base, account = await _setup(engine, suffix, rows)
     eng = None
@@ -159,9 +180,14 @@ async def test_stop_after_n_batches_then_resume(engine: AsyncEngine,
             if progress.run_batches == 4:
                 raise Stop
 
-        eng = reencryption_engine(bound_service, engine, base.metadata, batch_size=batch,
-                                  progress=stop_after_4,
-                                  checkpoint_table=f"ckpt_{suffix}")
+        eng = reencryption_engine(
+            bound_service,
+            engine,
+            base.metadata,
+            batch_size=batch,
+            progress=stop_after_4,
+            checkpoint_table=f"ckpt_{suffix}",
+        )
         with pytest.raises(Stop):
             await eng.reencrypt(f"acct_{suffix}", key_type="pii")
         spec = eng.table(f"acct_{suffix}").select(key_type="pii")
@@ -170,7 +196,10 @@ async def test_stop_after_n_batches_then_resume(engine: AsyncEngine,
         checkpoint = await eng.database.load_checkpoint(job)
         assert checkpoint is not None and not checkpoint.done
         assert (checkpoint.batches, checkpoint.rows_read, checkpoint.rows_updated) == (
-            4, 4 * batch, 4 * batch)
+            4,
+            4 * batch,
+            4 * batch,
+        )
         assert checkpoint.last_pk == 4 * batch
         census = await eng.census(spec)
         assert census.counts["ssn"][targets["ssn"]] == 4 * batch
@@ -193,7 +222,8 @@ async def test_stop_after_n_batches_then_resume(engine: AsyncEngine,
 
 
 async def test_max_batches_stops_a_run_which_the_next_resumes(
-        engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     """max_batches= stops after exactly that many committed batches (pipelined or not),
     says so in the result, and leaves the checkpoint the next run resumes from."""
     rows, batch = 1000, 120
@@ -201,8 +231,13 @@ async def test_max_batches_stops_a_run_which_the_next_resumes(
     eng = None
     try:
         await bound_service.key_manager.rotate_key("pii", force=True)
-        eng = reencryption_engine(bound_service, engine, base.metadata, batch_size=batch,
-                                  checkpoint_table=f"ckpt_{suffix}")
+        eng = reencryption_engine(
+            bound_service,
+            engine,
+            base.metadata,
+            batch_size=batch,
+            checkpoint_table=f"ckpt_{suffix}",
+        )
         with pytest.raises(ValueError, match="at least 1"):
             await eng.reencrypt(f"acct_{suffix}", key_type="pii", max_batches=0)
         first = await eng.reencrypt(f"acct_{suffix}", key_type="pii", max_batches=3)
@@ -217,8 +252,9 @@ async def test_max_batches_stops_a_run_which_the_next_resumes(
         await _teardown(engine, base, eng, suffix)
 
 
-async def test_cancelled_task_resumes(engine: AsyncEngine, bound_service: EncryptionService,
-                                      suffix: str) -> None:
+async def test_cancelled_task_resumes(
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     rows, batch = 1500, 100
     base, account = await _setup(engine, suffix, rows)
     eng = None
@@ -231,9 +267,14 @@ async def test_cancelled_task_resumes(engine: AsyncEngine, bound_service: Encryp
                 reached.set()
                 await asyncio.sleep(3600)
 
-        eng = reencryption_engine(bound_service, engine, base.metadata, batch_size=batch,
-                                  progress=slow,
-                                  checkpoint_table=f"ckpt_{suffix}")
+        eng = reencryption_engine(
+            bound_service,
+            engine,
+            base.metadata,
+            batch_size=batch,
+            progress=slow,
+            checkpoint_table=f"ckpt_{suffix}",
+        )
         task = asyncio.create_task(eng.reencrypt(f"acct_{suffix}", columns=["income"]))
         await reached.wait()
         task.cancel()
@@ -249,8 +290,9 @@ async def test_cancelled_task_resumes(engine: AsyncEngine, bound_service: Encryp
         await _teardown(engine, base, eng, suffix)
 
 
-async def test_shards_in_parallel(engine: AsyncEngine, bound_service: EncryptionService,
-                                  suffix: str) -> None:
+async def test_shards_in_parallel(
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     rows = 1000
     base, account = await _setup(engine, suffix, rows)
     engines: list[ReencryptionEngine] = []
@@ -258,17 +300,23 @@ async def test_shards_in_parallel(engine: AsyncEngine, bound_service: Encryption
         await bound_service.key_manager.rotate_key("pii", force=True)
         await bound_service.key_manager.rotate_key("financial_data", force=True)
         specs = table_specs(base.metadata)
-        planner = ReencryptionEngine(bound_service.key_manager, database_for(
-            engine, checkpoint_table=f"ckpt_{suffix}"), tables=specs)
+        planner = ReencryptionEngine(
+            bound_service.key_manager,
+            database_for(engine, checkpoint_table=f"ckpt_{suffix}"),
+            tables=specs,
+        )
         engines.append(planner)
         shards = await planner.plan_shards(f"acct_{suffix}", 3)
         assert len(shards) == 3 and shards[0].after is None and shards[-1].until is None
         assert shards[0].until == shards[1].after and shards[1].until == shards[2].after
 
         async def worker(shard: KeyRange) -> Any:
-            eng = ReencryptionEngine(bound_service.key_manager, database_for(
-                engine, checkpoint_table=f"ckpt_{suffix}"), tables=specs,
-                batch_size=64)
+            eng = ReencryptionEngine(
+                bound_service.key_manager,
+                database_for(engine, checkpoint_table=f"ckpt_{suffix}"),
+                tables=specs,
+                batch_size=64,
+            )
             engines.append(eng)
             return await eng.reencrypt(f"acct_{suffix}", shard=(shard.after, shard.until))
 
@@ -287,18 +335,23 @@ async def test_shards_in_parallel(engine: AsyncEngine, bound_service: Encryption
 
 
 async def test_undecryptable_value_raises_or_is_skipped(
-        engine: AsyncEngine, bound_service: EncryptionService, suffix: str) -> None:
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     rows = 50
     base, _ = await _setup(engine, suffix, rows)
     eng = None
     try:
         async with engine.begin() as conn:  # a token moved to another row's column
-            await conn.execute(sa.text(
-                f"UPDATE acct_{suffix} SET ssn = (SELECT income FROM acct_{suffix} "
-                "WHERE id = 1) WHERE id = 20"))
+            await conn.execute(
+                sa.text(
+                    f"UPDATE acct_{suffix} SET ssn = (SELECT income FROM acct_{suffix} "
+                    "WHERE id = 1) WHERE id = 20"
+                )
+            )
         await bound_service.key_manager.rotate_key("pii", force=True)
-        eng = reencryption_engine(bound_service, engine, base.metadata, batch_size=10,
-                                  checkpoint_table=f"ckpt_{suffix}")
+        eng = reencryption_engine(
+            bound_service, engine, base.metadata, batch_size=10, checkpoint_table=f"ckpt_{suffix}"
+        )
         with pytest.raises(ReencryptionError) as info:
             await eng.reencrypt(f"acct_{suffix}", columns=["ssn"])
         assert info.value.primary_key == 20 and info.value.column == "ssn"
@@ -315,9 +368,9 @@ async def test_undecryptable_value_raises_or_is_skipped(
         await _teardown(engine, base, eng, suffix)
 
 
-async def test_target_key_rotating_mid_run_stops(engine: AsyncEngine,
-                                                 bound_service: EncryptionService,
-                                                 suffix: str) -> None:
+async def test_target_key_rotating_mid_run_stops(
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     rows = 600
     base, account = await _setup(engine, suffix, rows)
     eng = None
@@ -329,9 +382,14 @@ async def test_target_key_rotating_mid_run_stops(engine: AsyncEngine,
             if progress.run_batches == 2:
                 await manager.rotate_key("pii", force=True)
 
-        eng = reencryption_engine(bound_service, engine, base.metadata, batch_size=100,
-                                  progress=rotate_once,
-                                  checkpoint_table=f"ckpt_{suffix}")
+        eng = reencryption_engine(
+            bound_service,
+            engine,
+            base.metadata,
+            batch_size=100,
+            progress=rotate_once,
+            checkpoint_table=f"ckpt_{suffix}",
+        )
         first = await eng.reencrypt(f"acct_{suffix}", key_type="pii")
         assert first.target_changed and not first.complete
         eng.progress = None
@@ -345,24 +403,41 @@ async def test_target_key_rotating_mid_run_stops(engine: AsyncEngine,
         await _teardown(engine, base, eng, suffix)
 
 
-async def test_explicit_spec_with_row_bound_context(engine: AsyncEngine,
-                                                    service: EncryptionService,
-                                                    suffix: str) -> None:
+async def test_explicit_spec_with_row_bound_context(
+    engine: AsyncEngine, service: EncryptionService, suffix: str
+) -> None:
     """No ORM: a table spec by hand, contexts that include the primary key."""
     table = f"raw_{suffix}"
     keyring = await service.key_manager.ensure_active(["pii"])
     async with engine.begin() as conn:
-        await conn.execute(sa.text(f"CREATE TABLE {table} (pk VARCHAR(20) PRIMARY KEY, "
-                                   "secret TEXT, amount TEXT)"))
-        await conn.execute(sa.text(f"INSERT INTO {table} VALUES (:pk, :s, :a)"), [
-            {"pk": f"k{i:04d}", "s": keyring.encrypt(f"s{i}", "pii", f"app.secret#k{i:04d}"),
-             "a": str(i * 1.5) if i % 2 else None} for i in range(300)])
-    spec = TableSpec(table, "pk", (
-        ColumnSpec("secret", KeyType.PII, context="app.secret", row_bound=True),
-        ColumnSpec("amount", KeyType.PII, legacy_type="float")))
-    eng = ReencryptionEngine(service.key_manager, database_for(
-        engine, checkpoint_table=f"ckpt_{suffix}"), tables=[spec],
-        batch_size=64)
+        await conn.execute(
+            sa.text(f"CREATE TABLE {table} (pk VARCHAR(20) PRIMARY KEY, secret TEXT, amount TEXT)")
+        )
+        await conn.execute(
+            sa.text(f"INSERT INTO {table} VALUES (:pk, :s, :a)"),
+            [
+                {
+                    "pk": f"k{i:04d}",
+                    "s": keyring.encrypt(f"s{i}", "pii", f"app.secret#k{i:04d}"),
+                    "a": str(i * 1.5) if i % 2 else None,
+                }
+                for i in range(300)
+            ],
+        )
+    spec = TableSpec(
+        table,
+        "pk",
+        (
+            ColumnSpec("secret", KeyType.PII, context="app.secret", row_bound=True),
+            ColumnSpec("amount", KeyType.PII, legacy_type="float"),
+        ),
+    )
+    eng = ReencryptionEngine(
+        service.key_manager,
+        database_for(engine, checkpoint_table=f"ckpt_{suffix}"),
+        tables=[spec],
+        batch_size=64,
+    )
     try:
         await service.key_manager.rotate_key("pii", force=True)
         census = await eng.census(table)
@@ -371,8 +446,9 @@ async def test_explicit_spec_with_row_bound_context(engine: AsyncEngine,
         assert result.complete and result.run_rows_updated == 300
         keyring = service.keyring
         async with engine.connect() as conn:
-            stored = (await conn.execute(sa.text(
-                f"SELECT pk, secret, amount FROM {table} ORDER BY pk"))).all()
+            stored = (
+                await conn.execute(sa.text(f"SELECT pk, secret, amount FROM {table} ORDER BY pk"))
+            ).all()
         for i, (pk, secret, amount) in enumerate(stored):
             assert keyring.decrypt(secret, "pii", f"app.secret#{pk}") == f"s{i}"
             if i % 2:
@@ -386,14 +462,16 @@ async def test_explicit_spec_with_row_bound_context(engine: AsyncEngine,
             await conn.execute(sa.text(f"DROP TABLE IF EXISTS ckpt_{suffix}"))
 
 
-async def test_generic_sqlalchemy_adapter(engine: AsyncEngine, bound_service: EncryptionService,
-                                          suffix: str) -> None:
+async def test_generic_sqlalchemy_adapter(
+    engine: AsyncEngine, bound_service: EncryptionService, suffix: str
+) -> None:
     """SQLAlchemyDatabase itself, on both databases (database_for picks asyncpg on Postgres)."""
     rows = 300
     base, account = await _setup(engine, suffix, rows)
     database = SQLAlchemyDatabase(engine, checkpoint_table=f"ckpt_{suffix}")
-    eng = ReencryptionEngine(bound_service.key_manager, database,
-                             tables=table_specs(base.metadata), batch_size=64)
+    eng = ReencryptionEngine(
+        bound_service.key_manager, database, tables=table_specs(base.metadata), batch_size=64
+    )
     try:
         await bound_service.key_manager.rotate_key("pii", force=True)
         assert len(await eng.plan_shards(f"acct_{suffix}", 2)) == 2
@@ -412,8 +490,9 @@ def _zstd_flags(tokens: list[str]) -> set[bool]:
     return {bool(b64decode_canonical(t, t.rindex(".") + 1)[1] & FLAG_ZSTD) for t in tokens}
 
 
-async def test_column_types_and_reencryption_compress_by_key_type(engine: AsyncEngine,
-                                                                   suffix: str) -> None:
+async def test_column_types_and_reencryption_compress_by_key_type(
+    engine: AsyncEngine, suffix: str
+) -> None:
     """``compressed_key_types=["pii"]``: PII columns are written compressed, by the column
     types and again by the engine; financial data is never compressed."""
     async with make_service(EncryptionConfig(compressed_key_types=["pii"])) as service:
@@ -421,10 +500,12 @@ async def test_column_types_and_reencryption_compress_by_key_type(engine: AsyncE
         base, account = await _setup(engine, suffix, 30)
         eng = None
         try:
+
             async def stored() -> tuple[list[str], list[str]]:
                 async with engine.connect() as conn:
-                    rows = (await conn.execute(sa.text(
-                        f"SELECT income, ssn FROM acct_{suffix}"))).all()
+                    rows = (
+                        await conn.execute(sa.text(f"SELECT income, ssn FROM acct_{suffix}"))
+                    ).all()
                 return [r[0] for r in rows], [r[1] for r in rows]
 
             income, ssn = await stored()
@@ -432,8 +513,9 @@ async def test_column_types_and_reencryption_compress_by_key_type(engine: AsyncE
             manager = service.key_manager
             await manager.rotate_key("financial_data", force=True)
             await manager.rotate_key("pii", force=True)
-            eng = reencryption_engine(service, engine, base.metadata,
-                                      checkpoint_table=f"ckpt_{suffix}")
+            eng = reencryption_engine(
+                service, engine, base.metadata, checkpoint_table=f"ckpt_{suffix}"
+            )
             result = await eng.reencrypt(f"acct_{suffix}")
             assert result.complete and result.run_rows_updated == 30
             new_income, new_ssn = await stored()

@@ -62,14 +62,18 @@ class Backend:
 
 
 @pytest.fixture(params=["sqlite", "postgres+psycopg2", "aiosqlite", "asyncpg"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Any,
-                  bound_service: EncryptionService) -> AsyncIterator[Backend]:
-    await bound_service.key_manager.ensure_active(KEY_TYPES)   # sync engines cannot await
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Any, bound_service: EncryptionService
+) -> AsyncIterator[Backend]:
+    await bound_service.key_manager.ensure_active(KEY_TYPES)  # sync engines cannot await
     name = request.param
     if name.startswith("postgres") or name == "asyncpg":
         dsn = request.getfixturevalue("postgres_dsn")
-        url = dsn.replace("postgresql://", "postgresql+psycopg2://" if name != "asyncpg"
-                          else "postgresql+asyncpg://", 1)
+        url = dsn.replace(
+            "postgresql://",
+            "postgresql+psycopg2://" if name != "asyncpg" else "postgresql+asyncpg://",
+            1,
+        )
     else:
         url = f"sqlite{'+aiosqlite' if name == 'aiosqlite' else ''}:///{tmp_path}/port.db"
     is_async = name in ("aiosqlite", "asyncpg")
@@ -120,23 +124,28 @@ def test_token() -> str:
 
 
 VALUES = {
-    "username": "someone", "phone": "(555) 555-5555", "color": "#fff",
-    "date": date(2010, 10, 2), "time": time(10, 12), "enum": "One", "json": {"key": "value"},
-    "datetime": datetime(2010, 10, 2, 10, 12, 45, 2334), "is_active": True,
+    "username": "someone",
+    "phone": "(555) 555-5555",
+    "color": "#fff",
+    "date": date(2010, 10, 2),
+    "time": time(10, 12),
+    "enum": "One",
+    "json": {"key": "value"},
+    "datetime": datetime(2010, 10, 2, 10, 12, 45, 2334),
+    "is_active": True,
     "accounts_num": 2,
 }
 
 
 @pytest.fixture
-async def user(backend: Backend, Base: Any, User: Any,
-               test_token: str) -> AsyncIterator[Any]:
+async def user(backend: Backend, Base: Any, User: Any, test_token: str) -> AsyncIterator[Any]:
     await backend.ddl(Base.metadata.create_all)
 
     def create(session: Session) -> Any:
         user = User(access_token=test_token, **VALUES)
         session.add(user)
         session.commit()
-        found = session.get(User, user.id)   # reloaded: expired on commit
+        found = session.get(User, user.id)  # reloaded: expired on commit
         session.expunge(found)
         return found
 
@@ -218,9 +227,11 @@ async def test_lookup_by_encrypted_string(backend: Backend, user: Any, User: Any
 
 
 async def test_lookup_by_encrypted_string_randomized_is_refused(
-        backend: Backend, user: Any, User: Any) -> None:
+    backend: Backend, user: Any, User: Any
+) -> None:
     """sqlalchemy-utils runs the query and finds nothing (a fresh IV per value);
     aiocrypt refuses to build a comparison that can never match."""
+
     def find(session: Session) -> Any:
         return session.query(User).filter(User.username == "someonex").first()
 
@@ -232,9 +243,11 @@ async def test_lookup_by_encrypted_string_randomized_is_refused(
 
 
 async def test_decrypt_raises_value_error_with_invalid_key(
-        backend: Backend, Base: Any, suffix: str) -> None:
+    backend: Backend, Base: Any, suffix: str
+) -> None:
     """Values read with other keys fail (aiocrypt: ``DecryptionError``, authenticated,
     where sqlalchemy-utils' naive padding may only fail to decode as UTF-8)."""
+
     class Team(Base):  # type: ignore[misc]  # declarative_base() is Any
         __tablename__ = f"team_{suffix}"
         id = sa.Column(sa.Integer, primary_key=True)
@@ -246,6 +259,7 @@ async def test_decrypt_raises_value_error_with_invalid_key(
     await other.start()
     await other.key_manager.ensure_active(KEY_TYPES)
     try:
+
         def add(session: Session) -> int:
             team = Team(key="one", name="One")
             session.add(team)
@@ -253,7 +267,7 @@ async def test_decrypt_raises_value_error_with_invalid_key(
             return int(team.id)
 
         team_id = await backend.run(add)
-        set_encryption_service(other)          # the keys change
+        set_encryption_service(other)  # the keys change
         with pytest.raises(DecryptionError):
             await backend.run(lambda session: session.get(Team, team_id).name)
     finally:
@@ -266,18 +280,31 @@ async def test_decrypt_raises_value_error_with_invalid_key(
 # values, so the same values are round-tripped through the columns instead.
 
 
-@pytest.mark.parametrize(("column_type", "value"), [
-    (sa.DateTime(timezone=True),   # pytz in the original; zoneinfo here
-     datetime(2017, 8, 21, 4, 26, 36, 523010, tzinfo=ZoneInfo("Pacific/Tahiti"))),
-    (sa.DateTime(), datetime(2017, 8, 21, 10, 12, 45, 22)),
-    (sa.DateTime(), datetime(2017, 8, 21, 10, 12, 45)),
-    (sa.Time(), time(10, 12, 45, 22)),
-    (sa.Time(), time(10, 12, 45)),
-    (sa.Date(), date(2017, 8, 21)),
-], ids=["datetime_with_micro_and_timezone", "datetime_with_micro", "datetime_simple",
-        "time_with_micro", "time_simple", "date_simple"])
-async def test_datetime_handler(backend: Backend, Base: Any, suffix: str,
-                                column_type: Any, value: Any) -> None:
+@pytest.mark.parametrize(
+    ("column_type", "value"),
+    [
+        (
+            sa.DateTime(timezone=True),  # pytz in the original; zoneinfo here
+            datetime(2017, 8, 21, 4, 26, 36, 523010, tzinfo=ZoneInfo("Pacific/Tahiti")),
+        ),
+        (sa.DateTime(), datetime(2017, 8, 21, 10, 12, 45, 22)),
+        (sa.DateTime(), datetime(2017, 8, 21, 10, 12, 45)),
+        (sa.Time(), time(10, 12, 45, 22)),
+        (sa.Time(), time(10, 12, 45)),
+        (sa.Date(), date(2017, 8, 21)),
+    ],
+    ids=[
+        "datetime_with_micro_and_timezone",
+        "datetime_with_micro",
+        "datetime_simple",
+        "time_with_micro",
+        "time_simple",
+        "date_simple",
+    ],
+)
+async def test_datetime_handler(
+    backend: Backend, Base: Any, suffix: str, column_type: Any, value: Any
+) -> None:
     class Event(Base):  # type: ignore[misc]  # declarative_base() is Any
         __tablename__ = f"event_{suffix}"
         id = sa.Column(sa.Integer, primary_key=True)
@@ -285,6 +312,7 @@ async def test_datetime_handler(backend: Backend, Base: Any, suffix: str,
 
     await backend.ddl(Base.metadata.create_all)
     try:
+
         def roundtrip(session: Session) -> Any:
             session.add(Event(id=1, at=value))
             session.commit()
@@ -308,8 +336,7 @@ async def test_datetime_handler(backend: Backend, Base: Any, suffix: str,
 async def column(bound_service: EncryptionService) -> Encrypted:
     await bound_service.key_manager.ensure_active(KEY_TYPES)
     column = sa.Column("value", Encrypted(sa.Unicode, KeyType.PII))
-    sa.Table("engine_tests", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
-             column)
+    sa.Table("engine_tests", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), column)
     return column.type
 
 
@@ -344,6 +371,7 @@ async def test_too_short_ciphertext_fails_to_decrypt(column: Encrypted) -> None:
 async def test_different_ciphertexts_each_time(column: Encrypted) -> None:
     encrypted1 = column.process_bind_param("abcdefgh", None)
     encrypted2 = column.process_bind_param("abcdefgh", None)
-    assert column.process_result_value(encrypted1, None) == \
-        column.process_result_value(encrypted2, None)
+    assert column.process_result_value(encrypted1, None) == column.process_result_value(
+        encrypted2, None
+    )
     assert encrypted1 != encrypted2

@@ -80,7 +80,8 @@ class World:
         self.config = EncryptionConfig(keyset_state_path=str(tmp_path / "keyset.json"))
         self.redis = aioredis.Redis.from_url(redis_url)
         self.engine: AsyncEngine = create_async_engine(
-            dsn.replace("postgresql://", "postgresql+asyncpg://", 1))
+            dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+        )
         self.services: list[EncryptionService] = []
         self.sinks: list[PostgresAuditSink] = []
         self.pools: list[asyncpg.Pool] = []
@@ -98,7 +99,8 @@ class World:
             id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
             user_id: Mapped[int] = mapped_column(index=True)
             address: Mapped[str] = mapped_column(
-                EncryptedString(KeyType.PII, subject_column="user_id", subject_prefix="user"))
+                EncryptedString(KeyType.PII, subject_column="user_id", subject_prefix="user")
+            )
 
         self.Base, self.Account, self.Order = Base, Account, Order
 
@@ -108,8 +110,13 @@ class World:
         self.pools.append(pool)
         sink = PostgresAuditSink(self.dsn, table=self.audit_table, hmac_key=self.audit_key)
         self.sinks.append(sink)
-        manager = KeyManager(PostgresKeyStore(pool, schema=self.schema), self.kek,
-                             self.config, watch=False, auditor=Auditor([sink]))
+        manager = KeyManager(
+            PostgresKeyStore(pool, schema=self.schema),
+            self.kek,
+            self.config,
+            watch=False,
+            auditor=Auditor([sink]),
+        )
         return manager, sink
 
     async def service(self) -> EncryptionService:
@@ -122,8 +129,9 @@ class World:
         return service
 
     def sessions(self, service: EncryptionService) -> RedisSessionStore:
-        return RedisSessionStore(service, self.redis, SessionSettings(
-            prefix=self.prefix + "s:", subject_field="user_id"))
+        return RedisSessionStore(
+            service, self.redis, SessionSettings(prefix=self.prefix + "s:", subject_field="user_id")
+        )
 
     def cache(self, service: EncryptionService) -> EncryptedCache:
         return EncryptedCache(service, self.redis, prefix=self.prefix + "c:")
@@ -150,8 +158,7 @@ class World:
         conn = await asyncpg.connect(self.dsn)
         try:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
-            await conn.execute(f"DROP TABLE IF EXISTS {self.audit_table}, "
-                               f"{self.audit_table}_head")
+            await conn.execute(f"DROP TABLE IF EXISTS {self.audit_table}, {self.audit_table}_head")
         finally:
             await conn.close()
 
@@ -175,7 +182,7 @@ def address(order: int, user: int) -> str:
 
 async def in_parallel(work: Any, items: list[Any]) -> None:
     """``await work(chunk)`` for ``PARALLEL`` chunks of ``items`` at once."""
-    chunks = [items[i:i + BATCH] for i in range(0, len(items), BATCH)]
+    chunks = [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
     queue = iter(chunks)
 
     async def worker() -> None:
@@ -194,16 +201,30 @@ async def schema_rows(dsn: str, schema: str) -> dict[str, list[str]]:
     """Every row of every table of the key store's schema, as JSON (a backup)."""
     conn = await asyncpg.connect(dsn)
     try:
-        tables = [r["table_name"] for r in await conn.fetch(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema)]
-        return {t: [r[0] for r in await conn.fetch(
-            f'SELECT row_to_json(t)::text FROM "{schema}"."{t}" t')] for t in tables}
+        tables = [
+            r["table_name"]
+            for r in await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema
+            )
+        ]
+        return {
+            t: [
+                r[0]
+                for r in await conn.fetch(f'SELECT row_to_json(t)::text FROM "{schema}"."{t}" t')
+            ]
+            for t in tables
+        }
     finally:
         await conn.close()
 
 
-async def restore_rows(dsn: str, schema: str, backup: dict[str, list[str]],
-                       only: set[str] | None = None, matching: list[str] | None = None) -> int:
+async def restore_rows(
+    dsn: str,
+    schema: str,
+    backup: dict[str, list[str]],
+    only: set[str] | None = None,
+    matching: list[str] | None = None,
+) -> int:
     """Put rows of ``backup`` back: whole tables, or only rows mentioning ``matching``."""
     conn = await asyncpg.connect(dsn)
     restored = 0
@@ -218,11 +239,15 @@ async def restore_rows(dsn: str, schema: str, backup: dict[str, list[str]],
                 else:
                     rows = [r for r in rows if any(m in r for m in matching)]
                     for m in matching:
-                        await conn.execute(f"DELETE FROM {target} t "
-                                           "WHERE strpos(row_to_json(t)::text, $1) > 0", m)
+                        await conn.execute(
+                            f"DELETE FROM {target} t WHERE strpos(row_to_json(t)::text, $1) > 0", m
+                        )
                 for row in rows:
-                    await conn.execute(f"INSERT INTO {target} SELECT * FROM "
-                                       f"json_populate_record(NULL::{target}, $1::json)", row)
+                    await conn.execute(
+                        f"INSERT INTO {target} SELECT * FROM "
+                        f"json_populate_record(NULL::{target}, $1::json)",
+                        row,
+                    )
                     restored += 1
     finally:
         await conn.close()
@@ -234,14 +259,16 @@ async def forgotten_events(world: World) -> list[asyncpg.Record]:
     try:
         rows: list[asyncpg.Record] = await conn.fetch(
             f"SELECT event, details::text AS details FROM {world.audit_table} "
-            "WHERE event = 'subject_forgotten'")
+            "WHERE event = 'subject_forgotten'"
+        )
         return rows
     finally:
         await conn.close()
 
 
-async def assert_unreadable(world: World, service: EncryptionService,
-                            tokens: dict[str, list[str]]) -> None:
+async def assert_unreadable(
+    world: World, service: EncryptionService, tokens: dict[str, list[str]]
+) -> None:
     """The victim's raw tokens (a backup of the tables) and ORM reads all refuse."""
     for context, values in tokens.items():
         for token in values:
@@ -260,8 +287,9 @@ async def assert_unreadable(world: World, service: EncryptionService,
         assert caught.value.reason == FORGOTTEN
 
 
-async def assert_sessions_and_cache_gone(world: World, service: EncryptionService,
-                                         sids: list[str], cache_keys: list[str]) -> None:
+async def assert_sessions_and_cache_gone(
+    world: World, service: EncryptionService, sids: list[str], cache_keys: list[str]
+) -> None:
     store, cache = world.sessions(service), world.cache(service)
     for sid in sids:
         session = await store.load(sid)
@@ -279,16 +307,26 @@ async def test_forgetting_one_subject_reaches_every_copy(world: World) -> None:
     # -- 10,000 subjects in two tables, bulk-inserted through the column types -------
     async def insert(users: list[int]) -> None:
         async with world.engine.begin() as conn:  # one executemany per table and batch
-            await conn.execute(sa.insert(Account), [
-                {"id": i, "email": RowValue(email(i), subject=i)} for i in users])
-            await conn.execute(sa.insert(Order), [
-                {"id": i, "user_id": i, "address": RowValue(address(i, i), subject=i)}
-                for i in users])
+            await conn.execute(
+                sa.insert(Account),
+                [{"id": i, "email": RowValue(email(i), subject=i)} for i in users],
+            )
+            await conn.execute(
+                sa.insert(Order),
+                [
+                    {"id": i, "user_id": i, "address": RowValue(address(i, i), subject=i)}
+                    for i in users
+                ],
+            )
 
     await in_parallel(insert, list(range(SUBJECTS)))
     async with async_sessionmaker(world.engine)() as session:  # and the unit of work
-        session.add_all([Order(id=n, user_id=VICTIM, address=address(n, VICTIM))
-                         for n in (SUBJECTS, SUBJECTS + 1)])
+        session.add_all(
+            [
+                Order(id=n, user_id=VICTIM, address=address(n, VICTIM))
+                for n in (SUBJECTS, SUBJECTS + 1)
+            ]
+        )
         await session.commit()
     victim_orders = [VICTIM, SUBJECTS, SUBJECTS + 1]
 
@@ -303,8 +341,9 @@ async def test_forgetting_one_subject_reaches_every_copy(world: World) -> None:
             result = await store.save(session)
             assert result.action is CookieAction.SET and result.session_id is not None
             sids[result.session_id] = user
-            await cache.set(f"profile:{user}", {"user": user, "email": email(user)},
-                            subject=f"user:{user}")
+            await cache.set(
+                f"profile:{user}", {"user": user, "email": email(user)}, subject=f"user:{user}"
+            )
 
     await in_parallel(log_in, [*range(SESSIONS), VICTIM])
     await cache.set(f"orders:{VICTIM}", victim_orders, subject=f"user:{VICTIM}")
@@ -314,12 +353,22 @@ async def test_forgetting_one_subject_reaches_every_copy(world: World) -> None:
 
     # -- backups taken before the forget -------------------------------------------
     async with world.engine.connect() as conn:
-        raw_email = (await conn.execute(sa.text(
-            f"SELECT email FROM {Account.__tablename__} WHERE id = {VICTIM}"))).scalar_one()
-        raw_addresses = list((await conn.execute(sa.text(
-            f"SELECT address FROM {Order.__tablename__} WHERE user_id = {VICTIM}"))).scalars())
-    victim_tokens = {f"{Account.__tablename__}.email": [raw_email],
-                     f"{Order.__tablename__}.address": raw_addresses}
+        raw_email = (
+            await conn.execute(
+                sa.text(f"SELECT email FROM {Account.__tablename__} WHERE id = {VICTIM}")
+            )
+        ).scalar_one()
+        raw_addresses = list(
+            (
+                await conn.execute(
+                    sa.text(f"SELECT address FROM {Order.__tablename__} WHERE user_id = {VICTIM}")
+                )
+            ).scalars()
+        )
+    victim_tokens = {
+        f"{Account.__tablename__}.email": [raw_email],
+        f"{Order.__tablename__}.address": raw_addresses,
+    }
     sessions_before, cache_before = await world.dump("s"), await world.dump("c")
     keys_before = await schema_rows(world.dsn, world.schema)
 
@@ -341,11 +390,19 @@ async def test_forgetting_one_subject_reaches_every_copy(world: World) -> None:
     async def check(users: list[int]) -> None:
         others = sorted(u for u in users if u != VICTIM)
         async with async_sessionmaker(world.engine)() as session:
-            accounts = (await session.execute(sa.select(Account.id, Account.email)
-                                              .where(Account.id.in_(others)))).all()
+            accounts = (
+                await session.execute(
+                    sa.select(Account.id, Account.email).where(Account.id.in_(others))
+                )
+            ).all()
             assert sorted(accounts) == [(i, email(i)) for i in others]
-            orders = (await session.execute(sa.select(Order.id, Order.user_id, Order.address)
-                                            .where(Order.user_id.in_(others)))).all()
+            orders = (
+                await session.execute(
+                    sa.select(Order.id, Order.user_id, Order.address).where(
+                        Order.user_id.in_(others)
+                    )
+                )
+            ).all()
             assert sorted(orders) == [(i, i, address(i, i)) for i in others]
         read.extend(others)
 
@@ -363,22 +420,31 @@ async def test_forgetting_one_subject_reaches_every_copy(world: World) -> None:
 
     # -- a restart, with the Redis payloads put back from the dump ------------------
     await service.close()
-    await world.redis.mset({k: sessions_before[k] for k in gone_sessions}
-                           | {k: cache_before[k] for k in gone_cache})
+    await world.redis.mset(
+        {k: sessions_before[k] for k in gone_sessions} | {k: cache_before[k] for k in gone_cache}
+    )
     service = await world.service()
     await assert_unreadable(world, service, victim_tokens)
     await assert_sessions_and_cache_gone(world, service, victim_sids, victim_cache)
     async with async_sessionmaker(world.engine)() as session:
-        sample = (await session.execute(sa.select(Account.id, Account.email)
-                                        .where(Account.id.in_(range(100, 200)),
-                                               Account.id != VICTIM))).all()
+        sample = (
+            await session.execute(
+                sa.select(Account.id, Account.email).where(
+                    Account.id.in_(range(100, 200)), Account.id != VICTIM
+                )
+            )
+        ).all()
         assert sorted(sample) == [(i, email(i)) for i in range(100, 200) if i != VICTIM]
     assert len(await forgotten_events(world)) == 1
 
     # -- rollback 1: the victim's subject-key rows restored into the subject store ----
-    restored = await restore_rows(world.dsn, world.schema, keys_before,
-                                  only=set(keys_before) - {"keys", "revision", "usage"},
-                                  matching=list(report.subject_key_ids))
+    restored = await restore_rows(
+        world.dsn,
+        world.schema,
+        keys_before,
+        only=set(keys_before) - {"keys", "revision", "usage"},
+        matching=list(report.subject_key_ids),
+    )
     assert restored >= 3
     service = await world.service()
     await assert_unreadable(world, service, victim_tokens)

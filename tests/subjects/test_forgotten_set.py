@@ -19,22 +19,35 @@ NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 def key(version: int, status: KeyStatus, key_type: KeyType = PII) -> EncryptionKey:
-    return EncryptionKey(f"{key_type.value}-v{version}-abc", key_type, version, status, NOW,
-                         NOW + dt.timedelta(days=90))
+    return EncryptionKey(
+        f"{key_type.value}-v{version}-abc",
+        key_type,
+        version,
+        status,
+        NOW,
+        NOW + dt.timedelta(days=90),
+    )
 
 
 def test_an_entry_goes_only_when_every_version_that_could_have_wrapped_it_is_destroyed() -> None:
     forgotten = {"S-a": "pii-v2-abc"}
     # v1 still alive: a backup of the row from before its rewrap to v2 would unwrap
-    assert not prunable(forgotten, [key(1, KeyStatus.DECRYPT_ONLY),
-                                    key(2, KeyStatus.DESTROYED), key(3, KeyStatus.ACTIVE)])
-    assert not prunable(forgotten, [key(1, KeyStatus.DESTROYED), key(2, KeyStatus.DECRYPT_ONLY),
-                                    key(3, KeyStatus.ACTIVE)])
-    assert prunable(forgotten, [key(1, KeyStatus.DESTROYED), key(2, KeyStatus.DESTROYED),
-                                key(3, KeyStatus.ACTIVE)]) == {"S-a"}
+    assert not prunable(
+        forgotten,
+        [key(1, KeyStatus.DECRYPT_ONLY), key(2, KeyStatus.DESTROYED), key(3, KeyStatus.ACTIVE)],
+    )
+    assert not prunable(
+        forgotten,
+        [key(1, KeyStatus.DESTROYED), key(2, KeyStatus.DECRYPT_ONLY), key(3, KeyStatus.ACTIVE)],
+    )
+    assert prunable(
+        forgotten,
+        [key(1, KeyStatus.DESTROYED), key(2, KeyStatus.DESTROYED), key(3, KeyStatus.ACTIVE)],
+    ) == {"S-a"}
     # another key type's live versions do not hold it; an unknown wrapping key keeps it
-    assert prunable(forgotten, [key(2, KeyStatus.DESTROYED),
-                                key(1, KeyStatus.ACTIVE, KeyType.SESSION)]) == {"S-a"}
+    assert prunable(
+        forgotten, [key(2, KeyStatus.DESTROYED), key(1, KeyStatus.ACTIVE, KeyType.SESSION)]
+    ) == {"S-a"}
     assert not prunable({"S-b": "pii-v9-zzz"}, [key(1, KeyStatus.DESTROYED)])
 
 
@@ -73,7 +86,8 @@ async def test_the_forgotten_set_is_sealed_carried_over_and_pruned() -> None:
 
 
 async def test_a_forget_that_would_overflow_the_seal_is_refused_before_writing(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import aiocrypt._keyset_seal as seal_module
 
     svc = make_service()

@@ -64,19 +64,21 @@ def make_models(suffix: str) -> tuple[Any, Any, Any]:
     class User(Base):  # the subject is the row's own (generated) primary key
         __tablename__ = f"subj_users_{suffix}"
         id: Mapped[int] = mapped_column(primary_key=True)
-        email: Mapped[str | None] = mapped_column(
-            EncryptedString(KeyType.PII, subject_column="id"))
+        email: Mapped[str | None] = mapped_column(EncryptedString(KeyType.PII, subject_column="id"))
         income: Mapped[float | None] = mapped_column(
-            EncryptedFloat(KeyType.FINANCIAL_DATA, subject_column="id", row_bound=True))
+            EncryptedFloat(KeyType.FINANCIAL_DATA, subject_column="id", row_bound=True)
+        )
 
     class Order(Base):  # the subject is a plain column of the row
         __tablename__ = f"subj_orders_{suffix}"
         id: Mapped[int] = mapped_column(primary_key=True)
         user_id: Mapped[int] = mapped_column()
         address: Mapped[str | None] = mapped_column(
-            EncryptedString(KeyType.PII, subject_column="user_id", subject_prefix="user"))
+            EncryptedString(KeyType.PII, subject_column="user_id", subject_prefix="user")
+        )
         items: Mapped[Any] = mapped_column(
-            EncryptedJSON(KeyType.PII, subject_column="user_id"), nullable=True)
+            EncryptedJSON(KeyType.PII, subject_column="user_id"), nullable=True
+        )
         note: Mapped[str | None] = mapped_column(EncryptedString(KeyType.PII))
 
     return Base, User, Order
@@ -99,33 +101,55 @@ def reason(exc: pytest.ExceptionInfo[DecryptionError]) -> Any:
 
 
 async def test_forgetting_a_subject_makes_their_values_unreadable(
-        engine: AsyncEngine, models: Any, bound: EncryptionService) -> None:
+    engine: AsyncEngine, models: Any, bound: EncryptionService
+) -> None:
     _, User, Order = models
     Session_ = async_sessionmaker(engine, expire_on_commit=False)
     async with Session_() as session:
         users = [User(email=f"u{i}@example.com", income=1000.0 * i) for i in range(1, 4)]
         session.add_all(users)
         await session.flush()  # ids from the database: the subject keys follow
-        session.add_all([Order(user_id=u.id, address=f"{u.id} Main St", items=[u.id, "x"],
-                               note="gift") for u in users])
+        session.add_all(
+            [
+                Order(user_id=u.id, address=f"{u.id} Main St", items=[u.id, "x"], note="gift")
+                for u in users
+            ]
+        )
         await session.commit()
     victim = users[1].id
     async with engine.connect() as conn:
-        raw = (await conn.execute(sa.text(
-            f"SELECT email FROM {User.__tablename__} WHERE id = :i"), {"i": victim})).scalar()
+        raw = (
+            await conn.execute(
+                sa.text(f"SELECT email FROM {User.__tablename__} WHERE id = :i"), {"i": victim}
+            )
+        ).scalar()
     assert isinstance(raw, str) and raw.startswith("ac2.S-")  # sealed under a subject key
 
     await bound.forget_subject(f"user:{victim}")
 
     async with Session_() as session:
-        others = (await session.execute(sa.select(User).where(User.id != victim)
-                                        .order_by(User.id))).scalars().all()
+        others = (
+            (await session.execute(sa.select(User).where(User.id != victim).order_by(User.id)))
+            .scalars()
+            .all()
+        )
         assert [(u.email, u.income) for u in others] == [
-            ("u1@example.com", 1000.0), ("u3@example.com", 3000.0)]
-        orders = (await session.execute(sa.select(Order).where(Order.user_id != victim)
-                                        .order_by(Order.id))).scalars().all()
+            ("u1@example.com", 1000.0),
+            ("u3@example.com", 3000.0),
+        ]
+        orders = (
+            (
+                await session.execute(
+                    sa.select(Order).where(Order.user_id != victim).order_by(Order.id)
+                )
+            )
+            .scalars()
+            .all()
+        )
         assert [(o.address, list(o.items), o.note) for o in orders] == [
-            ("1 Main St", [1, "x"], "gift"), ("3 Main St", [3, "x"], "gift")]
+            ("1 Main St", [1, "x"], "gift"),
+            ("3 Main St", [3, "x"], "gift"),
+        ]
         with pytest.raises(DecryptionError) as caught:
             await session.get(User, victim)
         assert reason(caught) == DecryptionFailure.SUBJECT_FORGOTTEN
@@ -140,7 +164,8 @@ async def test_forgetting_a_subject_makes_their_values_unreadable(
 
 
 async def test_a_changed_subject_column_moves_the_values_to_the_new_subject(
-        engine: AsyncEngine, models: Any, bound: EncryptionService) -> None:
+    engine: AsyncEngine, models: Any, bound: EncryptionService
+) -> None:
     _, _, Order = models
     Session_ = async_sessionmaker(engine, expire_on_commit=False)
     async with Session_() as session:
@@ -154,7 +179,7 @@ async def test_a_changed_subject_column_moves_the_values_to_the_new_subject(
         again = (await session.execute(sa.select(Order))).scalar_one()
         assert (again.address, dict(again.items)) == ("7 Elm St", {"n": 1})
         session.expire(again, ["address", "items"])  # not loaded when the subject changes:
-        again.user_id = 9                            # read in the flush, sealed for user:9
+        again.user_id = 9  # read in the flush, sealed for user:9
         await session.commit()
     await bound.forget_subject("user:8")
     async with Session_() as session:
@@ -166,8 +191,9 @@ async def test_a_changed_subject_column_moves_the_values_to_the_new_subject(
             await session.execute(sa.select(Order))
 
 
-async def test_core_writes_must_name_the_subject(engine: AsyncEngine, models: Any,
-                                                 bound: EncryptionService) -> None:
+async def test_core_writes_must_name_the_subject(
+    engine: AsyncEngine, models: Any, bound: EncryptionService
+) -> None:
     _, _, Order = models
     table = Order.__table__
     async with engine.begin() as conn:
@@ -176,21 +202,34 @@ async def test_core_writes_must_name_the_subject(engine: AsyncEngine, models: An
         assert isinstance(info.value.orig, ConfigurationError)
         assert "bare" not in str(info.value.orig)
     async with engine.begin() as conn:  # bulk: one executemany, the subject per row
-        await conn.execute(table.insert(), [
-            {"id": i, "user_id": i % 3, "address": RowValue(f"addr {i}", subject=i % 3)}
-            for i in range(1, 31)])
+        await conn.execute(
+            table.insert(),
+            [
+                {"id": i, "user_id": i % 3, "address": RowValue(f"addr {i}", subject=i % 3)}
+                for i in range(1, 31)
+            ],
+        )
     async with async_sessionmaker(engine)() as session:  # an ORM bulk insert: the same
         with pytest.raises(sa.exc.StatementError, match="subject"):
             await session.execute(sa.insert(Order), [{"id": 99, "user_id": 1, "address": "a"}])
         await session.rollback()
-        await session.execute(sa.insert(Order), [
-            {"id": i, "user_id": i % 3, "address": RowValue(f"addr {i}", subject=i % 3)}
-            for i in range(31, 37)])
+        await session.execute(
+            sa.insert(Order),
+            [
+                {"id": i, "user_id": i % 3, "address": RowValue(f"addr {i}", subject=i % 3)}
+                for i in range(31, 37)
+            ],
+        )
         await session.commit()
     await bound.forget_subject("user:0")
     async with engine.connect() as conn:
-        rows = (await conn.execute(sa.select(table.c.id, table.c.address)
-                                   .where(table.c.user_id != 0).order_by(table.c.id))).all()
+        rows = (
+            await conn.execute(
+                sa.select(table.c.id, table.c.address)
+                .where(table.c.user_id != 0)
+                .order_by(table.c.id)
+            )
+        ).all()
         assert rows == [(i, f"addr {i}") for i in range(1, 37) if i % 3]
         # Core rows are processed when fetched: stream them so that happens where the
         # service can be awaited (it says the subject was forgotten)
@@ -200,8 +239,9 @@ async def test_core_writes_must_name_the_subject(engine: AsyncEngine, models: An
         assert reason(caught) == DecryptionFailure.SUBJECT_FORGOTTEN
 
 
-async def test_reencryption_leaves_subject_columns_alone(engine: AsyncEngine, models: Any,
-                                                         bound: EncryptionService) -> None:
+async def test_reencryption_leaves_subject_columns_alone(
+    engine: AsyncEngine, models: Any, bound: EncryptionService
+) -> None:
     """A rotation needs no row rewrite: the engine neither moves subject tokens onto the
     version key (out of forget's reach) nor fails on them."""
     Base, _, Order = models
@@ -215,8 +255,14 @@ async def test_reencryption_leaves_subject_columns_alone(engine: AsyncEngine, mo
 
     async def raw() -> list[tuple[Any, ...]]:
         async with engine.connect() as conn:
-            return [tuple(r) for r in (await conn.execute(sa.text(
-                f"SELECT address, items, note FROM {table.name} ORDER BY id"))).all()]
+            return [
+                tuple(r)
+                for r in (
+                    await conn.execute(
+                        sa.text(f"SELECT address, items, note FROM {table.name} ORDER BY id")
+                    )
+                ).all()
+            ]
 
     before = await raw()
     await bound.key_manager.rotate_key(KeyType.PII, force=True)
@@ -226,10 +272,12 @@ async def test_reencryption_leaves_subject_columns_alone(engine: AsyncEngine, mo
         result = await job.reencrypt(spec.name)
         assert result.complete and result.run_rows_updated == 5
         # named by hand (a ColumnSpec of the subject column): what would the engine do?
-        by_hand = TableSpec(spec.name, spec.primary_key,
-                            (*spec.columns, ColumnSpec("address", KeyType.PII)))
-        hand_job = ReencryptionEngine(bound.key_manager, job.database, tables=[by_hand],
-                                      on_error="skip")
+        by_hand = TableSpec(
+            spec.name, spec.primary_key, (*spec.columns, ColumnSpec("address", KeyType.PII))
+        )
+        hand_job = ReencryptionEngine(
+            bound.key_manager, job.database, tables=[by_hand], on_error="skip"
+        )
         outcome = await hand_job.reencrypt(spec.name)
         # nothing moved onto the version key: subject tokens are never pending (their
         # keys are rewrapped instead), so no row is even read, and none fails
@@ -246,8 +294,11 @@ async def test_reencryption_leaves_subject_columns_alone(engine: AsyncEngine, mo
     assert all(a[2] != b[2] for a, b in zip(after, before, strict=True))  # notes moved
     await bound.forget_subject("user:3")
     async with Session_() as session:
-        rows = (await session.execute(sa.select(Order.address, Order.note)
-                                      .where(Order.user_id != 3).order_by(Order.id))).all()
+        rows = (
+            await session.execute(
+                sa.select(Order.address, Order.note).where(Order.user_id != 3).order_by(Order.id)
+            )
+        ).all()
         assert [tuple(r) for r in rows] == [(f"a{i}", f"n{i}") for i in (0, 1, 2, 4)]
 
 
@@ -266,7 +317,8 @@ def test_options_that_cannot_hold_are_refused() -> None:
         __tablename__ = f"subj_bad_{uuid.uuid4().hex[:8]}"
         id: Mapped[int] = mapped_column(primary_key=True)
         secret: Mapped[str | None] = mapped_column(
-            EncryptedString(KeyType.PII, subject_column="owner"))
+            EncryptedString(KeyType.PII, subject_column="owner")
+        )
 
     try:
         with pytest.raises(ConfigurationError, match="'owner' is not a column"):
@@ -276,7 +328,8 @@ def test_options_that_cannot_hold_are_refused() -> None:
 
 
 async def test_a_sync_engine_uses_cached_subject_keys_or_refuses_clearly(
-        tmp_path: Path, bound: EncryptionService) -> None:
+    tmp_path: Path, bound: EncryptionService
+) -> None:
     _, _, Order = make_models(uuid.uuid4().hex[:8])
     engine = sa.create_engine(f"sqlite:///{tmp_path}/sync.db")
     Order.metadata.create_all(engine)

@@ -150,7 +150,8 @@ async def test_a_subject_keeps_its_key_across_a_master_key_rotation() -> None:
 
 
 async def test_a_store_outage_after_the_keyset_write_leaves_the_subject_forgotten(
-        svc: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    svc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from aiocrypt import KeyStoreError
 
     token = await svc.encrypt_field("x", PII, subject="user:5")

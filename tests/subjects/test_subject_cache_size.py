@@ -14,8 +14,9 @@ PII = KeyType.PII
 
 
 async def test_the_subject_cache_keeps_as_many_keys_as_the_manager_is_told() -> None:
-    manager = KeyManager(MemoryKeyStore(), LocalKekProvider(os.urandom(32)), watch=False,
-                         subject_cache_size=2)
+    manager = KeyManager(
+        MemoryKeyStore(), LocalKekProvider(os.urandom(32)), watch=False, subject_cache_size=2
+    )
     svc = EncryptionService(manager)
     await svc.start()
     try:
@@ -32,5 +33,6 @@ async def test_the_subject_cache_keeps_as_many_keys_as_the_manager_is_told() -> 
 
 def test_a_subject_cache_holds_at_least_one_key() -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        KeyManager(MemoryKeyStore(), LocalKekProvider(os.urandom(32)), watch=False,
-                   subject_cache_size=0)
+        KeyManager(
+            MemoryKeyStore(), LocalKekProvider(os.urandom(32)), watch=False, subject_cache_size=0
+        )

@@ -103,8 +103,15 @@ async def bulk_subject_keys(svc: EncryptionService, n: int) -> dict[str, bytes]:
         batch = []
         for i in range(start, min(n, start + 10_000)):
             material = os.urandom(32)
-            record = wrap_subject_key(cipher, active.key_id, material, new_subject_key_id(),
-                                      lookup_hash(lookup_key, PII, f"user:{i}"), PII, created)
+            record = wrap_subject_key(
+                cipher,
+                active.key_id,
+                material,
+                new_subject_key_id(),
+                lookup_hash(lookup_key, PII, f"user:{i}"),
+                PII,
+                created,
+            )
             materials[record.key_id] = material
             batch.append(record)
         assert await store.insert_many(batch) == len(batch)
@@ -117,10 +124,13 @@ async def test_100k_subject_keys_survive_a_rotation(postgres: Deployment) -> Non
     old = svc.keyring.active(PII).key_id
     materials = await bulk_subject_keys(svc, 100_000)
     sample = random.Random(20).sample(range(100_000), 300)
-    tokens = {i: await svc.encrypt_field(f"value {i}", PII, context="users.email",
-                                         subject=f"user:{i}") for i in sample}
-    assert len(materials) == 100_000 and not set(t.split(".")[1] for t in tokens.values()) \
-        - set(materials)  # the sampled values use the bulk-made keys
+    tokens = {
+        i: await svc.encrypt_field(f"value {i}", PII, context="users.email", subject=f"user:{i}")
+        for i in sample
+    }
+    assert len(materials) == 100_000 and not set(t.split(".")[1] for t in tokens.values()) - set(
+        materials
+    )  # the sampled values use the bulk-made keys
 
     await svc.key_manager.rotate_key(PII, force=True)
     new = svc.keyring.active(PII).key_id
@@ -174,10 +184,18 @@ async def test_rewrap_resumes_and_cleanup_keeps_what_wraps_subjects(small: Deplo
     # an interrupted run: some keys rewrapped by hand, the rest by the next run
     store = await svc.key_manager.subjects.store()
     first = await store.wrapped_by(old, limit=15)
-    assert await store.rewrap(await svc.key_manager.subjects._rewrapped(
-        first, svc.keyring.active(PII)), old) == 15
-    assert await store.rewrap(await svc.key_manager.subjects._rewrapped(
-        first, svc.keyring.active(PII)), old) == 0  # compare and set: done once
+    assert (
+        await store.rewrap(
+            await svc.key_manager.subjects._rewrapped(first, svc.keyring.active(PII)), old
+        )
+        == 15
+    )
+    assert (
+        await store.rewrap(
+            await svc.key_manager.subjects._rewrapped(first, svc.keyring.active(PII)), old
+        )
+        == 0
+    )  # compare and set: done once
     report = await svc.rewrap_subjects(PII, batch_size=10)
     assert report.rewrapped == 25 and report.batches == 3
     assert await svc.key_manager.subject_census(PII) == {old: 0, new: 41}
@@ -194,10 +212,18 @@ async def test_bulk_inserts_file_each_subject_once(small: Deployment) -> None:
     materials = await bulk_subject_keys(svc, 500)
     store = await svc.key_manager.subjects.store()
     active = svc.keyring.active(PII)
-    again = [wrap_subject_key(svc.key_manager.subjects._cipher(active), active.key_id,
-                              os.urandom(32), new_subject_key_id(),
-                              svc.key_manager.subjects.reference(f"user:{i}", PII), PII,
-                              svc.key_manager._clock()) for i in range(10)]
+    again = [
+        wrap_subject_key(
+            svc.key_manager.subjects._cipher(active),
+            active.key_id,
+            os.urandom(32),
+            new_subject_key_id(),
+            svc.key_manager.subjects.reference(f"user:{i}", PII),
+            PII,
+            svc.key_manager._clock(),
+        )
+        for i in range(10)
+    ]
     assert await store.insert_many(again) == 0  # those subjects have their key already
     assert await svc.key_manager.subject_census(PII) == {active.key_id: 500}
     token = await svc.encrypt_field("v", PII, subject="user:3")

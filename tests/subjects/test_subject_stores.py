@@ -50,13 +50,20 @@ async def put_row(victim: Victim, record: SubjectKeyRecord) -> None:
         await r.zadd(f"{prefix}wrap:{record.wrapping_key_id}", {record.key_id: 0})
     elif victim.kind == "postgres":
         conn = await victim.raw._c()  # type: ignore[attr-defined]
-        await conn.execute(f'DELETE FROM "attack_{victim.suffix}".subject_keys WHERE lookup = $1 '
-                           "AND id <> $2", record.lookup, record.key_id)
+        await conn.execute(
+            f'DELETE FROM "attack_{victim.suffix}".subject_keys WHERE lookup = $1 AND id <> $2',
+            record.lookup,
+            record.key_id,
+        )
         await conn.execute(
             f'INSERT INTO "attack_{victim.suffix}".subject_keys VALUES ($1, $2, $3, true, $4) '
             "ON CONFLICT (id) DO UPDATE SET lookup = EXCLUDED.lookup, live = true, "
             "wrapping_key_id = EXCLUDED.wrapping_key_id, record = EXCLUDED.record",
-            record.key_id, record.lookup, record.wrapping_key_id, record.to_json())
+            record.key_id,
+            record.lookup,
+            record.wrapping_key_id,
+            record.to_json(),
+        )
     else:
         path = victim.tmp_path / ".keys.json.subjects.json"
         doc = json.loads(path.read_bytes())
@@ -86,18 +93,21 @@ async def refused(svc: EncryptionService, token: str) -> None:
 async def test_round_trip_forget_and_restart(victim: Victim) -> None:
     svc, _ = service(victim)
     async with svc:
-        token = await svc.encrypt_field("a@example.com", PII, context="users.email",
-                                        subject="user:1")
-        other = await svc.encrypt_field("b@example.com", PII, context="users.email",
-                                        subject="user:2")
+        token = await svc.encrypt_field(
+            "a@example.com", PII, context="users.email", subject="user:1"
+        )
+        other = await svc.encrypt_field(
+            "b@example.com", PII, context="users.email", subject="user:2"
+        )
         await svc.forget_subject("user:1", key_type=PII)
         await refused(svc, token)
     svc, _ = service(victim)  # a process started after the forget
     async with svc:
         await refused(svc, token)
         assert await svc.decrypt_field(other, PII, context="users.email") == "b@example.com"
-        again = await svc.encrypt_field("c@example.com", PII, context="users.email",
-                                        subject="user:1")
+        again = await svc.encrypt_field(
+            "c@example.com", PII, context="users.email", subject="user:1"
+        )
         assert again.split(".")[1] != token.split(".")[1]
         assert await svc.decrypt_field(again, PII, context="users.email") == "c@example.com"
         census = await svc.key_manager.subject_census(PII)
@@ -110,8 +120,9 @@ async def test_two_processes_making_one_subjects_first_key_end_with_one(victim: 
     async with a, b:
         await a.encrypt_field(0, PII)  # the key type exists before the race
         await b.key_manager.refresh(force=True)
-        ta, tb = await asyncio.gather(a.encrypt_field(1, PII, subject="user:9"),
-                                      b.encrypt_field(2, PII, subject="user:9"))
+        ta, tb = await asyncio.gather(
+            a.encrypt_field(1, PII, subject="user:9"), b.encrypt_field(2, PII, subject="user:9")
+        )
         assert ta.split(".")[1] == tb.split(".")[1]
         assert await a.decrypt_field(tb, PII) == 2 and await b.decrypt_field(ta, PII) == 1
 
@@ -130,8 +141,9 @@ async def test_a_forget_reaches_another_process_with_the_key_cached(victim: Vict
 async def test_a_forgotten_row_put_back_from_a_backup_stays_refused(victim: Victim) -> None:
     svc, _ = service(victim)
     async with svc:
-        token = await svc.encrypt_field("a@example.com", PII, context="users.email",
-                                        subject="user:1")
+        token = await svc.encrypt_field(
+            "a@example.com", PII, context="users.email", subject="user:1"
+        )
         backup = await row_of(svc, "user:1")
         await svc.forget_subject("user:1", key_type=PII)
         await put_row(victim, backup)
@@ -146,7 +158,8 @@ async def test_a_forgotten_row_put_back_from_a_backup_stays_refused(victim: Vict
 
 
 async def test_rolling_the_keyset_back_to_before_the_forget_is_refused(
-        victim: Victim, tmp_path: Path) -> None:
+    victim: Victim, tmp_path: Path
+) -> None:
     config = EncryptionConfig(keyset_state_path=str(tmp_path / "state.json"))
     svc, sink = service(victim, config=config)
     async with svc:
@@ -171,8 +184,12 @@ async def test_a_record_moved_to_another_subject_fails_authentication(victim: Vi
         await svc.encrypt_field("b", PII, subject="user:2")
         one, two = await row_of(svc, "user:1"), await row_of(svc, "user:2")
         # user:2's lookup now files user:1's wrapped DEK under user:2's key id
-        await put_row(victim, SubjectKeyRecord(two.key_id, PII, two.lookup, one.wrapping_key_id,
-                                               one.wrapped, one.created_at))
+        await put_row(
+            victim,
+            SubjectKeyRecord(
+                two.key_id, PII, two.lookup, one.wrapping_key_id, one.wrapped, one.created_at
+            ),
+        )
         svc.key_manager.subjects.clear()
         with pytest.raises(KeyStoreIntegrityError):
             await svc.encrypt_field("c", PII, subject="user:2")

@@ -35,14 +35,18 @@ def settings(redis_prefix: str) -> SessionSettings:
 
 
 @pytest.fixture
-def store(service: EncryptionService, aredis: aioredis.Redis,
-          settings: SessionSettings) -> RedisSessionStore:
+def store(
+    service: EncryptionService, aredis: aioredis.Redis, settings: SessionSettings
+) -> RedisSessionStore:
     return RedisSessionStore(service, aredis, settings)
 
 
 async def test_forgetting_a_user_empties_their_sessions_only(
-        store: RedisSessionStore, service: EncryptionService, aredis: aioredis.Redis,
-        settings: SessionSettings) -> None:
+    store: RedisSessionStore,
+    service: EncryptionService,
+    aredis: aioredis.Redis,
+    settings: SessionSettings,
+) -> None:
     mine = [await new_session(store, user_id=42, cart=[1, 2]) for _ in range(2)]
     theirs = await new_session(store, user_id=43, cart=[3])
     anonymous = await new_session(store, cart=[4])
@@ -63,8 +67,11 @@ async def test_forgetting_a_user_empties_their_sessions_only(
 
 
 async def test_login_moves_the_session_under_the_users_key(
-        store: RedisSessionStore, service: EncryptionService, aredis: aioredis.Redis,
-        settings: SessionSettings) -> None:
+    store: RedisSessionStore,
+    service: EncryptionService,
+    aredis: aioredis.Redis,
+    settings: SessionSettings,
+) -> None:
     sid = await new_session(store, visits=1)
     session = await store.load(sid)
     session["user_id"] = "alice"
@@ -77,8 +84,7 @@ async def test_login_moves_the_session_under_the_users_key(
     assert dict(await store.load(result.session_id)) == {}
 
 
-async def test_a_subject_value_that_cannot_name_anyone_is_refused(
-        store: RedisSessionStore) -> None:
+async def test_a_subject_value_that_cannot_name_anyone_is_refused(store: RedisSessionStore) -> None:
     session = await store.load(None)
     session["user_id"] = 4.5
     with pytest.raises(TypeError, match="'user_id'") as caught:
@@ -89,14 +95,15 @@ async def test_a_subject_value_that_cannot_name_anyone_is_refused(
 def test_settings_read_the_subject_keys(redis_url: str) -> None:
     base = {"AIOCRYPT_REDIS_URL": redis_url, "AIOCRYPT_COOKIE_SECURE": True}
     assert WebSettings.from_config(base).session.subject_field is None
-    settings = WebSettings.from_config({**base, "AIOCRYPT_SESSION_SUBJECT": "uid",
-                                        "AIOCRYPT_SESSION_SUBJECT_PREFIX": "customer"})
-    assert (settings.session.subject_field, settings.session.subject_prefix) == (
-        "uid", "customer")
+    settings = WebSettings.from_config(
+        {**base, "AIOCRYPT_SESSION_SUBJECT": "uid", "AIOCRYPT_SESSION_SUBJECT_PREFIX": "customer"}
+    )
+    assert (settings.session.subject_field, settings.session.subject_prefix) == ("uid", "customer")
     assert settings.session.subject_of({"uid": 7}) == "customer:7"
     with pytest.raises(ConfigurationError, match="AIOCRYPT_SESSION_SUBJECT_PREFIX"):
-        WebSettings.from_config({**base, "AIOCRYPT_SESSION_SUBJECT": "uid",
-                                 "AIOCRYPT_SESSION_SUBJECT_PREFIX": "a:b"})
+        WebSettings.from_config(
+            {**base, "AIOCRYPT_SESSION_SUBJECT": "uid", "AIOCRYPT_SESSION_SUBJECT_PREFIX": "a:b"}
+        )
     with pytest.raises(ConfigurationError, match="AIOCRYPT_SESSION_SUBJECT"):
         WebSettings.from_config({**base, "AIOCRYPT_SESSION_SUBJECT": ""})
     with pytest.raises(ConfigurationError, match="subject field"):
@@ -106,8 +113,11 @@ def test_settings_read_the_subject_keys(redis_url: str) -> None:
 
 
 async def test_sync_store_seals_and_opens_through_the_service(
-        store: RedisSessionStore, service: EncryptionService, sync_redis: redis.Redis,
-        settings: SessionSettings) -> None:
+    store: RedisSessionStore,
+    service: EncryptionService,
+    sync_redis: redis.Redis,
+    settings: SessionSettings,
+) -> None:
     with pytest.raises(ConfigurationError, match="service= and run="):
         SyncRedisSessionStore(lambda: service.keyring, sync_redis, settings)
     await service.key_manager.ensure_active(WebSettings.key_types())  # as the extension does
@@ -116,8 +126,9 @@ async def test_sync_store_seals_and_opens_through_the_service(
     def run(coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
 
-    sync_store = SyncRedisSessionStore(lambda: service.keyring, sync_redis, settings,
-                                       service=service, run=run)
+    sync_store = SyncRedisSessionStore(
+        lambda: service.keyring, sync_redis, settings, service=service, run=run
+    )
 
     def login(user: int) -> str:
         session = sync_store.load(None)
@@ -135,24 +146,31 @@ async def test_sync_store_seals_and_opens_through_the_service(
 
 
 async def test_quart_app_forgets_a_user_without_an_error_page(
-        service: EncryptionService, redis_url: str, redis_prefix: str,
-        aredis: aioredis.Redis) -> None:
+    service: EncryptionService, redis_url: str, redis_prefix: str, aredis: aioredis.Redis
+) -> None:
     app = Quart(__name__)
-    app.config.update({"AIOCRYPT_REDIS_URL": redis_url,
-                       "AIOCRYPT_SESSION_PREFIX": redis_prefix + "s:",
-                       "AIOCRYPT_CACHE_PREFIX": redis_prefix + "c:",
-                       "AIOCRYPT_COOKIE_SECURE": False, "AIOCRYPT_SESSION_SUBJECT": "user_id"})
+    app.config.update(
+        {
+            "AIOCRYPT_REDIS_URL": redis_url,
+            "AIOCRYPT_SESSION_PREFIX": redis_prefix + "s:",
+            "AIOCRYPT_CACHE_PREFIX": redis_prefix + "c:",
+            "AIOCRYPT_COOKIE_SECURE": False,
+            "AIOCRYPT_SESSION_SUBJECT": "user_id",
+        }
+    )
     quart_ext.AioCrypt(app, service=service)
 
     @app.post("/login/<int:user>")
     async def login(user: int) -> dict[str, bool]:
         from quart import session
+
         session["user_id"] = user
         return {"ok": True}
 
     @app.get("/me")
     async def me() -> dict[str, Any]:
         from quart import session
+
         return {"user": session.get("user_id")}
 
     async with app.test_app() as test_app:
@@ -166,7 +184,8 @@ async def test_quart_app_forgets_a_user_without_an_error_page(
 
 
 async def test_cache_entries_of_a_forgotten_subject_are_misses(
-        service: EncryptionService, aredis: aioredis.Redis, redis_prefix: str) -> None:
+    service: EncryptionService, aredis: aioredis.Redis, redis_prefix: str
+) -> None:
     cache = EncryptedCache(service, aredis, prefix=redis_prefix + "c:")
     await cache.set("profile:42", {"name": "Ann"}, subject="user:42")
     await cache.set("profile:43", {"name": "Bob"}, subject="user:43")
@@ -185,17 +204,23 @@ async def _compute() -> list[int]:
 
 
 async def test_flask_app_forgets_a_user_without_an_error_page(
-        redis_url: str, redis_prefix: str, aredis: aioredis.Redis) -> None:
+    redis_url: str, redis_prefix: str, aredis: aioredis.Redis
+) -> None:
     from flask import Flask, session
 
     from aiocrypt.integrations import flask as flask_ext
     from aiocrypt.testing import make_service
 
     app = Flask(__name__)
-    app.config.update({"AIOCRYPT_REDIS_URL": redis_url,
-                       "AIOCRYPT_SESSION_PREFIX": redis_prefix + "s:",
-                       "AIOCRYPT_CACHE_PREFIX": redis_prefix + "c:",
-                       "AIOCRYPT_COOKIE_SECURE": False, "AIOCRYPT_SESSION_SUBJECT": "user_id"})
+    app.config.update(
+        {
+            "AIOCRYPT_REDIS_URL": redis_url,
+            "AIOCRYPT_SESSION_PREFIX": redis_prefix + "s:",
+            "AIOCRYPT_CACHE_PREFIX": redis_prefix + "c:",
+            "AIOCRYPT_COOKIE_SECURE": False,
+            "AIOCRYPT_SESSION_SUBJECT": "user_id",
+        }
+    )
     service = make_service()
     crypt = flask_ext.AioCrypt(app, service=service)
 

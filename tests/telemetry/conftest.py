@@ -101,8 +101,9 @@ class Telemetry:
     def dumps(self) -> str:
         """Every span of the test and every metric of the session, as exporters see them."""
         data = self.reader.get_metrics_data()
-        return "\n".join([*(s.to_json() for s in self.spans()),
-                          data.to_json() if data is not None else ""])
+        return "\n".join(
+            [*(s.to_json() for s in self.spans()), data.to_json() if data is not None else ""]
+        )
 
 
 @pytest.fixture(scope="session")

@@ -27,9 +27,14 @@ def test_outcome_ok_by_default_and_set_by_the_body(otel: Telemetry) -> None:
     with span("aiocrypt.test.set", key_type="pii") as op:
         op.set(outcome="unchanged", rows=3)
     assert dict(otel.one("aiocrypt.test.plain").attributes or {}) == {
-        "aiocrypt.key_type": "pii", "aiocrypt.outcome": "ok"}
+        "aiocrypt.key_type": "pii",
+        "aiocrypt.outcome": "ok",
+    }
     assert dict(otel.one("aiocrypt.test.set").attributes or {}) == {
-        "aiocrypt.key_type": "pii", "aiocrypt.outcome": "unchanged", "aiocrypt.rows": 3}
+        "aiocrypt.key_type": "pii",
+        "aiocrypt.outcome": "unchanged",
+        "aiocrypt.rows": 3,
+    }
     assert otel.metric("aiocrypt.test.set.duration", key_type="pii", outcome="unchanged") == 1
 
 
@@ -43,9 +48,12 @@ def test_an_error_is_recorded_by_type_and_raised_unchanged(otel: Telemetry) -> N
     assert recorded.status.status_code is StatusCode.ERROR
     assert recorded.status.description is None
     assert dict(recorded.attributes or {}) == {
-        "aiocrypt.outcome": "error", "error.type": f"{__name__}.SecretBearingError"}
+        "aiocrypt.outcome": "error",
+        "error.type": f"{__name__}.SecretBearingError",
+    }
     assert [dict(e.attributes or {}) for e in recorded.events] == [
-        {"exception.type": f"{__name__}.SecretBearingError"}]
+        {"exception.type": f"{__name__}.SecretBearingError"}
+    ]
     assert "hunter2" not in otel.dumps()
 
 
@@ -83,9 +91,15 @@ async def test_traced_annotates_the_innermost_operation(otel: Telemetry) -> None
     assert inner_span.parent is not None
     assert inner_span.parent.span_id == outer_span.context.span_id
     assert dict(inner_span.attributes or {}) == {
-        "aiocrypt.key_type": "pii", "aiocrypt.rows": 4, "aiocrypt.outcome": "ok"}
+        "aiocrypt.key_type": "pii",
+        "aiocrypt.rows": 4,
+        "aiocrypt.outcome": "ok",
+    }
     assert dict(outer_span.attributes or {}) == {
-        "aiocrypt.table": "users", "aiocrypt.batches": 1, "aiocrypt.outcome": "ok"}
+        "aiocrypt.table": "users",
+        "aiocrypt.batches": 1,
+        "aiocrypt.outcome": "ok",
+    }
 
 
 def test_count_adds_to_a_counter(otel: Telemetry) -> None:
@@ -95,14 +109,30 @@ def test_count_adds_to_a_counter(otel: Telemetry) -> None:
 
 
 def test_span_durations_are_labelled_by_the_metric_attributes_only(otel: Telemetry) -> None:
-    with span("aiocrypt.test.labels", key_type="pii", key_id="pii-v1-00aa11bb", rows=9,
-              reason="forced", table="users", provider="local", operation="wrap"):
+    with span(
+        "aiocrypt.test.labels",
+        key_type="pii",
+        key_id="pii-v1-00aa11bb",
+        rows=9,
+        reason="forced",
+        table="users",
+        provider="local",
+        operation="wrap",
+    ):
         pass
-    labels = [attrs for name, attrs in otel.metric_labels()
-              if name == "aiocrypt.test.labels.duration"]
-    assert labels == [{"aiocrypt.key_type": "pii", "aiocrypt.reason": "forced",
-                       "aiocrypt.table": "users", "aiocrypt.provider": "local",
-                       "aiocrypt.operation": "wrap", "aiocrypt.outcome": "ok"}]
+    labels = [
+        attrs for name, attrs in otel.metric_labels() if name == "aiocrypt.test.labels.duration"
+    ]
+    assert labels == [
+        {
+            "aiocrypt.key_type": "pii",
+            "aiocrypt.reason": "forced",
+            "aiocrypt.table": "users",
+            "aiocrypt.provider": "local",
+            "aiocrypt.operation": "wrap",
+            "aiocrypt.outcome": "ok",
+        }
+    ]
 
 
 # -- without opentelemetry ------------------------------------------------------------
@@ -141,22 +171,32 @@ asyncio.run(main())
 
 
 def run(code: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return done
 
 
 def test_everything_works_when_opentelemetry_cannot_be_imported() -> None:
-    out = run("import sys\nsys.modules['opentelemetry'] = None  # import fails\n" + _FLOW + """
+    out = run(
+        "import sys\nsys.modules['opentelemetry'] = None  # import fails\n"
+        + _FLOW
+        + """
 assert _telemetry._backend() is None
 print("no-op")
-""").stdout
+"""
+    ).stdout
     assert out.split() == ["no-op"]
 
 
 def test_a_broken_install_is_reported_once_and_not_used() -> None:
-    done = run("""
+    done = run(
+        """
 import importlib.abc, sys
 
 class Broken(importlib.abc.MetaPathFinder):
@@ -165,17 +205,21 @@ class Broken(importlib.abc.MetaPathFinder):
             raise RuntimeError("a half-upgraded environment")
 
 sys.meta_path.insert(0, Broken())
-""" + _FLOW + """
+"""
+        + _FLOW
+        + """
 assert _telemetry._backend() is None
 print("broken")
-""")
+"""
+    )
     assert done.stdout.split() == ["broken"]
-    assert done.stderr.count("OpenTelemetry is installed but failed to load (RuntimeError)") \
-        == 1
+    assert done.stderr.count("OpenTelemetry is installed but failed to load (RuntimeError)") == 1
 
 
 def test_everything_works_with_the_api_and_no_sdk() -> None:
-    out = run(_FLOW + """
+    out = run(
+        _FLOW
+        + """
 import sys
 from opentelemetry import trace
 assert _telemetry._backend() is not None
@@ -183,7 +227,8 @@ assert "opentelemetry.sdk" not in sys.modules
 with _telemetry.span("aiocrypt.test.unrecorded"):
     assert not trace.get_current_span().is_recording()
 print("api-only")
-""").stdout
+"""
+    ).stdout
     assert out.split() == ["api-only"]
 
 

@@ -40,8 +40,12 @@ from .test_spans import file_service
 
 def encodings(secret: bytes) -> Iterable[str]:
     """How bytes may show up in text: hex (both cases), base64, base64url, unpadded."""
-    for text in (secret.hex(), secret.hex().upper(), base64.b64encode(secret).decode(),
-                 base64.urlsafe_b64encode(secret).decode()):
+    for text in (
+        secret.hex(),
+        secret.hex().upper(),
+        base64.b64encode(secret).decode(),
+        base64.urlsafe_b64encode(secret).decode(),
+    ):
         yield text
         yield text.rstrip("=")
 
@@ -66,7 +70,8 @@ class Secrets:
 
 
 async def test_no_value_token_or_key_material_in_any_span_or_metric(
-        otel: Telemetry, tmp_path: Path, postgres_dsn: str) -> None:
+    otel: Telemetry, tmp_path: Path, postgres_dsn: str
+) -> None:
     asyncpg = pytest.importorskip("asyncpg")
     leaks = Secrets()
     master_key, new_master_key = os.urandom(32), os.urandom(32)
@@ -92,16 +97,19 @@ async def test_no_value_token_or_key_material_in_any_span_or_metric(
 
             # a second process loads the keys; a forged token names an unknown key
             async with file_service(path, master_key, refresh_interval=3600) as other:
-                assert await other.decrypt_many(tokens, KeyType.PII,
-                                                context=f"{table}.secret") == values
+                assert (
+                    await other.decrypt_many(tokens, KeyType.PII, context=f"{table}.secret")
+                    == values
+                )
                 forged = f"ac2.pii-v7-{secrets.token_hex(4)}.{tokens[0].split('.')[2]}"
                 with pytest.raises(DecryptionError):
                     await other.decrypt_field(forged, KeyType.PII)
 
             # rotations, then every row moved onto the new key in Postgres
             await conn.execute(f"CREATE TABLE {table} (id integer PRIMARY KEY, secret text)")
-            await conn.copy_records_to_table(table, records=list(enumerate(tokens)),
-                                             columns=["id", "secret"])
+            await conn.copy_records_to_table(
+                table, records=list(enumerate(tokens)), columns=["id", "secret"]
+            )
             v1 = await manager.get_active_key(KeyType.PII)
             v2 = await manager.rotate_key(KeyType.PII, force=True)
             leaks.add_deks(svc)
@@ -128,22 +136,29 @@ async def test_no_value_token_or_key_material_in_any_span_or_metric(
             assert active.wrapped_key is not None
             leaks.add_bytes("wrapped DEK", active.wrapped_key)
             with pytest.raises(KekProviderError) as caught:
-                await LocalKekProvider(master_key).unwrap(active.wrapped_key,
-                                                          wrap_context(active))
+                await LocalKekProvider(master_key).unwrap(active.wrapped_key, wrap_context(active))
             leaks.add("error message", str(caught.value))
     finally:
         await database.close()
         await conn.execute(f"DROP TABLE IF EXISTS {table}")
-        await conn.execute(f"DELETE FROM {database.checkpoint_table} WHERE table_name = $1",
-                           table)
+        await conn.execute(f"DELETE FROM {database.checkpoint_table} WHERE table_name = $1", table)
         await conn.close()
 
     names = {s.name for s in otel.spans()}
-    assert names >= {"aiocrypt.kms.wrap", "aiocrypt.kms.unwrap", "aiocrypt.keys.load",
-                     "aiocrypt.keys.load_key", "aiocrypt.key.rotate",
-                     "aiocrypt.key.rotation_policy", "aiocrypt.reencrypt.run",
-                     "aiocrypt.reencrypt.batch", "aiocrypt.key.retire", "aiocrypt.key.cleanup",
-                     "aiocrypt.kek.rotate", "aiocrypt.kek.rewrap"}, names
+    assert names >= {
+        "aiocrypt.kms.wrap",
+        "aiocrypt.kms.unwrap",
+        "aiocrypt.keys.load",
+        "aiocrypt.keys.load_key",
+        "aiocrypt.key.rotate",
+        "aiocrypt.key.rotation_policy",
+        "aiocrypt.reencrypt.run",
+        "aiocrypt.reencrypt.batch",
+        "aiocrypt.key.retire",
+        "aiocrypt.key.cleanup",
+        "aiocrypt.kek.rotate",
+        "aiocrypt.kek.rewrap",
+    }, names
     exported = otel.dumps()
     assert v1.key_id in exported  # what may be there is there: the search is not blind
     assert len({what for what, _ in leaks.found}) >= 10

@@ -55,14 +55,26 @@ def child_of(span: ReadableSpan, parent: ReadableSpan) -> bool:
     return span.parent is not None and span.parent.span_id == parent.context.span_id
 
 
-def file_service(path: Path, master_key: bytes, *, clock: ManualClock | None = None,
-                 refresh_interval: float = 0.0) -> EncryptionService:
+def file_service(
+    path: Path,
+    master_key: bytes,
+    *,
+    clock: ManualClock | None = None,
+    refresh_interval: float = 0.0,
+) -> EncryptionService:
     """A service over the file store at ``path``: a fresh one is what a second process has."""
     kek = LocalKekProvider(master_key)
-    config = EncryptionConfig(master_key=base64.b64encode(master_key).decode(),
-                              storage_path=str(path))
-    manager = KeyManager(FileKeyStore(path, kek), kek, config, watch=False,
-                         refresh_interval=refresh_interval, clock=clock or ManualClock())
+    config = EncryptionConfig(
+        master_key=base64.b64encode(master_key).decode(), storage_path=str(path)
+    )
+    manager = KeyManager(
+        FileKeyStore(path, kek),
+        kek,
+        config,
+        watch=False,
+        refresh_interval=refresh_interval,
+        clock=clock or ManualClock(),
+    )
     return EncryptionService(manager)
 
 
@@ -73,11 +85,11 @@ def assert_error(span: ReadableSpan, error: type[Exception]) -> None:
     assert attributes(span)["aiocrypt.outcome"] == "error"
     assert attributes(span)["error.type"] == f"{error.__module__}.{error.__qualname__}"
     assert [(e.name, dict(e.attributes or {})) for e in span.events] == [
-        ("exception", {"exception.type": f"{error.__module__}.{error.__qualname__}"})]
+        ("exception", {"exception.type": f"{error.__module__}.{error.__qualname__}"})
+    ]
 
 
-async def test_kms_wrap_and_key_loads_with_the_local_kek(otel: Telemetry,
-                                                         tmp_path: Path) -> None:
+async def test_kms_wrap_and_key_loads_with_the_local_kek(otel: Telemetry, tmp_path: Path) -> None:
     path, master_key = tmp_path / "keys.json", os.urandom(32)
     kek_id = LocalKekProvider(master_key).kek_id
     async with file_service(path, master_key) as first:
@@ -86,26 +98,42 @@ async def test_kms_wrap_and_key_loads_with_the_local_kek(otel: Telemetry,
 
     created = otel.one("aiocrypt.key.rotate")  # the first key of the type
     assert attributes(created) == {
-        "aiocrypt.key_type": "pii", "aiocrypt.reason": "first use", "aiocrypt.outcome": "created",
-        "aiocrypt.new_key_id": key_id, "aiocrypt.version": 1}
+        "aiocrypt.key_type": "pii",
+        "aiocrypt.reason": "first use",
+        "aiocrypt.outcome": "created",
+        "aiocrypt.new_key_id": key_id,
+        "aiocrypt.version": 1,
+    }
     wraps = [s for s in otel.spans("aiocrypt.kms.wrap") if child_of(s, created)]
-    assert wraps and all(attributes(s) == {
-        "aiocrypt.provider": "local", "aiocrypt.operation": "wrap", "aiocrypt.kek_id": kek_id,
-        "aiocrypt.outcome": "ok"} for s in wraps)
+    assert wraps and all(
+        attributes(s)
+        == {
+            "aiocrypt.provider": "local",
+            "aiocrypt.operation": "wrap",
+            "aiocrypt.kek_id": kek_id,
+            "aiocrypt.outcome": "ok",
+        }
+        for s in wraps
+    )
     assert otel.metric("aiocrypt.keys.created", key_type="pii", reason="first use") == 1
-    assert otel.metric("aiocrypt.kms.wrap.duration", provider="local", operation="wrap",
-                       outcome="ok") == len(otel.spans("aiocrypt.kms.wrap"))
+    assert otel.metric(
+        "aiocrypt.kms.wrap.duration", provider="local", operation="wrap", outcome="ok"
+    ) == len(otel.spans("aiocrypt.kms.wrap"))
 
     otel.reset()
     async with file_service(path, master_key) as second:  # another process: unwraps it
         assert await second.decrypt_field(token, KeyType.PII, context="users.name") == "ada"
-        load = [s for s in otel.spans("aiocrypt.keys.load")
-                if attributes(s)["aiocrypt.unwrapped"]]
+        load = [s for s in otel.spans("aiocrypt.keys.load") if attributes(s)["aiocrypt.unwrapped"]]
         assert len(load) == 1
         assert attributes(load[0]) == {
-            "aiocrypt.revision": attributes(load[0])["aiocrypt.revision"], "aiocrypt.keys": 1,
-            "aiocrypt.unwrapped": 1, "aiocrypt.cache_hits": 0, "aiocrypt.key_ids": (key_id,),
-            "aiocrypt.key_types": ("pii",), "aiocrypt.outcome": "ok"}
+            "aiocrypt.revision": attributes(load[0])["aiocrypt.revision"],
+            "aiocrypt.keys": 1,
+            "aiocrypt.unwrapped": 1,
+            "aiocrypt.cache_hits": 0,
+            "aiocrypt.key_ids": (key_id,),
+            "aiocrypt.key_types": ("pii",),
+            "aiocrypt.outcome": "ok",
+        }
         unwraps = [s for s in otel.spans("aiocrypt.kms.unwrap") if child_of(s, load[0])]
         assert [attributes(s)["aiocrypt.kek_id"] for s in unwraps] == [kek_id]
 
@@ -120,8 +148,10 @@ async def test_kms_wrap_and_key_loads_with_the_local_kek(otel: Telemetry,
 
 async def test_load_key_records_ids_of_keys_only(otel: Telemetry, tmp_path: Path) -> None:
     path, master_key = tmp_path / "keys.json", os.urandom(32)
-    async with file_service(path, master_key) as writer, \
-            file_service(path, master_key, refresh_interval=3600) as reader:
+    async with (
+        file_service(path, master_key) as writer,
+        file_service(path, master_key, refresh_interval=3600) as reader,
+    ):
         await writer.encrypt_field("x", KeyType.PII)
         await reader.encrypt_field("y", KeyType.PII)  # the reader holds v1 and stays there
         v2 = await writer.key_manager.rotate_key(KeyType.PII, force=True)
@@ -129,8 +159,10 @@ async def test_load_key_records_ids_of_keys_only(otel: Telemetry, tmp_path: Path
         otel.reset()
         assert await reader.decrypt_field(token, KeyType.PII) == "bob"  # rotated elsewhere
         assert attributes(otel.one("aiocrypt.keys.load_key")) == {
-            "aiocrypt.outcome": "loaded", "aiocrypt.key_id": v2.key_id,
-            "aiocrypt.key_type": "pii"}
+            "aiocrypt.outcome": "loaded",
+            "aiocrypt.key_id": v2.key_id,
+            "aiocrypt.key_type": "pii",
+        }
 
         otel.reset()
         forged = f"ac2.pii-v9-{secrets.token_hex(4)}.{token.split('.')[2]}"
@@ -142,8 +174,9 @@ async def test_load_key_records_ids_of_keys_only(otel: Telemetry, tmp_path: Path
         assert len(otel.spans("aiocrypt.keys.load_key")) == 1
 
 
-async def test_a_failed_unwrap_is_an_error_span_without_its_message(otel: Telemetry,
-                                                                     tmp_path: Path) -> None:
+async def test_a_failed_unwrap_is_an_error_span_without_its_message(
+    otel: Telemetry, tmp_path: Path
+) -> None:
     async with file_service(tmp_path / "keys.json", os.urandom(32)) as svc:
         key = await svc.key_manager.generate_key(KeyType.PII)
     assert key.wrapped_key is not None
@@ -169,18 +202,28 @@ async def test_kms_calls_over_the_vault_protocol(otel: Telemetry, vault_server: 
     from aiocrypt.kek.vault import VaultTransitKekProvider
 
     name = f"kek-{secrets.token_hex(4)}"
-    vault = VaultTransitKekProvider(name, url=vault_server.url, token=vault_server.token,
-                                    retry=RetryPolicy(attempts=1, call_timeout=5.0))
+    vault = VaultTransitKekProvider(
+        name,
+        url=vault_server.url,
+        token=vault_server.token,
+        retry=RetryPolicy(attempts=1, call_timeout=5.0),
+    )
     await vault.ensure_key()
     store = MemoryKeyStore()
     try:
         async with KeyManager(store, vault, watch=False) as manager:
             await manager.generate_key(KeyType.PII)
         wraps = otel.spans("aiocrypt.kms.wrap")
-        assert wraps and all(attributes(s) == {
-            "aiocrypt.provider": "vault", "aiocrypt.operation": "wrap",
-            "aiocrypt.kek_id": f"vault://transit/{name}", "aiocrypt.outcome": "ok"}
-            for s in wraps)
+        assert wraps and all(
+            attributes(s)
+            == {
+                "aiocrypt.provider": "vault",
+                "aiocrypt.operation": "wrap",
+                "aiocrypt.kek_id": f"vault://transit/{name}",
+                "aiocrypt.outcome": "ok",
+            }
+            for s in wraps
+        )
         assert otel.metric("aiocrypt.kms.wrap.duration", provider="vault") == len(wraps)
 
         otel.reset()
@@ -206,12 +249,20 @@ async def test_rotations_by_force_and_by_policy(otel: Telemetry, tmp_path: Path)
         otel.reset()
         v2 = await manager.rotate_key(KeyType.PII, force=True)
         assert attributes(otel.one("aiocrypt.key.rotate")) == {
-            "aiocrypt.key_type": "pii", "aiocrypt.reason": "forced",
-            "aiocrypt.outcome": "rotated", "aiocrypt.new_key_id": v2.key_id,
-            "aiocrypt.old_key_id": v1.key_id, "aiocrypt.version": 2}
+            "aiocrypt.key_type": "pii",
+            "aiocrypt.reason": "forced",
+            "aiocrypt.outcome": "rotated",
+            "aiocrypt.new_key_id": v2.key_id,
+            "aiocrypt.old_key_id": v1.key_id,
+            "aiocrypt.version": 2,
+        }
         assert otel.metric("aiocrypt.keys.created", key_type="pii", reason="forced") == 1
-        assert otel.metric("aiocrypt.key.rotate.duration", key_type="pii", reason="forced",
-                           outcome="rotated") == 1
+        assert (
+            otel.metric(
+                "aiocrypt.key.rotate.duration", key_type="pii", reason="forced", outcome="rotated"
+            )
+            == 1
+        )
 
         otel.reset()
         await manager.rotate_key(KeyType.PII)  # by policy: not due
@@ -246,9 +297,14 @@ async def test_retire_and_cleanup(otel: Telemetry, tmp_path: Path) -> None:
         otel.reset()
         await manager.retire_key(v1.key_id, census={v1.key_id: 0})
         assert attributes(otel.one("aiocrypt.key.retire")) == {
-            "aiocrypt.key_type": "pii", "aiocrypt.dry_run": False, "aiocrypt.whole_type": False,
-            "aiocrypt.census": True, "aiocrypt.key_ids": (v1.key_id,),
-            "aiocrypt.min_decryption_version": 2, "aiocrypt.outcome": "ok"}
+            "aiocrypt.key_type": "pii",
+            "aiocrypt.dry_run": False,
+            "aiocrypt.whole_type": False,
+            "aiocrypt.census": True,
+            "aiocrypt.key_ids": (v1.key_id,),
+            "aiocrypt.min_decryption_version": 2,
+            "aiocrypt.outcome": "ok",
+        }
         assert otel.metric("aiocrypt.keys.destroyed", key_type="pii") == 1
 
         otel.reset()
@@ -256,9 +312,13 @@ async def test_retire_and_cleanup(otel: Telemetry, tmp_path: Path) -> None:
         report = await manager.cleanup(census={v2.key_id: 0})
         assert [d.key_id for d in report.destroyed] == [v2.key_id]
         assert attributes(otel.one("aiocrypt.key.cleanup")) == {
-            "aiocrypt.destroyed": 1, "aiocrypt.kept": 0, "aiocrypt.forced": False,
-            "aiocrypt.census": True, "aiocrypt.destroyed_key_ids": (v2.key_id,),
-            "aiocrypt.outcome": "ok"}
+            "aiocrypt.destroyed": 1,
+            "aiocrypt.kept": 0,
+            "aiocrypt.forced": False,
+            "aiocrypt.census": True,
+            "aiocrypt.destroyed_key_ids": (v2.key_id,),
+            "aiocrypt.outcome": "ok",
+        }
         assert otel.metric("aiocrypt.keys.destroyed", key_type="pii") == 1
         assert (await manager.get_key(v2.key_id)).status is KeyStatus.DESTROYED
 
@@ -273,35 +333,45 @@ async def test_master_key_rotation_rewraps(otel: Telemetry, tmp_path: Path) -> N
         assert await manager.rotate_master_key(new) == 2
     rotation = otel.one("aiocrypt.kek.rotate")
     assert attributes(rotation) == {
-        "aiocrypt.provider": "local", "aiocrypt.old_kek_id": old.kek_id,
-        "aiocrypt.new_kek_id": new.kek_id, "aiocrypt.outcome": "ok"}
+        "aiocrypt.provider": "local",
+        "aiocrypt.old_kek_id": old.kek_id,
+        "aiocrypt.new_kek_id": new.kek_id,
+        "aiocrypt.outcome": "ok",
+    }
     rewrap = otel.one("aiocrypt.kek.rewrap")
     assert child_of(rewrap, rotation)
-    assert attributes(rewrap) == {"aiocrypt.provider": "local", "aiocrypt.kek_id": new.kek_id,
-                                  "aiocrypt.batch_size": 50, "aiocrypt.keys": 2,
-                                  "aiocrypt.outcome": "ok"}
+    assert attributes(rewrap) == {
+        "aiocrypt.provider": "local",
+        "aiocrypt.kek_id": new.kek_id,
+        "aiocrypt.batch_size": 50,
+        "aiocrypt.keys": 2,
+        "aiocrypt.outcome": "ok",
+    }
     assert otel.metric("aiocrypt.keys.rewrapped", provider="local") == 2
     # every DEK unwrapped by the old KEK and wrapped by the new one, inside the rewrap
-    wraps = [s for s in otel.spans("aiocrypt.kms.wrap")
-             if attributes(s)["aiocrypt.kek_id"] == new.kek_id]
+    wraps = [
+        s for s in otel.spans("aiocrypt.kms.wrap") if attributes(s)["aiocrypt.kek_id"] == new.kek_id
+    ]
     assert len(wraps) >= 2
 
 
-async def test_reencryption_run_and_batches_on_postgres(otel: Telemetry,
-                                                        postgres_dsn: str) -> None:
+async def test_reencryption_run_and_batches_on_postgres(otel: Telemetry, postgres_dsn: str) -> None:
     asyncpg = pytest.importorskip("asyncpg")
     table = f"otel_{secrets.token_hex(4)}"
     conn = await asyncpg.connect(postgres_dsn)
     database = AsyncpgDatabase(postgres_dsn)
     try:
-        async with KeyManager(MemoryKeyStore(), LocalKekProvider.generate(),
-                              watch=False) as manager:
+        async with KeyManager(
+            MemoryKeyStore(), LocalKekProvider.generate(), watch=False
+        ) as manager:
             svc = EncryptionService(manager)
-            tokens = await svc.encrypt_many([f"value-{i}" for i in range(50)], KeyType.PII,
-                                            context=f"{table}.secret")
+            tokens = await svc.encrypt_many(
+                [f"value-{i}" for i in range(50)], KeyType.PII, context=f"{table}.secret"
+            )
             await conn.execute(f"CREATE TABLE {table} (id integer PRIMARY KEY, secret text)")
-            await conn.copy_records_to_table(table, records=list(enumerate(tokens)),
-                                             columns=["id", "secret"])
+            await conn.copy_records_to_table(
+                table, records=list(enumerate(tokens)), columns=["id", "secret"]
+            )
             v2 = await manager.rotate_key(KeyType.PII, force=True)
             spec = TableSpec(table, "id", (ColumnSpec("secret", KeyType.PII),))
             engine = ReencryptionEngine(manager, database, tables=[spec], batch_size=20)
@@ -310,20 +380,30 @@ async def test_reencryption_run_and_batches_on_postgres(otel: Telemetry,
         assert result.complete and result.run_rows_updated == 50
         run = otel.one("aiocrypt.reencrypt.run")
         assert attributes(run) == {
-            "aiocrypt.table": table, "aiocrypt.columns": 1,
-            "aiocrypt.target_key_ids": (v2.key_id,), "aiocrypt.outcome": "complete",
-            "aiocrypt.rows": 50, "aiocrypt.batches": 3, "aiocrypt.passes": result.passes}
+            "aiocrypt.table": table,
+            "aiocrypt.columns": 1,
+            "aiocrypt.target_key_ids": (v2.key_id,),
+            "aiocrypt.outcome": "complete",
+            "aiocrypt.rows": 50,
+            "aiocrypt.batches": 3,
+            "aiocrypt.passes": result.passes,
+        }
         batches = otel.spans("aiocrypt.reencrypt.batch")
         assert len(batches) == 3 and all(child_of(b, run) for b in batches)
         assert sorted(attributes(b)["aiocrypt.batch"] for b in batches) == [1, 2, 3]
         assert sum(attributes(b)["aiocrypt.rows_updated"] for b in batches) == 50
-        assert {(attributes(b)["aiocrypt.table"], attributes(b)["aiocrypt.columns"],
-                 attributes(b)["aiocrypt.outcome"]) for b in batches} == {(table, 1, "ok")}
+        assert {
+            (
+                attributes(b)["aiocrypt.table"],
+                attributes(b)["aiocrypt.columns"],
+                attributes(b)["aiocrypt.outcome"],
+            )
+            for b in batches
+        } == {(table, 1, "ok")}
         assert otel.metric("aiocrypt.reencrypt.rows", table=table) == 50
         assert otel.metric("aiocrypt.reencrypt.batch.duration", table=table) == 3
     finally:
         await database.close()
         await conn.execute(f"DROP TABLE IF EXISTS {table}")
-        await conn.execute(f"DELETE FROM {database.checkpoint_table} WHERE table_name = $1",
-                           table)
+        await conn.execute(f"DELETE FROM {database.checkpoint_table} WHERE table_name = $1", table)
         await conn.close()

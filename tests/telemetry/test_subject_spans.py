@@ -19,14 +19,16 @@ from .conftest import Telemetry
 from .test_spans import attributes, file_service
 
 
-async def test_forget_and_rewrap_spans_hold_no_subject_id(otel: Telemetry,
-                                                          tmp_path: Path) -> None:
+async def test_forget_and_rewrap_spans_hold_no_subject_id(otel: Telemetry, tmp_path: Path) -> None:
     subjects = [f"user:{secrets.token_hex(6)}" for _ in range(5)]
     values = {subject: f"address of {subject} {secrets.token_hex(6)}" for subject in subjects}
     async with file_service(tmp_path / "keys.json", os.urandom(32)) as svc:
-        tokens = {subject: await svc.encrypt_field(values[subject], KeyType.PII,
-                                                   context="users.address", subject=subject)
-                  for subject in subjects}
+        tokens = {
+            subject: await svc.encrypt_field(
+                values[subject], KeyType.PII, context="users.address", subject=subject
+            )
+            for subject in subjects
+        }
         v1 = await svc.key_manager.get_active_key(KeyType.PII)
         v2 = await svc.key_manager.rotate_key(KeyType.PII, force=True)
         exported = [otel.dumps()]  # the values sealed for each subject, the rotation
@@ -35,9 +37,14 @@ async def test_forget_and_rewrap_spans_hold_no_subject_id(otel: Telemetry,
         assert report.rewrapped == len(subjects)
         batches = otel.spans("aiocrypt.subject.rewrap")
         assert sum(attributes(b)["aiocrypt.count"] for b in batches) == len(subjects)
-        assert {(attributes(b)["aiocrypt.key_type"], attributes(b)["aiocrypt.wrapping_key_id"],
-                 attributes(b)["aiocrypt.new_wrapping_key_id"]) for b in batches} \
-            == {("pii", v1.key_id, v2.key_id)}
+        assert {
+            (
+                attributes(b)["aiocrypt.key_type"],
+                attributes(b)["aiocrypt.wrapping_key_id"],
+                attributes(b)["aiocrypt.new_wrapping_key_id"],
+            )
+            for b in batches
+        } == {("pii", v1.key_id, v2.key_id)}
         assert {attributes(b)["aiocrypt.outcome"] for b in batches} <= {"ok", "done"}
 
         forgotten = subjects[0]
@@ -47,8 +54,10 @@ async def test_forget_and_rewrap_spans_hold_no_subject_id(otel: Telemetry,
         assert attributes(forget)["aiocrypt.keys"] == 1
         with pytest.raises(DecryptionError):
             await svc.decrypt_field(tokens[forgotten], KeyType.PII, context="users.address")
-        assert await svc.decrypt_field(tokens[subjects[1]], KeyType.PII,
-                                       context="users.address") == values[subjects[1]]
+        assert (
+            await svc.decrypt_field(tokens[subjects[1]], KeyType.PII, context="users.address")
+            == values[subjects[1]]
+        )
 
         exported.append(otel.dumps())
         otel.reset()

@@ -28,8 +28,11 @@ from tests.kms_servers import start_azure_keyvault_server
 
 PATH = Path(__file__).parent / "azure_kek.json"
 SIGNED_CASES = [
-    ({"aiocrypt_key_id": "pii-v1-0a1b2c3d", "aiocrypt_key_type": "pii"}, bytes(range(64, 96)),
-     True),
+    (
+        {"aiocrypt_key_id": "pii-v1-0a1b2c3d", "aiocrypt_key_type": "pii"},
+        bytes(range(64, 96)),
+        True,
+    ),
     ({"aiocrypt_purpose": "file-store-mac"}, bytes(range(96, 128)), False),
 ]
 
@@ -44,14 +47,23 @@ async def signed_entries(data: dict[str, Any]) -> list[dict[str, Any]]:
             suffix = f"/{data['key_version']}" if versioned else ""
             provider = AzureKeyVaultKekProvider(
                 f"{server.url}/keys/{data['key_name']}{suffix}",
-                credential=server.async_credential(), client_kwargs=server.client_kwargs)
+                credential=server.async_credential(),
+                client_kwargs=server.client_kwargs,
+            )
             try:
                 wrapped = await provider.wrap(dek, context)
                 assert await provider.unwrap(wrapped, context) == dek
             finally:
                 await provider.close()
-            entries.append({"envelope": 2, "configured_version": versioned,
-                            "context": context, "dek": dek.hex(), "wrapped": wrapped.hex()})
+            entries.append(
+                {
+                    "envelope": 2,
+                    "configured_version": versioned,
+                    "context": context,
+                    "dek": dek.hex(),
+                    "wrapped": wrapped.hex(),
+                }
+            )
     return entries
 
 

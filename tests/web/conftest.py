@@ -77,8 +77,13 @@ class Server:
 
 
 @pytest.fixture
-def app_config(tmp_path: Path, redis_url: str, redis_prefix: str,
-               master_key_b64: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def app_config(
+    tmp_path: Path,
+    redis_url: str,
+    redis_prefix: str,
+    master_key_b64: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, Any]:
     monkeypatch.setenv("ENCRYPTION_MASTER_KEY", master_key_b64)
     return {
         "EXAMPLE_DATA_DIR": str(tmp_path / "data"),
@@ -164,8 +169,12 @@ async def _serve_flask(config: dict[str, Any], prefix: str) -> AsyncIterator[Ser
 
 
 @pytest.fixture(params=["quart", "flask"])
-async def server(request: pytest.FixtureRequest, app_config: dict[str, Any],
-                 redis_prefix: str, aredis: aioredis.Redis) -> AsyncIterator[Server]:
+async def server(
+    request: pytest.FixtureRequest,
+    app_config: dict[str, Any],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+) -> AsyncIterator[Server]:
     """An example app served over real HTTP on 127.0.0.1 (hypercorn / werkzeug)."""
     serve = _serve_quart if request.param == "quart" else _serve_flask
     async for running in serve(app_config, redis_prefix):

@@ -30,19 +30,30 @@ SECRETS = ("85000", "12000", "6789")  # alice's income, savings, SSN digits
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="chromium and chromedriver are not installed (apt-get install chromium "
-           "chromium-driver; .ci/run does)")
+    "chromium-driver; .ci/run does)",
+)
 
 
 @pytest.fixture(params=["flask", "quart"])
-def example_url(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str,
-                master_key_b64: str) -> Iterator[str]:
+def example_url(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, master_key_b64: str
+) -> Iterator[str]:
     port = free_port()
-    env = {**os.environ, "AIOCRYPT_REDIS_URL": redis_url, "EXAMPLE_DATA_DIR": str(tmp_path),
-           "ENCRYPTION_MASTER_KEY": master_key_b64, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "AIOCRYPT_REDIS_URL": redis_url,
+        "EXAMPLE_DATA_DIR": str(tmp_path),
+        "ENCRYPTION_MASTER_KEY": master_key_b64,
+        "PYTHONPATH": str(ROOT),
+    }
     with (tmp_path / "server.log").open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", f"examples.{request.param}_app", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for_port(port)
         yield f"http://127.0.0.1:{port}"
@@ -63,8 +74,7 @@ def browser() -> Iterator[Any]:
     options = webdriver.ChromeOptions()
     assert CHROMIUM is not None
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                     "--disable-gpu"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
@@ -84,7 +94,10 @@ def post_form(driver: Any, action: str, fields: dict[str, str]) -> None:
         "const f = document.createElement('form'); f.method = 'post'; f.action = arguments[0];"
         "for (const [k, v] of Object.entries(arguments[1])) {"
         "  const i = document.createElement('input'); i.name = k; i.value = v; f.appendChild(i);}"
-        "document.body.appendChild(f); f.submit();", action, fields)
+        "document.body.appendChild(f); f.submit();",
+        action,
+        fields,
+    )
 
 
 def test_login_reload_logout_back_and_replay(browser: Any, example_url: str) -> None:
@@ -95,8 +108,11 @@ def test_login_reload_logout_back_and_replay(browser: Any, example_url: str) -> 
 
     browser.get(example_url + "/login")
     token = json.loads(body(browser))["csrf_token"]
-    post_form(browser, "/login", {"username": "alice", "password": "correct horse battery "
-                                  "staple", "csrf_token": token})
+    post_form(
+        browser,
+        "/login",
+        {"username": "alice", "password": "correct horse battery staple", "csrf_token": token},
+    )
     wait_for_path("/me")
     assert all(secret in body(browser) for secret in SECRETS[:2])
     assert "alice" in body(browser)

@@ -18,14 +18,21 @@ from .conftest import redis_dump
 
 
 @pytest.fixture
-def cache(service: EncryptionService, aredis: aioredis.Redis,
-          redis_prefix: str) -> EncryptedCache:
+def cache(service: EncryptionService, aredis: aioredis.Redis, redis_prefix: str) -> EncryptedCache:
     return EncryptedCache(service, aredis, prefix=redis_prefix + "c:", default_ttl=60)
 
 
 VALUES: list[Any] = [
-    "text", b"\x00bytes", 42, 2.5, Decimal("12000.50"), True, None,
-    dt.date(2024, 1, 2), dt.datetime(2024, 1, 2, 3, 4, tzinfo=dt.UTC), uuid.UUID(int=7),
+    "text",
+    b"\x00bytes",
+    42,
+    2.5,
+    Decimal("12000.50"),
+    True,
+    None,
+    dt.date(2024, 1, 2),
+    dt.datetime(2024, 1, 2, 3, 4, tzinfo=dt.UTC),
+    uuid.UUID(int=7),
     {"rows": [1, "two", {"three": Decimal("3")}]},
 ]
 
@@ -46,8 +53,9 @@ async def test_miss_delete_and_default(cache: EncryptedCache) -> None:
 
 
 async def test_redis_holds_no_plaintext(cache: EncryptedCache, aredis: aioredis.Redis) -> None:
-    await cache.set("report:user-alice", {"ssn": "123-45-6789", "income": Decimal("85000.00")},
-                    ttl=30)
+    await cache.set(
+        "report:user-alice", {"ssn": "123-45-6789", "income": Decimal("85000.00")}, ttl=30
+    )
     dump = await redis_dump(aredis, cache.prefix)
     assert len(dump) == 1
     ((key, value),) = dump.items()
@@ -64,7 +72,8 @@ async def test_entry_expires_with_its_ttl(cache: EncryptedCache) -> None:
 
 
 async def test_entry_outliving_its_redis_ttl_still_expires(
-        cache: EncryptedCache, service: EncryptionService, aredis: aioredis.Redis) -> None:
+    cache: EncryptedCache, service: EncryptionService, aredis: aioredis.Redis
+) -> None:
     # e.g. restored from a dump without TTLs: the expiry inside the ciphertext still holds
     encrypted_key, encrypted_value = await service.encrypt_cache_data("k", "stale", ttl=0.2)
     await aredis.set(cache.prefix + encrypted_key, encrypted_value)
@@ -74,8 +83,9 @@ async def test_entry_outliving_its_redis_ttl_still_expires(
     assert await redis_dump(aredis, cache.prefix) == {}
 
 
-async def test_tampered_or_swapped_entries_are_misses(cache: EncryptedCache,
-                                                      aredis: aioredis.Redis) -> None:
+async def test_tampered_or_swapped_entries_are_misses(
+    cache: EncryptedCache, aredis: aioredis.Redis
+) -> None:
     await cache.set("a", "value-a")
     await cache.set("b", "value-b")
     key_a = cache.prefix + await cache.service.encrypt_cache_key("a")
@@ -117,8 +127,9 @@ async def test_cached_none_is_a_hit(cache: EncryptedCache) -> None:
     assert calls == 1
 
 
-async def test_cache_key_rotation_starts_cold(cache: EncryptedCache,
-                                              service: EncryptionService) -> None:
+async def test_cache_key_rotation_starts_cold(
+    cache: EncryptedCache, service: EncryptionService
+) -> None:
     await cache.set("k", "v")
     await service.key_manager.rotate_key(KeyType.CACHE, force=True)
     assert await cache.get("k", "cold") == "cold"

@@ -16,22 +16,33 @@ import redis.asyncio as aioredis
 from .conftest import Server, redis_dump
 
 COOKIE = "session"
-PLAINTEXT = ("alice", "85000.00", "12000.50", "123-45-6789", "user_id", "username",
-             "csrf_token", "savings_rate")
+PLAINTEXT = (
+    "alice",
+    "85000.00",
+    "12000.50",
+    "123-45-6789",
+    "user_id",
+    "username",
+    "csrf_token",
+    "savings_rate",
+)
 
 
 @pytest.fixture
 async def client(server: Server) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.url, follow_redirects=False,
-                                 timeout=10) as http:
+    async with httpx.AsyncClient(base_url=server.url, follow_redirects=False, timeout=10) as http:
         yield http
 
 
-async def login(client: httpx.AsyncClient, username: str = "alice",
-                password: str = "correct horse battery staple") -> httpx.Response:
+async def login(
+    client: httpx.AsyncClient,
+    username: str = "alice",
+    password: str = "correct horse battery staple",
+) -> httpx.Response:
     token = (await client.get("/login")).json()["csrf_token"]
-    return await client.post("/login", data={"username": username, "password": password,
-                                             "csrf_token": token})
+    return await client.post(
+        "/login", data={"username": username, "password": password, "csrf_token": token}
+    )
 
 
 def client_with_cookie(server: Server, session_id: str) -> httpx.AsyncClient:
@@ -50,8 +61,7 @@ def set_cookie_headers(response: httpx.Response) -> list[SimpleCookie]:
     return cookies
 
 
-async def assert_no_secrets_in_redis(aredis: aioredis.Redis, server: Server,
-                                     *secrets: str) -> int:
+async def assert_no_secrets_in_redis(aredis: aioredis.Redis, server: Server, *secrets: str) -> int:
     dump = await redis_dump(aredis, server.prefix)
     for key, value in dump.items():
         for text in (*PLAINTEXT, *secrets):
@@ -60,22 +70,30 @@ async def assert_no_secrets_in_redis(aredis: aioredis.Redis, server: Server,
     return len(dump)
 
 
-async def test_login_session_logout(server: Server, client: httpx.AsyncClient,
-                                    aredis: aioredis.Redis) -> None:
+async def test_login_session_logout(
+    server: Server, client: httpx.AsyncClient, aredis: aioredis.Redis
+) -> None:
     assert (await client.get("/me")).status_code == 401
     form = await client.get("/login")
     before_login = client.cookies[COOKIE]
     csrf = form.json()["csrf_token"]
-    response = await client.post("/login", data={
-        "username": "alice", "password": "correct horse battery staple", "csrf_token": csrf})
+    response = await client.post(
+        "/login",
+        data={"username": "alice", "password": "correct horse battery staple", "csrf_token": csrf},
+    )
     assert response.status_code == 302 and response.headers["location"].endswith("/me")
     after_login = client.cookies[COOKIE]
     assert after_login != before_login  # a new session id at login (fixation)
 
     me = await client.get("/me")
     assert me.status_code == 200
-    assert me.json() == {"id": 1, "username": "alice", "income": "85000.00",
-                         "savings": "12000.50", "ssn": "***-**-6789"}
+    assert me.json() == {
+        "id": 1,
+        "username": "alice",
+        "income": "85000.00",
+        "savings": "12000.50",
+        "ssn": "***-**-6789",
+    }
     assert me.headers["cache-control"] == "private, no-store"  # Back after logout shows nothing
     assert me.headers["vary"] == "Cookie"
     health = await client.get("/healthz")
@@ -85,8 +103,7 @@ async def test_login_session_logout(server: Server, client: httpx.AsyncClient,
     assert (await client.post("/visits")).json() == {"visits": 2}
 
     # Redis: one session, keyed by neither session id, holding no plaintext.
-    assert await assert_no_secrets_in_redis(aredis, server, before_login, after_login,
-                                            csrf) == 1
+    assert await assert_no_secrets_in_redis(aredis, server, before_login, after_login, csrf) == 1
 
     # The pre-login id is dead: presenting it again gives an anonymous session.
     async with client_with_cookie(server, before_login) as other:
@@ -117,13 +134,16 @@ async def test_cookie_flags(server: Server, client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.parametrize("kind", ["flipped", "garbage", "unknown"])
-async def test_tampered_cookie_gets_a_fresh_session(server: Server, client: httpx.AsyncClient,
-                                                    kind: str) -> None:
+async def test_tampered_cookie_gets_a_fresh_session(
+    server: Server, client: httpx.AsyncClient, kind: str
+) -> None:
     assert (await login(client)).status_code == 302
     sid = client.cookies[COOKIE]
-    bad = {"flipped": sid[:-1] + ("A" if sid[-1] != "A" else "B"),
-           "garbage": "../../etc/passwd",
-           "unknown": "Q" * 43}[kind]
+    bad = {
+        "flipped": sid[:-1] + ("A" if sid[-1] != "A" else "B"),
+        "garbage": "../../etc/passwd",
+        "unknown": "Q" * 43,
+    }[kind]
     async with client_with_cookie(server, bad) as attacker:
         response = await attacker.get("/whoami")
         assert response.status_code == 200 and response.json() == {"username": None}
@@ -136,7 +156,8 @@ async def test_tampered_cookie_gets_a_fresh_session(server: Server, client: http
 
 
 async def test_tampered_redis_payload_gets_a_fresh_session(
-        server: Server, client: httpx.AsyncClient, aredis: aioredis.Redis) -> None:
+    server: Server, client: httpx.AsyncClient, aredis: aioredis.Redis
+) -> None:
     assert (await login(client)).status_code == 302
     ((key, value),) = (await redis_dump(aredis, server.prefix + "session:")).items()
     await aredis.set(key, value[:40] + (b"A" if value[40:41] != b"A" else b"B") + value[41:])
@@ -146,14 +167,20 @@ async def test_tampered_redis_payload_gets_a_fresh_session(
 
 
 async def test_report_is_cached_encrypted_and_expires(
-        server: Server, client: httpx.AsyncClient, aredis: aioredis.Redis) -> None:
+    server: Server, client: httpx.AsyncClient, aredis: aioredis.Redis
+) -> None:
     assert (await client.get("/report")).status_code == 401
     assert (await login(client)).status_code == 302
     first = (await client.get("/report")).json()
     assert first["computations"] == 1
-    assert first["report"] == {"username": "alice", "annual_income": "85000.00",
-                               "savings": "12000.50", "savings_rate": "0.1412",
-                               "months_of_runway": "1.7", "ssn_last4": "6789"}
+    assert first["report"] == {
+        "username": "alice",
+        "annual_income": "85000.00",
+        "savings": "12000.50",
+        "savings_rate": "0.1412",
+        "months_of_runway": "1.7",
+        "ssn_last4": "6789",
+    }
     second = (await client.get("/report")).json()
     assert second == first  # decrypted from Redis, not computed again
     assert server.reports.computations == 1
@@ -173,8 +200,14 @@ async def test_wrong_password_and_bad_csrf(server: Server, client: httpx.AsyncCl
     assert (await login(client, password="wrong")).status_code == 401
     assert (await login(client, username="mallory")).status_code == 401
     await client.get("/login")
-    response = await client.post("/login", data={"username": "alice", "csrf_token": "forged",
-                                                 "password": "correct horse battery staple"})
+    response = await client.post(
+        "/login",
+        data={
+            "username": "alice",
+            "csrf_token": "forged",
+            "password": "correct horse battery staple",
+        },
+    )
     assert response.status_code == 400
     assert (await client.get("/whoami")).json() == {"username": None}
 
@@ -189,8 +222,9 @@ async def test_concurrent_clients_keep_their_own_sessions(server: Server) -> Non
     assert alice == ["alice"] * 5 and bob == ["bob"] * 5
 
 
-async def test_users_table_holds_only_tokens(server: Server, client: httpx.AsyncClient,
-                                             tmp_path: object) -> None:
+async def test_users_table_holds_only_tokens(
+    server: Server, client: httpx.AsyncClient, tmp_path: object
+) -> None:
     import sqlite3
     from pathlib import Path
 

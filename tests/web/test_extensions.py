@@ -23,8 +23,12 @@ from .conftest import redis_dump
 
 @pytest.fixture
 def config(redis_url: str, redis_prefix: str) -> dict[str, Any]:
-    return {"AIOCRYPT_REDIS_URL": redis_url, "AIOCRYPT_SESSION_PREFIX": redis_prefix + "s:",
-            "AIOCRYPT_CACHE_PREFIX": redis_prefix + "c:", "AIOCRYPT_SESSION_TTL": 120}
+    return {
+        "AIOCRYPT_REDIS_URL": redis_url,
+        "AIOCRYPT_SESSION_PREFIX": redis_prefix + "s:",
+        "AIOCRYPT_CACHE_PREFIX": redis_prefix + "c:",
+        "AIOCRYPT_SESSION_TTL": 120,
+    }
 
 
 def quart_app(config: dict[str, Any], service: EncryptionService) -> Quart:
@@ -35,6 +39,7 @@ def quart_app(config: dict[str, Any], service: EncryptionService) -> Quart:
     @app.post("/remember")
     async def remember() -> dict[str, bool]:
         from quart import session
+
         session.permanent = True
         session["n"] = 1
         return {"ok": True}
@@ -42,13 +47,15 @@ def quart_app(config: dict[str, Any], service: EncryptionService) -> Quart:
     @app.get("/peek")
     async def peek() -> dict[str, Any]:
         from quart import session
+
         return {"n": session.get("n")}
 
     return app
 
 
-async def test_quart_starts_and_closes_the_service(config: dict[str, Any],
-                                                   aredis: aioredis.Redis) -> None:
+async def test_quart_starts_and_closes_the_service(
+    config: dict[str, Any], aredis: aioredis.Redis
+) -> None:
     service = make_service()
     app = quart_app(config, service)
     state = quart_ext.AioCrypt.state(app)
@@ -67,8 +74,9 @@ async def test_quart_starts_and_closes_the_service(config: dict[str, Any],
         state.cache  # noqa: B018
 
 
-async def test_quart_permanent_session_cookie(config: dict[str, Any],
-                                              aredis: aioredis.Redis) -> None:
+async def test_quart_permanent_session_cookie(
+    config: dict[str, Any], aredis: aioredis.Redis
+) -> None:
     config["AIOCRYPT_COOKIE_SAMESITE"] = "Strict"
     config["SESSION_COOKIE_SECURE"] = True
     app = quart_app(config, make_service())
@@ -106,6 +114,7 @@ def test_init_twice_and_missing_init() -> None:
 
 # -- Flask ------------------------------------------------------------------------
 
+
 def flask_app(config: dict[str, Any], service: EncryptionService) -> tuple[Flask, Any]:
     from flask import request, session
 
@@ -119,19 +128,26 @@ def flask_app(config: dict[str, Any], service: EncryptionService) -> tuple[Flask
         session["seen"] = request.args["q"]  # the request context is visible here
         token = await crypt.service.encrypt_field("x", KeyType.PII, context="t.c")
         await crypt.cache.set("k", request.args["q"])
-        return {"thread": threading.current_thread().name, "token": token[:4],
-                "cached": await crypt.cache.get("k")}
+        return {
+            "thread": threading.current_thread().name,
+            "token": token[:4],
+            "cached": await crypt.cache.get("k"),
+        }
 
     @app.get("/sync")
     def sync_view() -> dict[str, Any]:
-        return {"thread": threading.current_thread().name,
-                "cached": crypt.run(crypt.cache.get("k")), "seen": session.get("seen")}
+        return {
+            "thread": threading.current_thread().name,
+            "cached": crypt.run(crypt.cache.get("k")),
+            "seen": session.get("seen"),
+        }
 
     return app, crypt
 
 
-async def test_flask_async_views_run_on_the_extension_loop(config: dict[str, Any],
-                                                           aredis: aioredis.Redis) -> None:
+async def test_flask_async_views_run_on_the_extension_loop(
+    config: dict[str, Any], aredis: aioredis.Redis
+) -> None:
     service = make_service()
     app, crypt = flask_app(config, service)
     state = flask_ext.AioCrypt.state(app)
@@ -151,13 +167,14 @@ async def test_flask_async_views_run_on_the_extension_loop(config: dict[str, Any
     await asyncio.to_thread(crypt.close, app)  # idempotent
 
 
-async def test_flask_keeps_the_sync_keyring_fresh(config: dict[str, Any], tmp_path: Path,
-                                                  master_key_b64: str,
-                                                  aredis: aioredis.Redis) -> None:
+async def test_flask_keeps_the_sync_keyring_fresh(
+    config: dict[str, Any], tmp_path: Path, master_key_b64: str, aredis: aioredis.Redis
+) -> None:
     # Two processes' worth of services over one key file: a rotation made by the
     # other one reaches the Flask app's sync keyring without any request.
-    key_config = EncryptionConfig(master_key=master_key_b64,
-                                  storage_path=str(tmp_path / "keys.json"))
+    key_config = EncryptionConfig(
+        master_key=master_key_b64, storage_path=str(tmp_path / "keys.json")
+    )
     mine = EncryptionService(build_key_manager(key_config, refresh_interval=0.05))
     app, crypt = flask_app(config, mine)
     await asyncio.to_thread(crypt.start, app)
@@ -173,11 +190,13 @@ async def test_flask_keeps_the_sync_keyring_fresh(config: dict[str, Any], tmp_pa
         await asyncio.to_thread(crypt.close, app)
 
 
-async def test_flask_run_refuses_to_deadlock(config: dict[str, Any],
-                                             aredis: aioredis.Redis) -> None:
+async def test_flask_run_refuses_to_deadlock(
+    config: dict[str, Any], aredis: aioredis.Redis
+) -> None:
     app, crypt = flask_app(config, make_service())
     state = flask_ext.AioCrypt.state(app)
     try:
+
         async def nested() -> None:
             state.run(asyncio.sleep(0))
 

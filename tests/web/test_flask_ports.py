@@ -55,9 +55,12 @@ def make_app(redis_url: str, redis_prefix: str, sync_redis: redis.Redis) -> Iter
 
     def make(**config: Any) -> flask.Flask:
         app = flask.Flask("flask_test")
-        app.config.update(TESTING=True, SESSION_URI=redis_url,
-                          SESSION_KEY_PREFIX=redis_prefix + "session:",
-                          AIOCRYPT_CACHE_PREFIX=redis_prefix + "cache:")
+        app.config.update(
+            TESTING=True,
+            SESSION_URI=redis_url,
+            SESSION_KEY_PREFIX=redis_prefix + "session:",
+            AIOCRYPT_CACHE_PREFIX=redis_prefix + "cache:",
+        )
         app.config.update(config)
         crypts.append((AioCrypt(app, service=make_service()), app))
         return app
@@ -74,6 +77,7 @@ def stored(client: redis.Redis, prefix: str) -> dict[bytes, bytes]:
 
 
 # -- Flask tests/test_basic.py ----------------------------------------------------
+
 
 def test_session_accessed(make_app: MakeApp) -> None:
     """Flask tests/test_basic.py::test_session_accessed."""
@@ -126,10 +130,14 @@ def test_untouched_session_costs_no_redis_call(make_app: MakeApp, redis_url: str
     """aiocrypt's addition to test_session_accessed: an untouched session sends nothing to Redis."""
     client_redis = redis.Redis(connection_pool=CountingPool.from_url(redis_url))
     app = flask.Flask("flask_test")
-    app.config.update(TESTING=True, AIOCRYPT_SESSION_PREFIX="test:web:count:s:",
-                      AIOCRYPT_CACHE_PREFIX="test:web:count:c:")
+    app.config.update(
+        TESTING=True,
+        AIOCRYPT_SESSION_PREFIX="test:web:count:s:",
+        AIOCRYPT_CACHE_PREFIX="test:web:count:c:",
+    )
     crypt = AioCrypt(app, service=make_service(), redis=client_redis)
     try:
+
         @app.get("/set")
         def set_() -> str:
             flask.session["v"] = 1
@@ -244,8 +252,11 @@ def test_session_using_samesite_attribute(make_app: MakeApp) -> None:
     with pytest.raises(ConfigurationError, match="SESSION_COOKIE_SAMESITE"):
         make_app(SESSION_COOKIE_SAMESITE="invalid")
 
-    for samesite, expected in ((None, None), ("Strict", "samesite=strict"),
-                               ("Lax", "samesite=lax")):
+    for samesite, expected in (
+        (None, None),
+        ("Strict", "samesite=strict"),
+        ("Lax", "samesite=lax"),
+    ):
         app = make_app(SESSION_COOKIE_SAMESITE=samesite)
 
         @app.route("/")
@@ -331,8 +342,11 @@ def test_session_expiration(make_app: MakeApp) -> None:
     expires = parse_date(match.group())
     expected = datetime.now(UTC) + app.permanent_session_lifetime
     assert expires is not None
-    assert (expires.year, expires.month, expires.day) == \
-        (expected.year, expected.month, expected.day)
+    assert (expires.year, expires.month, expires.day) == (
+        expected.year,
+        expected.month,
+        expected.day,
+    )
 
     rv = client.get("/test")
     assert rv.data == b"True"
@@ -362,8 +376,9 @@ def test_session_stored_last(make_app: MakeApp) -> None:
     assert client.get("/").data == b"42"
 
 
-def test_session_special_types(make_app: MakeApp, sync_redis: redis.Redis,
-                               redis_prefix: str) -> None:
+def test_session_special_types(
+    make_app: MakeApp, sync_redis: redis.Redis, redis_prefix: str
+) -> None:
     """Flask tests/test_basic.py::test_session_special_types, plus: the stored payload is
     ciphertext (none of the values appears in Redis)."""
     app = make_app()
@@ -409,8 +424,12 @@ def test_session_special_types(make_app: MakeApp, sync_redis: redis.Redis,
 
 def test_session_cookie_setting(make_app: MakeApp) -> None:
     """Flask tests/test_basic.py::test_session_cookie_setting (an app per configuration)."""
-    for is_permanent, refresh, expect_header in ((True, True, True), (True, False, False),
-                                                 (False, True, False), (False, False, False)):
+    for is_permanent, refresh, expect_header in (
+        (True, True, True),
+        (True, False, False),
+        (False, True, False),
+        (False, False, False),
+    ):
         app = make_app(SESSION_REFRESH_EACH_REQUEST=refresh)
 
         @app.route("/bump")
@@ -579,8 +598,10 @@ def test_extended_flashing(make_app: MakeApp) -> None:
 
 # -- Flask-Session 0.8 tests/test_redis.py ------------------------------------------
 
-def test_redis_default(make_app: MakeApp, sync_redis: redis.Redis, redis_prefix: str,
-                       redis_url: str) -> None:
+
+def test_redis_default(
+    make_app: MakeApp, sync_redis: redis.Redis, redis_prefix: str, redis_url: str
+) -> None:
     """Flask-Session 0.8's default Redis case (tests/test_redis.py, through tests/abs_test.py
     ``_default_test``: tests/conftest.py ``app_utils.test_session`` (/set, /get, /delete) and
     ``test_session_with_cookie``, then the stored session looked up by the cookie's id).
@@ -612,24 +633,28 @@ def test_redis_default(make_app: MakeApp, sync_redis: redis.Redis, redis_prefix:
     cookie = client.get_cookie("session")
     assert cookie is not None
     entries = stored(sync_redis, redis_prefix + "session:")
-    (key, payload), = entries.items()
+    ((key, payload),) = entries.items()
     assert cookie.value.encode() not in key and b"42" not in payload
-    assert re.fullmatch(rb"[0-9a-f]{64}", key[len(redis_prefix + "session:"):])
+    assert re.fullmatch(rb"[0-9a-f]{64}", key[len(redis_prefix + "session:") :])
     assert client.post("/delete").data == b"value deleted"
     assert client.get("/get").data == b""
     client_redis.close()
 
 
-def test_redis_key_prefix_ttl_and_permanent(make_app: MakeApp, sync_redis: redis.Redis,
-                                            redis_prefix: str) -> None:
+def test_redis_key_prefix_ttl_and_permanent(
+    make_app: MakeApp, sync_redis: redis.Redis, redis_prefix: str
+) -> None:
     """Flask-Session 0.8's lifetime case (tests/abs_test.py ``_test_lifetime``, run by
     tests/test_redis.py) with SESSION_KEY_PREFIX and SESSION_PERMANENT: the Redis TTL is
     PERMANENT_SESSION_LIFETIME and the cookie is persistent by default.
 
     Deliberate difference: Flask-Session's test sleeps past the lifetime; this one
     reads the TTL Redis holds instead (no timing asserts here)."""
-    app = make_app(SESSION_KEY_PREFIX=redis_prefix + "fs:", SESSION_PERMANENT=True,
-                   PERMANENT_SESSION_LIFETIME=timedelta(minutes=5))
+    app = make_app(
+        SESSION_KEY_PREFIX=redis_prefix + "fs:",
+        SESSION_PERMANENT=True,
+        PERMANENT_SESSION_LIFETIME=timedelta(minutes=5),
+    )
 
     @app.route("/set")
     def app_set() -> str:
@@ -642,8 +667,9 @@ def test_redis_key_prefix_ttl_and_permanent(make_app: MakeApp, sync_redis: redis
     assert 290 <= sync_redis.ttl(key) <= 300  # type: ignore[operator]  # redis-py types a reply as Awaitable | Any
 
 
-def test_redis_non_permanent_lifetime(make_app: MakeApp, sync_redis: redis.Redis,
-                                      redis_prefix: str) -> None:
+def test_redis_non_permanent_lifetime(
+    make_app: MakeApp, sync_redis: redis.Redis, redis_prefix: str
+) -> None:
     """Flask-Session 0.8's non-permanent case (tests/abs_test.py
     ``_test_non_permanent_lifetime``): SESSION_PERMANENT=False gives a browser-session
     cookie, while the stored session still expires after PERMANENT_SESSION_LIFETIME."""
@@ -717,10 +743,12 @@ def test_regenerate(make_app: MakeApp, sync_redis: redis.Redis, redis_prefix: st
 
 def test_config_errors_name_the_key(make_app: MakeApp) -> None:
     """aiocrypt: invalid values refused at init_app, naming the key; no Redis, no start."""
-    for config, key in (({"SESSION_COOKIE_SECURE": "sometimes"}, "SESSION_COOKIE_SECURE"),
-                        ({"PERMANENT_SESSION_LIFETIME": "soon"}, "PERMANENT_SESSION_LIFETIME"),
-                        ({"SESSION_TYPE": "filesystem"}, "SESSION_TYPE"),
-                        ({"SESSION_REDIS": "redis://x"}, "SESSION_REDIS"),
-                        ({"SESSION_URI": None}, "AIOCRYPT_REDIS_URL")):
+    for config, key in (
+        ({"SESSION_COOKIE_SECURE": "sometimes"}, "SESSION_COOKIE_SECURE"),
+        ({"PERMANENT_SESSION_LIFETIME": "soon"}, "PERMANENT_SESSION_LIFETIME"),
+        ({"SESSION_TYPE": "filesystem"}, "SESSION_TYPE"),
+        ({"SESSION_REDIS": "redis://x"}, "SESSION_REDIS"),
+        ({"SESSION_URI": None}, "AIOCRYPT_REDIS_URL"),
+    ):
         with pytest.raises(ConfigurationError, match=key):
             make_app(**config)

@@ -44,9 +44,22 @@ class PrivateRedis:
             pytest.fail("redis-server is not installed", pytrace=False)
         self.port = free_port()
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -79,8 +92,12 @@ def private_redis() -> Iterator[PrivateRedis]:
 
 @pytest.fixture
 def web_config(redis_url: str, redis_prefix: str) -> dict[str, Any]:
-    return {"AIOCRYPT_REDIS_URL": redis_url, "AIOCRYPT_SESSION_PREFIX": redis_prefix + "s:",
-            "AIOCRYPT_CACHE_PREFIX": redis_prefix + "c:", "AIOCRYPT_COOKIE_SECURE": False}
+    return {
+        "AIOCRYPT_REDIS_URL": redis_url,
+        "AIOCRYPT_SESSION_PREFIX": redis_prefix + "s:",
+        "AIOCRYPT_CACHE_PREFIX": redis_prefix + "c:",
+        "AIOCRYPT_COOKIE_SECURE": False,
+    }
 
 
 def tamper(token: str) -> str:
@@ -120,16 +137,20 @@ def quart_app(config: dict[str, Any], service: EncryptionService) -> Quart:
     @app.post("/people")
     async def people() -> dict[str, list[str]]:
         names = (await quart_request.get_json())["names"]
-        return {"tokens": [await crypt.service.encrypt_field(n, KeyType.PII,
-                                                             context="people.name")
-                           for n in names]}
+        return {
+            "tokens": [
+                await crypt.service.encrypt_field(n, KeyType.PII, context="people.name")
+                for n in names
+            ]
+        }
 
     @app.post("/reveal")
     async def reveal() -> tuple[dict[str, Any], int]:
         token = (await quart_request.get_json())["token"]
         try:
-            return {"name": await crypt.service.decrypt_field(token, KeyType.PII,
-                                                              context="people.name")}, 200
+            return {
+                "name": await crypt.service.decrypt_field(token, KeyType.PII, context="people.name")
+            }, 200
         except DecryptionError:
             return {"error": "cannot decrypt"}, 400
 
@@ -141,12 +162,13 @@ async def serve_quart(app: Quart) -> AsyncIterator[str]:
         yield url
 
 
-async def test_quart_health_and_metrics_over_http(private_redis: PrivateRedis,
-                                                  web_config: dict[str, Any],
-                                                  aredis: aioredis.Redis) -> None:
+async def test_quart_health_and_metrics_over_http(
+    private_redis: PrivateRedis, web_config: dict[str, Any], aredis: aioredis.Redis
+) -> None:
     kek = FakeKekProvider()
-    store = RedisKeyStore(private_redis.url, prefix=f"test:health:{secrets.token_hex(4)}:",
-                          socket_timeout=2.0)
+    store = RedisKeyStore(
+        private_redis.url, prefix=f"test:health:{secrets.token_hex(4)}:", socket_timeout=2.0
+    )
     service = EncryptionService(KeyManager(store, kek, watch=False))
     app = quart_app(web_config, service)
     async for url in serve_quart(app):
@@ -157,18 +179,24 @@ async def test_quart_health_and_metrics_over_http(private_redis: PrivateRedis,
             assert "set-cookie" not in response.headers  # probes get no session
             body = response.json()
             assert body["status"] == "ok"
-            assert body["checks"]["key_store"] == {"status": "ok", "backend": "redis",
-                                                   "reachable": True}
+            assert body["checks"]["key_store"] == {
+                "status": "ok",
+                "backend": "redis",
+                "reachable": True,
+            }
             assert body["checks"]["kek_provider"]["backend"] == "fake"
             # the session keys the extension made at startup are reported
             assert body["checks"]["active_keys"]["key_types"]["session"]["status"] == "ok"
 
-            tokens = (await client.post("/people", json={"names": ["ada", "bob", "cy"]})) \
-                .json()["tokens"]
-            assert (await client.post("/reveal", json={"token": tokens[0]})).json() \
-                == {"name": "ada"}
-            assert (await client.post("/reveal", json={"token": tamper(tokens[1])})) \
-                .status_code == 400
+            tokens = (await client.post("/people", json={"names": ["ada", "bob", "cy"]})).json()[
+                "tokens"
+            ]
+            assert (await client.post("/reveal", json={"token": tokens[0]})).json() == {
+                "name": "ada"
+            }
+            assert (
+                await client.post("/reveal", json={"token": tamper(tokens[1])})
+            ).status_code == 400
 
             response = await client.get("/metrics")
             assert response.status_code == 200
@@ -177,8 +205,7 @@ async def test_quart_health_and_metrics_over_http(private_redis: PrivateRedis,
             ops = samples(text, "aiocrypt_operations_total")
             assert ops[(("key_type", "pii"), ("operation", "encrypt"), ("outcome", "ok"))] == 3
             assert ops[(("key_type", "all"), ("operation", "decrypt"), ("outcome", "ok"))] == 1
-            assert ops[(("key_type", "pii"), ("operation", "decrypt"),
-                        ("outcome", "failure"))] == 1
+            assert ops[(("key_type", "pii"), ("operation", "decrypt"), ("outcome", "failure"))] == 1
             kms = samples(text, "aiocrypt_kms_call_duration_seconds_count")
             wraps = kms[(("operation", "wrap"), ("outcome", "ok"), ("provider", "fake"))]
             assert wraps == kek.calls["wrap"] and wraps >= 4  # session, index, cache, pii keys
@@ -227,14 +254,16 @@ async def serve_flask(app: Flask) -> AsyncIterator[str]:
         await asyncio.to_thread(flask_ext.AioCrypt.state(app).close)
 
 
-async def test_flask_health_and_metrics_over_http(web_config: dict[str, Any],
-                                                  aredis: aioredis.Redis) -> None:
+async def test_flask_health_and_metrics_over_http(
+    web_config: dict[str, Any], aredis: aioredis.Redis
+) -> None:
     service = make_service()
     app = flask_app(web_config, service)
     async for url in serve_flask(app):
         async with httpx.AsyncClient(base_url=url, timeout=20) as client:
-            tokens = (await client.post("/people", json={"names": ["a", "b", "c"]})) \
-                .json()["tokens"]
+            tokens = (await client.post("/people", json={"names": ["a", "b", "c"]})).json()[
+                "tokens"
+            ]
             assert len(tokens) == 3
             response = await client.get("/healthz")
             assert response.status_code == 200
@@ -248,7 +277,8 @@ async def test_flask_health_and_metrics_over_http(web_config: dict[str, Any],
 
 
 async def test_flask_health_is_503_when_the_key_store_is_unreachable(
-        web_config: dict[str, Any], aredis: aioredis.Redis) -> None:
+    web_config: dict[str, Any], aredis: aioredis.Redis
+) -> None:
     closed_port = free_port()  # nothing listens there
     store = RedisKeyStore(f"redis://127.0.0.1:{closed_port}/0", socket_timeout=1.0)
     service = EncryptionService(KeyManager(store, FakeKekProvider(), watch=False))

@@ -27,8 +27,13 @@ from .conftest import free_port
 
 
 def config(url: str) -> dict[str, Any]:
-    return {"AIOCRYPT_REDIS_URL": url, "AIOCRYPT_RETRY_AFTER": 7, "TESTING": False,
-            "AIOCRYPT_SESSION_PREFIX": "outage:s:", "AIOCRYPT_CACHE_PREFIX": "outage:c:"}
+    return {
+        "AIOCRYPT_REDIS_URL": url,
+        "AIOCRYPT_RETRY_AFTER": 7,
+        "TESTING": False,
+        "AIOCRYPT_SESSION_PREFIX": "outage:s:",
+        "AIOCRYPT_CACHE_PREFIX": "outage:c:",
+    }
 
 
 def check_outage_body(status: int, headers: Any, body: bytes) -> None:
@@ -64,6 +69,7 @@ def flask_app(url: str) -> tuple[flask.Flask, flask_ext.AioCrypt]:
     async def report() -> str:
         async def compute() -> str:
             return "report"
+
         return str(await crypt.cache.get_or_set("r", compute))
 
     return app, crypt
@@ -118,6 +124,7 @@ async def test_quart_outage_answers_503_and_recovers(private_redis: Any) -> None
     async def report() -> str:
         async def compute() -> str:
             return "report"
+
         return str(await crypt.cache.get_or_set("r", compute))
 
     async with app.test_app() as test_app:

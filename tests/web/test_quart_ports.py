@@ -32,13 +32,17 @@ MakeApp = Callable[..., Quart]
 
 
 @pytest.fixture
-async def make_app(redis_url: str, redis_prefix: str,
-                   sync_redis: redis.Redis) -> AsyncIterator[MakeApp]:
+async def make_app(
+    redis_url: str, redis_prefix: str, sync_redis: redis.Redis
+) -> AsyncIterator[MakeApp]:
     def make(**config: Any) -> Quart:
         app = Quart("quart_test")
-        app.config.update(TESTING=True, SESSION_URI=redis_url,
-                          SESSION_KEY_PREFIX=redis_prefix + "session:",
-                          AIOCRYPT_CACHE_PREFIX=redis_prefix + "cache:")
+        app.config.update(
+            TESTING=True,
+            SESSION_URI=redis_url,
+            SESSION_KEY_PREFIX=redis_prefix + "session:",
+            AIOCRYPT_CACHE_PREFIX=redis_prefix + "cache:",
+        )
         app.config.update(config)
         AioCrypt(app, service=make_service())
         return app
@@ -104,10 +108,15 @@ async def test_session_accessed_and_vary(make_app: MakeApp) -> None:
 
 async def test_session_using_session_settings(make_app: MakeApp) -> None:
     """Flask test_session_using_session_settings and test_session_path."""
-    app = make_app(SESSION_COOKIE_DOMAIN=".example.com", SESSION_COOKIE_HTTPONLY=False,
-                   SESSION_COOKIE_SECURE=True, SESSION_COOKIE_PARTITIONED=True,
-                   SESSION_COOKIE_SAMESITE="Lax", APPLICATION_ROOT="/foo",
-                   SESSION_COOKIE_NAME="sid")
+    app = make_app(
+        SESSION_COOKIE_DOMAIN=".example.com",
+        SESSION_COOKIE_HTTPONLY=False,
+        SESSION_COOKIE_SECURE=True,
+        SESSION_COOKIE_PARTITIONED=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        APPLICATION_ROOT="/foo",
+        SESSION_COOKIE_NAME="sid",
+    )
 
     @app.route("/")
     async def index() -> str:
@@ -141,10 +150,14 @@ async def test_session_using_samesite_attribute(make_app: MakeApp) -> None:
 
 async def test_session_expiration_and_cookie_setting(make_app: MakeApp) -> None:
     """Flask test_session_expiration and test_session_cookie_setting."""
-    for is_permanent, refresh, expect_header in ((True, True, True), (True, False, False),
-                                                 (False, True, False)):
-        app = make_app(SESSION_REFRESH_EACH_REQUEST=refresh,
-                       PERMANENT_SESSION_LIFETIME=timedelta(days=2))
+    for is_permanent, refresh, expect_header in (
+        (True, True, True),
+        (True, False, False),
+        (False, True, False),
+    ):
+        app = make_app(
+            SESSION_REFRESH_EACH_REQUEST=refresh, PERMANENT_SESSION_LIFETIME=timedelta(days=2)
+        )
 
         @app.route("/bump")
         async def bump(is_permanent: bool = is_permanent) -> str:
@@ -185,8 +198,9 @@ async def test_session_stored_last(make_app: MakeApp) -> None:
         assert await (await client.get("/")).get_data() == b"42"
 
 
-async def test_session_special_types_and_flashing(make_app: MakeApp, sync_redis: redis.Redis,
-                                                  redis_prefix: str) -> None:
+async def test_session_special_types_and_flashing(
+    make_app: MakeApp, sync_redis: redis.Redis, redis_prefix: str
+) -> None:
     """Flask test_session_special_types and test_extended_flashing."""
     app = make_app()
     now = datetime.now(UTC).replace(microsecond=0)
@@ -212,7 +226,9 @@ async def test_session_special_types_and_flashing(make_app: MakeApp, sync_redis:
         assert session["u"] == the_uuid and session["d"] == now
         assert session["di_tag"] == {" di": "not-a-dict"}
         assert get_flashed_messages(with_categories=True) == [
-            ("error", "Hello World"), ("warning", Markup("<em>Testing</em>"))]
+            ("error", "Hello World"),
+            ("warning", Markup("<em>Testing</em>")),
+        ]
         return "", 204
 
     async with app.test_app() as test_app:
@@ -223,15 +239,21 @@ async def test_session_special_types_and_flashing(make_app: MakeApp, sync_redis:
     assert b"not-a-dict" not in payload and b"Hello World" not in payload
 
 
-async def test_redis_default_prefix_and_regenerate(make_app: MakeApp, sync_redis: redis.Redis,
-                                                   redis_prefix: str, redis_url: str) -> None:
+async def test_redis_default_prefix_and_regenerate(
+    make_app: MakeApp, sync_redis: redis.Redis, redis_prefix: str, redis_url: str
+) -> None:
     """Flask-Session 0.8 tests/test_redis.py::test_redis_default (SESSION_REDIS client; keys
     are HMACs, values ciphertext), SESSION_KEY_PREFIX, SESSION_ID_LENGTH and regenerate()."""
     client_redis = aioredis.Redis.from_url(redis_url)
     with pytest.raises(ConfigurationError, match="SESSION_ID_LENGTH"):
         make_app(SESSION_ID_LENGTH=31)
-    app = make_app(SESSION_TYPE="redis", SESSION_REDIS=client_redis, SESSION_URI=None,
-                   SESSION_KEY_PREFIX=redis_prefix + "qs:", SESSION_ID_LENGTH=40)
+    app = make_app(
+        SESSION_TYPE="redis",
+        SESSION_REDIS=client_redis,
+        SESSION_URI=None,
+        SESSION_KEY_PREFIX=redis_prefix + "qs:",
+        SESSION_ID_LENGTH=40,
+    )
 
     @app.post("/set")
     async def app_set() -> str:
@@ -267,9 +289,11 @@ async def test_redis_default_prefix_and_regenerate(make_app: MakeApp, sync_redis
 
 async def test_config_errors_name_the_key(make_app: MakeApp) -> None:
     """aiocrypt: invalid values refused at init_app, naming the key; no Redis configured."""
-    for config, key in (({"SESSION_COOKIE_HTTPONLY": "maybe"}, "SESSION_COOKIE_HTTPONLY"),
-                        ({"SESSION_REDIS": redis.Redis()}, "SESSION_REDIS"),
-                        ({"SESSION_URI": None}, "AIOCRYPT_REDIS_URL")):
+    for config, key in (
+        ({"SESSION_COOKIE_HTTPONLY": "maybe"}, "SESSION_COOKIE_HTTPONLY"),
+        ({"SESSION_REDIS": redis.Redis()}, "SESSION_REDIS"),
+        ({"SESSION_URI": None}, "AIOCRYPT_REDIS_URL"),
+    ):
         with pytest.raises(ConfigurationError, match=key):
             make_app(**config)
 
@@ -285,14 +309,16 @@ class CountingPool(aioredis.ConnectionPool):
 
 
 async def test_redis_calls_only_where_the_session_is_needed(
-        redis_url: str, redis_prefix: str, sync_redis: redis.Redis) -> None:
+    redis_url: str, redis_prefix: str, sync_redis: redis.Redis
+) -> None:
     """Flask test_session_accessed's point, as Quart allows it: no cookie, no Redis call;
     with the cookie, Quart's synchronous session needs the one load before the view
     (the deliberate difference above), and still no write, cookie or Vary."""
     client_redis = aioredis.Redis(connection_pool=CountingPool.from_url(redis_url))
     app = Quart("quart_test")
-    app.config.update(AIOCRYPT_SESSION_PREFIX=redis_prefix + "s:",
-                      AIOCRYPT_CACHE_PREFIX=redis_prefix + "c:")
+    app.config.update(
+        AIOCRYPT_SESSION_PREFIX=redis_prefix + "s:", AIOCRYPT_CACHE_PREFIX=redis_prefix + "c:"
+    )
     AioCrypt(app, service=make_service(), redis=client_redis)
 
     @app.get("/set")

@@ -44,8 +44,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(service: EncryptionService, aredis: aioredis.Redis, settings: SessionSettings,
-          clock: Clock) -> RedisSessionStore:
+def store(
+    service: EncryptionService, aredis: aioredis.Redis, settings: SessionSettings, clock: Clock
+) -> RedisSessionStore:
     return RedisSessionStore(service, aredis, settings, clock=clock)
 
 
@@ -61,15 +62,21 @@ async def new_session(store: RedisSessionStore, **data: Any) -> str:
 async def test_round_trip_keeps_types_and_tracks_changes(store: RedisSessionStore) -> None:
     session = await store.load(None)
     assert session.new and not session and not session.modified
-    sid = await new_session(store, user_id=7, name="Zoë", balance=12.5, tags=["a", "b"],
-                            nested={"k": None})
+    sid = await new_session(
+        store, user_id=7, name="Zoë", balance=12.5, tags=["a", "b"], nested={"k": None}
+    )
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}", sid)
 
     loaded = await store.load(sid)
     assert not loaded.new and not loaded.modified
     assert loaded.accessed is False  # loading is not reading
-    assert dict(loaded) == {"user_id": 7, "name": "Zoë", "balance": 12.5, "tags": ["a", "b"],
-                            "nested": {"k": None}}
+    assert dict(loaded) == {
+        "user_id": 7,
+        "name": "Zoë",
+        "balance": 12.5,
+        "tags": ["a", "b"],
+        "nested": {"k": None},
+    }
     assert loaded.accessed and not loaded.modified
     assert (await store.save(loaded)).action is CookieAction.KEEP
 
@@ -79,9 +86,11 @@ async def test_round_trip_keeps_types_and_tracks_changes(store: RedisSessionStor
 
 
 async def test_redis_holds_no_session_id_and_no_plaintext(
-        store: RedisSessionStore, aredis: aioredis.Redis, settings: SessionSettings) -> None:
-    sids = [await new_session(store, username="alice-in-redis", ssn="123-45-6789")
-            for _ in range(3)]
+    store: RedisSessionStore, aredis: aioredis.Redis, settings: SessionSettings
+) -> None:
+    sids = [
+        await new_session(store, username="alice-in-redis", ssn="123-45-6789") for _ in range(3)
+    ]
     assert len(set(sids)) == 3
     dump = await redis_dump(aredis, settings.prefix)
     assert len(dump) == 3
@@ -89,20 +98,21 @@ async def test_redis_holds_no_session_id_and_no_plaintext(
         blob = key + b" " + value
         for secret in [*sids, "alice-in-redis", "123-45-6789", "username", "ssn"]:
             assert secret.encode() not in blob
-        assert re.fullmatch(rb"[0-9a-f]{64}", key[len(settings.prefix):])
+        assert re.fullmatch(rb"[0-9a-f]{64}", key[len(settings.prefix) :])
         assert await aredis.ttl(key) == settings.ttl
 
 
-async def test_empty_new_session_writes_nothing(store: RedisSessionStore,
-                                                aredis: aioredis.Redis,
-                                                settings: SessionSettings) -> None:
+async def test_empty_new_session_writes_nothing(
+    store: RedisSessionStore, aredis: aioredis.Redis, settings: SessionSettings
+) -> None:
     session = await store.load(None)
     assert (await store.save(session)).action is CookieAction.NONE
     assert await redis_dump(aredis, settings.prefix) == {}
 
 
-async def test_ttl_slides_on_every_load(store: RedisSessionStore, aredis: aioredis.Redis,
-                                        settings: SessionSettings) -> None:
+async def test_ttl_slides_on_every_load(
+    store: RedisSessionStore, aredis: aioredis.Redis, settings: SessionSettings
+) -> None:
     sid = await new_session(store, n=1)
     (key,) = await redis_dump(aredis, settings.prefix)
     await aredis.expire(key, 5)
@@ -110,8 +120,9 @@ async def test_ttl_slides_on_every_load(store: RedisSessionStore, aredis: aiored
     assert await aredis.ttl(key) == settings.ttl
 
 
-async def test_idle_session_expires(service: EncryptionService, aredis: aioredis.Redis,
-                                    redis_prefix: str) -> None:
+async def test_idle_session_expires(
+    service: EncryptionService, aredis: aioredis.Redis, redis_prefix: str
+) -> None:
     store = RedisSessionStore(service, aredis, SessionSettings(ttl=1, prefix=redis_prefix))
     sid = await new_session(store, n=1)
     await asyncio.sleep(1.2)
@@ -120,8 +131,8 @@ async def test_idle_session_expires(service: EncryptionService, aredis: aioredis
 
 
 async def test_absolute_lifetime_ends_even_an_active_session(
-        store: RedisSessionStore, clock: Clock, aredis: aioredis.Redis,
-        settings: SessionSettings) -> None:
+    store: RedisSessionStore, clock: Clock, aredis: aioredis.Redis, settings: SessionSettings
+) -> None:
     sid = await new_session(store, user_id=1)
     clock.now += settings.lifetime - 10
     session = await store.load(sid)  # still valid, and in use
@@ -133,9 +144,9 @@ async def test_absolute_lifetime_ends_even_an_active_session(
     assert await redis_dump(aredis, settings.prefix) == {}
 
 
-async def test_regenerate_moves_data_to_a_new_id(store: RedisSessionStore,
-                                                 aredis: aioredis.Redis,
-                                                 settings: SessionSettings) -> None:
+async def test_regenerate_moves_data_to_a_new_id(
+    store: RedisSessionStore, aredis: aioredis.Redis, settings: SessionSettings
+) -> None:
     old = await new_session(store, csrf="x")
     session = await store.load(old)
     session.regenerate()
@@ -147,9 +158,9 @@ async def test_regenerate_moves_data_to_a_new_id(store: RedisSessionStore,
     assert len(await redis_dump(aredis, settings.prefix)) == 1
 
 
-async def test_clear_deletes_the_stored_session(store: RedisSessionStore,
-                                                aredis: aioredis.Redis,
-                                                settings: SessionSettings) -> None:
+async def test_clear_deletes_the_stored_session(
+    store: RedisSessionStore, aredis: aioredis.Redis, settings: SessionSettings
+) -> None:
     sid = await new_session(store, user_id=5)
     session = await store.load(sid)
     session.clear()
@@ -170,7 +181,8 @@ async def test_clear_then_write_gets_a_new_id(store: RedisSessionStore) -> None:
 
 
 async def test_a_request_racing_with_logout_cannot_revive_the_session(
-        store: RedisSessionStore) -> None:
+    store: RedisSessionStore,
+) -> None:
     sid = await new_session(store, user_id=5)
     logout, other = await store.load(sid), await store.load(sid)
     logout.clear()
@@ -181,29 +193,28 @@ async def test_a_request_racing_with_logout_cannot_revive_the_session(
 
 
 @pytest.mark.parametrize("cookie", ["", "short", "x" * 43, "A" * 42 + "!", "é" * 43, "a" * 500])
-async def test_unusable_cookie_gives_a_fresh_session(store: RedisSessionStore,
-                                                     cookie: str) -> None:
+async def test_unusable_cookie_gives_a_fresh_session(store: RedisSessionStore, cookie: str) -> None:
     session = await store.load(cookie)
     assert session.new and not session
     assert (await store.save(session)).action is CookieAction.DELETE  # drop the bad cookie
 
 
 async def test_tampered_payload_gives_a_fresh_session_and_is_deleted(
-        store: RedisSessionStore, aredis: aioredis.Redis, settings: SessionSettings) -> None:
+    store: RedisSessionStore, aredis: aioredis.Redis, settings: SessionSettings
+) -> None:
     sid = await new_session(store, user_id=5)
     ((key, value),) = (await redis_dump(aredis, settings.prefix)).items()
     i = len(value) - 10
-    await aredis.set(key, value[:i] + (b"A" if value[i:i + 1] != b"A" else b"B") + value[i + 1:])
+    await aredis.set(key, value[:i] + (b"A" if value[i : i + 1] != b"A" else b"B") + value[i + 1 :])
     session = await store.load(sid)
     assert session.new and not session
     assert await redis_dump(aredis, settings.prefix) == {}
 
 
 @pytest.mark.parametrize("junk", [b"", b"not a token", b"\xff\xfe", b"aiocrypt-garbage." * 9])
-async def test_garbage_payload_gives_a_fresh_session(store: RedisSessionStore,
-                                                     aredis: aioredis.Redis,
-                                                     settings: SessionSettings,
-                                                     junk: bytes) -> None:
+async def test_garbage_payload_gives_a_fresh_session(
+    store: RedisSessionStore, aredis: aioredis.Redis, settings: SessionSettings, junk: bytes
+) -> None:
     sid = await new_session(store, user_id=5)
     (key,) = await redis_dump(aredis, settings.prefix)
     await aredis.set(key, junk)
@@ -211,7 +222,8 @@ async def test_garbage_payload_gives_a_fresh_session(store: RedisSessionStore,
 
 
 async def test_payload_moved_to_another_session_does_not_decrypt(
-        store: RedisSessionStore, aredis: aioredis.Redis, settings: SessionSettings) -> None:
+    store: RedisSessionStore, aredis: aioredis.Redis, settings: SessionSettings
+) -> None:
     victim = await new_session(store, user_id=1, role="admin")
     attacker = await new_session(store, user_id=2, role="user")
     redis_keys = await store._redis_keys()
@@ -222,7 +234,8 @@ async def test_payload_moved_to_another_session_does_not_decrypt(
 
 
 async def test_payload_of_another_deployment_does_not_decrypt(
-        aredis: aioredis.Redis, settings: SessionSettings, service: EncryptionService) -> None:
+    aredis: aioredis.Redis, settings: SessionSettings, service: EncryptionService
+) -> None:
     async with make_service() as other_service:
         other = RedisSessionStore(other_service, aredis, settings)
         sid = await new_session(other, user_id=1)
@@ -232,8 +245,11 @@ async def test_payload_of_another_deployment_does_not_decrypt(
 
 
 async def test_index_key_rotation_keeps_live_sessions(
-        store: RedisSessionStore, service: EncryptionService, aredis: aioredis.Redis,
-        settings: SessionSettings) -> None:
+    store: RedisSessionStore,
+    service: EncryptionService,
+    aredis: aioredis.Redis,
+    settings: SessionSettings,
+) -> None:
     sid = await new_session(store, user_id=3)
     (old_key,) = await redis_dump(aredis, settings.prefix)
     await service.key_manager.rotate_key(SESSION_INDEX_KEY_TYPE, force=True)
@@ -248,8 +264,9 @@ async def test_index_key_rotation_keeps_live_sessions(
     assert dict(await store.load(sid)) == {"user_id": 3, "more": 1}
 
 
-async def test_revoked_index_key_ends_its_sessions(store: RedisSessionStore,
-                                                   service: EncryptionService) -> None:
+async def test_revoked_index_key_ends_its_sessions(
+    store: RedisSessionStore, service: EncryptionService
+) -> None:
     sid = await new_session(store, user_id=3)
     active = service.keyring.active(SESSION_INDEX_KEY_TYPE)
     await service.key_manager.revoke_key(active.key_id, reason="test")
@@ -257,8 +274,11 @@ async def test_revoked_index_key_ends_its_sessions(store: RedisSessionStore,
 
 
 async def test_session_key_rotation_keeps_sessions_and_reencrypts_on_write(
-        store: RedisSessionStore, service: EncryptionService, aredis: aioredis.Redis,
-        settings: SessionSettings) -> None:
+    store: RedisSessionStore,
+    service: EncryptionService,
+    aredis: aioredis.Redis,
+    settings: SessionSettings,
+) -> None:
     sid = await new_session(store, user_id=3)
     old_id = service.keyring.active(KeyType.SESSION).key_id
     new = await service.key_manager.rotate_key(KeyType.SESSION, force=True)
@@ -272,8 +292,9 @@ async def test_session_key_rotation_keeps_sessions_and_reencrypts_on_write(
     assert f".{new.key_id}.".encode() in value
 
 
-async def test_compromised_session_key_logs_everyone_out(store: RedisSessionStore,
-                                                         service: EncryptionService) -> None:
+async def test_compromised_session_key_logs_everyone_out(
+    store: RedisSessionStore, service: EncryptionService
+) -> None:
     sid = await new_session(store, user_id=3)
     key_id = service.keyring.active(KeyType.SESSION).key_id
     await service.key_manager.revoke_key(key_id, reason="leaked")
@@ -307,15 +328,18 @@ async def test_repr_shows_no_id_and_no_data(store: RedisSessionStore) -> None:
 
 # -- the sync twin --------------------------------------------------------------
 
+
 @pytest.fixture
-async def sync_store(service: EncryptionService, sync_redis: redis.Redis,
-                     settings: SessionSettings, clock: Clock) -> SyncRedisSessionStore:
+async def sync_store(
+    service: EncryptionService, sync_redis: redis.Redis, settings: SessionSettings, clock: Clock
+) -> SyncRedisSessionStore:
     await service.key_manager.ensure_active(WebSettings.key_types())  # as the Flask extension
     return SyncRedisSessionStore(lambda: service.keyring, sync_redis, settings, clock=clock)
 
 
-async def test_sync_and_async_stores_read_each_other(store: RedisSessionStore,
-                                                     sync_store: SyncRedisSessionStore) -> None:
+async def test_sync_and_async_stores_read_each_other(
+    store: RedisSessionStore, sync_store: SyncRedisSessionStore
+) -> None:
     sid = await new_session(store, user_id=9, name="async")
     session = sync_store.load(sid)
     assert dict(session) == {"user_id": 9, "name": "async"}
@@ -330,8 +354,9 @@ async def test_sync_and_async_stores_read_each_other(store: RedisSessionStore,
     assert (await store.load(sid))["name"] == "sync"
 
 
-async def test_sync_store_lifecycle(sync_store: SyncRedisSessionStore,
-                                    sync_redis: redis.Redis, settings: SessionSettings) -> None:
+async def test_sync_store_lifecycle(
+    sync_store: SyncRedisSessionStore, sync_redis: redis.Redis, settings: SessionSettings
+) -> None:
     session = sync_store.load(None)
     session["csrf"] = "t"
     first = sync_store.save(session).session_id
@@ -350,8 +375,11 @@ async def test_sync_store_lifecycle(sync_store: SyncRedisSessionStore,
 
 
 async def test_sync_store_loads_a_key_rotated_elsewhere(
-        store: RedisSessionStore, service: EncryptionService, sync_redis: redis.Redis,
-        settings: SessionSettings) -> None:
+    store: RedisSessionStore,
+    service: EncryptionService,
+    sync_redis: redis.Redis,
+    settings: SessionSettings,
+) -> None:
     await service.key_manager.ensure_active([KeyType.SESSION, SESSION_INDEX_KEY_TYPE])
     stale = service.keyring  # what a sync process saw before another process rotated
     await service.key_manager.rotate_key(KeyType.SESSION, force=True)
@@ -363,32 +391,44 @@ async def test_sync_store_loads_a_key_rotated_elsewhere(
         loaded.append(key_id)
         fresh["keyring"] = service.keyring
 
-    sync = SyncRedisSessionStore(lambda: fresh.get("keyring", stale), sync_redis, settings,
-                                 load_key=load_key, clock=store._codec.clock)
+    sync = SyncRedisSessionStore(
+        lambda: fresh.get("keyring", stale),
+        sync_redis,
+        settings,
+        load_key=load_key,
+        clock=store._codec.clock,
+    )
     assert dict(sync.load(sid)) == {"user_id": 4}
     assert loaded == [service.keyring.active(KeyType.SESSION).key_id]
-    no_loader = SyncRedisSessionStore(lambda: stale, sync_redis, settings,
-                                      clock=store._codec.clock)
+    no_loader = SyncRedisSessionStore(lambda: stale, sync_redis, settings, clock=store._codec.clock)
     assert no_loader.load(sid).new
 
 
 def test_settings_from_config() -> None:
-    settings = WebSettings.from_config({
-        "AIOCRYPT_SESSION_TTL": "120", "AIOCRYPT_COOKIE_SECURE": "false",
-        "AIOCRYPT_COOKIE_SAMESITE": "strict", "AIOCRYPT_REDIS_URL": "redis://:pw@host/1"})
+    settings = WebSettings.from_config(
+        {
+            "AIOCRYPT_SESSION_TTL": "120",
+            "AIOCRYPT_COOKIE_SECURE": "false",
+            "AIOCRYPT_COOKIE_SAMESITE": "strict",
+            "AIOCRYPT_REDIS_URL": "redis://:pw@host/1",
+        }
+    )
     assert settings.session.ttl == 120 and settings.session.lifetime == 86400
     assert settings.cookie_secure is False and settings.cookie_samesite == "Strict"
     assert "pw" not in repr(settings)
     assert WebSettings.from_config({}, client_given=True) == WebSettings()
     url = {"AIOCRYPT_REDIS_URL": "redis://host/1"}
-    for bad, key in (({"AIOCRYPT_SESSION_TTL": 0}, "AIOCRYPT_SESSION_TTL"),
-                     ({"AIOCRYPT_SESSION_TTL": "soon"}, "AIOCRYPT_SESSION_TTL"),
-                     ({"AIOCRYPT_COOKIE_SAMESITE": "sometimes"}, "AIOCRYPT_COOKIE_SAMESITE"),
-                     ({"AIOCRYPT_COOKIE_SECURE": "maybe"}, "AIOCRYPT_COOKIE_SECURE"),
-                     ({"AIOCRYPT_COOKIE_SAMESITE": "None", "AIOCRYPT_COOKIE_SECURE": False},
-                      "SESSION_COOKIE_SAMESITE"),
-                     ({"AIOCRYPT_CACHE_PREFIX": "p:", "AIOCRYPT_SESSION_PREFIX": "p:"},
-                      "AIOCRYPT_CACHE_PREFIX")):
+    for bad, key in (
+        ({"AIOCRYPT_SESSION_TTL": 0}, "AIOCRYPT_SESSION_TTL"),
+        ({"AIOCRYPT_SESSION_TTL": "soon"}, "AIOCRYPT_SESSION_TTL"),
+        ({"AIOCRYPT_COOKIE_SAMESITE": "sometimes"}, "AIOCRYPT_COOKIE_SAMESITE"),
+        ({"AIOCRYPT_COOKIE_SECURE": "maybe"}, "AIOCRYPT_COOKIE_SECURE"),
+        (
+            {"AIOCRYPT_COOKIE_SAMESITE": "None", "AIOCRYPT_COOKIE_SECURE": False},
+            "SESSION_COOKIE_SAMESITE",
+        ),
+        ({"AIOCRYPT_CACHE_PREFIX": "p:", "AIOCRYPT_SESSION_PREFIX": "p:"}, "AIOCRYPT_CACHE_PREFIX"),
+    ):
         with pytest.raises(ConfigurationError, match=key):
             WebSettings.from_config({**url, **bad})
 
@@ -404,9 +444,9 @@ def test_session_class_is_a_plain_dict_to_callers() -> None:
     assert dict(session) == {"b": 2, "c": 3}
 
 
-async def test_delete_now_and_text_responses(service: EncryptionService, redis_url: str,
-                                             settings: SessionSettings,
-                                             aredis: aioredis.Redis) -> None:
+async def test_delete_now_and_text_responses(
+    service: EncryptionService, redis_url: str, settings: SessionSettings, aredis: aioredis.Redis
+) -> None:
     # A client with decode_responses=True hands back str instead of bytes.
     text_client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:

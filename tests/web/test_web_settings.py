@@ -25,20 +25,33 @@ URL = {"AIOCRYPT_REDIS_URL": "redis://127.0.0.1:6379/15"}
 
 
 def test_aiocrypt_keys_win_only_where_set() -> None:
-    framework = {**URL, "SESSION_COOKIE_SECURE": True, "SESSION_COOKIE_SAMESITE": "Strict",
-                 "PERMANENT_SESSION_LIFETIME": timedelta(hours=2), "SESSION_KEY_PREFIX": "fs:",
-                 "SESSION_COOKIE_HTTPONLY": False, "SESSION_COOKIE_NAME": "sid",
-                 "SESSION_COOKIE_PATH": None, "APPLICATION_ROOT": "/app"}
-    settings = WebSettings.from_config({**framework, "AIOCRYPT_COOKIE_SECURE": None,
-                                        "AIOCRYPT_SESSION_TTL": None})
+    framework = {
+        **URL,
+        "SESSION_COOKIE_SECURE": True,
+        "SESSION_COOKIE_SAMESITE": "Strict",
+        "PERMANENT_SESSION_LIFETIME": timedelta(hours=2),
+        "SESSION_KEY_PREFIX": "fs:",
+        "SESSION_COOKIE_HTTPONLY": False,
+        "SESSION_COOKIE_NAME": "sid",
+        "SESSION_COOKIE_PATH": None,
+        "APPLICATION_ROOT": "/app",
+    }
+    settings = WebSettings.from_config(
+        {**framework, "AIOCRYPT_COOKIE_SECURE": None, "AIOCRYPT_SESSION_TTL": None}
+    )
     assert settings.cookie_secure is True and settings.cookie_samesite == "Strict"
     assert settings.session.ttl == 7200 and settings.session.prefix == "fs:"
     assert settings.cookie_httponly is False and settings.cookie_name == "sid"
     assert settings.cookie_path == "/app"
-    overridden = WebSettings.from_config({**framework, "AIOCRYPT_COOKIE_SECURE": "false",
-                                          "AIOCRYPT_COOKIE_SAMESITE": "lax",
-                                          "AIOCRYPT_SESSION_TTL": 60,
-                                          "AIOCRYPT_SESSION_PREFIX": "a:"})
+    overridden = WebSettings.from_config(
+        {
+            **framework,
+            "AIOCRYPT_COOKIE_SECURE": "false",
+            "AIOCRYPT_COOKIE_SAMESITE": "lax",
+            "AIOCRYPT_SESSION_TTL": 60,
+            "AIOCRYPT_SESSION_PREFIX": "a:",
+        }
+    )
     assert overridden.cookie_secure is False and overridden.cookie_samesite == "Lax"
     assert overridden.session.ttl == 60 and overridden.session.prefix == "a:"
 
@@ -56,30 +69,35 @@ def test_where_redis_comes_from() -> None:
     client.close()
 
 
-@pytest.mark.parametrize(("config", "key"), [
-    ({"SESSION_COOKIE_SAMESITE": "sometimes"}, "SESSION_COOKIE_SAMESITE"),
-    ({"SESSION_COOKIE_SAMESITE": "None", "SESSION_COOKIE_SECURE": False},
-     "SESSION_COOKIE_SECURE"),
-    ({"SESSION_COOKIE_PARTITIONED": "perhaps"}, "SESSION_COOKIE_PARTITIONED"),
-    ({"SESSION_REFRESH_EACH_REQUEST": 2}, "SESSION_REFRESH_EACH_REQUEST"),
-    ({"SESSION_PERMANENT": "always"}, "SESSION_PERMANENT"),
-    ({"PERMANENT_SESSION_LIFETIME": timedelta(0)}, "PERMANENT_SESSION_LIFETIME"),
-    ({"SESSION_ID_LENGTH": 31}, "SESSION_ID_LENGTH"),
-    ({"SESSION_ID_LENGTH": True}, "SESSION_ID_LENGTH"),
-    ({"SESSION_KEY_PREFIX": ""}, "SESSION_KEY_PREFIX"),
-    ({"SESSION_COOKIE_DOMAIN": 7}, "SESSION_COOKIE_DOMAIN"),
-    ({"AIOCRYPT_RETRY_AFTER": 0}, "AIOCRYPT_RETRY_AFTER"),
-    ({"AIOCRYPT_SESSION_CACHE_CONTROL": 3}, "AIOCRYPT_SESSION_CACHE_CONTROL"),
-    ({"SESSION_TYPE": "mongodb"}, "SESSION_TYPE"),
-])
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ({"SESSION_COOKIE_SAMESITE": "sometimes"}, "SESSION_COOKIE_SAMESITE"),
+        (
+            {"SESSION_COOKIE_SAMESITE": "None", "SESSION_COOKIE_SECURE": False},
+            "SESSION_COOKIE_SECURE",
+        ),
+        ({"SESSION_COOKIE_PARTITIONED": "perhaps"}, "SESSION_COOKIE_PARTITIONED"),
+        ({"SESSION_REFRESH_EACH_REQUEST": 2}, "SESSION_REFRESH_EACH_REQUEST"),
+        ({"SESSION_PERMANENT": "always"}, "SESSION_PERMANENT"),
+        ({"PERMANENT_SESSION_LIFETIME": timedelta(0)}, "PERMANENT_SESSION_LIFETIME"),
+        ({"SESSION_ID_LENGTH": 31}, "SESSION_ID_LENGTH"),
+        ({"SESSION_ID_LENGTH": True}, "SESSION_ID_LENGTH"),
+        ({"SESSION_KEY_PREFIX": ""}, "SESSION_KEY_PREFIX"),
+        ({"SESSION_COOKIE_DOMAIN": 7}, "SESSION_COOKIE_DOMAIN"),
+        ({"AIOCRYPT_RETRY_AFTER": 0}, "AIOCRYPT_RETRY_AFTER"),
+        ({"AIOCRYPT_SESSION_CACHE_CONTROL": 3}, "AIOCRYPT_SESSION_CACHE_CONTROL"),
+        ({"SESSION_TYPE": "mongodb"}, "SESSION_TYPE"),
+    ],
+)
 def test_invalid_values_name_their_key(config: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigurationError, match=key):
         WebSettings.from_config({**URL, **config})
 
 
-async def test_version_1_payloads_stay_readable(service: EncryptionService,
-                                                aredis: aioredis.Redis,
-                                                redis_prefix: str) -> None:
+async def test_version_1_payloads_stay_readable(
+    service: EncryptionService, aredis: aioredis.Redis, redis_prefix: str
+) -> None:
     """Sessions written before the tagged-JSON envelope (v1) load in the extensions' store (v2)."""
     settings = SessionSettings(prefix=redis_prefix + "s:")
     old = RedisSessionStore(service, aredis, settings)
@@ -98,8 +116,11 @@ async def test_version_1_payloads_stay_readable(service: EncryptionService,
 
 def make_app(redis_url: str, redis_prefix: str, **config: Any) -> tuple[flask.Flask, AioCrypt]:
     app = flask.Flask(__name__)
-    app.config.update(AIOCRYPT_SESSION_PREFIX=redis_prefix + "s:",
-                      AIOCRYPT_CACHE_PREFIX=redis_prefix + "c:", **config)
+    app.config.update(
+        AIOCRYPT_SESSION_PREFIX=redis_prefix + "s:",
+        AIOCRYPT_CACHE_PREFIX=redis_prefix + "c:",
+        **config,
+    )
     if "SESSION_REDIS" not in config:
         app.config["AIOCRYPT_REDIS_URL"] = redis_url
     crypt = AioCrypt(app, service=make_service())
@@ -124,8 +145,9 @@ def make_app(redis_url: str, redis_prefix: str, **config: Any) -> tuple[flask.Fl
     return app, crypt
 
 
-def test_cache_control_on_session_pages_only(redis_url: str, redis_prefix: str,
-                                             sync_redis: redis.Redis) -> None:
+def test_cache_control_on_session_pages_only(
+    redis_url: str, redis_prefix: str, sync_redis: redis.Redis
+) -> None:
     app, crypt = make_app(redis_url, redis_prefix)
     try:
         client = app.test_client()
@@ -145,8 +167,9 @@ def test_cache_control_on_session_pages_only(redis_url: str, redis_prefix: str,
         crypt.close(app)
 
 
-def test_flask_session_redis_client_serves_the_cache_too(redis_url: str, redis_prefix: str,
-                                                        sync_redis: redis.Redis) -> None:
+def test_flask_session_redis_client_serves_the_cache_too(
+    redis_url: str, redis_prefix: str, sync_redis: redis.Redis
+) -> None:
     """SESSION_REDIS alone (Flask-Session style): the cache's asyncio client reaches it too."""
     client_redis = redis.Redis.from_url(redis_url)
     app, crypt = make_app(redis_url, redis_prefix, SESSION_REDIS=client_redis)
@@ -178,11 +201,18 @@ def test_envelope_layouts_are_pinned() -> None:
     session = EncryptedSession({"t": (1, 2), "b": b"\xff"})
     session._created_ms = 1_699_999_999_000
     assert codec.envelope(session) == {
-        "v": 2, "s": '{"t":{" t":[1,2]},"b":{" b":"/w=="}}', "c": 1_699_999_999_000}
-    assert codec.unpack({"v": 2, "s": '{"t":{" t":[1,2]}}', "c": 1_699_999_999_000}) == \
-        ({"t": (1, 2)}, 1_699_999_999_000)
-    assert codec.unpack({"d": {"t": [1, 2]}, "c": 1_699_999_999_000}) == \
-        ({"t": [1, 2]}, 1_699_999_999_000)  # version 1
+        "v": 2,
+        "s": '{"t":{" t":[1,2]},"b":{" b":"/w=="}}',
+        "c": 1_699_999_999_000,
+    }
+    assert codec.unpack({"v": 2, "s": '{"t":{" t":[1,2]}}', "c": 1_699_999_999_000}) == (
+        {"t": (1, 2)},
+        1_699_999_999_000,
+    )
+    assert codec.unpack({"d": {"t": [1, 2]}, "c": 1_699_999_999_000}) == (
+        {"t": [1, 2]},
+        1_699_999_999_000,
+    )  # version 1
     v1 = _SessionCodec(SessionSettings(), lambda: 1_700_000_000.0)
     assert v1.envelope(session) == {"d": {"t": [1, 2], "b": b"\xff"}, "c": 1_699_999_999_000}
     assert not session.accessed  # saving is no access

@@ -46,11 +46,17 @@ def test_the_limits_as_numbers() -> None:
 
 
 def _decryptor(enc: StreamEncryptor, dk: object, context: bytes = b"c") -> StreamDecryptor:
-    return StreamDecryptor(dk, context, enc.flags, enc.segment_size,  # type: ignore[arg-type]
-                           enc.salt + enc.prefix)
+    return StreamDecryptor(
+        dk,
+        context,
+        enc.flags,
+        enc.segment_size,  # type: ignore[arg-type]
+        enc.salt + enc.prefix,
+    )
 
 
 # -- StreamEncryptor ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("size", [MIN_SEGMENT_SIZE - 1, MAX_SEGMENT_SIZE + 1, 0])
 def test_stream_segment_size_outside_the_limits_is_refused(size: int) -> None:
@@ -101,8 +107,12 @@ def test_a_segment_opens_only_at_its_place_and_with_its_last_flag() -> None:
     dk = data_key()
     enc = StreamEncryptor(dk, b"c", SEG)
     first, second = enc.seal(bytes(SEG), False), enc.seal(b"tail", True)
-    for order in ([(second, True)], [(first, True)], [(first, False), (first, False)],
-                  [(first, False), (second, False)]):
+    for order in (
+        [(second, True)],
+        [(first, True)],
+        [(first, False), (first, False)],
+        [(first, False), (second, False)],
+    ):
         dec = _decryptor(enc, dk)
         with pytest.raises(DecryptionError) as exc:
             for sealed, last in order:
@@ -128,8 +138,9 @@ def test_the_segment_count_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     assert exc.value.reason is MALFORMED
     two = encrypt_bulk(dk, bytes(2 * SEG), b"c", segment_size=SEG)
     assert bytes(decrypt_bulk(dk, two, b"c")) == bytes(2 * SEG)
-    three = EncryptedData(bytes(3 * (SEG + 16) - 16), dk.key_id, "AES_256_GCM_STREAM",
-                          two.iv, two.tag)
+    three = EncryptedData(
+        bytes(3 * (SEG + 16) - 16), dk.key_id, "AES_256_GCM_STREAM", two.iv, two.tag
+    )
     with pytest.raises(DecryptionError) as exc:
         BulkOpener(dk, three, b"c")
     assert (exc.value.reason, exc.value.key_id) == (MALFORMED, dk.key_id)
@@ -137,13 +148,17 @@ def test_the_segment_count_limit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- splitting and bounds ------------------------------------------------------------
 
-@pytest.mark.parametrize(("total", "expected"), [
-    (0, [(0, 0, True)]),
-    (1, [(0, 1, True)]),
-    (SEG, [(0, SEG, True)]),
-    (SEG + 1, [(0, SEG, False), (SEG, SEG + 1, True)]),
-    (3 * SEG, [(0, SEG, False), (SEG, 2 * SEG, False), (2 * SEG, 3 * SEG, True)]),
-])
+
+@pytest.mark.parametrize(
+    ("total", "expected"),
+    [
+        (0, [(0, 0, True)]),
+        (1, [(0, 1, True)]),
+        (SEG, [(0, SEG, True)]),
+        (SEG + 1, [(0, SEG, False), (SEG, SEG + 1, True)]),
+        (3 * SEG, [(0, SEG, False), (SEG, 2 * SEG, False), (2 * SEG, 3 * SEG, True)]),
+    ],
+)
 def test_split_segments(total: int, expected: list[tuple[int, int, bool]]) -> None:
     data = memoryview(bytes(range(256)) * (total // 256 + 1))[:total]
     pieces = list(split_segments(data, SEG))
@@ -151,15 +166,24 @@ def test_split_segments(total: int, expected: list[tuple[int, int, bool]]) -> No
     assert [bytes(p) for p, _ in pieces] == [bytes(data[s:e]) for s, e, _ in expected]
 
 
-@pytest.mark.parametrize(("total", "expected"), [
-    (16, [(0, 16, True)]),
-    (SEG + 16, [(0, SEG + 16, True)]),
-    (SEG + 32, [(0, SEG + 16, False), (SEG + 16, SEG + 32, True)]),
-    (SEG + 33, [(0, SEG + 16, False), (SEG + 16, SEG + 33, True)]),
-    (2 * SEG + 32, [(0, SEG + 16, False), (SEG + 16, 2 * SEG + 32, True)]),
-    (2 * SEG + 48, [(0, SEG + 16, False), (SEG + 16, 2 * SEG + 32, False),
-                    (2 * SEG + 32, 2 * SEG + 48, True)]),
-])
+@pytest.mark.parametrize(
+    ("total", "expected"),
+    [
+        (16, [(0, 16, True)]),
+        (SEG + 16, [(0, SEG + 16, True)]),
+        (SEG + 32, [(0, SEG + 16, False), (SEG + 16, SEG + 32, True)]),
+        (SEG + 33, [(0, SEG + 16, False), (SEG + 16, SEG + 33, True)]),
+        (2 * SEG + 32, [(0, SEG + 16, False), (SEG + 16, 2 * SEG + 32, True)]),
+        (
+            2 * SEG + 48,
+            [
+                (0, SEG + 16, False),
+                (SEG + 16, 2 * SEG + 32, False),
+                (2 * SEG + 32, 2 * SEG + 48, True),
+            ],
+        ),
+    ],
+)
 def test_segment_bounds(total: int, expected: list[tuple[int, int, bool]]) -> None:
     assert _segment_bounds(total, SEG) == expected
 
@@ -171,26 +195,37 @@ def test_segment_bounds_refuse_a_piece_shorter_than_a_tag(total: int) -> None:
     assert exc.value.reason is MALFORMED
 
 
-@pytest.mark.parametrize(("size", "expected"), [
-    (0, 16), (1, 17), (SEG, SEG + 16), (SEG + 1, SEG + 33), (2 * SEG, 2 * SEG + 32),
-])
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        (0, 16),
+        (1, 17),
+        (SEG, SEG + 16),
+        (SEG + 1, SEG + 33),
+        (2 * SEG, 2 * SEG + 32),
+    ],
+)
 def test_sealed_size(size: int, expected: int) -> None:
     assert sealed_size(size, SEG) == expected
 
 
-@pytest.mark.parametrize(("count", "parts", "expected"), [
-    (0, 4, [(0, 0)]),
-    (1, 0, [(0, 1)]),
-    (1, 4, [(0, 1)]),
-    (5, 2, [(0, 3), (3, 5)]),
-    (6, 3, [(0, 2), (2, 4), (4, 6)]),
-    (7, 3, [(0, 3), (3, 5), (5, 7)]),
-])
+@pytest.mark.parametrize(
+    ("count", "parts", "expected"),
+    [
+        (0, 4, [(0, 0)]),
+        (1, 0, [(0, 1)]),
+        (1, 4, [(0, 1)]),
+        (5, 2, [(0, 3), (3, 5)]),
+        (6, 3, [(0, 2), (2, 4), (4, 6)]),
+        (7, 3, [(0, 3), (3, 5), (5, 7)]),
+    ],
+)
 def test_split_ranges(count: int, parts: int, expected: list[tuple[int, int]]) -> None:
     assert split_ranges(count, parts) == expected
 
 
 # -- BulkSealer and BulkOpener ----------------------------------------------------------
+
 
 def test_results_are_held_back_until_every_segment_is_done() -> None:
     dk = data_key()
@@ -296,8 +331,7 @@ def test_a_one_shot_blob_round_trips_and_refuses_tampering() -> None:
     blob = encrypt_bulk(dk, b"one shot", b"c")
     assert (len(blob.iv), blob.segment_size, blob.plaintext_size) == (12, None, 8)
     assert bytes(decrypt_bulk(dk, blob, b"c")) == b"one shot"
-    forged = EncryptedData(blob.encrypted_data, dk.key_id, "AES_256_GCM", blob.iv,
-                           bytes(16))
+    forged = EncryptedData(blob.encrypted_data, dk.key_id, "AES_256_GCM", blob.iv, bytes(16))
     for bad, context in ((forged, b"c"), (blob, b"d")):
         with pytest.raises(DecryptionError) as exc:
             decrypt_bulk(dk, bad, context)
@@ -305,6 +339,7 @@ def test_a_one_shot_blob_round_trips_and_refuses_tampering() -> None:
 
 
 # -- output_buffer ------------------------------------------------------------------------
+
 
 def test_output_buffer_takes_any_writable_buffer_and_gives_its_first_bytes() -> None:
     out = bytearray(10)
@@ -335,11 +370,14 @@ def test_the_repr_leaves_out_the_ciphertext_nonce_and_tag() -> None:
     assert "k1" in text and "AES_256_GCM" in text
     for hidden in ("encrypted_data=", "iv=", "tag=", "xaa", "xbb", "xcc"):
         assert hidden not in text
-    assert blob.compressed is False and EncryptedData(
-        b"", "k1", "AES_256_GCM", bytes(12), bytes(16)).compressed is False
+    assert (
+        blob.compressed is False
+        and EncryptedData(b"", "k1", "AES_256_GCM", bytes(12), bytes(16)).compressed is False
+    )
 
 
 # -- the rest of the first full run's survivors -------------------------------------------
+
 
 def test_encrypted_data_is_frozen_and_slotted() -> None:
     blob = EncryptedData(b"x", "k1", "AES_256_GCM", bytes(12), bytes(16))
@@ -393,8 +431,13 @@ def test_step_output_end_counts_a_tag_per_segment() -> None:
     dk = data_key()
     sealer = BulkSealer(dk, bytes(3 * SEG + 10), b"c", segment_size=SEG)  # four segments
     stride = SEG + 16
-    assert [sealer.step_output_end(n) for n in (0, 1, SEG, SEG + 1, 10 * SEG)] == \
-        [stride, stride, stride, 2 * stride, len(sealer.output)]
+    assert [sealer.step_output_end(n) for n in (0, 1, SEG, SEG + 1, 10 * SEG)] == [
+        stride,
+        stride,
+        stride,
+        2 * stride,
+        len(sealer.output),
+    ]
     sealer.step(SEG)
     assert sealer.step_output_end(1) == 2 * stride
     sealer.ranges_done()
@@ -408,8 +451,9 @@ def test_fresh_output_is_an_own_mapping_only() -> None:
     big = BulkSealer(dk, bytes(1 << 20), b"c", segment_size=SEG)
     assert isinstance(big.output.obj, mmap.mmap) and big.fresh_output
     given = mmap.mmap(-1, sealed_size(1 << 20, SEG))
-    assert not BulkSealer(dk, bytes(1 << 20), b"c", segment_size=SEG,
-                          out=memoryview(given)).fresh_output
+    assert not BulkSealer(
+        dk, bytes(1 << 20), b"c", segment_size=SEG, out=memoryview(given)
+    ).fresh_output
     big.step(1 << 20)
     blob = big.result()
     opener = BulkOpener(dk, blob, b"c")
@@ -418,9 +462,14 @@ def test_fresh_output_is_an_own_mapping_only() -> None:
     assert not BulkOpener(dk, blob, b"c", out=memoryview(out)).fresh_output
 
 
-@pytest.mark.parametrize(("size", "kind"), [
-    ((1 << 20) - 1, bytearray), (1 << 20, mmap.mmap), ((1 << 20) + 1, mmap.mmap),
-])
+@pytest.mark.parametrize(
+    ("size", "kind"),
+    [
+        ((1 << 20) - 1, bytearray),
+        (1 << 20, mmap.mmap),
+        ((1 << 20) + 1, mmap.mmap),
+    ],
+)
 def test_own_buffers_are_mappings_from_a_mib(size: int, kind: type) -> None:
     assert isinstance(_bulk._buffer(size).obj, kind)
     assert len(_bulk._buffer(size)) == size
@@ -441,8 +490,11 @@ def test_segments_claimed_in_order_are_sealed_and_opened_in_any_order() -> None:
     with pytest.raises(DecryptionError, match="after the stream's last segment") as exc:
         dec.claim(True)
     assert (exc.value.reason, exc.value.key_id) == (MALFORMED, dk.key_id)
-    assert [dec.open_at(i, sealed[i], i == 2) for i in (2, 0, 1)] == \
-        [chunks[2], chunks[0], chunks[1]]
+    assert [dec.open_at(i, sealed[i], i == 2) for i in (2, 0, 1)] == [
+        chunks[2],
+        chunks[0],
+        chunks[1],
+    ]
     with pytest.raises(DecryptionError) as exc:
         dec.open_at(1, sealed[0], False)
     assert (exc.value.reason, exc.value.key_id) == (AUTH, dk.key_id)

@@ -68,20 +68,34 @@ async def _chunks(data: Iterable[bytes]) -> AsyncIterator[bytes]:
 
 
 def test_the_tuning_constants_as_numbers() -> None:
-    assert (BATCH_BYTES, INLINE_BYTES, INLINE_SEGMENT_LIMIT, DEFAULT_MAX_SEGMENT, _COPY_PIECE) \
-        == (4 * MiB, MiB, 4 * MiB, 4 * MiB, MiB)
+    assert (BATCH_BYTES, INLINE_BYTES, INLINE_SEGMENT_LIMIT, DEFAULT_MAX_SEGMENT, _COPY_PIECE) == (
+        4 * MiB,
+        MiB,
+        4 * MiB,
+        4 * MiB,
+        MiB,
+    )
     assert _IV_BYTES == 4 + 16 + 7
 
 
-@pytest.mark.parametrize(("segment_size", "count"), [
-    (1024, 4096), (MiB, 4), (2 * MiB, 2), (3 * MiB, 1), (4 * MiB, 1), (4 * MiB + 1, 1),
-    (64 * MiB, 1),
-])
+@pytest.mark.parametrize(
+    ("segment_size", "count"),
+    [
+        (1024, 4096),
+        (MiB, 4),
+        (2 * MiB, 2),
+        (3 * MiB, 1),
+        (4 * MiB, 1),
+        (4 * MiB + 1, 1),
+        (64 * MiB, 1),
+    ],
+)
 def test_batch_count(segment_size: int, count: int) -> None:
     assert batch_count(segment_size) == count
 
 
 # -- chunks and copies ------------------------------------------------------------------
+
 
 def test_mutable_chunks_are_copied_a_mib_at_a_time() -> None:
     chunk = bytearray(b"\x01" * (2 * MiB + 1))
@@ -103,6 +117,7 @@ async def test_bytes_pass_uncopied_and_the_rest_is_copied() -> None:
 
 
 # -- the Segmenter ----------------------------------------------------------------------
+
 
 async def test_fill_buffers_at_least_the_size_and_skips_empty_chunks() -> None:
     seg = Segmenter(_chunks([b"ab", b"", b"cde", b"f"]))
@@ -131,24 +146,31 @@ async def test_take_slices_within_a_chunk_and_joins_across_chunks() -> None:
     assert seg.take(3) == b"abc" and seg.take(2) == b"de" and seg.take(1) == b"f"
 
 
-async def _batches(data: bytes, chunk: int, size: int, count: int,
-                   first: int | None = None) -> list[list[tuple[bytes, bool]]]:
-    pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)]
-    return [[(bytes(p), last) for p, last in batch]
-            async for batch in Segmenter(_chunks(pieces)).batches(size, count, first)]
+async def _batches(
+    data: bytes, chunk: int, size: int, count: int, first: int | None = None
+) -> list[list[tuple[bytes, bool]]]:
+    pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    return [
+        [(bytes(p), last) for p, last in batch]
+        async for batch in Segmenter(_chunks(pieces)).batches(size, count, first)
+    ]
 
 
-@pytest.mark.parametrize(("total", "shape"), [
-    (0, [[(0, True)]]),
-    (4, [[(4, True)]]),
-    (5, [[(4, False)], [(1, True)]]),
-    (8, [[(4, False)], [(4, True)]]),
-    (12, [[(4, False)], [(4, False), (4, True)]]),
-    (13, [[(4, False)], [(4, False), (4, False)], [(1, True)]]),
-    (23, [[(4, False)], [(4, False), (4, False)], [(4, False), (4, False)], [(3, True)]]),
-])
+@pytest.mark.parametrize(
+    ("total", "shape"),
+    [
+        (0, [[(0, True)]]),
+        (4, [[(4, True)]]),
+        (5, [[(4, False)], [(1, True)]]),
+        (8, [[(4, False)], [(4, True)]]),
+        (12, [[(4, False)], [(4, False), (4, True)]]),
+        (13, [[(4, False)], [(4, False), (4, False)], [(1, True)]]),
+        (23, [[(4, False)], [(4, False), (4, False)], [(4, False), (4, False)], [(3, True)]]),
+    ],
+)
 async def test_batches_release_a_piece_only_once_a_byte_beyond_it_came(
-        total: int, shape: list[list[tuple[int, bool]]]) -> None:
+    total: int, shape: list[list[tuple[int, bool]]]
+) -> None:
     data = bytes(range(total))
     batches = await _batches(data, 10, 4, 2, first=1)
     assert [[(len(p), last) for p, last in b] for b in batches] == shape
@@ -162,8 +184,10 @@ async def test_batches_without_a_first_size_are_all_count_long() -> None:
 
 # -- _steps: inline parts, worker-thread hops, yields to the loop --------------------------
 
-async def _run_steps(batches: list[Batch], threshold: int, holds_gil: bool,
-                     monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], Runner, list[int], int]:
+
+async def _run_steps(
+    batches: list[Batch], threshold: int, holds_gil: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[int], Runner, list[int], int]:
     parts: list[int] = []
     checkpoints = 0
     real = anyio.lowlevel.checkpoint
@@ -211,12 +235,16 @@ async def test_empty_segments_are_worked_inline(monkeypatch: pytest.MonkeyPatch)
     assert (parts, runner.calls, out) == ([1], [], [0])
 
 
-@pytest.mark.parametrize(("segment", "hops", "parts"), [
-    (INLINE_SEGMENT_LIMIT, 0, [1, 1]),  # inline, one segment per part (each over a MiB)
-    (INLINE_SEGMENT_LIMIT + 1, 1, [2]),  # the whole batch in one hop
-])
+@pytest.mark.parametrize(
+    ("segment", "hops", "parts"),
+    [
+        (INLINE_SEGMENT_LIMIT, 0, [1, 1]),  # inline, one segment per part (each over a MiB)
+        (INLINE_SEGMENT_LIMIT + 1, 1, [2]),  # the whole batch in one hop
+    ],
+)
 async def test_only_segments_above_the_inline_limit_go_to_a_thread(
-        segment: int, hops: int, parts: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    segment: int, hops: int, parts: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     batch: Batch = [(bytes(segment), False), (b"", True)]
     worked, runner, out, _ = await _run_steps([batch], 0, True, monkeypatch)
     assert len(runner.calls) == hops and out == [segment, 0]
@@ -224,8 +252,9 @@ async def test_only_segments_above_the_inline_limit_go_to_a_thread(
 
 
 @pytest.mark.parametrize("holds_gil", [True, False])
-async def test_a_thread_hop_only_above_the_threshold(holds_gil: bool,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_thread_hop_only_above_the_threshold(
+    holds_gil: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     size = INLINE_SEGMENT_LIMIT + 1 if holds_gil else 1000
     batch: Batch = [(bytes(size), False), (bytes(10), True)]
     _, runner, out, _ = await _run_steps([list(batch)], size + 10, holds_gil, monkeypatch)
@@ -235,13 +264,15 @@ async def test_a_thread_hop_only_above_the_threshold(holds_gil: bool,
 
 
 async def test_work_that_releases_the_gil_yields_after_a_mib_inline(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     batches: list[Batch] = [[(bytes(MiB // 2), False)] for _ in range(4)]
     _, runner, _, checkpoints = await _run_steps(batches, MiB, False, monkeypatch)
     assert runner.calls == [] and checkpoints == 2
 
 
 # -- the reader's bounds ------------------------------------------------------------------
+
 
 async def _sealed(dk: DataKey, data: bytes, segment_size: int) -> list[bytes]:
     enc = StreamEncryptor(dk, b"c", segment_size)
@@ -251,8 +282,8 @@ async def _sealed(dk: DataKey, data: bytes, segment_size: int) -> list[bytes]:
 async def _open(parts: Iterable[bytes], dk: DataKey, **kwargs: Any) -> bytes:
     async def find(key_id: str) -> DataKey:
         return dk
-    return b"".join([p async for p in open_stream(parts, find, b"c", Runner(), 1 << 30,
-                                                  **kwargs)])
+
+    return b"".join([p async for p in open_stream(parts, find, b"c", Runner(), 1 << 30, **kwargs)])
 
 
 async def test_the_default_segment_limit_is_4_mib() -> None:
@@ -265,10 +296,16 @@ async def test_the_default_segment_limit_is_4_mib() -> None:
     assert await _open(bigger, dk, max_segment_size=4 * MiB + 1) == data
 
 
-@pytest.mark.parametrize(("cut", "message"), [
-    (0, "no preamble"), (3, "no preamble"), (4, "preamble cut short"),
-    (-1, "preamble cut short"), (None, "the stream is cut short"),
-])
+@pytest.mark.parametrize(
+    ("cut", "message"),
+    [
+        (0, "no preamble"),
+        (3, "no preamble"),
+        (4, "preamble cut short"),
+        (-1, "preamble cut short"),
+        (None, "the stream is cut short"),
+    ],
+)
 async def test_a_stream_cut_in_its_preamble(cut: int | None, message: str) -> None:
     dk = data_key()
     parts = await _sealed(dk, b"data", 1024)
@@ -319,6 +356,7 @@ def test_stream_key_id_reads_the_preamble_exactly() -> None:
 
 # -- files -------------------------------------------------------------------------------
 
+
 async def test_writes_go_in_hops_of_4_mib(tmp_path: Path) -> None:
     async def parts(count: int) -> AsyncIterator[bytes]:
         for i in range(count):
@@ -347,6 +385,7 @@ async def test_an_aligned_read_hands_over_whole_sealed_segments(tmp_path: Path) 
 
 # -- the first full run's survivors ---------------------------------------------------------
 
+
 async def test_fill_says_false_and_take_leaves_no_empty_piece() -> None:
     seg = Segmenter(_chunks([b"ab", b"cd"]))
     assert await seg.fill(4) is True
@@ -355,15 +394,21 @@ async def test_fill_says_false_and_take_leaves_no_empty_piece() -> None:
     assert await seg.fill(1) is False
 
 
-@pytest.mark.parametrize(("sizes", "holds_gil", "expected"), [
-    ([INLINE_BYTES - 1], True, 0), ([INLINE_BYTES], True, 1),
-    ([INLINE_BYTES, INLINE_BYTES - 1], True, 1), ([INLINE_BYTES, INLINE_BYTES], True, 2),
-    ([INLINE_BYTES - 1], False, 0), ([INLINE_BYTES], False, 1),
-    ([INLINE_BYTES, INLINE_BYTES - 1], False, 1),
-])
+@pytest.mark.parametrize(
+    ("sizes", "holds_gil", "expected"),
+    [
+        ([INLINE_BYTES - 1], True, 0),
+        ([INLINE_BYTES], True, 1),
+        ([INLINE_BYTES, INLINE_BYTES - 1], True, 1),
+        ([INLINE_BYTES, INLINE_BYTES], True, 2),
+        ([INLINE_BYTES - 1], False, 0),
+        ([INLINE_BYTES], False, 1),
+        ([INLINE_BYTES, INLINE_BYTES - 1], False, 1),
+    ],
+)
 async def test_yields_to_the_loop_at_exactly_a_mib(
-        sizes: list[int], holds_gil: bool, expected: int,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int], holds_gil: bool, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     batches: list[Batch] = [[(bytes(size), False)] for size in sizes]
     _, runner, _, checkpoints = await _run_steps(batches, 1 << 30, holds_gil, monkeypatch)
     assert runner.calls == [] and checkpoints == expected
@@ -399,7 +444,7 @@ async def test_a_compressed_stream_whose_records_do_not_decode_is_refused() -> N
 
     dk = data_key()
     record = _compression.compress_record(b"x" * 500, 3)
-    for plaintext in (b"not a zstd record", record[:len(record) // 2]):
+    for plaintext in (b"not a zstd record", record[: len(record) // 2]):
         enc = StreamEncryptor(dk, b"c", 1024, flags=FLAG_ZSTD)
         parts = [enc.preamble, enc.seal(plaintext, True)]
         with pytest.raises(DecryptionError, match="does not decompress") as exc:
@@ -418,10 +463,8 @@ async def test_version_1_streams_open_by_default() -> None:
     aad = dk.aad(STREAM, 0, b"c", purpose=Purpose.STREAM, version=1)
     cipher = dk.stream_cipher(salt)
     pieces = [bytes(1024), b"tail"]
-    parts = [Header(STREAM, 0, dk.key_id, 1).to_bytes() + (1024).to_bytes(4, "big") + salt
-             + prefix]
-    parts += [cipher.encrypt(stream_nonce(prefix, i, i == 1), p, aad)
-              for i, p in enumerate(pieces)]
+    parts = [Header(STREAM, 0, dk.key_id, 1).to_bytes() + (1024).to_bytes(4, "big") + salt + prefix]
+    parts += [cipher.encrypt(stream_nonce(prefix, i, i == 1), p, aad) for i, p in enumerate(pieces)]
     assert await _open(parts, dk) == b"".join(pieces)
     with pytest.raises(DecryptionError, match="format version 1"):
         await _open(parts, dk, accept_v1=False)
@@ -512,6 +555,7 @@ async def test_settle_retrieves_the_failure() -> None:
 
 # -- _parallel_steps: batches in worker threads, results in order ----------------------------
 
+
 class Gauge(Runner):
     """A runner that counts the hops in flight (started, not finished)."""
 
@@ -528,8 +572,9 @@ class Gauge(Runner):
             self.in_flight -= 1
 
 
-async def _parallel(count: int, workers: int, runner: Runner,
-                    pulled: list[int]) -> AsyncIterator[int]:
+async def _parallel(
+    count: int, workers: int, runner: Runner, pulled: list[int]
+) -> AsyncIterator[int]:
     from aiocrypt._streams import _parallel_steps
 
     async def batches() -> AsyncIterator[Batch]:
@@ -604,6 +649,7 @@ async def test_more_than_one_worker_takes_the_parallel_path() -> None:
 
     async def find(key_id: str) -> DataKey:
         return dk
+
     opened = [p async for p in open_stream(parts, find, b"c", opening, 0)]
     assert b"".join(opened) == data and opening.calls == []  # one worker by default
 
@@ -620,9 +666,11 @@ class Holding(Gauge):
         if getattr(func, "__name__", None) == self.name:
             self.free -= 1
             if self.free < 0:
+
                 def held(*args: Any) -> Any:
                     self.release.wait(10)
                     return func(*args)
+
                 held.__name__ = self.name
                 return await super().__call__(held, *args)
         return await super().__call__(func, *args)

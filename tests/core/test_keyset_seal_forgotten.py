@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from aiocrypt import KeyStoreIntegrityError
+from aiocrypt import KeyStateError, KeyStoreIntegrityError
 from aiocrypt._keyset_seal import KeysetSealer, Seal
 
 from .test_mutants_keyset_guard import WHERE, _sealed, key
@@ -37,3 +37,20 @@ async def test_derive_needs_the_seal_key_unwrapped() -> None:
     fresh = KeysetSealer(f.kek_for)
     with pytest.raises(KeyStoreIntegrityError, match="not unwrapped yet"):
         fresh.derive(Seal.from_text(text, WHERE), b"info")
+
+
+async def test_forgotten_subject_keys_are_sealed_and_read_back() -> None:
+    sealer, _, f = await _sealed(key(1))
+    text = await sealer.seal(1, [key(1)], f.kek, None, {"subject-a": "kek-1"})
+    assert json.loads(text)["forgotten"] == {"subject-a": "kek-1"}
+    seal = await KeysetSealer(f.kek_for).verify(text, 1, [key(1)], WHERE)
+    assert seal is not None and dict(seal.forgotten) == {"subject-a": "kek-1"}
+    plain = await sealer.seal(1, [key(1)], f.kek, None)
+    assert "forgotten" not in json.loads(plain)  # only when there are some
+
+
+async def test_a_seal_over_the_size_limit_is_never_written() -> None:
+    sealer, _, f = await _sealed(key(1))
+    forgotten = {f"subject-{i:07d}": "kek-1" for i in range(4 * 1024 * 1024 // 20)}
+    with pytest.raises(KeyStateError, match="would exceed"):
+        await sealer.seal(1, [key(1)], f.kek, None, forgotten)

@@ -46,64 +46,122 @@ NO_MUTATE = "pragma: no mutate"
 #: slow). A module's mutants are judged by these tests only.
 TESTS: dict[str, list[str]] = {
     "aiocrypt/_format.py": [
-        "tests/core/test_mutants_format.py", "tests/core/test_coverage_format.py",
-        "tests/test_vectors.py", "tests/test_decryption_errors.py", "tests/test_rejection.py",
+        "tests/core/test_mutants_format.py",
+        "tests/core/test_coverage_format.py",
+        "tests/test_vectors.py",
+        "tests/test_decryption_errors.py",
+        "tests/test_rejection.py",
         "tests/security/test_fuzz_tokens.py",
     ],
     "aiocrypt/_codec.py": [
-        "tests/core/test_mutants_codec.py", "tests/core/test_coverage_codec.py",
-        "tests/test_codec.py", "tests/test_vectors.py",
+        "tests/core/test_mutants_codec.py",
+        "tests/core/test_coverage_codec.py",
+        "tests/test_codec.py",
+        "tests/test_vectors.py",
     ],
     "aiocrypt/_crypto.py": [
-        "tests/core/test_mutants_crypto.py", "tests/core/test_coverage_crypto.py",
-        "tests/test_vectors.py", "tests/test_decryption_errors.py",
-        "tests/test_field_fastpath.py", "tests/security/test_purpose_binding.py",
+        "tests/core/test_mutants_crypto.py",
+        "tests/core/test_coverage_crypto.py",
+        "tests/test_vectors.py",
+        "tests/test_decryption_errors.py",
+        "tests/test_field_fastpath.py",
+        "tests/security/test_purpose_binding.py",
         "tests/test_streams.py",
     ],
     "aiocrypt/_policy.py": [
-        "tests/core/test_mutants_policy.py", "tests/core/test_coverage_policy.py",
+        "tests/core/test_mutants_policy.py",
+        "tests/core/test_coverage_policy.py",
         "tests/test_lifecycle.py",
     ],
     "aiocrypt/_keyring.py": [
-        "tests/core/test_mutants_keyring.py", "tests/core/test_coverage_keyring.py",
-        "tests/core/test_coverage_bulk.py", "tests/test_field_fastpath.py",
-        "tests/test_service.py", "tests/test_lifecycle.py", "tests/test_decryption_errors.py",
+        "tests/core/test_mutants_keyring.py",
+        "tests/core/test_coverage_keyring.py",
+        "tests/core/test_coverage_bulk.py",
+        "tests/test_field_fastpath.py",
+        "tests/test_service.py",
+        "tests/test_lifecycle.py",
+        "tests/test_decryption_errors.py",
         "tests/test_rejection.py",
     ],
-    "aiocrypt/_bulk.py": ["tests/core/test_bulk_mutants.py", "tests/core/test_coverage_bulk.py",
-                          "tests/test_files.py", "tests/test_vectors.py"],
-    "aiocrypt/_streams.py": ["tests/core/test_streams_mutants.py",
-                             "tests/core/test_coverage_streams.py", "tests/test_stream_threads.py",
-                             "tests/test_streams.py", "tests/test_vectors.py"],
-    "aiocrypt/_keyset_seal.py": ["tests/core/test_mutants_keyset_seal.py",
-                                 "tests/core/test_mutants_keyset_guard.py",
-                                 "tests/security/test_storage_attacker.py"],
-    "aiocrypt/_keyset_guard.py": ["tests/core/test_mutants_keyset_guard.py",
-                                  "tests/core/test_mutants_keyset_state.py",
-                                  "tests/security/test_storage_attacker.py"],
-    "aiocrypt/_keyset_state.py": ["tests/core/test_mutants_keyset_state.py",
-                                 "tests/core/test_mutants_keyset_guard.py",
-                                 "tests/security/test_storage_attacker.py"],
+    "aiocrypt/_bulk.py": [
+        "tests/core/test_bulk_mutants.py",
+        "tests/core/test_coverage_bulk.py",
+        "tests/test_files.py",
+        "tests/test_vectors.py",
+    ],
+    "aiocrypt/_streams.py": [
+        "tests/core/test_streams_mutants.py",
+        "tests/core/test_coverage_streams.py",
+        "tests/test_stream_threads.py",
+        "tests/test_streams.py",
+        "tests/test_vectors.py",
+    ],
+    "aiocrypt/_keyset_seal.py": [
+        "tests/core/test_mutants_keyset_seal.py",
+        "tests/core/test_mutants_keyset_guard.py",
+        "tests/security/test_storage_attacker.py",
+    ],
+    "aiocrypt/_keyset_guard.py": [
+        "tests/core/test_mutants_keyset_guard.py",
+        "tests/core/test_mutants_keyset_state.py",
+        "tests/security/test_storage_attacker.py",
+    ],
+    "aiocrypt/_keyset_state.py": [
+        "tests/core/test_mutants_keyset_state.py",
+        "tests/core/test_mutants_keyset_guard.py",
+        "tests/security/test_storage_attacker.py",
+    ],
 }
-DEFAULT_MODULES = ["aiocrypt/_format.py", "aiocrypt/_codec.py", "aiocrypt/_crypto.py",
-                   "aiocrypt/_policy.py", "aiocrypt/_keyring.py", "aiocrypt/_bulk.py",
-                   "aiocrypt/_streams.py"]
+DEFAULT_MODULES = [
+    "aiocrypt/_format.py",
+    "aiocrypt/_codec.py",
+    "aiocrypt/_crypto.py",
+    "aiocrypt/_policy.py",
+    "aiocrypt/_keyring.py",
+    "aiocrypt/_bulk.py",
+    "aiocrypt/_streams.py",
+]
 
 # -- generating mutants ---------------------------------------------------------
 
 _COMPARE_SWAPS: dict[type[ast.cmpop], tuple[type[ast.cmpop], ...]] = {
-    ast.Lt: (ast.LtE, ast.GtE), ast.LtE: (ast.Lt, ast.Gt),
-    ast.Gt: (ast.GtE, ast.LtE), ast.GtE: (ast.Gt, ast.Lt),
-    ast.Eq: (ast.NotEq,), ast.NotEq: (ast.Eq,),
-    ast.In: (ast.NotIn,), ast.NotIn: (ast.In,),
-    ast.Is: (ast.IsNot,), ast.IsNot: (ast.Is,),
+    ast.Lt: (ast.LtE, ast.GtE),
+    ast.LtE: (ast.Lt, ast.Gt),
+    ast.Gt: (ast.GtE, ast.LtE),
+    ast.GtE: (ast.Gt, ast.Lt),
+    ast.Eq: (ast.NotEq,),
+    ast.NotEq: (ast.Eq,),
+    ast.In: (ast.NotIn,),
+    ast.NotIn: (ast.In,),
+    ast.Is: (ast.IsNot,),
+    ast.IsNot: (ast.Is,),
 }
-_OP_TEXT = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==",
-            ast.NotEq: "!=", ast.In: "in", ast.NotIn: "not in", ast.Is: "is",
-            ast.IsNot: "is not", ast.Add: "+", ast.Sub: "-"}
+_OP_TEXT = {
+    ast.Lt: "<",
+    ast.LtE: "<=",
+    ast.Gt: ">",
+    ast.GtE: ">=",
+    ast.Eq: "==",
+    ast.NotEq: "!=",
+    ast.In: "in",
+    ast.NotIn: "not in",
+    ast.Is: "is",
+    ast.IsNot: "is not",
+    ast.Add: "+",
+    ast.Sub: "-",
+}
 #: Statements whose deletion is not a useful mutant (or not a statement of logic).
-_KEEP = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom,
-         ast.Global, ast.Nonlocal, ast.Pass, ast.Return)
+_KEEP = (
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+    ast.Import,
+    ast.ImportFrom,
+    ast.Global,
+    ast.Nonlocal,
+    ast.Pass,
+    ast.Return,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +222,11 @@ class _Collector:
             self._visit(child, in_function)
 
     def _statement(self, node: ast.stmt, in_function: bool) -> None:
-        if isinstance(node, ast.Return) and node.value is not None and not (
-                isinstance(node.value, ast.Constant) and node.value.value is None):
+        if (
+            isinstance(node, ast.Return)
+            and node.value is not None
+            and not (isinstance(node.value, ast.Constant) and node.value.value is None)
+        ):
             self._add(node, "return None", "return None")
         if isinstance(node, ast.AugAssign) and type(node.op) in (ast.Add, ast.Sub):
             new = copy.copy(node)
@@ -204,8 +265,7 @@ class _Collector:
         elif isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub):
             binop = copy.copy(node)
             binop.op = ast.Sub() if isinstance(node.op, ast.Add) else ast.Add()
-            self._add(node, binop,
-                      f"`{_OP_TEXT[type(node.op)]}` -> `{_OP_TEXT[type(binop.op)]}`")
+            self._add(node, binop, f"`{_OP_TEXT[type(node.op)]}` -> `{_OP_TEXT[type(binop.op)]}`")
         elif isinstance(node, ast.Constant) and type(node.value) is bool:
             self._add(node, ast.Constant(not node.value), f"`{node.value}` -> `{not node.value}`")
         elif isinstance(node, ast.Constant) and type(node.value) is int:
@@ -215,7 +275,8 @@ class _Collector:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _offsets(source: str) -> list[int]:
@@ -260,6 +321,7 @@ def mutants_of(module: str, source: str | None = None) -> list[Mutant]:
 
 # -- equivalents ----------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Equivalent:
     module: str
@@ -283,9 +345,18 @@ def load_equivalents(path: Path = EQUIVALENT_FILE) -> dict[tuple[str, str, str],
 
 # -- running --------------------------------------------------------------------
 
-_COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "__pycache__", ".hypothesis",
-                                      ".mypy_cache", ".ruff_cache", ".pytest_cache",
-                                      "*.egg-info", "mutants", "node_modules")
+_COPY_IGNORE = shutil.ignore_patterns(
+    ".venv",
+    ".git",
+    "__pycache__",
+    ".hypothesis",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    "*.egg-info",
+    "mutants",
+    "node_modules",
+)
 
 
 def make_workspace(base: Path, index: int) -> Path:
@@ -296,8 +367,14 @@ def make_workspace(base: Path, index: int) -> Path:
     if not link.exists():
         link.symlink_to(target / "integrations", target_is_directory=True)
     probe = "import aiocrypt, aiocrypt.integrations as i; print(aiocrypt.__file__, i.__file__)"
-    found = subprocess.run([sys.executable, "-c", probe], cwd=target, env=_env(target),  # noqa: S603
-                           capture_output=True, text=True, check=True).stdout.split()
+    found = subprocess.run(  # noqa: S603 - our own interpreter, a fixed probe
+        [sys.executable, "-c", probe],
+        cwd=target,
+        env=_env(target),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     if not all(Path(f).resolve().is_relative_to(target.resolve()) for f in found):
         raise SystemExit(f"the copy in {target} imports aiocrypt from elsewhere: {found}")
     return target
@@ -306,7 +383,8 @@ def make_workspace(base: Path, index: int) -> Path:
 def _env(workspace: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(workspace)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        [str(workspace)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # a stale .pyc of a same-size mutant must not load
     env["HYPOTHESIS_DATABASE"] = ""
     return env
@@ -323,13 +401,31 @@ def _plugins_off(tests: list[str]) -> list[str]:
 
 def run_tests(workspace: Path, tests: list[str], timeout: float | None) -> tuple[str, float]:
     """Run ``tests`` in ``workspace``: ("passed" | "failed" | "timeout", seconds)."""
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "--no-header", "-p", "no:cacheprovider",
-           *_plugins_off(tests), "-o", "addopts=--strict-markers", "--tb=no", *tests]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "--no-header",
+        "-p",
+        "no:cacheprovider",
+        *_plugins_off(tests),
+        "-o",
+        "addopts=--strict-markers",
+        "--tb=no",
+        *tests,
+    ]
     start = time.monotonic()
     # our own interpreter and arguments, in our own copy of the tree
-    proc = subprocess.Popen(cmd, cwd=workspace, env=_env(workspace),  # noqa: S603
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+        cmd,
+        cwd=workspace,
+        env=_env(workspace),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -359,8 +455,14 @@ class ModuleResult:
     error: str = ""
 
 
-def run_module(module: str, tests: list[str], workspaces: queue.Queue[Path],
-               deadline: float, lines: set[int] | None, progress: bool) -> ModuleResult:
+def run_module(
+    module: str,
+    tests: list[str],
+    workspaces: queue.Queue[Path],
+    deadline: float,
+    lines: set[int] | None,
+    progress: bool,
+) -> ModuleResult:
     mutants = [m for m in mutants_of(module) if lines is None or m.lineno in lines]
     result = ModuleResult(module, len(mutants))
     tests = [t for t in tests if (ROOT / t.split("::")[0]).exists()]
@@ -377,8 +479,12 @@ def run_module(module: str, tests: list[str], workspaces: queue.Queue[Path],
         return result
     timeout = max(3 * baseline, MIN_TIMEOUT)
     if progress:
-        print(f"{module}: {len(mutants)} mutants, baseline {baseline:.1f}s, "
-              f"timeout {timeout:.0f}s, tests: {' '.join(tests)}", file=sys.stderr, flush=True)
+        print(
+            f"{module}: {len(mutants)} mutants, baseline {baseline:.1f}s, "
+            f"timeout {timeout:.0f}s, tests: {' '.join(tests)}",
+            file=sys.stderr,
+            flush=True,
+        )
     lock = threading.Lock()
 
     def one(mutant: Mutant) -> None:
@@ -394,8 +500,10 @@ def run_module(module: str, tests: list[str], workspaces: queue.Queue[Path],
         finally:
             target.write_bytes(original)
             workspaces.put(ws)
-        outcome = Outcome(mutant, "killed" if status == "failed" else
-                          "timeout" if status == "timeout" else "survived")
+        outcome = Outcome(
+            mutant,
+            "killed" if status == "failed" else "timeout" if status == "timeout" else "survived",
+        )
         with lock:
             result.outcomes.append(outcome)
             if progress:
@@ -412,14 +520,18 @@ def run_module(module: str, tests: list[str], workspaces: queue.Queue[Path],
 
 # -- reporting ------------------------------------------------------------------
 
+
 def _pct(num: int, den: int) -> str:
     return f"{100 * num / den:.1f}%" if den else "n/a"
 
 
-def report(results: list[ModuleResult],
-           equivalents: dict[tuple[str, str, str], Equivalent]) -> Iterator[str]:
-    yield ("| module | mutants run | killed | survived | timeout | equivalent | score "
-           "| score without equivalent mutants |")
+def report(
+    results: list[ModuleResult], equivalents: dict[tuple[str, str, str], Equivalent]
+) -> Iterator[str]:
+    yield (
+        "| module | mutants run | killed | survived | timeout | equivalent | score "
+        "| score without equivalent mutants |"
+    )
     yield "|---|---:|---:|---:|---:|---:|---:|---:|"
     for r in results:
         name = f"`{Path(r.module).name}`"
@@ -432,24 +544,39 @@ def report(results: list[ModuleResult],
         survived = run - killed - timeout
         equiv = sum(o.status == "survived" and o.mutant.key in equivalents for o in r.outcomes)
         note = f" (of {r.total})" if run < r.total else ""
-        yield (f"| {name} | {run}{note} | {killed} | {survived} | {timeout} | {equiv} "
-               f"| {_pct(killed + timeout, run)} | {_pct(killed + timeout, run - equiv)} |")
-    survivors = [o for r in results for o in r.outcomes
-                 if o.status == "survived" and o.mutant.key not in equivalents]
+        yield (
+            f"| {name} | {run}{note} | {killed} | {survived} | {timeout} | {equiv} "
+            f"| {_pct(killed + timeout, run)} | {_pct(killed + timeout, run - equiv)} |"
+        )
+    survivors = [
+        o
+        for r in results
+        for o in r.outcomes
+        if o.status == "survived" and o.mutant.key not in equivalents
+    ]
     yield ""
     yield f"Surviving mutants (not listed as equivalent): {len(survivors)}"
     for o in survivors:
         yield f"  {o.mutant.module}:{o.mutant.lineno}: {o.mutant.change}    {o.mutant.line}"
-    stale = [eq for r in results if not r.error
-             for eq in equivalents.values() if eq.module == r.module
-             and (eq.module, eq.line, eq.change) not in {m.key for m in mutants_of(r.module)}]
+    stale = [
+        eq
+        for r in results
+        if not r.error
+        for eq in equivalents.values()
+        if eq.module == r.module
+        and (eq.module, eq.line, eq.change) not in {m.key for m in mutants_of(r.module)}
+    ]
     if stale:
         yield ""
         yield "Listed as equivalent but no such mutant (the line changed?):"
         for eq in stale:
             yield f"  {eq.module}: {eq.change}    {eq.line}"
-    wrongly = [o for r in results for o in r.outcomes
-               if o.status != "survived" and o.mutant.key in equivalents]
+    wrongly = [
+        o
+        for r in results
+        for o in r.outcomes
+        if o.status != "survived" and o.mutant.key in equivalents
+    ]
     if wrongly:
         yield ""
         yield "Listed as equivalent but killed (remove from tools/mutate_equivalent.toml):"
@@ -461,8 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./dev mutate", description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help="e.g. aiocrypt/_format.py (default: the core)")
     parser.add_argument("-j", "--jobs", type=int, default=2, help="parallel mutants (default 2)")
-    parser.add_argument("--max-minutes", type=float, default=30.0,
-                        help="start no new mutant after this many minutes (default 30)")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=30.0,
+        help="start no new mutant after this many minutes (default 30)",
+    )
     parser.add_argument("--lines", help="only mutants starting on these lines, e.g. 120-130,140")
     parser.add_argument("--tests", nargs="+", help="run these tests instead of the module's own")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
@@ -486,8 +617,16 @@ def main(argv: list[str] | None = None) -> int:
             workspaces.put(make_workspace(base, i))
         results = []
         for module in modules:
-            results.append(run_module(module, args.tests or TESTS.get(module, []), workspaces,
-                                      deadline, lines, progress=True))
+            results.append(
+                run_module(
+                    module,
+                    args.tests or TESTS.get(module, []),
+                    workspaces,
+                    deadline,
+                    lines,
+                    progress=True,
+                )
+            )
             if len(modules) > 1:  # each module's survivors as soon as it is done
                 for text in report(results[-1:], equivalents):
                     print(text, file=sys.stderr, flush=True)

@@ -21,9 +21,12 @@ from aiocrypt.audit import Auditor, MemoryAuditSink
 from aiocrypt.testing import ManualClock, make_service
 
 _SHORT = {"rotation_interval_days": 10, "max_key_age_days": 10, "grace_period_days": 30}
-_CONFIG = EncryptionConfig(rotation_policies={  # dicts, read by KeyRotationPolicy.from_dict
-    kt.value: dict(_SHORT)  # type: ignore[misc]
-    for kt in (KeyType.FINANCIAL_DATA, KeyType.SESSION, KeyType.CACHE)})
+_CONFIG = EncryptionConfig(
+    rotation_policies={  # dicts, read by KeyRotationPolicy.from_dict
+        kt.value: dict(_SHORT)  # type: ignore[misc]
+        for kt in (KeyType.FINANCIAL_DATA, KeyType.SESSION, KeyType.CACHE)
+    }
+)
 
 Path_ = Callable[[EncryptionService, Path], Awaitable[Callable[[], Awaitable[Any]]]]
 
@@ -52,6 +55,7 @@ async def _many_one_bad(service: EncryptionService, _: Path) -> Callable[[], Awa
     async def read() -> None:
         with pytest.raises(DecryptionError):
             await service.decrypt_many(tokens)
+
     return read
 
 
@@ -64,16 +68,19 @@ async def _stream(service: EncryptionService, _: Path) -> Callable[[], Awaitable
     parts = [p async for p in service.encrypt_stream([b"y" * 5000], segment_size=1024)]
 
     async def read() -> bytes:
-        return b"".join([p async for p in service.decrypt_stream(
-            parts, key_type=KeyType.FINANCIAL_DATA)])
+        return b"".join(
+            [p async for p in service.decrypt_stream(parts, key_type=KeyType.FINANCIAL_DATA)]
+        )
+
     return read
 
 
 async def _file(service: EncryptionService, tmp: Path) -> Callable[[], Awaitable[Any]]:
     (tmp / "plain").write_bytes(b"z" * 3000)
     await service.encrypt_file(tmp / "plain", tmp / "sealed")
-    return lambda: service.decrypt_file(tmp / "sealed", tmp / "out",
-                                        key_type=KeyType.FINANCIAL_DATA)
+    return lambda: service.decrypt_file(
+        tmp / "sealed", tmp / "out", key_type=KeyType.FINANCIAL_DATA
+    )
 
 
 async def _session(service: EncryptionService, _: Path) -> Callable[[], Awaitable[Any]]:
@@ -86,13 +93,18 @@ async def _cache(service: EncryptionService, _: Path) -> Callable[[], Awaitable[
     return lambda: service.decrypt_cache_data(key, value)
 
 
-@pytest.mark.parametrize("path", [_field, _field_general, _many, _many_one_bad, _bulk, _stream,
-                                  _file, _session, _cache], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize(
+    "path",
+    [_field, _field_general, _many, _many_one_bad, _bulk, _stream, _file, _session, _cache],
+    ids=lambda f: f.__name__[1:],
+)
 async def test_expired_key_use_reaches_the_sinks_before_the_call_returns(
-        path: Path_, tmp_path: Path) -> None:
+    path: Path_, tmp_path: Path
+) -> None:
     clock, sink = ManualClock(), MemoryAuditSink()
-    service = make_service(_CONFIG, clock=clock, refresh_interval=3600.0, watch=False,
-                           auditor=Auditor([sink]))
+    service = make_service(
+        _CONFIG, clock=clock, refresh_interval=3600.0, watch=False, auditor=Auditor([sink])
+    )
     async with service:
         read = await path(service, tmp_path)
         clock.advance(days=11)  # past max age, inside the grace period

@@ -47,10 +47,10 @@ def test_the_limits_as_numbers() -> None:
 
 def _decryptor(enc: StreamEncryptor, dk: object, context: bytes = b"c") -> StreamDecryptor:
     return StreamDecryptor(
-        dk,
+        dk,  # type: ignore[arg-type]
         context,
         enc.flags,
-        enc.segment_size,  # type: ignore[arg-type]
+        enc.segment_size,
         enc.salt + enc.prefix,
     )
 

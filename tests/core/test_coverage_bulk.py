@@ -35,23 +35,32 @@ TAG = bytes(16)
 
 # -- EncryptedData ---------------------------------------------------------------
 
-@pytest.mark.parametrize(("kwargs", "why"), [
-    ({"algorithm": "AES_128_GCM"}, "unknown algorithm"),
-    ({"tag": bytes(15)}, "tag must be 16 bytes"),
-    ({"tag": bytes(17)}, "tag must be 16 bytes"),
-    ({"iv": bytes(11)}, "iv must be 12 or 14 bytes"),
-    ({"iv": bytes(13)}, "iv must be 12 or 14 bytes"),
-    ({"iv": bytes((3, 0)) + bytes(12)}, "unknown format version 3"),
-    ({"iv": bytes((0, 0)) + bytes(12)}, "unknown format version 0"),
-    ({"iv": bytes((2, 2)) + bytes(12)}, "unknown flags"),
-    ({"iv": bytes(12), "format_version": 3}, "unknown format version 3"),
-    ({"iv": bytes(12), "segment_size": 1024}, "for streams only"),
-    ({"iv": bytes((2, 0)) + bytes(12), "compressed": True}, "contradicts the iv"),
-    ({"iv": bytes((2, 1)) + bytes(12), "format_version": 1}, "contradicts the iv"),
-])
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"algorithm": "AES_128_GCM"}, "unknown algorithm"),
+        ({"tag": bytes(15)}, "tag must be 16 bytes"),
+        ({"tag": bytes(17)}, "tag must be 16 bytes"),
+        ({"iv": bytes(11)}, "iv must be 12 or 14 bytes"),
+        ({"iv": bytes(13)}, "iv must be 12 or 14 bytes"),
+        ({"iv": bytes((3, 0)) + bytes(12)}, "unknown format version 3"),
+        ({"iv": bytes((0, 0)) + bytes(12)}, "unknown format version 0"),
+        ({"iv": bytes((2, 2)) + bytes(12)}, "unknown flags"),
+        ({"iv": bytes(12), "format_version": 3}, "unknown format version 3"),
+        ({"iv": bytes(12), "segment_size": 1024}, "for streams only"),
+        ({"iv": bytes((2, 0)) + bytes(12), "compressed": True}, "contradicts the iv"),
+        ({"iv": bytes((2, 1)) + bytes(12), "format_version": 1}, "contradicts the iv"),
+    ],
+)
 def test_encrypted_data_refusals(kwargs: dict[str, Any], why: str) -> None:
-    fields: dict[str, Any] = {"encrypted_data": b"x", "key_id": "k1", "algorithm": GCM,
-                              "iv": bytes(12), "tag": TAG}
+    fields: dict[str, Any] = {
+        "encrypted_data": b"x",
+        "key_id": "k1",
+        "algorithm": GCM,
+        "iv": bytes(12),
+        "tag": TAG,
+    }
     fields.update(kwargs)
     with pytest.raises(ValueError, match=why):
         EncryptedData(**fields)
@@ -68,8 +77,7 @@ def test_stream_iv_is_packed_and_read_back(segment_size: int) -> None:
     bare = EncryptedData(b"x", "k1", STREAM, bytes(range(23)), TAG, segment_size, True)
     assert bare.iv == bytes((2, FLAG_ZSTD)) + segment_size.to_bytes(4, "big") + bytes(range(23))
     again = EncryptedData(b"x", "k1", STREAM, bare.iv, TAG)
-    assert (again.segment_size, again.compressed, again.format_version) == \
-        (segment_size, True, 2)
+    assert (again.segment_size, again.compressed, again.format_version) == (segment_size, True, 2)
     with pytest.raises(ValueError, match="contradicts the iv"):
         EncryptedData(b"x", "k1", STREAM, bare.iv, TAG, segment_size + 1)
     with pytest.raises(ValueError, match="iv must be 23 or 29 bytes"):
@@ -78,18 +86,24 @@ def test_stream_iv_is_packed_and_read_back(segment_size: int) -> None:
 
 def test_one_shot_iv_packs_only_what_a_nonce_cannot_say() -> None:
     assert EncryptedData(b"x", "k1", GCM, bytes(12), TAG).iv == bytes(12)
-    assert EncryptedData(b"x", "k1", GCM, bytes(12), TAG, compressed=True).iv == \
-        bytes((2, 1)) + bytes(12)
-    assert EncryptedData(b"x", "k1", GCM, bytes(12), TAG, format_version=1).iv == \
-        bytes((1, 0)) + bytes(12)
+    assert EncryptedData(b"x", "k1", GCM, bytes(12), TAG, compressed=True).iv == bytes(
+        (2, 1)
+    ) + bytes(12)
+    assert EncryptedData(b"x", "k1", GCM, bytes(12), TAG, format_version=1).iv == bytes(
+        (1, 0)
+    ) + bytes(12)
 
 
-@pytest.mark.parametrize("blob", [
-    b"", bytes((2, 1, 0, 2)) + b"k1" + bytes(27),  # one-shot body shorter than nonce + tag
-    bytes((2, 3, 0, 2)) + b"k1" + bytes(38),  # stream body shorter than params + tag
-    bytes((2, 2, 0, 2)) + b"k1" + bytes(40),  # AES-SIV is not a bulk algorithm
-    bytes((2, 3, 0, 2)) + b"k1" + (512).to_bytes(4, "big") + bytes(39),  # segment too small
-])
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        bytes((2, 1, 0, 2)) + b"k1" + bytes(27),  # one-shot body shorter than nonce + tag
+        bytes((2, 3, 0, 2)) + b"k1" + bytes(38),  # stream body shorter than params + tag
+        bytes((2, 2, 0, 2)) + b"k1" + bytes(40),  # AES-SIV is not a bulk algorithm
+        bytes((2, 3, 0, 2)) + b"k1" + (512).to_bytes(4, "big") + bytes(39),  # segment too small
+    ],
+)
 def test_from_bytes_refusals_are_malformed(blob: bytes) -> None:
     with pytest.raises(DecryptionError) as exc:
         EncryptedData.from_bytes(blob)
@@ -97,6 +111,7 @@ def test_from_bytes_refusals_are_malformed(blob: bytes) -> None:
 
 
 # -- usage: exactly one per blob and per stream -----------------------------------
+
 
 @pytest.mark.parametrize("segment_size", [None, 1024])
 @pytest.mark.parametrize("size", [0, 1, 5000])
@@ -151,16 +166,17 @@ async def _segmented(service: EncryptionService) -> Callable[[], Awaitable[Any]]
 
 
 async def _stream(service: EncryptionService) -> Callable[[], Awaitable[Any]]:
-    parts = [p async for p in service.encrypt_stream([b"secret" * 500], FIN,
-                                                     segment_size=1024)]
+    parts = [p async for p in service.encrypt_stream([b"secret" * 500], FIN, segment_size=1024)]
 
     async def read() -> bytes:
         return b"".join([p async for p in service.decrypt_stream(parts, key_type=FIN)])
+
     return read
 
 
-READERS = pytest.mark.parametrize("reader", [_blob, _segmented, _stream],
-                                  ids=["blob", "segmented", "stream"])
+READERS = pytest.mark.parametrize(
+    "reader", [_blob, _segmented, _stream], ids=["blob", "segmented", "stream"]
+)
 
 
 async def _withdraw(service: EncryptionService, how: str, clock: ManualClock) -> None:

@@ -77,11 +77,33 @@ def test_nesting_up_to_the_limit_decodes() -> None:
     assert value == []
 
 
-@pytest.mark.parametrize("value", [
-    None, True, False, 0, -1, 255, -256, 2**64, 1.5, -0.0, b"", b"\x00", "", "é",
-    _dt.date(2026, 1, 2), _dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=_dt.UTC),
-    uuid.UUID(int=7), [], [[]], {}, {1: "a", "b": [None]}, {None: 1, True: 2, 1.5: 3},
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        255,
+        -256,
+        2**64,
+        1.5,
+        -0.0,
+        b"",
+        b"\x00",
+        "",
+        "é",
+        _dt.date(2026, 1, 2),
+        _dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=_dt.UTC),
+        uuid.UUID(int=7),
+        [],
+        [[]],
+        {},
+        {1: "a", "b": [None]},
+        {None: 1, True: 2, 1.5: 3},
+    ],
+)
 def test_round_trip_from_bytes_and_views(value: object) -> None:
     data = encode_value(value)
     for wrap in (bytes, memoryview, bytearray):
@@ -91,8 +113,10 @@ def test_round_trip_from_bytes_and_views(value: object) -> None:
 
 def test_dict_keys_must_be_scalars() -> None:
     for key_type in (list, dict):
+
         class Key(key_type):  # type: ignore[valid-type,misc]
             __hash__ = object.__hash__  # hashable, so it can be a dict key at all
+
         with pytest.raises(UnsupportedTypeError, match="dict keys must be scalar"):
             encode_value({Key(): 1})
 
@@ -110,10 +134,19 @@ class _NoOffset(_dt.tzinfo):  # utcoffset() only: dst() and tzname() are never c
         return None
 
 
-@pytest.mark.parametrize("value", [
-    _dt.datetime(2026, 1, 1), _dt.datetime(2026, 1, 1, tzinfo=_NoOffset()),  # type: ignore[abstract]
-    (1, 2), {1}, frozenset(), object(), 1j,
-], ids=repr)
+@pytest.mark.parametrize(
+    "value",
+    [
+        _dt.datetime(2026, 1, 1),
+        _dt.datetime(2026, 1, 1, tzinfo=_NoOffset()),  # type: ignore[abstract]
+        (1, 2),
+        {1},
+        frozenset(),
+        object(),
+        1j,
+    ],
+    ids=repr,
+)
 def test_unsupported_values_are_refused_not_changed(value: object) -> None:
     with pytest.raises(UnsupportedTypeError):
         encode_value(value)
@@ -135,9 +168,15 @@ class _Decimal(Decimal):
     pass
 
 
-@pytest.mark.parametrize(("value", "base"), [
-    (_Int.ONE, int), (_Str.A, str), (_Bytes(b"x"), bytes), (_Decimal("1.5"), Decimal),
-])
+@pytest.mark.parametrize(
+    ("value", "base"),
+    [
+        (_Int.ONE, int),
+        (_Str.A, str),
+        (_Bytes(b"x"), bytes),
+        (_Decimal("1.5"), Decimal),
+    ],
+)
 def test_subclasses_are_stored_as_their_base_type(value: object, base: type) -> None:
     decoded = decode_value(encode_value(value))
     assert decoded == value and type(decoded) is base

@@ -86,8 +86,12 @@ def test_field_aads_are_cached_up_to_the_limit_then_cleared() -> None:
     assert dk.field_aads == {"one more": dk.field_aad("one more")}
     for context in (None, b"x", "x", bytearray(b"x")):
         # a bytearray context binds too, though the signature says str | bytes
-        assert dk.field_aad(context) == dk.aad(ALG_AES_256_GCM, 0, b"x" if context else b"",  # type: ignore[arg-type]
-                                               purpose=Purpose.FIELD)
+        assert dk.field_aad(context) == dk.aad(  # type: ignore[arg-type]
+            ALG_AES_256_GCM,
+            0,
+            b"x" if context else b"",
+            purpose=Purpose.FIELD,
+        )
 
 
 def test_short_bodies_are_format_errors_not_crypto_errors() -> None:

@@ -38,11 +38,21 @@ def test_aad_prefix_per_version() -> None:
             aad_prefix(version, ALG_AES_256_GCM, 0, "pii-v1", "pii", Purpose.FIELD)
 
 
-@pytest.mark.parametrize(("value", "version"), [
-    ("ac2.pii-v1.AAAA", FORMAT_V2), ("ac1.pii-v1.AAAA", FORMAT_V1), ("ac2.", FORMAT_V2),
-    ("ac3.pii-v1.AAAA", None), ("ac2", None), ("", None), ("AC2.x.AAAA", None),
-    (b"ac2.pii-v1.AAAA", None), (None, None), (42, None),
-])
+@pytest.mark.parametrize(
+    ("value", "version"),
+    [
+        ("ac2.pii-v1.AAAA", FORMAT_V2),
+        ("ac1.pii-v1.AAAA", FORMAT_V1),
+        ("ac2.", FORMAT_V2),
+        ("ac3.pii-v1.AAAA", None),
+        ("ac2", None),
+        ("", None),
+        ("AC2.x.AAAA", None),
+        (b"ac2.pii-v1.AAAA", None),
+        (None, None),
+        (42, None),
+    ],
+)
 def test_text_version_and_is_token_text(value: object, version: int | None) -> None:
     assert text_version(value) == version
     assert is_token_text(value) is (version is not None)
@@ -65,7 +75,7 @@ def test_token_sql() -> None:
 def test_context_bytes_limits_and_types() -> None:
     assert context_bytes(None) == b""
     assert context_bytes("users.ssn") == b"users.ssn"
-    assert context_bytes("\U0001F600" * 1024) == "\U0001F600".encode() * 1024  # 4096 bytes
+    assert context_bytes("\U0001f600" * 1024) == "\U0001f600".encode() * 1024  # 4096 bytes
     assert context_bytes("x" * MAX_CONTEXT_LEN) == b"x" * MAX_CONTEXT_LEN
     for ok in (b"x" * MAX_CONTEXT_LEN, bytearray(b"ab"), memoryview(b"ab")):
         assert context_bytes(ok) == bytes(ok)  # type: ignore[arg-type]  # any bytes-like binds
@@ -77,8 +87,14 @@ def test_context_bytes_limits_and_types() -> None:
             context_bytes(wrong)  # type: ignore[arg-type]
 
 
-def _binary(version: int = 2, algorithm: int = 1, flags: int = 0, key_id: bytes = b"k1",
-            kid_len: int | None = None, body: bytes = b"body") -> bytes:
+def _binary(
+    version: int = 2,
+    algorithm: int = 1,
+    flags: int = 0,
+    key_id: bytes = b"k1",
+    kid_len: int | None = None,
+    body: bytes = b"body",
+) -> bytes:
     size = len(key_id) if kid_len is None else kid_len
     return bytes((version, algorithm, flags, size)) + key_id + body
 
@@ -91,15 +107,24 @@ def test_parse_binary_splits_a_good_header() -> None:
     assert parse_binary(_binary(version=1, flags=FLAG_ZSTD, body=b""))[0].version == 1
 
 
-@pytest.mark.parametrize(("blob", "why"), [
-    (b"", "not an aiocrypt token"), (_binary()[:4], "not an aiocrypt token"),
-    (_binary(version=0), "not an aiocrypt token"), (_binary(version=3), "not an aiocrypt token"),
-    (_binary(algorithm=0), "unknown algorithm"), (_binary(algorithm=4), "unknown algorithm"),
-    (_binary(flags=2), "unknown flags"), (_binary(flags=0x80), "unknown flags"),
-    (_binary(kid_len=0), "bad key id length"), (_binary(key_id=b"k" * 65), "bad key id length"),
-    (_binary(kid_len=9, body=b""), "bad key id length"),
-    (_binary(key_id=b"k\xff"), "bad key id"), (_binary(key_id=b"k."), "bad key id"),
-])
+@pytest.mark.parametrize(
+    ("blob", "why"),
+    [
+        (b"", "not an aiocrypt token"),
+        (_binary()[:4], "not an aiocrypt token"),
+        (_binary(version=0), "not an aiocrypt token"),
+        (_binary(version=3), "not an aiocrypt token"),
+        (_binary(algorithm=0), "unknown algorithm"),
+        (_binary(algorithm=4), "unknown algorithm"),
+        (_binary(flags=2), "unknown flags"),
+        (_binary(flags=0x80), "unknown flags"),
+        (_binary(kid_len=0), "bad key id length"),
+        (_binary(key_id=b"k" * 65), "bad key id length"),
+        (_binary(kid_len=9, body=b""), "bad key id length"),
+        (_binary(key_id=b"k\xff"), "bad key id"),
+        (_binary(key_id=b"k."), "bad key id"),
+    ],
+)
 def test_parse_binary_refusals(blob: bytes, why: str) -> None:
     with pytest.raises(FormatError, match=why):
         parse_binary(blob)

@@ -50,14 +50,27 @@ def reason(exc: pytest.ExceptionInfo[DecryptionError]) -> DecryptionFailure | No
 
 # -- the fast path does not fall back for well-formed tokens ------------------
 
-VALUES: list[Any] = ["", "a", "ab", "abc", "héllo", 0, -1, 2**70, 1.5, None, True,
-                     b"\x00\xff", [1, "x"], {"k": [None]}]
+VALUES: list[Any] = [
+    "",
+    "a",
+    "ab",
+    "abc",
+    "héllo",
+    0,
+    -1,
+    2**70,
+    1.5,
+    None,
+    True,
+    b"\x00\xff",
+    [1, "x"],
+    {"k": [None]},
+]
 CONTEXTS: list[str | bytes | None] = [None, "users.ssn", b"users.ssn", "x" * 2000, b""]
 
 
 @pytest.mark.parametrize("context", CONTEXTS, ids=repr)
-def test_well_formed_tokens_of_the_active_key_never_fall_back(
-        context: str | bytes | None) -> None:
+def test_well_formed_tokens_of_the_active_key_never_fall_back(context: str | bytes | None) -> None:
     kr = ring(data_key())
     for value in VALUES:
         token = kr.encrypt(value, PII, context)
@@ -99,13 +112,18 @@ def test_the_fast_path_takes_tokens_up_to_64_kib() -> None:
     assert kr.general_decrypts == 1
 
 
-@pytest.mark.parametrize(("make", "purpose"), [
-    (lambda kr: kr.encrypt("v", PII, compression_level=1), Purpose.FIELD),  # flags 1
-    (lambda kr: kr.encrypt_deterministic("v", PII), Purpose.FIELD),  # AES-SIV
-    (lambda kr: kr.encrypt("v", PII, purpose=Purpose.SESSION), Purpose.SESSION),
-], ids=["compressed", "deterministic", "session"])
-def test_tokens_the_fast_path_does_not_take_are_counted(make: Callable[[Keyring], str],
-                                                        purpose: Purpose) -> None:
+@pytest.mark.parametrize(
+    ("make", "purpose"),
+    [
+        (lambda kr: kr.encrypt("v", PII, compression_level=1), Purpose.FIELD),  # flags 1
+        (lambda kr: kr.encrypt_deterministic("v", PII), Purpose.FIELD),  # AES-SIV
+        (lambda kr: kr.encrypt("v", PII, purpose=Purpose.SESSION), Purpose.SESSION),
+    ],
+    ids=["compressed", "deterministic", "session"],
+)
+def test_tokens_the_fast_path_does_not_take_are_counted(
+    make: Callable[[Keyring], str], purpose: Purpose
+) -> None:
     kr = ring(data_key())
     token = make(kr)
     assert kr.decrypt(token, PII, purpose=purpose) == "v"
@@ -133,8 +151,7 @@ def test_decrypt_bytes_takes_the_same_fast_path() -> None:
                 plaintext = encode_value(value)
                 token = dk.seal_field(plaintext, context)
                 assert kr.decrypt_bytes(token, PII, context) == plaintext
-                assert kr.decrypt_bytes(token, PII, context, for_reencryption=True) \
-                    == plaintext
+                assert kr.decrypt_bytes(token, PII, context, for_reencryption=True) == plaintext
     assert kr.general_decrypts == 0
     # up to 64 KiB, as decrypt
     edge = data_key(key_id="k-1")
@@ -168,6 +185,7 @@ def test_decrypt_bytes_refuses_what_is_not_a_str_without_other_errors() -> None:
 
 
 # -- refusals the fast path must not get past ----------------------------------
+
 
 def test_a_key_past_its_grace_period_refuses_plain_reads_on_the_fast_path() -> None:
     dk = data_key()
@@ -272,12 +290,14 @@ def test_every_non_canonical_last_character_is_refused(tail: int) -> None:
     alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
     accepted = set()
     for char in alphabet:
-        forged = token[:last] + char + token[last + 1:]
+        forged = token[:last] + char + token[last + 1 :]
         try:
             kr.decrypt(forged, PII)
         except DecryptionError as exc:
-            assert exc.reason in (DecryptionFailure.MALFORMED,
-                                  DecryptionFailure.AUTHENTICATION_FAILED)
+            assert exc.reason in (
+                DecryptionFailure.MALFORMED,
+                DecryptionFailure.AUTHENTICATION_FAILED,
+            )
         else:
             accepted.add(char)
     assert accepted == {token[last]}
@@ -308,8 +328,14 @@ def test_unknown_key_ids_are_named_and_bad_ones_malformed() -> None:
     with pytest.raises(UnknownKeyError) as exc:
         kr.decrypt("ac2.nope-v1." + "A" * 40, PII)
     assert exc.value.key_id == "nope-v1"
-    for token in ("ac2.b@d." + "A" * 40, "ac2." + "A" * 80, "ac3.pii-v1.AAAA", "", "ac2.",
-                  "ac2..AAAA"):
+    for token in (
+        "ac2.b@d." + "A" * 40,
+        "ac2." + "A" * 80,
+        "ac3.pii-v1.AAAA",
+        "",
+        "ac2.",
+        "ac2..AAAA",
+    ):
         with pytest.raises(DecryptionError) as info:
             kr.decrypt(token, PII)
         assert reason(info) is DecryptionFailure.MALFORMED
@@ -349,6 +375,7 @@ def test_version_1_is_refused_when_the_keyring_says_so() -> None:
 
 # -- snapshot, active keys, encryption -------------------------------------------
 
+
 def test_the_highest_active_version_is_the_active_key_in_any_order() -> None:
     v1, v3, v2 = data_key(version=1), data_key(version=3), data_key(version=2)
     for order in ((v1, v3, v2), (v3, v1, v2), (v2, v3, v1)):
@@ -363,11 +390,15 @@ def test_the_highest_active_version_is_the_active_key_in_any_order() -> None:
 def test_no_active_key_is_a_key_not_found_error() -> None:
     kr = ring(data_key(status=KeyStatus.DECRYPT_ONLY))
     assert not kr.has_active("pii") and kr.get_active("pii") is None
-    for call in (lambda: kr.active(PII), lambda: kr.encrypt("v", PII),
-                 lambda: kr.encrypt(5, PII), lambda: kr.encrypt_bytes(b"v", PII),
-                 lambda: kr.encrypt("v", PII, compression_level=1),
-                 lambda: kr.encrypt_deterministic("v", PII),
-                 lambda: kr.require_encryptable(PII)):
+    for call in (
+        lambda: kr.active(PII),
+        lambda: kr.encrypt("v", PII),
+        lambda: kr.encrypt(5, PII),
+        lambda: kr.encrypt_bytes(b"v", PII),
+        lambda: kr.encrypt("v", PII, compression_level=1),
+        lambda: kr.encrypt_deterministic("v", PII),
+        lambda: kr.require_encryptable(PII),
+    ):
         with pytest.raises(KeyNotFoundError, match="no active key of type 'pii'"):
             call()
 
@@ -394,8 +425,11 @@ def test_a_hand_built_keyring_is_held_to_the_gcm_message_limit() -> None:
     kr.encrypt("v", PII)
     assert dk.encryptions == GCM_MESSAGE_LIMIT
     call: Callable[[], str]
-    for call in (lambda: kr.encrypt("v", PII), lambda: kr.encrypt_bytes(b"v", PII),
-                 lambda: kr.encrypt(1, PII, compression_level=1)):
+    for call in (
+        lambda: kr.encrypt("v", PII),
+        lambda: kr.encrypt_bytes(b"v", PII),
+        lambda: kr.encrypt(1, PII, compression_level=1),
+    ):
         with pytest.raises(KeyStateError, match=r"reached 2\*\*32 encryptions"):
             call()
     assert dk.encryptions == GCM_MESSAGE_LIMIT
@@ -403,18 +437,24 @@ def test_a_hand_built_keyring_is_held_to_the_gcm_message_limit() -> None:
 
 # -- usage accounting: exactly one per message ---------------------------------
 
+
 @pytest.mark.parametrize("refill_at", [0, 10**6], ids=["asks", "allowance"])
-@pytest.mark.parametrize(("seal", "in_place"), [
-    (lambda kr: kr.encrypt("v", PII), True),
-    (lambda kr: kr.encrypt(5, PII, b"c"), True),
-    (lambda kr: kr.encrypt_bytes(b"\x01v", PII, "c"), True),
-    (lambda kr: kr.encrypt("v" * 100, PII, compression_level=3), False),
-    (lambda kr: kr.encrypt_bytes(b"\x01v" * 100, PII, compression_level=3), False),
-    (lambda kr: kr.encrypt({"a": 1}, PII, purpose=Purpose.SESSION), False),
-    (lambda kr: kr.encrypt_bytes(b"\x01v", PII, purpose=Purpose.CACHE), False),
-], ids=["str", "value", "bytes", "compressed", "compressed-bytes", "session", "cache"])
-def test_each_sealed_token_counts_exactly_once(seal: Callable[[Keyring], str], in_place: bool,
-                                               refill_at: int) -> None:
+@pytest.mark.parametrize(
+    ("seal", "in_place"),
+    [
+        (lambda kr: kr.encrypt("v", PII), True),
+        (lambda kr: kr.encrypt(5, PII, b"c"), True),
+        (lambda kr: kr.encrypt_bytes(b"\x01v", PII, "c"), True),
+        (lambda kr: kr.encrypt("v" * 100, PII, compression_level=3), False),
+        (lambda kr: kr.encrypt_bytes(b"\x01v" * 100, PII, compression_level=3), False),
+        (lambda kr: kr.encrypt({"a": 1}, PII, purpose=Purpose.SESSION), False),
+        (lambda kr: kr.encrypt_bytes(b"\x01v", PII, purpose=Purpose.CACHE), False),
+    ],
+    ids=["str", "value", "bytes", "compressed", "compressed-bytes", "session", "cache"],
+)
+def test_each_sealed_token_counts_exactly_once(
+    seal: Callable[[Keyring], str], in_place: bool, refill_at: int
+) -> None:
     asked: list[str] = []
 
     def allowance(dk: DataKey, sealer: Callable[[DataKey], str]) -> str:
@@ -461,6 +501,7 @@ def test_deterministic_tokens_do_not_spend_the_gcm_allowance() -> None:
 
 # -- check_decryptable (bulk data and streams) ------------------------------------
 
+
 def test_check_decryptable_refuses_what_plain_reads_may_not_use() -> None:
     used: list[str] = []
     kr = Keyring(on_expired_use=lambda dk: used.append(dk.key_id))
@@ -474,8 +515,10 @@ def test_check_decryptable_refuses_what_plain_reads_may_not_use() -> None:
             kr.check_decryptable(dk, PII)
         assert reason(exc) is DecryptionFailure.KEY_NOT_READABLE
         kr.check_decryptable(dk, PII, for_reencryption=True)  # re-encryption may
-    for dk in (data_key(status=KeyStatus.DESTROYED),
-               data_key(status=KeyStatus.DECRYPT_ONLY, decrypt_disabled=True)):
+    for dk in (
+        data_key(status=KeyStatus.DESTROYED),
+        data_key(status=KeyStatus.DECRYPT_ONLY, decrypt_disabled=True),
+    ):
         for again in (False, True):
             with pytest.raises(DecryptionError):
                 kr.check_decryptable(dk, PII, for_reencryption=again)

@@ -50,8 +50,7 @@ async def test_the_compression_flag_and_level_go_together() -> None:
 
 
 def _preamble(version: int, segment_size: int = 1024) -> bytes:
-    return (Header(STREAM, 0, "k1", version).to_bytes() + segment_size.to_bytes(4, "big")
-            + bytes(23))
+    return Header(STREAM, 0, "k1", version).to_bytes() + segment_size.to_bytes(4, "big") + bytes(23)
 
 
 def test_version_1_streams_are_refused_when_asked() -> None:
@@ -103,18 +102,27 @@ def test_stream_key_id_refusals() -> None:
     with pytest.raises(DecryptionError, match="one-shot bulk blob") as exc:
         stream_key_id(blob)
     assert exc.value.reason is DecryptionFailure.WRONG_PURPOSE and exc.value.key_id == "k1"
-    for bad in (Header(ALG_AES_256_SIV, 0, "k1").to_bytes() + bytes(40), _preamble(2)[:-1],
-                b"not a stream at all"):
+    for bad in (
+        Header(ALG_AES_256_SIV, 0, "k1").to_bytes() + bytes(40),
+        _preamble(2)[:-1],
+        b"not a stream at all",
+    ):
         with pytest.raises(DecryptionError) as exc:
             stream_key_id(bad)
         assert exc.value.reason is DecryptionFailure.MALFORMED
 
 
-@pytest.mark.parametrize(("size", "limit", "ok"), [
-    (1023, MAX_SEGMENT_SIZE, False), (1024, MAX_SEGMENT_SIZE, True),
-    (MAX_SEGMENT_SIZE, MAX_SEGMENT_SIZE, True), (MAX_SEGMENT_SIZE + 1, 2**32 - 1, False),
-    (4096, 4096, True), (4097, 4096, False),
-])
+@pytest.mark.parametrize(
+    ("size", "limit", "ok"),
+    [
+        (1023, MAX_SEGMENT_SIZE, False),
+        (1024, MAX_SEGMENT_SIZE, True),
+        (MAX_SEGMENT_SIZE, MAX_SEGMENT_SIZE, True),
+        (MAX_SEGMENT_SIZE + 1, 2**32 - 1, False),
+        (4096, 4096, True),
+        (4097, 4096, False),
+    ],
+)
 def test_segment_size_limits(size: int, limit: int, ok: bool) -> None:
     if ok:
         assert stream_key_id(_preamble(2, size), max_segment_size=limit).segment_size == size

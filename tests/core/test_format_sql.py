@@ -8,8 +8,10 @@ import asyncpg
 
 from aiocrypt._format import key_id_sql
 
-TOKENS = {"ac2.pii-v3-0a1b2c3d.QUJD": "pii-v3-0a1b2c3d",
-          "ac1.financial_data-v1-ffffffff.AAAA": "financial_data-v1-ffffffff"}
+TOKENS = {
+    "ac2.pii-v3-0a1b2c3d.QUJD": "pii-v3-0a1b2c3d",
+    "ac1.financial_data-v1-ffffffff.AAAA": "financial_data-v1-ffffffff",
+}
 
 
 def test_key_id_on_sqlite() -> None:

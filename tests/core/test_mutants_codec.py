@@ -71,8 +71,10 @@ ENCODINGS: list[tuple[Any, bytes]] = [
     ([], b"\x0b" + U32(0)),
     ([1, "a"], lst(b"\x03\x01", b"\x01a")),
     ({}, b"\x0c" + U32(0)),
-    ({"a": None, 2: [True]}, b"\x0c" + U32(2) + item(b"\x01a") + item(b"\x00")
-     + item(b"\x03\x02") + item(lst(b"\x06"))),
+    (
+        {"a": None, 2: [True]},
+        b"\x0c" + U32(2) + item(b"\x01a") + item(b"\x00") + item(b"\x03\x02") + item(lst(b"\x06")),
+    ),
 ]
 
 
@@ -96,7 +98,8 @@ def test_containers_of_every_type_decode_item_by_item() -> None:
     scalars = [value for value, _ in ENCODINGS if not isinstance(value, (list, dict))]
     decoded = decode_value(encode_value(scalars))
     assert [type(v) for v in decoded] == [
-        bytes if isinstance(v, (bytearray, memoryview)) else type(v) for v in scalars]
+        bytes if isinstance(v, (bytearray, memoryview)) else type(v) for v in scalars
+    ]
     assert decoded == scalars
     many = {i: [None] * i for i in range(7)}  # lists of minimal 5-byte items, dict pairs
     assert decode_value(encode_value(many)) == many
@@ -133,9 +136,17 @@ class _NoOffset(dt.tzinfo):
         return None
 
 
-@pytest.mark.parametrize("value", [dt.datetime(2026, 1, 1),
-                                   dt.datetime(2026, 1, 1, tzinfo=_NoOffset()),  # type: ignore[abstract]
-                                   object(), (1,), {1}, complex(1, 2)])
+@pytest.mark.parametrize(
+    "value",
+    [
+        dt.datetime(2026, 1, 1),
+        dt.datetime(2026, 1, 1, tzinfo=_NoOffset()),  # type: ignore[abstract]
+        object(),
+        (1,),
+        {1},
+        complex(1, 2),
+    ],
+)
 def test_unsupported_values_raise_unsupported_type_error(value: Any) -> None:
     with pytest.raises(UnsupportedTypeError):
         encode_value(value)
@@ -192,18 +203,24 @@ def test_decoding_nests_exactly_33_lists() -> None:
 #: Beyond the refusals test_coverage_codec.py reaches: lengths that point past the
 #: end of a container or of the data (a decoder that trusted them would raise
 #: struct.error or read a neighbour's bytes).
-MALFORMED: dict[str, bytes] = {**COVERED, **{
-    "empty int in a list": lst(b"\x03"),
-    "list count 2**32-1": b"\x0b" + U32(2**32 - 1) + item(b"\x00"),
-    "list missing its last item": b"\x0b" + U32(2) + item(b"\x04" + bytes(8)),
-    "list item header cut at 3 bytes": b"\x0b" + U32(2) + item(b"\x04" + bytes(8)) + b"\x00" * 3,
-    "list item header without body": b"\x0b" + U32(2) + item(b"\x04" + bytes(8)) + U32(1),
-    "item longer than the data": b"\x0b" + U32(1) + U32(100) + b"\x0b" + U32(1),
-    "item longer than its list": lst(b"\x0b" + U32(1) + U32(9) + b"\x00") + item(b"\x00" * 8),
-    "trailing bytes in an empty list": b"\x0b" + U32(0) + b"\x00",
-    "truncated list in a list": b"\x0b" + U32(1) + U32(4) + b"\x0b\x00\x00\x00",
-    "truncated list in a list, then more": lst(b"\x0b\x00\x00\x00", b"\x01abcdefgh"),
-}}
+MALFORMED: dict[str, bytes] = {
+    **COVERED,
+    **{
+        "empty int in a list": lst(b"\x03"),
+        "list count 2**32-1": b"\x0b" + U32(2**32 - 1) + item(b"\x00"),
+        "list missing its last item": b"\x0b" + U32(2) + item(b"\x04" + bytes(8)),
+        "list item header cut at 3 bytes": b"\x0b"
+        + U32(2)
+        + item(b"\x04" + bytes(8))
+        + b"\x00" * 3,
+        "list item header without body": b"\x0b" + U32(2) + item(b"\x04" + bytes(8)) + U32(1),
+        "item longer than the data": b"\x0b" + U32(1) + U32(100) + b"\x0b" + U32(1),
+        "item longer than its list": lst(b"\x0b" + U32(1) + U32(9) + b"\x00") + item(b"\x00" * 8),
+        "trailing bytes in an empty list": b"\x0b" + U32(0) + b"\x00",
+        "truncated list in a list": b"\x0b" + U32(1) + U32(4) + b"\x0b\x00\x00\x00",
+        "truncated list in a list, then more": lst(b"\x0b\x00\x00\x00", b"\x01abcdefgh"),
+    },
+}
 
 
 @pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
@@ -224,8 +241,9 @@ async def test_a_malformed_plaintext_is_a_decryption_error_through_the_service()
                 await service.decrypt_field(token, "pii", context="ctx")
 
 
-@pytest.mark.parametrize("data", [b"\x08secret-1234", b"\x09secret-1234", b"\x01secret\xff",
-                                  b"\x05secret"])
+@pytest.mark.parametrize(
+    "data", [b"\x08secret-1234", b"\x09secret-1234", b"\x01secret\xff", b"\x05secret"]
+)
 def test_a_decode_failure_does_not_carry_the_plaintext(data: bytes) -> None:
     # fromisoformat quotes its input, UnicodeDecodeError holds it: neither is chained
     with pytest.raises(ValueError, match=MALFORMED_MESSAGE) as info:

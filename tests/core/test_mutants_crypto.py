@@ -40,7 +40,7 @@ def fresh(**changes: object) -> DataKey:
 
 def raw_of(token: str, prefix: str) -> bytes:
     assert token.startswith(prefix)
-    return base64.urlsafe_b64decode(token[len(prefix):])
+    return base64.urlsafe_b64decode(token[len(prefix) :])
 
 
 def hkdf(info: bytes, length: int = 32, salt: bytes | None = None) -> bytes:
@@ -48,6 +48,7 @@ def hkdf(info: bytes, length: int = 32, salt: bytes | None = None) -> bytes:
 
 
 # -- sealing under the right header ------------------------------------------------
+
 
 @pytest.mark.parametrize("flags", [0, 1])
 @pytest.mark.parametrize("purpose", list(Purpose))
@@ -71,8 +72,7 @@ def test_seal_field_is_gcm_under_the_field_aad(context: str | bytes | None) -> N
     for _ in range(2):  # the second time through the cached AAD
         raw = raw_of(dk.seal_field(b"\x01v", context), "ac2.pii-v1.")
         assert raw[:2] == b"\x01\x00"
-        ctx = b"" if context is None else context.encode() if isinstance(context, str) \
-            else context
+        ctx = b"" if context is None else context.encode() if isinstance(context, str) else context
         aad = aad_prefix(FORMAT_V2, ALG_AES_256_GCM, 0, "pii-v1", "pii", Purpose.FIELD) + ctx
         assert AESGCM(MATERIAL).decrypt(raw[2:14], raw[14:], aad) == b"\x01v"
     assert dk.encryptions == 2
@@ -108,18 +108,28 @@ def test_version_1_aad_takes_the_flags_and_no_purpose_or_stream_params() -> None
     dk = fresh()
     for flags in (0, 1):
         for purpose in Purpose:
-            assert dk.aad(ALG_AES_256_GCM, flags, b"c", purpose=purpose, version=FORMAT_V1,
-                          stream_params=b"ignored") == \
-                aad_prefix(FORMAT_V1, ALG_AES_256_GCM, flags, "pii-v1", "pii", purpose) + b"c"
+            assert (
+                dk.aad(
+                    ALG_AES_256_GCM,
+                    flags,
+                    b"c",
+                    purpose=purpose,
+                    version=FORMAT_V1,
+                    stream_params=b"ignored",
+                )
+                == aad_prefix(FORMAT_V1, ALG_AES_256_GCM, flags, "pii-v1", "pii", purpose) + b"c"
+            )
 
 
 def test_version_2_aad_puts_stream_params_before_the_context() -> None:
     dk = fresh()
     for flags in (0, 1):
-        assert dk.aad(ALG_AES_256_GCM_STREAM, flags, b"c", purpose=Purpose.STREAM,
-                      stream_params=b"SP") == \
-            aad_prefix(FORMAT_V2, ALG_AES_256_GCM_STREAM, flags, "pii-v1", "pii",
-                       Purpose.STREAM) + b"SP" + b"c"
+        assert (
+            dk.aad(ALG_AES_256_GCM_STREAM, flags, b"c", purpose=Purpose.STREAM, stream_params=b"SP")
+            == aad_prefix(FORMAT_V2, ALG_AES_256_GCM_STREAM, flags, "pii-v1", "pii", Purpose.STREAM)
+            + b"SP"
+            + b"c"
+        )
 
 
 @pytest.mark.parametrize("flags", [0, 1])
@@ -154,6 +164,7 @@ def test_gcm_parts_is_a_flagless_blob_under_the_blob_purpose() -> None:
 
 # -- deterministic tokens -------------------------------------------------------
 
+
 def test_deterministic_tokens_are_aes_siv_under_an_hkdf_subkey() -> None:
     dk = fresh()
     siv = AESSIV(hkdf(b"aes-siv", 64))
@@ -172,6 +183,7 @@ def test_deterministic_tokens_are_aes_siv_under_an_hkdf_subkey() -> None:
 
 # -- key derivation ---------------------------------------------------------------
 
+
 def test_derived_keys_are_hkdf_sha256_with_the_aiocrypt_label() -> None:
     dk = fresh()
     assert derive_key(MATERIAL, b"blind") == hkdf(b"blind")
@@ -189,18 +201,23 @@ def test_a_stream_cipher_is_gcm_under_the_salted_stream_subkey() -> None:
 
 # -- a fresh DataKey ----------------------------------------------------------------
 
-@pytest.mark.parametrize(("status", "disabled", "readable", "reencryptable"), [
-    (KeyStatus.ACTIVE, False, True, True),
-    (KeyStatus.DECRYPT_ONLY, False, True, True),
-    (KeyStatus.EXPIRED, False, True, True),
-    (KeyStatus.REVOKED, False, False, True),
-    (KeyStatus.COMPROMISED, False, False, True),
-    (KeyStatus.DESTROYED, False, False, False),
-    (KeyStatus.DECRYPT_ONLY, True, False, False),
-    (KeyStatus.ACTIVE, True, False, False),
-])
-def test_a_fresh_data_key_reads_its_record(status: KeyStatus, disabled: bool, readable: bool,
-                                           reencryptable: bool) -> None:
+
+@pytest.mark.parametrize(
+    ("status", "disabled", "readable", "reencryptable"),
+    [
+        (KeyStatus.ACTIVE, False, True, True),
+        (KeyStatus.DECRYPT_ONLY, False, True, True),
+        (KeyStatus.EXPIRED, False, True, True),
+        (KeyStatus.REVOKED, False, False, True),
+        (KeyStatus.COMPROMISED, False, False, True),
+        (KeyStatus.DESTROYED, False, False, False),
+        (KeyStatus.DECRYPT_ONLY, True, False, False),
+        (KeyStatus.ACTIVE, True, False, False),
+    ],
+)
+def test_a_fresh_data_key_reads_its_record(
+    status: KeyStatus, disabled: bool, readable: bool, reencryptable: bool
+) -> None:
     dk = fresh(status=status, decrypt_disabled=disabled)
     assert (dk.readable, dk.reencryptable) == (readable, reencryptable)
     assert (dk.encryptions, dk.allowance, dk.refill_at) == (0, 0, 0)

@@ -52,16 +52,31 @@ LONGEST_PREFIX = 4 + MAX_KEY_ID + 1
 
 # -- key ids --------------------------------------------------------------------
 
+
 def test_every_key_id_character_is_accepted_alone_and_at_64() -> None:
     for char in KEY_ID_CHARS:
         assert validate_key_id(char) == char
     assert validate_key_id(KEY_ID_CHARS[:MAX_KEY_ID]) == KEY_ID_CHARS[:MAX_KEY_ID]
 
 
-@pytest.mark.parametrize("key_id", [
-    "", "k" * (MAX_KEY_ID + 1), "a.b", "a b", "a/b", "a+b", "a=b", "é", "k\n", "\u0661",
-    "\uff4b", "a:b", "a%b",
-])
+@pytest.mark.parametrize(
+    "key_id",
+    [
+        "",
+        "k" * (MAX_KEY_ID + 1),
+        "a.b",
+        "a b",
+        "a/b",
+        "a+b",
+        "a=b",
+        "é",
+        "k\n",
+        "\u0661",
+        "\uff4b",
+        "a:b",
+        "a%b",
+    ],
+)
 def test_anything_else_is_not_a_key_id(key_id: str) -> None:
     with pytest.raises(ValueError, match="key id must be"):
         validate_key_id(key_id)
@@ -93,8 +108,9 @@ def test_a_binary_header_with_a_bad_key_id_is_malformed() -> None:
 
 # -- contexts -------------------------------------------------------------------
 
+
 def test_a_str_context_is_bounded_in_utf8_bytes_not_characters() -> None:
-    four_byte = "\U0001F600"
+    four_byte = "\U0001f600"
     assert context_bytes(four_byte * (MAX_CONTEXT // 4)) == four_byte.encode() * 1024
     for too_long in (four_byte * 1025, "é" * 2049, "x" * 4097):
         with pytest.raises(ValueError, match="context longer than 4096 bytes"):
@@ -112,6 +128,7 @@ def test_a_str_subclass_context_is_its_text() -> None:
 
 # -- binary headers -------------------------------------------------------------
 
+
 def test_wire_numbers() -> None:
     # each is a byte of every header or of the associated data: frozen
     assert (ALG_AES_256_GCM, ALG_AES_256_SIV, ALG_AES_256_GCM_STREAM, FLAG_ZSTD) == (1, 2, 3, 1)
@@ -119,16 +136,20 @@ def test_wire_numbers() -> None:
     assert [p.name for p in Purpose] == ["FIELD", "BLOB", "STREAM", "SESSION", "CACHE"]
 
 
-@pytest.mark.parametrize(("blob", "fields"), [
-    (bytes((2, 3, 1, 1)) + b"k", (2, 3, 1, "k", b"")),
-    (bytes((1, 2, 0, 3)) + b"a-b" + b"xyz", (1, 2, 0, "a-b", b"xyz")),
-    (bytes((2, 1, 1, 2)) + b"Zz" + bytes(range(5)), (2, 1, 1, "Zz", bytes(range(5)))),
-])
+@pytest.mark.parametrize(
+    ("blob", "fields"),
+    [
+        (bytes((2, 3, 1, 1)) + b"k", (2, 3, 1, "k", b"")),
+        (bytes((1, 2, 0, 3)) + b"a-b" + b"xyz", (1, 2, 0, "a-b", b"xyz")),
+        (bytes((2, 1, 1, 2)) + b"Zz" + bytes(range(5)), (2, 1, 1, "Zz", bytes(range(5)))),
+    ],
+)
 def test_parse_binary_reads_each_field_from_its_offset(
-        blob: bytes, fields: tuple[int, int, int, str, bytes]) -> None:
+    blob: bytes, fields: tuple[int, int, int, str, bytes]
+) -> None:
     header, head, body = parse_binary(blob)
     assert (header.version, header.algorithm, header.flags, header.key_id, bytes(body)) == fields
-    assert head == blob[:4 + len(header.key_id)]
+    assert head == blob[: 4 + len(header.key_id)]
     assert header.to_bytes() == head
 
 
@@ -140,12 +161,15 @@ def test_the_shortest_binary_token_is_five_bytes() -> None:
             parse_binary(short)
 
 
-@pytest.mark.parametrize("blob", [
-    bytes((2, 1, 0, 2)) + b"k",          # one key id byte missing
-    bytes((2, 1, 0, 5)) + b"kk",
-    bytes((2, 1, 0, MAX_KEY_ID + 1)) + b"k" * 65 + b"body",
-    bytes((2, 1, 0, 0)) + b"body",
-])
+@pytest.mark.parametrize(
+    "blob",
+    [
+        bytes((2, 1, 0, 2)) + b"k",  # one key id byte missing
+        bytes((2, 1, 0, 5)) + b"kk",
+        bytes((2, 1, 0, MAX_KEY_ID + 1)) + b"k" * 65 + b"body",
+        bytes((2, 1, 0, 0)) + b"body",
+    ],
+)
 def test_a_key_id_length_past_the_data_or_the_limit_is_refused(blob: bytes) -> None:
     with pytest.raises(FormatError, match="bad key id length"):
         parse_binary(blob)
@@ -163,12 +187,15 @@ def test_stream_params_bytes() -> None:
 
 @pytest.mark.parametrize("purpose", list(Purpose))
 def test_aad_prefix_bytes_per_purpose(purpose: Purpose) -> None:
-    assert aad_prefix(2, 3, 1, "k", "pii", purpose) == \
-        b"\x02\x03\x01\x01k" + bytes((int(purpose),)) + b"\x03pii"
+    assert (
+        aad_prefix(2, 3, 1, "k", "pii", purpose)
+        == b"\x02\x03\x01\x01k" + bytes((int(purpose),)) + b"\x03pii"
+    )
     assert aad_prefix(1, 3, 1, "k", "pii", purpose) == b"\x01\x03\x01\x01k\x03pii"
 
 
 # -- canonical base64 -----------------------------------------------------------
+
 
 def test_base64url_alphabet_both_ways() -> None:
     data = bytes(range(256)) * 3
@@ -203,10 +230,27 @@ def test_all_64_final_characters(tail: int) -> None:
                 b64decode_canonical("ac2." + text, 4)
 
 
-@pytest.mark.parametrize("text", [
-    "AA=A", "AAAA=", "AAAA==", "AAAAAA==AA", "A===", "AA", "AAA", "AAAAA", "+AAA", "/AAA",
-    "AA+A", "A/==", "AAA\n", " AAA", "AAé=", "AA=\u00e9",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "AA=A",
+        "AAAA=",
+        "AAAA==",
+        "AAAAAA==AA",
+        "A===",
+        "AA",
+        "AAA",
+        "AAAAA",
+        "+AAA",
+        "/AAA",
+        "AA+A",
+        "A/==",
+        "AAA\n",
+        " AAA",
+        "AAé=",
+        "AA=\u00e9",
+    ],
+)
 def test_refused_base64(text: str) -> None:
     with pytest.raises(FormatError, match="base64"):
         b64decode_canonical(text)
@@ -215,6 +259,7 @@ def test_refused_base64(text: str) -> None:
 
 
 # -- field and token size limits ------------------------------------------------
+
 
 def _token_of_length(prefix: str, length: int) -> str:
     """A GCM field token (algorithm 1, no flags) of ``length`` characters, all zeros."""
@@ -276,6 +321,5 @@ def test_the_key_id_sql_reads_the_key_id_in_sqlite() -> None:
     db = sqlite3.connect(":memory:")
     sql = key_id_sql('"c"', "sqlite")
     for token, key_id in (("ac2.pii-v1-0a0b0c0d.AAAA", "pii-v1-0a0b0c0d"), ("ac1.k.B", "k")):
-        assert db.execute(f'SELECT {sql} FROM (SELECT ? AS "c")', (token,)).fetchone() == \
-            (key_id,)
+        assert db.execute(f'SELECT {sql} FROM (SELECT ? AS "c")', (token,)).fetchone() == (key_id,)
     db.close()

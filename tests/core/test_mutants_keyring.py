@@ -27,8 +27,7 @@ def test_an_unhashable_context_takes_the_fast_path() -> None:
     assert kr.general_decrypts == 0
 
 
-@pytest.mark.parametrize("value", [1, 257, -255, b"\x01", [1], {"k": 1}, 1.0000000000000002,
-                                   True])
+@pytest.mark.parametrize("value", [1, 257, -255, b"\x01", [1], {"k": 1}, 1.0000000000000002, True])
 def test_values_whose_encoding_ends_in_the_str_tag_byte(value: object) -> None:
     # the str shortcut must test the first byte: `plaintext[-1]` would return 1 as "\x01"
     kr = Keyring([data_key()])
@@ -82,7 +81,7 @@ def test_an_authentication_failure_names_the_key() -> None:
         assert exc.value.key_id == dk.key_id
 
 
-@pytest.mark.parametrize("context", ["\U0001F600" * 1025, "é" * 2049])
+@pytest.mark.parametrize("context", ["\U0001f600" * 1025, "é" * 2049])
 def test_a_str_context_over_4096_bytes_is_malformed(context: str) -> None:
     # the <= 1024 characters shortcut must not take a longer str unchecked
     dk = data_key()
@@ -94,7 +93,7 @@ def test_a_str_context_over_4096_bytes_is_malformed(context: str) -> None:
 
 def test_a_str_context_of_1024_four_byte_characters_is_read() -> None:
     dk = data_key()
-    context = "\U0001F600" * 1024  # 4096 bytes: the most a context may be
+    context = "\U0001f600" * 1024  # 4096 bytes: the most a context may be
     token = dk.seal_field(b"\x01v", context)
     assert Keyring([dk]).decrypt_bytes(token, PII, context) == b"\x01v"
 
@@ -113,9 +112,11 @@ def test_a_token_of_exactly_max_token_chars_is_read_past_the_length_check() -> N
     assert exc.value.reason is DecryptionFailure.MALFORMED and exc.value.key_id is None
 
 
-@pytest.mark.parametrize("seal", [lambda kr: kr.encrypt("v", PII, "c"),
-                                  lambda kr: kr.encrypt_bytes(b"\x01v", PII, "c")],
-                         ids=["encrypt", "encrypt_bytes"])
+@pytest.mark.parametrize(
+    "seal",
+    [lambda kr: kr.encrypt("v", PII, "c"), lambda kr: kr.encrypt_bytes(b"\x01v", PII, "c")],
+    ids=["encrypt", "encrypt_bytes"],
+)
 def test_tokens_sealed_within_the_allowance_are_tokens(seal: object) -> None:
     dk = data_key()
     dk.refill_at = 10

@@ -26,17 +26,29 @@ NOW = _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)
 WHERE = "test store"
 
 
-def key(version: int = 1, status: KeyStatus = KeyStatus.ACTIVE, kt: str = "pii",
-        key_id: str | None = None) -> EncryptionKey:
-    return EncryptionKey(key_id or f"{kt}-v{version}-abcd", KeyType(kt), version, status, NOW,
-                         NOW + _dt.timedelta(days=365), wrapped_key=b"w" * 8)
+def key(
+    version: int = 1,
+    status: KeyStatus = KeyStatus.ACTIVE,
+    kt: str = "pii",
+    key_id: str | None = None,
+) -> EncryptionKey:
+    return EncryptionKey(
+        key_id or f"{kt}-v{version}-abcd",
+        KeyType(kt),
+        version,
+        status,
+        NOW,
+        NOW + _dt.timedelta(days=365),
+        wrapped_key=b"w" * 8,
+    )
 
 
 class Fixture:
     def __init__(self, state_path: str | None = None) -> None:
         self.kek = FakeKekProvider()
-        self.guard = KeysetGuard(self.kek_for, where=WHERE, store_identity="store-a",
-                                 state_path=state_path)
+        self.guard = KeysetGuard(
+            self.kek_for, where=WHERE, store_identity="store-a", state_path=state_path
+        )
         self.keys: list[EncryptionKey] = []
         self.revision = 0
 
@@ -80,23 +92,26 @@ async def test_the_revision_never_goes_back() -> None:
     assert f.guard.high_water == 2
 
 
-@pytest.mark.parametrize(("before", "after", "ok"), [
-    (KeyStatus.ACTIVE, KeyStatus.DECRYPT_ONLY, True),
-    (KeyStatus.ACTIVE, KeyStatus.REVOKED, True),
-    (KeyStatus.DECRYPT_ONLY, KeyStatus.EXPIRED, True),
-    (KeyStatus.DECRYPT_ONLY, KeyStatus.ACTIVE, False),
-    (KeyStatus.EXPIRED, KeyStatus.ACTIVE, False),
-    (KeyStatus.REVOKED, KeyStatus.COMPROMISED, True),
-    (KeyStatus.REVOKED, KeyStatus.DESTROYED, True),
-    (KeyStatus.REVOKED, KeyStatus.DECRYPT_ONLY, False),
-    (KeyStatus.REVOKED, KeyStatus.ACTIVE, False),
-    (KeyStatus.COMPROMISED, KeyStatus.DESTROYED, True),
-    (KeyStatus.COMPROMISED, KeyStatus.REVOKED, False),
-    (KeyStatus.COMPROMISED, KeyStatus.EXPIRED, False),
-    (KeyStatus.COMPROMISED, KeyStatus.ACTIVE, False),
-    (KeyStatus.DESTROYED, KeyStatus.REVOKED, False),
-    (KeyStatus.DESTROYED, KeyStatus.DECRYPT_ONLY, False),
-])
+@pytest.mark.parametrize(
+    ("before", "after", "ok"),
+    [
+        (KeyStatus.ACTIVE, KeyStatus.DECRYPT_ONLY, True),
+        (KeyStatus.ACTIVE, KeyStatus.REVOKED, True),
+        (KeyStatus.DECRYPT_ONLY, KeyStatus.EXPIRED, True),
+        (KeyStatus.DECRYPT_ONLY, KeyStatus.ACTIVE, False),
+        (KeyStatus.EXPIRED, KeyStatus.ACTIVE, False),
+        (KeyStatus.REVOKED, KeyStatus.COMPROMISED, True),
+        (KeyStatus.REVOKED, KeyStatus.DESTROYED, True),
+        (KeyStatus.REVOKED, KeyStatus.DECRYPT_ONLY, False),
+        (KeyStatus.REVOKED, KeyStatus.ACTIVE, False),
+        (KeyStatus.COMPROMISED, KeyStatus.DESTROYED, True),
+        (KeyStatus.COMPROMISED, KeyStatus.REVOKED, False),
+        (KeyStatus.COMPROMISED, KeyStatus.EXPIRED, False),
+        (KeyStatus.COMPROMISED, KeyStatus.ACTIVE, False),
+        (KeyStatus.DESTROYED, KeyStatus.REVOKED, False),
+        (KeyStatus.DESTROYED, KeyStatus.DECRYPT_ONLY, False),
+    ],
+)
 async def test_status_transitions(before: KeyStatus, after: KeyStatus, ok: bool) -> None:
     f = Fixture()
     await f.write(key(status=before))
@@ -113,7 +128,8 @@ async def test_a_record_never_disappears() -> None:
     await f.write(key(1), key(2))
     f.keys = [key(2)]
     seal = await KeysetGuard(f.kek_for, where=WHERE, store_identity="x").seal_unverified(
-        KeySet(f.revision, tuple(f.keys)), f.kek)
+        KeySet(f.revision, tuple(f.keys)), f.kek
+    )
     with pytest.raises(KeyStoreIntegrityError, match="pii-v1-abcd disappeared") as exc:
         await f.guard.verify(KeySet(f.revision + 1, tuple(f.keys), seal))
     assert exc.value.key_id == "pii-v1-abcd"
@@ -131,7 +147,8 @@ async def test_usage_start_never_goes_below_the_floor() -> None:
 
 
 async def test_the_high_water_mark_survives_a_restart_through_the_state_file(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     path = str(tmp_path / "keyset.json")
     f = Fixture(path)
     await f.guard.load_state()
@@ -161,6 +178,7 @@ async def test_the_high_water_mark_survives_a_restart_through_the_state_file(
 
 # -- the seal ---------------------------------------------------------------------
 
+
 async def _sealed(*keys: EncryptionKey, revision: int = 1) -> tuple[KeysetSealer, str, Fixture]:
     f = Fixture()
     sealer = KeysetSealer(f.kek_for)
@@ -171,21 +189,27 @@ async def test_a_seal_verifies_exactly_its_records_and_revision() -> None:
     sealer, text, _ = await _sealed(key(1), key(2))
     seal = await sealer.verify(text, 1, [key(2), key(1)], WHERE)
     assert seal is not None and seal.revision == 1
-    assert dict(seal.records) == {"pii-v1-abcd": record_digest(key(1)),
-                                  "pii-v2-abcd": record_digest(key(2))}
+    assert dict(seal.records) == {
+        "pii-v1-abcd": record_digest(key(1)),
+        "pii-v2-abcd": record_digest(key(2)),
+    }
     for keys, revision, why in (
-            ([key(1), key(2)], 2, "says revision 2 but its seal is for revision 1"),
-            ([key(1)], 1, "pii-v2-abcd is sealed but missing"),
-            ([key(1), key(2), key(3)], 1, "pii-v3-abcd is not covered"),
-            ([key(1), key(2, KeyStatus.REVOKED)], 1, "pii-v2-abcd does not match")):
+        ([key(1), key(2)], 2, "says revision 2 but its seal is for revision 1"),
+        ([key(1)], 1, "pii-v2-abcd is sealed but missing"),
+        ([key(1), key(2), key(3)], 1, "pii-v3-abcd is not covered"),
+        ([key(1), key(2, KeyStatus.REVOKED)], 1, "pii-v2-abcd does not match"),
+    ):
         with pytest.raises(KeyStoreIntegrityError, match=why):
             await sealer.verify(text, revision, keys, WHERE)
     assert await sealer.verify(None, 0, [], WHERE) is None
 
 
 async def test_a_record_whose_id_does_not_name_its_type_and_version_is_refused() -> None:
-    for odd in (key(1, key_id="pii-v2-abcd"), key(1, key_id="api_keys-v1-abcd"),
-                key(1, key_id="pii-v1abcd")):
+    for odd in (
+        key(1, key_id="pii-v2-abcd"),
+        key(1, key_id="api_keys-v1-abcd"),
+        key(1, key_id="pii-v1abcd"),
+    ):
         sealer, text, _ = await _sealed(odd)
         with pytest.raises(KeyStoreIntegrityError, match="which its id does not") as exc:
             await sealer.verify(text, 1, [odd], WHERE)
@@ -200,14 +224,24 @@ async def test_a_modified_seal_fails_authentication() -> None:
         await sealer.verify(json.dumps(doc), 1, [key(1)], WHERE)
 
 
-@pytest.mark.parametrize("edit", [
-    lambda d: d.update(format="x"), lambda d: d.update(version=2), lambda d: d.pop("mac"),
-    lambda d: d.update(kek_id=5), lambda d: d.update(revision="1"),
-    lambda d: d.update(revision=0), lambda d: d.update(revision=True),
-    lambda d: d.update(records=[]), lambda d: d.update(records={"k": "ab"}),
-    lambda d: d.update(records={"k": 5}), lambda d: d.update(seal_key="!!"),
-    lambda d: d.update(mac="zz"), lambda d: d.pop("kek_id"),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(format="x"),
+        lambda d: d.update(version=2),
+        lambda d: d.pop("mac"),
+        lambda d: d.update(kek_id=5),
+        lambda d: d.update(revision="1"),
+        lambda d: d.update(revision=0),
+        lambda d: d.update(revision=True),
+        lambda d: d.update(records=[]),
+        lambda d: d.update(records={"k": "ab"}),
+        lambda d: d.update(records={"k": 5}),
+        lambda d: d.update(seal_key="!!"),
+        lambda d: d.update(mac="zz"),
+        lambda d: d.pop("kek_id"),
+    ],
+)
 async def test_malformed_seals_are_integrity_errors(edit: object) -> None:
     sealer, text, _ = await _sealed(key(1))
     doc = json.loads(text)
@@ -268,8 +302,15 @@ async def test_sealing_reuses_the_seal_key_and_rewraps_it_for_a_new_kek() -> Non
 
 async def test_state_is_loaded_once_and_low_usage_marks_floor_at_zero(tmp_path: Path) -> None:
     path = tmp_path / "keyset.json"
-    path.write_text(json.dumps({"format": "aiocrypt.keyset-state", "revisions": {"store-a": 1},
-                                "usage": {"neg": -5, "zero": 0}}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": "aiocrypt.keyset-state",
+                "revisions": {"store-a": 1},
+                "usage": {"neg": -5, "zero": 0},
+            }
+        )
+    )
     f = Fixture(str(path))
     await f.guard.load_state()
     path.write_text("damaged after loading")
@@ -296,18 +337,25 @@ async def test_the_first_missing_record_is_named() -> None:
     await f.write(key(1), key(2), key(3))
     f.keys = [key(2)]
     seal = await KeysetGuard(f.kek_for, where=WHERE, store_identity="x").seal_unverified(
-        KeySet(f.revision, tuple(f.keys)), f.kek)
+        KeySet(f.revision, tuple(f.keys)), f.kek
+    )
     with pytest.raises(KeyStoreIntegrityError, match="pii-v1-abcd disappeared") as exc:
         await f.guard.verify(KeySet(f.revision + 1, tuple(f.keys), seal))
     assert exc.value.key_id == "pii-v1-abcd"
 
 
-@pytest.mark.parametrize("edit", [
-    lambda d: d.update(revision=0), lambda d: d.update(revision=-1),
-    lambda d: d.update(records={"k": "ab"}), lambda d: d.update(records={"k": "G" * 64}),
-    lambda d: d.update(records={"k": 5}), lambda d: d.update(seal_key="QQ=A"),
-    lambda d: d.update(seal_key="Q Q=="),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(revision=0),
+        lambda d: d.update(revision=-1),
+        lambda d: d.update(records={"k": "ab"}),
+        lambda d: d.update(records={"k": "G" * 64}),
+        lambda d: d.update(records={"k": 5}),
+        lambda d: d.update(seal_key="QQ=A"),
+        lambda d: d.update(seal_key="Q Q=="),
+    ],
+)
 async def test_seal_from_text_refuses_malformed_fields_itself(edit: object) -> None:
     _, text, _ = await _sealed(key(1))
     doc = json.loads(text)
@@ -332,16 +380,24 @@ FROZEN_SEAL = (
     '{"format":"aiocrypt.keyset-seal","kek_id":"local:1b1e2b0f4b188ff8","mac":"181a77b00f853bf5'
     'c38f8b7a44d89ee10dec9288ed92f793b6937f47f3e7da6a","records":{"pii-v1-abcd":"2749ab1ac5a5e'
     '0f2e5836c55c825262e0710dcf3489bc8f267b926bebe89908a"},"revision":1,"seal_key":"AW4Huhq8ca'
-    'mZ1pUXwb2HLMK4gsloCVcKavFiKNinm/1pNkYhKNT60Gjt9fSWfhO1SsFe3RldXJ+tcsBQsw==","version":1}')
+    'mZ1pUXwb2HLMK4gsloCVcKavFiKNinm/1pNkYhKNT60Gjt9fSWfhO1SsFe3RldXJ+tcsBQsw==","version":1}'
+)
 
 
 async def test_a_frozen_seal_still_verifies_and_is_made_again_byte_for_byte() -> None:
     from aiocrypt.kek import LocalKekProvider
 
     kek = LocalKekProvider(bytes(range(32)))
-    record = EncryptionKey("pii-v1-abcd", KeyType.PII, 1, KeyStatus.ACTIVE, NOW,
-                           NOW + _dt.timedelta(days=365), wrapped_key=b"w" * 8,
-                           status_reason="é")
+    record = EncryptionKey(
+        "pii-v1-abcd",
+        KeyType.PII,
+        1,
+        KeyStatus.ACTIVE,
+        NOW,
+        NOW + _dt.timedelta(days=365),
+        wrapped_key=b"w" * 8,
+        status_reason="é",
+    )
     sealer = KeysetSealer(lambda _: kek)
     previous = await sealer.verify(FROZEN_SEAL, 1, [record], WHERE)
     assert await sealer.seal(1, [record], kek, previous) == FROZEN_SEAL

@@ -33,8 +33,11 @@ def test_a_missing_file_is_an_empty_state_and_raise_to_writes_it(tmp_path: Path)
     assert f.read() == KeysetState()
     state = f.raise_to({"store": 3}, {"k1": 40})
     assert (state.revisions, state.usage) == ({"store": 3}, {"k1": 40})
-    assert json.loads(path.read_bytes()) == {"format": FORMAT, "revisions": {"store": 3},
-                                             "usage": {"k1": 40}}
+    assert json.loads(path.read_bytes()) == {
+        "format": FORMAT,
+        "revisions": {"store": 3},
+        "usage": {"k1": 40},
+    }
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     lock = tmp_path / ".keyset.json.lock"
     assert stat.S_IMODE(lock.stat().st_mode) == 0o600
@@ -54,22 +57,27 @@ def test_raise_to_never_lowers_and_writes_only_on_a_change(tmp_path: Path) -> No
     assert f.read() == state == KeysetState({"store": 4}, {"k1": 40, "k2": 1})
 
 
-@pytest.mark.parametrize("content", [
-    b"", b"not json", b"[]", b'"x"', json.dumps({"format": "other"}).encode(),
-    json.dumps({"revisions": {}, "usage": {}}).encode(),
-    json.dumps({"format": FORMAT, "usage": {}}).encode(),
-    json.dumps({"format": FORMAT, "revisions": {}}).encode(),
-    json.dumps({"format": FORMAT, "revisions": 5, "usage": {}}).encode(),
-    json.dumps({"format": FORMAT, "revisions": {"a": "x"}, "usage": {}}).encode(),
-    json.dumps({"format": FORMAT, "revisions": {}, "usage": {"k": None}}).encode(),
-    b"[" * 100000,
-])
-def test_an_unreadable_file_is_refused_not_trusted_as_empty(tmp_path: Path,
-                                                            content: bytes) -> None:
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'"x"',
+        json.dumps({"format": "other"}).encode(),
+        json.dumps({"revisions": {}, "usage": {}}).encode(),
+        json.dumps({"format": FORMAT, "usage": {}}).encode(),
+        json.dumps({"format": FORMAT, "revisions": {}}).encode(),
+        json.dumps({"format": FORMAT, "revisions": 5, "usage": {}}).encode(),
+        json.dumps({"format": FORMAT, "revisions": {"a": "x"}, "usage": {}}).encode(),
+        json.dumps({"format": FORMAT, "revisions": {}, "usage": {"k": None}}).encode(),
+        b"[" * 100000,
+    ],
+)
+def test_an_unreadable_file_is_refused_not_trusted_as_empty(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "keyset.json"
     path.write_bytes(content)
-    for call in (KeysetStateFile(path).read,
-                 lambda: KeysetStateFile(path).raise_to({"s": 1}, {})):
+    for call in (KeysetStateFile(path).read, lambda: KeysetStateFile(path).raise_to({"s": 1}, {})):
         with pytest.raises(ConfigurationError, match="is unreadable: it is refused"):
             call()
     assert path.read_bytes() == content
@@ -107,8 +115,9 @@ def test_the_state_has_no_instance_dict() -> None:
 def test_the_file_is_written_with_sorted_keys(tmp_path: Path) -> None:
     path = tmp_path / "keyset.json"
     KeysetStateFile(path).raise_to({"b": 1, "a": 2}, {"z": 1, "y": 2})
-    assert path.read_text() == json.dumps({"format": FORMAT, "revisions": {"a": 2, "b": 1},
-                                           "usage": {"y": 2, "z": 1}}, sort_keys=True)
+    assert path.read_text() == json.dumps(
+        {"format": FORMAT, "revisions": {"a": 2, "b": 1}, "usage": {"y": 2, "z": 1}}, sort_keys=True
+    )
 
 
 def test_reads_and_raises_hold_the_lock(tmp_path: Path) -> None:

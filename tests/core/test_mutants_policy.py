@@ -32,8 +32,12 @@ def key(status: KeyStatus = KeyStatus.ACTIVE) -> EncryptionKey:
 
 
 def policy(**changes: object) -> KeyRotationPolicy:
-    settings: dict[str, object] = {"key_type": KeyType.PII, "rotation_interval_days": 90,
-                                   "grace_period_days": 30, "max_encryptions": 1000}
+    settings: dict[str, object] = {
+        "key_type": KeyType.PII,
+        "rotation_interval_days": 90,
+        "grace_period_days": 30,
+        "max_encryptions": 1000,
+    }
     settings.update(changes)
     return KeyRotationPolicy(**settings)  # type: ignore[arg-type]
 
@@ -54,8 +58,9 @@ def test_grace_ends_at_grace_end_exactly() -> None:
     assert is_past_grace(key(), policy(), end) is True
 
 
-@pytest.mark.parametrize("status", [KeyStatus.ACTIVE, KeyStatus.DECRYPT_ONLY,
-                                    KeyStatus.EXPIRED, KeyStatus.REVOKED])
+@pytest.mark.parametrize(
+    "status", [KeyStatus.ACTIVE, KeyStatus.DECRYPT_ONLY, KeyStatus.EXPIRED, KeyStatus.REVOKED]
+)
 def test_compromise_comes_first_whatever_else_is_due(status: KeyStatus) -> None:
     compromised = key(KeyStatus.COMPROMISED)
     assert rotation_reason(compromised, policy(), EXPIRES, usage=10**6) == "compromise"
@@ -64,8 +69,9 @@ def test_compromise_comes_first_whatever_else_is_due(status: KeyStatus) -> None:
     assert rotation_reason(key(status), policy(), CREATED) != "compromise"
 
 
-@pytest.mark.parametrize("status", [KeyStatus.DECRYPT_ONLY, KeyStatus.EXPIRED,
-                                    KeyStatus.REVOKED, KeyStatus.DESTROYED])
+@pytest.mark.parametrize(
+    "status", [KeyStatus.DECRYPT_ONLY, KeyStatus.EXPIRED, KeyStatus.REVOKED, KeyStatus.DESTROYED]
+)
 def test_only_the_active_key_is_ever_rotated(status: KeyStatus) -> None:
     # expired, over its usage and old: an inactive key has no reason to rotate
     assert rotation_reason(key(status), policy(), EXPIRES + TICK, usage=10**6) is None
@@ -85,8 +91,7 @@ def test_usage_forces_rotation_at_the_limit_exactly() -> None:
     assert rotation_reason(key(), no_age, CREATED, usage=1000) == "usage"
     assert rotation_reason(key(), no_age, CREATED, usage=1001) == "usage"
     # usage is named before age
-    assert rotation_reason(key(), policy(), CREATED + _dt.timedelta(days=90),
-                           usage=1000) == "usage"
+    assert rotation_reason(key(), policy(), CREATED + _dt.timedelta(days=90), usage=1000) == "usage"
 
 
 def test_usage_defaults_to_none_spent() -> None:
@@ -103,16 +108,20 @@ def test_age_rotates_at_the_interval_and_only_with_auto_rotation() -> None:
     assert rotation_reason(key(), policy(auto_rotation=False), due - TICK) is None
 
 
-@pytest.mark.parametrize(("max_encryptions", "default", "block"), [
-    (1, 65536, 1),        # an eighth rounds down to 0: at least one
-    (7, 65536, 1),
-    (8, 65536, 1),
-    (16, 65536, 2),
-    (72, 65536, 9),
-    (80, 65536, 10),
-    (2**32, 65536, 65536),  # the process default caps it
-    (2**32, 3, 3),
-])
+@pytest.mark.parametrize(
+    ("max_encryptions", "default", "block"),
+    [
+        (1, 65536, 1),  # an eighth rounds down to 0: at least one
+        (7, 65536, 1),
+        (8, 65536, 1),
+        (16, 65536, 2),
+        (72, 65536, 9),
+        (80, 65536, 10),
+        (2**32, 65536, 65536),  # the process default caps it
+        (2**32, 3, 3),
+    ],
+)
 def test_usage_block_is_an_eighth_of_the_limit_between_one_and_the_default(
-        max_encryptions: int, default: int, block: int) -> None:
+    max_encryptions: int, default: int, block: int
+) -> None:
     assert usage_block(policy(max_encryptions=max_encryptions), default) == block

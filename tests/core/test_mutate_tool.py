@@ -45,14 +45,28 @@ def check(a, b, items):
 def test_each_operator_makes_its_mutant() -> None:
     changes = {(m.lineno, m.change) for m in mutate.mutants_of("x.py", SOURCE)}
     assert {
-        (2, "`64` -> `65`"), (2, "`64` -> `63`"),
-        (7, "`<` -> `<=`"), (7, "`<` -> `>=`"), (7, "`is not` -> `is`"), (7, "`and` -> `or`"),
-        (7, "negate condition"), (7, "delete statement"),
-        (8, "`+=` -> `-=`"), (8, "`1` -> `2`"), (8, "`1` -> `0`"), (8, "delete statement"),
-        (9, "return None"), (9, "`+` -> `-`"),
-        (10, "remove `not`"), (11, "`0` -> `1`"), (11, "`0` -> `-1`"),
-        (12, "`in` -> `not in`"), (12, "negate condition"), (12, "`or` -> `and`"),
-        (12, "`True` -> `False`"), (12, "return None"),
+        (2, "`64` -> `65`"),
+        (2, "`64` -> `63`"),
+        (7, "`<` -> `<=`"),
+        (7, "`<` -> `>=`"),
+        (7, "`is not` -> `is`"),
+        (7, "`and` -> `or`"),
+        (7, "negate condition"),
+        (7, "delete statement"),
+        (8, "`+=` -> `-=`"),
+        (8, "`1` -> `2`"),
+        (8, "`1` -> `0`"),
+        (8, "delete statement"),
+        (9, "return None"),
+        (9, "`+` -> `-`"),
+        (10, "remove `not`"),
+        (11, "`0` -> `1`"),
+        (11, "`0` -> `-1`"),
+        (12, "`in` -> `not in`"),
+        (12, "negate condition"),
+        (12, "`or` -> `and`"),
+        (12, "`True` -> `False`"),
+        (12, "return None"),
     } <= changes
     assert not [c for c in changes if c[0] in (1, 6)]  # docstrings
 

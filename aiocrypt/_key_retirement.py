@@ -6,6 +6,10 @@ needs them. The census (rows per key id, from the re-encryption engine) is that
 evidence; a caller's confirmation counts only for keys the census does not cover,
 never against rows it counts. Every change goes through the manager's sealed,
 compare-and-swap write and is audited.
+
+Just over 500 lines: cleanup, retire and the minimum decryption version share
+one census-gated plan and its refusals; splitting them would split the one
+rule that no counted row's key is destroyed.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ the extension answers with 503 and ``Retry-After`` unless the app registers
 its own handler for it.
 ``crypt.close(app)`` (also run at interpreter exit) stops it all. Configuration
 keys: see ``WebSettings`` and docs/web.md.
+
+Just over 500 lines: what Flask needs beyond the shared base
+(``_extension``): a private event loop thread for the async core and the
+sync session interface over it.
 """
 
 from __future__ import annotations

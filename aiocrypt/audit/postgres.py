@@ -28,6 +28,10 @@ a sink appends to them as before, with a warning, until ``upgrade()`` (``aiocryp
 audit upgrade``), the one-time explicit step, verifies the chain and MACs its
 head. It is not done on open, because a sink that authenticated whatever head it
 found would authenticate a head an attacker had cut back and stripped of its mode.
+
+Just over 500 lines: the chain's writer, its verifier and the one-time
+upgrade must agree byte for byte on what is hashed and MAC'd, so they stay
+together.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ queue takes a share; the last shard to finish runs the census of the old key.
 
 Plans and job arguments (:mod:`.plans`) are identifiers, primary-key bounds and
 counts, checked field by field when read back from Redis.
+
+Just over 500 lines: planning, the shard job and the last shard's census are
+one protocol over the status record; the plans themselves are in ``plans``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from aiocrypt import EncryptionKey, KekProviderError, KeyStatus, KeyStoreIntegrityError, KeyType
+from aiocrypt import (
+    EncryptionKey,
+    KekProviderError,
+    KeyStateError,
+    KeyStatus,
+    KeyStoreIntegrityError,
+    KeyType,
+)
 from aiocrypt._keyset_guard import KeysetGuard
 from aiocrypt._keyset_seal import MAX_SEAL_CHARS, SEAL_CONTEXT, KeysetSealer, Seal, record_digest
 from aiocrypt._keyset_state import KeysetStateFile
@@ -426,3 +433,24 @@ async def test_seal_odds_and_ends() -> None:
     with pytest.raises(KeyStoreIntegrityError, match="pii-v1-abcd is sealed but missing") as exc:
         await sealer.verify(text, 1, [key(3)], WHERE)
     assert exc.value.key_id == "pii-v1-abcd"
+
+
+async def test_a_seal_of_exactly_the_largest_size_is_written_and_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MAX_SEAL_CHARS is the largest seal both sides take: one character more is refused
+    (above), exactly that many is not, when written and when read back."""
+    import aiocrypt._keyset_seal as seal_module
+
+    sealer, text, f = await _sealed(key(1))
+    # read: the same seal padded (JSON allows whitespace) to exactly the limit
+    padded = text + " " * (MAX_SEAL_CHARS - len(text))
+    assert len(padded) == MAX_SEAL_CHARS
+    assert Seal.from_text(padded, WHERE).revision == 1
+    # write: a limit of exactly this seal's size still writes it; one less refuses
+    size = len(text)
+    monkeypatch.setattr(seal_module, "MAX_SEAL_CHARS", size)
+    assert len(await sealer.seal(1, [key(1)], f.kek, None)) == size
+    monkeypatch.setattr(seal_module, "MAX_SEAL_CHARS", size - 1)
+    with pytest.raises(KeyStateError, match="would exceed"):
+        await sealer.seal(1, [key(1)], f.kek, None)

@@ -346,8 +346,8 @@ class _Reporter:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="processes: each table is cut into this many primary-key ranges, each "
-    "re-encrypted by a process of its own (one per core)",
+    help="processes (one per core): each table is cut into 4 primary-key ranges "
+    "per process, each process taking the next free range when done with one",
 )
 @click.option("--dry-run", is_flag=True, help="only count the rows that would be re-encrypted")
 @json_option

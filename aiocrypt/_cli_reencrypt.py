@@ -1,17 +1,19 @@
-"""The ``aiocrypt reencrypt`` runs: a table in this process, or its shards over processes.
+"""The ``aiocrypt reencrypt`` runs: a table in this process, or its ranges over processes.
 
-With ``--jobs N`` each table is cut into N primary-key ranges
-(:meth:`ReencryptionEngine.plan_shards`). This process re-encrypts the first
-range itself, at once, with the keys it already holds; each other range is
-re-encrypted by a process of its own, started with ``spawn`` (a fresh
-interpreter: no state of this one, no forked event loop or threads), so the crypto
-of each shard runs on its own core; Postgres applies the writes on whatever cores
-are left. A spawned process needs about half a second to import and open its keys:
-this process's range is done meanwhile. Each shard has its own checkpoint; this
-process follows their progress by reading them. A shard
-process reads the same settings as this one (the environment and the config
-file); what the command line chose travels in a :class:`ShardTask`, which holds
-identifiers only, never key material.
+With ``--jobs N`` each table is cut into ``RANGES_PER_JOB * N`` primary-key ranges
+(:meth:`ReencryptionEngine.plan_shards`), worked by N processes: this one and
+``N - 1`` started with ``spawn`` (a fresh interpreter: no state of this one, no
+forked event loop or threads), so the crypto of each runs on its own core; Postgres
+applies the writes on whatever cores are left. Each process takes the next range
+not yet taken when it finishes one, so none waits idle while another still has a
+long range ahead (a static split into N halves left the first process idle at the
+end while the late-started one finished its half). The other processes are started
+first, before the ranges are planned; a spawned process needs about half a second
+to import: this process works the first ranges meanwhile, with the keys it already
+holds. Each range has its own checkpoint; this process follows their progress by
+reading them. A spawned process reads the same settings as this one (the
+environment and the config file); what the command line chose travels in a
+:class:`ShardTask`, which holds identifiers only, never key material.
 
 A rerun with another ``--jobs`` plans other ranges, so their checkpoints are new,
 but nothing is redone: every batch selects only rows that are not yet on the
@@ -21,10 +23,11 @@ target keys.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import multiprocessing
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,10 +46,22 @@ if TYPE_CHECKING:
     from ._legacy import LegacyReader
     from ._manager import KeyManager
 
-__all__ = ["ShardTask", "reencrypt_sharded", "reencrypt_table", "result_dict", "run_shard"]
+__all__ = [
+    "RANGES_PER_JOB",
+    "ShardTask",
+    "reencrypt_sharded",
+    "reencrypt_table",
+    "result_dict",
+    "run_shard",
+]
 
 #: How often the parent reads the shards' checkpoints for its progress line.
 _POLL_SECONDS = 0.5
+
+#: Ranges per process with ``--jobs``: enough that the processes finish close together
+#: (the last range is a quarter of a process's share), few enough that each range's
+#: checkpoint and the spawned process's key load stay a small part of its work.
+RANGES_PER_JOB = 4
 
 
 @dataclass(frozen=True)
@@ -176,11 +191,17 @@ async def _shard_here(
 
 
 async def _first_shard(engine: ReencryptionEngine, task: ShardTask) -> dict[str, Any]:
-    """The first range, in this process (as :func:`run_shard` does it in another)."""
+    """A range in this process (as :func:`run_shard` does it in another)."""
     try:
         return await _shard_here(engine.key_manager, task, engine.legacy_readers.values())
     except AiocryptError as exc:
         return {"error": describe(exc), "exit": exit_code_for(exc)}
+
+
+def _warm_up() -> None:
+    """A spawned process's first call: the imports a range needs, done while this
+    process plans the ranges and works the first ones."""
+    from . import _cli_ops, _factory  # noqa: F401 - imported for their cost, not a name
 
 
 async def reencrypt_sharded(
@@ -190,48 +211,87 @@ async def reencrypt_sharded(
     on_progress: Callable[[int, float], None],
 ) -> dict[str, Any]:
     """Re-encrypt ``task.spec`` in ``jobs`` processes (this one and ``jobs - 1`` spawned),
-    one shard each; one merged result.
+    over ``RANGES_PER_JOB * jobs`` ranges, each process taking the next one free; one
+    merged result (``shards``: each range's, in key order).
 
-    ``on_progress(rows_done, rows_per_second)`` about twice a second, from the shards'
-    checkpoints. A shard that fails makes the whole an ``AiocryptError`` naming it,
-    once every shard stopped (each committed what it finished).
+    ``on_progress(rows_done, rows_per_second)`` about twice a second, from the ranges'
+    checkpoints. A range that fails makes the whole an ``AiocryptError`` naming it, once
+    every process stopped (each committed what it finished; no range is started after
+    a failure).
     """
     spec = task.spec
-    targets = await engine.targets(spec)
-    shards = await engine.plan_shards(spec, jobs)
-    job_ids = [engine.job_id_for(spec, targets, shard) for shard in shards]
-
-    async def rows_read() -> int:
-        checkpoints = [await engine.database.load_checkpoint(j) for j in job_ids]
-        return sum(c.rows_read for c in checkpoints if c is not None)
-
-    base = await rows_read()
-    started = time.monotonic()
     loop = asyncio.get_running_loop()
+    started = time.monotonic()
     with ProcessPoolExecutor(
-        max_workers=max(1, len(shards) - 1), mp_context=multiprocessing.get_context("spawn")
+        max_workers=max(1, jobs - 1), mp_context=multiprocessing.get_context("spawn")
     ) as pool:
-        futures = [
-            loop.run_in_executor(pool, run_shard, dataclasses.replace(task, shard=s))
-            for s in shards[1:]
-        ]
-        futures.insert(
-            0,
-            asyncio.ensure_future(_first_shard(engine, dataclasses.replace(task, shard=shards[0]))),
-        )
-        pending: set[asyncio.Future[dict[str, Any]]] = set(futures)
+        ready = [loop.run_in_executor(pool, _warm_up) for _ in range(jobs - 1)]
+        try:
+            targets = await engine.targets(spec)
+            shards = await engine.plan_shards(spec, RANGES_PER_JOB * jobs)
+        except BaseException:
+            for future in ready:
+                future.cancel()
+            raise
+        job_ids = [engine.job_id_for(spec, targets, shard) for shard in shards]
+
+        async def rows_read() -> int:
+            checkpoints = [await engine.database.load_checkpoint(j) for j in job_ids]
+            return sum(c.rows_read for c in checkpoints if c is not None)
+
+        base = await rows_read()
+        todo = collections.deque(enumerate(shards))
+        outcomes: dict[int, dict[str, Any]] = {}
+
+        async def work(run: Callable[[ShardTask], Awaitable[dict[str, Any]]]) -> None:
+            budget = task.max_batches  # --max-batches: each process's, over its ranges
+            while todo and not any("error" in o for o in outcomes.values()):
+                if budget is not None and budget <= 0:
+                    return
+                index, shard = todo.popleft()
+                outcome = await run(dataclasses.replace(task, shard=shard, max_batches=budget))
+                outcomes[index] = outcome
+                if budget is not None and "error" not in outcome:
+                    budget -= outcome["run"]["batches"]
+
+        async def in_child(ready_: asyncio.Future[None]) -> None:
+            await ready_  # the range is taken once a process can start it at once
+            await work(lambda t: loop.run_in_executor(pool, run_shard, t))
+
+        workers = [asyncio.ensure_future(work(lambda t: _first_shard(engine, t)))]
+        workers += [asyncio.ensure_future(in_child(r)) for r in ready]
+        pending: set[asyncio.Future[None]] = set(workers)
         while pending:
             _, pending = await asyncio.wait(pending, timeout=_POLL_SECONDS)
             done = await rows_read() - base
             on_progress(done, done / max(time.monotonic() - started, 1e-9))
-    outcomes = [f.result() for f in futures]
-    failed = [(shard, o) for shard, o in zip(shards, outcomes, strict=True) if "error" in o]
+        for worker in workers:
+            worker.result()  # a spawned process that died: BrokenProcessPool, loudly
+    return _finished(spec, targets, shards, outcomes, time.monotonic() - started)
+
+
+def _finished(
+    spec: TableSpec,
+    targets: dict[str, str],
+    shards: list[KeyRange],
+    outcomes: dict[int, dict[str, Any]],
+    elapsed: float,
+) -> dict[str, Any]:
+    """The merged result of the ranges that ran (``outcomes`` by range index), or the
+    first failure as an ``AiocryptError`` naming its range."""
+    ran = sorted(outcomes)
+    failed = [(shards[i], outcomes[i]) for i in ran if "error" in outcomes[i]]
     if failed:
         shard, outcome = failed[0]
         raise AiocryptError(
-            f"{spec.name}: the shard after primary key {shard.after!r} stopped: {outcome['error']}"
+            f"{spec.name}: the range after primary key {shard.after!r} stopped: {outcome['error']}"
         )
-    return _merged(spec, targets, outcomes, time.monotonic() - started)
+    merged = _merged(spec, targets, [outcomes[i] for i in ran], elapsed)
+    if len(ran) < len(shards):  # --max-batches spent before every range was started
+        merged["complete"] = False
+        merged["stopped"] = "max-batches"
+        merged["checkpoint"]["done"] = False
+    return merged
 
 
 def _merged(

@@ -321,8 +321,9 @@ def test_reencrypt_draws_a_progress_bar_on_a_terminal(
 def test_reencrypt_with_jobs_shares_a_table_between_processes(
     cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str
 ) -> None:
-    """--jobs 2: two processes, a shard each; --max-batches stops each; a rerun with
-    another count finishes the rest, and then finds nothing left to move."""
+    """--jobs 2: two processes over 8 ranges, each taking the next free range; --max-batches
+    is each process's budget over its ranges; a rerun resumes the ranges' checkpoints and
+    finishes the rest, and a rerun with another count finds nothing left to move."""
     plain = _fill(cli_env, postgres_dsn, table, ROWS)
     env = {"ENCRYPTION_POSTGRES_DSN": postgres_dsn}
     spec = ["--table", table, "--column", "ssn:pii", "--column", "amount:financial_data"]
@@ -338,26 +339,32 @@ def test_reencrypt_with_jobs_shares_a_table_between_processes(
         "--batch-size",
         "100",
         "--max-batches",
-        "2",
+        "3",
         "--json",
         env=env,
     )
     assert first.returncode == 0, first.stderr
     [r1] = json.loads(first.stdout)
     assert r1["complete"] is False and r1["stopped"] == "max-batches"
-    assert len(r1["shards"]) == 2 and len(set(r1["job_id"])) == 2
-    assert [s["run"]["rows_updated"] for s in r1["shards"]] == [200, 200]
-    assert r1["run"]["rows_updated"] == 400 and r1["run"]["batches"] == 4
+    assert r1["checkpoint"]["done"] is False
+    # 8 ranges of about 131 rows: each process spends its 3 batches on one whole range
+    # (2 batches) and the first batch of the next, so 4 ranges ran, 2 of them to the end
+    assert r1["run"]["batches"] == 6 and len(r1["shards"]) == 4
+    assert sorted(s["complete"] for s in r1["shards"]) == [False, False, True, True]
+    assert len(set(r1["job_id"])) == 4
+    updated = r1["run"]["rows_updated"]
+    assert updated == sum(s["run"]["rows_updated"] for s in r1["shards"])
+    assert 2 * (ROWS // 8) + 200 <= updated <= 2 * (ROWS // 8 + 1) + 200
     moved = [r["id"] for r in _rows(postgres_dsn, table) if r["ssn"].startswith(f"ac2.{new_pii}.")]
-    assert len(moved) == 400
-    assert moved[:200] == list(range(1, 201))  # the first shard starts at the table's start
-    assert max(moved) > ROWS // 2  # the second one in the middle, at once
+    assert len(moved) == updated
+    assert moved[: ROWS // 8] == list(range(1, ROWS // 8 + 1))  # the first range: the start
 
     second = cli("reencrypt", *spec, *ckpt, "--jobs", "2", "--batch-size", "100", "--json", env=env)
     assert second.returncode == 0, second.stderr
     [r2] = json.loads(second.stdout)
-    assert r2["complete"] is True and r2["run"]["rows_updated"] == ROWS - 400
-    assert r2["job_id"] == r1["job_id"]  # the same shards: each resumed its checkpoint
+    assert r2["complete"] is True and r2["run"]["rows_updated"] == ROWS - updated
+    assert len(r2["job_id"]) == 8 and set(r1["job_id"]) < set(r2["job_id"])  # same ranges
+    assert r2["resumed_from"] is not None  # the two cut short resumed their checkpoints
     assert r2["run"]["rows_failed"] == 0 and r2["failures"] == []
     rows = _rows(postgres_dsn, table)
     assert all(r["ssn"].startswith(f"ac2.{new_pii}.") for r in rows)
@@ -454,3 +461,46 @@ def _rows_of(dsn: str, table: str) -> dict[int, str]:
             await conn.close()
 
     return asyncio.run(read())
+
+
+def test_reencrypt_with_jobs_stops_at_a_damaged_value_and_names_its_range(
+    cli: Cli, cli_env: dict[str, str], postgres_dsn: str, table: str
+) -> None:
+    """--jobs 2 without --skip-errors: a value that does not decrypt in the first range
+    stops the command with one line naming that range, no range is started after it
+    fails, and a rerun with --skip-errors moves every other row and lists that one."""
+    _fill(cli_env, postgres_dsn, table, ROWS)
+    env = {"ENCRYPTION_POSTGRES_DSN": postgres_dsn}
+    spec = ["--table", table, "--column", "ssn:pii", "--column", "amount:financial_data"]
+    ckpt = ["--checkpoint-table", f"{table}_ckpt"]
+
+    async def damage() -> None:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:  # the last character of row 5's token changed: its tag no longer holds
+            await conn.execute(
+                f"UPDATE {table} SET ssn = left(ssn, -1) || "
+                "CASE WHEN right(ssn, 1) = 'A' THEN 'B' ELSE 'A' END WHERE id = 5"
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(damage())
+    new_pii = json_out(cli("keys", "rotate", "pii", "--force", "--json"))["active_key"]["key_id"]
+    failed = cli("reencrypt", *spec, *ckpt, "--jobs", "2", "--batch-size", "100", env=env)
+    assert failed.returncode != 0
+    assert f"{table}: the range after primary key None stopped" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    moved = [r["id"] for r in _rows(postgres_dsn, table) if r["ssn"].startswith(f"ac2.{new_pii}.")]
+    assert len(moved) < ROWS - 1  # stopped, not finished around it
+
+    rerun = cli(
+        "reencrypt", *spec, *ckpt, "--jobs", "2", "--batch-size", "100", "--skip-errors",
+        "--json", env=env,
+    )  # fmt: skip
+    assert rerun.returncode == 1, rerun.stderr  # a value was left behind: said, not hidden
+    assert "primary key 5" in rerun.stderr
+    [result] = json.loads(rerun.stdout)
+    assert result["failed_primary_keys"] == [5] and result["complete"] is False
+    assert result["run"]["rows_updated"] == ROWS - 1 - len(moved)
+    rows = _rows(postgres_dsn, table)
+    assert [r["id"] for r in rows if not r["ssn"].startswith(f"ac2.{new_pii}.")] == [5]

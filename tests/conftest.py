@@ -21,6 +21,36 @@ from aiocrypt.kek import LocalKekProvider
 from aiocrypt.keystore import FileKeyStore
 from aiocrypt.testing import make_service
 
+#: coverage.py's setting that makes the Python subprocesses tests start measure
+#: themselves too (``patch = ["subprocess"]`` in pyproject.toml)
+_SUBPROCESS_COVERAGE = "COVERAGE_PROCESS_CONFIG"
+
+
+@pytest.fixture(autouse=True)
+def _scale_tests_run_untraced(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """A test marked ``scale`` (tens of thousands of rows or keys, a soak) runs without
+    coverage's line tracer, in this process and in the processes it starts: the tracer
+    doubles their time, and their lines are the small tests' lines (docs/testing.md).
+    Autouse in the root conftest: set up before, torn down after, every fixture of the
+    test."""
+    if request.node.get_closest_marker("scale") is None:
+        yield
+        return
+    import coverage
+
+    cov = coverage.Coverage.current()
+    monkeypatch.delenv(_SUBPROCESS_COVERAGE, raising=False)
+    if cov is None:
+        yield
+        return
+    cov.stop()
+    try:
+        yield
+    finally:
+        cov.start()
+
 
 @pytest.fixture
 def redis_url() -> str:

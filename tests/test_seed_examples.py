@@ -113,6 +113,7 @@ def user_env(tmp_path: Path, **variables: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.scale
 @pytest.mark.parametrize("compression", list(COMPRESSION))
 @pytest.mark.parametrize("mode", [m.value for m in PerformanceMode])
 def test_seed_bulk_example_round_trips(tmp_path: Path, mode: str, compression: str) -> None:

@@ -56,6 +56,7 @@ async def usage(setup: ArqSetup, manager: Any, table: str) -> dict[str, int]:
         await db.close()
 
 
+@pytest.mark.scale
 async def test_manual_rotation_100k_rows_cleanup_and_two_workers_sharing(
     arq_setup: ArqSetup,
     redis: aioredis.Redis,

@@ -142,6 +142,7 @@ async def _client(url: str, index: int, until: float, stats: Stats) -> None:
                 await asyncio.sleep(0.1)
 
 
+@pytest.mark.scale
 async def test_soak_quart_example(
     redis_url: str,
     postgres_dsn: str,

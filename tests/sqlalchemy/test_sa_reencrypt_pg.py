@@ -53,6 +53,7 @@ def _spec(table: str) -> TableSpec:
     )
 
 
+@pytest.mark.scale
 @pytest.mark.slow
 async def test_200k_rows_with_concurrent_writer_stop_and_resume(
     service: EncryptionService, postgres_dsn: str, suffix: str

@@ -298,6 +298,7 @@ async def assert_sessions_and_cache_gone(
         assert await cache.get(key, "miss") == "miss"
 
 
+@pytest.mark.scale
 async def test_forgetting_one_subject_reaches_every_copy(world: World) -> None:
     Account, Order = world.Account, world.Order
     async with world.engine.begin() as conn:

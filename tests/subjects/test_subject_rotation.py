@@ -118,6 +118,7 @@ async def bulk_subject_keys(svc: EncryptionService, n: int) -> dict[str, bytes]:
     return materials
 
 
+@pytest.mark.scale
 async def test_100k_subject_keys_survive_a_rotation(postgres: Deployment) -> None:
     svc = await postgres.service()
     await svc.encrypt_field("first", PII)  # version 1 exists

@@ -295,15 +295,14 @@ class Keyring:
         """Authenticate, decrypt and decode a text token; every failure is ``DecryptionError``."""
         # Fast path: a small version 2 AES-GCM field token without flags, of a key that
         # is readable and not expired (_open_fast); any other token goes the general way.
-        if type(token) is str and len(token) <= _FAST_TOKEN_CHARS and purpose is _FIELD:
-            plaintext = self._open_fast(token, key_type, context)
-            if plaintext is not None:
-                try:
-                    if plaintext[0] == _STR_TAG_BYTE:  # not empty: size > _MIN_GCM_RAW
-                        return plaintext[1:].decode()
-                    return decode_value(plaintext)
-                except ValueError:
-                    pass  # the general path fails too, and says why (only failures pay)
+        plaintext = self._open_fast(token, key_type, context, purpose)
+        if plaintext is not None:
+            try:
+                if plaintext[0] == _STR_TAG_BYTE:  # not empty: size > _MIN_GCM_RAW
+                    return plaintext[1:].decode()
+                return decode_value(plaintext)
+            except ValueError:
+                pass  # the general path fails too, and says why (only failures pay)
         plaintext = self._open_general(
             token, key_type, context, for_reencryption=for_reencryption, purpose=purpose
         )
@@ -313,15 +312,18 @@ class Keyring:
             raise undecodable(token) from None
 
     def _open_fast(
-        self, token: str, key_type: KeyTypeLike, context: str | bytes | None
+        self, token: str, key_type: KeyTypeLike, context: str | bytes | None, purpose: Purpose
     ) -> bytes | None:
         """The plaintext of a well-formed field token, or None for the general path.
 
         It makes every check the general path makes (tests/core/test_coverage_keyring.py,
-        tests/test_field_fastpath.py) for the tokens it takes: version 2, AES-GCM, no
-        flags, canonical base64, a key of ``key_type`` that is readable and not expired.
+        tests/test_field_fastpath.py) for the tokens it takes: a field token (``purpose``)
+        of at most ``_FAST_TOKEN_CHARS`` characters, version 2, AES-GCM, no flags,
+        canonical base64, a key of ``key_type`` that is readable and not expired.
         Anything else, and any failure, is left to the general path, which says why.
         """
+        if type(token) is not str or len(token) > _FAST_TOKEN_CHARS or purpose is not _FIELD:
+            return None
         dk = self._active.get(key_type)  # most tokens are of the active key
         if dk is not None and token.startswith(dk.text_prefix):
             start = len(dk.text_prefix)
@@ -363,10 +365,9 @@ class Keyring:
         purpose: Purpose = _FIELD,
     ) -> bytes:
         """Authenticate and decrypt a text token; every failure is ``DecryptionError``."""
-        if type(token) is str and len(token) <= _FAST_TOKEN_CHARS and purpose is _FIELD:
-            plaintext = self._open_fast(token, key_type, context)
-            if plaintext is not None:
-                return plaintext
+        plaintext = self._open_fast(token, key_type, context, purpose)
+        if plaintext is not None:
+            return plaintext
         return self._open_general(
             token, key_type, context, for_reencryption=for_reencryption, purpose=purpose
         )

@@ -292,14 +292,7 @@ class EncryptionService:
         """
         kt = key_type if type(key_type) is KeyType else KeyType(key_type)
         if subject is not None:
-            key = await self._subject_key(kt, subject)
-            plaintext = STR_TAG + value.encode() if type(value) is str else encode_value(value)
-            if len(plaintext) > self._threshold:
-                token = await self._run(self._seal_subject, key, plaintext, kt, context)
-            else:
-                token = self._seal_subject(key, plaintext, kt, context)
-            self._encryptions += 1
-            return token
+            return await self._encrypt_subject_value(value, kt, context, Purpose.FIELD, subject)
         manager = self.key_manager
         keyring = manager.keyring
         dk = keyring.get_active(kt)

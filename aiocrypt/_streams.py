@@ -414,6 +414,12 @@ def stream_key_id(
     )
 
 
+def _whole_segment(sealed: bytes | memoryview) -> None:
+    """Refuse a segment cut inside its tag (or nothing after a full segment)."""
+    if len(sealed) < TAG_BYTES:
+        raise decryption_failed(_MALFORMED, None, "the stream is cut short")
+
+
 class _Opener:
     """Opens one segment and, for compressed streams, decompresses the records it completes."""
 
@@ -422,8 +428,7 @@ class _Opener:
         self._records = _compression.RecordDecoder(dec.segment_size) if compressed else None
 
     def open(self, sealed: bytes | memoryview, last: bool) -> list[bytes]:
-        if len(sealed) < TAG_BYTES:  # cut inside a tag, or nothing after a full segment
-            raise decryption_failed(_MALFORMED, None, "the stream is cut short")
+        _whole_segment(sealed)
         plaintext = self._dec.open(sealed, last)
         if self._records is None:
             return [plaintext]
@@ -492,8 +497,7 @@ async def open_stream(
         open_at = dec.open_at
 
         def claim(sealed: bytes | memoryview, last: bool) -> int:
-            if len(sealed) < TAG_BYTES:  # cut inside a tag, or nothing after a full segment
-                raise decryption_failed(_MALFORMED, None, "the stream is cut short")
+            _whole_segment(sealed)
             return dec.claim(last)
 
         def work(jobs: list[tuple[int, bytes | memoryview, bool]]) -> list[bytes]:

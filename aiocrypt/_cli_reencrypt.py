@@ -10,8 +10,10 @@ long range ahead (a static split into N halves left the first process idle at th
 end while the late-started one finished its half). The other processes are started
 first, before the ranges are planned; a spawned process needs about half a second
 to import: this process works the first ranges meanwhile, with the keys it already
-holds. Each range has its own checkpoint; this process follows their progress by
-reading them. A spawned process reads the same settings as this one (the
+holds. The ranges are handed out by a counter the processes share
+(``multiprocessing.Value``, given to each at its start); each process opens its keys
+and its database connections once for all the ranges it takes. Each range has its
+own checkpoint; this process follows their progress by reading them. A spawned process reads the same settings as this one (the
 environment and the config file); what the command line chose travels in a
 :class:`ShardTask`, which holds identifiers only, never key material.
 
@@ -23,11 +25,9 @@ target keys.
 from __future__ import annotations
 
 import asyncio
-import collections
-import dataclasses
 import multiprocessing
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ from ._cli_base import describe, exit_code_for
 from ._errors import AiocryptError
 from .reencrypt import (
     KeyRange,
+    ReencryptionDatabase,
     ReencryptionEngine,
     ReencryptionProgress,
     ReencryptionResult,
@@ -52,7 +53,7 @@ __all__ = [
     "reencrypt_sharded",
     "reencrypt_table",
     "result_dict",
-    "run_shard",
+    "run_ranges",
 ]
 
 #: How often the parent reads the shards' checkpoints for its progress line.
@@ -146,33 +147,83 @@ async def reencrypt_table(
     return result_dict(result, "max-batches" if result.stopped else None)
 
 
-def run_shard(task: ShardTask) -> dict[str, Any]:
-    """A shard process's entry point (picklable): the shard's result dict, or
-    ``{"error": ..., "exit": ...}`` for an aiocrypt error (one line, no traceback)."""
+class _Ranges:
+    """The ranges of one ``--jobs`` run, shared by its processes: each takes the next
+    index under the lock of a shared counter (``multiprocessing.Value``); a failure
+    moves the counter past the end, so no range starts after it."""
+
+    def __init__(self, counter: Any, count: int) -> None:
+        self._counter = counter
+        self._count = count
+
+    def take(self) -> int | None:
+        with self._counter.get_lock():
+            index: int = self._counter.value
+            if index >= self._count:
+                return None
+            self._counter.value = index + 1
+            return index
+
+    def stop(self) -> None:
+        with self._counter.get_lock():
+            self._counter.value = self._count
+
+
+#: A spawned process's shared counter, given at its start (``_init_process``).
+_counter: Any = None
+
+
+def _init_process(counter: Any) -> None:
+    """A spawned process's start: the shared counter, and the imports a range needs,
+    done while the command plans the ranges and works the first ones."""
+    global _counter
+    _counter = counter
+    from . import _cli_ops, _factory  # noqa: F401 - imported for their cost, not a name
+
+
+def _ready() -> None:
+    """A no-op: done once a spawned process has started (its initializer ran)."""
+
+
+def run_ranges(task: ShardTask, shards: list[KeyRange]) -> dict[int, dict[str, Any]]:
+    """A spawned process's work (picklable): ranges of ``shards`` taken in turn from the
+    shared counter, each with its result dict, or ``{"error": ..., "exit": ...}`` for an
+    aiocrypt error (one line, no traceback). One key manager and one database for all;
+    ``-1`` holds the error of a process that could not open them."""
+    ranges = _Ranges(_counter, len(shards))
     try:
-        return asyncio.run(_run_shard(task))
+        return asyncio.run(_run_ranges(task, shards, ranges))
     except AiocryptError as exc:
-        return {"error": describe(exc), "exit": exit_code_for(exc)}
+        ranges.stop()
+        return {-1: {"error": describe(exc), "exit": exit_code_for(exc)}}
 
 
-async def _run_shard(task: ShardTask) -> dict[str, Any]:
+async def _run_ranges(
+    task: ShardTask, shards: list[KeyRange], ranges: _Ranges
+) -> dict[int, dict[str, Any]]:
     from ._cli_base import load_config
-    from ._cli_ops import legacy_readers_from_models  # it imports this module
+    from ._cli_ops import _open_database, legacy_readers_from_models  # they import this module
     from ._factory import build_key_manager
 
     readers = legacy_readers_from_models(task.models)
     manager = build_key_manager(load_config(), watch=False)
     async with manager:
-        return await _shard_here(manager, task, readers)
+        database = await _open_database(task.dsn, task.checkpoint_table)
+        try:
+            return await _ranges_here(manager, database, task, shards, ranges, readers)
+        finally:
+            await database.close()
 
 
-async def _shard_here(
-    manager: KeyManager, task: ShardTask, readers: Iterable[LegacyReader]
-) -> dict[str, Any]:
-    """``task`` in this process, with its own database connections."""
-    from ._cli_ops import _open_database  # it imports this module
-
-    database = await _open_database(task.dsn, task.checkpoint_table)
+async def _ranges_here(
+    manager: KeyManager,
+    database: ReencryptionDatabase,
+    task: ShardTask,
+    shards: list[KeyRange],
+    ranges: _Ranges,
+    readers: Iterable[LegacyReader],
+) -> dict[int, dict[str, Any]]:
+    """Ranges taken in turn, in this process; ``--max-batches`` is its budget over them."""
     engine = ReencryptionEngine(
         manager,
         database,
@@ -182,26 +233,44 @@ async def _shard_here(
         on_error="skip" if task.skip_errors else "raise",
         legacy_readers=readers,
     )
+    outcomes: dict[int, dict[str, Any]] = {}
+    budget = task.max_batches
+    while budget is None or budget > 0:
+        index = ranges.take()
+        if index is None:
+            break
+        try:
+            outcome = await reencrypt_table(
+                engine, task.spec, shard=shards[index], max_batches=budget
+            )
+        except AiocryptError as exc:
+            ranges.stop()
+            outcomes[index] = {"error": describe(exc), "exit": exit_code_for(exc)}
+            break
+        outcomes[index] = outcome
+        if budget is not None:
+            budget -= outcome["run"]["batches"]
+    return outcomes
+
+
+async def _ranges_of_parent(
+    engine: ReencryptionEngine, task: ShardTask, shards: list[KeyRange], counter: Any
+) -> dict[int, dict[str, Any]]:
+    """The command's own share of the ranges, with the keys it holds and connections of
+    its own (the engine's database follows the checkpoints meanwhile)."""
+    from ._cli_ops import _open_database  # it imports this module
+
+    ranges = _Ranges(counter, len(shards))
     try:
-        return await reencrypt_table(
-            engine, task.spec, shard=task.shard, max_batches=task.max_batches
-        )
+        database = await _open_database(task.dsn, task.checkpoint_table)
+    except AiocryptError as exc:
+        ranges.stop()
+        return {-1: {"error": describe(exc), "exit": exit_code_for(exc)}}
+    try:
+        readers = engine.legacy_readers.values()
+        return await _ranges_here(engine.key_manager, database, task, shards, ranges, readers)
     finally:
         await database.close()
-
-
-async def _first_shard(engine: ReencryptionEngine, task: ShardTask) -> dict[str, Any]:
-    """A range in this process (as :func:`run_shard` does it in another)."""
-    try:
-        return await _shard_here(engine.key_manager, task, engine.legacy_readers.values())
-    except AiocryptError as exc:
-        return {"error": describe(exc), "exit": exit_code_for(exc)}
-
-
-def _warm_up() -> None:
-    """A spawned process's first call: the imports a range needs, done while this
-    process plans the ranges and works the first ones."""
-    from . import _cli_ops, _factory  # noqa: F401 - imported for their cost, not a name
 
 
 async def reencrypt_sharded(
@@ -212,7 +281,7 @@ async def reencrypt_sharded(
 ) -> dict[str, Any]:
     """Re-encrypt ``task.spec`` in ``jobs`` processes (this one and ``jobs - 1`` spawned),
     over ``RANGES_PER_JOB * jobs`` ranges, each process taking the next one free; one
-    merged result (``shards``: each range's, in key order).
+    merged result (``shards``: each range's that ran, in key order).
 
     ``on_progress(rows_done, rows_per_second)`` about twice a second, from the ranges'
     checkpoints. A range that fails makes the whole an ``AiocryptError`` naming it, once
@@ -222,10 +291,15 @@ async def reencrypt_sharded(
     spec = task.spec
     loop = asyncio.get_running_loop()
     started = time.monotonic()
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("i", 0)
     with ProcessPoolExecutor(
-        max_workers=max(1, jobs - 1), mp_context=multiprocessing.get_context("spawn")
+        max_workers=max(1, jobs - 1),
+        mp_context=context,
+        initializer=_init_process,
+        initargs=(counter,),
     ) as pool:
-        ready = [loop.run_in_executor(pool, _warm_up) for _ in range(jobs - 1)]
+        ready = [loop.run_in_executor(pool, _ready) for _ in range(jobs - 1)]  # start them
         try:
             targets = await engine.targets(spec)
             shards = await engine.plan_shards(spec, RANGES_PER_JOB * jobs)
@@ -240,33 +314,16 @@ async def reencrypt_sharded(
             return sum(c.rows_read for c in checkpoints if c is not None)
 
         base = await rows_read()
-        todo = collections.deque(enumerate(shards))
-        outcomes: dict[int, dict[str, Any]] = {}
-
-        async def work(run: Callable[[ShardTask], Awaitable[dict[str, Any]]]) -> None:
-            budget = task.max_batches  # --max-batches: each process's, over its ranges
-            while todo and not any("error" in o for o in outcomes.values()):
-                if budget is not None and budget <= 0:
-                    return
-                index, shard = todo.popleft()
-                outcome = await run(dataclasses.replace(task, shard=shard, max_batches=budget))
-                outcomes[index] = outcome
-                if budget is not None and "error" not in outcome:
-                    budget -= outcome["run"]["batches"]
-
-        async def in_child(ready_: asyncio.Future[None]) -> None:
-            await ready_  # the range is taken once a process can start it at once
-            await work(lambda t: loop.run_in_executor(pool, run_shard, t))
-
-        workers = [asyncio.ensure_future(work(lambda t: _first_shard(engine, t)))]
-        workers += [asyncio.ensure_future(in_child(r)) for r in ready]
-        pending: set[asyncio.Future[None]] = set(workers)
+        workers = [loop.run_in_executor(pool, run_ranges, task, shards) for _ in range(jobs - 1)]
+        workers.append(asyncio.ensure_future(_ranges_of_parent(engine, task, shards, counter)))
+        pending: set[asyncio.Future[dict[int, dict[str, Any]]]] = set(workers)
         while pending:
             _, pending = await asyncio.wait(pending, timeout=_POLL_SECONDS)
             done = await rows_read() - base
             on_progress(done, done / max(time.monotonic() - started, 1e-9))
+        outcomes: dict[int, dict[str, Any]] = {}
         for worker in workers:
-            worker.result()  # a spawned process that died: BrokenProcessPool, loudly
+            outcomes.update(worker.result())  # a process that died: BrokenProcessPool
     return _finished(spec, targets, shards, outcomes, time.monotonic() - started)
 
 
@@ -279,6 +336,8 @@ def _finished(
 ) -> dict[str, Any]:
     """The merged result of the ranges that ran (``outcomes`` by range index), or the
     first failure as an ``AiocryptError`` naming its range."""
+    if -1 in outcomes:  # a process that could not open the keys or the database
+        raise AiocryptError(f"{spec.name}: a --jobs process stopped: {outcomes[-1]['error']}")
     ran = sorted(outcomes)
     failed = [(shards[i], outcomes[i]) for i in ran if "error" in outcomes[i]]
     if failed:

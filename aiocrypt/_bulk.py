@@ -476,7 +476,7 @@ class _BulkJob:
     _own_output: bool
     _next: int
 
-    def run_range(self, first: int, stop: int) -> None:  # pragma: no cover - abstract
+    def run_range(self, first: int, stop: int) -> None:  # pragma: no cover - subclasses override it
         raise NotImplementedError
 
     def step(self, max_bytes: int) -> bool:

@@ -325,7 +325,11 @@ class SubjectKeys:
                 continue  # forgotten while it was read: the subject gets a new key
             self._remember(dk, (key_type, subject))
             return dk
-        raise KeyStateError("the subject-key store kept changing; gave up after 3 tries")
+        # each try lost a race to another process's forget of this subject (a new key of
+        # ours forgotten before we used it): three forgets timed inside one call, untestable
+        raise KeyStateError(  # pragma: no cover - three races lost inside one call
+            "the subject-key store kept changing; gave up after 3 tries"
+        )
 
     def _new_record(self, key_type: KeyType, lookup: str) -> SubjectKeyRecord:
         active = self._manager.keyring.active(key_type)

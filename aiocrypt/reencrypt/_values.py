@@ -120,6 +120,10 @@ def parse_legacy(value_type: str, raw: Any) -> Any:
         raise ValueError(
             f"unknown legacy value type {value_type!r}; use one of {sorted(LEGACY_TYPES)}"
         )
+    if value_type == "date" and isinstance(raw, _dt.datetime):
+        # before the isinstance check below: a datetime is a date too, and kept whole it
+        # would be encrypted as a datetime into a date column
+        return raw.date()
     expected = PYTHON_TYPES[value_type]
     if isinstance(raw, expected) and not (value_type == "int" and isinstance(raw, bool)):
         if value_type == "naive_datetime" and isinstance(raw, _dt.datetime):
@@ -135,8 +139,6 @@ def parse_legacy(value_type: str, raw: Any) -> Any:
         return Decimal(str(raw))
     if value_type == "bool" and isinstance(raw, int):
         return bool(raw)
-    if value_type == "date" and isinstance(raw, _dt.datetime):
-        return raw.date()
     try:
         return parser(raw if isinstance(raw, str) else str(raw))
     except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:  # deep JSON

@@ -141,7 +141,9 @@ class _Otel:
                     description=description,
                     explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
                 )
-            except TypeError:  # opentelemetry-api before 1.23: the SDK's default buckets
+            # opentelemetry-api before 1.23 (the dev extra installs a newer one): the SDK's
+            # default buckets
+            except TypeError:  # pragma: no cover - opentelemetry-api < 1.23 only
                 histogram = self.meter.create_histogram(name, unit="s", description=description)
             self.histograms[name] = histogram
         return histogram

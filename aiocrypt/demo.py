@@ -261,7 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="aiocrypt-demo-") as tmp:
             asyncio.run(run(Path(tmp)))
-    print("\ndemo finished")
+    # test_examples checks this line is printed, but coverage cannot see it on CPython
+    # 3.11: KeyManager.close() awaits its cancelled watch task, and 3.11 then drops the
+    # trace events of the frames above (coveragepy issue 2124, cpython gh-106749)
+    print("\ndemo finished")  # pragma: no cover - unmeasurable on 3.11 (see above)
 
 
 if __name__ == "__main__":

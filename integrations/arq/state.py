@@ -243,7 +243,9 @@ async def startup(ctx: dict[str, Any], config: ArqWorkerConfig | None = None) ->
         if encryption_config.postgres_dsn:
             open_database, close = await _postgres(encryption_config.postgres_dsn, cfg)
             closers.append(close)
-    except BaseException:
+    # asyncpg.create_pool(min_size=0) opens no connection: a bad or unreachable DSN
+    # does not fail it, so only a cancel of the start mid-await reaches this.
+    except BaseException:  # pragma: no cover - create_pool(min_size=0) does not connect
         await service.close()
         raise
     state = WorkerState(

@@ -273,9 +273,12 @@ class Lifecycle:
             reason = _policy.rotation_reason(key, policy, now, usage.get(key.key_id, 0))
             if reason is None:
                 continue
-            new_key, old = await self.activate_new(
-                key.key_type, reason=reason, only_if=still_active(key.key_id)
-            )
+            try:
+                new_key, old = await self.activate_new(
+                    key.key_type, reason=reason, only_if=still_active(key.key_id)
+                )
+            except KeyNotFoundError:  # another process retired the key type meanwhile
+                continue
             if old is not None:
                 rotated.append(Rotation(key.key_type.value, old.key_id, new_key.key_id, reason))
         expired = await self.expire_retired()

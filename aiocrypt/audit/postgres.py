@@ -395,7 +395,10 @@ class PostgresAuditSink:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", t)
             head = await self._read_head(conn, lock=True)
-            if head is not None and head.mode is None:
+            # False for a table whose head is authenticated already
+            # (test_upgrade_of_an_authenticated_table_only_verifies); CPython 3.11 reports
+            # that jump as one to the block's last line, so coverage cannot record it
+            if head is not None and head.mode is None:  # pragma: no branch - CPython 3.11
                 check = AuditVerification(True, 0, mode=self.mode)
                 last, _ = await self._check_rows(conn, check, None)
                 self._compare_head(check, head, last)

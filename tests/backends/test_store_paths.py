@@ -26,6 +26,7 @@ import anyio
 import pytest
 
 from aiocrypt import (
+    ConcurrentModificationError,
     ConfigurationError,
     EncryptionConfig,
     KeyStoreError,
@@ -145,6 +146,17 @@ async def test_file_store_rekey_before_any_write_seals_the_first_write_under_the
     ]
     with pytest.raises(KeyStoreIntegrityError, match=f"sealed under KEK {new.kek_id}"):
         await FileKeyStore(key_path, old).read()
+
+
+async def test_file_store_rekey_after_another_write_is_a_conflict(key_path: Path) -> None:
+    old, new = LocalKekProvider.generate(), LocalKekProvider.generate()
+    store = FileKeyStore(key_path, old)
+    await store.write([record("pii-v1-aaaaaaaa")], expected_revision=0)
+    before = key_path.read_bytes()
+    with pytest.raises(ConcurrentModificationError, match=r"changed \(revision 1, expected 0\)"):
+        await store.rekey(new, seal="unused", expected_revision=0)
+    assert key_path.read_bytes() == before  # still sealed under the old KEK
+    assert (await FileKeyStore(key_path, old).read()).revision == 1
 
 
 @pytest.mark.parametrize(

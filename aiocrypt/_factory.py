@@ -50,7 +50,10 @@ def _load(module: str, attr: str, extra: str, backend: str) -> Any:
             raise ConfigurationError(
                 f"backend {backend!r} is not available in this version of aiocrypt"
             ) from None
-        raise ImportError(
+        # Every backend module turns its own missing dependency into an ImportError
+        # naming its extra, never a ModuleNotFoundError: only a missing transitive
+        # import outside those guards would land here.
+        raise ImportError(  # pragma: no cover - backends translate their own
             f"backend {backend!r} needs extra dependencies: pip install 'aiocrypt[{extra}]'"
         ) from exc
     return getattr(mod, attr)

@@ -165,6 +165,16 @@ async def test_a_compressed_subject_session_round_trips(compressing: EncryptionS
     assert await compressing.decrypt_session_data(token, context="s1") == data
 
 
+async def test_subject_key_exists_only_once_made() -> None:
+    service = make_service()  # not started: the call starts it
+    assert await service.subject_key_exists("gus", PII) is False
+    assert service.started
+    await service.encrypt_field("g", PII, subject="gus")
+    assert await service.subject_key_exists("gus", PII) is True
+    assert await service.subject_key_exists("gus", KeyType.SESSION) is False
+    await service.close()
+
+
 async def test_subject_and_subjects_together_are_refused(service: EncryptionService) -> None:
     with pytest.raises(ValueError, match="pass subject or subjects, not both"):
         await service.encrypt_many(["a"], PII, subject="a", subjects=["a"])
@@ -215,6 +225,11 @@ async def test_a_large_session_is_sealed_in_a_thread(service: EncryptionService)
     token = await service.encrypt_session_data(data)
     assert service.counters["threaded_operations"] >= before + 1
     assert await service.decrypt_session_data(token) == data
+
+
+async def test_session_data_must_be_a_dict(service: EncryptionService) -> None:
+    with pytest.raises(TypeError, match="session data must be a dict, not list"):
+        await service.encrypt_session_data([1])  # type: ignore[arg-type]
 
 
 async def test_a_session_token_of_a_non_dict_is_malformed(service: EncryptionService) -> None:
@@ -286,6 +301,16 @@ async def test_bulk_arguments_are_checked(
     compressed = await compressing.encrypt_bulk_data(b"abc" * 100, PII)
     with pytest.raises(ValueError, match="its size is known only once decompressed"):
         await compressing.decrypt_bulk_data(compressed, key_type=PII, out=bytearray(400))
+
+
+async def test_bulk_data_of_another_key_type_is_refused_and_counted(
+    service: EncryptionService,
+) -> None:
+    blob = (await service.encrypt_bulk_data(b"ledger", KeyType.FINANCIAL_DATA)).to_bytes()
+    with pytest.raises(DecryptionError) as info:
+        await service.decrypt_bulk_data(blob, key_type=PII)
+    assert info.value.reason is DecryptionFailure.WRONG_KEY_TYPE
+    assert service.counters["decrypt_failures"] == 1
 
 
 async def test_small_bulk_data_into_out_buffers(service: EncryptionService) -> None:

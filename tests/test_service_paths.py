@@ -24,7 +24,13 @@ from aiocrypt._codec import encode_value
 from aiocrypt._format import FLAG_ZSTD, MAX_FIELD_PLAINTEXT, Purpose
 from aiocrypt._keyring import GCM_MESSAGE_LIMIT
 from aiocrypt._subjects import token_key_id
-from aiocrypt.testing import FakeKekProvider, MemoryKeyStore, make_key_manager, make_service
+from aiocrypt.testing import (
+    FakeKekProvider,
+    ManualClock,
+    MemoryKeyStore,
+    make_key_manager,
+    make_service,
+)
 
 PII = KeyType.PII
 BIG = 70_000  # over the balanced mode's 64 KiB inline threshold
@@ -105,6 +111,30 @@ async def test_keys_rotated_by_another_process_are_loaded_on_demand() -> None:
         assert old.keyring.get(token_key_id(tokens[0])) is None
         assert await old.decrypt_field(tokens[1], PII) == big
         assert await old.decrypt_many(tokens, PII) == ["a", big]
+
+
+async def test_reads_under_a_destroyed_key_say_it_was_destroyed() -> None:
+    clock = ManualClock()
+    async with make_service(clock=clock) as service:
+        manager = service.key_manager
+        token = await service.encrypt_field("gone", PII)
+        blob = (await service.encrypt_bulk_data(b"gone", PII)).to_bytes()
+        old = service.keyring.active(PII).key_id
+        await manager.rotate_key(PII, force=True)
+        clock.advance(days=180 + 1)
+        await manager.rotate_keys_due()
+        clock.advance(days=730)  # past max age and grace
+        await manager.refresh(force=True)
+        await manager.cleanup_report(census={old: 0})
+        await manager.refresh(force=True)
+        for read in (
+            service.decrypt_many([token], PII),
+            service.decrypt_bulk_data(blob, key_type=PII),
+        ):
+            with pytest.raises(DecryptionError) as info:
+                await read
+            assert info.value.reason is DecryptionFailure.KEY_NOT_READABLE
+            assert str(info.value) == f"decryption failed: key {old} was destroyed"
 
 
 async def test_a_batch_with_a_key_no_store_holds_names_it(service: EncryptionService) -> None:

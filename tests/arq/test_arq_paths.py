@@ -19,6 +19,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
+from arq import create_pool
+from arq.connections import RedisSettings
 from arq.constants import job_key_prefix
 from click.testing import CliRunner
 from rich.console import Console
@@ -26,7 +28,12 @@ from rich.console import Console
 from aiocrypt import ConfigurationError, KekProviderError
 from aiocrypt.cli import main as cli_main
 from aiocrypt.integrations.arq import cli as jobs_cli
-from aiocrypt.integrations.arq.codec import codec_problem, job_deserializer, job_serializer
+from aiocrypt.integrations.arq.codec import (
+    check_worker,
+    codec_problem,
+    job_deserializer,
+    job_serializer,
+)
 from aiocrypt.integrations.arq.config import ArqWorkerConfig, Schedule
 from aiocrypt.integrations.arq.failures import ShardIncompleteError, describe, is_transient
 from aiocrypt.integrations.arq.status import (
@@ -123,6 +130,19 @@ def test_a_codec_problem_names_a_custom_serializer() -> None:
     assert codec_problem(job_serializer, job_deserializer) is None
 
 
+async def test_a_worker_whose_pool_would_unpickle_refuses_to_start(redis_url: str) -> None:
+    pool = await create_pool(RedisSettings.from_dsn(redis_url))  # arq's pickle default
+    try:
+        with pytest.raises(ConfigurationError) as refused:
+            check_worker({"redis": pool})
+        assert str(refused.value).startswith(
+            "refusing to start: this arq worker's Redis pool (ctx['redis']) does not use "
+            "aiocrypt's JSON job codec: it decodes with pickle.loads (arq's default)"
+        )
+    finally:
+        await pool.aclose()
+
+
 # -- failures -----------------------------------------------------------------------
 
 
@@ -172,6 +192,9 @@ def test_job_state_times_and_workers_from_the_shards() -> None:
     )
     assert (done.state, done.finished_at) == ("done", "2026-01-01T00:09:00")
     assert done.workers == ["a"]  # one worker of two shards, named once
+    console = Console(record=True, width=120)
+    console.print(jobs_cli.render_job(done))
+    assert "finished  2026-01-01T00:09:00" in console.export_text()
     unplanned = _status(result={"finished_at": "2026-01-01T00:10:00"})
     assert unplanned.finished_at == "2026-01-01T00:10:00"
 

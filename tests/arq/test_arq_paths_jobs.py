@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from arq import Retry
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
-from arq_helpers import ArqSetup, check_users, make_users, users_spec
+from arq_helpers import TWO_DAYS_AGO, ArqSetup, check_users, make_users, users_spec
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -246,7 +246,13 @@ async def test_a_reencryption_in_process_replans_smaller_sweeps_and_finishes(
     redis: aioredis.Redis,
     pg: asyncpg.Connection,
     table_name: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # made "two days ago": v1 is past its max age (and no grace) once its rows moved
+    async with arq_setup.manager(clock=TWO_DAYS_AGO) as seeding:
+        await make_users(pg, seeding, table_name, 6)
+        v1 = seeding.keyring.active(FIN).key_id
+        pii = seeding.keyring.active(KeyType.PII).key_id
     ctx = await _worker(
         arq_setup,
         monkeypatch,
@@ -261,9 +267,6 @@ async def test_a_reencryption_in_process_replans_smaller_sweeps_and_finishes(
     cfg = state.config
     try:
         manager = state.key_manager
-        await make_users(pg, manager, table_name, 6)
-        v1 = manager.keyring.active(FIN).key_id
-        pii = manager.keyring.active(KeyType.PII).key_id
         v2 = (await manager.rotate_key(FIN, force=True)).key_id
         job_id = f"reencrypt-{v1}"
         # enqueueing again while the job is queued joins it
@@ -302,6 +305,17 @@ async def test_a_reencryption_in_process_replans_smaller_sweeps_and_finishes(
         assert (finished.result["old_key_rows"], finished.result["sweeps"]) == (0, 1)
         assert finished.result["finished_by"] == "w-1"
         await check_users(pg, manager, table_name, 6, v2, pii)
+        # once the workers took the sweep's jobs, enqueueing again runs no done shard
+        await redis.delete(*(job_key_prefix + i for i in shard_ids))
+        rerun = await reencrypt_data_with_new_key(ctx, "financial_data", v1, 2, 1)
+        assert (rerun["shards"], rerun["enqueued"]) == (2, [])
+
+        # the cleanup's census (registered tables, no metadata) finds no row on v1
+        with caplog.at_level(logging.WARNING, logger="aiocrypt.arq"):
+            report = await cleanup_expired_keys(ctx)
+        assert report["destroyed"] == [{"key_id": v1, "reason": "census: no rows left"}]
+        assert report["census"] is True
+        assert f"key {v1} destroyed: census: no rows left" in caplog.text
     finally:
         await shutdown(ctx)
 
@@ -399,14 +413,26 @@ async def test_rows_written_back_behind_every_pass_leave_the_shard_incomplete(
         await shutdown(ctx)
 
 
-async def _running(state: WorkerState, job_id: str) -> None:
-    """Until the shard's record shows rows done (its first progress write)."""
-    for _ in range(200):
-        shard = await state.status.shard(job_id, 0)
-        if shard is not None and shard.rows_done > 0:
+async def _held(dsn: str, table: str, row_id: int) -> asyncpg.Connection:
+    """A connection holding a row lock on ``row_id`` (in an open transaction): the shard's
+    write of that row waits for it, at a point the test chooses, without timing."""
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("BEGIN")
+    await conn.execute(f"SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE", row_id)
+    return conn
+
+
+async def _waiting(pg: asyncpg.Connection, table: str) -> None:
+    """Until another session waits for a lock in a query on ``table``."""
+    for _ in range(400):
+        if await pg.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%' || $1 || '%'",
+            table,
+        ):
             return
         await asyncio.sleep(0.005)
-    raise AssertionError("the shard never reported progress")
+    raise AssertionError("the shard never waited for the locked row")
 
 
 async def test_a_shard_stopped_by_the_worker_goes_back_to_queued(
@@ -416,20 +442,22 @@ async def test_a_shard_stopped_by_the_worker_goes_back_to_queued(
     pg: asyncpg.Connection,
     table_name: str,
 ) -> None:
-    ctx = await _worker(
-        arq_setup, monkeypatch, arq_redis, tables=_tables(table_name), rate_limit=20.0
-    )
+    ctx = await _worker(arq_setup, monkeypatch, arq_redis, tables=_tables(table_name))
     state: WorkerState = ctx[STATE_KEY]
     try:
-        await _seed(state, pg, table_name, 6)
+        await _seed(state, pg, table_name, 4)
         await state.key_manager.rotate_key(FIN, force=True)
-        task = asyncio.ensure_future(
-            reencrypt_shard(ctx, "reencrypt-c", "financial_data", table_name, 0, None, None, 1)
-        )
-        await _running(state, "reencrypt-c")
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        locker = await _held(arq_setup.dsn, table_name, 2)
+        try:
+            task = asyncio.ensure_future(
+                reencrypt_shard(ctx, "reencrypt-c", "financial_data", table_name, 0, None, None, 1)
+            )
+            await _waiting(pg, table_name)
+            task.cancel()  # arq stopping the worker
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            await locker.close()
         shard = await state.status.shard("reencrypt-c", 0)
         assert shard is not None and shard.state == "queued"
         assert shard.attempts[-1]["outcome"] == "interrupted (worker stopped)"
@@ -445,24 +473,29 @@ async def test_a_rotation_during_a_shard_moves_its_rows_onto_the_newest_key(
     table_name: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    ctx = await _worker(
-        arq_setup, monkeypatch, arq_redis, tables=_tables(table_name), rate_limit=20.0
-    )
+    ctx = await _worker(arq_setup, monkeypatch, arq_redis, tables=_tables(table_name))
     state: WorkerState = ctx[STATE_KEY]
     try:
         manager = state.key_manager
-        await _seed(state, pg, table_name, 4)
+        await _seed(state, pg, table_name, 6)
         pii = manager.keyring.active(KeyType.PII).key_id
         await manager.rotate_key(FIN, force=True)
-        with caplog.at_level(logging.INFO, logger="aiocrypt.arq"):
-            task = asyncio.ensure_future(
-                reencrypt_shard(ctx, "reencrypt-r", "financial_data", table_name, 0, None, None, 1)
-            )
-            await _running(state, "reencrypt-r")
-            v3 = (await manager.rotate_key(FIN, force=True)).key_id
-            result = await task
+        locker = await _held(arq_setup.dsn, table_name, 2)
+        try:
+            with caplog.at_level(logging.INFO, logger="aiocrypt.arq"):
+                task = asyncio.ensure_future(
+                    reencrypt_shard(
+                        ctx, "reencrypt-r", "financial_data", table_name, 0, None, None, 1
+                    )
+                )
+                await _waiting(pg, table_name)  # the run is past row 1, onto v2
+                v3 = (await manager.rotate_key(FIN, force=True)).key_id
+                await locker.execute("ROLLBACK")
+                result = await task
+        finally:
+            await locker.close()
         assert "the financial_data key rotated during the run; continuing" in caplog.text
-        assert result["rows_updated"] == 4  # the run after the rotation moves every row
-        await check_users(pg, manager, table_name, 4, v3, pii)
+        assert result["rows_updated"] == 6  # the run after the rotation moves every row
+        await check_users(pg, manager, table_name, 6, v3, pii)
     finally:
         await shutdown(ctx)

@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -95,10 +96,11 @@ async def test_a_store_sealed_under_another_kek_is_refused_naming_it() -> None:
 async def test_unknown_key_ids_are_remembered_in_a_bounded_map() -> None:
     async with KeyManager(MemoryKeyStore(), LocalKekProvider.generate(), watch=False) as manager:
         await manager.generate_key(PII)
-        for n in range(1026):
-            assert await manager.load_key(f"pii-v9-{n:08x}") is None
-        assert len(manager._missing) == 1  # cleared past 1024, then the last one
-        assert await manager.load_key("pii-v9-00000401") is None
+        assert await manager.load_key("pii-v9-00000000") is None
+        now = time.monotonic()  # 1024 more unknown ids asked for within the second
+        manager._missing.update({f"pii-v9-{n:08x}": now for n in range(1, 1025)})
+        assert await manager.load_key("pii-v9-ffffffff") is None
+        assert list(manager._missing) == ["pii-v9-ffffffff"]  # cleared, not grown past 1024
 
 
 # -- concurrency -------------------------------------------------------------------------

@@ -77,6 +77,7 @@ async def test_a_v1_field_is_refused_and_counted() -> None:
         with pytest.raises(DecryptionError, match="accept_format_v1=False"):
             await service.decrypt_many([token, _v1(token)], PII)
         assert service.counters["decrypt_failures:pii"] == 2
+        assert await service.decrypt_many([token], PII) == ["x"]  # v2 only: read
 
 
 async def test_an_undecodable_plaintext_is_malformed_on_the_general_path() -> None:
@@ -203,6 +204,17 @@ async def test_subject_key_exists_only_once_made() -> None:
     assert await service.subject_key_exists("gus", PII) is True
     assert await service.subject_key_exists("gus", KeyType.SESSION) is False
     await service.close()
+
+
+async def test_a_large_batch_of_subject_values_is_sealed_in_a_thread(
+    service: EncryptionService,
+) -> None:
+    values = [os.urandom(BIG // 2) for _ in range(3)]
+    before = service.counters["threaded_operations"]
+    tokens = await service.encrypt_many(values, PII, subjects=["hal", None, "hal"])
+    assert service.counters["threaded_operations"] > before
+    assert token_key_id(tokens[0]) == token_key_id(tokens[2]) != token_key_id(tokens[1])
+    assert await service.decrypt_many(tokens, PII) == values
 
 
 async def test_subject_and_subjects_together_are_refused(service: EncryptionService) -> None:

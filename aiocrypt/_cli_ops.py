@@ -80,7 +80,7 @@ def _models_metadata(target: str) -> list[Any]:
     """The SQLAlchemy ``MetaData`` objects ``--models MODULE[:OBJECT]`` names."""
     try:
         import sqlalchemy as sa
-    except ImportError as exc:
+    except ImportError as exc:  # pragma: no cover - the dev extra installs sqlalchemy
         raise ImportError(f"{exc}: --models needs pip install 'aiocrypt[sqlalchemy]'") from None
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

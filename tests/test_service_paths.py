@@ -78,6 +78,9 @@ async def test_a_v1_field_is_refused_and_counted() -> None:
             await service.decrypt_many([token, _v1(token)], PII)
         assert service.counters["decrypt_failures:pii"] == 2
         assert await service.decrypt_many([token], PII) == ["x"]  # v2 only: read
+        session = await service.encrypt_session_data({"a": 1})
+        with pytest.raises(DecryptionError, match="accept_format_v1=False"):
+            await service.decrypt_session_data(_v1(session))
 
 
 async def test_an_undecodable_plaintext_is_malformed_on_the_general_path() -> None:

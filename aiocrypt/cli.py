@@ -858,10 +858,8 @@ def new_master_key(as_json: bool) -> None:
     echo_json({"master_key": key}) if as_json else click.echo(key)
 
 
-# a thin dispatch to the demo, whose story tests/test_examples.py runs (python -m
-# aiocrypt.demo): through this command it costs over a second a test under coverage
 @main.command("demo")
-def demo() -> None:  # pragma: no cover - the whole demo, over a second; see above
+def demo() -> None:
     """Run the end-to-end demo in a temporary directory."""
     from .demo import main as demo_main
 

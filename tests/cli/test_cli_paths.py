@@ -618,3 +618,12 @@ def test_subjects_rewrap_fails_while_a_subject_key_is_left_on_an_older_key(
     assert _error(result) == (
         "error: some subject keys were not rewrapped (see the log): run it again"
     )
+
+
+def test_the_demo_command_runs_the_demo(run: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    """``aiocrypt demo``: the whole story in a temporary directory (over a second: the
+    demo encrypts, rotates and re-encrypts for real)."""
+    result = run("demo")
+    assert result.exit_code == 0, result.output
+    printed = result.output + capsys.readouterr().out
+    assert "demo finished" in printed

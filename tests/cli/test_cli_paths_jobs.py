@@ -88,3 +88,24 @@ def test_a_process_that_stopped_fails_the_table_naming_its_error() -> None:
     assert str(caught.value) == (
         "paths_jobs: a --jobs process stopped: cannot reach the PostgreSQL database"
     )
+
+
+def test_a_plan_that_fails_after_the_processes_started_stops_them(postgres_dsn: str) -> None:
+    """--jobs 2 on a table that does not exist: the spawned process is started before the
+    plan (so it imports meanwhile); the plan's error reaches the caller, and the process is
+    gone afterwards (the pool shut down, nothing left running). One spawn: about a second."""
+    spec = TableSpec("paths_jobs_no_such_table", "id", (ColumnSpec("ssn", KeyType("pii")),))
+
+    async def run() -> None:
+        manager = build_key_manager(load_config(), watch=False)
+        async with manager:
+            database = AsyncpgDatabase(postgres_dsn, checkpoint_table="paths_jobs_ckpt")
+            async with database:
+                engine = ReencryptionEngine(manager, database, tables=[spec])
+                await _cli_reencrypt.reencrypt_sharded(
+                    engine, _task(postgres_dsn, spec), 2, lambda done, rate: None
+                )
+
+    with pytest.raises(Exception, match="paths_jobs_no_such_table"):
+        asyncio.run(run())
+    assert multiprocessing.active_children() == []

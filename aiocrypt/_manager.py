@@ -235,6 +235,10 @@ class KeyManager:
                     "key store change notifications interrupted (%s); retrying", type(exc).__name__
                 )
                 await anyio.sleep(min(5.0, max(0.5, self.refresh_interval)))
+                continue
+            # the feed ended on its own (a store of the application's whose changes()
+            # returns): wait a poll before the next, or this loop would never yield
+            await anyio.sleep(max(0.2, self.refresh_interval))
 
     # -- the keyring --------------------------------------------------------
 

@@ -247,6 +247,37 @@ async def test_a_feed_that_ends_is_restarted_and_one_that_swallows_cancel_still_
     assert store.swallowed and manager._watch_task is None
 
 
+class EndingFeed(MemoryKeyStore):
+    """A store whose change feed returns at once, without awaiting anything (after 50
+    feeds it waits instead, so that a manager restarting it in a tight loop lets the
+    test see the count rather than hang the event loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feeds = 0
+
+    async def changes(self, poll_interval: float = 1.0) -> AsyncIterator[int]:
+        self.feeds += 1
+        if self.feeds >= 50:
+            await anyio.sleep(3600)
+        return
+        yield 0  # an async generator that ends before its first item
+
+
+async def test_a_feed_that_always_ends_at_once_is_restarted_a_poll_later() -> None:
+    """Without a pause between restarts the watch loop never yields: it would hang
+    the event loop in a store whose feed never awaits."""
+    store = EndingFeed()
+    manager = KeyManager(store, LocalKekProvider.generate(), refresh_interval=0.2)
+    await manager.open()
+    try:
+        with anyio.fail_after(2):
+            await anyio.sleep(0.5)
+        assert 1 <= store.feeds <= 4  # one at the start, then one per 0.2 s poll
+    finally:
+        await manager.close()
+
+
 # -- adoption of records written before seals ----------------------------------------------
 
 

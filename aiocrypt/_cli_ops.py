@@ -384,6 +384,8 @@ def reencrypt(  # noqa: C901 - a click command: its option combinations checked 
             for s in specs
             if any(c.key_type == KeyType(key_type) for c in s.columns)
         ]
+        if not specs:
+            raise click.UsageError(f"no column named has key type {key_type!r} (--key-type)")
     database_dsn = _require_dsn(dsn)
     config = load_config()
 

@@ -627,3 +627,11 @@ def test_the_demo_command_runs_the_demo(run: Run, capsys: pytest.CaptureFixture[
     assert result.exit_code == 0, result.output
     printed = result.output + capsys.readouterr().out
     assert "demo finished" in printed
+
+
+def test_reencrypt_with_a_key_type_no_column_has_is_a_usage_error(run: Run) -> None:
+    """--key-type that matches none of the named columns: said at once (exit 2), before
+    any database is asked for (it used to open the database, do nothing and exit 0)."""
+    result = run("reencrypt", "--table", "t", "--column", "ssn:pii", "--key-type", "financial_data")
+    assert result.exit_code == 2
+    assert "no column named has key type 'financial_data'" in result.output

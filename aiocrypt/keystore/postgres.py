@@ -413,8 +413,8 @@ def from_config(config: EncryptionConfig) -> PostgresKeyStore:
     """Build from ``ENCRYPTION_POSTGRES_DSN``."""
     if not config.postgres_dsn:
         raise ConfigurationError("the postgres key store needs ENCRYPTION_POSTGRES_DSN")
-    # ENCRYPTION_POSTGRES_SCHEMA once the config has it (see docs/backends.md)
-    schema = getattr(config, "postgres_schema", None) or DEFAULT_SCHEMA
+    # ENCRYPTION_POSTGRES_SCHEMA (see docs/backends.md); empty means the default
+    schema = config.postgres_schema or DEFAULT_SCHEMA
     try:
         return PostgresKeyStore(config.postgres_dsn, schema=schema)
     except ValueError as exc:

@@ -383,8 +383,8 @@ def from_config(config: EncryptionConfig) -> RedisKeyStore:
     """Build from ``ENCRYPTION_REDIS_URL``."""
     if not config.redis_url:
         raise ConfigurationError("the redis key store needs ENCRYPTION_REDIS_URL")
-    # ENCRYPTION_REDIS_KEY_PREFIX once the config has it (see docs/backends.md)
-    prefix = getattr(config, "redis_key_prefix", None) or DEFAULT_PREFIX
+    # ENCRYPTION_REDIS_KEY_PREFIX (see docs/backends.md); empty means the default
+    prefix = config.redis_key_prefix or DEFAULT_PREFIX
     try:
         return RedisKeyStore(config.redis_url, prefix=prefix)
     except ValueError as exc:

@@ -161,7 +161,8 @@ class WebSettings:
         )
         if cache_control is False or cache_control == "":
             cache_control = None
-        elif cache_control is not None:
+        # first() skips None and the default is a string: None only through the if above
+        elif cache_control is not None:  # pragma: no branch - see above
             cache_control = _text_value(name_cc, cache_control)
         name_subject, subject_field = keys.first("AIOCRYPT_SESSION_SUBJECT", default=None)
         if subject_field is not None:

@@ -29,6 +29,7 @@ from aiocrypt import (
     get_encryption_service,
     reset_defaults,
 )
+from aiocrypt.integrations.alembic import encrypt_column
 from aiocrypt.integrations.sqlalchemy import (
     BLIND_INDEX_KEY_TYPE,
     BlindIndex,
@@ -695,3 +696,10 @@ async def test_undecryptable_expression_outside_a_table_names_no_row(
     assert info.value.location is not None
     assert (info.value.location.table, info.value.location.column) == ("?", "report.ssn")
     assert info.value.location.primary_key is None
+
+
+def test_alembic_encrypt_column_checks_its_batch_size(service: EncryptionService) -> None:
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        encrypt_column(
+            "users", "ssn", key_type=KeyType.PII, value_type="str", service=service, batch_size=0
+        )

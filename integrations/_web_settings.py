@@ -162,7 +162,7 @@ class WebSettings:
         if cache_control is False or cache_control == "":
             cache_control = None
         # first() skips None and the default is a string: None only through the if above
-        elif cache_control is not None:  # pragma: no branch - see above
+        elif cache_control is not None:  # pragma: no branch - never None here
             cache_control = _text_value(name_cc, cache_control)
         name_subject, subject_field = keys.first("AIOCRYPT_SESSION_SUBJECT", default=None)
         if subject_field is not None:

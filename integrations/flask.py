@@ -137,7 +137,7 @@ class _LoopThread:
             if done.set_running_or_notify_cancel():
                 self.loop.create_task(coro, context=context).add_done_callback(finish)
             # done is local to run(): nothing cancels it before start() runs
-            else:  # pragma: no cover - see above
+            else:  # pragma: no cover - done is never cancelled
                 coro.close()
 
         self.loop.call_soon_threadsafe(start)
@@ -146,7 +146,7 @@ class _LoopThread:
     def stop(self) -> None:
         # stop() follows a run() on this loop (which waits for the loop to answer), so
         # the loop is running by then
-        if self.loop.is_running():  # pragma: no branch - see above
+        if self.loop.is_running():  # pragma: no branch - running after a run()
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
 
@@ -203,7 +203,7 @@ class AioCryptState:
         with self._lock:
             # a thread that found no sessions, then waited here while another started them:
             # a race a fast test cannot order
-            if self._sessions is not None:  # pragma: no cover - see above
+            if self._sessions is not None:  # pragma: no cover - a race between two threads
                 return
             loop = _LoopThread("aiocrypt-flask")
             try:
@@ -285,7 +285,7 @@ class AioCryptState:
 
     # The store is given service= and run= too, and reads a key rotated elsewhere through
     # the service: it never calls load_key (test_web_paths_flask's rotated-key test)
-    def _load_key(self, key_id: str) -> object:  # pragma: no cover - see above
+    def _load_key(self, key_id: str) -> object:  # pragma: no cover - the store never calls it
         return self.run(self.service.key_manager.load_key(key_id))
 
     def redis_check(self) -> HealthCheck:
@@ -321,7 +321,7 @@ class AioCryptState:
 
     async def _close(self) -> None:
         # _start() always creates the refresher, and close() runs only after a start()
-        if self._refresher is not None:  # pragma: no branch - see above
+        if self._refresher is not None:  # pragma: no branch - set by every start()
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
             self._refresher = None

@@ -438,7 +438,7 @@ class _SessionCodec:
             action = CookieAction.DELETE if session._had_cookie else CookieAction.NONE
             return delete, None, SaveResult(action)
         # both stores' save() return before plan() for this case (unchanged())
-        if redis_key is not None and not session.modified:  # pragma: no cover - see above
+        if redis_key is not None and not session.modified:  # pragma: no cover - caught by save()
             return delete, None, SaveResult(CookieAction.KEEP, sid)
         if sid is None or redis_key is None:
             sid = new_session_id(self.settings.sid_bytes)

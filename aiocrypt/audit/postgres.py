@@ -398,7 +398,7 @@ class PostgresAuditSink:
             # False for a table whose head is authenticated already
             # (test_upgrade_of_an_authenticated_table_only_verifies); CPython 3.11 reports
             # that jump as one to the block's last line, so coverage cannot record it
-            if head is not None and head.mode is None:  # pragma: no branch - CPython 3.11
+            if head is not None and head.mode is None:  # pragma: no branch - CPython 3.11 jump
                 check = AuditVerification(True, 0, mode=self.mode)
                 last, _ = await self._check_rows(conn, check, None)
                 self._compare_head(check, head, last)

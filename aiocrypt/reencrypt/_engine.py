@@ -666,7 +666,7 @@ def _first_failures(
             if row not in rows or not rows[row]:
                 # a key is in new only if its row was marked fresh right after; two rows
                 # of one table whose equal keys dump differently (1 and 1.0) do not occur
-                if exc.primary_key not in new:  # pragma: no branch - see above
+                if exc.primary_key not in new:  # pragma: no branch - always new here
                     new.append(exc.primary_key)
         rows[row] = rows.get(row, False) or not seen
     return new, sum(1 for fresh in rows.values() if not fresh)

@@ -696,7 +696,8 @@ def _reencrypt_md(results: dict[str, Any]) -> list[str]:
         "server"
         + (
             f"; `--jobs {jobs}`: the same table size re-encrypted by {jobs} processes, "
-            "a primary-key range each, timed from before they are started"
+            "over 4 primary-key ranges per process, each process taking the next free "
+            "range, timed from before they are started"
             if sharded
             else ""
         )
@@ -735,9 +736,12 @@ def _reencrypt_md(results: dict[str, Any]) -> list[str]:
         "by Python CPU time for the crypto (two decrypts and two encrypts per row, "
         "opened on the keyring's fast path), with the Postgres writes overlapped on "
         "the other core, so it is the figure most hurt by other load on the machine; "
-        "`--jobs` gives each shard a core of its own (this process works the first "
-        "range while the others start), and shares the two cores here with Postgres. "
-        "Sharding the work across ARQ workers: [arq.md](arq.md).",
+        "the naive loops are bound by the commit latency of the disk (a WAL flush per "
+        "row), so the ratio moves with the machine's balance of CPU and disk (the CPU "
+        "per row of the write step below shows the CPU side of a run). `--jobs` gives "
+        "each process a core of its own (the command works the first ranges while the "
+        "others start), and shares the two cores here with Postgres. Sharding the work "
+        "across ARQ workers: [arq.md](arq.md).",
     ]
     if sharded:
         faster = sum(j > e for j, e in zip(sharded, engine, strict=True))
@@ -746,11 +750,14 @@ def _reencrypt_md(results: dict[str, Any]) -> list[str]:
             f"Issue 19's `--jobs {jobs}` faster than one process: "
             f"**{_verdict(statistics.median(sharded) > me)}** (median "
             f"{statistics.median(sharded):,.0f} against {me:,.0f} rows/s; faster in "
-            f"{faster} of {len(engine)} rounds). At {figures['rows']:,} rows a spawned "
-            "process's start (an interpreter, the imports, the keys: about half a second "
-            "here) is a large part of the run, and the two processes share the two cores "
-            "with the Postgres backends doing the writes; a larger table, or more cores, "
-            "is where `--jobs` pays.",
+            f"{faster} of {len(engine)} rounds). The processes take ranges of a quarter "
+            "of their share in turn, so they finish together, and each opens its keys "
+            "and connections once. At "
+            f"{figures['rows']:,} rows a spawned process's start (an interpreter, the "
+            "imports, the keys: about half a second here) is still part of the run, and "
+            "the processes share the two cores with the Postgres backends doing the "
+            "writes, which bounds the gain; a larger table, or more cores, is where "
+            "`--jobs` pays most.",
         ]
     write_step = figures.get("write_step")
     if write_step:

@@ -10,7 +10,7 @@ and loop over ``/me`` (decrypts user fields), ``/report`` (encrypted cache,
 id regeneration). Meanwhile this process rotates the financial, PII and
 session keys every 10 s through its own key manager on the same store.
 
-Duration: 5 s warm-up, then ``AIOCRYPT_SOAK_SECONDS`` (default 45) measured.
+Duration: 5 s warm-up, then ``AIOCRYPT_SOAK_SECONDS`` (default 25) measured.
 
 What must hold: zero errors (every answer has the expected status and content;
 the visit counter of every session counts up by one per request, across
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = Path(__file__).with_name("_soak_server.py")
-SOAK_SECONDS = float(os.environ.get("AIOCRYPT_SOAK_SECONDS", "45"))
+SOAK_SECONDS = float(os.environ.get("AIOCRYPT_SOAK_SECONDS", "25"))
 WARMUP_SECONDS = 5.0
 CLIENTS = 8
 ROTATE_EVERY = 10.0

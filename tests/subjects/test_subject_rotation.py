@@ -68,12 +68,20 @@ async def postgres() -> AsyncIterator[Deployment]:
         await store.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "postgres"])
 async def small(request: pytest.FixtureRequest) -> AsyncIterator[Deployment]:
+    """Small runs on every store (the 100,000-key run above is Postgres only, untraced)."""
     stores: list[KeyStore] = []
     if request.param == "memory":
         shared = MemoryKeyStore()
         deployment = Deployment(lambda: shared)
+    elif request.param == "postgres":
+        require_service("PostgreSQL", PG_HOST, PG_PORT)
+        from aiocrypt.keystore.postgres import PostgresKeyStore
+
+        schema = f"subjects_{secrets.token_hex(4)}"
+        deployment = Deployment(lambda: PostgresKeyStore(POSTGRES_DSN, schema=schema))
+        stores.append(deployment.make_store())
     else:
         require_service("Redis", REDIS_HOST, REDIS_PORT)
         from aiocrypt.keystore.redis import RedisKeyStore
@@ -181,6 +189,8 @@ async def test_rewrap_resumes_and_cleanup_keeps_what_wraps_subjects(small: Deplo
     with pytest.raises(KeyStateError, match="subject keys"):
         await outsider.retire_key(old, confirm_unreferenced=[old])
     await outsider.close()
+    with pytest.raises(KeyStateError, match="subject keys"):  # the minimum version too
+        await svc.key_manager.set_min_decryption_version(PII, 2, confirm_unreferenced=[old])
 
     # an interrupted run: some keys rewrapped by hand, the rest by the next run
     store = await svc.key_manager.subjects.store()

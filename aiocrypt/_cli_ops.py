@@ -53,7 +53,6 @@ from ._urls import redact_url
 from .reencrypt import (
     DEFAULT_CHECKPOINT_TABLE,
     ColumnSpec,
-    KeyRange,
     ReencryptionEngine,
     ReencryptionProgress,
     TableSpec,
@@ -423,7 +422,6 @@ def reencrypt(  # noqa: C901 - a click command: its option combinations checked 
                             continue
                         task = ShardTask(
                             spec,
-                            KeyRange(),
                             database_dsn,
                             checkpoint_table,
                             batch_size,

@@ -68,10 +68,10 @@ RANGES_PER_JOB = 4
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard process's work: what the command line chose, for one range of one table."""
+    """What the command line chose for one table's ``--jobs`` run, as each process gets it
+    (the ranges it works come from the shared counter)."""
 
     spec: TableSpec
-    shard: KeyRange
     dsn: str
     checkpoint_table: str
     batch_size: int
@@ -186,34 +186,57 @@ def _ready() -> None:
     """A no-op: done once a spawned process has started (its initializer ran)."""
 
 
+def _failure(exc: AiocryptError) -> dict[str, Any]:
+    """A range's or a process's error as its result: one line, and the exit code."""
+    return {"error": describe(exc), "exit": exit_code_for(exc)}
+
+
 def run_ranges(task: ShardTask, shards: list[KeyRange]) -> dict[int, dict[str, Any]]:
-    """A spawned process's work (picklable): ranges of ``shards`` taken in turn from the
-    shared counter, each with its result dict, or ``{"error": ..., "exit": ...}`` for an
-    aiocrypt error (one line, no traceback). One key manager and one database for all;
-    ``-1`` holds the error of a process that could not open them."""
+    """A spawned process's work (picklable): :func:`_ranges_with_own_database` under a key
+    manager of its own; ``-1`` holds the error of a process that could not open it."""
     ranges = _Ranges(_counter, len(shards))
     try:
         return asyncio.run(_run_ranges(task, shards, ranges))
     except AiocryptError as exc:
         ranges.stop()
-        return {-1: {"error": describe(exc), "exit": exit_code_for(exc)}}
+        return {-1: _failure(exc)}
 
 
 async def _run_ranges(
     task: ShardTask, shards: list[KeyRange], ranges: _Ranges
 ) -> dict[int, dict[str, Any]]:
     from ._cli_base import load_config
-    from ._cli_ops import _open_database, legacy_readers_from_models  # they import this module
+    from ._cli_ops import legacy_readers_from_models  # it imports this module
     from ._factory import build_key_manager
 
     readers = legacy_readers_from_models(task.models)
     manager = build_key_manager(load_config(), watch=False)
     async with manager:
+        return await _ranges_with_own_database(manager, task, shards, ranges, readers)
+
+
+async def _ranges_with_own_database(
+    manager: KeyManager,
+    task: ShardTask,
+    shards: list[KeyRange],
+    ranges: _Ranges,
+    readers: Iterable[LegacyReader],
+) -> dict[int, dict[str, Any]]:
+    """Ranges taken in turn (:func:`_ranges_here`) over database connections opened once
+    for all of them; ``-1`` holds the error if they cannot be opened (and no range starts).
+    A spawned process's, and the command's own share (whose engine's connections follow
+    the checkpoints meanwhile)."""
+    from ._cli_ops import _open_database  # it imports this module
+
+    try:
         database = await _open_database(task.dsn, task.checkpoint_table)
-        try:
-            return await _ranges_here(manager, database, task, shards, ranges, readers)
-        finally:
-            await database.close()
+    except AiocryptError as exc:
+        ranges.stop()
+        return {-1: _failure(exc)}
+    try:
+        return await _ranges_here(manager, database, task, shards, ranges, readers)
+    finally:
+        await database.close()
 
 
 async def _ranges_here(
@@ -246,32 +269,12 @@ async def _ranges_here(
             )
         except AiocryptError as exc:
             ranges.stop()
-            outcomes[index] = {"error": describe(exc), "exit": exit_code_for(exc)}
+            outcomes[index] = _failure(exc)
             break
         outcomes[index] = outcome
         if budget is not None:
             budget -= outcome["run"]["batches"]
     return outcomes
-
-
-async def _ranges_of_parent(
-    engine: ReencryptionEngine, task: ShardTask, shards: list[KeyRange], counter: Any
-) -> dict[int, dict[str, Any]]:
-    """The command's own share of the ranges, with the keys it holds and connections of
-    its own (the engine's database follows the checkpoints meanwhile)."""
-    from ._cli_ops import _open_database  # it imports this module
-
-    ranges = _Ranges(counter, len(shards))
-    try:
-        database = await _open_database(task.dsn, task.checkpoint_table)
-    except AiocryptError as exc:
-        ranges.stop()
-        return {-1: {"error": describe(exc), "exit": exit_code_for(exc)}}
-    try:
-        readers = engine.legacy_readers.values()
-        return await _ranges_here(engine.key_manager, database, task, shards, ranges, readers)
-    finally:
-        await database.close()
 
 
 async def reencrypt_sharded(
@@ -316,7 +319,14 @@ async def reencrypt_sharded(
 
         base = await rows_read()
         workers = [loop.run_in_executor(pool, run_ranges, task, shards) for _ in range(jobs - 1)]
-        workers.append(asyncio.ensure_future(_ranges_of_parent(engine, task, shards, counter)))
+        here = _ranges_with_own_database(
+            engine.key_manager,
+            task,
+            shards,
+            _Ranges(counter, len(shards)),
+            engine.legacy_readers.values(),
+        )
+        workers.append(asyncio.ensure_future(here))
         pending: set[asyncio.Future[dict[int, dict[str, Any]]]] = set(workers)
         while pending:
             _, pending = await asyncio.wait(pending, timeout=_POLL_SECONDS)

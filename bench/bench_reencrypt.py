@@ -54,7 +54,6 @@ from aiocrypt._cli_reencrypt import ShardTask, reencrypt_sharded  # noqa: E402
 from aiocrypt.reencrypt import (  # noqa: E402
     AsyncpgDatabase,
     ColumnSpec,
-    KeyRange,
     ReencryptionEngine,
     TableSpec,
 )
@@ -154,9 +153,7 @@ async def engine_jobs_run(
     spec = TableSpec(table, "id", (ColumnSpec("income", FIN), ColumnSpec("ssn", PII)))
     database = AsyncpgDatabase(dsn, checkpoint_table="bench_reencrypt_checkpoints")
     engine = ReencryptionEngine(manager, database, tables=[spec], batch_size=batch_size)
-    task = ShardTask(
-        spec, KeyRange(), dsn, "bench_reencrypt_checkpoints", batch_size, None, False, None
-    )
+    task = ShardTask(spec, dsn, "bench_reencrypt_checkpoints", batch_size, None, False, None)
     try:
         await engine.census(table)
         started = time.perf_counter()

@@ -14,7 +14,7 @@ import pytest
 
 from aiocrypt import _cli_reencrypt
 from aiocrypt._cli_base import load_config
-from aiocrypt._cli_reencrypt import ShardTask, _finished, _ranges_of_parent
+from aiocrypt._cli_reencrypt import ShardTask, _finished, _Ranges, _ranges_with_own_database
 from aiocrypt._errors import AiocryptError
 from aiocrypt._factory import build_key_manager
 from aiocrypt._types import KeyType
@@ -46,7 +46,7 @@ def missing_database(postgres_dsn: str) -> str:
 
 
 def _task(dsn: str, spec: TableSpec = SPEC) -> ShardTask:
-    return ShardTask(spec, KeyRange(), dsn, f"{spec.name}_ckpt", 100, None, False, None)
+    return ShardTask(spec, dsn, f"{spec.name}_ckpt", 100, None, False, None)
 
 
 def _counter() -> Any:
@@ -74,7 +74,10 @@ def test_the_commands_own_share_that_cannot_open_the_database_stops_every_range(
     async def run() -> dict[int, dict[str, Any]]:
         manager = build_key_manager(load_config(), watch=False)
         engine = ReencryptionEngine(manager, AsyncpgDatabase(missing_database), tables=[SPEC])
-        return await _ranges_of_parent(engine, _task(missing_database), SHARDS, counter)
+        ranges = _Ranges(counter, len(SHARDS))
+        readers = engine.legacy_readers.values()
+        task = _task(missing_database)
+        return await _ranges_with_own_database(engine.key_manager, task, SHARDS, ranges, readers)
 
     outcome = asyncio.run(run())
     assert list(outcome) == [-1] and outcome[-1]["exit"] == 3

@@ -130,7 +130,7 @@ def describe(exc: BaseException) -> str:
     message = " ".join(str(exc).replace("\n- ", "; ").split())
     if isinstance(exc, ReencryptionError):
         message += f" [primary key {exc.primary_key!r}]"
-    if not isinstance(exc, (AiocryptError, ImportError)):
+    if not isinstance(exc, (AiocryptError, ImportError, click.ClickException)):
         message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return redact(message or type(exc).__name__)
 

@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._cli_base import describe, exit_code_for
+from ._cli_base import CliError, describe, exit_code_for
 from ._errors import AiocryptError
 from .reencrypt import (
     KeyRange,
@@ -186,18 +186,19 @@ def _ready() -> None:
     """A no-op: done once a spawned process has started (its initializer ran)."""
 
 
-def _failure(exc: AiocryptError) -> dict[str, Any]:
+def _failure(exc: AiocryptError | CliError) -> dict[str, Any]:
     """A range's or a process's error as its result: one line, and the exit code."""
     return {"error": describe(exc), "exit": exit_code_for(exc)}
 
 
 def run_ranges(task: ShardTask, shards: list[KeyRange]) -> dict[int, dict[str, Any]]:
     """A spawned process's work (picklable): :func:`_ranges_with_own_database` under a key
-    manager of its own; ``-1`` holds the error of a process that could not open it."""
+    manager of its own; ``-1`` holds the error of a process that could not open it (its
+    configuration, as the command reads it, included)."""
     ranges = _Ranges(_counter, len(shards))
     try:
         return asyncio.run(_run_ranges(task, shards, ranges))
-    except AiocryptError as exc:
+    except (AiocryptError, CliError) as exc:
         ranges.stop()
         return {-1: _failure(exc)}
 

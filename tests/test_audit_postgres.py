@@ -437,3 +437,31 @@ async def test_an_auditor_logs_why_a_tampered_table_refused_an_event(
         "audit sink PostgresAuditSink failed" in r.getMessage() and "downgrade" in r.getMessage()
         for r in caplog.records
     ), caplog.text
+
+
+async def test_a_new_empty_table_verifies_and_a_removed_head_never_does(
+    audit_sink: PostgresAuditSink, postgres_dsn: str
+) -> None:
+    """A new table has its head (written with the tables), so it verifies with no rows.
+    A missing head is always reported: with rows, or with every row removed too (a
+    wiped table must not verify as a new one)."""
+    empty = await audit_sink.verify()
+    assert empty.ok and empty.rows == 0 and empty.problems == [], empty
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(f"DELETE FROM {audit_sink.table}_head")
+        wiped = await audit_sink.verify()
+        assert not wiped.ok and wiped.rows == 0, wiped
+        assert wiped.problems == ["the head record is missing"]
+        writer = PostgresAuditSink(postgres_dsn, table=audit_sink.table)
+        try:
+            await writer.open()  # no rows and no head: a new chain
+            await lifecycle(writer)
+        finally:
+            await writer.close()
+        await conn.execute(f"DELETE FROM {audit_sink.table}_head")
+    finally:
+        await conn.close()
+    headless = await audit_sink.verify()
+    assert not headless.ok and headless.rows > 0
+    assert "the head record is missing" in headless.problems

@@ -112,3 +112,21 @@ def test_a_plan_that_fails_after_the_processes_started_stops_them(postgres_dsn: 
     with pytest.raises(Exception, match="paths_jobs_no_such_table"):
         asyncio.run(run())
     assert multiprocessing.active_children() == []
+
+
+def test_a_jobs_process_that_cannot_load_its_keys_stops_every_range(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spawned process's configuration fails to load (here: its master key is not in
+    its environment): one error line for the process, as the command itself would say
+    it, and no range starts after it (it used to escape as a CliError, after the
+    command's own share had run every range)."""
+    monkeypatch.delenv("ENCRYPTION_MASTER_KEY")
+    monkeypatch.setattr(_cli_reencrypt, "_counter", None)
+    counter = _counter()
+    _cli_reencrypt._init_process(counter)
+    outcome = _cli_reencrypt.run_ranges(_task(postgres_dsn), SHARDS)
+    [(index, failure)] = outcome.items()
+    assert index == -1 and failure["exit"] == 3, failure
+    assert failure["error"].startswith("ENCRYPTION_MASTER_KEY is missing: set it to")
+    assert counter.value == len(SHARDS)

@@ -94,20 +94,7 @@ async def health(
     probe: dict[str, Any] | None = None
     with anyio.move_on_after(timeout):
         probe = await manager.health()
-    store: dict[str, Any] = {"backend": manager.store.name}
-    kek: dict[str, Any] = {"backend": manager.kek.backend}
-    if probe is None:
-        store.update(reachable=False, error="TimeoutError")
-        kek.update(reachable=None, error="not checked (key store probe timed out)")
-    else:
-        store["reachable"] = probe["key_store_reachable"]
-        if not store["reachable"]:
-            store["error"] = probe.get("key_store_error", "unknown")
-        kek["reachable"] = probe["kek_provider_reachable"]
-        if not kek["reachable"]:
-            kek["error"] = probe.get("kek_provider_error", "unknown")
-    checks["key_store"] = HealthCheck("ok" if store["reachable"] else "failing", store)
-    checks["kek_provider"] = HealthCheck("ok" if kek["reachable"] else "failing", kek)
+    checks["key_store"], checks["kek_provider"] = _probe_checks(manager, probe)
 
     now = manager._clock()
     checks["active_keys"] = _active_keys(manager, now, _expected(target, key_types))
@@ -135,6 +122,29 @@ def _expected(
     if isinstance(target, EncryptionService):
         expected.update(target._preload)
     return expected
+
+
+def _probe_checks(
+    manager: KeyManager, probe: dict[str, Any] | None
+) -> tuple[HealthCheck, HealthCheck]:
+    """The key store's and the KEK provider's checks from the manager's probe (``None``:
+    it timed out)."""
+    store: dict[str, Any] = {"backend": manager.store.name}
+    kek: dict[str, Any] = {"backend": manager.kek.backend}
+    if probe is None:
+        store.update(reachable=False, error="TimeoutError")
+        kek.update(reachable=None, error="not checked (key store probe timed out)")
+    else:
+        store["reachable"] = probe["key_store_reachable"]
+        if not store["reachable"]:
+            store["error"] = probe.get("key_store_error", "unknown")
+        kek["reachable"] = probe["kek_provider_reachable"]
+        if not kek["reachable"]:
+            kek["error"] = probe.get("kek_provider_error", "unknown")
+    return (
+        HealthCheck("ok" if store["reachable"] else "failing", store),
+        HealthCheck("ok" if kek["reachable"] else "failing", kek),
+    )
 
 
 def _active_keys(manager: KeyManager, now: _dt.datetime, expected: set[KeyType]) -> HealthCheck:

@@ -483,3 +483,21 @@ async def test_a_policy_run_is_typed_and_its_dict_the_same() -> None:
             "expired",
             "reencrypt",
         }
+
+
+async def test_encryptions_past_the_allowance_are_recorded_at_the_next_refresh() -> None:
+    """The re-encryption engine seals with ``DataKey.seal_text`` and counts without a
+    reservation; the next keyring refresh records what went past the allowance, so the
+    store's shared counter holds every encryption the key made."""
+    store = MemoryKeyStore()
+    kek = FakeKekProvider()
+    async with KeyManager(store, kek, refresh_interval=0.0, watch=False, usage_block=8) as manager:
+        dk = (await manager.ensure_active([KeyType.PII])).active(KeyType.PII)
+        assert dk.allowance == 8
+        for _ in range(20):
+            dk.seal_text(b"value", b"")
+        assert (await store.add_usage({dk.key_id: 0}))[dk.key_id] == 8
+        await manager.current_keyring()
+        recorded = (await store.add_usage({dk.key_id: 0}))[dk.key_id]
+        assert recorded >= 20  # the 12 past the allowance, and a block ahead
+        assert dk.encryptions == 20 < dk.allowance

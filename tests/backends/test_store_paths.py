@@ -474,6 +474,35 @@ async def test_postgres_change_feed_catches_up_after_its_connection_is_killed(
         await watcher.close()
 
 
+async def test_postgres_change_feed_ignores_stale_notices_and_polls_for_silent_changes(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    """A notice naming a revision already seen (or not a revision at all) yields nothing;
+    a change that came with no notice is found by the poll."""
+    watcher = PostgresKeyStore(postgres_dsn, schema=pg_schema)
+    admin = await asyncpg.connect(postgres_dsn)
+    listening = "SELECT pid FROM pg_stat_activity WHERE query = $1 AND pid <> pg_backend_pid()"
+    feed = feed_of(watcher, 0.05)
+    try:
+        await watcher.open()
+        first = asyncio.ensure_future(next_of(feed))
+
+        async def listener() -> bool:
+            return await admin.fetchval(listening, f'LISTEN "{watcher.channel}"') is not None
+
+        await until(listener)
+        await admin.execute("SELECT pg_notify($1, '0')", watcher.channel)  # seen already
+        await admin.execute("SELECT pg_notify($1, 'not a revision')", watcher.channel)
+        await anyio.sleep(0.2)  # several polls: nothing changed, nothing yielded
+        assert not first.done()
+        await admin.execute(f'UPDATE "{pg_schema}".revision SET revision = 7')  # no notice
+        assert await first == 7
+    finally:
+        await feed.aclose()
+        await admin.close()
+        await watcher.close()
+
+
 async def test_postgres_subject_store_tombstone_without_a_key_and_rewrap_guards(
     postgres_dsn: str, pg_schema: str
 ) -> None:

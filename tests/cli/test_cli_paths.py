@@ -162,6 +162,14 @@ def test_retire_dry_run_says_the_minimum_version_stays(run: Run) -> None:
     assert "pii: minimum decryption version stays 1 (dry run: nothing changed)" in dry.stdout
     statuses = {k["key_id"]: k["status"] for k in _json(run("keys", "list", "--json"))}
     assert statuses[middle] == "decrypt_only"
+    # done: the minimum did not move, so there is no line about it
+    done = run("keys", "retire", middle, "--confirm-unreferenced", "--yes")
+    assert done.exit_code == 0, done.output
+    assert done.stdout.splitlines() == [
+        f"destroyed {middle} (version 2, decrypt_only): confirmed unreferenced"
+    ]
+    statuses = {k["key_id"]: k["status"] for k in _json(run("keys", "list", "--json"))}
+    assert statuses[middle] == "destroyed"
 
 
 def test_retire_json_without_yes_asks_and_shows_no_plan_text(run: Run) -> None:

@@ -423,3 +423,17 @@ def test_types_round_trip_any_value() -> None:
         check()
     finally:
         asyncio.run(service.close())
+
+
+def test_repr_names_key_type_and_the_options_that_change_the_tokens() -> None:
+    """What a column's repr shows (Alembic autogenerate and error messages print it)."""
+    assert repr(EncryptedString(KeyType.PII)) == "EncryptedString('pii')"
+    assert (
+        repr(EncryptedString(KeyType.PII, deterministic=True))
+        == "EncryptedString('pii', deterministic=True)"
+    )
+    assert (
+        repr(EncryptedString(KeyType.PII, subject_column="owner"))
+        == "EncryptedString('pii', subject_column='owner')"
+    )
+    assert repr(EncryptedString()) == "EncryptedString(None)"

@@ -7,7 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _examples_run_unmeasured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The processes started here run without coverage (``COVERAGE_PROCESS_CONFIG`` out
+    of their environment): in-process tests measure what they run (docs/testing.md)."""
+    monkeypatch.delenv("COVERAGE_PROCESS_CONFIG", raising=False)
 
 
 def run(args: list[str], tmp_path: Path) -> str:

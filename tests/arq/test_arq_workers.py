@@ -150,16 +150,17 @@ async def test_shard_retries_after_db_failure_and_resumes_after_sigkill(
     pg: asyncpg.Connection,
     table_name: str,
 ) -> None:
-    rows = 24_000
+    rows = 16_000
     setup = arq_setup
-    # 2 shards of 12,000 rows at 3,000 rows/s: each try runs for seconds. A killed job
-    # is retried by arq once its in-progress mark expires: job timeout + 10 s.
+    # 2 shards of 8,000 rows at 3,000 rows/s: each try runs for seconds (under the job
+    # timeout's 4 s budget). A killed job is retried by arq once its in-progress mark
+    # expires: job timeout + 10 s, most of this test's time.
     setup.env.update(
         ENCRYPTION_ARQ_TABLES=json.dumps([users_spec(table_name).to_dict()]),
         ENCRYPTION_ARQ_SHARDS="2",
         ENCRYPTION_ARQ_BATCH_SIZE="500",
         ENCRYPTION_ARQ_RATE_LIMIT="3000",
-        ENCRYPTION_ARQ_JOB_TIMEOUT="8",
+        ENCRYPTION_ARQ_JOB_TIMEOUT="5",
         ENCRYPTION_ARQ_POLL_DELAY="0.1",
     )
     async with setup.manager() as manager:

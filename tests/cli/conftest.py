@@ -15,6 +15,15 @@ import pytest
 from cli_helpers import Cli, CliResult, clean_environ, run_cli
 
 
+@pytest.fixture(autouse=True)
+def _command_runs_unmeasured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command's processes run without coverage: ``COVERAGE_PROCESS_CONFIG`` (which
+    makes a Python subprocess measure itself) is taken out of the environment they get.
+    Measuring each one cost the suite about 50 s; the command's lines are measured
+    in-process by the CliRunner tests (test_cli_paths*.py; docs/testing.md)."""
+    monkeypatch.delenv("COVERAGE_PROCESS_CONFIG", raising=False)
+
+
 @pytest.fixture
 def cli_env(tmp_path: Path) -> dict[str, str]:
     """A fresh master key and a file key store under ``tmp_path``."""

@@ -8,9 +8,11 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from click.testing import Result
 
 from aiocrypt import EncryptionConfig, EncryptionService, KeyManager
 from aiocrypt.kek import LocalKekProvider
@@ -64,3 +66,33 @@ def json_out(result: CliResult) -> Any:
     """The JSON a successful ``--json`` run printed (its stderr shown if it failed)."""
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr}"
     return json.loads(result.stdout)
+
+
+# -- the command in this process (click's CliRunner) -------------------------------------
+
+
+def new_master_key() -> str:
+    """A fresh master key as the settings take it (base64 of 32 random bytes)."""
+    return base64.b64encode(os.urandom(32)).decode("ascii")
+
+
+class Run(Protocol):
+    """The ``run`` fixture: ``aiocrypt ARGS...`` in this process."""
+
+    def __call__(
+        self, *args: str, env: Mapping[str, str | None] | None = None, input: str | None = None
+    ) -> Result: ...
+
+
+def json_of(result: Result) -> Any:
+    """The JSON a command that succeeded printed."""
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def error_line(result: Result) -> str:
+    """The ``error: ...`` line that ends a failed command's stderr (no traceback)."""
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[-1]

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-from cli_helpers import Cli, CliResult, clean_environ, run_cli
+from cli_helpers import Cli, CliResult, Run, clean_environ, new_master_key, run_cli
+from click.testing import CliRunner, Result
+
+from aiocrypt.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -45,3 +49,37 @@ def cli(cli_env: dict[str, str], tmp_path: Path) -> Cli:
         return run_cli({**cli_env, **(env or {})}, tmp_path, *args, timeout=timeout)
 
     return run
+
+
+@pytest.fixture
+def cli_vars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
+    """For ``run``: a fresh master key and key store; every outer ENCRYPTION_* /
+    AIOCRYPT_* unset; the working directory ``tmp_path``."""
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "store"
+    store.mkdir(mode=0o700)
+    env: dict[str, str | None] = {
+        name: None for name in os.environ if name.startswith(("ENCRYPTION_", "AIOCRYPT_"))
+    }
+    env.update(
+        ENCRYPTION_MASTER_KEY=new_master_key(),
+        ENCRYPTION_KEY_STORAGE_PATH=str(store / "keys.json"),
+        XDG_CONFIG_HOME=str(tmp_path / "xdg"),
+        COLUMNS="200",
+    )
+    return env
+
+
+@pytest.fixture
+def run(cli_vars: dict[str, str | None]) -> Run:
+    """``aiocrypt ARGS...`` in this process, measured by coverage (``env=`` adds to or
+    unsets ``cli_vars``)."""
+
+    def invoke(
+        *args: str, env: Mapping[str, str | None] | None = None, input: str | None = None
+    ) -> Result:
+        return CliRunner().invoke(
+            main, list(args), env={**cli_vars, **(env or {})}, input=input, prog_name="aiocrypt"
+        )
+
+    return invoke

@@ -19,15 +19,13 @@ import pty
 import secrets
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
 
 import asyncpg
 import click
 import pytest
-from cli_helpers import service_for
-from click.testing import CliRunner, Result
+from cli_helpers import Run, error_line, json_of, new_master_key, service_for
 
 from aiocrypt import EncryptionConfig, KeyManager
 from aiocrypt._cli_base import CliError, exit_code_for
@@ -35,61 +33,6 @@ from aiocrypt._keys import utcnow
 from aiocrypt.cli import _LazyGroup, main
 from aiocrypt.kek import LocalKekProvider
 from aiocrypt.keystore import FileKeyStore
-
-
-class Run(Protocol):
-    def __call__(
-        self, *args: str, env: Mapping[str, str | None] | None = None, input: str | None = None
-    ) -> Result: ...
-
-
-def _new_master_key() -> str:
-    return base64.b64encode(os.urandom(32)).decode("ascii")
-
-
-@pytest.fixture
-def cli_vars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
-    """A fresh master key and key store; every outer ENCRYPTION_* / AIOCRYPT_* unset."""
-    monkeypatch.chdir(tmp_path)
-    store = tmp_path / "store"
-    store.mkdir(mode=0o700)
-    env: dict[str, str | None] = {
-        name: None for name in os.environ if name.startswith(("ENCRYPTION_", "AIOCRYPT_"))
-    }
-    env.update(
-        ENCRYPTION_MASTER_KEY=_new_master_key(),
-        ENCRYPTION_KEY_STORAGE_PATH=str(store / "keys.json"),
-        XDG_CONFIG_HOME=str(tmp_path / "xdg"),
-        COLUMNS="200",
-    )
-    return env
-
-
-@pytest.fixture
-def run(cli_vars: dict[str, str | None]) -> Run:
-    """``aiocrypt ARGS...`` in this process (``env=`` adds to or unsets ``cli_vars``)."""
-
-    def invoke(
-        *args: str, env: Mapping[str, str | None] | None = None, input: str | None = None
-    ) -> Result:
-        return CliRunner().invoke(
-            main, list(args), env={**cli_vars, **(env or {})}, input=input, prog_name="aiocrypt"
-        )
-
-    return invoke
-
-
-def _json(result: Result) -> Any:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _error(result: Result) -> str:
-    """The ``error: ...`` line that ends a failed command's stderr (no traceback)."""
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[-1]
 
 
 @pytest.fixture
@@ -116,11 +59,11 @@ def test_exit_code_of_an_unreachable_host_errno_and_of_a_click_error() -> None:
 
 def test_a_key_type_argument_when_the_settings_do_not_load(run: Run, tmp_path: Path) -> None:
     key_file = tmp_path / "master.key"
-    key_file.write_text(_new_master_key() + "\n")
+    key_file.write_text(new_master_key() + "\n")
     both = {"ENCRYPTION_MASTER_KEY_FILE": str(key_file)}  # and ENCRYPTION_MASTER_KEY: refused
     generated = run("keys", "generate", "pii", env=both)
     assert generated.exit_code == 3, generated.output
-    assert "keep one" in _error(generated)
+    assert "keep one" in error_line(generated)
     bad_name = run("keys", "generate", "Not A Type!", env=both)
     assert bad_name.exit_code == 2, bad_name.output
     assert "invalid key type name" in bad_name.stderr
@@ -131,12 +74,12 @@ def test_a_key_type_argument_when_the_settings_do_not_load(run: Run, tmp_path: P
 
 
 def test_revoke_and_compromise_report_the_new_status(run: Run) -> None:
-    first = _json(run("keys", "generate", "pii", "--json"))["key_id"]
+    first = json_of(run("keys", "generate", "pii", "--json"))["key_id"]
     revoked = run("keys", "revoke", first)
     assert revoked.exit_code == 0, revoked.output
     assert revoked.stdout.strip() == f"{first} is revoked"
-    second = _json(run("keys", "generate", "pii", "--json"))["key_id"]
-    compromised = _json(run("keys", "compromise", second, "--reason", "leaked", "--json"))
+    second = json_of(run("keys", "generate", "pii", "--json"))["key_id"]
+    compromised = json_of(run("keys", "compromise", second, "--reason", "leaked", "--json"))
     assert compromised["key_id"] == second and compromised["status"] == "compromised"
     assert "wrapped_key" not in compromised
 
@@ -147,20 +90,20 @@ def test_cleanup_force_asks_first_and_reports_as_json(run: Run) -> None:
     assert declined.exit_code == 1
     assert "without checking references" in declined.stderr
     assert "Aborted" in declined.stderr
-    report = _json(run("keys", "cleanup", "--json"))
+    report = json_of(run("keys", "cleanup", "--json"))
     assert report["destroyed"] == [] and report["kept"] == []
 
 
 def test_retire_dry_run_says_the_minimum_version_stays(run: Run) -> None:
     run("keys", "generate", "pii")
-    middle = _json(run("keys", "rotate", "pii", "--force", "--json"))["active_key"]["key_id"]
-    _json(run("keys", "rotate", "pii", "--force", "--json"))
+    middle = json_of(run("keys", "rotate", "pii", "--force", "--json"))["active_key"]["key_id"]
+    json_of(run("keys", "rotate", "pii", "--force", "--json"))
     # version 2 is not the oldest: retiring it leaves the minimum at 1
     dry = run("keys", "retire", middle, "--confirm-unreferenced", "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert f"would destroy {middle} (version 2" in dry.stdout
     assert "pii: minimum decryption version stays 1 (dry run: nothing changed)" in dry.stdout
-    statuses = {k["key_id"]: k["status"] for k in _json(run("keys", "list", "--json"))}
+    statuses = {k["key_id"]: k["status"] for k in json_of(run("keys", "list", "--json"))}
     assert statuses[middle] == "decrypt_only"
     # done: the minimum did not move, so there is no line about it
     done = run("keys", "retire", middle, "--confirm-unreferenced", "--yes")
@@ -168,19 +111,19 @@ def test_retire_dry_run_says_the_minimum_version_stays(run: Run) -> None:
     assert done.stdout.splitlines() == [
         f"destroyed {middle} (version 2, decrypt_only): confirmed unreferenced"
     ]
-    statuses = {k["key_id"]: k["status"] for k in _json(run("keys", "list", "--json"))}
+    statuses = {k["key_id"]: k["status"] for k in json_of(run("keys", "list", "--json"))}
     assert statuses[middle] == "destroyed"
 
 
 def test_retire_json_without_yes_asks_and_shows_no_plan_text(run: Run) -> None:
     run("keys", "generate", "pii")
-    _json(run("keys", "rotate", "pii", "--force", "--json"))
-    [old] = [k for k in _json(run("keys", "list", "--json")) if k["version"] == 1]
+    json_of(run("keys", "rotate", "pii", "--force", "--json"))
+    [old] = [k for k in json_of(run("keys", "list", "--json")) if k["version"] == 1]
     declined = run("keys", "retire", old["key_id"], "--confirm-unreferenced", "--json", input="n\n")
     assert declined.exit_code == 1
     assert declined.stdout == ""  # --json: no plan in text before the question
     assert "Destroy" in declined.stderr and "Aborted" in declined.stderr
-    kept = {k["key_id"]: k["status"] for k in _json(run("keys", "list", "--json"))}
+    kept = {k["key_id"]: k["status"] for k in json_of(run("keys", "list", "--json"))}
     assert kept[old["key_id"]] != "destroyed"
 
 
@@ -193,13 +136,13 @@ def test_retire_type_refuses_a_malformed_type_name(run: Run) -> None:
 def test_min_version_lowered_asks_first_then_reports_as_json(run: Run) -> None:
     run("keys", "generate", "pii")
     for _ in range(2):
-        _json(run("keys", "rotate", "pii", "--force", "--json"))
+        json_of(run("keys", "rotate", "pii", "--force", "--json"))
     raised = run("keys", "min-version", "pii", "3", "--confirm-unreferenced", "--yes")
     assert raised.exit_code == 0, raised.output
     declined = run("keys", "min-version", "pii", "2", input="n\n")
     assert declined.exit_code == 1
     assert "from 3 to 2 (versions from it up decrypt again)?" in declined.stderr
-    lowered = _json(run("keys", "min-version", "pii", "2", "--json", input="y\n"))
+    lowered = json_of(run("keys", "min-version", "pii", "2", "--json", input="y\n"))
     assert lowered == {
         "key_type": "pii",
         "min_decryption_version": 2,
@@ -212,15 +155,15 @@ def test_rotate_master_key_refuses_a_malformed_key_and_reports_as_json(run: Run)
     run("keys", "generate", "pii")
     malformed = run("keys", "rotate-master-key", env={"ENCRYPTION_NEW_MASTER_KEY": "c2hvcnQ="})
     assert malformed.exit_code == 3
-    line = _error(malformed)
+    line = error_line(malformed)
     assert "ENCRYPTION_NEW_MASTER_KEY" in line and "c2hvcnQ=" not in line
-    new_key = _new_master_key()
-    moved = _json(
+    new_key = new_master_key()
+    moved = json_of(
         run("keys", "rotate-master-key", "--new-key-env", "MK2", "--json", env={"MK2": new_key})
     )
     assert moved["rewrapped"] == 1 and moved["kek_id"].startswith("local")
     listed = run("keys", "list", "--json", env={"ENCRYPTION_MASTER_KEY": new_key})
-    assert len(_json(listed)) == 1
+    assert len(json_of(listed)) == 1
 
 
 def test_adopt_asks_before_sealing(run: Run) -> None:
@@ -241,7 +184,7 @@ def test_audit_refuses_a_short_hmac_key_and_a_malformed_anchor(run: Run) -> None
     }
     result = run("audit", "verify", "--hmac-key-env", "AUDIT_KEY", env=env)
     assert result.exit_code == 3
-    assert "AUDIT_KEY holds 10 bytes; an HMAC key has at least 16" in _error(result)
+    assert "AUDIT_KEY holds 10 bytes; an HMAC key has at least 16" in error_line(result)
     assert short not in result.output
     anchor = run("audit", "verify", "--anchor", "not-an-anchor", env=env)
     assert anchor.exit_code == 2
@@ -286,16 +229,16 @@ def test_new_master_key_on_a_terminal_warns_that_it_prints_a_secret() -> None:
 
 
 def test_init_again_in_the_project_keeps_one_gitignore_entry(run: Run, tmp_path: Path) -> None:
-    first = _json(run("init", "--key-in-project", "--json"))
+    first = json_of(run("init", "--key-in-project", "--json"))
     assert first["gitignore"] == ".aiocrypt/.gitignore"
-    again = _json(run("init", "--key-in-project", "--force", "--json"))
+    again = json_of(run("init", "--key-in-project", "--force", "--json"))
     assert again["gitignore"] == first["gitignore"]
     lines = (tmp_path / ".aiocrypt" / ".gitignore").read_text().splitlines()
     assert lines.count("/master.key") == 1
 
 
 def test_init_without_a_key_file_prints_the_key_as_asked(run: Run, tmp_path: Path) -> None:
-    shown = _json(run("init", "--no-key-file", "--show-key", "--json"))
+    shown = json_of(run("init", "--no-key-file", "--show-key", "--json"))
     assert shown["key_file"] is None and shown["gitignore"] is None
     assert shown["next"] == ["aiocrypt doctor"]
     assert len(base64.b64decode(shown["master_key"], validate=True)) == 32
@@ -319,7 +262,7 @@ def test_init_key_file_outside_the_project_and_any_git_tree_gets_no_gitignore(
     project.mkdir()
     monkeypatch.chdir(project)
     key_file = tmp_path / "keys" / "master.key"
-    out = _json(run("init", "--key-file", str(key_file), "--json"))
+    out = json_of(run("init", "--key-file", str(key_file), "--json"))
     assert out["key_file"] == str(key_file) and out["gitignore"] is None
     assert not (key_file.parent / ".gitignore").exists()
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
@@ -327,7 +270,7 @@ def test_init_key_file_outside_the_project_and_any_git_tree_gets_no_gitignore(
 
 def test_doctor_reports_settings_that_do_not_load(run: Run, tmp_path: Path) -> None:
     key_file = tmp_path / "master.key"
-    key_file.write_text(_new_master_key() + "\n")
+    key_file.write_text(new_master_key() + "\n")
     key_file.chmod(0o600)
     result = run("doctor", "--json", env={"ENCRYPTION_MASTER_KEY_FILE": str(key_file)})
     assert result.exit_code == 3
@@ -381,14 +324,14 @@ def test_subjects_forget_names_the_destroyed_key(run: Run, cli_vars: dict[str, s
             await svc.encrypt_field("ada@example.com", "pii", subject="user:42")
 
     asyncio.run(write())
-    [stat] = _json(run("subjects", "stats", "--key-type", "pii", "--json"))
+    [stat] = json_of(run("subjects", "stats", "--key-type", "pii", "--json"))
     assert stat["subject_keys"] == 1
     forgotten = run("subjects", "forget", "user:42", "--tombstone", "--yes")
     assert forgotten.exit_code == 0, forgotten.output
     assert forgotten.stdout.startswith("forgotten: ")
     assert forgotten.stdout.rstrip().endswith("with a tombstone")
     assert "user:42" not in forgotten.output
-    [after] = _json(run("subjects", "stats", "--key-type", "pii", "--json"))
+    [after] = json_of(run("subjects", "stats", "--key-type", "pii", "--json"))
     assert after["subject_keys"] == 0
     again = run("subjects", "forget", "user:42", "--tombstone", "--yes")
     assert again.stdout.strip() == "this subject has no key (tombstone kept)"
@@ -425,7 +368,7 @@ def test_models_without_an_encrypted_column_are_a_configuration_error(
     result = run("census", "--models", module)
     sys.modules.pop(module, None)
     assert result.exit_code == 3, result.output
-    assert _error(result) == f"error: --models {module}: no table with encrypted columns found"
+    assert error_line(result) == f"error: --models {module}: no table with encrypted columns found"
     assert sys.path[0] == str(tmp_path)  # the working directory, importable as an app's is
 
 
@@ -435,15 +378,15 @@ def test_a_database_that_refuses_the_login_is_a_configuration_error(
     missing = postgres_dsn.rsplit("/", 1)[0] + "/no_such_database_for_aiocrypt"
     result = run("census", "--table", "t", "--column", "ssn:pii", "--dsn", missing)
     assert result.exit_code == 3, result.output
-    line = _error(result)
+    line = error_line(result)
     assert "refused the connection (check the --dsn option)" in line
     assert "no_such_database_for_aiocrypt" in line
 
 
 def test_census_without_tables_counts_keys_per_status(run: Run) -> None:
     run("keys", "generate", "pii")
-    _json(run("keys", "rotate", "pii", "--force", "--json"))
-    assert _json(run("census", "--json")) == {
+    json_of(run("keys", "rotate", "pii", "--force", "--json"))
+    assert json_of(run("census", "--json")) == {
         "keys": {"pii": {"active": 1, "decrypt_only": 1}},
         "tables": [],
     }
@@ -510,11 +453,11 @@ def test_reencrypt_dry_run_of_one_key_type(
     run: Run, filled_table: tuple[str, dict[str, str]]
 ) -> None:
     table, env = filled_table
-    _json(run("keys", "rotate", "pii", "--force", "--json"))
-    _json(run("keys", "rotate", "financial_data", "--force", "--json"))
+    json_of(run("keys", "rotate", "pii", "--force", "--json"))
+    json_of(run("keys", "rotate", "financial_data", "--force", "--json"))
     spec = ["--table", table, "--column", "ssn:pii", "--column", "amount:financial_data"]
     ckpt = ["--checkpoint-table", f"{table}_ckpt"]
-    [planned] = _json(
+    [planned] = json_of(
         run("reencrypt", *spec, *ckpt, "--key-type", "pii", "--dry-run", "--json", env=env)
     )
     assert list(planned["targets"]) == ["ssn"]  # amount is not a pii column
@@ -530,12 +473,12 @@ def test_reencrypt_names_a_value_that_does_not_decrypt(
     run: Run, filled_table: tuple[str, dict[str, str]], postgres_dsn: str
 ) -> None:
     table, env = filled_table
-    _json(run("keys", "rotate", "pii", "--force", "--json"))
+    json_of(run("keys", "rotate", "pii", "--force", "--json"))
     _execute(postgres_dsn, f"UPDATE {table} SET ssn = left(ssn, -2) || 'AA' WHERE id = 3")
     spec = ["--table", table, "--column", "ssn:pii", "--checkpoint-table", f"{table}_ckpt"]
     stopped = run("reencrypt", *spec, env=env)
     assert stopped.exit_code == 1, stopped.output
-    assert "[primary key 3]" in _error(stopped)
+    assert "[primary key 3]" in error_line(stopped)
     skipped = run("reencrypt", *spec, "--skip-errors", env=env)
     assert skipped.exit_code == 1, skipped.output  # a row left behind: not complete
     assert skipped.stdout.startswith(f"{table}: 3 rows re-encrypted in ")
@@ -551,7 +494,7 @@ def test_reencrypt_to_an_undeclared_key_type_is_a_usage_error(
     spec = ["--table", table, "--column", "ssn:payroll", "--checkpoint-table", f"{table}_ckpt"]
     result = run("reencrypt", *spec, env=env)
     assert result.exit_code == 2, result.output
-    assert "unknown key type 'payroll'" in _error(result)
+    assert "unknown key type 'payroll'" in error_line(result)
 
 
 def test_cleanup_names_each_key_it_destroyed(run: Run, cli_vars: dict[str, str | None]) -> None:
@@ -578,7 +521,7 @@ def test_cleanup_names_each_key_it_destroyed(run: Run, cli_vars: dict[str, str |
     result = run("keys", "cleanup", "--force", "--yes")
     assert result.exit_code == 0, result.output
     assert f"destroyed {old}: " in result.stdout
-    statuses = {k["key_id"]: k["status"] for k in _json(run("keys", "list", "--json"))}
+    statuses = {k["key_id"]: k["status"] for k in json_of(run("keys", "list", "--json"))}
     assert statuses[old] == "destroyed"
 
 
@@ -586,15 +529,15 @@ def test_retire_type_with_a_census_plans_to_destroy_a_type_no_row_uses(
     run: Run, filled_table: tuple[str, dict[str, str]]
 ) -> None:
     table, env = filled_table
-    mistaken = _json(
+    mistaken = json_of(
         run("keys", "generate", "payroll", "--json", env={"ENCRYPTION_KEY_TYPES": "payroll"})
     )
     # the census counts the rows of a column declared with the type: none is on its key
     spec = ["--table", table, "--column", "ssn:payroll"]
-    plan = _json(run("keys", "retire-type", "payroll", *spec, "--dry-run", "--json", env=env))
+    plan = json_of(run("keys", "retire-type", "payroll", *spec, "--dry-run", "--json", env=env))
     assert plan["dry_run"] is True and plan["key_type"] == "payroll"
     assert [k["key_id"] for k in plan["keys"]] == [mistaken["key_id"]]
-    statuses = {k["key_id"]: k["status"] for k in _json(run("keys", "list", "--json"))}
+    statuses = {k["key_id"]: k["status"] for k in json_of(run("keys", "list", "--json"))}
     assert statuses[mistaken["key_id"]] == "active"
 
 
@@ -608,7 +551,7 @@ def test_subjects_rewrap_fails_while_a_subject_key_is_left_on_an_older_key(
             await svc.encrypt_field("ada@example.com", "pii", subject="user:42")
 
     asyncio.run(write())
-    new = _json(run("keys", "rotate", "pii", "--force", "--json"))["active_key"]["key_id"]
+    new = json_of(run("keys", "rotate", "pii", "--force", "--json"))["active_key"]["key_id"]
     # the subject key's wrapped bytes damaged: it no longer unwraps, so it cannot move
     subjects_file = tmp_path / "store" / ".keys.json.subjects.json"
     data = json.loads(subjects_file.read_text())
@@ -623,7 +566,7 @@ def test_subjects_rewrap_fails_while_a_subject_key_is_left_on_an_older_key(
     assert result.stdout.strip() == (
         f"pii: 0 subject keys rewrapped under {new} in 1 batches; 1 left on older keys"
     )
-    assert _error(result) == (
+    assert error_line(result) == (
         "error: some subject keys were not rewrapped (see the log): run it again"
     )
 

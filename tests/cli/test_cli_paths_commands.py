@@ -17,59 +17,16 @@ import secrets
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
 
 import asyncpg
 import pytest
-from click.testing import CliRunner, Result
+from cli_helpers import Run, error_line, json_of, new_master_key
+from click.testing import Result
 
 from aiocrypt.audit import AuditEvent
 from aiocrypt.audit.postgres import PostgresAuditSink
-from aiocrypt.cli import main
 
 LEGACY = Path(__file__).parent.parent / "vectors" / "legacy_store"
-
-
-class Run(Protocol):
-    def __call__(
-        self, *args: str, env: Mapping[str, str | None] | None = None, input: str | None = None
-    ) -> Result: ...
-
-
-def _new_master_key() -> str:
-    return base64.b64encode(os.urandom(32)).decode("ascii")
-
-
-@pytest.fixture
-def cli_vars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
-    """A fresh master key and key store; every outer ENCRYPTION_* / AIOCRYPT_* unset."""
-    monkeypatch.chdir(tmp_path)
-    store = tmp_path / "store"
-    store.mkdir(mode=0o700)
-    env: dict[str, str | None] = {
-        name: None for name in os.environ if name.startswith(("ENCRYPTION_", "AIOCRYPT_"))
-    }
-    env.update(
-        ENCRYPTION_MASTER_KEY=_new_master_key(),
-        ENCRYPTION_KEY_STORAGE_PATH=str(store / "keys.json"),
-        XDG_CONFIG_HOME=str(tmp_path / "xdg"),
-        COLUMNS="200",
-    )
-    return env
-
-
-@pytest.fixture
-def run(cli_vars: dict[str, str | None]) -> Run:
-    """``aiocrypt ARGS...`` in this process (``env=`` adds to or unsets ``cli_vars``)."""
-
-    def invoke(
-        *args: str, env: Mapping[str, str | None] | None = None, input: str | None = None
-    ) -> Result:
-        return CliRunner().invoke(
-            main, list(args), env={**cli_vars, **(env or {})}, input=input, prog_name="aiocrypt"
-        )
-
-    return invoke
 
 
 def _ok(result: Result) -> str:
@@ -77,29 +34,17 @@ def _ok(result: Result) -> str:
     return result.stdout
 
 
-def _json(result: Result) -> Any:
-    return json.loads(_ok(result))
-
-
-def _error(result: Result) -> str:
-    """The ``error: ...`` line that ends a failed command's stderr (no traceback)."""
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[-1]
-
-
 def _statuses(run: Run, env: Mapping[str, str | None] | None = None) -> dict[str, str]:
-    return {k["key_id"]: k["status"] for k in _json(run("keys", "list", "--json", env=env))}
+    return {k["key_id"]: k["status"] for k in json_of(run("keys", "list", "--json", env=env))}
 
 
 def _generate(run: Run, key_type: str = "pii") -> str:
-    key_id: str = _json(run("keys", "generate", key_type, "--json"))["key_id"]
+    key_id: str = json_of(run("keys", "generate", key_type, "--json"))["key_id"]
     return key_id
 
 
 def _rotate(run: Run, key_type: str = "pii") -> str:
-    key_id: str = _json(run("keys", "rotate", key_type, "--force", "--json"))["active_key"][
+    key_id: str = json_of(run("keys", "rotate", key_type, "--force", "--json"))["active_key"][
         "key_id"
     ]
     return key_id
@@ -123,7 +68,7 @@ def test_list_and_show_print_tables_of_metadata(run: Run, tmp_path: Path) -> Non
     assert lines["status"] == "active"
     assert lines["retired at"] == "-"  # None is shown as a dash
     assert lines["has material"] == "True"
-    as_json = _json(run("keys", "show", first, "--json"))
+    as_json = json_of(run("keys", "show", first, "--json"))
     assert as_json["key_id"] == first and as_json["status"] == "decrypt_only"
     assert "wrapped_key" not in as_json and as_json["has_material"] is True
     # metadata only: no wrapped key in either output
@@ -134,9 +79,9 @@ def test_list_and_show_print_tables_of_metadata(run: Run, tmp_path: Path) -> Non
 
 def test_stats_and_rotate_due_print_json(run: Run) -> None:
     key_id = _generate(run)
-    stats = _json(run("keys", "stats"))
+    stats = json_of(run("keys", "stats"))
     assert stats["total_keys"] == 1 and stats["active_keys"]["pii"]["key_id"] == key_id
-    due = _json(run("keys", "rotate-due"))
+    due = json_of(run("keys", "rotate-due"))
     assert due["rotated"] == [] and due["expired"] == []  # a new key is not due
     assert _statuses(run) == {key_id: "active"}
 
@@ -158,7 +103,7 @@ def test_rotate_says_whether_it_rotated(run: Run) -> None:
 
 def test_revoke_as_json_and_compromise_as_text_name_the_next_step(run: Run) -> None:
     first = _generate(run)
-    revoked = _json(run("keys", "revoke", first, "--json"))
+    revoked = json_of(run("keys", "revoke", first, "--json"))
     assert revoked["key_id"] == first and revoked["status"] == "revoked"
     assert "wrapped_key" not in revoked
     second = _generate(run)
@@ -187,7 +132,7 @@ def test_compromise_reencrypt_as_json_prints_only_the_enqueued_job(
     try:
         args = ("keys", "compromise", key_id, "--reason", "leak", "--reencrypt", "--json")
         # --json: the enqueued job is the one JSON document (the key's own is not printed)
-        assert _json(run(*args, env=arq)) == {
+        assert json_of(run(*args, env=arq)) == {
             "enqueued": "reencrypt_data_with_new_key",
             "job_id": f"reencrypt-{key_id}",
         }
@@ -245,8 +190,8 @@ def test_retire_shows_its_plan_before_asking_and_raises_the_minimum(run: Run) ->
 
 def test_retire_type_destroys_every_key_of_a_mistaken_type(run: Run) -> None:
     typo = {"ENCRYPTION_KEY_TYPES": "payrol"}
-    first = _json(run("keys", "generate", "payrol", "--json", env=typo))["key_id"]
-    second = _json(run("keys", "rotate", "payrol", "--force", "--json", env=typo))["active_key"][
+    first = json_of(run("keys", "generate", "payrol", "--json", env=typo))["key_id"]
+    second = json_of(run("keys", "rotate", "payrol", "--force", "--json", env=typo))["active_key"][
         "key_id"
     ]
     done = _ok(run("keys", "retire-type", "payrol", "--confirm-unreferenced", "--yes"))
@@ -264,7 +209,7 @@ def test_min_version_without_a_change_only_shows_it(run: Run) -> None:
     _generate(run)
     _rotate(run)
     assert _ok(run("keys", "min-version", "pii")).strip() == "pii: minimum decryption version 1"
-    same = _json(run("keys", "min-version", "pii", "1", "--json"))
+    same = json_of(run("keys", "min-version", "pii", "1", "--json"))
     assert same == {"key_type": "pii", "min_decryption_version": 1, "changed": False}
     # the same version again asks nothing and changes nothing
     again = run("keys", "min-version", "pii", "1")
@@ -275,8 +220,8 @@ def test_rotate_master_key_without_the_new_key_and_then_as_text(run: Run) -> Non
     key_id = _generate(run)
     unset = run("keys", "rotate-master-key", "--new-key-env", "NO_SUCH_MASTER_KEY_VAR")
     assert unset.exit_code == 3
-    assert _error(unset) == "error: NO_SUCH_MASTER_KEY_VAR is not set"
-    new_key = _new_master_key()
+    assert error_line(unset) == "error: NO_SUCH_MASTER_KEY_VAR is not set"
+    new_key = new_master_key()
     moved = _ok(run("keys", "rotate-master-key", "--new-key-env", "MK2", env={"MK2": new_key}))
     assert moved.startswith("rewrapped 1 keys under local")
     assert moved.rstrip().endswith("now set ENCRYPTION_MASTER_KEY to the value of MK2")
@@ -290,15 +235,15 @@ def test_rewrap_moves_keys_off_a_previous_master_key(
     key_id = _generate(run, "session")
     old_key = cli_vars["ENCRYPTION_MASTER_KEY"]
     assert old_key is not None
-    new = {"ENCRYPTION_MASTER_KEY": _new_master_key(), "OLD_MASTER_KEY": old_key}
+    new = {"ENCRYPTION_MASTER_KEY": new_master_key(), "OLD_MASTER_KEY": old_key}
     refused = run("keys", "list", env=new)
-    assert refused.exit_code == 1 and "KEK" in _error(refused)
+    assert refused.exit_code == 1 and "KEK" in error_line(refused)
     moved = run("keys", "rewrap", "--previous-key-env", "OLD_MASTER_KEY", env=new)
     assert _ok(moved).startswith("rewrapped 1 keys under local:")
     assert old_key not in moved.output
     assert _statuses(run, new) == {key_id: "active"}
     assert run("keys", "list").exit_code == 1  # the old master key no longer opens it
-    again = _json(run("keys", "rewrap", "--only-foreign", "--json", env=new))
+    again = json_of(run("keys", "rewrap", "--only-foreign", "--json", env=new))
     assert again["rewrapped"] == 0 and again["kek_id"].startswith("local:")
 
 
@@ -319,7 +264,7 @@ def test_adopt_seals_a_legacy_store_once(run: Run, tmp_path: Path) -> None:
     again = _ok(run("keys", "adopt", "--yes", env=env))
     assert again.startswith("the key store is already sealed (revision ")
     assert again.rstrip().endswith("); verified")
-    report = _json(run("keys", "adopt", "--json", env=env))  # --json asks nothing
+    report = json_of(run("keys", "adopt", "--json", env=env))  # --json asks nothing
     assert report["already_sealed"] is True
     assert {k["key_id"]: k["status"] for k in report["keys"]} == meta["statuses"]
 
@@ -386,11 +331,11 @@ def test_audit_verify_and_upgrade_of_an_hmac_chain(
     verified = run("audit", "verify", *keyed, env=env)
     assert _ok(verified).startswith("audit chain OK (3 rows, hmac mode, head 3:")
     assert verified.stderr == ""
-    report = _json(run("audit", "verify", *keyed, "--json", env=env))
+    report = json_of(run("audit", "verify", *keyed, "--json", env=env))
     assert report["ok"] is True and report["rows"] == 3 and report["head"].startswith("3:")
     assert report["problems"] == [] and report["warnings"] == []
     # an authenticated table is only verified by upgrade
-    upgraded = _json(run("audit", "upgrade", *keyed, "--json", env=env))
+    upgraded = json_of(run("audit", "upgrade", *keyed, "--json", env=env))
     assert upgraded["ok"] is True and upgraded["rows"] == 3
     assert env["AUDIT_HMAC_KEY"] not in verified.output
 
@@ -412,13 +357,13 @@ def test_audit_hmac_key_variable_unset_or_not_base64(
     table, env = audit_env
     unset = run("audit", "verify", "--table", table, "--hmac-key-env", "NO_SUCH_AUDIT_KEY", env=env)
     assert unset.exit_code == 3
-    assert _error(unset) == (
+    assert error_line(unset) == (
         "error: --hmac-key-env: the environment variable NO_SUCH_AUDIT_KEY is not set"
     )
     bad = {**env, "AUDIT_HMAC_KEY": "not base64!"}
     garbled = run("audit", "upgrade", "--table", table, "--hmac-key-env", "AUDIT_HMAC_KEY", env=bad)
     assert garbled.exit_code == 3
-    assert _error(garbled) == "error: --hmac-key-env: AUDIT_HMAC_KEY is not valid base64"
+    assert error_line(garbled) == "error: --hmac-key-env: AUDIT_HMAC_KEY is not valid base64"
     assert "not base64!" not in garbled.output
 
 
@@ -427,7 +372,7 @@ def test_audit_hmac_key_variable_unset_or_not_base64(
 
 def test_config_show_marks_the_master_key_as_set(run: Run, cli_vars: dict[str, str | None]) -> None:
     shown = run("config", "show")
-    settings = _json(shown)
+    settings = json_of(shown)
     assert settings["master_key"] == "<set>"
     assert settings["storage_path"] == cli_vars["ENCRYPTION_KEY_STORAGE_PATH"]
     assert str(cli_vars["ENCRYPTION_MASTER_KEY"]) not in shown.output
@@ -436,7 +381,7 @@ def test_config_show_marks_the_master_key_as_set(run: Run, cli_vars: dict[str, s
 def test_config_validate_before_and_after_the_store_exists(run: Run, tmp_path: Path) -> None:
     assert _ok(run("config", "validate")).strip() == "configuration OK"  # no store yet
     _generate(run)
-    assert _json(run("config", "validate", "--json")) == {
+    assert json_of(run("config", "validate", "--json")) == {
         "ok": True,
         "problems": [],
         "warnings": [],
@@ -453,7 +398,7 @@ def test_config_validate_reports_a_master_key_that_does_not_open_the_store(
     run: Run, tmp_path: Path
 ) -> None:
     _generate(run)
-    other = _new_master_key()
+    other = new_master_key()
     result = run("config", "validate", env={"ENCRYPTION_MASTER_KEY": other})
     assert result.exit_code == 3
     [problem] = [line for line in result.stderr.splitlines() if line.startswith("- ")]
@@ -485,6 +430,6 @@ def test_new_master_key_off_a_terminal_prints_only_the_key(run: Run) -> None:
     printed = run("new-master-key")
     assert printed.stderr == ""  # no terminal: no warning
     assert len(base64.b64decode(_ok(printed).strip(), validate=True)) == 32
-    as_json = _json(run("new-master-key", "--json"))
+    as_json = json_of(run("new-master-key", "--json"))
     assert len(base64.b64decode(as_json["master_key"], validate=True)) == 32
     assert as_json["master_key"] != printed.stdout.strip()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import multiprocessing
 import os
 import pty
@@ -28,7 +27,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from cli_helpers import closed_port, service_for
+from cli_helpers import closed_port, error_line, json_of, service_for
 from click.testing import CliRunner, Result
 
 from aiocrypt.cli import main
@@ -57,19 +56,6 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
     """``aiocrypt ARGS...`` in this process (``env=`` adds to the environment)."""
     return CliRunner().invoke(main, list(args), env=env, prog_name="aiocrypt")
-
-
-def _json(result: Result) -> Any:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _error(result: Result) -> str:
-    """The ``error: ...`` line that ends a failed command's stderr (no traceback)."""
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[-1]
 
 
 def _sql(dsn: str, sql: str, *args: Any) -> list[Any]:
@@ -167,7 +153,7 @@ def tables(env: dict[str, str], postgres_dsn: str) -> Iterator[MakeTable]:
 
 
 def _rotate() -> str:
-    rotated = _json(run("keys", "rotate", "pii", "--force", "--json"))
+    rotated = json_of(run("keys", "rotate", "pii", "--force", "--json"))
     return str(rotated["active_key"]["key_id"])
 
 
@@ -190,7 +176,7 @@ def test_reencrypt_refuses_a_column_without_a_key_type_and_a_table_without_colum
 def test_reencrypt_without_a_database_names_the_setting(env: dict[str, str]) -> None:
     result = run("reencrypt", "--table", "t", "--column", "ssn:pii")
     assert result.exit_code == 3, result.output
-    assert _error(result) == "error: no database: pass --dsn or set ENCRYPTION_POSTGRES_DSN"
+    assert error_line(result) == "error: no database: pass --dsn or set ENCRYPTION_POSTGRES_DSN"
 
 
 def test_a_database_nothing_listens_for_is_unreachable(env: dict[str, str]) -> None:
@@ -200,7 +186,7 @@ def test_a_database_nothing_listens_for_is_unreachable(env: dict[str, str]) -> N
         "census", "--table", "t", "--column", "ssn:pii", env={"ENCRYPTION_POSTGRES_DSN": dsn}
     )
     assert result.exit_code == 4, result.output
-    line = _error(result)
+    line = error_line(result)
     assert line.startswith("error: cannot reach the PostgreSQL database at postgresql://postgres")
     assert f"127.0.0.1:{port}/test (check ENCRYPTION_POSTGRES_DSN, or pass --dsn): " in line
     assert "pw-" not in line  # the password redacted
@@ -210,7 +196,7 @@ def test_models_that_do_not_import_are_a_configuration_error(env: dict[str, str]
     module = f"no_such_models_{secrets.token_hex(4)}"
     result = run("census", "--models", module)
     assert result.exit_code == 3, result.output
-    assert _error(result).startswith(f"error: --models {module}: cannot import {module} (")
+    assert error_line(result).startswith(f"error: --models {module}: cannot import {module} (")
 
 
 # -- --models and census -----------------------------------------------------------------
@@ -250,7 +236,7 @@ def test_models_with_a_legacy_reader_move_its_column_and_census_counts_it(
     monkeypatch.delitem(sys.modules, module, raising=False)
     new = _rotate()
     ckpt = ["--checkpoint-table", f"{table.name}_ckpt"]
-    [moved] = _json(run("reencrypt", "--models", module, *ckpt, "--json", env=table.db))
+    [moved] = json_of(run("reencrypt", "--models", module, *ckpt, "--json", env=table.db))
     assert moved["table"] == table.name and moved["complete"] is True
     assert moved["run"]["rows_updated"] == 8 and moved["run"]["rows_failed"] == 0
     assert table.on_key(new) == list(range(1, 9))
@@ -271,7 +257,7 @@ def test_census_of_a_table_counts_rows_per_key_and_names_what_is_no_token(
     env: dict[str, str], postgres_dsn: str, tables: MakeTable
 ) -> None:
     table = tables(3)
-    old = _json(run("keys", "list", "--json"))[0]["key_id"]
+    old = json_of(run("keys", "list", "--json"))[0]["key_id"]
     new = _rotate()
     _sql(postgres_dsn, f"INSERT INTO {table.name} VALUES (4, 'plain text')")
     _sql(
@@ -279,7 +265,7 @@ def test_census_of_a_table_counts_rows_per_key_and_names_what_is_no_token(
         f"INSERT INTO {table.name} VALUES (5, $1)",
         table.values()[1].replace(old, "pii-v9-0000", 1),
     )
-    census = _json(
+    census = json_of(
         run("census", "--table", table.name, "--column", "ssn:pii", "--json", env=table.db)
     )
     assert census["keys"] == {"pii": {"active": 1, "decrypt_only": 1}}
@@ -348,7 +334,7 @@ def test_reencrypt_with_jobs_spends_max_batches_then_a_rerun_finishes(
     table = tables(200)
     new = _rotate()
     jobs = ["--jobs", "2", "--batch-size", "20"]
-    [first] = _json(
+    [first] = json_of(
         run("reencrypt", *table.args, *jobs, "--max-batches", "1", "--json", env=table.db)
     )
     assert first["complete"] is False and first["stopped"] == "max-batches"
@@ -387,7 +373,7 @@ def test_reencrypt_with_jobs_stops_at_a_damaged_value_naming_its_range(
     new = _rotate()
     result = run("reencrypt", *table.args, "--jobs", "2", "--batch-size", "20", env=table.db)
     assert result.exit_code == 1, result.output
-    assert _error(result).startswith(
+    assert error_line(result).startswith(
         f"error: {table.name}: the range after primary key None stopped: "
     )
     assert "[primary key 2]" in result.stderr

@@ -8,83 +8,26 @@ command through ``invoke(env=...)``; the working directory is ``tmp_path`` (the 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import secrets
 import stat
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
 
 import pytest
-from cli_helpers import closed_port, service_for
-from click.testing import CliRunner, Result
+from cli_helpers import Run, closed_port, error_line, json_of, new_master_key, service_for
+from click.testing import Result
 from redis.asyncio import Redis
 
 from aiocrypt._cli_setup import default_key_file
-from aiocrypt.cli import main
 
 STORE_VAR = "ENCRYPTION_KEY_STORAGE_PATH"
 
 
-class Run(Protocol):
-    def __call__(
-        self, *args: str, env: Mapping[str, str | None] | None = None, input: str | None = None
-    ) -> Result: ...
-
-
-def _new_master_key() -> str:
-    return base64.b64encode(os.urandom(32)).decode("ascii")
-
-
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-@pytest.fixture
-def cli_vars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
-    """A fresh master key and key store; every outer ENCRYPTION_* / AIOCRYPT_* unset."""
-    monkeypatch.chdir(tmp_path)
-    store = tmp_path / "store"
-    store.mkdir(mode=0o700)
-    env: dict[str, str | None] = {
-        name: None for name in os.environ if name.startswith(("ENCRYPTION_", "AIOCRYPT_"))
-    }
-    env.update(
-        ENCRYPTION_MASTER_KEY=_new_master_key(),
-        ENCRYPTION_KEY_STORAGE_PATH=str(store / "keys.json"),
-        XDG_CONFIG_HOME=str(tmp_path / "xdg"),
-        COLUMNS="200",
-    )
-    return env
-
-
-@pytest.fixture
-def run(cli_vars: dict[str, str | None]) -> Run:
-    """``aiocrypt ARGS...`` in this process (``env=`` adds to or unsets ``cli_vars``)."""
-
-    def invoke(
-        *args: str, env: Mapping[str, str | None] | None = None, input: str | None = None
-    ) -> Result:
-        return CliRunner().invoke(
-            main, list(args), env={**cli_vars, **(env or {})}, input=input, prog_name="aiocrypt"
-        )
-
-    return invoke
-
-
-def _json(result: Result) -> Any:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _error(result: Result) -> str:
-    """The ``error: ...`` line that ends a failed command's stderr."""
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), result.stderr
-    return lines[-1]
 
 
 def _lines(result: Result) -> list[str]:
@@ -129,7 +72,7 @@ def test_init_makes_the_default_key_directory_private_and_keeps_what_exists(
     ]
     again = run("init")
     assert again.exit_code == 1
-    assert _error(again) == (
+    assert error_line(again) == (
         f"error: config/encryption.json, {key_file} already exist(s); use --force to overwrite"
     )
     assert key_file.read_text() == key
@@ -240,7 +183,7 @@ def test_doctor_warns_on_a_loose_key_store_and_fails_on_a_wrong_master_key(
     assert warned.startswith(f"WARN  key store: file {store}: 1 keys readable and authentic")
     assert warned.endswith(f"; {STORE_VAR}: {store} has mode 0644: run chmod 600 on it")
 
-    other = _new_master_key()
+    other = new_master_key()
     wrong = run("doctor", env={"ENCRYPTION_MASTER_KEY": other})
     assert wrong.exit_code == 1, wrong.output
     [failed] = [line for line in _lines(wrong) if line.startswith("FAIL")]
@@ -332,7 +275,7 @@ def test_an_unexpected_error_is_one_line_with_its_type_and_a_traceback_under_deb
     debug = run("--debug", "census", "--models", module)
     assert debug.exit_code == 1
     assert "Traceback (most recent call last)" in debug.stderr
-    assert _error(debug) == "error: RuntimeError: the models are broken"
+    assert debug.stderr.strip().splitlines()[-1] == "error: RuntimeError: the models are broken"
 
 
 def test_an_interrupted_command_exits_130_and_says_it_can_resume(
@@ -360,7 +303,7 @@ def test_subjects_stats_forget_and_rewrap_in_text_and_json(
             await svc.encrypt_field("bob@example.com", "pii", subject="user:7")
 
     asyncio.run(write())
-    [old] = [k["key_id"] for k in _json(run("keys", "list", "--json"))]
+    [old] = [k["key_id"] for k in json_of(run("keys", "list", "--json"))]
     table = run("subjects", "stats")
     assert table.exit_code == 0, table.output
     assert "wrapping key" in table.stdout and "subject keys" in table.stdout
@@ -370,22 +313,22 @@ def test_subjects_stats_forget_and_rewrap_in_text_and_json(
     declined = run("subjects", "forget", "user:42", input="n\n")
     assert declined.exit_code == 1
     assert "Destroy every key of this subject?" in declined.stderr
-    assert _error(declined) == "error: not confirmed: nothing was changed"
-    [still] = _json(run("subjects", "stats", "--json"))
+    assert error_line(declined) == "error: not confirmed: nothing was changed"
+    [still] = json_of(run("subjects", "stats", "--json"))
     assert still["subject_keys"] == 2
 
-    forgotten = _json(run("subjects", "forget", "user:42", "--yes", "--json"))
+    forgotten = json_of(run("subjects", "forget", "user:42", "--yes", "--json"))
     assert forgotten["forgotten"] is True and forgotten["key_types"] == ["pii"]
     assert len(forgotten["subject_key_ids"]) == 1 and forgotten["tombstone"] is False
     assert "user:42" not in json.dumps(forgotten)
 
-    new = _json(run("keys", "rotate", "pii", "--force", "--json"))["active_key"]["key_id"]
+    new = json_of(run("keys", "rotate", "pii", "--force", "--json"))["active_key"]["key_id"]
     moved = run("subjects", "rewrap")
     assert moved.exit_code == 0, moved.output
     assert moved.stdout.strip() == (
         f"pii: 1 subject keys rewrapped under {new} in 1 batches; 0 left on older keys"
     )
-    assert _json(run("subjects", "rewrap", "--key-type", "pii", "--json")) == [
+    assert json_of(run("subjects", "rewrap", "--key-type", "pii", "--json")) == [
         {
             "key_type": "pii",
             "wrapping_key_id": new,

@@ -677,6 +677,11 @@ class Holding(Gauge):
 
 
 async def _not_done_until_released(task: asyncio.Future[Any], runner: Holding) -> None:
+    # the held call starts once the hops before it are done (creating the file is one, in
+    # a thread: a slow disk takes more than a few turns of the loop)
+    async with asyncio.timeout(5):
+        while runner.in_flight == 0 and not task.done():
+            await asyncio.sleep(0.001)
     for _ in range(20):
         await asyncio.sleep(0)
     assert not task.done() and runner.in_flight == 1  # waiting for the thread

@@ -67,7 +67,7 @@ async def test_the_watch_task_logs_a_store_outage_and_keeps_retrying(
     async with _file_manager(key_path, master_key, watch=True, refresh_interval=0.2) as watcher:
         key_path.parent.rename(away)  # before the watch task's first poll
         try:
-            for _ in range(100):
+            for _ in range(250):  # two warnings take about 0.7 s; up to 5 s on a busy machine
                 await asyncio.sleep(0.02)
                 if caplog.text.count("notifications interrupted") >= 2:
                     break

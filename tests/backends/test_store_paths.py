@@ -420,6 +420,15 @@ async def pg_schema(postgres_dsn: str) -> AsyncIterator[str]:
     await cleaner.close()
 
 
+async def listening_pid(admin: Any, store: PostgresKeyStore) -> int | None:
+    """The backend of ``store``'s change feed, once it listens (else None)."""
+    pid: int | None = await admin.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE query = $1 AND pid <> pg_backend_pid()",
+        f'LISTEN "{store.channel}"',
+    )
+    return pid
+
+
 async def test_postgres_store_with_an_empty_revision_table_is_refused(
     postgres_dsn: str, pg_schema: str
 ) -> None:
@@ -443,25 +452,23 @@ async def test_postgres_change_feed_catches_up_after_its_connection_is_killed(
     watcher = PostgresKeyStore(postgres_dsn, schema=pg_schema)
     writer = PostgresKeyStore(postgres_dsn, schema=pg_schema)
     admin = await asyncpg.connect(postgres_dsn)
-    listening = "SELECT pid FROM pg_stat_activity WHERE query = $1 AND pid <> pg_backend_pid()"
-    listen_query = f'LISTEN "{watcher.channel}"'
     feed = feed_of(watcher, 0.05)
     try:
         await writer.open()
         first = asyncio.ensure_future(next_of(feed))
 
         async def listener() -> bool:
-            return await admin.fetchval(listening, listen_query) is not None
+            return await listening_pid(admin, watcher) is not None
 
         await until(listener)
         rev1 = await writer.write([record("pii-v1-aaaaaaaa")], expected_revision=0)
         assert await first == rev1
         # the feed waits at its yield: its LISTEN connection dies, a change is made
-        pid = await admin.fetchval(listening, listen_query)
+        pid = await listening_pid(admin, watcher)
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
 
         async def gone() -> bool:
-            return await admin.fetchval(listening, listen_query) is None
+            return await listening_pid(admin, watcher) is None
 
         await until(gone)
         await anyio.sleep(0.02)  # the client reads the end of its connection
@@ -481,14 +488,13 @@ async def test_postgres_change_feed_ignores_stale_notices_and_polls_for_silent_c
     a change that came with no notice is found by the poll."""
     watcher = PostgresKeyStore(postgres_dsn, schema=pg_schema)
     admin = await asyncpg.connect(postgres_dsn)
-    listening = "SELECT pid FROM pg_stat_activity WHERE query = $1 AND pid <> pg_backend_pid()"
     feed = feed_of(watcher, 0.05)
     try:
         await watcher.open()
         first = asyncio.ensure_future(next_of(feed))
 
         async def listener() -> bool:
-            return await admin.fetchval(listening, f'LISTEN "{watcher.channel}"') is not None
+            return await listening_pid(admin, watcher) is not None
 
         await until(listener)
         await admin.execute("SELECT pg_notify($1, '0')", watcher.channel)  # seen already

@@ -291,6 +291,26 @@ def _write_finished_job(redis_url: str, prefix: str) -> str:
     return str(_on_redis(redis_url, write))
 
 
+def test_jobs_status_json_without_a_job_id_lists_every_recent_job(
+    jobs_env: dict[str, str], redis_url: str, prefix: str
+) -> None:
+    """docs/cli.md's ``jobs status --json``: ``[]`` with no jobs; then each job's record
+    whole, with its shards, as ``jobs status JOB_ID --json`` gives it."""
+    runner = CliRunner()
+    empty = runner.invoke(cli_main, ["jobs", "status", "--json"], env=jobs_env)
+    assert (empty.exit_code, empty.output) == (0, "[]\n")
+    job_id = _write_finished_job(redis_url, prefix)
+    listed = runner.invoke(cli_main, ["jobs", "status", "--json"], env=jobs_env)
+    assert listed.exit_code == 0, listed.output
+    jobs = json.loads(listed.output)
+    assert [(j["job_id"], j["old_key_id"], j["target_key_id"]) for j in jobs] == [
+        (job_id, "pii-v1-0a0b0c0d", "pii-v2-1a1b1c1d")
+    ]
+    assert [(s["table"], s["rows_total"]) for s in jobs[0]["shards"]] == [("users", 5)] * 2
+    one = runner.invoke(cli_main, ["jobs", "status", job_id, "--json"], env=jobs_env)
+    assert jobs[0] == json.loads(one.output)
+
+
 def test_jobs_status_shows_errors_census_and_a_terminal_list(
     jobs_env: dict[str, str], redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
